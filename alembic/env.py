@@ -1,0 +1,81 @@
+"""Alembic environment for both engines, from Alembic's async template.
+
+Three ways in:
+* the tracker (and tests) pass an open connection in ``config.attributes["connection"]`` and the
+  migration runs on it, inside the caller's transaction;
+* ``alembic upgrade head`` from the shell uses ``-x url=...``, ``sqlalchemy.url`` or
+  ``TRACKER_DATABASE_URL``;
+* offline mode (``--sql``) renders the SQL for a DBA.
+SQLite gets batch mode, so later ALTERs work through table copies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from sqlalchemy import pool
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import async_engine_from_config
+
+from alembic import context
+from tracker.config import DEFAULT_DATABASE_URL
+from tracker.schema import metadata
+
+config = context.config
+target_metadata = metadata
+
+
+def _url() -> str:
+    return (
+        context.get_x_argument(as_dictionary=True).get("url")
+        or os.environ.get("TRACKER_DATABASE_URL")
+        or config.get_main_option("sqlalchemy.url")
+        or DEFAULT_DATABASE_URL
+    )
+
+
+def _configure(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        render_as_batch=connection.dialect.name == "sqlite",
+        compare_type=True,
+    )
+
+
+def do_run_migrations(connection: Connection) -> None:
+    _configure(connection)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=_url(), target_metadata=target_metadata, literal_binds=True, dialect_opts={"paramstyle": "named"}
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+async def run_async_migrations() -> None:
+    section = config.get_section(config.config_ini_section, {})
+    section["sqlalchemy.url"] = _url()
+    engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
+    async with engine.connect() as connection:
+        await connection.run_sync(do_run_migrations)
+    await engine.dispose()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is None:
+        asyncio.run(run_async_migrations())
+    else:
+        do_run_migrations(connection)
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,45 @@
+"""peer-tracker: which peers are online, how good they are, what they hold, and whom to download from."""
+
+from .config import TrackerConfig
+from .core import AvailabilityTracker
+from .errors import (
+    ConfigError,
+    InvalidInput,
+    StorageError,
+    TrackerClosed,
+    TrackerError,
+    TransientStorageError,
+)
+from .events import (
+    ContentAvailable,
+    ContentUnavailable,
+    Event,
+    PeerOffline,
+    PeerOnline,
+    SpeedSample,
+    UploadOutcome,
+)
+from .models import ContentAvailability, PeerInfo, PeerMetrics
+from .reputation import ReputationParams
+
+__all__ = [
+    "AvailabilityTracker",
+    "ConfigError",
+    "ContentAvailability",
+    "ContentAvailable",
+    "ContentUnavailable",
+    "Event",
+    "InvalidInput",
+    "PeerInfo",
+    "PeerMetrics",
+    "PeerOffline",
+    "PeerOnline",
+    "ReputationParams",
+    "SpeedSample",
+    "StorageError",
+    "TrackerClosed",
+    "TrackerConfig",
+    "TrackerError",
+    "TransientStorageError",
+    "UploadOutcome",
+]

@@ -1,0 +1,3 @@
+from tracker import cli
+
+cli.main()

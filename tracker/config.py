@@ -1,0 +1,150 @@
+"""``TrackerConfig``: every setting, its default, its validation and its environment variable.
+
+All durations are seconds (floats); a ``timedelta`` is accepted too and converted on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from .errors import ConfigError
+from .reputation import ReputationParams
+
+Clock = Callable[[], float]
+
+DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///tracker.db"
+_DURATIONS = ("update_interval", "peer_timeout", "sqlite_busy_timeout_s", "max_clock_skew_s")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackerConfig:
+    """Settings of one tracker. Frozen: build a new one with ``dataclasses.replace``.
+
+    >>> TrackerConfig(database_url="sqlite+aiosqlite:///edge.db", peer_timeout=120).peer_timeout
+    120.0
+    """
+
+    database_url: str = DEFAULT_DATABASE_URL
+    #: Seconds between sweeps and gossip rounds.
+    update_interval: float = 30.0
+    #: A peer unseen for this many seconds is offline, whether or not a sweep has run.
+    peer_timeout: float = 300.0
+    #: Proven peers scoring below this are never selected.
+    min_reputation: float = 0.3
+    #: ``PeerMetrics.is_reliable()`` means a score above this.
+    reliable_threshold: float = 0.8
+    #: How many of a peer's latest bandwidth samples its download speed averages.
+    bandwidth_window: int = 10
+    reputation: ReputationParams = field(default_factory=ReputationParams)
+    #: Bring the database schema to the latest migration when the tracker opens.
+    auto_migrate: bool = True
+    #: Events dated further than this into the future are rejected (they would pin a peer online).
+    max_clock_skew_s: float = 60.0
+    #: Largest number of events ``record_batch`` accepts in one call.
+    max_batch_events: int = 50_000
+    #: How often a transaction that hit a deadlock or a busy database is retried before failing.
+    write_retries: int = 8
+    #: How long an SQLite writer waits for the file lock held by another connection or process.
+    sqlite_busy_timeout_s: float = 30.0
+    #: Connections kept open per process (Postgres); SQLite uses a small pool of its own.
+    pool_size: int = 5
+    echo_sql: bool = False
+    #: Zero-argument callable returning Unix time in seconds; tests inject a controllable one.
+    clock: Clock = field(default=time.time, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in _DURATIONS:
+            value = getattr(self, name)
+            if isinstance(value, timedelta):
+                object.__setattr__(self, name, value.total_seconds())
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                object.__setattr__(self, name, float(value))
+            else:
+                raise ConfigError(f"{name} must be seconds (number or timedelta), got {value!r}")
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        if not isinstance(self.database_url, str) or "://" not in self.database_url:
+            raise ConfigError(f"database_url must be an SQLAlchemy URL, got {self.database_url!r}")
+        if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ConfigError(
+                "database_url must use sqlite+aiosqlite:// or postgresql+asyncpg://, "
+                f"got {self.database_url!r}"
+            )
+        for name in ("min_reputation", "reliable_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be within [0, 1], got {value!r}")
+        for name, low in (
+            ("bandwidth_window", 1),
+            ("max_batch_events", 1),
+            ("write_retries", 0),
+            ("pool_size", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(self.reputation, ReputationParams):
+            raise ConfigError(f"reputation must be a ReputationParams, got {self.reputation!r}")
+        if not callable(self.clock):
+            raise ConfigError(f"clock must be a zero-argument callable, got {self.clock!r}")
+
+    @property
+    def dialect(self) -> str:
+        """``"sqlite"`` or ``"postgresql"``."""
+        return self.database_url.split("+", 1)[0]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> TrackerConfig:
+        """Build a config from ``TRACKER_*`` variables; keyword overrides win.
+
+        ``TRACKER_DATABASE_URL``, ``TRACKER_PEER_TIMEOUT`` ... name each top-level field in upper case;
+        reputation parameters are ``TRACKER_REPUTATION_<FIELD>`` (e.g. ``TRACKER_REPUTATION_MIN_EVIDENCE``).
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("reputation", "clock"):
+                continue
+            raw = env.get(f"TRACKER_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = _parse(f.name, raw, _field_type(cls, f.name))
+        reputation: dict[str, Any] = {}
+        for f in dataclasses.fields(ReputationParams):
+            raw = env.get(f"TRACKER_REPUTATION_{f.name.upper()}")
+            if raw is not None:
+                reputation[f.name] = _parse(f"reputation.{f.name}", raw, float)
+        if reputation:
+            values["reputation"] = ReputationParams(**reputation)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _field_type(cls: type, name: str) -> type:
+    default = next(f for f in dataclasses.fields(cls) if f.name == name).default
+    return type(default)
+
+
+def _parse(name: str, raw: str, kind: type) -> Any:
+    """Parse one environment value as the field's type, naming the variable when it is wrong."""
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return lowered in ("1", "true", "yes", "on")
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        return raw
+    except ValueError:
+        raise ConfigError(
+            f"TRACKER_{name.upper().replace('.', '_')}={raw!r} is not a valid {kind.__name__}"
+        ) from None

@@ -1,0 +1,247 @@
+"""``AvailabilityTracker``: the async API, thin over events, the database and the named queries."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import timedelta
+from types import TracebackType
+from typing import Self
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from . import db, queries
+from .config import TrackerConfig
+from .errors import InvalidInput, TrackerClosed
+from .events import (
+    ContentAvailable,
+    ContentUnavailable,
+    Event,
+    PeerOffline,
+    PeerOnline,
+    SpeedSample,
+    UploadOutcome,
+    check_batch,
+    validate_id,
+)
+from .models import ContentAvailability, PeerInfo, PeerMetrics, from_unix
+
+
+class AvailabilityTracker:
+    """Tracks peers, their quality and their content, and picks the best peers for a download.
+
+    >>> async def main() -> None:
+    ...     async with AvailabilityTracker(TrackerConfig(database_url="sqlite+aiosqlite:///t.db")) as t:
+    ...         await t.record_peer_online("peer-a")
+    ...         await t.record_content_available("cid-1", "peer-a")
+    ...         print([p.peer_id for p in await t.select_best_peers("cid-1", 3)])
+
+    Every method is one transaction; a write either applies completely or not at all.
+    """
+
+    def __init__(self, config: TrackerConfig | None = None) -> None:
+        self.config = config or TrackerConfig()
+        self._engine: AsyncEngine | None = None
+        self._node_id: int | None = None
+        self.node_key: str | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    @classmethod
+    async def open(cls, config: TrackerConfig | None = None) -> Self:
+        """Connect, migrate when ``auto_migrate`` is set, and register this node; the caller closes it."""
+        tracker = cls(config)
+        await tracker._start()
+        return tracker
+
+    async def _start(self) -> None:
+        engine = db.create_engine(self.config)
+        try:
+            if self.config.auto_migrate:
+                await db.migrate(engine)
+            now = self.config.clock()
+
+            async def register(conn: AsyncConnection) -> tuple[int, str]:
+                return await queries.ensure_local_node(conn, self.config.dialect, now)
+
+            self._node_id, self.node_key = await db.run_write(engine, register, self.config.write_retries)
+        except BaseException:
+            await engine.dispose()
+            raise
+        self._engine = engine
+
+    async def close(self) -> None:
+        """Release every connection. Safe to call twice."""
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        if self._engine is None:
+            await self._start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine, for the sweeper, the service and ad-hoc queries."""
+        if self._engine is None:
+            raise TrackerClosed("the tracker is not open: use `async with` or AvailabilityTracker.open()")
+        return self._engine
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    async def record_batch(self, events: Iterable[Event]) -> int:
+        """Apply many events in one transaction, all or nothing; returns how many were applied.
+
+        One bad event rejects the whole batch with ``InvalidInput`` naming its index and the reason.
+        """
+        now = self.config.clock()
+        checked = check_batch(
+            events, limit=self.config.max_batch_events, now=now, max_skew_s=self.config.max_clock_skew_s
+        )
+        if not checked:
+            return 0
+        timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
+        engine, node_id = self.engine, self._node_id
+        assert node_id is not None
+
+        async def work(conn: AsyncConnection) -> None:
+            await queries.apply_events(conn, self.config.dialect, node_id, timed, self.config, now)
+
+        await db.run_write(engine, work, self.config.write_retries)
+        return len(timed)
+
+    async def record(self, event: Event) -> None:
+        """Apply one event (the single-event methods below are this with the event built for you)."""
+        await self.record_batch((event,))
+
+    async def record_peer_online(self, peer_id: str, *, at: float | None = None) -> None:
+        """The peer announced itself or sent a heartbeat."""
+        await self.record(PeerOnline(peer_id, at=at))
+
+    async def record_peer_offline(self, peer_id: str, *, at: float | None = None) -> None:
+        """The peer left; its session's uptime is added up to ``at``."""
+        await self.record(PeerOffline(peer_id, at=at))
+
+    async def record_download_speed(
+        self, peer_id: str, bytes_per_sec: int, *, at: float | None = None
+    ) -> None:
+        """A download from the peer ran at ``bytes_per_sec``."""
+        await self.record(SpeedSample(peer_id, bytes_per_sec, at=at))
+
+    async def record_upload_success(
+        self, peer_id: str, *, cid: str | None = None, bytes: int | None = None, at: float | None = None
+    ) -> None:
+        """The peer served a chunk."""
+        await self.record(UploadOutcome(peer_id, True, at=at, cid=cid, bytes=bytes))
+
+    async def record_upload_failure(
+        self, peer_id: str, *, cid: str | None = None, bytes: int | None = None, at: float | None = None
+    ) -> None:
+        """The peer failed to serve a chunk."""
+        await self.record(UploadOutcome(peer_id, False, at=at, cid=cid, bytes=bytes))
+
+    async def record_content_available(self, cid: str, peer_id: str, *, at: float | None = None) -> None:
+        """The peer holds ``cid``."""
+        await self.record(ContentAvailable(cid, peer_id, at=at))
+
+    async def record_content_unavailable(self, cid: str, peer_id: str, *, at: float | None = None) -> None:
+        """The peer dropped ``cid``."""
+        await self.record(ContentUnavailable(cid, peer_id, at=at))
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    async def get_peer_metrics(self, peer_id: str) -> PeerMetrics | None:
+        """Everything known about one peer, merged over origins; ``None`` for a peer never seen."""
+        validate_id(peer_id)
+        now, config = self.config.clock(), self.config
+
+        async def work(conn: AsyncConnection) -> queries.PeerRow | None:
+            return await queries.peer_row(conn, peer_id, now, config)
+
+        row = await db.run_read(self.engine, work)
+        if row is None:
+            return None
+        return PeerMetrics(
+            peer_id=row.peer_key,
+            uptime=timedelta(seconds=row.uptime_s),
+            last_seen=from_unix(row.last_seen),
+            first_seen=from_unix(row.first_seen),
+            online_since=from_unix(row.online_since),
+            download_speed=0 if row.speed_bps is None else round(row.speed_bps),
+            chunks_served=row.served,
+            chunks_failed=row.failed,
+            online=row.online,
+            success_weight=row.success_weight,
+            failure_weight=row.failure_weight,
+            reputation_score=row.reputation,
+            reliable_threshold=config.reliable_threshold,
+            params=config.reputation,
+        )
+
+    async def get_available_peers(self, cid: str) -> list[str]:
+        """Ids of the online holders of ``cid`` (peers past ``peer_timeout`` are never included)."""
+        validate_id(cid, "cid")
+        now, config = self.config.clock(), self.config
+
+        async def work(conn: AsyncConnection) -> list[str]:
+            return await queries.available_peer_keys(conn, cid, now, config)
+
+        return await db.run_read(self.engine, work)
+
+    async def select_best_peers(self, cid: str, n: int) -> list[PeerInfo]:
+        """The best ``n`` online holders of ``cid``, best first; proven unreliable peers never appear.
+
+        Ranked in SQL by reputation, then speed, then id. ``n <= 0`` or an unknown ``cid`` gives ``[]``.
+        """
+        validate_id(cid, "cid")
+        if isinstance(n, bool) or not isinstance(n, int):
+            raise InvalidInput(f"n must be an integer, got {n!r}")
+        if n <= 0:
+            return []
+        now, config = self.config.clock(), self.config
+
+        async def work(conn: AsyncConnection) -> list[queries.RankedRow]:
+            return await queries.ranked_holders(conn, cid, now, config, limit=n, exclude_unreliable=True)
+
+        return [_peer_info(row) for row in await db.run_read(self.engine, work)]
+
+    async def get_content_availability(self, cid: str) -> ContentAvailability | None:
+        """Online holders of ``cid`` ranked (all of them, reliable or not); ``None`` for an unknown cid."""
+        validate_id(cid, "cid")
+        now, config = self.config.clock(), self.config
+
+        async def work(conn: AsyncConnection) -> tuple[bool, float | None, list[queries.RankedRow]]:
+            known, last_updated = await queries.content_last_updated(conn, cid)
+            if not known:
+                return False, None, []
+            rows = await queries.ranked_holders(conn, cid, now, config, limit=None, exclude_unreliable=False)
+            return True, last_updated, rows
+
+        known, last_updated, rows = await db.run_read(self.engine, work)
+        if not known:
+            return None
+        return ContentAvailability(
+            cid=cid,
+            peers=tuple(_peer_info(row) for row in rows),
+            replication_factor=len(rows),
+            last_updated=from_unix(last_updated),
+        )
+
+
+def _peer_info(row: queries.RankedRow) -> PeerInfo:
+    return PeerInfo(
+        peer_id=row.peer_key,
+        reputation=row.reputation,
+        download_speed=round(row.speed_bps),
+        rank=row.rank,
+        success_rate=row.success_rate,
+        uptime_factor=row.uptime_factor,
+        evidence=row.evidence,
+        proven=row.proven,
+        last_seen=from_unix(row.last_seen),
+    )

@@ -1,0 +1,201 @@
+"""Engines, SQLite connection set-up, transactions with retry, dialect helpers and in-process migration."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import Table, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from .config import TrackerConfig
+from .errors import is_transient, translate
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_SQLITE_BEGIN = "tracker_sqlite_begin"
+
+
+def create_engine(config: TrackerConfig) -> AsyncEngine:
+    """An async engine for ``config.database_url`` with the settings this tracker relies on."""
+    if config.dialect == "sqlite":
+        engine = create_async_engine(
+            config.database_url,
+            echo=config.echo_sql,
+            connect_args={"timeout": config.sqlite_busy_timeout_s},
+        )
+        _configure_sqlite(engine, config)
+        return engine
+    return create_async_engine(
+        config.database_url,
+        echo=config.echo_sql,
+        pool_size=config.pool_size,
+        max_overflow=config.pool_size,
+        pool_pre_ping=True,
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
+    """WAL, busy timeout, foreign keys, and transactions whose BEGIN we emit ourselves.
+
+    The sqlite3 module's own transaction handling begins lazily and cannot take the write lock up
+    front. Writers use BEGIN IMMEDIATE so that two writers queue on the busy timeout instead of one
+    failing with "database is locked" when it upgrades a read lock mid-transaction (WAL cannot wait
+    out that case).
+    """
+    busy_ms = int(config.sqlite_busy_timeout_s * 1000)
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        try:
+            cursor.execute("SELECT power(2.0, 0.5)")
+        except Exception:  # SQLite built without math functions: provide the one we use.
+            dbapi_connection.create_function("power", 2, math.pow, deterministic=True)
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+@asynccontextmanager
+async def write_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A connection whose transactions take SQLite's write lock at BEGIN (no effect on Postgres)."""
+    async with engine.connect() as conn:
+        await conn.execution_options(**{_SQLITE_BEGIN: "IMMEDIATE"})
+        yield conn
+
+
+async def run_write(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], retries: int) -> T:
+    """Run ``work`` in one write transaction, retrying deadlocks and busy errors with back-off.
+
+    ``work`` must be safe to run again from scratch: a retried transaction was rolled back entirely.
+    """
+    attempt = 0
+    while True:
+        try:
+            async with write_connection(engine) as conn, conn.begin():
+                return await work(conn)
+        except Exception as error:
+            if not is_transient(error):
+                if _is_driver_error(error):
+                    raise translate(error) from error
+                raise
+            if attempt >= retries:
+                raise translate(error) from error
+            attempt += 1
+            delay = min(0.5, 0.005 * 2**attempt)
+            log.warning(
+                "transient database conflict, retrying",
+                extra={"action": "write_retry", "attempt": attempt, "error": str(error)},
+            )
+            await asyncio.sleep(delay)
+
+
+async def run_read(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """Run ``work`` on a plain connection, translating driver errors."""
+    try:
+        async with engine.connect() as conn:
+            return await work(conn)
+    except Exception as error:
+        if _is_driver_error(error):
+            raise translate(error) from error
+        raise
+
+
+def _is_driver_error(error: BaseException) -> bool:
+    from sqlalchemy import exc as sa_exc
+
+    return isinstance(error, sa_exc.DBAPIError)
+
+
+def insert_for(dialect: str, table: Table) -> Any:
+    """The dialect's INSERT, which has ``on_conflict_do_update``/``do_nothing`` on both engines."""
+    if dialect == "sqlite":
+        return sqlite.insert(table)
+    return postgresql.insert(table)
+
+
+# ---------------------------------------------------------------------------------------------
+# Migrations
+# ---------------------------------------------------------------------------------------------
+
+# Any fixed number serves, as long as every tracker process uses the same one.
+_MIGRATION_LOCK_KEY = 0x7EE7_7AC3
+
+
+def alembic_dir() -> Path:
+    """Where the migrations are: inside the installed wheel, or alembic/ in a source checkout."""
+    packaged = Path(__file__).parent / "_alembic"
+    if (packaged / "env.py").exists():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "alembic"
+
+
+def alembic_config(url: str | None = None) -> Any:
+    """An Alembic ``Config`` pointing at the tracker's migrations (and ``url``, when given)."""
+    from alembic.config import Config
+
+    folder = alembic_dir()
+    ini = folder / "alembic.ini" if (folder / "alembic.ini").exists() else folder.parent / "alembic.ini"
+    cfg = Config(str(ini)) if ini.exists() else Config()
+    cfg.set_main_option("script_location", str(folder))
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: bool = False) -> None:
+    """Upgrade (or downgrade) the database in-process, on a connection of ``engine``.
+
+    Several processes may open the same empty Postgres database at once; an advisory lock makes
+    them migrate one after the other. On SQLite the IMMEDIATE transaction does the same.
+    """
+    from alembic import command
+
+    def _run(sync_conn: Connection) -> None:
+        cfg = alembic_config()
+        cfg.attributes["connection"] = sync_conn
+        if downgrade:
+            command.downgrade(cfg, revision)
+        else:
+            command.upgrade(cfg, revision)
+
+    async with write_connection(engine) as conn, conn.begin():
+        if engine.dialect.name == "postgresql":
+            await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+        await conn.run_sync(_run)
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database is at, or ``None`` for an empty database."""
+    from alembic.runtime.migration import MigrationContext
+
+    def _current(sync_conn: Connection) -> str | None:
+        return MigrationContext.configure(sync_conn).get_current_revision()
+
+    async with engine.connect() as conn:
+        return await conn.run_sync(_current)
+
+
+def head_revision() -> str | None:
+    """The newest revision shipped with this version of the tracker."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()

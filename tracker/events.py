@@ -1,0 +1,178 @@
+"""The events every write path shares: API calls, ``record_batch``, HTTP and gossip.
+
+Each event validates itself on construction, so an invalid event cannot exist and the database is never
+touched by one. ``at`` is Unix seconds (UTC); ``None`` means "when the tracker applies it".
+
+>>> SpeedSample("peer-a", 2_000_000, at=1_700_000_000.0).bytes_per_sec
+2000000
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from .errors import InvalidInput
+
+MAX_ID_LENGTH = 256
+MAX_BYTES_PER_SEC = 10**12
+MAX_TRANSFER_BYTES = 10**15
+# C0 and C1 controls, DEL, and lone surrogates (which no database can store as UTF-8).
+_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def validate_id(value: object, what: str = "peer_id") -> str:
+    """Return ``value`` if it is a usable peer or content id, else raise ``InvalidInput``."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise InvalidInput(f"{what} must not be empty")
+    if len(value) > MAX_ID_LENGTH:
+        raise InvalidInput(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
+    bad = _FORBIDDEN.search(value)
+    if bad:
+        raise InvalidInput(f"{what} contains control character {bad.group()!r} at position {bad.start()}")
+    return value
+
+
+def validate_count(value: object, what: str, maximum: int) -> int:
+    """Return ``value`` if it is an integer within ``0..maximum``, else raise ``InvalidInput``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{what} must be an integer, got {value!r}")
+    if not 0 <= value <= maximum:
+        raise InvalidInput(f"{what} must be within 0..{maximum}, got {value}")
+    return value
+
+
+def validate_time(value: object, what: str = "at") -> float | None:
+    """Return ``value`` as float seconds if it is a usable Unix time (or ``None``)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidInput(f"{what} must be Unix seconds (a number), got {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise InvalidInput(f"{what} must be a finite, non-negative Unix time, got {value!r}")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOnline:
+    """The peer announced itself or sent a heartbeat."""
+
+    peer_id: str
+    at: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.peer_id)
+        object.__setattr__(self, "at", validate_time(self.at))
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOffline:
+    """The peer said goodbye; its session closes at ``at``."""
+
+    peer_id: str
+    at: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.peer_id)
+        object.__setattr__(self, "at", validate_time(self.at))
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedSample:
+    """A download from the peer ran at ``bytes_per_sec``."""
+
+    peer_id: str
+    bytes_per_sec: int
+    at: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.peer_id)
+        validate_count(self.bytes_per_sec, "bytes_per_sec", MAX_BYTES_PER_SEC)
+        object.__setattr__(self, "at", validate_time(self.at))
+
+
+@dataclass(frozen=True, slots=True)
+class UploadOutcome:
+    """The peer served a chunk (``success``) or failed to; optionally which content and how many bytes."""
+
+    peer_id: str
+    success: bool
+    at: float | None = None
+    cid: str | None = None
+    bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.peer_id)
+        if not isinstance(self.success, bool):
+            raise InvalidInput(f"success must be True or False, got {self.success!r}")
+        object.__setattr__(self, "at", validate_time(self.at))
+        if self.cid is not None:
+            validate_id(self.cid, "cid")
+        if self.bytes is not None:
+            validate_count(self.bytes, "bytes", MAX_TRANSFER_BYTES)
+
+
+@dataclass(frozen=True, slots=True)
+class ContentAvailable:
+    """The peer holds content ``cid`` and can serve it."""
+
+    cid: str
+    peer_id: str
+    at: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.cid, "cid")
+        validate_id(self.peer_id)
+        object.__setattr__(self, "at", validate_time(self.at))
+
+
+@dataclass(frozen=True, slots=True)
+class ContentUnavailable:
+    """The peer no longer holds content ``cid``."""
+
+    cid: str
+    peer_id: str
+    at: float | None = None
+
+    def __post_init__(self) -> None:
+        validate_id(self.cid, "cid")
+        validate_id(self.peer_id)
+        object.__setattr__(self, "at", validate_time(self.at))
+
+
+Event = PeerOnline | PeerOffline | SpeedSample | UploadOutcome | ContentAvailable | ContentUnavailable
+EVENT_TYPES: tuple[type, ...] = (
+    PeerOnline,
+    PeerOffline,
+    SpeedSample,
+    UploadOutcome,
+    ContentAvailable,
+    ContentUnavailable,
+)
+
+
+def check_batch(events: Iterable[object], *, limit: int, now: float, max_skew_s: float) -> list[Event]:
+    """Materialize and check a batch; the error names the offending event's index and why.
+
+    Events validate themselves, so this checks what they cannot: that each item is an event, that the
+    batch is not too large, and that no time lies further in the future than the allowed clock skew
+    (such an event would keep a peer "online" long after it left).
+    """
+    batch: Sequence[object] = events if isinstance(events, Sequence) else list(events)
+    if len(batch) > limit:
+        raise InvalidInput(f"batch has {len(batch)} events; the limit is {limit}")
+    checked: list[Event] = []
+    for index, event in enumerate(batch):
+        if not isinstance(event, EVENT_TYPES):
+            raise InvalidInput(f"event #{index} is a {type(event).__name__}, not a tracker event")
+        if event.at is not None and event.at > now + max_skew_s:
+            raise InvalidInput(
+                f"event #{index} ({type(event).__name__}) is dated {event.at - now:.0f} s in the future; "
+                f"the allowed clock skew is {max_skew_s:.0f} s"
+            )
+        checked.append(event)  # type: ignore[arg-type]
+    return checked

@@ -1,0 +1,95 @@
+"""Frozen value types the tracker returns. No SQLAlchemy here: these are what users hold on to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from . import reputation as rep
+
+
+def from_unix(seconds: float | None) -> datetime | None:
+    """Unix seconds (the storage format) as an aware UTC datetime."""
+    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerMetrics:
+    """Everything the tracker knows about one peer, merged over every origin tracker.
+
+    ``success_weight``/``failure_weight`` are the decayed evidence behind the score (see
+    docs/reputation.md). Built by hand without them, the lifetime counts stand in as the evidence:
+
+    >>> PeerMetrics(chunks_served=100, chunks_failed=10, uptime=timedelta(hours=1)).is_reliable()
+    True
+    """
+
+    peer_id: str = ""
+    uptime: timedelta = timedelta(0)
+    last_seen: datetime | None = None
+    first_seen: datetime | None = None
+    online_since: datetime | None = None
+    #: Rolling mean of the latest ``bandwidth_window`` samples, bytes per second.
+    download_speed: int = 0
+    chunks_served: int = 0
+    chunks_failed: int = 0
+    online: bool = False
+    success_weight: float | None = None
+    failure_weight: float | None = None
+    #: The score as the database computed it; left ``None``, it is computed from the fields above.
+    reputation_score: float | None = None
+    reliable_threshold: float = 0.8
+    params: rep.ReputationParams = field(default=rep.DEFAULT_PARAMS, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.reputation_score is None:
+            object.__setattr__(self, "reputation_score", self.calculate_reputation())
+
+    @property
+    def evidence(self) -> tuple[float, float]:
+        """(successes, failures) as the reputation formula sees them."""
+        if self.success_weight is None or self.failure_weight is None:
+            return float(self.chunks_served), float(self.chunks_failed)
+        return self.success_weight, self.failure_weight
+
+    def calculate_reputation(self) -> float:
+        """Success rate x uptime factor in [0, 1]; the Python twin of the tracker's SQL."""
+        successes, failures = self.evidence
+        return rep.reputation(successes, failures, self.uptime.total_seconds(), self.params)
+
+    def is_reliable(self) -> bool:
+        """Whether the score is above the reliable threshold (0.8 by default)."""
+        return self.calculate_reputation() > self.reliable_threshold
+
+    @property
+    def is_proven(self) -> bool:
+        """Whether there is enough evidence for a low score to exclude this peer from selection."""
+        return rep.is_proven(*self.evidence, self.params)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerInfo:
+    """One ranked candidate, with the parts of its score so a caller can see why it was chosen."""
+
+    peer_id: str
+    reputation: float
+    download_speed: int
+    rank: int = 0
+    success_rate: float = 0.0
+    uptime_factor: float = 0.0
+    evidence: float = 0.0
+    proven: bool = False
+    last_seen: datetime | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContentAvailability:
+    """Who can serve a content right now."""
+
+    cid: str
+    #: Online holders, best first.
+    peers: tuple[PeerInfo, ...]
+    #: Number of online holders.
+    replication_factor: int
+    #: Latest announcement, confirmation or removal of this content by any peer.
+    last_updated: datetime | None

@@ -1,0 +1,26 @@
+"""Every SQL statement the tracker runs, as named async functions; the only place with dialect branches.
+
+``writes`` applies batches of events; ``reads`` answers questions with one ranking statement each.
+"""
+
+from .reads import (
+    PeerRow,
+    RankedRow,
+    available_peer_keys,
+    content_last_updated,
+    peer_row,
+    ranked_holders,
+)
+from .writes import Timed, apply_events, ensure_local_node
+
+__all__ = [
+    "PeerRow",
+    "RankedRow",
+    "Timed",
+    "apply_events",
+    "available_peer_keys",
+    "content_last_updated",
+    "ensure_local_node",
+    "peer_row",
+    "ranked_holders",
+]

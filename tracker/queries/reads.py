@@ -1,0 +1,213 @@
+"""Read statements: the merged per-peer view and the ranking built on it, one statement per call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Select, and_, case, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from .. import reputation as rep
+from ..config import TrackerConfig
+from ..schema import content_peers, contents, peer_stats, peers
+from ._sql import num
+
+
+@dataclass(frozen=True, slots=True)
+class PeerRow:
+    """One peer merged over every origin, as of ``now``."""
+
+    peer_key: str
+    first_seen: float
+    online: bool
+    online_since: float | None
+    last_seen: float
+    uptime_s: float
+    served: int
+    failed: int
+    success_weight: float
+    failure_weight: float
+    speed_bps: float | None
+    reputation: float
+
+
+@dataclass(frozen=True, slots=True)
+class RankedRow:
+    """One ranked holder of a content, with the parts of its score."""
+
+    peer_key: str
+    rank: int
+    reputation: float
+    success_rate: float
+    uptime_factor: float
+    evidence: float
+    proven: bool
+    speed_bps: float
+    last_seen: float
+
+
+def _merged(now: float, config: TrackerConfig, where: ColumnElement[bool]) -> Any:
+    """Per-peer view over all origins at ``now``: online if any origin saw it within the timeout,
+    uptime as the longest any origin observed, counters and decayed evidence summed, speed averaged.
+
+    The time check is here, not only in the sweeper: a peer unseen for ``peer_timeout`` is offline
+    to every query even if no sweep has run.
+    """
+    ps = peer_stats.c
+    t_now, cutoff = num(now), num(now - config.peer_timeout)
+    alive = and_(ps.online, ps.last_seen >= cutoff)
+    session_end = case((ps.last_seen >= cutoff, t_now), else_=ps.last_seen)
+    uptime = ps.uptime_s + case((ps.online, session_end - ps.online_since), else_=num(0.0))
+    params = config.reputation
+    return (
+        select(
+            ps.peer_id,
+            func.max(case((alive, 1), else_=0)).label("online"),
+            func.min(case((alive, ps.online_since))).label("online_since"),
+            func.max(ps.last_seen).label("last_seen"),
+            func.max(uptime).label("uptime_s"),
+            func.sum(ps.served_count).label("served"),
+            func.sum(ps.failed_count).label("failed"),
+            func.sum(rep.sql_decayed_weight(ps.success_weight, ps.evidence_at, t_now, params)).label("sw"),
+            func.sum(rep.sql_decayed_weight(ps.failure_weight, ps.evidence_at, t_now, params)).label("fw"),
+            func.avg(ps.speed_bps).label("speed"),
+        )
+        .where(where)
+        .group_by(ps.peer_id)
+        .subquery("merged")
+    )
+
+
+def _holders_of(cid: str) -> Select[Any]:
+    return (
+        select(content_peers.c.peer_id)
+        .join(contents, contents.c.id == content_peers.c.content_id)
+        .where(contents.c.content_key == cid, content_peers.c.available)
+    )
+
+
+async def peer_row(conn: AsyncConnection, peer_key: str, now: float, config: TrackerConfig) -> PeerRow | None:
+    """One peer's merged metrics, or ``None`` if it was never seen."""
+    m = _merged(
+        now,
+        config,
+        peer_stats.c.peer_id == select(peers.c.id).where(peers.c.peer_key == peer_key).scalar_subquery(),
+    )
+    stmt = select(
+        peers.c.peer_key,
+        peers.c.first_seen,
+        m.c.online,
+        m.c.online_since,
+        m.c.last_seen,
+        m.c.uptime_s,
+        m.c.served,
+        m.c.failed,
+        m.c.sw,
+        m.c.fw,
+        m.c.speed,
+        rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, config.reputation),
+    ).join(peers, peers.c.id == m.c.peer_id)
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return None
+    return PeerRow(
+        row[0],
+        row[1],
+        bool(row[2]),
+        row[3],
+        row[4],
+        row[5],
+        int(row[6]),
+        int(row[7]),
+        float(row[8]),
+        float(row[9]),
+        None if row[10] is None else float(row[10]),
+        float(row[11]),
+    )
+
+
+async def available_peer_keys(
+    conn: AsyncConnection, cid: str, now: float, config: TrackerConfig
+) -> list[str]:
+    """Online holders of ``cid`` (any reputation), by peer id."""
+    ps = peer_stats.c
+    alive = select(ps.peer_id).where(
+        ps.peer_id.in_(_holders_of(cid)), ps.online, ps.last_seen >= num(now - config.peer_timeout)
+    )
+    stmt = select(peers.c.peer_key).where(peers.c.id.in_(alive)).order_by(peers.c.peer_key)
+    return list((await conn.scalars(stmt)).all())
+
+
+async def ranked_holders(
+    conn: AsyncConnection,
+    cid: str,
+    now: float,
+    config: TrackerConfig,
+    *,
+    limit: int | None,
+    exclude_unreliable: bool,
+) -> list[RankedRow]:
+    """Online holders of ``cid`` ranked by reputation, then speed, then id, with ROW_NUMBER.
+
+    The one place the selection order is defined, so load-aware ranking can extend its score.
+    Proven peers under ``min_reputation`` are dropped when ``exclude_unreliable`` is set.
+    """
+    m = _merged(now, config, peer_stats.c.peer_id.in_(_holders_of(cid)))
+    params = config.reputation
+    score = rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params)
+    proven = rep.sql_is_proven(m.c.sw, m.c.fw, params)
+    speed = func.coalesce(m.c.speed, num(0.0))
+    rank = func.row_number().over(order_by=(score.desc(), speed.desc(), peers.c.peer_key))
+    inner = (
+        select(
+            peers.c.peer_key,
+            rank.label("rank"),
+            score.label("reputation"),
+            rep.sql_success_rate(m.c.sw, m.c.fw, params).label("success_rate"),
+            rep.sql_uptime_factor(m.c.uptime_s, params).label("uptime_factor"),
+            (m.c.sw + m.c.fw).label("evidence"),
+            proven.label("proven"),
+            speed.label("speed"),
+            m.c.last_seen,
+        )
+        .join(peers, peers.c.id == m.c.peer_id)
+        .where(m.c.online == 1)
+    )
+    if exclude_unreliable:
+        inner = inner.where(~and_(proven, score < num(config.min_reputation)))
+    ranked = inner.subquery("ranked")
+    stmt = select(ranked).order_by(ranked.c.rank)
+    if limit is not None:
+        stmt = stmt.where(ranked.c.rank <= limit)
+    rows = (await conn.execute(stmt)).all()
+    return [
+        RankedRow(
+            r.peer_key,
+            int(r.rank),
+            float(r.reputation),
+            float(r.success_rate),
+            float(r.uptime_factor),
+            float(r.evidence),
+            bool(r.proven),
+            float(r.speed),
+            float(r.last_seen),
+        )
+        for r in rows
+    ]
+
+
+async def content_last_updated(conn: AsyncConnection, cid: str) -> tuple[bool, float | None]:
+    """Whether ``cid`` is known, and the latest change or confirmation of any of its mappings."""
+    stmt = (
+        select(contents.c.id, func.max(content_peers.c.changed_at), func.max(content_peers.c.last_confirmed))
+        .outerjoin(content_peers, content_peers.c.content_id == contents.c.id)
+        .where(contents.c.content_key == cid)
+        .group_by(contents.c.id)
+    )
+    row = (await conn.execute(stmt)).first()
+    if row is None:
+        return False, None
+    times = [t for t in (row[1], row[2]) if t is not None]
+    return True, max(times) if times else None

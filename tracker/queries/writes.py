@@ -1,0 +1,355 @@
+"""The write path's statements: one batch of events becomes a fixed number of executemany calls."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    Double,
+    Integer,
+    and_,
+    bindparam,
+    case,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .. import reputation as rep
+from ..config import TrackerConfig
+from ..db import insert_for
+from ..events import (
+    ContentAvailable,
+    ContentUnavailable,
+    Event,
+    PeerOffline,
+    SpeedSample,
+    UploadOutcome,
+)
+from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
+from ._sql import content_id_of, greatest, num, peer_id_of
+
+_IN_CHUNK = 500  # keys per IN (...) list: far below both engines' bind-parameter limits
+
+
+# ---------------------------------------------------------------------------------------------
+# Node identity
+# ---------------------------------------------------------------------------------------------
+
+
+async def ensure_local_node(conn: AsyncConnection, dialect: str, now: float) -> tuple[int, str]:
+    """Create this database's local node on first use (racing processes agree on one); return it."""
+    stmt = (
+        insert_for(dialect, nodes)
+        .values(node_key=uuid.uuid4().hex, is_local=True, created_at=now)
+        .on_conflict_do_nothing()
+    )
+    await conn.execute(stmt)
+    row = (await conn.execute(select(nodes.c.id, nodes.c.node_key).where(nodes.c.is_local))).one()
+    return int(row.id), str(row.node_key)
+
+
+# ---------------------------------------------------------------------------------------------
+# The write path
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    """An event with its time resolved (``at`` or the clock's now)."""
+
+    event: Event
+    at: float
+
+
+async def apply_events(
+    conn: AsyncConnection,
+    dialect: str,
+    node_id: int,
+    batch: Sequence[Timed],
+    config: TrackerConfig,
+    now: float,
+) -> None:
+    """Apply a batch in the caller's transaction, with a fixed statement count per batch.
+
+    Rows are sorted by key (stable, so one peer's events keep their order) so that concurrent batches
+    on Postgres lock rows in the same order and cannot deadlock each other.
+    """
+    if not batch:
+        return
+    ordered = sorted(batch, key=lambda t: t.event.peer_id)
+    await _upsert_keys(conn, dialect, peers, peers.c.peer_key, ((t.event.peer_id, t.at) for t in ordered))
+    content_rows = [(cid, t.at) for t in ordered if (cid := _cid_of(t.event)) is not None]
+    if content_rows:
+        await _upsert_keys(conn, dialect, contents, contents.c.content_key, content_rows)
+    await _upsert_peer_stats(conn, dialect, node_id, ordered, config, now)
+
+    outcomes = [t for t in ordered if isinstance(t.event, UploadOutcome)]
+    if outcomes:
+        await record_outcomes(conn, node_id, outcomes)
+    samples = [t for t in ordered if isinstance(t.event, SpeedSample)]
+    if samples:
+        await record_samples(conn, node_id, samples)
+        await refresh_speeds(
+            conn, node_id, sorted({t.event.peer_id for t in samples}), config.bandwidth_window
+        )
+    mappings = [t for t in batch if isinstance(t.event, ContentAvailable | ContentUnavailable)]
+    if mappings:
+        mappings.sort(key=lambda t: (t.event.cid, t.event.peer_id))  # type: ignore[union-attr]
+        await _upsert_content_peers(conn, dialect, node_id, mappings)
+
+
+def _cid_of(event: Event) -> str | None:
+    if isinstance(event, ContentAvailable | ContentUnavailable):
+        return event.cid
+    if isinstance(event, UploadOutcome):
+        return event.cid
+    return None
+
+
+async def _upsert_keys(
+    conn: AsyncConnection, dialect: str, table: Any, key_column: Any, keys: Iterable[tuple[str, float]]
+) -> None:
+    """Insert unknown peer or content keys (first_seen = earliest time in the batch)."""
+    earliest: dict[str, float] = {}
+    for key, at in keys:
+        if key not in earliest or at < earliest[key]:
+            earliest[key] = at
+    rows = [{"k": key, "t": earliest[key]} for key in sorted(earliest)]
+    stmt = (
+        insert_for(dialect, table)
+        .values({key_column.name: bindparam("k"), "first_seen": bindparam("t")})
+        .on_conflict_do_nothing(index_elements=[key_column.name])
+    )
+    await conn.execute(stmt, rows)
+
+
+def _peer_stats_upsert(dialect: str, config: TrackerConfig) -> Any:
+    """One event folded into its peer's row: presence session, counters, decayed evidence.
+
+    The inserted row is the event as a delta; ON CONFLICT merges it into the stored row.
+    Presence is last-writer-wins by time: an event older than ``last_seen`` never flips the state.
+    A session that timed out before this event ends at the stored ``last_seen``.
+    """
+    params = config.reputation
+    ins = insert_for(dialect, peer_stats).values(
+        peer_id=peer_id_of("peer_key"),
+        node_id=bindparam("node_id", type_=Integer()),
+        online=bindparam("p_online"),
+        online_since=bindparam("p_online_since", type_=Double()),
+        last_seen=bindparam("p_at", type_=Double()),
+        uptime_s=num(0.0),
+        served_count=bindparam("p_served"),
+        failed_count=bindparam("p_failed"),
+        success_weight=bindparam("p_sw", type_=Double()),
+        failure_weight=bindparam("p_fw", type_=Double()),
+        evidence_at=bindparam("p_evidence_at", type_=Double()),
+        speed_bps=None,
+        updated_at=bindparam("p_now", type_=Double()),
+    )
+    old, new = peer_stats.c, ins.excluded
+    timeout = num(config.peer_timeout)
+    fresh = new.last_seen >= old.last_seen
+    alive = and_(old.online, old.last_seen >= new.last_seen - timeout)
+    continues = and_(new.online, alive)
+    session_end = case((alive, new.last_seen), else_=old.last_seen)
+    has_outcome = new.evidence_at.is_not(None)
+    return ins.on_conflict_do_update(
+        index_elements=[peer_stats.c.peer_id, peer_stats.c.node_id],
+        set_={
+            "online": case((fresh, new.online), else_=old.online),
+            "online_since": case(
+                (~fresh, old.online_since),
+                (continues, old.online_since),
+                (new.online, new.last_seen),
+                else_=None,
+            ),
+            "uptime_s": old.uptime_s
+            + case((and_(fresh, old.online, ~continues), session_end - old.online_since), else_=num(0.0)),
+            "last_seen": greatest(dialect, old.last_seen, new.last_seen),
+            "served_count": old.served_count + new.served_count,
+            "failed_count": old.failed_count + new.failed_count,
+            "success_weight": case(
+                (
+                    has_outcome,
+                    rep.sql_apply_outcome(
+                        old.success_weight, old.evidence_at, new.success_weight, new.evidence_at, params
+                    ),
+                ),
+                else_=old.success_weight,
+            ),
+            "failure_weight": case(
+                (
+                    has_outcome,
+                    rep.sql_apply_outcome(
+                        old.failure_weight, old.evidence_at, new.failure_weight, new.evidence_at, params
+                    ),
+                ),
+                else_=old.failure_weight,
+            ),
+            "evidence_at": case(
+                (
+                    has_outcome,
+                    greatest(dialect, func.coalesce(old.evidence_at, new.evidence_at), new.evidence_at),
+                ),
+                else_=old.evidence_at,
+            ),
+            "updated_at": new.updated_at,
+        },
+    )
+
+
+async def _upsert_peer_stats(
+    conn: AsyncConnection,
+    dialect: str,
+    node_id: int,
+    ordered: Sequence[Timed],
+    config: TrackerConfig,
+    now: float,
+) -> None:
+    rows = []
+    for t in ordered:
+        event = t.event
+        heartbeat = not isinstance(event, PeerOffline)
+        outcome = isinstance(event, UploadOutcome)
+        success = outcome and event.success  # type: ignore[union-attr]
+        failure = outcome and not event.success  # type: ignore[union-attr]
+        rows.append(
+            {
+                "peer_key": event.peer_id,
+                "node_id": node_id,
+                "p_online": heartbeat,
+                "p_online_since": t.at if heartbeat else None,
+                "p_at": t.at,
+                "p_served": int(success),
+                "p_failed": int(failure),
+                "p_sw": 1.0 if success else 0.0,
+                "p_fw": 1.0 if failure else 0.0,
+                "p_evidence_at": t.at if outcome else None,
+                "p_now": now,
+            }
+        )
+    await conn.execute(_peer_stats_upsert(dialect, config), rows)
+
+
+async def record_outcomes(conn: AsyncConnection, node_id: int, outcomes: Sequence[Timed]) -> None:
+    """Append raw upload outcomes (the history behind the counters)."""
+    stmt = upload_outcomes.insert().values(
+        peer_id=peer_id_of("peer_key"),
+        node_id=bindparam("node_id"),
+        at=bindparam("p_at"),
+        success=bindparam("p_success"),
+        content_id=content_id_of("cid"),
+        bytes=bindparam("p_bytes"),
+    )
+    await conn.execute(
+        stmt,
+        [
+            {
+                "peer_key": t.event.peer_id,
+                "node_id": node_id,
+                "p_at": t.at,
+                "p_success": t.event.success,
+                "cid": t.event.cid,
+                "p_bytes": t.event.bytes,
+            }
+            for t in outcomes
+            if isinstance(t.event, UploadOutcome)
+        ],
+    )
+
+
+async def record_samples(conn: AsyncConnection, node_id: int, samples: Sequence[Timed]) -> None:
+    """Append bandwidth samples."""
+    stmt = bandwidth_samples.insert().values(
+        peer_id=peer_id_of("peer_key"),
+        node_id=bindparam("node_id"),
+        at=bindparam("p_at"),
+        bytes_per_sec=bindparam("p_bps"),
+    )
+    await conn.execute(
+        stmt,
+        [
+            {"peer_key": t.event.peer_id, "node_id": node_id, "p_at": t.at, "p_bps": t.event.bytes_per_sec}
+            for t in samples
+            if isinstance(t.event, SpeedSample)
+        ],
+    )
+
+
+async def refresh_speeds(conn: AsyncConnection, node_id: int, peer_keys: Sequence[str], window: int) -> None:
+    """Store each touched peer's rolling mean of its latest ``window`` samples on its stats row.
+
+    Computed once per write, so selection ranks over a column instead of averaging at query time;
+    the latest-N lookup walks the (peer_id, node_id, at) index backwards.
+    """
+    latest = (
+        select(bandwidth_samples.c.bytes_per_sec)
+        .where(
+            bandwidth_samples.c.peer_id == peer_stats.c.peer_id,
+            bandwidth_samples.c.node_id == peer_stats.c.node_id,
+        )
+        .order_by(bandwidth_samples.c.at.desc(), bandwidth_samples.c.id.desc())
+        .limit(window)
+        .subquery("latest")
+    )
+    mean = select(func.avg(latest.c.bytes_per_sec)).scalar_subquery()
+    stmt = (
+        update(peer_stats)
+        .where(
+            peer_stats.c.node_id == node_id,
+            peer_stats.c.peer_id.in_(
+                select(peers.c.id).where(peers.c.peer_key.in_(bindparam("keys", expanding=True)))
+            ),
+        )
+        .values(speed_bps=func.cast(mean, Double()))
+    )
+    for start in range(0, len(peer_keys), _IN_CHUNK):
+        await conn.execute(stmt, {"keys": list(peer_keys[start : start + _IN_CHUNK])})
+
+
+async def _upsert_content_peers(
+    conn: AsyncConnection, dialect: str, node_id: int, mappings: Sequence[Timed]
+) -> None:
+    """Last-writer-wins by time on (content, peer): an older announcement never undoes a removal."""
+    ins = insert_for(dialect, content_peers).values(
+        content_id=content_id_of("cid"),
+        peer_id=peer_id_of("peer_key"),
+        node_id=bindparam("node_id"),
+        available=bindparam("p_available"),
+        since=bindparam("p_at"),
+        last_confirmed=bindparam("p_at"),
+        changed_at=bindparam("p_at"),
+    )
+    old, new = content_peers.c, ins.excluded
+    fresh = new.changed_at >= old.changed_at
+    stmt = ins.on_conflict_do_update(
+        index_elements=[content_peers.c.content_id, content_peers.c.peer_id],
+        set_={
+            "available": case((fresh, new.available), else_=old.available),
+            "since": case((and_(fresh, new.available, ~old.available), new.since), else_=old.since),
+            "last_confirmed": case(
+                (and_(fresh, new.available), greatest(dialect, old.last_confirmed, new.last_confirmed)),
+                else_=old.last_confirmed,
+            ),
+            "changed_at": greatest(dialect, old.changed_at, new.changed_at),
+            "node_id": case((fresh, new.node_id), else_=old.node_id),
+        },
+    )
+    await conn.execute(
+        stmt,
+        [
+            {
+                "cid": t.event.cid,
+                "peer_key": t.event.peer_id,
+                "node_id": node_id,  # type: ignore[union-attr]
+                "p_available": isinstance(t.event, ContentAvailable),
+                "p_at": t.at,
+            }
+            for t in mappings
+        ],
+    )

@@ -1,0 +1,212 @@
+"""The reputation formula, twice: as SQL expressions and as their exact Python twin.
+
+Both halves live side by side so a change to one is a visible change to the other; a hypothesis test
+checks that they agree within 1e-9 on both engines.
+
+The model (docs/reputation.md explains the why):
+
+* Evidence is two decayed weights per peer, ``success_weight`` and ``failure_weight``. Every new
+  outcome first multiplies the older evidence by ``2**(-1/outcome_half_life)`` (recent outcomes
+  dominate however long the history) and by ``2**(-dt/evidence_half_life_s)`` for the time since the
+  previous outcome, then adds 1 to the matching weight. At read time the weights decay further by the
+  time since the last outcome, so an idle peer drifts back toward the neutral prior.
+* ``success_rate = (S + a) / (S + F + a + b)``: a Beta(a, b) prior smooths newcomers to a/(a+b).
+* ``uptime_factor = 1 - (1 - uptime_floor) * 2**(-uptime_s / uptime_half_life_s)``: a newcomer starts
+  at ``uptime_floor`` and approaches 1 as it proves it stays online.
+* ``reputation = success_rate * uptime_factor``, always within [0, 1].
+* A peer is *proven* once ``S + F >= min_evidence``; only proven peers are excluded for a low score.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from sqlalchemy import Double, case, func, literal
+from sqlalchemy.sql.elements import ColumnElement
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReputationParams:
+    """Tunable constants of the reputation model; the defaults are documented in docs/reputation.md."""
+
+    prior_successes: float = 1.0
+    prior_failures: float = 1.0
+    outcome_half_life: float = 10.0
+    evidence_half_life_s: float = 3600.0
+    uptime_floor: float = 0.8
+    uptime_half_life_s: float = 1800.0
+    min_evidence: float = 5.0
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise ConfigError(f"reputation.{f.name} must be a finite number, got {value!r}")
+        for name in (
+            "prior_successes",
+            "prior_failures",
+            "outcome_half_life",
+            "evidence_half_life_s",
+            "uptime_half_life_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"reputation.{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0.0 <= self.uptime_floor <= 1.0:
+            raise ConfigError(f"reputation.uptime_floor must be within [0, 1], got {self.uptime_floor!r}")
+        if self.min_evidence < 0:
+            raise ConfigError(f"reputation.min_evidence must be >= 0, got {self.min_evidence!r}")
+
+    @property
+    def outcome_decay(self) -> float:
+        """Factor applied to older evidence by each new outcome."""
+        return float(2.0 ** (-1.0 / self.outcome_half_life))
+
+    @property
+    def neutral_score(self) -> float:
+        """The score of a peer with no evidence and no uptime yet."""
+        return reputation(0.0, 0.0, 0.0, self)
+
+
+DEFAULT_PARAMS = ReputationParams()
+
+
+# ---------------------------------------------------------------------------------------------
+# Python twin
+# ---------------------------------------------------------------------------------------------
+
+
+def time_decay(elapsed_s: float, params: ReputationParams) -> float:
+    """Weight left after ``elapsed_s`` seconds; negative spans (clock skew) do not inflate evidence."""
+    return float(2.0 ** (-max(0.0, elapsed_s) / params.evidence_half_life_s))
+
+
+def decayed_weight(weight: float, evidence_at: float | None, now: float, params: ReputationParams) -> float:
+    """A stored weight, decayed from the time of its last outcome to ``now``."""
+    if evidence_at is None:
+        return weight
+    return weight * time_decay(now - evidence_at, params)
+
+
+def success_rate(successes: float, failures: float, params: ReputationParams = DEFAULT_PARAMS) -> float:
+    """Beta-smoothed success rate of decayed evidence."""
+    a, b = params.prior_successes, params.prior_failures
+    return (successes + a) / (successes + failures + a + b)
+
+
+def uptime_factor(uptime_s: float, params: ReputationParams = DEFAULT_PARAMS) -> float:
+    """Factor in [uptime_floor, 1) that rewards time spent online."""
+    return 1.0 - (1.0 - params.uptime_floor) * float(2.0 ** (-max(0.0, uptime_s) / params.uptime_half_life_s))
+
+
+def reputation(
+    successes: float, failures: float, uptime_s: float, params: ReputationParams = DEFAULT_PARAMS
+) -> float:
+    """Reputation in [0, 1] from decayed evidence and uptime."""
+    return success_rate(successes, failures, params) * uptime_factor(uptime_s, params)
+
+
+def is_proven(successes: float, failures: float, params: ReputationParams = DEFAULT_PARAMS) -> bool:
+    """Whether a peer has enough evidence for a low score to exclude it."""
+    return successes + failures >= params.min_evidence
+
+
+def apply_outcome(
+    success_weight: float,
+    failure_weight: float,
+    evidence_at: float | None,
+    at: float,
+    success: bool,
+    params: ReputationParams = DEFAULT_PARAMS,
+) -> tuple[float, float, float]:
+    """Fold one outcome into stored evidence; the twin of the write path's UPDATE (queries.py).
+
+    An outcome older than the stored evidence (out of order) counts with its own age discount
+    instead of decaying the newer evidence backwards.
+    """
+    last = at if evidence_at is None else evidence_at
+    keep = params.outcome_decay * time_decay(at - last, params)
+    new = time_decay(last - at, params)
+    return (
+        success_weight * keep + (new if success else 0.0),
+        failure_weight * keep + (0.0 if success else new),
+        max(last, at),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# SQL twin
+# ---------------------------------------------------------------------------------------------
+
+
+def _num(value: float) -> ColumnElement[float]:
+    """A float bound as double precision, so Postgres never falls back to NUMERIC arithmetic."""
+    return literal(float(value), Double())
+
+
+def _positive(expr: ColumnElement[Any]) -> ColumnElement[float]:
+    """``max(0, expr)`` without dialect-specific functions."""
+    return case((expr > 0.0, expr), else_=_num(0.0))
+
+
+def sql_time_decay(elapsed_s: ColumnElement[Any], params: ReputationParams) -> ColumnElement[float]:
+    """SQL twin of :func:`time_decay`."""
+    return func.power(_num(2.0), -_positive(elapsed_s) / _num(params.evidence_half_life_s), type_=Double())
+
+
+def sql_decayed_weight(
+    weight: ColumnElement[Any],
+    evidence_at: ColumnElement[Any],
+    now: ColumnElement[Any],
+    params: ReputationParams,
+) -> ColumnElement[float]:
+    """SQL twin of :func:`decayed_weight` (a NULL ``evidence_at`` means nothing to decay)."""
+    return weight * func.coalesce(sql_time_decay(now - evidence_at, params), _num(1.0))
+
+
+def sql_success_rate(
+    successes: ColumnElement[Any], failures: ColumnElement[Any], params: ReputationParams
+) -> ColumnElement[float]:
+    """SQL twin of :func:`success_rate`."""
+    a, b = _num(params.prior_successes), _num(params.prior_failures)
+    return (successes + a) / (successes + failures + a + b)
+
+
+def sql_uptime_factor(uptime_s: ColumnElement[Any], params: ReputationParams) -> ColumnElement[float]:
+    """SQL twin of :func:`uptime_factor`."""
+    return _num(1.0) - _num(1.0 - params.uptime_floor) * func.power(
+        _num(2.0), -_positive(uptime_s) / _num(params.uptime_half_life_s), type_=Double()
+    )
+
+
+def sql_reputation(
+    successes: ColumnElement[Any],
+    failures: ColumnElement[Any],
+    uptime_s: ColumnElement[Any],
+    params: ReputationParams,
+) -> ColumnElement[float]:
+    """SQL twin of :func:`reputation`."""
+    return sql_success_rate(successes, failures, params) * sql_uptime_factor(uptime_s, params)
+
+
+def sql_is_proven(
+    successes: ColumnElement[Any], failures: ColumnElement[Any], params: ReputationParams
+) -> ColumnElement[bool]:
+    """SQL twin of :func:`is_proven`."""
+    return (successes + failures) >= _num(params.min_evidence)
+
+
+def sql_apply_outcome(
+    stored_weight: ColumnElement[Any],
+    stored_at: ColumnElement[Any],
+    new_weight: ColumnElement[Any],
+    at: ColumnElement[Any],
+    params: ReputationParams,
+) -> ColumnElement[float]:
+    """SQL twin of one weight of :func:`apply_outcome` (``new_weight`` is 1 or 0)."""
+    last = func.coalesce(stored_at, at)
+    keep = _num(params.outcome_decay) * sql_time_decay(at - last, params)
+    return stored_weight * keep + new_weight * sql_time_decay(last - at, params)

@@ -1,0 +1,136 @@
+"""The tables: a public interface for SQL analytics, documented column by column in docs/schema.md.
+
+Times are Unix seconds (UTC) as double precision everywhere: one comparison-friendly number on both
+engines (``to_timestamp(last_seen)`` on Postgres, ``datetime(last_seen, 'unixepoch')`` on SQLite).
+
+Observations are kept per origin tracker (``node_id``): today only this node's own, tomorrow also
+what gossip relays from others, so merged views sum or take the max over origins.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+)
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+# SQLite only auto-assigns INTEGER PRIMARY KEY (the rowid); Postgres wants 64 bits for event tables.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+Key = String(256)
+
+nodes = Table(
+    "tracker_nodes",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("node_key", String(64), nullable=False, unique=True),
+    Column("is_local", Boolean, nullable=False),
+    Column("created_at", Double, nullable=False),
+    comment="Origin trackers whose observations this database holds; exactly one is local.",
+)
+Index(
+    "uq_tracker_nodes_local",
+    nodes.c.is_local,
+    unique=True,
+    sqlite_where=nodes.c.is_local,
+    postgresql_where=nodes.c.is_local,
+)
+
+peers = Table(
+    "peers",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("peer_key", Key, nullable=False, unique=True),
+    Column("first_seen", Double, nullable=False),
+    comment="Every peer ever seen, by its external id.",
+)
+
+contents = Table(
+    "contents",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("content_key", Key, nullable=False, unique=True),
+    Column("first_seen", Double, nullable=False),
+    comment="Every content id ever announced.",
+)
+
+peer_stats = Table(
+    "peer_stats",
+    metadata,
+    Column("peer_id", Id, ForeignKey("peers.id", ondelete="CASCADE"), primary_key=True),
+    Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), primary_key=True),
+    Column("online", Boolean, nullable=False),
+    Column("online_since", Double, nullable=True),
+    Column("last_seen", Double, nullable=False),
+    Column("uptime_s", Double, nullable=False),
+    Column("served_count", BigInteger, nullable=False),
+    Column("failed_count", BigInteger, nullable=False),
+    Column("success_weight", Double, nullable=False),
+    Column("failure_weight", Double, nullable=False),
+    Column("evidence_at", Double, nullable=True),
+    Column("speed_bps", Double, nullable=True),
+    Column("updated_at", Double, nullable=False),
+    comment="One origin's view of one peer: presence, exact lifetime counters, decayed evidence, speed.",
+)
+
+bandwidth_samples = Table(
+    "bandwidth_samples",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("peer_id", Id, ForeignKey("peers.id", ondelete="CASCADE"), nullable=False),
+    Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("at", Double, nullable=False),
+    Column("bytes_per_sec", BigInteger, nullable=False),
+    comment="Download speed samples; a peer's speed is the mean of its latest bandwidth_window.",
+)
+Index(
+    "ix_bandwidth_samples_peer_latest",
+    bandwidth_samples.c.peer_id,
+    bandwidth_samples.c.node_id,
+    bandwidth_samples.c.at,
+)
+
+upload_outcomes = Table(
+    "upload_outcomes",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("peer_id", Id, ForeignKey("peers.id", ondelete="CASCADE"), nullable=False),
+    Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("at", Double, nullable=False),
+    Column("success", Boolean, nullable=False),
+    Column("content_id", Id, ForeignKey("contents.id", ondelete="SET NULL"), nullable=True),
+    Column("bytes", BigInteger, nullable=True),
+    comment="Raw upload outcomes, the events behind peer_stats counters and weights.",
+)
+Index("ix_upload_outcomes_peer_at", upload_outcomes.c.peer_id, upload_outcomes.c.at)
+
+content_peers = Table(
+    "content_peers",
+    metadata,
+    Column("content_id", Id, ForeignKey("contents.id", ondelete="CASCADE"), primary_key=True),
+    Column("peer_id", Id, ForeignKey("peers.id", ondelete="CASCADE"), primary_key=True),
+    Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("available", Boolean, nullable=False),
+    Column("since", Double, nullable=False),
+    Column("last_confirmed", Double, nullable=False),
+    Column("changed_at", Double, nullable=False),
+    comment="Who holds what. available=false rows are tombstones that stop stale announcements.",
+)
+Index("ix_content_peers_peer", content_peers.c.peer_id, content_peers.c.content_id)
