@@ -12,7 +12,6 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +21,7 @@ from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import create_engine, migrate
+from tracker.testing import ManualClock
 
 PG_URL = os.environ.get("TRACKER_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("TRACKER_REQUIRE_POSTGRES") == "1"
@@ -44,7 +44,7 @@ def _with_database(url: str, database: str) -> str:
 async def _pg_reachable() -> str | None:
     try:
         conn = await asyncpg.connect(_dsn(PG_URL), timeout=5)
-    except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as error:
+    except (TimeoutError, OSError, asyncpg.PostgresError) as error:
         return f"{type(error).__name__}: {error}"
     await conn.close()
     return None
@@ -57,18 +57,7 @@ def _run_in_thread(make_coro: Callable[[], Coroutine[Any, Any, T]]) -> T:
         return pool.submit(lambda: asyncio.run(make_coro())).result()
 
 
-@dataclass
-class FakeClock:
-    """A clock tests move by hand: ``clock()`` is Unix seconds, ``advance()`` moves it forward."""
-
-    now: float = 1_800_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> float:
-        self.now += seconds
-        return self.now
+FakeClock = ManualClock
 
 
 @pytest.fixture

@@ -79,16 +79,33 @@ DEFAULT_PARAMS = ReputationParams()
 # ---------------------------------------------------------------------------------------------
 
 
+# Postgres raises an error where a double result would go below ~2.2e-308 (Python quietly goes
+# subnormal). So decay stops at 2**-500 (~3e-151) and weights under 1e-100 count as zero: their product
+# stays a normal double, and against a prior of 1 nothing that small changes a score.
+MAX_HALVINGS = 500.0
+NEGLIGIBLE_WEIGHT = 1e-100
+
+
+def negligible_to_zero(weight: float) -> float:
+    """A weight too small to matter, as zero (keeps every product a normal double)."""
+    return weight if weight >= NEGLIGIBLE_WEIGHT else 0.0
+
+
+def half_life_decay(elapsed: float, half_life: float) -> float:
+    """``2 ** -(elapsed / half_life)``, clamped to [2**-1000, 1] (no growth for negative spans)."""
+    return float(2.0 ** -min(max(0.0, elapsed) / half_life, MAX_HALVINGS))
+
+
 def time_decay(elapsed_s: float, params: ReputationParams) -> float:
     """Weight left after ``elapsed_s`` seconds; negative spans (clock skew) do not inflate evidence."""
-    return float(2.0 ** (-max(0.0, elapsed_s) / params.evidence_half_life_s))
+    return half_life_decay(elapsed_s, params.evidence_half_life_s)
 
 
 def decayed_weight(weight: float, evidence_at: float | None, now: float, params: ReputationParams) -> float:
     """A stored weight, decayed from the time of its last outcome to ``now``."""
     if evidence_at is None:
         return weight
-    return weight * time_decay(now - evidence_at, params)
+    return negligible_to_zero(weight) * time_decay(now - evidence_at, params)
 
 
 def success_rate(successes: float, failures: float, params: ReputationParams = DEFAULT_PARAMS) -> float:
@@ -99,7 +116,7 @@ def success_rate(successes: float, failures: float, params: ReputationParams = D
 
 def uptime_factor(uptime_s: float, params: ReputationParams = DEFAULT_PARAMS) -> float:
     """Factor in [uptime_floor, 1) that rewards time spent online."""
-    return 1.0 - (1.0 - params.uptime_floor) * float(2.0 ** (-max(0.0, uptime_s) / params.uptime_half_life_s))
+    return 1.0 - (1.0 - params.uptime_floor) * half_life_decay(uptime_s, params.uptime_half_life_s)
 
 
 def reputation(
@@ -131,8 +148,8 @@ def apply_outcome(
     keep = params.outcome_decay * time_decay(at - last, params)
     new = time_decay(last - at, params)
     return (
-        success_weight * keep + (new if success else 0.0),
-        failure_weight * keep + (0.0 if success else new),
+        negligible_to_zero(success_weight) * keep + (new if success else 0.0),
+        negligible_to_zero(failure_weight) * keep + (0.0 if success else new),
         max(last, at),
     )
 
@@ -147,14 +164,23 @@ def _num(value: float) -> ColumnElement[float]:
     return literal(float(value), Double())
 
 
-def _positive(expr: ColumnElement[Any]) -> ColumnElement[float]:
-    """``max(0, expr)`` without dialect-specific functions."""
-    return case((expr > 0.0, expr), else_=_num(0.0))
+def sql_negligible_to_zero(weight: ColumnElement[Any]) -> ColumnElement[float]:
+    """SQL twin of :func:`negligible_to_zero`."""
+    return case((weight >= NEGLIGIBLE_WEIGHT, weight), else_=_num(0.0))
+
+
+def sql_half_life_decay(elapsed: ColumnElement[Any], half_life: float) -> ColumnElement[float]:
+    """SQL twin of :func:`half_life_decay` (CASE instead of dialect-specific least/greatest)."""
+    halvings = elapsed / _num(half_life)
+    clamped = case(
+        (halvings <= 0.0, _num(0.0)), (halvings >= MAX_HALVINGS, _num(MAX_HALVINGS)), else_=halvings
+    )
+    return func.power(_num(2.0), -clamped, type_=Double())
 
 
 def sql_time_decay(elapsed_s: ColumnElement[Any], params: ReputationParams) -> ColumnElement[float]:
     """SQL twin of :func:`time_decay`."""
-    return func.power(_num(2.0), -_positive(elapsed_s) / _num(params.evidence_half_life_s), type_=Double())
+    return sql_half_life_decay(elapsed_s, params.evidence_half_life_s)
 
 
 def sql_decayed_weight(
@@ -164,7 +190,7 @@ def sql_decayed_weight(
     params: ReputationParams,
 ) -> ColumnElement[float]:
     """SQL twin of :func:`decayed_weight` (a NULL ``evidence_at`` means nothing to decay)."""
-    return weight * func.coalesce(sql_time_decay(now - evidence_at, params), _num(1.0))
+    return func.coalesce(sql_negligible_to_zero(weight) * sql_time_decay(now - evidence_at, params), weight)
 
 
 def sql_success_rate(
@@ -177,8 +203,8 @@ def sql_success_rate(
 
 def sql_uptime_factor(uptime_s: ColumnElement[Any], params: ReputationParams) -> ColumnElement[float]:
     """SQL twin of :func:`uptime_factor`."""
-    return _num(1.0) - _num(1.0 - params.uptime_floor) * func.power(
-        _num(2.0), -_positive(uptime_s) / _num(params.uptime_half_life_s), type_=Double()
+    return _num(1.0) - _num(1.0 - params.uptime_floor) * sql_half_life_decay(
+        uptime_s, params.uptime_half_life_s
     )
 
 
@@ -209,4 +235,4 @@ def sql_apply_outcome(
     """SQL twin of one weight of :func:`apply_outcome` (``new_weight`` is 1 or 0)."""
     last = func.coalesce(stored_at, at)
     keep = _num(params.outcome_decay) * sql_time_decay(at - last, params)
-    return stored_weight * keep + new_weight * sql_time_decay(last - at, params)
+    return sql_negligible_to_zero(stored_weight) * keep + new_weight * sql_time_decay(last - at, params)
