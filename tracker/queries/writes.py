@@ -13,6 +13,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     func,
     select,
     update,
@@ -295,6 +296,7 @@ async def refresh_speeds(conn: AsyncConnection, node_id: int, peer_keys: Sequenc
         )
         .order_by(bandwidth_samples.c.at.desc(), bandwidth_samples.c.id.desc())
         .limit(window)
+        .correlate(peer_stats)  # a derived table does not auto-correlate; without this it averages everyone
         .subquery("latest")
     )
     mean = select(func.avg(latest.c.bytes_per_sec)).scalar_subquery()
@@ -306,7 +308,7 @@ async def refresh_speeds(conn: AsyncConnection, node_id: int, peer_keys: Sequenc
                 select(peers.c.id).where(peers.c.peer_key.in_(bindparam("keys", expanding=True)))
             ),
         )
-        .values(speed_bps=func.cast(mean, Double()))
+        .values(speed_bps=cast(mean, Double()))
     )
     for start in range(0, len(peer_keys), _IN_CHUNK):
         await conn.execute(stmt, {"keys": list(peer_keys[start : start + _IN_CHUNK])})
