@@ -9,7 +9,6 @@ import pytest
 from tracker import AvailabilityTracker
 from tracker.events import (
     ContentAvailable,
-    ContentUnavailable,
     Event,
     PeerOffline,
     PeerOnline,

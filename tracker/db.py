@@ -199,3 +199,42 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+# ---------------------------------------------------------------------------------------------
+# Precompiled statements for the hot write path
+# ---------------------------------------------------------------------------------------------
+
+
+def _driver_dialect(name: str) -> Any:
+    if name == "sqlite":
+        from sqlalchemy.dialects.sqlite.aiosqlite import dialect as aiosqlite_dialect
+
+        return aiosqlite_dialect()
+    from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
+
+    return asyncpg_dialect()
+
+
+class Precompiled:
+    """A Core statement compiled once to the driver's SQL, executed with plain tuples.
+
+    SQLAlchemy recomputes a statement's cache key on every execution; for the big upserts of the
+    write path that costs more than the database work of one event. Compiling once keeps the SQL
+    written with Core (and dialect-checked) while a single event pays only the driver round trip.
+    """
+
+    def __init__(self, statement: Any, dialect: str) -> None:
+        compiled = statement.compile(dialect=_driver_dialect(dialect))
+        self.sql: str = compiled.string
+        self._names: tuple[str, ...] = tuple(compiled.positiontup or ())
+        self._defaults: dict[str, Any] = dict(compiled.params)
+
+    def _row(self, params: dict[str, Any]) -> tuple[Any, ...]:
+        defaults = self._defaults
+        return tuple(params[n] if n in params else defaults[n] for n in self._names)
+
+    async def executemany(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        """Run the statement once per row (one driver executemany)."""
+        if rows:
+            await conn.exec_driver_sql(self.sql, [self._row(r) for r in rows])

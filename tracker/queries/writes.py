@@ -5,9 +5,12 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
+    Boolean,
     Double,
     Integer,
     and_,
@@ -22,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import reputation as rep
 from ..config import TrackerConfig
-from ..db import insert_for
+from ..db import Precompiled, insert_for
 from ..events import (
     ContentAvailable,
     ContentUnavailable,
@@ -83,18 +86,18 @@ async def apply_events(
     if not batch:
         return
     ordered = sorted(batch, key=lambda t: t.event.peer_id)
-    await _upsert_keys(conn, dialect, peers, peers.c.peer_key, ((t.event.peer_id, t.at) for t in ordered))
+    await _upsert_keys(conn, dialect, "peers", ((t.event.peer_id, t.at) for t in ordered))
     content_rows = [(cid, t.at) for t in ordered if (cid := _cid_of(t.event)) is not None]
     if content_rows:
-        await _upsert_keys(conn, dialect, contents, contents.c.content_key, content_rows)
+        await _upsert_keys(conn, dialect, "contents", content_rows)
     await _upsert_peer_stats(conn, dialect, node_id, ordered, config, now)
 
     outcomes = [t for t in ordered if isinstance(t.event, UploadOutcome)]
     if outcomes:
-        await record_outcomes(conn, node_id, outcomes)
+        await record_outcomes(conn, dialect, node_id, outcomes)
     samples = [t for t in ordered if isinstance(t.event, SpeedSample)]
     if samples:
-        await record_samples(conn, node_id, samples)
+        await record_samples(conn, dialect, node_id, samples)
         await refresh_speeds(
             conn, node_id, sorted({t.event.peer_id for t in samples}), config.bandwidth_window
         )
@@ -113,7 +116,7 @@ def _cid_of(event: Event) -> str | None:
 
 
 async def _upsert_keys(
-    conn: AsyncConnection, dialect: str, table: Any, key_column: Any, keys: Iterable[tuple[str, float]]
+    conn: AsyncConnection, dialect: str, table_name: str, keys: Iterable[tuple[str, float]]
 ) -> None:
     """Insert unknown peer or content keys (first_seen = earliest time in the batch)."""
     earliest: dict[str, float] = {}
@@ -121,22 +124,30 @@ async def _upsert_keys(
         if key not in earliest or at < earliest[key]:
             earliest[key] = at
     rows = [{"k": key, "t": earliest[key]} for key in sorted(earliest)]
+    await _keys_upsert(dialect, table_name).executemany(conn, rows)
+
+
+@cache
+def _keys_upsert(dialect: str, table_name: str) -> Precompiled:
+    table, key_column = (
+        (peers, peers.c.peer_key) if table_name == "peers" else (contents, contents.c.content_key)
+    )
     stmt = (
         insert_for(dialect, table)
         .values({key_column.name: bindparam("k"), "first_seen": bindparam("t")})
         .on_conflict_do_nothing(index_elements=[key_column.name])
     )
-    await conn.execute(stmt, rows)
+    return Precompiled(stmt, dialect)
 
 
-def _peer_stats_upsert(dialect: str, config: TrackerConfig) -> Any:
+@cache
+def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.ReputationParams) -> Precompiled:
     """One event folded into its peer's row: presence session, counters, decayed evidence.
 
     The inserted row is the event as a delta; ON CONFLICT merges it into the stored row.
     Presence is last-writer-wins by time: an event older than ``last_seen`` never flips the state.
     A session that timed out before this event ends at the stored ``last_seen``.
     """
-    params = config.reputation
     ins = insert_for(dialect, peer_stats).values(
         peer_id=peer_id_of("peer_key"),
         node_id=bindparam("node_id", type_=Integer()),
@@ -153,13 +164,13 @@ def _peer_stats_upsert(dialect: str, config: TrackerConfig) -> Any:
         updated_at=bindparam("p_now", type_=Double()),
     )
     old, new = peer_stats.c, ins.excluded
-    timeout = num(config.peer_timeout)
+    timeout = num(peer_timeout)
     fresh = new.last_seen >= old.last_seen
     alive = and_(old.online, old.last_seen >= new.last_seen - timeout)
     continues = and_(new.online, alive)
     session_end = case((alive, new.last_seen), else_=old.last_seen)
     has_outcome = new.evidence_at.is_not(None)
-    return ins.on_conflict_do_update(
+    stmt = ins.on_conflict_do_update(
         index_elements=[peer_stats.c.peer_id, peer_stats.c.node_id],
         set_={
             "online": case((fresh, new.online), else_=old.online),
@@ -202,6 +213,7 @@ def _peer_stats_upsert(dialect: str, config: TrackerConfig) -> Any:
             "updated_at": new.updated_at,
         },
     )
+    return Precompiled(stmt, dialect)
 
 
 async def _upsert_peer_stats(
@@ -234,21 +246,16 @@ async def _upsert_peer_stats(
                 "p_now": now,
             }
         )
-    await conn.execute(_peer_stats_upsert(dialect, config), rows)
+    statement = _peer_stats_upsert(dialect, config.peer_timeout, config.reputation)
+    await statement.executemany(conn, rows)
 
 
-async def record_outcomes(conn: AsyncConnection, node_id: int, outcomes: Sequence[Timed]) -> None:
+async def record_outcomes(
+    conn: AsyncConnection, dialect: str, node_id: int, outcomes: Sequence[Timed]
+) -> None:
     """Append raw upload outcomes (the history behind the counters)."""
-    stmt = upload_outcomes.insert().values(
-        peer_id=peer_id_of("peer_key"),
-        node_id=bindparam("node_id"),
-        at=bindparam("p_at"),
-        success=bindparam("p_success"),
-        content_id=content_id_of("cid"),
-        bytes=bindparam("p_bytes"),
-    )
-    await conn.execute(
-        stmt,
+    await _outcomes_insert(dialect).executemany(
+        conn,
         [
             {
                 "peer_key": t.event.peer_id,
@@ -264,21 +271,43 @@ async def record_outcomes(conn: AsyncConnection, node_id: int, outcomes: Sequenc
     )
 
 
-async def record_samples(conn: AsyncConnection, node_id: int, samples: Sequence[Timed]) -> None:
-    """Append bandwidth samples."""
-    stmt = bandwidth_samples.insert().values(
-        peer_id=peer_id_of("peer_key"),
-        node_id=bindparam("node_id"),
-        at=bindparam("p_at"),
-        bytes_per_sec=bindparam("p_bps"),
+@cache
+def _outcomes_insert(dialect: str) -> Precompiled:
+    return Precompiled(
+        upload_outcomes.insert().values(
+            peer_id=peer_id_of("peer_key"),
+            node_id=bindparam("node_id", type_=Integer()),
+            at=bindparam("p_at", type_=Double()),
+            success=bindparam("p_success", type_=Boolean()),
+            content_id=content_id_of("cid"),
+            bytes=bindparam("p_bytes", type_=BigInteger()),
+        ),
+        dialect,
     )
-    await conn.execute(
-        stmt,
+
+
+async def record_samples(conn: AsyncConnection, dialect: str, node_id: int, samples: Sequence[Timed]) -> None:
+    """Append bandwidth samples."""
+    await _samples_insert(dialect).executemany(
+        conn,
         [
             {"peer_key": t.event.peer_id, "node_id": node_id, "p_at": t.at, "p_bps": t.event.bytes_per_sec}
             for t in samples
             if isinstance(t.event, SpeedSample)
         ],
+    )
+
+
+@cache
+def _samples_insert(dialect: str) -> Precompiled:
+    return Precompiled(
+        bandwidth_samples.insert().values(
+            peer_id=peer_id_of("peer_key"),
+            node_id=bindparam("node_id", type_=Integer()),
+            at=bindparam("p_at", type_=Double()),
+            bytes_per_sec=bindparam("p_bps", type_=BigInteger()),
+        ),
+        dialect,
     )
 
 
@@ -288,6 +317,13 @@ async def refresh_speeds(conn: AsyncConnection, node_id: int, peer_keys: Sequenc
     Computed once per write, so selection ranks over a column instead of averaging at query time;
     the latest-N lookup walks the (peer_id, node_id, at) index backwards.
     """
+    stmt = _speeds_update(window)
+    for start in range(0, len(peer_keys), _IN_CHUNK):
+        await conn.execute(stmt, {"node": node_id, "keys": list(peer_keys[start : start + _IN_CHUNK])})
+
+
+@cache
+def _speeds_update(window: int) -> Any:
     latest = (
         select(bandwidth_samples.c.bytes_per_sec)
         .where(
@@ -300,32 +336,43 @@ async def refresh_speeds(conn: AsyncConnection, node_id: int, peer_keys: Sequenc
         .subquery("latest")
     )
     mean = select(func.avg(latest.c.bytes_per_sec)).scalar_subquery()
-    stmt = (
+    touched = select(peers.c.id).where(peers.c.peer_key.in_(bindparam("keys", expanding=True)))
+    return (
         update(peer_stats)
-        .where(
-            peer_stats.c.node_id == node_id,
-            peer_stats.c.peer_id.in_(
-                select(peers.c.id).where(peers.c.peer_key.in_(bindparam("keys", expanding=True)))
-            ),
-        )
+        .where(peer_stats.c.node_id == bindparam("node"), peer_stats.c.peer_id.in_(touched))
         .values(speed_bps=cast(mean, Double()))
     )
-    for start in range(0, len(peer_keys), _IN_CHUNK):
-        await conn.execute(stmt, {"keys": list(peer_keys[start : start + _IN_CHUNK])})
 
 
 async def _upsert_content_peers(
     conn: AsyncConnection, dialect: str, node_id: int, mappings: Sequence[Timed]
 ) -> None:
+    await _content_peers_upsert(dialect).executemany(
+        conn,
+        [
+            {
+                "cid": t.event.cid,
+                "peer_key": t.event.peer_id,
+                "node_id": node_id,  # type: ignore[union-attr]
+                "p_available": isinstance(t.event, ContentAvailable),
+                "p_at": t.at,
+            }
+            for t in mappings
+        ],
+    )
+
+
+@cache
+def _content_peers_upsert(dialect: str) -> Precompiled:
     """Last-writer-wins by time on (content, peer): an older announcement never undoes a removal."""
     ins = insert_for(dialect, content_peers).values(
         content_id=content_id_of("cid"),
         peer_id=peer_id_of("peer_key"),
-        node_id=bindparam("node_id"),
-        available=bindparam("p_available"),
-        since=bindparam("p_at"),
-        last_confirmed=bindparam("p_at"),
-        changed_at=bindparam("p_at"),
+        node_id=bindparam("node_id", type_=Integer()),
+        available=bindparam("p_available", type_=Boolean()),
+        since=bindparam("p_at", type_=Double()),
+        last_confirmed=bindparam("p_at", type_=Double()),
+        changed_at=bindparam("p_at", type_=Double()),
     )
     old, new = content_peers.c, ins.excluded
     fresh = new.changed_at >= old.changed_at
@@ -342,16 +389,4 @@ async def _upsert_content_peers(
             "node_id": case((fresh, new.node_id), else_=old.node_id),
         },
     )
-    await conn.execute(
-        stmt,
-        [
-            {
-                "cid": t.event.cid,
-                "peer_key": t.event.peer_id,
-                "node_id": node_id,  # type: ignore[union-attr]
-                "p_available": isinstance(t.event, ContentAvailable),
-                "p_at": t.at,
-            }
-            for t in mappings
-        ],
-    )
+    return Precompiled(stmt, dialect)

@@ -1,0 +1,66 @@
+"""TrackerConfig: defaults, validation at construction, and the TRACKER_* environment."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from tracker import ConfigError, ReputationParams, TrackerConfig
+
+
+def test_defaults_match_the_design() -> None:
+    config = TrackerConfig()
+    assert config.database_url.startswith("sqlite+aiosqlite:///")
+    assert (config.update_interval, config.peer_timeout) == (30.0, 300.0)
+    assert (config.min_reputation, config.reliable_threshold, config.bandwidth_window) == (0.3, 0.8, 10)
+    assert config.auto_migrate
+
+
+def test_durations_accept_timedelta() -> None:
+    assert TrackerConfig(peer_timeout=timedelta(minutes=2)).peer_timeout == 120.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("peer_timeout", 0),
+        ("peer_timeout", -1),
+        ("update_interval", float("nan")),
+        ("min_reputation", 1.5),
+        ("bandwidth_window", 0),
+        ("bandwidth_window", 2.5),
+        ("database_url", "mysql://x"),
+        ("clock", 5),
+        ("max_batch_events", 0),
+    ],
+)
+def test_invalid_values_raise_a_clear_error(field: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=field):
+        TrackerConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_reputation_params_are_validated() -> None:
+    with pytest.raises(ConfigError, match="outcome_half_life"):
+        ReputationParams(outcome_half_life=0)
+    with pytest.raises(ConfigError, match="uptime_floor"):
+        ReputationParams(uptime_floor=2)
+
+
+def test_from_env_reads_tracker_variables() -> None:
+    env = {
+        "TRACKER_DATABASE_URL": "postgresql+asyncpg://u@h/db",
+        "TRACKER_PEER_TIMEOUT": "120",
+        "TRACKER_BANDWIDTH_WINDOW": "5",
+        "TRACKER_AUTO_MIGRATE": "false",
+        "TRACKER_REPUTATION_MIN_EVIDENCE": "3",
+    }
+    config = TrackerConfig.from_env(env)
+    assert config.database_url == "postgresql+asyncpg://u@h/db"
+    assert (config.peer_timeout, config.bandwidth_window, config.auto_migrate) == (120.0, 5, False)
+    assert config.reputation.min_evidence == 3.0
+
+
+def test_from_env_names_the_bad_variable() -> None:
+    with pytest.raises(ConfigError, match="TRACKER_PEER_TIMEOUT"):
+        TrackerConfig.from_env({"TRACKER_PEER_TIMEOUT": "soon"})

@@ -1,0 +1,117 @@
+"""Bad input gets a clear error before the database is touched, and nothing is written."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from sqlalchemy import func, select
+
+from tracker import AvailabilityTracker, InvalidInput
+from tracker.events import ContentAvailable, PeerOnline, SpeedSample, UploadOutcome, check_batch
+from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers, upload_outcomes
+from tracker.testing import ManualClock
+
+BAD_IDS = [
+    "",
+    "x" * 257,
+    "tab\there",
+    "nul\x00",
+    "bell\x07",
+    "del\x7f",
+    "c1\x85",
+    "lone\ud800",
+    42,
+    None,
+    b"bytes",
+]
+
+
+async def _row_counts(tracker: AvailabilityTracker) -> dict[str, int]:
+    async with tracker.engine.connect() as conn:
+        return {
+            t.name: int((await conn.execute(select(func.count()).select_from(t))).scalar_one())
+            for t in (peers, contents, peer_stats, bandwidth_samples, upload_outcomes, content_peers)
+        }
+
+
+@pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+def test_invalid_peer_ids_are_rejected_with_a_reason(bad: object) -> None:
+    with pytest.raises(InvalidInput, match="peer_id"):
+        PeerOnline(bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "good", ["a", "x" * 256, "peer with spaces", "ünïcødé-🚀", "'; DROP TABLE peers; --"]
+)
+def test_ids_may_hold_any_printable_text_up_to_256_characters(good: str) -> None:
+    assert PeerOnline(good).peer_id == good
+
+
+@pytest.mark.parametrize("speed", [-1, 10**12 + 1, 1.5, math.nan, True, "100", None])
+def test_invalid_speeds_are_rejected(speed: object) -> None:
+    with pytest.raises(InvalidInput, match="bytes_per_sec"):
+        SpeedSample("p", speed)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("at", [-1.0, math.inf, math.nan, "now", True])
+def test_invalid_times_are_rejected(at: object) -> None:
+    with pytest.raises(InvalidInput, match="at"):
+        PeerOnline("p", at=at)  # type: ignore[arg-type]
+
+
+def test_upload_outcome_needs_a_real_boolean() -> None:
+    with pytest.raises(InvalidInput, match="success"):
+        UploadOutcome("p", 1)  # type: ignore[arg-type]
+
+
+def test_batch_check_names_the_offending_event() -> None:
+    with pytest.raises(InvalidInput, match=r"event #2 is a dict"):
+        check_batch([PeerOnline("a"), PeerOnline("b"), {"peer_id": "c"}], limit=10, now=0.0, max_skew_s=60)
+    with pytest.raises(InvalidInput, match="limit is 2"):
+        check_batch([PeerOnline("a")] * 3, limit=2, now=0.0, max_skew_s=60)
+
+
+async def test_a_bad_call_writes_nothing(tracker: AvailabilityTracker) -> None:
+    before = await _row_counts(tracker)
+    with pytest.raises(InvalidInput):
+        await tracker.record_download_speed("p", -5)
+    with pytest.raises(InvalidInput):
+        await tracker.record_content_available("c" * 300, "p")
+    with pytest.raises(InvalidInput):
+        await tracker.record_upload_success("p\n")
+    with pytest.raises(InvalidInput):
+        await tracker.select_best_peers("", 3)
+    with pytest.raises(InvalidInput):
+        await tracker.select_best_peers("c", "3")  # type: ignore[arg-type]
+    assert await _row_counts(tracker) == before
+
+
+async def test_one_bad_event_rejects_the_whole_batch(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    before = await _row_counts(tracker)
+    batch = [
+        PeerOnline("a"),
+        ContentAvailable("c", "a"),
+        SpeedSample("a", 100),
+        PeerOnline("b", at=clock.now + 3600),
+    ]
+    with pytest.raises(InvalidInput, match=r"event #3 \(PeerOnline\) is dated 3600 s in the future"):
+        await tracker.record_batch(batch)
+    assert await _row_counts(tracker) == before
+
+
+async def test_oversized_batches_are_refused(tracker: AvailabilityTracker) -> None:
+    limit = tracker.config.max_batch_events
+    with pytest.raises(InvalidInput, match=f"the limit is {limit}"):
+        await tracker.record_batch([PeerOnline("a")] * (limit + 1))
+
+
+async def test_hostile_but_valid_ids_round_trip_exactly(tracker: AvailabilityTracker) -> None:
+    weird = ["'; DROP TABLE peers; --", 'quote"s', "ünïcødé-🚀", "%_like_wildcards%", "x" * 256]
+    await tracker.record_batch([e for w in weird for e in (PeerOnline(w), ContentAvailable("c", w))])
+    assert await tracker.get_available_peers("c") == sorted(weird)
+    for w in weird:
+        metrics = await tracker.get_peer_metrics(w)
+        assert metrics is not None and metrics.peer_id == w
