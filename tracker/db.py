@@ -213,7 +213,7 @@ def _driver_dialect(name: str) -> Any:
         return aiosqlite_dialect()
     from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 
-    return asyncpg_dialect()
+    return asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 
 class Precompiled:

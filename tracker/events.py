@@ -166,13 +166,14 @@ def check_batch(events: Iterable[object], *, limit: int, now: float, max_skew_s:
     if len(batch) > limit:
         raise InvalidInput(f"batch has {len(batch)} events; the limit is {limit}")
     checked: list[Event] = []
-    for index, event in enumerate(batch):
-        if not isinstance(event, EVENT_TYPES):
-            raise InvalidInput(f"event #{index} is a {type(event).__name__}, not a tracker event")
+    for index, item in enumerate(batch):
+        if not isinstance(item, EVENT_TYPES):
+            raise InvalidInput(f"event #{index} is a {type(item).__name__}, not a tracker event")
+        event: Event = item  # type: ignore[assignment]
         if event.at is not None and event.at > now + max_skew_s:
             raise InvalidInput(
                 f"event #{index} ({type(event).__name__}) is dated {event.at - now:.0f} s in the future; "
                 f"the allowed clock skew is {max_skew_s:.0f} s"
             )
-        checked.append(event)  # type: ignore[arg-type]
+        checked.append(event)
     return checked

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Double, case, func, literal
 from sqlalchemy.sql.elements import ColumnElement
@@ -198,7 +198,7 @@ def sql_success_rate(
 ) -> ColumnElement[float]:
     """SQL twin of :func:`success_rate`."""
     a, b = _num(params.prior_successes), _num(params.prior_failures)
-    return (successes + a) / (successes + failures + a + b)
+    return cast(ColumnElement[float], (successes + a) / (successes + failures + a + b))
 
 
 def sql_uptime_factor(uptime_s: ColumnElement[Any], params: ReputationParams) -> ColumnElement[float]:

@@ -353,11 +353,12 @@ async def _upsert_content_peers(
             {
                 "cid": t.event.cid,
                 "peer_key": t.event.peer_id,
-                "node_id": node_id,  # type: ignore[union-attr]
+                "node_id": node_id,
                 "p_available": isinstance(t.event, ContentAvailable),
                 "p_at": t.at,
             }
             for t in mappings
+            if isinstance(t.event, ContentAvailable | ContentUnavailable)
         ],
     )
 
