@@ -35,6 +35,7 @@ __all__ = [
     "PeerOffline",
     "PeerOnline",
     "ReputationParams",
+    "SchemaOutOfDate",
     "SpeedSample",
     "StorageError",
     "TrackerClosed",

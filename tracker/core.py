@@ -11,7 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db, queries
 from .config import TrackerConfig
-from .errors import InvalidInput, TrackerClosed
+from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed
 from .events import (
     ContentAvailable,
     ContentUnavailable,
@@ -58,6 +58,13 @@ class AvailabilityTracker:
         try:
             if self.config.auto_migrate:
                 await db.migrate(engine)
+            else:
+                current, head = await db.current_revision(engine), db.head_revision()
+                if current != head:
+                    raise SchemaOutOfDate(
+                        f"the database schema is at revision {current or 'none (empty database)'} but this "
+                        f"tracker needs {head}: run `alembic upgrade head` or open with auto_migrate=True"
+                    )
             now = self.config.clock()
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:

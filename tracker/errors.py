@@ -29,6 +29,10 @@ class TransientStorageError(StorageError):
     """A conflict that is safe to retry: a deadlock, a serialization failure, a busy SQLite file."""
 
 
+class SchemaOutOfDate(TrackerError):
+    """The database is not at the migration this version of the tracker needs (and auto_migrate is off)."""
+
+
 class TrackerClosed(TrackerError):
     """The tracker was used after ``close()``."""
 
