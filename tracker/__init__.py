@@ -5,6 +5,7 @@ from .core import AvailabilityTracker
 from .errors import (
     ConfigError,
     InvalidInput,
+    SchemaOutOfDate,
     StorageError,
     TrackerClosed,
     TrackerError,
