@@ -238,3 +238,8 @@ class Precompiled:
         """Run the statement once per row (one driver executemany)."""
         if rows:
             await conn.exec_driver_sql(self.sql, [self._row(r) for r in rows])
+
+    async def fetch(self, conn: AsyncConnection, params: dict[str, Any]) -> list[Any]:
+        """Run the statement once and return its rows (tuples in select order)."""
+        result = await conn.exec_driver_sql(self.sql, self._row(params))
+        return list(result.all())

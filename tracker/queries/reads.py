@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, select
+from sqlalchemy import Double, Integer, Select, and_, bindparam, case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from .. import reputation as rep
 from ..config import TrackerConfig
+from ..db import Precompiled
 from ..schema import content_peers, contents, peer_stats, peers
 from ._sql import num
 
@@ -48,19 +50,20 @@ class RankedRow:
     last_seen: float
 
 
-def _merged(now: float, config: TrackerConfig, where: ColumnElement[bool]) -> Any:
-    """Per-peer view over all origins at ``now``: online if any origin saw it within the timeout,
-    uptime as the longest any origin observed, counters and decayed evidence summed, speed averaged.
+def _merged(params: rep.ReputationParams, where: ColumnElement[bool]) -> Any:
+    """Per-peer view over all origins at ``:now``: online if any origin saw it since ``:cutoff``
+    (now - peer_timeout), uptime as the longest any origin observed, counters and decayed evidence
+    summed, speed averaged.
 
     The time check is here, not only in the sweeper: a peer unseen for ``peer_timeout`` is offline
     to every query even if no sweep has run.
     """
     ps = peer_stats.c
-    t_now, cutoff = num(now), num(now - config.peer_timeout)
+    t_now: ColumnElement[float] = bindparam("now", type_=Double())
+    cutoff: ColumnElement[float] = bindparam("cutoff", type_=Double())
     alive = and_(ps.online, ps.last_seen >= cutoff)
     session_end = case((ps.last_seen >= cutoff, t_now), else_=ps.last_seen)
     uptime = ps.uptime_s + case((ps.online, session_end - ps.online_since), else_=num(0.0))
-    params = config.reputation
     return (
         select(
             ps.peer_id,
@@ -80,38 +83,27 @@ def _merged(now: float, config: TrackerConfig, where: ColumnElement[bool]) -> An
     )
 
 
-def _holders_of(cid: str) -> Select[Any]:
+def _holders() -> Select[Any]:
+    """Ids of the peers that hold ``:cid`` (not tombstoned)."""
     return (
         select(content_peers.c.peer_id)
         .join(contents, contents.c.id == content_peers.c.content_id)
-        .where(contents.c.content_key == cid, content_peers.c.available)
+        .where(contents.c.content_key == bindparam("cid"), content_peers.c.available)
     )
+
+
+def _times(now: float, config: TrackerConfig) -> dict[str, float]:
+    return {"now": now, "cutoff": now - config.peer_timeout}
 
 
 async def peer_row(conn: AsyncConnection, peer_key: str, now: float, config: TrackerConfig) -> PeerRow | None:
     """One peer's merged metrics, or ``None`` if it was never seen."""
-    m = _merged(
-        now,
-        config,
-        peer_stats.c.peer_id == select(peers.c.id).where(peers.c.peer_key == peer_key).scalar_subquery(),
+    rows = await _peer_row_select(config.dialect, config.reputation).fetch(
+        conn, {"peer_key": peer_key, **_times(now, config)}
     )
-    stmt = select(
-        peers.c.peer_key,
-        peers.c.first_seen,
-        m.c.online,
-        m.c.online_since,
-        m.c.last_seen,
-        m.c.uptime_s,
-        m.c.served,
-        m.c.failed,
-        m.c.sw,
-        m.c.fw,
-        m.c.speed,
-        rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, config.reputation),
-    ).join(peers, peers.c.id == m.c.peer_id)
-    row = (await conn.execute(stmt)).first()
-    if row is None:
+    if not rows:
         return None
+    row = rows[0]
     return PeerRow(
         row[0],
         row[1],
@@ -128,16 +120,46 @@ async def peer_row(conn: AsyncConnection, peer_key: str, now: float, config: Tra
     )
 
 
+@cache
+def _peer_row_select(dialect: str, params: rep.ReputationParams) -> Precompiled:
+    m = _merged(
+        params,
+        peer_stats.c.peer_id
+        == select(peers.c.id).where(peers.c.peer_key == bindparam("peer_key")).scalar_subquery(),
+    )
+    stmt = select(
+        peers.c.peer_key,
+        peers.c.first_seen,
+        m.c.online,
+        m.c.online_since,
+        m.c.last_seen,
+        m.c.uptime_s,
+        m.c.served,
+        m.c.failed,
+        m.c.sw,
+        m.c.fw,
+        m.c.speed,
+        rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params),
+    ).join(peers, peers.c.id == m.c.peer_id)
+    return Precompiled(stmt, dialect)
+
+
 async def available_peer_keys(
     conn: AsyncConnection, cid: str, now: float, config: TrackerConfig
 ) -> list[str]:
     """Online holders of ``cid`` (any reputation), by peer id."""
+    rows = await _available_select(config.dialect).fetch(conn, {"cid": cid, **_times(now, config)})
+    return [row[0] for row in rows]
+
+
+@cache
+def _available_select(dialect: str) -> Precompiled:
     ps = peer_stats.c
     alive = select(ps.peer_id).where(
-        ps.peer_id.in_(_holders_of(cid)), ps.online, ps.last_seen >= num(now - config.peer_timeout)
+        ps.peer_id.in_(_holders()), ps.online, ps.last_seen >= bindparam("cutoff", type_=Double())
     )
     stmt = select(peers.c.peer_key).where(peers.c.id.in_(alive)).order_by(peers.c.peer_key)
-    return list((await conn.scalars(stmt)).all())
+    return Precompiled(stmt, dialect)
 
 
 async def ranked_holders(
@@ -154,8 +176,34 @@ async def ranked_holders(
     The one place the selection order is defined, so load-aware ranking can extend its score.
     Proven peers under ``min_reputation`` are dropped when ``exclude_unreliable`` is set.
     """
-    m = _merged(now, config, peer_stats.c.peer_id.in_(_holders_of(cid)))
-    params = config.reputation
+    statement = _ranked_select(
+        config.dialect,
+        config.reputation,
+        config.min_reputation if exclude_unreliable else None,
+        limit is not None,
+    )
+    rows = await statement.fetch(conn, {"cid": cid, "limit": limit, **_times(now, config)})
+    return [
+        RankedRow(
+            r[0],
+            int(r[1]),
+            float(r[2]),
+            float(r[3]),
+            float(r[4]),
+            float(r[5]),
+            bool(r[6]),
+            float(r[7]),
+            float(r[8]),
+        )
+        for r in rows
+    ]
+
+
+@cache
+def _ranked_select(
+    dialect: str, params: rep.ReputationParams, min_reputation: float | None, limited: bool
+) -> Precompiled:
+    m = _merged(params, peer_stats.c.peer_id.in_(_holders()))
     score = rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params)
     proven = rep.sql_is_proven(m.c.sw, m.c.fw, params)
     speed = func.coalesce(m.c.speed, num(0.0))
@@ -175,27 +223,13 @@ async def ranked_holders(
         .join(peers, peers.c.id == m.c.peer_id)
         .where(m.c.online == 1)
     )
-    if exclude_unreliable:
-        inner = inner.where(~and_(proven, score < num(config.min_reputation)))
+    if min_reputation is not None:
+        inner = inner.where(~and_(proven, score < num(min_reputation)))
     ranked = inner.subquery("ranked")
     stmt = select(ranked).order_by(ranked.c.rank)
-    if limit is not None:
-        stmt = stmt.where(ranked.c.rank <= limit)
-    rows = (await conn.execute(stmt)).all()
-    return [
-        RankedRow(
-            r.peer_key,
-            int(r.rank),
-            float(r.reputation),
-            float(r.success_rate),
-            float(r.uptime_factor),
-            float(r.evidence),
-            bool(r.proven),
-            float(r.speed),
-            float(r.last_seen),
-        )
-        for r in rows
-    ]
+    if limited:
+        stmt = stmt.where(ranked.c.rank <= bindparam("limit", type_=Integer()))
+    return Precompiled(stmt, dialect)
 
 
 async def content_last_updated(conn: AsyncConnection, cid: str) -> tuple[bool, float | None]:
