@@ -14,11 +14,11 @@ from __future__ import annotations
 import asyncio
 import os
 
+from alembic import context
 from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
-from alembic import context
 from tracker.config import DEFAULT_DATABASE_URL
 from tracker.schema import metadata
 

@@ -100,8 +100,9 @@ def pg_template() -> Iterator[str]:
 
 
 @pytest.fixture
-async def empty_pg_url() -> AsyncIterator[str]:
-    """A fresh, empty Postgres database (for migration tests)."""
+async def empty_pg_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """A fresh, empty Postgres database (for migration tests); skips or fails like every Postgres test."""
+    request.getfixturevalue("pg_template")  # applies the reachability / TRACKER_REQUIRE_POSTGRES rule
     async for url in _pg_database(template=None):
         yield url
 

@@ -89,7 +89,8 @@ class SwarmSpec:
             raise InvalidInput(f"seed must be an integer, got {self.seed!r}")
         if self.holders > self.peers:
             raise InvalidInput(
-                f"holders ({self.holders}) cannot exceed peers ({self.peers}): each content needs distinct holders"
+                f"holders ({self.holders}) cannot exceed peers ({self.peers}): "
+                "each content needs distinct holders"
             )
         if not math.isfinite(self.history_s) or self.history_s < 600.0:
             raise InvalidInput(f"history_s must be at least 600 seconds, got {self.history_s!r}")

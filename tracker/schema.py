@@ -100,11 +100,13 @@ bandwidth_samples = Table(
     Column("bytes_per_sec", BigInteger, nullable=False),
     comment="Download speed samples; a peer's speed is the mean of its latest bandwidth_window.",
 )
+# Serves "latest N samples of a peer" as a backward index walk; id breaks ties between equal times.
 Index(
     "ix_bandwidth_samples_peer_latest",
     bandwidth_samples.c.peer_id,
     bandwidth_samples.c.node_id,
     bandwidth_samples.c.at,
+    bandwidth_samples.c.id,
 )
 
 upload_outcomes = Table(

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision: str = "0001"
@@ -106,7 +105,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_bandwidth_samples")),
         comment="Download speed samples; a peer's speed is the mean of its latest bandwidth_window.",
     )
-    op.create_index("ix_bandwidth_samples_peer_latest", "bandwidth_samples", ["peer_id", "node_id", "at"])
+    op.create_index(
+        "ix_bandwidth_samples_peer_latest", "bandwidth_samples", ["peer_id", "node_id", "at", "id"]
+    )
     op.create_table(
         "upload_outcomes",
         sa.Column("id", Id, primary_key=True),

@@ -1,0 +1,180 @@
+"""Migrations and schema agree: ``upgrade head`` builds exactly ``tracker.schema.metadata``, on both engines.
+
+Every test starts from an empty database (a new SQLite file, or a new Postgres database with no tables),
+because that is what a first deployment and ``alembic upgrade head`` from the shell start from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.command import upgrade
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig
+from tracker.db import alembic_config, create_engine, current_revision, head_revision, migrate
+from tracker.schema import metadata
+
+# What `downgrade base` may leave behind: Alembic's own bookkeeping (and, on Postgres, its primary key).
+ALEMBIC_OBJECTS = {"alembic_version", "alembic_version_pkc"}
+
+
+@pytest.fixture
+def empty_url(engine_name: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """An empty database of each engine: a new SQLite file, or a new Postgres database (not the template)."""
+    if engine_name == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'empty.db'}"
+    request.getfixturevalue("pg_template")  # skips without Postgres (fails if TRACKER_REQUIRE_POSTGRES=1)
+    return str(request.getfixturevalue("empty_pg_url"))
+
+
+@pytest.fixture
+async def engine(empty_url: str) -> AsyncIterator[AsyncEngine]:
+    """The tracker's own engine (pragmas and all) on the empty database."""
+    opened = create_engine(TrackerConfig(database_url=empty_url))
+    yield opened
+    await opened.dispose()
+
+
+def _schema_diff(sync_conn: Connection) -> list[Any]:
+    """Alembic's autogenerate comparison of the live database against ``tracker.schema.metadata``.
+
+    Tables, columns (with types), nullability, comments, indexes, unique constraints and foreign keys.
+    """
+    context = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+    return compare_metadata(context, metadata)
+
+
+async def schema_diff(engine: AsyncEngine) -> list[Any]:
+    async with engine.connect() as conn:
+        return await conn.run_sync(_schema_diff)
+
+
+async def schema_objects(engine: AsyncEngine) -> set[str]:
+    """Names of every table, index and sequence in the database (SQLite's internal ones excepted)."""
+    if engine.dialect.name == "sqlite":
+        sql = "SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+    else:
+        sql = (
+            "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "WHERE n.nspname = current_schema()"
+        )
+    async with engine.connect() as conn:
+        return set((await conn.exec_driver_sql(sql)).scalars())
+
+
+async def table_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set(await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_table_names()))
+
+
+async def test_upgrade_head_in_process_builds_exactly_the_schema_metadata(engine: AsyncEngine) -> None:
+    await migrate(engine)
+
+    assert await current_revision(engine) == head_revision()
+    assert await schema_diff(engine) == []
+
+
+async def test_the_one_local_node_index_is_partial_after_upgrade(engine: AsyncEngine) -> None:
+    # compare_metadata does not look at an index's WHERE clause; without it only one node could exist.
+    await migrate(engine)
+
+    async with engine.connect() as conn:
+        indexes = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_indexes("tracker_nodes"))
+    local = next(ix for ix in indexes if ix["name"] == "uq_tracker_nodes_local")
+    where = local.get("dialect_options", {}).get(f"{engine.dialect.name}_where")
+    assert (bool(local["unique"]), str(where).strip("() ")) == (True, "is_local"), local
+
+
+@pytest.mark.parametrize("url_via", ["x_argument", "environment"])
+async def test_alembic_command_upgrade_through_env_py_builds_exactly_the_schema_metadata(
+    engine: AsyncEngine, empty_url: str, url_via: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = alembic_config()  # no URL and no connection: env.py opens its own async engine
+    if url_via == "x_argument":
+        monkeypatch.delenv("TRACKER_DATABASE_URL", raising=False)
+        cfg.cmd_opts = argparse.Namespace(x=[f"url={empty_url}"])
+    else:
+        monkeypatch.setenv("TRACKER_DATABASE_URL", empty_url)
+
+    # env.py runs its engine with asyncio.run(), as from the shell: give it a thread without a loop.
+    await asyncio.to_thread(upgrade, cfg, "head")
+
+    assert await current_revision(engine) == head_revision()
+    assert await schema_diff(engine) == []
+
+
+async def test_the_schema_comparison_sees_a_missing_index(engine: AsyncEngine) -> None:
+    # Guards the tests above against an empty diff that comes from comparing nothing.
+    await migrate(engine)
+    async with engine.begin() as conn:
+        await conn.exec_driver_sql("DROP INDEX ix_content_peers_peer")
+
+    diff = await schema_diff(engine)
+
+    assert len(diff) == 1 and diff[0][0] == "add_index", diff
+    assert diff[0][1].name == "ix_content_peers_peer", diff
+
+
+async def test_downgrade_to_base_leaves_no_tracker_tables_and_upgrade_works_again(
+    engine: AsyncEngine,
+) -> None:
+    await migrate(engine)
+
+    await migrate(engine, "base", downgrade=True)
+
+    assert await schema_objects(engine) <= ALEMBIC_OBJECTS
+    assert await current_revision(engine) is None
+    diff = await schema_diff(engine)
+    assert sorted(d[1].name for d in diff if d[0] == "add_table") == sorted(metadata.tables), diff
+    await migrate(engine)
+    assert await current_revision(engine) == head_revision()
+    assert await schema_diff(engine) == []
+
+
+async def test_opening_a_tracker_on_an_empty_database_migrates_it_to_head(empty_url: str) -> None:
+    async with AvailabilityTracker(TrackerConfig(database_url=empty_url)) as tracker:
+        assert await current_revision(tracker.engine) == head_revision()
+        assert tracker.node_key is not None
+        assert await schema_diff(tracker.engine) == []
+
+
+async def test_opening_without_auto_migrate_on_an_empty_database_fails_and_creates_nothing(
+    engine: AsyncEngine, empty_url: str
+) -> None:
+    with pytest.raises(SchemaOutOfDate, match=r"revision none \(empty database\).*alembic upgrade head"):
+        async with AvailabilityTracker(TrackerConfig(database_url=empty_url, auto_migrate=False)):
+            pass
+
+    assert await table_names(engine) == set()
+    assert await current_revision(engine) is None
+
+
+async def test_concurrent_opens_of_one_empty_database_all_succeed_and_agree_on_the_local_node(
+    empty_url: str,
+) -> None:
+    config = TrackerConfig(database_url=empty_url)
+    opens = (AvailabilityTracker.open(config) for _ in range(4))
+    opened = await asyncio.gather(*opens, return_exceptions=True)
+    try:
+        failures = [result for result in opened if isinstance(result, BaseException)]
+        assert failures == []
+        trackers = [result for result in opened if isinstance(result, AvailabilityTracker)]
+        assert len({tracker.node_key for tracker in trackers}) == 1
+        assert await current_revision(trackers[0].engine) == head_revision()
+        async with trackers[0].engine.connect() as conn:
+            nodes = (await conn.exec_driver_sql("SELECT node_key FROM tracker_nodes")).scalars().all()
+        assert nodes == [trackers[0].node_key]
+    finally:
+        for result in opened:
+            if isinstance(result, AvailabilityTracker):
+                await result.close()

@@ -1,0 +1,158 @@
+"""The hot statements use indexes: none scans content_peers, bandwidth_samples or peer_stats in full.
+
+A realistically filled database (2,000 peers, 500 contents held by 20 peers each, 10 bandwidth samples
+per peer, ANALYZEd so the planners see real sizes); the SQL is captured while the public methods run,
+then explained with the same parameters. Run with ``pytest -s`` to see the plans.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from tracker import AvailabilityTracker
+from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
+
+PEERS, CONTENTS, HOLDERS_PER_CONTENT, SAMPLES_PER_PEER = 2_000, 500, 20, 10
+GUARDED_TABLES = ("content_peers", "bandwidth_samples", "peer_stats")
+CID, PEER = "cid-0123", "peer-0042"  # a content with 20 holders; a peer holding 5 contents
+# A typical ingest batch: speed samples from the few peers one download used.
+SAMPLED_PEERS = [f"peer-{i:04d}" for i in range(0, PEERS, PEERS // 20)]
+
+Captured = tuple[str, Any]
+
+
+def swarm(now: float) -> list[Event]:
+    """Every peer online with samples and a few outcomes; each content held by 20 peers spread over the
+    swarm, each peer holding 5 contents."""
+    events: list[Event] = []
+    for p in range(PEERS):
+        peer = f"peer-{p:04d}"
+        events.append(PeerOnline(peer, at=now - 600))
+        events += [
+            SpeedSample(peer, 1_000_000 + 997 * p + 10_007 * s, at=now - 60 + s)
+            for s in range(SAMPLES_PER_PEER)
+        ]
+        events += [UploadOutcome(peer, success=(p + k) % 7 != 0, at=now - 300 + k) for k in range(p % 4)]
+    spread = PEERS // HOLDERS_PER_CONTENT
+    for c in range(CONTENTS):
+        events += [
+            ContentAvailable(f"cid-{c:04d}", f"peer-{(c + h * spread) % PEERS:04d}", at=now - 500)
+            for h in range(HOLDERS_PER_CONTENT)
+        ]
+    return events
+
+
+@pytest.fixture
+async def swarm_tracker(tracker: AvailabilityTracker, clock: Callable[[], float]) -> AvailabilityTracker:
+    await tracker.record_batch(swarm(clock()))
+    async with tracker.engine.begin() as conn:
+        await conn.exec_driver_sql("ANALYZE")
+    return tracker
+
+
+@contextmanager
+def captured_statements(engine: AsyncEngine) -> Iterator[list[Captured]]:
+    """Every single-row statement the engine sends while the block runs, as the driver receives it."""
+    statements: list[Captured] = []
+
+    def record(_conn: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
+        if not executemany:
+            statements.append((statement, parameters))
+
+    event.listen(engine.sync_engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine.sync_engine, "before_cursor_execute", record)
+
+
+def the_statement(statements: list[Captured], starts_with: str) -> Captured:
+    matching = [s for s in statements if s[0].lstrip().upper().startswith(starts_with)]
+    assert len(matching) == 1, f"expected one {starts_with} statement, got {[s[0] for s in statements]}"
+    return matching[0]
+
+
+async def sqlite_plan(engine: AsyncEngine, statement: Captured) -> tuple[str, list[str]]:
+    """EXPLAIN QUERY PLAN as an indented tree, and its lines that scan a guarded table in full."""
+    sql, parameters = statement
+    async with engine.connect() as conn:
+        rows = (await conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", parameters)).all()
+    depth: dict[int, int] = {0: -1}
+    lines = []
+    for node_id, parent, _unused, detail in rows:
+        depth[node_id] = depth.get(parent, -1) + 1
+        lines.append("  " * depth[node_id] + detail)
+    # "SCAN t" and "SCAN t USING [COVERING] INDEX ix" both read every row; only "SEARCH" is a lookup.
+    full_scan = re.compile(rf"^SCAN ({'|'.join(GUARDED_TABLES)})\b")
+    return "\n".join(lines), [line.strip() for line in lines if full_scan.match(line.strip())]
+
+
+def _postgres_nodes(plan: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from _postgres_nodes(child)
+
+
+def _reads_in_full(node: dict[str, Any]) -> bool:
+    """A Seq Scan reads the whole table; an index scan without a condition reads the whole index."""
+    if node["Node Type"] == "Seq Scan":
+        return True
+    return node["Node Type"] in ("Index Scan", "Index Only Scan") and "Index Cond" not in node
+
+
+async def postgres_plan(engine: AsyncEngine, statement: Captured) -> tuple[str, list[str]]:
+    """EXPLAIN as text, and the nodes of EXPLAIN (FORMAT JSON) that read a guarded table in full."""
+    sql, parameters = statement
+    async with engine.connect() as conn:
+        text = "\n".join((await conn.exec_driver_sql(f"EXPLAIN {sql}", parameters)).scalars())
+        raw = (await conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {sql}", parameters)).scalar_one()
+    document = json.loads(raw) if isinstance(raw, str) else raw
+    full_scans = [
+        f"{node['Node Type']} on {node['Relation Name']}"
+        for node in _postgres_nodes(document[0]["Plan"])
+        if node.get("Relation Name") in GUARDED_TABLES and _reads_in_full(node)
+    ]
+    return text, full_scans
+
+
+async def assert_no_full_scan(engine: AsyncEngine, label: str, statement: Captured) -> None:
+    explain = sqlite_plan if engine.dialect.name == "sqlite" else postgres_plan
+    plan, full_scans = await explain(engine, statement)
+    print(f"\n--- {engine.dialect.name}: {label} ---\n{statement[0]}\n-- parameters: {statement[1]}\n{plan}")
+    assert full_scans == [], f"{label} scans {full_scans} in full on {engine.dialect.name}:\n{plan}"
+
+
+Call = Callable[[AvailabilityTracker], Awaitable[object]]
+READS: dict[str, Call] = {
+    "select_best_peers": lambda t: t.select_best_peers(CID, 5),
+    "get_available_peers": lambda t: t.get_available_peers(CID),
+    "get_peer_metrics": lambda t: t.get_peer_metrics(PEER),
+}
+
+
+@pytest.mark.parametrize("method", sorted(READS))
+async def test_read_statement_does_not_scan_a_large_table(
+    swarm_tracker: AvailabilityTracker, method: str
+) -> None:
+    with captured_statements(swarm_tracker.engine) as statements:
+        answer = await READS[method](swarm_tracker)
+    assert answer, f"{method} found nothing: the plan would not be the one real data gets"
+
+    await assert_no_full_scan(swarm_tracker.engine, method, the_statement(statements, "SELECT"))
+
+
+async def test_refresh_speeds_update_does_not_scan_a_large_table(swarm_tracker: AvailabilityTracker) -> None:
+    batch = [SpeedSample(peer, 3_000_000) for peer in SAMPLED_PEERS]
+    with captured_statements(swarm_tracker.engine) as statements:
+        await swarm_tracker.record_batch(batch)
+
+    update = the_statement(statements, "UPDATE PEER_STATS SET SPEED_BPS")
+    await assert_no_full_scan(swarm_tracker.engine, f"refresh_speeds ({len(batch)} peers)", update)
