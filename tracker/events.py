@@ -58,9 +58,7 @@ def validate_time(value: object, what: str = "at") -> float | None:
 
 
 @dataclass(frozen=True, slots=True)
-class PeerOnline:
-    """The peer announced itself or sent a heartbeat."""
-
+class _PresenceEvent:
     peer_id: str
     at: float | None = None
 
@@ -70,15 +68,13 @@ class PeerOnline:
 
 
 @dataclass(frozen=True, slots=True)
-class PeerOffline:
+class PeerOnline(_PresenceEvent):
+    """The peer announced itself or sent a heartbeat."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerOffline(_PresenceEvent):
     """The peer said goodbye; its session closes at ``at``."""
-
-    peer_id: str
-    at: float | None = None
-
-    def __post_init__(self) -> None:
-        validate_id(self.peer_id)
-        object.__setattr__(self, "at", validate_time(self.at))
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,9 +113,7 @@ class UploadOutcome:
 
 
 @dataclass(frozen=True, slots=True)
-class ContentAvailable:
-    """The peer holds content ``cid`` and can serve it."""
-
+class _MappingEvent:
     cid: str
     peer_id: str
     at: float | None = None
@@ -131,17 +125,13 @@ class ContentAvailable:
 
 
 @dataclass(frozen=True, slots=True)
-class ContentUnavailable:
+class ContentAvailable(_MappingEvent):
+    """The peer holds content ``cid`` and can serve it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ContentUnavailable(_MappingEvent):
     """The peer no longer holds content ``cid``."""
-
-    cid: str
-    peer_id: str
-    at: float | None = None
-
-    def __post_init__(self) -> None:
-        validate_id(self.cid, "cid")
-        validate_id(self.peer_id)
-        object.__setattr__(self, "at", validate_time(self.at))
 
 
 Event = PeerOnline | PeerOffline | SpeedSample | UploadOutcome | ContentAvailable | ContentUnavailable
