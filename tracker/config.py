@@ -20,7 +20,16 @@ from .reputation import ReputationParams
 Clock = Callable[[], float]
 
 DEFAULT_DATABASE_URL = "sqlite+aiosqlite:///tracker.db"
-_DURATIONS = ("update_interval", "peer_timeout", "sqlite_busy_timeout_s", "max_clock_skew_s")
+_DURATIONS = (
+    "update_interval",
+    "peer_timeout",
+    "sqlite_busy_timeout_s",
+    "max_clock_skew_s",
+    "sample_retention_s",
+    "outcome_retention_s",
+    "offline_mapping_retention_s",
+    "tombstone_ttl_s",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +62,24 @@ class TrackerConfig:
     write_retries: int = 8
     #: How long an SQLite writer waits for the file lock held by another connection or process.
     sqlite_busy_timeout_s: float = 30.0
+    #: Start the sweeper when the tracker opens (``async with`` / ``open()``); stop it on close.
+    run_sweeper: bool = False
+    #: Each sweep waits ``update_interval`` +- this fraction, so many trackers do not sweep in lockstep.
+    sweep_jitter: float = 0.1
+    #: Rows deleted per transaction by retention, so no sweep holds a long lock or a huge transaction.
+    sweep_batch_size: int = 5_000
+    #: Bandwidth samples beyond a peer's rolling window are kept this long (for analytics), then pruned.
+    sample_retention_s: float = 86_400.0
+    #: Raw upload outcomes are kept this long; the counters and weights they fed keep their effect.
+    outcome_retention_s: float = 7 * 86_400.0
+    #: Content mappings of a peer unseen this long are dropped (it re-announces when it returns).
+    offline_mapping_retention_s: float = 86_400.0
+    #: Removed mappings (tombstones) are kept this long so gossip can spread the removal first.
+    tombstone_ttl_s: float = 86_400.0
+    #: Directory for gossip state snapshots written by each sweep; ``None`` writes none.
+    snapshot_dir: str | None = None
+    #: How many snapshots to keep in ``snapshot_dir``.
+    snapshot_keep: int = 5
     #: Connections kept open per process (Postgres); SQLite uses a small pool of its own.
     pool_size: int = 5
     echo_sql: bool = False
@@ -90,6 +117,14 @@ class TrackerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if (
+            isinstance(self.sweep_jitter, bool)
+            or not isinstance(self.sweep_jitter, int | float)
+            or not (0.0 <= self.sweep_jitter < 1.0)
+        ):
+            raise ConfigError(f"sweep_jitter must be within [0, 1), got {self.sweep_jitter!r}")
+        if self.snapshot_dir is not None and not (isinstance(self.snapshot_dir, str) and self.snapshot_dir):
+            raise ConfigError(f"snapshot_dir must be a directory path or None, got {self.snapshot_dir!r}")
         if not isinstance(self.reputation, ReputationParams):
             raise ConfigError(f"reputation must be a ReputationParams, got {self.reputation!r}")
         if not callable(self.clock):

@@ -24,6 +24,7 @@ from .events import (
     validate_id,
 )
 from .models import ContentAvailability, PeerInfo, PeerMetrics, from_unix
+from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
 
 class AvailabilityTracker:
@@ -42,7 +43,9 @@ class AvailabilityTracker:
         self.config = config or TrackerConfig()
         self._engine: AsyncEngine | None = None
         self._node_id: int | None = None
-        self.node_key: str | None = None
+        self._node_key: str | None = None
+        self._sweep_state = SweepState()
+        self._sweeper: SweeperTask | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -70,14 +73,17 @@ class AvailabilityTracker:
             async def register(conn: AsyncConnection) -> tuple[int, str]:
                 return await queries.ensure_local_node(conn, self.config.dialect, now)
 
-            self._node_id, self.node_key = await db.run_write(engine, register, self.config.write_retries)
+            self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
         except BaseException:
             await engine.dispose()
             raise
         self._engine = engine
+        if self.config.run_sweeper:
+            self.start_sweeper()
 
     async def close(self) -> None:
-        """Release every connection. Safe to call twice."""
+        """Stop the sweeper, then release every connection. Safe to call twice."""
+        await self.stop_sweeper()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
@@ -99,6 +105,43 @@ class AvailabilityTracker:
             raise TrackerClosed("the tracker is not open: use `async with` or AvailabilityTracker.open()")
         return self._engine
 
+    @property
+    def node_id(self) -> int:
+        """This database's surrogate id for the local node (the origin of our own observations)."""
+        if self._node_id is None:
+            raise TrackerClosed("the tracker is not open")
+        return self._node_id
+
+    @property
+    def node_key(self) -> str:
+        """This tracker's stable node id, stored in its database; gossip names origins by it."""
+        if self._node_key is None:
+            raise TrackerClosed("the tracker is not open")
+        return self._node_key
+
+    # -- sweeper --------------------------------------------------------------------------------
+
+    async def sweep(self, now: float | None = None) -> SweepReport:
+        """Run one sweeper pass now (see ``tracker.sweeper``); returns what it did."""
+        return await sweep_once(self, now)
+
+    def start_sweeper(self) -> None:
+        """Sweep every ``update_interval`` in a background task until ``stop_sweeper()`` or ``close()``."""
+        self.engine  # noqa: B018 - raises TrackerClosed when not open
+        if self._sweeper is None:
+            self._sweeper = SweeperTask(self)
+        self._sweeper.start()
+
+    async def stop_sweeper(self) -> None:
+        """Stop the background sweeper (a running pass is given a moment, then cancelled)."""
+        if self._sweeper is not None:
+            await self._sweeper.stop()
+
+    @property
+    def sweeper_state(self) -> SweepState:
+        """Counters of the background sweeper: passes, skipped passes, failures, the last report."""
+        return self._sweep_state
+
     # -- writes ---------------------------------------------------------------------------------
 
     async def record_batch(self, events: Iterable[Event]) -> int:
@@ -113,8 +156,7 @@ class AvailabilityTracker:
         if not checked:
             return 0
         timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
-        engine, node_id = self.engine, self._node_id
-        assert node_id is not None
+        engine, node_id = self.engine, self.node_id
 
         async def work(conn: AsyncConnection) -> None:
             await queries.apply_events(conn, self.config.dialect, node_id, timed, self.config, now)

@@ -122,6 +122,9 @@ upload_outcomes = Table(
     comment="Raw upload outcomes, the events behind peer_stats counters and weights.",
 )
 Index("ix_upload_outcomes_peer_at", upload_outcomes.c.peer_id, upload_outcomes.c.at)
+# Retention deletes the oldest outcomes first; times arrive nearly in order, so this index only grows at
+# its right edge and costs little on insert.
+Index("ix_upload_outcomes_at", upload_outcomes.c.at)
 
 content_peers = Table(
     "content_peers",
@@ -136,3 +139,10 @@ content_peers = Table(
     comment="Who holds what. available=false rows are tombstones that stop stale announcements.",
 )
 Index("ix_content_peers_peer", content_peers.c.peer_id, content_peers.c.content_id)
+# Tombstones are few; a partial index lets the sweeper expire them without scanning live mappings.
+Index(
+    "ix_content_peers_tombstones",
+    content_peers.c.changed_at,
+    sqlite_where=~content_peers.c.available,
+    postgresql_where=~content_peers.c.available,
+)

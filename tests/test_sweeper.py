@@ -1,0 +1,193 @@
+"""The sweeper on both engines: expiry, retention, the advisory lock, and the background task."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+from sqlalchemy import func, select, text
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
+from tracker.schema import bandwidth_samples, content_peers, peer_stats, upload_outcomes
+from tracker.sweeper import SWEEP_LOCK_KEY
+from tracker.testing import ManualClock
+
+
+async def _count(tracker: AvailabilityTracker, table: object, *where: object) -> int:
+    async with tracker.engine.connect() as conn:
+        stmt = select(func.count()).select_from(table).where(*where)  # type: ignore[arg-type]
+        return int((await conn.execute(stmt)).scalar_one())
+
+
+async def test_seed_timeout_sweep_marks_the_peer_offline_with_uptime_up_to_last_seen(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    start = clock.now
+    await tracker.record_peer_online("p")
+    clock.advance(120)
+    await tracker.record_peer_online("p")
+    clock.advance(tracker.config.peer_timeout + 1)
+    report = await tracker.sweep()
+    assert report.ran and report.peers_marked_offline == 1
+    assert await _count(tracker, peer_stats, peer_stats.c.online) == 0
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and not metrics.online
+    assert metrics.uptime == timedelta(seconds=120)
+    assert metrics.last_seen is not None and metrics.last_seen.timestamp() == start + 120
+    # Idempotent: a second pass finds nothing more to do and changes nothing.
+    again = await tracker.sweep()
+    assert again.peers_marked_offline == 0
+    assert (await tracker.get_peer_metrics("p")) == metrics
+
+
+async def test_a_heartbeating_peer_stays_online_through_many_sweeps(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await tracker.record_batch([PeerOnline("p"), ContentAvailable("c", "p")])
+    for _ in range(20):
+        clock.advance(tracker.config.peer_timeout * 0.9)
+        await tracker.record_peer_online("p")
+        report = await tracker.sweep()
+        assert report.peers_marked_offline == 0
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.online
+    assert metrics.uptime == timedelta(seconds=20 * tracker.config.peer_timeout * 0.9)
+    assert await tracker.get_available_peers("c") == ["p"]
+
+
+async def test_retention_prunes_old_rows_and_keeps_what_queries_need(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    config = tracker.config
+    t0 = clock.now
+    events: list[Event] = [SpeedSample("p", 1000 * (k + 1), at=t0 + k) for k in range(30)]
+    events += [UploadOutcome("p", k % 4 != 0, at=t0 + k) for k in range(40)]
+    await tracker.record_batch(events)
+    before = await tracker.get_peer_metrics("p")
+    assert before is not None
+
+    # Still within retention: nothing beyond the window goes yet.
+    clock.advance(60)
+    report = await tracker.sweep()
+    assert report.pruned["bandwidth_samples"] == 0 and report.pruned["upload_outcomes"] == 0
+
+    clock.now = t0 + max(config.sample_retention_s, config.outcome_retention_s) + 100
+    report = await tracker.sweep()
+    assert report.pruned["bandwidth_samples"] == 30 - config.bandwidth_window
+    assert report.pruned["upload_outcomes"] == 40
+    assert await _count(tracker, bandwidth_samples) == config.bandwidth_window
+    assert await _count(tracker, upload_outcomes) == 0
+
+    after = await tracker.get_peer_metrics("p")
+    assert after is not None
+    assert after.download_speed == before.download_speed
+    assert (after.chunks_served, after.chunks_failed) == (before.chunks_served, before.chunks_failed)
+    # A late sample is still averaged against the latest window that was kept.
+    await tracker.record_download_speed("p", 999_000)
+    latest = await tracker.get_peer_metrics("p")
+    assert latest is not None
+    assert latest.download_speed == (sum(range(22, 31)) * 1000 + 999_000) // 10
+
+
+async def test_tombstones_and_departed_peers_mappings_expire(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    config = tracker.config
+    t0 = clock.now
+    await tracker.record_batch(
+        [
+            PeerOnline("gone", at=t0),
+            ContentAvailable("c", "gone", at=t0),
+            PeerOnline("stays", at=t0),
+            ContentAvailable("c", "stays", at=t0),
+            ContentAvailable("d", "stays", at=t0),
+        ]
+    )
+    await tracker.record_content_unavailable("d", "stays", at=t0 + 1)
+    assert await _count(tracker, content_peers) == 3
+
+    horizon = max(config.tombstone_ttl_s, config.offline_mapping_retention_s) + 10
+    for step in range(0, int(horizon), 200):  # "stays" keeps sending heartbeats, "gone" does not
+        clock.now = t0 + step
+        await tracker.record_peer_online("stays")
+    clock.now = t0 + horizon
+    await tracker.record_peer_online("stays")
+    report = await tracker.sweep()
+    assert report.pruned["content_peers"] == 2  # the tombstone (d, stays) and (c, gone)
+    assert await tracker.get_available_peers("c") == ["stays"]
+    assert await _count(tracker, content_peers) == 1
+
+
+async def test_two_trackers_sweeping_one_database_mark_each_stale_peer_exactly_once(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    async with AvailabilityTracker(config) as a, AvailabilityTracker(config) as b:
+        await a.record_batch([PeerOnline(f"p{i}") for i in range(300)])
+        clock.advance(config.peer_timeout + 1)
+        reports = await asyncio.gather(*(t.sweep() for _ in range(5) for t in (a, b)))
+        assert sum(r.peers_marked_offline for r in reports) == 300
+        assert any(r.ran for r in reports)
+        assert await _count(a, peer_stats, peer_stats.c.online) == 0
+
+
+async def test_a_sweep_skips_while_another_tracker_holds_the_postgres_lock(
+    tracker: AvailabilityTracker, clock: ManualClock, engine_name: str
+) -> None:
+    await tracker.record_peer_online("p")
+    clock.advance(tracker.config.peer_timeout + 1)
+    if engine_name != "postgresql":
+        assert (await tracker.sweep()).ran  # SQLite has no advisory lock; passes are idempotent
+        return
+    async with tracker.engine.connect() as holder:
+        assert await holder.scalar(text(f"SELECT pg_try_advisory_lock({SWEEP_LOCK_KEY})"))
+        skipped = await tracker.sweep()
+        assert not skipped.ran and skipped.peers_marked_offline == 0
+        await holder.scalar(text(f"SELECT pg_advisory_unlock({SWEEP_LOCK_KEY})"))
+    assert (await tracker.sweep()).peers_marked_offline == 1
+
+
+async def test_sweeping_while_writers_write_makes_no_writer_fail(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await tracker.record_batch([PeerOnline(f"old{i}") for i in range(200)])
+    clock.advance(tracker.config.peer_timeout + 1)
+
+    async def writer(k: int) -> None:
+        for i in range(40):
+            await tracker.record_batch([PeerOnline(f"w{k}-{i}"), UploadOutcome(f"w{k}-{i}", True)])
+
+    async def sweeper() -> int:
+        return sum([(await tracker.sweep()).peers_marked_offline for _ in range(10)])
+
+    *_, marked = await asyncio.gather(*(writer(k) for k in range(5)), sweeper())
+    assert marked == 200
+    assert await _count(tracker, peer_stats, peer_stats.c.online) == 200
+
+
+async def _wait_for(condition: object, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.005)
+
+
+async def test_the_background_sweeper_survives_a_failing_pass_and_stops_promptly(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the snapshot directory should be")
+    fast = replace(config, update_interval=0.02, snapshot_dir=str(blocker), run_sweeper=True)
+    async with AvailabilityTracker(fast) as tracker:
+        state = tracker.sweeper_state
+        await _wait_for(lambda: state.failures >= 1)
+        assert state.last_error is not None
+        blocker.unlink()  # the fault goes away; the task must still be there to notice
+        await _wait_for(lambda: state.passes >= 1, timeout_s=15)
+        assert state.last_report is not None and state.last_report.ran
+        started = time.monotonic()
+    assert time.monotonic() - started < 1.0
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "peer-tracker-sweeper"]

@@ -1,0 +1,186 @@
+"""The sweeper's statements: expire stale sessions, prune by retention in bounded batches, export state.
+
+Every delete takes at most ``batch`` rows per statement and each statement runs in its own short
+transaction (the caller's loop), so SQLite writers are never blocked for long and Postgres never
+builds a huge transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sqlalchemy import Integer, bindparam, delete, func, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
+
+
+async def mark_stale_offline(conn: AsyncConnection, node_id: int, now: float, peer_timeout: float) -> int:
+    """Close every session of this node unseen for ``peer_timeout``, at its ``last_seen``; returns how many.
+
+    One set-based UPDATE. Queries already treat such peers as offline by time; this makes the stored
+    flag and the accumulated uptime true for analysts and for gossip.
+    """
+    ps = peer_stats.c
+    stmt = (
+        update(peer_stats)
+        .where(ps.node_id == node_id, ps.online, ps.last_seen < now - peer_timeout)
+        .values(
+            online=False,
+            online_since=None,
+            uptime_s=ps.uptime_s + (ps.last_seen - ps.online_since),
+            updated_at=now,
+        )
+    )
+    return int((await conn.execute(stmt)).rowcount or 0)
+
+
+async def sample_prune_candidates(
+    conn: AsyncConnection, touched_since: float, after_peer_id: int, limit: int
+) -> list[int]:
+    """Peers written since ``touched_since`` (only they can have gained samples), in id order from
+    ``after_peer_id``: the next slice the sample pruner examines."""
+    ps = peer_stats.c
+    stmt = (
+        select(ps.peer_id)
+        .where(ps.updated_at >= touched_since, ps.peer_id > after_peer_id)
+        .group_by(ps.peer_id)
+        .order_by(ps.peer_id)
+        .limit(limit)
+    )
+    return [int(p) for p in (await conn.scalars(stmt)).all()]
+
+
+async def prune_samples(conn: AsyncConnection, peer_ids: list[int], window: int, cutoff: float) -> int:
+    """Delete samples of ``peer_ids`` that are outside their latest ``window`` and older than ``cutoff``."""
+    s = bandwidth_samples.c
+    ranked = (
+        select(
+            s.id,
+            s.at,
+            func.row_number()
+            .over(partition_by=(s.peer_id, s.node_id), order_by=(s.at.desc(), s.id.desc()))
+            .label("rn"),
+        )
+        .where(s.peer_id.in_(peer_ids))
+        .subquery("ranked")
+    )
+    doomed = select(ranked.c.id).where(ranked.c.rn > window, ranked.c.at < cutoff)
+    result = await conn.execute(delete(bandwidth_samples).where(s.id.in_(doomed)))
+    return int(result.rowcount or 0)
+
+
+async def prune_outcomes(conn: AsyncConnection, cutoff: float, limit: int) -> int:
+    """Delete up to ``limit`` of the oldest raw outcomes dated before ``cutoff``."""
+    o = upload_outcomes.c
+    oldest = select(o.id).where(o.at < cutoff).order_by(o.at).limit(limit)
+    result = await conn.execute(delete(upload_outcomes).where(o.id.in_(oldest)))
+    return int(result.rowcount or 0)
+
+
+async def prune_tombstones(conn: AsyncConnection, cutoff: float, limit: int) -> int:
+    """Delete up to ``limit`` removed mappings whose removal is older than ``cutoff``."""
+    cp = content_peers.c
+    oldest = (
+        select(cp.content_id, cp.peer_id)
+        .where(~cp.available, cp.changed_at < cutoff)
+        .order_by(cp.changed_at)
+        .limit(limit)
+    )
+    result = await conn.execute(delete(content_peers).where(_pair_in(oldest)))
+    return int(result.rowcount or 0)
+
+
+def _pair_in(pairs: Any) -> Any:
+    """``(content_id, peer_id) IN (subquery)``: row values work on SQLite >= 3.15 and Postgres."""
+    return tuple_(content_peers.c.content_id, content_peers.c.peer_id).in_(pairs)
+
+
+async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: int) -> int:
+    """Delete up to ``limit`` mappings of peers that no origin has seen since ``cutoff``."""
+    ps = peer_stats.c
+    departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
+    cp = content_peers.c
+    victims = select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed)).limit(limit)
+    result = await conn.execute(delete(content_peers).where(_pair_in(victims)))
+    return int(result.rowcount or 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# State export (the snapshot's rows), streamed inside one read transaction
+# ---------------------------------------------------------------------------------------------
+
+
+async def stream_peer_state(conn: AsyncConnection) -> AsyncIterator[Any]:
+    """Every (peer, origin) stats row with the keys gossip needs."""
+    ps = peer_stats.c
+    stmt = (
+        select(
+            nodes.c.node_key,
+            peers.c.peer_key,
+            peers.c.first_seen,
+            ps.online,
+            ps.online_since,
+            ps.last_seen,
+            ps.uptime_s,
+            ps.served_count,
+            ps.failed_count,
+            ps.success_weight,
+            ps.failure_weight,
+            ps.evidence_at,
+            ps.speed_bps,
+            ps.updated_at,
+        )
+        .join(peers, peers.c.id == ps.peer_id)
+        .join(nodes, nodes.c.id == ps.node_id)
+        .order_by(ps.node_id, ps.peer_id)
+    )
+    async for row in await conn.stream(stmt):
+        yield row
+
+
+async def stream_latest_samples(conn: AsyncConnection, window: int) -> AsyncIterator[Any]:
+    """Each (peer, origin)'s latest ``window`` samples, the ones its rolling average is made of."""
+    s = bandwidth_samples.c
+    ranked = select(
+        s.peer_id,
+        s.node_id,
+        s.at,
+        s.bytes_per_sec,
+        s.id,
+        func.row_number()
+        .over(partition_by=(s.peer_id, s.node_id), order_by=(s.at.desc(), s.id.desc()))
+        .label("rn"),
+    ).subquery("ranked")
+    stmt = (
+        select(nodes.c.node_key, peers.c.peer_key, ranked.c.at, ranked.c.bytes_per_sec)
+        .join(peers, peers.c.id == ranked.c.peer_id)
+        .join(nodes, nodes.c.id == ranked.c.node_id)
+        .where(ranked.c.rn <= bindparam("window", window, type_=Integer()))
+        .order_by(ranked.c.node_id, ranked.c.peer_id, ranked.c.at, ranked.c.id)
+    )
+    async for row in await conn.stream(stmt):
+        yield row
+
+
+async def stream_mappings(conn: AsyncConnection) -> AsyncIterator[Any]:
+    """Every content mapping, tombstones included (a removal must spread like an announcement)."""
+    cp = content_peers.c
+    stmt = (
+        select(
+            nodes.c.node_key,
+            contents.c.content_key,
+            peers.c.peer_key,
+            cp.available,
+            cp.since,
+            cp.last_confirmed,
+            cp.changed_at,
+        )
+        .join(contents, contents.c.id == cp.content_id)
+        .join(peers, peers.c.id == cp.peer_id)
+        .join(nodes, nodes.c.id == cp.node_id)
+        .order_by(cp.content_id, cp.peer_id)
+    )
+    async for row in await conn.stream(stmt):
+        yield row

@@ -1,0 +1,331 @@
+"""The sweeper: one idempotent pass (``sweep_once``) and the background task that repeats it.
+
+A pass closes sessions that timed out, prunes what retention allows in bounded batches, and writes a
+gossip state snapshot when a directory is configured. On a shared Postgres only the tracker holding
+the sweep advisory lock runs a pass; the others skip it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from . import db
+from .queries import sweep as q
+
+if TYPE_CHECKING:
+    from .core import AvailabilityTracker
+    from .gossip import snapshot
+
+log = logging.getLogger(__name__)
+
+# Any fixed number serves, as long as every tracker process uses the same one (and it differs from
+# the migration lock in db.py).
+SWEEP_LOCK_KEY = 0x5EE9_7AC3
+
+
+@dataclass(frozen=True, kw_only=True)
+class SweepReport:
+    """What one pass did."""
+
+    #: The tracker clock's time the pass ran for.
+    now: float
+    #: False when another tracker on the same Postgres held the sweep lock, so this one skipped.
+    ran: bool
+    peers_marked_offline: int = 0
+    #: Rows deleted per table.
+    pruned: dict[str, int] = field(default_factory=dict)
+    snapshot_path: Path | None = None
+    #: Wall-clock seconds the pass took.
+    duration_s: float = 0.0
+
+
+async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> SweepReport:
+    """Run one pass for ``now`` (default: the tracker's clock). Safe to run again at any time."""
+    config, engine = tracker.config, tracker.engine
+    now = config.clock() if now is None else now
+    started = time.perf_counter()
+    async with _sweep_lock(engine) as acquired:
+        if not acquired:
+            return SweepReport(now=now, ran=False, duration_s=time.perf_counter() - started)
+        node_id = tracker.node_id
+
+        async def expire(conn: AsyncConnection) -> int:
+            return await q.mark_stale_offline(conn, node_id, now, config.peer_timeout)
+
+        offline = await db.run_write(engine, expire, config.write_retries)
+        batch, retries = config.sweep_batch_size, config.write_retries
+        pruned = {
+            "bandwidth_samples": await _prune_samples(tracker, now),
+            "upload_outcomes": await _drain(
+                engine,
+                retries,
+                batch,
+                lambda conn: q.prune_outcomes(conn, now - config.outcome_retention_s, batch),
+            ),
+            "content_peers": await _drain(
+                engine,
+                retries,
+                batch,
+                lambda conn: q.prune_tombstones(conn, now - config.tombstone_ttl_s, batch),
+            )
+            + await _drain(
+                engine,
+                retries,
+                batch,
+                lambda conn: q.prune_departed_mappings(conn, now - config.offline_mapping_retention_s, batch),
+            ),
+        }
+        path = None
+        if config.snapshot_dir is not None:
+            path = await write_state_snapshot(tracker, Path(config.snapshot_dir), now)
+    report = SweepReport(
+        now=now,
+        ran=True,
+        peers_marked_offline=offline,
+        pruned=pruned,
+        snapshot_path=path,
+        duration_s=time.perf_counter() - started,
+    )
+    log.info(
+        "sweep done",
+        extra={
+            "action": "sweep",
+            "offline": offline,
+            "pruned": pruned,
+            "snapshot": str(path) if path else None,
+            "duration_s": report.duration_s,
+        },
+    )
+    return report
+
+
+class _LockHolder:
+    """Holds Postgres's session-level sweep lock on one connection for the length of a pass."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._conn: AsyncConnection | None = None
+
+    async def __aenter__(self) -> bool:
+        if self._engine.dialect.name != "postgresql":
+            return True  # one SQLite file: the write lock serializes passes; overlapping ones are idempotent
+        self._conn = await self._engine.connect()
+        acquired = bool(await self._conn.scalar(text(f"SELECT pg_try_advisory_lock({SWEEP_LOCK_KEY})")))
+        await self._conn.commit()
+        if not acquired:
+            await self._conn.close()
+            self._conn = None
+        return acquired
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._conn is not None:
+            try:
+                await self._conn.scalar(text(f"SELECT pg_advisory_unlock({SWEEP_LOCK_KEY})"))
+                await self._conn.commit()
+            finally:
+                await self._conn.close()  # a dropped connection releases the lock as well
+
+
+def _sweep_lock(engine: AsyncEngine) -> _LockHolder:
+    return _LockHolder(engine)
+
+
+async def _drain(
+    engine: AsyncEngine, retries: int, batch: int, step: Callable[[AsyncConnection], Awaitable[int]]
+) -> int:
+    """Repeat a bounded delete, one short transaction each, until a batch comes back short."""
+    total = 0
+    while True:
+        deleted = await db.run_write(engine, step, retries)
+        total += deleted
+        if deleted < batch:
+            return total
+        await asyncio.sleep(0)  # let request handlers in between batches
+
+
+async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
+    """Prune samples beyond each peer's window and older than retention, examining only peers written
+    since the previous pass minus the retention (only they can hold such samples), a slice at a time."""
+    config, engine = tracker.config, tracker.engine
+    cutoff = now - config.sample_retention_s
+    since = tracker._sweep_state.samples_pruned_at
+    touched_since = -1.0 if since is None else since - config.sample_retention_s
+    slice_size = max(1, config.sweep_batch_size // max(1, config.bandwidth_window))
+    total, after = 0, 0
+    while True:
+
+        async def step(conn: AsyncConnection, after: int = after) -> tuple[int, int | None]:
+            ids = await q.sample_prune_candidates(conn, touched_since, after, slice_size)
+            if not ids:
+                return 0, None
+            return await q.prune_samples(conn, ids, config.bandwidth_window, cutoff), ids[-1]
+
+        deleted, last = await db.run_write(engine, step, config.write_retries)
+        total += deleted
+        if last is None:
+            break
+        after = last
+        await asyncio.sleep(0)
+    tracker._sweep_state.samples_pruned_at = now
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
+# Snapshot
+# ---------------------------------------------------------------------------------------------
+
+
+async def write_state_snapshot(tracker: AvailabilityTracker, directory: Path, now: float) -> Path:
+    """Write this database's whole gossip state to ``directory`` atomically; keep the newest K."""
+    from .gossip import snapshot
+
+    header = snapshot.SnapshotHeader(
+        format=snapshot.FORMAT, version=snapshot.VERSION, node=tracker.node_key, taken_at=now
+    )
+    async with tracker.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            # One consistent view across the three reads.
+            await conn.execution_options(isolation_level="REPEATABLE READ")
+        async with conn.begin():
+            return await snapshot.write_snapshot(
+                directory,
+                header,
+                _state_records(conn, tracker.config.bandwidth_window),
+                keep=tracker.config.snapshot_keep,
+            )
+
+
+async def _state_records(conn: AsyncConnection, window: int) -> AsyncIterator[snapshot.Record]:
+    from .gossip import snapshot
+
+    async for r in q.stream_peer_state(conn):
+        yield snapshot.PeerRecord(
+            origin=r[0],
+            peer=r[1],
+            first_seen=r[2],
+            online=bool(r[3]),
+            online_since=r[4],
+            last_seen=r[5],
+            uptime_s=r[6],
+            served=int(r[7]),
+            failed=int(r[8]),
+            success_weight=r[9],
+            failure_weight=r[10],
+            evidence_at=r[11],
+            speed_bps=r[12],
+            updated_at=r[13],
+        )
+    async for r in q.stream_latest_samples(conn, window):
+        yield snapshot.SampleRecord(origin=r[0], peer=r[1], at=r[2], bytes_per_sec=int(r[3]))
+    async for r in q.stream_mappings(conn):
+        yield snapshot.MappingRecord(
+            origin=r[0],
+            cid=r[1],
+            peer=r[2],
+            available=bool(r[3]),
+            since=r[4],
+            last_confirmed=r[5],
+            changed_at=r[6],
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# The background task
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepState:
+    """What the sweeper remembers between passes (per process)."""
+
+    samples_pruned_at: float | None = None
+    passes: int = 0
+    skipped: int = 0
+    failures: int = 0
+    last_report: SweepReport | None = None
+    last_error: str | None = None
+
+
+class SweeperTask:
+    """Runs ``sweep_once`` every ``update_interval`` (jittered) until stopped.
+
+    A failing pass is logged and counted, and the next one waits longer (doubling, capped at ten
+    intervals) so a database outage is not hammered. ``stop()`` lets a running pass finish for a
+    moment, then cancels it; a cancelled pass leaves no partial snapshot and its open transaction
+    rolls back.
+    """
+
+    STOP_GRACE_S = 0.5
+
+    def __init__(self, tracker: AvailabilityTracker) -> None:
+        self._tracker = tracker
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._random = random.Random()
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> None:
+        if self.running:
+            return
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name="peer-tracker-sweeper")
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._stop.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), self.STOP_GRACE_S)
+        except TimeoutError:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    def _delay(self, failures: int) -> float:
+        interval = self._tracker.config.update_interval
+        if failures:
+            return float(min(interval * 2**failures, interval * 10))
+        jitter = self._tracker.config.sweep_jitter
+        return interval * (1.0 + self._random.uniform(-jitter, jitter))
+
+    async def _run(self) -> None:
+        state = self._tracker._sweep_state
+        failures = 0
+        while True:
+            try:
+                await asyncio.wait_for(self._stop.wait(), self._delay(failures))
+                return
+            except TimeoutError:
+                pass
+            try:
+                report = await sweep_once(self._tracker)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                failures += 1
+                state.failures += 1
+                state.last_error = f"{type(error).__name__}: {error}"
+                log.exception("sweep failed", extra={"action": "sweep_failed", "consecutive": failures})
+            else:
+                failures = 0
+                state.last_report = report
+                if report.ran:
+                    state.passes += 1
+                else:
+                    state.skipped += 1
