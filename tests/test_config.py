@@ -53,12 +53,12 @@ def test_from_env_reads_tracker_variables() -> None:
         "TRACKER_PEER_TIMEOUT": "120",
         "TRACKER_BANDWIDTH_WINDOW": "5",
         "TRACKER_AUTO_MIGRATE": "false",
-        "TRACKER_REPUTATION_MIN_EVIDENCE": "3",
+        "TRACKER_REPUTATION_MIN_OUTCOMES": "3",
     }
     config = TrackerConfig.from_env(env)
     assert config.database_url == "postgresql+asyncpg://u@h/db"
     assert (config.peer_timeout, config.bandwidth_window, config.auto_migrate) == (120.0, 5, False)
-    assert config.reputation.min_evidence == 3.0
+    assert config.reputation.min_outcomes == 3.0
 
 
 def test_from_env_names_the_bad_variable() -> None:

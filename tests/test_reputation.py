@@ -79,7 +79,7 @@ def test_lifetime_counts_are_monotone_too(served: int, failed: int, uptime_s: fl
 
 def test_twenty_recent_failures_outweigh_a_thousand_old_successes() -> None:
     sw, fw, _, _ = _fold([(1.0, True)] * 1000 + [(1.0, False)] * 20)
-    assert rep.is_proven(sw, fw)
+    assert rep.is_proven(1000, 20)
     assert rep.reputation(sw, fw, uptime_s=1e9) < 0.3
 
 
@@ -207,3 +207,17 @@ async def test_write_path_folds_outcomes_exactly_like_the_python_twin(
         metrics.failure_weight, rep.decayed_weight(fw, at_last, now, PARAMS), rel_tol=1e-9, abs_tol=1e-9
     )
     assert metrics.chunks_served == sum(1 for _, ok in history if ok)
+
+
+async def test_a_peer_that_fails_rarely_but_always_is_excluded(
+    tracker: AvailabilityTracker, clock: FakeClock
+) -> None:
+    """Time decay must not keep a slow failer forever "unproven": proof counts lifetime outcomes."""
+    await tracker.record_batch([PeerOnline("slow"), ContentAvailable("cid", "slow")])
+    for _ in range(8):
+        clock.advance(240)  # heartbeats keep it online; one failure every four minutes
+        await tracker.record_batch([PeerOnline("slow"), UploadOutcome("slow", False)])
+    metrics = await tracker.get_peer_metrics("slow")
+    assert metrics is not None and metrics.is_proven
+    assert metrics.reputation_score is not None and metrics.reputation_score < tracker.config.min_reputation
+    assert await tracker.select_best_peers("cid", 1) == []

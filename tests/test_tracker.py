@@ -235,7 +235,28 @@ async def test_metrics_report_counts_times_and_a_consistent_score(
     assert m is not None
     assert (m.chunks_served, m.chunks_failed, m.online) == (1, 1, True)
     assert m.first_seen is not None and m.first_seen.timestamp() == t - 600
-    assert m.last_seen is not None and m.last_seen.timestamp() == t - 5
+    # the failure report at t - 5 is no sighting; the success at t - 10 is
+    assert m.last_seen is not None and m.last_seen.timestamp() == t - 10
     assert m.last_seen.tzinfo is not None and m.last_seen.utcoffset() == timedelta(0)
     assert m.uptime == timedelta(seconds=600)
     assert m.reputation_score == pytest.approx(m.calculate_reputation(), abs=1e-9)
+
+
+async def test_failure_reports_do_not_keep_a_departed_peer_online(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await tracker.record_batch([PeerOnline("p"), ContentAvailable("c", "p")])
+    for _ in range(5):  # downloaders keep reporting that p fails them
+        clock.advance(100)
+        await tracker.record_upload_failure("p")
+    assert await tracker.get_available_peers("c") == []
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and not metrics.online and metrics.chunks_failed == 5
+
+
+async def test_a_late_event_lowers_first_seen(tracker: AvailabilityTracker, clock: ManualClock) -> None:
+    await tracker.record_peer_online("p")
+    await tracker.record_peer_online("p", at=clock.now - 50)  # delivered late
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.first_seen is not None
+    assert metrics.first_seen.timestamp() == clock.now - 50

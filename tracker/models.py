@@ -63,8 +63,8 @@ class PeerMetrics:
 
     @property
     def is_proven(self) -> bool:
-        """Whether there is enough evidence for a low score to exclude this peer from selection."""
-        return rep.is_proven(*self.evidence, self.params)
+        """Whether there are enough lifetime outcomes for a low score to exclude this peer from selection."""
+        return rep.is_proven(self.chunks_served, self.chunks_failed, self.params)
 
 
 @dataclass(frozen=True, kw_only=True)

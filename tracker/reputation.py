@@ -14,7 +14,9 @@ The model (docs/reputation.md explains the why):
 * ``uptime_factor = 1 - (1 - uptime_floor) * 2**(-uptime_s / uptime_half_life_s)``: a newcomer starts
   at ``uptime_floor`` and approaches 1 as it proves it stays online.
 * ``reputation = success_rate * uptime_factor``, always within [0, 1].
-* A peer is *proven* once ``S + F >= min_evidence``; only proven peers are excluded for a low score.
+* A peer is *proven* once it has ``min_outcomes`` lifetime outcomes (exact counters, never decayed);
+  only proven peers are excluded for a low score, so a newcomer is tried before it is judged, and a
+  peer that fails rarely but always is still judged.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ class ReputationParams:
     evidence_half_life_s: float = 3600.0
     uptime_floor: float = 0.8
     uptime_half_life_s: float = 1800.0
-    min_evidence: float = 5.0
+    min_outcomes: float = 5.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -57,8 +59,8 @@ class ReputationParams:
                 raise ConfigError(f"reputation.{name} must be > 0, got {getattr(self, name)!r}")
         if not 0.0 <= self.uptime_floor <= 1.0:
             raise ConfigError(f"reputation.uptime_floor must be within [0, 1], got {self.uptime_floor!r}")
-        if self.min_evidence < 0:
-            raise ConfigError(f"reputation.min_evidence must be >= 0, got {self.min_evidence!r}")
+        if self.min_outcomes < 0:
+            raise ConfigError(f"reputation.min_outcomes must be >= 0, got {self.min_outcomes!r}")
 
     @property
     def outcome_decay(self) -> float:
@@ -92,7 +94,7 @@ def negligible_to_zero(weight: float) -> float:
 
 
 def half_life_decay(elapsed: float, half_life: float) -> float:
-    """``2 ** -(elapsed / half_life)``, clamped to [2**-1000, 1] (no growth for negative spans)."""
+    """``2 ** -(elapsed / half_life)``, clamped to [2**-500, 1] (no growth for negative spans)."""
     return float(2.0 ** -min(max(0.0, elapsed) / half_life, MAX_HALVINGS))
 
 
@@ -126,9 +128,9 @@ def reputation(
     return success_rate(successes, failures, params) * uptime_factor(uptime_s, params)
 
 
-def is_proven(successes: float, failures: float, params: ReputationParams = DEFAULT_PARAMS) -> bool:
-    """Whether a peer has enough evidence for a low score to exclude it."""
-    return successes + failures >= params.min_evidence
+def is_proven(served: int, failed: int, params: ReputationParams = DEFAULT_PARAMS) -> bool:
+    """Whether a peer has enough lifetime outcomes for a low score to exclude it."""
+    return served + failed >= params.min_outcomes
 
 
 def apply_outcome(
@@ -139,10 +141,11 @@ def apply_outcome(
     success: bool,
     params: ReputationParams = DEFAULT_PARAMS,
 ) -> tuple[float, float, float]:
-    """Fold one outcome into stored evidence; the twin of the write path's UPDATE (queries.py).
+    """Fold one outcome into stored evidence; the twin of the UPDATE in tracker/queries/writes.py.
 
-    An outcome older than the stored evidence (out of order) counts with its own age discount
-    instead of decaying the newer evidence backwards.
+    Every outcome, late or not, counts as one more outcome (older evidence keeps
+    ``2**(-1/outcome_half_life)`` of its weight). A late one (``at`` before the stored evidence time)
+    does not decay the newer evidence backwards in time; it enters with its own age discount.
     """
     last = at if evidence_at is None else evidence_at
     keep = params.outcome_decay * time_decay(at - last, params)
@@ -219,10 +222,10 @@ def sql_reputation(
 
 
 def sql_is_proven(
-    successes: ColumnElement[Any], failures: ColumnElement[Any], params: ReputationParams
+    served: ColumnElement[Any], failed: ColumnElement[Any], params: ReputationParams
 ) -> ColumnElement[bool]:
     """SQL twin of :func:`is_proven`."""
-    return (successes + failures) >= _num(params.min_evidence)
+    return (served + failed) >= _num(params.min_outcomes)
 
 
 def sql_apply_outcome(

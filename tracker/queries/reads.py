@@ -205,7 +205,7 @@ def _ranked_select(
 ) -> Precompiled:
     m = _merged(params, peer_stats.c.peer_id.in_(_holders()))
     score = rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params)
-    proven = rep.sql_is_proven(m.c.sw, m.c.fw, params)
+    proven = rep.sql_is_proven(m.c.served, m.c.failed, params)
     speed = func.coalesce(m.c.speed, num(0.0))
     rank = func.row_number().over(order_by=(score.desc(), speed.desc(), peers.c.peer_key))
     inner = (

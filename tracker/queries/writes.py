@@ -118,7 +118,7 @@ def _cid_of(event: Event) -> str | None:
 async def _upsert_keys(
     conn: AsyncConnection, dialect: str, table_name: str, keys: Iterable[tuple[str, float]]
 ) -> None:
-    """Insert unknown peer or content keys (first_seen = earliest time in the batch)."""
+    """Insert unknown peer or content keys; a late event older than a key's first_seen lowers it."""
     earliest: dict[str, float] = {}
     for key, at in keys:
         if key not in earliest or at < earliest[key]:
@@ -132,10 +132,12 @@ def _keys_upsert(dialect: str, table_name: str) -> Precompiled:
     table, key_column = (
         (peers, peers.c.peer_key) if table_name == "peers" else (contents, contents.c.content_key)
     )
-    stmt = (
-        insert_for(dialect, table)
-        .values({key_column.name: bindparam("k"), "first_seen": bindparam("t")})
-        .on_conflict_do_nothing(index_elements=[key_column.name])
+    stmt = insert_for(dialect, table).values({key_column.name: bindparam("k"), "first_seen": bindparam("t")})
+    # Only an older first sighting (a late event) touches an existing row.
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[key_column.name],
+        set_={"first_seen": stmt.excluded.first_seen},
+        where=stmt.excluded.first_seen < table.c.first_seen,
     )
     return Precompiled(stmt, dialect)
 
@@ -146,7 +148,9 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
 
     The inserted row is the event as a delta; ON CONFLICT merges it into the stored row.
     Presence is last-writer-wins by time: an event older than ``last_seen`` never flips the state.
-    A session that timed out before this event ends at the stored ``last_seen``.
+    A session that timed out before this event ends at the stored ``last_seen``. An event with
+    ``p_presence`` false (a failed upload: the reporter could not get the chunk, which is no sign the
+    peer is there) leaves presence and ``last_seen`` alone.
     """
     ins = insert_for(dialect, peer_stats).values(
         peer_id=peer_id_of("peer_key"),
@@ -165,7 +169,8 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
     )
     old, new = peer_stats.c, ins.excluded
     timeout = num(peer_timeout)
-    fresh = new.last_seen >= old.last_seen
+    presence = bindparam("p_presence", type_=Boolean())
+    fresh = and_(presence, new.last_seen >= old.last_seen)
     alive = and_(old.online, old.last_seen >= new.last_seen - timeout)
     continues = and_(new.online, alive)
     session_end = case((alive, new.last_seen), else_=old.last_seen)
@@ -182,7 +187,9 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
             ),
             "uptime_s": old.uptime_s
             + case((and_(fresh, old.online, ~continues), session_end - old.online_since), else_=num(0.0)),
-            "last_seen": greatest(dialect, old.last_seen, new.last_seen),
+            "last_seen": case(
+                (presence, greatest(dialect, old.last_seen, new.last_seen)), else_=old.last_seen
+            ),
             "served_count": old.served_count + new.served_count,
             "failed_count": old.failed_count + new.failed_count,
             "success_weight": case(
@@ -227,15 +234,16 @@ async def _upsert_peer_stats(
     rows = []
     for t in ordered:
         event = t.event
-        heartbeat = not isinstance(event, PeerOffline)
         outcome = isinstance(event, UploadOutcome)
         success = outcome and event.success  # type: ignore[union-attr]
         failure = outcome and not event.success  # type: ignore[union-attr]
+        heartbeat = not isinstance(event, PeerOffline) and not failure
         rows.append(
             {
                 "peer_key": event.peer_id,
                 "node_id": node_id,
                 "p_online": heartbeat,
+                "p_presence": not failure,
                 "p_online_since": t.at if heartbeat else None,
                 "p_at": t.at,
                 "p_served": int(success),
