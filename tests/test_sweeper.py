@@ -191,3 +191,46 @@ async def test_the_background_sweeper_survives_a_failing_pass_and_stops_promptly
         started = time.monotonic()
     assert time.monotonic() - started < 1.0
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "peer-tracker-sweeper"]
+
+
+async def test_a_sweep_writes_a_snapshot_that_decodes_back_to_the_state(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    from tracker.gossip.snapshot import read_snapshot
+
+    directory = tmp_path / "snapshots"
+    with_snapshots = replace(config, snapshot_dir=str(directory), snapshot_keep=2)
+    async with AvailabilityTracker(with_snapshots) as tracker:
+        t = clock.now - 100
+        events: list[Event] = []
+        for peer in ("a", "b", "c"):
+            events += [PeerOnline(peer, at=t), ContentAvailable("movie", peer, at=t)]
+            events += [SpeedSample(peer, 1_000 * k, at=t + k) for k in range(1, 13)]
+            events += [UploadOutcome(peer, k % 3 != 0, at=t + 20 + k) for k in range(6)]
+        await tracker.record_batch(events)
+        await tracker.record_content_unavailable("movie", "c", at=t + 50)
+
+        paths = []
+        for _ in range(3):
+            clock.advance(1)
+            paths.append((await tracker.sweep()).snapshot_path)
+        assert all(p is not None for p in paths)
+        assert sorted(directory.iterdir()) == sorted(p for p in paths[1:] if p is not None)
+        assert not [p for p in directory.iterdir() if p.name.endswith(".tmp")]
+
+        state = await read_snapshot(paths[-1])  # type: ignore[arg-type]
+        assert state.header.node == tracker.node_key and state.header.taken_at == clock.now
+        by_peer = {r.peer: r for r in state.peers}
+        assert sorted(by_peer) == ["a", "b", "c"]
+        for peer, record in by_peer.items():
+            metrics = await tracker.get_peer_metrics(peer)
+            assert metrics is not None
+            assert record.origin == tracker.node_key
+            assert (record.served, record.failed) == (metrics.chunks_served, metrics.chunks_failed)
+            assert round(record.speed_bps or 0) == metrics.download_speed
+        assert len(state.samples) == 3 * tracker.config.bandwidth_window
+        assert {(m.cid, m.peer, m.available) for m in state.mappings} == {
+            ("movie", "a", True),
+            ("movie", "b", True),
+            ("movie", "c", False),
+        }
