@@ -113,6 +113,8 @@ class TrackerConfig:
             ("max_batch_events", 1),
             ("write_retries", 0),
             ("pool_size", 1),
+            ("sweep_batch_size", 1),
+            ("snapshot_keep", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -140,7 +142,7 @@ class TrackerConfig:
         """Build a config from ``TRACKER_*`` variables; keyword overrides win.
 
         ``TRACKER_DATABASE_URL``, ``TRACKER_PEER_TIMEOUT`` ... name each top-level field in upper case;
-        reputation parameters are ``TRACKER_REPUTATION_<FIELD>`` (e.g. ``TRACKER_REPUTATION_MIN_EVIDENCE``).
+        reputation parameters are ``TRACKER_REPUTATION_<FIELD>`` (e.g. ``TRACKER_REPUTATION_MIN_OUTCOMES``).
         """
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}

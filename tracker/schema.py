@@ -20,6 +20,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    text,
 )
 
 NAMING_CONVENTION = {
@@ -143,6 +144,6 @@ Index("ix_content_peers_peer", content_peers.c.peer_id, content_peers.c.content_
 Index(
     "ix_content_peers_tombstones",
     content_peers.c.changed_at,
-    sqlite_where=~content_peers.c.available,
-    postgresql_where=~content_peers.c.available,
+    sqlite_where=text("NOT available"),
+    postgresql_where=text("NOT available"),
 )

@@ -128,12 +128,19 @@ class _LockHolder:
         return acquired
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._conn is not None:
-            try:
-                await self._conn.scalar(text(f"SELECT pg_advisory_unlock({SWEEP_LOCK_KEY})"))
-                await self._conn.commit()
-            finally:
-                await self._conn.close()  # a dropped connection releases the lock as well
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await conn.scalar(text(f"SELECT pg_advisory_unlock({SWEEP_LOCK_KEY})"))
+            await conn.commit()
+        except BaseException:
+            # Unlock failed (or we were cancelled): drop the server connection itself, which releases
+            # the lock, rather than return a lock-holding connection to the pool.
+            await conn.invalidate()
+            raise
+        finally:
+            await conn.close()
 
 
 def _sweep_lock(engine: AsyncEngine) -> _LockHolder:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, delete, func, select, tuple_, update
+from sqlalchemy import Integer, bindparam, delete, func, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
@@ -84,7 +84,8 @@ async def prune_tombstones(conn: AsyncConnection, cutoff: float, limit: int) -> 
     cp = content_peers.c
     oldest = (
         select(cp.content_id, cp.peer_id)
-        .where(~cp.available, cp.changed_at < cutoff)
+        # Spelled exactly like the partial index's predicate, or SQLite will not use that index.
+        .where(text("NOT available"), cp.changed_at < cutoff)
         .order_by(cp.changed_at)
         .limit(limit)
     )
