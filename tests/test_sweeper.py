@@ -196,7 +196,7 @@ async def test_the_background_sweeper_survives_a_failing_pass_and_stops_promptly
 async def test_a_sweep_writes_a_snapshot_that_decodes_back_to_the_state(
     config: TrackerConfig, clock: ManualClock, tmp_path: Path
 ) -> None:
-    from tracker.gossip.snapshot import read_snapshot
+    from tracker.gossip.files import read_snapshot
 
     directory = tmp_path / "snapshots"
     with_snapshots = replace(config, snapshot_dir=str(directory), snapshot_keep=2)

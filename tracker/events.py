@@ -52,9 +52,13 @@ def validate_time(value: object, what: str = "at") -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidInput(f"{what} must be Unix seconds (a number), got {value!r}")
-    if not math.isfinite(value) or value < 0:
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int too large for a float
+        raise InvalidInput(f"{what} is out of range for a Unix time, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0:
         raise InvalidInput(f"{what} must be a finite, non-negative Unix time, got {value!r}")
-    return float(value)
+    return seconds
 
 
 @dataclass(frozen=True, slots=True)

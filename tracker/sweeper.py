@@ -20,11 +20,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
+from .gossip import files, snapshot
 from .queries import sweep as q
 
 if TYPE_CHECKING:
     from .core import AvailabilityTracker
-    from .gossip import snapshot
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +194,6 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
 
 async def write_state_snapshot(tracker: AvailabilityTracker, directory: Path, now: float) -> Path:
     """Write this database's whole gossip state to ``directory`` atomically; keep the newest K."""
-    from .gossip import snapshot
-
     header = snapshot.SnapshotHeader(
         format=snapshot.FORMAT, version=snapshot.VERSION, node=tracker.node_key, taken_at=now
     )
@@ -204,7 +202,7 @@ async def write_state_snapshot(tracker: AvailabilityTracker, directory: Path, no
             # One consistent view across the three reads.
             await conn.execution_options(isolation_level="REPEATABLE READ")
         async with conn.begin():
-            return await snapshot.write_snapshot(
+            return await files.write_snapshot(
                 directory,
                 header,
                 _state_records(conn, tracker.config.bandwidth_window),
@@ -213,8 +211,6 @@ async def write_state_snapshot(tracker: AvailabilityTracker, directory: Path, no
 
 
 async def _state_records(conn: AsyncConnection, window: int) -> AsyncIterator[snapshot.Record]:
-    from .gossip import snapshot
-
     async for r in q.stream_peer_state(conn):
         yield snapshot.PeerRecord(
             origin=r[0],

@@ -1,0 +1,184 @@
+"""Snapshot files: atomic writes (temp file, fsync, rename), pruning to the newest K, reading back.
+
+The format itself lives in ``snapshot.py``; this module only moves its bytes to and from disk, off
+the event loop. Files are gzip-compressed and named ``snapshot-<taken_at in ms, 15 digits>-<node>.jsonl.gz``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import io
+import os
+import re
+import secrets
+import zlib
+from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+from ..errors import InvalidInput
+from .snapshot import Record, Snapshot, SnapshotError, SnapshotHeader, _Lines, _show, decode
+
+_CHUNK_BYTES = 256 * 1024  # per thread hop, writing and reading
+_FILE_NAME = re.compile(r"snapshot-(\d{15})-([A-Za-z0-9._-]{1,64})\.jsonl\.gz")
+_MAX_TAKEN_AT_S = 1e12  # keeps the millisecond stamp in its 15 digits (until the year 33658)
+
+
+def snapshot_name(header: SnapshotHeader) -> str:
+    """``snapshot-<taken_at in ms, 15 digits>-<node>.jsonl.gz``: sorts by time, one per node and ms."""
+    name = f"snapshot-{int(min(header.taken_at, _MAX_TAKEN_AT_S) * 1000):015d}-{header.node}.jsonl.gz"
+    if header.taken_at >= _MAX_TAKEN_AT_S or not _FILE_NAME.fullmatch(name):
+        raise SnapshotError(f"node {_show(header.node)} at {header.taken_at!r} cannot name a snapshot file")
+    return name
+
+
+def _snapshots(directory: Path) -> list[tuple[int, str, Path]]:
+    """(millis, node, path) of every snapshot file in ``directory``, oldest first; nothing else."""
+    with os.scandir(directory) as entries:
+        found = [(_FILE_NAME.fullmatch(e.name), e) for e in entries if e.is_file(follow_symlinks=False)]
+    return sorted((int(match[1]), match[2], Path(e.path)) for match, e in found if match)
+
+
+class _TempFile:
+    """A snapshot being written: gzip into a hidden temp file, then published by an atomic rename.
+
+    Every method runs on one worker thread in submission order, so a ``discard`` queued after a write
+    whose awaiting task was cancelled still runs only once that write is done with the file.
+    """
+
+    def __init__(self, directory: Path, final: Path) -> None:
+        self.directory, self.final = directory, final
+        self.path = directory / f".{final.name}.{secrets.token_hex(6)}.tmp"
+        self.gzip = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+        self.created = self.published = False
+
+    def create(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # Unbuffered, so closing it (in discard) has nothing left to flush, or to fail on.
+        self.file = io.FileIO(self.path, "xb")
+        self.created = True
+
+    def write(self, data: bytes) -> None:
+        self.file.write(self.gzip.compress(data))
+
+    def commit(self) -> None:
+        self.file.write(self.gzip.flush())
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.path, self.final)
+        self.published = True
+        if os.name == "posix":  # make the rename itself durable; Windows cannot open a directory
+            fd = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    def discard(self) -> None:
+        if self.created and not self.published:
+            try:
+                self.file.close()
+            finally:
+                self.path.unlink(missing_ok=True)
+
+    def prune(self, node: str, keep: int) -> None:
+        """Delete all but ``node``'s newest ``keep`` snapshots, but never the one just written."""
+        mine = [path for _, owner, path in _snapshots(self.directory) if owner == node]
+        for path in mine[:-keep]:
+            if path != self.final:  # it is older than another: the clock went back; keep it anyway
+                path.unlink(missing_ok=True)
+
+
+async def write_snapshot(
+    directory: Path, header: SnapshotHeader, records: Iterable[Record] | AsyncIterable[Record], keep: int
+) -> Path:
+    """Write a gzip snapshot atomically into ``directory`` (created if missing); return its path.
+
+    Readers only ever see complete files: the data goes to a hidden ``.tmp`` file that is fsynced and
+    renamed into place. On any error or cancellation before the rename the temp file is removed and
+    no snapshot appears. Then only ``header.node``'s newest ``keep`` snapshots are kept; other files,
+    other nodes' snapshots included, are never touched. File I/O and compression run on a worker
+    thread, about 256 KiB per hop, so the event loop never waits on the disk.
+    """
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise InvalidInput(f"keep must be an integer >= 1, got {_show(keep)}")
+    lines = _Lines(header)
+    temp = _TempFile(Path(directory), Path(directory) / snapshot_name(header))
+    loop = asyncio.get_running_loop()
+    worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-tracker-snapshot")
+    pending, pending_bytes = [lines.header], 0
+
+    async def run(call: Callable[[], None]) -> None:
+        await loop.run_in_executor(worker, call)
+
+    async def add(line: bytes) -> None:
+        nonlocal pending_bytes
+        pending.append(line)
+        if (pending_bytes := pending_bytes + len(line)) >= _CHUNK_BYTES:
+            chunk, pending_bytes = b"".join(pending), 0
+            pending.clear()
+            await run(partial(temp.write, chunk))
+
+    try:
+        await run(temp.create)
+        if isinstance(records, AsyncIterable):
+            iterator = aiter(records)
+            try:
+                async for record in iterator:
+                    await add(lines.record(record))
+            finally:  # an async generator stopped early must release what it holds (a DB cursor)
+                if (aclose := getattr(iterator, "aclose", None)) is not None:
+                    await aclose()
+        else:
+            for record in records:
+                await add(lines.record(record))
+        pending.append(lines.trailer())
+        await run(partial(temp.write, b"".join(pending)))
+        await run(temp.commit)
+        await run(partial(temp.prune, header.node, keep))
+    except BaseException:
+        await run(temp.discard)
+        raise
+    finally:
+        worker.shutdown(wait=False)  # a discard still queued (cancelled twice) runs all the same
+    return temp.final
+
+
+def _read(path: Path) -> Snapshot:
+    newlines = 0
+
+    def chunks(stream: gzip.GzipFile) -> Iterator[bytes]:
+        nonlocal newlines
+        while chunk := stream.read(_CHUNK_BYTES):
+            newlines += chunk.count(b"\n")
+            yield chunk
+
+    try:
+        with gzip.open(path, "rb") as stream:
+            return decode(chunks(stream))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise SnapshotError(
+            f"{path.name}: line {newlines + 1} or later: corrupt gzip data ({error})"
+        ) from None
+    except SnapshotError as error:
+        raise SnapshotError(f"{path.name}: {error}") from None
+
+
+async def read_snapshot(path: Path) -> Snapshot:
+    """Read and validate a snapshot file on a worker thread; ``SnapshotError`` names file and line."""
+    return await asyncio.to_thread(_read, Path(path))
+
+
+def _latest(directory: Path, node: str | None) -> Path | None:
+    try:
+        found = _snapshots(directory)
+    except FileNotFoundError:
+        return None
+    return next((path for _, owner, path in reversed(found) if node in (None, owner)), None)
+
+
+async def latest_snapshot(directory: Path, node: str | None = None) -> Path | None:
+    """The newest snapshot file in ``directory`` (of ``node`` if given), or ``None`` if there is none."""
+    return await asyncio.to_thread(_latest, Path(directory), node)
