@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Self
@@ -23,6 +23,7 @@ from .events import (
     check_batch,
     validate_id,
 )
+from .ingest import GroupCommitter, GroupStats
 from .models import ContentAvailability, PeerInfo, PeerMetrics, from_unix
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
@@ -46,6 +47,7 @@ class AvailabilityTracker:
         self._node_key: str | None = None
         self._sweep_state = SweepState()
         self._sweeper: SweeperTask | None = None
+        self._committer = GroupCommitter(self._apply, self.config.max_batch_events)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -82,8 +84,9 @@ class AvailabilityTracker:
             self.start_sweeper()
 
     async def close(self) -> None:
-        """Stop the sweeper, then release every connection. Safe to call twice."""
+        """Stop the sweeper, let queued writes commit, then release every connection. Safe to call twice."""
         await self.stop_sweeper()
+        await self._committer.drain()
         engine, self._engine = self._engine, None
         if engine is not None:
             await engine.dispose()
@@ -148,6 +151,8 @@ class AvailabilityTracker:
         """Apply many events in one transaction, all or nothing; returns how many were applied.
 
         One bad event rejects the whole batch with ``InvalidInput`` naming its index and the reason.
+        Concurrent calls share transactions (group commit, see ``tracker.ingest``); each returns once
+        the transaction holding its events has committed.
         """
         now = self.config.clock()
         checked = check_batch(
@@ -156,13 +161,23 @@ class AvailabilityTracker:
         if not checked:
             return 0
         timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
-        engine, node_id = self.engine, self.node_id
+        self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
+        await self._committer.submit(timed)
+        return len(timed)
+
+    async def _apply(self, timed: Sequence[queries.Timed]) -> None:
+        """Apply events in one write transaction (the group committer's unit of work)."""
+        engine, node_id, config, now = self.engine, self.node_id, self.config, self.config.clock()
 
         async def work(conn: AsyncConnection) -> None:
-            await queries.apply_events(conn, self.config.dialect, node_id, timed, self.config, now)
+            await queries.apply_events(conn, config.dialect, node_id, timed, config, now)
 
-        await db.run_write(engine, work, self.config.write_retries)
-        return len(timed)
+        await db.run_write(engine, work, config.write_retries)
+
+    @property
+    def ingest_stats(self) -> GroupStats:
+        """How many requests and events were committed in how many transactions (group commit)."""
+        return self._committer.stats
 
     async def record(self, event: Event) -> None:
         """Apply one event (the single-event methods below are this with the event built for you)."""

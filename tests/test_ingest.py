@@ -1,0 +1,113 @@
+"""Group commit: concurrent writers share transactions, and no request's failure is another's."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.events import PeerOnline, UploadOutcome
+from tracker.ingest import GroupCommitter
+from tracker.queries import Timed
+
+
+async def test_concurrent_callers_share_transactions_and_every_event_lands(
+    tracker: AvailabilityTracker,
+) -> None:
+    async def caller(k: int) -> None:
+        for i in range(20):
+            await tracker.record_upload_success(f"peer-{k % 7}", cid=f"c{i}")
+
+    await asyncio.gather(*(caller(k) for k in range(100)))
+    stats = tracker.ingest_stats
+    assert stats.requests == 2000 and stats.events == 2000
+    assert stats.transactions < stats.requests / 5, stats
+    served = 0
+    for k in range(7):
+        metrics = await tracker.get_peer_metrics(f"peer-{k}")
+        assert metrics is not None
+        served += metrics.chunks_served
+    assert served == 2000
+
+
+async def test_close_commits_what_was_acknowledged_and_what_was_queued(config: TrackerConfig) -> None:
+    tracker = await AvailabilityTracker.open(config)
+    writers = [asyncio.create_task(tracker.record_upload_success("p")) for _ in range(300)]
+    await asyncio.sleep(0)  # let every writer queue its request
+    await tracker.close()
+    await asyncio.gather(*writers)
+    async with AvailabilityTracker(config) as reopened:
+        metrics = await reopened.get_peer_metrics("p")
+    assert metrics is not None and metrics.chunks_served == 300
+
+
+def _timed(peer: str) -> list[Timed]:
+    return [Timed(PeerOnline(peer), 1.0)]
+
+
+async def test_a_failing_request_fails_alone_and_the_rest_of_its_group_commits() -> None:
+    committed: list[list[str]] = []
+
+    async def apply(events: Sequence[Timed]) -> None:
+        await asyncio.sleep(0)  # a transaction takes a moment, so requests pile up behind it
+        keys = [t.event.peer_id for t in events]
+        if "poison" in keys:
+            raise RuntimeError("constraint violated by poison")
+        committed.append(keys)
+
+    committer = GroupCommitter(apply, max_events=1000)
+    results = await asyncio.gather(
+        *(committer.submit(_timed(p)) for p in ["a", "b", "poison", "c", "d"]), return_exceptions=True
+    )
+    assert [type(r).__name__ for r in results] == [
+        "NoneType",
+        "NoneType",
+        "RuntimeError",
+        "NoneType",
+        "NoneType",
+    ]
+    assert sorted(k for keys in committed for k in keys) == ["a", "b", "c", "d"]
+    assert committer.stats.isolated_retries == 1
+
+
+async def test_groups_never_exceed_the_event_limit() -> None:
+    sizes: list[int] = []
+
+    async def apply(events: Sequence[Timed]) -> None:
+        await asyncio.sleep(0)
+        sizes.append(len(events))
+
+    committer = GroupCommitter(apply, max_events=10)
+    await asyncio.gather(*(committer.submit(_timed(str(i)) * 3) for i in range(20)))
+    assert sum(sizes) == 60 and max(sizes) <= 10
+
+
+async def test_a_cancelled_caller_does_not_strand_the_others() -> None:
+    release = asyncio.Event()
+
+    async def apply(events: Sequence[Timed]) -> None:
+        await release.wait()
+
+    committer = GroupCommitter(apply, max_events=1000)
+    first = asyncio.create_task(committer.submit(_timed("first")))
+    await asyncio.sleep(0)
+    others = [asyncio.create_task(committer.submit(_timed(f"o{i}"))) for i in range(5)]
+    await asyncio.sleep(0)
+    first.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await asyncio.gather(*others)
+    # The cancelled request was already in the transaction in flight: it commits, unacknowledged.
+    assert committer.stats.requests == 6
+
+
+async def test_writing_after_close_is_refused(config: TrackerConfig) -> None:
+    from tracker import TrackerClosed
+
+    tracker = await AvailabilityTracker.open(config)
+    await tracker.close()
+    with pytest.raises(TrackerClosed):
+        await tracker.record_batch([UploadOutcome("p", True)])

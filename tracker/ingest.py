@@ -1,0 +1,127 @@
+"""Group commit: concurrent writers share transactions, and each awaits the commit holding its events.
+
+One transaction per call caps ingest at the database's commit rate (a few thousand per second through
+the async stack, see shared/LIMITS.md). Here the first caller starts a flusher task; while a transaction
+is in flight, new requests queue up and the flusher commits all of them in the next one. A lone caller
+pays no extra latency (nothing waits for a timer); a crowd shares fsyncs and statements.
+
+A request is acknowledged only when the transaction that contains it has committed, so an acknowledged
+event is durable. If a shared transaction fails for a reason other than a transient conflict (those are
+retried by ``db.run_write``), each of its requests is retried alone, so one request's failure is never
+another's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+from .queries import Timed
+
+log = logging.getLogger(__name__)
+
+Apply = Callable[[Sequence[Timed]], Awaitable[None]]
+
+
+@dataclass
+class GroupStats:
+    """How much coalescing happened: requests per transaction is ``requests / transactions``."""
+
+    requests: int = 0
+    events: int = 0
+    transactions: int = 0
+    isolated_retries: int = 0
+
+
+class GroupCommitter:
+    """Coalesces concurrent requests into shared transactions (see the module docstring)."""
+
+    def __init__(self, apply: Apply, max_events: int) -> None:
+        self._apply = apply
+        self._max_events = max_events
+        self._pending: list[tuple[Sequence[Timed], asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.stats = GroupStats()
+
+    async def submit(self, events: Sequence[Timed]) -> None:
+        """Return once ``events`` are committed, all together (raise if they were not)."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((events, future))
+        if self._flusher is None or self._flusher.done():
+            # Owned here, not by the caller: cancelling a caller must not strand the others' requests.
+            self._flusher = asyncio.create_task(self._flush(), name="peer-tracker-group-commit")
+        await future
+
+    async def drain(self) -> None:
+        """Wait until everything submitted so far is committed or failed (used by ``close()``)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def _flush(self) -> None:
+        try:
+            while self._pending:
+                await self._commit(self._take())
+        except BaseException as error:  # a bug or cancellation: nobody may wait forever
+            pending, self._pending = self._pending, []
+            for _, future in pending:
+                _settle(future, error if isinstance(error, Exception) else RuntimeError("ingest stopped"))
+            raise
+
+    async def _commit(self, group: list[tuple[Sequence[Timed], asyncio.Future[None]]]) -> None:
+        requests = [r for r in group if not r[1].cancelled()]
+        if not requests:
+            return
+        try:
+            await self._apply([t for events, _ in requests for t in events])
+        except Exception as error:
+            if len(requests) == 1:
+                _settle(requests[0][1], error)
+            else:
+                await self._isolate(requests)
+        else:
+            self._count(requests, transactions=1)
+            for _, future in requests:
+                _settle(future, None)
+
+    def _take(self) -> list[tuple[Sequence[Timed], asyncio.Future[None]]]:
+        """The oldest requests up to ``max_events`` events (always at least one request)."""
+        size, cut = 0, 0
+        for events, _ in self._pending:
+            if cut and size + len(events) > self._max_events:
+                break
+            size += len(events)
+            cut += 1
+        group, self._pending = self._pending[:cut], self._pending[cut:]
+        return group
+
+    async def _isolate(self, requests: list[tuple[Sequence[Timed], asyncio.Future[None]]]) -> None:
+        """A shared transaction failed: give each request its own, so only the culprit fails."""
+        log.warning(
+            "group commit failed; retrying its requests one by one",
+            extra={"action": "group_commit_isolate", "requests": len(requests)},
+        )
+        self.stats.isolated_retries += 1
+        for events, future in requests:
+            try:
+                await self._apply(events)
+            except Exception as error:
+                _settle(future, error)
+            else:
+                self._count([(events, future)], transactions=1)
+                _settle(future, None)
+
+    def _count(self, requests: list[tuple[Sequence[Timed], asyncio.Future[None]]], transactions: int) -> None:
+        self.stats.requests += len(requests)
+        self.stats.events += sum(len(events) for events, _ in requests)
+        self.stats.transactions += transactions
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled); its events may still have been written
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
