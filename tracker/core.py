@@ -61,6 +61,7 @@ class AvailabilityTracker:
     async def _start(self) -> None:
         engine = db.create_engine(self.config)
         try:
+            await db.ensure_wal(engine)
             if self.config.auto_migrate:
                 await db.migrate(engine)
             else:

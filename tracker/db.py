@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from .config import TrackerConfig
-from .errors import is_transient, translate
+from .errors import StorageError, is_transient, translate
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -58,9 +59,9 @@ def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        # No lock-taking statement here: journal_mode=WAL is set once per file by ensure_wal().
         cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute("PRAGMA foreign_keys=ON")
         try:
             cursor.execute("SELECT power(2.0, 0.5)")
@@ -72,6 +73,32 @@ def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+async def ensure_wal(engine: AsyncEngine, attempts: int = 50) -> None:
+    """Put an SQLite file in WAL mode (persistent, so once per file; a no-op on Postgres).
+
+    Switching the journal mode needs the file to itself and SQLite answers "database is locked" at
+    once instead of waiting on the busy timeout, so several processes opening a new file at the same
+    moment retry here, with back-off, without blocking the event loop.
+    """
+    if engine.dialect.name != "sqlite":
+        return
+    for attempt in range(attempts):
+        try:
+            async with engine.connect() as conn:
+                # On the bare aiosqlite connection: SQLAlchemy would open a transaction first, and
+                # the journal mode cannot change inside one.
+                raw: Any = (await conn.get_raw_connection()).driver_connection
+                async with raw.execute("PRAGMA journal_mode=WAL") as cursor:
+                    mode = await cursor.fetchone()
+                if mode is None or str(mode[0]).lower() != "wal":
+                    raise StorageError(f"SQLite refused WAL mode (journal_mode is {mode})")
+                return
+        except sqlite3.OperationalError as error:  # from the bare driver, so not wrapped by SQLAlchemy
+            if "locked" not in str(error) or attempt == attempts - 1:
+                raise StorageError(f"cannot put the SQLite file in WAL mode: {error}") from error
+            await asyncio.sleep(min(0.2, 0.005 * 2**attempt))
 
 
 @asynccontextmanager
