@@ -37,7 +37,8 @@ class AvailabilityTracker:
     ...         await t.record_content_available("cid-1", "peer-a")
     ...         print([p.peer_id for p in await t.select_best_peers("cid-1", 3)])
 
-    Every method is one transaction; a write either applies completely or not at all.
+    A write either applies completely or not at all, and returns once it is committed; concurrent
+    writes share transactions (group commit), so many coroutines can ingest at once cheaply.
     """
 
     def __init__(self, config: TrackerConfig | None = None) -> None:
