@@ -29,7 +29,10 @@ _DURATIONS = (
     "outcome_retention_s",
     "offline_mapping_retention_s",
     "tombstone_ttl_s",
+    "lease_ttl_s",
+    "slow_start_s",
 )
+STRATEGIES = ("best", "weighted")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,6 +65,18 @@ class TrackerConfig:
     write_retries: int = 8
     #: How long an SQLite writer waits for the file lock held by another connection or process.
     sqlite_busy_timeout_s: float = 30.0
+    #: How ``select_best_peers`` picks by default: ``"best"`` (deterministic) or ``"weighted"`` (random).
+    selection_strategy: str = "best"
+    #: A peer handed out by selection carries a lease this long, unless an outcome for it closes it first.
+    lease_ttl_s: float = 60.0
+    #: Open leases at which a peer is not handed out any more.
+    max_load_per_peer: int = 8
+    #: Weight of an unproven peer relative to a proven one with the same score (exploration).
+    exploration_share: float = 0.5
+    #: An unproven peer's lease cap grows from 1 to ``max_load_per_peer`` over this long after first seen.
+    slow_start_s: float = 60.0
+    #: Seed of the "weighted" strategy's random draws (``None``: unpredictable); for tests and simulations.
+    random_seed: int | None = None
     #: Start the sweeper when the tracker opens (``async with`` / ``open()``); stop it on close.
     run_sweeper: bool = False
     #: Each sweep waits ``update_interval`` +- this fraction, so many trackers do not sweep in lockstep.
@@ -115,6 +130,7 @@ class TrackerConfig:
             ("pool_size", 1),
             ("sweep_batch_size", 1),
             ("snapshot_keep", 1),
+            ("max_load_per_peer", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -127,6 +143,20 @@ class TrackerConfig:
             raise ConfigError(f"sweep_jitter must be within [0, 1), got {self.sweep_jitter!r}")
         if self.snapshot_dir is not None and not (isinstance(self.snapshot_dir, str) and self.snapshot_dir):
             raise ConfigError(f"snapshot_dir must be a directory path or None, got {self.snapshot_dir!r}")
+        if self.selection_strategy not in STRATEGIES:
+            raise ConfigError(
+                f"selection_strategy must be one of {STRATEGIES}, got {self.selection_strategy!r}"
+            )
+        if (
+            isinstance(self.exploration_share, bool)
+            or not isinstance(self.exploration_share, int | float)
+            or not (0.0 < self.exploration_share <= 1.0)
+        ):
+            raise ConfigError(f"exploration_share must be within (0, 1], got {self.exploration_share!r}")
+        if self.random_seed is not None and (
+            isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)
+        ):
+            raise ConfigError(f"random_seed must be an integer or None, got {self.random_seed!r}")
         if not isinstance(self.reputation, ReputationParams):
             raise ConfigError(f"reputation must be a ReputationParams, got {self.reputation!r}")
         if not callable(self.clock):
@@ -164,8 +194,12 @@ class TrackerConfig:
 
 
 def _field_type(cls: type, name: str) -> type:
-    default = next(f for f in dataclasses.fields(cls) if f.name == name).default
-    return type(default)
+    """The scalar type an environment value parses to, from the field's annotation (``int | None`` -> int)."""
+    annotation = str(next(f for f in dataclasses.fields(cls) if f.name == name).type)
+    for kind in (bool, int, float):
+        if annotation.split(" | ")[0] == kind.__name__:
+            return kind
+    return str
 
 
 def _parse(name: str, raw: str, kind: type) -> Any:

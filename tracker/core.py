@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import Self
@@ -10,7 +12,7 @@ from typing import Self
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db, queries
-from .config import TrackerConfig
+from .config import STRATEGIES, TrackerConfig
 from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed
 from .events import (
     ContentAvailable,
@@ -49,6 +51,7 @@ class AvailabilityTracker:
         self._sweep_state = SweepState()
         self._sweeper: SweeperTask | None = None
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events)
+        self._random = random.Random(self.config.random_seed)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -259,22 +262,47 @@ class AvailabilityTracker:
 
         return await db.run_read(self.engine, work)
 
-    async def select_best_peers(self, cid: str, n: int) -> list[PeerInfo]:
-        """The best ``n`` online holders of ``cid``, best first; proven unreliable peers never appear.
+    async def select_best_peers(
+        self, cid: str, n: int, *, strategy: str | None = None, seed: int | None = None
+    ) -> list[PeerInfo]:
+        """The best ``n`` online holders of ``cid`` to download from now, each handed a lease.
 
-        Ranked in SQL by reputation, then speed, then id. ``n <= 0`` or an unknown ``cid`` gives ``[]``.
+        ``strategy`` (default ``config.selection_strategy``): ``"best"`` ranks by reputation discounted
+        by current load, then speed, then id; ``"weighted"`` draws without replacement with probability
+        proportional to that quality (``seed`` makes the draw repeatable). Proven unreliable peers and
+        peers at their lease cap never appear; each returned peer carries one more lease until an
+        outcome for it is recorded or ``lease_ttl_s`` passes. ``n <= 0`` or an unknown ``cid`` gives ``[]``.
         """
         validate_id(cid, "cid")
         if isinstance(n, bool) or not isinstance(n, int):
             raise InvalidInput(f"n must be an integer, got {n!r}")
+        strategy = self.config.selection_strategy if strategy is None else strategy
+        if strategy not in STRATEGIES:
+            raise InvalidInput(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if n <= 0:
             return []
-        now, config = self.config.clock(), self.config
+        config, node_id = self.config, self.node_id
+        draw = float(self._random.random() * 1e6 if seed is None else random.Random(seed).random() * 1e6)
 
         async def work(conn: AsyncConnection) -> list[queries.RankedRow]:
-            return await queries.ranked_holders(conn, cid, now, config, limit=n, exclude_unreliable=True)
+            now = config.clock()
+            # Rank a few spares: a concurrent selector may fill a peer's last slot before we lock it.
+            ranked = await queries.ranked_holders(
+                conn, cid, now, config, limit=2 * n, mode=strategy, seed=draw
+            )
+            keys = [row.peer_key for row in ranked]
+            await queries.lock_peers(conn, config.dialect, keys)
+            loads = await queries.open_loads(conn, keys, now)
+            chosen = [row for row in ranked if loads.get(row.peer_key, 0) < row.capacity][:n]
+            await queries.grant_leases(
+                conn, config.dialect, node_id, cid, [row.peer_key for row in chosen], now, config.lease_ttl_s
+            )
+            return [
+                replace(row, load=loads.get(row.peer_key, 0), rank=rank)
+                for rank, row in enumerate(chosen, start=1)
+            ]
 
-        return [_peer_info(row) for row in await db.run_read(self.engine, work)]
+        return [_peer_info(row) for row in await db.run_write(self.engine, work, config.write_retries)]
 
     async def get_content_availability(self, cid: str) -> ContentAvailability | None:
         """Online holders of ``cid`` ranked (all of them, reliable or not); ``None`` for an unknown cid."""
@@ -285,7 +313,7 @@ class AvailabilityTracker:
             known, last_updated = await queries.content_last_updated(conn, cid)
             if not known:
                 return False, None, []
-            rows = await queries.ranked_holders(conn, cid, now, config, limit=None, exclude_unreliable=False)
+            rows = await queries.ranked_holders(conn, cid, now, config, limit=None, mode="all")
             return True, last_updated, rows
 
         known, last_updated, rows = await db.run_read(self.engine, work)
@@ -310,4 +338,6 @@ def _peer_info(row: queries.RankedRow) -> PeerInfo:
         evidence=row.evidence,
         proven=row.proven,
         last_seen=from_unix(row.last_seen),
+        load=row.load,
+        capacity=row.capacity,
     )

@@ -80,6 +80,10 @@ class PeerInfo:
     evidence: float = 0.0
     proven: bool = False
     last_seen: datetime | None = None
+    #: Open leases (downloads handed out and not yet reported) when this peer was ranked.
+    load: int = 0
+    #: The most leases this peer may carry now (lower for a newcomer in slow start).
+    capacity: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -147,3 +147,19 @@ Index(
     sqlite_where=text("NOT available"),
     postgresql_where=text("NOT available"),
 )
+
+peer_leases = Table(
+    "peer_leases",
+    metadata,
+    Column("id", Id, primary_key=True),
+    Column("peer_id", Id, ForeignKey("peers.id", ondelete="CASCADE"), nullable=False),
+    Column("content_id", Id, ForeignKey("contents.id", ondelete="CASCADE"), nullable=True),
+    Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), nullable=False),
+    Column("leased_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    comment="Assignments handed out by selection; a peer's load is its unexpired leases.",
+)
+# A peer's open leases (its load), and the oldest one an outcome closes.
+Index("ix_peer_leases_peer_expires", peer_leases.c.peer_id, peer_leases.c.expires_at)
+# The sweeper deletes lapsed leases oldest first.
+Index("ix_peer_leases_expires", peer_leases.c.expires_at)

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
 from .gossip import files, snapshot
+from .queries import prune_expired_leases
 from .queries import sweep as q
 
 if TYPE_CHECKING:
@@ -83,6 +84,9 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 retries,
                 batch,
                 lambda conn: q.prune_departed_mappings(conn, now - config.offline_mapping_retention_s, batch),
+            ),
+            "peer_leases": await _drain(
+                engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
         path = None

@@ -3,6 +3,7 @@
 ``writes`` applies batches of events; ``reads`` answers questions with one ranking statement each.
 """
 
+from .leases import grant_leases, lock_peers, open_loads, prune_expired_leases
 from .reads import (
     PeerRow,
     RankedRow,
@@ -21,6 +22,10 @@ __all__ = [
     "available_peer_keys",
     "content_last_updated",
     "ensure_local_node",
+    "grant_leases",
+    "lock_peers",
+    "open_loads",
     "peer_row",
+    "prune_expired_leases",
     "ranked_holders",
 ]

@@ -13,7 +13,7 @@ from sqlalchemy.sql.elements import ColumnElement
 from .. import reputation as rep
 from ..config import TrackerConfig
 from ..db import Precompiled
-from ..schema import content_peers, contents, peer_stats, peers
+from ..schema import content_peers, contents, peer_leases, peer_stats, peers
 from ._sql import num
 
 
@@ -48,6 +48,9 @@ class RankedRow:
     proven: bool
     speed_bps: float
     last_seen: float
+    #: Open leases when ranked, and the most this peer may carry.
+    load: int = 0
+    capacity: int = 0
 
 
 def _merged(params: rep.ReputationParams, where: ColumnElement[bool]) -> Any:
@@ -169,45 +172,92 @@ async def ranked_holders(
     config: TrackerConfig,
     *,
     limit: int | None,
-    exclude_unreliable: bool,
+    mode: str,
+    seed: float = 0.0,
 ) -> list[RankedRow]:
-    """Online holders of ``cid`` ranked by reputation, then speed, then id, with ROW_NUMBER.
+    """Online holders of ``cid`` ranked in SQL with ROW_NUMBER; the one place selection order is defined.
 
-    The one place the selection order is defined, so load-aware ranking can extend its score.
-    Proven peers under ``min_reputation`` are dropped when ``exclude_unreliable`` is set.
+    ``mode`` is ``"all"`` (every online holder by reputation, then speed, then id: availability
+    listings), ``"best"`` or ``"weighted"`` (selection: proven peers under ``min_reputation`` and peers
+    at their lease cap are left out, and the score is discounted by load; see docs/load-balancing.md).
     """
     statement = _ranked_select(
-        config.dialect,
-        config.reputation,
-        config.min_reputation if exclude_unreliable else None,
-        limit is not None,
+        config.dialect, config.reputation, _Selection.of(config), mode, limit is not None
     )
-    rows = await statement.fetch(conn, {"cid": cid, "limit": limit, **_times(now, config)})
+    params = {"cid": cid, "limit": limit, "seed": seed, **_times(now, config)}
+    rows = await statement.fetch(conn, params)
     return [
         RankedRow(
-            r[0],
-            int(r[1]),
-            float(r[2]),
-            float(r[3]),
-            float(r[4]),
-            float(r[5]),
-            bool(r[6]),
-            float(r[7]),
-            float(r[8]),
+            peer_key=r[0],
+            rank=int(r[1]),
+            reputation=float(r[2]),
+            success_rate=float(r[3]),
+            uptime_factor=float(r[4]),
+            evidence=float(r[5]),
+            proven=bool(r[6]),
+            speed_bps=float(r[7]),
+            last_seen=float(r[8]),
+            load=int(r[9]),
+            capacity=int(r[10]),
         )
         for r in rows
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class _Selection:
+    """The settings a selection statement is built with (hashable, so statements are cached)."""
+
+    min_reputation: float
+    max_load: int
+    exploration: float
+    slow_start_s: float
+
+    @classmethod
+    def of(cls, config: TrackerConfig) -> _Selection:
+        return cls(
+            config.min_reputation, config.max_load_per_peer, config.exploration_share, config.slow_start_s
+        )
+
+
 @cache
 def _ranked_select(
-    dialect: str, params: rep.ReputationParams, min_reputation: float | None, limited: bool
+    dialect: str, params: rep.ReputationParams, sel: _Selection, mode: str, limited: bool
 ) -> Precompiled:
+    t_now: ColumnElement[float] = bindparam("now", type_=Double())
     m = _merged(params, peer_stats.c.peer_id.in_(_holders()))
+    lease = peer_leases.c
+    loads = (
+        select(lease.peer_id, func.count().label("load"))
+        .where(lease.expires_at > t_now, lease.peer_id.in_(_holders()))
+        .group_by(lease.peer_id)
+        .subquery("loads")
+    )
     score = rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params)
     proven = rep.sql_is_proven(m.c.served, m.c.failed, params)
     speed = func.coalesce(m.c.speed, num(0.0))
-    rank = func.row_number().over(order_by=(score.desc(), speed.desc(), peers.c.peer_key))
+    load = func.coalesce(loads.c.load, 0)
+    cap = num(float(sel.max_load))
+    # Slow start: a newcomer's cap grows from 1 to max_load over slow_start_s after it was first seen.
+    ramp = cap * (t_now - peers.c.first_seen) / num(sel.slow_start_s)
+    capacity = case((proven, cap), (ramp < 1.0, num(1.0)), (ramp > cap, cap), else_=func.floor(ramp))
+    quality = score * case((proven, num(1.0)), else_=num(sel.exploration))
+    effective = quality * (num(1.0) - load / capacity)
+    if mode == "weighted":
+        # Efraimidis-Spirakis: the top n of ln(u)/w are a weighted sample without replacement. u is a
+        # hash of (peer, seed): portable SQL, and repeatable for a given seed.
+        x = func.sin(peers.c.id * num(12.9898) + bindparam("seed", type_=Double()) * num(78.233)) * num(
+            43758.5453
+        )
+        u = num(1e-12) + (x - func.floor(x)) * num(1.0 - 2e-12)
+        fastest = func.max(speed).over()
+        speed_factor = num(0.5) + num(0.5) * func.coalesce(speed / func.nullif(fastest, num(0.0)), num(1.0))
+        order: tuple[Any, ...] = ((func.ln(u) / (effective * speed_factor)).desc(), peers.c.peer_key)
+    elif mode == "best":
+        order = (effective.desc(), speed.desc(), peers.c.peer_key)
+    else:
+        order = (score.desc(), speed.desc(), peers.c.peer_key)
+    rank = func.row_number().over(order_by=order)
     inner = (
         select(
             peers.c.peer_key,
@@ -219,12 +269,15 @@ def _ranked_select(
             proven.label("proven"),
             speed.label("speed"),
             m.c.last_seen,
+            load.label("load"),
+            capacity.label("capacity"),
         )
         .join(peers, peers.c.id == m.c.peer_id)
+        .outerjoin(loads, loads.c.peer_id == m.c.peer_id)
         .where(m.c.online == 1)
     )
-    if min_reputation is not None:
-        inner = inner.where(~and_(proven, score < num(min_reputation)))
+    if mode != "all":
+        inner = inner.where(~and_(proven, score < num(sel.min_reputation)), load < capacity)
     ranked = inner.subquery("ranked")
     stmt = select(ranked).order_by(ranked.c.rank)
     if limited:

@@ -36,6 +36,7 @@ from ..events import (
 )
 from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
 from ._sql import content_id_of, greatest, num, peer_id_of
+from .leases import close_oldest_leases
 
 _IN_CHUNK = 500  # keys per IN (...) list: far below both engines' bind-parameter limits
 
@@ -95,6 +96,15 @@ async def apply_events(
     outcomes = [t for t in ordered if isinstance(t.event, UploadOutcome)]
     if outcomes:
         await record_outcomes(conn, dialect, node_id, outcomes)
+        await close_oldest_leases(
+            conn,
+            dialect,
+            [
+                {"peer_key": t.event.peer_id, "cid": t.event.cid, "p_at": t.at}
+                for t in outcomes
+                if isinstance(t.event, UploadOutcome)
+            ],
+        )
     samples = [t for t in ordered if isinstance(t.event, SpeedSample)]
     if samples:
         await record_samples(conn, dialect, node_id, samples)

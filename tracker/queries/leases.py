@@ -1,0 +1,112 @@
+"""Lease statements: how much load each peer carries, granting leases under a cap, closing and expiring them.
+
+The cap holds atomically: selection re-counts the chosen peers' open leases while holding their rows
+(``FOR UPDATE`` on Postgres; SQLite's write transaction is already exclusive), so two selectors can
+never both take a peer's last slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache
+from typing import Any
+
+from sqlalchemy import Double, Integer, bindparam, case, delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..db import Precompiled
+from ..schema import peer_leases, peers
+from ._sql import content_id_of, peer_id_of
+
+
+async def lock_peers(conn: AsyncConnection, dialect: str, peer_keys: Sequence[str]) -> None:
+    """Hold the chosen peers' rows until commit (Postgres), in peer_key order like the write path,
+    so a selection and an ingest batch can never deadlock."""
+    if dialect != "postgresql" or not peer_keys:
+        return
+    stmt = (
+        select(peers.c.id)
+        .where(peers.c.peer_key.in_(list(peer_keys)))
+        .order_by(peers.c.peer_key)
+        .with_for_update()
+    )
+    await conn.execute(stmt)
+
+
+async def open_loads(conn: AsyncConnection, peer_keys: Sequence[str], now: float) -> dict[str, int]:
+    """Open (unexpired) leases per peer, as of ``now``."""
+    if not peer_keys:
+        return {}
+    stmt = (
+        select(peers.c.peer_key, func.count(peer_leases.c.id))
+        .join(peer_leases, peer_leases.c.peer_id == peers.c.id)
+        .where(peers.c.peer_key.in_(list(peer_keys)), peer_leases.c.expires_at > now)
+        .group_by(peers.c.peer_key)
+    )
+    return {key: int(count) for key, count in (await conn.execute(stmt)).all()}
+
+
+async def grant_leases(
+    conn: AsyncConnection,
+    dialect: str,
+    node_id: int,
+    cid: str,
+    peer_keys: Sequence[str],
+    now: float,
+    ttl_s: float,
+) -> None:
+    """One lease per chosen peer, for ``cid``, expiring after ``ttl_s``."""
+    if peer_keys:
+        await _grant(dialect).executemany(
+            conn,
+            [
+                {"peer_key": key, "cid": cid, "node_id": node_id, "p_now": now, "p_expires": now + ttl_s}
+                for key in peer_keys
+            ],
+        )
+
+
+@cache
+def _grant(dialect: str) -> Precompiled:
+    stmt = insert(peer_leases).values(
+        peer_id=peer_id_of("peer_key"),
+        content_id=content_id_of("cid"),
+        node_id=bindparam("node_id", type_=Integer()),
+        leased_at=bindparam("p_now", type_=Double()),
+        expires_at=bindparam("p_expires", type_=Double()),
+    )
+    return Precompiled(stmt, dialect)
+
+
+async def close_oldest_leases(conn: AsyncConnection, dialect: str, outcomes: list[dict[str, Any]]) -> None:
+    """For each outcome (``peer_key``, ``cid`` or None, ``p_at``), close the peer's oldest open lease,
+    preferring one for the same content."""
+    if outcomes:
+        await _close(dialect).executemany(conn, outcomes)
+
+
+@cache
+def _close(dialect: str) -> Precompiled:
+    lease = peer_leases.c
+    oldest = (
+        select(lease.id)
+        .where(lease.peer_id == peer_id_of("peer_key"), lease.expires_at > bindparam("p_at", type_=Double()))
+        .order_by(case((lease.content_id == content_id_of("cid"), 0), else_=1), lease.leased_at, lease.id)
+        .limit(1)
+    )
+    if dialect == "postgresql":
+        # Two outcomes for one peer in concurrent transactions must close two different leases.
+        oldest = oldest.with_for_update(skip_locked=True)
+    return Precompiled(delete(peer_leases).where(lease.id == oldest.scalar_subquery()), dialect)
+
+
+async def prune_expired_leases(conn: AsyncConnection, now: float, limit: int) -> int:
+    """Delete up to ``limit`` lapsed leases (queries already ignore them)."""
+    lapsed = (
+        select(peer_leases.c.id)
+        .where(peer_leases.c.expires_at <= now)
+        .order_by(peer_leases.c.expires_at)
+        .limit(limit)
+    )
+    result = await conn.execute(delete(peer_leases).where(peer_leases.c.id.in_(lapsed)))
+    return int(result.rowcount or 0)
