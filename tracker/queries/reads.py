@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Double, Integer, Select, and_, bindparam, case, func, select
+from sqlalchemy import Double, Integer, Select, and_, bindparam, case, cast, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -235,33 +235,19 @@ def _ranked_select(
     )
     score = rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params)
     proven = rep.sql_is_proven(m.c.served, m.c.failed, params)
-    speed = func.coalesce(m.c.speed, num(0.0))
+    speed: ColumnElement[float] = cast(func.coalesce(m.c.speed, num(0.0)), Double())
     load = func.coalesce(loads.c.load, 0)
     cap = num(float(sel.max_load))
     # Slow start: a newcomer's cap grows from 1 to max_load over slow_start_s after it was first seen.
     ramp = cap * (t_now - peers.c.first_seen) / num(sel.slow_start_s)
     capacity = case((proven, cap), (ramp < 1.0, num(1.0)), (ramp > cap, cap), else_=func.floor(ramp))
     quality = score * case((proven, num(1.0)), else_=num(sel.exploration))
-    effective = quality * (num(1.0) - load / capacity)
-    if mode == "weighted":
-        # Efraimidis-Spirakis: the top n of ln(u)/w are a weighted sample without replacement. u is a
-        # hash of (peer, seed): portable SQL, and repeatable for a given seed.
-        x = func.sin(peers.c.id * num(12.9898) + bindparam("seed", type_=Double()) * num(78.233)) * num(
-            43758.5453
-        )
-        u = num(1e-12) + (x - func.floor(x)) * num(1.0 - 2e-12)
-        fastest = func.max(speed).over()
-        speed_factor = num(0.5) + num(0.5) * func.coalesce(speed / func.nullif(fastest, num(0.0)), num(1.0))
-        order: tuple[Any, ...] = ((func.ln(u) / (effective * speed_factor)).desc(), peers.c.peer_key)
-    elif mode == "best":
-        order = (effective.desc(), speed.desc(), peers.c.peer_key)
-    else:
-        order = (score.desc(), speed.desc(), peers.c.peer_key)
-    rank = func.row_number().over(order_by=order)
-    inner = (
+    # First layer: every candidate with the parts of its score, filtered; the ranking layer below
+    # may then use window values over the candidates (SQL forbids a window inside a window).
+    candidates = (
         select(
             peers.c.peer_key,
-            rank.label("rank"),
+            peers.c.id.label("peer_id"),
             score.label("reputation"),
             rep.sql_success_rate(m.c.sw, m.c.fw, params).label("success_rate"),
             rep.sql_uptime_factor(m.c.uptime_s, params).label("uptime_factor"),
@@ -271,14 +257,44 @@ def _ranked_select(
             m.c.last_seen,
             load.label("load"),
             capacity.label("capacity"),
+            (quality * (num(1.0) - load / capacity)).label("effective"),
         )
         .join(peers, peers.c.id == m.c.peer_id)
         .outerjoin(loads, loads.c.peer_id == m.c.peer_id)
         .where(m.c.online == 1)
     )
     if mode != "all":
-        inner = inner.where(~and_(proven, score < num(sel.min_reputation)), load < capacity)
-    ranked = inner.subquery("ranked")
+        candidates = candidates.where(~and_(proven, score < num(sel.min_reputation)), load < capacity)
+    # The fastest candidate, for the weighted strategy's speed factor (a window value, so one layer
+    # below the ranking: SQL forbids a window inside a window).
+    cand = candidates.subquery("candidates")
+    c = select(cand, func.max(cand.c.speed).over().label("fastest")).subquery("scored")
+    if mode == "weighted":
+        # Efraimidis-Spirakis: the top n of ln(u)/w are a weighted sample without replacement. u is a
+        # hash of (peer, seed): portable SQL, and repeatable for a given seed.
+        seed: ColumnElement[float] = bindparam("seed", type_=Double())
+        x = func.sin(c.c.peer_id * num(12.9898) + seed * num(78.233)) * num(43758.5453)
+        u = num(1e-12) + (x - func.floor(x)) * num(1.0 - 2e-12)
+        relative_speed = func.coalesce(c.c.speed / func.nullif(c.c.fastest, num(0.0)), num(1.0))
+        weight = c.c.effective * (num(0.5) + num(0.5) * relative_speed)
+        order: tuple[Any, ...] = ((func.ln(u) / weight).desc(), c.c.peer_key)
+    elif mode == "best":
+        order = (c.c.effective.desc(), c.c.speed.desc(), c.c.peer_key)
+    else:
+        order = (c.c.reputation.desc(), c.c.speed.desc(), c.c.peer_key)
+    ranked = select(
+        c.c.peer_key,
+        func.row_number().over(order_by=order).label("rank"),
+        c.c.reputation,
+        c.c.success_rate,
+        c.c.uptime_factor,
+        c.c.evidence,
+        c.c.proven,
+        c.c.speed,
+        c.c.last_seen,
+        c.c.load,
+        c.c.capacity,
+    ).subquery("ranked")
     stmt = select(ranked).order_by(ranked.c.rank)
     if limited:
         stmt = stmt.where(ranked.c.rank <= bindparam("limit", type_=Integer()))
