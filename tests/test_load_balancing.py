@@ -1,0 +1,229 @@
+"""Selection spreads load: leases, an atomic per-peer cap, and both strategies, on both engines."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from tracker import AvailabilityTracker, InvalidInput, TrackerConfig
+from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
+from tracker.schema import peer_leases, peers
+from tracker.testing import ManualClock
+
+WORKER = Path(__file__).with_name("lease_worker.py")
+
+
+def proven_peers(names: list[str], now: float, *, failures: int = 0, speed: int = 1_000_000) -> list[Event]:
+    """Peers online for an hour, holding "movie", each with 20 outcomes of which ``failures`` failed."""
+    events: list[Event] = []
+    for name in names:
+        events += [PeerOnline(name, at=now - 3600 + k * 200) for k in range(18)]
+        events += [ContentAvailable("movie", name, at=now - 3600), SpeedSample(name, speed, at=now - 10)]
+        events += [UploadOutcome(name, k >= failures, at=now - 100 + k) for k in range(20)]
+    return events
+
+
+async def open_leases(tracker: AvailabilityTracker) -> dict[str, int]:
+    async with tracker.engine.connect() as conn:
+        rows = await conn.execute(
+            select(peers.c.peer_key, func.count())
+            .join(peer_leases, peer_leases.c.peer_id == peers.c.id)
+            .where(peer_leases.c.expires_at > tracker.config.clock())
+            .group_by(peers.c.peer_key)
+        )
+        return {key: int(n) for key, n in rows.all()}
+
+
+async def test_each_selected_peer_gets_a_lease_and_an_outcome_closes_it(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await tracker.record_batch(proven_peers(["a", "b", "c"], clock.now))
+    chosen = await tracker.select_best_peers("movie", 2)
+    assert [p.load for p in chosen] == [0, 0]
+    assert await open_leases(tracker) == {p.peer_id: 1 for p in chosen}
+    await tracker.record_upload_success(chosen[0].peer_id, cid="movie")
+    assert await open_leases(tracker) == {chosen[1].peer_id: 1}
+
+
+async def test_leases_lapse_by_themselves_and_the_sweeper_deletes_them(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await tracker.record_batch(proven_peers(["a", "b"], clock.now))
+    await tracker.select_best_peers("movie", 2)
+    clock.advance(tracker.config.lease_ttl_s + 1)
+    assert await open_leases(tracker) == {}
+    report = await tracker.sweep()
+    assert report.pruned["peer_leases"] == 2
+
+
+async def test_best_discounts_load_so_downloaders_spread(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await tracker.record_batch(proven_peers(["a", "b", "c", "d"], clock.now))
+    first = [p.peer_id for p in await tracker.select_best_peers("movie", 2)]
+    second = [p.peer_id for p in await tracker.select_best_peers("movie", 2)]
+    assert set(first).isdisjoint(second), "the second downloader goes to the idle peers"
+
+
+async def test_a_peer_at_its_cap_is_not_handed_out(config: TrackerConfig, clock: ManualClock) -> None:
+    async with AvailabilityTracker(replace(config, max_load_per_peer=2)) as tracker:
+        await tracker.record_batch(proven_peers(["solo"], clock.now))
+        results = [await tracker.select_best_peers("movie", 1) for _ in range(4)]
+        assert [len(r) for r in results] == [1, 1, 0, 0]
+        await tracker.record_upload_failure("solo", cid="movie")  # one download finished
+        assert [p.peer_id for p in await tracker.select_best_peers("movie", 1)] == ["solo"]
+
+
+async def test_a_newcomer_is_tried_but_not_flooded_in_its_first_minute(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await tracker.record_batch([PeerOnline("rookie"), ContentAvailable("movie", "rookie")])
+    picks = [await tracker.select_best_peers("movie", 1) for _ in range(3)]
+    assert [len(p) for p in picks] == [1, 0, 0]  # slow start: capacity 1 right after it appeared
+    assert picks[0][0].capacity == 1 and not picks[0][0].proven
+    clock.advance(tracker.config.slow_start_s)
+    later = await tracker.select_best_peers("movie", 1)
+    assert later and later[0].capacity == tracker.config.max_load_per_peer
+
+
+async def test_unknown_strategy_is_rejected(tracker: AvailabilityTracker) -> None:
+    with pytest.raises(InvalidInput, match="strategy"):
+        await tracker.select_best_peers("movie", 1, strategy="fastest")
+
+
+async def test_weighted_is_repeatable_for_a_seed(tracker: AvailabilityTracker, clock: ManualClock) -> None:
+    await tracker.record_batch(proven_peers([f"p{i}" for i in range(12)], clock.now))
+    draws = []
+    for _ in range(2):
+        picked = await tracker.select_best_peers("movie", 3, strategy="weighted", seed=42)
+        draws.append([p.peer_id for p in picked])
+        for p in picked:
+            await tracker.record_upload_success(p.peer_id, cid="movie")
+    assert draws[0] == draws[1]
+
+
+@pytest.mark.timeout(600)
+async def test_the_cap_holds_for_10000_selections_from_20_concurrent_selectors(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    cap = 3
+    async with AvailabilityTracker(replace(config, max_load_per_peer=cap, lease_ttl_s=3600)) as tracker:
+        names = [f"p{i}" for i in range(8)]
+        await tracker.record_batch(proven_peers(names, clock.now))
+        rng = random.Random(7)
+        worst = 0
+
+        async def selector(k: int) -> None:
+            nonlocal worst
+            held: list[str] = []
+            for i in range(500):
+                picked = await tracker.select_best_peers(
+                    "movie", 2, strategy="weighted" if (k + i) % 2 else "best"
+                )
+                for p in picked:
+                    assert p.load < p.capacity <= cap  # it was below its cap when handed out
+                    held.append(p.peer_id)
+                while held and rng.random() < 0.5:  # downloads finish at random
+                    await tracker.record_upload_success(held.pop(rng.randrange(len(held))), cid="movie")
+                worst = max(worst, *(await open_leases(tracker)).values(), 0)
+
+        await asyncio.gather(*(selector(k) for k in range(20)))
+        assert worst <= cap
+        assert max((await open_leases(tracker)).values(), default=0) <= cap
+
+
+@pytest.mark.timeout(600)
+async def test_the_cap_holds_across_four_processes(config: TrackerConfig) -> None:
+    cap = 3
+    # The workers run on the real clock, so this test does too: leases must not lapse under them.
+    real = replace(config, clock=time.time)
+    async with AvailabilityTracker(real) as tracker:
+        await tracker.record_batch(proven_peers([f"p{i}" for i in range(6)], time.time()))
+    children = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(WORKER),
+            config.database_url,
+            "150",
+            str(cap),
+            str(seed),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for seed in range(4)
+    ]
+    results = await asyncio.gather(*(child.communicate() for child in children))
+    for child, (out, err) in zip(children, results, strict=True):
+        assert child.returncode == 0, err.decode()[-3000:]
+        assert out.decode().strip() == "done"
+    async with AvailabilityTracker(real) as tracker:
+        leases = await open_leases(tracker)
+    # 600 selections of 2 for 6 peers with a cap of 3 and no releases: every slot filled, none overfilled.
+    assert leases == {f"p{i}": cap for i in range(6)}
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("strategy", ["best", "weighted"])
+async def test_equal_peers_share_10000_selections_within_20_percent(
+    config: TrackerConfig, clock: ManualClock, strategy: str
+) -> None:
+    async with AvailabilityTracker(replace(config, random_seed=3)) as tracker:
+        names = [f"p{i:02d}" for i in range(20)]
+        await tracker.record_batch(proven_peers(names, clock.now))
+        rng = random.Random(11)
+        share: Counter[str] = Counter()
+        held: list[str] = []
+        for _ in range(10_000 // 3 + 1):
+            picked = await tracker.select_best_peers("movie", 3, strategy=strategy)
+            share.update(p.peer_id for p in picked)
+            held += [p.peer_id for p in picked]
+            done = [held.pop(rng.randrange(len(held))) for _ in range(len(held)) if rng.random() < 0.4]
+            if done:  # the same outcome for everyone keeps the peers equal
+                await tracker.record_batch([UploadOutcome(p, True, cid="movie") for p in done])
+    mean = sum(share.values()) / len(names)
+    assert sum(share.values()) >= 10_000
+    assert all(abs(share[n] - mean) <= 0.2 * mean for n in names), share
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("strategy", ["best", "weighted"])
+async def test_better_peers_are_chosen_more_and_proven_bad_ones_never(
+    config: TrackerConfig, clock: ManualClock, strategy: str
+) -> None:
+    async with AvailabilityTracker(replace(config, random_seed=5, max_load_per_peer=4)) as tracker:
+        events = proven_peers(["good"], clock.now, failures=1)  # ~0.9
+        events += proven_peers(["fair"], clock.now, failures=9)  # ~0.5
+        events += proven_peers(["bad"], clock.now, failures=18)  # < 0.3
+        events += proven_peers([f"filler{i}" for i in range(3)], clock.now, failures=6)
+        await tracker.record_batch(events)
+        rng = random.Random(1)
+        share: Counter[str] = Counter()
+        held: list[str] = []
+        for _ in range(600):
+            picked = await tracker.select_best_peers("movie", 2, strategy=strategy)
+            share.update(p.peer_id for p in picked)
+            held += [p.peer_id for p in picked]
+            done = [held.pop(rng.randrange(len(held))) for _ in range(len(held)) if rng.random() < 0.5]
+            if done:
+                # Releases without new outcomes that would move reputations: leases simply expire early.
+                async with tracker.engine.begin() as conn:
+                    for name in done:
+                        oldest = (
+                            select(peer_leases.c.id)
+                            .join(peers, peers.c.id == peer_leases.c.peer_id)
+                            .where(peers.c.peer_key == name)
+                            .order_by(peer_leases.c.leased_at, peer_leases.c.id)
+                            .limit(1)
+                            .scalar_subquery()
+                        )
+                        await conn.execute(peer_leases.delete().where(peer_leases.c.id == oldest))
+    assert share["bad"] == 0
+    assert share["good"] > share["fair"] > 0, share
