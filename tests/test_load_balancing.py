@@ -36,7 +36,7 @@ async def open_leases(tracker: AvailabilityTracker) -> dict[str, int]:
         rows = await conn.execute(
             select(peers.c.peer_key, func.count())
             .join(peer_leases, peer_leases.c.peer_id == peers.c.id)
-            .where(peer_leases.c.expires_at > tracker.config.clock())
+            .where(peer_leases.c.expires_at > tracker.config.clock(), peer_leases.c.closed_at.is_(None))
             .group_by(peers.c.peer_key)
         )
         return {key: int(n) for key, n in rows.all()}

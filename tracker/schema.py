@@ -157,7 +157,8 @@ peer_leases = Table(
     Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), nullable=False),
     Column("leased_at", Double, nullable=False),
     Column("expires_at", Double, nullable=False),
-    comment="Assignments handed out by selection; a peer's load is its unexpired leases.",
+    Column("closed_at", Double, nullable=True),
+    comment="Assignments handed out by selection; a peer's load is its open, unexpired leases.",
 )
 # A peer's open leases (its load), and the oldest one an outcome closes.
 Index("ix_peer_leases_peer_expires", peer_leases.c.peer_id, peer_leases.c.expires_at)

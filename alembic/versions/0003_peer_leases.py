@@ -29,6 +29,7 @@ def upgrade() -> None:
         sa.Column("node_id", sa.Integer(), nullable=False),
         sa.Column("leased_at", sa.Double(), nullable=False),
         sa.Column("expires_at", sa.Double(), nullable=False),
+        sa.Column("closed_at", sa.Double(), nullable=True),
         sa.ForeignKeyConstraint(
             ["peer_id"], ["peers.id"], name=op.f("fk_peer_leases_peer_id_peers"), ondelete="CASCADE"
         ),
@@ -45,7 +46,7 @@ def upgrade() -> None:
             ondelete="CASCADE",
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_peer_leases")),
-        comment="Assignments handed out by selection; a peer's load is its unexpired leases.",
+        comment="Assignments handed out by selection; a peer's load is its open, unexpired leases.",
     )
     op.create_index("ix_peer_leases_peer_expires", "peer_leases", ["peer_id", "expires_at"])
     op.create_index("ix_peer_leases_expires", "peer_leases", ["expires_at"])

@@ -11,8 +11,9 @@ from collections.abc import Sequence
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Double, Integer, bindparam, case, delete, func, insert, select
+from sqlalchemy import Double, Integer, bindparam, case, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from ..db import Precompiled
 from ..schema import peer_leases, peers
@@ -40,7 +41,11 @@ async def open_loads(conn: AsyncConnection, peer_keys: Sequence[str], now: float
     stmt = (
         select(peers.c.peer_key, func.count(peer_leases.c.id))
         .join(peer_leases, peer_leases.c.peer_id == peers.c.id)
-        .where(peers.c.peer_key.in_(list(peer_keys)), peer_leases.c.expires_at > now)
+        .where(
+            peers.c.peer_key.in_(list(peer_keys)),
+            peer_leases.c.expires_at > now,
+            peer_leases.c.closed_at.is_(None),
+        )
         .group_by(peers.c.peer_key)
     )
     return {key: int(count) for key, count in (await conn.execute(stmt)).all()}
@@ -80,7 +85,8 @@ def _grant(dialect: str) -> Precompiled:
 
 async def close_oldest_leases(conn: AsyncConnection, dialect: str, outcomes: list[dict[str, Any]]) -> None:
     """For each outcome (``peer_key``, ``cid`` or None, ``p_at``), close the peer's oldest open lease,
-    preferring one for the same content."""
+    preferring one for the same content. Closed leases stay until they expire: selection reads them to
+    know when each peer was last handed out."""
     if outcomes:
         await _close(dialect).executemany(conn, outcomes)
 
@@ -88,20 +94,22 @@ async def close_oldest_leases(conn: AsyncConnection, dialect: str, outcomes: lis
 @cache
 def _close(dialect: str) -> Precompiled:
     lease = peer_leases.c
+    at: ColumnElement[float] = bindparam("p_at", type_=Double())
     oldest = (
         select(lease.id)
-        .where(lease.peer_id == peer_id_of("peer_key"), lease.expires_at > bindparam("p_at", type_=Double()))
+        .where(lease.peer_id == peer_id_of("peer_key"), lease.expires_at > at, lease.closed_at.is_(None))
         .order_by(case((lease.content_id == content_id_of("cid"), 0), else_=1), lease.leased_at, lease.id)
         .limit(1)
     )
     if dialect == "postgresql":
         # Two outcomes for one peer in concurrent transactions must close two different leases.
         oldest = oldest.with_for_update(skip_locked=True)
-    return Precompiled(delete(peer_leases).where(lease.id == oldest.scalar_subquery()), dialect)
+    stmt = update(peer_leases).where(lease.id == oldest.scalar_subquery()).values(closed_at=at)
+    return Precompiled(stmt, dialect)
 
 
 async def prune_expired_leases(conn: AsyncConnection, now: float, limit: int) -> int:
-    """Delete up to ``limit`` lapsed leases (queries already ignore them)."""
+    """Delete up to ``limit`` lapsed leases, open or closed (queries already ignore them)."""
     lapsed = (
         select(peer_leases.c.id)
         .where(peer_leases.c.expires_at <= now)

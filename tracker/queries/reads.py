@@ -204,6 +204,10 @@ async def ranked_holders(
     ]
 
 
+#: "best" treats effective scores this close as a tie (then least recently leased, speed, id).
+SCORE_RESOLUTION = 0.02
+
+
 @dataclass(frozen=True, slots=True)
 class _Selection:
     """The settings a selection statement is built with (hashable, so statements are cached)."""
@@ -228,7 +232,11 @@ def _ranked_select(
     m = _merged(params, peer_stats.c.peer_id.in_(_holders()))
     lease = peer_leases.c
     loads = (
-        select(lease.peer_id, func.count().label("load"))
+        select(
+            lease.peer_id,
+            func.sum(case((lease.closed_at.is_(None), 1), else_=0)).label("load"),
+            func.max(lease.leased_at).label("last_leased"),
+        )
         .where(lease.expires_at > t_now, lease.peer_id.in_(_holders()))
         .group_by(lease.peer_id)
         .subquery("loads")
@@ -258,6 +266,7 @@ def _ranked_select(
             load.label("load"),
             capacity.label("capacity"),
             (quality * (num(1.0) - load / capacity)).label("effective"),
+            func.coalesce(loads.c.last_leased, num(0.0)).label("last_leased"),
         )
         .join(peers, peers.c.id == m.c.peer_id)
         .outerjoin(loads, loads.c.peer_id == m.c.peer_id)
@@ -279,7 +288,10 @@ def _ranked_select(
         weight = c.c.effective * (num(0.5) + num(0.5) * relative_speed)
         order: tuple[Any, ...] = ((func.ln(u) / weight).desc(), c.c.peer_key)
     elif mode == "best":
-        order = (c.c.effective.desc(), c.c.speed.desc(), c.c.peer_key)
+        # Scores within SCORE_RESOLUTION count as equal; among equals the least recently handed out
+        # goes first, so equal peers take turns instead of the first by id taking every idle moment.
+        bucket = func.floor(c.c.effective / num(SCORE_RESOLUTION))
+        order = (bucket.desc(), c.c.last_leased, c.c.speed.desc(), c.c.peer_key)
     else:
         order = (c.c.reputation.desc(), c.c.speed.desc(), c.c.peer_key)
     ranked = select(
