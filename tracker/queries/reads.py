@@ -235,7 +235,9 @@ def _ranked_select(
         select(
             lease.peer_id,
             func.sum(case((lease.closed_at.is_(None), 1), else_=0)).label("load"),
-            func.max(lease.leased_at).label("last_leased"),
+            # Lease ids only grow: the latest one says when a peer was last handed out, even when many
+            # selections share one clock tick.
+            func.max(lease.id).label("last_leased"),
         )
         .where(lease.expires_at > t_now, lease.peer_id.in_(_holders()))
         .group_by(lease.peer_id)
@@ -266,7 +268,7 @@ def _ranked_select(
             load.label("load"),
             capacity.label("capacity"),
             (quality * (num(1.0) - load / capacity)).label("effective"),
-            func.coalesce(loads.c.last_leased, num(0.0)).label("last_leased"),
+            func.coalesce(loads.c.last_leased, 0).label("last_leased"),
         )
         .join(peers, peers.c.id == m.c.peer_id)
         .outerjoin(loads, loads.c.peer_id == m.c.peer_id)
