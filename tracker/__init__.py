@@ -1,5 +1,7 @@
 """peer-tracker: which peers are online, how good they are, what they hold, and whom to download from."""
 
+from importlib.metadata import PackageNotFoundError, version
+
 from .config import TrackerConfig
 from .core import AvailabilityTracker
 from .errors import (
@@ -22,6 +24,11 @@ from .events import (
 )
 from .models import ContentAvailability, PeerInfo, PeerMetrics
 from .reputation import ReputationParams
+
+try:
+    __version__ = version("peer-tracker")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AvailabilityTracker",

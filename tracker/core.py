@@ -26,7 +26,7 @@ from .events import (
     validate_id,
 )
 from .ingest import GroupCommitter, GroupStats
-from .models import ContentAvailability, PeerInfo, PeerMetrics, from_unix
+from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
 
@@ -233,8 +233,10 @@ class AvailabilityTracker:
             return await queries.peer_row(conn, peer_id, now, config)
 
         row = await db.run_read(self.engine, work)
-        if row is None:
-            return None
+        return None if row is None else self._metrics(row)
+
+    def _metrics(self, row: queries.PeerRow) -> PeerMetrics:
+        config = self.config
         return PeerMetrics(
             peer_id=row.peer_key,
             uptime=timedelta(seconds=row.uptime_s),
@@ -324,6 +326,48 @@ class AvailabilityTracker:
             peers=tuple(_peer_info(row) for row in rows),
             replication_factor=len(rows),
             last_updated=from_unix(last_updated),
+        )
+
+    async def list_peers(
+        self, *, online_only: bool = False, limit: int = 100, after: str | None = None
+    ) -> list[PeerMetrics]:
+        """A page of peers in id order, ids after ``after`` (keyset pagination: pass the last id seen).
+
+        >>> async def every_peer(tracker: AvailabilityTracker) -> list[str]:
+        ...     ids, page = [], await tracker.list_peers(limit=500)
+        ...     while page:
+        ...         ids += [p.peer_id for p in page]
+        ...         page = await tracker.list_peers(limit=500, after=ids[-1])
+        ...     return ids
+        """
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise InvalidInput(f"limit must be an integer within 1..10000, got {limit!r}")
+        if after is not None:
+            validate_id(after, "after")
+        now, config = self.config.clock(), self.config
+
+        async def work(conn: AsyncConnection) -> list[queries.PeerRow]:
+            return await queries.peer_page(
+                conn, now, config, online_only=online_only, limit=limit, after=after
+            )
+
+        return [self._metrics(row) for row in await db.run_read(self.engine, work)]
+
+    async def stats(self) -> TrackerStats:
+        """Counts of peers (total, online), contents, available mappings and open leases, as of now."""
+        now, config = self.config.clock(), self.config
+
+        async def work(conn: AsyncConnection) -> queries.Counts:
+            return await queries.counts(conn, now, config)
+
+        counts = await db.run_read(self.engine, work)
+        return TrackerStats(
+            node_key=self.node_key,
+            peers_total=counts.peers_total,
+            peers_online=counts.peers_online,
+            contents_total=counts.contents_total,
+            mappings_available=counts.mappings_available,
+            open_leases=counts.open_leases,
         )
 
 

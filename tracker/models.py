@@ -97,3 +97,19 @@ class ContentAvailability:
     replication_factor: int
     #: Latest announcement, confirmation or removal of this content by any peer.
     last_updated: datetime | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackerStats:
+    """Database-wide counts, for operators (``tracker stats``, ``GET /v1/stats``, ``/metrics``)."""
+
+    #: This tracker's stable node id (the origin of its own observations in gossip).
+    node_key: str
+    peers_total: int
+    #: Peers some origin saw within ``peer_timeout``.
+    peers_online: int
+    contents_total: int
+    #: (content, peer) mappings currently available (tombstones excluded).
+    mappings_available: int
+    #: Leases handed out by selection, neither closed by an outcome nor expired.
+    open_leases: int

@@ -4,6 +4,7 @@
 """
 
 from .leases import grant_leases, lock_peers, open_loads, prune_expired_leases
+from .listing import Counts, counts, peer_page
 from .reads import (
     PeerRow,
     RankedRow,
@@ -15,16 +16,19 @@ from .reads import (
 from .writes import Timed, apply_events, ensure_local_node
 
 __all__ = [
+    "Counts",
     "PeerRow",
     "RankedRow",
     "Timed",
     "apply_events",
     "available_peer_keys",
     "content_last_updated",
+    "counts",
     "ensure_local_node",
     "grant_leases",
     "lock_peers",
     "open_loads",
+    "peer_page",
     "peer_row",
     "prune_expired_leases",
     "ranked_holders",

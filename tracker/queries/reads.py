@@ -104,9 +104,11 @@ async def peer_row(conn: AsyncConnection, peer_key: str, now: float, config: Tra
     rows = await _peer_row_select(config.dialect, config.reputation).fetch(
         conn, {"peer_key": peer_key, **_times(now, config)}
     )
-    if not rows:
-        return None
-    row = rows[0]
+    return peer_row_of(rows[0]) if rows else None
+
+
+def peer_row_of(row: Any) -> PeerRow:
+    """A ``PeerRow`` from a driver row in the merged view's column order (see ``_peer_row_select``)."""
     return PeerRow(
         row[0],
         row[1],

@@ -1,0 +1,309 @@
+"""The HTTP API in-process (ASGI transport), on both engines: flows, errors, auth, limits, probes, metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+
+from tracker import AvailabilityTracker
+from tracker.errors import ConfigError
+from tracker.service import ServiceSettings, create_app
+from tracker.testing import ManualClock
+
+TOKEN = "s3cret-token-0123456789"
+
+
+def _client(tracker: AvailabilityTracker, **settings: Any) -> httpx.AsyncClient:
+    app = create_app(tracker, ServiceSettings(**settings))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tracker.test")
+
+
+@pytest.fixture
+async def api(tracker: AvailabilityTracker) -> AsyncIterator[httpx.AsyncClient]:
+    async with _client(tracker) as client:
+        yield client
+
+
+async def _swarm(api: httpx.AsyncClient, clock: ManualClock) -> None:
+    """Three holders of cid-1: a reliable fast peer, a mediocre one, and a proven bad one."""
+    events: list[dict[str, Any]] = []
+    for peer, speed, served, failed in (
+        ("good", 9_000_000, 20, 0),
+        ("meh", 2_000_000, 6, 6),
+        ("bad", 5_000_000, 0, 9),
+    ):
+        events.append({"type": "peer_online", "peer_id": peer, "at": clock.now - 3600})
+        events.append({"type": "content_available", "cid": "cid-1", "peer_id": peer})
+        events.append({"type": "speed_sample", "peer_id": peer, "bytes_per_sec": speed})
+        events += [{"type": "upload_outcome", "peer_id": peer, "success": True}] * served
+        events += [{"type": "upload_outcome", "peer_id": peer, "success": False}] * failed
+        events.append({"type": "peer_online", "peer_id": peer})
+    response = await api.post("/v1/events", json={"events": events})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"applied": len(events)}
+
+
+async def test_best_peers_rank_by_quality_and_show_each_score_component(
+    api: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    await _swarm(api, clock)
+    response = await api.get("/v1/content/cid-1/best", params={"n": 3, "strategy": "best"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert [peer["peer_id"] for peer in body["peers"]] == ["good", "meh"]  # "bad" is proven unreliable
+    good = body["peers"][0]
+    assert good["rank"] == 1 and good["load"] == 0 and good["capacity"] >= 1
+    assert good["reputation"] == pytest.approx(good["success_rate"] * good["uptime_factor"])
+    assert good["download_bytes_per_sec"] == 9_000_000
+    assert body["strategy"] == "best" and body["lease_ttl_s"] > 0
+
+
+async def test_a_selection_takes_a_lease_that_the_next_answer_shows_as_load(
+    api: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    await _swarm(api, clock)
+    await api.get("/v1/content/cid-1/best", params={"n": 1})
+    availability = (await api.get("/v1/content/cid-1")).json()
+    loads = {peer["peer_id"]: peer["load"] for peer in availability["peers"]}
+    assert loads["good"] == 1
+    outcome = await api.post("/v1/peers/outcomes", json={"peer_id": "good", "success": True, "cid": "cid-1"})
+    assert outcome.status_code == 200
+    availability = (await api.get("/v1/content/cid-1")).json()
+    assert {peer["peer_id"]: peer["load"] for peer in availability["peers"]}["good"] == 0
+
+
+async def test_single_event_endpoints_each_record_their_event(api: httpx.AsyncClient) -> None:
+    for path, body in (
+        ("/v1/peers/online", {"peer_id": "p1"}),
+        ("/v1/peers/heartbeat", {"peer_id": "p1"}),
+        ("/v1/peers/speed", {"peer_id": "p1", "bytes_per_sec": 1_000}),
+        ("/v1/peers/outcomes", {"peer_id": "p1", "success": True, "bytes": 4096}),
+        ("/v1/peers/outcomes", {"peer_id": "p1", "success": False}),
+        ("/v1/content/available", {"cid": "c1", "peer_id": "p1"}),
+    ):
+        response = await api.post(path, json=body)
+        assert response.status_code == 200, (path, response.text)
+        assert response.json() == {"applied": 1}
+    peer = (await api.get("/v1/peers/p1")).json()
+    assert (peer["online"], peer["chunks_served"], peer["chunks_failed"]) == (True, 1, 1)
+    assert peer["download_bytes_per_sec"] == 1_000
+    assert (await api.get("/v1/content/c1")).json()["replication_factor"] == 1
+
+    assert (await api.post("/v1/content/unavailable", json={"cid": "c1", "peer_id": "p1"})).status_code == 200
+    assert (await api.post("/v1/peers/offline", json={"peer_id": "p1"})).status_code == 200
+    assert (await api.get("/v1/content/c1")).json()["replication_factor"] == 0
+    assert (await api.get("/v1/peers/p1")).json()["online"] is False
+
+
+async def test_ids_with_slashes_and_unicode_round_trip_through_paths(api: httpx.AsyncClient) -> None:
+    await api.post("/v1/peers/online", json={"peer_id": "eu/west/päer-1"})
+    await api.post("/v1/content/available", json={"cid": "dir/file.bin", "peer_id": "eu/west/päer-1"})
+    assert (await api.get("/v1/peers/eu/west/päer-1")).json()["peer_id"] == "eu/west/päer-1"
+    best = (await api.get("/v1/content/dir/file.bin/best")).json()
+    assert best["cid"] == "dir/file.bin"
+    assert [peer["peer_id"] for peer in best["peers"]] == ["eu/west/päer-1"]
+
+
+async def test_a_batch_with_one_bad_event_is_rejected_whole(api: httpx.AsyncClient) -> None:
+    events = [
+        {"type": "peer_online", "peer_id": "p1"},
+        {"type": "content_available", "cid": "c1", "peer_id": "p1"},
+        {"type": "speed_sample", "peer_id": "p1", "bytes_per_sec": -5},
+    ]
+    response = await api.post("/v1/events", json={"events": events})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "invalid_request"
+    assert "events.2" in error["message"]
+    assert (await api.get("/v1/peers/p1")).status_code == 404
+    assert (await api.get("/v1/content/c1")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "says"),
+    [
+        ("/v1/peers/online", {"peer_id": ""}, "invalid_request", "peer_id"),
+        ("/v1/peers/online", {"peer_id": "a\x00b"}, "invalid_input", "control character"),
+        ("/v1/peers/online", {"peer_id": "x" * 257}, "invalid_request", "peer_id"),
+        ("/v1/peers/online", {"peer_id": 7}, "invalid_request", "peer_id"),
+        ("/v1/peers/online", {"peer_id": "p", "at": -1}, "invalid_request", "at"),
+        ("/v1/peers/online", {"peer_id": "p", "at": 9e15}, "invalid_input", "future"),
+        ("/v1/peers/online", {"peer_id": "p", "extra": 1}, "invalid_request", "extra"),
+        ("/v1/peers/online", {}, "invalid_request", "peer_id"),
+        ("/v1/peers/speed", {"peer_id": "p", "bytes_per_sec": -1}, "invalid_request", "bytes_per_sec"),
+        ("/v1/peers/speed", {"peer_id": "p", "bytes_per_sec": 1.5}, "invalid_request", "bytes_per_sec"),
+        ("/v1/peers/speed", {"peer_id": "p", "bytes_per_sec": "100"}, "invalid_request", "bytes_per_sec"),
+        ("/v1/peers/outcomes", {"peer_id": "p", "success": "yes"}, "invalid_request", "success"),
+        ("/v1/peers/outcomes", {"peer_id": "p", "success": 1}, "invalid_request", "success"),
+        ("/v1/events", {"events": [{"type": "nonsense", "peer_id": "p"}]}, "invalid_request", "events.0"),
+        ("/v1/events", {"events": "peer_online"}, "invalid_request", "events"),
+    ],
+)
+async def test_bad_input_gets_a_422_that_says_what_is_wrong_and_writes_nothing(
+    api: httpx.AsyncClient, path: str, body: dict[str, Any], code: str, says: str
+) -> None:
+    response = await api.post(path, json=body)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert says in error["message"]
+    assert error["request_id"] == response.headers["x-request-id"]
+    assert (await api.get("/v1/stats")).json()["peers_total"] == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"{not json", b"", b"[]", b"null", b"[" * 100_000 + b"]" * 100_000, b'{"peer_id": "p"' + b" " * 10],
+)
+async def test_malformed_bodies_are_rejected_with_a_4xx(api: httpx.AsyncClient, raw: bytes) -> None:
+    response = await api.post("/v1/peers/online", content=raw, headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500, response.text
+    assert "error" in response.json()
+
+
+async def test_a_body_over_the_limit_is_refused_before_it_is_read(tracker: AvailabilityTracker) -> None:
+    async with _client(tracker, max_body_bytes=4096) as api:
+        events = [{"type": "peer_online", "peer_id": f"peer-{i}"} for i in range(200)]
+        response = await api.post("/v1/events", json={"events": events})
+        assert response.status_code == 413
+        assert response.json()["error"]["code"] == "body_too_large"
+
+        async def chunks() -> AsyncIterator[bytes]:
+            # No Content-Length: the limit must hold while streaming, too.
+            for _ in range(10):
+                yield b" " * 1024
+
+        streamed = await api.post(
+            "/v1/events", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert streamed.status_code == 413
+        assert (await api.get("/v1/stats")).json()["peers_total"] == 0
+
+
+async def test_writes_need_the_token_when_one_is_configured_and_reads_do_not(
+    tracker: AvailabilityTracker,
+) -> None:
+    async with _client(tracker, api_token=TOKEN) as api:
+        body = {"peer_id": "p1"}
+        missing = await api.post("/v1/peers/online", json=body)
+        wrong = await api.post("/v1/peers/online", json=body, headers={"Authorization": "Bearer nope"})
+        assert (missing.status_code, wrong.status_code) == (401, 401)
+        assert missing.json()["error"]["code"] == "unauthorized"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        assert (await api.get("/v1/peers/p1")).status_code == 404  # nothing was written
+        right = await api.post("/v1/peers/online", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
+        assert right.status_code == 200
+        assert (await api.get("/v1/peers/p1")).status_code == 200
+
+
+def test_a_non_loopback_address_needs_a_token() -> None:
+    with pytest.raises(ConfigError, match="api_token"):
+        ServiceSettings(host="0.0.0.0")
+    assert ServiceSettings(host="0.0.0.0", api_token=TOKEN).host == "0.0.0.0"
+    assert ServiceSettings(host="::1").api_token is None
+    with pytest.raises(ConfigError, match="16 characters"):
+        ServiceSettings(api_token="short")
+
+
+def test_service_settings_come_from_the_environment() -> None:
+    settings = ServiceSettings.from_env({"TRACKER_PORT": "9000", "TRACKER_LOG_JSON": "yes"}, host="::1")
+    assert (settings.port, settings.log_json, settings.host) == (9000, True, "::1")
+    with pytest.raises(ConfigError, match="TRACKER_PORT"):
+        ServiceSettings.from_env({"TRACKER_PORT": "eighty"})
+
+
+async def test_best_rejects_an_out_of_range_n_and_an_unknown_strategy(api: httpx.AsyncClient) -> None:
+    for params in ({"n": 0}, {"n": 101}, {"n": "three"}, {"strategy": "cheapest"}):
+        response = await api.get("/v1/content/c1/best", params=params)
+        assert response.status_code == 422, params
+        assert response.json()["error"]["code"] == "invalid_request"
+
+
+async def test_unknown_peers_and_contents_are_404_and_an_unknown_cid_has_no_best_peers(
+    api: httpx.AsyncClient,
+) -> None:
+    assert (await api.get("/v1/peers/ghost")).json()["error"]["code"] == "not_found"
+    assert (await api.get("/v1/content/ghost")).status_code == 404
+    best = await api.get("/v1/content/ghost/best")
+    assert best.status_code == 200 and best.json()["peers"] == []
+    assert (await api.delete("/v1/peers/online")).status_code == 405
+
+
+async def test_peers_are_listed_a_page_at_a_time(api: httpx.AsyncClient, clock: ManualClock) -> None:
+    events = [{"type": "peer_online", "peer_id": f"peer-{i:02d}"} for i in range(5)]
+    await api.post("/v1/events", json={"events": events})
+    clock.advance(400)
+    await api.post("/v1/peers/online", json={"peer_id": "peer-03"})
+    first = (await api.get("/v1/peers", params={"limit": 2})).json()
+    assert [peer["peer_id"] for peer in first["peers"]] == ["peer-00", "peer-01"]
+    second = (await api.get("/v1/peers", params={"limit": 2, "after": first["next_after"]})).json()
+    assert [peer["peer_id"] for peer in second["peers"]] == ["peer-02", "peer-03"]
+    online = (await api.get("/v1/peers", params={"online": True})).json()
+    assert [peer["peer_id"] for peer in online["peers"]] == ["peer-03"] and online["next_after"] is None
+
+
+async def test_stats_count_what_the_database_holds(api: httpx.AsyncClient, clock: ManualClock) -> None:
+    await _swarm(api, clock)
+    await api.get("/v1/content/cid-1/best", params={"n": 2})
+    stats = (await api.get("/v1/stats")).json()
+    assert (stats["peers_total"], stats["peers_online"], stats["contents_total"]) == (3, 3, 1)
+    assert (stats["mappings_available"], stats["open_leases"]) == (3, 2)
+    assert stats["ingest_events"] > 0 and stats["node_id"]
+
+
+async def test_probes_report_alive_and_ready(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/healthz")).json() == {"status": "ok", "detail": None}
+    ready = await api.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+
+
+async def test_metrics_count_events_selections_and_the_swarm(
+    api: httpx.AsyncClient, clock: ManualClock
+) -> None:
+    await _swarm(api, clock)
+    await api.get("/v1/content/cid-1/best", params={"n": 1})
+    await api.get("/v1/content/nothing/best")
+    await api.post("/v1/peers/online", json={"peer_id": ""})
+    response = await api.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    samples = _samples(response.text)
+    assert samples['tracker_events_ingested_total{kind="peer_online"}'] == 6
+    assert samples['tracker_events_ingested_total{kind="upload_outcome"}'] == 41
+    assert samples['tracker_selection_seconds_count{strategy="best"}'] == 2
+    assert samples["tracker_selection_empty_total"] == 1
+    assert samples['tracker_requests_rejected_total{code="invalid_request"}'] == 1
+    assert samples["tracker_peers_online"] == 3
+    assert samples["tracker_open_leases"] == 1
+    assert samples["tracker_sweeps_total"] == 0
+    assert any(
+        key.startswith('tracker_http_requests_total{method="POST",route="/v1/events"') for key in samples
+    )
+
+
+def _samples(exposition: str) -> dict[str, float]:
+    """Prometheus text format as {"name{labels}": value} (comments skipped)."""
+    samples = {}
+    for line in exposition.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+async def test_request_ids_are_echoed_or_generated(api: httpx.AsyncClient) -> None:
+    echoed = await api.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert echoed.headers["x-request-id"] == "abc-123"
+    generated = await api.get("/healthz", headers={"X-Request-ID": "bad id with spaces"})
+    assert generated.headers["x-request-id"] != "bad id with spaces"
+    assert len(generated.headers["x-request-id"]) == 32
+
+
+async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
+    schema = (await api.get("/openapi.json")).json()
+    paths = set(schema["paths"])
+    assert {"/v1/events", "/v1/peers/online", "/v1/content/{cid}/best", "/metrics", "/readyz"} <= paths
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]

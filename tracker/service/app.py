@@ -1,0 +1,234 @@
+"""The ASGI app factory: routes, error mapping, request ids, body limits and request metrics.
+
+``create_app`` takes an *open* tracker and never opens or closes it: the caller (``tracker serve``, a
+test, an embedder) owns the tracker's lifetime, so the app stays a thin shell over the library and
+shutting the server down never races the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .. import __version__
+from ..core import AvailabilityTracker
+from ..errors import InvalidInput, StorageError, TrackerClosed, TransientStorageError
+from .metrics import ServiceMetrics
+from .routes import build_router
+from .settings import ServiceSettings
+
+log = logging.getLogger("tracker.service")
+access_log = logging.getLogger("tracker.access")
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_input",
+    429: "rate_limited",
+}
+
+
+def create_app(tracker: AvailabilityTracker, settings: ServiceSettings | None = None) -> FastAPI:
+    """The HTTP API over an open ``tracker``; see docs/api.md for the flows and ``/docs`` for the schema."""
+    settings = settings or ServiceSettings()
+    app = FastAPI(
+        title="peer-tracker",
+        version=__version__,
+        summary="Which peers of a P2P CDN are online, how good they are, and whom to download from.",
+        # Error bodies are ours (ErrorOut), not FastAPI's default {"detail": ...}.
+        responses={422: {"description": "Invalid input", "model": _error_model()}},
+    )
+    app.state.tracker = tracker
+    app.state.settings = settings
+    app.state.metrics = ServiceMetrics(tracker)
+    app.include_router(build_router(settings))
+    _install_error_handlers(app)
+    # Outermost: ids and limits apply to every request, including those that fail validation.
+    app.add_middleware(_RequestGate, max_body_bytes=settings.max_body_bytes, metrics=app.state.metrics)
+    return app
+
+
+def _error_model() -> Any:
+    from .schemas import ErrorOut
+
+    return ErrorOut
+
+
+def error_response(
+    request: Request | None, status: int, code: str, message: str, **extra: Any
+) -> JSONResponse:
+    """The one shape of every error body: ``{"error": {"code", "message", "request_id", ...}}``."""
+    request_id = None if request is None else request.scope.get("request_id")
+    body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
+    body.update(extra)
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 503:
+        headers = {"Retry-After": "1"}
+    if request is not None:
+        request.app.state.metrics.requests_rejected.labels(code=code).inc()
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def invalid_input(request: Request, error: Exception) -> JSONResponse:
+        return error_response(request, 422, "invalid_input", str(error))
+
+    async def invalid_request(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, RequestValidationError)
+        # Echoing "input" back could return a megabyte string; location and reason are what helps.
+        details = [
+            {"loc": list(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
+            for item in error.errors()
+        ]
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(part) for part in first["loc"])
+        return error_response(
+            request,
+            422,
+            "invalid_request",
+            f"{where}: {first['msg']}" if where else str(first["msg"]),
+            details=details,
+        )
+
+    async def http_error(request: Request, error: Exception) -> JSONResponse:
+        assert isinstance(error, StarletteHTTPException)
+        code = _STATUS_CODES.get(error.status_code, f"http_{error.status_code}")
+        return error_response(request, error.status_code, code, str(error.detail))
+
+    async def busy(request: Request, error: Exception) -> JSONResponse:
+        log.warning("storage busy: %s", error, extra={"request_id": request.scope.get("request_id")})
+        return error_response(request, 503, "storage_busy", "the database is busy; retry shortly")
+
+    async def storage(request: Request, error: Exception) -> JSONResponse:
+        log.error("storage error: %s", error, extra={"request_id": request.scope.get("request_id")})
+        return error_response(request, 503, "storage_unavailable", "the database is unavailable; retry later")
+
+    async def closed(request: Request, error: Exception) -> JSONResponse:
+        return error_response(request, 503, "shutting_down", "the tracker is shutting down")
+
+    app.add_exception_handler(InvalidInput, invalid_input)
+    app.add_exception_handler(RequestValidationError, invalid_request)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(TransientStorageError, busy)
+    app.add_exception_handler(StorageError, storage)
+    app.add_exception_handler(TrackerClosed, closed)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    """Raised from ``receive``: FastAPI re-raises HTTP exceptions met while reading a body, so the
+    app's own handler answers it, in the same error shape as every other error."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
+
+
+class _RequestGate:
+    """Pure ASGI middleware: request id, body-size limit, one access-log line and request metrics.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) so a streamed body is counted as it arrives and an
+    oversized one is refused before it is buffered, whatever ``Content-Length`` claimed. (FastAPI's own
+    ``max_body_size`` answers in plain text, outside our error shape, request ids and metrics.)
+    """
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
+        offered = headers.get("x-request-id", "")
+        request_id = offered if _REQUEST_ID.fullmatch(offered) else uuid.uuid4().hex
+        scope["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                response_started = True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise _BodyTooLarge(self.max_body_bytes)
+            return message
+
+        try:
+            declared = headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+                raise _BodyTooLarge(self.max_body_bytes)
+            await self.app(scope, limited_receive, send_with_id)
+        except _BodyTooLarge:
+            if response_started:
+                raise
+            await self._too_large(scope, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            self.metrics.http_requests.labels(
+                method=scope["method"], route=template, status=str(status)
+            ).inc()
+            self.metrics.http_seconds.labels(route=template).observe(elapsed)
+            access_log.info(
+                "%s %s %d %.1f ms",
+                scope["method"],
+                scope["path"],
+                status,
+                elapsed * 1000,
+                extra={
+                    "request_id": request_id,
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 2),
+                },
+            )
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        self.metrics.requests_rejected.labels(code="body_too_large").inc()
+        response = JSONResponse(
+            {
+                "error": {
+                    "code": "body_too_large",
+                    "message": f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                    "request_id": scope.get("request_id"),
+                }
+            },
+            status_code=413,
+            # The rest of the body is never read; tell the client this connection is done.
+            headers={"Connection": "close"},
+        )
+
+        async def no_body() -> Message:
+            return {"type": "http.disconnect"}
+
+        await response(scope, no_body, send)

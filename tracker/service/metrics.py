@@ -1,0 +1,116 @@
+"""Prometheus metrics of one service instance (``/metrics``).
+
+Each app owns its own ``CollectorRegistry`` rather than the process-global one, so several apps (tests,
+or an embedder mounting the API twice) never collide on metric names. Three kinds of figures:
+
+- counted as they happen (events ingested, selections and their latency, requests, rejections);
+- read from in-memory state at scrape time (sweeper passes, group-commit counters): a custom collector,
+  because copying them into counters on every change would spread metrics code through the core;
+- read from the database at scrape time (peers online, under-replicated contents): refreshed by the
+  ``/metrics`` handler before rendering, because a collector's ``collect`` is synchronous and must
+  not block the event loop on a query.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..core import AvailabilityTracker
+from ..models import TrackerStats
+
+# Selections are one or two statements: sub-millisecond to tens of milliseconds on these machines.
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+class _TrackerStateCollector(Collector):
+    """Sweeper and group-commit counters, read from the tracker's in-memory state on each scrape."""
+
+    def __init__(self, tracker: AvailabilityTracker) -> None:
+        self._tracker = tracker
+
+    def collect(self) -> Iterator[Metric]:
+        sweeps = self._tracker.sweeper_state
+        yield CounterMetricFamily("tracker_sweeps", "Sweeper passes completed.", value=sweeps.passes)
+        yield CounterMetricFamily(
+            "tracker_sweep_failures",
+            "Sweeper passes that failed (retried with back-off).",
+            value=sweeps.failures,
+        )
+        yield CounterMetricFamily(
+            "tracker_sweeps_skipped",
+            "Passes skipped because another process held the sweep lock.",
+            value=sweeps.skipped,
+        )
+        report = sweeps.last_report
+        yield GaugeMetricFamily(
+            "tracker_sweep_last_duration_seconds",
+            "Duration of the latest completed sweeper pass.",
+            value=0.0 if report is None else report.duration_s,
+        )
+        ingest = self._tracker.ingest_stats
+        yield CounterMetricFamily(
+            "tracker_ingest_transactions",
+            "Write transactions committed by the group committer.",
+            value=ingest.transactions,
+        )
+        yield CounterMetricFamily(
+            "tracker_ingest_requests", "Write requests (calls, batches) committed.", value=ingest.requests
+        )
+
+
+class ServiceMetrics:
+    """The metrics one app exports; handlers call the ``observe_*`` methods."""
+
+    def __init__(self, tracker: AvailabilityTracker) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        self.events_ingested = Counter(
+            "tracker_events_ingested", "Events committed, by kind.", ["kind"], registry=registry
+        )
+        self.requests_rejected = Counter(
+            "tracker_requests_rejected",
+            "Requests answered with an error, by code.",
+            ["code"],
+            registry=registry,
+        )
+        self.selection_seconds = Histogram(
+            "tracker_selection_seconds",
+            "Latency of best-peer selection (ranking plus leases), by strategy.",
+            ["strategy"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.selection_empty = Counter(
+            "tracker_selection_empty",
+            "Selections that found no peer to hand out (no holder online, or all at their cap).",
+            registry=registry,
+        )
+        self.http_requests = Counter(
+            "tracker_http_requests",
+            "HTTP requests, by route and status.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.http_seconds = Histogram(
+            "tracker_http_request_seconds", "HTTP request latency, by route.", ["route"], registry=registry
+        )
+        self.peers_online = Gauge(
+            "tracker_peers_online", "Peers seen within peer_timeout.", registry=registry
+        )
+        self.peers_total = Gauge("tracker_peers", "Peers known to the tracker.", registry=registry)
+        self.contents_total = Gauge("tracker_contents", "Contents known to the tracker.", registry=registry)
+        self.open_leases = Gauge(
+            "tracker_open_leases", "Leases handed out and not yet closed.", registry=registry
+        )
+        registry.register(_TrackerStateCollector(tracker))
+
+    def observe_stats(self, stats: TrackerStats) -> None:
+        """Copy database-derived figures into gauges (called by ``/metrics`` before rendering)."""
+        self.peers_online.set(stats.peers_online)
+        self.peers_total.set(stats.peers_total)
+        self.contents_total.set(stats.contents_total)
+        self.open_leases.set(stats.open_leases)

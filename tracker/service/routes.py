@@ -1,0 +1,244 @@
+"""The endpoints: each one validates its body, calls one library method, and shapes the answer.
+
+Writes answer only after their events are committed (group commit), so a 200 means durable. Writes
+need the bearer token when one is configured; reads and probes never do.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at definition time, and
+# their Query limits refer to `settings`, a local of build_router.
+import hmac
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from sqlalchemy.exc import SQLAlchemyError
+
+from .. import db
+from .. import events as ev
+from ..config import STRATEGIES
+from ..core import AvailabilityTracker
+from ..errors import TrackerError
+from .metrics import ServiceMetrics
+from .schemas import (
+    Applied,
+    Availability,
+    BatchIn,
+    BestPeers,
+    ErrorOut,
+    Health,
+    MappingIn,
+    OutcomeIn,
+    PeerEventIn,
+    PeerOut,
+    PeerPage,
+    PeerScore,
+    SpeedIn,
+    StatsOut,
+    to_event,
+)
+from .settings import ServiceSettings
+
+_bearer = HTTPBearer(auto_error=False, description="The service's api_token, when one is configured.")
+
+
+def _tracker(request: Request) -> AvailabilityTracker:
+    tracker: AvailabilityTracker = request.app.state.tracker
+    return tracker
+
+
+def _metrics(request: Request) -> ServiceMetrics:
+    metrics: ServiceMetrics = request.app.state.metrics
+    return metrics
+
+
+Tracker = Annotated[AvailabilityTracker, Depends(_tracker)]
+Metrics = Annotated[ServiceMetrics, Depends(_metrics)]
+
+
+def _require_token(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    expected: str | None = request.app.state.settings.api_token
+    if expected is None:
+        return
+    offered = "" if credentials is None else credentials.credentials
+    # Constant-time comparison: the token must not leak through response timing.
+    if not hmac.compare_digest(offered.encode(), expected.encode()):
+        raise HTTPException(status_code=401, detail="a valid bearer token is required for writes")
+
+
+def build_router(settings: ServiceSettings) -> APIRouter:
+    """All routes; limits that come from settings (largest n, page size) are bound here."""
+    router = APIRouter()
+    writes = APIRouter(
+        prefix="/v1",
+        tags=["events"],
+        dependencies=[Depends(_require_token)],
+        responses=_errors(401, 413, 422, 503),
+    )
+    reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(404, 422, 503))
+
+    async def commit(
+        tracker: AvailabilityTracker, metrics: ServiceMetrics, events: list[ev.Event]
+    ) -> Applied:
+        applied = await tracker.record_batch(events)
+        for event in events:
+            metrics.events_ingested.labels(kind=_KINDS[type(event)]).inc()
+        return Applied(applied=applied)
+
+    @writes.post("/peers/online", summary="A peer announced itself")
+    async def peer_online(body: PeerEventIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        return await commit(tracker, metrics, [ev.PeerOnline(body.peer_id, at=body.at)])
+
+    @writes.post("/peers/heartbeat", summary="A peer is still there (same effect as online)")
+    async def heartbeat(body: PeerEventIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        return await commit(tracker, metrics, [ev.PeerOnline(body.peer_id, at=body.at)])
+
+    @writes.post("/peers/offline", summary="A peer left; its session's uptime is added")
+    async def peer_offline(body: PeerEventIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        return await commit(tracker, metrics, [ev.PeerOffline(body.peer_id, at=body.at)])
+
+    @writes.post("/peers/speed", summary="A download from a peer ran at some speed")
+    async def speed(body: SpeedIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        return await commit(tracker, metrics, [ev.SpeedSample(body.peer_id, body.bytes_per_sec, at=body.at)])
+
+    @writes.post("/peers/outcomes", summary="A peer served a chunk or failed to (closes its oldest lease)")
+    async def outcome(body: OutcomeIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        event = ev.UploadOutcome(body.peer_id, body.success, at=body.at, cid=body.cid, bytes=body.bytes)
+        return await commit(tracker, metrics, [event])
+
+    @writes.post("/content/available", summary="A peer holds a content")
+    async def available(body: MappingIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        return await commit(tracker, metrics, [ev.ContentAvailable(body.cid, body.peer_id, at=body.at)])
+
+    @writes.post("/content/unavailable", summary="A peer dropped a content")
+    async def unavailable(body: MappingIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        return await commit(tracker, metrics, [ev.ContentUnavailable(body.cid, body.peer_id, at=body.at)])
+
+    @writes.post("/events", summary="Many events in one transaction, all or nothing")
+    async def batch(body: BatchIn, tracker: Tracker, metrics: Metrics) -> Applied:
+        return await commit(tracker, metrics, [to_event(item) for item in body.events])
+
+    @reads.get("/peers", summary="Peers in id order, a page at a time")
+    async def list_peers(
+        tracker: Tracker,
+        online: Annotated[bool, Query(description="Only peers online now.")] = False,
+        limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = 100,
+        after: Annotated[
+            str | None, Query(max_length=ev.MAX_ID_LENGTH, description="Last peer_id of the previous page.")
+        ] = None,
+    ) -> PeerPage:
+        peers = await tracker.list_peers(online_only=online, limit=limit, after=after)
+        items = [PeerOut.of(peer) for peer in peers]
+        return PeerPage(peers=items, next_after=items[-1].peer_id if len(items) == limit else None)
+
+    @reads.get("/peers/{peer_id:path}", summary="One peer's metrics and the parts of its score")
+    async def peer(peer_id: str, tracker: Tracker) -> PeerOut:
+        metrics = await tracker.get_peer_metrics(peer_id)
+        if metrics is None:
+            raise HTTPException(status_code=404, detail=f"no peer {peer_id!r} is known")
+        return PeerOut.of(metrics)
+
+    # Registered before /content/{cid}: a path parameter would otherwise swallow the "/best" suffix.
+    @reads.get("/content/{cid:path}/best", summary="The best n peers to download a content from now")
+    async def best(
+        cid: str,
+        tracker: Tracker,
+        metrics: Metrics,
+        n: Annotated[int, Query(ge=1, le=settings.max_best_n)] = 3,
+        strategy: Annotated[
+            str | None, Query(pattern="^(" + "|".join(STRATEGIES) + ")$", description="Default: config.")
+        ] = None,
+    ) -> BestPeers:
+        chosen = strategy or tracker.config.selection_strategy
+        started = time.perf_counter()
+        peers = await tracker.select_best_peers(cid, n, strategy=chosen)
+        metrics.selection_seconds.labels(strategy=chosen).observe(time.perf_counter() - started)
+        if not peers:
+            metrics.selection_empty.inc()
+        return BestPeers(
+            cid=cid,
+            strategy=chosen,
+            lease_ttl_s=tracker.config.lease_ttl_s,
+            peers=[PeerScore.of(peer) for peer in peers],
+        )
+
+    @reads.get("/content/{cid:path}", summary="Every online holder of a content, ranked")
+    async def content(cid: str, tracker: Tracker) -> Availability:
+        availability = await tracker.get_content_availability(cid)
+        if availability is None:
+            raise HTTPException(status_code=404, detail=f"no content {cid!r} is known")
+        return Availability.of(availability)
+
+    @reads.get("/stats", summary="Counts of peers, contents, mappings and leases; ingest and sweeper state")
+    async def stats(tracker: Tracker) -> StatsOut:
+        return StatsOut.of(await tracker.stats(), tracker)
+
+    @router.get("/healthz", tags=["probes"], summary="The process is alive")
+    async def healthz() -> Health:
+        return Health(status="ok")
+
+    @router.get(
+        "/readyz",
+        tags=["probes"],
+        summary="The database answers and its schema is at head",
+        responses={200: {"model": Health}, 503: {"model": Health, "description": "Not ready, and why"}},
+    )
+    async def readyz(tracker: Tracker) -> JSONResponse:
+        try:
+            async with tracker.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            current, head = await db.current_revision(tracker.engine), db.head_revision()
+        except (SQLAlchemyError, OSError, TrackerError) as error:
+            detail = f"database unreachable: {type(error).__name__}"
+            return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
+        if current != head:
+            detail = f"schema at {current or 'none'}, this tracker needs {head}"
+            return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
+        return JSONResponse(Health(status="ready").model_dump())
+
+    @router.get(
+        "/metrics",
+        tags=["probes"],
+        summary="Prometheus metrics",
+        response_class=Response,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Text format"}},
+    )
+    async def metrics_endpoint(tracker: Tracker, metrics: Metrics) -> Response:
+        # Database-derived gauges are refreshed per scrape; a failing database must not hide the rest.
+        try:
+            metrics.observe_stats(await tracker.stats())
+        except (SQLAlchemyError, OSError, TrackerError):
+            metrics.requests_rejected.labels(code="metrics_refresh_failed").inc()
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    router.include_router(writes)
+    router.include_router(reads)
+    return router
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error statuses a group of routes can answer (all share ``ErrorOut``)."""
+    return {status: {"model": ErrorOut, "description": _ERROR_MEANINGS[status]} for status in statuses}
+
+
+_ERROR_MEANINGS = {
+    401: "Missing or wrong bearer token",
+    404: "Unknown peer or content",
+    413: "Request body over max_body_bytes",
+    422: "Invalid request or input",
+    503: "Database busy or unavailable; retry",
+}
+
+_KINDS: dict[type, str] = {
+    ev.PeerOnline: "peer_online",
+    ev.PeerOffline: "peer_offline",
+    ev.SpeedSample: "speed_sample",
+    ev.UploadOutcome: "upload_outcome",
+    ev.ContentAvailable: "content_available",
+    ev.ContentUnavailable: "content_unavailable",
+}

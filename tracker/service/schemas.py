@@ -1,0 +1,288 @@
+"""Request and response bodies of the HTTP API, as pydantic models (they are the OpenAPI schema).
+
+Requests are checked twice on purpose: pydantic rejects wrong types and shapes with a precise location,
+then every body becomes a ``tracker.events`` event, whose own validation is the single authority on
+what the database may receive (the same rules as the library and gossip).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import events as ev
+from .. import reputation as rep
+from ..core import AvailabilityTracker
+from ..models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats
+
+Id = Annotated[str, Field(min_length=1, max_length=ev.MAX_ID_LENGTH, examples=["peer-42"])]
+Cid = Annotated[str, Field(min_length=1, max_length=ev.MAX_ID_LENGTH, examples=["bafy-cid-1"])]
+UnixTime = Annotated[
+    float | None,
+    Field(
+        ge=0,
+        allow_inf_nan=False,
+        description="When it happened, Unix seconds UTC; omitted means when the tracker receives it.",
+    ),
+]
+
+
+class _Body(BaseModel):
+    # Unknown fields are rejected so a typo ("bytes_per_second") is an error, not a silent default.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PeerEventIn(_Body):
+    """A peer came online, sent a heartbeat or left."""
+
+    peer_id: Id
+    at: UnixTime = None
+
+
+class SpeedIn(_Body):
+    """A download from ``peer_id`` ran at ``bytes_per_sec``."""
+
+    peer_id: Id
+    bytes_per_sec: Annotated[int, Field(ge=0, le=ev.MAX_BYTES_PER_SEC)]
+    at: UnixTime = None
+
+
+class OutcomeIn(_Body):
+    """``peer_id`` served a chunk (``success``) or failed to; closes its oldest open lease."""
+
+    peer_id: Id
+    success: bool
+    cid: Cid | None = None
+    bytes: Annotated[int | None, Field(ge=0, le=ev.MAX_TRANSFER_BYTES)] = None
+    at: UnixTime = None
+
+
+class MappingIn(_Body):
+    """``peer_id`` holds (or no longer holds) content ``cid``."""
+
+    cid: Cid
+    peer_id: Id
+    at: UnixTime = None
+
+
+class PeerOnlineItem(PeerEventIn):
+    type: Literal["peer_online"]
+
+
+class PeerOfflineItem(PeerEventIn):
+    type: Literal["peer_offline"]
+
+
+class SpeedItem(SpeedIn):
+    type: Literal["speed_sample"]
+
+
+class OutcomeItem(OutcomeIn):
+    type: Literal["upload_outcome"]
+
+
+class AvailableItem(MappingIn):
+    type: Literal["content_available"]
+
+
+class UnavailableItem(MappingIn):
+    type: Literal["content_unavailable"]
+
+
+BatchItem = Annotated[
+    PeerOnlineItem | PeerOfflineItem | SpeedItem | OutcomeItem | AvailableItem | UnavailableItem,
+    Field(discriminator="type"),
+]
+
+
+class BatchIn(_Body):
+    """Events applied in one transaction, all or nothing."""
+
+    events: list[BatchItem]
+
+
+def to_event(item: BatchItem) -> ev.Event:
+    """The library event for one validated batch item (its constructor re-validates)."""
+    match item:
+        case PeerOnlineItem():
+            return ev.PeerOnline(item.peer_id, at=item.at)
+        case PeerOfflineItem():
+            return ev.PeerOffline(item.peer_id, at=item.at)
+        case SpeedItem():
+            return ev.SpeedSample(item.peer_id, item.bytes_per_sec, at=item.at)
+        case OutcomeItem():
+            return ev.UploadOutcome(item.peer_id, item.success, at=item.at, cid=item.cid, bytes=item.bytes)
+        case AvailableItem():
+            return ev.ContentAvailable(item.cid, item.peer_id, at=item.at)
+        case UnavailableItem():
+            return ev.ContentUnavailable(item.cid, item.peer_id, at=item.at)
+    raise AssertionError(f"unhandled batch item {item!r}")
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class Applied(BaseModel):
+    """How many events were committed; the response is sent only after the commit."""
+
+    applied: int
+
+
+class PeerScore(BaseModel):
+    """One ranked candidate, with every part of its score, so an operator can see why it was chosen."""
+
+    rank: int
+    peer_id: str
+    reputation: float = Field(description="success_rate x uptime_factor, 0..1")
+    success_rate: float = Field(description="Decayed Beta(1,1) estimate of successful uploads, 0..1")
+    uptime_factor: float = Field(description="0.8..1, grows with accumulated uptime")
+    download_bytes_per_sec: int = Field(description="Rolling mean of the latest speed samples")
+    evidence: float = Field(description="Decayed outcomes behind success_rate")
+    proven: bool = Field(description="Enough outcomes for a low score to exclude the peer")
+    load: int = Field(description="Open leases (downloads handed out, not yet reported)")
+    capacity: int = Field(description="Most leases the peer may carry now (lower during slow start)")
+    last_seen: datetime | None
+
+    @classmethod
+    def of(cls, peer: PeerInfo) -> PeerScore:
+        return cls(
+            rank=peer.rank,
+            peer_id=peer.peer_id,
+            reputation=peer.reputation,
+            success_rate=peer.success_rate,
+            uptime_factor=peer.uptime_factor,
+            download_bytes_per_sec=peer.download_speed,
+            evidence=peer.evidence,
+            proven=peer.proven,
+            load=peer.load,
+            capacity=peer.capacity,
+            last_seen=peer.last_seen,
+        )
+
+
+class BestPeers(BaseModel):
+    """The answer to "which peers should I download ``cid`` from": each one now carries a lease."""
+
+    cid: str
+    strategy: str
+    lease_ttl_s: float
+    peers: list[PeerScore]
+
+
+class Availability(BaseModel):
+    """Every online holder of a content, ranked (reliable or not)."""
+
+    cid: str
+    replication_factor: int
+    last_updated: datetime | None
+    peers: list[PeerScore]
+
+    @classmethod
+    def of(cls, availability: ContentAvailability) -> Availability:
+        return cls(
+            cid=availability.cid,
+            replication_factor=availability.replication_factor,
+            last_updated=availability.last_updated,
+            peers=[PeerScore.of(peer) for peer in availability.peers],
+        )
+
+
+class PeerOut(BaseModel):
+    """What the tracker knows about one peer, merged over every origin, with the parts of its score."""
+
+    peer_id: str
+    online: bool
+    reputation: float
+    reliable: bool
+    proven: bool
+    success_rate: float
+    uptime_factor: float
+    uptime_s: float
+    download_bytes_per_sec: int
+    chunks_served: int
+    chunks_failed: int
+    last_seen: datetime | None
+    first_seen: datetime | None
+    online_since: datetime | None
+
+    @classmethod
+    def of(cls, metrics: PeerMetrics) -> PeerOut:
+        successes, failures = metrics.evidence
+        return cls(
+            peer_id=metrics.peer_id,
+            online=metrics.online,
+            reputation=metrics.reputation_score or 0.0,
+            reliable=metrics.is_reliable(),
+            proven=metrics.is_proven,
+            success_rate=rep.success_rate(successes, failures, metrics.params),
+            uptime_factor=rep.uptime_factor(metrics.uptime.total_seconds(), metrics.params),
+            uptime_s=metrics.uptime.total_seconds(),
+            download_bytes_per_sec=metrics.download_speed,
+            chunks_served=metrics.chunks_served,
+            chunks_failed=metrics.chunks_failed,
+            last_seen=metrics.last_seen,
+            first_seen=metrics.first_seen,
+            online_since=metrics.online_since,
+        )
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(examples=["invalid_input"])
+    message: str
+    request_id: str | None = None
+    details: list[dict[str, object]] | None = None
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx/5xx body: a stable machine-readable code and a sentence that says what is wrong."""
+
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class PeerPage(BaseModel):
+    """One page of peers; pass ``next_after`` as ``after`` for the next page (``null``: last page)."""
+
+    peers: list[PeerOut]
+    next_after: str | None
+
+
+class StatsOut(BaseModel):
+    """Counts from the database plus this process's ingest and sweeper counters."""
+
+    node_id: str
+    peers_total: int
+    peers_online: int
+    contents_total: int
+    mappings_available: int
+    open_leases: int
+    ingest_requests: int
+    ingest_events: int
+    ingest_transactions: int
+    sweeps: int
+    sweep_failures: int
+    last_sweep_at: float | None
+
+    @classmethod
+    def of(cls, stats: TrackerStats, tracker: AvailabilityTracker) -> StatsOut:
+        ingest, sweeps = tracker.ingest_stats, tracker.sweeper_state
+        return cls(
+            node_id=stats.node_key,
+            peers_total=stats.peers_total,
+            peers_online=stats.peers_online,
+            contents_total=stats.contents_total,
+            mappings_available=stats.mappings_available,
+            open_leases=stats.open_leases,
+            ingest_requests=ingest.requests,
+            ingest_events=ingest.events,
+            ingest_transactions=ingest.transactions,
+            sweeps=sweeps.passes,
+            sweep_failures=sweeps.failures,
+            last_sweep_at=None if sweeps.last_report is None else sweeps.last_report.now,
+        )

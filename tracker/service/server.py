@@ -1,0 +1,95 @@
+"""``serve``: open the tracker, run the HTTP API with uvicorn, shut down cleanly on SIGINT/SIGTERM.
+
+Order of shutdown, each step finishing before the next: stop accepting connections, let in-flight
+requests finish (up to ``shutdown_grace_s``), stop the sweeper, let queued writes commit, close the
+database. A signal-initiated shutdown is a normal exit (code 0), not a death by signal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import signal
+import threading
+from collections.abc import Iterator
+
+import uvicorn
+
+from ..config import TrackerConfig
+from ..core import AvailabilityTracker
+from .app import create_app
+from .settings import ServiceSettings
+
+log = logging.getLogger("tracker.service")
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus its habit of re-raising the shutdown signal once it has stopped.
+
+    uvicorn re-raises so that the default handler kills the process; we still have a database to close
+    after the server stops, and want exit code 0 for a requested shutdown.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
+
+
+async def _announce(server: uvicorn.Server) -> None:
+    """Log the bound address once listening (with port 0 the OS picks it; scripts read this line)."""
+    while not server.started:
+        if server.should_exit:
+            return
+        await asyncio.sleep(0.05)
+    for listener in server.servers:
+        for sock in listener.sockets:
+            host, port = sock.getsockname()[:2]
+            shown = f"[{host}]" if ":" in host else host
+            log.info("listening on http://%s:%d", shown, port, extra={"action": "listening", "port": port})
+
+
+async def serve(config: TrackerConfig, settings: ServiceSettings) -> None:
+    """Run the service until a signal asks it to stop; raises if the tracker cannot open.
+
+    The tracker opens (and migrates, unless ``config.auto_migrate`` is off) before the socket is bound,
+    so a database problem is one clear error instead of a server that answers 503 forever.
+    """
+    tracker = await AvailabilityTracker.open(config)
+    try:
+        app = create_app(tracker, settings)
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                lifespan="off",
+                log_config=None,
+                access_log=False,  # our middleware logs one line per request, with its request id
+                server_header=False,
+                timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+            )
+        )
+        if not config.run_sweeper:
+            log.info("sweeper disabled: stale peers expire only on reads", extra={"action": "sweeper_off"})
+        announcer = asyncio.create_task(_announce(server), name="tracker-announce")
+        try:
+            await server.serve()
+        finally:
+            announcer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await announcer
+        log.info("server stopped; closing the tracker", extra={"action": "stopping"})
+    finally:
+        await tracker.close()
+    log.info("stopped", extra={"action": "stopped"})

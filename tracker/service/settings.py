@@ -1,0 +1,117 @@
+"""``ServiceSettings``: what the HTTP service needs beyond ``TrackerConfig`` (address, token, limits).
+
+Kept apart from ``TrackerConfig`` because an embedded tracker has no socket: these settings only exist
+when the tracker runs as ``tracker serve``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import ConfigError
+
+DEFAULT_PORT = 8750
+LOOPBACK_NAMES = ("localhost", "ip6-localhost")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding ``host`` keeps the service reachable from this machine only."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost may resolve to anything
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServiceSettings:
+    """Settings of ``tracker serve``; env vars are ``TRACKER_<FIELD>`` in upper case.
+
+    A write token is mandatory on a non-loopback address: an open write API on a network would let
+    anyone rewrite every peer's reputation.
+
+    >>> ServiceSettings(host="0.0.0.0")
+    Traceback (most recent call last):
+    ...
+    tracker.errors.ConfigError: binding 0.0.0.0 exposes the API beyond this machine: set an api_token ...
+    """
+
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    #: Bearer token required by every write endpoint (and gossip); ``None`` leaves writes open.
+    api_token: str | None = None
+    #: Largest request body accepted; larger ones get 413 before they are read.
+    max_body_bytes: int = 8 * 1024 * 1024
+    #: Largest ``n`` a best-peers request may ask for.
+    max_best_n: int = 100
+    #: Largest page of ``GET /v1/peers``.
+    max_page_size: int = 1000
+    #: One JSON object per log line instead of plain text.
+    log_json: bool = False
+    log_level: str = "info"
+    #: Seconds in-flight requests get to finish after SIGTERM before they are cut.
+    shutdown_grace_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ConfigError(f"host must be an address or host name, got {self.host!r}")
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be within 0..65535 (0 picks a free port), got {self.port!r}")
+        if self.api_token is not None and (not isinstance(self.api_token, str) or len(self.api_token) < 16):
+            raise ConfigError("api_token must be a string of at least 16 characters")
+        if self.api_token is None and not is_loopback(self.host):
+            raise ConfigError(
+                f"binding {self.host} exposes the API beyond this machine: set an api_token "
+                "(TRACKER_API_TOKEN) of at least 16 characters, or bind 127.0.0.1"
+            )
+        for name, low in (("max_body_bytes", 1024), ("max_best_n", 1), ("max_page_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
+            raise ConfigError(
+                f"log_level must be critical, error, warning, info or debug, got {self.log_level!r}"
+            )
+        if isinstance(self.shutdown_grace_s, bool) or not isinstance(self.shutdown_grace_s, int | float):
+            raise ConfigError(f"shutdown_grace_s must be seconds, got {self.shutdown_grace_s!r}")
+        if self.shutdown_grace_s <= 0:
+            raise ConfigError(f"shutdown_grace_s must be positive, got {self.shutdown_grace_s!r}")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServiceSettings:
+        """Settings from ``TRACKER_HOST``, ``TRACKER_PORT``, ``TRACKER_API_TOKEN``, ...; overrides win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        parsers: dict[str, Any] = {
+            "host": str,
+            "port": int,
+            "api_token": str,
+            "max_body_bytes": int,
+            "max_best_n": int,
+            "max_page_size": int,
+            "log_json": _boolean,
+            "log_level": str,
+            "shutdown_grace_s": float,
+        }
+        for name, parse in parsers.items():
+            raw = env.get(f"TRACKER_{name.upper()}")
+            if raw is None or raw == "":
+                continue
+            try:
+                values[name] = parse(raw)
+            except ValueError:
+                raise ConfigError(f"TRACKER_{name.upper()}={raw!r} is not valid") from None
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(raw)
+    return lowered in ("1", "true", "yes", "on")
