@@ -284,6 +284,67 @@ def format_speed(bytes_per_sec: float) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# serve
+# ---------------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url",
+            envvar="TRACKER_DATABASE_URL",
+            help="sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB (default: ./tracker.db).",
+        ),
+    ] = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (env TRACKER_HOST; default 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (env TRACKER_PORT; default 8750; 0 picks a free one).")
+    ] = None,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate/--no-migrate",
+            help="Upgrade the schema on start (default), or refuse to start while it is behind.",
+        ),
+    ] = True,
+    sweeper: Annotated[
+        bool, typer.Option("--sweeper/--no-sweeper", help="Run the background sweeper (default on).")
+    ] = True,
+    log_json: Annotated[
+        bool | None, typer.Option("--log-json/--log-text", help="Log lines as JSON (env TRACKER_LOG_JSON).")
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run the tracker as an HTTP service until SIGINT or SIGTERM, then exit 0.
+
+    Binds 127.0.0.1 by default; any other address needs `TRACKER_API_TOKEN` (writes then require
+    `Authorization: Bearer TOKEN`). Every other setting comes from `TRACKER_*` variables (see
+    docs/operations.md). The API's schema is served at `/docs` and `/openapi.json`.
+
+    Example, then a query from another shell:
+
+        tracker serve --port 8750
+        curl -s 'http://127.0.0.1:8750/v1/content/CID/best?n=3'
+    """
+    from .service import ServiceSettings
+    from .service import serve as run_service
+    from .service.logs import configure_logging
+
+    with _errors_as_messages(debug):
+        overrides: dict[str, Any] = {"auto_migrate": migrate, "run_sweeper": sweeper}
+        if database_url is not None:
+            overrides["database_url"] = database_url
+        config = TrackerConfig.from_env(**overrides)
+        settings = ServiceSettings.from_env(host=host, port=port, log_json=log_json)
+        configure_logging(json_lines=settings.log_json, level=settings.log_level)
+        _run(run_service(config, settings))
+
+
+# ---------------------------------------------------------------------------------------------
 # Shared plumbing
 # ---------------------------------------------------------------------------------------------
 

@@ -55,6 +55,8 @@ def configure_logging(*, json_lines: bool, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # One line per loaded Alembic plugin at every start is noise; its migration lines stay.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     for name in ("uvicorn", "uvicorn.error"):
         # uvicorn installs its own handlers unless told not to; ours carry the same lines.
         logging.getLogger(name).handlers[:] = []

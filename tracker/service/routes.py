@@ -78,7 +78,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         prefix="/v1",
         tags=["events"],
         dependencies=[Depends(_require_token)],
-        responses=_errors(401, 413, 422, 503),
+        responses=_errors(400, 401, 413, 422, 503),
     )
     reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(404, 422, 503))
 
@@ -227,6 +227,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _ERROR_MEANINGS = {
+    400: "Body is not parseable (not UTF-8, not JSON)",
     401: "Missing or wrong bearer token",
     404: "Unknown peer or content",
     413: "Request body over max_body_bytes",

@@ -1,0 +1,201 @@
+"""``tracker serve`` as a real process on a loopback port: start, requests, SIGTERM, clean exit, data kept.
+
+Also the API fuzzed from its own OpenAPI schema (schemathesis) against that real server: whatever a
+client sends, the answer is never a 500 and always matches the documented schema.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    negative_data_rejection,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tracker import AvailabilityTracker, TrackerConfig
+
+pytestmark = pytest.mark.slow
+TOKEN = "fuzz-token-0123456789abcdef"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Server:
+    """A ``tracker serve`` child process; its combined output goes to a file, read on failure."""
+
+    def __init__(self, db_url: str, log: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        command = [
+            sys.executable,
+            "-m",
+            "tracker",
+            "serve",
+            "--database-url",
+            db_url,
+            "--port",
+            str(self.port),
+        ]
+        with log.open("wb") as sink:
+            self.process = subprocess.Popen(
+                [*command, *extra], stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"tracker serve exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(f"{self.base_url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.05)
+        pytest.fail(f"tracker serve was not ready within {timeout_s} s:\n{self.output()}")
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            pytest.fail(f"tracker serve ignored {sig.name} for 30 s:\n{self.output()}")
+
+
+@pytest.fixture
+def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
+    running = Server(db_url, tmp_path / "serve.log", env={"TRACKER_API_TOKEN": TOKEN})
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_answers_then_exits_cleanly_on_a_signal_and_keeps_what_it_acknowledged(
+    db_url: str, tmp_path: Path, sig: signal.Signals
+) -> None:
+    server = Server(db_url, tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        with httpx.Client(base_url=server.base_url, timeout=10) as client:
+            events = [
+                {"type": "peer_online", "peer_id": "peer-1"},
+                {"type": "content_available", "cid": "cid-1", "peer_id": "peer-1"},
+                {"type": "speed_sample", "peer_id": "peer-1", "bytes_per_sec": 3_000_000},
+            ]
+            assert client.post("/v1/events", json={"events": events}).json() == {"applied": 3}
+            best = client.get("/v1/content/cid-1/best", params={"n": 3}).json()
+            assert [peer["peer_id"] for peer in best["peers"]] == ["peer-1"]
+            assert "tracker_events_ingested_total" in client.get("/metrics").text
+    finally:
+        code = server.stop(sig)
+    output = server.output()
+    assert code == 0, output
+    assert "listening on http://127.0.0.1:" in output and "stopped" in output
+    assert "Traceback" not in output
+
+    async def reopened() -> tuple[int, bool]:
+        async with AvailabilityTracker(TrackerConfig(database_url=db_url)) as tracker:
+            metrics = await tracker.get_peer_metrics("peer-1")
+            assert metrics is not None
+            return metrics.download_speed, "peer-1" in await tracker.get_available_peers("cid-1")
+
+    assert asyncio.run(reopened()) == (3_000_000, True)
+
+
+def test_serve_refuses_a_database_behind_its_schema_with_no_migrate(tmp_path: Path) -> None:
+    database = tmp_path / "empty.db"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "serve",
+            "--no-migrate",
+            "--database-url",
+            f"sqlite+aiosqlite:///{database}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the database schema is at revision none"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "serve",
+            "--host",
+            "0.0.0.0",
+            "--database-url",
+            f"sqlite+aiosqlite:///{tmp_path / 't.db'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "TRACKER_API_TOKEN"},
+    )
+    assert result.returncode == 1
+    assert "api_token" in result.stderr and "Traceback" not in result.stderr
+
+
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
+
+
+@pytest.mark.parametrize("mode", [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE])
+def test_fuzzed_requests_never_get_a_500_or_an_undocumented_answer(
+    server: Server, mode: schemathesis.GenerationMode
+) -> None:
+    schema = schemathesis.openapi.from_url(f"{server.base_url}/openapi.json")
+    checks = [*CHECKS, negative_data_rejection] if mode is schemathesis.GenerationMode.NEGATIVE else CHECKS
+
+    @settings(
+        max_examples=150,
+        deadline=None,
+        database=None,
+        derandomize=True,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(case=schema.as_strategy(mode))
+    def fuzz(case: schemathesis.Case) -> None:
+        case.call_and_validate(
+            base_url=server.base_url, headers={"Authorization": f"Bearer {TOKEN}"}, checks=checks
+        )
+
+    fuzz()
+    assert server.process.poll() is None, "the server died under fuzzing"
