@@ -95,6 +95,8 @@ class TrackerConfig:
     snapshot_dir: str | None = None
     #: How many snapshots to keep in ``snapshot_dir``.
     snapshot_keep: int = 5
+    #: Contents with fewer online holders than this are "under-replicated" (view and /metrics).
+    replication_target: int = 3
     #: Connections kept open per process (Postgres); SQLite uses a small pool of its own.
     pool_size: int = 5
     echo_sql: bool = False
@@ -131,6 +133,7 @@ class TrackerConfig:
             ("sweep_batch_size", 1),
             ("snapshot_keep", 1),
             ("max_load_per_peer", 1),
+            ("replication_target", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:

@@ -78,6 +78,7 @@ class AvailabilityTracker:
             now = self.config.clock()
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:
+                await queries.write_settings(conn, self.config)
                 return await queries.ensure_local_node(conn, self.config.dialect, now)
 
             self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
@@ -369,6 +370,14 @@ class AvailabilityTracker:
             mappings_available=counts.mappings_available,
             open_leases=counts.open_leases,
         )
+
+    async def under_replicated_count(self) -> int:
+        """Contents with fewer online holders than ``replication_target`` (the analytics view's count)."""
+
+        async def work(conn: AsyncConnection) -> int:
+            return await queries.under_replicated_count(conn)
+
+        return await db.run_read(self.engine, work)
 
 
 def _peer_info(row: queries.RankedRow) -> PeerInfo:

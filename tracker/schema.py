@@ -164,3 +164,13 @@ peer_leases = Table(
 Index("ix_peer_leases_peer_expires", peer_leases.c.peer_id, peer_leases.c.expires_at)
 # The sweeper deletes lapsed leases oldest first.
 Index("ix_peer_leases_expires", peer_leases.c.expires_at)
+
+settings = Table(
+    "tracker_settings",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", Double, nullable=False),
+    comment="Settings the analytics views read (peer_timeout_s, reputation.*, replication_target).",
+)
+# Views (created by migration 0004, not modelled here): peer_scores, content_replication,
+# under_replicated_content. See docs/analytics.md.

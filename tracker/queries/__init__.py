@@ -3,6 +3,7 @@
 ``writes`` applies batches of events; ``reads`` answers questions with one ranking statement each.
 """
 
+from .analytics import under_replicated_count, write_settings
 from .leases import grant_leases, lock_peers, open_loads, prune_expired_leases
 from .listing import Counts, counts, peer_page
 from .reads import (
@@ -32,4 +33,6 @@ __all__ = [
     "peer_row",
     "prune_expired_leases",
     "ranked_holders",
+    "under_replicated_count",
+    "write_settings",
 ]

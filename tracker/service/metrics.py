@@ -106,6 +106,11 @@ class ServiceMetrics:
         self.open_leases = Gauge(
             "tracker_open_leases", "Leases handed out and not yet closed.", registry=registry
         )
+        self.under_replicated = Gauge(
+            "tracker_under_replicated_contents",
+            "Contents with fewer online holders than replication_target (alert when it grows).",
+            registry=registry,
+        )
         registry.register(_TrackerStateCollector(tracker))
 
     def observe_stats(self, stats: TrackerStats) -> None:

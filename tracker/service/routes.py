@@ -212,6 +212,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         # Database-derived gauges are refreshed per scrape; a failing database must not hide the rest.
         try:
             metrics.observe_stats(await tracker.stats())
+            metrics.under_replicated.set(await tracker.under_replicated_count())
         except (SQLAlchemyError, OSError, TrackerError):
             metrics.requests_rejected.labels(code="metrics_refresh_failed").inc()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

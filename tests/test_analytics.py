@@ -1,0 +1,144 @@
+"""The analytics views agree with the library, and every query in docs/analytics.md runs, on both engines.
+
+The views take "now" from the database clock, so these tests pin the tracker's clock to real time
+(``ManualClock(time.time())``): both sides then evaluate within the same second or so. Reputation moves
+by at most ~2e-4 per second (time half-life 1 h, uptime half-life 30 min), hence the 1e-3 tolerance.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import text
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.queries import under_replicated_count
+from tracker.service import create_app
+from tracker.testing import ManualClock
+
+DOC = (Path(__file__).parent.parent / "docs" / "analytics.md").read_text()
+BLOCKS = re.findall(r"```sql( sqlite| postgresql)?\n(.*?)```", DOC, flags=re.S)
+TOLERANCE = 1e-3
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock(time.time())
+
+
+@pytest.fixture
+async def swarm(tracker: AvailabilityTracker, clock: ManualClock) -> AsyncIterator[AvailabilityTracker]:
+    """Peers of every kind, contents replicated 1 to 4 times, history spread over three hours."""
+    t0 = clock.now - 3 * 3600
+    for hour in range(3):
+        at = t0 + hour * 3600
+        for i, (served, failed) in enumerate(((12, 0), (8, 4), (1, 9), (0, 0))):
+            peer = f"peer-{hour}-{i}"
+            await tracker.record_peer_online(peer, at=at)
+            await tracker.record_download_speed(peer, 1_000_000 * (i + 1), at=at + 1)
+            for k in range(served):
+                await tracker.record_upload_success(peer, cid=f"cid-{i}", at=at + 10 + k)
+            for k in range(failed):
+                await tracker.record_upload_failure(peer, cid=f"cid-{i}", at=at + 50 + k)
+            await tracker.record_peer_online(peer)  # still here now
+    for hour in range(3):
+        for i in range(4):
+            for cid_index in range(i + 1):  # peer i holds cid-0 .. cid-i
+                await tracker.record_content_available(f"cid-{cid_index}", f"peer-{hour}-{i}")
+    await tracker.record_peer_offline("peer-0-3")
+    await tracker.record_content_available("cid-lonely", "peer-1-0")
+    await tracker.record_content_available("cid-bad", "peer-2-2")
+    await tracker.select_best_peers("cid-0", 2)
+    yield tracker
+
+
+async def _rows(tracker: AvailabilityTracker, sql: str) -> list[dict[str, Any]]:
+    async with tracker.engine.connect() as conn:
+        return [dict(row._mapping) for row in await conn.execute(text(sql))]
+
+
+async def test_peer_scores_agree_with_the_library_for_every_peer(swarm: AvailabilityTracker) -> None:
+    rows = await _rows(swarm, "SELECT * FROM peer_scores ORDER BY peer_id")
+    assert len(rows) == 12
+    for row in rows:
+        metrics = await swarm.get_peer_metrics(row["peer_id"])
+        assert metrics is not None
+        assert row["reputation"] == pytest.approx(metrics.reputation_score, abs=TOLERANCE), row["peer_id"]
+        assert bool(row["online"]) == metrics.online
+        assert bool(row["reliable"]) == metrics.is_reliable()
+        assert bool(row["proven"]) == metrics.is_proven
+        assert (row["chunks_served"], row["chunks_failed"]) == (metrics.chunks_served, metrics.chunks_failed)
+        assert round(row["download_bytes_per_sec"]) == metrics.download_speed
+        assert row["uptime_s"] == pytest.approx(metrics.uptime.total_seconds(), abs=2.0)
+
+
+async def test_peer_scores_show_the_load_that_selection_handed_out(swarm: AvailabilityTracker) -> None:
+    availability = await swarm.get_content_availability("cid-0")
+    assert availability is not None
+    expected = {peer.peer_id: peer.load for peer in availability.peers if peer.load}
+    rows = await _rows(swarm, "SELECT peer_id, open_leases FROM peer_scores WHERE open_leases > 0")
+    assert {row["peer_id"]: row["open_leases"] for row in rows} == expected
+    assert sum(expected.values()) == 2
+
+
+async def test_content_replication_counts_online_and_reliable_holders(swarm: AvailabilityTracker) -> None:
+    rows = {row["cid"]: row for row in await _rows(swarm, "SELECT * FROM content_replication")}
+    for cid, row in rows.items():
+        availability = await swarm.get_content_availability(cid)
+        assert availability is not None
+        assert row["online_holders"] == availability.replication_factor, cid
+        reliable = [p for p in availability.peers if p.reputation > swarm.config.reliable_threshold]
+        assert row["reliable_holders"] == len(reliable), cid
+        assert availability.last_updated is not None
+        assert row["last_update"] == pytest.approx(availability.last_updated.timestamp())
+    # peer-0-3 went offline: it still holds cid-3 but cannot serve it.
+    assert (rows["cid-3"]["holders"], rows["cid-3"]["online_holders"]) == (3, 2)
+
+
+async def test_under_replicated_content_follows_the_configured_target(
+    swarm: AvailabilityTracker, db_url: str, clock: ManualClock
+) -> None:
+    rows = await _rows(swarm, "SELECT cid, replication_target FROM under_replicated_content ORDER BY cid")
+    assert [row["cid"] for row in rows] == ["cid-3", "cid-bad", "cid-lonely"]
+    assert {row["replication_target"] for row in rows} == {3}
+    async with swarm.engine.connect() as conn:
+        assert await under_replicated_count(conn) == 3
+    # Another tracker opening with a different target rewrites the setting the view reads.
+    async with AvailabilityTracker(
+        TrackerConfig(database_url=db_url, clock=clock, replication_target=6)
+    ) as other:
+        names = [row["cid"] for row in await _rows(other, "SELECT cid FROM under_replicated_content")]
+        assert sorted(names) == ["cid-2", "cid-3", "cid-bad", "cid-lonely"]
+
+
+async def test_metrics_export_the_under_replicated_count(swarm: AvailabilityTracker) -> None:
+    app = create_app(swarm)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        exposition = (await api.get("/metrics")).text
+    assert "tracker_under_replicated_contents 3.0" in exposition
+
+
+def test_the_cookbook_has_queries_for_both_engines() -> None:
+    engines = [engine.strip() or "both" for engine, _ in BLOCKS]
+    assert engines.count("both") >= 5 and engines.count("sqlite") == engines.count("postgresql") >= 2
+
+
+# (engine, query) pairs: a plain block runs on both engines, a marked one on its own. Naming the
+# parameter engine_name overrides conftest's engine fixture, so db_url follows it.
+CASES = [
+    pytest.param(engine, sql, id=f"{engine}-{index}")
+    for index, (marker, sql) in enumerate(BLOCKS)
+    for engine in ((marker.strip(),) if marker.strip() else ("sqlite", "postgresql"))
+]
+
+
+@pytest.mark.parametrize(("engine_name", "sql"), CASES)
+async def test_every_cookbook_query_runs_and_finds_rows(swarm: AvailabilityTracker, sql: str) -> None:
+    rows = await _rows(swarm, sql)
+    assert rows, f"the cookbook query found nothing on a swarm that should match it:\n{sql}"
