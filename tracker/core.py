@@ -73,7 +73,8 @@ class AvailabilityTracker:
                 if current != head:
                     raise SchemaOutOfDate(
                         f"the database schema is at revision {current or 'none (empty database)'} but this "
-                        f"tracker needs {head}: run `alembic upgrade head` or open with auto_migrate=True"
+                        f"tracker needs {head}: run `tracker db upgrade` (or `alembic upgrade head`), "
+                        "or open with auto_migrate=True"
                     )
             now = self.config.clock()
 

@@ -1,0 +1,159 @@
+"""The operator commands (db, peers, content, best, sweep, stats, gossip export) on both engines.
+
+Tests are synchronous on purpose: each CLI command runs its own event loop (``asyncio.run``), as it does
+from a shell. Data is seeded through the library on another loop first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner, Result
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.cli import app
+from tracker.db import head_revision
+
+runner = CliRunner()
+
+
+def _cli(db_url: str, *args: str) -> Result:
+    return runner.invoke(app, [*args, "--database-url", db_url])
+
+
+def _seed(db_url: str) -> None:
+    async def seed() -> None:
+        async with AvailabilityTracker(TrackerConfig(database_url=db_url)) as tracker:
+            for i in range(5):
+                peer = f"peer-{i}"
+                await tracker.record_peer_online(peer)
+                await tracker.record_content_available("cid-1", peer)
+                await tracker.record_download_speed(peer, 1_000_000 * (i + 1))
+                for _ in range(i * 3):
+                    await tracker.record_upload_success(peer)
+            await tracker.record_peer_offline("peer-4")
+
+    asyncio.run(seed())
+
+
+@pytest.fixture
+def seeded(db_url: str) -> str:
+    _seed(db_url)
+    return db_url
+
+
+def test_stats_count_the_swarm_as_json(seeded: str) -> None:
+    result = _cli(seeded, "stats", "--json")
+    assert result.exit_code == 0, result.output
+    stats = json.loads(result.stdout)
+    assert (stats["peers_total"], stats["peers_online"], stats["contents_total"]) == (5, 4, 1)
+    assert (stats["mappings_available"], stats["open_leases"]) == (5, 0)
+    assert stats["schema_revision"] == head_revision()
+
+
+def test_peers_list_pages_in_id_order_and_filters_online(seeded: str) -> None:
+    first = json.loads(_cli(seeded, "peers", "list", "--limit", "2", "--json").stdout)
+    assert [p["peer_id"] for p in first["peers"]] == ["peer-0", "peer-1"]
+    rest = json.loads(_cli(seeded, "peers", "list", "--after", first["next_after"], "--json").stdout)
+    assert [p["peer_id"] for p in rest["peers"]] == ["peer-2", "peer-3", "peer-4"]
+    assert rest["next_after"] is None
+    online = json.loads(_cli(seeded, "peers", "list", "--online", "--json").stdout)
+    assert "peer-4" not in [p["peer_id"] for p in online["peers"]]
+    table = _cli(seeded, "peers", "list")
+    assert table.exit_code == 0 and "peer-3" in table.stdout
+
+
+def test_peers_show_gives_the_parts_of_the_score(seeded: str) -> None:
+    shown = json.loads(_cli(seeded, "peers", "show", "peer-3", "--json").stdout)
+    assert shown["chunks_served"] == 9 and shown["download_bytes_per_sec"] == 4_000_000
+    assert shown["reputation"] == pytest.approx(shown["success_rate"] * shown["uptime_factor"])
+    assert _cli(seeded, "peers", "show", "peer-3").exit_code == 0
+
+
+def test_an_unknown_peer_or_content_is_one_line_and_exit_1(seeded: str) -> None:
+    for args in (("peers", "show", "ghost"), ("content", "show", "ghost")):
+        result = _cli(seeded, *args)
+        assert result.exit_code == 1
+        assert result.stderr.strip().splitlines() == [f"error: no {args[0].rstrip('s')} 'ghost' is known"]
+
+
+def test_content_show_ranks_the_online_holders_without_taking_leases(seeded: str) -> None:
+    shown = json.loads(_cli(seeded, "content", "show", "cid-1", "--json").stdout)
+    assert shown["replication_factor"] == 4
+    assert shown["peers"][0]["peer_id"] == "peer-3"
+    assert json.loads(_cli(seeded, "stats", "--json").stdout)["open_leases"] == 0
+
+
+def test_best_picks_and_leases_and_rejects_an_unknown_strategy(seeded: str) -> None:
+    best = json.loads(_cli(seeded, "best", "cid-1", "-n", "2", "--json").stdout)
+    assert [p["peer_id"] for p in best["peers"]] == ["peer-3", "peer-2"]
+    assert json.loads(_cli(seeded, "stats", "--json").stdout)["open_leases"] == 2
+    bad = _cli(seeded, "best", "cid-1", "--strategy", "cheapest")
+    assert bad.exit_code == 1 and "strategy must be one of" in bad.stderr
+    assert "Traceback" not in bad.output
+
+
+def test_sweep_reports_what_it_did(seeded: str) -> None:
+    result = _cli(seeded, "sweep", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ran"] is True and report["peers_marked_offline"] == 0
+
+
+def test_gossip_export_writes_a_snapshot_file(seeded: str, tmp_path: Path) -> None:
+    result = _cli(seeded, "gossip", "export", "--dir", str(tmp_path), "--json")
+    assert result.exit_code == 0, result.output
+    path = Path(json.loads(result.stdout)["snapshot"])
+    assert path.parent == tmp_path
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    assert sum('"peer-3"' in line for line in lines) >= 1
+
+
+def test_db_commands_report_move_and_check_the_schema(empty_pg_url: str, tmp_path: Path) -> None:
+    head = head_revision()
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", empty_pg_url):
+        assert _cli(url, "db", "upgrade").exit_code == 0
+        assert json.loads(_cli(url, "db", "current", "--json").stdout) == {
+            "current": head,
+            "head": head,
+            "up_to_date": True,
+        }
+        assert _cli(url, "db", "check").exit_code == 0
+        assert _cli(url, "db", "downgrade", "0003").exit_code == 0
+        behind = _cli(url, "db", "check")
+        assert behind.exit_code == 1 and "run `tracker db upgrade`" in behind.stderr
+        assert _cli(url, "db", "downgrade", "base").exit_code == 0
+        assert json.loads(_cli(url, "db", "current", "--json").stdout)["current"] is None
+        assert _cli(url, "db", "upgrade").exit_code == 0
+
+
+def test_downgrade_needs_an_explicit_revision(tmp_path: Path) -> None:
+    result = _cli(f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", "db", "downgrade")
+    assert result.exit_code == 2
+    assert "Missing argument" in result.output
+
+
+def test_read_commands_do_not_create_a_missing_sqlite_file(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    for args in (("stats",), ("peers", "list"), ("best", "cid"), ("db", "check")):
+        result = _cli(f"sqlite+aiosqlite:///{missing}", *args)
+        assert result.exit_code == 1, args
+        assert "no database at" in result.stderr
+    assert not missing.exists()
+
+
+def test_best_runs_as_a_real_process(seeded: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tracker", "best", "cid-1", "-n", "1", "--json", "--database-url", seeded],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert [p["peer_id"] for p in json.loads(result.stdout)["peers"]] == ["peer-3"]

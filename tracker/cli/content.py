@@ -1,0 +1,88 @@
+"""``tracker content show`` and ``tracker best``: who holds a content, and whom to download it from."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ..config import STRATEGIES
+from ..errors import InvalidInput
+from ..models import ContentAvailability, PeerInfo
+from ._common import (
+    DatabaseUrlOption,
+    DebugOption,
+    JsonOption,
+    app,
+    errors_as_messages,
+    opened,
+    print_json,
+    run,
+    stdout,
+)
+from .render import peer_info_json, peer_table
+
+content_app = typer.Typer(no_args_is_help=True, help="Show who holds a content.")
+app.add_typer(content_app, name="content")
+
+
+@content_app.command()
+def show(
+    cid: Annotated[str, typer.Argument(help="The content id.")],
+    database_url: DatabaseUrlOption = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Every online holder of CID, ranked, with its load. Takes no leases."""
+    with errors_as_messages(debug):
+
+        async def work() -> ContentAvailability | None:
+            async with opened(database_url) as tracker:
+                return await tracker.get_content_availability(cid)
+
+        availability = run(work())
+        if availability is None:
+            raise InvalidInput(f"no content {cid!r} is known")
+        if as_json:
+            print_json(
+                {
+                    "cid": cid,
+                    "replication_factor": availability.replication_factor,
+                    "last_updated": availability.last_updated,
+                    "peers": [peer_info_json(p) for p in availability.peers],
+                }
+            )
+            return
+        title = f"{cid}: {availability.replication_factor} online holders"
+        stdout.print(peer_table(title, availability.peers, empty="no holder is online"))
+
+
+@app.command()
+def best(
+    cid: Annotated[str, typer.Argument(help="The content id.")],
+    n: Annotated[int, typer.Option("-n", min=1, max=100, help="How many peers.")] = 3,
+    strategy: Annotated[
+        str | None, typer.Option(help=f"One of {', '.join(STRATEGIES)} (default: the configured one).")
+    ] = None,
+    database_url: DatabaseUrlOption = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """The best N peers to download CID from now, as `select_best_peers` picks them.
+
+    Like every selection, this hands each returned peer a lease (one unit of load for `lease_ttl_s`):
+    asking repeatedly spreads the answers, as it would for real downloaders.
+    """
+    with errors_as_messages(debug):
+
+        async def work() -> list[PeerInfo]:
+            async with opened(database_url) as tracker:
+                return await tracker.select_best_peers(cid, n, strategy=strategy)
+
+        chosen = run(work())
+        if as_json:
+            print_json({"cid": cid, "peers": [peer_info_json(p) for p in chosen]})
+            return
+        stdout.print(
+            peer_table(f"{cid}: best {len(chosen)}", chosen, empty="no online holder can take a download")
+        )

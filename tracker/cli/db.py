@@ -1,0 +1,124 @@
+"""``tracker db``: the schema's version, and moving it (Alembic, run in-process).
+
+These commands open a bare engine, never a tracker: opening a tracker would migrate, and ``check`` must
+report the schema as it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
+
+import typer
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .. import db
+from ..config import TrackerConfig
+from ..errors import InvalidInput
+from ._common import (
+    DatabaseUrlOption,
+    DebugOption,
+    JsonOption,
+    app,
+    config_for,
+    errors_as_messages,
+    print_json,
+    require_existing_sqlite,
+    run,
+    stdout,
+)
+
+T = TypeVar("T")
+
+db_app = typer.Typer(no_args_is_help=True, help="Show or change the database schema version (migrations).")
+app.add_typer(db_app, name="db")
+
+
+async def _with_engine(config: TrackerConfig, work: Callable[[AsyncEngine], Awaitable[T]]) -> T:
+    engine = db.create_engine(config)
+    try:
+        return await work(engine)
+    finally:
+        await engine.dispose()
+
+
+async def _state(engine: AsyncEngine) -> tuple[str | None, str | None]:
+    return await db.current_revision(engine), db.head_revision()
+
+
+@db_app.command()
+def upgrade(
+    revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
+    database_url: DatabaseUrlOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Bring the schema up to `--revision` (default: the newest). Creates an SQLite file if needed.
+
+    Safe to run from several processes at once (they take turns); a no-op when already there.
+    """
+    with errors_as_messages(debug):
+        config = config_for(database_url)
+
+        async def work(engine: AsyncEngine) -> tuple[str | None, str | None]:
+            before = await db.current_revision(engine)
+            await db.ensure_wal(engine)
+            await db.migrate(engine, revision)
+            return before, await db.current_revision(engine)
+
+        before, after = run(_with_engine(config, work))
+        stdout.print(f"schema at {after} (was {before or 'empty'})", highlight=False)
+
+
+@db_app.command()
+def downgrade(
+    revision: Annotated[str, typer.Argument(help="Revision to go down to; `base` removes every table.")],
+    database_url: DatabaseUrlOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Take the schema down to REVISION (required: there is no default for destroying data).
+
+    Downgrades drop what later migrations added, with its data. `base` drops every tracker table.
+    """
+    with errors_as_messages(debug):
+        config = config_for(database_url)
+        require_existing_sqlite(config)
+
+        async def work(engine: AsyncEngine) -> str | None:
+            await db.migrate(engine, revision, downgrade=True)
+            return await db.current_revision(engine)
+
+        after = run(_with_engine(config, work))
+        stdout.print(f"schema at {after or 'base (empty)'}", highlight=False)
+
+
+@db_app.command()
+def current(
+    database_url: DatabaseUrlOption = None, as_json: JsonOption = False, debug: DebugOption = False
+) -> None:
+    """Show the schema's revision and whether it is the newest this tracker knows."""
+    with errors_as_messages(debug):
+        config = config_for(database_url)
+        require_existing_sqlite(config)
+        at, head = run(_with_engine(config, _state))
+        if as_json:
+            print_json({"current": at, "head": head, "up_to_date": at == head})
+        else:
+            note = "up to date" if at == head else f"behind: the newest is {head}"
+            stdout.print(f"{at or 'empty (no schema)'} ({note})", highlight=False)
+
+
+@db_app.command()
+def check(database_url: DatabaseUrlOption = None, debug: DebugOption = False) -> None:
+    """Exit 0 when the schema is at the newest revision, 1 (with one line saying why) otherwise.
+
+    For deployment scripts: run `tracker db upgrade` when this fails.
+    """
+    with errors_as_messages(debug):
+        config = config_for(database_url)
+        require_existing_sqlite(config)
+        at, head = run(_with_engine(config, _state))
+        if at != head:
+            raise InvalidInput(
+                f"schema at {at or 'empty'}, this tracker needs {head}: run `tracker db upgrade`"
+            )
+        stdout.print(f"schema at {at}: up to date", highlight=False)

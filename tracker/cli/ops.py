@@ -1,0 +1,132 @@
+"""``tracker sweep``, ``tracker stats`` and ``tracker gossip export``: operating a tracker database."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..core import AvailabilityTracker
+from ..models import TrackerStats
+from ..sweeper import SweepReport, write_state_snapshot
+from ._common import (
+    DatabaseUrlOption,
+    DebugOption,
+    JsonOption,
+    app,
+    errors_as_messages,
+    opened,
+    print_json,
+    run,
+    stdout,
+)
+
+
+@app.command()
+def sweep(
+    database_url: DatabaseUrlOption = None, as_json: JsonOption = False, debug: DebugOption = False
+) -> None:
+    """Run one sweeper pass now: expire stale peers, apply retention, write a snapshot if configured.
+
+    `tracker serve` runs this every `update_interval`; this command is for cron jobs and maintenance.
+    """
+    with errors_as_messages(debug):
+
+        async def work() -> SweepReport:
+            async with opened(database_url) as tracker:
+                return await tracker.sweep()
+
+        report = run(work())
+        shown: dict[str, Any] = {
+            "ran": report.ran,
+            "peers_marked_offline": report.peers_marked_offline,
+            "pruned": report.pruned,
+            "snapshot": None if report.snapshot_path is None else str(report.snapshot_path),
+            "seconds": round(report.duration_s, 3),
+        }
+        if as_json:
+            print_json(shown)
+        elif not report.ran:
+            stdout.print("skipped: another tracker process holds the sweep lock", highlight=False)
+        else:
+            pruned = (
+                ", ".join(f"{table} {rows}" for table, rows in report.pruned.items() if rows) or "nothing"
+            )
+            stdout.print(
+                f"{report.peers_marked_offline} peers marked offline; pruned: {pruned}; "
+                f"{report.duration_s:.2f} s",
+                highlight=False,
+            )
+
+
+@app.command()
+def stats(
+    database_url: DatabaseUrlOption = None, as_json: JsonOption = False, debug: DebugOption = False
+) -> None:
+    """Counts of peers (total, online), contents, available mappings and open leases."""
+    with errors_as_messages(debug):
+
+        async def work() -> tuple[TrackerStats, str | None]:
+            async with opened(database_url) as tracker:
+                return await tracker.stats(), await _revision(tracker)
+
+        counts, revision = run(work())
+        shown = {**dataclasses.asdict(counts), "schema_revision": revision}
+        if as_json:
+            print_json(shown)
+            return
+        table = Table(show_header=False)
+        table.add_column("what")
+        table.add_column("value", justify="right")
+        for key, value in shown.items():
+            table.add_row(key.replace("_", " "), f"{value:,}" if isinstance(value, int) else str(value))
+        stdout.print(table)
+
+
+async def _revision(tracker: AvailabilityTracker) -> str | None:
+    from .. import db
+
+    return await db.current_revision(tracker.engine)
+
+
+gossip_app = typer.Typer(no_args_is_help=True, help="Gossip state snapshots.")
+app.add_typer(gossip_app, name="gossip")
+
+
+@gossip_app.command("export")
+def export(
+    directory: Annotated[Path, typer.Option("--dir", help="Where to write the snapshot.")] = Path("."),
+    database_url: DatabaseUrlOption = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Write this tracker's whole state as a gossip snapshot (gzip JSON Lines, docs/sweeper.md).
+
+    The file appears atomically (written aside, then renamed); older snapshots of this node beyond
+    `snapshot_keep` are removed.
+    """
+    with errors_as_messages(debug):
+        if not directory.is_dir():
+            raise NotADirectoryError(f"--dir {directory} is not a directory")
+        stderr = Console(stderr=True)
+
+        async def work() -> Path:
+            async with opened(database_url) as tracker:
+                with stderr.status("exporting state ...", spinner="dots") if stderr.is_terminal else _quiet():
+                    return await write_state_snapshot(tracker, directory, tracker.config.clock())
+
+        path = run(work())
+        if as_json:
+            print_json({"snapshot": str(path), "bytes": path.stat().st_size})
+        else:
+            stdout.print(f"wrote {path} ({path.stat().st_size:,} bytes)", highlight=False)
+
+
+def _quiet() -> Any:
+    from contextlib import nullcontext
+
+    return nullcontext()

@@ -1,0 +1,56 @@
+"""``tracker serve``: the HTTP API, the sweeper and (when configured) gossip, in one process."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ._common import DatabaseUrlOption, DebugOption, app, config_for, errors_as_messages, run
+
+
+@app.command()
+def serve(
+    database_url: DatabaseUrlOption = None,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (env TRACKER_HOST; default 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (env TRACKER_PORT; default 8750; 0 picks a free one).")
+    ] = None,
+    migrate: Annotated[
+        bool,
+        typer.Option(
+            "--migrate/--no-migrate",
+            help="Upgrade the schema on start (default), or refuse to start while it is behind.",
+        ),
+    ] = True,
+    sweeper: Annotated[
+        bool, typer.Option("--sweeper/--no-sweeper", help="Run the background sweeper (default on).")
+    ] = True,
+    log_json: Annotated[
+        bool | None, typer.Option("--log-json/--log-text", help="Log lines as JSON (env TRACKER_LOG_JSON).")
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run the tracker as an HTTP service until SIGINT or SIGTERM, then exit 0.
+
+    Binds 127.0.0.1 by default; any other address needs `TRACKER_API_TOKEN` (writes then require
+    `Authorization: Bearer TOKEN`). Every other setting comes from `TRACKER_*` variables (see
+    docs/operations.md). The API's schema is served at `/docs` and `/openapi.json`.
+
+    Example, then a query from another shell:
+
+        tracker serve --port 8750
+        curl -s 'http://127.0.0.1:8750/v1/content/CID/best?n=3'
+    """
+    # Imported here: the service stack (FastAPI, uvicorn) is not needed by any other command.
+    from ..service import ServiceSettings
+    from ..service import serve as run_service
+    from ..service.logs import configure_logging
+
+    with errors_as_messages(debug):
+        config = config_for(database_url, auto_migrate=migrate, run_sweeper=sweeper)
+        settings = ServiceSettings.from_env(host=host, port=port, log_json=log_json)
+        configure_logging(json_lines=settings.log_json, level=settings.log_level)
+        run(run_service(config, settings))
