@@ -1,0 +1,48 @@
+"""Service logs: one line per request carrying its request id; JSON lines parse and keep extra fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+
+from tracker import AvailabilityTracker
+from tracker.service import create_app
+from tracker.service.logs import JsonFormatter, TextFormatter
+
+
+def _record(**extra: object) -> logging.LogRecord:
+    record = logging.LogRecord(
+        "tracker.access", logging.INFO, __file__, 1, "GET %s %d", ("/healthz", 200), None
+    )
+    record.__dict__.update(extra)
+    return record
+
+
+def test_json_lines_carry_the_message_and_every_extra_field() -> None:
+    line = json.loads(JsonFormatter().format(_record(request_id="abc", duration_ms=1.5)))
+    assert line["message"] == "GET /healthz 200"
+    assert (line["level"], line["logger"]) == ("info", "tracker.access")
+    assert (line["request_id"], line["duration_ms"]) == ("abc", 1.5)
+
+
+def test_text_lines_append_extra_fields_as_key_value_pairs() -> None:
+    line = TextFormatter().format(_record(request_id="abc"))
+    assert line.endswith("GET /healthz 200 request_id=abc")
+
+
+async def test_each_request_logs_one_access_line_with_its_request_id(
+    tracker: AvailabilityTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(tracker)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        with caplog.at_level(logging.INFO, logger="tracker.access"):
+            response = await api.post(
+                "/v1/peers/online", json={"peer_id": ""}, headers={"X-Request-ID": "req-7"}
+            )
+    assert response.status_code == 422
+    lines = [r for r in caplog.records if r.name == "tracker.access"]
+    assert len(lines) == 1
+    assert (lines[0].request_id, lines[0].status, lines[0].path) == ("req-7", 422, "/v1/peers/online")
