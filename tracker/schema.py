@@ -44,6 +44,8 @@ nodes = Table(
     Column("node_key", String(64), nullable=False, unique=True),
     Column("is_local", Boolean, nullable=False),
     Column("created_at", Double, nullable=False),
+    # Highest version of this origin held completely (for the local node: the last one stamped).
+    Column("clock", BigInteger, nullable=False, server_default=text("0")),
     comment="Origin trackers whose observations this database holds; exactly one is local.",
 )
 Index(
@@ -88,8 +90,12 @@ peer_stats = Table(
     Column("evidence_at", Double, nullable=True),
     Column("speed_bps", Double, nullable=True),
     Column("updated_at", Double, nullable=False),
+    # The origin's version of this row for gossip deltas; null while a local change awaits its stamp.
+    Column("version", BigInteger, nullable=True),
     comment="One origin's view of one peer: presence, exact lifetime counters, decayed evidence, speed.",
 )
+# Gossip deltas ("this origin's rows after version v") and the stamper ("local rows without one").
+Index("ix_peer_stats_node_version", peer_stats.c.node_id, peer_stats.c.version)
 
 bandwidth_samples = Table(
     "bandwidth_samples",
@@ -137,9 +143,11 @@ content_peers = Table(
     Column("since", Double, nullable=False),
     Column("last_confirmed", Double, nullable=False),
     Column("changed_at", Double, nullable=False),
+    Column("version", BigInteger, nullable=True),
     comment="Who holds what. available=false rows are tombstones that stop stale announcements.",
 )
 Index("ix_content_peers_peer", content_peers.c.peer_id, content_peers.c.content_id)
+Index("ix_content_peers_node_version", content_peers.c.node_id, content_peers.c.version)
 # Tombstones are few; a partial index lets the sweeper expire them without scanning live mappings.
 Index(
     "ix_content_peers_tombstones",
@@ -164,6 +172,16 @@ peer_leases = Table(
 Index("ix_peer_leases_peer_expires", peer_leases.c.peer_id, peer_leases.c.expires_at)
 # The sweeper deletes lapsed leases oldest first.
 Index("ix_peer_leases_expires", peer_leases.c.expires_at)
+
+gossip_nonces = Table(
+    "gossip_nonces",
+    metadata,
+    Column("nonce", String(64), primary_key=True),
+    Column("node_key", String(64), nullable=False),
+    Column("expires_at", Double, nullable=False),
+    comment="Nonces of accepted gossip messages, kept until their message would be too old anyway.",
+)
+Index("ix_gossip_nonces_expires", gossip_nonces.c.expires_at)
 
 settings = Table(
     "tracker_settings",

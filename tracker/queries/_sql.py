@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Double, bindparam, func, literal, select
+from sqlalchemy import Double, and_, bindparam, func, literal, literal_column, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..schema import contents, peers
@@ -28,3 +28,36 @@ def peer_id_of(param: str) -> ColumnElement[Any]:
 def content_id_of(param: str) -> ColumnElement[Any]:
     """The surrogate id of the content whose key is bound to ``param`` (NULL for none)."""
     return select(contents.c.id).where(contents.c.content_key == bindparam(param)).scalar_subquery()
+
+
+def node_key_of(node_id: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The node key (origin name) behind a ``node_id`` column: the tie-break every node agrees on.
+
+    Written as text because it lives inside ON CONFLICT ... WHERE, where SQLAlchemy cannot correlate a
+    subquery to ``excluded`` or the target table and would add them to the subquery's FROM.
+    """
+    column = node_id.table.name + "." + node_id.name  # type: ignore[attr-defined]
+    return literal_column(
+        f"(SELECT tracker_nodes.node_key FROM tracker_nodes WHERE tracker_nodes.id = {column})"
+    )
+
+
+def lww_newer(
+    new_changed: ColumnElement[Any],
+    new_node: ColumnElement[Any],
+    old_changed: ColumnElement[Any],
+    old_node: ColumnElement[Any],
+) -> ColumnElement[bool]:
+    """Whether a content mapping change beats the stored one: later ``changed_at`` wins, equal times go
+    to the larger origin key, and the same origin's later write wins (its own order is authoritative).
+
+    The local write path and the gossip merge use this one rule, so every node orders the same changes
+    the same way whatever order they arrive in.
+    """
+    return or_(
+        new_changed > old_changed,
+        and_(
+            new_changed == old_changed,
+            or_(new_node == old_node, node_key_of(new_node) > node_key_of(old_node)),
+        ),
+    )

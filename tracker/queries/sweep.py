@@ -31,6 +31,7 @@ async def mark_stale_offline(conn: AsyncConnection, node_id: int, now: float, pe
             online_since=None,
             uptime_s=ps.uptime_s + (ps.last_seen - ps.online_since),
             updated_at=now,
+            version=None,  # gossip carries the closed session too
         )
     )
     return int((await conn.execute(stmt)).rowcount or 0)

@@ -35,7 +35,7 @@ from ..events import (
     UploadOutcome,
 )
 from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
-from ._sql import content_id_of, greatest, num, peer_id_of
+from ._sql import content_id_of, greatest, lww_newer, num, peer_id_of
 from .leases import close_oldest_leases
 
 _IN_CHUNK = 500  # keys per IN (...) list: far below both engines' bind-parameter limits
@@ -228,6 +228,7 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
                 else_=old.evidence_at,
             ),
             "updated_at": new.updated_at,
+            "version": None,  # changed here: the stamper gives it this node's next version
         },
     )
     return Precompiled(stmt, dialect)
@@ -383,7 +384,10 @@ async def _upsert_content_peers(
 
 @cache
 def _content_peers_upsert(dialect: str) -> Precompiled:
-    """Last-writer-wins by time on (content, peer): an older announcement never undoes a removal."""
+    """Last-writer-wins by time on (content, peer): an older announcement never undoes a removal.
+
+    Equal times are broken by origin key (``lww_newer``), exactly as the gossip merge breaks them.
+    """
     ins = insert_for(dialect, content_peers).values(
         content_id=content_id_of("cid"),
         peer_id=peer_id_of("peer_key"),
@@ -394,7 +398,7 @@ def _content_peers_upsert(dialect: str) -> Precompiled:
         changed_at=bindparam("p_at", type_=Double()),
     )
     old, new = content_peers.c, ins.excluded
-    fresh = new.changed_at >= old.changed_at
+    fresh = lww_newer(new.changed_at, new.node_id, old.changed_at, old.node_id)
     stmt = ins.on_conflict_do_update(
         index_elements=[content_peers.c.content_id, content_peers.c.peer_id],
         set_={
@@ -406,6 +410,7 @@ def _content_peers_upsert(dialect: str) -> Precompiled:
             ),
             "changed_at": greatest(dialect, old.changed_at, new.changed_at),
             "node_id": case((fresh, new.node_id), else_=old.node_id),
+            "version": case((fresh, None), else_=old.version),
         },
     )
     return Precompiled(stmt, dialect)

@@ -1,0 +1,334 @@
+"""The gossip agent: push-pull delta exchanges with neighbours, and the loop that runs them.
+
+One exchange: the initiator stamps its local changes, then sends a ``sync`` with its version vector
+and the rows it believes the neighbour lacks (against the vector that neighbour last reported; nothing
+on first contact). The neighbour checks and applies it in one transaction (nonce included), and answers
+with a ``reply`` holding what the initiator lacks according to the vector it just sent, plus its own
+vector. The initiator applies the reply and remembers the vector. Both directions are signed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from .. import db
+from ..core import AvailabilityTracker
+from ..queries import gossip as q
+from .config import GossipConfig, check_url
+from .protocol import GossipRejected, Keyring, Message, decode, new_nonce, signed
+
+log = logging.getLogger("tracker.gossip")
+
+#: (url, body, headers) -> (status, body, headers): httpx by default; tests may call agents directly.
+Transport = Callable[[str, bytes, dict[str, str]], Awaitable[tuple[int, bytes, dict[str, str]]]]
+
+GOSSIP_PATH = "/v1/gossip"
+_MAX_FOLLOW_UPS = 8  # extra syncs in one exchange while the neighbour says it has more
+
+
+@dataclass
+class GossipStats:
+    """Counters for ``/metrics`` and tests."""
+
+    rounds: int = 0
+    exchanges: int = 0
+    failures: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rows_sent: int = 0
+    rows_applied: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class _Neighbor:
+    url: str
+    vector: dict[str, int] | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+
+
+class GossipAgent:
+    """Gossip for one tracker; ``handle`` serves requests, ``round``/``run`` initiate them."""
+
+    def __init__(
+        self,
+        tracker: AvailabilityTracker,
+        config: GossipConfig,
+        *,
+        transport: Transport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not config.enabled:
+            raise GossipRejected("disabled", "gossip needs a shared key (GossipConfig.keys)", 503)
+        self.tracker = tracker
+        self.config = config
+        self.keyring = Keyring(config.keys)
+        self.stats = GossipStats()
+        self._rng = rng or random.Random()
+        self._neighbors = {url: _Neighbor(url) for url in map(check_url, config.neighbors)}
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    @property
+    def node_key(self) -> str:
+        return self.tracker.node_key
+
+    @property
+    def neighbors(self) -> list[str]:
+        return sorted(self._neighbors)
+
+    def _now(self) -> float:
+        return self.tracker.config.clock()
+
+    def _reject(self, error: GossipRejected, sender: str = "?") -> None:
+        self.stats.rejected[error.reason] = self.stats.rejected.get(error.reason, 0) + 1
+        log.warning(
+            "gossip message rejected: %s",
+            error,
+            extra={"action": "gossip_reject", "reason": error.reason, "sender": sender},
+        )
+
+    def _message(self, kind: str, vector: dict[str, int], delta: q.Delta, in_reply_to: str | None) -> Message:
+        learn = self.config.learn_neighbors
+        return Message(
+            kind=kind,  # type: ignore[arg-type]
+            node=self.node_key,
+            sent_at=self._now(),
+            nonce=new_nonce(),
+            in_reply_to=in_reply_to,
+            url=self.config.advertise_url,
+            neighbors=self.neighbors[:64] if learn else [],
+            vector=vector,
+            deltas=delta.deltas,
+            more=delta.truncated,
+        )
+
+    async def _encode(
+        self, build: Callable[[int], Awaitable[Message]]
+    ) -> tuple[Message, bytes, dict[str, str]]:
+        """Sign a message, halving its rows until it fits ``max_bytes`` (rarely: rows are small)."""
+        rows = self.config.max_rows
+        while True:
+            message = await build(rows)
+            body, headers = signed(message, self.keyring)
+            if len(body) <= self.config.max_bytes or rows <= self.config.stamp_chunk + 1:
+                return message, body, headers
+            rows = max(self.config.stamp_chunk + 1, rows // 2)
+
+    async def _read_deltas(self, vector: dict[str, int], skip: tuple[str, ...], rows: int) -> q.Delta:
+        window = self.tracker.config.bandwidth_window
+
+        async def work(conn: Any) -> q.Delta:
+            return await q.read_deltas(conn, vector, skip, rows, window)
+
+        return await db.run_read(self.tracker.engine, work)
+
+    def _learn(self, message: Message) -> None:
+        if not self.config.learn_neighbors:
+            return
+        for url in ([message.url] if message.url else []) + message.neighbors:
+            try:
+                url = check_url(url)
+            except ValueError:
+                continue
+            if (
+                url != self.config.advertise_url
+                and url not in self._neighbors
+                and len(self._neighbors) < 1024
+            ):
+                self._neighbors[url] = _Neighbor(url)
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def handle(self, body: bytes, authorization: str | None) -> tuple[int, bytes, dict[str, str]]:
+        """Answer one ``sync``: (status, body, headers). Errors are JSON ``{"error", "reason"}``."""
+        now = self._now()
+        cfg = self.config
+        try:
+            message = decode(
+                body, authorization, self.keyring, max_bytes=cfg.max_bytes, now=now, max_skew_s=cfg.max_skew_s
+            )
+            if message.kind != "sync":
+                raise GossipRejected("malformed", "only a sync message may be sent to a tracker")
+            if message.node == self.node_key:
+                raise GossipRejected("malformed", "the message claims to come from this very node")
+        except GossipRejected as error:
+            self._reject(error)
+            return _error(error)
+        self.stats.bytes_received += len(body)
+        window = self.tracker.config.bandwidth_window
+
+        async def work(conn: Any) -> tuple[q.MergeCounts, dict[str, int]]:
+            dialect = self.tracker.config.dialect
+            if not await q.claim_nonce(
+                conn, dialect, message.nonce, message.node, now + 2 * cfg.max_skew_s, now
+            ):
+                raise GossipRejected("replay", "this message (its nonce) was already received", 409)
+            counts = await q.merge(conn, dialect, self.node_key, message.deltas, window)
+            await q.stamp(conn, dialect, self.tracker.node_id, cfg.stamp_chunk)
+            return counts, await q.version_vector(conn)
+
+        try:
+            counts, vector = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
+        except GossipRejected as error:
+            self._reject(error, message.node)
+            return _error(error)
+        self.stats.rows_applied += counts.peers + counts.mappings
+        self._learn(message)
+
+        async def build(rows: int) -> Message:
+            delta = await self._read_deltas(message.vector, (message.node,), rows)
+            return self._message("reply", vector, delta, message.nonce)
+
+        _, out, headers = await self._encode(build)
+        self.stats.bytes_sent += len(out)
+        return 200, out, headers
+
+    # -- initiating ---------------------------------------------------------------------------
+
+    async def exchange(self, url: str) -> int:
+        """One push-pull with ``url`` (plus follow-ups while either side has more); rows applied here."""
+        neighbor = self._neighbors.setdefault(check_url(url), _Neighbor(check_url(url)))
+        applied = 0
+        for _ in range(_MAX_FOLLOW_UPS):
+            sent_more, reply = await self._sync_once(neighbor)
+            applied_now = await self._apply_reply(reply)
+            applied += applied_now
+            if not (reply.more or sent_more):
+                break
+        self.stats.exchanges += 1
+        return applied
+
+    async def _sync_once(self, neighbor: _Neighbor) -> tuple[bool, Message]:
+        cfg = self.config
+        known = neighbor.vector
+
+        async def work(conn: Any) -> dict[str, int]:
+            await q.stamp(conn, self.tracker.config.dialect, self.tracker.node_id, cfg.stamp_chunk)
+            return await q.version_vector(conn)
+
+        vector = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
+
+        async def build(rows: int) -> Message:
+            # First contact sends only the digest: the reply's vector tells what the neighbour holds.
+            delta = q.Delta([], False) if known is None else await self._read_deltas(known, (), rows)
+            return self._message("sync", vector, delta, None)
+
+        sync, body, headers = await self._encode(build)
+        status, answer, answer_headers = await self._send(neighbor.url + GOSSIP_PATH, body, headers)
+        self.stats.bytes_sent += len(body)
+        self.stats.rows_sent += sync.rows
+        if status != 200:
+            raise GossipFailed(f"{neighbor.url} answered {status}: {answer[:300].decode(errors='replace')}")
+        self.stats.bytes_received += len(answer)
+        try:
+            reply = decode(
+                answer,
+                answer_headers.get("authorization"),
+                self.keyring,
+                max_bytes=cfg.max_bytes,
+                now=self._now(),
+                max_skew_s=cfg.max_skew_s,
+            )
+        except GossipRejected as error:
+            self._reject(error, neighbor.url)
+            raise GossipFailed(f"{neighbor.url} sent an unacceptable reply: {error}") from None
+        if reply.kind != "reply" or reply.in_reply_to != sync.nonce:
+            self._reject(GossipRejected("replay", "a reply that does not answer this request"), neighbor.url)
+            raise GossipFailed(f"{neighbor.url} sent a reply to another request")
+        neighbor.vector = dict(reply.vector)
+        self._learn(reply)
+        return sync.more, reply
+
+    async def _apply_reply(self, reply: Message) -> int:
+        if not reply.deltas:
+            return 0
+        window = self.tracker.config.bandwidth_window
+
+        async def work(conn: Any) -> q.MergeCounts:
+            return await q.merge(conn, self.tracker.config.dialect, self.node_key, reply.deltas, window)
+
+        counts = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
+        self.stats.rows_applied += counts.peers + counts.mappings
+        return counts.peers + counts.mappings
+
+    async def _send(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        if self._transport is not None:
+            return await self._transport(url, body, headers)
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=self.config.timeout_s)
+        try:
+            response = await self._client.post(url, content=body, headers=headers)
+        except httpx.HTTPError as error:
+            raise GossipFailed(f"{url}: {type(error).__name__}: {error}") from None
+        return response.status_code, response.content, {k.lower(): v for k, v in response.headers.items()}
+
+    async def round(self) -> int:
+        """Gossip with up to ``fanout`` random neighbours not in back-off; returns exchanges that worked."""
+        now = self._now()
+        ready = [n for n in self._neighbors.values() if n.retry_at <= now]
+        chosen = self._rng.sample(ready, min(self.config.fanout, len(ready)))
+        results = await asyncio.gather(*(self._guarded(n) for n in chosen))
+        self.stats.rounds += 1
+        return sum(results)
+
+    async def _guarded(self, neighbor: _Neighbor) -> bool:
+        try:
+            await self.exchange(neighbor.url)
+        except Exception as error:  # a neighbour's fault must not end the loop
+            self.stats.failures += 1
+            neighbor.failures += 1
+            interval = self.interval
+            neighbor.retry_at = self._now() + min(
+                self.config.backoff_max_s, interval * 2 ** (neighbor.failures - 1)
+            )
+            log.warning(
+                "gossip with %s failed: %s",
+                neighbor.url,
+                error,
+                extra={"action": "gossip_failure", "neighbor": neighbor.url, "failures": neighbor.failures},
+            )
+            return False
+        neighbor.failures, neighbor.retry_at = 0, 0.0
+        return True
+
+    @property
+    def interval(self) -> float:
+        return self.config.interval_s or self.tracker.config.update_interval
+
+    async def run(self) -> None:
+        """Gossip forever, every ``interval`` +- ``jitter``; cancel to stop."""
+        while True:
+            spread = self.interval * self.config.jitter
+            await asyncio.sleep(self.interval + self._rng.uniform(-spread, spread))
+            try:
+                await self.round()
+            except Exception:  # the database may be down: log, keep the loop alive
+                log.exception("gossip round failed", extra={"action": "gossip_round_failure"})
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
+class GossipFailed(Exception):
+    """An exchange did not complete (network, refusal, bad reply); the neighbour is retried later."""
+
+
+def _error(error: GossipRejected) -> tuple[int, bytes, dict[str, str]]:
+    body = json.dumps({"error": str(error), "reason": error.reason}).encode()
+    return error.status, body, {"Content-Type": "application/json"}

@@ -1,0 +1,120 @@
+"""Gossip settings, apart from ``TrackerConfig``: only trackers that gossip need them."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True, kw_only=True)
+class GossipConfig:
+    """How a tracker gossips. Every field has a ``TRACKER_GOSSIP_<NAME>`` variable (lists comma-separated)."""
+
+    #: Shared secrets (>= 16 characters); the first signs, all verify, so keys rotate one at a time.
+    keys: tuple[str, ...] = ()
+    #: Base URLs of neighbour trackers (``http://127.0.0.1:8081``); gossip goes to ``<url>/v1/gossip``.
+    neighbors: tuple[str, ...] = ()
+    #: Neighbours contacted per round.
+    fanout: int = 3
+    #: Seconds between rounds; ``None`` uses the tracker's ``update_interval`` (30 s).
+    interval_s: float | None = None
+    #: Each round waits the interval +- this fraction, so trackers do not gossip in lockstep.
+    jitter: float = 0.2
+    #: Also gossip with neighbours that other trackers mention (their ``url`` and ``neighbors``).
+    learn_neighbors: bool = False
+    #: This tracker's own gossip URL, told to neighbours (needed for them to learn it).
+    advertise_url: str | None = None
+    #: Rows (peer states plus mappings) per message; more state goes in the next exchange.
+    max_rows: int = 5_000
+    #: Largest compressed message accepted or sent, bytes.
+    max_bytes: int = 4 * 1024 * 1024
+    #: Messages older or further in the future than this are refused; nonces are kept this long.
+    max_skew_s: float = 120.0
+    #: Rows per version when local changes are stamped; must be below ``max_rows``.
+    stamp_chunk: int = 500
+    #: Per-request timeout, seconds.
+    timeout_s: float = 10.0
+    #: A failing neighbour is retried after 2^failures intervals, at most this many seconds.
+    backoff_max_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.keys, tuple) or not all(
+            isinstance(k, str) and len(k) >= 16 for k in self.keys
+        ):
+            raise ConfigError("gossip keys must be a tuple of strings of at least 16 characters")
+        if not isinstance(self.neighbors, tuple):
+            raise ConfigError("gossip neighbors must be a tuple of URLs")
+        for url in self.neighbors + ((self.advertise_url,) if self.advertise_url else ()):
+            check_url(url)
+        for name, low in (("fanout", 1), ("max_rows", 2), ("max_bytes", 1024), ("stamp_chunk", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"gossip {name} must be an integer >= {low}, got {value!r}")
+        if self.stamp_chunk >= self.max_rows:
+            raise ConfigError(
+                "gossip stamp_chunk must be below max_rows, so every message completes a version"
+            )
+        for name in ("max_skew_s", "timeout_s", "backoff_max_s") + (
+            ("interval_s",) if self.interval_s else ()
+        ):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise ConfigError(f"gossip {name} must be a positive number of seconds, got {value!r}")
+        if (
+            isinstance(self.jitter, bool)
+            or not isinstance(self.jitter, int | float)
+            or not 0 <= self.jitter < 1
+        ):
+            raise ConfigError(f"gossip jitter must be within [0, 1), got {self.jitter!r}")
+
+    @property
+    def enabled(self) -> bool:
+        """Gossip runs when a key is configured; without one no message could be trusted."""
+        return bool(self.keys)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GossipConfig:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        lists = ("keys", "neighbors")
+        ints = ("fanout", "max_rows", "max_bytes", "stamp_chunk")
+        floats = ("interval_s", "jitter", "max_skew_s", "timeout_s", "backoff_max_s")
+        for name in (*lists, *ints, *floats, "learn_neighbors", "advertise_url"):
+            raw = env.get(f"TRACKER_GOSSIP_{name.upper()}")
+            if raw is None:
+                continue
+            try:
+                if name in lists:
+                    values[name] = tuple(part.strip() for part in raw.split(",") if part.strip())
+                elif name in ints:
+                    values[name] = int(raw)
+                elif name in floats:
+                    values[name] = float(raw)
+                elif name == "learn_neighbors":
+                    values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                else:
+                    values[name] = raw.strip() or None
+            except ValueError:
+                raise ConfigError(f"TRACKER_GOSSIP_{name.upper()}={raw!r} is not valid") from None
+        values.update(overrides)
+        return cls(**values)
+
+
+def check_url(url: object) -> str:
+    """A neighbour's base URL: http(s) with a host, no query or fragment."""
+    if not isinstance(url, str):
+        raise ConfigError(f"a gossip URL must be a string, got {url!r}")
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise ConfigError(f"a gossip URL looks like http://127.0.0.1:8081, got {url!r}")
+    return url.rstrip("/")

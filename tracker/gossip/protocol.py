@@ -1,0 +1,269 @@
+"""Gossip messages: the versioned wire format, its limits and its authentication. No SQL, no I/O.
+
+A message is one JSON document (format ``peer-tracker-gossip``, version 1; docs/gossip.md lists every
+field), gzip-compressed on the wire and signed with HMAC-SHA256 over the compressed bytes exactly as
+sent. Checks run cheapest and safest first: size, signature (nothing unauthenticated is parsed),
+bounded decompression, format and version, then the strict field validation (pydantic, unknown fields
+refused), then the sender's clock. Replays are refused by the caller, which remembers nonces in the
+database in the same transaction that applies the message.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import hmac
+import secrets
+import zlib
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InvalidInput
+from ..events import MAX_BYTES_PER_SEC, validate_id
+
+FORMAT = "peer-tracker-gossip"
+VERSION = 1
+SIGNATURE_SCHEME = "HMAC-SHA256"
+MAX_VERSION = 2**63 - 1
+
+
+class GossipRejected(InvalidInput):
+    """A gossip message was refused; ``reason`` names the check (a metrics label), ``status`` the HTTP
+    status its sender gets. Nothing of a rejected message is applied."""
+
+    def __init__(self, reason: str, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+def _node_key(value: str) -> str:
+    validate_id(value, "node key")
+    if len(value) > 64:
+        raise ValueError("a node key is at most 64 characters")
+    return value
+
+
+def _id(what: str) -> AfterValidator:
+    def check(value: str) -> str:
+        try:
+            return validate_id(value, what)
+        except InvalidInput as error:
+            raise ValueError(str(error)) from None
+
+    return AfterValidator(check)
+
+
+NodeKey = Annotated[str, AfterValidator(_node_key)]
+PeerKey = Annotated[str, _id("peer id")]
+ContentKey = Annotated[str, _id("cid")]
+Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0, le=MAX_VERSION)]
+Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
+Speed = Annotated[int, Field(ge=0, le=MAX_BYTES_PER_SEC)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class PeerState(_Strict):
+    """One origin's row for one peer at ``version``, with that origin's latest bandwidth samples."""
+
+    peer: PeerKey
+    first_seen: Seconds
+    online: bool
+    online_since: Seconds | None
+    last_seen: Seconds
+    uptime_s: Seconds
+    served: Count
+    failed: Count
+    success_weight: Seconds
+    failure_weight: Seconds
+    evidence_at: Seconds | None
+    updated_at: Seconds
+    version: Version
+    #: ``[at, bytes_per_sec]`` pairs, newest first, at most the origin's bandwidth window.
+    samples: list[tuple[Seconds, Speed]] = Field(max_length=1000)
+
+
+class MappingState(_Strict):
+    """Whether ``peer`` holds ``cid``, as decided by the origin's change at ``changed_at``."""
+
+    cid: ContentKey
+    peer: PeerKey
+    available: bool
+    since: Seconds
+    last_confirmed: Seconds
+    changed_at: Seconds
+    version: Version
+
+
+class OriginDelta(_Strict):
+    """One origin's rows with versions after ``base``; complete through ``upto`` (see docs/gossip.md)."""
+
+    origin: NodeKey
+    base: Count
+    upto: Count
+    peers: list[PeerState] = []
+    mappings: list[MappingState] = []
+
+
+class Message(_Strict):
+    """A sync request (``kind="sync"``) or its answer (``kind="reply"``)."""
+
+    format: Literal["peer-tracker-gossip"] = "peer-tracker-gossip"
+    version: Literal[1] = 1
+    kind: Literal["sync", "reply"]
+    node: NodeKey
+    sent_at: Seconds
+    nonce: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")]
+    #: The request this answers (replies only), so a reply cannot be replayed as another's answer.
+    in_reply_to: Annotated[str, Field(pattern=r"^[0-9a-f]{32}$")] | None = None
+    #: Where the sender takes gossip, if it accepts any, and neighbours it knows (when learning is on).
+    url: Annotated[str, Field(max_length=300)] | None = None
+    neighbors: list[Annotated[str, Field(max_length=300)]] = Field(default=[], max_length=64)
+    #: Per origin, the highest version the sender holds completely: what the other side answers against.
+    vector: dict[NodeKey, Count] = Field(max_length=100_000)
+    deltas: list[OriginDelta] = []
+    #: The reply left rows out (limits); the requester may sync again at once.
+    more: bool = False
+
+    @property
+    def rows(self) -> int:
+        return sum(len(d.peers) + len(d.mappings) for d in self.deltas)
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+# -- keyring ------------------------------------------------------------------------------------
+
+
+class Keyring:
+    """Shared keys: the first signs, any verifies, so keys rotate without a flag day (memberlist style).
+
+    A key id (the first 8 hex digits of the key's SHA-256) travels with the signature so the receiver
+    tries one key, and an operator can see which key a peer still uses.
+    """
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        if not keys:
+            raise InvalidInput("gossip needs at least one shared key")
+        for key in keys:
+            if not isinstance(key, str) or len(key) < 16:
+                raise InvalidInput("every gossip key must be a string of at least 16 characters")
+        self._keys = {self.key_id(key): key.encode() for key in keys}
+        self.primary = self.key_id(keys[0])
+
+    @staticmethod
+    def key_id(key: str) -> str:
+        return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+    def sign(self, body: bytes) -> str:
+        """The ``Authorization`` header value for ``body``."""
+        mac = hmac.new(self._keys[self.primary], body, hashlib.sha256).hexdigest()
+        return f"{SIGNATURE_SCHEME} keyid={self.primary},signature={mac}"
+
+    def verify(self, body: bytes, header: str | None) -> None:
+        if not header:
+            raise GossipRejected("unsigned", "the message is not signed (no Authorization header)", 401)
+        scheme, _, params = header.partition(" ")
+        fields = dict(part.partition("=")[::2] for part in params.split(",") if "=" in part)
+        if scheme != SIGNATURE_SCHEME or "keyid" not in fields or "signature" not in fields:
+            raise GossipRejected(
+                "unsigned",
+                f"expected an Authorization header '{SIGNATURE_SCHEME} keyid=...,signature=...'",
+                401,
+            )
+        key = self._keys.get(fields["keyid"].strip())
+        if key is None:
+            raise GossipRejected("bad_signature", f"unknown key id {fields['keyid'][:16]!r}", 401)
+        expected = hmac.new(key, body, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, fields["signature"].strip()):
+            raise GossipRejected("bad_signature", "the signature does not match the message", 401)
+
+
+# -- encoding and decoding ----------------------------------------------------------------------
+
+
+def encode(message: Message) -> bytes:
+    """The compressed body (sign it with ``Keyring.sign``)."""
+    return gzip.compress(message.model_dump_json().encode(), compresslevel=6, mtime=0)
+
+
+def decode(
+    body: bytes,
+    authorization: str | None,
+    keyring: Keyring,
+    *,
+    max_bytes: int,
+    now: float,
+    max_skew_s: float,
+) -> Message:
+    """Authenticate and validate one message; ``GossipRejected`` says which check failed."""
+    if len(body) > max_bytes:
+        raise GossipRejected("oversized", f"the message is {len(body)} bytes; the limit is {max_bytes}", 413)
+    keyring.verify(body, authorization)
+    text = _inflate(body, max_bytes * 20)
+    try:
+        message = Message.model_validate_json(text)
+    except ValidationError as error:
+        raise _rejection(error) from None
+    if message.sent_at < now - max_skew_s:
+        raise GossipRejected(
+            "too_old",
+            f"the message was sent {now - message.sent_at:.0f} s ago; the limit is {max_skew_s:g} s",
+        )
+    if message.sent_at > now + max_skew_s:
+        raise GossipRejected(
+            "from_future",
+            f"the message is dated {message.sent_at - now:.0f} s ahead; the limit is {max_skew_s:g} s",
+        )
+    return message
+
+
+def _rejection(error: ValidationError) -> GossipRejected:
+    """Name the first problem; a wrong format or version is reported as such, before any field."""
+    problems = error.errors()
+    for problem in problems:
+        if problem["loc"][:1] == ("format",):
+            return GossipRejected("malformed", f"not a {FORMAT} message")
+    for problem in problems:
+        if problem["loc"][:1] == ("version",):
+            got = str(problem.get("input"))[:20]
+            return GossipRejected("unknown_version", f"message version {got} is not this tracker's {VERSION}")
+    first = problems[0]
+    where = ".".join(str(part) for part in first["loc"]) or "top level"
+    return GossipRejected("malformed", f"invalid message at {where}: {first['msg']}")
+
+
+def _inflate(body: bytes, limit: int) -> bytes:
+    """Gunzip at most ``limit`` bytes, so a small bomb cannot expand into gigabytes."""
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        text = inflater.decompress(body, limit)
+        if inflater.unconsumed_tail:
+            raise GossipRejected("oversized", f"the message expands beyond {limit} bytes", 413)
+        if not inflater.eof:
+            raise GossipRejected("malformed", "the gzip stream is truncated")
+    except zlib.error as error:
+        raise GossipRejected("malformed", f"not a gzip stream: {error}") from None
+    return text
+
+
+def signed(message: Message, keyring: Keyring) -> tuple[bytes, dict[str, str]]:
+    """The body and headers of one message, ready to send."""
+    body = encode(message)
+    return body, {
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+        "Authorization": keyring.sign(body),
+    }
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    return message.model_dump(mode="json")

@@ -1,0 +1,472 @@
+"""Gossip's statements: stamp local changes, read deltas per origin, merge what neighbours send.
+
+The merge rules (docs/gossip.md), each a join-semilattice so that messages can be applied any number of
+times, in any order, through any relay path:
+
+- ``peer_stats`` rows are registers owned by their origin: a row replaces the stored one only with a
+  higher version; the lifetime counters take the maximum anyway, so no message lowers them.
+- ``content_peers`` rows are last-writer-wins by ``(changed_at, origin key)``, and for the same
+  origin by version (``lww_newer`` plus the version): the same rule as the local write path.
+- ``peers.first_seen`` and ``contents.first_seen`` take the minimum.
+- an origin's samples travel with its peer row and are replaced with it.
+Nothing a message says about the receiving node's own origin is applied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, and_, delete, func, literal, or_, select, text, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ..db import insert_for
+from ..gossip.protocol import MappingState, OriginDelta, PeerState
+from ..schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
+from ._sql import greatest, node_key_of
+from .writes import refresh_speeds
+
+_IN_CHUNK = 500
+_STAMP_LOCK = 0x7472_6B67  # "trkg": the Postgres advisory lock that serializes stampers
+
+
+# -- stamping -----------------------------------------------------------------------------------
+
+
+async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) -> int:
+    """Give every locally changed row (version null) the local node's next versions; return the clock.
+
+    At most ``chunk`` rows share a version, so a message of more rows always completes one. Stampers
+    are serialized (an advisory lock on Postgres, the write transaction on SQLite); a row a concurrent
+    writer changes after this snapshot is null again and gets the next stamp, so no change is missed.
+    """
+    if dialect == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _STAMP_LOCK})
+    clock = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
+    start = clock
+    for table, key in (
+        (peer_stats, (peer_stats.c.peer_id,)),
+        (content_peers, (content_peers.c.content_id, content_peers.c.peer_id)),
+    ):
+        while True:
+            dirty = select(*key).where(table.c.node_id == local_id, table.c.version.is_(None)).limit(chunk)
+            target = key[0].in_(dirty) if len(key) == 1 else tuple_(*key).in_(dirty)
+            result = await conn.execute(
+                update(table)
+                .where(table.c.node_id == local_id, table.c.version.is_(None), target)
+                .values(version=clock + 1)
+            )
+            if not result.rowcount:
+                break
+            clock += 1
+    if clock != start:
+        await conn.execute(update(nodes).where(nodes.c.id == local_id).values(clock=clock))
+    return clock
+
+
+async def version_vector(conn: AsyncConnection) -> dict[str, int]:
+    """Per origin, the highest version held completely."""
+    return {str(k): int(c) for k, c in (await conn.execute(select(nodes.c.node_key, nodes.c.clock))).all()}
+
+
+# -- reading deltas -----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Delta:
+    """Rows of one origin for one neighbour, and whether limits cut it short."""
+
+    deltas: list[OriginDelta]
+    truncated: bool
+
+
+async def read_deltas(
+    conn: AsyncConnection, vector: dict[str, int], skip: Iterable[str], max_rows: int, window: int
+) -> Delta:
+    """Every origin's rows with versions above ``vector`` (what the other side holds), up to ``max_rows``.
+
+    Rows are read in version order; when a table fills the budget, the delta ends before the last
+    version read (which may be incomplete) and says so with ``upto``, so the receiver's clock never
+    claims a version it does not fully hold.
+    """
+    skipped = set(skip)
+    out: list[OriginDelta] = []
+    budget, truncated = max_rows, False
+    origins = (
+        await conn.execute(select(nodes.c.id, nodes.c.node_key, nodes.c.clock).order_by(nodes.c.node_key))
+    ).all()
+    for node_id, key, clock in origins:
+        base = vector.get(key, 0)
+        if key in skipped or clock <= base:
+            continue
+        if budget <= 0:
+            truncated = True
+            break
+        peer_rows = await _peer_rows(conn, node_id, base, budget + 1)
+        mapping_rows = await _mapping_rows(conn, node_id, base, budget + 1)
+        upto = int(clock)
+        for rows in (peer_rows, mapping_rows):
+            if len(rows) > budget:  # this table alone fills the budget: stop before its last version
+                upto = min(upto, int(rows[budget - 1].version) - 1)
+        peer_rows = [r for r in peer_rows if r.version <= upto]
+        mapping_rows = [r for r in mapping_rows if r.version <= upto]
+        while len(peer_rows) + len(mapping_rows) > budget:  # together too many: cut the newest version
+            upto = max([r.version for r in peer_rows] + [r.version for r in mapping_rows]) - 1
+            peer_rows = [r for r in peer_rows if r.version <= upto]
+            mapping_rows = [r for r in mapping_rows if r.version <= upto]
+        if upto < clock:
+            truncated = True
+        if upto <= base:
+            break
+        samples = await _samples(conn, node_id, [r.peer_id for r in peer_rows], window)
+        out.append(
+            OriginDelta(
+                origin=key,
+                base=base,
+                upto=upto,
+                peers=[_peer_state(r, samples.get(r.peer_id, [])) for r in peer_rows],
+                mappings=[_mapping_state(r) for r in mapping_rows],
+            )
+        )
+        budget -= len(peer_rows) + len(mapping_rows)
+        if truncated:
+            break
+    return Delta(out, truncated)
+
+
+async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
+    ps = peer_stats.c
+    stmt = (
+        select(
+            ps.peer_id,
+            peers.c.peer_key,
+            peers.c.first_seen,
+            ps.online,
+            ps.online_since,
+            ps.last_seen,
+            ps.uptime_s,
+            ps.served_count,
+            ps.failed_count,
+            ps.success_weight,
+            ps.failure_weight,
+            ps.evidence_at,
+            ps.updated_at,
+            ps.version,
+        )
+        .join(peers, peers.c.id == ps.peer_id)
+        .where(ps.node_id == node_id, ps.version > base)
+        .order_by(ps.version, ps.peer_id)
+        .limit(limit)
+    )
+    return (await conn.execute(stmt)).all()
+
+
+async def _mapping_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
+    cp = content_peers.c
+    stmt = (
+        select(
+            contents.c.content_key,
+            peers.c.peer_key,
+            cp.available,
+            cp.since,
+            cp.last_confirmed,
+            cp.changed_at,
+            cp.version,
+        )
+        .join(contents, contents.c.id == cp.content_id)
+        .join(peers, peers.c.id == cp.peer_id)
+        .where(cp.node_id == node_id, cp.version > base)
+        .order_by(cp.version, cp.content_id, cp.peer_id)
+        .limit(limit)
+    )
+    return (await conn.execute(stmt)).all()
+
+
+async def _samples(
+    conn: AsyncConnection, node_id: int, peer_ids: list[int], window: int
+) -> dict[int, list[tuple[float, int]]]:
+    """Each peer's latest ``window`` samples from this origin, newest first."""
+    s = bandwidth_samples.c
+    found: dict[int, list[tuple[float, int]]] = {}
+    for start in range(0, len(peer_ids), _IN_CHUNK):
+        ranked = (
+            select(
+                s.peer_id,
+                s.at,
+                s.bytes_per_sec,
+                func.row_number()
+                .over(partition_by=s.peer_id, order_by=(s.at.desc(), s.id.desc()))
+                .label("rn"),
+            )
+            .where(s.node_id == node_id, s.peer_id.in_(peer_ids[start : start + _IN_CHUNK]))
+            .subquery()
+        )
+        stmt = select(ranked.c.peer_id, ranked.c.at, ranked.c.bytes_per_sec).where(ranked.c.rn <= window)
+        for peer_id, at, bps in (await conn.execute(stmt.order_by(ranked.c.peer_id, ranked.c.rn))).all():
+            found.setdefault(int(peer_id), []).append((float(at), int(bps)))
+    return found
+
+
+def _peer_state(r: Any, samples: list[tuple[float, int]]) -> PeerState:
+    return PeerState(
+        peer=r.peer_key,
+        first_seen=r.first_seen,
+        online=bool(r.online),
+        online_since=r.online_since,
+        last_seen=r.last_seen,
+        uptime_s=r.uptime_s,
+        served=int(r.served_count),
+        failed=int(r.failed_count),
+        success_weight=r.success_weight,
+        failure_weight=r.failure_weight,
+        evidence_at=r.evidence_at,
+        updated_at=r.updated_at,
+        version=int(r.version),
+        samples=samples,
+    )
+
+
+def _mapping_state(r: Any) -> MappingState:
+    return MappingState(
+        cid=r.content_key,
+        peer=r.peer_key,
+        available=bool(r.available),
+        since=r.since,
+        last_confirmed=r.last_confirmed,
+        changed_at=r.changed_at,
+        version=int(r.version),
+    )
+
+
+# -- merging ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class MergeCounts:
+    peers: int = 0
+    mappings: int = 0
+
+
+async def claim_nonce(
+    conn: AsyncConnection, dialect: str, nonce: str, node_key: str, expires_at: float, now: float
+) -> bool:
+    """Remember a message's nonce; ``False`` if it was seen before (a replay). Forgets expired ones."""
+    await conn.execute(delete(gossip_nonces).where(gossip_nonces.c.expires_at < now))
+    stmt = (
+        insert_for(dialect, gossip_nonces)
+        .values(nonce=nonce, node_key=node_key, expires_at=expires_at)
+        .on_conflict_do_nothing()
+    )
+    return bool((await conn.execute(stmt)).rowcount)
+
+
+async def merge(
+    conn: AsyncConnection, dialect: str, local_key: str, deltas: Sequence[OriginDelta], window: int
+) -> MergeCounts:
+    """Apply deltas in the caller's transaction; returns how many rows changed."""
+    counts = MergeCounts()
+    for delta in deltas:
+        if delta.origin == local_key:
+            continue  # this node is the authority on its own observations
+        node_id = await _origin_id(conn, dialect, delta.origin)
+        peer_keys = {p.peer: p.first_seen for p in delta.peers}
+        for m in delta.mappings:
+            peer_keys.setdefault(m.peer, m.changed_at)
+        peer_ids = await _ensure_keys(conn, dialect, peers, peers.c.peer_key, peer_keys)
+        if delta.peers:
+            counts.peers += await _merge_peers(conn, dialect, node_id, delta.peers, peer_ids, window)
+        if delta.mappings:
+            content_ids = await _ensure_keys(
+                conn,
+                dialect,
+                contents,
+                contents.c.content_key,
+                _earliest((m.cid, m.since) for m in delta.mappings),
+            )
+            counts.mappings += await _merge_mappings(
+                conn, dialect, node_id, delta.mappings, content_ids, peer_ids
+            )
+        await conn.execute(
+            update(nodes)
+            .where(nodes.c.id == node_id, nodes.c.clock >= delta.base)
+            .values(clock=greatest(dialect, nodes.c.clock, _const(delta.upto)))
+        )
+    return counts
+
+
+def _const(value: int) -> Any:
+    return literal(value, BigInteger())
+
+
+def _earliest(pairs: Iterable[tuple[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key, at in pairs:
+        if key not in out or at < out[key]:
+            out[key] = at
+    return out
+
+
+async def _origin_id(conn: AsyncConnection, dialect: str, key: str) -> int:
+    await conn.execute(
+        insert_for(dialect, nodes)
+        .values(node_key=key, is_local=False, created_at=0.0, clock=0)
+        .on_conflict_do_nothing(index_elements=["node_key"])
+    )
+    return int((await conn.execute(select(nodes.c.id).where(nodes.c.node_key == key))).scalar_one())
+
+
+async def _ensure_keys(
+    conn: AsyncConnection, dialect: str, table: Any, key_column: Any, first_seen: dict[str, float]
+) -> dict[str, int]:
+    """Insert unknown keys, lower ``first_seen`` where the message knows an earlier sighting; key -> id."""
+    keys = sorted(first_seen)
+    if not keys:
+        return {}
+    stmt = insert_for(dialect, table)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[key_column.name],
+        set_={"first_seen": stmt.excluded.first_seen},
+        where=stmt.excluded.first_seen < table.c.first_seen,
+    )
+    await conn.execute(stmt, [{key_column.name: k, "first_seen": first_seen[k]} for k in keys])
+    ids: dict[str, int] = {}
+    for start in range(0, len(keys), _IN_CHUNK):
+        chunk = keys[start : start + _IN_CHUNK]
+        rows = await conn.execute(select(key_column, table.c.id).where(key_column.in_(chunk)))
+        ids.update({str(k): int(i) for k, i in rows.all()})
+    return ids
+
+
+async def _merge_peers(
+    conn: AsyncConnection,
+    dialect: str,
+    node_id: int,
+    states: Sequence[PeerState],
+    peer_ids: dict[str, int],
+    window: int,
+) -> int:
+    latest: dict[str, PeerState] = {}
+    for state in states:  # one row per peer per statement (Postgres refuses to update a row twice)
+        if state.peer not in latest or state.version > latest[state.peer].version:
+            latest[state.peer] = state
+    rows = [
+        {
+            "peer_id": peer_ids[s.peer],
+            "node_id": node_id,
+            "online": s.online,
+            "online_since": s.online_since,
+            "last_seen": s.last_seen,
+            "uptime_s": s.uptime_s,
+            "served_count": s.served,
+            "failed_count": s.failed,
+            "success_weight": s.success_weight,
+            "failure_weight": s.failure_weight,
+            "evidence_at": s.evidence_at,
+            "speed_bps": None,
+            "updated_at": s.updated_at,
+            "version": s.version,
+        }
+        for s in sorted(latest.values(), key=lambda s: peer_ids[s.peer])  # lock order, as ingest does
+    ]
+    ins = insert_for(dialect, peer_stats)
+    new, old = ins.excluded, peer_stats.c
+    stmt = ins.on_conflict_do_update(
+        index_elements=[old.peer_id, old.node_id],
+        set_={
+            **{
+                name: getattr(new, name)
+                for name in (
+                    "online",
+                    "online_since",
+                    "last_seen",
+                    "uptime_s",
+                    "success_weight",
+                    "failure_weight",
+                    "evidence_at",
+                    "updated_at",
+                    "version",
+                )
+            },
+            "served_count": greatest(dialect, old.served_count, new.served_count),
+            "failed_count": greatest(dialect, old.failed_count, new.failed_count),
+        },
+        where=or_(old.version.is_(None), new.version > old.version),
+    ).returning(peer_stats.c.peer_id)
+    applied: set[int] = set()
+    for start in range(0, len(rows), _IN_CHUNK):
+        result = await conn.execute(stmt, rows[start : start + _IN_CHUNK])
+        applied.update(int(r[0]) for r in result.all())
+    if not applied:
+        return 0
+    changed = sorted(applied)
+    s = bandwidth_samples.c
+    for start in range(0, len(changed), _IN_CHUNK):
+        await conn.execute(
+            delete(bandwidth_samples).where(
+                s.node_id == node_id, s.peer_id.in_(changed[start : start + _IN_CHUNK])
+            )
+        )
+    by_id = {peer_ids[p]: state for p, state in latest.items()}
+    samples = [
+        {"peer_id": pid, "node_id": node_id, "at": at, "bytes_per_sec": bps}
+        for pid in changed
+        for at, bps in reversed(by_id[pid].samples)
+    ]
+    if samples:
+        await conn.execute(bandwidth_samples.insert(), samples)
+        keys = sorted({by_id[pid].peer for pid in changed if by_id[pid].samples})
+        await refresh_speeds(conn, node_id, keys, window)
+    return len(applied)
+
+
+async def _merge_mappings(
+    conn: AsyncConnection,
+    dialect: str,
+    node_id: int,
+    states: Sequence[MappingState],
+    content_ids: dict[str, int],
+    peer_ids: dict[str, int],
+) -> int:
+    latest: dict[tuple[int, int], MappingState] = {}
+    for m in states:
+        pair = (content_ids[m.cid], peer_ids[m.peer])
+        if pair not in latest or (m.changed_at, m.version) > (latest[pair].changed_at, latest[pair].version):
+            latest[pair] = m
+    rows = [
+        {
+            "content_id": pair[0],
+            "peer_id": pair[1],
+            "node_id": node_id,
+            "available": m.available,
+            "since": m.since,
+            "last_confirmed": m.last_confirmed,
+            "changed_at": m.changed_at,
+            "version": m.version,
+        }
+        for pair, m in sorted(latest.items())
+    ]
+    ins = insert_for(dialect, content_peers)
+    new, old = ins.excluded, content_peers.c
+    newer = or_(
+        new.changed_at > old.changed_at,
+        and_(
+            new.changed_at == old.changed_at,
+            or_(
+                and_(new.node_id == old.node_id, or_(old.version.is_(None), new.version > old.version)),
+                and_(new.node_id != old.node_id, node_key_of(new.node_id) > node_key_of(old.node_id)),
+            ),
+        ),
+    )
+    stmt = ins.on_conflict_do_update(
+        index_elements=[old.content_id, old.peer_id],
+        set_={
+            name: getattr(new, name)
+            for name in ("node_id", "available", "since", "last_confirmed", "changed_at", "version")
+        },
+        where=newer,
+    ).returning(content_peers.c.peer_id)
+    applied = 0
+    for start in range(0, len(rows), _IN_CHUNK):
+        applied += len((await conn.execute(stmt, rows[start : start + _IN_CHUNK])).all())
+    return applied
