@@ -17,7 +17,9 @@ class LocalNet:
         self.agents: dict[str, GossipAgent] = {}
         self.down: set[str] = set()
 
-    async def __call__(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+    async def __call__(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, dict[str, str]]:
         base = url.removesuffix(GOSSIP_PATH)
         if base in self.down or base not in self.agents:
             raise ConnectionError(f"{base} is unreachable")

@@ -6,13 +6,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from gossip_helpers import KEY, LocalNet, merged_view
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.testing import ManualClock
-
-from gossip_helpers import KEY, LocalNet, merged_view
 
 T0 = 1_800_000_000.0
 
@@ -35,7 +34,9 @@ async def _node(net: LocalNet, name: str, url: str, clock: ManualClock) -> Gossi
 
 
 @pytest.fixture
-async def nodes(db_url: str, tmp_path: Path, net: LocalNet, manual_clock: ManualClock) -> AsyncIterator[list[GossipAgent]]:
+async def nodes(
+    db_url: str, tmp_path: Path, net: LocalNet, manual_clock: ManualClock
+) -> AsyncIterator[list[GossipAgent]]:
     """Node a on the engine under test, b and c on SQLite files beside it."""
     agents = [
         await _node(net, "a", db_url, manual_clock),
@@ -53,7 +54,9 @@ async def _sync(agent: GossipAgent, other: str, times: int = 2) -> None:
         await agent.exchange(f"http://{other}")
 
 
-async def test_a_peer_that_failed_on_a_ranks_low_on_b(nodes: list[GossipAgent], manual_clock: ManualClock) -> None:
+async def test_a_peer_that_failed_on_a_ranks_low_on_b(
+    nodes: list[GossipAgent], manual_clock: ManualClock
+) -> None:
     a, b, _ = nodes
     for peer in ("good", "bad"):
         await a.tracker.record_peer_online(peer)
@@ -87,7 +90,9 @@ async def test_a_relayed_observation_counts_once(nodes: list[GossipAgent]) -> No
     assert await merged_view(a.tracker, []) == await merged_view(c.tracker, [])
 
 
-async def test_a_removal_is_not_undone_by_an_old_copy(nodes: list[GossipAgent], manual_clock: ManualClock) -> None:
+async def test_a_removal_is_not_undone_by_an_old_copy(
+    nodes: list[GossipAgent], manual_clock: ManualClock
+) -> None:
     a, b, c = nodes
     await a.tracker.record_peer_online("p")
     await a.tracker.record_content_available("cid", "p")

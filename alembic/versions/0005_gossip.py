@@ -49,5 +49,9 @@ def downgrade() -> None:
     op.drop_index("ix_content_peers_node_version", table_name="content_peers")
     op.drop_index("ix_peer_stats_node_version", table_name="peer_stats")
     # ALTER TABLE ... DROP COLUMN on both engines (SQLite >= 3.35): a batch rebuild would break the views.
-    for table, column in (("tracker_nodes", "clock"), ("content_peers", "version"), ("peer_stats", "version")):
+    for table, column in (
+        ("tracker_nodes", "clock"),
+        ("content_peers", "version"),
+        ("peer_stats", "version"),
+    ):
         op.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
