@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated
 
 import typer
@@ -28,6 +29,14 @@ def serve(
     sweeper: Annotated[
         bool, typer.Option("--sweeper/--no-sweeper", help="Run the background sweeper (default on).")
     ] = True,
+    gossip_neighbor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--gossip-neighbor",
+            help="Base URL of a neighbour tracker (repeat; env TRACKER_GOSSIP_NEIGHBORS). Gossip runs "
+            "when TRACKER_GOSSIP_KEYS holds the shared key.",
+        ),
+    ] = None,
     log_json: Annotated[
         bool | None, typer.Option("--log-json/--log-text", help="Log lines as JSON (env TRACKER_LOG_JSON).")
     ] = None,
@@ -45,6 +54,7 @@ def serve(
         curl -s 'http://127.0.0.1:8750/v1/content/CID/best?n=3'
     """
     # Imported here: the service stack (FastAPI, uvicorn) is not needed by any other command.
+    from ..gossip.config import GossipConfig
     from ..service import ServiceSettings
     from ..service import serve as run_service
     from ..service.logs import configure_logging
@@ -52,5 +62,8 @@ def serve(
     with errors_as_messages(debug):
         config = config_for(database_url, auto_migrate=migrate, run_sweeper=sweeper)
         settings = ServiceSettings.from_env(host=host, port=port, log_json=log_json)
+        gossip = GossipConfig.from_env()
+        if gossip_neighbor:
+            gossip = replace(gossip, neighbors=tuple(gossip_neighbor))
         configure_logging(json_lines=settings.log_json, level=settings.log_level)
-        run(run_service(config, settings))
+        run(run_service(config, settings, gossip))

@@ -36,7 +36,7 @@ def node_key_of(node_id: ColumnElement[Any]) -> ColumnElement[Any]:
     Written as text because it lives inside ON CONFLICT ... WHERE, where SQLAlchemy cannot correlate a
     subquery to ``excluded`` or the target table and would add them to the subquery's FROM.
     """
-    column = node_id.table.name + "." + node_id.name  # type: ignore[attr-defined]
+    column = node_id.table.name + "." + node_id.name
     return literal_column(
         f"(SELECT tracker_nodes.node_key FROM tracker_nodes WHERE tracker_nodes.id = {column})"
     )

@@ -7,6 +7,7 @@ shutting the server down never races the database.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -15,13 +16,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..core import AvailabilityTracker
 from ..errors import InvalidInput, StorageError, TrackerClosed, TransientStorageError
+from ..gossip.agent import GossipAgent
 from .metrics import ServiceMetrics
 from .routes import build_router
 from .settings import ServiceSettings
@@ -43,8 +45,13 @@ _STATUS_CODES = {
 }
 
 
-def create_app(tracker: AvailabilityTracker, settings: ServiceSettings | None = None) -> FastAPI:
-    """The HTTP API over an open ``tracker``; see docs/api.md for the flows and ``/docs`` for the schema."""
+def create_app(
+    tracker: AvailabilityTracker, settings: ServiceSettings | None = None, gossip: GossipAgent | None = None
+) -> FastAPI:
+    """The HTTP API over an open ``tracker``; see docs/api.md for the flows and ``/docs`` for the schema.
+
+    With a ``gossip`` agent, ``POST /v1/gossip`` takes its neighbours' signed messages (docs/gossip.md).
+    """
     settings = settings or ServiceSettings()
     app = FastAPI(
         title="peer-tracker",
@@ -55,12 +62,39 @@ def create_app(tracker: AvailabilityTracker, settings: ServiceSettings | None = 
     )
     app.state.tracker = tracker
     app.state.settings = settings
-    app.state.metrics = ServiceMetrics(tracker)
+    app.state.metrics = ServiceMetrics(tracker, gossip)
+    app.state.gossip = gossip
     app.include_router(build_router(settings))
+    _add_gossip_route(app, gossip)
     _install_error_handlers(app)
     # Outermost: ids and limits apply to every request, including those that fail validation.
     app.add_middleware(_RequestGate, max_body_bytes=settings.max_body_bytes, metrics=app.state.metrics)
     return app
+
+
+def _add_gossip_route(app: FastAPI, gossip: GossipAgent | None) -> None:
+    """The one endpoint that takes raw bytes: the body is signed as sent, so it is read, not parsed.
+
+    Authenticated by its HMAC signature rather than the bearer token: neighbours share the gossip key.
+    """
+
+    @app.post(
+        "/v1/gossip",
+        tags=["gossip"],
+        summary="Exchange gossip with a neighbour tracker (signed, gzip-compressed JSON)",
+        responses={200: {"content": {"application/json": {}}}, 401: {}, 409: {}, 413: {}},
+        include_in_schema=gossip is not None,
+    )
+    async def gossip_exchange(request: Request) -> Response:
+        if gossip is None:
+            return error_response(request, 404, "gossip_disabled", "gossip is not enabled on this tracker")
+        status, body, headers = await gossip.handle(
+            await request.body(), request.headers.get("authorization")
+        )
+        if status != 200:
+            detail = json.loads(body)
+            return error_response(request, status, f"gossip_{detail['reason']}", detail["error"])
+        return Response(body, status_code=200, headers=headers)
 
 
 def _error_model() -> Any:

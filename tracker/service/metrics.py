@@ -20,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..core import AvailabilityTracker
+from ..gossip.agent import GossipAgent
 from ..models import TrackerStats
 
 # Selections are one or two statements: sub-millisecond to tens of milliseconds on these machines.
@@ -29,8 +30,9 @@ _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 class _TrackerStateCollector(Collector):
     """Sweeper and group-commit counters, read from the tracker's in-memory state on each scrape."""
 
-    def __init__(self, tracker: AvailabilityTracker) -> None:
+    def __init__(self, tracker: AvailabilityTracker, gossip: GossipAgent | None = None) -> None:
         self._tracker = tracker
+        self._gossip = gossip
 
     def collect(self) -> Iterator[Metric]:
         sweeps = self._tracker.sweeper_state
@@ -60,12 +62,37 @@ class _TrackerStateCollector(Collector):
         yield CounterMetricFamily(
             "tracker_ingest_requests", "Write requests (calls, batches) committed.", value=ingest.requests
         )
+        if self._gossip is not None:
+            yield from _gossip_metrics(self._gossip)
+
+
+def _gossip_metrics(agent: GossipAgent) -> Iterator[Metric]:
+    stats = agent.stats
+    for name, help_text, value in (
+        ("tracker_gossip_rounds", "Gossip rounds started by this process.", stats.rounds),
+        ("tracker_gossip_exchanges", "Exchanges with a neighbour that completed.", stats.exchanges),
+        ("tracker_gossip_failures", "Exchanges that failed (retried with back-off).", stats.failures),
+        ("tracker_gossip_sent_bytes", "Gossip bytes sent (compressed).", stats.bytes_sent),
+        ("tracker_gossip_received_bytes", "Gossip bytes received (compressed).", stats.bytes_received),
+        (
+            "tracker_gossip_rows_applied",
+            "Rows that gossip changed here.",
+            stats.rows_applied,
+        ),
+    ):
+        yield CounterMetricFamily(name, help_text, value=value)
+    rejected = CounterMetricFamily(
+        "tracker_gossip_rejected", "Gossip messages refused, by reason (nothing applied).", labels=["reason"]
+    )
+    for reason, count in sorted(stats.rejected.items()):
+        rejected.add_metric([reason], count)
+    yield rejected
 
 
 class ServiceMetrics:
     """The metrics one app exports; handlers call the ``observe_*`` methods."""
 
-    def __init__(self, tracker: AvailabilityTracker) -> None:
+    def __init__(self, tracker: AvailabilityTracker, gossip: GossipAgent | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
         self.events_ingested = Counter(
@@ -111,7 +138,7 @@ class ServiceMetrics:
             "Contents with fewer online holders than replication_target (alert when it grows).",
             registry=registry,
         )
-        registry.register(_TrackerStateCollector(tracker))
+        registry.register(_TrackerStateCollector(tracker, gossip))
 
     def observe_stats(self, stats: TrackerStats) -> None:
         """Copy database-derived figures into gauges (called by ``/metrics`` before rendering)."""

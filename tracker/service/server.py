@@ -1,7 +1,7 @@
 """``serve``: open the tracker, run the HTTP API with uvicorn, shut down cleanly on SIGINT/SIGTERM.
 
 Order of shutdown, each step finishing before the next: stop accepting connections, let in-flight
-requests finish (up to ``shutdown_grace_s``), stop the sweeper, let queued writes commit, close the
+requests finish (up to ``shutdown_grace_s``), stop gossip and the sweeper, let queued writes commit, close the
 database. A signal-initiated shutdown is a normal exit (code 0), not a death by signal.
 """
 
@@ -19,6 +19,8 @@ import uvicorn
 
 from ..config import TrackerConfig
 from ..core import AvailabilityTracker
+from ..gossip.agent import GossipAgent
+from ..gossip.config import GossipConfig
 from .app import create_app
 from .settings import ServiceSettings
 
@@ -59,15 +61,17 @@ async def _announce(server: uvicorn.Server) -> None:
             log.info("listening on http://%s:%d", shown, port, extra={"action": "listening", "port": port})
 
 
-async def serve(config: TrackerConfig, settings: ServiceSettings) -> None:
+async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: GossipConfig | None = None) -> None:
     """Run the service until a signal asks it to stop; raises if the tracker cannot open.
 
     The tracker opens (and migrates, unless ``config.auto_migrate`` is off) before the socket is bound,
     so a database problem is one clear error instead of a server that answers 503 forever.
     """
     tracker = await AvailabilityTracker.open(config)
+    agent = GossipAgent(tracker, gossip) if gossip is not None and gossip.enabled else None
+    gossiping: asyncio.Task[None] | None = None
     try:
-        app = create_app(tracker, settings)
+        app = create_app(tracker, settings, agent)
         server = _Server(
             uvicorn.Config(
                 app,
@@ -83,13 +87,25 @@ async def serve(config: TrackerConfig, settings: ServiceSettings) -> None:
         if not config.run_sweeper:
             log.info("sweeper disabled: stale peers expire only on reads", extra={"action": "sweeper_off"})
         announcer = asyncio.create_task(_announce(server), name="tracker-announce")
+        if agent is not None:
+            gossiping = asyncio.create_task(agent.run(), name="tracker-gossip")
+            log.info(
+                "gossip on: %d neighbour(s), every %.0f s",
+                len(agent.neighbors),
+                agent.interval,
+                extra={"action": "gossip_on"},
+            )
         try:
             await server.serve()
         finally:
-            announcer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await announcer
+            for task in (announcer, gossiping):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
         log.info("server stopped; closing the tracker", extra={"action": "stopping"})
     finally:
+        if agent is not None:
+            await agent.aclose()
         await tracker.close()
     log.info("stopped", extra={"action": "stopped"})
