@@ -259,8 +259,9 @@ def signed(message: Message, keyring: Keyring) -> tuple[bytes, dict[str, str]]:
     """The body and headers of one message, ready to send."""
     body = encode(message)
     return body, {
-        "Content-Type": "application/json",
-        "Content-Encoding": "gzip",
+        # Not Content-Encoding: gzip, which HTTP clients undo on the fly: the signature covers the
+        # compressed bytes exactly as sent, so they travel as an opaque gzip document.
+        "Content-Type": "application/gzip",
         "Authorization": keyring.sign(body),
     }
 

@@ -82,7 +82,7 @@ def _add_gossip_route(app: FastAPI, gossip: GossipAgent | None) -> None:
         "/v1/gossip",
         tags=["gossip"],
         summary="Exchange gossip with a neighbour tracker (signed, gzip-compressed JSON)",
-        responses={200: {"content": {"application/json": {}}}, 401: {}, 409: {}, 413: {}},
+        responses={200: {"content": {"application/gzip": {}}}, 401: {}, 409: {}, 413: {}},
         include_in_schema=gossip is not None,
     )
     async def gossip_exchange(request: Request) -> Response:

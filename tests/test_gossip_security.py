@@ -1,0 +1,263 @@
+"""Bad gossip of every kind is refused with a clear error, counted, and changes nothing."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from gossip_helpers import KEY, LocalNet, merged_view
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.gossip.agent import GossipAgent
+from tracker.gossip.config import GossipConfig
+from tracker.gossip.protocol import (
+    GossipRejected,
+    Keyring,
+    Message,
+    OriginDelta,
+    PeerState,
+    decode,
+    encode,
+    new_nonce,
+    signed,
+)
+from tracker.service.app import create_app
+from tracker.testing import ManualClock
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+async def target(db_url: str) -> AsyncIterator[GossipAgent]:
+    clock = ManualClock(T0)
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, clock=clock))
+    await tracker.record_peer_online("p")
+    await tracker.record_content_available("cid", "p")
+    agent = GossipAgent(tracker, GossipConfig(keys=(KEY,), max_bytes=64 * 1024))
+    yield agent
+    await tracker.close()
+
+
+def _sync(**changes: Any) -> Message:
+    peer = PeerState(
+        peer="p",
+        first_seen=T0 - 100,
+        online=False,
+        online_since=None,
+        last_seen=T0 - 50,
+        uptime_s=10.0,
+        served=0,
+        failed=99,
+        success_weight=0.0,
+        failure_weight=9.0,
+        evidence_at=T0 - 50,
+        updated_at=T0 - 50,
+        version=1,
+        samples=[],
+    )
+    base: dict[str, Any] = {
+        "kind": "sync",
+        "node": "attacker",
+        "sent_at": T0,
+        "nonce": new_nonce(),
+        "vector": {},
+        "deltas": [OriginDelta(origin="other", base=0, upto=1, peers=[peer])],
+    }
+    return Message(**{**base, **changes})
+
+
+async def _state(agent: GossipAgent) -> Any:
+    return await merged_view(agent.tracker, ["cid"])
+
+
+async def _refused(agent: GossipAgent, body: bytes, auth: str | None, status: int, reason: str) -> None:
+    before = await _state(agent)
+    got, answer, _ = await agent.handle(body, auth)
+    assert (got, json.loads(answer)["reason"]) == (status, reason), answer
+    assert json.loads(answer)["error"]
+    assert agent.stats.rejected[reason] >= 1
+    assert await _state(agent) == before
+
+
+def _signed(message: Message, key: str = KEY) -> tuple[bytes, str]:
+    body, headers = signed(message, Keyring([key]))
+    return body, headers["Authorization"]
+
+
+async def test_a_valid_message_is_applied_once_and_its_replay_refused(target: GossipAgent) -> None:
+    body, auth = _signed(_sync())
+    status, _, _ = await target.handle(body, auth)
+    assert status == 200
+    metrics = await target.tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.chunks_failed == 99
+    await _refused(target, body, auth, 409, "replay")
+
+
+async def test_unsigned_and_wrongly_signed_messages_are_refused(target: GossipAgent) -> None:
+    body, auth = _signed(_sync())
+    await _refused(target, body, None, 401, "unsigned")
+    await _refused(target, body, "Bearer abc", 401, "unsigned")
+    await _refused(target, body, _signed(_sync(), "another-key-0123456789")[1], 401, "bad_signature")
+    tampered = auth[:-4] + ("0000" if not auth.endswith("0000") else "1111")
+    await _refused(target, body, tampered, 401, "bad_signature")
+    other_body = _signed(_sync())[0]
+    await _refused(target, other_body, auth, 401, "bad_signature")  # a signature of another body
+
+
+async def test_old_future_oversized_malformed_and_unknown_versions_are_refused(target: GossipAgent) -> None:
+    await _refused(target, *_signed(_sync(sent_at=T0 - 121)), 400, "too_old")
+    await _refused(target, *_signed(_sync(sent_at=T0 + 121)), 400, "from_future")
+    many = [replace_peer(i) for i in range(3000)]
+    big = _sync(deltas=[OriginDelta(origin="other", base=0, upto=1, peers=many)])
+    await _refused(target, *_signed(big), 413, "oversized")
+    bomb = gzip.compress(b" " * 5_000_000)
+    await _refused(target, bomb, Keyring([KEY]).sign(bomb), 413, "oversized")
+    for raw in (
+        b"not gzip",
+        gzip.compress(b"{not json"),
+        gzip.compress(b"[]"),
+        gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "extra": 1}).encode()),
+        gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "sent_at": "soon"}).encode()),
+        gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "kind": "reply"}).encode()),
+    ):
+        await _refused(target, raw, Keyring([KEY]).sign(raw), 400, "malformed")
+    future = gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "version": 2}).encode())
+    await _refused(target, future, Keyring([KEY]).sign(future), 400, "unknown_version")
+    me = _sync(node=target.node_key)
+    await _refused(target, *_signed(me), 400, "malformed")
+
+
+def replace_peer(i: int) -> PeerState:
+    return PeerState(
+        peer=f"peer-{i:05}-{'x' * 60}",
+        first_seen=T0 - i,
+        online=True,
+        online_since=T0 - i,
+        last_seen=T0,
+        uptime_s=float(i),
+        served=i,
+        failed=i % 7,
+        success_weight=i / 3,
+        failure_weight=i / 11,
+        evidence_at=T0 - i / 7,
+        updated_at=T0,
+        version=1 + i,
+        samples=[(T0 - j - i / 13, 1000 * j + i) for j in range(10)],
+    )
+
+
+async def test_no_message_rewrites_this_nodes_own_observations(target: GossipAgent) -> None:
+    mine = _sync(deltas=[OriginDelta(origin=target.node_key, base=0, upto=9, peers=[replace_peer(1)])])
+    before = await _state(target)
+    status, _, _ = await target.handle(*_signed(mine))
+    assert status == 200 and await _state(target) == before
+
+
+async def test_a_relay_cannot_lower_an_origins_counters(target: GossipAgent) -> None:
+    first = _sync(deltas=[OriginDelta(origin="other", base=0, upto=1, peers=[replace_peer(40)])])
+    assert (await target.handle(*_signed(first)))[0] == 200
+    lower = replace_peer(40).model_copy(update={"served": 1, "failed": 0, "version": 999})
+    second = _sync(deltas=[OriginDelta(origin="other", base=1, upto=999, peers=[lower])])
+    assert (await target.handle(*_signed(second)))[0] == 200
+    metrics = await target.tracker.get_peer_metrics(replace_peer(40).peer)
+    assert metrics is not None and (metrics.chunks_served, metrics.chunks_failed) == (40, 40 % 7)
+
+
+async def test_keys_rotate_an_old_key_still_verifies_while_it_is_in_the_ring(target: GossipAgent) -> None:
+    new_key = "rotated-key-abcdefghijkl"
+    sender = Keyring([new_key, KEY])  # signs with the new key
+    body = encode(_sync())
+    await _refused(target, body, sender.sign(body), 401, "bad_signature")  # receiver lacks the new key
+    target.keyring = Keyring([KEY, new_key])
+    status, _, _ = await target.handle(body, sender.sign(body))
+    assert status == 200
+
+
+async def test_the_http_endpoint_answers_errors_in_the_api_shape(db_url: str, tmp_path: Path) -> None:
+    clock = ManualClock(T0)
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, clock=clock))
+    try:
+        agent = GossipAgent(tracker, GossipConfig(keys=(KEY,)))
+        app = create_app(tracker, gossip=agent)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            body, auth = _signed(_sync())
+            refused = await client.post("/v1/gossip", content=body)
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "gossip_unsigned"
+            ok = await client.post("/v1/gossip", content=body, headers={"Authorization": auth})
+            assert ok.status_code == 200
+            reply = decode(
+                ok.content,
+                ok.headers["authorization"],
+                Keyring([KEY]),
+                max_bytes=10**6,
+                now=T0,
+                max_skew_s=60,
+            )
+            assert reply.kind == "reply" and reply.node == tracker.node_key
+            metrics = (await client.get("/metrics")).text
+            assert 'tracker_gossip_rejected_total{reason="unsigned"} 1.0' in metrics
+        plain = create_app(tracker)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=plain), base_url="http://t") as client:
+            assert (await client.post("/v1/gossip", content=body)).status_code == 404
+    finally:
+        await tracker.close()
+
+
+async def test_a_neighbour_that_fails_is_backed_off_and_retried(tmp_path: Path) -> None:
+    clock = ManualClock(T0)
+    net = LocalNet()
+    trackers = [
+        await AvailabilityTracker.open(
+            TrackerConfig(
+                database_url=f"sqlite+aiosqlite:///{tmp_path / n}.db", clock=clock, update_interval=30
+            )
+        )
+        for n in ("a", "b")
+    ]
+    try:
+        a = GossipAgent(trackers[0], GossipConfig(keys=(KEY,), neighbors=("http://b",)), transport=net)
+        net.agents["http://b"] = GossipAgent(trackers[1], GossipConfig(keys=(KEY,)), transport=net)
+        net.down.add("http://b")
+        assert await a.round() == 0 and a.stats.failures == 1
+        assert await a.round() == 0 and a.stats.failures == 1  # backing off: not even tried
+        clock.advance(31)
+        assert await a.round() == 0 and a.stats.failures == 2
+        clock.advance(61)
+        net.down.clear()
+        assert await a.round() == 1 and a.stats.exchanges == 1
+    finally:
+        for tracker in trackers:
+            await tracker.close()
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.one_of(
+        st.binary(max_size=2000),
+        st.builds(lambda b: gzip.compress(b), st.binary(max_size=2000)),
+        st.builds(
+            lambda v: gzip.compress(json.dumps(v).encode()),
+            st.recursive(
+                st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=20),
+                lambda inner: (
+                    st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+                ),
+                max_leaves=30,
+            ),
+        ),
+    )
+)
+def test_the_decoder_refuses_any_garbage_cleanly(body: bytes) -> None:
+    keyring = Keyring([KEY])
+    try:
+        decode(body, keyring.sign(body), keyring, max_bytes=10**6, now=T0, max_skew_s=60)
+    except GossipRejected as error:
+        assert error.reason in {"malformed", "oversized", "unknown_version", "too_old", "from_future"}
