@@ -144,6 +144,19 @@ async def db_url(engine_name: str, tmp_path: Path, request: pytest.FixtureReques
 
 
 @pytest.fixture
+async def other_db_url(
+    engine_name: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[str]:
+    """A second isolated database of the same engine (for tests comparing two trackers)."""
+    if engine_name == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'other.db'}"
+        return
+    template = request.getfixturevalue("pg_template")
+    async for url in _pg_database(template):
+        yield url
+
+
+@pytest.fixture
 def config(db_url: str, clock: FakeClock) -> TrackerConfig:
     return TrackerConfig(database_url=db_url, clock=clock)
 

@@ -270,9 +270,10 @@ async def merge(
         if delta.origin == local_key:
             continue  # this node is the authority on its own observations
         node_id = await _origin_id(conn, dialect, delta.origin)
-        peer_keys = {p.peer: p.first_seen for p in delta.peers}
-        for m in delta.mappings:
-            peer_keys.setdefault(m.peer, m.changed_at)
+        # The earliest sighting anywhere in the message (min is what keeps first_seen order-free).
+        peer_keys = _earliest(
+            [(p.peer, p.first_seen) for p in delta.peers] + [(m.peer, m.since) for m in delta.mappings]
+        )
         peer_ids = await _ensure_keys(conn, dialect, peers, peers.c.peer_key, peer_keys)
         if delta.peers:
             counts.peers += await _merge_peers(conn, dialect, node_id, delta.peers, peer_ids, window)
@@ -415,8 +416,8 @@ async def _merge_peers(
     ]
     if samples:
         await conn.execute(bandwidth_samples.insert(), samples)
-        keys = sorted({by_id[pid].peer for pid in changed if by_id[pid].samples})
-        await refresh_speeds(conn, node_id, keys, window)
+    # Every replaced row, with samples or without (then no speed): the speed follows the samples.
+    await refresh_speeds(conn, node_id, sorted(by_id[pid].peer for pid in changed), window)
     return len(applied)
 
 
