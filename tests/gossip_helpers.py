@@ -16,6 +16,18 @@ class LocalNet:
     def __init__(self) -> None:
         self.agents: dict[str, GossipAgent] = {}
         self.down: set[str] = set()
+        #: Nodes cut off from everyone: they can neither reach nor be reached.
+        self.isolated: set[str] = set()
+
+    def transport_for(self, sender: str) -> Any:
+        """A transport that fails while ``sender`` is isolated."""
+
+        async def send(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+            if sender in self.isolated or url.removesuffix(GOSSIP_PATH) in self.isolated:
+                raise ConnectionError("partitioned")
+            return await self(url, body, headers)
+
+        return send
 
     async def __call__(
         self, url: str, body: bytes, headers: dict[str, str]

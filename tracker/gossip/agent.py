@@ -84,6 +84,11 @@ class GossipAgent:
     def node_key(self) -> str:
         return self.tracker.node_key
 
+    def add_neighbor(self, url: str) -> None:
+        """Gossip with ``url`` from the next round on (a static neighbour added at run time)."""
+        url = check_url(url)
+        self._neighbors.setdefault(url, _Neighbor(url))
+
     @property
     def neighbors(self) -> list[str]:
         return sorted(self._neighbors)
