@@ -106,10 +106,13 @@ def require_existing_sqlite(config: TrackerConfig) -> None:
 
 
 @asynccontextmanager
-async def opened(database_url: str | None) -> AsyncIterator[AvailabilityTracker]:
-    """An existing tracker database, opened without migrating it (a read must not change the schema)."""
-    config = config_for(database_url, auto_migrate=False)
-    require_existing_sqlite(config)
+async def opened(database_url: str | None, *, create: bool = False) -> AsyncIterator[AvailabilityTracker]:
+    """An existing tracker database, opened without migrating it (a read must not change the schema);
+    with ``create``, for commands that write state in (gossip import and push), created and migrated
+    like ``tracker serve`` does."""
+    config = config_for(database_url, auto_migrate=create)
+    if not create:
+        require_existing_sqlite(config)
     async with AvailabilityTracker(config) as tracker:
         yield tracker
 

@@ -1,4 +1,4 @@
-"""``tracker sweep``, ``tracker stats`` and ``tracker gossip export``: operating a tracker database."""
+"""``tracker sweep``, ``tracker stats`` and ``tracker gossip export|import|push``: operating a tracker."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ async def _revision(tracker: AvailabilityTracker) -> str | None:
     return await db.current_revision(tracker.engine)
 
 
-gossip_app = typer.Typer(no_args_is_help=True, help="Gossip state snapshots.")
+gossip_app = typer.Typer(no_args_is_help=True, help="Gossip: state snapshots, and exchanges with neighbours.")
 app.add_typer(gossip_app, name="gossip")
 
 
@@ -130,3 +130,91 @@ def _quiet() -> Any:
     from contextlib import nullcontext
 
     return nullcontext()
+
+
+@gossip_app.command("import")
+def import_(
+    path: Annotated[Path, typer.Argument(help="A snapshot file (snapshot-*.jsonl.gz).")],
+    database_url: DatabaseUrlOption = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Merge a gossip snapshot (another tracker's, or a backup) into this database.
+
+    Rows enter through the gossip merge at version 0: they fill in what is missing and never override
+    what gossip brought; this node's own observations are left alone. The file is checked whole first;
+    a truncated or corrupt file changes nothing.
+    """
+    from rich.progress import Progress
+
+    from ..gossip.importer import ImportReport, import_snapshot
+
+    with errors_as_messages(debug):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file")
+
+        async def work() -> ImportReport:
+            async with opened(database_url, create=True) as tracker:
+                with Progress(console=Console(stderr=True), transient=True, disable=as_json) as bar:
+                    task = bar.add_task("importing", total=None)
+                    return await import_snapshot(
+                        tracker, path, lambda done, total: bar.update(task, completed=done, total=total)
+                    )
+
+        report = run(work())
+        if as_json:
+            print_json(dataclasses.asdict(report))
+        else:
+            stdout.print(
+                f"read {report.peers_read:,} peer rows and {report.mappings_read:,} mappings from node "
+                f"{report.node}; applied {report.peers_applied:,} and {report.mappings_applied:,}",
+                highlight=False,
+            )
+
+
+@gossip_app.command("push")
+def push(
+    url: Annotated[str, typer.Argument(help="A neighbour's base URL, e.g. http://127.0.0.1:8751")],
+    database_url: DatabaseUrlOption = None,
+    as_json: JsonOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Gossip with one neighbour now: send what it lacks, take what this tracker lacks.
+
+    Needs the shared key in `TRACKER_GOSSIP_KEYS`, like `tracker serve`; other `TRACKER_GOSSIP_*`
+    settings (limits, timeout) apply too.
+    """
+    from ..errors import ConfigError
+    from ..gossip.agent import GossipAgent
+    from ..gossip.config import GossipConfig, check_url
+
+    with errors_as_messages(debug):
+        config = GossipConfig.from_env()
+        if not config.enabled:
+            raise ConfigError("set TRACKER_GOSSIP_KEYS to the shared gossip key first")
+        target = check_url(url)
+
+        async def work() -> dict[str, int]:
+            async with opened(database_url, create=True) as tracker:
+                agent = GossipAgent(tracker, config)
+                try:
+                    applied = await agent.exchange(target)
+                finally:
+                    await agent.aclose()
+                stats = agent.stats
+                return {
+                    "rows_sent": stats.rows_sent,
+                    "rows_applied": applied,
+                    "bytes_sent": stats.bytes_sent,
+                    "bytes_received": stats.bytes_received,
+                }
+
+        result = run(work())
+        if as_json:
+            print_json({"neighbor": target, **result})
+        else:
+            stdout.print(
+                f"{target}: sent {result['rows_sent']:,} rows ({result['bytes_sent']:,} bytes), "
+                f"applied {result['rows_applied']:,} ({result['bytes_received']:,} bytes received)",
+                highlight=False,
+            )

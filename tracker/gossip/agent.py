@@ -21,6 +21,7 @@ import httpx
 
 from .. import db
 from ..core import AvailabilityTracker
+from ..errors import TrackerError
 from ..queries import gossip as q
 from .config import GossipConfig, check_url
 from .protocol import GossipRejected, Keyring, Message, decode, new_nonce, signed
@@ -207,10 +208,12 @@ class GossipAgent:
         neighbor = self._neighbors.setdefault(check_url(url), _Neighbor(check_url(url)))
         applied = 0
         for _ in range(_MAX_FOLLOW_UPS):
+            first_contact = neighbor.vector is None
             sent_more, reply = await self._sync_once(neighbor)
-            applied_now = await self._apply_reply(reply)
-            applied += applied_now
-            if not (reply.more or sent_more):
+            applied += await self._apply_reply(reply)
+            # Continue while either side left rows out; after a first contact (a digest only), push
+            # at once what the neighbour turned out to lack.
+            if not (reply.more or sent_more or first_contact):
                 break
         self.stats.exchanges += 1
         return applied
@@ -330,7 +333,7 @@ class GossipAgent:
             self._client = None
 
 
-class GossipFailed(Exception):
+class GossipFailed(TrackerError):
     """An exchange did not complete (network, refusal, bad reply); the neighbour is retried later."""
 
 

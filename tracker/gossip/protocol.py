@@ -61,7 +61,8 @@ PeerKey = Annotated[str, _id("peer id")]
 ContentKey = Annotated[str, _id("cid")]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0, le=MAX_VERSION)]
-Version = Annotated[int, Field(ge=1, le=MAX_VERSION)]
+#: 0 only for rows imported from a snapshot (which carries none): they fill gaps and lose to any gossip.
+Version = Annotated[int, Field(ge=0, le=MAX_VERSION)]
 Speed = Annotated[int, Field(ge=0, le=MAX_BYTES_PER_SEC)]
 
 

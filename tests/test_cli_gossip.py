@@ -1,0 +1,92 @@
+"""``tracker gossip import`` and ``tracker gossip push``, by the runner and against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from pathlib import Path
+
+import httpx
+from gossip_helpers import KEY
+from test_cli_commands import _cli, runner
+from test_serve import Server
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.cli import app
+
+
+def _seed(url: str, prefix: str, successes: int) -> None:
+    async def seed() -> None:
+        async with AvailabilityTracker(TrackerConfig(database_url=url)) as tracker:
+            for i in range(3):
+                peer = f"{prefix}-{i}"
+                await tracker.record_peer_online(peer)
+                await tracker.record_content_available("cid-1", peer)
+                await tracker.record_download_speed(peer, 1_000_000 * (i + 1))
+                for _ in range(successes):
+                    await tracker.record_upload_success(peer)
+
+    asyncio.run(seed())
+
+
+def _served(url: str, peer: str) -> int | None:
+    async def read() -> int | None:
+        async with AvailabilityTracker(TrackerConfig(database_url=url)) as tracker:
+            metrics = await tracker.get_peer_metrics(peer)
+            return None if metrics is None else metrics.chunks_served
+
+    return asyncio.run(read())
+
+
+def test_import_merges_a_snapshot_once_and_refuses_a_truncated_one(db_url: str, tmp_path: Path) -> None:
+    source = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    _seed(source, "src", 4)
+    exported = _cli(source, "gossip", "export", "--dir", str(tmp_path), "--json")
+    path = Path(json.loads(exported.stdout)["snapshot"])
+
+    first = _cli(db_url, "gossip", "import", str(path), "--json")
+    assert first.exit_code == 0, first.output
+    report = json.loads(first.stdout)
+    assert (report["peers_read"], report["peers_applied"], report["mappings_applied"]) == (3, 3, 3)
+    assert _served(db_url, "src-2") == 4
+    again = json.loads(_cli(db_url, "gossip", "import", str(path), "--json").stdout)
+    assert (again["peers_applied"], again["mappings_applied"]) == (0, 0)
+
+    lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
+    truncated = tmp_path / "truncated.jsonl.gz"
+    truncated.write_bytes(gzip.compress(b"".join(lines[:-1])))
+    _seed(f"sqlite+aiosqlite:///{tmp_path / 'other.db'}", "other", 1)
+    bad = _cli(f"sqlite+aiosqlite:///{tmp_path / 'other.db'}", "gossip", "import", str(truncated))
+    assert bad.exit_code == 1 and "truncated" in bad.output and "Traceback" not in bad.output
+    assert _served(f"sqlite+aiosqlite:///{tmp_path / 'other.db'}", "src-0") is None
+
+
+def test_push_exchanges_both_ways_with_a_running_server(db_url: str, tmp_path: Path) -> None:
+    remote = f"sqlite+aiosqlite:///{tmp_path / 'remote.db'}"
+    _seed(remote, "remote", 2)
+    _seed(db_url, "local", 5)
+    server = Server(remote, tmp_path / "serve.log", env={"TRACKER_GOSSIP_KEYS": KEY})
+    try:
+        server.wait_ready()
+        missing = runner.invoke(app, ["gossip", "push", server.base_url, "--database-url", db_url])
+        assert missing.exit_code == 1 and "TRACKER_GOSSIP_KEYS" in missing.output
+        result = runner.invoke(
+            app,
+            ["gossip", "push", server.base_url, "--database-url", db_url, "--json"],
+            env={"TRACKER_GOSSIP_KEYS": KEY},
+        )
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["rows_applied"] >= 3 and report["rows_sent"] >= 3
+        assert _served(db_url, "remote-1") == 2  # pulled
+        peer = httpx.get(f"{server.base_url}/v1/peers/local-1", timeout=5)
+        assert peer.status_code == 200, peer.text  # pushed
+        wrong = runner.invoke(
+            app,
+            ["gossip", "push", server.base_url, "--database-url", db_url],
+            env={"TRACKER_GOSSIP_KEYS": "not-the-shared-key-at-all"},
+        )
+        assert wrong.exit_code == 1 and "401" in wrong.output
+    finally:
+        assert server.stop() == 0
