@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, delete, func, literal, or_, select, text, tuple_, update
+from sqlalchemy import BigInteger, and_, delete, func, literal, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import insert_for
@@ -37,32 +37,37 @@ _STAMP_LOCK = 0x7472_6B67  # "trkg": the Postgres advisory lock that serializes 
 async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) -> int:
     """Give every locally changed row (version null) the local node's next versions; return the clock.
 
-    At most ``chunk`` rows share a version, so a message of more rows always completes one. Stampers
-    are serialized (an advisory lock on Postgres, the write transaction on SQLite); a row a concurrent
-    writer changes after this snapshot is null again and gets the next stamp, so no change is missed.
+    Each statement gives the next version to at most ``chunk`` dirty rows, so a message of more than
+    ``chunk`` rows always completes a version. Rows are addressed by their physical handle (``ctid``,
+    ``rowid``): the dirty ones are found through the (node_id, version) index and updated by a TID
+    scan, so the cost is linear whatever the planner believes about the table. (A join on the key was
+    planned as a nested loop over stale statistics: 28 s for 10,000 rows on Postgres.)
+
+    Stampers are serialized (an advisory lock on Postgres, the write transaction on SQLite). A row a
+    concurrent writer changes meanwhile is null again afterwards and gets the next stamp: none is missed.
     """
     if dialect == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _STAMP_LOCK})
     clock = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
     start = clock
-    for table, key in (
-        (peer_stats, (peer_stats.c.peer_id,)),
-        (content_peers, (content_peers.c.content_id, content_peers.c.peer_id)),
-    ):
+    for table in ("peer_stats", "content_peers"):
+        statement = text(_STAMP_SQL[dialect].format(table=table))
         while True:
-            dirty = select(*key).where(table.c.node_id == local_id, table.c.version.is_(None)).limit(chunk)
-            target = key[0].in_(dirty) if len(key) == 1 else tuple_(*key).in_(dirty)
-            result = await conn.execute(
-                update(table)
-                .where(table.c.node_id == local_id, table.c.version.is_(None), target)
-                .values(version=clock + 1)
-            )
+            result = await conn.execute(statement, {"v": clock + 1, "node": local_id, "n": chunk})
             if not result.rowcount:
                 break
             clock += 1
     if clock != start:
         await conn.execute(update(nodes).where(nodes.c.id == local_id).values(clock=clock))
     return clock
+
+
+_STAMP_SQL = {
+    "postgresql": "UPDATE {table} SET version = :v WHERE ctid = ANY(ARRAY("
+    "SELECT ctid FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n))",
+    "sqlite": "UPDATE {table} SET version = :v WHERE rowid IN ("
+    "SELECT rowid FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n)",
+}
 
 
 async def version_vector(conn: AsyncConnection) -> dict[str, int]:

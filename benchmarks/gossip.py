@@ -1,0 +1,355 @@
+"""Gossip benchmark: a big delta through every stage, and rounds to converge in a simulated swarm.
+
+Run: ``python -m benchmarks.gossip [--quick] [--engine sqlite|postgresql|all] [--json PATH]``.
+Postgres comes from TRACKER_BENCH_POSTGRES_URL (default: the test server), in scratch databases.
+
+1. Delta: a tracker holding 10,000 changed peers (10 bandwidth samples each) and 100,000 content
+   mappings sends them all to an empty tracker of the same engine, in messages of ``max_rows`` rows.
+   Timed per stage: stamping, reading the delta (SQL), encoding and signing, verifying and decoding,
+   merging (SQL); bytes on the wire per row. Then the same transfer end to end over HTTP on 127.0.0.1
+   (``GossipAgent.exchange`` against a uvicorn server). Baseline in the same run: the same rows inserted
+   into empty tables by the bare driver (``sqlite3.executemany`` / asyncpg ``copy_records_to_table``),
+   the storage engine's own floor for writing them.
+2. Convergence: n trackers (SQLite files, in-process transport), every node knowing every other, fanout
+   3; each node announces one peer and one content; rounds until every node holds all of them, against
+   log2(n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import random
+import sqlite3
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvicorn
+from sqlalchemy.engine import make_url
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.db import run_read, run_write
+from tracker.events import ContentAvailable, PeerOnline, SpeedSample
+from tracker.gossip.agent import GOSSIP_PATH, GossipAgent
+from tracker.gossip.config import GossipConfig
+from tracker.gossip.protocol import Keyring, Message, decode, new_nonce, signed
+from tracker.queries import gossip as q
+from tracker.service.app import create_app
+from tracker.testing import ManualClock
+
+PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+KEY = "benchmark-gossip-key-0123456789"
+T0 = 1_800_000_000.0
+
+
+async def _admin(sql: str) -> None:
+    conn = await asyncpg.connect(
+        make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+async def _database(engine: str, scratch: Path, name: str) -> str:
+    if engine == "sqlite":
+        return f"sqlite+aiosqlite:///{scratch / (name + '.db')}"
+    db = f"bench_gossip_{name}_{uuid.uuid4().hex[:6]}"
+    await _admin(f'CREATE DATABASE "{db}"')
+    return make_url(PG_URL).set(database=db).render_as_string(hide_password=False)
+
+
+async def _drop(url: str) -> None:
+    if url.startswith("postgresql"):
+        await _admin(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+
+
+async def _populate(tracker: AvailabilityTracker, n_peers: int, n_mappings: int) -> None:
+    rng = random.Random(5)
+    peers = [f"peer-{i:06d}" for i in range(n_peers)]
+    events: list[Any] = [PeerOnline(p, at=T0 - 60) for p in peers]
+    events += [SpeedSample(p, rng.randrange(10**5, 10**8), at=T0 - 60 + k) for p in peers for k in range(10)]
+    holders = max(1, n_mappings // max(1, n_peers))
+    contents = n_mappings // holders
+    events += [
+        ContentAvailable(f"cid-{c:06d}", peers[(c * 7 + h * 101) % n_peers], at=T0 - 30)
+        for c in range(contents)
+        for h in range(holders)
+    ]
+    for start in range(0, len(events), 20_000):
+        await tracker.record_batch(events[start : start + 20_000])
+
+
+async def _raw_baseline(url: str, rows: list[Message]) -> float:
+    """Insert the delta's peer and mapping rows into scratch tables with the bare driver; seconds."""
+    peer_rows = [
+        (p.peer, d.origin, p.last_seen, p.uptime_s, p.served, p.failed, p.success_weight, p.version)
+        for m in rows
+        for d in m.deltas
+        for p in d.peers
+    ]
+    map_rows = [
+        (x.cid, x.peer, d.origin, x.available, x.changed_at, x.version)
+        for m in rows
+        for d in m.deltas
+        for x in d.mappings
+    ]
+    peer_ddl = (
+        "CREATE TABLE raw_peers (peer text, origin text, last_seen float8, uptime float8, served bigint, "
+        "failed bigint, sw float8, version bigint)"
+    )
+    map_ddl = (
+        "CREATE TABLE raw_maps (cid text, peer text, origin text, available boolean, changed_at float8, "
+        "version bigint)"
+    )
+    if url.startswith("sqlite"):
+        path = str(make_url(url).database) + ".raw"
+        started = time.perf_counter()
+        with sqlite3.connect(path) as raw:
+            raw.execute(peer_ddl)
+            raw.execute(map_ddl)
+            raw.executemany("INSERT INTO raw_peers VALUES (?,?,?,?,?,?,?,?)", peer_rows)
+            raw.executemany("INSERT INTO raw_maps VALUES (?,?,?,?,?,?)", map_rows)
+        return time.perf_counter() - started
+    conn = await asyncpg.connect(
+        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    )
+    try:
+        await conn.execute(peer_ddl)
+        await conn.execute(map_ddl)
+        started = time.perf_counter()
+        async with conn.transaction():
+            await conn.copy_records_to_table("raw_peers", records=peer_rows)
+            await conn.copy_records_to_table("raw_maps", records=map_rows)
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+async def bench_delta(
+    engine: str, n_peers: int, n_mappings: int, max_rows: int, scratch: Path
+) -> dict[str, Any]:
+    clock = ManualClock(T0)
+    names = ("source", "target", "http")
+    source_url, target_url, http_url = [await _database(engine, scratch, n) for n in names]
+    cfg = GossipConfig(
+        keys=(KEY,), max_rows=max_rows, stamp_chunk=min(500, max_rows - 1), max_bytes=256 * 2**20
+    )
+    keyring = Keyring([KEY])
+    stages = dict.fromkeys(("stamp", "read", "encode", "decode", "merge"), 0.0)
+    try:
+        source = await AvailabilityTracker.open(TrackerConfig(database_url=source_url, clock=clock))
+        target = await AvailabilityTracker.open(TrackerConfig(database_url=target_url, clock=clock))
+        started = time.perf_counter()
+        await _populate(source, n_peers, n_mappings)
+        print(
+            f"[{engine}] populated {n_peers:,} peers, {n_mappings:,} mappings "
+            f"in {time.perf_counter() - started:.1f} s"
+        )
+
+        async def stamp(conn: Any) -> int:
+            return await q.stamp(conn, engine, source.node_id, cfg.stamp_chunk)
+
+        t = time.perf_counter()
+        await run_write(source.engine, stamp, 3)
+        stages["stamp"] = time.perf_counter() - t
+        vector: dict[str, int] = {}
+        messages: list[Message] = []
+        wire = rows = 0
+        while True:
+            t = time.perf_counter()
+
+            async def read(conn: Any, vector: dict[str, int] = vector) -> q.Delta:
+                return await q.read_deltas(conn, vector, (), cfg.max_rows, 10)
+
+            delta = await run_read(source.engine, read)
+            stages["read"] += time.perf_counter() - t
+            if not delta.deltas:
+                break
+            t = time.perf_counter()
+            message = Message(
+                kind="sync",
+                node=source.node_key,
+                sent_at=clock.now,
+                nonce=new_nonce(),
+                vector={},
+                deltas=delta.deltas,
+            )
+            body, headers = signed(message, keyring)
+            stages["encode"] += time.perf_counter() - t
+            t = time.perf_counter()
+            received = decode(
+                body, headers["Authorization"], keyring, max_bytes=cfg.max_bytes, now=clock.now, max_skew_s=60
+            )
+            stages["decode"] += time.perf_counter() - t
+            t = time.perf_counter()
+
+            async def merge(conn: Any, received: Message = received) -> dict[str, int]:
+                await q.merge(conn, engine, target.node_key, received.deltas, 10)
+                return await q.version_vector(conn)
+
+            vector = await run_write(target.engine, merge, 3)
+            stages["merge"] += time.perf_counter() - t
+            messages.append(received)
+            wire += len(body)
+            rows += received.rows
+        total = sum(stages.values())
+        assert len(await target.list_peers(limit=10_000)) == min(n_peers, 10_000)
+        baseline = await _raw_baseline(target_url, messages)
+
+        # End to end over HTTP: a fresh tracker pulls everything from the source's server.
+        app = create_app(source, gossip=GossipAgent(source, cfg))
+        server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="off", log_config=None)
+        )
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        fresh = await AvailabilityTracker.open(TrackerConfig(database_url=http_url, clock=clock))
+        puller = GossipAgent(fresh, cfg)
+        t = time.perf_counter()
+        pulled = 0
+        while True:
+            got = await puller.exchange(f"http://127.0.0.1:{port}")
+            pulled += got
+            if not got:
+                break
+        http_s = time.perf_counter() - t
+        server.should_exit = True
+        await serving
+        await puller.aclose()
+        for tracker in (source, target, fresh):
+            await tracker.close()
+        result = {
+            "engine": engine,
+            "rows": rows,
+            "messages": len(messages),
+            "bytes": wire,
+            "bytes_per_row": wire / rows,
+            **{f"{k}_s": v for k, v in stages.items()},
+            "total_s": total,
+            "rows_per_s": rows / total,
+            "raw_insert_s": baseline,
+            "merge_over_raw": stages["merge"] / baseline,
+            "http_s": http_s,
+            "http_rows_applied": pulled,
+            "http_over_stages": http_s / total,
+        }
+        print(
+            f"[{engine}] delta of {rows:,} rows in {len(messages)} messages, {wire:,} bytes "
+            f"({wire / rows:.1f} B/row): stamp {stages['stamp']:.2f} s, read {stages['read']:.2f} s, "
+            f"encode+sign {stages['encode']:.2f} s, verify+decode {stages['decode']:.2f} s, "
+            f"merge {stages['merge']:.2f} s; total {total:.2f} s ({rows / total:,.0f} rows/s)"
+        )
+        print(
+            f"[{engine}] baseline raw insert of the same rows {baseline:.2f} s: "
+            f"merge/raw {stages['merge'] / baseline:.1f}x; "
+            f"end to end over HTTP {http_s:.2f} s ({http_s / total:.2f}x the stages)"
+        )
+        return result
+    finally:
+        for url in (source_url, target_url, http_url):
+            await _drop(url)
+
+
+class _Net:
+    def __init__(self) -> None:
+        self.agents: dict[str, GossipAgent] = {}
+
+    async def __call__(
+        self, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        status, answer, answer_headers = await self.agents[url.removesuffix(GOSSIP_PATH)].handle(
+            body, headers.get("Authorization")
+        )
+        return status, answer, {k.lower(): v for k, v in answer_headers.items()}
+
+
+async def bench_convergence(n: int, scratch: Path, seed: int = 1) -> dict[str, Any]:
+    clock = ManualClock(T0)
+    net = _Net()
+    names = [f"http://node{i:03d}" for i in range(n)]
+    agents = []
+    for i, name in enumerate(names):
+        tracker = await AvailabilityTracker.open(
+            TrackerConfig(
+                database_url=f"sqlite+aiosqlite:///{scratch / f'conv{n}-{i}.db'}", clock=clock, pool_size=1
+            )
+        )
+        await tracker.record_peer_online(f"peer-of-{i}")
+        await tracker.record_content_available(f"cid-of-{i}", f"peer-of-{i}")
+        agent = GossipAgent(
+            tracker,
+            GossipConfig(keys=(KEY,), fanout=3, neighbors=tuple(x for x in names if x != name)),
+            transport=net,
+            rng=random.Random(seed * 1000 + i),
+        )
+        net.agents[name] = agent
+        agents.append(agent)
+    started = time.perf_counter()
+    rounds = 0
+    try:
+        while True:
+            rounds += 1
+            await asyncio.gather(*(a.round() for a in agents))
+            counts = [await a.tracker.stats() for a in agents]
+            if all(c.peers_total == n and c.mappings_available == n for c in counts):
+                break
+            if rounds > 50:
+                raise RuntimeError("no convergence in 50 rounds")
+        result = {
+            "nodes": n,
+            "rounds": rounds,
+            "log2_n": math.log2(n),
+            "rounds_over_log2_n": rounds / math.log2(n),
+            "rows_sent": sum(a.stats.rows_sent for a in agents),
+            "bytes_sent": sum(a.stats.bytes_sent for a in agents),
+            "wall_s": time.perf_counter() - started,
+        }
+        print(
+            f"[convergence] {n} nodes, fanout 3: {rounds} rounds (log2 n = {math.log2(n):.1f}, "
+            f"ratio {rounds / math.log2(n):.2f}); {result['rows_sent']:,} rows and "
+            f"{result['bytes_sent']:,} bytes sent in all; {result['wall_s']:.1f} s"
+        )
+        return result
+    finally:
+        for agent in agents:
+            await agent.tracker.close()
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
+    peers, mappings, sizes = (1_000, 10_000, (8, 16)) if args.quick else (10_000, 100_000, (64, 256))
+    results: dict[str, Any] = {"delta": [], "convergence": []}
+    with tempfile.TemporaryDirectory(prefix="bench-gossip-") as tmp:
+        scratch = Path(tmp)
+        for engine in engines:
+            results["delta"].append(await bench_delta(engine, peers, mappings, args.max_rows, scratch))
+        for n in sizes:
+            results["convergence"].append(await bench_convergence(n, scratch))
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1,000 peers and 8/16 nodes (seconds)")
+    parser.add_argument("--engine", choices=["sqlite", "postgresql", "all"], default="all")
+    parser.add_argument("--max-rows", type=int, default=20_000, help="rows per message")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    results = asyncio.run(main_async(args))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
