@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tracker import TrackerConfig
+from tracker.gossip.config import GossipConfig
 from tracker.service import ServiceSettings
 
 DOC = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
@@ -25,3 +26,8 @@ UNDOCUMENTED = {"clock", "reputation"}  # not settable by env (a callable), or d
 )
 def test_every_setting_has_a_row_with_its_environment_variable(name: str) -> None:
     assert f"| `{name}` | `TRACKER_{name.upper()}` |" in DOC
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(GossipConfig)])
+def test_every_gossip_setting_has_a_row_with_its_environment_variable(name: str) -> None:
+    assert f"| `{name}` | `TRACKER_GOSSIP_{name.upper()}` |" in DOC
