@@ -150,3 +150,34 @@ async def test_deltas_after_the_first_exchange_carry_only_changes(nodes: list[Go
     assert a.stats.rows_applied + b.stats.rows_applied >= 121
     metrics = await b.tracker.get_peer_metrics("p007")
     assert metrics is not None and metrics.chunks_served == 1
+
+
+async def test_neighbours_are_learned_only_when_enabled(tmp_path: Path, net: LocalNet) -> None:
+    clock = ManualClock(T0)
+    trackers = [
+        await AvailabilityTracker.open(
+            TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / f'{n}.db'}", clock=clock)
+        )
+        for n in ("x", "y", "z")
+    ]
+    try:
+        x = GossipAgent(
+            trackers[0],
+            GossipConfig(
+                keys=(KEY,), neighbors=("http://y",), advertise_url="http://x", learn_neighbors=True
+            ),
+            transport=net,
+        )
+        y = GossipAgent(trackers[1], GossipConfig(keys=(KEY,), learn_neighbors=True), transport=net)
+        z = GossipAgent(trackers[2], GossipConfig(keys=(KEY,)), transport=net)
+        for name, agent in (("http://x", x), ("http://y", y), ("http://z", z)):
+            net.agents[name] = agent
+        await x.exchange("http://y")
+        assert y.neighbors == ["http://x", "http://y"]  # x's advertised URL, and x's list (with y)
+        await y.round()
+        assert y.neighbors == ["http://x"]  # it met itself there once, and forgot that URL
+        await z.exchange("http://y")
+        assert z.neighbors == ["http://y"]  # z does not learn: only the one it was told
+    finally:
+        for tracker in trackers:
+            await tracker.close()

@@ -131,7 +131,7 @@ async def test_old_future_oversized_malformed_and_unknown_versions_are_refused(t
     future = gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "version": 2}).encode())
     await _refused(target, future, Keyring([KEY]).sign(future), 400, "unknown_version")
     me = _sync(node=target.node_key)
-    await _refused(target, *_signed(me), 400, "malformed")
+    await _refused(target, *_signed(me), 400, "self")
 
 
 def replace_peer(i: int) -> PeerState:

@@ -77,6 +77,7 @@ class GossipAgent:
         self._rng = rng or random.Random()
         self._neighbors = {url: _Neighbor(url) for url in map(check_url, config.neighbors)}
         self._transport = transport
+        self._own_urls: set[str] = set()  # learned URLs that turned out to be this tracker
         self._client: httpx.AsyncClient | None = None
 
     # -- helpers ------------------------------------------------------------------------------
@@ -148,11 +149,9 @@ class GossipAgent:
                 url = check_url(url)
             except ValueError:
                 continue
-            if (
-                url != self.config.advertise_url
-                and url not in self._neighbors
-                and len(self._neighbors) < 1024
-            ):
+            if url in self._own_urls or url == self.config.advertise_url:
+                continue
+            if url not in self._neighbors and len(self._neighbors) < 1024:
                 self._neighbors[url] = _Neighbor(url)
 
     # -- serving ------------------------------------------------------------------------------
@@ -167,8 +166,8 @@ class GossipAgent:
             )
             if message.kind != "sync":
                 raise GossipRejected("malformed", "only a sync message may be sent to a tracker")
-            if message.node == self.node_key:
-                raise GossipRejected("malformed", "the message claims to come from this very node")
+            if message.node == self.node_key:  # a learned URL that is our own, or a forgery
+                raise GossipRejected("self", "the message comes from this very node")
         except GossipRejected as error:
             self._reject(error)
             return _error(error)
@@ -238,6 +237,9 @@ class GossipAgent:
         self.stats.bytes_sent += len(body)
         self.stats.rows_sent += sync.rows
         if status != 200:
+            if _reason(answer) == "self":  # that URL is this tracker itself (learned): forget it
+                self._neighbors.pop(neighbor.url, None)
+                self._own_urls.add(neighbor.url)
             raise GossipFailed(f"{neighbor.url} answered {status}: {answer[:300].decode(errors='replace')}")
         self.stats.bytes_received += len(answer)
         try:
@@ -335,6 +337,21 @@ class GossipAgent:
 
 class GossipFailed(TrackerError):
     """An exchange did not complete (network, refusal, bad reply); the neighbour is retried later."""
+
+
+def _reason(body: bytes) -> str | None:
+    """The reason of a refusal, from the API's error shape or the bare one ``handle`` returns."""
+    try:
+        detail = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(detail, dict):
+        return None
+    if isinstance(detail.get("error"), dict):
+        code = str(detail["error"].get("code", ""))
+        return code.removeprefix("gossip_")
+    reason = detail.get("reason")
+    return reason if isinstance(reason, str) else None
 
 
 def _error(error: GossipRejected) -> tuple[int, bytes, dict[str, str]]:
