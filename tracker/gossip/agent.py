@@ -23,6 +23,7 @@ from .. import db
 from ..core import AvailabilityTracker
 from ..errors import TrackerError
 from ..queries import gossip as q
+from ..ratelimit import TokenBuckets
 from .config import GossipConfig, check_url
 from .protocol import GossipRejected, Keyring, Message, decode, new_nonce, signed
 
@@ -78,6 +79,9 @@ class GossipAgent:
         self._neighbors = {url: _Neighbor(url) for url in map(check_url, config.neighbors)}
         self._transport = transport
         self._own_urls: set[str] = set()  # learned URLs that turned out to be this tracker
+        self._senders = TokenBuckets(
+            config.max_messages_per_s, config.message_burst, clock=tracker.config.clock, max_keys=4096
+        )
         self._client: httpx.AsyncClient | None = None
 
     # -- helpers ------------------------------------------------------------------------------
@@ -168,6 +172,10 @@ class GossipAgent:
                 raise GossipRejected("malformed", "only a sync message may be sent to a tracker")
             if message.node == self.node_key:  # a learned URL that is our own, or a forgery
                 raise GossipRejected("self", "the message comes from this very node")
+            if (wait := self._senders.take(message.node)) > 0:
+                raise GossipRejected(
+                    "rate_limited", f"too many messages from {message.node}; retry in {wait:.1f} s", 429
+                )
         except GossipRejected as error:
             self._reject(error)
             return _error(error)

@@ -42,6 +42,10 @@ class GossipConfig:
     timeout_s: float = 10.0
     #: A failing neighbour is retried after 2^failures intervals, at most this many seconds.
     backoff_max_s: float = 300.0
+    #: Messages per second one neighbour (by node key) may send; more get 429.
+    max_messages_per_s: float = 5.0
+    #: Messages one neighbour may send in a burst above that rate.
+    message_burst: int = 30
 
     def __post_init__(self) -> None:
         if not isinstance(self.keys, tuple) or not all(
@@ -52,7 +56,13 @@ class GossipConfig:
             raise ConfigError("gossip neighbors must be a tuple of URLs")
         for url in self.neighbors + ((self.advertise_url,) if self.advertise_url else ()):
             check_url(url)
-        for name, low in (("fanout", 1), ("max_rows", 2), ("max_bytes", 1024), ("stamp_chunk", 1)):
+        for name, low in (
+            ("fanout", 1),
+            ("max_rows", 2),
+            ("max_bytes", 1024),
+            ("stamp_chunk", 1),
+            ("message_burst", 1),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"gossip {name} must be an integer >= {low}, got {value!r}")
@@ -87,8 +97,8 @@ class GossipConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         lists = ("keys", "neighbors")
-        ints = ("fanout", "max_rows", "max_bytes", "stamp_chunk")
-        floats = ("interval_s", "jitter", "max_skew_s", "timeout_s", "backoff_max_s")
+        ints = ("fanout", "max_rows", "max_bytes", "stamp_chunk", "message_burst")
+        floats = ("interval_s", "jitter", "max_skew_s", "timeout_s", "backoff_max_s", "max_messages_per_s")
         for name in (*lists, *ints, *floats, "learn_neighbors", "advertise_url"):
             raw = env.get(f"TRACKER_GOSSIP_{name.upper()}")
             if raw is None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +26,7 @@ from .. import __version__
 from ..core import AvailabilityTracker
 from ..errors import InvalidInput, StorageError, TrackerClosed, TransientStorageError
 from ..gossip.agent import GossipAgent
+from ..ratelimit import TokenBuckets
 from .metrics import ServiceMetrics
 from .routes import build_router
 from .settings import ServiceSettings
@@ -32,6 +35,7 @@ log = logging.getLogger("tracker.service")
 access_log = logging.getLogger("tracker.access")
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_UNLIMITED = frozenset({"/healthz", "/readyz"})
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -46,11 +50,16 @@ _STATUS_CODES = {
 
 
 def create_app(
-    tracker: AvailabilityTracker, settings: ServiceSettings | None = None, gossip: GossipAgent | None = None
+    tracker: AvailabilityTracker,
+    settings: ServiceSettings | None = None,
+    gossip: GossipAgent | None = None,
+    *,
+    rate_clock: Callable[[], float] | None = None,
 ) -> FastAPI:
     """The HTTP API over an open ``tracker``; see docs/api.md for the flows and ``/docs`` for the schema.
 
     With a ``gossip`` agent, ``POST /v1/gossip`` takes its neighbours' signed messages (docs/gossip.md).
+    Each connection is rate-limited (``rate_limit_per_s``; ``rate_clock`` is injectable for tests).
     """
     settings = settings or ServiceSettings()
     app = FastAPI(
@@ -68,7 +77,14 @@ def create_app(
     _add_gossip_route(app, gossip)
     _install_error_handlers(app)
     # Outermost: ids and limits apply to every request, including those that fail validation.
-    app.add_middleware(_RequestGate, max_body_bytes=settings.max_body_bytes, metrics=app.state.metrics)
+    limiter = (
+        TokenBuckets(settings.rate_limit_per_s, settings.rate_limit_burst, clock=rate_clock or time.monotonic)
+        if settings.rate_limit_per_s > 0
+        else None
+    )
+    app.add_middleware(
+        _RequestGate, max_body_bytes=settings.max_body_bytes, metrics=app.state.metrics, limiter=limiter
+    )
     return app
 
 
@@ -179,10 +195,13 @@ class _RequestGate:
     ``max_body_size`` answers in plain text, outside our error shape, request ids and metrics.)
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, metrics: ServiceMetrics) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_body_bytes: int, metrics: ServiceMetrics, limiter: TokenBuckets | None
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -216,6 +235,12 @@ class _RequestGate:
             return message
 
         try:
+            # One bucket per connection (client address and port); probes are never limited.
+            if self.limiter is not None and scope["path"] not in _UNLIMITED:
+                wait = self.limiter.take(tuple(scope.get("client") or ("?", 0)))
+                if wait > 0:
+                    await self._rate_limited(scope, send_with_id, wait)
+                    return
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 raise _BodyTooLarge(self.max_body_bytes)
@@ -247,6 +272,21 @@ class _RequestGate:
                 },
             )
 
+    async def _rate_limited(self, scope: Scope, send: Send, wait: float) -> None:
+        self.metrics.requests_rejected.labels(code="rate_limited").inc()
+        response = JSONResponse(
+            {
+                "error": {
+                    "code": "rate_limited",
+                    "message": "too many requests on this connection; retry after the Retry-After seconds",
+                    "request_id": scope.get("request_id"),
+                }
+            },
+            status_code=429,
+            headers={"Retry-After": str(max(1, math.ceil(wait)))},
+        )
+        await response(scope, _no_body, send)
+
     async def _too_large(self, scope: Scope, send: Send) -> None:
         self.metrics.requests_rejected.labels(code="body_too_large").inc()
         response = JSONResponse(
@@ -262,7 +302,8 @@ class _RequestGate:
             headers={"Connection": "close"},
         )
 
-        async def no_body() -> Message:
-            return {"type": "http.disconnect"}
+        await response(scope, _no_body, send)
 
-        await response(scope, no_body, send)
+
+async def _no_body() -> Message:
+    return {"type": "http.disconnect"}

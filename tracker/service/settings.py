@@ -57,6 +57,10 @@ class ServiceSettings:
     log_level: str = "info"
     #: Seconds in-flight requests get to finish after SIGTERM before they are cut.
     shutdown_grace_s: float = 10.0
+    #: Requests per second one connection may make (token bucket); 0 turns the limit off.
+    rate_limit_per_s: float = 1000.0
+    #: Requests one connection may make in a burst above that rate.
+    rate_limit_burst: int = 2000
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -82,6 +86,12 @@ class ServiceSettings:
             raise ConfigError(f"shutdown_grace_s must be seconds, got {self.shutdown_grace_s!r}")
         if self.shutdown_grace_s <= 0:
             raise ConfigError(f"shutdown_grace_s must be positive, got {self.shutdown_grace_s!r}")
+        rate = self.rate_limit_per_s
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not (0 <= rate < float("inf")):
+            raise ConfigError(f"rate_limit_per_s must be a number >= 0 (0: off), got {rate!r}")
+        burst = self.rate_limit_burst
+        if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+            raise ConfigError(f"rate_limit_burst must be an integer >= 1, got {burst!r}")
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> ServiceSettings:
@@ -98,6 +108,8 @@ class ServiceSettings:
             "log_json": _boolean,
             "log_level": str,
             "shutdown_grace_s": float,
+            "rate_limit_per_s": float,
+            "rate_limit_burst": int,
         }
         for name, parse in parsers.items():
             raw = env.get(f"TRACKER_{name.upper()}")
