@@ -102,6 +102,7 @@ def test_library_ingest_survives_sigkill_twenty_times(db_url: str) -> None:
         first = max(sent, default=first) + 1
         stored = asyncio.run(_check(db_url, acked, sent))
     assert len(acked) > KILLS * 10 and stored >= len(acked)
+    print(f"crash: {KILLS} kills, {len(acked)} acknowledged, {stored} stored, {len(sent)} sent")
 
 
 class _Load:
@@ -148,3 +149,4 @@ def test_http_ingest_survives_sigkill_of_the_server(db_url: str, tmp_path: Path)
             thread.join(timeout=30)
         asyncio.run(_check(db_url, load.acked, load.sent))
     assert len(load.acked) > 50
+    print(f"crash over HTTP: 5 kills, {len(load.acked)} acknowledged, {len(load.sent)} sent")
