@@ -110,9 +110,7 @@ async def test_killed_connections_cost_only_the_calls_in_flight(db_url: str, tmp
             ).scalar_one()
         assert acked <= stored and served == len(stored)
         assert all(isinstance(e, StorageError) for e in errors)
-        print(
-            f"outage: {killed} connections killed, {len(errors)} calls failed, {len(acked)} acknowledged"
-        )
+        print(f"outage: {killed} connections killed, {len(errors)} calls failed, {len(acked)} acknowledged")
     finally:
         stop.set()
         gossiping.cancel()
