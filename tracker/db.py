@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import sqlite3
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -109,15 +111,37 @@ async def write_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection
         yield conn
 
 
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+def _sqlite_writer_lock(engine: AsyncEngine) -> asyncio.Lock | None:
+    """One in-process writer at a time per SQLite engine.
+
+    SQLite lets one connection write at a time anyway. Without this, the coroutines of one process
+    (ingest, selections, the sweeper, gossip) would queue on the file lock inside driver threads, each
+    thread sleeping in SQLite's busy handler, and under load some exhausted the busy timeout. Queued
+    on an asyncio lock instead, they wait in order and cheaply; other processes still queue on the
+    file lock.
+    """
+    if engine.dialect.name != "sqlite":
+        return None
+    lock = _SQLITE_WRITERS.get(engine.sync_engine)
+    if lock is None:
+        lock = _SQLITE_WRITERS[engine.sync_engine] = asyncio.Lock()
+    return lock
+
+
 async def run_write(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], retries: int) -> T:
     """Run ``work`` in one write transaction, retrying deadlocks and busy errors with back-off.
 
     ``work`` must be safe to run again from scratch: a retried transaction was rolled back entirely.
+    It must not call ``run_write`` itself (on SQLite that would wait for its own lock).
     """
     attempt = 0
+    lock = _sqlite_writer_lock(engine)
     while True:
         try:
-            async with write_connection(engine) as conn, conn.begin():
+            async with lock or contextlib.nullcontext(), write_connection(engine) as conn, conn.begin():
                 return await work(conn)
         except Exception as error:
             if not is_transient(error):

@@ -1,0 +1,30 @@
+"""``python -m benchmarks run [--quick] [--engine sqlite|postgresql|all] [--scale 100k|1m] [--out DIR]``.
+
+The single benchmarks (``python -m benchmarks.sweep``, ``.http``, ``.loadbalance``, ``.gossip``, ``.soak``)
+run on their own; ``run`` is the suite of ``benchmarks/suite.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+from .suite import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    suite = commands.add_parser("run", help="the benchmark suite, with its baselines")
+    suite.add_argument("--quick", action="store_true", help="5,000 peers: under two minutes")
+    suite.add_argument("--engine", choices=["sqlite", "postgresql", "all"], default="all")
+    suite.add_argument("--scale", choices=["100k", "1m"], default="100k")
+    suite.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
+    asyncio.run(run(args.quick, engines, args.scale, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,479 @@
+"""The benchmark suite: ingest and selection on each engine, beside their baselines in the same run.
+
+``python -m benchmarks run [--quick] [--engine sqlite|postgresql|all] [--scale 100k|1m] [--out DIR]``
+writes ``results.json``, ``results.md`` and PNG plots to ``--out`` (default ``benchmarks/results``).
+
+Workloads, per engine, on the swarm of ``benchmarks/swarm.py``:
+
+1. ingest: every event that builds the swarm through ``record_batch`` in batches of 1,000, then
+   single calls from 100 concurrent coroutines (group commit);
+2. selection: ``select_best_peers(cid, 5)`` for contents drawn by popularity, from 1 and from 32
+   callers; and the ranking statement alone (read only), the part comparable to a raw query;
+3. a sweep over the whole swarm.
+
+Baselines, measured in the same run: the same number of rows written by the bare driver
+(``sqlite3.executemany`` / asyncpg ``copy_records_to_table``) into a plain table; the ranking statement's
+very SQL run through the bare driver; an in-memory implementation with dicts and ``heapq`` (what the
+original HashMap design gives); Redis sorted sets through redis-py's asyncio client on 127.0.0.1:6379.
+Figures are ratios within one run: these machines are noisy. Nothing here asserts speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import json
+import os
+import platform
+import random
+import sqlite3
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.db import run_read
+from tracker.queries import reads
+from tracker.reputation import DEFAULT_PARAMS, reputation
+from tracker.testing import ManualClock
+
+from .swarm import Swarm, events, generate
+
+PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("TRACKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
+T0 = 1_800_000_000.0
+
+
+def _pg_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def _percentiles(latencies: list[float]) -> dict[str, float]:
+    ordered = sorted(latencies)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+    return {"p50_ms": pick(0.5), "p99_ms": pick(0.99), "mean_ms": statistics.fmean(ordered) * 1000}
+
+
+async def _timed_calls(
+    call: Callable[[random.Random], Awaitable[Any]], callers: int, per_caller: int, seed: int
+) -> dict[str, Any]:
+    latencies: list[float] = []
+
+    async def caller(i: int) -> None:
+        rng = random.Random(seed * 1000 + i)
+        for _ in range(per_caller):
+            started = time.perf_counter()
+            await call(rng)
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller(i) for i in range(callers)))
+    wall = time.perf_counter() - started
+    return {
+        "callers": callers,
+        "calls": len(latencies),
+        "qps": len(latencies) / wall,
+        **_percentiles(latencies),
+    }
+
+
+# -- baselines ----------------------------------------------------------------------------------
+
+
+async def _raw_rows(engine: str, url: str, rows: list[tuple[str, str, float, float]]) -> float:
+    """Seconds for the bare driver to write ``rows`` into a plain table (the storage engine's floor)."""
+    ddl = "CREATE TABLE raw_events (kind text, peer text, at float8, value float8)"
+    if engine == "sqlite":
+        path = str(make_url(url).database) + ".raw"
+        with sqlite3.connect(path) as raw:
+            raw.execute(ddl)
+            started = time.perf_counter()
+            for start in range(0, len(rows), 1000):  # one transaction per 1,000, like record_batch
+                raw.executemany("INSERT INTO raw_events VALUES (?,?,?,?)", rows[start : start + 1000])
+                raw.commit()
+            return time.perf_counter() - started
+    conn = await asyncpg.connect(_pg_dsn(url))
+    try:
+        await conn.execute(ddl)
+        started = time.perf_counter()
+        for start in range(0, len(rows), 1000):
+            await conn.copy_records_to_table("raw_events", records=rows[start : start + 1000])
+        return time.perf_counter() - started
+    finally:
+        await conn.close()
+
+
+class _RawRanking:
+    """The ranking statement's own SQL through the bare driver: the query's cost without our layers."""
+
+    def __init__(self, engine: str, url: str, config: TrackerConfig) -> None:
+        self.engine, self.url = engine, url
+        self.statement = reads._ranked_select(
+            config.dialect, config.reputation, reads._Selection.of(config), "best", True
+        )
+        self.config = config
+        self.sqlite: sqlite3.Connection | None = None
+        self.pool: asyncpg.Pool | None = None
+
+    async def __aenter__(self) -> _RawRanking:
+        if self.engine == "sqlite":
+            self.sqlite = sqlite3.connect(str(make_url(self.url).database), check_same_thread=False)
+        else:
+            self.pool = await asyncpg.create_pool(_pg_dsn(self.url), min_size=1, max_size=32)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.sqlite is not None:
+            self.sqlite.close()
+        if self.pool is not None:
+            await self.pool.close()
+
+    def params(self, cid: str) -> tuple[Any, ...]:
+        now = self.config.clock()
+        return self.statement._row({"cid": cid, "limit": 5, "seed": 0.0, "now": now, "cutoff": now - 300})
+
+    async def query(self, cid: str) -> list[Any]:
+        if self.sqlite is not None:
+            return self.sqlite.execute(self.statement.sql, self.params(cid)).fetchall()
+        assert self.pool is not None
+        return list(await self.pool.fetch(self.statement.sql, *self.params(cid)))
+
+
+class _Memory:
+    """The HashMap design: dicts of peers and holders, scores computed per query, ``heapq`` for top n."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        self.online = {p for p in swarm.peers if p not in swarm.offline}
+        self.stats = {
+            p: (swarm.reliability[p] * 5, (1 - swarm.reliability[p]) * 5, 600.0, swarm.speed[p])
+            for p in swarm.peers
+        }
+        self.holders = {cid: swarm.holders[i] for i, cid in enumerate(swarm.contents)}
+
+    def best(self, cid: str, n: int = 5) -> list[tuple[float, int, str]]:
+        candidates = []
+        for peer in self.holders[cid]:
+            if peer in self.online:
+                s, f, up, speed = self.stats[peer]
+                candidates.append((reputation(s, f, up, DEFAULT_PARAMS), speed, peer))
+        return heapq.nlargest(n, candidates)
+
+
+async def _redis_baseline(swarm: Swarm, queries: int, callers: int) -> dict[str, Any] | None:
+    """Sorted sets per content (score = reputation, speed as tie-break) and ZREVRANGE; None without Redis."""
+    try:
+        import redis.asyncio as aioredis
+    except ImportError:
+        return None
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except Exception:
+        await client.aclose()
+        return None
+    try:
+        await client.flushdb()
+        memory = _Memory(swarm)
+        pipe = client.pipeline(transaction=False)
+        for i, cid in enumerate(swarm.contents):
+            scores = {}
+            for peer in swarm.holders[i]:
+                if peer in memory.online:
+                    s, f, up, speed = memory.stats[peer]
+                    scores[peer] = reputation(s, f, up, DEFAULT_PARAMS) * 1e9 + speed / 1e3
+            if scores:
+                pipe.zadd(f"c:{cid}", scores)
+            if len(pipe) >= 500:
+                await pipe.execute()
+        await pipe.execute()
+
+        async def call(rng: random.Random) -> None:
+            await client.zrevrange(f"c:{swarm.draw_content(rng)}", 0, 4, withscores=True)
+
+        one = await _timed_calls(call, 1, queries, 11)
+        many = await _timed_calls(call, callers, max(1, queries // callers), 12)
+        await client.flushdb()
+        return {"one": one, "many": many}
+    finally:
+        await client.aclose()
+
+
+# -- the run ------------------------------------------------------------------------------------
+
+
+async def _database(engine: str, scratch: Path) -> str:
+    if engine == "sqlite":
+        return f"sqlite+aiosqlite:///{scratch / 'suite.db'}"
+    name = f"bench_suite_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(_pg_dsn(PG_URL))
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+
+
+async def _drop(url: str) -> None:
+    if url.startswith("postgresql"):
+        conn = await asyncpg.connect(_pg_dsn(PG_URL))
+        try:
+            await conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+        finally:
+            await conn.close()
+
+
+async def run_engine(
+    engine: str, swarm: Swarm, quick: bool, scratch: Path, log: Callable[[str], None]
+) -> dict[str, Any]:
+    url = await _database(engine, scratch)
+    clock = ManualClock(T0)
+    config = TrackerConfig(
+        database_url=url, clock=clock, max_load_per_peer=1_000_000, max_batch_events=1_000, pool_size=8
+    )
+    result: dict[str, Any] = {"engine": engine}
+    try:
+        async with AvailabilityTracker(config) as tracker:
+            # 1. ingest, batched
+            all_events = list(events(swarm, T0))
+            started = time.perf_counter()
+            for start in range(0, len(all_events), 1000):
+                await tracker.record_batch(all_events[start : start + 1000])
+            batch_s = time.perf_counter() - started
+            raw_rows = [(type(e).__name__, e.peer_id, float(e.at or 0), 1.0) for e in all_events]
+            raw_s = await _raw_rows(engine, url, raw_rows)
+            result["ingest_batch"] = {
+                "events": len(all_events),
+                "events_per_s": len(all_events) / batch_s,
+                "raw_rows_per_s": len(raw_rows) / raw_s,
+                "ratio_to_raw": raw_s / batch_s,
+            }
+            log(
+                f"[{engine}] batch ingest {len(all_events):,} events: {len(all_events) / batch_s:,.0f}/s, "
+                f"raw driver {len(raw_rows) / raw_s:,.0f} rows/s (ratio {raw_s / batch_s:.2f})"
+            )
+
+            # 1b. ingest, single calls from 100 coroutines
+            singles = 2_000 if quick else 20_000
+            rng = random.Random(5)
+            online = [p for p in swarm.peers if p not in swarm.offline]
+
+            async def single(r: random.Random) -> None:
+                await tracker.record_upload_success(r.choice(online), at=T0 - 1)
+
+            single_run = await _timed_calls(single, 100, singles // 100, 3)
+            result["ingest_single"] = {
+                **single_run,
+                "events_per_s": single_run["qps"],
+                "ratio_to_batch": single_run["qps"] / result["ingest_batch"]["events_per_s"],
+            }
+            log(
+                f"[{engine}] single-event ingest, 100 coroutines: {single_run['qps']:,.0f}/s "
+                f"({result['ingest_single']['ratio_to_batch']:.2f} of batch)"
+            )
+            del rng
+
+            # 2. selection
+            queries = 300 if quick else 3_000
+
+            async def select(r: random.Random) -> None:
+                await tracker.select_best_peers(swarm.draw_content(r), 5)
+
+            async def rank(r: random.Random) -> None:
+                cid = swarm.draw_content(r)
+
+                async def work(conn: Any) -> Any:
+                    return await reads.ranked_holders(conn, cid, clock.now, config, limit=5, mode="best")
+
+                await run_read(tracker.engine, work)
+
+            result["select_one"] = await _timed_calls(select, 1, queries, 21)
+            result["select_many"] = await _timed_calls(select, 32, max(1, queries // 32), 22)
+            result["rank_one"] = await _timed_calls(rank, 1, queries, 23)
+            async with _RawRanking(engine, url, config) as raw:
+
+                async def raw_rank(r: random.Random) -> None:
+                    await raw.query(swarm.draw_content(r))
+
+                result["raw_rank_one"] = await _timed_calls(raw_rank, 1, queries, 23)
+                if engine == "postgresql":
+                    result["raw_rank_many"] = await _timed_calls(raw_rank, 32, max(1, queries // 32), 24)
+            result["rank_over_raw_p50"] = result["rank_one"]["p50_ms"] / result["raw_rank_one"]["p50_ms"]
+            log(
+                f"[{engine}] select_best_peers p50 {result['select_one']['p50_ms']:.2f} ms, "
+                f"p99 {result['select_one']['p99_ms']:.2f} ms; "
+                f"32 callers {result['select_many']['qps']:,.0f}/s; "
+                f"ranking p50 {result['rank_one']['p50_ms']:.2f} ms vs raw SQL "
+                f"{result['raw_rank_one']['p50_ms']:.2f} ms ({result['rank_over_raw_p50']:.2f}x)"
+            )
+
+            # 3. sweep
+            clock.advance(400)
+            report = await tracker.sweep()
+            result["sweep"] = {
+                "duration_s": report.duration_s,
+                "peers_marked_offline": report.peers_marked_offline,
+            }
+            log(f"[{engine}] sweep {report.duration_s:.2f} s, {report.peers_marked_offline:,} peers offline")
+    finally:
+        await _drop(url)
+    return result
+
+
+async def run(
+    quick: bool, engines: list[str], scale: str, out: Path, log: Callable[[str], None] = print
+) -> dict[str, Any]:
+    n_peers = 5_000 if quick else {"100k": 100_000, "1m": 1_000_000}[scale]
+    swarm = generate(n_peers)
+    log(
+        f"swarm: {len(swarm.peers):,} peers ({len(swarm.offline):,} offline), "
+        f"{len(swarm.contents):,} contents, "
+        f"{swarm.mappings:,} mappings"
+    )
+    results: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "date": time.strftime("%Y-%m-%d"),
+        },
+        "scale": "quick" if quick else scale,
+        "swarm": {"peers": len(swarm.peers), "contents": len(swarm.contents), "mappings": swarm.mappings},
+        "engines": [],
+    }
+    queries = 300 if quick else 3_000
+    memory = _Memory(swarm)
+
+    async def in_memory(r: random.Random) -> None:
+        memory.best(swarm.draw_content(r))
+
+    results["memory"] = await _timed_calls(in_memory, 1, queries, 31)
+    results["redis"] = await _redis_baseline(swarm, queries, 32)
+    log(
+        f"in-memory heapq p50 {results['memory']['p50_ms']:.3f} ms; "
+        + (
+            "Redis unavailable"
+            if results["redis"] is None
+            else f"Redis ZREVRANGE p50 {results['redis']['one']['p50_ms']:.3f} ms, 32 callers "
+            f"{results['redis']['many']['qps']:,.0f}/s"
+        )
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
+        for engine in engines:
+            results["engines"].append(await run_engine(engine, swarm, quick, Path(tmp), log))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    plot(results, out)
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots")
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Swarm: {results['swarm']['peers']:,} peers, {results['swarm']['contents']:,} contents, "
+        f"{results['swarm']['mappings']:,} mappings (scale {results['scale']}). Machine: {m['cpus']} CPUs, "
+        f"Python {m['python']}, {m['date']}.",
+        "",
+        "| figure | " + " | ".join(e["engine"] for e in results["engines"]) + " |",
+        "|---|" + "---|" * len(results["engines"]),
+    ]
+    rows = [
+        ("batch ingest, events/s", lambda e: f"{e['ingest_batch']['events_per_s']:,.0f}"),
+        ("raw driver, rows/s", lambda e: f"{e['ingest_batch']['raw_rows_per_s']:,.0f}"),
+        ("batch / raw (target >= 0.5)", lambda e: f"{e['ingest_batch']['ratio_to_raw']:.2f}"),
+        ("single calls x100, events/s", lambda e: f"{e['ingest_single']['events_per_s']:,.0f}"),
+        ("single / batch (target >= 0.5)", lambda e: f"{e['ingest_single']['ratio_to_batch']:.2f}"),
+        (
+            "select_best_peers p50 / p99 ms",
+            lambda e: f"{e['select_one']['p50_ms']:.2f} / {e['select_one']['p99_ms']:.2f}",
+        ),
+        ("select_best_peers, 32 callers, /s", lambda e: f"{e['select_many']['qps']:,.0f}"),
+        ("ranking p50 ms", lambda e: f"{e['rank_one']['p50_ms']:.2f}"),
+        ("same SQL raw p50 ms", lambda e: f"{e['raw_rank_one']['p50_ms']:.2f}"),
+        ("ranking / raw (target <= 2)", lambda e: f"{e['rank_over_raw_p50']:.2f}"),
+        (
+            "ranking / in-memory (target <= 5)",
+            lambda e: f"{e['rank_one']['p50_ms'] / results['memory']['p50_ms']:.1f}",
+        ),
+        ("sweep, s", lambda e: f"{e['sweep']['duration_s']:.2f}"),
+    ]
+    for name, cell in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(e) for e in results["engines"]) + " |")
+    lines.append("")
+    lines.append(f"In-memory dict + heapq: p50 {results['memory']['p50_ms']:.3f} ms.")
+    if results["redis"] is not None:
+        r = results["redis"]
+        lines.append(
+            f"Redis sorted sets (ZREVRANGE): p50 {r['one']['p50_ms']:.3f} ms, "
+            f"{r['many']['qps']:,.0f} queries/s "
+            "from 32 callers."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [e["engine"] for e in results["engines"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(engines))
+    ax.bar(
+        [i - 0.3 for i in x],
+        [e["ingest_batch"]["events_per_s"] for e in results["engines"]],
+        0.3,
+        label="record_batch",
+    )
+    ax.bar(
+        list(x),
+        [e["ingest_single"]["events_per_s"] for e in results["engines"]],
+        0.3,
+        label="single calls x100",
+    )
+    ax.bar(
+        [i + 0.3 for i in x],
+        [e["ingest_batch"]["raw_rows_per_s"] for e in results["engines"]],
+        0.3,
+        label="raw driver",
+    )
+    ax.set_xticks(list(x), engines)
+    ax.set_ylabel("events (rows) per second")
+    ax.set_title("Ingest")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ingest.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels, values = [], []
+    for e in results["engines"]:
+        for key, name in (
+            ("select_one", "select_best_peers"),
+            ("rank_one", "ranking"),
+            ("raw_rank_one", "raw SQL"),
+        ):
+            labels.append(f"{e['engine']}\n{name}")
+            values.append(e[key]["p50_ms"])
+    labels.append("in-memory\nheapq")
+    values.append(results["memory"]["p50_ms"])
+    if results["redis"] is not None:
+        labels.append("Redis\nZREVRANGE")
+        values.append(results["redis"]["one"]["p50_ms"])
+    ax.bar(labels, values)
+    ax.set_ylabel("p50 latency, ms (one caller)")
+    ax.set_title("Best peers for a content")
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selection.png", dpi=100)
+    plt.close(fig)
