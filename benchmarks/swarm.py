@@ -2,7 +2,8 @@
 
 At the ``100k`` scale: 100,000 peers (20% offline), 10,000 contents whose popularity and number of
 holders follow a Zipf law (s = 1, at most 2,000 holders: a tracker's answer for a hot content is bounded
-by what a client asks for, not by the swarm), about 1,000,000 content-peer mappings, 10 bandwidth
+by what a client asks for, not by the swarm; what the cap cuts off is spread over the tail), about
+1,000,000 content-peer mappings, 10 bandwidth
 samples per peer, and 5 upload outcomes per peer drawn from the peer's own reliability. ``1m``
 multiplies peers, contents and mappings by ten.
 """
@@ -48,10 +49,19 @@ def generate(n_peers: int, seed: int = 42) -> Swarm:
     weights = [1.0 / (i + 1) for i in range(n_contents)]
     total = sum(weights)
     target = 10 * n_peers
-    holders = []
-    for w in weights:
-        count = min(MAX_HOLDERS, n_peers, max(1, round(target * w / total)))
-        holders.append(rng.sample(peers, count))
+    cap = min(MAX_HOLDERS, n_peers)
+    # Zipf counts, capped; what the cap cuts off the head is spread over the tail in proportion, so
+    # the swarm still holds ~10 mappings per peer.
+    counts = [min(cap, max(1.0, target * w / total)) for w in weights]
+    for _ in range(20):
+        missing = target - sum(counts)
+        free = sum(w for w, c in zip(weights, counts, strict=True) if c < cap)
+        if missing < 1 or free == 0:
+            break
+        counts = [
+            c if c >= cap else min(cap, c + missing * w / free) for w, c in zip(weights, counts, strict=True)
+        ]
+    holders = [rng.sample(peers, round(c)) for c in counts]
     reliability = {p: rng.choice((0.98, 0.98, 0.98, 0.9, 0.9, 0.6, 0.2)) for p in peers}
     speed = {p: rng.choice((500_000, 2_000_000, 5_000_000, 20_000_000)) for p in peers}
     return Swarm(
