@@ -34,21 +34,25 @@ async def lock_peers(conn: AsyncConnection, dialect: str, peer_keys: Sequence[st
     await conn.execute(stmt)
 
 
+# Built once, with an expanding IN parameter, so SQLAlchemy's compiled cache serves every call.
+_OPEN_LOADS = (
+    select(peers.c.peer_key, func.count(peer_leases.c.id))
+    .join(peer_leases, peer_leases.c.peer_id == peers.c.id)
+    .where(
+        peers.c.peer_key.in_(bindparam("keys", expanding=True)),
+        peer_leases.c.expires_at > bindparam("now", type_=Double()),
+        peer_leases.c.closed_at.is_(None),
+    )
+    .group_by(peers.c.peer_key)
+)
+
+
 async def open_loads(conn: AsyncConnection, peer_keys: Sequence[str], now: float) -> dict[str, int]:
     """Open (unexpired) leases per peer, as of ``now``."""
     if not peer_keys:
         return {}
-    stmt = (
-        select(peers.c.peer_key, func.count(peer_leases.c.id))
-        .join(peer_leases, peer_leases.c.peer_id == peers.c.id)
-        .where(
-            peers.c.peer_key.in_(list(peer_keys)),
-            peer_leases.c.expires_at > now,
-            peer_leases.c.closed_at.is_(None),
-        )
-        .group_by(peers.c.peer_key)
-    )
-    return {key: int(count) for key, count in (await conn.execute(stmt)).all()}
+    rows = await conn.execute(_OPEN_LOADS, {"keys": list(peer_keys), "now": now})
+    return {key: int(count) for key, count in rows.all()}
 
 
 async def grant_leases(
