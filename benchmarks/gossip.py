@@ -329,10 +329,12 @@ async def bench_convergence(n: int, scratch: Path, seed: int = 1) -> dict[str, A
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
     peers, mappings, sizes = (1_000, 10_000, (8, 16)) if args.quick else (10_000, 100_000, (64, 256))
+    if args.nodes:
+        sizes = tuple(int(n) for n in args.nodes.split(","))
     results: dict[str, Any] = {"delta": [], "convergence": []}
     with tempfile.TemporaryDirectory(prefix="bench-gossip-") as tmp:
         scratch = Path(tmp)
-        for engine in engines:
+        for engine in engines if not args.skip_delta else []:
             results["delta"].append(await bench_delta(engine, peers, mappings, args.max_rows, scratch))
         for n in sizes:
             results["convergence"].append(await bench_convergence(n, scratch))
@@ -345,6 +347,8 @@ def main() -> None:
     parser.add_argument("--engine", choices=["sqlite", "postgresql", "all"], default="all")
     parser.add_argument("--max-rows", type=int, default=20_000, help="rows per message")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--nodes", help="swarm sizes for the convergence simulation, e.g. 64,256")
+    parser.add_argument("--skip-delta", action="store_true", help="only the convergence simulation")
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
     if args.json:
