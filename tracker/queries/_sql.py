@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import Double, and_, bindparam, func, literal, literal_column, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..schema import contents, peers
+from ..schema import contents, peer_stats, peers
 
 
 def num(value: float) -> ColumnElement[float]:
@@ -61,3 +61,20 @@ def lww_newer(
             or_(new_node == old_node, node_key_of(new_node) > node_key_of(old_node)),
         ),
     )
+
+
+#: One origin's view of one peer as gossip and snapshots carry it (after the origin and before the
+#: extras each adds): the stats row with the peer's key and first sighting. Join ``peers`` on peer_id.
+PEER_STATE_COLUMNS = (
+    peers.c.peer_key,
+    peers.c.first_seen,
+    peer_stats.c.online,
+    peer_stats.c.online_since,
+    peer_stats.c.last_seen,
+    peer_stats.c.uptime_s,
+    peer_stats.c.served_count,
+    peer_stats.c.failed_count,
+    peer_stats.c.success_weight,
+    peer_stats.c.failure_weight,
+    peer_stats.c.evidence_at,
+)

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from ..db import insert_for
 from ..gossip.protocol import MappingState, OriginDelta, PeerState
 from ..schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
-from ._sql import greatest, node_key_of
+from ._sql import PEER_STATE_COLUMNS, greatest, node_key_of
 from .writes import refresh_speeds
 
 _IN_CHUNK = 500
@@ -143,22 +143,7 @@ async def read_deltas(
 async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
     ps = peer_stats.c
     stmt = (
-        select(
-            ps.peer_id,
-            peers.c.peer_key,
-            peers.c.first_seen,
-            ps.online,
-            ps.online_since,
-            ps.last_seen,
-            ps.uptime_s,
-            ps.served_count,
-            ps.failed_count,
-            ps.success_weight,
-            ps.failure_weight,
-            ps.evidence_at,
-            ps.updated_at,
-            ps.version,
-        )
+        select(ps.peer_id, *PEER_STATE_COLUMNS, ps.updated_at, ps.version)
         .join(peers, peers.c.id == ps.peer_id)
         .where(ps.node_id == node_id, ps.version > base)
         .order_by(ps.version, ps.peer_id)

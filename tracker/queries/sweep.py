@@ -14,6 +14,7 @@ from sqlalchemy import Integer, bindparam, delete, func, select, text, tuple_, u
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
+from ._sql import PEER_STATE_COLUMNS
 
 
 async def mark_stale_offline(conn: AsyncConnection, node_id: int, now: float, peer_timeout: float) -> int:
@@ -118,22 +119,7 @@ async def stream_peer_state(conn: AsyncConnection) -> AsyncIterator[Any]:
     """Every (peer, origin) stats row with the keys gossip needs."""
     ps = peer_stats.c
     stmt = (
-        select(
-            nodes.c.node_key,
-            peers.c.peer_key,
-            peers.c.first_seen,
-            ps.online,
-            ps.online_since,
-            ps.last_seen,
-            ps.uptime_s,
-            ps.served_count,
-            ps.failed_count,
-            ps.success_weight,
-            ps.failure_weight,
-            ps.evidence_at,
-            ps.speed_bps,
-            ps.updated_at,
-        )
+        select(nodes.c.node_key, *PEER_STATE_COLUMNS, ps.speed_bps, ps.updated_at)
         .join(peers, peers.c.id == ps.peer_id)
         .join(nodes, nodes.c.id == ps.node_id)
         .order_by(ps.node_id, ps.peer_id)
