@@ -3,7 +3,7 @@
 Run: ``python -m benchmarks.soak [--minutes 10] [--engine sqlite|postgresql] [--json PATH]``.
 Postgres comes from TRACKER_BENCH_POSTGRES_URL (default: the test server), in a scratch database.
 
-A bounded swarm (5,000 peers, 2,000 contents) takes heartbeats, speed samples, upload outcomes,
+A bounded swarm (5,000 peers, 2,000 contents, each peer holding 10 of them) takes heartbeats, speed samples, upload outcomes,
 content announcements and removals, and best-peer selections from 16 coroutines, single calls and
 batches mixed, on the real clock, with the sweeper running every 5 s and retention shortened to two
 minutes so that it kicks in within the run. Every 15 s a line reports events/s, selections/s, the
@@ -34,6 +34,14 @@ from tracker.events import ContentAvailable, ContentUnavailable, PeerOnline, Spe
 PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 PEERS = [f"peer-{i:05d}" for i in range(5_000)]
 CIDS = [f"cid-{i:05d}" for i in range(2_000)]
+HELD = 10  # each peer holds (and announces or drops) only its own 10 contents: 50,000 pairs at most
+
+
+def _content_of(rng: random.Random, peer_index: int) -> str:
+    """One of the peer's own contents, so that the mapping table is bounded like a real swarm's."""
+    return CIDS[(peer_index * 7 + rng.randrange(HELD) * 131) % len(CIDS)]
+
+
 REPORT_EVERY_S = 15.0
 
 
@@ -92,7 +100,8 @@ async def soak(url: str, seconds: float) -> list[dict[str, Any]]:
                         continue
                     batch: list[Any] = []
                     for _ in range(rng.randint(10, 200)):
-                        p, c, r = rng.choice(PEERS), rng.choice(CIDS), rng.random()
+                        index, r = rng.randrange(len(PEERS)), rng.random()
+                        p, c = PEERS[index], _content_of(rng, index)
                         if r < 0.3:
                             batch.append(PeerOnline(p))
                         elif r < 0.55:
