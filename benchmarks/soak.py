@@ -3,12 +3,13 @@
 Run: ``python -m benchmarks.soak [--minutes 10] [--engine sqlite|postgresql] [--json PATH]``.
 Postgres comes from TRACKER_BENCH_POSTGRES_URL (default: the test server), in a scratch database.
 
-A bounded swarm (5,000 peers, 2,000 contents, each peer holding 10 of them) takes heartbeats, speed samples, upload outcomes,
-content announcements and removals, and best-peer selections from 16 coroutines, single calls and
-batches mixed, on the real clock, with the sweeper running every 5 s and retention shortened to two
-minutes so that it kicks in within the run. Every 15 s a line reports events/s, selections/s, the
-process's RSS and the database size (file plus WAL, or ``pg_database_size``). At the end it compares
-the growth of the last third of the run with the first: once retention runs, size must level off.
+A bounded swarm (5,000 peers, 2,000 contents, each peer holding 10 of them) takes heartbeats, speed
+samples, upload outcomes, content announcements and removals, and best-peer selections from 16
+coroutines, single calls and batches mixed, on the real clock, with the sweeper running every 5 s and
+retention shortened to two minutes so that it kicks in within the run. Every 15 s a line reports
+events/s, selections/s, the process's RSS and the database size (file plus WAL, or
+``pg_database_size``). At the end it compares the growth of the last third of the run with the first:
+once retention runs, size must level off.
 """
 
 from __future__ import annotations
