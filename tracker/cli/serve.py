@@ -33,6 +33,7 @@ def serve(
         list[str] | None,
         typer.Option(
             "--gossip-neighbor",
+            metavar="URL",
             help="Base URL of a neighbour tracker (repeat; env TRACKER_GOSSIP_NEIGHBORS). Gossip runs "
             "when TRACKER_GOSSIP_KEYS holds the shared key.",
         ),
