@@ -21,12 +21,10 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import sqlite3
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,7 @@ import asyncpg
 import uvicorn
 from sqlalchemy.engine import make_url
 
+from benchmarks.scratch import create_database, driver_dsn, drop_database
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import run_read, run_write
 from tracker.events import ContentAvailable, PeerOnline, SpeedSample
@@ -44,32 +43,14 @@ from tracker.queries import gossip as q
 from tracker.service.app import create_app
 from tracker.testing import ManualClock
 
-PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 KEY = "benchmark-gossip-key-0123456789"
 T0 = 1_800_000_000.0
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(
-        make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def _database(engine: str, scratch: Path, name: str) -> str:
     if engine == "sqlite":
         return f"sqlite+aiosqlite:///{scratch / (name + '.db')}"
-    db = f"bench_gossip_{name}_{uuid.uuid4().hex[:6]}"
-    await _admin(f'CREATE DATABASE "{db}"')
-    return make_url(PG_URL).set(database=db).render_as_string(hide_password=False)
-
-
-async def _drop(url: str) -> None:
-    if url.startswith("postgresql"):
-        await _admin(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+    return await create_database(f"bench_gossip_{name}")
 
 
 async def _populate(tracker: AvailabilityTracker, n_peers: int, n_mappings: int) -> None:
@@ -119,9 +100,7 @@ async def _raw_baseline(url: str, rows: list[Message]) -> float:
             raw.executemany("INSERT INTO raw_peers VALUES (?,?,?,?,?,?,?,?)", peer_rows)
             raw.executemany("INSERT INTO raw_maps VALUES (?,?,?,?,?,?)", map_rows)
         return time.perf_counter() - started
-    conn = await asyncpg.connect(
-        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    conn = await asyncpg.connect(driver_dsn(url))
     try:
         await conn.execute(peer_ddl)
         await conn.execute(map_ddl)
@@ -258,7 +237,7 @@ async def bench_delta(
         return result
     finally:
         for url in (source_url, target_url, http_url):
-            await _drop(url)
+            await drop_database(url)
 
 
 class _Net:

@@ -34,15 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import httpx
 from sqlalchemy.engine import make_url
 
+from benchmarks.scratch import PG_URL
+from benchmarks.scratch import admin as _admin
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.demo import SwarmSpec, load_swarm, plan_swarm
 from tracker.events import PeerOnline, SpeedSample
 
-PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 WORKLOADS = ("best", "single", "batch")
 BATCH = 100
 # The load generator is one client on few connections: the per-connection rate limit would measure itself.
@@ -194,16 +194,6 @@ def _stop_server(server: subprocess.Popen[bytes]) -> None:
         raise RuntimeError("tracker serve did not stop within 30 s of SIGTERM") from None
     if code != 0:
         raise RuntimeError(f"tracker serve exited with {code} after SIGTERM")
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(
-        make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def _populate(url: str, spec: SwarmSpec) -> None:

@@ -17,22 +17,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import resource
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
 
+from benchmarks.scratch import create_database, driver_dsn, drop_database
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.events import ContentAvailable, ContentUnavailable, PeerOnline, SpeedSample, UploadOutcome
 
-PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 PEERS = [f"peer-{i:05d}" for i in range(5_000)]
 CIDS = [f"cid-{i:05d}" for i in range(2_000)]
 HELD = 10  # each peer holds (and announces or drops) only its own 10 contents: 50,000 pairs at most
@@ -60,9 +58,7 @@ async def _size_mb(url: str) -> float:
     if url.startswith("sqlite"):
         path = Path(str(make_url(url).database))
         return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists()) / 2**20
-    conn = await asyncpg.connect(
-        make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
+    conn = await asyncpg.connect(driver_dsn(url))
     try:
         return float(await conn.fetchval("SELECT pg_database_size(current_database())")) / 2**20
     finally:
@@ -181,19 +177,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         if args.engine == "sqlite":
             url = f"sqlite+aiosqlite:///{Path(tmp) / 'soak.db'}"
         else:
-            name = f"bench_soak_{uuid.uuid4().hex[:8]}"
-            admin = make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-            conn = await asyncpg.connect(admin)
-            await conn.execute(f'CREATE DATABASE "{name}"')
-            await conn.close()
-            url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+            url = await create_database("bench_soak")
         try:
             samples = await soak(url, args.minutes * 60)
         finally:
-            if args.engine == "postgresql":
-                conn = await asyncpg.connect(admin)
-                await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                await conn.close()
+            await drop_database(url)
     verdict = _verdict(samples)
     print(json.dumps(verdict, indent=2))
     if len(samples) >= 6 and verdict["db_growth_last_third_mb"] > max(

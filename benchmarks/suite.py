@@ -29,7 +29,6 @@ import random
 import sqlite3
 import statistics
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -43,15 +42,11 @@ from tracker.queries import reads
 from tracker.reputation import DEFAULT_PARAMS, reputation
 from tracker.testing import ManualClock
 
+from .scratch import create_database, driver_dsn, drop_database
 from .swarm import Swarm, events, generate
 
-PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TRACKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 T0 = 1_800_000_000.0
-
-
-def _pg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def _percentiles(latencies: list[float]) -> dict[str, float]:
@@ -98,7 +93,7 @@ async def _raw_rows(engine: str, url: str, rows: list[tuple[str, str, float, flo
                 raw.executemany("INSERT INTO raw_events VALUES (?,?,?,?)", rows[start : start + 1000])
                 raw.commit()
             return time.perf_counter() - started
-    conn = await asyncpg.connect(_pg_dsn(url))
+    conn = await asyncpg.connect(driver_dsn(url))
     try:
         await conn.execute(ddl)
         started = time.perf_counter()
@@ -125,7 +120,7 @@ class _RawRanking:
         if self.engine == "sqlite":
             self.sqlite = sqlite3.connect(str(make_url(self.url).database), check_same_thread=False)
         else:
-            self.pool = await asyncpg.create_pool(_pg_dsn(self.url), min_size=1, max_size=32)
+            self.pool = await asyncpg.create_pool(driver_dsn(self.url), min_size=1, max_size=32)
         return self
 
     async def __aexit__(self, *_: object) -> None:
@@ -210,22 +205,7 @@ async def _redis_baseline(swarm: Swarm, queries: int, callers: int) -> dict[str,
 async def _database(engine: str, scratch: Path) -> str:
     if engine == "sqlite":
         return f"sqlite+aiosqlite:///{scratch / 'suite.db'}"
-    name = f"bench_suite_{uuid.uuid4().hex[:8]}"
-    conn = await asyncpg.connect(_pg_dsn(PG_URL))
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await conn.close()
-    return make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
-
-
-async def _drop(url: str) -> None:
-    if url.startswith("postgresql"):
-        conn = await asyncpg.connect(_pg_dsn(PG_URL))
-        try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
-        finally:
-            await conn.close()
+    return await create_database("bench_suite")
 
 
 async def run_engine(
@@ -321,7 +301,7 @@ async def run_engine(
             }
             log(f"[{engine}] sweep {report.duration_s:.2f} s, {report.peers_marked_offline:,} peers offline")
     finally:
-        await _drop(url)
+        await drop_database(url)
     return result
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import sqlite3
 import tempfile
 import time
@@ -23,12 +22,13 @@ import asyncpg
 from sqlalchemy import insert, select
 from sqlalchemy.engine import make_url
 
+from benchmarks.scratch import PG_URL
+from benchmarks.scratch import admin as _admin
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.events import PeerOnline
 from tracker.schema import bandwidth_samples, peers
 from tracker.testing import ManualClock
 
-PG_URL = os.environ.get("TRACKER_BENCH_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
 DAY = 86_400.0
 
 
@@ -101,16 +101,6 @@ async def _copy(url: str) -> str:
     name = f"bench_base_{uuid.uuid4().hex[:8]}"
     await _admin(f'CREATE DATABASE "{name}" TEMPLATE "{make_url(url).database}"')
     return make_url(url).set(database=name).render_as_string(hide_password=False)
-
-
-async def _admin(sql: str) -> None:
-    conn = await asyncpg.connect(
-        make_url(PG_URL).set(drivername="postgresql").render_as_string(hide_password=False)
-    )
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 async def run(engine: str, n_peers: int, per_peer: int, scratch: Path) -> None:
