@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import httpx
-from sqlalchemy import func, select, text
+from sqlalchemy import text
+from stored import stored_outcomes
 from test_serve import Server
 
 from tracker import AvailabilityTracker, TrackerConfig
-from tracker.schema import peer_stats, peers, upload_outcomes
 
 CHILD = Path(__file__).with_name("crash_child.py")
 KILLS = 20
@@ -65,22 +65,7 @@ async def _check(url: str, acked: set[int], sent: set[int]) -> int:
         async with tracker.engine.connect() as conn:
             if url.startswith("sqlite"):
                 assert (await conn.execute(text("PRAGMA integrity_check"))).scalar_one() == "ok"
-            stored = set(
-                (
-                    await conn.scalars(
-                        select(upload_outcomes.c.bytes)
-                        .join(peers, peers.c.id == upload_outcomes.c.peer_id)
-                        .where(peers.c.peer_key == "crash-peer")
-                    )
-                ).all()
-            )
-            served = (
-                await conn.execute(
-                    select(func.coalesce(func.sum(peer_stats.c.served_count), 0))
-                    .join(peers, peers.c.id == peer_stats.c.peer_id)
-                    .where(peers.c.peer_key == "crash-peer")
-                )
-            ).scalar_one()
+            stored, served = await stored_outcomes(conn, "crash-peer", tracker.node_id)
     assert acked <= stored, f"acknowledged but lost: {sorted(acked - stored)[:10]}"
     assert stored <= sent, f"stored but never sent: {sorted(stored - sent)[:10]}"
     assert served == len(stored), f"counter {served} != {len(stored)} events stored"

@@ -11,14 +11,13 @@ from pathlib import Path
 import asyncpg
 import pytest
 from gossip_helpers import KEY, LocalNet
-from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
+from stored import stored_outcomes
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.errors import StorageError
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
-from tracker.schema import peer_stats, peers, upload_outcomes
 
 
 async def _kill_connections(url: str) -> int:
@@ -92,22 +91,7 @@ async def test_killed_connections_cost_only_the_calls_in_flight(db_url: str, tmp
         assert agent.stats.rounds > rounds_before and not gossiping.done()
         assert await other.get_peer_metrics("outage-peer") is not None  # gossip carried it out
         async with tracker.engine.connect() as conn:
-            stored = set(
-                (
-                    await conn.scalars(
-                        select(upload_outcomes.c.bytes)
-                        .join(peers, peers.c.id == upload_outcomes.c.peer_id)
-                        .where(peers.c.peer_key == "outage-peer")
-                    )
-                ).all()
-            )
-            served = (
-                await conn.execute(
-                    select(func.sum(peer_stats.c.served_count))
-                    .join(peers, peers.c.id == peer_stats.c.peer_id)
-                    .where(peers.c.peer_key == "outage-peer", peer_stats.c.node_id == tracker.node_id)
-                )
-            ).scalar_one()
+            stored, served = await stored_outcomes(conn, "outage-peer", tracker.node_id)
         assert acked <= stored and served == len(stored)
         assert all(isinstance(e, StorageError) for e in errors)
         print(f"outage: {killed} connections killed, {len(errors)} calls failed, {len(acked)} acknowledged")
