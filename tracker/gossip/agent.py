@@ -212,7 +212,8 @@ class GossipAgent:
 
     async def exchange(self, url: str) -> int:
         """One push-pull with ``url`` (plus follow-ups while either side has more); rows applied here."""
-        neighbor = self._neighbors.setdefault(check_url(url), _Neighbor(check_url(url)))
+        url = check_url(url)
+        neighbor = self._neighbors.setdefault(url, _Neighbor(url))
         applied = 0
         for _ in range(_MAX_FOLLOW_UPS):
             first_contact = neighbor.vector is None
