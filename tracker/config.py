@@ -65,6 +65,10 @@ class TrackerConfig:
     write_retries: int = 8
     #: How long an SQLite writer waits for the file lock held by another connection or process.
     sqlite_busy_timeout_s: float = 30.0
+    #: SQLite reads the file through a shared memory map of up to this many MiB (0: plain reads). The
+    #: map is the OS page cache, shared by every connection and process, where SQLite's own page cache
+    #: (2 MiB) is private to each connection; ranking a hot content probes thousands of random rows.
+    sqlite_mmap_mib: int = 256
     #: How ``select_best_peers`` picks by default: ``"best"`` (deterministic) or ``"weighted"`` (random).
     selection_strategy: str = "best"
     #: A peer handed out by selection carries a lease this long, unless an outcome for it closes it first.
@@ -129,6 +133,7 @@ class TrackerConfig:
             ("bandwidth_window", 1),
             ("max_batch_events", 1),
             ("write_retries", 0),
+            ("sqlite_mmap_mib", 0),
             ("pool_size", 1),
             ("sweep_batch_size", 1),
             ("snapshot_keep", 1),

@@ -53,35 +53,75 @@ class RankedRow:
     capacity: int = 0
 
 
-def _merged(params: rep.ReputationParams, where: ColumnElement[bool]) -> Any:
-    """Per-peer view over all origins at ``:now``: online if any origin saw it since ``:cutoff``
+def _merged_columns(params: rep.ReputationParams) -> list[Any]:
+    """Per-peer aggregates over all origins at ``:now``: online if any origin saw it since ``:cutoff``
     (now - peer_timeout), uptime as the longest any origin observed, counters and decayed evidence
-    summed, speed averaged.
+    summed, speed averaged. Used with ``GROUP BY`` peer.
 
     The time check is here, not only in the sweeper: a peer unseen for ``peer_timeout`` is offline
     to every query even if no sweep has run.
     """
     ps = peer_stats.c
     t_now: ColumnElement[float] = bindparam("now", type_=Double())
-    cutoff: ColumnElement[float] = bindparam("cutoff", type_=Double())
-    alive = and_(ps.online, ps.last_seen >= cutoff)
-    session_end = case((ps.last_seen >= cutoff, t_now), else_=ps.last_seen)
+    session_end = case((ps.last_seen >= _cutoff(), t_now), else_=ps.last_seen)
     uptime = ps.uptime_s + case((ps.online, session_end - ps.online_since), else_=num(0.0))
-    return (
-        select(
-            ps.peer_id,
-            func.max(case((alive, 1), else_=0)).label("online"),
-            func.min(case((alive, ps.online_since))).label("online_since"),
-            func.max(ps.last_seen).label("last_seen"),
-            func.max(uptime).label("uptime_s"),
-            func.sum(ps.served_count).label("served"),
-            func.sum(ps.failed_count).label("failed"),
-            func.sum(rep.sql_decayed_weight(ps.success_weight, ps.evidence_at, t_now, params)).label("sw"),
-            func.sum(rep.sql_decayed_weight(ps.failure_weight, ps.evidence_at, t_now, params)).label("fw"),
-            func.avg(ps.speed_bps).label("speed"),
+    return [
+        func.max(case((_alive(), 1), else_=0)).label("online"),
+        func.min(case((_alive(), ps.online_since))).label("online_since"),
+        func.max(ps.last_seen).label("last_seen"),
+        func.max(uptime).label("uptime_s"),
+        func.sum(ps.served_count).label("served"),
+        func.sum(ps.failed_count).label("failed"),
+        func.sum(rep.sql_decayed_weight(ps.success_weight, ps.evidence_at, t_now, params)).label("sw"),
+        func.sum(rep.sql_decayed_weight(ps.failure_weight, ps.evidence_at, t_now, params)).label("fw"),
+        func.avg(ps.speed_bps).label("speed"),
+    ]
+
+
+def _cutoff() -> ColumnElement[float]:
+    return bindparam("cutoff", type_=Double())
+
+
+def _alive() -> ColumnElement[bool]:
+    """This origin's row says the peer is online and was seen within ``peer_timeout``."""
+    return and_(peer_stats.c.online, peer_stats.c.last_seen >= _cutoff())
+
+
+def _merged(params: rep.ReputationParams, where: ColumnElement[bool]) -> Any:
+    """The merged per-peer view (see ``_merged_columns``) of the peers ``where`` picks."""
+    ps = peer_stats.c
+    return select(ps.peer_id, *_merged_columns(params)).where(where).group_by(ps.peer_id).subquery("merged")
+
+
+def _online_holders(dialect: str, params: rep.ReputationParams) -> Any:
+    """The merged view of ``:cid``'s online holders; the offline majority is dropped in the same pass.
+
+    Each engine gets the shape it plans best (measured on the 100k-peer swarm, docs/benchmarks.md).
+    SQLite: walk ``content_peers`` by its (content_id, peer_id) key, which yields holders in peer order,
+    so they are grouped as they come (no sort, no temporary list of ids). Postgres: the holder ids
+    as an ``IN`` list, hashed, and ``peer_stats`` probed per id; the same join-driven shape made it
+    sort the joined rows first and took 1.5x as long.
+    """
+    cp, ps = content_peers.c, peer_stats.c
+    online = func.max(case((_alive(), 1), else_=0)) == 1
+    if dialect == "postgresql":
+        return (
+            select(ps.peer_id, *_merged_columns(params))
+            .where(ps.peer_id.in_(_holders()))
+            .group_by(ps.peer_id)
+            .having(online)
+            .subquery("merged")
         )
-        .where(where)
-        .group_by(ps.peer_id)
+    return (
+        select(cp.peer_id, *_merged_columns(params))
+        .select_from(
+            content_peers.join(contents, contents.c.id == cp.content_id).join(
+                peer_stats, ps.peer_id == cp.peer_id
+            )
+        )
+        .where(contents.c.content_key == bindparam("cid"), cp.available)
+        .group_by(cp.peer_id)
+        .having(online)
         .subquery("merged")
     )
 
@@ -177,7 +217,7 @@ async def ranked_holders(
     mode: str,
     seed: float = 0.0,
 ) -> list[RankedRow]:
-    """Online holders of ``cid`` ranked in SQL with ROW_NUMBER; the one place selection order is defined.
+    """Online holders of ``cid`` ranked in SQL, best first; the one place selection order is defined.
 
     ``mode`` is ``"all"`` (every online holder by reputation, then speed, then id: availability
     listings), ``"best"`` or ``"weighted"`` (selection: proven peers under ``min_reputation`` and peers
@@ -191,18 +231,18 @@ async def ranked_holders(
     return [
         RankedRow(
             peer_key=r[0],
-            rank=int(r[1]),
-            reputation=float(r[2]),
-            success_rate=float(r[3]),
-            uptime_factor=float(r[4]),
-            evidence=float(r[5]),
-            proven=bool(r[6]),
-            speed_bps=float(r[7]),
-            last_seen=float(r[8]),
-            load=int(r[9]),
-            capacity=int(r[10]),
+            rank=rank,
+            reputation=float(r[1]),
+            success_rate=float(r[2]),
+            uptime_factor=float(r[3]),
+            evidence=float(r[4]),
+            proven=bool(r[5]),
+            speed_bps=float(r[6]),
+            last_seen=float(r[7]),
+            load=int(r[8]),
+            capacity=int(r[9]),
         )
-        for r in rows
+        for rank, r in enumerate(rows, start=1)
     ]
 
 
@@ -230,8 +270,11 @@ class _Selection:
 def _ranked_select(
     dialect: str, params: rep.ReputationParams, sel: _Selection, mode: str, limited: bool
 ) -> Precompiled:
+    """The ranking statement: rows come back in rank order (``ORDER BY ... LIMIT``, so the engines keep
+    a bounded top-n instead of sorting every holder; the caller numbers them).
+    """
     t_now: ColumnElement[float] = bindparam("now", type_=Double())
-    m = _merged(params, peer_stats.c.peer_id.in_(_holders()))
+    m = _online_holders(dialect, params)
     lease = peer_leases.c
     loads = (
         select(
@@ -254,8 +297,8 @@ def _ranked_select(
     ramp = cap * (t_now - peers.c.first_seen) / num(sel.slow_start_s)
     capacity = case((proven, cap), (ramp < 1.0, num(1.0)), (ramp > cap, cap), else_=func.floor(ramp))
     quality = score * case((proven, num(1.0)), else_=num(sel.exploration))
-    # First layer: every candidate with the parts of its score, filtered; the ranking layer below
-    # may then use window values over the candidates (SQL forbids a window inside a window).
+    # First layer: every online holder with the parts of its score, filtered; the ranking layer
+    # orders on these (and the weighted strategy adds a window value over them).
     candidates = (
         select(
             peers.c.peer_key,
@@ -272,19 +315,18 @@ def _ranked_select(
             (quality * (num(1.0) - load / capacity)).label("effective"),
             func.coalesce(loads.c.last_leased, 0).label("last_leased"),
         )
+        .select_from(m)
         .join(peers, peers.c.id == m.c.peer_id)
         .outerjoin(loads, loads.c.peer_id == m.c.peer_id)
-        .where(m.c.online == 1)
     )
     if mode != "all":
         candidates = candidates.where(~and_(proven, score < num(sel.min_reputation)), load < capacity)
-    # The fastest candidate, for the weighted strategy's speed factor (a window value, so one layer
-    # below the ranking: SQL forbids a window inside a window).
-    cand = candidates.subquery("candidates")
-    c = select(cand, func.max(cand.c.speed).over().label("fastest")).subquery("scored")
+    c = candidates.subquery("candidates")
     if mode == "weighted":
         # Efraimidis-Spirakis: the top n of ln(u)/w are a weighted sample without replacement. u is a
-        # hash of (peer, seed): portable SQL, and repeatable for a given seed.
+        # hash of (peer, seed): portable SQL, and repeatable for a given seed. The speed factor is
+        # relative to the fastest candidate: a window value, so one layer further down.
+        c = select(c, func.max(c.c.speed).over().label("fastest")).subquery("scored")
         seed: ColumnElement[float] = bindparam("seed", type_=Double())
         x = func.sin(c.c.peer_id * num(12.9898) + seed * num(78.233)) * num(43758.5453)
         u = num(1e-12) + (x - func.floor(x)) * num(1.0 - 2e-12)
@@ -298,9 +340,8 @@ def _ranked_select(
         order = (bucket.desc(), c.c.last_leased, c.c.speed.desc(), c.c.peer_key)
     else:
         order = (c.c.reputation.desc(), c.c.speed.desc(), c.c.peer_key)
-    ranked = select(
+    stmt = select(
         c.c.peer_key,
-        func.row_number().over(order_by=order).label("rank"),
         c.c.reputation,
         c.c.success_rate,
         c.c.uptime_factor,
@@ -310,10 +351,9 @@ def _ranked_select(
         c.c.last_seen,
         c.c.load,
         c.c.capacity,
-    ).subquery("ranked")
-    stmt = select(ranked).order_by(ranked.c.rank)
+    ).order_by(*order)
     if limited:
-        stmt = stmt.where(ranked.c.rank <= bindparam("limit", type_=Integer()))
+        stmt = stmt.limit(bindparam("limit", type_=Integer()))
     return Precompiled(stmt, dialect)
 
 
