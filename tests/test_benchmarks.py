@@ -30,7 +30,11 @@ def test_the_quick_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
         ] + (results["swarm"]["peers"] // 5)
         assert engine["select_one"]["calls"] == 300 and engine["raw_rank_one"]["p50_ms"] > 0
     table = (tmp_path / "results.md").read_text()
-    assert "batch / raw" in table and "ranking / raw" in table
-    assert (tmp_path / "ingest.png").stat().st_size > 1000 and (
-        tmp_path / "selection.png"
-    ).stat().st_size > 1000
+    assert "batch / same statements raw" in table and "batch / plain table" in table
+    assert "ranking / raw" in table and "single / batch" in table
+    for engine in results["engines"]:
+        # The replay ran every statement of the write path, and the single calls sent their whole mix.
+        assert engine["ingest_batch"]["replay_seconds_by_statement"]["INSERT peer_stats"] > 0
+        assert engine["ingest_single"]["calls"] == 2_000 and engine["ingest_single"]["ratio_to_batch"] > 0
+    for plot in ("ingest", "selection", "selection-cdf", "selection-concurrency"):
+        assert (tmp_path / f"{plot}.png").stat().st_size > 1000, plot
