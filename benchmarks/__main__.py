@@ -1,4 +1,4 @@
-"""``python -m benchmarks run [--quick] [--engine sqlite|postgresql|all] [--scale 100k|1m] [--out DIR]``.
+"""``python -m benchmarks run [--quick] [--engine ...] [--scale 100k|1m] [--out DIR] [--no-replay]``.
 
 The single benchmarks (``python -m benchmarks.sweep``, ``.http``, ``.loadbalance``, ``.gossip``, ``.soak``)
 run on their own; ``run`` is the suite of ``benchmarks/suite.py``.
@@ -21,9 +21,15 @@ def main() -> None:
     suite.add_argument("--engine", choices=["sqlite", "postgresql", "all"], default="all")
     suite.add_argument("--scale", choices=["100k", "1m"], default="100k")
     suite.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    suite.add_argument(
+        "--no-replay",
+        dest="replay",
+        action="store_false",
+        help="skip replaying the write path's statements through the bare driver (halves ingest time)",
+    )
     args = parser.parse_args()
     engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
-    asyncio.run(run(args.quick, engines, args.scale, args.out))
+    asyncio.run(run(args.quick, engines, args.scale, args.out, replay=args.replay))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ Figures are ratios within one run: these machines are noisy. Nothing here assert
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
+import itertools
 import json
 import os
 import platform
@@ -47,7 +49,7 @@ from tracker.reputation import DEFAULT_PARAMS, reputation
 from tracker.testing import ManualClock
 
 from .scratch import create_database, driver_dsn, drop_database
-from .swarm import Swarm, events, generate
+from .swarm import Swarm, event_count, events, generate
 
 REDIS_URL = os.environ.get("TRACKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
 T0 = 1_800_000_000.0
@@ -91,27 +93,47 @@ async def _timed_calls(
 # -- baselines ----------------------------------------------------------------------------------
 
 
-async def _raw_rows(engine: str, url: str, rows: list[tuple[str, str, float, float]]) -> float:
-    """Seconds for the bare driver to write ``rows`` into a plain table (the storage engine's floor)."""
-    ddl = "CREATE TABLE raw_events (kind text, peer text, at float8, value float8)"
-    if engine == "sqlite":
-        path = str(make_url(url).database) + ".raw"
-        with sqlite3.connect(path) as raw:
-            raw.execute(ddl)
-            started = time.perf_counter()
-            for start in range(0, len(rows), 1000):  # one transaction per 1,000, like record_batch
-                raw.executemany("INSERT INTO raw_events VALUES (?,?,?,?)", rows[start : start + 1000])
-                raw.commit()
-            return time.perf_counter() - started
-    conn = await asyncpg.connect(driver_dsn(url))
-    try:
-        await conn.execute(ddl)
+class _PlainTable:
+    """The bare driver writing one narrow row per event into an unindexed table: the engine's floor.
+
+    ``sqlite3.executemany`` / asyncpg ``copy_records_to_table``, one transaction per batch like
+    ``record_batch``; fed batch by batch beside the measured ingest, so both run in the same conditions.
+    """
+
+    DDL = "CREATE TABLE raw_events (kind text, peer text, at float8, value float8)"
+
+    def __init__(self, engine: str, url: str) -> None:
+        self.engine, self.url = engine, url
+        self.seconds, self.rows = 0.0, 0
+        self.sqlite: sqlite3.Connection | None = None
+        self.pg: asyncpg.Connection | None = None
+
+    async def __aenter__(self) -> _PlainTable:
+        if self.engine == "sqlite":
+            self.sqlite = sqlite3.connect(str(make_url(self.url).database) + ".raw")
+            self.sqlite.execute(self.DDL)
+        else:
+            self.pg = await asyncpg.connect(driver_dsn(self.url))
+            await self.pg.execute(self.DDL)
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        if self.sqlite is not None:
+            self.sqlite.close()
+        if self.pg is not None:
+            await self.pg.close()
+
+    async def write(self, batch: list[Any]) -> None:
+        rows = [(type(e).__name__, e.peer_id, float(e.at or 0), 1.0) for e in batch]
         started = time.perf_counter()
-        for start in range(0, len(rows), 1000):
-            await conn.copy_records_to_table("raw_events", records=rows[start : start + 1000])
-        return time.perf_counter() - started
-    finally:
-        await conn.close()
+        if self.sqlite is not None:
+            self.sqlite.executemany("INSERT INTO raw_events VALUES (?,?,?,?)", rows)
+            self.sqlite.commit()
+        else:
+            assert self.pg is not None
+            await self.pg.copy_records_to_table("raw_events", records=rows)
+        self.seconds += time.perf_counter() - started
+        self.rows += len(rows)
 
 
 class _Replay:
@@ -122,7 +144,7 @@ class _Replay:
     tuples and one transaction per batch, by ``sqlite3`` / asyncpg on a second database migrated the
     same way. So the ratio of the two rates is what our layers (validation, event objects, parameter
     building, SQLAlchemy, aiosqlite's thread hop) cost over the very same SQL work; the plain-table
-    baseline of ``_raw_rows`` is the engine's floor for rows of that count. Time per statement is
+    baseline of ``_PlainTable`` is the engine's floor for rows of that count. Time per statement is
     kept, which says where the database work goes.
     """
 
@@ -283,6 +305,69 @@ async def _redis_baseline(swarm: Swarm, queries: int, callers: int) -> dict[str,
         await client.aclose()
 
 
+async def _ingest(
+    engine: str,
+    url: str,
+    tracker: AvailabilityTracker,
+    swarm: Swarm,
+    scratch: Path,
+    sample: int,
+    replay_statements: bool,
+    log: Callable[[str], None],
+) -> tuple[dict[str, Any], list[Any]]:
+    """Every event of the swarm through ``record_batch`` in batches of 1,000, beside its baselines.
+
+    Streams the events (the ``1m`` swarm has 26 million); returns the figures and every n-th event
+    (``sample`` of them, the same mix) for the single-call workload.
+    """
+    stream = events(swarm, T0)
+    total = event_count(swarm)
+    stride = max(1, total // sample)
+    mix: list[Any] = []
+    batch_s, count = 0.0, 0
+    replay: _Replay | None = None
+    async with contextlib.AsyncExitStack() as stack:
+        plain = await stack.enter_async_context(_PlainTable(engine, url))
+        if replay_statements:
+            replay = _Replay(engine, await _database(engine, scratch, "replay"), tracker.engine)
+            stack.push_async_callback(drop_database, replay.url)
+            await stack.enter_async_context(replay)
+        while batch := list(itertools.islice(stream, 1000)):
+            mix.extend(batch[(-count) % stride :: stride])
+            count += len(batch)
+            started = time.perf_counter()
+            await tracker.record_batch(batch)
+            batch_s += time.perf_counter() - started
+            if replay is not None:
+                await replay.replay()
+            await plain.write(batch)
+    figures: dict[str, Any] = {
+        "events": count,
+        "events_per_s": count / batch_s,
+        "raw_rows_per_s": plain.rows / plain.seconds,
+        "ratio_to_raw": plain.seconds / batch_s,
+    }
+    line = f"[{engine}] batch ingest {count:,} events: {count / batch_s:,.0f}/s; "
+    if replay is not None:
+        by_statement = dict(sorted(replay.by_statement.items(), key=lambda kv: -kv[1]))
+        figures |= {
+            "replay_events_per_s": count / replay.seconds,
+            "ratio_to_replay": replay.seconds / batch_s,
+            "replay_seconds_by_statement": by_statement,
+        }
+        line += (
+            f"same statements via the bare driver {count / replay.seconds:,.0f}/s "
+            f"(ratio {replay.seconds / batch_s:.2f}); "
+        )
+    log(line + f"plain-table rows {plain.rows / plain.seconds:,.0f}/s (ratio {plain.seconds / batch_s:.2f})")
+    if replay is not None:
+        log(
+            f"[{engine}] replayed statements, seconds: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in by_statement.items())
+        )
+    return figures, mix[:sample]
+
+
 async def _concurrent_singles(tracker: AvailabilityTracker, mix: list[Any], callers: int) -> float:
     """Seconds for ``callers`` coroutines to send ``mix`` one event per call (``tracker.record``)."""
 
@@ -320,7 +405,7 @@ async def _database(engine: str, scratch: Path, name: str = "suite") -> str:
 
 
 async def run_engine(
-    engine: str, swarm: Swarm, quick: bool, scratch: Path, log: Callable[[str], None]
+    engine: str, swarm: Swarm, quick: bool, scratch: Path, log: Callable[[str], None], replay: bool = True
 ) -> dict[str, Any]:
     url = await _database(engine, scratch)
     clock = ManualClock(T0)
@@ -330,49 +415,13 @@ async def run_engine(
     result: dict[str, Any] = {"engine": engine}
     try:
         async with AvailabilityTracker(config) as tracker:
-            # 1. ingest, batched; each batch's statements replayed raw right after it (same conditions)
-            all_events = list(events(swarm, T0))
-            batch_s = 0.0
-            async with _Replay(engine, await _database(engine, scratch, "replay"), tracker.engine) as replay:
-                try:
-                    for start in range(0, len(all_events), 1000):
-                        started = time.perf_counter()
-                        await tracker.record_batch(all_events[start : start + 1000])
-                        batch_s += time.perf_counter() - started
-                        await replay.replay()
-                finally:
-                    await drop_database(replay.url)
-            raw_rows = [(type(e).__name__, e.peer_id, float(e.at or 0), 1.0) for e in all_events]
-            raw_s = await _raw_rows(engine, url, raw_rows)
-            result["ingest_batch"] = {
-                "events": len(all_events),
-                "events_per_s": len(all_events) / batch_s,
-                "raw_rows_per_s": len(raw_rows) / raw_s,
-                "ratio_to_raw": raw_s / batch_s,
-                "replay_events_per_s": len(all_events) / replay.seconds,
-                "ratio_to_replay": replay.seconds / batch_s,
-                "replay_seconds_by_statement": dict(
-                    sorted(replay.by_statement.items(), key=lambda kv: -kv[1])
-                ),
-            }
-            log(
-                f"[{engine}] batch ingest {len(all_events):,} events: {len(all_events) / batch_s:,.0f}/s; "
-                f"same statements via the bare driver {len(all_events) / replay.seconds:,.0f}/s "
-                f"(ratio {replay.seconds / batch_s:.2f}); plain-table rows {len(raw_rows) / raw_s:,.0f}/s "
-                f"(ratio {raw_s / batch_s:.2f})"
-            )
-            log(
-                f"[{engine}] replayed statements, seconds: "
-                + ", ".join(
-                    f"{k} {v:.1f}" for k, v in result["ingest_batch"]["replay_seconds_by_statement"].items()
-                )
+            # 1. ingest, batched, each batch's statements replayed raw right after it (same conditions)
+            result["ingest_batch"], mix = await _ingest(
+                engine, url, tracker, swarm, scratch, 2_000 if quick else 20_000, replay, log
             )
             await _analyze(engine, url)
 
             # 1b. single calls from 100 coroutines: the same mix of events, one per call (group commit)
-            singles = 2_000 if quick else 20_000
-            stride = max(1, len(all_events) // singles)
-            mix = all_events[::stride][:singles]
             single_s = await _concurrent_singles(tracker, mix, 100)
             mix_batch_s = 0.0
             for start in range(0, len(mix), 1000):
@@ -440,7 +489,12 @@ async def run_engine(
 
 
 async def run(
-    quick: bool, engines: list[str], scale: str, out: Path, log: Callable[[str], None] = print
+    quick: bool,
+    engines: list[str],
+    scale: str,
+    out: Path,
+    log: Callable[[str], None] = print,
+    replay: bool = True,
 ) -> dict[str, Any]:
     n_peers = 5_000 if quick else {"100k": 100_000, "1m": 1_000_000}[scale]
     swarm = generate(n_peers)
@@ -481,13 +535,18 @@ async def run(
 
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
         for engine in engines:
-            results["engines"].append(await run_engine(engine, swarm, quick, Path(tmp), log))
+            results["engines"].append(await run_engine(engine, swarm, quick, Path(tmp), log, replay))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     plot(results, out)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots")
     return results
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """A table cell; a figure the run skipped (``--no-replay``) shows as a dash."""
+    return "-" if value is None else format(value, spec)
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -504,9 +563,9 @@ def markdown(results: dict[str, Any]) -> str:
         ("batch ingest, events/s", lambda e: f"{e['ingest_batch']['events_per_s']:,.0f}"),
         (
             "same statements, bare driver, events/s",
-            lambda e: f"{e['ingest_batch']['replay_events_per_s']:,.0f}",
+            lambda e: _cell(e["ingest_batch"].get("replay_events_per_s"), ",.0f"),
         ),
-        ("batch / same statements raw", lambda e: f"{e['ingest_batch']['ratio_to_replay']:.2f}"),
+        ("batch / same statements raw", lambda e: _cell(e["ingest_batch"].get("ratio_to_replay"), ".2f")),
         ("plain-table rows, bare driver, rows/s", lambda e: f"{e['ingest_batch']['raw_rows_per_s']:,.0f}"),
         ("batch / plain table (target >= 0.5)", lambda e: f"{e['ingest_batch']['ratio_to_raw']:.2f}"),
         ("single calls x100, events/s", lambda e: f"{e['ingest_single']['events_per_s']:,.0f}"),

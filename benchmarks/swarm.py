@@ -75,6 +75,11 @@ def generate(n_peers: int, seed: int = 42) -> Swarm:
     )
 
 
+def event_count(swarm: Swarm) -> int:
+    """How many events ``events`` yields for ``swarm``."""
+    return 16 * len(swarm.peers) + swarm.mappings + len(swarm.offline)
+
+
 def events(swarm: Swarm, t0: float, seed: int = 43) -> Iterator[Event]:
     """Every event that builds the swarm, in an order a tracker could see them, dated before ``t0``."""
     rng = random.Random(seed)
