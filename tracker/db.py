@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import operator
 import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -285,10 +286,14 @@ class Precompiled:
         self.sql: str = compiled.string
         self._names: tuple[str, ...] = tuple(compiled.positiontup or ())
         self._defaults: dict[str, Any] = dict(compiled.params)
+        # itemgetter always returns a tuple when it picks several names, one value otherwise.
+        self._pick = operator.itemgetter(*self._names) if len(self._names) > 1 else None
 
     def _row(self, params: dict[str, Any]) -> tuple[Any, ...]:
-        defaults = self._defaults
-        return tuple(params[n] if n in params else defaults[n] for n in self._names)
+        merged = self._defaults | params
+        if self._pick is not None:
+            return self._pick(merged)  # type: ignore[no-any-return]
+        return tuple(merged[n] for n in self._names)
 
     async def executemany(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
         """Run the statement once per row (one driver executemany)."""

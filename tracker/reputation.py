@@ -25,7 +25,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, cast
 
-from sqlalchemy import Double, case, func, literal
+from sqlalchemy import Double, case, func, literal_column
 from sqlalchemy.sql.elements import ColumnElement
 
 from .errors import ConfigError
@@ -163,20 +163,31 @@ def apply_outcome(
 
 
 def _num(value: float) -> ColumnElement[float]:
-    """A float bound as double precision, so Postgres never falls back to NUMERIC arithmetic."""
-    return literal(float(value), Double())
+    """A float constant written into the SQL as double precision.
+
+    Inline, not bound: the write path's upsert names ~50 constants, and binding them cost more per
+    row than the row's own values (building the parameter tuple and binding it in the driver). The
+    cast keeps Postgres in floating point (a bare ``0.5`` is NUMERIC there); SQLite reads the type
+    as REAL and evaluates the constant once per statement.
+    """
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"SQL constants must be finite, got {value!r}")
+    return literal_column(f"CAST({number!r} AS DOUBLE PRECISION)", Double())
 
 
 def sql_negligible_to_zero(weight: ColumnElement[Any]) -> ColumnElement[float]:
     """SQL twin of :func:`negligible_to_zero`."""
-    return case((weight >= NEGLIGIBLE_WEIGHT, weight), else_=_num(0.0))
+    return case((weight >= _num(NEGLIGIBLE_WEIGHT), weight), else_=_num(0.0))
 
 
 def sql_half_life_decay(elapsed: ColumnElement[Any], half_life: float) -> ColumnElement[float]:
     """SQL twin of :func:`half_life_decay` (CASE instead of dialect-specific least/greatest)."""
     halvings = elapsed / _num(half_life)
     clamped = case(
-        (halvings <= 0.0, _num(0.0)), (halvings >= MAX_HALVINGS, _num(MAX_HALVINGS)), else_=halvings
+        (halvings <= _num(0.0), _num(0.0)),
+        (halvings >= _num(MAX_HALVINGS), _num(MAX_HALVINGS)),
+        else_=halvings,
     )
     return func.power(_num(2.0), -clamped, type_=Double())
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Double, and_, bindparam, func, literal, literal_column, or_, select
+from sqlalchemy import and_, bindparam, func, literal_column, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
+from ..reputation import _num as rep_num
 from ..schema import contents, peer_stats, peers
 
 
 def num(value: float) -> ColumnElement[float]:
-    """A float bound as double precision (Postgres would otherwise pick NUMERIC for a literal)."""
-    return literal(float(value), Double())
+    """A float constant as double precision (Postgres would otherwise pick NUMERIC for a literal)."""
+    return rep_num(value)
 
 
 def greatest(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
