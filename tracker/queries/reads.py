@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
-from sqlalchemy import Double, Integer, Select, and_, bindparam, case, cast, func, select
+from sqlalchemy import Double, Integer, Select, and_, bindparam, case, cast, func, select, true
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -266,6 +266,33 @@ class _Selection:
         )
 
 
+def _loads(dialect: str, m: Any) -> Any:
+    """Each candidate's open leases and latest lease id, by index probes on (peer_id, expires_at).
+
+    Lease ids only grow: the latest one says when a peer was last handed out, even when many
+    selections share one clock tick. Postgres gets a LATERAL probe per candidate: given a plain
+    subquery over the holders it sometimes scanned every unexpired lease in the system (by the
+    ``expires_at`` index), a cost that grows with the whole swarm's selection rate, not with this
+    content. SQLite (no LATERAL) already plans the subquery as one probe per holder.
+    """
+    lease = peer_leases.c
+    t_now: ColumnElement[float] = bindparam("now", type_=Double())
+    load = func.coalesce(func.sum(case((lease.closed_at.is_(None), 1), else_=0)), 0).label("load")
+    last_leased = func.max(lease.id).label("last_leased")
+    if dialect == "postgresql":
+        return (
+            select(load, last_leased)
+            .where(lease.peer_id == m.c.peer_id, lease.expires_at > t_now)
+            .lateral("loads")
+        )
+    return (
+        select(lease.peer_id, load, last_leased)
+        .where(lease.expires_at > t_now, lease.peer_id.in_(_holders()))
+        .group_by(lease.peer_id)
+        .subquery("loads")
+    )
+
+
 @cache
 def _ranked_select(
     dialect: str, params: rep.ReputationParams, sel: _Selection, mode: str, limited: bool
@@ -275,19 +302,7 @@ def _ranked_select(
     """
     t_now: ColumnElement[float] = bindparam("now", type_=Double())
     m = _online_holders(dialect, params)
-    lease = peer_leases.c
-    loads = (
-        select(
-            lease.peer_id,
-            func.sum(case((lease.closed_at.is_(None), 1), else_=0)).label("load"),
-            # Lease ids only grow: the latest one says when a peer was last handed out, even when many
-            # selections share one clock tick.
-            func.max(lease.id).label("last_leased"),
-        )
-        .where(lease.expires_at > t_now, lease.peer_id.in_(_holders()))
-        .group_by(lease.peer_id)
-        .subquery("loads")
-    )
+    loads = _loads(dialect, m)
     score = rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params)
     proven = rep.sql_is_proven(m.c.served, m.c.failed, params)
     speed: ColumnElement[float] = cast(func.coalesce(m.c.speed, num(0.0)), Double())
@@ -317,7 +332,7 @@ def _ranked_select(
         )
         .select_from(m)
         .join(peers, peers.c.id == m.c.peer_id)
-        .outerjoin(loads, loads.c.peer_id == m.c.peer_id)
+        .outerjoin(loads, loads.c.peer_id == m.c.peer_id if dialect == "sqlite" else true())
     )
     if mode != "all":
         candidates = candidates.where(~and_(proven, score < num(sel.min_reputation)), load < capacity)
