@@ -10,6 +10,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
+from .report import plot_scale
 from .suite import run
 
 
@@ -27,7 +28,13 @@ def main() -> None:
         action="store_false",
         help="skip replaying the write path's statements through the bare driver (halves ingest time)",
     )
+    scale = commands.add_parser("scale", help="plot cost against scale from several results.json")
+    scale.add_argument("results", type=Path, nargs="+")
+    scale.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
+    if args.command == "scale":
+        plot_scale(args.results, args.out)
+        return
     engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
     asyncio.run(run(args.quick, engines, args.scale, args.out, replay=args.replay))
 

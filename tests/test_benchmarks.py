@@ -38,3 +38,12 @@ def test_the_quick_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
         assert engine["ingest_single"]["calls"] == 2_000 and engine["ingest_single"]["ratio_to_batch"] > 0
     for plot in ("ingest", "selection", "selection-cdf", "selection-concurrency"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000, plot
+    scale = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "scale", str(tmp_path / "results.json"), "--out", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert scale.returncode == 0, scale.stderr[-3000:]
+    assert (tmp_path / "selection-scale.png").stat().st_size > 1000

@@ -61,12 +61,12 @@ async def swarm_tracker(tracker: AvailabilityTracker, clock: Callable[[], float]
 
 @contextmanager
 def captured_statements(engine: AsyncEngine) -> Iterator[list[Captured]]:
-    """Every single-row statement the engine sends while the block runs, as the driver receives it."""
+    """Every statement the engine sends while the block runs, as the driver receives it (an
+    executemany with its first parameter row: the plan is the same for every row)."""
     statements: list[Captured] = []
 
     def record(_conn: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
-        if not executemany:
-            statements.append((statement, parameters))
+        statements.append((statement, parameters[0] if executemany else parameters))
 
     event.listen(engine.sync_engine, "before_cursor_execute", record)
     try:

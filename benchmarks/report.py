@@ -1,0 +1,192 @@
+"""The suite's report: the Markdown table and the plots, from ``results.json`` alone.
+
+``python -m benchmarks scale A.json B.json --out DIR`` plots cost against scale from two runs of the
+suite at different ``--scale`` (the same machine, one after the other).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _cell(value: float | None, spec: str) -> str:
+    """A table cell; a figure the run skipped (``--no-replay``) shows as a dash."""
+    return "-" if value is None else format(value, spec)
+
+
+def markdown(results: dict[str, Any]) -> str:
+    m = results["machine"]
+    lines = [
+        f"Swarm: {results['swarm']['peers']:,} peers, {results['swarm']['contents']:,} contents, "
+        f"{results['swarm']['mappings']:,} mappings (scale {results['scale']}). Machine: {m['cpus']} CPUs, "
+        f"Python {m['python']}, {m['date']}.",
+        "",
+        "| figure | " + " | ".join(e["engine"] for e in results["engines"]) + " |",
+        "|---|" + "---|" * len(results["engines"]),
+    ]
+    rows = [
+        ("batch ingest, events/s", lambda e: f"{e['ingest_batch']['events_per_s']:,.0f}"),
+        (
+            "same statements, bare driver, events/s",
+            lambda e: _cell(e["ingest_batch"].get("replay_events_per_s"), ",.0f"),
+        ),
+        ("batch / same statements raw", lambda e: _cell(e["ingest_batch"].get("ratio_to_replay"), ".2f")),
+        ("plain-table rows, bare driver, rows/s", lambda e: f"{e['ingest_batch']['raw_rows_per_s']:,.0f}"),
+        ("batch / plain table (target >= 0.5)", lambda e: f"{e['ingest_batch']['ratio_to_raw']:.2f}"),
+        ("single calls x100, events/s", lambda e: f"{e['ingest_single']['events_per_s']:,.0f}"),
+        ("single / batch (target >= 0.5)", lambda e: f"{e['ingest_single']['ratio_to_batch']:.2f}"),
+        (
+            "select_best_peers p50 / p99 ms",
+            lambda e: f"{e['select_one']['p50_ms']:.2f} / {e['select_one']['p99_ms']:.2f}",
+        ),
+        ("select_best_peers, 32 callers, /s", lambda e: f"{e['select_many']['qps']:,.0f}"),
+        ("ranking p50 ms", lambda e: f"{e['rank_one']['p50_ms']:.2f}"),
+        ("same SQL raw p50 ms", lambda e: f"{e['raw_rank_one']['p50_ms']:.2f}"),
+        ("ranking / raw (target <= 2)", lambda e: f"{e['rank_over_raw_p50']:.2f}"),
+        (
+            "ranking / in-memory (target <= 5)",
+            lambda e: f"{e['rank_one']['p50_ms'] / results['memory']['p50_ms']:.1f}",
+        ),
+        ("sweep, s", lambda e: f"{e['sweep']['duration_s']:.2f}"),
+    ]
+    for name, cell in rows:
+        lines.append(f"| {name} | " + " | ".join(cell(e) for e in results["engines"]) + " |")
+    lines.append("")
+    lines.append(f"In-memory dict + heapq: p50 {results['memory']['p50_ms']:.3f} ms.")
+    if results["redis"] is not None:
+        r = results["redis"]
+        lines.append(
+            f"Redis sorted sets (ZREVRANGE): p50 {r['one']['p50_ms']:.3f} ms, "
+            f"{r['many']['qps']:,.0f} queries/s "
+            "from 32 callers."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = [e["engine"] for e in results["engines"]]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = range(len(engines))
+    ax.bar(
+        [i - 0.3 for i in x],
+        [e["ingest_batch"]["events_per_s"] for e in results["engines"]],
+        0.3,
+        label="record_batch",
+    )
+    ax.bar(
+        list(x),
+        [e["ingest_single"]["events_per_s"] for e in results["engines"]],
+        0.3,
+        label="single calls x100",
+    )
+    ax.bar(
+        [i + 0.3 for i in x],
+        [e["ingest_batch"]["raw_rows_per_s"] for e in results["engines"]],
+        0.3,
+        label="raw driver",
+    )
+    ax.set_xticks(list(x), engines)
+    ax.set_ylabel("events (rows) per second")
+    ax.set_title("Ingest")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ingest.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels, values = [], []
+    for e in results["engines"]:
+        for key, name in (
+            ("select_one", "select_best_peers"),
+            ("rank_one", "ranking"),
+            ("raw_rank_one", "raw SQL"),
+        ):
+            labels.append(f"{e['engine']}\n{name}")
+            values.append(e[key]["p50_ms"])
+    labels.append("in-memory\nheapq")
+    values.append(results["memory"]["p50_ms"])
+    if results["redis"] is not None:
+        labels.append("Redis\nZREVRANGE")
+        values.append(results["redis"]["one"]["p50_ms"])
+    ax.bar(labels, values)
+    ax.set_ylabel("p50 latency, ms (one caller)")
+    ax.set_title("Best peers for a content")
+    ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selection.png", dpi=100)
+    plt.close(fig)
+
+    # Latency CDFs of one caller's selections, beside the baselines.
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = [(f"{e['engine']} select_best_peers", e["select_one"]) for e in results["engines"]]
+    series += [(f"{e['engine']} raw ranking SQL", e["raw_rank_one"]) for e in results["engines"]]
+    series.append(("in-memory heapq", results["memory"]))
+    if results["redis"] is not None:
+        series.append(("Redis ZREVRANGE", results["redis"]["one"]))
+    for name, run in series:
+        ax.plot(run["cdf_ms"], [q / 100 for q in range(101)], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("latency, ms (log)")
+    ax.set_ylabel("fraction of queries")
+    ax.set_title("Best peers for a content: latency CDF, one caller")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selection-cdf.png", dpi=100)
+    plt.close(fig)
+
+    # Throughput against concurrency (1 and 32 callers).
+    fig, ax = plt.subplots(figsize=(7, 4))
+    lines = [(e["engine"], e["select_one"]["qps"], e["select_many"]["qps"]) for e in results["engines"]]
+    if results["redis"] is not None:
+        lines.append(("Redis", results["redis"]["one"]["qps"], results["redis"]["many"]["qps"]))
+    for name, one, many in lines:
+        ax.plot([1, 32], [one, many], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("concurrent callers")
+    ax.set_ylabel("selections per second (log)")
+    ax.set_title("Best peers for a content: throughput against concurrency")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "selection-concurrency.png", dpi=100)
+    plt.close(fig)
+
+
+def plot_scale(paths: list[Path], out: Path) -> None:
+    """Selection p50 (library, raw SQL, in-memory) against swarm size, from several suite runs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted((json.loads(p.read_text()) for p in paths), key=lambda r: r["swarm"]["peers"])
+    peers = [r["swarm"]["peers"] for r in runs]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    engines = sorted({e["engine"] for r in runs for e in r["engines"]})
+    for engine in engines:
+        for key, name in (("select_one", "select_best_peers"), ("raw_rank_one", "raw ranking SQL")):
+            points = [
+                (r["swarm"]["peers"], e[key]["p50_ms"])
+                for r in runs
+                for e in r["engines"]
+                if e["engine"] == engine
+            ]
+            ax.plot(*zip(*points, strict=True), marker="o", label=f"{engine} {name}")
+    ax.plot(peers, [r["memory"]["p50_ms"] for r in runs], marker="o", label="in-memory heapq")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peers in the swarm (log)")
+    ax.set_ylabel("p50 latency, ms (log)")
+    ax.set_title("Best peers for a content: cost against scale")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "selection-scale.png", dpi=100)
+    plt.close(fig)
