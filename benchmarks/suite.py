@@ -48,7 +48,7 @@ from tracker.queries import reads
 from tracker.reputation import DEFAULT_PARAMS, reputation
 from tracker.testing import ManualClock
 
-from .report import markdown, plot
+from .report import markdown, plot, write_plans
 from .scratch import create_database, driver_dsn, drop_database
 from .swarm import Swarm, event_count, events, generate
 
@@ -226,6 +226,8 @@ class _RawRanking:
     async def __aenter__(self) -> _RawRanking:
         if self.engine == "sqlite":
             self.sqlite = sqlite3.connect(str(make_url(self.url).database), check_same_thread=False)
+            # The tracker's own read setting, so the comparison isolates our layers.
+            self.sqlite.execute(f"PRAGMA mmap_size={self.config.sqlite_mmap_mib * 1024 * 1024}")
         else:
             self.pool = await asyncpg.create_pool(driver_dsn(self.url), min_size=1, max_size=32)
         return self
@@ -239,6 +241,17 @@ class _RawRanking:
     def params(self, cid: str) -> tuple[Any, ...]:
         now = self.config.clock()
         return self.statement._row({"cid": cid, "limit": 5, "seed": 0.0, "now": now, "cutoff": now - 300})
+
+    async def explain(self, cid: str) -> list[str]:
+        """The plan for ``cid``: EXPLAIN (ANALYZE, BUFFERS) on Postgres, EXPLAIN QUERY PLAN on SQLite."""
+        if self.sqlite is not None:
+            rows = self.sqlite.execute(
+                "EXPLAIN QUERY PLAN " + self.statement.sql, self.params(cid)
+            ).fetchall()
+            return [f"{row[0]} {row[1]} {row[3]}" for row in rows]
+        assert self.pool is not None
+        plan = await self.pool.fetch("EXPLAIN (ANALYZE, BUFFERS) " + self.statement.sql, *self.params(cid))
+        return [row[0] for row in plan]
 
     async def query(self, cid: str) -> list[Any]:
         if self.sqlite is not None:
@@ -265,6 +278,13 @@ class _Memory:
                 s, f, up, speed = self.stats[peer]
                 candidates.append((reputation(s, f, up, DEFAULT_PARAMS), speed, peer))
         return heapq.nlargest(n, candidates)
+
+
+def _memory_call(memory: _Memory, swarm: Swarm) -> Callable[[random.Random], Awaitable[None]]:
+    async def in_memory(r: random.Random) -> None:
+        memory.best(swarm.draw_content(r))
+
+    return in_memory
 
 
 async def _redis_baseline(swarm: Swarm, queries: int, callers: int) -> dict[str, Any] | None:
@@ -406,7 +426,13 @@ async def _database(engine: str, scratch: Path, name: str = "suite") -> str:
 
 
 async def run_engine(
-    engine: str, swarm: Swarm, quick: bool, scratch: Path, log: Callable[[str], None], replay: bool = True
+    engine: str,
+    swarm: Swarm,
+    quick: bool,
+    scratch: Path,
+    log: Callable[[str], None],
+    replay: bool = True,
+    memory: _Memory | None = None,
 ) -> dict[str, Any]:
     url = await _database(engine, scratch)
     clock = ManualClock(T0)
@@ -457,6 +483,10 @@ async def run_engine(
                 await run_read(tracker.engine, work)
 
             result["select_one"] = await _timed_calls(select, 1, queries, 21)
+            if memory is not None:
+                # The in-memory baseline again, right beside the selections it is compared with: on
+                # these shared machines its p50 moved 2x between runs.
+                result["memory_beside"] = await _timed_calls(_memory_call(memory, swarm), 1, queries, 21)
             result["select_many"] = await _timed_calls(select, 32, max(1, queries // 32), 22)
             result["rank_one"] = await _timed_calls(rank, 1, queries, 23)
             async with _RawRanking(engine, url, config) as raw:
@@ -467,6 +497,8 @@ async def run_engine(
                 result["raw_rank_one"] = await _timed_calls(raw_rank, 1, queries, 23)
                 if engine == "postgresql":
                     result["raw_rank_many"] = await _timed_calls(raw_rank, 32, max(1, queries // 32), 24)
+                # What bounds the query: its plan for the hottest content, with timings on Postgres.
+                result["plan_hottest"] = await raw.explain(swarm.contents[0])
             result["rank_over_raw_p50"] = result["rank_one"]["p50_ms"] / result["raw_rank_one"]["p50_ms"]
             log(
                 f"[{engine}] select_best_peers p50 {result['select_one']['p50_ms']:.2f} ms, "
@@ -517,11 +549,7 @@ async def run(
     }
     queries = 300 if quick else 3_000
     memory = _Memory(swarm)
-
-    async def in_memory(r: random.Random) -> None:
-        memory.best(swarm.draw_content(r))
-
-    results["memory"] = await _timed_calls(in_memory, 1, queries, 31)
+    results["memory"] = await _timed_calls(_memory_call(memory, swarm), 1, queries, 31)
     results["redis"] = await _redis_baseline(swarm, queries, 32)
     log(
         f"in-memory heapq p50 {results['memory']['p50_ms']:.3f} ms; "
@@ -536,10 +564,11 @@ async def run(
 
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
         for engine in engines:
-            results["engines"].append(await run_engine(engine, swarm, quick, Path(tmp), log, replay))
+            results["engines"].append(await run_engine(engine, swarm, quick, Path(tmp), log, replay, memory))
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
     plot(results, out)
+    write_plans(results, out)
     log(f"wrote {out / 'results.json'}, {out / 'results.md'} and plots")
     return results

@@ -38,6 +38,10 @@ def test_the_quick_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
         assert engine["ingest_single"]["calls"] == 2_000 and engine["ingest_single"]["ratio_to_batch"] > 0
     for plot in ("ingest", "selection", "selection-cdf", "selection-concurrency"):
         assert (tmp_path / f"{plot}.png").stat().st_size > 1000, plot
+    for name in names:
+        assert "SEARCH" in (tmp_path / f"plan-{name}.txt").read_text() or name == "postgresql"
+    if "postgresql" in names:
+        assert "Execution Time" in (tmp_path / "plan-postgresql.txt").read_text()
     scale = subprocess.run(
         [sys.executable, "-m", "benchmarks", "scale", str(tmp_path / "results.json"), "--out", str(tmp_path)],
         cwd=ROOT,

@@ -168,8 +168,15 @@ peer_leases = Table(
     Column("closed_at", Double, nullable=True),
     comment="Assignments handed out by selection; a peer's load is its open, unexpired leases.",
 )
-# A peer's open leases (its load), and the oldest one an outcome closes.
-Index("ix_peer_leases_peer_expires", peer_leases.c.peer_id, peer_leases.c.expires_at)
+# A peer's open leases (its load) and latest lease, and the oldest one an outcome closes; closed_at
+# and id make the load probe read the index alone.
+Index(
+    "ix_peer_leases_peer_expires",
+    peer_leases.c.peer_id,
+    peer_leases.c.expires_at,
+    peer_leases.c.closed_at,
+    peer_leases.c.id,
+)
 # The sweeper deletes lapsed leases oldest first.
 Index("ix_peer_leases_expires", peer_leases.c.expires_at)
 
