@@ -408,7 +408,7 @@ async def _analyze(engine: str, url: str) -> None:
     statistics (it estimated 2M rows of ``peer_stats`` for 100k and chose a parallel scan).
     """
     if engine == "sqlite":
-        return  # SQLite plans these statements from its indexes alone (docs/benchmarks.md)
+        return  # SQLite picks these statements' indexes without statistics (plan-sqlite-*.txt)
     conn = await asyncpg.connect(driver_dsn(url))
     try:
         await conn.execute("ANALYZE")

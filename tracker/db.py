@@ -285,7 +285,11 @@ class Precompiled:
         compiled = statement.compile(dialect=_driver_dialect(dialect))
         self.sql: str = compiled.string
         self._names: tuple[str, ...] = tuple(compiled.positiontup or ())
-        self._defaults: dict[str, Any] = dict(compiled.params)
+        # Values the statement carries itself; a name without one must come with every call (a
+        # missing one raises KeyError instead of binding NULL).
+        self._defaults: dict[str, Any] = {
+            name: value for name, value in compiled.params.items() if not compiled.binds[name].required
+        }
         # itemgetter always returns a tuple when it picks several names, one value otherwise.
         self._pick = operator.itemgetter(*self._names) if len(self._names) > 1 else None
 
