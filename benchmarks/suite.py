@@ -287,7 +287,7 @@ def _memory_call(memory: _Memory, swarm: Swarm) -> Callable[[random.Random], Awa
     return in_memory
 
 
-async def _redis_baseline(swarm: Swarm, queries: int, callers: int) -> dict[str, Any] | None:
+async def _redis_baseline(swarm: Swarm, memory: _Memory, queries: int, callers: int) -> dict[str, Any] | None:
     """Sorted sets per content (score = reputation, speed as tie-break) and ZREVRANGE; None without Redis."""
     try:
         import redis.asyncio as aioredis
@@ -301,7 +301,6 @@ async def _redis_baseline(swarm: Swarm, queries: int, callers: int) -> dict[str,
         return None
     try:
         await client.flushdb()
-        memory = _Memory(swarm)
         pipe = client.pipeline(transaction=False)
         for i, cid in enumerate(swarm.contents):
             scores = {}
@@ -550,7 +549,7 @@ async def run(
     queries = 300 if quick else 3_000
     memory = _Memory(swarm)
     results["memory"] = await _timed_calls(_memory_call(memory, swarm), 1, queries, 31)
-    results["redis"] = await _redis_baseline(swarm, queries, 32)
+    results["redis"] = await _redis_baseline(swarm, memory, queries, 32)
     log(
         f"in-memory heapq p50 {results['memory']['p50_ms']:.3f} ms; "
         + (
