@@ -167,7 +167,8 @@ class _Replay:
             pass  # migrated, with its local node: the same starting state as the measured database
         if self.engine == "sqlite":
             self.sqlite = sqlite3.connect(str(make_url(self.url).database), isolation_level=None)
-            for pragma in ("synchronous=NORMAL", "foreign_keys=ON", "mmap_size=268435456"):
+            mmap_bytes = TrackerConfig().sqlite_mmap_mib * 1024 * 1024  # the tracker's own setting
+            for pragma in ("synchronous=NORMAL", "foreign_keys=ON", f"mmap_size={mmap_bytes}"):
                 self.sqlite.execute(f"PRAGMA {pragma}")
         else:
             self.pg = await asyncpg.connect(driver_dsn(self.url))

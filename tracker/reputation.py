@@ -162,7 +162,7 @@ def apply_outcome(
 # ---------------------------------------------------------------------------------------------
 
 
-def _num(value: float) -> ColumnElement[float]:
+def sql_num(value: float) -> ColumnElement[float]:
     """A float constant written into the SQL as double precision.
 
     Inline, not bound: the write path's upsert names ~50 constants, and binding them cost more per
@@ -178,18 +178,18 @@ def _num(value: float) -> ColumnElement[float]:
 
 def sql_negligible_to_zero(weight: ColumnElement[Any]) -> ColumnElement[float]:
     """SQL twin of :func:`negligible_to_zero`."""
-    return case((weight >= _num(NEGLIGIBLE_WEIGHT), weight), else_=_num(0.0))
+    return case((weight >= sql_num(NEGLIGIBLE_WEIGHT), weight), else_=sql_num(0.0))
 
 
 def sql_half_life_decay(elapsed: ColumnElement[Any], half_life: float) -> ColumnElement[float]:
     """SQL twin of :func:`half_life_decay` (CASE instead of dialect-specific least/greatest)."""
-    halvings = elapsed / _num(half_life)
+    halvings = elapsed / sql_num(half_life)
     clamped = case(
-        (halvings <= _num(0.0), _num(0.0)),
-        (halvings >= _num(MAX_HALVINGS), _num(MAX_HALVINGS)),
+        (halvings <= sql_num(0.0), sql_num(0.0)),
+        (halvings >= sql_num(MAX_HALVINGS), sql_num(MAX_HALVINGS)),
         else_=halvings,
     )
-    return func.power(_num(2.0), -clamped, type_=Double())
+    return func.power(sql_num(2.0), -clamped, type_=Double())
 
 
 def sql_time_decay(elapsed_s: ColumnElement[Any], params: ReputationParams) -> ColumnElement[float]:
@@ -211,13 +211,13 @@ def sql_success_rate(
     successes: ColumnElement[Any], failures: ColumnElement[Any], params: ReputationParams
 ) -> ColumnElement[float]:
     """SQL twin of :func:`success_rate`."""
-    a, b = _num(params.prior_successes), _num(params.prior_failures)
+    a, b = sql_num(params.prior_successes), sql_num(params.prior_failures)
     return cast(ColumnElement[float], (successes + a) / (successes + failures + a + b))
 
 
 def sql_uptime_factor(uptime_s: ColumnElement[Any], params: ReputationParams) -> ColumnElement[float]:
     """SQL twin of :func:`uptime_factor`."""
-    return _num(1.0) - _num(1.0 - params.uptime_floor) * sql_half_life_decay(
+    return sql_num(1.0) - sql_num(1.0 - params.uptime_floor) * sql_half_life_decay(
         uptime_s, params.uptime_half_life_s
     )
 
@@ -236,7 +236,7 @@ def sql_is_proven(
     served: ColumnElement[Any], failed: ColumnElement[Any], params: ReputationParams
 ) -> ColumnElement[bool]:
     """SQL twin of :func:`is_proven`."""
-    return (served + failed) >= _num(params.min_outcomes)
+    return (served + failed) >= sql_num(params.min_outcomes)
 
 
 def sql_apply_outcome(
@@ -248,5 +248,5 @@ def sql_apply_outcome(
 ) -> ColumnElement[float]:
     """SQL twin of one weight of :func:`apply_outcome` (``new_weight`` is 1 or 0)."""
     last = func.coalesce(stored_at, at)
-    keep = _num(params.outcome_decay) * sql_time_decay(at - last, params)
+    keep = sql_num(params.outcome_decay) * sql_time_decay(at - last, params)
     return sql_negligible_to_zero(stored_weight) * keep + new_weight * sql_time_decay(last - at, params)

@@ -7,13 +7,11 @@ from typing import Any
 from sqlalchemy import and_, bindparam, func, literal_column, or_, select
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..reputation import _num as rep_num
+from ..reputation import sql_num
 from ..schema import contents, peer_stats, peers
 
-
-def num(value: float) -> ColumnElement[float]:
-    """A float constant as double precision (Postgres would otherwise pick NUMERIC for a literal)."""
-    return rep_num(value)
+#: A float constant as double precision, written into the SQL (the queries' short name for it).
+num = sql_num
 
 
 def greatest(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
