@@ -295,8 +295,12 @@ class AvailabilityTracker:
                 conn, cid, now, config, limit=2 * n, mode=strategy, seed=draw
             )
             keys = [row.peer_key for row in ranked]
-            await queries.lock_peers(conn, config.dialect, keys)
-            loads = await queries.open_loads(conn, keys, now)
+            if config.dialect == "sqlite":
+                # The ranking ran inside this IMMEDIATE transaction: its loads are already current.
+                loads = {row.peer_key: row.load for row in ranked}
+            else:
+                await queries.lock_peers(conn, config.dialect, keys)
+                loads = await queries.open_loads(conn, keys, now)
             chosen = [row for row in ranked if loads.get(row.peer_key, 0) < row.capacity][:n]
             await queries.grant_leases(
                 conn, config.dialect, node_id, cid, [row.peer_key for row in chosen], now, config.lease_ttl_s

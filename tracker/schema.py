@@ -93,6 +93,8 @@ peer_stats = Table(
     # The origin's version of this row for gossip deltas; null while a local change awaits its stamp.
     Column("version", BigInteger, nullable=True),
     comment="One origin's view of one peer: presence, exact lifetime counters, decayed evidence, speed.",
+    # Read and written by its key: stored clustered on it, one search per probe (migration 0007).
+    sqlite_with_rowid=False,
 )
 # Gossip deltas ("this origin's rows after version v") and the stamper ("local rows without one").
 Index("ix_peer_stats_node_version", peer_stats.c.node_id, peer_stats.c.version)
@@ -145,6 +147,8 @@ content_peers = Table(
     Column("changed_at", Double, nullable=False),
     Column("version", BigInteger, nullable=True),
     comment="Who holds what. available=false rows are tombstones that stop stale announcements.",
+    # A content's holders are one range of the clustered key (migration 0007).
+    sqlite_with_rowid=False,
 )
 Index("ix_content_peers_peer", content_peers.c.peer_id, content_peers.c.content_id)
 Index("ix_content_peers_node_version", content_peers.c.node_id, content_peers.c.version)
