@@ -24,7 +24,13 @@ from hypothesis import strategies as st
 
 from tracker.errors import InvalidInput
 from tracker.gossip import snapshot
-from tracker.gossip.files import latest_snapshot, read_snapshot, snapshot_name, write_snapshot
+from tracker.gossip.files import (
+    STALE_TEMP_S,
+    latest_snapshot,
+    read_snapshot,
+    snapshot_name,
+    write_snapshot,
+)
 from tracker.gossip.snapshot import (
     FORMAT,
     MAX_LINE_BYTES,
@@ -487,6 +493,26 @@ async def test_a_write_cancelled_midway_leaves_no_temp_file_and_no_new_snapshot(
     assert _listing(tmp_path) == [older.name]
     assert older.read_bytes() == older_bytes
     assert closed.is_set()
+
+
+async def test_a_killed_writers_stale_temp_files_are_removed_by_the_next_write_of_that_node(
+    tmp_path: Path,
+) -> None:
+    """A SIGKILL mid-write leaves a temp file nothing would ever remove; the node's next snapshot
+    removes its own stale ones, and leaves fresh ones (a concurrent write) and other nodes' alone."""
+    stale = tmp_path / f".{snapshot_name(_header(taken_at=T0 - 7200))}.0123456789ab.tmp"
+    fresh = tmp_path / f".{snapshot_name(_header(taken_at=T0 - 60))}.00000000000f.tmp"
+    foreign = tmp_path / f".{snapshot_name(_header('node-b', taken_at=T0 - 7200))}.0123456789ab.tmp"
+    unrelated = tmp_path / ".notes.tmp"
+    for path in (stale, fresh, foreign, unrelated):
+        path.write_bytes(b"partial")
+    now = os.stat(tmp_path).st_mtime
+    for path in (stale, foreign, unrelated):
+        os.utime(path, (now - STALE_TEMP_S - 60, now - STALE_TEMP_S - 60))
+
+    written = await write_snapshot(tmp_path, _header(taken_at=T0), [_sample(0)], keep=5)
+
+    assert _listing(tmp_path) == sorted([written.name, fresh.name, foreign.name, unrelated.name])
 
 
 @pytest.mark.parametrize("failure", ["records raise", "not a record"])

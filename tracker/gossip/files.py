@@ -24,6 +24,10 @@ from .snapshot import Record, Snapshot, SnapshotError, SnapshotHeader, _Lines, _
 _CHUNK_BYTES = 256 * 1024  # per thread hop, writing and reading
 _FILE_NAME = re.compile(r"snapshot-(\d{15})-([A-Za-z0-9._-]{1,64})\.jsonl\.gz")
 _MAX_TAKEN_AT_S = 1e12  # keeps the millisecond stamp in its 15 digits (until the year 33658)
+_TEMP_NAME = re.compile(r"\.snapshot-\d{15}-([A-Za-z0-9._-]{1,64})\.jsonl\.gz\.[0-9a-f]{12}\.tmp")
+#: A temp file of ours untouched this long was left by a writer that died (SIGKILL, power loss): a
+#: live write appends every 256 KiB chunk, so it is never this old.
+STALE_TEMP_S = 3600.0
 
 
 def snapshot_name(header: SnapshotHeader) -> str:
@@ -84,11 +88,21 @@ class _TempFile:
                 self.path.unlink(missing_ok=True)
 
     def prune(self, node: str, keep: int) -> None:
-        """Delete all but ``node``'s newest ``keep`` snapshots, but never the one just written."""
+        """Delete all but ``node``'s newest ``keep`` snapshots, but never the one just written, and
+        ``node``'s temp files that a killed writer left behind (unmodified for ``STALE_TEMP_S``)."""
         mine = [path for _, owner, path in _snapshots(self.directory) if owner == node]
         for path in mine[:-keep]:
             if path != self.final:  # it is older than another: the clock went back; keep it anyway
                 path.unlink(missing_ok=True)
+        written = self.final.stat().st_mtime
+        with os.scandir(self.directory) as entries:
+            for entry in entries:
+                match = _TEMP_NAME.fullmatch(entry.name)
+                if match is None or match[1] != node or not entry.is_file(follow_symlinks=False):
+                    continue
+                # Compared with the file just written, so both times come from the same file system.
+                if entry.stat(follow_symlinks=False).st_mtime < written - STALE_TEMP_S:
+                    Path(entry.path).unlink(missing_ok=True)
 
 
 async def write_snapshot(
@@ -98,8 +112,9 @@ async def write_snapshot(
 
     Readers only ever see complete files: the data goes to a hidden ``.tmp`` file that is fsynced and
     renamed into place. On any error or cancellation before the rename the temp file is removed and
-    no snapshot appears. Then only ``header.node``'s newest ``keep`` snapshots are kept; other files,
-    other nodes' snapshots included, are never touched. File I/O and compression run on a worker
+    no snapshot appears. Then only ``header.node``'s newest ``keep`` snapshots are kept, and its temp
+    files left by a killed writer (see ``STALE_TEMP_S``) are removed; other files, other nodes'
+    snapshots and temp files included, are never touched. File I/O and compression run on a worker
     thread, about 256 KiB per hop, so the event loop never waits on the disk.
     """
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
