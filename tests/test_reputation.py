@@ -163,7 +163,7 @@ async def test_sql_and_python_reputation_agree(
     stmt = select(
         rep.sql_decayed_weight(lit(sw), lit(evidence_at), lit(now), PARAMS),
         rep.sql_reputation(lit(sw), lit(fw), lit(uptime_s), PARAMS),
-        rep.sql_is_proven(lit(sw), lit(fw), PARAMS),
+        rep.sql_is_proven(lit(sw) + lit(fw), PARAMS),
     )
     async with tracker.engine.connect() as conn:
         decayed, score, proven = (await conn.execute(stmt)).one()

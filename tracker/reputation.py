@@ -232,11 +232,9 @@ def sql_reputation(
     return sql_success_rate(successes, failures, params) * sql_uptime_factor(uptime_s, params)
 
 
-def sql_is_proven(
-    served: ColumnElement[Any], failed: ColumnElement[Any], params: ReputationParams
-) -> ColumnElement[bool]:
-    """SQL twin of :func:`is_proven`."""
-    return (served + failed) >= sql_num(params.min_outcomes)
+def sql_is_proven(outcomes: ColumnElement[Any], params: ReputationParams) -> ColumnElement[bool]:
+    """SQL twin of :func:`is_proven`, given ``served + failed`` (queries sum them in one aggregate)."""
+    return outcomes >= sql_num(params.min_outcomes)
 
 
 def sql_apply_outcome(
