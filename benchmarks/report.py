@@ -46,7 +46,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("same SQL raw p50 ms", lambda e: f"{e['raw_rank_one']['p50_ms']:.2f}"),
         ("ranking / raw (target <= 2)", lambda e: f"{e['rank_over_raw_p50']:.2f}"),
         (
-            "in-memory heapq p50 ms, measured beside",
+            "in-memory heapq p50 ms, paired with the selections",
             lambda e: f"{e.get('memory_beside', results['memory'])['p50_ms']:.2f}",
         ),
         (

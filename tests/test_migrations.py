@@ -178,3 +178,77 @@ async def test_concurrent_opens_of_one_empty_database_all_succeed_and_agree_on_t
         for result in opened:
             if isinstance(result, AvailabilityTracker):
                 await result.close()
+
+
+async def _rows_and_layout(engine: AsyncEngine) -> tuple[dict[str, list[Any]], dict[str, str], set[str]]:
+    """Every row of the two tables 0007 rebuilds, their CREATE statements, and all index definitions."""
+    rows, tables = {}, {}
+    async with engine.connect() as conn:
+        for table, key in (("peer_stats", "peer_id, node_id"), ("content_peers", "content_id, peer_id")):
+            rows[table] = [
+                tuple(r) for r in await conn.exec_driver_sql(f"SELECT * FROM {table} ORDER BY {key}")
+            ]
+            tables[table] = (
+                await conn.exec_driver_sql(f"SELECT sql FROM sqlite_master WHERE name = '{table}'")
+            ).scalar_one()
+        indexes = set(
+            (
+                await conn.exec_driver_sql(
+                    "SELECT sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL"
+                )
+            )
+            .scalars()
+            .all()
+        )
+        # The analytics views read both tables and must still work after the rebuild.
+        await conn.exec_driver_sql("SELECT count(*) FROM peer_scores")
+        await conn.exec_driver_sql("SELECT count(*) FROM under_replicated_content")
+    return rows, tables, indexes
+
+
+async def test_migration_0007_clusters_the_peer_tables_on_sqlite_keeping_rows_indexes_and_views(
+    tmp_path: Path,
+) -> None:
+    """An edge node upgrading in place: data written under 0006 is all there, in tables WITHOUT
+    ROWID, with the same indexes; downgrading restores rowid tables with the same rows."""
+    engine = create_engine(TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'edge.db'}"))
+    try:
+        await migrate(engine, "0006")
+        async with engine.begin() as conn:
+            await conn.exec_driver_sql(
+                "INSERT INTO tracker_nodes (id, node_key, is_local, created_at, clock) "
+                "VALUES (1, 'local', 1, 0, 0), (2, 'remote', 0, 0, 7)"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO peers (id, peer_key, first_seen) VALUES (1, 'p1', 1.0), (2, 'p2', 2.0)"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO contents (id, content_key, first_seen) VALUES (1, 'c', 1.0)"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO peer_stats VALUES "
+                "(1, 1, 1, 10.0, 20.0, 5.0, 3, 1, 2.5, 0.5, 19.0, 1000.0, 20.0, NULL), "
+                "(1, 2, 0, NULL, 15.0, 1.0, 1, 0, 1.0, 0.0, 14.0, NULL, 15.0, 7), "
+                "(2, 1, 1, 11.0, 21.0, 0.0, 0, 0, 0.0, 0.0, NULL, NULL, 21.0, 3)"
+            )
+            await conn.exec_driver_sql(
+                "INSERT INTO content_peers VALUES "
+                "(1, 1, 1, 1, 5.0, 6.0, 6.0, NULL), (1, 2, 2, 0, 5.0, 5.0, 9.0, 7)"
+            )
+        before_rows, before_tables, before_indexes = await _rows_and_layout(engine)
+        assert all("WITHOUT ROWID" not in ddl for ddl in before_tables.values())
+
+        await migrate(engine)
+
+        rows, tables, indexes = await _rows_and_layout(engine)
+        assert rows == before_rows and indexes == before_indexes
+        assert all(ddl.endswith("WITHOUT ROWID") for ddl in tables.values()), tables
+        assert await schema_diff(engine) == []
+
+        await migrate(engine, "0006", downgrade=True)
+
+        rows, tables, indexes = await _rows_and_layout(engine)
+        assert rows == before_rows and indexes == before_indexes
+        assert all("WITHOUT ROWID" not in ddl for ddl in tables.values()), tables
+    finally:
+        await engine.dispose()
