@@ -459,8 +459,8 @@ async def run_engine(
     quick: bool,
     scratch: Path,
     log: Callable[[str], None],
-    replay: bool = True,
-    memory: _Memory | None = None,
+    replay: bool,
+    memory: _Memory,
 ) -> dict[str, Any]:
     url = await _database(engine, scratch)
     clock = ManualClock(T0)
@@ -510,19 +510,16 @@ async def run_engine(
 
                 await run_read(tracker.engine, work)
 
-            if memory is None:
-                result["select_one"] = await _timed_calls(select, 1, queries, 21)
-            else:
-                # One caller, paired call by call with the in-memory baseline on the same contents.
-                async def select_cid(cid: str) -> None:
-                    await tracker.select_best_peers(cid, 5)
+            # One caller, paired call by call with the in-memory baseline on the same contents.
+            async def select_cid(cid: str) -> None:
+                await tracker.select_best_peers(cid, 5)
 
-                async def memory_cid(cid: str) -> None:
-                    memory.best(cid)
+            async def memory_cid(cid: str) -> None:
+                memory.best(cid)
 
-                result["select_one"], result["memory_beside"] = await _paired_calls(
-                    select_cid, memory_cid, swarm.draw_content, queries, 21
-                )
+            result["select_one"], result["memory_beside"] = await _paired_calls(
+                select_cid, memory_cid, swarm.draw_content, queries, 21
+            )
             result["select_many"] = await _timed_calls(select, 32, max(1, queries // 32), 22)
             result["rank_one"] = await _timed_calls(rank, 1, queries, 23)
             async with _RawRanking(engine, url, config) as raw:

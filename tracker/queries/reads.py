@@ -91,7 +91,7 @@ def _merged_columns(params: rep.ReputationParams, *, ranking: bool = False) -> l
     # Under its own name in the ranking, whose HAVING refers to it: "online" is also a column of
     # peer_stats, and SQLite would read that bare column instead.
     return [
-        func.max(case((_alive(), 1), else_=0)).label("alive" if ranking else "online"),
+        _any_alive().label("alive" if ranking else "online"),
         *counters,
         func.max(ps.last_seen).label("last_seen"),
         func.max(uptime).label("uptime_s"),
@@ -103,6 +103,11 @@ def _merged_columns(params: rep.ReputationParams, *, ranking: bool = False) -> l
 
 def _cutoff() -> ColumnElement[float]:
     return bindparam("cutoff", type_=Double())
+
+
+def _any_alive() -> ColumnElement[int]:
+    """1 if any origin's row says the peer is alive (see ``_alive``), else 0; an aggregate."""
+    return func.max(case((_alive(), 1), else_=0))
 
 
 def _alive() -> ColumnElement[bool]:
@@ -131,12 +136,12 @@ def _online_holders(dialect: str, params: rep.ReputationParams) -> Any:
             select(ps.peer_id, *_merged_columns(params, ranking=True))
             .where(ps.peer_id.in_(_holders()))
             .group_by(ps.peer_id)
-            .having(func.max(case((_alive(), 1), else_=0)) == 1)
+            .having(_any_alive() == 1)
             .subquery("merged")
         )
     # HAVING names the select list's ``alive`` (SQLite allows it): spelled out again, its positional
     # parameters made it a second aggregate, computed for every holder.
-    online = literal_column("alive") == 1
+    alive = literal_column("alive") == 1
     return (
         select(cp.peer_id, *_merged_columns(params, ranking=True))
         .select_from(
@@ -146,7 +151,7 @@ def _online_holders(dialect: str, params: rep.ReputationParams) -> Any:
         )
         .where(contents.c.content_key == bindparam("cid"), cp.available)
         .group_by(cp.peer_id)
-        .having(online)
+        .having(alive)
         .subquery("merged")
     )
 
