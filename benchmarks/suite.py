@@ -169,24 +169,29 @@ class _Replay:
     """The write path's own statements, replayed through the bare driver into a twin database.
 
     Every driver-level statement ``record_batch`` sends (captured with SQLAlchemy's
-    ``before_cursor_execute`` hook, which costs a list append) is run again, with the same parameter
-    tuples and one transaction per batch, by ``sqlite3`` / asyncpg on a second database migrated the
-    same way. So the ratio of the two rates is what our layers (validation, event objects, parameter
-    building, SQLAlchemy, aiosqlite's thread hop) cost over the very same SQL work; the plain-table
-    baseline of ``_PlainTable`` is the engine's floor for rows of that count. Time per statement is
+    ``before_cursor_execute`` hook, or as an observer of the SQLite write lane: a list append) is
+    run again, with the same parameter tuples and one transaction per batch, by ``sqlite3`` /
+    asyncpg on a second database migrated the same way. So the ratio of the two rates is what our
+    layers (validation, event objects, parameter building, SQLAlchemy or the write lane, thread
+    crossings) cost over the very same SQL work; the plain-table baseline of ``_PlainTable`` is the
+    engine's floor for rows of that count. Time per statement is
     kept, which says where the database work goes.
     """
 
-    def __init__(self, engine: str, url: str, tracker_engine: Any) -> None:
+    def __init__(self, engine: str, url: str, tracker: AvailabilityTracker) -> None:
         self.engine, self.url = engine, url
         self.calls: list[tuple[str, Any, bool]] = []
         self.seconds = 0.0
         self.by_statement: dict[str, float] = {}
-        self._sync_engine = tracker_engine.sync_engine
+        self._sync_engine = tracker.engine.sync_engine
+        self._lane = tracker.sqlite_lane
         self.sqlite: sqlite3.Connection | None = None
         self.pg: asyncpg.Connection | None = None
 
     def _record(self, _conn: Any, _cursor: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+        self._observe(sql, params, many)
+
+    def _observe(self, sql: str, params: Any, many: bool) -> None:
         if not sql.startswith("BEGIN"):
             self.calls.append((sql, params, many))
 
@@ -201,10 +206,14 @@ class _Replay:
         else:
             self.pg = await asyncpg.connect(driver_dsn(self.url))
         sqlalchemy_event.listen(self._sync_engine, "before_cursor_execute", self._record)
+        if self._lane is not None:
+            self._lane.observers.append(self._observe)
         return self
 
     async def __aexit__(self, *_: object) -> None:
         sqlalchemy_event.remove(self._sync_engine, "before_cursor_execute", self._record)
+        if self._lane is not None:
+            self._lane.observers.remove(self._observe)
         if self.sqlite is not None:
             self.sqlite.close()
         if self.pg is not None:
@@ -378,7 +387,7 @@ async def _ingest(
     async with contextlib.AsyncExitStack() as stack:
         plain = await stack.enter_async_context(_PlainTable(engine, url))
         if replay_statements:
-            replay = _Replay(engine, await _database(engine, scratch, "replay"), tracker.engine)
+            replay = _Replay(engine, await _database(engine, scratch, "replay"), tracker)
             stack.push_async_callback(drop_database, replay.url)
             await stack.enter_async_context(replay)
         while batch := list(itertools.islice(stream, 1000)):

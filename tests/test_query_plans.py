@@ -60,19 +60,28 @@ async def swarm_tracker(tracker: AvailabilityTracker, clock: Callable[[], float]
 
 
 @contextmanager
-def captured_statements(engine: AsyncEngine) -> Iterator[list[Captured]]:
-    """Every statement the engine sends while the block runs, as the driver receives it (an
-    executemany with its first parameter row: the plan is the same for every row)."""
+def captured_statements(tracker: AvailabilityTracker) -> Iterator[list[Captured]]:
+    """Every statement the tracker sends while the block runs, as the driver receives it (an
+    executemany with its first parameter row: the plan is the same for every row): through the
+    engine, and through the SQLite write lane where there is one."""
     statements: list[Captured] = []
 
-    def record(_conn: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
+    def observe(statement: str, parameters: Any, executemany: bool) -> None:
         statements.append((statement, parameters[0] if executemany else parameters))
 
+    def record(_conn: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
+        observe(statement, parameters, executemany)
+
+    engine, lane = tracker.engine, tracker.sqlite_lane
     event.listen(engine.sync_engine, "before_cursor_execute", record)
+    if lane is not None:
+        lane.observers.append(observe)
     try:
         yield statements
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
+        if lane is not None:
+            lane.observers.remove(observe)
 
 
 def the_statement(statements: list[Captured], starts_with: str) -> Captured:
@@ -143,7 +152,7 @@ READS: dict[str, Call] = {
 async def test_read_statement_does_not_scan_a_large_table(
     swarm_tracker: AvailabilityTracker, method: str
 ) -> None:
-    with captured_statements(swarm_tracker.engine) as statements:
+    with captured_statements(swarm_tracker) as statements:
         answer = await READS[method](swarm_tracker)
     assert answer, f"{method} found nothing: the plan would not be the one real data gets"
 
@@ -155,7 +164,7 @@ async def test_read_statement_does_not_scan_a_large_table(
 
 async def test_refresh_speeds_update_does_not_scan_a_large_table(swarm_tracker: AvailabilityTracker) -> None:
     batch = [SpeedSample(peer, 3_000_000) for peer in SAMPLED_PEERS]
-    with captured_statements(swarm_tracker.engine) as statements:
+    with captured_statements(swarm_tracker) as statements:
         await swarm_tracker.record_batch(batch)
 
     update = the_statement(statements, "UPDATE PEER_STATS SET SPEED_BPS")

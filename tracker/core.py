@@ -27,6 +27,7 @@ from .events import (
 )
 from .ingest import GroupCommitter, GroupStats
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
+from .sqlite_lane import SqliteLane, lane_path
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
 
@@ -46,6 +47,7 @@ class AvailabilityTracker:
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
         self._engine: AsyncEngine | None = None
+        self._lane: SqliteLane | None = None
         self._node_id: int | None = None
         self._node_key: str | None = None
         self._sweep_state = SweepState()
@@ -83,6 +85,12 @@ class AvailabilityTracker:
                 return await queries.ensure_local_node(conn, self.config.dialect, now)
 
             self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
+            path = lane_path(self.config)
+            if path is not None:
+                config = self.config
+                self._lane = SqliteLane(
+                    path, lambda raw: db.configure_sqlite(raw, config), echo=config.echo_sql
+                )
         except BaseException:
             await engine.dispose()
             raise
@@ -95,6 +103,9 @@ class AvailabilityTracker:
         await self.stop_sweeper()
         await self._committer.drain()
         engine, self._engine = self._engine, None
+        lane, self._lane = self._lane, None
+        if lane is not None:
+            await lane.close()
         if engine is not None:
             await engine.dispose()
 
@@ -114,6 +125,12 @@ class AvailabilityTracker:
         if self._engine is None:
             raise TrackerClosed("the tracker is not open: use `async with` or AvailabilityTracker.open()")
         return self._engine
+
+    @property
+    def sqlite_lane(self) -> SqliteLane | None:
+        """The SQLite write lane that runs ingest and selection transactions (``tracker.sqlite_lane``);
+        ``None`` on Postgres and for an in-memory SQLite database. Its ``observers`` see its SQL."""
+        return self._lane
 
     @property
     def node_id(self) -> int:
@@ -176,10 +193,10 @@ class AvailabilityTracker:
         """Apply events in one write transaction (the group committer's unit of work)."""
         engine, node_id, config, now = self.engine, self.node_id, self.config, self.config.clock()
 
-        async def work(conn: AsyncConnection) -> None:
+        async def work(conn: db.DriverSQL) -> None:
             await queries.apply_events(conn, config.dialect, node_id, timed, config, now)
 
-        await db.run_write(engine, work, config.write_retries)
+        await db.run_write_unit(engine, self._lane, work, config.write_retries)
 
     @property
     def ingest_stats(self) -> GroupStats:
@@ -288,7 +305,7 @@ class AvailabilityTracker:
         config, node_id = self.config, self.node_id
         draw = float(self._random.random() * 1e6 if seed is None else random.Random(seed).random() * 1e6)
 
-        async def work(conn: AsyncConnection) -> list[queries.RankedRow]:
+        async def work(conn: db.DriverSQL) -> list[queries.RankedRow]:
             now = config.clock()
             # Rank a few spares: a concurrent selector may fill a peer's last slot before we lock it.
             ranked = await queries.ranked_holders(
@@ -299,6 +316,7 @@ class AvailabilityTracker:
                 # The ranking ran inside this IMMEDIATE transaction: its loads are already current.
                 loads = {row.peer_key: row.load for row in ranked}
             else:
+                assert isinstance(conn, AsyncConnection)  # the lane is SQLite's; Postgres runs on the engine
                 await queries.lock_peers(conn, config.dialect, keys)
                 loads = await queries.open_loads(conn, keys, now)
             chosen = [row for row in ranked if loads.get(row.peer_key, 0) < row.capacity][:n]
@@ -310,7 +328,8 @@ class AvailabilityTracker:
                 for rank, row in enumerate(chosen, start=1)
             ]
 
-        return [_peer_info(row) for row in await db.run_write(self.engine, work, config.write_retries)]
+        rows = await db.run_write_unit(self.engine, self._lane, work, config.write_retries)
+        return [_peer_info(row) for row in rows]
 
     async def get_content_availability(self, cid: str) -> ContentAvailability | None:
         """Online holders of ``cid`` ranked (all of them, reliable or not); ``None`` for an unknown cid."""

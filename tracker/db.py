@@ -12,7 +12,7 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
@@ -22,6 +22,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from .config import TrackerConfig
 from .errors import StorageError, is_transient, translate
+from .sqlite_lane import SqliteLane
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -59,28 +60,32 @@ def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
     failing with "database is locked" when it upgrades a read lock mid-transaction (WAL cannot wait
     out that case).
     """
-    busy_ms = int(config.sqlite_busy_timeout_s * 1000)
-    mmap_bytes = config.sqlite_mmap_mib * 1024 * 1024
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        dbapi_connection.isolation_level = None
-        cursor = dbapi_connection.cursor()
-        # No lock-taking statement here: journal_mode=WAL is set once per file by ensure_wal().
-        cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute(f"PRAGMA mmap_size={mmap_bytes}")
-        try:
-            cursor.execute("SELECT power(2.0, 0.5)")
-        except Exception:  # SQLite built without math functions: provide the one we use.
-            dbapi_connection.create_function("power", 2, math.pow, deterministic=True)
-        cursor.close()
+        configure_sqlite(dbapi_connection, config)
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
         conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def configure_sqlite(dbapi_connection: Any, config: TrackerConfig) -> None:
+    """Set up a new SQLite connection: the engine's pool and the write lane (``tracker.sqlite_lane``)
+    both use this, so every connection of a tracker sees the same pragmas and functions."""
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    # No lock-taking statement here: journal_mode=WAL is set once per file by ensure_wal().
+    cursor.execute(f"PRAGMA busy_timeout={int(config.sqlite_busy_timeout_s * 1000)}")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute(f"PRAGMA mmap_size={config.sqlite_mmap_mib * 1024 * 1024}")
+    try:
+        cursor.execute("SELECT power(2.0, 0.5)")
+    except Exception:  # SQLite built without math functions: provide the one we use.
+        dbapi_connection.create_function("power", 2, math.pow, deterministic=True)
+    cursor.close()
 
 
 async def ensure_wal(engine: AsyncEngine, attempts: int = 50) -> None:
@@ -137,18 +142,49 @@ def _sqlite_writer_lock(engine: AsyncEngine) -> asyncio.Lock | None:
     return lock
 
 
+class DriverSQL(Protocol):
+    """The one call the hot write units make: driver-level SQL with positional parameters (a tuple runs
+    once and returns rows; a list of tuples is an executemany). ``AsyncConnection`` has it, and so has
+    the SQLite write lane's ``LaneConnection``, so one unit of work serves both."""
+
+    async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any: ...
+
+
 async def run_write(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], retries: int) -> T:
     """Run ``work`` in one write transaction, retrying deadlocks and busy errors with back-off.
 
     ``work`` must be safe to run again from scratch: a retried transaction was rolled back entirely.
     It must not call ``run_write`` itself (on SQLite that would wait for its own lock).
     """
+
+    async def once() -> T:
+        async with write_connection(engine) as conn, conn.begin():
+            return await work(conn)
+
+    return await _with_retries(engine, once, retries)
+
+
+async def run_write_unit(
+    engine: AsyncEngine, lane: SqliteLane | None, work: Callable[[DriverSQL], Awaitable[T]], retries: int
+) -> T:
+    """``run_write`` for a unit that only sends driver SQL: on SQLite's write lane when there is one
+    (the whole transaction in one thread crossing, see ``tracker.sqlite_lane``), else on the engine."""
+    if lane is None:
+        return await run_write(engine, work, retries)
+
+    async def once() -> T:
+        return await lane.transaction(work)
+
+    return await _with_retries(engine, once, retries)
+
+
+async def _with_retries(engine: AsyncEngine, once: Callable[[], Awaitable[T]], retries: int) -> T:
     attempt = 0
     lock = _sqlite_writer_lock(engine)
     while True:
         try:
-            async with lock or contextlib.nullcontext(), write_connection(engine) as conn, conn.begin():
-                return await work(conn)
+            async with lock or contextlib.nullcontext():
+                return await once()
         except Exception as error:
             if not is_transient(error):
                 if _is_driver_error(error):
@@ -179,7 +215,7 @@ async def run_read(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaita
 def _is_driver_error(error: BaseException) -> bool:
     from sqlalchemy import exc as sa_exc
 
-    return isinstance(error, sa_exc.DBAPIError)
+    return isinstance(error, sa_exc.DBAPIError | sqlite3.Error)
 
 
 def insert_for(dialect: str, table: Table) -> Any:
@@ -299,12 +335,12 @@ class Precompiled:
             return self._pick(merged)  # type: ignore[no-any-return]
         return tuple(merged[n] for n in self._names)
 
-    async def executemany(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    async def executemany(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> None:
         """Run the statement once per row (one driver executemany)."""
         if rows:
             await conn.exec_driver_sql(self.sql, [self._row(r) for r in rows])
 
-    async def fetch(self, conn: AsyncConnection, params: dict[str, Any]) -> list[Any]:
+    async def fetch(self, conn: DriverSQL, params: dict[str, Any]) -> list[Any]:
         """Run the statement once and return its rows (tuples in select order)."""
         result = await conn.exec_driver_sql(self.sql, self._row(params))
         return list(result.all())

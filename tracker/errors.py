@@ -6,6 +6,8 @@ Callers catch ``TrackerError`` for anything the tracker raises on purpose. ``Inv
 
 from __future__ import annotations
 
+import sqlite3
+
 from sqlalchemy import exc as sa_exc
 
 
@@ -42,10 +44,16 @@ _TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database
 
 
 def is_transient(error: BaseException) -> bool:
-    """Tell whether a driver error is a conflict that a fresh transaction would not hit again."""
-    if not isinstance(error, sa_exc.DBAPIError):
+    """Tell whether a driver error is a conflict that a fresh transaction would not hit again.
+
+    Errors come wrapped by SQLAlchemy, or bare from ``sqlite3`` on the SQLite write lane.
+    """
+    if isinstance(error, sa_exc.DBAPIError):
+        orig: BaseException | None = error.orig
+    elif isinstance(error, sqlite3.Error):
+        orig = error
+    else:
         return False
-    orig = error.orig
     sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
     if sqlstate in _TRANSIENT_SQLSTATES:
         return True

@@ -410,7 +410,7 @@ async def _merge_peers(
     if samples:
         await conn.execute(bandwidth_samples.insert(), samples)
     # Every replaced row, with samples or without (then no speed): the speed follows the samples.
-    await refresh_speeds(conn, node_id, sorted(by_id[pid].peer for pid in changed), window)
+    await refresh_speeds(conn, conn.dialect.name, node_id, sorted(by_id[pid].peer for pid in changed), window)
     return len(applied)
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import Double, Integer, bindparam, case, delete, func, insert, s
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..db import Precompiled
+from ..db import DriverSQL, Precompiled
 from ..schema import peer_leases, peers
 from ._sql import content_id_of, peer_id_of
 
@@ -56,7 +56,7 @@ async def open_loads(conn: AsyncConnection, peer_keys: Sequence[str], now: float
 
 
 async def grant_leases(
-    conn: AsyncConnection,
+    conn: DriverSQL,
     dialect: str,
     node_id: int,
     cid: str,
@@ -87,7 +87,7 @@ def _grant(dialect: str) -> Precompiled:
     return Precompiled(stmt, dialect)
 
 
-async def close_oldest_leases(conn: AsyncConnection, dialect: str, outcomes: list[dict[str, Any]]) -> None:
+async def close_oldest_leases(conn: DriverSQL, dialect: str, outcomes: list[dict[str, Any]]) -> None:
     """For each outcome (``peer_key``, ``cid`` or None, ``p_at``), close the peer's oldest open lease,
     preferring one for the same content. Closed leases stay until they expire: selection reads them to
     know when each peer was last handed out."""

@@ -24,7 +24,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from .. import reputation as rep
 from ..config import TrackerConfig
-from ..db import Precompiled
+from ..db import DriverSQL, Precompiled
 from ..schema import content_peers, contents, peer_leases, peer_stats, peers
 from ._sql import num
 
@@ -238,7 +238,7 @@ def _available_select(dialect: str) -> Precompiled:
 
 
 async def ranked_holders(
-    conn: AsyncConnection,
+    conn: DriverSQL,
     cid: str,
     now: float,
     config: TrackerConfig,

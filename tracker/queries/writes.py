@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import reputation as rep
 from ..config import TrackerConfig
-from ..db import Precompiled, insert_for
+from ..db import DriverSQL, Precompiled, insert_for
 from ..events import (
     ContentAvailable,
     ContentUnavailable,
@@ -68,7 +68,7 @@ class Timed:
 
 
 async def apply_events(
-    conn: AsyncConnection,
+    conn: DriverSQL,
     dialect: str,
     node_id: int,
     batch: Sequence[Timed],
@@ -105,7 +105,7 @@ async def apply_events(
     if samples:
         await record_samples(conn, dialect, node_id, samples)
         await refresh_speeds(
-            conn, node_id, sorted({t.event.peer_id for t in samples}), config.bandwidth_window
+            conn, dialect, node_id, sorted({t.event.peer_id for t in samples}), config.bandwidth_window
         )
     mappings = [t for t in batch if isinstance(t.event, ContentAvailable | ContentUnavailable)]
     if mappings:
@@ -122,7 +122,7 @@ def _cid_of(event: Event) -> str | None:
 
 
 async def _upsert_keys(
-    conn: AsyncConnection, dialect: str, table_name: str, keys: Iterable[tuple[str, float]]
+    conn: DriverSQL, dialect: str, table_name: str, keys: Iterable[tuple[str, float]]
 ) -> None:
     """Insert unknown peer or content keys; a late event older than a key's first_seen lowers it."""
     earliest: dict[str, float] = {}
@@ -231,7 +231,7 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
 
 
 async def _upsert_peer_stats(
-    conn: AsyncConnection,
+    conn: DriverSQL,
     dialect: str,
     node_id: int,
     ordered: Sequence[Timed],
@@ -265,9 +265,7 @@ async def _upsert_peer_stats(
     await statement.executemany(conn, rows)
 
 
-async def record_outcomes(
-    conn: AsyncConnection, dialect: str, node_id: int, outcomes: Sequence[Timed]
-) -> None:
+async def record_outcomes(conn: DriverSQL, dialect: str, node_id: int, outcomes: Sequence[Timed]) -> None:
     """Append raw upload outcomes (the history behind the counters)."""
     await _outcomes_insert(dialect).executemany(
         conn,
@@ -301,7 +299,7 @@ def _outcomes_insert(dialect: str) -> Precompiled:
     )
 
 
-async def record_samples(conn: AsyncConnection, dialect: str, node_id: int, samples: Sequence[Timed]) -> None:
+async def record_samples(conn: DriverSQL, dialect: str, node_id: int, samples: Sequence[Timed]) -> None:
     """Append bandwidth samples."""
     await _samples_insert(dialect).executemany(
         conn,
@@ -326,7 +324,9 @@ def _samples_insert(dialect: str) -> Precompiled:
     )
 
 
-async def refresh_speeds(conn: AsyncConnection, node_id: int, peer_keys: Sequence[str], window: int) -> None:
+async def refresh_speeds(
+    conn: DriverSQL, dialect: str, node_id: int, peer_keys: Sequence[str], window: int
+) -> None:
     """Store each touched peer's rolling mean of its latest ``window`` samples on its stats row.
 
     Computed once per write, so selection ranks over a column instead of averaging at query time;
@@ -334,7 +334,6 @@ async def refresh_speeds(conn: AsyncConnection, node_id: int, peer_keys: Sequenc
     found by its key's unique index: with the keys as one ``IN`` list, Postgres without fresh
     statistics scanned all of ``peers`` per batch (89 s of a 100k-peer ingest).
     """
-    dialect = conn.dialect.name
     await _speeds_update(dialect, window).executemany(
         conn, [{"peer_key": key, "node": node_id} for key in peer_keys]
     )
@@ -366,7 +365,7 @@ def _speeds_update(dialect: str, window: int) -> Precompiled:
 
 
 async def _upsert_content_peers(
-    conn: AsyncConnection, dialect: str, node_id: int, mappings: Sequence[Timed]
+    conn: DriverSQL, dialect: str, node_id: int, mappings: Sequence[Timed]
 ) -> None:
     await _content_peers_upsert(dialect).executemany(
         conn,

@@ -1,0 +1,155 @@
+"""The SQLite write lane: ingest and selection transactions run whole in one thread, commit or roll
+back as one, keep other processes' locks as retryable conflicts, and show their SQL to observers."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from pathlib import Path
+
+import pytest
+from sqlalchemy.engine import make_url
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.db import configure_sqlite
+from tracker.errors import TransientStorageError
+from tracker.events import PeerOnline, SpeedSample
+from tracker.sqlite_lane import LaneConnection, SqliteLane, lane_path
+from tracker.testing import ManualClock
+
+
+def _lane(path: Path) -> SqliteLane:
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}")
+    return SqliteLane(str(path), lambda raw: configure_sqlite(raw, config))
+
+
+def _count(path: Path, table: str = "t") -> int:
+    with sqlite3.connect(path) as raw:
+        return int(raw.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+
+
+@pytest.fixture
+def table_file(tmp_path: Path) -> Path:
+    path = tmp_path / "lane.db"
+    with sqlite3.connect(path) as raw:
+        raw.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)")
+    return path
+
+
+async def test_a_unit_commits_its_statements_together_and_returns_its_value(table_file: Path) -> None:
+    lane = _lane(table_file)
+
+    async def unit(conn: LaneConnection) -> list[tuple[int, str]]:
+        await conn.exec_driver_sql("INSERT INTO t (k, v) VALUES (?, ?)", [(1, "a"), (2, "b")])
+        return list(await conn.exec_driver_sql("SELECT k, v FROM t ORDER BY k", ()))
+
+    try:
+        assert await lane.transaction(unit) == [(1, "a"), (2, "b")]
+    finally:
+        await lane.close()
+    assert _count(table_file) == 2
+
+
+async def test_a_unit_that_fails_midway_leaves_nothing_and_the_lane_goes_on(table_file: Path) -> None:
+    lane = _lane(table_file)
+
+    async def failing(conn: LaneConnection) -> None:
+        await conn.exec_driver_sql("INSERT INTO t (k, v) VALUES (?, ?)", (1, "a"))
+        await conn.exec_driver_sql("INSERT INTO t (k, v) VALUES (?, ?)", (2, None))  # NOT NULL
+
+    async def fine(conn: LaneConnection) -> None:
+        await conn.exec_driver_sql("INSERT INTO t (k, v) VALUES (?, ?)", (3, "c"))
+
+    try:
+        with pytest.raises(sqlite3.IntegrityError):
+            await lane.transaction(failing)
+        await lane.transaction(fine)
+    finally:
+        await lane.close()
+    with sqlite3.connect(table_file) as raw:
+        assert raw.execute("SELECT k FROM t").fetchall() == [(3,)]
+
+
+async def test_a_unit_that_awaits_anything_but_its_connection_is_refused_and_rolled_back(
+    table_file: Path,
+) -> None:
+    lane = _lane(table_file)
+
+    async def sleeps(conn: LaneConnection) -> None:
+        await conn.exec_driver_sql("INSERT INTO t (k, v) VALUES (?, ?)", (1, "a"))
+        await asyncio.sleep(0)  # would need the event loop, which the lane's thread cannot reach
+
+    try:
+        with pytest.raises(RuntimeError, match="awaited something other than its connection"):
+            await lane.transaction(sleeps)
+    finally:
+        await lane.close()
+    assert _count(table_file) == 0
+
+
+async def test_a_closed_lane_refuses_work(table_file: Path) -> None:
+    lane = _lane(table_file)
+    await lane.close()
+    await lane.close()  # twice is fine
+
+    async def unit(conn: LaneConnection) -> None:
+        await conn.exec_driver_sql("SELECT 1", ())
+
+    with pytest.raises(RuntimeError, match="closed"):
+        await lane.transaction(unit)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite+aiosqlite:////var/lib/tracker/t.db", "/var/lib/tracker/t.db"),
+        ("sqlite+aiosqlite:///t.db", "t.db"),
+        ("sqlite+aiosqlite://", None),
+        ("sqlite+aiosqlite:///:memory:", None),
+        ("sqlite+aiosqlite:///file:shared?mode=memory&cache=shared&uri=true", None),
+        ("postgresql+asyncpg://u@127.0.0.1/db", None),
+    ],
+)
+def test_the_lane_opens_only_a_file_that_a_second_connection_shares(url: str, expected: str | None) -> None:
+    assert lane_path(TrackerConfig(database_url=url)) == expected
+
+
+async def test_the_tracker_has_a_lane_on_an_sqlite_file_and_none_on_postgres(tracker: AvailabilityTracker) -> None:
+    assert (tracker.sqlite_lane is not None) == (tracker.config.dialect == "sqlite")
+
+
+async def test_another_process_holding_the_write_lock_is_a_retryable_conflict_and_loses_nothing(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock(1_800_000_000.0)
+    url = f"sqlite+aiosqlite:///{tmp_path / 'busy.db'}"
+    config = TrackerConfig(database_url=url, clock=clock, sqlite_busy_timeout_s=0.05, write_retries=1)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.record_batch([PeerOnline("peer-a"), SpeedSample("peer-a", 1_000)])
+        other = sqlite3.connect(str(make_url(url).database), isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process's writer, holding the file's write lock
+            with pytest.raises(TransientStorageError, match="database is locked"):
+                await tracker.record_batch([SpeedSample("peer-a", 9_000)])
+            with pytest.raises(TransientStorageError):
+                await tracker.select_best_peers("cid-1", 1)
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        # Nothing of the refused batch was written; the tracker writes again once the lock is free.
+        metrics = await tracker.get_peer_metrics("peer-a")
+        assert metrics is not None and metrics.download_speed == 1_000
+        await tracker.record_batch([SpeedSample("peer-a", 3_000)])
+        metrics = await tracker.get_peer_metrics("peer-a")
+        assert metrics is not None and metrics.download_speed == 2_000
+
+
+async def test_the_lanes_statements_reach_its_observers(tmp_path: Path) -> None:
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'o.db'}")
+    async with AvailabilityTracker(config) as tracker:
+        lane = tracker.sqlite_lane
+        assert lane is not None
+        seen: list[tuple[str, bool]] = []
+        lane.observers.append(lambda sql, _params, many: seen.append((sql.split()[0].upper(), many)))
+        await tracker.record_peer_online("peer-a")
+    assert ("INSERT", True) in seen
