@@ -43,7 +43,7 @@ from sqlalchemy import event as sqlalchemy_event
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
-from tracker.db import run_read
+from tracker.db import run_read_unit
 from tracker.queries import reads
 from tracker.reputation import DEFAULT_PARAMS, reputation
 from tracker.testing import ManualClock
@@ -184,7 +184,7 @@ class _Replay:
         self.seconds = 0.0
         self.by_statement: dict[str, float] = {}
         self._sync_engine = tracker.engine.sync_engine
-        self._lane = tracker.sqlite_lane
+        self._lanes = tracker.sqlite_lanes
         self.sqlite: sqlite3.Connection | None = None
         self.pg: asyncpg.Connection | None = None
 
@@ -206,14 +206,14 @@ class _Replay:
         else:
             self.pg = await asyncpg.connect(driver_dsn(self.url))
         sqlalchemy_event.listen(self._sync_engine, "before_cursor_execute", self._record)
-        if self._lane is not None:
-            self._lane.observers.append(self._observe)
+        if self._lanes is not None:
+            self._lanes.observers.append(self._observe)
         return self
 
     async def __aexit__(self, *_: object) -> None:
         sqlalchemy_event.remove(self._sync_engine, "before_cursor_execute", self._record)
-        if self._lane is not None:
-            self._lane.observers.remove(self._observe)
+        if self._lanes is not None:
+            self._lanes.observers.remove(self._observe)
         if self.sqlite is not None:
             self.sqlite.close()
         if self.pg is not None:
@@ -511,13 +511,16 @@ async def run_engine(
             async def select(r: random.Random) -> None:
                 await tracker.select_best_peers(swarm.draw_content(r), 5)
 
+            # The ranking as the tracker's own reads run it (on SQLite, on its read lane).
+            read_lane = None if tracker.sqlite_lanes is None else tracker.sqlite_lanes.read
+
             async def rank(r: random.Random) -> None:
                 cid = swarm.draw_content(r)
 
                 async def work(conn: Any) -> Any:
                     return await reads.ranked_holders(conn, cid, clock.now, config, limit=5, mode="best")
 
-                await run_read(tracker.engine, work)
+                await run_read_unit(tracker.engine, read_lane, work)
 
             # One caller, paired call by call with the in-memory baseline on the same contents.
             async def select_cid(cid: str) -> None:

@@ -63,7 +63,7 @@ async def swarm_tracker(tracker: AvailabilityTracker, clock: Callable[[], float]
 def captured_statements(tracker: AvailabilityTracker) -> Iterator[list[Captured]]:
     """Every statement the tracker sends while the block runs, as the driver receives it (an
     executemany with its first parameter row: the plan is the same for every row): through the
-    engine, and through the SQLite write lane where there is one."""
+    engine, and through the SQLite lanes where there are."""
     statements: list[Captured] = []
 
     def observe(statement: str, parameters: Any, executemany: bool) -> None:
@@ -72,16 +72,16 @@ def captured_statements(tracker: AvailabilityTracker) -> Iterator[list[Captured]
     def record(_conn: Any, _cur: Any, statement: str, parameters: Any, _ctx: Any, executemany: bool) -> None:
         observe(statement, parameters, executemany)
 
-    engine, lane = tracker.engine, tracker.sqlite_lane
+    engine, lanes = tracker.engine, tracker.sqlite_lanes
     event.listen(engine.sync_engine, "before_cursor_execute", record)
-    if lane is not None:
-        lane.observers.append(observe)
+    if lanes is not None:
+        lanes.observers.append(observe)
     try:
         yield statements
     finally:
         event.remove(engine.sync_engine, "before_cursor_execute", record)
-        if lane is not None:
-            lane.observers.remove(observe)
+        if lanes is not None:
+            lanes.observers.remove(observe)
 
 
 def the_statement(statements: list[Captured], starts_with: str) -> Captured:

@@ -1,4 +1,4 @@
-"""The SQLite write lane: ingest and selection transactions run whole in one thread, commit or roll
+"""The SQLite lanes: ingest, selection and the API's reads run whole in a lane thread, commit or roll
 back as one, keep other processes' locks as retryable conflicts, and show their SQL to observers."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from tracker.sqlite_lane import LaneConnection, SqliteLane, lane_path
 from tracker.testing import ManualClock
 
 
-def _lane(path: Path) -> SqliteLane:
+def _lane(path: Path, *, read_only: bool = False) -> SqliteLane:
     config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}")
-    return SqliteLane(str(path), lambda raw: configure_sqlite(raw, config))
+    return SqliteLane(str(path), lambda raw: configure_sqlite(raw, config), [], read_only=read_only)
 
 
 def _count(path: Path, table: str = "t") -> int:
@@ -114,8 +114,38 @@ def test_the_lane_opens_only_a_file_that_a_second_connection_shares(url: str, ex
     assert lane_path(TrackerConfig(database_url=url)) == expected
 
 
-async def test_the_tracker_has_a_lane_on_an_sqlite_file_and_none_on_postgres(tracker: AvailabilityTracker) -> None:
-    assert (tracker.sqlite_lane is not None) == (tracker.config.dialect == "sqlite")
+async def test_the_tracker_has_lanes_on_an_sqlite_file_and_none_on_postgres(
+    tracker: AvailabilityTracker,
+) -> None:
+    assert (tracker.sqlite_lanes is not None) == (tracker.config.dialect == "sqlite")
+
+
+async def test_a_read_only_lane_refuses_to_write(table_file: Path) -> None:
+    lane = _lane(table_file, read_only=True)
+
+    async def writes(conn: LaneConnection) -> None:
+        await conn.exec_driver_sql("INSERT INTO t (k, v) VALUES (?, ?)", (1, "a"))
+
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            await lane.transaction(writes)
+    finally:
+        await lane.close()
+    assert _count(table_file) == 0
+
+
+async def test_reads_see_every_acknowledged_write_at_once(tmp_path: Path) -> None:
+    clock = ManualClock(1_800_000_000.0)
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'raw.db'}", clock=clock)
+    async with AvailabilityTracker(config) as tracker:
+        speeds: list[int] = []
+        for n in range(1, 41):  # each write on the write lane, each read right after on the read lane
+            speeds.append(n * 1_000)
+            await tracker.record_download_speed("peer-a", speeds[-1])
+            clock.advance(1)
+            metrics = await tracker.get_peer_metrics("peer-a")
+            assert metrics is not None
+            assert metrics.download_speed == round(sum(speeds[-10:]) / len(speeds[-10:]))
 
 
 async def test_another_process_holding_the_write_lock_is_a_retryable_conflict_and_loses_nothing(
@@ -144,12 +174,14 @@ async def test_another_process_holding_the_write_lock_is_a_retryable_conflict_an
         assert metrics is not None and metrics.download_speed == 2_000
 
 
-async def test_the_lanes_statements_reach_its_observers(tmp_path: Path) -> None:
+async def test_the_lanes_statements_reach_their_observers(tmp_path: Path) -> None:
     config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'o.db'}")
     async with AvailabilityTracker(config) as tracker:
-        lane = tracker.sqlite_lane
-        assert lane is not None
+        lanes = tracker.sqlite_lanes
+        assert lanes is not None
         seen: list[tuple[str, bool]] = []
-        lane.observers.append(lambda sql, _params, many: seen.append((sql.split()[0].upper(), many)))
+        lanes.observers.append(lambda sql, _params, many: seen.append((sql.split()[0].upper(), many)))
         await tracker.record_peer_online("peer-a")
+        await tracker.get_peer_metrics("peer-a")
     assert ("INSERT", True) in seen
+    assert ("SELECT", False) in seen

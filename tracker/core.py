@@ -27,7 +27,7 @@ from .events import (
 )
 from .ingest import GroupCommitter, GroupStats
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
-from .sqlite_lane import SqliteLane, lane_path
+from .sqlite_lane import SqliteLane, SqliteLanes, lane_path
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
 
@@ -47,7 +47,7 @@ class AvailabilityTracker:
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
         self._engine: AsyncEngine | None = None
-        self._lane: SqliteLane | None = None
+        self._lanes: SqliteLanes | None = None
         self._node_id: int | None = None
         self._node_key: str | None = None
         self._sweep_state = SweepState()
@@ -88,7 +88,7 @@ class AvailabilityTracker:
             path = lane_path(self.config)
             if path is not None:
                 config = self.config
-                self._lane = SqliteLane(
+                self._lanes = SqliteLanes(
                     path, lambda raw: db.configure_sqlite(raw, config), echo=config.echo_sql
                 )
         except BaseException:
@@ -103,9 +103,9 @@ class AvailabilityTracker:
         await self.stop_sweeper()
         await self._committer.drain()
         engine, self._engine = self._engine, None
-        lane, self._lane = self._lane, None
-        if lane is not None:
-            await lane.close()
+        lanes, self._lanes = self._lanes, None
+        if lanes is not None:
+            await lanes.close()
         if engine is not None:
             await engine.dispose()
 
@@ -127,10 +127,16 @@ class AvailabilityTracker:
         return self._engine
 
     @property
-    def sqlite_lane(self) -> SqliteLane | None:
-        """The SQLite write lane that runs ingest and selection transactions (``tracker.sqlite_lane``);
-        ``None`` on Postgres and for an in-memory SQLite database. Its ``observers`` see its SQL."""
-        return self._lane
+    def sqlite_lanes(self) -> SqliteLanes | None:
+        """The SQLite lanes that run ingest, selection and the API's reads (``tracker.sqlite_lane``);
+        ``None`` on Postgres. Their ``observers`` see their SQL."""
+        return self._lanes
+
+    def _write_lane(self) -> SqliteLane | None:
+        return None if self._lanes is None else self._lanes.write
+
+    def _read_lane(self) -> SqliteLane | None:
+        return None if self._lanes is None else self._lanes.read
 
     @property
     def node_id(self) -> int:
@@ -196,7 +202,7 @@ class AvailabilityTracker:
         async def work(conn: db.DriverSQL) -> None:
             await queries.apply_events(conn, config.dialect, node_id, timed, config, now)
 
-        await db.run_write_unit(engine, self._lane, work, config.write_retries)
+        await db.run_write_unit(engine, self._write_lane(), work, config.write_retries)
 
     @property
     def ingest_stats(self) -> GroupStats:
@@ -248,10 +254,10 @@ class AvailabilityTracker:
         validate_id(peer_id)
         now, config = self.config.clock(), self.config
 
-        async def work(conn: AsyncConnection) -> queries.PeerRow | None:
+        async def work(conn: db.DriverSQL) -> queries.PeerRow | None:
             return await queries.peer_row(conn, peer_id, now, config)
 
-        row = await db.run_read(self.engine, work)
+        row = await db.run_read_unit(self.engine, self._read_lane(), work)
         return None if row is None else self._metrics(row)
 
     def _metrics(self, row: queries.PeerRow) -> PeerMetrics:
@@ -278,10 +284,10 @@ class AvailabilityTracker:
         validate_id(cid, "cid")
         now, config = self.config.clock(), self.config
 
-        async def work(conn: AsyncConnection) -> list[str]:
+        async def work(conn: db.DriverSQL) -> list[str]:
             return await queries.available_peer_keys(conn, cid, now, config)
 
-        return await db.run_read(self.engine, work)
+        return await db.run_read_unit(self.engine, self._read_lane(), work)
 
     async def select_best_peers(
         self, cid: str, n: int, *, strategy: str | None = None, seed: int | None = None
@@ -328,7 +334,7 @@ class AvailabilityTracker:
                 for rank, row in enumerate(chosen, start=1)
             ]
 
-        rows = await db.run_write_unit(self.engine, self._lane, work, config.write_retries)
+        rows = await db.run_write_unit(self.engine, self._write_lane(), work, config.write_retries)
         return [_peer_info(row) for row in rows]
 
     async def get_content_availability(self, cid: str) -> ContentAvailability | None:
@@ -336,14 +342,14 @@ class AvailabilityTracker:
         validate_id(cid, "cid")
         now, config = self.config.clock(), self.config
 
-        async def work(conn: AsyncConnection) -> tuple[bool, float | None, list[queries.RankedRow]]:
-            known, last_updated = await queries.content_last_updated(conn, cid)
+        async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow]]:
+            known, last_updated = await queries.content_last_updated(conn, config.dialect, cid)
             if not known:
                 return False, None, []
             rows = await queries.ranked_holders(conn, cid, now, config, limit=None, mode="all")
             return True, last_updated, rows
 
-        known, last_updated, rows = await db.run_read(self.engine, work)
+        known, last_updated, rows = await db.run_read_unit(self.engine, self._read_lane(), work)
         if not known:
             return None
         return ContentAvailability(
@@ -371,21 +377,22 @@ class AvailabilityTracker:
             validate_id(after, "after")
         now, config = self.config.clock(), self.config
 
-        async def work(conn: AsyncConnection) -> list[queries.PeerRow]:
+        async def work(conn: db.DriverSQL) -> list[queries.PeerRow]:
             return await queries.peer_page(
                 conn, now, config, online_only=online_only, limit=limit, after=after
             )
 
-        return [self._metrics(row) for row in await db.run_read(self.engine, work)]
+        rows = await db.run_read_unit(self.engine, self._read_lane(), work)
+        return [self._metrics(row) for row in rows]
 
     async def stats(self) -> TrackerStats:
         """Counts of peers (total, online), contents, available mappings and open leases, as of now."""
         now, config = self.config.clock(), self.config
 
-        async def work(conn: AsyncConnection) -> queries.Counts:
+        async def work(conn: db.DriverSQL) -> queries.Counts:
             return await queries.counts(conn, now, config)
 
-        counts = await db.run_read(self.engine, work)
+        counts = await db.run_read_unit(self.engine, self._read_lane(), work)
         return TrackerStats(
             node_key=self.node_key,
             peers_total=counts.peers_total,

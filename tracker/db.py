@@ -178,6 +178,21 @@ async def run_write_unit(
     return await _with_retries(engine, once, retries)
 
 
+async def run_read_unit(
+    engine: AsyncEngine, lane: SqliteLane | None, work: Callable[[DriverSQL], Awaitable[T]]
+) -> T:
+    """``run_read`` for a unit that only sends driver SQL: on SQLite's read lane when there is one (one
+    read transaction in one thread crossing, see ``tracker.sqlite_lane``), else on the engine."""
+    if lane is None:
+        return await run_read(engine, work)
+    try:
+        return await lane.transaction(work)
+    except Exception as error:
+        if _is_driver_error(error):
+            raise translate(error) from error
+        raise
+
+
 async def _with_retries(engine: AsyncEngine, once: Callable[[], Awaitable[T]], retries: int) -> T:
     attempt = 0
     lock = _sqlite_writer_lock(engine)

@@ -1,21 +1,21 @@
-"""The SQLite write lane: a whole write transaction runs in one worker thread, in one crossing.
+"""SQLite lanes: a whole transaction runs in one worker thread, in one crossing.
 
 Through SQLAlchemy's aiosqlite adapter every step of a transaction (BEGIN, cursor, execute, fetch, close,
 COMMIT, the pool's reset) is handed to aiosqlite's thread and back. On the 2-core machines we run on a
-crossing costs ~0.1 ms (a queue put, a thread wake-up, a loop wake-up), and a selection made twelve of
-them, an ingest transaction about twenty (docs/benchmarks.md). Here the tracker's hot write units,
-``apply_events`` and the selection, run whole in the lane's thread on its own ``sqlite3`` connection:
-one crossing per transaction, and no SQLAlchemy execution machinery in between (their statements are
-``Precompiled`` already).
+crossing costs ~0.1 ms (a queue put, a thread wake-up, a loop wake-up): a selection made twelve of
+them, an ingest transaction about twenty, a one-statement read five (docs/benchmarks.md). Here the
+tracker's hot units (ingest's ``apply_events`` and the selection on the write lane, the API's reads on
+the read lane) run whole in a lane thread on its own ``sqlite3`` connection: one crossing per
+transaction, and no SQLAlchemy execution machinery in between (their statements are ``Precompiled``).
 
 A unit of work is the same ``async`` function the Postgres path runs, given a ``LaneConnection``
 whose ``exec_driver_sql`` completes without suspending. The lane drives the coroutine to its end inside
 the thread; a unit that awaits anything else (a sleep, a lock, a network call) is a bug and fails
 loudly instead of blocking the thread on an event loop it cannot reach.
 
-SQLite lets one connection write at a time; the lane's single thread and ``db.run_write``'s
+SQLite lets one connection write at a time; the write lane's single thread and ``db.run_write``'s
 in-process writer lock keep writers in order, and other processes queue on the file lock (the
-connection's busy timeout) in this thread, never in the event loop.
+connection's busy timeout) in that thread, never in the event loop.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -35,8 +36,11 @@ T = TypeVar("T")
 #: ``echo_sql`` shows the lane's statements where SQLAlchemy's echo shows the engine's.
 _echo_log = logging.getLogger("sqlalchemy.engine.Engine")
 
-#: Called with (sql, parameters, executemany) for every statement the lane runs, in the lane's thread.
+#: Called with (sql, parameters, executemany) for every statement a lane runs, in the lane's thread.
 StatementObserver = Callable[[str, Any, bool], None]
+
+#: Read lane threads: this machine kind has two cores, and SQLite releases the GIL while it reads.
+READ_THREADS = 2
 
 
 class _Rows(list[Any]):
@@ -75,7 +79,8 @@ class LaneConnection:
 
 def lane_path(config: TrackerConfig) -> str | None:
     """The file a lane would open for ``config``, or ``None`` where a second connection would not see
-    the same database (Postgres; an in-memory SQLite database, private to its connection)."""
+    the same database (Postgres; an in-memory SQLite database, which the tracker refuses anyway: it
+    needs WAL, and WAL needs a file)."""
     if config.dialect != "sqlite":
         return None
     url = make_url(config.database_url)
@@ -86,53 +91,70 @@ def lane_path(config: TrackerConfig) -> str | None:
 
 
 class SqliteLane:
-    """One thread and one ``sqlite3`` connection that run write transactions whole (module docstring).
+    """Worker threads, each with its own ``sqlite3`` connection, that run transactions whole (module
+    docstring). The write lane has one thread and begins ``IMMEDIATE`` (takes the write lock up front);
+    a read-only lane has a few, begins ``DEFERRED`` and sets ``query_only``, so a unit that tried to
+    write there would fail instead of taking the write lock (WAL lets readers run beside the writer
+    and each other; the threads release the GIL while SQLite works).
 
     ``configure`` prepares a new connection exactly as the engine's pool does (``db.configure_sqlite``),
-    so both see the same pragmas and functions. Close it with ``close()``; the tracker does.
+    so all see the same pragmas and functions. Close it with ``close()``; the tracker does.
     """
 
     def __init__(
-        self, path: str, configure: Callable[[sqlite3.Connection], None], *, echo: bool = False
+        self,
+        path: str,
+        configure: Callable[[sqlite3.Connection], None],
+        observers: list[StatementObserver],
+        *,
+        threads: int = 1,
+        read_only: bool = False,
     ) -> None:
         self._path = path
         self._configure = configure
-        self._raw: sqlite3.Connection | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-tracker-sqlite-lane")
+        self._read_only = read_only
+        self._begin = "BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE"
+        self._local = threading.local()
+        self._opened: list[sqlite3.Connection] = []
+        self._opened_lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="peer-tracker-sqlite")
         self._closed = False
-        #: Statement observers (tests and the benchmark's replay read the SQL the lane sends).
-        self.observers: list[StatementObserver] = []
-        if echo:
-            self.observers.append(_echo)
+        self._observers = observers
 
     async def transaction(self, work: Callable[[LaneConnection], Awaitable[T]]) -> T:
-        """Run ``work`` in one ``BEGIN IMMEDIATE`` transaction in the lane's thread; commit, or roll back
-        and raise. Driver errors come through unwrapped (``db.run_write`` retries and translates them).
+        """Run ``work`` in one transaction in a lane thread; commit, or roll back and raise. Driver
+        errors come through unwrapped (``db.run_write_unit`` retries and translates them).
 
         A caller cancelled while its transaction runs stops waiting; the transaction still finishes in
         the thread (commits or rolls back), as a statement already sent to a server would.
         """
         if self._closed:
-            raise RuntimeError("the SQLite write lane is closed")
+            raise RuntimeError("the SQLite lane is closed")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, work)
 
     def _connection(self) -> sqlite3.Connection:
-        if self._raw is None:
-            raw = sqlite3.connect(self._path, isolation_level=None, check_same_thread=True)
+        raw: sqlite3.Connection | None = getattr(self._local, "raw", None)
+        if raw is None:
+            # check_same_thread off only so that close() can close it after its thread has stopped.
+            raw = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             try:
                 self._configure(raw)
+                if self._read_only:
+                    raw.execute("PRAGMA query_only=ON")
             except BaseException:
                 raw.close()
                 raise
-            self._raw = raw
-        return self._raw
+            with self._opened_lock:
+                self._opened.append(raw)
+            self._local.raw = raw
+        return raw
 
     def _run(self, work: Callable[[LaneConnection], Awaitable[T]]) -> T:
         raw = self._connection()
-        raw.execute("BEGIN IMMEDIATE")
+        raw.execute(self._begin)
         try:
-            result = _drive(work(LaneConnection(raw, self.observers)))
+            result = _drive(work(LaneConnection(raw, self._observers)))
             raw.execute("COMMIT")
         except BaseException:
             if raw.in_transaction:
@@ -141,20 +163,38 @@ class SqliteLane:
         return result
 
     async def close(self) -> None:
-        """Close the connection in its own thread and stop the thread. Safe to call twice."""
+        """Let running transactions finish, stop the threads and close their connections (in a worker
+        thread, off the event loop). Safe to call twice."""
         if self._closed:
             return
         self._closed = True
-        loop = asyncio.get_running_loop()
-        try:
-            await loop.run_in_executor(self._executor, self._close_connection)
-        finally:
-            self._executor.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(None, self._shutdown)
 
-    def _close_connection(self) -> None:
-        raw, self._raw = self._raw, None
-        if raw is not None:
+    def _shutdown(self) -> None:
+        self._executor.shutdown(wait=True)
+        with self._opened_lock:
+            opened, self._opened = self._opened, []
+        for raw in opened:
             raw.close()
+
+
+class SqliteLanes:
+    """A tracker's two lanes on one SQLite file: ingest and selection on ``write``, the API's reads on
+    ``read``. ``observers`` (tests, the benchmark's replay) see the SQL both send, in their threads."""
+
+    def __init__(
+        self, path: str, configure: Callable[[sqlite3.Connection], None], *, echo: bool = False
+    ) -> None:
+        self.observers: list[StatementObserver] = [_echo] if echo else []
+        self.write = SqliteLane(path, configure, self.observers, threads=1)
+        self.read = SqliteLane(path, configure, self.observers, threads=READ_THREADS, read_only=True)
+
+    async def close(self) -> None:
+        """Close both lanes (the write lane first: queued writes finish before the readers stop)."""
+        try:
+            await self.write.close()
+        finally:
+            await self.read.close()
 
 
 def _drive(awaitable: Awaitable[T]) -> T:

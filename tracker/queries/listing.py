@@ -6,18 +6,17 @@ from dataclasses import dataclass
 from functools import cache
 
 from sqlalchemy import Double, Integer, bindparam, func, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from .. import reputation as rep
 from ..config import TrackerConfig
-from ..db import Precompiled
+from ..db import DriverSQL, Precompiled
 from ..schema import content_peers, contents, peer_leases, peer_stats, peers
 from .reads import PeerRow, _merged, _times, peer_row_of
 
 
 async def peer_page(
-    conn: AsyncConnection,
+    conn: DriverSQL,
     now: float,
     config: TrackerConfig,
     *,
@@ -86,7 +85,7 @@ class Counts:
     open_leases: int
 
 
-async def counts(conn: AsyncConnection, now: float, config: TrackerConfig) -> Counts:
+async def counts(conn: DriverSQL, now: float, config: TrackerConfig) -> Counts:
     """How many peers (and how many online), contents, live mappings and open leases there are."""
     row = (await _counts_select(config.dialect).fetch(conn, _times(now, config)))[0]
     return Counts(*(int(value or 0) for value in row))

@@ -19,7 +19,6 @@ from sqlalchemy import (
     select,
     true,
 )
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from .. import reputation as rep
@@ -169,7 +168,7 @@ def _times(now: float, config: TrackerConfig) -> dict[str, float]:
     return {"now": now, "cutoff": now - config.peer_timeout}
 
 
-async def peer_row(conn: AsyncConnection, peer_key: str, now: float, config: TrackerConfig) -> PeerRow | None:
+async def peer_row(conn: DriverSQL, peer_key: str, now: float, config: TrackerConfig) -> PeerRow | None:
     """One peer's merged metrics, or ``None`` if it was never seen."""
     rows = await _peer_row_select(config.dialect, config.reputation).fetch(
         conn, {"peer_key": peer_key, **_times(now, config)}
@@ -219,9 +218,7 @@ def _peer_row_select(dialect: str, params: rep.ReputationParams) -> Precompiled:
     return Precompiled(stmt, dialect)
 
 
-async def available_peer_keys(
-    conn: AsyncConnection, cid: str, now: float, config: TrackerConfig
-) -> list[str]:
+async def available_peer_keys(conn: DriverSQL, cid: str, now: float, config: TrackerConfig) -> list[str]:
     """Online holders of ``cid`` (any reputation), by peer id."""
     rows = await _available_select(config.dialect).fetch(conn, {"cid": cid, **_times(now, config)})
     return [row[0] for row in rows]
@@ -408,16 +405,22 @@ def _ranked_select(
     return Precompiled(stmt, dialect)
 
 
-async def content_last_updated(conn: AsyncConnection, cid: str) -> tuple[bool, float | None]:
+async def content_last_updated(conn: DriverSQL, dialect: str, cid: str) -> tuple[bool, float | None]:
     """Whether ``cid`` is known, and the latest change or confirmation of any of its mappings."""
+    rows = await _last_updated_select(dialect).fetch(conn, {"cid": cid})
+    if not rows:
+        return False, None
+    times = [t for t in (rows[0][1], rows[0][2]) if t is not None]
+    return True, max(times) if times else None
+
+
+@cache
+def _last_updated_select(dialect: str) -> Precompiled:
+    cp = content_peers.c
     stmt = (
-        select(contents.c.id, func.max(content_peers.c.changed_at), func.max(content_peers.c.last_confirmed))
-        .outerjoin(content_peers, content_peers.c.content_id == contents.c.id)
-        .where(contents.c.content_key == cid)
+        select(contents.c.id, func.max(cp.changed_at), func.max(cp.last_confirmed))
+        .outerjoin(content_peers, cp.content_id == contents.c.id)
+        .where(contents.c.content_key == bindparam("cid"))
         .group_by(contents.c.id)
     )
-    row = (await conn.execute(stmt)).first()
-    if row is None:
-        return False, None
-    times = [t for t in (row[1], row[2]) if t is not None]
-    return True, max(times) if times else None
+    return Precompiled(stmt, dialect)
