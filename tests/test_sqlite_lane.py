@@ -11,8 +11,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
-from tracker.db import configure_sqlite
-from tracker.errors import TransientStorageError
+from tracker.db import configure_sqlite, create_engine, run_read_unit
+from tracker.errors import StorageError, TrackerClosed, TransientStorageError
 from tracker.events import PeerOnline, SpeedSample
 from tracker.sqlite_lane import LaneConnection, SqliteLane, lane_path
 from tracker.testing import ManualClock
@@ -95,7 +95,7 @@ async def test_a_closed_lane_refuses_work(table_file: Path) -> None:
     async def unit(conn: LaneConnection) -> None:
         await conn.exec_driver_sql("SELECT 1", ())
 
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(TrackerClosed):
         await lane.transaction(unit)
 
 
@@ -185,3 +185,19 @@ async def test_the_lanes_statements_reach_their_observers(tmp_path: Path) -> Non
         await tracker.get_peer_metrics("peer-a")
     assert ("INSERT", True) in seen
     assert ("SELECT", False) in seen
+
+
+async def test_a_driver_error_on_the_read_lane_is_a_storage_error(table_file: Path) -> None:
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{table_file}")
+    engine, lane = create_engine(config), _lane(table_file, read_only=True)
+
+    async def broken(conn: LaneConnection) -> None:
+        await conn.exec_driver_sql("SELECT k FROM no_such_table", ())
+
+    try:
+        with pytest.raises(StorageError, match="no such table") as raised:
+            await run_read_unit(engine, lane, broken)
+        assert isinstance(raised.value.__cause__, sqlite3.OperationalError)
+    finally:
+        await lane.close()
+        await engine.dispose()

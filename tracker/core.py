@@ -128,7 +128,7 @@ class AvailabilityTracker:
 
     @property
     def sqlite_lanes(self) -> SqliteLanes | None:
-        """The SQLite lanes that run ingest, selection and the API's reads (``tracker.sqlite_lane``);
+        """The SQLite lanes that run ingest, selection and the API's reads (see ``tracker.sqlite_lane``);
         ``None`` on Postgres. Their ``observers`` see their SQL."""
         return self._lanes
 

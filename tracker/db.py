@@ -72,8 +72,8 @@ def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
 
 
 def configure_sqlite(dbapi_connection: Any, config: TrackerConfig) -> None:
-    """Set up a new SQLite connection: the engine's pool and the write lane (``tracker.sqlite_lane``)
-    both use this, so every connection of a tracker sees the same pragmas and functions."""
+    """Set up a new SQLite connection: the engine's pool and the lanes (``tracker.sqlite_lane``) both
+    use this, so every connection of a tracker sees the same pragmas and functions."""
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     # No lock-taking statement here: journal_mode=WAL is set once per file by ensure_wal().
@@ -143,9 +143,9 @@ def _sqlite_writer_lock(engine: AsyncEngine) -> asyncio.Lock | None:
 
 
 class DriverSQL(Protocol):
-    """The one call the hot write units make: driver-level SQL with positional parameters (a tuple runs
-    once and returns rows; a list of tuples is an executemany). ``AsyncConnection`` has it, and so has
-    the SQLite write lane's ``LaneConnection``, so one unit of work serves both."""
+    """The one call the hot units of work make: driver-level SQL with positional parameters (a tuple
+    runs once and returns rows; a list of tuples is an executemany). ``AsyncConnection`` has it, and so
+    has the SQLite lanes' ``LaneConnection``, so one unit of work serves both."""
 
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any: ...
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import make_url
 
 from .config import TrackerConfig
+from .errors import TrackerClosed
 
 T = TypeVar("T")
 #: ``echo_sql`` shows the lane's statements where SQLAlchemy's echo shows the engine's.
@@ -129,7 +130,7 @@ class SqliteLane:
         the thread (commits or rolls back), as a statement already sent to a server would.
         """
         if self._closed:
-            raise RuntimeError("the SQLite lane is closed")
+            raise TrackerClosed("the tracker is closed (its SQLite lanes are shut down)")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._run, work)
 
@@ -208,12 +209,12 @@ def _drive(awaitable: Awaitable[T]) -> T:
         return done.value  # type: ignore[no-any-return]
     coroutine.close()
     raise RuntimeError(
-        "a unit of work on the SQLite write lane awaited something other than its connection; "
+        "a unit of work on an SQLite lane awaited something other than its connection; "
         "only LaneConnection.exec_driver_sql may be awaited inside a lane transaction"
     )
 
 
 def _echo(statement: str, parameters: Any, many: bool) -> None:
-    """``echo_sql`` for the lane, on its own logger (SQLAlchemy's echo does not see these statements)."""
+    """``echo_sql`` for the lanes, on SQLAlchemy's engine logger (its own echo never sees these)."""
     shown = f"[{len(parameters)} rows]" if many else repr(parameters)
     _echo_log.info("[sqlite lane] %s %s", statement, shown)
