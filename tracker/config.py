@@ -68,7 +68,9 @@ class TrackerConfig:
     #: SQLite reads the file through a shared memory map of up to this many MiB (0: plain reads). The
     #: map is the OS page cache, shared by every connection and process, where SQLite's own page cache
     #: (2 MiB) is private to each connection; ranking a hot content probes thousands of random rows.
-    sqlite_mmap_mib: int = 256
+    #: Address space, not memory: a 1M-peer file is ~1.5 GB, and the part beyond the map is read with
+    #: a system call per page (common SQLite builds cap the map at 2 GiB).
+    sqlite_mmap_mib: int = 2048
     #: How ``select_best_peers`` picks by default: ``"best"`` (deterministic) or ``"weighted"`` (random).
     selection_strategy: str = "best"
     #: A peer handed out by selection carries a lease this long, unless an outcome for it closes it first.
