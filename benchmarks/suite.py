@@ -174,8 +174,8 @@ class _Replay:
     asyncpg on a second database migrated the same way. So the ratio of the two rates is what our
     layers (validation, event objects, parameter building, SQLAlchemy or the write lane, thread
     crossings) cost over the very same SQL work; the plain-table baseline of ``_PlainTable`` is the
-    engine's floor for rows of that count. Time per statement is
-    kept, which says where the database work goes.
+    engine's floor for rows of that count. Time per statement is kept, which says where the database
+    work goes.
     """
 
     def __init__(self, engine: str, url: str, tracker: AvailabilityTracker) -> None:

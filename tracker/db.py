@@ -185,12 +185,7 @@ async def run_read_unit(
     read transaction in one thread crossing, see ``tracker.sqlite_lane``), else on the engine."""
     if lane is None:
         return await run_read(engine, work)
-    try:
-        return await lane.transaction(work)
-    except Exception as error:
-        if _is_driver_error(error):
-            raise translate(error) from error
-        raise
+    return await _translating(lane.transaction(work))
 
 
 async def _with_retries(engine: AsyncEngine, once: Callable[[], Awaitable[T]], retries: int) -> T:
@@ -218,9 +213,18 @@ async def _with_retries(engine: AsyncEngine, once: Callable[[], Awaitable[T]], r
 
 async def run_read(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
     """Run ``work`` on a plain connection, translating driver errors."""
-    try:
+
+    async def once() -> T:
         async with engine.connect() as conn:
             return await work(conn)
+
+    return await _translating(once())
+
+
+async def _translating(call: Awaitable[T]) -> T:
+    """Await ``call``, raising driver errors as the tracker's ``StorageError`` family."""
+    try:
+        return await call
     except Exception as error:
         if _is_driver_error(error):
             raise translate(error) from error
