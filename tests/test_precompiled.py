@@ -41,3 +41,31 @@ def test_constants_are_written_into_the_sql_not_bound() -> None:
         statement = Precompiled(select(num(0.5) + bindparam("x", type_=Double())), dialect)
         assert "CAST(0.5 AS DOUBLE PRECISION)" in statement.sql
         assert statement._names == ("x",)
+
+
+def test_write_path_inserts_send_no_returning_clause() -> None:
+    """Nothing reads an inserted row back on the write path: a RETURNING clause (which SQLAlchemy adds
+    for a primary key given as a subquery, and on Postgres for every generated id) made the driver
+    build and discard one result row per event."""
+    from tracker import reputation
+    from tracker.queries import leases, writes
+
+    for dialect in ("sqlite", "postgresql"):
+        statements = [
+            writes._peer_stats_upsert(dialect, 300.0, reputation.DEFAULT_PARAMS),
+            writes._content_peers_upsert(dialect),
+            writes._outcomes_insert(dialect),
+            writes._samples_insert(dialect),
+            writes._keys_upsert(dialect, "peers"),
+            writes._keys_upsert(dialect, "contents"),
+            leases._grant(dialect),
+        ]
+        for statement in statements:
+            assert statement.sql.startswith("INSERT"), statement.sql[:40]
+            assert "RETURNING" not in statement.sql.upper(), (dialect, statement.sql[:60])
+    # An explicit RETURNING stays: only the implicit one is dropped.
+    from tracker.db import insert_for
+    from tracker.schema import nodes
+
+    explicit = insert_for("sqlite", nodes).values(node_key=bindparam("k")).returning(nodes.c.id)
+    assert "RETURNING" in Precompiled(explicit, "sqlite").sql
