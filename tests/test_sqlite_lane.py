@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from sqlalchemy.engine import make_url
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import configure_sqlite, create_engine, run_read_unit
 from tracker.errors import StorageError, TrackerClosed, TransientStorageError
-from tracker.events import PeerOnline, SpeedSample
+from tracker.events import ContentAvailable, PeerOnline, SpeedSample
 from tracker.sqlite_lane import LaneConnection, SqliteLane, lane_path
 from tracker.testing import ManualClock
 
@@ -201,3 +202,37 @@ async def test_a_driver_error_on_the_read_lane_is_a_storage_error(table_file: Pa
     finally:
         await lane.close()
         await engine.dispose()
+
+
+async def test_a_selection_cancelled_midway_commits_whole_and_the_tracker_goes_on(tmp_path: Path) -> None:
+    """docs/reliability.md: a cancelled caller stops waiting, its lane transaction does not stop."""
+    path = tmp_path / "cancel.db"
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}", clock=ManualClock(1_800_000_000.0))
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.record_batch([ContentAvailable("cid-1", f"peer-{i}") for i in range(4)])
+        lanes = tracker.sqlite_lanes
+        assert lanes is not None
+        entered, release = threading.Event(), threading.Event()
+
+        def hold_the_lease_insert(sql: str, _params: object, _many: bool) -> None:
+            if sql.startswith("INSERT INTO peer_leases"):  # in the lane thread, mid-transaction
+                entered.set()
+                release.wait(10)
+
+        lanes.observers.append(hold_the_lease_insert)
+        selecting = asyncio.create_task(tracker.select_best_peers("cid-1", 2))
+        assert await asyncio.to_thread(entered.wait, 10)
+        selecting.cancel()
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await selecting
+        lanes.observers.remove(hold_the_lease_insert)
+
+        # The writer is free at once, and the next selection sees the two leases handed to nobody:
+        # those peers are at a newcomer's cap of one lease, so only the other two are left.
+        chosen = await tracker.select_best_peers("cid-1", 4)
+        assert [p.load for p in chosen] == [0, 0]
+        await tracker.record_peer_online("peer-9")
+    with sqlite3.connect(path) as raw:
+        leased = [row[0] for row in raw.execute("SELECT peer_id FROM peer_leases")]
+    assert len(leased) == len(set(leased)) == 4
