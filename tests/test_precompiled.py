@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from sqlalchemy import Double, Integer, bindparam, literal, select
 
-from tracker import AvailabilityTracker
-from tracker.db import Precompiled
+from tracker import AvailabilityTracker, reputation
+from tracker.db import Precompiled, insert_for
+from tracker.queries import leases, writes
 from tracker.queries._sql import num
+from tracker.schema import nodes
 
 
 async def test_parameters_defaults_repeats_and_inline_constants(tracker: AvailabilityTracker) -> None:
@@ -47,9 +49,6 @@ def test_write_path_inserts_send_no_returning_clause() -> None:
     """Nothing reads an inserted row back on the write path: a RETURNING clause (which SQLAlchemy adds
     for a primary key given as a subquery, and on Postgres for every generated id) made the driver
     build and discard one result row per event."""
-    from tracker import reputation
-    from tracker.queries import leases, writes
-
     for dialect in ("sqlite", "postgresql"):
         statements = [
             writes._peer_stats_upsert(dialect, 300.0, reputation.DEFAULT_PARAMS),
@@ -64,8 +63,5 @@ def test_write_path_inserts_send_no_returning_clause() -> None:
             assert statement.sql.startswith("INSERT"), statement.sql[:40]
             assert "RETURNING" not in statement.sql.upper(), (dialect, statement.sql[:60])
     # An explicit RETURNING stays: only the implicit one is dropped.
-    from tracker.db import insert_for
-    from tracker.schema import nodes
-
     explicit = insert_for("sqlite", nodes).values(node_key=bindparam("k")).returning(nodes.c.id)
     assert "RETURNING" in Precompiled(explicit, "sqlite").sql
