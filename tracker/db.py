@@ -355,7 +355,8 @@ class Precompiled:
         self._pick = operator.itemgetter(*self._names) if len(self._names) > 1 else None
 
     def _row(self, params: dict[str, Any]) -> tuple[Any, ...]:
-        merged = self._defaults | params
+        # The write path's big statements carry no defaults: their rows are picked without a copy.
+        merged = self._defaults | params if self._defaults else params
         if self._pick is not None:
             return self._pick(merged)  # type: ignore[no-any-return]
         return tuple(merged[n] for n in self._names)
@@ -363,7 +364,7 @@ class Precompiled:
     async def executemany(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> None:
         """Run the statement once per row (one driver executemany)."""
         if rows:
-            await conn.exec_driver_sql(self.sql, [self._row(r) for r in rows])
+            await conn.exec_driver_sql(self.sql, list(map(self._row, rows)))
 
     async def fetch(self, conn: DriverSQL, params: dict[str, Any]) -> list[Any]:
         """Run the statement once and return its rows (tuples in select order)."""

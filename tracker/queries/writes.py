@@ -17,6 +17,7 @@ from sqlalchemy import (
     case,
     cast,
     func,
+    null,
     select,
     update,
 )
@@ -170,7 +171,7 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
         success_weight=bindparam("p_sw", type_=Double()),
         failure_weight=bindparam("p_fw", type_=Double()),
         evidence_at=bindparam("p_evidence_at", type_=Double()),
-        speed_bps=None,
+        speed_bps=null(),
         updated_at=bindparam("p_now", type_=Double()),
     )
     old, new = peer_stats.c, ins.excluded
@@ -224,7 +225,7 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
                 else_=old.evidence_at,
             ),
             "updated_at": new.updated_at,
-            "version": None,  # changed here: the stamper gives it this node's next version
+            "version": null(),  # changed here: the stamper gives it this node's next version
         },
     )
     return Precompiled(stmt, dialect)
