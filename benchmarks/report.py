@@ -16,6 +16,16 @@ def _cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _beside_selections(e: dict[str, Any]) -> str:
+    b = e.get("beside_ingest")  # results from before this workload have none
+    return "-" if b is None else f"{b['select']['qps']:,.0f} ({b['select_ratio']:.2f})"
+
+
+def _beside_ingest(e: dict[str, Any]) -> str:
+    b = e.get("beside_ingest")
+    return "-" if b is None else f"{b['ingest_beside_per_s']:,.0f} ({b['ingest_ratio']:.2f})"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -47,6 +57,8 @@ def markdown(results: dict[str, Any]) -> str:
             lambda e: f"{e['select_one']['p50_ms']:.2f} / {e['select_one']['p99_ms']:.2f}",
         ),
         ("select_best_peers, 32 callers, /s", lambda e: f"{e['select_many']['qps']:,.0f}"),
+        ("32 callers beside an ingest, /s (of alone)", _beside_selections),
+        ("heartbeat ingest beside 32 callers, events/s (of alone)", _beside_ingest),
         ("ranking p50 ms", lambda e: f"{e['rank_one']['p50_ms']:.2f}"),
         ("same SQL raw p50 ms", lambda e: f"{e['raw_rank_one']['p50_ms']:.2f}"),
         ("ranking / raw (target <= 2)", lambda e: f"{e['rank_over_raw_p50']:.2f}"),

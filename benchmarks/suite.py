@@ -9,7 +9,8 @@ Workloads, per engine, on the swarm of ``benchmarks/swarm.py``:
    sample of the same mix (every n-th event) as single calls from 100 concurrent coroutines (group
    commit), and the same sample in batches, for a like-for-like ratio;
 2. selection: ``select_best_peers(cid, 5)`` for contents drawn by popularity, from 1 and from 32
-   callers; and the ranking statement alone (read only), the part comparable to a raw query;
+   callers, and from 32 beside an ingest of heartbeats (each rate against its own alone); and the
+   ranking statement alone (read only), the part comparable to a raw query;
 3. a sweep over the whole swarm.
 
 Baselines, measured in the same run: the write path's own statements replayed through the bare
@@ -44,6 +45,7 @@ from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import run_read_unit
+from tracker.events import PeerOnline
 from tracker.queries import reads
 from tracker.reputation import DEFAULT_PARAMS, reputation
 from tracker.testing import ManualClock
@@ -438,6 +440,51 @@ async def _concurrent_singles(tracker: AvailabilityTracker, mix: list[Any], call
     return time.perf_counter() - started
 
 
+async def _beside_ingest(
+    tracker: AvailabilityTracker,
+    swarm: Swarm,
+    select: Callable[[random.Random], Awaitable[None]],
+    per_caller: int,
+    batches_alone: int,
+) -> dict[str, Any]:
+    """Selections from 32 callers while one coroutine ingests heartbeats of online peers in batches of
+    1,000, and that ingest alone just before: what selections and ingest cost each other on one
+    tracker (the 32 callers alone are the run's ``select_many``)."""
+    online = sorted(set(swarm.peers) - swarm.offline)
+    rng = random.Random(41)
+
+    def heartbeats() -> list[PeerOnline]:
+        return [PeerOnline(peer) for peer in rng.sample(online, 1000)]
+
+    started = time.perf_counter()
+    for _ in range(batches_alone):
+        await tracker.record_batch(heartbeats())
+    alone = batches_alone * 1000 / (time.perf_counter() - started)
+    stop = asyncio.Event()
+
+    async def ingest() -> int:
+        written = 0
+        while not stop.is_set():
+            await tracker.record_batch(heartbeats())
+            written += 1000
+        return written
+
+    writer = asyncio.create_task(ingest())
+    started = time.perf_counter()
+    try:
+        selections = await _timed_calls(select, 32, per_caller, 25)
+    finally:
+        stop.set()
+        written = await writer
+    beside = written / (time.perf_counter() - started)
+    return {
+        "ingest_alone_per_s": alone,
+        "ingest_beside_per_s": beside,
+        "ingest_ratio": beside / alone,
+        "select": selections,
+    }
+
+
 async def _analyze(engine: str, url: str) -> None:
     """Refresh the planner's statistics after the bulk load, as autovacuum would on a default server.
 
@@ -533,6 +580,12 @@ async def run_engine(
                 select_cid, memory_cid, swarm.draw_content, queries, 21
             )
             result["select_many"] = await _timed_calls(select, 32, max(1, queries // 32), 22)
+            result["beside_ingest"] = await _beside_ingest(
+                tracker, swarm, select, max(1, queries // 32), 5 if quick else 30
+            )
+            result["beside_ingest"]["select_ratio"] = (
+                result["beside_ingest"]["select"]["qps"] / result["select_many"]["qps"]
+            )
             result["rank_one"] = await _timed_calls(rank, 1, queries, 23)
             async with _RawRanking(engine, url, config) as raw:
 
@@ -551,6 +604,12 @@ async def run_engine(
                 f"32 callers {result['select_many']['qps']:,.0f}/s; "
                 f"ranking p50 {result['rank_one']['p50_ms']:.2f} ms vs raw SQL "
                 f"{result['raw_rank_one']['p50_ms']:.2f} ms ({result['rank_over_raw_p50']:.2f}x)"
+            )
+            beside = result["beside_ingest"]
+            log(
+                f"[{engine}] beside ingest: 32 callers {beside['select']['qps']:,.0f}/s "
+                f"({beside['select_ratio']:.2f} of alone), heartbeats {beside['ingest_beside_per_s']:,.0f}/s "
+                f"({beside['ingest_ratio']:.2f} of {beside['ingest_alone_per_s']:,.0f}/s alone)"
             )
 
             # 3. sweep

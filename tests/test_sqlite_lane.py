@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -15,13 +17,25 @@ from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import configure_sqlite, create_engine, run_read_unit
 from tracker.errors import StorageError, TrackerClosed, TransientStorageError
 from tracker.events import ContentAvailable, PeerOnline, SpeedSample
-from tracker.sqlite_lane import LaneConnection, SqliteLane, lane_path
+from tracker.sqlite_lane import LaneConnection, SqliteLane, SqliteLanes, lane_path
 from tracker.testing import ManualClock
 
 
 def _lane(path: Path, *, read_only: bool = False) -> SqliteLane:
     config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}")
     return SqliteLane(str(path), lambda raw: configure_sqlite(raw, config), [], read_only=read_only)
+
+
+@asynccontextmanager
+async def _newcomers_holding_cid_1(
+    path: Path, holders: int
+) -> AsyncIterator[tuple[AvailabilityTracker, SqliteLanes]]:
+    """A tracker on ``path`` where ``holders`` newcomers (a cap of one lease each) hold cid-1."""
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}", clock=ManualClock(1_800_000_000.0))
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.record_batch([ContentAvailable("cid-1", f"peer-{i}") for i in range(holders)])
+        assert tracker.sqlite_lanes is not None
+        yield tracker, tracker.sqlite_lanes
 
 
 def _count(path: Path, table: str = "t") -> int:
@@ -156,7 +170,9 @@ async def test_another_process_holding_the_write_lock_is_a_retryable_conflict_an
     url = f"sqlite+aiosqlite:///{tmp_path / 'busy.db'}"
     config = TrackerConfig(database_url=url, clock=clock, sqlite_busy_timeout_s=0.05, write_retries=1)
     async with AvailabilityTracker(config) as tracker:
-        await tracker.record_batch([PeerOnline("peer-a"), SpeedSample("peer-a", 1_000)])
+        await tracker.record_batch(
+            [PeerOnline("peer-a"), SpeedSample("peer-a", 1_000), ContentAvailable("cid-1", "peer-a")]
+        )
         other = sqlite3.connect(str(make_url(url).database), isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")  # another process's writer, holding the file's write lock
@@ -207,11 +223,7 @@ async def test_a_driver_error_on_the_read_lane_is_a_storage_error(table_file: Pa
 async def test_a_selection_cancelled_midway_commits_whole_and_the_tracker_goes_on(tmp_path: Path) -> None:
     """docs/reliability.md: a cancelled caller stops waiting, its lane transaction does not stop."""
     path = tmp_path / "cancel.db"
-    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}", clock=ManualClock(1_800_000_000.0))
-    async with AvailabilityTracker(config) as tracker:
-        await tracker.record_batch([ContentAvailable("cid-1", f"peer-{i}") for i in range(4)])
-        lanes = tracker.sqlite_lanes
-        assert lanes is not None
+    async with _newcomers_holding_cid_1(path, 4) as (tracker, lanes):
         entered, release = threading.Event(), threading.Event()
 
         def hold_the_lease_insert(sql: str, _params: object, _many: bool) -> None:
@@ -236,3 +248,48 @@ async def test_a_selection_cancelled_midway_commits_whole_and_the_tracker_goes_o
     with sqlite3.connect(path) as raw:
         leased = [row[0] for row in raw.execute("SELECT peer_id FROM peer_leases")]
     assert len(leased) == len(set(leased)) == 4
+
+
+async def test_selections_rank_beside_a_busy_writer_and_the_grant_recounts_under_the_cap(
+    tmp_path: Path,
+) -> None:
+    """A selection that finds the writer busy ranks on the read lane instead of waiting behind it; its
+    grant, on the write lane, re-counts the leases. Two selections ranked from the same snapshot (every
+    newcomer at load 0, cap 1) must not both lease the same peer."""
+    path = tmp_path / "busy-writer.db"
+    async with _newcomers_holding_cid_1(path, 3) as (tracker, lanes):
+        held, release = threading.Event(), threading.Event()
+        rankings_while_held = 0
+        counted = threading.Lock()
+
+        def observe(sql: str, _params: object, many: bool) -> None:
+            nonlocal rankings_while_held
+            if many and not held.is_set():  # the ingest batch's first statement, in the write lane
+                held.set()
+                release.wait(10)
+            elif sql.startswith("WITH merged") and held.is_set() and not release.is_set():
+                with counted:  # the ranking statement, while the writer is still held
+                    rankings_while_held += 1
+
+        lanes.observers.append(observe)
+        ingest = asyncio.create_task(tracker.record_batch([PeerOnline("peer-x")]))
+        assert await asyncio.to_thread(held.wait, 10)
+        selections = [asyncio.create_task(tracker.select_best_peers("cid-1", 2)) for _ in range(2)]
+        for _ in range(500):
+            if rankings_while_held == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert rankings_while_held == 2  # both ranked while the ingest held the writer
+        assert not any(s.done() for s in selections)  # and wait for it only to grant
+        release.set()
+        chosen = [await s for s in selections]
+        await ingest
+        lanes.observers.remove(observe)
+
+    picked = sorted(p.peer_id for result in chosen for p in result)
+    assert sorted(len(result) for result in chosen) == [1, 2]  # the second found two at their cap
+    assert picked == ["peer-0", "peer-1", "peer-2"]
+    assert all(p.load == 0 and p.capacity == 1 for result in chosen for p in result)
+    with sqlite3.connect(path) as raw:
+        leased = [row[0] for row in raw.execute("SELECT peer_id FROM peer_leases")]
+    assert len(leased) == len(set(leased)) == 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import operator
@@ -123,11 +122,8 @@ async def write_connection(engine: AsyncEngine) -> AsyncIterator[AsyncConnection
         yield conn
 
 
-_SQLITE_WRITERS: weakref.WeakKeyDictionary[Any, asyncio.Lock] = weakref.WeakKeyDictionary()
-
-
-def _sqlite_writer_lock(engine: AsyncEngine) -> asyncio.Lock | None:
-    """One in-process writer at a time per SQLite engine.
+class _SqliteWriter:
+    """One in-process writer at a time per SQLite engine, and how many write units want it.
 
     SQLite lets one connection write at a time anyway. Without this, the coroutines of one process
     (ingest, selections, the sweeper, gossip) would queue on the file lock inside driver threads, each
@@ -135,12 +131,33 @@ def _sqlite_writer_lock(engine: AsyncEngine) -> asyncio.Lock | None:
     on an asyncio lock instead, they wait in order and cheaply; other processes still queue on the
     file lock.
     """
+
+    __slots__ = ("lock", "wanted")
+
+    def __init__(self) -> None:
+        self.lock = asyncio.Lock()
+        #: Write units holding or waiting for ``lock``: the lock alone reads free for a moment
+        #: between one holder's release and the next waiter's wake-up.
+        self.wanted = 0
+
+
+_SQLITE_WRITERS: weakref.WeakKeyDictionary[Any, _SqliteWriter] = weakref.WeakKeyDictionary()
+
+
+def _sqlite_writer(engine: AsyncEngine) -> _SqliteWriter | None:
     if engine.dialect.name != "sqlite":
         return None
-    lock = _SQLITE_WRITERS.get(engine.sync_engine)
-    if lock is None:
-        lock = _SQLITE_WRITERS[engine.sync_engine] = asyncio.Lock()
-    return lock
+    writer = _SQLITE_WRITERS.get(engine.sync_engine)
+    if writer is None:
+        writer = _SQLITE_WRITERS[engine.sync_engine] = _SqliteWriter()
+    return writer
+
+
+def sqlite_writer_busy(engine: AsyncEngine) -> bool:
+    """Whether a write unit of this process holds or awaits the SQLite writer (always ``False`` on
+    Postgres). Selection looks at it to decide where to rank (``AvailabilityTracker.select_best_peers``)."""
+    writer = _SQLITE_WRITERS.get(engine.sync_engine)
+    return writer is not None and writer.wanted > 0
 
 
 class DriverSQL(Protocol):
@@ -191,11 +208,17 @@ async def run_read_unit(
 
 async def _with_retries(engine: AsyncEngine, once: Callable[[], Awaitable[T]], retries: int) -> T:
     attempt = 0
-    lock = _sqlite_writer_lock(engine)
+    writer = _sqlite_writer(engine)
     while True:
         try:
-            async with lock or contextlib.nullcontext():
+            if writer is None:
                 return await once()
+            writer.wanted += 1
+            try:
+                async with writer.lock:
+                    return await once()
+            finally:
+                writer.wanted -= 1
         except Exception as error:
             if not is_transient(error):
                 if _is_driver_error(error):

@@ -4,7 +4,7 @@
 """
 
 from .analytics import under_replicated_count, write_settings
-from .leases import grant_leases, lock_peers, open_loads, prune_expired_leases
+from .leases import current_loads, grant_leases, lock_peers, open_loads, prune_expired_leases
 from .listing import Counts, counts, peer_page
 from .reads import (
     PeerRow,
@@ -25,6 +25,7 @@ __all__ = [
     "available_peer_keys",
     "content_last_updated",
     "counts",
+    "current_loads",
     "ensure_local_node",
     "grant_leases",
     "lock_peers",
