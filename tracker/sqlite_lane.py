@@ -4,9 +4,10 @@ Through SQLAlchemy's aiosqlite adapter every step of a transaction (BEGIN, curso
 COMMIT, the pool's reset) is handed to aiosqlite's thread and back. On the 2-core machines we run on a
 crossing costs ~0.1 ms (a queue put, a thread wake-up, a loop wake-up): a selection made twelve of
 them, an ingest transaction about twenty, a one-statement read five (docs/benchmarks.md). Here the
-tracker's hot units (ingest's ``apply_events`` and the selection on the write lane, the API's reads on
-the read lane) run whole in a lane thread on its own ``sqlite3`` connection: one crossing per
-transaction, and no SQLAlchemy execution machinery in between (their statements are ``Precompiled``).
+tracker's hot units (ingest's ``apply_events`` and selection on the write lane; the API's reads on the
+read lane, where a selection also ranks while the writer is busy) run whole in a lane thread on its
+own ``sqlite3`` connection: one crossing per transaction, and no SQLAlchemy execution machinery in
+between (their statements are ``Precompiled``).
 
 A unit of work is the same ``async`` function the Postgres path runs, given a ``LaneConnection``
 whose ``exec_driver_sql`` completes without suspending. The lane drives the coroutine to its end inside
