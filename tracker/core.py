@@ -338,7 +338,7 @@ class AvailabilityTracker:
             # content takes milliseconds that would otherwise hold up every write queued behind it
             # (docs/load-balancing.md). With the writer idle, rank and grant in one write transaction:
             # the write lane's page cache stays warm across its own commits, while a reader's is
-            # dropped whenever the file changed, which costs a hot ranking ~15% (docs/benchmarks.md).
+            # dropped whenever the file changed, which costs a hot ranking ~20% (docs/benchmarks.md).
             ranked = await db.run_read_unit(engine, read_lane, rank)
             if not ranked:
                 return []
