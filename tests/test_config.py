@@ -33,6 +33,8 @@ def test_durations_accept_timedelta() -> None:
         ("database_url", "mysql://x"),
         ("clock", 5),
         ("max_batch_events", 0),
+        ("max_concurrent_selections", 0),
+        ("max_concurrent_selections", True),
     ],
 )
 def test_invalid_values_raise_a_clear_error(field: str, value: object) -> None:
@@ -59,6 +61,14 @@ def test_from_env_reads_tracker_variables() -> None:
     assert config.database_url == "postgresql+asyncpg://u@h/db"
     assert (config.peer_timeout, config.bandwidth_window, config.auto_migrate) == (120.0, 5, False)
     assert config.reputation.min_outcomes == 3.0
+
+
+def test_concurrent_selections_default_to_half_the_pool() -> None:
+    assert TrackerConfig().selection_slots == 2  # pool_size 5
+    assert TrackerConfig(pool_size=1).selection_slots == 1
+    assert TrackerConfig(pool_size=8, max_concurrent_selections=6).selection_slots == 6
+    env = {"TRACKER_MAX_CONCURRENT_SELECTIONS": "3"}
+    assert TrackerConfig.from_env(env).max_concurrent_selections == 3
 
 
 def test_from_env_names_the_bad_variable() -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import random
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -234,3 +236,37 @@ async def test_better_peers_are_chosen_more_and_proven_bad_ones_never(
                         await conn.execute(peer_leases.delete().where(peer_leases.c.id == oldest))
     assert share["bad"] == 0
     assert share["good"] > share["fair"] > 0, share
+
+
+async def test_concurrent_selections_are_bounded_so_they_cannot_crowd_out_ingest(
+    config: TrackerConfig, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Postgres: at most ``max_concurrent_selections`` rankings at once, the others wait their turn
+    (every call still answers). SQLite: its lanes bound them (two read threads and the writer)."""
+    from tracker import queries
+
+    ranking = queries.ranked_holders
+    running, peak = 0, 0
+    counting = threading.Lock()  # on SQLite the rankings run in lane threads
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal running, peak
+        with counting:
+            running += 1
+            peak = max(peak, running)
+        try:
+            return await ranking(*args, **kwargs)
+        finally:
+            with counting:
+                running -= 1
+
+    monkeypatch.setattr(queries, "ranked_holders", counted)
+    settings = replace(config, max_concurrent_selections=2, max_load_per_peer=1_000)
+    async with AvailabilityTracker(settings) as tracker:
+        await tracker.record_batch(proven_peers([f"p{i}" for i in range(6)], clock.now))
+        ingest = tracker.record_batch([PeerOnline(f"q{i}") for i in range(50)])
+        picked, _ = await asyncio.gather(
+            asyncio.gather(*(tracker.select_best_peers("movie", 2) for _ in range(24))), ingest
+        )
+    assert all(len(p) == 2 for p in picked)
+    assert (peak == 2) if settings.dialect == "postgresql" else (1 <= peak <= 3)

@@ -105,6 +105,11 @@ class TrackerConfig:
     replication_target: int = 3
     #: Connections kept open per process (Postgres); SQLite uses a small pool of its own.
     pool_size: int = 5
+    #: Selections of this process running at once on Postgres (``None``: half of ``pool_size``, at
+    #: least 1); the rest wait their turn. A hot content's ranking is milliseconds of server CPU, and
+    #: unbounded they crowd out ingest: heartbeats beside 32 selectors fell to ~2.7k/s, below what
+    #: 100k peers send (docs/load-balancing.md). SQLite's lanes bound them already.
+    max_concurrent_selections: int | None = None
     echo_sql: bool = False
     #: Zero-argument callable returning Unix time in seconds; tests inject a controllable one.
     clock: Clock = field(default=time.time, compare=False, repr=False)
@@ -145,6 +150,9 @@ class TrackerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        slots = self.max_concurrent_selections
+        if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
+            raise ConfigError(f"max_concurrent_selections must be an integer >= 1 or None, got {slots!r}")
         if (
             isinstance(self.sweep_jitter, bool)
             or not isinstance(self.sweep_jitter, int | float)
@@ -171,6 +179,13 @@ class TrackerConfig:
             raise ConfigError(f"reputation must be a ReputationParams, got {self.reputation!r}")
         if not callable(self.clock):
             raise ConfigError(f"clock must be a zero-argument callable, got {self.clock!r}")
+
+    @property
+    def selection_slots(self) -> int:
+        """How many selections may run at once (``max_concurrent_selections`` resolved)."""
+        if self.max_concurrent_selections is not None:
+            return self.max_concurrent_selections
+        return max(1, self.pool_size // 2)
 
     @property
     def dialect(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -54,6 +55,7 @@ class AvailabilityTracker:
         self._sweeper: SweeperTask | None = None
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events)
         self._random = random.Random(self.config.random_seed)
+        self._selection_slots = asyncio.Semaphore(self.config.selection_slots)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -308,6 +310,12 @@ class AvailabilityTracker:
             raise InvalidInput(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
         if n <= 0:
             return []
+        if self.config.dialect != "postgresql":
+            return await self._select(cid, n, strategy, seed)
+        async with self._selection_slots:  # see TrackerConfig.max_concurrent_selections
+            return await self._select(cid, n, strategy, seed)
+
+    async def _select(self, cid: str, n: int, strategy: str, seed: int | None) -> list[PeerInfo]:
         config, node_id, engine = self.config, self.node_id, self.engine
         draw = float(self._random.random() * 1e6 if seed is None else random.Random(seed).random() * 1e6)
 
