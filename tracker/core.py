@@ -325,11 +325,17 @@ class AvailabilityTracker:
                 conn, cid, config.clock(), config, limit=2 * n, mode=strategy, seed=draw
             )
 
-        async def grant(conn: db.DriverSQL, ranked: list[queries.RankedRow]) -> list[queries.RankedRow]:
+        async def grant(
+            conn: db.DriverSQL, ranked: list[queries.RankedRow], *, ranked_here: bool
+        ) -> list[queries.RankedRow]:
             now = config.clock()
-            keys = [row.peer_key for row in ranked]
-            # Counted again in the granting transaction: the cap holds whatever ran since the ranking.
-            loads = await queries.current_loads(conn, config.dialect, keys, now)
+            if ranked_here and config.dialect == "sqlite":
+                # Ranked inside this exclusive transaction: the loads it read are still current.
+                loads = {row.peer_key: row.load for row in ranked}
+            else:
+                # Counted again in the granting transaction: the cap holds whatever ran since the ranking.
+                keys = [row.peer_key for row in ranked]
+                loads = await queries.current_loads(conn, config.dialect, keys, now)
             chosen = [row for row in ranked if loads.get(row.peer_key, 0) < row.capacity][:n]
             await queries.grant_leases(
                 conn, config.dialect, node_id, cid, [row.peer_key for row in chosen], now, config.lease_ttl_s
@@ -352,13 +358,13 @@ class AvailabilityTracker:
                 return []
 
             async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                return await grant(conn, ranked)
+                return await grant(conn, ranked, ranked_here=False)
 
             rows = await db.run_write_unit(engine, self._write_lane(), grant_ranked, config.write_retries)
         else:
 
             async def rank_and_grant(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                return await grant(conn, await rank(conn))
+                return await grant(conn, await rank(conn), ranked_here=True)
 
             rows = await db.run_write_unit(engine, self._write_lane(), rank_and_grant, config.write_retries)
         return [_peer_info(row) for row in rows]
