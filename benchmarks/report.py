@@ -26,6 +26,35 @@ def _beside_ingest(e: dict[str, Any]) -> str:
     return "-" if b is None else f"{b['ingest_beside_per_s']:,.0f} ({b['ingest_ratio']:.2f})"
 
 
+def _concurrency(results: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]]]]:
+    """Each engine's (and Redis's) selections by number of callers; runs before the sweep have none."""
+    series = [(e["engine"], e["select_concurrency"]) for e in results["engines"] if "select_concurrency" in e]
+    redis = results.get("redis") or {}
+    if "concurrency" in redis:
+        series.append(("Redis", redis["concurrency"]))
+    return series
+
+
+def _concurrency_table(results: dict[str, Any]) -> list[str]:
+    series = _concurrency(results)
+    if not series:
+        return []
+    levels = list(series[0][1])
+    return [
+        "",
+        "Selections/s (p99 ms) against concurrent callers:",
+        "",
+        "| callers | " + " | ".join(name for name, _ in series) + " |",
+        "|---|" + "---|" * len(series),
+        *(
+            f"| {level} | "
+            + " | ".join(f"{s[level]['qps']:,.0f} ({s[level]['p99_ms']:.1f})" for _, s in series)
+            + " |"
+            for level in levels
+        ),
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -77,6 +106,7 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name, cell in rows:
         lines.append(f"| {name} | " + " | ".join(cell(e) for e in results["engines"]) + " |")
+    lines += _concurrency_table(results)
     lines.append("")
     lines.append(f"In-memory dict + heapq: p50 {results['memory']['p50_ms']:.3f} ms.")
     if results["redis"] is not None:
@@ -171,13 +201,23 @@ def plot(results: dict[str, Any], out: Path) -> None:
     fig.savefig(out / "selection-cdf.png", dpi=100)
     plt.close(fig)
 
-    # Throughput against concurrency (1 and 32 callers).
+    # Throughput against concurrency: the sweep over 1..32 callers (runs before it: 1 and 32 only).
     fig, ax = plt.subplots(figsize=(7, 4))
-    lines = [(e["engine"], e["select_one"]["qps"], e["select_many"]["qps"]) for e in results["engines"]]
-    if results["redis"] is not None:
-        lines.append(("Redis", results["redis"]["one"]["qps"], results["redis"]["many"]["qps"]))
-    for name, one, many in lines:
-        ax.plot([1, 32], [one, many], marker="o", label=name)
+    curves = [
+        (name, [int(c) for c in sweep], [r["qps"] for r in sweep.values()])
+        for name, sweep in _concurrency(results)
+    ]
+    if not curves:
+        curves = [
+            (e["engine"], [1, 32], [e["select_one"]["qps"], e["select_many"]["qps"]])
+            for e in results["engines"]
+        ]
+        if results["redis"] is not None:
+            curves.append(
+                ("Redis", [1, 32], [results["redis"]["one"]["qps"], results["redis"]["many"]["qps"]])
+            )
+    for name, callers, qps in curves:
+        ax.plot(callers, qps, marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrent callers")

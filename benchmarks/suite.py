@@ -58,6 +58,10 @@ REDIS_URL = os.environ.get("TRACKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15
 T0 = 1_800_000_000.0
 
 
+#: Concurrent callers of the throughput-against-concurrency sweep (32 is also the headline figure).
+LEVELS = (1, 2, 4, 8, 16, 32)
+
+
 def _percentiles(latencies: list[float]) -> dict[str, float]:
     ordered = sorted(latencies)
     pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
@@ -90,6 +94,17 @@ async def _timed_calls(
         "calls": len(latencies),
         "qps": len(latencies) / wall,
         **_percentiles(latencies),
+    }
+
+
+async def _concurrency_sweep(
+    call: Callable[[random.Random], Awaitable[Any]], calls: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Throughput and latency at each of ``LEVELS`` callers, ``calls`` calls per level (at least one
+    per caller): where an engine stops gaining from concurrency and only queues."""
+    return {
+        str(callers): await _timed_calls(call, callers, max(1, calls // callers), seed + callers)
+        for callers in LEVELS
     }
 
 
@@ -359,8 +374,9 @@ async def _redis_baseline(swarm: Swarm, memory: _Memory, queries: int, callers: 
 
         one = await _timed_calls(call, 1, queries, 11)
         many = await _timed_calls(call, callers, max(1, queries // callers), 12)
+        sweep = await _concurrency_sweep(call, queries, 13)
         await client.flushdb()
-        return {"one": one, "many": many}
+        return {"one": one, "many": many, "concurrency": sweep}
     finally:
         await client.aclose()
 
@@ -585,6 +601,11 @@ async def run_engine(
                 select_cid, memory_cid, swarm.draw_content, queries, 21
             )
             result["select_many"] = await _timed_calls(select, 32, max(1, queries // 32), 22)
+            result["select_concurrency"] = await _concurrency_sweep(select, queries // 3, 40)
+            log(
+                f"[{engine}] selections/s by callers: "
+                + ", ".join(f"{c}: {r['qps']:,.0f}" for c, r in result["select_concurrency"].items())
+            )
             result["beside_ingest"] = await _beside_ingest(
                 tracker, swarm, select, max(1, queries // 32), 5 if quick else 30
             )

@@ -29,9 +29,13 @@ def test_the_quick_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
             "mappings"
         ] + (results["swarm"]["peers"] // 5)
         assert engine["select_one"]["calls"] == 300 and engine["raw_rank_one"]["p50_ms"] > 0
+        sweep = engine["select_concurrency"]
+        assert list(sweep) == ["1", "2", "4", "8", "16", "32"]
+        assert all(r["calls"] >= int(c) and r["qps"] > 0 for c, r in sweep.items())
     table = (tmp_path / "results.md").read_text()
     assert "batch / same statements raw" in table and "batch / plain table" in table
     assert "ranking / raw" in table and "single / batch" in table
+    assert "against concurrent callers" in table and "\n| 16 | " in table
     for engine in results["engines"]:
         # The replay ran every statement of the write path, and the single calls sent their whole mix.
         assert engine["ingest_batch"]["replay_seconds_by_statement"]["INSERT peer_stats"] > 0
