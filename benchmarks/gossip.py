@@ -308,8 +308,10 @@ async def bench_convergence(n: int, scratch: Path, seed: int = 1) -> dict[str, A
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
     peers, mappings, sizes = (1_000, 10_000, (8, 16)) if args.quick else (10_000, 100_000, (64, 256))
-    if args.nodes:
-        sizes = tuple(int(n) for n in args.nodes.split(","))
+    peers = args.peers if args.peers is not None else peers
+    mappings = args.mappings if args.mappings is not None else mappings
+    if args.nodes is not None:
+        sizes = tuple(int(n) for n in args.nodes.split(",") if n)
     results: dict[str, Any] = {"delta": [], "convergence": []}
     with tempfile.TemporaryDirectory(prefix="bench-gossip-") as tmp:
         scratch = Path(tmp)
@@ -326,7 +328,11 @@ def main() -> None:
     parser.add_argument("--engine", choices=["sqlite", "postgresql", "all"], default="all")
     parser.add_argument("--max-rows", type=int, default=20_000, help="rows per message")
     parser.add_argument("--json", type=Path, help="also write the figures here")
-    parser.add_argument("--nodes", help="swarm sizes for the convergence simulation, e.g. 64,256")
+    parser.add_argument("--peers", type=int, help="changed peers in the delta (default 10,000)")
+    parser.add_argument("--mappings", type=int, help="changed mappings in the delta (default 100,000)")
+    parser.add_argument(
+        "--nodes", help="swarm sizes for the convergence simulation, e.g. 64,256 ('' for none)"
+    )
     parser.add_argument("--skip-delta", action="store_true", help="only the convergence simulation")
     args = parser.parse_args()
     results = asyncio.run(main_async(args))
