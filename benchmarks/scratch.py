@@ -17,13 +17,19 @@ def driver_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
-async def admin(sql: str) -> None:
-    """Run one statement (CREATE/DROP DATABASE) on the server's default database."""
-    conn = await asyncpg.connect(driver_dsn(PG_URL))
+async def execute(url: str, sql: str) -> None:
+    """Run one statement on the database of ``url`` through the bare driver, outside any transaction
+    (``VACUUM`` and ``CREATE DATABASE`` refuse to run inside one)."""
+    conn = await asyncpg.connect(driver_dsn(url))
     try:
         await conn.execute(sql)
     finally:
         await conn.close()
+
+
+async def admin(sql: str) -> None:
+    """Run one statement (CREATE/DROP DATABASE) on the server's default database."""
+    await execute(PG_URL, sql)
 
 
 async def create_database(prefix: str) -> str:

@@ -51,7 +51,7 @@ from tracker.reputation import DEFAULT_PARAMS, reputation
 from tracker.testing import ManualClock
 
 from .report import markdown, plot, write_plans
-from .scratch import create_database, driver_dsn, drop_database
+from .scratch import create_database, driver_dsn, drop_database, execute
 from .swarm import Swarm, event_count, events, generate
 
 REDIS_URL = os.environ.get("TRACKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -478,11 +478,7 @@ async def _release_leases(engine: str, url: str) -> None:
             conn.execute("DELETE FROM peer_leases")
             conn.commit()
         return
-    conn = await asyncpg.connect(driver_dsn(url))
-    try:
-        await conn.execute("TRUNCATE peer_leases")
-    finally:
-        await conn.close()
+    await execute(url, "TRUNCATE peer_leases")
 
 
 async def _beside_ingest(
@@ -543,11 +539,7 @@ async def _analyze(engine: str, url: str) -> None:
         # SQLite picks these statements' indexes without statistics, and the same with them: on the
         # 100k file ANALYZE left the ranking's plan (plan-sqlite-*.txt) and its p50 as they were.
         return
-    conn = await asyncpg.connect(driver_dsn(url))
-    try:
-        await conn.execute("VACUUM (ANALYZE)")
-    finally:
-        await conn.close()
+    await execute(url, "VACUUM (ANALYZE)")
 
 
 # -- the run ------------------------------------------------------------------------------------
