@@ -9,7 +9,8 @@ Workloads, per engine, on the swarm of ``benchmarks/swarm.py``:
    sample of the same mix (every n-th event) as single calls from 100 concurrent coroutines (group
    commit), and the same sample in batches, for a like-for-like ratio;
 2. selection: ``select_best_peers(cid, 5)`` for contents drawn by popularity, from 1 and from 32
-   callers, and from 32 beside an ingest of heartbeats (each rate against its own alone); and the
+   callers, from 1 to 32 in a sweep (throughput against concurrency), and from 32 beside an ingest
+   of heartbeats (each rate against its own alone), each phase starting with no open leases; and the
    ranking statement alone (read only), the part comparable to a raw query;
 3. a sweep over the whole swarm.
 
