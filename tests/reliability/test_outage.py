@@ -86,10 +86,19 @@ async def test_killed_connections_cost_only_the_calls_in_flight(db_url: str, tmp
         await tracker.record_upload_success("outage-peer", bytes=10**9)
         acked.add(10**9)
         assert (await tracker.get_peer_metrics("outage-peer")) is not None
-        await asyncio.sleep(1.0)
-        assert tracker.sweeper_state.passes > sweeps_before
-        assert agent.stats.rounds > rounds_before and not gossiping.done()
-        assert await other.get_peer_metrics("outage-peer") is not None  # gossip carried it out
+        # Each failed pass doubles the sweeper's wait, up to 10 intervals (2 s here): killed connections
+        # can leave it backing off for longer than the outage lasted. It must resume within that bound.
+        deadline = asyncio.get_running_loop().time() + 10 * config.update_interval + 1.0
+        while not (
+            tracker.sweeper_state.passes > sweeps_before
+            and agent.stats.rounds > rounds_before + 1  # a whole round after the write above
+            and await other.get_peer_metrics("outage-peer") is not None  # gossip carried it out
+        ):
+            assert asyncio.get_running_loop().time() < deadline, (
+                f"not resumed: {tracker.sweeper_state}, {agent.stats.rounds - rounds_before} gossip rounds"
+            )
+            await asyncio.sleep(0.05)
+        assert not gossiping.done()
         async with tracker.engine.connect() as conn:
             stored, served = await stored_outcomes(conn, "outage-peer", tracker.node_id)
         assert acked <= stored and served == len(stored)
