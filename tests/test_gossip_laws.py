@@ -1,9 +1,14 @@
 """The merge is a semilattice on each engine: idempotent, commutative, associative (hypothesis).
 
 States are sets of records that honest origins could have produced: an origin's row for a peer at a
-version is a function of (origin, peer, version), its counters grow with the version, and its mapping
-changes never go back in time. Two databases receive the same records in different orders and
-groupings; their tables must end up identical, row for row.
+version is a function of (origin, peer, version), its counters grow with the version, its samples are
+a function of the version at which they last changed, and its mapping changes never go back in time.
+Two databases receive the same records in different orders and groupings; their tables must end up
+identical, row for row.
+
+Rows sent without their samples ("bare": the sender believed the receiver held them) are not part of
+the semilattice: they apply only over the samples they name, so a stored row always holds its own
+samples, and the resend their receiver then asks for brings the state where it would have been.
 """
 
 from __future__ import annotations
@@ -26,11 +31,22 @@ ORIGINS = ("origin-a", "origin-b", "origin-c")
 PEERS = ("p1", "p2", "p3")
 CIDS = ("c1", "c2")
 
-PeerRef = tuple[str, int, str, int]  # ("peer", origin index, peer, version)
+PeerRef = tuple[str, int, str, int]  # ("peer" or "bare", origin index, peer, version)
 MapRef = tuple[str, int, str, str, int]  # ("map", origin index, cid, peer, version)
 
 
-def _peer(origin: int, peer: str, version: int) -> PeerState:
+def _samples_version(version: int) -> int:
+    """Samples change every third version: rows 3, 4 and 5 share those of version 3."""
+    return max(1, version - version % 3)
+
+
+def _samples(origin: int, samples_version: int) -> list[tuple[float, int]]:
+    s = samples_version
+    return [(T0 - 100 + s - j, 1000 * s + j + origin) for j in range(1 + s % 4)]
+
+
+def _peer(origin: int, peer: str, version: int, carried: bool = True) -> PeerState:
+    samples_version = _samples_version(version)
     return PeerState(
         peer=peer,
         first_seen=T0 - 1000 + 7 * version + origin,
@@ -45,7 +61,8 @@ def _peer(origin: int, peer: str, version: int) -> PeerState:
         evidence_at=T0 - 100 + version,
         updated_at=T0 - 100 + version,
         version=version,
-        samples=[(T0 - 100 + version - j, 1000 * version + j + origin) for j in range(version % 4)],
+        samples=_samples(origin, samples_version) if carried else None,
+        samples_version=samples_version,
     )
 
 
@@ -74,14 +91,22 @@ records = st.lists(
     ),
     max_size=12,
 )
+#: Also peer rows without their samples.
+any_records = st.lists(
+    st.one_of(
+        records.filter(bool).map(lambda rs: rs[0]),
+        st.tuples(st.just("bare"), st.integers(0, 2), st.sampled_from(PEERS), st.integers(1, 8)),
+    ),
+    max_size=12,
+)
 
 
 def _deltas(refs: list[Any]) -> list[OriginDelta]:
     grouped: dict[int, tuple[list[PeerState], list[MappingState]]] = {}
     for ref in refs:
         peers_, maps = grouped.setdefault(ref[1], ([], []))
-        if ref[0] == "peer":
-            peers_.append(_peer(ref[1], ref[2], ref[3]))
+        if ref[0] in ("peer", "bare"):
+            peers_.append(_peer(ref[1], ref[2], ref[3], carried=ref[0] == "peer"))
         else:
             maps.append(_mapping(ref[1], ref[2], ref[3], ref[4]))
     return [
@@ -197,3 +222,49 @@ def test_any_order_of_single_records_gives_the_same_state(
     shuffled = list(a)
     seed.shuffle(shuffled)
     asyncio.run(_check((db_url, other_db_url), ([[r] for r in a], [[r] for r in shuffled])))
+
+
+def _carried(refs: list[Any]) -> list[Any]:
+    """The same records, every peer row with its samples: what a resend brings."""
+    return [("peer", *ref[1:]) if ref[0] == "bare" else ref for ref in refs]
+
+
+@_LAWS
+@given(a=any_records, seed=st.randoms(use_true_random=False))
+def test_rows_without_samples_then_the_resend_give_the_state_of_rows_with_samples(
+    db_url: str, other_db_url: str, a: list[Any], seed: Any
+) -> None:
+    shuffled = list(a)
+    seed.shuffle(shuffled)
+    resend = _carried(a)
+    asyncio.run(_check((db_url, other_db_url), ([[r] for r in shuffled] + [resend], [resend])))
+
+
+@_LAWS
+@given(a=any_records)
+def test_a_stored_row_always_holds_the_samples_of_its_own_samples_version(
+    db_url: str, other_db_url: str, a: list[Any]
+) -> None:
+    async def run() -> None:
+        tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url))
+        try:
+            await _reset(tracker)
+            await _apply(tracker, [[r] for r in a])
+            stats, _, samples, _, _ = await _dump(tracker)
+            columns = ["peer_key", "node_key"] + [
+                c.name for c in peer_stats.c if c.name not in ("peer_id", "node_id")
+            ]
+            for row in stats:
+                stored = dict(zip(columns, row, strict=True))
+                origin = ORIGINS.index(stored["node_key"])
+                assert stored["samples_version"] == _samples_version(stored["version"])
+                held = sorted(
+                    (at, bps)
+                    for peer, node, at, bps in samples
+                    if (peer, node) == (stored["peer_key"], stored["node_key"])
+                )
+                assert held == sorted(_samples(origin, stored["samples_version"]))
+        finally:
+            await tracker.close()
+
+    asyncio.run(run())

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gossip_helpers import KEY, LocalNet, merged_view
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.db import run_read, run_write
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
+from tracker.gossip.protocol import OriginDelta, PeerState
+from tracker.queries import gossip as q
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0
@@ -181,3 +185,112 @@ async def test_neighbours_are_learned_only_when_enabled(tmp_path: Path, net: Loc
     finally:
         for tracker in trackers:
             await tracker.close()
+
+
+async def _delta_row(agent: GossipAgent, base: int, peer: str) -> Any:
+    """What ``agent`` would send about its own row of ``peer`` to a neighbour holding it through ``base``."""
+
+    async def work(conn: Any) -> Any:
+        await q.stamp(conn, agent.tracker.config.dialect, agent.tracker.node_id, 7)
+        delta = await q.read_deltas(conn, {agent.node_key: base}, (), 50, 10)
+        return next(p for d in delta.deltas for p in d.peers if p.peer == peer)
+
+    return await run_write(agent.tracker.engine, work, 3)
+
+
+async def _vector(agent: GossipAgent) -> dict[str, int]:
+    return await run_read(agent.tracker.engine, q.version_vector)
+
+
+async def test_a_heartbeat_travels_without_samples_and_the_receiver_keeps_its_own(
+    nodes: list[GossipAgent], manual_clock: ManualClock
+) -> None:
+    a, b, _ = nodes
+    await a.tracker.record_peer_online("p")
+    for speed in (1000, 2000, 6000):
+        await a.tracker.record_download_speed("p", speed)
+    first = await _delta_row(a, 0, "p")
+    assert first.samples is not None and len(first.samples) == 3
+    await _sync(b, "a")
+    held = (await _vector(b))[a.node_key]
+    assert held >= first.samples_version
+
+    manual_clock.advance(30)
+    await a.tracker.record_peer_online("p")  # a heartbeat: the row changes, its samples do not
+    beat = await _delta_row(a, held, "p")
+    assert beat.version > held and beat.samples is None and beat.samples_version == first.samples_version
+    assert (await _delta_row(a, first.samples_version - 1, "p")).samples is not None  # an older base
+    await _sync(b, "a")
+    metrics = await b.tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.download_speed == 3000 and metrics.last_seen.timestamp() == T0 + 30
+
+    await a.tracker.record_download_speed("p", 9000)  # a sample: the row travels with its samples
+    held = (await _vector(b))[a.node_key]
+    fresh = await _delta_row(a, held, "p")
+    assert fresh.samples is not None and fresh.samples_version == fresh.version > held
+    await _sync(b, "a")
+    metrics = await b.tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.download_speed == 4500
+    assert await merged_view(a.tracker, []) == await merged_view(b.tracker, [])
+
+
+def _row(version: int, samples_version: int, carried: bool) -> PeerState:
+    return PeerState(
+        peer="p",
+        first_seen=T0,
+        online=True,
+        online_since=T0,
+        last_seen=T0 + version,
+        uptime_s=0.0,
+        served=version,
+        failed=0,
+        success_weight=float(version),
+        failure_weight=0.0,
+        evidence_at=T0,
+        updated_at=T0 + version,
+        version=version,
+        samples=[(T0 + samples_version, 1000 * samples_version)] if carried else None,
+        samples_version=samples_version,
+    )
+
+
+async def test_a_row_without_the_samples_it_names_waits_and_its_origin_clock_asks_again(
+    nodes: list[GossipAgent],
+) -> None:
+    a = nodes[0]
+    tracker = a.tracker
+
+    async def merge(base: int, upto: int, row: PeerState) -> q.MergeCounts:
+        delta = OriginDelta(origin="x", base=base, upto=upto, peers=[row])
+
+        async def work(conn: Any) -> q.MergeCounts:
+            return await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10)
+
+        return await run_write(tracker.engine, work, 3)
+
+    async def stored() -> tuple[Any, int]:
+        metrics = await tracker.get_peer_metrics("p")
+        return (None if metrics is None else (metrics.chunks_served, metrics.download_speed)), (
+            await _vector(a)
+        )["x"]
+
+    # Nothing held: a row without samples is not applied; the clock stops below its samples version.
+    counts = await merge(0, 5, _row(5, 3, carried=False))
+    assert (counts.peers, counts.waiting) == (0, 1)
+    assert await stored() == (None, 2)
+    # The resend from there carries them.
+    counts = await merge(2, 5, _row(5, 3, carried=True))
+    assert (counts.peers, counts.waiting) == (1, 0)
+    assert await stored() == ((5, 3000), 5)
+    # A newer row naming the held samples applies without them: counters move, the speed stays.
+    counts = await merge(5, 7, _row(7, 3, carried=False))
+    assert (counts.peers, counts.waiting) == (1, 0)
+    assert await stored() == ((7, 3000), 7)
+    # One naming samples this node has not seen waits, and the clock goes back below them.
+    counts = await merge(7, 9, _row(9, 8, carried=False))
+    assert (counts.peers, counts.waiting) == (0, 1)
+    assert await stored() == ((7, 3000), 7)
+    # An old row without samples is just old: nothing to ask for.
+    counts = await merge(7, 7, _row(6, 3, carried=False))
+    assert (counts.peers, counts.waiting) == (0, 0)
+    assert await stored() == ((7, 3000), 7)

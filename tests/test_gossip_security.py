@@ -128,7 +128,7 @@ async def test_old_future_oversized_malformed_and_unknown_versions_are_refused(t
         gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "kind": "reply"}).encode()),
     ):
         await _refused(target, raw, Keyring([KEY]).sign(raw), 400, "malformed")
-    future = gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "version": 2}).encode())
+    future = gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "version": 3}).encode())
     await _refused(target, future, Keyring([KEY]).sign(future), 400, "unknown_version")
     me = _sync(node=target.node_key)
     await _refused(target, *_signed(me), 400, "self")
@@ -261,3 +261,45 @@ def test_the_decoder_refuses_any_garbage_cleanly(body: bytes) -> None:
         decode(body, keyring.sign(body), keyring, max_bytes=10**6, now=T0, max_skew_s=60)
     except GossipRejected as error:
         assert error.reason in {"malformed", "oversized", "unknown_version", "too_old", "from_future"}
+
+
+def _raw(message: Message, **peer_changes: Any) -> bytes:
+    """``message`` as JSON with its first peer row edited (to send what the models would refuse)."""
+    doc = message.model_dump(mode="json")
+    doc["deltas"][0]["peers"][0].update(peer_changes)
+    return gzip.compress(json.dumps(doc).encode())
+
+
+async def test_a_version_1_sync_is_answered_in_version_1_with_every_rows_samples(
+    target: GossipAgent,
+) -> None:
+    """A tracker not yet upgraded keeps exchanging with upgraded ones (docs/gossip.md)."""
+    await target.tracker.record_download_speed("p", 5000)
+    doc = _sync(vector={}).model_dump(mode="json", exclude=_V1_FIELDS)
+    body = gzip.compress(json.dumps({**doc, "version": 1}).encode())
+    status, answer, headers = await target.handle(body, Keyring([KEY]).sign(body))
+    assert status == 200
+    reply = json.loads(gzip.decompress(answer))
+    assert reply["version"] == 1
+    rows = [p for d in reply["deltas"] for p in d["peers"]]
+    assert rows and all("samples_version" not in p and p["samples"] is not None for p in rows)
+    own = [p for d in reply["deltas"] if d["origin"] == target.node_key for p in d["peers"]]
+    assert [p["samples"] for p in own] == [[[T0, 5000]]]
+    decoded = decode(
+        answer, headers["Authorization"], Keyring([KEY]), max_bytes=10**6, now=T0, max_skew_s=120
+    )
+    assert decoded.version == 1
+
+
+async def test_rows_whose_samples_cannot_be_placed_are_refused(target: GossipAgent) -> None:
+    v1 = _sync().model_dump(mode="json", exclude=_V1_FIELDS)
+    v1["deltas"][0]["peers"][0]["samples"] = None
+    for raw in (
+        _raw(_sync(), samples=None),  # neither the samples nor the version they are at
+        _raw(_sync(), samples_version=2),  # samples from after the row's own version (1)
+        gzip.compress(json.dumps({**v1, "version": 1}).encode()),  # version 1 always carries them
+    ):
+        await _refused(target, raw, Keyring([KEY]).sign(raw), 400, "malformed")
+
+
+_V1_FIELDS: Any = {"deltas": {"__all__": {"peers": {"__all__": {"samples_version"}}}}}

@@ -206,7 +206,7 @@ async def _rows_and_layout(engine: AsyncEngine) -> tuple[dict[str, list[Any]], d
     return rows, tables, indexes
 
 
-async def test_migration_0007_clusters_the_peer_tables_on_sqlite_keeping_rows_indexes_and_views(
+async def test_migrations_0007_and_0008_keep_rows_indexes_and_views_of_the_clustered_peer_tables(
     tmp_path: Path,
 ) -> None:
     """An edge node upgrading in place: data written under 0006 is all there, in tables WITHOUT
@@ -238,12 +238,25 @@ async def test_migration_0007_clusters_the_peer_tables_on_sqlite_keeping_rows_in
         before_rows, before_tables, before_indexes = await _rows_and_layout(engine)
         assert all("WITHOUT ROWID" not in ddl for ddl in before_tables.values())
 
-        await migrate(engine)
+        await migrate(engine, "0007")
 
         rows, tables, indexes = await _rows_and_layout(engine)
         assert rows == before_rows and indexes == before_indexes
         assert all(ddl.endswith("WITHOUT ROWID") for ddl in tables.values()), tables
+
+        # 0008 adds samples_version (each row's own version) to the clustered table, and its
+        # downgrade drops it again without rebuilding the table (which would lose WITHOUT ROWID).
+        await migrate(engine)
         assert await schema_diff(engine) == []
+        async with engine.connect() as conn:
+            pairs = (
+                await conn.exec_driver_sql("SELECT version, samples_version FROM peer_stats ORDER BY 1")
+            ).all()
+        assert pairs == [(None, None), (3, 3), (7, 7)]
+        await migrate(engine, "0007", downgrade=True)
+        rows, tables, indexes = await _rows_and_layout(engine)
+        assert rows == before_rows and indexes == before_indexes
+        assert all(ddl.endswith("WITHOUT ROWID") for ddl in tables.values()), tables
 
         await migrate(engine, "0006", downgrade=True)
 

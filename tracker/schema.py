@@ -92,6 +92,9 @@ peer_stats = Table(
     Column("updated_at", Double, nullable=False),
     # The origin's version of this row for gossip deltas; null while a local change awaits its stamp.
     Column("version", BigInteger, nullable=True),
+    # The row's version when its samples last changed (<= version): gossip sends samples only to
+    # neighbours that lack that version. Null on a local row whose samples changed since the last stamp.
+    Column("samples_version", BigInteger, nullable=True),
     comment="One origin's view of one peer: presence, exact lifetime counters, decayed evidence, speed.",
     # Read and written by its key: stored clustered on it, one search per probe (migration 0007).
     sqlite_with_rowid=False,

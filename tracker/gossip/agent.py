@@ -25,7 +25,7 @@ from ..errors import TrackerError
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
 from .config import GossipConfig, check_url
-from .protocol import GossipRejected, Keyring, Message, decode, new_nonce, signed
+from .protocol import VERSION, GossipRejected, Keyring, Message, decode, new_nonce, signed
 
 log = logging.getLogger("tracker.gossip")
 
@@ -110,9 +110,17 @@ class GossipAgent:
             extra={"action": "gossip_reject", "reason": error.reason, "sender": sender},
         )
 
-    def _message(self, kind: str, vector: dict[str, int], delta: q.Delta, in_reply_to: str | None) -> Message:
+    def _message(
+        self,
+        kind: str,
+        vector: dict[str, int],
+        delta: q.Delta,
+        in_reply_to: str | None,
+        version: int = VERSION,
+    ) -> Message:
         learn = self.config.learn_neighbors
         return Message(
+            version=version,  # type: ignore[arg-type]
             kind=kind,  # type: ignore[arg-type]
             node=self.node_key,
             sent_at=self._now(),
@@ -137,11 +145,13 @@ class GossipAgent:
                 return message, body, headers
             rows = max(self.config.stamp_chunk + 1, rows // 2)
 
-    async def _read_deltas(self, vector: dict[str, int], skip: tuple[str, ...], rows: int) -> q.Delta:
+    async def _read_deltas(
+        self, vector: dict[str, int], skip: tuple[str, ...], rows: int, every_sample: bool = False
+    ) -> q.Delta:
         window = self.tracker.config.bandwidth_window
 
         async def work(conn: Any) -> q.Delta:
-            return await q.read_deltas(conn, vector, skip, rows, window)
+            return await q.read_deltas(conn, vector, skip, rows, window, every_sample=every_sample)
 
         return await db.run_read(self.tracker.engine, work)
 
@@ -201,8 +211,10 @@ class GossipAgent:
         self._learn(message)
 
         async def build(rows: int) -> Message:
-            delta = await self._read_deltas(message.vector, (message.node,), rows)
-            return self._message("reply", vector, delta, message.nonce)
+            # A version 1 neighbour is answered in its own version: every row with its samples.
+            v1 = message.version == 1
+            delta = await self._read_deltas(message.vector, (message.node,), rows, every_sample=v1)
+            return self._message("reply", vector, delta, message.nonce, message.version)
 
         _, out, headers = await self._encode(build)
         self.stats.bytes_sent += len(out)

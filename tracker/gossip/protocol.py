@@ -1,7 +1,8 @@
 """Gossip messages: the versioned wire format, its limits and its authentication. No SQL, no I/O.
 
-A message is one JSON document (format ``peer-tracker-gossip``, version 1; docs/gossip.md lists every
-field), gzip-compressed on the wire and signed with HMAC-SHA256 over the compressed bytes exactly as
+A message is one JSON document (format ``peer-tracker-gossip``, version 2; docs/gossip.md lists every
+field; version 1, whose peer rows always carry their samples, is still read and answered in kind),
+gzip-compressed on the wire and signed with HMAC-SHA256 over the compressed bytes exactly as
 sent. Checks run cheapest and safest first: size, signature (nothing unauthenticated is parsed),
 bounded decompression, format and version, then the strict field validation (pydantic, unknown fields
 refused), then the sender's clock. Replays are refused by the caller, which remembers nonces in the
@@ -18,13 +19,15 @@ import zlib
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import InvalidInput
 from ..events import MAX_BYTES_PER_SEC, validate_id
 
 FORMAT = "peer-tracker-gossip"
-VERSION = 1
+VERSION = 2
+#: Versions this tracker reads; it answers each request in the request's own version.
+VERSIONS = (1, 2)
 SIGNATURE_SCHEME = "HMAC-SHA256"
 MAX_VERSION = 2**63 - 1
 
@@ -71,7 +74,14 @@ class _Strict(BaseModel):
 
 
 class PeerState(_Strict):
-    """One origin's row for one peer at ``version``, with that origin's latest bandwidth samples."""
+    """One origin's row for one peer at ``version``, with that origin's latest bandwidth samples if the
+    receiver may lack them.
+
+    ``samples_version`` is the row's version when its samples last changed. A row travels without
+    ``samples`` (null) when that version is within what the receiver holds completely; the receiver
+    then keeps its own, and applies the row only if they are those very samples (docs/gossip.md).
+    Message version 1 has no ``samples_version`` and always carries the samples.
+    """
 
     peer: PeerKey
     first_seen: Seconds
@@ -86,8 +96,23 @@ class PeerState(_Strict):
     evidence_at: Seconds | None
     updated_at: Seconds
     version: Version
-    #: ``[at, bytes_per_sec]`` pairs, newest first, at most the origin's bandwidth window.
-    samples: list[tuple[Seconds, Speed]] = Field(max_length=1000)
+    #: ``[at, bytes_per_sec]`` pairs, newest first, at most the origin's bandwidth window; null when
+    #: not sent (unchanged since ``samples_version``).
+    samples: list[tuple[Seconds, Speed]] | None = Field(default=None, max_length=1000)
+    samples_version: Version | None = None
+
+    @model_validator(mode="after")
+    def _samples_known(self) -> PeerState:
+        if self.samples_version is None and self.samples is None:
+            raise ValueError("a peer row without its samples must give samples_version")
+        if self.samples_version is not None and self.samples_version > self.version:
+            raise ValueError("samples_version cannot be above the row's version")
+        return self
+
+    @property
+    def samples_at(self) -> int:
+        """The version of the samples this row describes (in version 1, the row's own)."""
+        return self.version if self.samples_version is None else self.samples_version
 
 
 class MappingState(_Strict):
@@ -116,7 +141,7 @@ class Message(_Strict):
     """A sync request (``kind="sync"``) or its answer (``kind="reply"``)."""
 
     format: Literal["peer-tracker-gossip"] = "peer-tracker-gossip"
-    version: Literal[1] = 1
+    version: Literal[1, 2] = 2
     kind: Literal["sync", "reply"]
     node: NodeKey
     sent_at: Seconds
@@ -131,6 +156,15 @@ class Message(_Strict):
     deltas: list[OriginDelta] = []
     #: The reply left rows out (limits); the requester may sync again at once.
     more: bool = False
+
+    @model_validator(mode="after")
+    def _version_1_rows(self) -> Message:
+        if self.version == 1:
+            for delta in self.deltas:
+                for peer in delta.peers:
+                    if peer.samples is None:
+                        raise ValueError(f"a version 1 message carries every row's samples ({peer.peer})")
+        return self
 
     @property
     def rows(self) -> int:
@@ -191,9 +225,14 @@ class Keyring:
 # -- encoding and decoding ----------------------------------------------------------------------
 
 
+#: Fields version 1 does not have (its readers refuse unknown fields).
+_NOT_IN_V1: Any = {"deltas": {"__all__": {"peers": {"__all__": {"samples_version"}}}}}
+
+
 def encode(message: Message) -> bytes:
     """The compressed body (sign it with ``Keyring.sign``)."""
-    return gzip.compress(message.model_dump_json().encode(), compresslevel=6, mtime=0)
+    exclude = _NOT_IN_V1 if message.version == 1 else None
+    return gzip.compress(message.model_dump_json(exclude=exclude).encode(), compresslevel=6, mtime=0)
 
 
 def decode(
@@ -236,7 +275,10 @@ def _rejection(error: ValidationError) -> GossipRejected:
     for problem in problems:
         if problem["loc"][:1] == ("version",):
             got = str(problem.get("input"))[:20]
-            return GossipRejected("unknown_version", f"message version {got} is not this tracker's {VERSION}")
+            known = " or ".join(str(v) for v in VERSIONS)
+            return GossipRejected(
+                "unknown_version", f"message version {got} is not {known}, which this tracker reads"
+            )
     first = problems[0]
     where = ".".join(str(part) for part in first["loc"]) or "top level"
     return GossipRejected("malformed", f"invalid message at {where}: {first['msg']}")

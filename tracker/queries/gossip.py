@@ -8,7 +8,9 @@ times, in any order, through any relay path:
 - ``content_peers`` rows are last-writer-wins by ``(changed_at, origin key)``, and for the same
   origin by version (``lww_newer`` plus the version): the same rule as the local write path.
 - ``peers.first_seen`` and ``contents.first_seen`` take the minimum.
-- an origin's samples travel with its peer row and are replaced with it.
+- an origin's samples are replaced with its peer row. A row sent without them (its samples version is
+  within what the receiver holds) applies only over the very samples it names; otherwise the
+  receiver keeps its row and lowers its clock of that origin, so the next delta brings the samples.
 Nothing a message says about the receiving node's own origin is applied.
 """
 
@@ -18,7 +20,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, delete, func, literal, or_, select, text, update
+from sqlalchemy import BigInteger, and_, bindparam, delete, func, literal, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..db import insert_for
@@ -52,7 +54,7 @@ async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) 
     clock = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
     start = clock
     for table in ("peer_stats", "content_peers"):
-        statement = text(_STAMP_SQL[dialect].format(table=table, key=_KEYS[table]))
+        statement = text(_STAMP_SQL[dialect].format(table=table, key=_KEYS[table], extra=_EXTRA[table]))
         while True:
             result = await conn.execute(statement, {"v": clock + 1, "node": local_id, "n": chunk})
             if not result.rowcount:
@@ -64,11 +66,13 @@ async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) 
 
 
 _STAMP_SQL = {
-    "postgresql": "UPDATE {table} SET version = :v WHERE ctid = ANY(ARRAY("
+    "postgresql": "UPDATE {table} SET version = :v{extra} WHERE ctid = ANY(ARRAY("
     "SELECT ctid FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n))",
-    "sqlite": "UPDATE {table} SET version = :v WHERE ({key}) IN ("
+    "sqlite": "UPDATE {table} SET version = :v{extra} WHERE ({key}) IN ("
     "SELECT {key} FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n)",
 }
+#: A peer row whose samples changed since the last stamp (samples_version null) gets the same version.
+_EXTRA = {"peer_stats": ", samples_version = COALESCE(samples_version, :v)", "content_peers": ""}
 #: SQLite stores both tables clustered on their primary key (no rowid, migration 0007).
 _KEYS = {"peer_stats": "peer_id, node_id", "content_peers": "content_id, peer_id"}
 
@@ -90,13 +94,20 @@ class Delta:
 
 
 async def read_deltas(
-    conn: AsyncConnection, vector: dict[str, int], skip: Iterable[str], max_rows: int, window: int
+    conn: AsyncConnection,
+    vector: dict[str, int],
+    skip: Iterable[str],
+    max_rows: int,
+    window: int,
+    *,
+    every_sample: bool = False,
 ) -> Delta:
     """Every origin's rows with versions above ``vector`` (what the other side holds), up to ``max_rows``.
 
     Rows are read in version order; when a table fills the budget, the delta ends before the last
     version read (which may be incomplete) and says so with ``upto``, so the receiver's clock never
-    claims a version it does not fully hold.
+    claims a version it does not fully hold. A peer row carries its samples only if they changed
+    after that origin's entry in ``vector`` (or ``every_sample``, for a version 1 neighbour).
     """
     skipped = set(skip)
     out: list[OriginDelta] = []
@@ -127,13 +138,17 @@ async def read_deltas(
             truncated = True
         if upto <= base:
             break
-        samples = await _samples(conn, node_id, [r.peer_id for r in peer_rows], window)
+        carried = [r.peer_id for r in peer_rows if every_sample or _carries(r, base)]
+        samples = await _samples(conn, node_id, carried, window)
         out.append(
             OriginDelta(
                 origin=key,
                 base=base,
                 upto=upto,
-                peers=[_peer_state(r, samples.get(r.peer_id, [])) for r in peer_rows],
+                peers=[
+                    _peer_state(r, samples.get(r.peer_id, []) if every_sample or _carries(r, base) else None)
+                    for r in peer_rows
+                ],
                 mappings=[_mapping_state(r) for r in mapping_rows],
             )
         )
@@ -143,10 +158,19 @@ async def read_deltas(
     return Delta(out, truncated)
 
 
+def _carries(row: Any, base: int) -> bool:
+    """Whether the receiver, holding this origin through ``base``, may lack the row's samples.
+
+    A null samples version (a row learned without its samples, not yet completed) counts as new: the
+    row is then sent with the samples this node holds, which the receiver judges by their version.
+    """
+    return row.samples_version is None or row.samples_version > base
+
+
 async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
     ps = peer_stats.c
     stmt = (
-        select(ps.peer_id, *PEER_STATE_COLUMNS, ps.updated_at, ps.version)
+        select(ps.peer_id, *PEER_STATE_COLUMNS, ps.updated_at, ps.version, ps.samples_version)
         .join(peers, peers.c.id == ps.peer_id)
         .where(ps.node_id == node_id, ps.version > base)
         .order_by(ps.version, ps.peer_id)
@@ -201,7 +225,7 @@ async def _samples(
     return found
 
 
-def _peer_state(r: Any, samples: list[tuple[float, int]]) -> PeerState:
+def _peer_state(r: Any, samples: list[tuple[float, int]] | None) -> PeerState:
     return PeerState(
         peer=r.peer_key,
         first_seen=r.first_seen,
@@ -217,6 +241,7 @@ def _peer_state(r: Any, samples: list[tuple[float, int]]) -> PeerState:
         updated_at=r.updated_at,
         version=int(r.version),
         samples=samples,
+        samples_version=int(r.version if r.samples_version is None else r.samples_version),
     )
 
 
@@ -239,6 +264,8 @@ def _mapping_state(r: Any) -> MappingState:
 class MergeCounts:
     peers: int = 0
     mappings: int = 0
+    #: Origins whose clock was lowered because rows came without samples this node lacks.
+    waiting: int = 0
 
 
 async def claim_nonce(
@@ -268,8 +295,10 @@ async def merge(
             [(p.peer, p.first_seen) for p in delta.peers] + [(m.peer, m.since) for m in delta.mappings]
         )
         peer_ids = await _ensure_keys(conn, dialect, peers, peers.c.peer_key, peer_keys)
+        missing = None
         if delta.peers:
-            counts.peers += await _merge_peers(conn, dialect, node_id, delta.peers, peer_ids, window)
+            applied, missing = await _merge_peers(conn, dialect, node_id, delta.peers, peer_ids, window)
+            counts.peers += applied
         if delta.mappings:
             content_ids = await _ensure_keys(
                 conn,
@@ -286,6 +315,11 @@ async def merge(
             .where(nodes.c.id == node_id, nodes.c.clock >= delta.base)
             .values(clock=greatest(dialect, nodes.c.clock, _const(delta.upto)))
         )
+        if missing is not None:  # rows left out for want of their samples: ask for them again
+            await conn.execute(
+                update(nodes).where(nodes.c.id == node_id, nodes.c.clock >= missing).values(clock=missing - 1)
+            )
+            counts.waiting += 1
     return counts
 
 
@@ -332,6 +366,39 @@ async def _ensure_keys(
     return ids
 
 
+_ROW_FIELDS = (
+    "online",
+    "online_since",
+    "last_seen",
+    "uptime_s",
+    "success_weight",
+    "failure_weight",
+    "evidence_at",
+    "updated_at",
+    "version",
+)
+
+
+def _row(state: PeerState, peer_id: int, node_id: int) -> dict[str, Any]:
+    return {
+        "peer_id": peer_id,
+        "node_id": node_id,
+        "online": state.online,
+        "online_since": state.online_since,
+        "last_seen": state.last_seen,
+        "uptime_s": state.uptime_s,
+        "served_count": state.served,
+        "failed_count": state.failed,
+        "success_weight": state.success_weight,
+        "failure_weight": state.failure_weight,
+        "evidence_at": state.evidence_at,
+        "speed_bps": None,
+        "updated_at": state.updated_at,
+        "version": state.version,
+        "samples_version": state.samples_at,
+    }
+
+
 async def _merge_peers(
     conn: AsyncConnection,
     dialect: str,
@@ -339,52 +406,57 @@ async def _merge_peers(
     states: Sequence[PeerState],
     peer_ids: dict[str, int],
     window: int,
-) -> int:
+) -> tuple[int, int | None]:
+    """Apply peer rows; returns how many changed and the lowest samples version this node lacks.
+
+    Rows with samples replace older rows and their samples. A row without them is applied only over a
+    stored row holding the samples it names (same ``samples_version``), so a stored row always holds
+    its own samples and relays forward consistent rows; otherwise it is left for a delta that carries
+    the samples, which the caller asks for by lowering its clock of the origin.
+    """
     latest: dict[str, PeerState] = {}
     for state in states:  # one row per peer per statement (Postgres refuses to update a row twice)
-        if state.peer not in latest or state.version > latest[state.peer].version:
+        held = latest.get(state.peer)
+        if held is None or (state.version, state.samples is not None) > (
+            held.version,
+            held.samples is not None,
+        ):
             latest[state.peer] = state
-    rows = [
-        {
-            "peer_id": peer_ids[s.peer],
-            "node_id": node_id,
-            "online": s.online,
-            "online_since": s.online_since,
-            "last_seen": s.last_seen,
-            "uptime_s": s.uptime_s,
-            "served_count": s.served,
-            "failed_count": s.failed,
-            "success_weight": s.success_weight,
-            "failure_weight": s.failure_weight,
-            "evidence_at": s.evidence_at,
-            "speed_bps": None,
-            "updated_at": s.updated_at,
-            "version": s.version,
-        }
-        for s in sorted(latest.values(), key=lambda s: peer_ids[s.peer])  # lock order, as ingest does
-    ]
+    ordered = sorted(latest.values(), key=lambda s: peer_ids[s.peer])  # lock order, as ingest does
+    carried = [s for s in ordered if s.samples is not None]
+    bare = [s for s in ordered if s.samples is None]
+    applied, missing = 0, None
+    if carried:
+        applied += await _merge_with_samples(conn, dialect, node_id, carried, peer_ids, window)
+    if bare:
+        done, missing = await _merge_without_samples(conn, dialect, node_id, bare, peer_ids)
+        applied += done
+    return applied, missing
+
+
+def _row_update(dialect: str, old: Any, new: Any) -> dict[str, Any]:
+    """The columns a newer row of the same origin replaces; the counters never go down."""
+    return {
+        **{name: getattr(new, name) for name in _ROW_FIELDS},
+        "served_count": greatest(dialect, old.served_count, new.served_count),
+        "failed_count": greatest(dialect, old.failed_count, new.failed_count),
+    }
+
+
+async def _merge_with_samples(
+    conn: AsyncConnection,
+    dialect: str,
+    node_id: int,
+    states: Sequence[PeerState],
+    peer_ids: dict[str, int],
+    window: int,
+) -> int:
+    rows = [_row(s, peer_ids[s.peer], node_id) for s in states]
     ins = insert_for(dialect, peer_stats)
     new, old = ins.excluded, peer_stats.c
     stmt = ins.on_conflict_do_update(
         index_elements=[old.peer_id, old.node_id],
-        set_={
-            **{
-                name: getattr(new, name)
-                for name in (
-                    "online",
-                    "online_since",
-                    "last_seen",
-                    "uptime_s",
-                    "success_weight",
-                    "failure_weight",
-                    "evidence_at",
-                    "updated_at",
-                    "version",
-                )
-            },
-            "served_count": greatest(dialect, old.served_count, new.served_count),
-            "failed_count": greatest(dialect, old.failed_count, new.failed_count),
-        },
+        set_={**_row_update(dialect, old, new), "samples_version": new.samples_version},
         where=or_(old.version.is_(None), new.version > old.version),
     ).returning(peer_stats.c.peer_id)
     applied: set[int] = set()
@@ -401,17 +473,60 @@ async def _merge_peers(
                 s.node_id == node_id, s.peer_id.in_(changed[start : start + _IN_CHUNK])
             )
         )
-    by_id = {peer_ids[p]: state for p, state in latest.items()}
+    by_id = {peer_ids[state.peer]: state for state in states}
     samples = [
         {"peer_id": pid, "node_id": node_id, "at": at, "bytes_per_sec": bps}
         for pid in changed
-        for at, bps in reversed(by_id[pid].samples)
+        for at, bps in reversed(by_id[pid].samples or [])
     ]
     if samples:
         await conn.execute(bandwidth_samples.insert(), samples)
     # Every replaced row, with samples or without (then no speed): the speed follows the samples.
     await refresh_speeds(conn, conn.dialect.name, node_id, sorted(by_id[pid].peer for pid in changed), window)
     return len(applied)
+
+
+async def _merge_without_samples(
+    conn: AsyncConnection, dialect: str, node_id: int, states: Sequence[PeerState], peer_ids: dict[str, int]
+) -> tuple[int, int | None]:
+    """Newer rows over stored rows with the same samples: one UPDATE each, samples and speed kept."""
+    ps = peer_stats.c
+    stored: dict[int, tuple[int | None, int | None]] = {}
+    ids = [peer_ids[s.peer] for s in states]
+    for start in range(0, len(ids), _IN_CHUNK):
+        rows = await conn.execute(
+            select(ps.peer_id, ps.version, ps.samples_version).where(
+                ps.node_id == node_id, ps.peer_id.in_(ids[start : start + _IN_CHUNK])
+            )
+        )
+        stored.update({int(p): (v, sv) for p, v, sv in rows.all()})
+    updates, missing = [], None
+    for state in states:
+        version, samples_version = stored.get(peer_ids[state.peer], (None, None))
+        if version is not None and version >= state.version:
+            continue  # this node already holds this row or a newer one
+        if version is not None and samples_version == state.samples_at:
+            updates.append(_row(state, peer_ids[state.peer], node_id))
+        elif missing is None or state.samples_at < missing:
+            missing = state.samples_at
+    if updates:
+        # The same guards in SQL: a concurrent merge of another process may have moved the row.
+        stmt = (
+            update(peer_stats)
+            .where(
+                ps.peer_id == bindparam("b_peer_id"),
+                ps.node_id == bindparam("b_node_id"),
+                ps.version < bindparam("b_version"),
+                ps.samples_version == bindparam("b_samples_version"),
+            )
+            .values(
+                **{name: bindparam(f"b_{name}") for name in _ROW_FIELDS},
+                served_count=greatest(dialect, ps.served_count, bindparam("b_served_count")),
+                failed_count=greatest(dialect, ps.failed_count, bindparam("b_failed_count")),
+            )
+        )
+        await conn.execute(stmt, [{f"b_{k}": v for k, v in row.items()} for row in updates])
+    return len(updates), missing
 
 
 async def _merge_mappings(

@@ -173,6 +173,7 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
         evidence_at=bindparam("p_evidence_at", type_=Double()),
         speed_bps=null(),
         updated_at=bindparam("p_now", type_=Double()),
+        samples_version=null(),
     )
     old, new = peer_stats.c, ins.excluded
     timeout = num(peer_timeout)
@@ -226,6 +227,10 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
             ),
             "updated_at": new.updated_at,
             "version": null(),  # changed here: the stamper gives it this node's next version
+            # A sample changes what gossip must send with the row; a heartbeat does not.
+            "samples_version": case(
+                (bindparam("p_sample", type_=Boolean()), null()), else_=old.samples_version
+            ),
         },
     )
     return Precompiled(stmt, dialect)
@@ -260,6 +265,7 @@ async def _upsert_peer_stats(
                 "p_fw": 1.0 if failure else 0.0,
                 "p_evidence_at": t.at if outcome else None,
                 "p_now": now,
+                "p_sample": isinstance(event, SpeedSample),
             }
         )
     statement = _peer_stats_upsert(dialect, config.peer_timeout, config.reputation)
