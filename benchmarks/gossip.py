@@ -38,7 +38,7 @@ from tracker.db import run_read, run_write
 from tracker.events import ContentAvailable, PeerOnline, SpeedSample
 from tracker.gossip.agent import GOSSIP_PATH, GossipAgent
 from tracker.gossip.config import GossipConfig
-from tracker.gossip.protocol import Keyring, Message, decode, new_nonce, signed
+from tracker.gossip.protocol import VERSION, Keyring, Message, decode, new_nonce, signed
 from tracker.queries import gossip as q
 from tracker.service.app import create_app
 from tracker.testing import ManualClock
@@ -113,6 +113,108 @@ async def _raw_baseline(url: str, rows: list[Message]) -> float:
         await conn.close()
 
 
+async def _transfer(
+    engine: str,
+    source: AvailabilityTracker,
+    target: AvailabilityTracker,
+    cfg: GossipConfig,
+    keyring: Keyring,
+    clock: ManualClock,
+    vector: dict[str, int],
+    version: int = VERSION,
+) -> dict[str, Any]:
+    """Stamp ``source`` and send ``target`` everything past ``vector``, timing each stage."""
+    stages = dict.fromkeys(("stamp", "read", "encode", "decode", "merge"), 0.0)
+
+    async def stamp(conn: Any) -> int:
+        return await q.stamp(conn, engine, source.node_id, cfg.stamp_chunk)
+
+    t = time.perf_counter()
+    await run_write(source.engine, stamp, 3)
+    stages["stamp"] = time.perf_counter() - t
+    messages: list[Message] = []
+    wire = rows = samples = applied = 0
+    while True:
+        t = time.perf_counter()
+
+        async def read(conn: Any, vector: dict[str, int] = vector) -> q.Delta:
+            return await q.read_deltas(conn, vector, (), cfg.max_rows, 10, every_sample=version == 1)
+
+        delta = await run_read(source.engine, read)
+        stages["read"] += time.perf_counter() - t
+        if not delta.deltas:
+            break
+        t = time.perf_counter()
+        message = Message(
+            version=version,  # type: ignore[arg-type]
+            kind="sync",
+            node=source.node_key,
+            sent_at=clock.now,
+            nonce=new_nonce(),
+            vector={},
+            deltas=delta.deltas,
+        )
+        body, headers = signed(message, keyring)
+        stages["encode"] += time.perf_counter() - t
+        t = time.perf_counter()
+        received = decode(
+            body, headers["Authorization"], keyring, max_bytes=cfg.max_bytes, now=clock.now, max_skew_s=60
+        )
+        stages["decode"] += time.perf_counter() - t
+        t = time.perf_counter()
+
+        async def merge(conn: Any, received: Message = received) -> tuple[q.MergeCounts, dict[str, int]]:
+            counts = await q.merge(conn, engine, target.node_key, received.deltas, 10)
+            return counts, await q.version_vector(conn)
+
+        counts, vector = await run_write(target.engine, merge, 3)
+        applied += counts.peers
+        stages["merge"] += time.perf_counter() - t
+        messages.append(received)
+        wire += len(body)
+        rows += received.rows
+        samples += sum(len(p.samples or ()) for d in received.deltas for p in d.peers)
+    total = sum(stages.values())
+    return {
+        "stages": stages,
+        "messages": messages,
+        "bytes": wire,
+        "rows": rows,
+        "samples": samples,
+        "total_s": total,
+        "vector": vector,
+        "applied": applied,
+    }
+
+
+async def _heartbeat_round(
+    engine: str,
+    source: AvailabilityTracker,
+    target: AvailabilityTracker,
+    cfg: GossipConfig,
+    keyring: Keyring,
+    clock: ManualClock,
+    vector: dict[str, int],
+    n_peers: int,
+    version: int,
+) -> dict[str, Any]:
+    """Every peer heartbeats once on ``source`` (nothing else changes); the round that sends it."""
+    clock.advance(cfg.interval_s or 30.0)
+    beats = [PeerOnline(f"peer-{i:06d}", at=clock.now - 1) for i in range(n_peers)]
+    for start in range(0, len(beats), 20_000):
+        await source.record_batch(beats[start : start + 20_000])
+    result = await _transfer(engine, source, target, cfg, keyring, clock, vector, version)
+    stages = result["stages"]
+    print(
+        f"[{engine}] heartbeat round, message version {version}: {result['rows']:,} rows with "
+        f"{result['samples']:,} samples, {result['bytes']:,} bytes; stamp {stages['stamp']:.2f} s, "
+        f"read {stages['read']:.2f} s, encode+sign {stages['encode']:.2f} s, "
+        f"verify+decode {stages['decode']:.2f} s, merge {stages['merge']:.2f} s; "
+        f"total {result['total_s']:.2f} s"
+    )
+    return result
+
+
 async def bench_delta(
     engine: str, n_peers: int, n_mappings: int, max_rows: int, scratch: Path
 ) -> dict[str, Any]:
@@ -123,7 +225,6 @@ async def bench_delta(
         keys=(KEY,), max_rows=max_rows, stamp_chunk=min(500, max_rows - 1), max_bytes=256 * 2**20
     )
     keyring = Keyring([KEY])
-    stages = dict.fromkeys(("stamp", "read", "encode", "decode", "merge"), 0.0)
     try:
         source = await AvailabilityTracker.open(TrackerConfig(database_url=source_url, clock=clock))
         target = await AvailabilityTracker.open(TrackerConfig(database_url=target_url, clock=clock))
@@ -134,55 +235,30 @@ async def bench_delta(
             f"in {time.perf_counter() - started:.1f} s"
         )
 
-        async def stamp(conn: Any) -> int:
-            return await q.stamp(conn, engine, source.node_id, cfg.stamp_chunk)
-
-        t = time.perf_counter()
-        await run_write(source.engine, stamp, 3)
-        stages["stamp"] = time.perf_counter() - t
-        vector: dict[str, int] = {}
-        messages: list[Message] = []
-        wire = rows = 0
-        while True:
-            t = time.perf_counter()
-
-            async def read(conn: Any, vector: dict[str, int] = vector) -> q.Delta:
-                return await q.read_deltas(conn, vector, (), cfg.max_rows, 10)
-
-            delta = await run_read(source.engine, read)
-            stages["read"] += time.perf_counter() - t
-            if not delta.deltas:
-                break
-            t = time.perf_counter()
-            message = Message(
-                kind="sync",
-                node=source.node_key,
-                sent_at=clock.now,
-                nonce=new_nonce(),
-                vector={},
-                deltas=delta.deltas,
-            )
-            body, headers = signed(message, keyring)
-            stages["encode"] += time.perf_counter() - t
-            t = time.perf_counter()
-            received = decode(
-                body, headers["Authorization"], keyring, max_bytes=cfg.max_bytes, now=clock.now, max_skew_s=60
-            )
-            stages["decode"] += time.perf_counter() - t
-            t = time.perf_counter()
-
-            async def merge(conn: Any, received: Message = received) -> dict[str, int]:
-                await q.merge(conn, engine, target.node_key, received.deltas, 10)
-                return await q.version_vector(conn)
-
-            vector = await run_write(target.engine, merge, 3)
-            stages["merge"] += time.perf_counter() - t
-            messages.append(received)
-            wire += len(body)
-            rows += received.rows
+        full = await _transfer(engine, source, target, cfg, keyring, clock, {})
+        stages, messages, wire, rows = full["stages"], full["messages"], full["bytes"], full["rows"]
         total = sum(stages.values())
         assert len(await target.list_peers(limit=10_000)) == min(n_peers, 10_000)
         baseline = await _raw_baseline(target_url, messages)
+
+        # The steady state: every peer heartbeats once a round and nothing else changes. The same
+        # round sent as message version 2 and as version 1 (every row with its samples, as gossip did
+        # before samples_version), one after the other, to the same target. Version 1 goes second:
+        # rows it brings record their own version as their samples version (it has none), so the next
+        # version 2 row without samples would ask for one resend.
+        vector, rounds = full["vector"], {}
+        for version in (VERSION, 1):
+            rounds[version] = await _heartbeat_round(
+                engine, source, target, cfg, keyring, clock, vector, n_peers, version
+            )
+            vector = rounds[version]["vector"]
+            assert rounds[version]["applied"] == n_peers, rounds[version]["applied"]
+        old_round, new_round = rounds[1], rounds[VERSION]
+        print(
+            f"[{engine}] heartbeat round without unchanged samples: {new_round['total_s']:.2f} s against "
+            f"{old_round['total_s']:.2f} s with them ({new_round['total_s'] / old_round['total_s']:.2f}x), "
+            f"{new_round['bytes'] / old_round['bytes']:.2f}x the bytes"
+        )
 
         # End to end over HTTP: a fresh tracker pulls everything from the source's server.
         app = create_app(source, gossip=GossipAgent(source, cfg))
@@ -222,6 +298,18 @@ async def bench_delta(
             "http_s": http_s,
             "http_rows_applied": pulled,
             "http_over_stages": http_s / total,
+            **{
+                f"heartbeat_round_v{version}": {
+                    "rows": r["rows"],
+                    "samples": r["samples"],
+                    "bytes": r["bytes"],
+                    "messages": len(r["messages"]),
+                    **{f"{k}_s": v for k, v in r["stages"].items()},
+                    "total_s": r["total_s"],
+                }
+                for version, r in rounds.items()
+            },
+            "heartbeat_round_over_v1": new_round["total_s"] / old_round["total_s"],
         }
         print(
             f"[{engine}] delta of {rows:,} rows in {len(messages)} messages, {wire:,} bytes "

@@ -232,6 +232,7 @@ async def test_a_heartbeat_travels_without_samples_and_the_receiver_keeps_its_ow
     metrics = await b.tracker.get_peer_metrics("p")
     assert metrics is not None and metrics.download_speed == 4500
     assert await merged_view(a.tracker, []) == await merged_view(b.tracker, [])
+    assert a.stats.resends_asked == b.stats.resends_asked == 0
 
 
 def _row(version: int, samples_version: int, carried: bool) -> PeerState:
@@ -294,3 +295,36 @@ async def test_a_row_without_the_samples_it_names_waits_and_its_origin_clock_ask
     counts = await merge(7, 7, _row(6, 3, carried=False))
     assert (counts.peers, counts.waiting) == (0, 0)
     assert await stored() == ((7, 3000), 7)
+
+
+async def test_a_row_that_moved_on_before_it_was_read_gets_its_samples_by_a_resend(
+    nodes: list[GossipAgent], manual_clock: ManualClock
+) -> None:
+    """The race the samples version must survive: a row stamped with new samples changes again (a
+    heartbeat) before a delta is read, so the neighbour's clock passes its samples without it."""
+    a, b, _ = nodes
+    await a.tracker.record_peer_online("p")
+    await a.tracker.record_download_speed("p", 1000)
+    await _sync(b, "a")
+    await a.tracker.record_download_speed("p", 5000)
+    stamped = await _delta_row(a, 0, "p")  # stamps: the new samples get a version
+    manual_clock.advance(10)
+    await a.tracker.record_peer_online("p")  # ...and the row is dirty again before anyone reads it
+
+    async def read(conn: Any) -> Any:
+        return await q.read_deltas(conn, await _vector(b), (), 50, 10)
+
+    async def merge(conn: Any) -> None:
+        await q.merge(conn, b.tracker.config.dialect, b.node_key, delta.deltas, 10)
+
+    delta = await run_read(a.tracker.engine, read)
+    assert not [p for d in delta.deltas for p in d.peers]  # the dirty row is not in it
+    await run_write(b.tracker.engine, merge, 3)
+    assert (await _vector(b))[a.node_key] >= stamped.samples_version  # b's clock passed the samples
+
+    await _sync(b, "a")  # the row comes without them; b asks again and then gets them
+    assert b.stats.resends_asked >= 1
+    metrics = await b.tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.download_speed == 3000
+    assert metrics.last_seen.timestamp() == T0 + 10
+    assert await merged_view(a.tracker, []) == await merged_view(b.tracker, [])

@@ -47,6 +47,8 @@ class GossipStats:
     bytes_received: int = 0
     rows_sent: int = 0
     rows_applied: int = 0
+    #: Merges that left rows out for want of their samples and asked for a resend (lowered a clock).
+    resends_asked: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
 
@@ -208,6 +210,7 @@ class GossipAgent:
             self._reject(error, message.node)
             return _error(error)
         self.stats.rows_applied += counts.peers + counts.mappings
+        self.stats.resends_asked += counts.waiting
         self._learn(message)
 
         async def build(rows: int) -> Message:
@@ -292,6 +295,7 @@ class GossipAgent:
 
         counts = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
         self.stats.rows_applied += counts.peers + counts.mappings
+        self.stats.resends_asked += counts.waiting
         return counts.peers + counts.mappings
 
     async def _send(

@@ -138,15 +138,15 @@ async def read_deltas(
             truncated = True
         if upto <= base:
             break
-        carried = [r.peer_id for r in peer_rows if every_sample or _carries(r, base)]
-        samples = await _samples(conn, node_id, carried, window)
+        carried = {r.peer_id for r in peer_rows if every_sample or _carries(r, base)}
+        samples = await _samples(conn, node_id, sorted(carried), window)
         out.append(
             OriginDelta(
                 origin=key,
                 base=base,
                 upto=upto,
                 peers=[
-                    _peer_state(r, samples.get(r.peer_id, []) if every_sample or _carries(r, base) else None)
+                    _peer_state(r, samples.get(r.peer_id, []) if r.peer_id in carried else None)
                     for r in peer_rows
                 ],
                 mappings=[_mapping_state(r) for r in mapping_rows],
@@ -161,8 +161,9 @@ async def read_deltas(
 def _carries(row: Any, base: int) -> bool:
     """Whether the receiver, holding this origin through ``base``, may lack the row's samples.
 
-    A null samples version (a row learned without its samples, not yet completed) counts as new: the
-    row is then sent with the samples this node holds, which the receiver judges by their version.
+    If it passed ``base`` without this row's samples after all (the row changed again before it was
+    read), the merge finds out by their version and asks again. A stamped row always has a samples
+    version; a null one would be sent with its samples, which is never wrong.
     """
     return row.samples_version is None or row.samples_version > base
 

@@ -79,6 +79,11 @@ def _gossip_metrics(agent: GossipAgent) -> Iterator[Metric]:
             "Rows that gossip changed here.",
             stats.rows_applied,
         ),
+        (
+            "tracker_gossip_resends_asked",
+            "Merges that left peer rows out for want of their samples and asked the origin's rows again.",
+            stats.resends_asked,
+        ),
     ):
         yield CounterMetricFamily(name, help_text, value=value)
     rejected = CounterMetricFamily(
