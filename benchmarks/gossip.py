@@ -25,6 +25,7 @@ import random
 import sqlite3
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -113,17 +114,28 @@ async def _raw_baseline(url: str, rows: list[Message]) -> float:
         await conn.close()
 
 
-async def _transfer(
-    engine: str,
-    source: AvailabilityTracker,
-    target: AvailabilityTracker,
-    cfg: GossipConfig,
-    keyring: Keyring,
-    clock: ManualClock,
-    vector: dict[str, int],
-    version: int = VERSION,
-) -> dict[str, Any]:
-    """Stamp ``source`` and send ``target`` everything past ``vector``, timing each stage."""
+@dataclass(frozen=True)
+class _Link:
+    """A source tracker sending to a target of the same engine, and the settings they use."""
+
+    engine: str
+    source: AvailabilityTracker
+    target: AvailabilityTracker
+    cfg: GossipConfig
+    keyring: Keyring
+    clock: ManualClock
+
+
+async def _transfer(link: _Link, vector: dict[str, int], version: int = VERSION) -> dict[str, Any]:
+    """Stamp the source and send the target everything past ``vector``, timing each stage."""
+    engine, source, target, cfg, keyring, clock = (
+        link.engine,
+        link.source,
+        link.target,
+        link.cfg,
+        link.keyring,
+        link.clock,
+    )
     stages = dict.fromkeys(("stamp", "read", "encode", "decode", "merge"), 0.0)
 
     async def stamp(conn: Any) -> int:
@@ -187,23 +199,14 @@ async def _transfer(
     }
 
 
-async def _heartbeat_round(
-    engine: str,
-    source: AvailabilityTracker,
-    target: AvailabilityTracker,
-    cfg: GossipConfig,
-    keyring: Keyring,
-    clock: ManualClock,
-    vector: dict[str, int],
-    n_peers: int,
-    version: int,
-) -> dict[str, Any]:
-    """Every peer heartbeats once on ``source`` (nothing else changes); the round that sends it."""
-    clock.advance(cfg.interval_s or 30.0)
-    beats = [PeerOnline(f"peer-{i:06d}", at=clock.now - 1) for i in range(n_peers)]
+async def _heartbeat_round(link: _Link, vector: dict[str, int], n_peers: int, version: int) -> dict[str, Any]:
+    """Every peer heartbeats once on the source (nothing else changes); the round that sends it."""
+    engine = link.engine
+    link.clock.advance(link.cfg.interval_s or 30.0)
+    beats = [PeerOnline(f"peer-{i:06d}", at=link.clock.now - 1) for i in range(n_peers)]
     for start in range(0, len(beats), 20_000):
-        await source.record_batch(beats[start : start + 20_000])
-    result = await _transfer(engine, source, target, cfg, keyring, clock, vector, version)
+        await link.source.record_batch(beats[start : start + 20_000])
+    result = await _transfer(link, vector, version)
     stages = result["stages"]
     print(
         f"[{engine}] heartbeat round, message version {version}: {result['rows']:,} rows with "
@@ -235,7 +238,8 @@ async def bench_delta(
             f"in {time.perf_counter() - started:.1f} s"
         )
 
-        full = await _transfer(engine, source, target, cfg, keyring, clock, {})
+        link = _Link(engine, source, target, cfg, keyring, clock)
+        full = await _transfer(link, {})
         stages, messages, wire, rows = full["stages"], full["messages"], full["bytes"], full["rows"]
         total = sum(stages.values())
         assert len(await target.list_peers(limit=10_000)) == min(n_peers, 10_000)
@@ -248,9 +252,7 @@ async def bench_delta(
         # version 2 row without samples would ask for one resend.
         vector, rounds = full["vector"], {}
         for version in (VERSION, 1):
-            rounds[version] = await _heartbeat_round(
-                engine, source, target, cfg, keyring, clock, vector, n_peers, version
-            )
+            rounds[version] = await _heartbeat_round(link, vector, n_peers, version)
             vector = rounds[version]["vector"]
             assert rounds[version]["applied"] == n_peers, rounds[version]["applied"]
         old_round, new_round = rounds[1], rounds[VERSION]
