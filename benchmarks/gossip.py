@@ -126,8 +126,11 @@ class _Link:
     clock: ManualClock
 
 
-async def _transfer(link: _Link, vector: dict[str, int], version: int = VERSION) -> dict[str, Any]:
-    """Stamp the source and send the target everything past ``vector``, timing each stage."""
+Vectors = tuple[dict[str, int], dict[str, int]]  # version and samples vectors (q.vectors)
+
+
+async def _transfer(link: _Link, vectors: Vectors, version: int = VERSION) -> dict[str, Any]:
+    """Stamp the source and send the target everything past ``vectors``, timing each stage."""
     engine, source, target, cfg, keyring, clock = (
         link.engine,
         link.source,
@@ -149,8 +152,10 @@ async def _transfer(link: _Link, vector: dict[str, int], version: int = VERSION)
     while True:
         t = time.perf_counter()
 
-        async def read(conn: Any, vector: dict[str, int] = vector) -> q.Delta:
-            return await q.read_deltas(conn, vector, (), cfg.max_rows, 10, every_sample=version == 1)
+        async def read(conn: Any, vectors: Vectors = vectors) -> q.Delta:
+            return await q.read_deltas(
+                conn, vectors[0], (), cfg.max_rows, 10, samples=vectors[1], every_sample=version == 1
+            )
 
         delta = await run_read(source.engine, read)
         stages["read"] += time.perf_counter() - t
@@ -175,11 +180,11 @@ async def _transfer(link: _Link, vector: dict[str, int], version: int = VERSION)
         stages["decode"] += time.perf_counter() - t
         t = time.perf_counter()
 
-        async def merge(conn: Any, received: Message = received) -> tuple[q.MergeCounts, dict[str, int]]:
+        async def merge(conn: Any, received: Message = received) -> tuple[q.MergeCounts, Vectors]:
             counts = await q.merge(conn, engine, target.node_key, received.deltas, 10)
-            return counts, await q.version_vector(conn)
+            return counts, await q.vectors(conn)
 
-        counts, vector = await run_write(target.engine, merge, 3)
+        counts, vectors = await run_write(target.engine, merge, 3)
         applied += counts.peers
         stages["merge"] += time.perf_counter() - t
         messages.append(received)
@@ -194,19 +199,19 @@ async def _transfer(link: _Link, vector: dict[str, int], version: int = VERSION)
         "rows": rows,
         "samples": samples,
         "total_s": total,
-        "vector": vector,
+        "vectors": vectors,
         "applied": applied,
     }
 
 
-async def _heartbeat_round(link: _Link, vector: dict[str, int], n_peers: int, version: int) -> dict[str, Any]:
+async def _heartbeat_round(link: _Link, vectors: Vectors, n_peers: int, version: int) -> dict[str, Any]:
     """Every peer heartbeats once on the source (nothing else changes); the round that sends it."""
     engine = link.engine
     link.clock.advance(link.cfg.interval_s or 30.0)
     beats = [PeerOnline(f"peer-{i:06d}", at=link.clock.now - 1) for i in range(n_peers)]
     for start in range(0, len(beats), 20_000):
         await link.source.record_batch(beats[start : start + 20_000])
-    result = await _transfer(link, vector, version)
+    result = await _transfer(link, vectors, version)
     stages = result["stages"]
     print(
         f"[{engine}] heartbeat round, message version {version}: {result['rows']:,} rows with "
@@ -239,7 +244,7 @@ async def bench_delta(
         )
 
         link = _Link(engine, source, target, cfg, keyring, clock)
-        full = await _transfer(link, {})
+        full = await _transfer(link, ({}, {}))
         stages, messages, wire, rows = full["stages"], full["messages"], full["bytes"], full["rows"]
         total = sum(stages.values())
         assert len(await target.list_peers(limit=10_000)) == min(n_peers, 10_000)
@@ -250,10 +255,10 @@ async def bench_delta(
         # before samples_version), one after the other, to the same target. Version 1 goes second:
         # rows it brings record their own version as their samples version (it has none), so the next
         # version 2 row without samples would ask for one resend.
-        vector, rounds = full["vector"], {}
+        vectors, rounds = full["vectors"], {}
         for version in (VERSION, 1):
-            rounds[version] = await _heartbeat_round(link, vector, n_peers, version)
-            vector = rounds[version]["vector"]
+            rounds[version] = await _heartbeat_round(link, vectors, n_peers, version)
+            vectors = rounds[version]["vectors"]
             assert rounds[version]["applied"] == n_peers, rounds[version]["applied"]
         old_round, new_round = rounds[1], rounds[VERSION]
         print(
@@ -281,6 +286,7 @@ async def bench_delta(
             if not got:
                 break
         http_s = time.perf_counter() - t
+        assert pulled == rows, f"the HTTP pull applied {pulled:,} of {rows:,} rows"
         server.should_exit = True
         await serving
         await puller.aclose()

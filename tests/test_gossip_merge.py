@@ -11,6 +11,7 @@ from gossip_helpers import KEY, LocalNet, merged_view
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import run_read, run_write
+from tracker.events import PeerOnline, SpeedSample
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.protocol import OriginDelta, PeerState
@@ -188,11 +189,13 @@ async def test_neighbours_are_learned_only_when_enabled(tmp_path: Path, net: Loc
 
 
 async def _delta_row(agent: GossipAgent, base: int, peer: str) -> Any:
-    """What ``agent`` would send about its own row of ``peer`` to a neighbour holding it through ``base``."""
+    """What ``agent`` would send about its own row of ``peer`` to a neighbour holding it, and all its
+    samples, through ``base``."""
 
     async def work(conn: Any) -> Any:
         await q.stamp(conn, agent.tracker.config.dialect, agent.tracker.node_id, 7)
-        delta = await q.read_deltas(conn, {agent.node_key: base}, (), 50, 10)
+        held = {agent.node_key: base}
+        delta = await q.read_deltas(conn, held, (), 50, 10, samples=held)
         return next(p for d in delta.deltas for p in d.peers if p.peer == peer)
 
     return await run_write(agent.tracker.engine, work, 3)
@@ -200,6 +203,10 @@ async def _delta_row(agent: GossipAgent, base: int, peer: str) -> Any:
 
 async def _vector(agent: GossipAgent) -> dict[str, int]:
     return await run_read(agent.tracker.engine, q.version_vector)
+
+
+async def _samples_vector(agent: GossipAgent) -> dict[str, int]:
+    return await run_read(agent.tracker.engine, q.samples_vector)
 
 
 async def test_a_heartbeat_travels_without_samples_and_the_receiver_keeps_its_own(
@@ -212,7 +219,7 @@ async def test_a_heartbeat_travels_without_samples_and_the_receiver_keeps_its_ow
     first = await _delta_row(a, 0, "p")
     assert first.samples is not None and len(first.samples) == 3
     await _sync(b, "a")
-    held = (await _vector(b))[a.node_key]
+    held = (await _samples_vector(b))[a.node_key]
     assert held >= first.samples_version
 
     manual_clock.advance(30)
@@ -225,7 +232,7 @@ async def test_a_heartbeat_travels_without_samples_and_the_receiver_keeps_its_ow
     assert metrics is not None and metrics.download_speed == 3000 and metrics.last_seen.timestamp() == T0 + 30
 
     await a.tracker.record_download_speed("p", 9000)  # a sample: the row travels with its samples
-    held = (await _vector(b))[a.node_key]
+    held = (await _samples_vector(b))[a.node_key]
     fresh = await _delta_row(a, held, "p")
     assert fresh.samples is not None and fresh.samples_version == fresh.version > held
     await _sync(b, "a")
@@ -261,47 +268,53 @@ async def test_a_row_without_the_samples_it_names_waits_and_its_origin_clock_ask
     a = nodes[0]
     tracker = a.tracker
 
-    async def merge(base: int, upto: int, row: PeerState) -> q.MergeCounts:
-        delta = OriginDelta(origin="x", base=base, upto=upto, peers=[row])
+    async def merge(base: int, upto: int, row: PeerState, samples: tuple[int, int]) -> q.MergeCounts:
+        """A delta of one row, from a sender that assumed ``samples[0]`` and vouches for ``samples[1]``."""
+        delta = OriginDelta(
+            origin="x", base=base, upto=upto, samples_base=samples[0], samples_upto=samples[1], peers=[row]
+        )
 
         async def work(conn: Any) -> q.MergeCounts:
             return await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10)
 
         return await run_write(tracker.engine, work, 3)
 
-    async def stored() -> tuple[Any, int]:
+    async def stored() -> tuple[Any, int, int]:
         metrics = await tracker.get_peer_metrics("p")
-        return (None if metrics is None else (metrics.chunks_served, metrics.download_speed)), (
-            await _vector(a)
-        )["x"]
+        held = None if metrics is None else (metrics.chunks_served, metrics.download_speed)
+        return held, (await _vector(a))["x"], (await _samples_vector(a))["x"]
 
-    # Nothing held: a row without samples is not applied; the clock stops below its samples version.
-    counts = await merge(0, 5, _row(5, 3, carried=False))
+    # Nothing held: a row without samples is not applied; the clocks stop below it and its samples.
+    counts = await merge(0, 5, _row(5, 3, carried=False), (0, 5))
     assert (counts.peers, counts.waiting) == (0, 1)
-    assert await stored() == (None, 2)
+    assert await stored() == (None, 4, 2)
     # The resend from there carries them.
-    counts = await merge(2, 5, _row(5, 3, carried=True))
+    counts = await merge(4, 5, _row(5, 3, carried=True), (2, 5))
     assert (counts.peers, counts.waiting) == (1, 0)
-    assert await stored() == ((5, 3000), 5)
-    # A newer row naming the held samples applies without them: counters move, the speed stays.
-    counts = await merge(5, 7, _row(7, 3, carried=False))
+    assert await stored() == ((5, 3000), 5, 5)
+    # A newer row naming samples no newer than the stored row applies without them: counters move,
+    # the speed stays.
+    counts = await merge(5, 7, _row(7, 3, carried=False), (5, 7))
     assert (counts.peers, counts.waiting) == (1, 0)
-    assert await stored() == ((7, 3000), 7)
-    # One naming samples this node has not seen waits, and the clock goes back below them.
-    counts = await merge(7, 9, _row(9, 8, carried=False))
+    assert await stored() == ((7, 3000), 7, 7)
+    # One naming samples this node has not seen waits, and the clocks go back below it.
+    counts = await merge(7, 9, _row(9, 8, carried=False), (7, 9))
     assert (counts.peers, counts.waiting) == (0, 1)
-    assert await stored() == ((7, 3000), 7)
+    assert await stored() == ((7, 3000), 8, 7)
     # An old row without samples is just old: nothing to ask for.
-    counts = await merge(7, 7, _row(6, 3, carried=False))
+    counts = await merge(8, 8, _row(6, 3, carried=False), (7, 7))
     assert (counts.peers, counts.waiting) == (0, 0)
-    assert await stored() == ((7, 3000), 7)
+    assert await stored() == ((7, 3000), 8, 7)
+    # A sender that assumed more than this node holds moves neither clock.
+    await merge(9, 12, _row(12, 8, carried=True), (8, 12))
+    assert await stored() == ((12, 8000), 8, 7)
 
 
-async def test_a_row_that_moved_on_before_it_was_read_gets_its_samples_by_a_resend(
+async def test_a_row_that_moved_on_before_it_was_read_keeps_the_samples_clock_below_it(
     nodes: list[GossipAgent], manual_clock: ManualClock
 ) -> None:
-    """The race the samples version must survive: a row stamped with new samples changes again (a
-    heartbeat) before a delta is read, so the neighbour's clock passes its samples without it."""
+    """A row stamped with new samples changes again (a heartbeat) before a delta is read: the delta
+    passes its version without it, so its samples clock must stop below its samples."""
     a, b, _ = nodes
     await a.tracker.record_peer_online("p")
     await a.tracker.record_download_speed("p", 1000)
@@ -312,19 +325,38 @@ async def test_a_row_that_moved_on_before_it_was_read_gets_its_samples_by_a_rese
     await a.tracker.record_peer_online("p")  # ...and the row is dirty again before anyone reads it
 
     async def read(conn: Any) -> Any:
-        return await q.read_deltas(conn, await _vector(b), (), 50, 10)
+        return await q.read_deltas(conn, await _vector(b), (), 50, 10, samples=await _samples_vector(b))
 
     async def merge(conn: Any) -> None:
         await q.merge(conn, b.tracker.config.dialect, b.node_key, delta.deltas, 10)
 
     delta = await run_read(a.tracker.engine, read)
     assert not [p for d in delta.deltas for p in d.peers]  # the dirty row is not in it
+    assert [d.samples_upto for d in delta.deltas] == [stamped.samples_version - 1]
     await run_write(b.tracker.engine, merge, 3)
-    assert (await _vector(b))[a.node_key] >= stamped.samples_version  # b's clock passed the samples
+    assert (await _vector(b))[a.node_key] >= stamped.samples_version  # b's clock passed the row...
+    assert (await _samples_vector(b))[a.node_key] < stamped.samples_version  # ...not its samples
 
-    await _sync(b, "a")  # the row comes without them; b asks again and then gets them
-    assert b.stats.resends_asked >= 1
+    await _sync(b, "a")  # so the row comes with them
     metrics = await b.tracker.get_peer_metrics("p")
     assert metrics is not None and metrics.download_speed == 3000
     assert metrics.last_seen.timestamp() == T0 + 10
+    assert await merged_view(a.tracker, []) == await merged_view(b.tracker, [])
+    assert a.stats.resends_asked == b.stats.resends_asked == 0
+
+
+async def test_a_first_contact_over_many_messages_brings_rows_whose_samples_are_older_than_the_cut(
+    nodes: list[GossipAgent], manual_clock: ManualClock
+) -> None:
+    """Rows re-versioned by heartbeats after their samples, sent in several messages (max_rows 50):
+    a samples version below where an earlier message was cut must not pass for held."""
+    a, b, _ = nodes
+    peers = [f"p{i:03}" for i in range(120)]
+    await a.tracker.record_batch([SpeedSample(p, 1000 * (i + 1)) for i, p in enumerate(peers)])
+    await _sync(a, "c")  # stamps the samples
+    manual_clock.advance(30)
+    await a.tracker.record_batch([PeerOnline(p) for p in peers])  # every row changes; no sample does
+    await _sync(b, "a")
+    speeds = {m.peer_id: m.download_speed for m in await b.tracker.list_peers(limit=1000)}
+    assert speeds == {p: 1000 * (i + 1) for i, p in enumerate(peers)}
     assert await merged_view(a.tracker, []) == await merged_view(b.tracker, [])

@@ -46,6 +46,9 @@ nodes = Table(
     Column("created_at", Double, nullable=False),
     # Highest version of this origin held completely (for the local node: the last one stamped).
     Column("clock", BigInteger, nullable=False, server_default=text("0")),
+    # Every row of this origin whose samples changed at or before this version is held with them
+    # (or newer): gossip sends a row's samples only past it. Unused for the local node.
+    Column("samples_clock", BigInteger, nullable=False, server_default=text("0")),
     comment="Origin trackers whose observations this database holds; exactly one is local.",
 )
 Index(

@@ -1,12 +1,12 @@
-"""``peer_stats.samples_version``: the version at which a row's bandwidth samples last changed.
+"""``peer_stats.samples_version`` and ``tracker_nodes.samples_clock``: which samples a neighbour holds.
 
 Gossip sent every changed peer row with its origin's latest samples, so a heartbeat (which changes
 the row, not its samples) cost the receiver a delete, ten inserts and a speed refresh per peer; at
 100,000 peers a round did not fit in a round (docs/gossip.md). With this column a row carries its
-samples only to a neighbour that may lack them.
+samples only to a neighbour that may lack them: past that neighbour's samples clock of its origin.
 
-Existing rows take their own version: their samples are at least that old, and a neighbour that holds
-an older copy is found out by the merge (its stored samples version differs) and asks again.
+Existing rows take their own version (their samples are at least that old); every samples clock
+starts at 0, so the first deltas after the upgrade carry all samples, as before.
 
 Revision ID: 0008
 Revises: 0007
@@ -29,8 +29,13 @@ depends_on: str | Sequence[str] | None = None
 def upgrade() -> None:
     op.add_column("peer_stats", sa.Column("samples_version", sa.BigInteger(), nullable=True))
     op.execute("UPDATE peer_stats SET samples_version = version")
+    op.add_column(
+        "tracker_nodes",
+        sa.Column("samples_clock", sa.BigInteger(), nullable=False, server_default=sa.text("0")),
+    )
 
 
 def downgrade() -> None:
     # Plain DROP COLUMN (SQLite 3.35+): a batch rebuild would lose the table's WITHOUT ROWID.
     op.execute("ALTER TABLE peer_stats DROP COLUMN samples_version")
+    op.execute("ALTER TABLE tracker_nodes DROP COLUMN samples_clock")

@@ -56,6 +56,7 @@ class GossipStats:
 class _Neighbor:
     url: str
     vector: dict[str, int] | None = None
+    samples: dict[str, int] = field(default_factory=dict)
     failures: int = 0
     retry_at: float = 0.0
 
@@ -115,7 +116,7 @@ class GossipAgent:
     def _message(
         self,
         kind: str,
-        vector: dict[str, int],
+        vectors: tuple[dict[str, int], dict[str, int]],
         delta: q.Delta,
         in_reply_to: str | None,
         version: int = VERSION,
@@ -130,7 +131,8 @@ class GossipAgent:
             in_reply_to=in_reply_to,
             url=self.config.advertise_url,
             neighbors=self.neighbors[:64] if learn else [],
-            vector=vector,
+            vector=vectors[0],
+            samples_vector=vectors[1],
             deltas=delta.deltas,
             more=delta.truncated,
         )
@@ -148,12 +150,19 @@ class GossipAgent:
             rows = max(self.config.stamp_chunk + 1, rows // 2)
 
     async def _read_deltas(
-        self, vector: dict[str, int], skip: tuple[str, ...], rows: int, every_sample: bool = False
+        self,
+        vector: dict[str, int],
+        samples: dict[str, int],
+        skip: tuple[str, ...],
+        rows: int,
+        every_sample: bool = False,
     ) -> q.Delta:
         window = self.tracker.config.bandwidth_window
 
         async def work(conn: Any) -> q.Delta:
-            return await q.read_deltas(conn, vector, skip, rows, window, every_sample=every_sample)
+            return await q.read_deltas(
+                conn, vector, skip, rows, window, samples=samples, every_sample=every_sample
+            )
 
         return await db.run_read(self.tracker.engine, work)
 
@@ -194,7 +203,7 @@ class GossipAgent:
         self.stats.bytes_received += len(body)
         window = self.tracker.config.bandwidth_window
 
-        async def work(conn: Any) -> tuple[q.MergeCounts, dict[str, int]]:
+        async def work(conn: Any) -> tuple[q.MergeCounts, tuple[dict[str, int], dict[str, int]]]:
             dialect = self.tracker.config.dialect
             if not await q.claim_nonce(
                 conn, dialect, message.nonce, message.node, now + 2 * cfg.max_skew_s, now
@@ -202,10 +211,10 @@ class GossipAgent:
                 raise GossipRejected("replay", "this message (its nonce) was already received", 409)
             counts = await q.merge(conn, dialect, self.node_key, message.deltas, window)
             await q.stamp(conn, dialect, self.tracker.node_id, cfg.stamp_chunk)
-            return counts, await q.version_vector(conn)
+            return counts, await q.vectors(conn)
 
         try:
-            counts, vector = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
+            counts, vectors = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
         except GossipRejected as error:
             self._reject(error, message.node)
             return _error(error)
@@ -216,8 +225,10 @@ class GossipAgent:
         async def build(rows: int) -> Message:
             # A version 1 neighbour is answered in its own version: every row with its samples.
             v1 = message.version == 1
-            delta = await self._read_deltas(message.vector, (message.node,), rows, every_sample=v1)
-            return self._message("reply", vector, delta, message.nonce, message.version)
+            delta = await self._read_deltas(
+                message.vector, message.samples_vector, (message.node,), rows, every_sample=v1
+            )
+            return self._message("reply", vectors, delta, message.nonce, message.version)
 
         _, out, headers = await self._encode(build)
         self.stats.bytes_sent += len(out)
@@ -245,16 +256,19 @@ class GossipAgent:
         cfg = self.config
         known = neighbor.vector
 
-        async def work(conn: Any) -> dict[str, int]:
+        async def work(conn: Any) -> tuple[dict[str, int], dict[str, int]]:
             await q.stamp(conn, self.tracker.config.dialect, self.tracker.node_id, cfg.stamp_chunk)
-            return await q.version_vector(conn)
+            return await q.vectors(conn)
 
-        vector = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
+        vectors = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
 
         async def build(rows: int) -> Message:
             # First contact sends only the digest: the reply's vector tells what the neighbour holds.
-            delta = q.Delta([], False) if known is None else await self._read_deltas(known, (), rows)
-            return self._message("sync", vector, delta, None)
+            if known is None:
+                delta = q.Delta([], False)
+            else:
+                delta = await self._read_deltas(known, neighbor.samples, (), rows)
+            return self._message("sync", vectors, delta, None)
 
         sync, body, headers = await self._encode(build)
         status, answer, answer_headers = await self._send(neighbor.url + GOSSIP_PATH, body, headers)
@@ -282,6 +296,7 @@ class GossipAgent:
             self._reject(GossipRejected("replay", "a reply that does not answer this request"), neighbor.url)
             raise GossipFailed(f"{neighbor.url} sent a reply to another request")
         neighbor.vector = dict(reply.vector)
+        neighbor.samples = dict(reply.samples_vector)
         self._learn(reply)
         return sync.more, reply
 

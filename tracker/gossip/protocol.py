@@ -128,11 +128,18 @@ class MappingState(_Strict):
 
 
 class OriginDelta(_Strict):
-    """One origin's rows with versions after ``base``; complete through ``upto`` (see docs/gossip.md)."""
+    """One origin's rows with versions after ``base``; complete through ``upto`` (see docs/gossip.md).
+
+    Rows carry their samples when those changed after ``samples_base`` (the receiver's samples clock
+    as the sender knew it); once applied, every row whose samples changed by ``samples_upto`` is held
+    with them, so a receiver whose samples clock was at least ``samples_base`` may raise it there.
+    """
 
     origin: NodeKey
     base: Count
     upto: Count
+    samples_base: Count = 0
+    samples_upto: Count = 0
     peers: list[PeerState] = []
     mappings: list[MappingState] = []
 
@@ -153,6 +160,8 @@ class Message(_Strict):
     neighbors: list[Annotated[str, Field(max_length=300)]] = Field(default=[], max_length=64)
     #: Per origin, the highest version the sender holds completely: what the other side answers against.
     vector: dict[NodeKey, Count] = Field(max_length=100_000)
+    #: Per origin, the sender's samples clock: rows whose samples changed by then need not carry them.
+    samples_vector: dict[NodeKey, Count] = Field(default={}, max_length=100_000)
     deltas: list[OriginDelta] = []
     #: The reply left rows out (limits); the requester may sync again at once.
     more: bool = False
@@ -226,7 +235,12 @@ class Keyring:
 
 
 #: Fields version 1 does not have (its readers refuse unknown fields).
-_NOT_IN_V1: Any = {"deltas": {"__all__": {"peers": {"__all__": {"samples_version"}}}}}
+_NOT_IN_V1: Any = {
+    "samples_vector": True,
+    "deltas": {
+        "__all__": {"samples_base": True, "samples_upto": True, "peers": {"__all__": {"samples_version"}}}
+    },
+}
 
 
 def encode(message: Message) -> bytes:

@@ -85,6 +85,17 @@ async def version_vector(conn: AsyncConnection) -> dict[str, int]:
     return {str(k): int(c) for k, c in (await conn.execute(select(nodes.c.node_key, nodes.c.clock))).all()}
 
 
+async def vectors(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int]]:
+    """What a message tells the other side this node holds: the version and the samples vectors."""
+    return await version_vector(conn), await samples_vector(conn)
+
+
+async def samples_vector(conn: AsyncConnection) -> dict[str, int]:
+    """Per origin, the samples clock: every row whose samples changed by then is held with them."""
+    stmt = select(nodes.c.node_key, nodes.c.samples_clock).where(~nodes.c.is_local)
+    return {str(k): int(c) for k, c in (await conn.execute(stmt)).all()}
+
+
 # -- reading deltas -----------------------------------------------------------------------------
 
 
@@ -103,6 +114,7 @@ async def read_deltas(
     max_rows: int,
     window: int,
     *,
+    samples: dict[str, int] | None = None,
     every_sample: bool = False,
 ) -> Delta:
     """Every origin's rows with versions above ``vector`` (what the other side holds), up to ``max_rows``.
@@ -110,8 +122,10 @@ async def read_deltas(
     Rows are read in version order; when a table fills the budget, the delta ends before the last
     version read (which may be incomplete) and says so with ``upto``, so the receiver's clock never
     claims a version it does not fully hold. A peer row carries its samples only if they changed
-    after that origin's entry in ``vector`` (or ``every_sample``, for a version 1 neighbour).
+    after that origin's entry in ``samples``, the other side's samples clocks (all of them without,
+    or with ``every_sample``, for a version 1 neighbour).
     """
+    samples_clocks = {} if samples is None or every_sample else samples
     skipped = set(skip)
     out: list[OriginDelta] = []
     budget, truncated = max_rows, False
@@ -141,14 +155,17 @@ async def read_deltas(
             truncated = True
         if upto <= base:
             break
-        carried = {r.peer_id for r in peer_rows if every_sample or _carries(r, base)}
-        samples = await _samples(conn, node_id, sorted(carried), window)
+        samples_base = min(samples_clocks.get(key, 0), base)
+        carried = {r.peer_id for r in peer_rows if _carries(r, samples_base)}
+        found = await _samples(conn, node_id, sorted(carried), window)
         out.append(
             OriginDelta(
                 origin=key,
                 base=base,
                 upto=upto,
-                peers=[_peer_state(r, samples.get(r[0], []) if r[0] in carried else None) for r in peer_rows],
+                samples_base=samples_base,
+                samples_upto=await _samples_upto(conn, node_id, samples_base, upto),
+                peers=[_peer_state(r, found.get(r[0], []) if r[0] in carried else None) for r in peer_rows],
                 mappings=[_mapping_state(r) for r in mapping_rows],
             )
         )
@@ -158,14 +175,31 @@ async def read_deltas(
     return Delta(out, truncated)
 
 
-def _carries(row: Any, base: int) -> bool:
-    """Whether the receiver, holding this origin through ``base``, may lack the row's samples.
+def _carries(row: Any, samples_base: int) -> bool:
+    """Whether the receiver may lack the row's samples: they changed after its samples clock.
 
-    If it passed ``base`` without this row's samples after all (the row changed again before it was
-    read), the merge finds out by their version and asks again. A stamped row always has a samples
-    version; a null one would be sent with its samples, which is never wrong.
+    A stamped row always has a samples version; a null one would be sent with its samples, which is
+    never wrong.
     """
-    return row.samples_version is None or row.samples_version > base
+    return row.samples_version is None or row.samples_version > samples_base
+
+
+async def _samples_upto(conn: AsyncConnection, node_id: int, samples_base: int, upto: int) -> int:
+    """How far the receiver's samples clock may go once it holds this delta.
+
+    Every row whose samples changed in (samples_base, upto] must be in it, with them. One that is
+    not (its version is past ``upto``: the delta was cut, or the row changed again after the stamp
+    and awaits the next) stops the clock just before its samples version.
+    """
+    ps = peer_stats.c
+    pending = func.min(ps.samples_version)
+    first = upto + 1
+    for outside in (ps.version > upto, ps.version.is_(None)):  # two index ranges, not an OR
+        stmt = select(pending).where(ps.node_id == node_id, outside, ps.samples_version > samples_base)
+        found = (await conn.execute(stmt)).scalar()
+        if found is not None:
+            first = min(first, int(found))
+    return min(upto, first - 1)
 
 
 async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
@@ -322,14 +356,27 @@ async def merge(
             counts.mappings += await _merge_mappings(
                 conn, dialect, node_id, delta.mappings, content_ids, peer_ids
             )
+        n = nodes.c
+        # The samples clock first: it may move only if this node held what the sender assumed for both.
         await conn.execute(
             update(nodes)
-            .where(nodes.c.id == node_id, nodes.c.clock >= delta.base)
-            .values(clock=greatest(dialect, nodes.c.clock, _const(delta.upto)))
+            .where(n.id == node_id, n.clock >= delta.base, n.samples_clock >= delta.samples_base)
+            .values(samples_clock=greatest(dialect, n.samples_clock, _const(delta.samples_upto)))
+        )
+        await conn.execute(
+            update(nodes)
+            .where(n.id == node_id, n.clock >= delta.base)
+            .values(clock=greatest(dialect, n.clock, _const(delta.upto)))
         )
         if missing is not None:  # rows left out for want of their samples: ask for them again
+            version, samples_version = missing
             await conn.execute(
-                update(nodes).where(nodes.c.id == node_id, nodes.c.clock >= missing).values(clock=missing - 1)
+                update(nodes).where(n.id == node_id, n.clock >= version).values(clock=version - 1)
+            )
+            await conn.execute(
+                update(nodes)
+                .where(n.id == node_id, n.samples_clock >= samples_version)
+                .values(samples_clock=samples_version - 1)
             )
             counts.waiting += 1
     return counts
@@ -391,24 +438,47 @@ _ROW_FIELDS = (
 )
 
 
-def _row(state: PeerState, peer_id: int, node_id: int) -> dict[str, Any]:
-    return {
-        "peer_id": peer_id,
-        "node_id": node_id,
-        "online": state.online,
-        "online_since": state.online_since,
-        "last_seen": state.last_seen,
-        "uptime_s": state.uptime_s,
-        "served_count": state.served,
-        "failed_count": state.failed,
-        "success_weight": state.success_weight,
-        "failure_weight": state.failure_weight,
-        "evidence_at": state.evidence_at,
-        "speed_bps": None,
-        "updated_at": state.updated_at,
-        "version": state.version,
-        "samples_version": state.samples_at,
-    }
+#: A peer row's columns as the merge writes them; the precompiled UPDATE binds them with a prefix,
+#: as a bind may not share its column's name there.
+_ROW_KEYS = (
+    "peer_id",
+    "node_id",
+    "online",
+    "online_since",
+    "last_seen",
+    "uptime_s",
+    "served_count",
+    "failed_count",
+    "success_weight",
+    "failure_weight",
+    "evidence_at",
+    "speed_bps",
+    "updated_at",
+    "version",
+    "samples_version",
+)
+_BARE_KEYS = tuple(f"b_{key}" for key in _ROW_KEYS)
+
+
+def _row(state: PeerState, peer_id: int, node_id: int, keys: tuple[str, ...] = _ROW_KEYS) -> dict[str, Any]:
+    values = (
+        peer_id,
+        node_id,
+        state.online,
+        state.online_since,
+        state.last_seen,
+        state.uptime_s,
+        state.served,
+        state.failed,
+        state.success_weight,
+        state.failure_weight,
+        state.evidence_at,
+        None,  # speed_bps: recomputed from the samples
+        state.updated_at,
+        state.version,
+        state.samples_at,
+    )
+    return dict(zip(keys, values, strict=True))
 
 
 async def _merge_peers(
@@ -418,13 +488,15 @@ async def _merge_peers(
     states: Sequence[PeerState],
     peer_ids: dict[str, int],
     window: int,
-) -> tuple[int, int | None]:
-    """Apply peer rows; returns how many changed and the lowest samples version this node lacks.
+) -> tuple[int, tuple[int, int] | None]:
+    """Apply peer rows; returns how many changed and, if some could not be, the lowest version and
+    samples version among those.
 
     Rows with samples replace older rows and their samples. A row without them is applied only over a
-    stored row holding the samples it names (same ``samples_version``), so a stored row always holds
-    its own samples and relays forward consistent rows; otherwise it is left for a delta that carries
-    the samples, which the caller asks for by lowering its clock of the origin.
+    stored row at least as new as its samples (an origin's samples change only at a stamp, so that
+    row holds the very same ones): a stored row always holds its own samples, and relays forward
+    consistent rows. Anything else is left for a delta that carries the samples, which the caller
+    asks for by lowering its clocks of the origin.
     """
     latest: dict[str, PeerState] = {}
     for state in states:  # one row per peer per statement (Postgres refuses to update a row twice)
@@ -500,7 +572,7 @@ async def _merge_with_samples(
 
 @cache
 def _bare_update(dialect: str) -> Precompiled:
-    """A newer row over the stored one, if that still holds the samples it names.
+    """A newer row over the stored one, if that holds the samples it names (is at least as new).
 
     The same guards as the caller's check, in SQL: a concurrent merge in another process may have
     moved the row since. Compiled once: SQLAlchemy's per-row parameter handling cost more than the
@@ -513,10 +585,11 @@ def _bare_update(dialect: str) -> Precompiled:
             ps.peer_id == bindparam("b_peer_id", type_=BigInteger()),
             ps.node_id == bindparam("b_node_id", type_=Integer()),
             ps.version < bindparam("b_version", type_=BigInteger()),
-            ps.samples_version == bindparam("b_samples_version", type_=BigInteger()),
+            ps.version >= bindparam("b_samples_version", type_=BigInteger()),
         )
         .values(
             **{name: bindparam(f"b_{name}", type_=peer_stats.c[name].type) for name in _ROW_FIELDS},
+            samples_version=bindparam("b_samples_version", type_=BigInteger()),
             served_count=greatest(dialect, ps.served_count, bindparam("b_served_count", type_=BigInteger())),
             failed_count=greatest(dialect, ps.failed_count, bindparam("b_failed_count", type_=BigInteger())),
         ),
@@ -524,51 +597,34 @@ def _bare_update(dialect: str) -> Precompiled:
     )
 
 
-def _bare_params(state: PeerState, peer_id: int, node_id: int) -> dict[str, Any]:
-    return {
-        "b_peer_id": peer_id,
-        "b_node_id": node_id,
-        "b_online": state.online,
-        "b_online_since": state.online_since,
-        "b_last_seen": state.last_seen,
-        "b_uptime_s": state.uptime_s,
-        "b_served_count": state.served,
-        "b_failed_count": state.failed,
-        "b_success_weight": state.success_weight,
-        "b_failure_weight": state.failure_weight,
-        "b_evidence_at": state.evidence_at,
-        "b_updated_at": state.updated_at,
-        "b_version": state.version,
-        "b_samples_version": state.samples_at,
-    }
-
-
 async def _merge_without_samples(
     conn: AsyncConnection, dialect: str, node_id: int, states: Sequence[PeerState], peer_ids: dict[str, int]
-) -> tuple[int, int | None]:
-    """Newer rows over stored rows with the same samples: one UPDATE each, samples and speed kept."""
+) -> tuple[int, tuple[int, int] | None]:
+    """Newer rows over stored rows holding their samples: one UPDATE each, samples and speed kept."""
     ps = peer_stats.c
-    stored: dict[int, tuple[int | None, int | None]] = {}
+    stored: dict[int, int] = {}
     ids = [peer_ids[s.peer] for s in states]
     for start in range(0, len(ids), _KEY_CHUNK):
         rows = await conn.execute(
-            select(ps.peer_id, ps.version, ps.samples_version).where(
+            select(ps.peer_id, ps.version).where(
                 ps.node_id == node_id, ps.peer_id.in_(ids[start : start + _KEY_CHUNK])
             )
         )
-        stored.update({int(p): (v, sv) for p, v, sv in rows.all()})
-    updates, missing = [], None
+        stored.update({int(p): int(v) for p, v in rows.all() if v is not None})
+    updates, lacking = [], []
     for state in states:
-        version, samples_version = stored.get(peer_ids[state.peer], (None, None))
+        version = stored.get(peer_ids[state.peer])
         if version is not None and version >= state.version:
             continue  # this node already holds this row or a newer one
-        if version is not None and samples_version == state.samples_at:
-            updates.append(_bare_params(state, peer_ids[state.peer], node_id))
-        elif missing is None or state.samples_at < missing:
-            missing = state.samples_at
+        if version is not None and version >= state.samples_at:
+            updates.append(_row(state, peer_ids[state.peer], node_id, _BARE_KEYS))
+        else:
+            lacking.append(state)
     if updates:
         await _bare_update(dialect).executemany(conn, updates)
-    return len(updates), missing
+    if not lacking:
+        return len(updates), None
+    return len(updates), (min(s.version for s in lacking), min(s.samples_at for s in lacking))
 
 
 async def _merge_mappings(
