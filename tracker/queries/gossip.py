@@ -574,8 +574,8 @@ async def _merge_with_samples(
 def _bare_update(dialect: str) -> Precompiled:
     """A newer row over the stored one, if that holds the samples it names (is at least as new).
 
-    The same guards as the caller's check, in SQL: a concurrent merge in another process may have
-    moved the row since. Compiled once: SQLAlchemy's per-row parameter handling cost more than the
+    The version guard again in SQL: a concurrent merge in another process may have moved the row
+    since. Compiled once: SQLAlchemy's per-row parameter handling cost more than the
     UPDATE itself for a round of heartbeats.
     """
     ps = peer_stats.c
@@ -584,8 +584,11 @@ def _bare_update(dialect: str) -> Precompiled:
         .where(
             ps.peer_id == bindparam("b_peer_id", type_=BigInteger()),
             ps.node_id == bindparam("b_node_id", type_=Integer()),
-            ps.version < bindparam("b_version", type_=BigInteger()),
-            ps.version >= bindparam("b_samples_version", type_=BigInteger()),
+            # Never NULL on another origin's row; COALESCE keeps Postgres's generic plan of this
+            # prepared statement off the (node_id, version) index, which it preferred to the key
+            # (a range over every row of the origin per UPDATE: minutes for one round).
+            # The stored row was at least as new as the samples when read, and versions only grow.
+            func.coalesce(ps.version, -1) < bindparam("b_version", type_=BigInteger()),
         )
         .values(
             **{name: bindparam(f"b_{name}", type_=peer_stats.c[name].type) for name in _ROW_FIELDS},
