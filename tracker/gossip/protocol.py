@@ -78,8 +78,8 @@ class PeerState(_Strict):
     receiver may lack them.
 
     ``samples_version`` is the row's version when its samples last changed. A row travels without
-    ``samples`` (null) when that version is within what the receiver holds completely; the receiver
-    then keeps its own, and applies the row only if they are those very samples (docs/gossip.md).
+    ``samples`` (null) when that version is within the receiver's samples clock; the receiver then
+    keeps its own, applying the row only over a stored row at least that new (docs/gossip.md).
     Message version 1 has no ``samples_version`` and always carries the samples.
     """
 

@@ -9,8 +9,9 @@ times, in any order, through any relay path:
   origin by version (``lww_newer`` plus the version): the same rule as the local write path.
 - ``peers.first_seen`` and ``contents.first_seen`` take the minimum.
 - an origin's samples are replaced with its peer row. A row sent without them (its samples version is
-  within what the receiver holds) applies only over the very samples it names; otherwise the
-  receiver keeps its row and lowers its clock of that origin, so the next delta brings the samples.
+  within the receiver's samples clock) applies only over a stored row at least as new as its
+  samples; otherwise the receiver keeps its row and lowers its clocks of that origin, so the next
+  delta brings it with its samples.
 Nothing a message says about the receiving node's own origin is applied.
 """
 
