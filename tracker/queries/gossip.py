@@ -88,7 +88,12 @@ async def version_vector(conn: AsyncConnection) -> dict[str, int]:
 
 async def vectors(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int]]:
     """What a message tells the other side this node holds: the version and the samples vectors."""
-    return await version_vector(conn), await samples_vector(conn)
+    n = nodes.c
+    rows = (await conn.execute(select(n.node_key, n.clock, n.samples_clock, n.is_local))).all()
+    return (
+        {str(key): int(clock) for key, clock, _, _ in rows},
+        {str(key): int(samples) for key, _, samples, local in rows if not local},
+    )
 
 
 async def samples_vector(conn: AsyncConnection) -> dict[str, int]:
