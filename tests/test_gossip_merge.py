@@ -202,11 +202,11 @@ async def _delta_row(agent: GossipAgent, base: int, peer: str) -> Any:
 
 
 async def _vector(agent: GossipAgent) -> dict[str, int]:
-    return await run_read(agent.tracker.engine, q.version_vector)
+    return (await run_read(agent.tracker.engine, q.vectors))[0]
 
 
 async def _samples_vector(agent: GossipAgent) -> dict[str, int]:
-    return await run_read(agent.tracker.engine, q.samples_vector)
+    return (await run_read(agent.tracker.engine, q.vectors))[1]
 
 
 async def test_a_heartbeat_travels_without_samples_and_the_receiver_keeps_its_own(

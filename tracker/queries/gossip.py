@@ -81,25 +81,16 @@ _EXTRA = {"peer_stats": ", samples_version = COALESCE(samples_version, :v)", "co
 _KEYS = {"peer_stats": "peer_id, node_id", "content_peers": "content_id, peer_id"}
 
 
-async def version_vector(conn: AsyncConnection) -> dict[str, int]:
-    """Per origin, the highest version held completely."""
-    return {str(k): int(c) for k, c in (await conn.execute(select(nodes.c.node_key, nodes.c.clock))).all()}
-
-
 async def vectors(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int]]:
-    """What a message tells the other side this node holds: the version and the samples vectors."""
+    """What a message tells the other side this node holds, per origin: the version vector (the
+    highest version held completely) and the samples vector (every row whose samples changed by
+    then is held with them; not the local node)."""
     n = nodes.c
     rows = (await conn.execute(select(n.node_key, n.clock, n.samples_clock, n.is_local))).all()
     return (
         {str(key): int(clock) for key, clock, _, _ in rows},
         {str(key): int(samples) for key, _, samples, local in rows if not local},
     )
-
-
-async def samples_vector(conn: AsyncConnection) -> dict[str, int]:
-    """Per origin, the samples clock: every row whose samples changed by then is held with them."""
-    stmt = select(nodes.c.node_key, nodes.c.samples_clock).where(~nodes.c.is_local)
-    return {str(k): int(c) for k, c in (await conn.execute(stmt)).all()}
 
 
 # -- reading deltas -----------------------------------------------------------------------------
