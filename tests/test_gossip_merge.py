@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from gossip_helpers import KEY, LocalNet, merged_view
+from sqlalchemy import select
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import run_read, run_write
@@ -16,6 +17,9 @@ from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.protocol import OriginDelta, PeerState
 from tracker.queries import gossip as q
+from tracker.queries.writes import refresh_speeds
+from tracker.schema import nodes as nodes_table
+from tracker.schema import peer_stats, peers
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0
@@ -360,3 +364,56 @@ async def test_a_first_contact_over_many_messages_brings_rows_whose_samples_are_
     speeds = {m.peer_id: m.download_speed for m in await b.tracker.list_peers(limit=1000)}
     assert speeds == {p: 1000 * (i + 1) for i, p in enumerate(peers)}
     assert await merged_view(a.tracker, []) == await merged_view(b.tracker, [])
+
+
+async def test_a_merged_speed_is_the_mean_the_write_path_computes_over_the_stored_samples(
+    nodes: list[GossipAgent],
+) -> None:
+    """The receiver takes a replaced row's speed from the message's samples instead of reading them
+    back; recomputing it in SQL from what it stored must give the same figure."""
+    tracker = nodes[0].tracker
+    window = tracker.config.bandwidth_window
+    cases: dict[str, list[tuple[float, int]]] = {
+        "none": [],
+        "one": [(T0, 1234)],
+        "unordered": [(T0 + 3, 10), (T0 + 9, 20), (T0 + 1, 30), (T0 + 5, 45)],
+        # Equal times: the stored order (by id) decides which the window keeps, the first listed.
+        "ties": [(T0 + 7, value) for value in range(1, window + 3)] + [(T0 + 8, 100)],
+        "beyond the window": [(T0 + i, 124 + 42881 * (i % 3)) for i in range(2 * window + 3)],
+        "thirds": [(T0 + 3, 124), (T0 + 2, 42881), (T0 + 1, 563)],
+    }
+    rows = [
+        PeerState.model_validate({**_row(1, 1, carried=False).model_dump(), "peer": name, "samples": samples})
+        for name, samples in cases.items()
+    ]
+    delta = OriginDelta(origin="x", base=0, upto=1, samples_base=0, samples_upto=1, peers=rows)
+
+    async def merge(conn: Any) -> q.MergeCounts:
+        return await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], window)
+
+    async def speeds(conn: Any) -> dict[str, float | None]:
+        stmt = (
+            select(peers.c.peer_key, peer_stats.c.speed_bps)
+            .join(peer_stats, peer_stats.c.peer_id == peers.c.id)
+            .join(nodes_table, nodes_table.c.id == peer_stats.c.node_id)
+            .where(nodes_table.c.node_key == "x")
+        )
+        return {str(k): v for k, v in (await conn.execute(stmt)).all()}
+
+    async def recompute(conn: Any) -> None:
+        origin = (
+            await conn.execute(select(nodes_table.c.id).where(nodes_table.c.node_key == "x"))
+        ).scalar_one()
+        await refresh_speeds(conn, tracker.config.dialect, origin, sorted(cases), window)
+
+    assert (await run_write(tracker.engine, merge, 3)).peers == len(cases)
+    merged = await run_read(tracker.engine, speeds)
+    await run_write(tracker.engine, recompute, 3)
+    recomputed = await run_read(tracker.engine, speeds)
+    assert merged["none"] is None and recomputed["none"] is None
+    assert merged["ties"] == pytest.approx((100 + sum(range(1, window))) / window)
+    for name in sorted(set(cases) - {"none"}):
+        if tracker.config.dialect == "sqlite":
+            assert merged[name] == recomputed[name], name
+        else:  # numeric average: the last bit may round differently
+            assert merged[name] == pytest.approx(recomputed[name], rel=1e-15), name

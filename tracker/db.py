@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Table, event
+from sqlalchemy import Table, bindparam, event, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
@@ -393,3 +393,37 @@ class Precompiled:
         """Run the statement once and return its rows (tuples in select order)."""
         result = await conn.exec_driver_sql(self.sql, self._row(params))
         return list(result.all())
+
+
+class BulkInsert:
+    """Many rows into one table, compiled once: on Postgres one ``INSERT ... SELECT FROM unnest()`` of
+    one array per column; on SQLite the driver's executemany.
+
+    asyncpg's executemany runs the statement once per row: 200,000 bandwidth samples took 8.2 s that
+    way against 4.7 s as arrays (COPY: 3.7 s; most of the rest is the two foreign-key checks per row).
+    """
+
+    def __init__(self, table: Table, columns: tuple[str, ...], dialect: str) -> None:
+        self.columns = columns
+        self._postgres = dialect == "postgresql"
+        if self._postgres:
+            arrays = (
+                func.unnest(
+                    *[bindparam(name, type_=postgresql.ARRAY(table.c[name].type)) for name in columns]
+                )
+                .table_valued(*columns)
+                .render_derived()
+            )
+            statement: Any = table.insert().from_select(list(columns), select(*arrays.c))
+        else:
+            statement = table.insert().values({name: bindparam(name) for name in columns})
+        self._statement = Precompiled(statement, dialect)
+
+    async def run(self, conn: DriverSQL, rows: list[tuple[Any, ...]]) -> None:
+        """Insert ``rows``, tuples in ``columns`` order."""
+        if not rows:
+            return
+        if self._postgres:
+            await conn.exec_driver_sql(self._statement.sql, tuple(map(list, zip(*rows, strict=True))))
+        else:
+            await conn.exec_driver_sql(self._statement.sql, rows)

@@ -20,16 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from operator import itemgetter
 from typing import Any
 
 from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, literal, or_, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..db import Precompiled, insert_for
+from ..db import BulkInsert, Precompiled, insert_for
 from ..gossip.protocol import MappingState, OriginDelta, PeerState
 from ..schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
 from ._sql import PEER_STATE_COLUMNS, greatest, node_key_of
-from .writes import refresh_speeds
 
 _IN_CHUNK = 500
 #: Lookups by key take bigger IN lists: a round of heartbeats resolves every peer of the message.
@@ -490,7 +490,13 @@ _ROW_KEYS = (
 _BARE_KEYS = tuple(f"b_{key}" for key in _ROW_KEYS)
 
 
-def _row(state: PeerState, peer_id: int, node_id: int, keys: tuple[str, ...] = _ROW_KEYS) -> dict[str, Any]:
+def _row(
+    state: PeerState,
+    peer_id: int,
+    node_id: int,
+    keys: tuple[str, ...] = _ROW_KEYS,
+    speed: float | None = None,
+) -> dict[str, Any]:
     values = (
         peer_id,
         node_id,
@@ -503,7 +509,7 @@ def _row(state: PeerState, peer_id: int, node_id: int, keys: tuple[str, ...] = _
         state.success_weight,
         state.failure_weight,
         state.evidence_at,
-        None,  # speed_bps: recomputed from the samples
+        speed,
         state.updated_at,
         state.version,
         state.samples_at,
@@ -567,12 +573,16 @@ async def _merge_with_samples(
     peer_ids: dict[str, int],
     window: int,
 ) -> int:
-    rows = [_row(s, peer_ids[s.peer], node_id) for s in states]
+    rows = [_row(s, peer_ids[s.peer], node_id, speed=rolling_speed(s.samples or [], window)) for s in states]
     ins = insert_for(dialect, peer_stats)
     new, old = ins.excluded, peer_stats.c
     stmt = ins.on_conflict_do_update(
         index_elements=[old.peer_id, old.node_id],
-        set_={**_row_update(dialect, old, new), "samples_version": new.samples_version},
+        set_={
+            **_row_update(dialect, old, new),
+            "samples_version": new.samples_version,
+            "speed_bps": new.speed_bps,
+        },
         where=or_(old.version.is_(None), new.version > old.version),
     ).returning(peer_stats.c.peer_id)
     applied: set[int] = set()
@@ -590,16 +600,28 @@ async def _merge_with_samples(
             )
         )
     by_id = {peer_ids[state.peer]: state for state in states}
-    samples = [
-        {"peer_id": pid, "node_id": node_id, "at": at, "bytes_per_sec": bps}
-        for pid in changed
-        for at, bps in reversed(by_id[pid].samples or [])
-    ]
-    if samples:
-        await conn.execute(bandwidth_samples.insert(), samples)
-    # Every replaced row, with samples or without (then no speed): the speed follows the samples.
-    await refresh_speeds(conn, conn.dialect.name, node_id, sorted(by_id[pid].peer for pid in changed), window)
+    samples = [(pid, node_id, at, bps) for pid in changed for at, bps in reversed(by_id[pid].samples or [])]
+    await _samples_insert(dialect).run(conn, samples)
     return len(applied)
+
+
+@cache
+def _samples_insert(dialect: str) -> BulkInsert:
+    return BulkInsert(bandwidth_samples, ("peer_id", "node_id", "at", "bytes_per_sec"), dialect)
+
+
+def rolling_speed(samples: Sequence[tuple[float, int]], window: int) -> float | None:
+    """The mean of the latest ``window`` samples, as the write path's SQL computes it over the stored
+    ones (newest ``at`` first; among equal times the one listed first, inserted last); none: null.
+
+    Computed from the message instead of read back: the replaced row's speed was a second UPDATE
+    with a subquery per peer. Equal to the SQL's on SQLite; Postgres averages in ``numeric`` and may
+    round the last bit of the double differently (1 in 3,000 random cases).
+    """
+    latest = sorted(samples, key=itemgetter(0), reverse=True)[:window]  # stable: ties keep their order
+    if not latest:
+        return None
+    return sum(bps for _, bps in latest) / len(latest)
 
 
 @cache
