@@ -580,7 +580,7 @@ async def _merge_with_samples(
     peer_ids: dict[str, int],
     window: int,
 ) -> int:
-    rows = [_row(s, peer_ids[s.peer], node_id, speed=rolling_speed(s.samples or [], window)) for s in states]
+    rows = [_row(s, peer_ids[s.peer], node_id, speed=_rolling_speed(s.samples or [], window)) for s in states]
     ins = insert_for(dialect, peer_stats)
     new, old = ins.excluded, peer_stats.c
     stmt = ins.on_conflict_do_update(
@@ -617,7 +617,7 @@ def _samples_insert(dialect: str) -> BulkInsert:
     return BulkInsert(bandwidth_samples, ("peer_id", "node_id", "at", "bytes_per_sec"), dialect)
 
 
-def rolling_speed(samples: Sequence[tuple[float, int]], window: int) -> float | None:
+def _rolling_speed(samples: Sequence[tuple[float, int]], window: int) -> float | None:
     """The mean of the latest ``window`` samples, as the write path's SQL computes it over the stored
     ones (newest ``at`` first; among equal times the one listed first, inserted last); none: null.
 
