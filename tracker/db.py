@@ -404,7 +404,6 @@ class BulkInsert:
     """
 
     def __init__(self, table: Table, columns: tuple[str, ...], dialect: str) -> None:
-        self.columns = columns
         self._postgres = dialect == "postgresql"
         if self._postgres:
             arrays = (
@@ -420,7 +419,7 @@ class BulkInsert:
         self._statement = Precompiled(statement, dialect)
 
     async def run(self, conn: DriverSQL, rows: list[tuple[Any, ...]]) -> None:
-        """Insert ``rows``, tuples in ``columns`` order."""
+        """Insert ``rows``, tuples in the order of the columns given."""
         if not rows:
             return
         if self._postgres:
