@@ -19,14 +19,17 @@ def greatest(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> Colu
     return func.max(a, b) if dialect == "sqlite" else func.greatest(a, b)
 
 
-def peer_id_of(param: str) -> ColumnElement[Any]:
-    """The surrogate id of the peer whose key is bound to ``param``."""
-    return select(peers.c.id).where(peers.c.peer_key == bindparam(param)).scalar_subquery()
+def peer_id_of(key: str | ColumnElement[Any]) -> ColumnElement[Any]:
+    """The surrogate id of the peer whose key is bound to the parameter ``key`` (or is that column)."""
+    value = bindparam(key) if isinstance(key, str) else key
+    return select(peers.c.id).where(peers.c.peer_key == value).scalar_subquery()
 
 
-def content_id_of(param: str) -> ColumnElement[Any]:
-    """The surrogate id of the content whose key is bound to ``param`` (NULL for none)."""
-    return select(contents.c.id).where(contents.c.content_key == bindparam(param)).scalar_subquery()
+def content_id_of(key: str | ColumnElement[Any]) -> ColumnElement[Any]:
+    """The surrogate id of the content whose key is bound to the parameter ``key`` (or is that
+    column); NULL for none."""
+    value = bindparam(key) if isinstance(key, str) else key
+    return select(contents.c.id).where(contents.c.content_key == value).scalar_subquery()
 
 
 def node_key_of(node_id: ColumnElement[Any]) -> ColumnElement[Any]:

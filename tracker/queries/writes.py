@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import reputation as rep
 from ..config import TrackerConfig
-from ..db import DriverSQL, Precompiled, insert_for
+from ..db import DriverSQL, Precompiled, Rows, RowsStatement, insert_for
 from ..events import (
     ContentAvailable,
     ContentUnavailable,
@@ -131,53 +132,70 @@ async def _upsert_keys(
         if key not in earliest or at < earliest[key]:
             earliest[key] = at
     rows = [{"k": key, "t": earliest[key]} for key in sorted(earliest)]
-    await _keys_upsert(dialect, table_name).executemany(conn, rows)
+    await _keys_upsert(dialect, table_name).run(conn, rows)
 
 
 @cache
-def _keys_upsert(dialect: str, table_name: str) -> Precompiled:
+def _keys_upsert(dialect: str, table_name: str) -> RowsStatement:
     table, key_column = (
         (peers, peers.c.peer_key) if table_name == "peers" else (contents, contents.c.content_key)
     )
-    stmt = insert_for(dialect, table).values({key_column.name: bindparam("k"), "first_seen": bindparam("t")})
+    row = Rows(dialect, k=key_column.type, t=Double())
+    stmt = row.insert(table, {key_column.name: row["k"], "first_seen": row["t"]})
     # Only an older first sighting (a late event) touches an existing row.
     stmt = stmt.on_conflict_do_update(
         index_elements=[key_column.name],
         set_={"first_seen": stmt.excluded.first_seen},
         where=stmt.excluded.first_seen < table.c.first_seen,
     )
-    return Precompiled(stmt, dialect)
+    return RowsStatement(stmt, row)  # one row per key: no key repeats
 
 
 @cache
-def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.ReputationParams) -> Precompiled:
+def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.ReputationParams) -> RowsStatement:
     """One event folded into its peer's row: presence session, counters, decayed evidence.
 
     The inserted row is the event as a delta; ON CONFLICT merges it into the stored row.
     Presence is last-writer-wins by time: an event older than ``last_seen`` never flips the state.
-    A session that timed out before this event ends at the stored ``last_seen``. An event with
-    ``p_presence`` false (a failed upload: the reporter could not get the chunk, which is no sign the
-    peer is there) leaves presence and ``last_seen`` alone.
+    A session that timed out before this event ends at the stored ``last_seen``. A failed upload
+    (the reporter could not get the chunk, which is no sign the peer is there; the one event whose
+    row counts a failure) leaves presence and ``last_seen`` alone. All the merge reads of the event
+    is in the inserted row (``excluded``): on Postgres one statement carries many events (``Rows``).
     """
-    ins = insert_for(dialect, peer_stats).values(
-        peer_id=peer_id_of("peer_key"),
-        node_id=bindparam("node_id", type_=Integer()),
-        online=bindparam("p_online"),
-        online_since=bindparam("p_online_since", type_=Double()),
-        last_seen=bindparam("p_at", type_=Double()),
-        uptime_s=num(0.0),
-        served_count=bindparam("p_served"),
-        failed_count=bindparam("p_failed"),
-        success_weight=bindparam("p_sw", type_=Double()),
-        failure_weight=bindparam("p_fw", type_=Double()),
-        evidence_at=bindparam("p_evidence_at", type_=Double()),
-        speed_bps=null(),
-        updated_at=bindparam("p_now", type_=Double()),
-        samples_version=null(),
+    row = Rows(
+        dialect,
+        peer_key=peers.c.peer_key.type,
+        p_online=Boolean(),
+        p_online_since=Double(),
+        p_at=Double(),
+        p_served=BigInteger(),
+        p_failed=BigInteger(),
+        p_sw=Double(),
+        p_fw=Double(),
+        p_evidence_at=Double(),
+    )
+    ins = row.insert(
+        peer_stats,
+        {
+            "peer_id": peer_id_of(row["peer_key"]),
+            "node_id": bindparam("node_id", type_=Integer()),
+            "online": row["p_online"],
+            "online_since": row["p_online_since"],
+            "last_seen": row["p_at"],
+            "uptime_s": num(0.0),
+            "served_count": row["p_served"],
+            "failed_count": row["p_failed"],
+            "success_weight": row["p_sw"],
+            "failure_weight": row["p_fw"],
+            "evidence_at": row["p_evidence_at"],
+            "speed_bps": null(),
+            "updated_at": bindparam("p_now", type_=Double()),
+            "samples_version": null(),
+        },
     )
     old, new = peer_stats.c, ins.excluded
     timeout = num(peer_timeout)
-    presence = bindparam("p_presence", type_=Boolean())
+    presence = new.failed_count == 0
     fresh = and_(presence, new.last_seen >= old.last_seen)
     alive = and_(old.online, old.last_seen >= new.last_seen - timeout)
     continues = and_(new.online, alive)
@@ -227,13 +245,11 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
             ),
             "updated_at": new.updated_at,
             "version": null(),  # changed here: the stamper gives it this node's next version
-            # A sample changes what gossip must send with the row; a heartbeat does not.
-            "samples_version": case(
-                (bindparam("p_sample", type_=Boolean()), null()), else_=old.samples_version
-            ),
+            # samples_version stays: a sample clears it where the speed is refreshed.
         },
     )
-    return Precompiled(stmt, dialect)
+    # Rows come in peer order; on Postgres one peer's events go in successive statements.
+    return RowsStatement(stmt, row, key=operator.itemgetter("peer_key"))
 
 
 async def _upsert_peer_stats(
@@ -256,7 +272,6 @@ async def _upsert_peer_stats(
                 "peer_key": event.peer_id,
                 "node_id": node_id,
                 "p_online": heartbeat,
-                "p_presence": not failure,
                 "p_online_since": t.at if heartbeat else None,
                 "p_at": t.at,
                 "p_served": int(success),
@@ -265,16 +280,14 @@ async def _upsert_peer_stats(
                 "p_fw": 1.0 if failure else 0.0,
                 "p_evidence_at": t.at if outcome else None,
                 "p_now": now,
-                "p_sample": isinstance(event, SpeedSample),
             }
         )
-    statement = _peer_stats_upsert(dialect, config.peer_timeout, config.reputation)
-    await statement.executemany(conn, rows)
+    await _peer_stats_upsert(dialect, config.peer_timeout, config.reputation).run(conn, rows)
 
 
 async def record_outcomes(conn: DriverSQL, dialect: str, node_id: int, outcomes: Sequence[Timed]) -> None:
     """Append raw upload outcomes (the history behind the counters)."""
-    await _outcomes_insert(dialect).executemany(
+    await _outcomes_insert(dialect).run(
         conn,
         [
             {
@@ -292,23 +305,29 @@ async def record_outcomes(conn: DriverSQL, dialect: str, node_id: int, outcomes:
 
 
 @cache
-def _outcomes_insert(dialect: str) -> Precompiled:
-    return Precompiled(
-        upload_outcomes.insert().values(
-            peer_id=peer_id_of("peer_key"),
-            node_id=bindparam("node_id", type_=Integer()),
-            at=bindparam("p_at", type_=Double()),
-            success=bindparam("p_success", type_=Boolean()),
-            content_id=content_id_of("cid"),
-            bytes=bindparam("p_bytes", type_=BigInteger()),
-        ),
+def _outcomes_insert(dialect: str) -> RowsStatement:
+    row = Rows(
         dialect,
+        peer_key=peers.c.peer_key.type,
+        p_at=Double(),
+        p_success=Boolean(),
+        cid=contents.c.content_key.type,
+        p_bytes=BigInteger(),
     )
+    values = {
+        "peer_id": peer_id_of(row["peer_key"]),
+        "node_id": bindparam("node_id", type_=Integer()),
+        "at": row["p_at"],
+        "success": row["p_success"],
+        "content_id": content_id_of(row["cid"]),
+        "bytes": row["p_bytes"],
+    }
+    return RowsStatement(row.insert(upload_outcomes, values), row)
 
 
 async def record_samples(conn: DriverSQL, dialect: str, node_id: int, samples: Sequence[Timed]) -> None:
     """Append bandwidth samples."""
-    await _samples_insert(dialect).executemany(
+    await _samples_insert(dialect).run(
         conn,
         [
             {"peer_key": t.event.peer_id, "node_id": node_id, "p_at": t.at, "p_bps": t.event.bytes_per_sec}
@@ -319,22 +338,22 @@ async def record_samples(conn: DriverSQL, dialect: str, node_id: int, samples: S
 
 
 @cache
-def _samples_insert(dialect: str) -> Precompiled:
-    return Precompiled(
-        bandwidth_samples.insert().values(
-            peer_id=peer_id_of("peer_key"),
-            node_id=bindparam("node_id", type_=Integer()),
-            at=bindparam("p_at", type_=Double()),
-            bytes_per_sec=bindparam("p_bps", type_=BigInteger()),
-        ),
-        dialect,
-    )
+def _samples_insert(dialect: str) -> RowsStatement:
+    row = Rows(dialect, peer_key=peers.c.peer_key.type, p_at=Double(), p_bps=BigInteger())
+    values = {
+        "peer_id": peer_id_of(row["peer_key"]),
+        "node_id": bindparam("node_id", type_=Integer()),
+        "at": row["p_at"],
+        "bytes_per_sec": row["p_bps"],
+    }
+    return RowsStatement(row.insert(bandwidth_samples, values), row)
 
 
 async def refresh_speeds(
     conn: DriverSQL, dialect: str, node_id: int, peer_keys: Sequence[str], window: int
 ) -> None:
-    """Store each touched peer's rolling mean of its latest ``window`` samples on its stats row.
+    """Store each touched peer's rolling mean of its latest ``window`` samples on its stats row, and
+    mark its samples changed for gossip (``samples_version`` cleared; heartbeats leave it).
 
     Computed once per write, so selection ranks over a column instead of averaging at query time;
     the latest-N lookup walks the (peer_id, node_id, at) index backwards. One row per peer, each
@@ -366,7 +385,7 @@ def _speeds_update(dialect: str, window: int) -> Precompiled:
             peer_stats.c.node_id == bindparam("node", type_=Integer()),
             peer_stats.c.peer_id == peer_id_of("peer_key"),
         )
-        .values(speed_bps=cast(mean, Double())),
+        .values(speed_bps=cast(mean, Double()), samples_version=null()),
         dialect,
     )
 
@@ -374,7 +393,7 @@ def _speeds_update(dialect: str, window: int) -> Precompiled:
 async def _upsert_content_peers(
     conn: DriverSQL, dialect: str, node_id: int, mappings: Sequence[Timed]
 ) -> None:
-    await _content_peers_upsert(dialect).executemany(
+    await _content_peers_upsert(dialect).run(
         conn,
         [
             {
@@ -391,19 +410,29 @@ async def _upsert_content_peers(
 
 
 @cache
-def _content_peers_upsert(dialect: str) -> Precompiled:
+def _content_peers_upsert(dialect: str) -> RowsStatement:
     """Last-writer-wins by time on (content, peer): an older announcement never undoes a removal.
 
     Equal times are broken by origin key (``lww_newer``), exactly as the gossip merge breaks them.
     """
-    ins = insert_for(dialect, content_peers).values(
-        content_id=content_id_of("cid"),
-        peer_id=peer_id_of("peer_key"),
-        node_id=bindparam("node_id", type_=Integer()),
-        available=bindparam("p_available", type_=Boolean()),
-        since=bindparam("p_at", type_=Double()),
-        last_confirmed=bindparam("p_at", type_=Double()),
-        changed_at=bindparam("p_at", type_=Double()),
+    row = Rows(
+        dialect,
+        cid=contents.c.content_key.type,
+        peer_key=peers.c.peer_key.type,
+        p_available=Boolean(),
+        p_at=Double(),
+    )
+    ins = row.insert(
+        content_peers,
+        {
+            "content_id": content_id_of(row["cid"]),
+            "peer_id": peer_id_of(row["peer_key"]),
+            "node_id": bindparam("node_id", type_=Integer()),
+            "available": row["p_available"],
+            "since": row["p_at"],
+            "last_confirmed": row["p_at"],
+            "changed_at": row["p_at"],
+        },
     )
     old, new = content_peers.c, ins.excluded
     fresh = lww_newer(new.changed_at, new.node_id, old.changed_at, old.node_id)
@@ -421,4 +450,5 @@ def _content_peers_upsert(dialect: str) -> Precompiled:
             "version": case((fresh, None), else_=old.version),
         },
     )
-    return Precompiled(stmt, dialect)
+    # On Postgres a (content, peer) named twice in a batch goes in successive statements.
+    return RowsStatement(stmt, row, key=operator.itemgetter("cid", "peer_key"))
