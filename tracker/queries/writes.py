@@ -1,4 +1,8 @@
-"""The write path's statements: one batch of events becomes a fixed number of executemany calls."""
+"""The write path's statements: one batch of events becomes a few statements per table, not one per event.
+
+On SQLite each is an executemany of a statement compiled once; on Postgres each carries the batch's
+rows as arrays (``db.Rows``), and a peer or mapping named several times takes that many statements.
+"""
 
 from __future__ import annotations
 
@@ -77,10 +81,11 @@ async def apply_events(
     config: TrackerConfig,
     now: float,
 ) -> None:
-    """Apply a batch in the caller's transaction, with a fixed statement count per batch.
+    """Apply a batch in the caller's transaction, with a statement count that does not grow with it.
 
     Rows are sorted by key (stable, so one peer's events keep their order) so that concurrent batches
-    on Postgres lock rows in the same order and cannot deadlock each other.
+    on Postgres lock rows in the same order and cannot deadlock each other. There a key's later rows
+    go in later statements (``db.RowsStatement``), whose rows are all locked already by the first.
     """
     if not batch:
         return
