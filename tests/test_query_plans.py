@@ -90,7 +90,9 @@ def the_statement(statements: list[Captured], starts_with: str) -> Captured:
     return matching[0]
 
 
-async def sqlite_plan(engine: AsyncEngine, statement: Captured) -> tuple[str, list[str]]:
+async def sqlite_plan(
+    engine: AsyncEngine, statement: Captured, guarded: tuple[str, ...]
+) -> tuple[str, list[str]]:
     """EXPLAIN QUERY PLAN as an indented tree, and its lines that scan a guarded table in full."""
     sql, parameters = statement
     async with engine.connect() as conn:
@@ -101,7 +103,7 @@ async def sqlite_plan(engine: AsyncEngine, statement: Captured) -> tuple[str, li
         depth[node_id] = depth.get(parent, -1) + 1
         lines.append("  " * depth[node_id] + detail)
     # "SCAN t" and "SCAN t USING [COVERING] INDEX ix" both read every row; only "SEARCH" is a lookup.
-    full_scan = re.compile(rf"^SCAN ({'|'.join(GUARDED_TABLES)})\b")
+    full_scan = re.compile(rf"^SCAN ({'|'.join(guarded)})\b")
     return "\n".join(lines), [line.strip() for line in lines if full_scan.match(line.strip())]
 
 
@@ -118,7 +120,9 @@ def _reads_in_full(node: dict[str, Any]) -> bool:
     return node["Node Type"] in ("Index Scan", "Index Only Scan") and "Index Cond" not in node
 
 
-async def postgres_plan(engine: AsyncEngine, statement: Captured) -> tuple[str, list[str]]:
+async def postgres_plan(
+    engine: AsyncEngine, statement: Captured, guarded: tuple[str, ...]
+) -> tuple[str, list[str]]:
     """EXPLAIN as text, and the nodes of EXPLAIN (FORMAT JSON) that read a guarded table in full."""
     sql, parameters = statement
     async with engine.connect() as conn:
@@ -128,14 +132,16 @@ async def postgres_plan(engine: AsyncEngine, statement: Captured) -> tuple[str, 
     full_scans = [
         f"{node['Node Type']} on {node['Relation Name']}"
         for node in _postgres_nodes(document[0]["Plan"])
-        if node.get("Relation Name") in GUARDED_TABLES and _reads_in_full(node)
+        if node.get("Relation Name") in guarded and _reads_in_full(node)
     ]
     return text, full_scans
 
 
-async def assert_no_full_scan(engine: AsyncEngine, label: str, statement: Captured) -> None:
+async def assert_no_full_scan(
+    engine: AsyncEngine, label: str, statement: Captured, also: tuple[str, ...] = ()
+) -> None:
     explain = sqlite_plan if engine.dialect.name == "sqlite" else postgres_plan
-    plan, full_scans = await explain(engine, statement)
+    plan, full_scans = await explain(engine, statement, GUARDED_TABLES + also)
     print(f"\n--- {engine.dialect.name}: {label} ---\n{statement[0]}\n-- parameters: {statement[1]}\n{plan}")
     assert full_scans == [], f"{label} scans {full_scans} in full on {engine.dialect.name}:\n{plan}"
 
@@ -169,3 +175,24 @@ async def test_refresh_speeds_update_does_not_scan_a_large_table(swarm_tracker: 
 
     update = the_statement(statements, "UPDATE PEER_STATS SET SPEED_BPS")
     await assert_no_full_scan(swarm_tracker.engine, f"refresh_speeds ({len(batch)} peers)", update)
+
+
+async def test_write_statements_do_not_scan_a_large_table(swarm_tracker: AvailabilityTracker) -> None:
+    """Each statement of a mixed batch (on Postgres one per table, its rows as arrays) finds its
+    peers and contents by key: a scan of either per statement would cost as much as the batch."""
+    batch: list[Event] = []
+    for peer in SAMPLED_PEERS:
+        batch += [
+            PeerOnline(peer),
+            SpeedSample(peer, 2_000_000),
+            UploadOutcome(peer, success=True, cid=CID),
+            ContentAvailable(CID, peer),
+        ]
+    with captured_statements(swarm_tracker) as statements:
+        await swarm_tracker.record_batch(batch)
+
+    writes = [s for s in statements if s[0].lstrip().upper().startswith(("INSERT", "UPDATE"))]
+    assert len(writes) >= 6, [s[0][:40] for s in statements]
+    for number, statement in enumerate(writes):
+        label = f"write #{number}: {' '.join(statement[0].split()[:3])}"
+        await assert_no_full_scan(swarm_tracker.engine, label, statement, also=("peers", "contents"))
