@@ -164,8 +164,8 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
     Presence is last-writer-wins by time: an event older than ``last_seen`` never flips the state.
     A session that timed out before this event ends at the stored ``last_seen``. A failed upload
     (the reporter could not get the chunk, which is no sign the peer is there; the one event whose
-    row counts a failure) leaves presence and ``last_seen`` alone. All the merge reads of the event
-    is in the inserted row (``excluded``): on Postgres one statement carries many events (``Rows``).
+    row counts a failure) leaves presence and ``last_seen`` alone. Everything the merge reads of the
+    event is in the inserted row (``excluded``): on Postgres one statement carries many (``Rows``).
     """
     row = Rows(
         dialect,
