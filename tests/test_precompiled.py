@@ -1,4 +1,4 @@
-"""``db.Precompiled``: statements compiled once and run with tuples, on both engines.
+"""``compiled.Precompiled``: statements compiled once and run with tuples, on both engines.
 
 The write path's upserts and the ranking run through it, so its parameter handling (defaults,
 names used several times, constants written into the SQL) must give the same rows as SQLAlchemy.
@@ -9,7 +9,8 @@ from __future__ import annotations
 from sqlalchemy import Double, Integer, bindparam, literal, select
 
 from tracker import AvailabilityTracker, reputation
-from tracker.db import Precompiled, insert_for
+from tracker.compiled import Precompiled
+from tracker.db import insert_for
 from tracker.queries import leases, writes
 from tracker.queries._sql import num
 from tracker.schema import nodes

@@ -1,6 +1,6 @@
 """One batch is its events applied one at a time, in order, whatever they repeat.
 
-On Postgres the write path runs one statement per table for many events (``db.Rows``), and a peer's
+On Postgres the write path runs one statement per table for many events (``compiled.Rows``), and a peer's
 or a mapping's later events go in later statements of the same batch; on SQLite each event is a row
 of an executemany. Either way a batch must leave exactly the rows its events leave when recorded one
 call each: the same presence sessions, counters, decayed evidence, speeds, samples, outcomes and

@@ -5,22 +5,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import operator
 import sqlite3
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Table, bindparam, column, event, func, select
+from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
-from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.types import TypeEngine
 
 from .config import TrackerConfig
 from .errors import StorageError, is_transient, translate
@@ -337,174 +333,3 @@ def head_revision() -> str | None:
     from alembic.script import ScriptDirectory
 
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
-
-
-# ---------------------------------------------------------------------------------------------
-# Precompiled statements for the hot write path
-# ---------------------------------------------------------------------------------------------
-
-
-def _driver_dialect(name: str) -> Any:
-    if name == "sqlite":
-        from sqlalchemy.dialects.sqlite.aiosqlite import dialect as aiosqlite_dialect
-
-        return aiosqlite_dialect()
-    from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
-
-    return asyncpg_dialect()  # type: ignore[no-untyped-call]
-
-
-class Precompiled:
-    """A Core statement compiled once to the driver's SQL, executed with plain tuples.
-
-    SQLAlchemy recomputes a statement's cache key on every execution; for the big upserts of the
-    write path that costs more than the database work of one event. Compiling once keeps the SQL
-    written with Core (and dialect-checked) while a single event pays only the driver round trip.
-    """
-
-    def __init__(self, statement: Any, dialect: str) -> None:
-        if isinstance(statement, Insert):
-            # Nothing reads an inserted row back here, but SQLAlchemy would add RETURNING for a primary
-            # key given as a subquery (peer_stats, content_peers) and, on Postgres, for every generated
-            # id: each row then came back and was thrown away, ~17% of the peer_stats upsert's time.
-            statement = statement.inline()
-        compiled = statement.compile(dialect=_driver_dialect(dialect))
-        self.sql: str = compiled.string
-        self._names: tuple[str, ...] = tuple(compiled.positiontup or ())
-        # Values the statement carries itself; a name without one must come with every call (a
-        # missing one raises KeyError instead of binding NULL).
-        self._defaults: dict[str, Any] = {
-            name: value for name, value in compiled.params.items() if not compiled.binds[name].required
-        }
-        # itemgetter always returns a tuple when it picks several names, one value otherwise.
-        self._pick = operator.itemgetter(*self._names) if len(self._names) > 1 else None
-
-    def _row(self, params: dict[str, Any]) -> tuple[Any, ...]:
-        # The write path's big statements carry no defaults: their rows are picked without a copy.
-        merged = self._defaults | params if self._defaults else params
-        if self._pick is not None:
-            return self._pick(merged)  # type: ignore[no-any-return]
-        return tuple(merged[n] for n in self._names)
-
-    async def executemany(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> None:
-        """Run the statement once per row (one driver executemany)."""
-        if rows:
-            await conn.exec_driver_sql(self.sql, list(map(self._row, rows)))
-
-    async def execute(self, conn: DriverSQL, params: dict[str, Any]) -> None:
-        """Run the statement once."""
-        await conn.exec_driver_sql(self.sql, self._row(params))
-
-    async def fetch(self, conn: DriverSQL, params: dict[str, Any]) -> list[Any]:
-        """Run the statement once and return its rows (tuples in select order)."""
-        result = await conn.exec_driver_sql(self.sql, self._row(params))
-        return list(result.all())
-
-
-class Rows:
-    """The per-row values of a write statement, in the form its engine runs fastest.
-
-    On SQLite they are bound parameters and the statement runs once per row (one executemany of a
-    statement compiled once: a row costs SQLite's own work). On Postgres they are one array per
-    name, unnested into rows by a single statement: asyncpg's executemany runs the statement once per
-    row, and the executor's start and end per row cost as much as an upsert's own work (a peer_stats
-    upsert of a heartbeat: ~35 us a row that way, ~15 us as one statement over 1,000 rows).
-
-    Values the statement binds without going through ``Rows`` (the node id, the clock) are the same for
-    the whole batch.
-    """
-
-    def __init__(self, dialect: str, **types: TypeEngine[Any]) -> None:
-        self.dialect = dialect
-        self.arrays = dialect == "postgresql"
-        self.names = tuple(types)
-        self._source: Any = None
-        if self.arrays:
-            self._source = (
-                func.unnest(*[bindparam(name, type_=postgresql.ARRAY(t)) for name, t in types.items()])
-                .table_valued(*[column(name, t) for name, t in types.items()])
-                .render_derived()
-            )
-            self._columns: dict[str, ColumnElement[Any]] = {name: self._source.c[name] for name in types}
-        else:
-            self._columns = {name: bindparam(name, type_=t) for name, t in types.items()}
-
-    def __getitem__(self, name: str) -> ColumnElement[Any]:
-        return self._columns[name]
-
-    def insert(self, table: Table, values: Mapping[str, Any]) -> Any:
-        """The dialect's INSERT of one row per row of the batch (``on_conflict_*`` applies to each)."""
-        statement = insert_for(self.dialect, table)
-        if self.arrays:
-            return statement.from_select(list(values), select(*values.values()).select_from(self._source))
-        return statement.values(dict(values))
-
-
-class RowsStatement:
-    """A write statement over ``Rows``, compiled once, run for a batch of rows given as dicts.
-
-    On Postgres one statement covers many rows, and an ``ON CONFLICT DO UPDATE`` may not reach one
-    row twice in a statement: rows with the same ``key`` then go in successive statements, the
-    first of each key's rows in the first, and so on, so that each key's rows apply in their order
-    (and locks are taken in the rows' order, as one row per statement did).
-    """
-
-    def __init__(
-        self, statement: Any, rows: Rows, key: Callable[[dict[str, Any]], Hashable] | None = None
-    ) -> None:
-        self._statement = Precompiled(statement, rows.dialect)
-        self.sql = self._statement.sql
-        self._arrays = rows.names if rows.arrays else None
-        self._key = key
-
-    async def run(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> None:
-        """Apply every row, in order for any one key."""
-        if not rows:
-            return
-        if self._arrays is None:
-            await self._statement.executemany(conn, rows)
-            return
-        for part in _rounds(rows, self._key) if self._key is not None else (rows,):
-            params = dict(part[0])  # the batch's own values (node, clock) are the same in every row
-            for name in self._arrays:
-                params[name] = [row[name] for row in part]
-            await self._statement.execute(conn, params)
-
-
-def _rounds(
-    rows: list[dict[str, Any]], key: Callable[[dict[str, Any]], Hashable]
-) -> list[list[dict[str, Any]]]:
-    """Split rows into lists in which no key repeats: each key's n-th row goes into the n-th list."""
-    seen: dict[Hashable, int] = {}
-    rounds: list[list[dict[str, Any]]] = []
-    for row in rows:
-        k = key(row)
-        n = seen.get(k, 0)
-        seen[k] = n + 1
-        if n == len(rounds):
-            rounds.append([])
-        rounds[n].append(row)
-    return rounds
-
-
-class BulkInsert:
-    """Many rows into one table, compiled once, given as tuples in the order of ``columns``: on
-    Postgres one ``INSERT ... SELECT FROM unnest()`` (``Rows``), on SQLite the driver's executemany.
-
-    200,000 bandwidth samples took 8.2 s through asyncpg's executemany against 4.7 s as arrays
-    (COPY: 3.7 s; most of the rest is the two foreign-key checks per row).
-    """
-
-    def __init__(self, table: Table, columns: tuple[str, ...], dialect: str) -> None:
-        rows = Rows(dialect, **{name: table.c[name].type for name in columns})
-        self._postgres = rows.arrays
-        self._statement = Precompiled(rows.insert(table, {name: rows[name] for name in columns}), dialect)
-
-    async def run(self, conn: DriverSQL, rows: list[tuple[Any, ...]]) -> None:
-        """Insert ``rows``, tuples in the order of the columns given."""
-        if not rows:
-            return
-        if self._postgres:
-            await conn.exec_driver_sql(self._statement.sql, tuple(map(list, zip(*rows, strict=True))))
-        else:
-            await conn.exec_driver_sql(self._statement.sql, rows)

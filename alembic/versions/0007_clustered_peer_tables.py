@@ -10,7 +10,8 @@ The columns, constraints and indexes are rebuilt from SQLite's own schema text, 
 what earlier migrations made. The views that read these tables stay in place: the rename runs with
 ``legacy_alter_table`` so SQLite does not re-check them while their table is briefly missing.
 
-Gossip stamping addressed rows by rowid on SQLite; it now uses the primary key (tracker/queries/gossip.py).
+Gossip stamping addressed rows by rowid on SQLite; it now uses the primary key
+(tracker/queries/gossip/stamp.py).
 
 Revision ID: 0007
 Revises: 0006

@@ -13,6 +13,10 @@ from ..schema import contents, peer_stats, peers
 #: A float constant as double precision, written into the SQL (the queries' short name for it).
 num = sql_num
 
+#: Ids per IN list where a statement names many rows by id: bounded statements and parameter counts
+#: (SQLite limits bound parameters per statement) whatever the size of a gossip message.
+IN_CHUNK = 500
+
 
 def greatest(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
     """The larger of two non-NULL values (SQLite's scalar max, Postgres's greatest)."""

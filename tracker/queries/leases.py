@@ -15,7 +15,8 @@ from sqlalchemy import Double, Integer, bindparam, case, delete, func, insert, s
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
-from ..db import DriverSQL, Precompiled
+from ..compiled import Precompiled
+from ..db import DriverSQL
 from ..schema import peer_leases, peers
 from ._sql import content_id_of, peer_id_of
 

@@ -9,8 +9,9 @@ from sqlalchemy import Double, Integer, bindparam, func, select
 from sqlalchemy.sql.elements import ColumnElement
 
 from .. import reputation as rep
+from ..compiled import Precompiled
 from ..config import TrackerConfig
-from ..db import DriverSQL, Precompiled
+from ..db import DriverSQL
 from ..schema import content_peers, contents, peer_leases, peer_stats, peers
 from .reads import PeerRow, _merged, _times, peer_row_of
 

@@ -22,8 +22,9 @@ from sqlalchemy import (
 from sqlalchemy.sql.elements import ColumnElement
 
 from .. import reputation as rep
+from ..compiled import Precompiled
 from ..config import TrackerConfig
-from ..db import DriverSQL, Precompiled
+from ..db import DriverSQL
 from ..schema import content_peers, contents, peer_leases, peer_stats, peers
 from ._sql import num
 

@@ -1,7 +1,7 @@
 """The write path's statements: one batch of events becomes a few statements per table, not one per event.
 
 On SQLite each is an executemany of a statement compiled once; on Postgres each carries the batch's
-rows as arrays (``db.Rows``), and a peer or mapping named several times takes that many statements.
+rows as arrays (``compiled.Rows``), and a peer or mapping named several times takes that many statements.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from sqlalchemy import (
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import reputation as rep
+from ..compiled import Precompiled, Rows, RowsStatement
 from ..config import TrackerConfig
-from ..db import DriverSQL, Precompiled, Rows, RowsStatement, insert_for
+from ..db import DriverSQL, insert_for
 from ..events import (
     ContentAvailable,
     ContentUnavailable,
@@ -85,7 +86,7 @@ async def apply_events(
 
     Rows are sorted by key (stable, so one peer's events keep their order) so that concurrent batches
     on Postgres lock rows in the same order and cannot deadlock each other. There a key's later rows
-    go in later statements (``db.RowsStatement``), whose rows are all locked already by the first.
+    go in later statements (``compiled.RowsStatement``), whose rows are all locked already by the first.
     """
     if not batch:
         return

@@ -1,4 +1,4 @@
-"""Gossip's statements: stamp local changes, read deltas per origin, merge what neighbours send.
+"""Merging what neighbours send, and remembering message nonces against replays.
 
 The merge rules (docs/gossip.md), each a join-semilattice so that messages can be applied any number of
 times, in any order, through any relay path:
@@ -23,291 +23,18 @@ from functools import cache
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, literal, or_, select, text, update
+from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..db import BulkInsert, Precompiled, insert_for
-from ..gossip.protocol import MappingState, OriginDelta, PeerState
-from ..schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
-from ._sql import PEER_STATE_COLUMNS, greatest, node_key_of
+from ...compiled import BulkInsert, Precompiled
+from ...db import insert_for
+from ...gossip.protocol import MappingState, OriginDelta, PeerState
+from ...schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
+from .._sql import IN_CHUNK, greatest, node_key_of
 
-_IN_CHUNK = 500
-#: Lookups by key take bigger IN lists: a round of heartbeats resolves every peer of the message.
+#: Lookups by key take bigger IN lists than IN_CHUNK: a round of heartbeats resolves every peer
+#: of the message.
 _KEY_CHUNK = 2000
-_STAMP_LOCK = 0x7472_6B67  # "trkg": the Postgres advisory lock that serializes stampers
-
-
-# -- stamping -----------------------------------------------------------------------------------
-
-
-async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) -> int:
-    """Give every locally changed row (version null) the local node's next versions; return the clock.
-
-    Each statement gives the next version to at most ``chunk`` dirty rows, so a message of more than
-    ``chunk`` rows always completes a version. Rows are addressed by their physical handle on Postgres
-    (``ctid``) and by their clustered key on SQLite: the dirty ones are found through the
-    (node_id, version) index and updated by a TID scan or key search, so the cost is linear whatever
-    the planner believes about the table. (A join on the key was
-    planned as a nested loop over stale statistics: 28 s for 10,000 rows on Postgres.)
-
-    Stampers are serialized (an advisory lock on Postgres, the write transaction on SQLite). A row a
-    concurrent writer changes meanwhile is null again afterwards and gets the next stamp: none is missed.
-    """
-    if dialect == "postgresql":
-        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _STAMP_LOCK})
-    clock = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
-    start = clock
-    for table in ("peer_stats", "content_peers"):
-        statement = text(_STAMP_SQL[dialect].format(table=table, key=_KEYS[table], extra=_EXTRA[table]))
-        while True:
-            result = await conn.execute(statement, {"v": clock + 1, "node": local_id, "n": chunk})
-            if not result.rowcount:
-                break
-            clock += 1
-    if clock != start:
-        await conn.execute(update(nodes).where(nodes.c.id == local_id).values(clock=clock))
-    return clock
-
-
-_STAMP_SQL = {
-    "postgresql": "UPDATE {table} SET version = :v{extra} WHERE ctid = ANY(ARRAY("
-    "SELECT ctid FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n))",
-    "sqlite": "UPDATE {table} SET version = :v{extra} WHERE ({key}) IN ("
-    "SELECT {key} FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n)",
-}
-#: A peer row whose samples changed since the last stamp (samples_version null) gets the same version.
-_EXTRA = {"peer_stats": ", samples_version = COALESCE(samples_version, :v)", "content_peers": ""}
-#: SQLite stores both tables clustered on their primary key (no rowid, migration 0007).
-_KEYS = {"peer_stats": "peer_id, node_id", "content_peers": "content_id, peer_id"}
-
-
-async def vectors(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int]]:
-    """What a message tells the other side this node holds, per origin: the version vector (the
-    highest version held completely) and the samples vector (every row whose samples changed by
-    then is held with them; not the local node)."""
-    n = nodes.c
-    rows = (await conn.execute(select(n.node_key, n.clock, n.samples_clock, n.is_local))).all()
-    return (
-        {str(key): int(clock) for key, clock, _, _ in rows},
-        {str(key): int(samples) for key, _, samples, local in rows if not local},
-    )
-
-
-# -- reading deltas -----------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Delta:
-    """Rows of one origin for one neighbour, and whether limits cut it short."""
-
-    deltas: list[OriginDelta]
-    truncated: bool
-
-
-async def read_deltas(
-    conn: AsyncConnection,
-    vector: dict[str, int],
-    skip: Iterable[str],
-    max_rows: int,
-    window: int,
-    *,
-    samples: dict[str, int] | None = None,
-    every_sample: bool = False,
-) -> Delta:
-    """Every origin's rows with versions above ``vector`` (what the other side holds), up to ``max_rows``.
-
-    Rows are read in version order; when a table fills the budget, the delta ends before the last
-    version read (which may be incomplete) and says so with ``upto``, so the receiver's clock never
-    claims a version it does not fully hold. A peer row carries its samples only if they changed
-    after that origin's entry in ``samples``, the other side's samples clocks (all of them without,
-    or with ``every_sample``, for a version 1 neighbour).
-    """
-    samples_clocks = {} if samples is None or every_sample else samples
-    skipped = set(skip)
-    out: list[OriginDelta] = []
-    budget, truncated = max_rows, False
-    origins = (
-        await conn.execute(select(nodes.c.id, nodes.c.node_key, nodes.c.clock).order_by(nodes.c.node_key))
-    ).all()
-    for node_id, key, clock in origins:
-        base = vector.get(key, 0)
-        if key in skipped or clock <= base:
-            continue
-        if budget <= 0:
-            truncated = True
-            break
-        peer_rows = await _peer_rows(conn, node_id, base, budget + 1)
-        mapping_rows = await _mapping_rows(conn, node_id, base, budget + 1)
-        upto = int(clock)
-        for rows in (peer_rows, mapping_rows):
-            if len(rows) > budget:  # this table alone fills the budget: stop before its last version
-                upto = min(upto, int(rows[budget - 1].version) - 1)
-        peer_rows = [r for r in peer_rows if r.version <= upto]
-        mapping_rows = [r for r in mapping_rows if r.version <= upto]
-        while len(peer_rows) + len(mapping_rows) > budget:  # together too many: cut the newest version
-            upto = max([r.version for r in peer_rows] + [r.version for r in mapping_rows]) - 1
-            peer_rows = [r for r in peer_rows if r.version <= upto]
-            mapping_rows = [r for r in mapping_rows if r.version <= upto]
-        if upto < clock:
-            truncated = True
-        if upto <= base:
-            break
-        samples_base = min(samples_clocks.get(key, 0), base)
-        carried = {r.peer_id for r in peer_rows if _carries(r, samples_base)}
-        found = await _samples(conn, node_id, sorted(carried), window)
-        out.append(
-            OriginDelta(
-                origin=key,
-                base=base,
-                upto=upto,
-                samples_base=samples_base,
-                samples_upto=await _samples_upto(conn, node_id, samples_base, upto),
-                peers=[_peer_state(r, found.get(r[0], []) if r[0] in carried else None) for r in peer_rows],
-                mappings=[_mapping_state(r) for r in mapping_rows],
-            )
-        )
-        budget -= len(peer_rows) + len(mapping_rows)
-        if truncated:
-            break
-    return Delta(out, truncated)
-
-
-def _carries(row: Any, samples_base: int) -> bool:
-    """Whether the receiver may lack the row's samples: they changed after its samples clock.
-
-    A stamped row always has a samples version; a null one would be sent with its samples, which is
-    never wrong.
-    """
-    return row.samples_version is None or row.samples_version > samples_base
-
-
-async def _samples_upto(conn: AsyncConnection, node_id: int, samples_base: int, upto: int) -> int:
-    """How far the receiver's samples clock may go once it holds this delta.
-
-    Every row whose samples changed in (samples_base, upto] must be in it, with them. One that is
-    not (its version is past ``upto``: the delta was cut, or the row changed again after the stamp
-    and awaits the next) stops the clock just before its samples version.
-    """
-    ps = peer_stats.c
-    pending = func.min(ps.samples_version)
-    first = upto + 1
-    for outside in (ps.version > upto, ps.version.is_(None)):  # two index ranges, not an OR
-        stmt = select(pending).where(ps.node_id == node_id, outside, ps.samples_version > samples_base)
-        found = (await conn.execute(stmt)).scalar()
-        if found is not None:
-            first = min(first, int(found))
-    return min(upto, first - 1)
-
-
-async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
-    ps = peer_stats.c
-    stmt = (
-        select(ps.peer_id, *PEER_STATE_COLUMNS, ps.updated_at, ps.version, ps.samples_version)
-        .join(peers, peers.c.id == ps.peer_id)
-        .where(ps.node_id == node_id, ps.version > base)
-        .order_by(ps.version, ps.peer_id)
-        .limit(limit)
-    )
-    return (await conn.execute(stmt)).all()
-
-
-async def _mapping_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
-    cp = content_peers.c
-    stmt = (
-        select(
-            contents.c.content_key,
-            peers.c.peer_key,
-            cp.available,
-            cp.since,
-            cp.last_confirmed,
-            cp.changed_at,
-            cp.version,
-        )
-        .join(contents, contents.c.id == cp.content_id)
-        .join(peers, peers.c.id == cp.peer_id)
-        .where(cp.node_id == node_id, cp.version > base)
-        .order_by(cp.version, cp.content_id, cp.peer_id)
-        .limit(limit)
-    )
-    return (await conn.execute(stmt)).all()
-
-
-async def _samples(
-    conn: AsyncConnection, node_id: int, peer_ids: list[int], window: int
-) -> dict[int, list[tuple[float, int]]]:
-    """Each peer's latest ``window`` samples from this origin, newest first."""
-    s = bandwidth_samples.c
-    found: dict[int, list[tuple[float, int]]] = {}
-    for start in range(0, len(peer_ids), _IN_CHUNK):
-        ranked = (
-            select(
-                s.peer_id,
-                s.at,
-                s.bytes_per_sec,
-                func.row_number()
-                .over(partition_by=s.peer_id, order_by=(s.at.desc(), s.id.desc()))
-                .label("rn"),
-            )
-            .where(s.node_id == node_id, s.peer_id.in_(peer_ids[start : start + _IN_CHUNK]))
-            .subquery()
-        )
-        stmt = select(ranked.c.peer_id, ranked.c.at, ranked.c.bytes_per_sec).where(ranked.c.rn <= window)
-        # Rows come grouped by peer, typed by the driver (double and bigint columns): no per-sample
-        # lookups or conversions, which were a third of reading a first contact's samples.
-        peer: int | None = None
-        held: list[tuple[float, int]] = []
-        for peer_id, at, bps in (await conn.execute(stmt.order_by(ranked.c.peer_id, ranked.c.rn))).all():
-            if peer_id != peer:
-                peer, held = peer_id, []
-                found[peer_id] = held
-            held.append((at, bps))
-    return found
-
-
-def _float_or_none(value: Any) -> float | None:
-    return None if value is None else float(value)
-
-
-# Rows are unpacked by position: attribute access on a result row cost ~11 us per peer row, as much
-# as validating the PeerState; the column order is _peer_rows' and _mapping_rows' select list.
-
-
-def _peer_state(r: Any, samples: list[tuple[float, int]] | None) -> PeerState:
-    (_, key, first_seen, online, online_since, last_seen, uptime_s, served, failed) = r[:9]
-    (success_weight, failure_weight, evidence_at, updated_at, version, samples_version) = r[9:]
-    return PeerState(
-        peer=key,
-        first_seen=float(first_seen),
-        online=bool(online),
-        online_since=_float_or_none(online_since),
-        last_seen=float(last_seen),
-        uptime_s=float(uptime_s),
-        served=int(served),
-        failed=int(failed),
-        success_weight=float(success_weight),
-        failure_weight=float(failure_weight),
-        evidence_at=_float_or_none(evidence_at),
-        updated_at=float(updated_at),
-        version=int(version),
-        samples=samples,
-        samples_version=int(version if samples_version is None else samples_version),
-    )
-
-
-def _mapping_state(r: Any) -> MappingState:
-    cid, peer, available, since, last_confirmed, changed_at, version = r
-    return MappingState(
-        cid=cid,
-        peer=peer,
-        available=bool(available),
-        since=float(since),
-        last_confirmed=float(last_confirmed),
-        changed_at=float(changed_at),
-        version=int(version),
-    )
-
-
-# -- merging ------------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -593,17 +320,17 @@ async def _merge_with_samples(
         where=or_(old.version.is_(None), new.version > old.version),
     ).returning(peer_stats.c.peer_id)
     applied: set[int] = set()
-    for start in range(0, len(rows), _IN_CHUNK):
-        result = await conn.execute(stmt, rows[start : start + _IN_CHUNK])
+    for start in range(0, len(rows), IN_CHUNK):
+        result = await conn.execute(stmt, rows[start : start + IN_CHUNK])
         applied.update(int(r[0]) for r in result.all())
     if not applied:
         return 0
     changed = sorted(applied)
     s = bandwidth_samples.c
-    for start in range(0, len(changed), _IN_CHUNK):
+    for start in range(0, len(changed), IN_CHUNK):
         await conn.execute(
             delete(bandwidth_samples).where(
-                s.node_id == node_id, s.peer_id.in_(changed[start : start + _IN_CHUNK])
+                s.node_id == node_id, s.peer_id.in_(changed[start : start + IN_CHUNK])
             )
         )
     by_id = {peer_ids[state.peer]: state for state in states}
@@ -736,6 +463,6 @@ async def _merge_mappings(
         where=newer,
     ).returning(content_peers.c.peer_id)
     applied = 0
-    for start in range(0, len(rows), _IN_CHUNK):
-        applied += len((await conn.execute(stmt, rows[start : start + _IN_CHUNK])).all())
+    for start in range(0, len(rows), IN_CHUNK):
+        applied += len((await conn.execute(stmt, rows[start : start + IN_CHUNK])).all())
     return applied

@@ -1,0 +1,55 @@
+"""Stamping: the local node's changed rows get its next versions, so neighbours can ask for what is new.
+
+A local write leaves ``version`` null (``writes``); both ends of a gossip exchange stamp before
+they read their vectors, so a delta (``deltas``) is "this origin's rows above version v".
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from ...schema import nodes
+
+_STAMP_LOCK = 0x7472_6B67  # "trkg": the Postgres advisory lock that serializes stampers
+
+
+async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) -> int:
+    """Give every locally changed row (version null) the local node's next versions; return the clock.
+
+    Each statement gives the next version to at most ``chunk`` dirty rows, so a message of more than
+    ``chunk`` rows always completes a version. Rows are addressed by their physical handle on Postgres
+    (``ctid``) and by their clustered key on SQLite: the dirty ones are found through the
+    (node_id, version) index and updated by a TID scan or key search, so the cost is linear whatever
+    the planner believes about the table. (A join on the key was
+    planned as a nested loop over stale statistics: 28 s for 10,000 rows on Postgres.)
+
+    Stampers are serialized (an advisory lock on Postgres, the write transaction on SQLite). A row a
+    concurrent writer changes meanwhile is null again afterwards and gets the next stamp: none is missed.
+    """
+    if dialect == "postgresql":
+        await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _STAMP_LOCK})
+    clock = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
+    start = clock
+    for table in ("peer_stats", "content_peers"):
+        statement = text(_STAMP_SQL[dialect].format(table=table, key=_KEYS[table], extra=_EXTRA[table]))
+        while True:
+            result = await conn.execute(statement, {"v": clock + 1, "node": local_id, "n": chunk})
+            if not result.rowcount:
+                break
+            clock += 1
+    if clock != start:
+        await conn.execute(update(nodes).where(nodes.c.id == local_id).values(clock=clock))
+    return clock
+
+
+_STAMP_SQL = {
+    "postgresql": "UPDATE {table} SET version = :v{extra} WHERE ctid = ANY(ARRAY("
+    "SELECT ctid FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n))",
+    "sqlite": "UPDATE {table} SET version = :v{extra} WHERE ({key}) IN ("
+    "SELECT {key} FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n)",
+}
+#: A peer row whose samples changed since the last stamp (samples_version null) gets the same version.
+_EXTRA = {"peer_stats": ", samples_version = COALESCE(samples_version, :v)", "content_peers": ""}
+#: SQLite stores both tables clustered on their primary key (no rowid, migration 0007).
+_KEYS = {"peer_stats": "peer_id, node_id", "content_peers": "content_id, peer_id"}
