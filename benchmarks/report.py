@@ -55,12 +55,21 @@ def _concurrency_table(results: dict[str, Any]) -> list[str]:
     ]
 
 
+def _server_line(engine: dict[str, Any]) -> str:
+    server = dict(engine.get("server") or {})  # results written before servers were recorded lack it
+    version = server.pop("version", "version not recorded")
+    return f"{engine['engine']} {version}" + (
+        " (" + ", ".join(f"{k} {v}" for k, v in server.items()) + ")" if server else ""
+    )
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"Swarm: {results['swarm']['peers']:,} peers, {results['swarm']['contents']:,} contents, "
         f"{results['swarm']['mappings']:,} mappings (scale {results['scale']}). Machine: {m['cpus']} CPUs, "
         f"Python {m['python']}, {m['date']}.",
+        "Servers: " + "; ".join(_server_line(e) for e in results["engines"]) + ".",
         "",
         "| figure | " + " | ".join(e["engine"] for e in results["engines"]) + " |",
         "|---|" + "---|" * len(results["engines"]),

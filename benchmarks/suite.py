@@ -546,6 +546,23 @@ async def _analyze(engine: str, url: str) -> None:
 # -- the run ------------------------------------------------------------------------------------
 
 
+#: Server settings that moved the figures (docs/benchmarks.md): recorded with every run.
+_PG_SETTINGS = ("server_version", "shared_buffers", "effective_cache_size", "work_mem", "autovacuum")
+
+
+async def _server(engine: str, url: str, config: TrackerConfig) -> dict[str, Any]:
+    """The engine's version and the settings a reader needs to compare runs (the 1m Postgres run
+    cost 2.1x its 100k figure with the default ``shared_buffers``, 1.4x with 2 GB)."""
+    if engine == "sqlite":
+        return {"version": sqlite3.sqlite_version, "mmap_mib": config.sqlite_mmap_mib}
+    conn = await asyncpg.connect(driver_dsn(url))
+    try:
+        settings = {name: await conn.fetchval(f"SHOW {name}") for name in _PG_SETTINGS}
+    finally:
+        await conn.close()
+    return {"version": settings.pop("server_version"), **settings}
+
+
 async def _database(engine: str, scratch: Path, name: str = "suite") -> str:
     if engine == "sqlite":
         return f"sqlite+aiosqlite:///{scratch / name}.db"
@@ -564,7 +581,7 @@ async def run_engine(
     url = await _database(engine, scratch)
     clock = ManualClock(T0)
     config = TrackerConfig(database_url=url, clock=clock, max_batch_events=1_000, pool_size=8)
-    result: dict[str, Any] = {"engine": engine}
+    result: dict[str, Any] = {"engine": engine, "server": await _server(engine, url, config)}
     try:
         async with AvailabilityTracker(config) as tracker:
             # 1. ingest, batched, each batch's statements replayed raw right after it (same conditions)

@@ -34,6 +34,9 @@ def test_the_quick_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
             "mappings"
         ] + (results["swarm"]["peers"] // 5)
         assert engine["select_one"]["calls"] == 300 and engine["raw_rank_one"]["p50_ms"] > 0
+        # The settings that move the figures are recorded with them (shared_buffers moved the 1m run).
+        assert engine["server"]["version"]
+        assert "shared_buffers" in engine["server"] or engine["engine"] == "sqlite"
         sweep = engine["select_concurrency"]
         assert list(sweep) == ["1", "2", "4", "8", "16", "32"]
         assert all(r["calls"] >= int(c) and r["qps"] > 0 for c, r in sweep.items())
@@ -41,6 +44,7 @@ def test_the_quick_suite_runs_and_writes_its_results(tmp_path: Path) -> None:
     assert "batch / same statements raw" in table and "batch / plain table" in table
     assert "ranking / raw" in table and "single / batch" in table
     assert "against concurrent callers" in table and "\n| 16 | " in table
+    assert "Servers: sqlite 3." in table
     for engine in results["engines"]:
         # The replay ran every statement of the write path, and the single calls sent their whole mix.
         assert engine["ingest_batch"]["replay_seconds_by_statement"]["INSERT peer_stats"] > 0
