@@ -581,8 +581,9 @@ async def run_engine(
     url = await _database(engine, scratch)
     clock = ManualClock(T0)
     config = TrackerConfig(database_url=url, clock=clock, max_batch_events=1_000, pool_size=8)
-    result: dict[str, Any] = {"engine": engine, "server": await _server(engine, url, config)}
+    result: dict[str, Any] = {"engine": engine}
     try:
+        result["server"] = await _server(engine, url, config)
         async with AvailabilityTracker(config) as tracker:
             # 1. ingest, batched, each batch's statements replayed raw right after it (same conditions)
             result["ingest_batch"], mix = await _ingest(
