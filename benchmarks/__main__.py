@@ -1,4 +1,5 @@
-"""``python -m benchmarks run [--quick] [--engine ...] [--scale 100k|1m] [--out DIR] [--no-replay]``.
+"""``python -m benchmarks run [--quick] [--engine ...] [--scale 100k|1m] [--out DIR] [--no-replay]
+[--no-gossip]``.
 
 The single benchmarks (``python -m benchmarks.sweep``, ``.http``, ``.loadbalance``, ``.gossip``, ``.soak``)
 run on their own; ``run`` is the suite of ``benchmarks/suite.py``.
@@ -28,6 +29,12 @@ def main() -> None:
         action="store_false",
         help="skip replaying the write path's statements through the bare driver (halves ingest time)",
     )
+    suite.add_argument(
+        "--no-gossip",
+        dest="gossip",
+        action="store_false",
+        help="skip the gossip delta of the whole swarm (minutes per engine at --scale 1m)",
+    )
     scale = commands.add_parser("scale", help="plot cost against scale from several results.json")
     scale.add_argument("results", type=Path, nargs="+")
     scale.add_argument("--out", type=Path, default=Path("benchmarks/results"))
@@ -36,7 +43,7 @@ def main() -> None:
         plot_scale(args.results, args.out)
         return
     engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
-    asyncio.run(run(args.quick, engines, args.scale, args.out, replay=args.replay))
+    asyncio.run(run(args.quick, engines, args.scale, args.out, replay=args.replay, gossip=args.gossip))
 
 
 if __name__ == "__main__":

@@ -22,18 +22,16 @@ import asyncio
 import json
 import math
 import random
-import sqlite3
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import uvicorn
-from sqlalchemy.engine import make_url
 
-from benchmarks.scratch import create_database, driver_dsn, drop_database
+from benchmarks.scratch import BareTables, create_database, drop_database
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import run_read, run_write
 from tracker.events import ContentAvailable, PeerOnline, SpeedSample
@@ -54,9 +52,13 @@ async def _database(engine: str, scratch: Path, name: str) -> str:
     return await create_database(f"bench_gossip_{name}")
 
 
+def _peer_names(n_peers: int) -> list[str]:
+    return [f"peer-{i:06d}" for i in range(n_peers)]
+
+
 async def _populate(tracker: AvailabilityTracker, n_peers: int, n_mappings: int) -> None:
     rng = random.Random(5)
-    peers = [f"peer-{i:06d}" for i in range(n_peers)]
+    peers = _peer_names(n_peers)
     events: list[Any] = [PeerOnline(p, at=T0 - 60) for p in peers]
     events += [SpeedSample(p, rng.randrange(10**5, 10**8), at=T0 - 60 + k) for p in peers for k in range(10)]
     holders = max(1, n_mappings // max(1, n_peers))
@@ -70,52 +72,58 @@ async def _populate(tracker: AvailabilityTracker, n_peers: int, n_mappings: int)
         await tracker.record_batch(events[start : start + 20_000])
 
 
-async def _raw_baseline(url: str, rows: list[Message]) -> float:
-    """Insert the delta's peer and mapping rows into scratch tables with the bare driver; seconds."""
-    peer_rows = [
-        (p.peer, d.origin, p.last_seen, p.uptime_s, p.served, p.failed, p.success_weight, p.version)
-        for m in rows
-        for d in m.deltas
-        for p in d.peers
-    ]
-    map_rows = [
-        (x.cid, x.peer, d.origin, x.available, x.changed_at, x.version)
-        for m in rows
-        for d in m.deltas
-        for x in d.mappings
-    ]
-    peer_ddl = (
-        "CREATE TABLE raw_peers (peer text, origin text, last_seen float8, uptime float8, served bigint, "
-        "failed bigint, sw float8, version bigint)"
-    )
-    map_ddl = (
-        "CREATE TABLE raw_maps (cid text, peer text, origin text, available boolean, changed_at float8, "
-        "version bigint)"
-    )
-    if url.startswith("sqlite"):
-        path = str(make_url(url).database) + ".raw"
-        started = time.perf_counter()
-        with sqlite3.connect(path) as raw:
-            raw.execute(peer_ddl)
-            raw.execute(map_ddl)
-            raw.executemany("INSERT INTO raw_peers VALUES (?,?,?,?,?,?,?,?)", peer_rows)
-            raw.executemany("INSERT INTO raw_maps VALUES (?,?,?,?,?,?)", map_rows)
-        return time.perf_counter() - started
-    conn = await asyncpg.connect(driver_dsn(url))
-    try:
-        await conn.execute(peer_ddl)
-        await conn.execute(map_ddl)
-        started = time.perf_counter()
-        async with conn.transaction():
-            await conn.copy_records_to_table("raw_peers", records=peer_rows)
-            await conn.copy_records_to_table("raw_maps", records=map_rows)
-        return time.perf_counter() - started
-    finally:
-        await conn.close()
+class RawRows(BareTables):
+    """The bare driver's floor for a delta: each message's peer, sample and mapping rows inserted into
+    plain tables right after the message is merged, one transaction per message, so no message need be
+    kept (the ``1m`` swarm's first contact is millions of rows)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(
+            url,
+            {
+                "raw_peers": "peer text, origin text, last_seen float8, uptime float8, served bigint, "
+                "failed bigint, sw float8, version bigint",
+                "raw_samples": "peer text, origin text, at float8, speed float8",
+                "raw_maps": "cid text, peer text, origin text, available boolean, changed_at float8, "
+                "version bigint",
+            },
+        )
+
+    async def write(self, message: Message) -> None:
+        deltas = message.deltas
+        await self.insert(
+            {
+                "raw_peers": [
+                    (
+                        p.peer,
+                        d.origin,
+                        p.last_seen,
+                        p.uptime_s,
+                        p.served,
+                        p.failed,
+                        p.success_weight,
+                        p.version,
+                    )
+                    for d in deltas
+                    for p in d.peers
+                ],
+                "raw_samples": [
+                    (p.peer, d.origin, at, speed)
+                    for d in deltas
+                    for p in d.peers
+                    for at, speed in p.samples or ()
+                ],
+                "raw_maps": [
+                    (x.cid, x.peer, d.origin, x.available, x.changed_at, x.version)
+                    for d in deltas
+                    for x in d.mappings
+                ],
+            }
+        )
 
 
 @dataclass(frozen=True)
-class _Link:
+class Link:
     """A source tracker sending to a target of the same engine, and the settings they use."""
 
     engine: str
@@ -129,8 +137,11 @@ class _Link:
 Vectors = tuple[dict[str, int], dict[str, int]]  # version and samples vectors (q.vectors)
 
 
-async def _transfer(link: _Link, vectors: Vectors, version: int = VERSION) -> dict[str, Any]:
-    """Stamp the source and send the target everything past ``vectors``, timing each stage."""
+async def transfer(
+    link: Link, vectors: Vectors, version: int = VERSION, raw: RawRows | None = None
+) -> dict[str, Any]:
+    """Stamp the source and send the target everything past ``vectors``, timing each stage; ``raw``
+    writes each message's rows by the bare driver right after its merge (the floor)."""
     engine, source, target, cfg, keyring, clock = (
         link.engine,
         link.source,
@@ -147,8 +158,7 @@ async def _transfer(link: _Link, vectors: Vectors, version: int = VERSION) -> di
     t = time.perf_counter()
     await run_write(source.engine, stamp, 3)
     stages["stamp"] = time.perf_counter() - t
-    messages: list[Message] = []
-    wire = rows = samples = applied = 0
+    wire = rows = samples = applied = messages = 0
     while True:
         t = time.perf_counter()
 
@@ -187,7 +197,9 @@ async def _transfer(link: _Link, vectors: Vectors, version: int = VERSION) -> di
         counts, vectors = await run_write(target.engine, merge, 3)
         applied += counts.peers
         stages["merge"] += time.perf_counter() - t
-        messages.append(received)
+        if raw is not None:
+            await raw.write(received)
+        messages += 1
         wire += len(body)
         rows += received.rows
         samples += sum(len(p.samples or ()) for d in received.deltas for p in d.peers)
@@ -204,14 +216,18 @@ async def _transfer(link: _Link, vectors: Vectors, version: int = VERSION) -> di
     }
 
 
-async def _heartbeat_round(link: _Link, vectors: Vectors, n_peers: int, version: int) -> dict[str, Any]:
-    """Every peer heartbeats once on the source (nothing else changes); the round that sends it."""
+async def heartbeat_round(
+    link: Link, vectors: Vectors, peers: Sequence[str], version: int = VERSION
+) -> dict[str, Any]:
+    """Every one of ``peers`` heartbeats once on the source (nothing else changes); the round that
+    sends it: gossip's steady state, every peer row changed and none of its samples."""
     engine = link.engine
     link.clock.advance(link.cfg.interval_s or 30.0)
-    beats = [PeerOnline(f"peer-{i:06d}", at=link.clock.now - 1) for i in range(n_peers)]
-    for start in range(0, len(beats), 20_000):
-        await link.source.record_batch(beats[start : start + 20_000])
-    result = await _transfer(link, vectors, version)
+    beats = [PeerOnline(p, at=link.clock.now - 1) for p in peers]
+    chunk = link.source.config.max_batch_events
+    for start in range(0, len(beats), chunk):
+        await link.source.record_batch(beats[start : start + chunk])
+    result = await transfer(link, vectors, version)
     stages = result["stages"]
     print(
         f"[{engine}] heartbeat round, message version {version}: {result['rows']:,} rows with "
@@ -243,21 +259,22 @@ async def bench_delta(
             f"in {time.perf_counter() - started:.1f} s"
         )
 
-        link = _Link(engine, source, target, cfg, keyring, clock)
-        full = await _transfer(link, ({}, {}))
+        link = Link(engine, source, target, cfg, keyring, clock)
+        async with RawRows(target_url) as raw:
+            full = await transfer(link, ({}, {}), raw=raw)
         stages, messages, wire, rows = full["stages"], full["messages"], full["bytes"], full["rows"]
         total = sum(stages.values())
         assert len(await target.list_peers(limit=10_000)) == min(n_peers, 10_000)
-        baseline = await _raw_baseline(target_url, messages)
+        baseline = raw.seconds
 
         # The steady state: every peer heartbeats once a round and nothing else changes. The same
         # round sent as message version 2 and as version 1 (every row with its samples, as gossip did
         # before samples_version), one after the other, to the same target. Version 1 goes second:
         # rows it brings record their own version as their samples version (it has none), so the next
         # version 2 row without samples would ask for one resend.
-        vectors, rounds = full["vectors"], {}
+        vectors, rounds, peer_names = full["vectors"], {}, _peer_names(n_peers)
         for version in (VERSION, 1):
-            rounds[version] = await _heartbeat_round(link, vectors, n_peers, version)
+            rounds[version] = await heartbeat_round(link, vectors, peer_names, version)
             vectors = rounds[version]["vectors"]
             assert rounds[version]["applied"] == n_peers, rounds[version]["applied"]
         old_round, new_round = rounds[1], rounds[VERSION]
@@ -295,7 +312,7 @@ async def bench_delta(
         result = {
             "engine": engine,
             "rows": rows,
-            "messages": len(messages),
+            "messages": messages,
             "bytes": wire,
             "bytes_per_row": wire / rows,
             **{f"{k}_s": v for k, v in stages.items()},
@@ -311,7 +328,7 @@ async def bench_delta(
                     "rows": r["rows"],
                     "samples": r["samples"],
                     "bytes": r["bytes"],
-                    "messages": len(r["messages"]),
+                    "messages": r["messages"],
                     **{f"{k}_s": v for k, v in r["stages"].items()},
                     "total_s": r["total_s"],
                 }
@@ -320,7 +337,7 @@ async def bench_delta(
             "heartbeat_round_over_v1": new_round["total_s"] / old_round["total_s"],
         }
         print(
-            f"[{engine}] delta of {rows:,} rows in {len(messages)} messages, {wire:,} bytes "
+            f"[{engine}] delta of {rows:,} rows in {messages} messages, {wire:,} bytes "
             f"({wire / rows:.1f} B/row): stamp {stages['stamp']:.2f} s, read {stages['read']:.2f} s, "
             f"encode+sign {stages['encode']:.2f} s, verify+decode {stages['decode']:.2f} s, "
             f"merge {stages['merge']:.2f} s; total {total:.2f} s ({rows / total:,.0f} rows/s)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,22 @@ def _buffers(line: str, kind: str) -> str | None:
     return match.group(1) if match else None
 
 
+def _gossip_cell(e: dict[str, Any], cell: Callable[[dict[str, Any]], str]) -> str:
+    # Runs with --no-gossip, and results written before the suite had gossip, have none.
+    return "-" if "gossip" not in e else cell(e["gossip"]["first_contact"])
+
+
+def _gossip_size(e: dict[str, Any]) -> str:
+    return _gossip_cell(e, lambda g: f"{g['rows']:,} ({g['samples']:,}), {g['messages']:,}")
+
+
+def _gossip_round(e: dict[str, Any]) -> str:
+    if "gossip" not in e:
+        return "-"
+    r = e["gossip"]["heartbeat_round"]
+    return f"{r['rows']:,}, {r['total_s']:.1f}"
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -130,6 +147,19 @@ def markdown(results: dict[str, Any]) -> str:
             lambda e: f"{e['select_one']['p50_ms'] / results['memory']['p50_ms']:.1f}",
         ),
         ("sweep, s", lambda e: f"{e['sweep']['duration_s']:.2f}"),
+        ("gossip first contact: peer and mapping rows (samples), messages", _gossip_size),
+        (
+            "gossip first contact: s (rows/s); merge s",
+            lambda e: _gossip_cell(
+                e,
+                lambda g: f"{g['total_s']:.1f} ({g['rows_per_s']:,.0f}); {g['merge_s']:.1f}",
+            ),
+        ),
+        (
+            "gossip merge / bare driver inserting the same rows",
+            lambda e: _gossip_cell(e, lambda g: f"{g['merge_over_raw']:.1f}"),
+        ),
+        ("gossip round of heartbeats: rows, s", _gossip_round),
     ]
     for name, cell in rows:
         lines.append(f"| {name} | " + " | ".join(cell(e) for e in results["engines"]) + " |")

@@ -12,14 +12,17 @@ Workloads, per engine, on the swarm of ``benchmarks/swarm.py``:
    callers, from 1 to 32 in a sweep (throughput against concurrency), and from 32 beside an ingest
    of heartbeats (each rate against its own alone), each phase starting with no open leases; and the
    ranking statement alone (read only), the part comparable to a raw query;
-3. a sweep over the whole swarm.
+3. a sweep over the whole swarm;
+4. gossip: the whole (swept) swarm as one delta to an empty tracker of the same engine, and a round
+   of heartbeats of every online peer after it.
 
 Baselines, measured in the same run: the write path's own statements replayed through the bare
 driver into a twin database (``_Replay``: our layers' cost); the same number of rows written by the
 bare driver (``sqlite3.executemany`` / asyncpg ``copy_records_to_table``) into a plain table (the
 engine's floor); the ranking statement's
 very SQL run through the bare driver; an in-memory implementation with dicts and ``heapq`` (what the
-original HashMap design gives); Redis sorted sets through redis-py's asyncio client on 127.0.0.1:6379.
+original HashMap design gives); Redis sorted sets through redis-py's asyncio client on 127.0.0.1:6379;
+for gossip, the delta's rows inserted into plain tables by the bare driver, message by message.
 Figures are ratios within one run: these machines are noisy. Nothing here asserts speed.
 """
 
@@ -47,12 +50,15 @@ from sqlalchemy.engine import make_url
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import run_read_unit
 from tracker.events import PeerOnline
+from tracker.gossip.config import GossipConfig
+from tracker.gossip.protocol import Keyring
 from tracker.queries import reads
 from tracker.reputation import DEFAULT_PARAMS, reputation
 from tracker.testing import ManualClock
 
+from .gossip import KEY, Link, RawRows, heartbeat_round, transfer
 from .report import markdown, plot, write_plans
-from .scratch import create_database, driver_dsn, drop_database, execute
+from .scratch import BareTables, create_database, driver_dsn, drop_database, execute
 from .swarm import Swarm, event_count, events, generate
 
 REDIS_URL = os.environ.get("TRACKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -146,47 +152,19 @@ async def _paired_calls(
 # -- baselines ----------------------------------------------------------------------------------
 
 
-class _PlainTable:
+class _PlainTable(BareTables):
     """The bare driver writing one narrow row per event into an unindexed table: the engine's floor.
 
-    ``sqlite3.executemany`` / asyncpg ``copy_records_to_table``, one transaction per batch like
-    ``record_batch``; fed batch by batch beside the measured ingest, so both run in the same conditions.
+    One transaction per batch like ``record_batch``; fed batch by batch beside the measured ingest.
     """
 
-    DDL = "CREATE TABLE raw_events (kind text, peer text, at float8, value float8)"
-
-    def __init__(self, engine: str, url: str) -> None:
-        self.engine, self.url = engine, url
-        self.seconds, self.rows = 0.0, 0
-        self.sqlite: sqlite3.Connection | None = None
-        self.pg: asyncpg.Connection | None = None
-
-    async def __aenter__(self) -> _PlainTable:
-        if self.engine == "sqlite":
-            self.sqlite = sqlite3.connect(str(make_url(self.url).database) + ".raw")
-            self.sqlite.execute(self.DDL)
-        else:
-            self.pg = await asyncpg.connect(driver_dsn(self.url))
-            await self.pg.execute(self.DDL)
-        return self
-
-    async def __aexit__(self, *_: object) -> None:
-        if self.sqlite is not None:
-            self.sqlite.close()
-        if self.pg is not None:
-            await self.pg.close()
+    def __init__(self, url: str) -> None:
+        super().__init__(url, {"raw_events": "kind text, peer text, at float8, value float8"})
 
     async def write(self, batch: list[Any]) -> None:
-        rows = [(type(e).__name__, e.peer_id, float(e.at or 0), 1.0) for e in batch]
-        started = time.perf_counter()
-        if self.sqlite is not None:
-            self.sqlite.executemany("INSERT INTO raw_events VALUES (?,?,?,?)", rows)
-            self.sqlite.commit()
-        else:
-            assert self.pg is not None
-            await self.pg.copy_records_to_table("raw_events", records=rows)
-        self.seconds += time.perf_counter() - started
-        self.rows += len(rows)
+        await self.insert(
+            {"raw_events": [(type(e).__name__, e.peer_id, float(e.at or 0), 1.0) for e in batch]}
+        )
 
 
 class _Replay:
@@ -410,7 +388,7 @@ async def _ingest(
     batch_s, count = 0.0, 0
     replay: _Replay | None = None
     async with contextlib.AsyncExitStack() as stack:
-        plain = await stack.enter_async_context(_PlainTable(engine, url))
+        plain = await stack.enter_async_context(_PlainTable(url))
         if replay_statements:
             replay = _Replay(engine, await _database(engine, scratch, "replay"), tracker)
             stack.push_async_callback(drop_database, replay.url)
@@ -527,6 +505,63 @@ async def _beside_ingest(
     }
 
 
+async def _gossip(
+    engine: str,
+    tracker: AvailabilityTracker,
+    clock: ManualClock,
+    swarm: Swarm,
+    scratch: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """The whole swarm as one gossip delta to an empty tracker of the same engine (what a new
+    neighbour's first contact costs), beside the bare driver writing the same rows; then a round in
+    which every online peer heartbeats once (the steady state). Default gossip settings.
+
+    Each stage is timed (``benchmarks.gossip.transfer``); the target must end up holding what the
+    source holds, or the figures would be of a transfer that lost rows.
+    """
+    url = await _database(engine, scratch, "gossip")
+    config = TrackerConfig(database_url=url, clock=clock, max_batch_events=1_000, pool_size=8)
+    try:
+        async with AvailabilityTracker(config) as target:
+            link = Link(engine, tracker, target, GossipConfig(keys=(KEY,)), Keyring([KEY]), clock)
+            async with RawRows(url) as raw:
+                first = await transfer(link, ({}, {}), raw=raw)
+            have, got = await tracker.stats(), await target.stats()
+            for field in ("peers_total", "peers_online", "contents_total", "mappings_available"):
+                assert getattr(got, field) == getattr(have, field), (field, have, got)
+            online = sorted(set(swarm.peers) - swarm.offline)
+            beat = await heartbeat_round(link, first["vectors"], online)
+            assert beat["applied"] == len(online) == (await target.stats()).peers_online
+    finally:
+        await drop_database(url)
+
+    def figures(r: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **{k: r[k] for k in ("rows", "samples", "messages", "bytes", "total_s")},
+            **{f"{k}_s": v for k, v in r["stages"].items()},
+            "rows_per_s": r["rows"] / r["total_s"],
+        }
+
+    result = {
+        "first_contact": {
+            **figures(first),
+            "raw_s": raw.seconds,
+            "raw_rows": raw.rows,
+            "merge_over_raw": first["stages"]["merge"] / raw.seconds,
+        },
+        "heartbeat_round": figures(beat),
+    }
+    one = result["first_contact"]
+    log(
+        f"[{engine}] gossip first contact: {one['rows']:,} rows with {one['samples']:,} samples in "
+        f"{one['messages']:,} messages, {one['total_s']:.1f} s ({one['rows_per_s']:,.0f} rows/s), merge "
+        f"{one['merge_s']:.1f} s, {one['merge_over_raw']:.1f}x the bare driver's {raw.seconds:.2f} s; "
+        f"a heartbeat round of {beat['rows']:,} peers {beat['total_s']:.1f} s"
+    )
+    return result
+
+
 async def _analyze(engine: str, url: str) -> None:
     """Vacuum and refresh the planner's statistics after the bulk load, as autovacuum would have
     done by then on a default server.
@@ -577,6 +612,7 @@ async def run_engine(
     log: Callable[[str], None],
     replay: bool,
     memory: _Memory,
+    gossip: bool = True,
 ) -> dict[str, Any]:
     url = await _database(engine, scratch)
     clock = ManualClock(T0)
@@ -690,6 +726,10 @@ async def run_engine(
                 "peers_marked_offline": report.peers_marked_offline,
             }
             log(f"[{engine}] sweep {report.duration_s:.2f} s, {report.peers_marked_offline:,} peers offline")
+
+            # 4. gossip: the swarm (now swept offline) to a new neighbour, then the peers' return
+            if gossip:
+                result["gossip"] = await _gossip(engine, tracker, clock, swarm, scratch, log)
     finally:
         await drop_database(url)
     return result
@@ -702,6 +742,7 @@ async def run(
     out: Path,
     log: Callable[[str], None] = print,
     replay: bool = True,
+    gossip: bool = True,
 ) -> dict[str, Any]:
     n_peers = 5_000 if quick else {"100k": 100_000, "1m": 1_000_000}[scale]
     swarm = generate(n_peers)
@@ -738,7 +779,9 @@ async def run(
 
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
         for engine in engines:
-            results["engines"].append(await run_engine(engine, swarm, quick, Path(tmp), log, replay, memory))
+            results["engines"].append(
+                await run_engine(engine, swarm, quick, Path(tmp), log, replay, memory, gossip)
+            )
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(markdown(results))
