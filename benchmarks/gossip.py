@@ -420,6 +420,7 @@ async def bench_convergence(n: int, scratch: Path, seed: int = 1) -> dict[str, A
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     engines = ["sqlite", "postgresql"] if args.engine == "all" else [args.engine]
+    sizes: tuple[int, ...]
     peers, mappings, sizes = (1_000, 10_000, (8, 16)) if args.quick else (10_000, 100_000, (64, 256))
     peers = args.peers if args.peers is not None else peers
     mappings = args.mappings if args.mappings is not None else mappings

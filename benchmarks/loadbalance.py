@@ -236,13 +236,13 @@ async def simulate(scenario: Scenario, strategy: str, database: Path) -> Figures
                 await tracker.record_batch([PeerOnline(peer_name(i)) for i in range(scenario.peers)])
                 next_heartbeat += HEARTBEAT_S
             if kind == 0:
-                _, cid = arrivals[arrival_index]
+                _, content = arrivals[arrival_index]
                 arrival_index += 1
-                downloads.append(_Download(cid, now, scenario.parts))
+                downloads.append(_Download(content, now, scenario.parts))
                 await assign(now, len(downloads) - 1, list(range(scenario.parts)))
             elif kind == 2:
-                _, _, download, part = heapq.heappop(retry_heap)
-                await assign(now, download, [part])
+                _, _, retried, part = heapq.heappop(retry_heap)
+                await assign(now, retried, [part])
             else:
                 _, index, version = heapq.heappop(finish_heap)
                 peer = peers[index]

@@ -113,7 +113,7 @@ def markdown(results: dict[str, Any]) -> str:
         # Results written before the paired measurement have only the run's standalone figure.
         return float(e.get("memory_beside", results["memory"])["p50_ms"])
 
-    rows = [
+    rows: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
         ("batch ingest, events/s", lambda e: f"{e['ingest_batch']['events_per_s']:,.0f}"),
         (
             "same statements, bare driver, events/s",

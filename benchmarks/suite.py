@@ -69,9 +69,12 @@ T0 = 1_800_000_000.0
 LEVELS = (1, 2, 4, 8, 16, 32)
 
 
-def _percentiles(latencies: list[float]) -> dict[str, float]:
+def _percentiles(latencies: list[float]) -> dict[str, Any]:
     ordered = sorted(latencies)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000  # noqa: E731
+
+    def pick(q: float) -> float:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
     return {
         "p50_ms": pick(0.5),
         "p99_ms": pick(0.99),
