@@ -134,13 +134,20 @@ async def _samples_upto(conn: AsyncConnection, node_id: int, samples_base: int, 
     return min(upto, first - 1)
 
 
+# Both row reads order by version alone, the order of the (node_id, version) index, so a read stops
+# after ``limit`` rows whatever the planner believes. Tie-breakers within a version (the delta cuts
+# whole versions, so they never mattered) made Postgres sort every row past ``base`` when its
+# statistics predated the stamping (version all NULL at the last ANALYZE: an estimate of one row): a
+# first contact of the 100k benchmark swarm read each 5,000-row message in ~1.5 s, 218 s in all.
+
+
 async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
     ps = peer_stats.c
     stmt = (
         select(ps.peer_id, *PEER_STATE_COLUMNS, ps.updated_at, ps.version, ps.samples_version)
         .join(peers, peers.c.id == ps.peer_id)
         .where(ps.node_id == node_id, ps.version > base)
-        .order_by(ps.version, ps.peer_id)
+        .order_by(ps.version)
         .limit(limit)
     )
     return (await conn.execute(stmt)).all()
@@ -161,7 +168,7 @@ async def _mapping_rows(conn: AsyncConnection, node_id: int, base: int, limit: i
         .join(contents, contents.c.id == cp.content_id)
         .join(peers, peers.c.id == cp.peer_id)
         .where(cp.node_id == node_id, cp.version > base)
-        .order_by(cp.version, cp.content_id, cp.peer_id)
+        .order_by(cp.version)
         .limit(limit)
     )
     return (await conn.execute(stmt)).all()
