@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import random
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import text
 
 from tracker import AvailabilityTracker
 from tracker.events import (
@@ -260,3 +262,40 @@ async def test_a_late_event_lowers_first_seen(tracker: AvailabilityTracker, cloc
     metrics = await tracker.get_peer_metrics("p")
     assert metrics is not None and metrics.first_seen is not None
     assert metrics.first_seen.timestamp() == clock.now - 50
+
+
+async def test_a_lone_origin_is_ranked_as_the_grouped_view_ranks_it(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """While the tracker is its only origin, SQLite's ranking reads each holder's one stats row as it
+    is instead of grouping; once a second origin is known, it groups. Both must rank alike."""
+    rng = random.Random(11)
+    now = clock.now
+    events: list[Event] = []
+    for i in range(40):
+        peer = f"p{i:02d}"
+        seen = now - rng.choice([10, 100, 290, 400, 5_000])  # some past peer_timeout
+        events += [PeerOnline(peer, at=seen - 3_600), ContentAvailable("c", peer, at=seen - 3_000)]
+        events += [
+            SpeedSample(peer, rng.randrange(1, 10**8), at=seen - k) for k in range(rng.randrange(0, 4))
+        ]
+        events += [
+            UploadOutcome(peer, rng.random() < 0.7, at=seen - rng.uniform(0, 20_000))
+            for _ in range(rng.randrange(0, 9))
+        ]
+        events.append(PeerOnline(peer, at=seen))
+        if i % 7 == 3:
+            events.append(PeerOffline(peer, at=seen + 1))
+    await tracker.record_batch(events)
+    await tracker.record_content_unavailable("c", "p05")
+
+    alone = await tracker.get_content_availability("c")
+    async with tracker.engine.begin() as conn:
+        await conn.execute(
+            text("INSERT INTO tracker_nodes (node_key, is_local, created_at) VALUES ('a-neighbour', :f, 0)"),
+            {"f": False},
+        )
+    grouped = await tracker.get_content_availability("c")
+    assert alone is not None and grouped is not None
+    assert 10 < len(alone.peers) < 40  # the offline, timed-out and withdrawn holders are left out
+    assert alone.peers == grouped.peers
