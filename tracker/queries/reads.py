@@ -100,7 +100,7 @@ def _merged_columns(
     # Under its own name in the ranking, whose HAVING refers to it: "online" is also a column of
     # peer_stats, and SQLite would read that bare column instead.
     return [
-        fold(func.max, case((_alive(), 1), else_=0)).label("alive" if ranking else "online"),
+        fold(func.max, _alive_flag()).label("alive" if ranking else "online"),
         *counters,
         fold(func.max, ps.last_seen).label("last_seen"),
         fold(func.max, uptime).label("uptime_s"),
@@ -116,7 +116,12 @@ def _cutoff() -> ColumnElement[float]:
 
 def _any_alive() -> ColumnElement[int]:
     """1 if any origin's row says the peer is alive (see ``_alive``), else 0; an aggregate."""
-    return func.max(case((_alive(), 1), else_=0))
+    return func.max(_alive_flag())
+
+
+def _alive_flag() -> ColumnElement[int]:
+    """``_alive`` of one row as 1 or 0."""
+    return case((_alive(), 1), else_=0)
 
 
 def _alive() -> ColumnElement[bool]:
