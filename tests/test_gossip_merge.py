@@ -417,3 +417,34 @@ async def test_a_merged_speed_is_the_mean_the_write_path_computes_over_the_store
             assert merged[name] == recomputed[name], name
         else:  # numeric average: the last bit may round differently
             assert merged[name] == pytest.approx(recomputed[name], rel=1e-15), name
+
+
+async def test_stamping_gives_each_changed_row_one_version_of_at_most_a_chunk(
+    tracker: AvailabilityTracker,
+) -> None:
+    """Versions hold at most ``chunk`` rows, every changed row gets one, and only changed rows get
+    the next ones (on Postgres a cursor walks the dirty rows once: looking them up again per chunk
+    re-read every row already stamped in the transaction)."""
+    dialect, node = tracker.config.dialect, tracker.node_id
+    await tracker.record_batch([PeerOnline(f"peer-{i:04d}") for i in range(1_050)])
+
+    async def stamp(conn: Any) -> int:
+        return await q.stamp(conn, dialect, node, 100)
+
+    async def versions(conn: Any) -> list[Any]:
+        return list((await conn.execute(select(peer_stats.c.version))).scalars())
+
+    before = await run_read(tracker.engine, lambda conn: q.vectors(conn))
+    start = before[0][tracker.node_key]
+    clock = await run_write(tracker.engine, stamp, 3)
+    stamped = await run_read(tracker.engine, versions)
+    assert None not in stamped and len(stamped) == 1_050
+    per_version = {v: stamped.count(v) for v in set(stamped)}
+    assert sorted(per_version) == list(range(start + 1, clock + 1)) and max(per_version.values()) <= 100
+    assert clock - start == 11  # 1,050 rows, 100 a version
+    assert await run_write(tracker.engine, stamp, 3) == clock  # nothing changed: no new version
+
+    await tracker.record_batch([PeerOnline(f"peer-{i:04d}") for i in (3, 500, 1_049)])
+    assert await run_write(tracker.engine, stamp, 3) == clock + 1
+    again = await run_read(tracker.engine, versions)
+    assert again.count(clock + 1) == 3 and None not in again

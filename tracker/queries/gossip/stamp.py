@@ -32,6 +32,9 @@ async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) 
     clock = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
     start = clock
     for table in ("peer_stats", "content_peers"):
+        if dialect == "postgresql":
+            clock = await _stamp_postgres(conn, table, local_id, chunk, clock)
+            continue
         statement = text(_STAMP_SQL[dialect].format(table=table, key=_KEYS[table], extra=_EXTRA[table]))
         while True:
             result = await conn.execute(statement, {"v": clock + 1, "node": local_id, "n": chunk})
@@ -43,9 +46,31 @@ async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) 
     return clock
 
 
+async def _stamp_postgres(conn: AsyncConnection, table: str, local_id: int, chunk: int, clock: int) -> int:
+    """Postgres: one pass of a cursor over the dirty rows' physical handles, each ``chunk`` of them
+    updated by a TID scan under the next version.
+
+    Looking the dirty rows up again for every chunk walked the index entries of every row already
+    stamped in this transaction (they stay until the transaction ends and vacuum runs): 420,000 rows
+    took 8.8 s, 4x fewer 0.87 s. A row a concurrent writer changed after the cursor opened is
+    skipped (its handle moved), stays null, and gets the next stamp.
+    """
+    await conn.execute(
+        text(
+            f"DECLARE stamp_{table} NO SCROLL CURSOR FOR SELECT ctid FROM {table} "
+            "WHERE node_id = :node AND version IS NULL"
+        ),
+        {"node": local_id},
+    )
+    update_sql = text(f"UPDATE {table} SET version = :v{_EXTRA[table]} WHERE ctid = ANY(:handles)")
+    while handles := (await conn.execute(text(f"FETCH {int(chunk)} FROM stamp_{table}"))).scalars().all():
+        clock += 1
+        await conn.execute(update_sql, {"v": clock, "handles": list(handles)})
+    await conn.execute(text(f"CLOSE stamp_{table}"))
+    return clock
+
+
 _STAMP_SQL = {
-    "postgresql": "UPDATE {table} SET version = :v{extra} WHERE ctid = ANY(ARRAY("
-    "SELECT ctid FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n))",
     "sqlite": "UPDATE {table} SET version = :v{extra} WHERE ({key}) IN ("
     "SELECT {key} FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n)",
 }
