@@ -35,7 +35,7 @@ async def stamp(conn: AsyncConnection, dialect: str, local_id: int, chunk: int) 
         if dialect == "postgresql":
             clock = await _stamp_postgres(conn, table, local_id, chunk, clock)
             continue
-        statement = text(_STAMP_SQL[dialect].format(table=table, key=_KEYS[table], extra=_EXTRA[table]))
+        statement = text(_STAMP_SQLITE.format(table=table, key=_KEYS[table], extra=_EXTRA[table]))
         while True:
             result = await conn.execute(statement, {"v": clock + 1, "node": local_id, "n": chunk})
             if not result.rowcount:
@@ -70,10 +70,11 @@ async def _stamp_postgres(conn: AsyncConnection, table: str, local_id: int, chun
     return clock
 
 
-_STAMP_SQL = {
-    "sqlite": "UPDATE {table} SET version = :v{extra} WHERE ({key}) IN ("
-    "SELECT {key} FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n)",
-}
+#: SQLite finds each chunk again by the index: it updates in place, so no stamped row is walked twice.
+_STAMP_SQLITE = (
+    "UPDATE {table} SET version = :v{extra} WHERE ({key}) IN ("
+    "SELECT {key} FROM {table} WHERE node_id = :node AND version IS NULL LIMIT :n)"
+)
 #: A peer row whose samples changed since the last stamp (samples_version null) gets the same version.
 _EXTRA = {"peer_stats": ", samples_version = COALESCE(samples_version, :v)", "content_peers": ""}
 #: SQLite stores both tables clustered on their primary key (no rowid, migration 0007).
