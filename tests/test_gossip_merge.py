@@ -15,11 +15,11 @@ from tracker.db import run_read, run_write
 from tracker.events import PeerOnline, SpeedSample
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
-from tracker.gossip.protocol import OriginDelta, PeerState
+from tracker.gossip.protocol import MappingState, OriginDelta, PeerState
 from tracker.queries import gossip as q
 from tracker.queries.writes import refresh_speeds
+from tracker.schema import content_peers, peer_stats, peers
 from tracker.schema import nodes as nodes_table
-from tracker.schema import peer_stats, peers
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0
@@ -448,3 +448,50 @@ async def test_stamping_gives_each_changed_row_one_version_of_at_most_a_chunk(
     assert await run_write(tracker.engine, stamp, 3) == clock + 1
     again = await run_read(tracker.engine, versions)
     assert again.count(clock + 1) == 3 and None not in again
+
+
+async def test_key_lookups_are_planned_for_the_tables_as_they_grow(tracker: AvailabilityTracker) -> None:
+    """A first contact fills empty tables message by message. The merge's key lookups must not run a
+    plan Postgres cached while ``contents`` was small (asyncpg prepares every statement; after five
+    runs Postgres may keep a generic plan, costed once: one seq-scanned the table against every key of
+    a 2,000-key list, 87 ms a lookup at 10,000 contents). Here the same 50 contents come eight times,
+    then 4,000 new ones, then 50 new ones eight times: the lookups of 50 keys must be planned afresh."""
+    dialect = tracker.config.dialect
+
+    def delta(m: int, cids: list[str]) -> OriginDelta:
+        mappings = [
+            MappingState(
+                cid=cid,
+                peer=f"peer-{i % 100:03d}",
+                available=True,
+                since=T0,
+                last_confirmed=T0,
+                changed_at=T0 + m,
+                version=m + 1,
+            )
+            for i, cid in enumerate(cids)
+        ]
+        return OriginDelta(origin="x", base=m, upto=m + 1, mappings=mappings)
+
+    few = [f"cid-{i:02d}" for i in range(50)]
+    grow = [f"cid-more-{i:04d}" for i in range(4000)]
+    messages = [few] * 8 + [grow] + [[f"cid-{m}-{i:02d}" for i in range(50)] for m in range(8)]
+    async with tracker.engine.begin() as conn:  # one connection: the prepared statements are its own
+        for m, cids in enumerate(messages):
+            counts = await q.merge(conn, dialect, tracker.node_key, [delta(m, cids)], 10)
+            assert counts.mappings == len(cids)
+        if dialect == "postgresql":
+            plans = (
+                await conn.exec_driver_sql(
+                    "SELECT generic_plans, custom_plans FROM pg_prepared_statements"
+                    r" WHERE statement ~ 'FROM contents\s+WHERE contents\.content_key'"
+                )
+            ).all()
+            assert sum(custom for _, custom in plans) >= len(messages) + 2  # new keys are read again
+            assert all(generic == 0 for generic, _ in plans), plans
+
+    async def contents_held(conn: Any) -> int:
+        cp = content_peers.c
+        return len((await conn.execute(select(cp.content_id).distinct())).all())
+
+    assert await run_read(tracker.engine, contents_held) == 50 + 4000 + 8 * 50

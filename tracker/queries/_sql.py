@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import and_, bindparam, func, literal_column, or_, select
+from sqlalchemy import and_, any_, bindparam, func, literal_column, or_, select
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from ..reputation import sql_num
@@ -16,6 +20,38 @@ num = sql_num
 #: Ids per IN list where a statement names many rows by id: bounded statements and parameter counts
 #: (SQLite limits bound parameters per statement) whatever the size of a gossip message.
 IN_CHUNK = 500
+
+
+def one_of(dialect: str, column: ColumnElement[Any], values: list[Any]) -> ColumnElement[bool]:
+    """``column`` equals one of ``values``: an IN list on SQLite, one array parameter on Postgres (one
+    statement text whatever the count, so one prepared statement; run it under ``custom_plans``)."""
+    if dialect == "sqlite":
+        return column.in_(values)
+    return column == any_(bindparam(None, values, type_=postgresql.ARRAY(column.type)))
+
+
+@asynccontextmanager
+async def custom_plans(conn: AsyncConnection, dialect: str) -> AsyncIterator[None]:
+    """Postgres plans the statements run inside for their own values and the tables' sizes now.
+
+    asyncpg prepares every statement, and after five runs Postgres may keep a generic plan costed
+    for the tables as they were then. A gossip merge fills empty tables: a key lookup planned when
+    ``contents`` held a few rows kept seq-scanning it against each of 2,000 keys (87 ms a lookup at
+    10,000 contents, ~0.9 s at 100,000). Planning a lookup costs well under a millisecond. Scoped to
+    the caller's transaction and restored after, so per-row statements keep their cached plans (an
+    error aborts the transaction, whose rollback undoes the setting).
+    """
+    if dialect == "sqlite":
+        yield
+        return
+    before = (
+        await conn.exec_driver_sql(
+            "SELECT current_setting('plan_cache_mode'), set_config('plan_cache_mode', $1, true)",
+            ("force_custom_plan",),
+        )
+    ).scalar()
+    yield
+    await conn.exec_driver_sql("SELECT set_config('plan_cache_mode', $1, true)", (before,))
 
 
 def greatest(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:

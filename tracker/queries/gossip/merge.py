@@ -30,7 +30,7 @@ from ...compiled import BulkInsert, Precompiled
 from ...db import insert_for
 from ...gossip.protocol import MappingState, OriginDelta, PeerState
 from ...schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
-from .._sql import IN_CHUNK, greatest, node_key_of
+from .._sql import IN_CHUNK, custom_plans, greatest, node_key_of, one_of
 
 #: Lookups by key take bigger IN lists than IN_CHUNK: a round of heartbeats resolves every peer
 #: of the message.
@@ -152,9 +152,6 @@ async def _ensure_keys(
     when its WHERE is false): ~10 us a key on Postgres. The stored versions come in the same read.
     """
     keys = sorted(first_seen)
-    ids: dict[str, int] = {}
-    versions: dict[int, int] = {}
-    earlier: list[str] = []
     if stats_of is None:
         read = select(key_column, table.c.id, table.c.first_seen, literal(None))
     else:
@@ -163,30 +160,35 @@ async def _ensure_keys(
         ps = peer_stats.c
         version = select(ps.version).where(ps.peer_id == table.c.id, ps.node_id == stats_of)
         read = select(key_column, table.c.id, table.c.first_seen, version.scalar_subquery())
-    for start in range(0, len(keys), _KEY_CHUNK):
-        rows = await conn.execute(read.where(key_column.in_(keys[start : start + _KEY_CHUNK])))
-        for key, id_, seen, version in rows.all():
-            ids[key] = int(id_)
-            if version is not None:
-                versions[int(id_)] = int(version)
-            if first_seen[key] < seen:
-                earlier.append(key)
-    unknown = [k for k in keys if k not in ids]
-    todo = sorted(unknown + earlier)
-    if todo:
-        stmt = insert_for(dialect, table)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=[key_column.name],
-            set_={"first_seen": stmt.excluded.first_seen},
-            where=stmt.excluded.first_seen < table.c.first_seen,
-        )
-        await conn.execute(stmt, [{key_column.name: k, "first_seen": first_seen[k]} for k in todo])
-    # A key inserted here (or by a concurrent writer since the read) has no stored row worth reading.
-    for start in range(0, len(unknown), _KEY_CHUNK):
-        chunk = unknown[start : start + _KEY_CHUNK]
-        rows = await conn.execute(select(key_column, table.c.id).where(key_column.in_(chunk)))
-        ids.update({str(k): int(i) for k, i in rows.all()})
+    async with custom_plans(conn, dialect):  # the tables may have grown since a plan was cached
+        found = await _chunked(conn, dialect, read, key_column, keys)
+        ids = {str(key): int(id_) for key, id_, _, _ in found}
+        versions = {int(id_): int(version) for _, id_, _, version in found if version is not None}
+        unknown = [k for k in keys if k not in ids]
+        todo = sorted(unknown + [str(key) for key, _, seen, _ in found if first_seen[key] < seen])
+        if todo:
+            stmt = insert_for(dialect, table)
+            stmt = stmt.on_conflict_do_update(
+                index_elements=[key_column.name],
+                set_={"first_seen": stmt.excluded.first_seen},
+                where=stmt.excluded.first_seen < table.c.first_seen,
+            )
+            await conn.execute(stmt, [{key_column.name: k, "first_seen": first_seen[k]} for k in todo])
+        # A key inserted here (or by a concurrent writer since the read) has no stored row worth reading.
+        inserted = await _chunked(conn, dialect, select(key_column, table.c.id), key_column, unknown)
+    ids.update({str(k): int(i) for k, i in inserted})
     return ids, versions
+
+
+async def _chunked(
+    conn: AsyncConnection, dialect: str, read: Any, key_column: Any, keys: list[str]
+) -> list[Any]:
+    """The rows of ``read`` for ``keys``, a bounded statement per ``_KEY_CHUNK`` keys."""
+    rows: list[Any] = []
+    for start in range(0, len(keys), _KEY_CHUNK):
+        where = one_of(dialect, key_column, keys[start : start + _KEY_CHUNK])
+        rows.extend((await conn.execute(read.where(where))).all())
+    return rows
 
 
 _ROW_FIELDS = (
