@@ -480,6 +480,8 @@ async def test_key_lookups_are_planned_for_the_tables_as_they_grow(tracker: Avai
         for m, cids in enumerate(messages):
             counts = await q.merge(conn, dialect, tracker.node_key, [delta(m, cids)], 10)
             assert counts.mappings == len(cids)
+        # An older copy of rows held newer changes nothing and counts nothing.
+        assert (await q.merge(conn, dialect, tracker.node_key, [delta(0, few)], 10)).mappings == 0
         if dialect == "postgresql":
             plans = (
                 await conn.exec_driver_sql(

@@ -62,14 +62,18 @@ class Precompiled:
             return self._pick(merged)  # type: ignore[no-any-return]
         return tuple(merged[n] for n in self._names)
 
-    async def executemany(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> None:
-        """Run the statement once per row (one driver executemany)."""
-        if rows:
-            await conn.exec_driver_sql(self.sql, list(map(self._row, rows)))
+    async def executemany(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> int:
+        """Run the statement once per row (one driver executemany); the rows it wrote in all, where the
+        driver counts them (sqlite3 does; asyncpg's executemany reports nothing: 0)."""
+        if not rows:
+            return 0
+        result = await conn.exec_driver_sql(self.sql, list(map(self._row, rows)))
+        return max(0, int(result.rowcount or 0))
 
-    async def execute(self, conn: DriverSQL, params: dict[str, Any]) -> None:
-        """Run the statement once."""
-        await conn.exec_driver_sql(self.sql, self._row(params))
+    async def execute(self, conn: DriverSQL, params: dict[str, Any]) -> int:
+        """Run the statement once; the rows it wrote (the driver's row count)."""
+        result = await conn.exec_driver_sql(self.sql, self._row(params))
+        return int(result.rowcount or 0)
 
     async def fetch(self, conn: DriverSQL, params: dict[str, Any]) -> list[Any]:
         """Run the statement once and return its rows (tuples in select order)."""
@@ -133,18 +137,20 @@ class RowsStatement:
         self._arrays = rows.names if rows.arrays else None
         self._key = key
 
-    async def run(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> None:
-        """Apply every row, in order for any one key."""
+    async def run(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> int:
+        """Apply every row, in order for any one key; how many rows the statement wrote (an upsert
+        whose ``WHERE`` turns a row down does not count it)."""
         if not rows:
-            return
+            return 0
         if self._arrays is None:
-            await self._statement.executemany(conn, rows)
-            return
+            return await self._statement.executemany(conn, rows)
+        written = 0
         for part in _rounds(rows, self._key) if self._key is not None else (rows,):
             params = dict(part[0])  # the batch's own values (node, clock) are the same in every row
             for name in self._arrays:
                 params[name] = [row[name] for row in part]
-            await self._statement.execute(conn, params)
+            written += await self._statement.execute(conn, params)
+        return written
 
 
 def _rounds(

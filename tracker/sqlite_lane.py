@@ -46,7 +46,11 @@ READ_THREADS = 2
 
 
 class _Rows(list[Any]):
-    """A statement's fetched rows, with the one result method the write path reads (``all()``)."""
+    """A statement's fetched rows, with what the write path reads of a result (``all()``, ``rowcount``)."""
+
+    def __init__(self, rows: list[Any], rowcount: int) -> None:
+        super().__init__(rows)
+        self.rowcount = rowcount
 
     def all(self) -> list[Any]:
         return self
@@ -70,11 +74,13 @@ class LaneConnection:
         for observe in self._observers:
             observe(statement, parameters, many)
         if many:
-            self._raw.executemany(statement, parameters)
-            return _Rows()
+            cursor = self._raw.executemany(statement, parameters)
+            written = cursor.rowcount
+            cursor.close()
+            return _Rows([], written)
         cursor = self._raw.execute(statement, parameters or ())
         try:
-            return _Rows(cursor.fetchall())
+            return _Rows(cursor.fetchall(), cursor.rowcount)
         finally:
             cursor.close()
 

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ...compiled import BulkInsert, Precompiled
+from ...compiled import BulkInsert, Precompiled, Rows, RowsStatement
 from ...db import insert_for
 from ...gossip.protocol import MappingState, OriginDelta, PeerState
 from ...schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
@@ -444,7 +444,38 @@ async def _merge_mappings(
         }
         for pair, m in sorted(latest.items())
     ]
-    ins = insert_for(dialect, content_peers)
+    statement, applied = _mappings_upsert(dialect), 0
+    for start in range(0, len(rows), _MAPPING_CHUNK):
+        applied += await statement.run(conn, rows[start : start + _MAPPING_CHUNK])
+    return applied
+
+
+#: Mapping rows per upsert: on Postgres one statement of arrays each (a message's 5,000 rows by
+#: default); bounded so a large ``max_rows`` does not make one giant statement.
+_MAPPING_CHUNK = 5000
+
+
+@cache
+def _mappings_upsert(dialect: str) -> RowsStatement:
+    """A mapping replaces the stored one when it is newer by the rule every node applies (module doc).
+
+    Compiled once and given arrays on Postgres: SQLAlchemy's multi-row VALUES took ~30 us a row to
+    build, bind and plan, about what the insert itself costs. Rows whose ``WHERE`` fails are not
+    counted by the driver, so the count is of the rows applied.
+    """
+    cp = content_peers.c
+    names = (
+        "content_id",
+        "peer_id",
+        "node_id",
+        "available",
+        "since",
+        "last_confirmed",
+        "changed_at",
+        "version",
+    )
+    row = Rows(dialect, **{name: cp[name].type for name in names})
+    ins = row.insert(content_peers, {name: row[name] for name in names})
     new, old = ins.excluded, content_peers.c
     newer = or_(
         new.changed_at > old.changed_at,
@@ -458,13 +489,7 @@ async def _merge_mappings(
     )
     stmt = ins.on_conflict_do_update(
         index_elements=[old.content_id, old.peer_id],
-        set_={
-            name: getattr(new, name)
-            for name in ("node_id", "available", "since", "last_confirmed", "changed_at", "version")
-        },
+        set_={name: getattr(new, name) for name in names[2:]},
         where=newer,
-    ).returning(content_peers.c.peer_id)
-    applied = 0
-    for start in range(0, len(rows), IN_CHUNK):
-        applied += len((await conn.execute(stmt, rows[start : start + IN_CHUNK])).all())
-    return applied
+    )
+    return RowsStatement(stmt, row)  # one row per (content, peer): the caller keeps the latest
