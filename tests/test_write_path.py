@@ -112,7 +112,11 @@ async def _state(tracker: AvailabilityTracker, prefix: str) -> dict[str, Any]:
     return {
         "stats": sorted((strip(r[0]), *r[1:]) for r in stats),
         "mappings": sorted((strip(r[0]), r[1], strip(r[2]), *r[3:]) for r in mappings),
-        "outcomes": sorted((strip(r[0]), r[1], r[2], strip(r[3])) for r in outcomes),
+        # Two outcomes of a peer at the same time may differ only by a content, one of them none.
+        "outcomes": sorted(
+            ((strip(r[0]), r[1], r[2], strip(r[3])) for r in outcomes),
+            key=lambda r: (r[:3], r[3] is not None, r[3] or ""),
+        ),
         "samples": [(strip(r[0]), *r[1:]) for r in samples],
     }
 
