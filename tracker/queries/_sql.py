@@ -37,9 +37,10 @@ async def custom_plans(conn: AsyncConnection, dialect: str) -> AsyncIterator[Non
     asyncpg prepares every statement, and after five runs Postgres may keep a generic plan costed
     for the tables as they were then. A gossip merge fills empty tables: a key lookup planned when
     ``contents`` held a few rows kept seq-scanning it against each of 2,000 keys (87 ms a lookup at
-    10,000 contents, ~0.9 s at 100,000). Planning a lookup costs well under a millisecond. Scoped to
+    10,000 contents, and more as it grew); planned per call, one took ~2 ms, planning included. Scoped to
     the caller's transaction and restored after, so per-row statements keep their cached plans (an
-    error aborts the transaction, whose rollback undoes the setting).
+    error aborts the transaction, whose rollback undoes the setting). The ranking, one statement in
+    its own transaction, sets the mode for the whole transaction instead (``reads.py``).
     """
     if dialect == "sqlite":
         yield
