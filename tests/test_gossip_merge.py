@@ -476,7 +476,9 @@ async def test_key_lookups_are_planned_for_the_tables_as_they_grow(tracker: Avai
     few = [f"cid-{i:02d}" for i in range(50)]
     grow = [f"cid-more-{i:04d}" for i in range(4000)]
     messages = [few] * 8 + [grow] + [[f"cid-{m}-{i:02d}" for i in range(50)] for m in range(8)]
+    mode = "SELECT current_setting('plan_cache_mode')"
     async with tracker.engine.begin() as conn:  # one connection: the prepared statements are its own
+        before = (await conn.exec_driver_sql(mode)).scalar() if dialect == "postgresql" else None
         for m, cids in enumerate(messages):
             counts = await q.merge(conn, dialect, tracker.node_key, [delta(m, cids)], 10)
             assert counts.mappings == len(cids)
@@ -491,6 +493,8 @@ async def test_key_lookups_are_planned_for_the_tables_as_they_grow(tracker: Avai
             ).all()
             assert sum(custom for _, custom in plans) >= len(messages) + 2  # new keys are read again
             assert all(generic == 0 for generic, _ in plans), plans
+            # The mode is the session's again: the per-row statements keep their cached plans.
+            assert (await conn.exec_driver_sql(mode)).scalar() == before
 
     async def contents_held(conn: Any) -> int:
         cp = content_peers.c
