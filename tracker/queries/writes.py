@@ -91,10 +91,10 @@ async def apply_events(
     if not batch:
         return
     ordered = sorted(batch, key=lambda t: t.event.peer_id)
-    await _upsert_keys(conn, dialect, "peers", ((t.event.peer_id, t.at) for t in ordered))
+    await upsert_keys(conn, dialect, "peers", ((t.event.peer_id, t.at) for t in ordered))
     content_rows = [(cid, t.at) for t in ordered if (cid := _cid_of(t.event)) is not None]
     if content_rows:
-        await _upsert_keys(conn, dialect, "contents", content_rows)
+        await upsert_keys(conn, dialect, "contents", content_rows)
     await _upsert_peer_stats(conn, dialect, node_id, ordered, config, now)
 
     outcomes = [t for t in ordered if isinstance(t.event, UploadOutcome)]
@@ -129,10 +129,11 @@ def _cid_of(event: Event) -> str | None:
     return None
 
 
-async def _upsert_keys(
+async def upsert_keys(
     conn: DriverSQL, dialect: str, table_name: str, keys: Iterable[tuple[str, float]]
 ) -> None:
-    """Insert unknown peer or content keys; a late event older than a key's first_seen lowers it."""
+    """Insert unknown peer or content keys; a sighting older than a key's first_seen lowers it (a late
+    event here, an earlier sighting elsewhere in the gossip merge)."""
     earliest: dict[str, float] = {}
     for key, at in keys:
         if key not in earliest or at < earliest[key]:

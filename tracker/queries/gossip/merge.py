@@ -31,6 +31,7 @@ from ...db import insert_for
 from ...gossip.protocol import MappingState, OriginDelta, PeerState
 from ...schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
 from .._sql import IN_CHUNK, custom_plans, greatest, node_key_of, one_of
+from ..writes import upsert_keys
 
 #: Lookups by key take bigger IN lists than IN_CHUNK: a round of heartbeats resolves every peer
 #: of the message.
@@ -165,15 +166,9 @@ async def _ensure_keys(
         ids = {str(key): int(id_) for key, id_, _, _ in found}
         versions = {int(id_): int(version) for _, id_, _, version in found if version is not None}
         unknown = [k for k in keys if k not in ids]
-        todo = sorted(unknown + [str(key) for key, _, seen, _ in found if first_seen[key] < seen])
+        todo = unknown + [str(key) for key, _, seen, _ in found if first_seen[key] < seen]
         if todo:
-            stmt = insert_for(dialect, table)
-            stmt = stmt.on_conflict_do_update(
-                index_elements=[key_column.name],
-                set_={"first_seen": stmt.excluded.first_seen},
-                where=stmt.excluded.first_seen < table.c.first_seen,
-            )
-            await conn.execute(stmt, [{key_column.name: k, "first_seen": first_seen[k]} for k in todo])
+            await upsert_keys(conn, dialect, table.name, ((k, first_seen[k]) for k in todo))
         # A key inserted here (or by a concurrent writer since the read) has no stored row worth reading.
         inserted = await _chunked(conn, dialect, select(key_column, table.c.id), key_column, unknown)
     ids.update({str(k): int(i) for k, i in inserted})
