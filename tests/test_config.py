@@ -35,6 +35,10 @@ def test_durations_accept_timedelta() -> None:
         ("max_batch_events", 0),
         ("max_concurrent_selections", 0),
         ("max_concurrent_selections", True),
+        ("heartbeat_resolution_s", -1),
+        ("heartbeat_resolution_s", 151),  # more than half of peer_timeout (300)
+        ("heartbeat_resolution_s", float("inf")),
+        ("heartbeat_resolution_s", True),
     ],
 )
 def test_invalid_values_raise_a_clear_error(field: str, value: object) -> None:
@@ -74,3 +78,13 @@ def test_concurrent_selections_default_to_half_the_pool() -> None:
 def test_from_env_names_the_bad_variable() -> None:
     with pytest.raises(ConfigError, match="TRACKER_PEER_TIMEOUT"):
         TrackerConfig.from_env({"TRACKER_PEER_TIMEOUT": "soon"})
+
+
+def test_heartbeat_resolution_is_seconds_bounded_by_the_timeout() -> None:
+    assert TrackerConfig().heartbeat_resolution_s == 0.0  # every heartbeat travels by default
+    assert TrackerConfig(heartbeat_resolution_s=timedelta(minutes=1)).heartbeat_resolution_s == 60.0
+    assert TrackerConfig(peer_timeout=120, heartbeat_resolution_s=60).heartbeat_resolution_s == 60.0
+    with pytest.raises(ConfigError, match=r"heartbeat_resolution_s .*\(0 to 60\)"):
+        TrackerConfig(peer_timeout=120, heartbeat_resolution_s=61)
+    env = {"TRACKER_HEARTBEAT_RESOLUTION_S": "90"}
+    assert TrackerConfig.from_env(env).heartbeat_resolution_s == 90.0

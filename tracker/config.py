@@ -83,6 +83,12 @@ class TrackerConfig:
     slow_start_s: float = 60.0
     #: Seed of the "weighted" strategy's random draws (``None``: unpredictable); for tests and simulations.
     random_seed: int | None = None
+    #: Gossip carries a peer's heartbeat only when it moves ``last_seen`` into a new window of this
+    #: many seconds (0: every heartbeat). A heartbeat that only extends a session within the window
+    #: leaves the row's gossip version as it is, so neighbours see ``last_seen`` up to this much behind
+    #: (and count the peer offline up to this much sooner) in return for fewer rows per round; every
+    #: other change travels at once. At most half of ``peer_timeout`` (docs/gossip.md, "Heartbeats").
+    heartbeat_resolution_s: float = 0.0
     #: Start the sweeper when the tracker opens (``async with`` / ``open()``); stop it on close.
     run_sweeper: bool = False
     #: Each sweep waits ``update_interval`` +- this fraction, so many trackers do not sweep in lockstep.
@@ -150,6 +156,20 @@ class TrackerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        resolution = self.heartbeat_resolution_s
+        if isinstance(resolution, timedelta):
+            resolution = resolution.total_seconds()
+        if (
+            isinstance(resolution, bool)
+            or not isinstance(resolution, int | float)
+            or not math.isfinite(resolution)
+            or not 0.0 <= resolution <= self.peer_timeout / 2
+        ):
+            raise ConfigError(
+                "heartbeat_resolution_s must be seconds within [0, peer_timeout / 2] "
+                f"(0 to {self.peer_timeout / 2:g}), got {resolution!r}"
+            )
+        object.__setattr__(self, "heartbeat_resolution_s", float(resolution))
         slots = self.max_concurrent_selections
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
             raise ConfigError(f"max_concurrent_selections must be an integer >= 1 or None, got {slots!r}")

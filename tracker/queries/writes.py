@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -23,10 +24,12 @@ from sqlalchemy import (
     cast,
     func,
     null,
+    or_,
     select,
     update,
 )
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from .. import reputation as rep
 from ..compiled import Precompiled, Rows, RowsStatement
@@ -113,7 +116,12 @@ async def apply_events(
     if samples:
         await record_samples(conn, dialect, node_id, samples)
         await refresh_speeds(
-            conn, dialect, node_id, sorted({t.event.peer_id for t in samples}), config.bandwidth_window
+            conn,
+            dialect,
+            node_id,
+            sorted({t.event.peer_id for t in samples}),
+            config.bandwidth_window,
+            versioned=bool(config.heartbeat_resolution_s),
         )
     mappings = [t for t in batch if isinstance(t.event, ContentAvailable | ContentUnavailable)]
     if mappings:
@@ -159,7 +167,9 @@ def _keys_upsert(dialect: str, table_name: str) -> RowsStatement:
 
 
 @cache
-def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.ReputationParams) -> RowsStatement:
+def _peer_stats_upsert(
+    dialect: str, peer_timeout: float, params: rep.ReputationParams, resolution: float = 0.0
+) -> RowsStatement:
     """One event folded into its peer's row: presence session, counters, decayed evidence.
 
     The inserted row is the event as a delta; ON CONFLICT merges it into the stored row.
@@ -251,12 +261,37 @@ def _peer_stats_upsert(dialect: str, peer_timeout: float, params: rep.Reputation
                 else_=old.evidence_at,
             ),
             "updated_at": new.updated_at,
-            "version": null(),  # changed here: the stamper gives it this node's next version
+            # Changed here: the stamper gives it this node's next version; with a heartbeat
+            # resolution, a heartbeat that changes nothing gossip must carry keeps the one it has.
+            "version": _version_after(resolution, old, new, fresh, continues, has_outcome),
             # samples_version stays: a sample clears it where the speed is refreshed.
         },
     )
     # Rows come in peer order; on Postgres one peer's events go in successive statements.
     return RowsStatement(stmt, row, key=operator.itemgetter("peer_key"))
+
+
+def _version_after(
+    resolution: float,
+    old: Any,
+    new: Any,
+    fresh: ColumnElement[bool],
+    continues: ColumnElement[bool],
+    has_outcome: ColumnElement[bool],
+) -> ColumnElement[Any]:
+    """NULL (the row awaits a stamp) unless ``resolution`` is set and the event is quiet: no outcome
+    and either late (nothing changes but ``updated_at``) or a sighting that continues the session
+    with ``last_seen`` still in the window of ``resolution`` seconds its stored value is in.
+
+    Windows rather than "within ``resolution`` of the last gossiped value" because the stored row
+    does not remember what was gossiped: a neighbour's ``last_seen`` lags by less than one window.
+    """
+    if not resolution:
+        return null()
+    window = num(resolution)
+    same_window = func.floor(new.last_seen / window) == func.floor(old.last_seen / window)
+    quiet = and_(~has_outcome, new.failed_count == 0, or_(~fresh, and_(continues, same_window)))
+    return case((quiet, old.version), else_=null())
 
 
 async def _upsert_peer_stats(
@@ -289,7 +324,9 @@ async def _upsert_peer_stats(
                 "p_now": now,
             }
         )
-    await _peer_stats_upsert(dialect, config.peer_timeout, config.reputation).run(conn, rows)
+    await _peer_stats_upsert(
+        dialect, config.peer_timeout, config.reputation, config.heartbeat_resolution_s
+    ).run(conn, rows)
 
 
 async def record_outcomes(conn: DriverSQL, dialect: str, node_id: int, outcomes: Sequence[Timed]) -> None:
@@ -357,7 +394,13 @@ def _samples_insert(dialect: str) -> RowsStatement:
 
 
 async def refresh_speeds(
-    conn: DriverSQL, dialect: str, node_id: int, peer_keys: Sequence[str], window: int
+    conn: DriverSQL,
+    dialect: str,
+    node_id: int,
+    peer_keys: Sequence[str],
+    window: int,
+    *,
+    versioned: bool = False,
 ) -> None:
     """Store each touched peer's rolling mean of its latest ``window`` samples on its stats row, and
     mark its samples changed for gossip (``samples_version`` cleared; heartbeats leave it).
@@ -366,14 +409,17 @@ async def refresh_speeds(
     the latest-N lookup walks the (peer_id, node_id, at) index backwards. One row per peer, each
     found by its key's unique index: with the keys as one ``IN`` list, Postgres without fresh
     statistics scanned all of ``peers`` per batch (89 s of a 100k-peer ingest).
+
+    ``versioned``: also clear the row's gossip version, which the sample's upsert may have kept
+    (a heartbeat resolution); otherwise that upsert cleared it already.
     """
-    await _speeds_update(dialect, window).executemany(
+    await _speeds_update(dialect, window, versioned).executemany(
         conn, [{"peer_key": key, "node": node_id} for key in peer_keys]
     )
 
 
 @cache
-def _speeds_update(dialect: str, window: int) -> Precompiled:
+def _speeds_update(dialect: str, window: int, versioned: bool = False) -> Precompiled:
     latest = (
         select(bandwidth_samples.c.bytes_per_sec)
         .where(
@@ -392,7 +438,11 @@ def _speeds_update(dialect: str, window: int) -> Precompiled:
             peer_stats.c.node_id == bindparam("node", type_=Integer()),
             peer_stats.c.peer_id == peer_id_of("peer_key"),
         )
-        .values(speed_bps=cast(mean, Double()), samples_version=null()),
+        .values(
+            speed_bps=cast(mean, Double()),
+            samples_version=null(),
+            **({"version": null()} if versioned else {}),
+        ),
         dialect,
     )
 
