@@ -9,7 +9,10 @@ Postgres comes from TRACKER_BENCH_POSTGRES_URL (default: the test server), in sc
    merging (SQL); bytes on the wire per row. Then the same transfer end to end over HTTP on 127.0.0.1
    (``GossipAgent.exchange`` against a uvicorn server). Baseline in the same run: the same rows inserted
    into empty tables by the bare driver (``sqlite3.executemany`` / asyncpg ``copy_records_to_table``),
-   the storage engine's own floor for writing them.
+   the storage engine's own floor for writing them. Then the steady state: a round in which every
+   peer heartbeats once, sent as message version 2 and version 1; and rounds of heartbeats staggered
+   over the interval (each peer at its own phase) with the source's ``heartbeat_resolution_s`` at
+   0, 60 and 150 s: rows carried and seconds of stages per round, against no resolution.
 2. Convergence: n trackers (SQLite files, in-process transport), every node knowing every other, fanout
    3; each node announces one peer and one content; rounds until every node holds all of them, against
    log2(n).
@@ -239,6 +242,44 @@ async def heartbeat_round(
     return result
 
 
+#: Heartbeat resolutions compared in staggered rounds: off, a minute, and the most allowed with the
+#: default peer_timeout (300 s).
+RESOLUTIONS = (0.0, 60.0, 150.0)
+STAGGERED_ROUNDS = 10  # a whole number of cycles of every resolution (2 and 5 rounds)
+
+
+async def staggered_rounds(link: Link, vectors: Vectors, peers: Sequence[str], rounds: int) -> dict[str, Any]:
+    """``rounds`` rounds in which every peer heartbeats every ``interval`` seconds at a phase of its
+    own (spread evenly over the interval), each round then sent: what a swarm of real heartbeats
+    looks like, where the rounds above beat all at one instant. Returns the sums over the rounds."""
+    interval = link.cfg.interval_s or 30.0
+    total = dict.fromkeys(("stamp", "read", "encode", "decode", "merge"), 0.0)
+    carried = ingest = 0.0
+    n = len(peers)
+    for _ in range(rounds):
+        link.clock.advance(interval)
+        start = link.clock.now - interval
+        beats = [PeerOnline(p, at=start + interval * (i + 1) / n) for i, p in enumerate(peers)]
+        chunk = link.source.config.max_batch_events
+        t = time.perf_counter()
+        for first in range(0, n, chunk):
+            await link.source.record_batch(beats[first : first + chunk])
+        ingest += time.perf_counter() - t
+        result = await transfer(link, vectors)
+        vectors = result["vectors"]
+        carried += result["rows"]
+        for stage, seconds in result["stages"].items():
+            total[stage] += seconds
+    return {
+        "rounds": rounds,
+        "rows_per_round": carried / rounds,
+        "stages_s_per_round": sum(total.values()) / rounds,
+        **{f"{k}_s_per_round": v / rounds for k, v in total.items()},
+        "ingest_s_per_round": ingest / rounds,
+        "vectors": vectors,
+    }
+
+
 async def bench_delta(
     engine: str, n_peers: int, n_mappings: int, max_rows: int, scratch: Path
 ) -> dict[str, Any]:
@@ -292,6 +333,25 @@ async def bench_delta(
             f"{new_round['bytes'] / old_round['bytes']:.2f}x the bytes"
         )
 
+        # Staggered heartbeats at each resolution: the source reopened with it, the same target.
+        staggered: dict[str, Any] = {}
+        for resolution in RESOLUTIONS:
+            await source.close()
+            source = await AvailabilityTracker.open(
+                TrackerConfig(database_url=source_url, clock=clock, heartbeat_resolution_s=resolution)
+            )
+            link = Link(engine, source, target, cfg, keyring, clock)
+            found = await staggered_rounds(link, vectors, peer_names, STAGGERED_ROUNDS)
+            vectors = found.pop("vectors")
+            staggered[f"{resolution:g}"] = found
+            off = staggered["0"]
+            print(
+                f"[{engine}] staggered heartbeats, resolution {resolution:g} s: "
+                f"{found['rows_per_round']:,.0f} rows and {found['stages_s_per_round']:.2f} s of stages "
+                f"a round ({found['stages_s_per_round'] / off['stages_s_per_round']:.2f}x without), "
+                f"ingest {found['ingest_s_per_round']:.2f} s a round"
+            )
+
         # End to end over HTTP: a fresh tracker pulls everything from the source's server.
         app = create_app(source, gossip=GossipAgent(source, cfg))
         server = uvicorn.Server(
@@ -343,6 +403,7 @@ async def bench_delta(
                 for version, r in rounds.items()
             },
             "heartbeat_round_over_v1": new_round["total_s"] / old_round["total_s"],
+            "staggered_heartbeats": staggered,
         }
         print(
             f"[{engine}] delta of {rows:,} rows in {messages} messages, {wire:,} bytes "
