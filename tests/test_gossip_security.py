@@ -130,6 +130,10 @@ async def test_old_future_oversized_malformed_and_unknown_versions_are_refused(t
         await _refused(target, raw, Keyring([KEY]).sign(raw), 400, "malformed")
     future = gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "version": 3}).encode())
     await _refused(target, future, Keyring([KEY]).sign(future), 400, "unknown_version")
+    quoted = gzip.compress(json.dumps({**_sync().model_dump(mode="json"), "version": "2"}).encode())
+    await _refused(target, quoted, Keyring([KEY]).sign(quoted), 400, "unknown_version")
+    _, answer, _ = await target.handle(quoted, Keyring([KEY]).sign(quoted))
+    assert json.loads(answer)["error"] == "message version must be the number 1 or 2, got '2'"
     me = _sync(node=target.node_key)
     await _refused(target, *_signed(me), 400, "self")
 

@@ -155,13 +155,43 @@ async def test_bad_input_gets_a_422_that_says_what_is_wrong_and_writes_nothing(
 
 
 @pytest.mark.parametrize(
-    "raw",
-    [b"{not json", b"", b"[]", b"null", b"[" * 100_000 + b"]" * 100_000, b'{"peer_id": "p"' + b" " * 10],
+    ("raw", "status", "code"),
+    [
+        (b"{not json", 400, "bad_request"),
+        (b'{"peer_id": "p"' + b" " * 10, 400, "bad_request"),  # cut short
+        (b"\xff\xfe{}", 400, "bad_request"),  # not UTF-8
+        (b'{"peer_id": "\xff"}', 400, "bad_request"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "bad_request"),  # nested beyond the parser's depth
+        (b"", 422, "invalid_request"),  # JSON, but not the shape asked for
+        (b"[]", 422, "invalid_request"),
+        (b"null", 422, "invalid_request"),
+    ],
 )
-async def test_malformed_bodies_are_rejected_with_a_4xx(api: httpx.AsyncClient, raw: bytes) -> None:
+async def test_malformed_bodies_are_rejected_with_their_documented_status(
+    api: httpx.AsyncClient, raw: bytes, status: int, code: str
+) -> None:
     response = await api.post("/v1/peers/online", content=raw, headers={"content-type": "application/json"})
-    assert 400 <= response.status_code < 500, response.text
-    assert "error" in response.json()
+    assert (response.status_code, response.json()["error"]["code"]) == (status, code), response.text
+    assert (await api.get("/v1/stats")).json()["peers_total"] == 0
+
+
+async def test_a_body_without_a_json_content_type_is_415(api: httpx.AsyncClient) -> None:
+    response = await api.post("/v1/peers/online", content=b'{"peer_id": "p"}')
+    assert response.status_code == 415, response.text
+    assert "Content-Type: application/json" in response.json()["error"]["message"]
+    assert (await api.get("/v1/stats")).json()["peers_total"] == 0
+
+
+@pytest.mark.parametrize("path", ["/v1/peers/p%0A", "/v1/peers/a%0Ab", "/v1/content/c%0A", "/v1/peers/%7F"])
+async def test_a_control_character_in_a_path_is_422_even_at_its_end(
+    api: httpx.AsyncClient, path: str
+) -> None:
+    await api.post("/v1/peers/online", json={"peer_id": "p"})
+    await api.post("/v1/content/available", json={"cid": "c", "peer_id": "p"})
+    response = await api.get(path)  # a final newline must not read peer "p" or content "c"
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["code"] == "invalid_input"
+    assert "control character" in response.json()["error"]["message"]
 
 
 async def test_a_body_over_the_limit_is_refused_before_it_is_read(tracker: AvailabilityTracker) -> None:
@@ -197,6 +227,34 @@ async def test_writes_need_the_token_when_one_is_configured_and_reads_do_not(
         right = await api.post("/v1/peers/online", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
         assert right.status_code == 200
         assert (await api.get("/v1/peers/p1")).status_code == 200
+
+
+async def test_without_the_token_a_write_is_401_however_wrong_its_body(tracker: AvailabilityTracker) -> None:
+    async with _client(tracker, api_token=TOKEN) as api:
+        for raw in (b"{bad", b'{"peer_id": 123}', b"[]"):
+            response = await api.post(
+                "/v1/peers/online", content=raw, headers={"content-type": "application/json"}
+            )
+            assert response.status_code == 401, (raw, response.text)
+        unlabelled = await api.post("/v1/peers/online", content=b'{"peer_id": "p"}')
+        assert unlabelled.status_code == 401
+        assert (await api.get("/v1/stats")).json()["peers_total"] == 0
+
+
+async def test_selections_need_the_token_because_they_take_leases(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    async with _client(tracker, api_token=TOKEN) as api:
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        await api.post("/v1/peers/online", json={"peer_id": "p"}, headers=auth)
+        await api.post("/v1/content/available", json={"cid": "c", "peer_id": "p"}, headers=auth)
+        refused = await api.get("/v1/content/c/best", params={"n": 1})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        loads = [peer["load"] for peer in (await api.get("/v1/content/c")).json()["peers"]]
+        assert loads == [0]  # the refused call granted nothing
+        granted = await api.get("/v1/content/c/best", params={"n": 1}, headers=auth)
+        assert [peer["peer_id"] for peer in granted.json()["peers"]] == ["p"]
+        assert [peer["load"] for peer in (await api.get("/v1/content/c")).json()["peers"]] == [1]
 
 
 def test_a_non_loopback_address_needs_a_token() -> None:

@@ -33,6 +33,13 @@ def test_text_lines_append_extra_fields_as_key_value_pairs() -> None:
     assert line.endswith("GET /healthz 200 request_id=abc")
 
 
+def test_uvicorns_coloured_copy_of_the_message_is_left_out() -> None:
+    coloured = "Started server process [\x1b[36m%d\x1b[0m]"
+    for formatter in (TextFormatter(), JsonFormatter()):
+        line = formatter.format(_record(request_id="abc", color_message=coloured))
+        assert "\x1b" not in line and "color_message" not in line and "request_id" in line
+
+
 async def test_each_request_logs_one_access_line_with_its_request_id(
     tracker: AvailabilityTracker, caplog: pytest.LogCaptureFixture
 ) -> None:

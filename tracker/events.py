@@ -20,7 +20,7 @@ MAX_ID_LENGTH = 256
 MAX_BYTES_PER_SEC = 10**12
 MAX_TRANSFER_BYTES = 10**15
 # C0 and C1 controls, DEL, and lone surrogates (which no database can store as UTF-8).
-_FORBIDDEN = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+FORBIDDEN_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 def validate_id(value: object, what: str = "peer_id") -> str:
@@ -31,7 +31,7 @@ def validate_id(value: object, what: str = "peer_id") -> str:
         raise InvalidInput(f"{what} must not be empty")
     if len(value) > MAX_ID_LENGTH:
         raise InvalidInput(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
-    bad = _FORBIDDEN.search(value)
+    bad = FORBIDDEN_CHARACTERS.search(value)
     if bad:
         raise InvalidInput(f"{what} contains control character {bad.group()!r} at position {bad.start()}")
     return value

@@ -288,8 +288,12 @@ def _rejection(error: ValidationError) -> GossipRejected:
             return GossipRejected("malformed", f"not a {FORMAT} message")
     for problem in problems:
         if problem["loc"][:1] == ("version",):
-            got = str(problem.get("input"))[:20]
+            got = problem.get("input")
             known = " or ".join(str(v) for v in VERSIONS)
+            if not isinstance(got, int) or isinstance(got, bool):  # "2" is not 2 in strict JSON
+                return GossipRejected(
+                    "unknown_version", f"message version must be the number {known}, got {repr(got)[:20]}"
+                )
             return GossipRejected(
                 "unknown_version", f"message version {got} is not {known}, which this tracker reads"
             )

@@ -25,10 +25,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .. import __version__
 from ..core import AvailabilityTracker
 from ..errors import InvalidInput, StorageError, TrackerClosed, TransientStorageError
+from ..events import FORBIDDEN_CHARACTERS
 from ..gossip.agent import GossipAgent
 from ..ratelimit import TokenBuckets
 from .metrics import ServiceMetrics
-from .routes import build_router
+from .routes import UNAUTHORIZED, build_router, needs_token, token_accepted
 from .settings import ServiceSettings
 
 log = logging.getLogger("tracker.service")
@@ -140,11 +141,29 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def invalid_request(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, RequestValidationError)
+        # Who may ask comes before what was asked (FastAPI parses the body before any dependency).
+        if needs_token(request) and not token_accepted(request):
+            return error_response(request, 401, "unauthorized", UNAUTHORIZED)
         # Echoing "input" back could return a megabyte string; location and reason are what helps.
         details = [
             {"loc": list(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
             for item in error.errors()
         ]
+        unparsed = next((d for d in details if d["type"] == "json_invalid"), None)
+        if unparsed is not None:
+            at = unparsed["loc"][-1] if unparsed["loc"] else "?"
+            return error_response(
+                request, 400, "bad_request", f"the body is not valid JSON ({unparsed['msg']} at byte {at})"
+            )
+        if "json" not in request.headers.get("content-type", "") and any(
+            d["loc"][:1] == ["body"] for d in details
+        ):
+            return error_response(
+                request,
+                415,
+                "unsupported_media_type",
+                "send the body as JSON, with the header Content-Type: application/json",
+            )
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(part) for part in first["loc"])
         return error_response(
@@ -239,8 +258,17 @@ class _RequestGate:
             if self.limiter is not None and scope["path"] not in _UNLIMITED:
                 wait = self.limiter.take(tuple(scope.get("client") or ("?", 0)))
                 if wait > 0:
-                    await self._rate_limited(scope, send_with_id, wait)
+                    message = "too many requests on this connection; retry after the Retry-After seconds"
+                    retry = {"Retry-After": str(max(1, math.ceil(wait)))}
+                    await self._reject(scope, send_with_id, 429, "rate_limited", message, retry)
                     return
+            # A control character in the path (a percent-encoded newline, say) is refused here:
+            # route patterns end in `$`, which matches before a final newline and would drop it.
+            bad = FORBIDDEN_CHARACTERS.search(scope["path"])
+            if bad is not None:
+                message = f"the path contains control character {bad.group()!r} at position {bad.start()}"
+                await self._reject(scope, send_with_id, 422, "invalid_input", message)
+                return
             declared = headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
                 raise _BodyTooLarge(self.max_body_bytes)
@@ -248,7 +276,10 @@ class _RequestGate:
         except _BodyTooLarge:
             if response_started:
                 raise
-            await self._too_large(scope, send_with_id)
+            message = f"request body exceeds the limit of {self.max_body_bytes} bytes"
+            # The rest of the body is never read; tell the client this connection is done.
+            close = {"Connection": "close"}
+            await self._reject(scope, send_with_id, 413, "body_too_large", message, close)
         finally:
             route = scope.get("route")
             template = getattr(route, "path", "unmatched")
@@ -272,37 +303,19 @@ class _RequestGate:
                 },
             )
 
-    async def _rate_limited(self, scope: Scope, send: Send, wait: float) -> None:
-        self.metrics.requests_rejected.labels(code="rate_limited").inc()
-        response = JSONResponse(
-            {
-                "error": {
-                    "code": "rate_limited",
-                    "message": "too many requests on this connection; retry after the Retry-After seconds",
-                    "request_id": scope.get("request_id"),
-                }
-            },
-            status_code=429,
-            headers={"Retry-After": str(max(1, math.ceil(wait)))},
-        )
-        await response(scope, _no_body, send)
-
-    async def _too_large(self, scope: Scope, send: Send) -> None:
-        self.metrics.requests_rejected.labels(code="body_too_large").inc()
-        response = JSONResponse(
-            {
-                "error": {
-                    "code": "body_too_large",
-                    "message": f"request body exceeds the limit of {self.max_body_bytes} bytes",
-                    "request_id": scope.get("request_id"),
-                }
-            },
-            status_code=413,
-            # The rest of the body is never read; tell the client this connection is done.
-            headers={"Connection": "close"},
-        )
-
-        await response(scope, _no_body, send)
+    async def _reject(
+        self,
+        scope: Scope,
+        send: Send,
+        status: int,
+        code: str,
+        message: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        """Answer before the app runs, in the shape of every other error (``error_response``)."""
+        self.metrics.requests_rejected.labels(code=code).inc()
+        body = {"error": {"code": code, "message": message, "request_id": scope.get("request_id")}}
+        await JSONResponse(body, status_code=status, headers=headers)(scope, _no_body, send)
 
 
 async def _no_body() -> Message:

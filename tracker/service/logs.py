@@ -16,8 +16,14 @@ from typing import Any
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
 
+# uvicorn attaches its message again with terminal colour codes; the plain message is already there.
+_DROPPED = {"color_message"}
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {key: value for key, value in record.__dict__.items() if key not in _STANDARD}
+    return {
+        key: value for key, value in record.__dict__.items() if key not in _STANDARD and key not in _DROPPED
+    }
 
 
 class JsonFormatter(logging.Formatter):

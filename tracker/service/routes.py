@@ -1,7 +1,8 @@
 """The endpoints: each one validates its body, calls one library method, and shapes the answer.
 
 Writes answer only after their events are committed (group commit), so a 200 means durable. Writes
-need the bearer token when one is configured; reads and probes never do.
+and selections (``/best`` grants leases: it fills peers' load) need the bearer token when one is
+configured; reads and probes never do.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at definition time, and
@@ -59,16 +60,36 @@ Tracker = Annotated[AvailabilityTracker, Depends(_tracker)]
 Metrics = Annotated[ServiceMetrics, Depends(_metrics)]
 
 
+def token_accepted(request: Request) -> bool:
+    """Whether the request may change state: no token is configured, or it carries the right one.
+
+    Read from the header directly, not from FastAPI's dependency, so the error handlers can ask it
+    too: a body that fails to parse is answered before any dependency runs, and an unauthenticated
+    caller must learn it lacks the token, not how its body was wrong.
+    """
+    expected: str | None = request.app.state.settings.api_token
+    if expected is None:
+        return True
+    scheme, _, offered = request.headers.get("authorization", "").partition(" ")
+    # Constant-time comparison: the token must not leak through response timing.
+    return scheme.lower() == "bearer" and hmac.compare_digest(offered.strip().encode(), expected.encode())
+
+
 def _require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    expected: str | None = request.app.state.settings.api_token
-    if expected is None:
-        return
-    offered = "" if credentials is None else credentials.credentials
-    # Constant-time comparison: the token must not leak through response timing.
-    if not hmac.compare_digest(offered.encode(), expected.encode()):
-        raise HTTPException(status_code=401, detail="a valid bearer token is required for writes")
+    # ``credentials`` puts the bearer scheme into the OpenAPI schema; the check reads the header.
+    if not token_accepted(request):
+        raise HTTPException(status_code=401, detail=UNAUTHORIZED)
+
+
+UNAUTHORIZED = "a valid bearer token is required for writes and selections"
+
+
+def needs_token(request: Request) -> bool:
+    """Whether the matched route is one that changes state (it depends on the token check)."""
+    route = request.scope.get("route")
+    return any(d.dependency is _require_token for d in getattr(route, "dependencies", ()))
 
 
 def build_router(settings: ServiceSettings) -> APIRouter:
@@ -78,7 +99,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         prefix="/v1",
         tags=["events"],
         dependencies=[Depends(_require_token)],
-        responses=_errors(400, 401, 413, 422, 503),
+        responses=_errors(400, 401, 413, 415, 422, 503),
     )
     reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(404, 422, 503))
 
@@ -144,7 +165,12 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         return PeerOut.of(metrics)
 
     # Registered before /content/{cid}: a path parameter would otherwise swallow the "/best" suffix.
-    @reads.get("/content/{cid:path}/best", summary="The best n peers to download a content from now")
+    @reads.get(
+        "/content/{cid:path}/best",
+        summary="The best n peers to download a content from now (grants their leases)",
+        dependencies=[Depends(_require_token)],
+        responses=_errors(401),
+    )
     async def best(
         cid: str,
         tracker: Tracker,
@@ -229,6 +255,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 _ERROR_MEANINGS = {
     400: "Body is not parseable (not UTF-8, not JSON)",
+    415: "Body sent without Content-Type: application/json",
     401: "Missing or wrong bearer token",
     404: "Unknown peer or content",
     413: "Request body over max_body_bytes",

@@ -43,8 +43,8 @@ class ServiceSettings:
 
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    #: Bearer token required by every write endpoint; ``None`` leaves writes open. (Gossip is signed
-    #: with its own key instead.)
+    #: Bearer token required by every write endpoint and by selections (they grant leases); ``None``
+    #: leaves them open. (Gossip is signed with its own key instead.)
     api_token: str | None = None
     #: Largest request body accepted; larger ones get 413 before they are read.
     max_body_bytes: int = 8 * 1024 * 1024
