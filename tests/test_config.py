@@ -39,6 +39,8 @@ def test_durations_accept_timedelta() -> None:
         ("heartbeat_resolution_s", 151),  # more than half of peer_timeout (300)
         ("heartbeat_resolution_s", float("inf")),
         ("heartbeat_resolution_s", True),
+        ("snapshot_interval_s", -1),
+        ("snapshot_interval_s", "hourly"),
     ],
 )
 def test_invalid_values_raise_a_clear_error(field: str, value: object) -> None:
@@ -88,3 +90,10 @@ def test_heartbeat_resolution_is_seconds_bounded_by_the_timeout() -> None:
         TrackerConfig(peer_timeout=120, heartbeat_resolution_s=61)
     env = {"TRACKER_HEARTBEAT_RESOLUTION_S": "90"}
     assert TrackerConfig.from_env(env).heartbeat_resolution_s == 90.0
+
+
+def test_snapshots_default_to_one_per_five_minutes() -> None:
+    assert TrackerConfig().snapshot_interval_s == 300.0
+    assert TrackerConfig(snapshot_interval_s=0).snapshot_interval_s == 0.0  # every pass
+    assert TrackerConfig(snapshot_interval_s=timedelta(hours=1)).snapshot_interval_s == 3600.0
+    assert TrackerConfig.from_env({"TRACKER_SNAPSHOT_INTERVAL_S": "60"}).snapshot_interval_s == 60.0

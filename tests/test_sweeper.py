@@ -199,7 +199,7 @@ async def test_a_sweep_writes_a_snapshot_that_decodes_back_to_the_state(
     from tracker.gossip.files import read_snapshot
 
     directory = tmp_path / "snapshots"
-    with_snapshots = replace(config, snapshot_dir=str(directory), snapshot_keep=2)
+    with_snapshots = replace(config, snapshot_dir=str(directory), snapshot_keep=2, snapshot_interval_s=0)
     async with AvailabilityTracker(with_snapshots) as tracker:
         t = clock.now - 100
         events: list[Event] = []
@@ -234,3 +234,25 @@ async def test_a_sweep_writes_a_snapshot_that_decodes_back_to_the_state(
             ("movie", "b", True),
             ("movie", "c", False),
         }
+
+
+async def test_snapshots_are_written_once_per_interval_whoever_sweeps(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    directory = tmp_path / "snapshots"
+    every_minute = replace(config, snapshot_dir=str(directory), snapshot_interval_s=60)
+    async with AvailabilityTracker(every_minute) as tracker:
+        await tracker.record_peer_online("p")
+        written = [(await tracker.sweep()).snapshot_path is not None]  # none yet: due
+        for _ in range(3):
+            clock.advance(30)
+            written.append((await tracker.sweep()).snapshot_path is not None)
+        assert written == [True, False, True, False]
+    # A restarted process keeps the cadence: it reads the newest snapshot's time from its name.
+    async with AvailabilityTracker(every_minute) as tracker:
+        assert (await tracker.sweep()).snapshot_path is None
+        clock.advance(29)
+        assert (await tracker.sweep()).snapshot_path is None
+        clock.advance(1)
+        assert (await tracker.sweep()).snapshot_path is not None
+    assert len(list(directory.glob("snapshot-*.jsonl.gz"))) == 3

@@ -32,6 +32,8 @@ _DURATIONS = (
     "lease_ttl_s",
     "slow_start_s",
 )
+#: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass).
+_OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s")
 STRATEGIES = ("best", "weighted")
 
 
@@ -107,6 +109,10 @@ class TrackerConfig:
     snapshot_dir: str | None = None
     #: How many snapshots to keep in ``snapshot_dir``.
     snapshot_keep: int = 5
+    #: A sweep writes a snapshot only when this node's newest one in ``snapshot_dir`` is at least this
+    #: old (0: every pass). A snapshot is a full export, half a minute to a minute of a process's CPU
+    #: at 100k peers and 1M mappings: every 30-s pass would make it the sweeper's whole job.
+    snapshot_interval_s: float = 300.0
     #: Contents with fewer online holders than this are "under-replicated" (view and /metrics).
     replication_target: int = 3
     #: Connections kept open per process (Postgres); SQLite uses a small pool of its own.
@@ -156,20 +162,22 @@ class TrackerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        resolution = self.heartbeat_resolution_s
-        if isinstance(resolution, timedelta):
-            resolution = resolution.total_seconds()
-        if (
-            isinstance(resolution, bool)
-            or not isinstance(resolution, int | float)
-            or not math.isfinite(resolution)
-            or not 0.0 <= resolution <= self.peer_timeout / 2
-        ):
+        for name in _OPTIONAL_DURATIONS:
+            value = getattr(self, name)
+            seconds = value.total_seconds() if isinstance(value, timedelta) else value
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not math.isfinite(seconds)
+                or seconds < 0
+            ):
+                raise ConfigError(f"{name} must be seconds >= 0 (number or timedelta), got {value!r}")
+            object.__setattr__(self, name, float(seconds))
+        if self.heartbeat_resolution_s > self.peer_timeout / 2:
             raise ConfigError(
                 "heartbeat_resolution_s must be seconds within [0, peer_timeout / 2] "
-                f"(0 to {self.peer_timeout / 2:g}), got {resolution!r}"
+                f"(0 to {self.peer_timeout / 2:g}), got {self.heartbeat_resolution_s!r}"
             )
-        object.__setattr__(self, "heartbeat_resolution_s", float(resolution))
         slots = self.max_concurrent_selections
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
             raise ConfigError(f"max_concurrent_selections must be an integer >= 1 or None, got {slots!r}")

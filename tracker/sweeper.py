@@ -90,7 +90,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             ),
         }
         path = None
-        if config.snapshot_dir is not None:
+        if config.snapshot_dir is not None and await _snapshot_due(tracker, Path(config.snapshot_dir), now):
             path = await write_state_snapshot(tracker, Path(config.snapshot_dir), now)
     report = SweepReport(
         now=now,
@@ -194,6 +194,19 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
 # ---------------------------------------------------------------------------------------------
 # Snapshot
 # ---------------------------------------------------------------------------------------------
+
+
+async def _snapshot_due(tracker: AvailabilityTracker, directory: Path, now: float) -> bool:
+    """Whether this node's newest snapshot in ``directory`` is ``snapshot_interval_s`` old (or absent).
+
+    Read from the directory, not remembered by the process: a restart, or another tracker of the
+    same node taking over the sweep on a shared Postgres, keeps the cadence.
+    """
+    interval = tracker.config.snapshot_interval_s
+    if not interval:
+        return True
+    newest = await files.latest_snapshot(directory, tracker.node_key)
+    return newest is None or now - files.taken_at(newest) >= interval
 
 
 async def write_state_snapshot(tracker: AvailabilityTracker, directory: Path, now: float) -> Path:

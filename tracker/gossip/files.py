@@ -197,3 +197,11 @@ def _latest(directory: Path, node: str | None) -> Path | None:
 async def latest_snapshot(directory: Path, node: str | None = None) -> Path | None:
     """The newest snapshot file in ``directory`` (of ``node`` if given), or ``None`` if there is none."""
     return await asyncio.to_thread(_latest, Path(directory), node)
+
+
+def taken_at(path: Path) -> float:
+    """When the snapshot at ``path`` was taken, read from its name (to the millisecond)."""
+    match = _FILE_NAME.fullmatch(Path(path).name)
+    if match is None:
+        raise SnapshotError(f"{Path(path).name!r} is not a snapshot file name")
+    return int(match[1]) / 1000

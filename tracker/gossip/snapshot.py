@@ -1,8 +1,9 @@
 """The gossip state snapshot: one tracker's whole gossip state as a versioned, self-checking stream.
 
-The sweeper writes one to disk every pass (``write_snapshot``); gossip sends the same lines as its
-full-state form. Everything is named by external keys (node, peer and content ids) because surrogate
-ids mean nothing outside one database. Pure: no SQL here; the sweeper's query produces the records.
+The sweeper writes one to disk at most once per ``snapshot_interval_s`` (``write_snapshot``); gossip
+sends the same lines as its full-state form. Everything is named by external keys (node, peer and
+content ids) because surrogate ids mean nothing outside one database. Pure: no SQL here; the
+sweeper's query produces the records.
 
 Format ``peer-tracker-state``, version 1: JSON Lines, UTF-8, one JSON object per line, each ending in
 ``\\n``. Times are Unix seconds (UTC), durations seconds, speeds bytes per second; every number is
