@@ -10,7 +10,7 @@ import pytest
 
 from tracker import AvailabilityTracker
 from tracker.service import create_app
-from tracker.service.logs import JsonFormatter, TextFormatter
+from tracker.service.logs import JsonFormatter, TextFormatter, configure_logging
 
 
 def _record(**extra: object) -> logging.LogRecord:
@@ -53,3 +53,22 @@ async def test_each_request_logs_one_access_line_with_its_request_id(
     lines = [r for r in caplog.records if r.name == "tracker.access"]
     assert len(lines) == 1
     assert (lines[0].request_id, lines[0].status, lines[0].path) == ("req-7", 422, "/v1/peers/online")
+
+
+def test_alembic_context_lines_are_dropped_and_its_migration_lines_kept(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        configure_logging(json_lines=False, level="info")
+        migration = logging.getLogger("alembic.runtime.migration")
+        migration.info("Context impl %s.", "SQLiteImpl")
+        migration.info("Will assume non-transactional DDL.")
+        migration.info("Running upgrade %s -> %s", "0007", "0008")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "Running upgrade 0007 -> 0008" in err
+    assert "Context impl" not in err and "Will assume" not in err

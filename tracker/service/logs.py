@@ -54,6 +54,15 @@ class TextFormatter(logging.Formatter):
         return f"{base} {extras}" if extras else base
 
 
+class _AlembicContextLines(logging.Filter):
+    """Drops the two lines Alembic logs whenever it opens a migration context ("Context impl ...",
+    "Will assume ... DDL"): every readiness probe opens one to read the revision, so a probed
+    service logged them every few seconds. Its migration lines ("Running upgrade ...") pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(("Context impl", "Will assume"))
+
+
 def configure_logging(*, json_lines: bool, level: str) -> None:
     """Route the tracker's and uvicorn's loggers to stderr through one formatter."""
     handler = logging.StreamHandler(sys.stderr)
@@ -63,6 +72,9 @@ def configure_logging(*, json_lines: bool, level: str) -> None:
     root.setLevel(level.upper())
     # One line per loaded Alembic plugin at every start is noise; its migration lines stay.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    migration = logging.getLogger("alembic.runtime.migration")
+    if not any(isinstance(f, _AlembicContextLines) for f in migration.filters):
+        migration.addFilter(_AlembicContextLines())
     for name in ("uvicorn", "uvicorn.error"):
         # uvicorn installs its own handlers unless told not to; ours carry the same lines.
         logging.getLogger(name).handlers[:] = []
