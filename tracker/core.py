@@ -78,7 +78,7 @@ class AvailabilityTracker:
                     raise SchemaOutOfDate(
                         f"the database schema is at revision {current or 'none (empty database)'} but this "
                         f"tracker needs {head}: run `tracker db upgrade` (or `alembic upgrade head`), "
-                        "or open with auto_migrate=True"
+                        "or open with auto_migrate=True (TRACKER_AUTO_MIGRATE=true)"
                     )
             now = self.config.clock()
 

@@ -1,23 +1,26 @@
 """What every ``tracker`` command shares: the app, options, running async bodies, errors, output.
 
 Each command opens an ``AvailabilityTracker`` (or, for ``db``, a bare engine), calls the API and renders
-the answer with Rich, or as JSON with ``--json`` for scripts. Errors the tracker raises on purpose become
-one line on stderr and exit code 1; ``--debug`` shows the traceback instead.
+the answer with Rich, or as JSON with ``--json`` for scripts. Every error becomes one line on stderr and
+exit code 1; ``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from rich.console import Console
 from rich.text import Text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
 from ..config import TrackerConfig
 from ..core import AvailabilityTracker
@@ -68,19 +71,27 @@ def run(work: Coroutine[Any, Any, T]) -> T:
 
 @contextmanager
 def errors_as_messages(debug: bool) -> Iterator[None]:
-    """Turn a deliberate tracker error (or a file-system error) into one line on stderr and exit 1.
+    """Turn any error into one line on stderr and exit 1; ``--debug`` raises it with its traceback.
 
-    Driver errors carry the SQL and a link on further lines; the first line says what went wrong and
-    ``--debug`` shows the rest, with the traceback.
+    Not only the tracker's own errors: a database that does not exist, a file that is not one, an
+    unknown migration revision or a malformed URL surface from the driver, Alembic or SQLAlchemy,
+    and a user needs their first line, not hundreds of lines of traceback. Click's own exits and
+    usage errors pass through untouched.
     """
     try:
         yield
-    except (TrackerError, OSError) as error:
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        raise
+    except Exception as error:
         if debug:
             raise
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        message = Text.assemble(("error: ", "bold red"), lines[0])
-        if len(lines) > 1:
+        # A driver error wrapped by SQLAlchemy: the driver's sentence, not the SQL and the link.
+        cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+        lines = str(cause).strip().splitlines() or [type(cause).__name__]
+        ours = isinstance(error, TrackerError | OSError | DBAPIError)  # their sentence says it all
+        first = lines[0] if ours else f"{type(cause).__name__}: {lines[0]}"
+        message = Text.assemble(("error: ", "bold red"), first)
+        if len(lines) > 1 or not ours:
             message.append(" (--debug for details)", style="dim")
         Console(stderr=True).print(message, soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
@@ -109,8 +120,9 @@ def require_existing_sqlite(config: TrackerConfig) -> None:
 async def opened(database_url: str | None, *, create: bool = False) -> AsyncIterator[AvailabilityTracker]:
     """An existing tracker database, opened without migrating it (a read must not change the schema);
     with ``create``, for commands that write state in (gossip import and push), created and migrated
-    like ``tracker serve`` does."""
-    config = config_for(database_url, auto_migrate=create)
+    like ``tracker serve`` does. ``TRACKER_AUTO_MIGRATE``, when set, decides either way."""
+    explicit = "TRACKER_AUTO_MIGRATE" in os.environ
+    config = config_for(database_url, **({} if explicit else {"auto_migrate": create}))
     if not create:
         require_existing_sqlite(config)
     async with AvailabilityTracker(config) as tracker:

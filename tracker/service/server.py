@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 
@@ -61,12 +62,32 @@ async def _announce(server: uvicorn.Server) -> None:
             log.info("listening on http://%s:%d", shown, port, extra={"action": "listening", "port": port})
 
 
+def _check_address(host: str, port: int) -> None:
+    """Raise ``OSError`` naming the address if a listening socket cannot bind it (as uvicorn binds:
+    ``SO_REUSEADDR``, so a port in TIME_WAIT is free). A port taken between this and uvicorn's bind
+    still fails there, as before."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise OSError(f"cannot listen on {host}:{port}: {reason}") from error
+
+
 async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: GossipConfig | None = None) -> None:
     """Run the service until a signal asks it to stop; raises if the tracker cannot open.
 
     The tracker opens (and migrates, unless ``config.auto_migrate`` is off) before the socket is bound,
-    so a database problem is one clear error instead of a server that answers 503 forever.
+    so a database problem is one clear error instead of a server that answers 503 forever. Before
+    either, the address is tried: uvicorn reports a taken port by logging it and exiting with its
+    own code, after the database was created for nothing.
     """
+    _check_address(settings.host, settings.port)
     tracker = await AvailabilityTracker.open(config)
     agent = GossipAgent(tracker, gossip) if gossip is not None and gossip.enabled else None
     gossiping: asyncio.Task[None] | None = None
