@@ -365,3 +365,10 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
     paths = set(schema["paths"])
     assert {"/v1/events", "/v1/peers/online", "/v1/content/{cid}/best", "/metrics", "/readyz"} <= paths
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+@pytest.mark.parametrize("url", ["/v1/content/c/best?nn=3", "/v1/peers?limt=5", "/v1/content/c/best?=0"])
+async def test_an_unknown_query_parameter_is_422_not_ignored(api: httpx.AsyncClient, url: str) -> None:
+    response = await api.get(url)  # a typo must not answer with the defaults
+    assert response.status_code == 422, response.text
+    assert "unknown query parameter" in response.json()["error"]["message"]

@@ -12,6 +12,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -86,6 +87,23 @@ def _require_token(
 UNAUTHORIZED = "a valid bearer token is required for writes and selections"
 
 
+def _only_known_query(request: Request) -> None:
+    """Refuse query parameters the route does not declare: FastAPI ignores them, so a typo
+    (``?nn=3``) would silently answer with the defaults."""
+    known: set[str] = set()
+    pending = [getattr(request.scope.get("route"), "dependant", None)]
+    while pending:  # the route's own parameters and those of its dependencies
+        dependant = pending.pop()
+        if dependant is not None:
+            known.update(param.alias for param in dependant.query_params)
+            pending.extend(dependant.dependencies)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise RequestValidationError(
+            [{"loc": ("query", unknown[0]), "msg": "unknown query parameter", "type": "extra_forbidden"}]
+        )
+
+
 def needs_token(request: Request) -> bool:
     """Whether the matched route is one that changes state (it depends on the token check)."""
     route = request.scope.get("route")
@@ -94,7 +112,7 @@ def needs_token(request: Request) -> bool:
 
 def build_router(settings: ServiceSettings) -> APIRouter:
     """All routes; limits that come from settings (largest n, page size) are bound here."""
-    router = APIRouter()
+    router = APIRouter(dependencies=[Depends(_only_known_query)])
     writes = APIRouter(
         prefix="/v1",
         tags=["events"],
