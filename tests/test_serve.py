@@ -140,6 +140,8 @@ def test_serve_refuses_a_database_behind_its_schema_with_no_migrate(tmp_path: Pa
             "tracker",
             "serve",
             "--no-migrate",
+            "--port",
+            "0",
             "--database-url",
             f"sqlite+aiosqlite:///{database}",
         ],

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..config import TrackerConfig
 from ..core import AvailabilityTracker
@@ -64,9 +65,32 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (stable key
 stdout = Console()
 
 
+# Python names a thread "Thread-N (target)"; aiosqlite runs each connection on one with this target.
+_SQLITE_WORKER_SUFFIX = "(_connection_worker_thread)"
+# Bounded because a connection someone leaked keeps its worker alive forever (in-process callers only:
+# a process would wait for that non-daemon thread at exit anyway).
+_SQLITE_WORKER_JOIN_TIMEOUT_S = 5.0
+
+
 def run(work: Coroutine[Any, Any, T]) -> T:
-    """Run one command's async body on a fresh event loop, closed afterwards so nothing leaks."""
-    return asyncio.run(work)
+    """Run one command's async body on a fresh event loop, closed afterwards so nothing leaks.
+
+    The loop closes only after the aiosqlite workers the body started have finished: when a connect
+    fails (a directory that does not exist), aiosqlite stops its worker without waiting for it, and a
+    worker that then answers a closed loop dies printing a traceback under the one-line error.
+    """
+    before = set(threading.enumerate())
+    with asyncio.Runner() as runner:
+        try:
+            return runner.run(work)
+        finally:
+            _join_sqlite_workers(set(threading.enumerate()) - before)
+
+
+def _join_sqlite_workers(started: set[threading.Thread]) -> None:
+    for thread in started:
+        if thread.name.endswith(_SQLITE_WORKER_SUFFIX):
+            thread.join(_SQLITE_WORKER_JOIN_TIMEOUT_S)
 
 
 @contextmanager
@@ -76,7 +100,7 @@ def errors_as_messages(debug: bool) -> Iterator[None]:
     Not only the tracker's own errors: a database that does not exist, a file that is not one, an
     unknown migration revision or a malformed URL surface from the driver, Alembic or SQLAlchemy,
     and a user needs their first line, not hundreds of lines of traceback. Click's own exits and
-    usage errors pass through untouched.
+    usage errors pass through untouched, and so do ``KeyboardInterrupt`` and ``SystemExit``.
     """
     try:
         yield
@@ -85,23 +109,55 @@ def errors_as_messages(debug: bool) -> Iterator[None]:
     except Exception as error:
         if debug:
             raise
-        # A driver error wrapped by SQLAlchemy: the driver's sentence, not the SQL and the link.
-        cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
-        lines = str(cause).strip().splitlines() or [type(cause).__name__]
-        ours = isinstance(error, TrackerError | OSError | DBAPIError)  # their sentence says it all
-        first = lines[0] if ours else f"{type(cause).__name__}: {lines[0]}"
-        message = Text.assemble(("error: ", "bold red"), first)
-        if len(lines) > 1 or not ours:
-            message.append(" (--debug for details)", style="dim")
-        Console(stderr=True).print(message, soft_wrap=True, highlight=False)
+        Console(stderr=True).print(_one_line(error), soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
+
+
+# Their exceptions are sentences written for whoever runs the command ("Can't locate revision
+# identified by '9999'", "file is not a database"); matched by module so that no command imports
+# Alembic or asyncpg just to recognise their errors.
+_SPEAKING_MODULES = frozenset({"alembic", "asyncpg", "sqlite3"})
+
+
+def _one_line(error: Exception) -> Text:
+    """``error: `` and the first line of what went wrong; a class name only where the sentence needs
+    it, and a pointer to ``--debug`` when the rest was cut."""
+    # A driver error wrapped by SQLAlchemy: the driver's sentence, not the SQL and the link.
+    cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
+    lines = str(cause).strip().splitlines() or [type(cause).__name__]
+    speaks = isinstance(error, TrackerError | OSError | DBAPIError) or (
+        type(cause).__module__.partition(".")[0] in _SPEAKING_MODULES
+    )
+    message = Text.assemble(
+        ("error: ", "bold red"), lines[0] if speaks else f"{type(cause).__name__}: {lines[0]}"
+    )
+    if len(lines) > 1 or not speaks:
+        message.append(" (--debug for details)", style="dim")
+    return message
 
 
 def config_for(database_url: str | None, **overrides: Any) -> TrackerConfig:
     """The tracker's configuration from ``TRACKER_*`` variables, with the command's options on top."""
     if database_url is not None:
         overrides["database_url"] = database_url
-    return TrackerConfig.from_env(**overrides)
+    config = TrackerConfig.from_env(**overrides)
+    _check_url(config.database_url)
+    return config
+
+
+def unless_in_env(**defaults: Any) -> dict[str, Any]:
+    """A command's own defaults, minus those whose ``TRACKER_*`` variable is set: options win over the
+    environment, and the environment over defaults, the command's as much as the library's."""
+    return {name: value for name, value in defaults.items() if f"TRACKER_{name.upper()}" not in os.environ}
+
+
+def _check_url(database_url: str) -> None:
+    """SQLAlchemy parses the URL only when a command connects, and its complaint (``invalid literal
+    for int()`` for a port that is not a number) does not say that the URL is what is wrong."""
+    try:
+        make_url(database_url)
+    except (ArgumentError, ValueError) as error:
+        raise InvalidInput(f"the database URL is not valid: {error}") from error
 
 
 def require_existing_sqlite(config: TrackerConfig) -> None:
@@ -121,8 +177,7 @@ async def opened(database_url: str | None, *, create: bool = False) -> AsyncIter
     """An existing tracker database, opened without migrating it (a read must not change the schema);
     with ``create``, for commands that write state in (gossip import and push), created and migrated
     like ``tracker serve`` does. ``TRACKER_AUTO_MIGRATE``, when set, decides either way."""
-    explicit = "TRACKER_AUTO_MIGRATE" in os.environ
-    config = config_for(database_url, **({} if explicit else {"auto_migrate": create}))
+    config = config_for(database_url, **unless_in_env(auto_migrate=create))
     if not create:
         require_existing_sqlite(config)
     async with AvailabilityTracker(config) as tracker:

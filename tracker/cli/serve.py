@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from ._common import DatabaseUrlOption, DebugOption, app, config_for, errors_as_messages, run
+from ._common import (
+    DatabaseUrlOption,
+    DebugOption,
+    app,
+    config_for,
+    errors_as_messages,
+    run,
+    unless_in_env,
+)
 
 
 @app.command()
@@ -20,15 +28,22 @@ def serve(
         int | None, typer.Option(help="Port (env TRACKER_PORT; default 8750; 0 picks a free one).")
     ] = None,
     migrate: Annotated[
-        bool,
+        bool | None,
         typer.Option(
             "--migrate/--no-migrate",
-            help="Upgrade the schema on start (default), or refuse to start while it is behind.",
+            help="Upgrade the schema on start, or refuse to start while it is behind "
+            "(env TRACKER_AUTO_MIGRATE; default: upgrade).",
+            show_default=False,
         ),
-    ] = True,
+    ] = None,
     sweeper: Annotated[
-        bool, typer.Option("--sweeper/--no-sweeper", help="Run the background sweeper (default on).")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--sweeper/--no-sweeper",
+            help="Run the background sweeper (env TRACKER_RUN_SWEEPER; default on).",
+            show_default=False,
+        ),
+    ] = None,
     gossip_neighbor: Annotated[
         list[str] | None,
         typer.Option(
@@ -61,10 +76,21 @@ def serve(
     from ..service.logs import configure_logging
 
     with errors_as_messages(debug):
-        config = config_for(database_url, auto_migrate=migrate, run_sweeper=sweeper)
+        config = config_for(database_url, **_service_overrides(migrate=migrate, sweeper=sweeper))
         settings = ServiceSettings.from_env(host=host, port=port, log_json=log_json)
         gossip = GossipConfig.from_env()
         if gossip_neighbor:
             gossip = replace(gossip, neighbors=tuple(gossip_neighbor))
         configure_logging(json_lines=settings.log_json, level=settings.log_level)
         run(run_service(config, settings, gossip))
+
+
+def _service_overrides(*, migrate: bool | None, sweeper: bool | None) -> dict[str, Any]:
+    """The flags when given, else ``TRACKER_AUTO_MIGRATE`` / ``TRACKER_RUN_SWEEPER`` when set, else a
+    service's defaults: migrate, and sweep (which an embedded library tracker does not by default)."""
+    overrides = unless_in_env(auto_migrate=True, run_sweeper=True)
+    if migrate is not None:
+        overrides["auto_migrate"] = migrate
+    if sweeper is not None:
+        overrides["run_sweeper"] = sweeper
+    return overrides
