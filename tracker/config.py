@@ -37,6 +37,18 @@ _OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s")
 STRATEGIES = ("best", "weighted")
 
 
+def _seconds(name: str, value: Any, zero_allowed: bool) -> float:
+    """Durations are stored as float seconds so SQL and arithmetic never meet a ``timedelta``; a bool
+    is refused because ``True`` would silently mean one second."""
+    seconds = value.total_seconds() if isinstance(value, timedelta) else value
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        raise ConfigError(f"{name} must be seconds (number or timedelta), got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not zero_allowed):
+        bound = "seconds >= 0" if zero_allowed else "a positive number of seconds"
+        raise ConfigError(f"{name} must be {bound}, got {value!r}")
+    return float(seconds)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrackerConfig:
     """Settings of one tracker. Frozen: build a new one with ``dataclasses.replace``.
@@ -89,7 +101,8 @@ class TrackerConfig:
     #: many seconds (0: every heartbeat). A heartbeat that only extends a session within the window
     #: leaves the row's gossip version as it is, so neighbours see ``last_seen`` up to this much behind
     #: (and count the peer offline up to this much sooner) in return for fewer rows per round; every
-    #: other change travels at once. At most half of ``peer_timeout`` (docs/gossip.md, "Heartbeats").
+    #: other change travels at once. At most half of ``peer_timeout`` (docs/gossip.md, "Heartbeats at a
+    #: resolution").
     heartbeat_resolution_s: float = 0.0
     #: Start the sweeper when the tracker opens (``async with`` / ``open()``); stop it on close.
     run_sweeper: bool = False
@@ -127,16 +140,8 @@ class TrackerConfig:
     clock: Clock = field(default=time.time, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        for name in _DURATIONS:
-            value = getattr(self, name)
-            if isinstance(value, timedelta):
-                object.__setattr__(self, name, value.total_seconds())
-            elif isinstance(value, int | float) and not isinstance(value, bool):
-                object.__setattr__(self, name, float(value))
-            else:
-                raise ConfigError(f"{name} must be seconds (number or timedelta), got {value!r}")
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
+        for name in (*_DURATIONS, *_OPTIONAL_DURATIONS):
+            object.__setattr__(self, name, _seconds(name, getattr(self, name), name in _OPTIONAL_DURATIONS))
         if not isinstance(self.database_url, str) or "://" not in self.database_url:
             raise ConfigError(f"database_url must be an SQLAlchemy URL, got {self.database_url!r}")
         if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
@@ -162,17 +167,6 @@ class TrackerConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
-        for name in _OPTIONAL_DURATIONS:
-            value = getattr(self, name)
-            seconds = value.total_seconds() if isinstance(value, timedelta) else value
-            if (
-                isinstance(seconds, bool)
-                or not isinstance(seconds, int | float)
-                or not math.isfinite(seconds)
-                or seconds < 0
-            ):
-                raise ConfigError(f"{name} must be seconds >= 0 (number or timedelta), got {value!r}")
-            object.__setattr__(self, name, float(seconds))
         if self.heartbeat_resolution_s > self.peer_timeout / 2:
             raise ConfigError(
                 "heartbeat_resolution_s must be seconds within [0, peer_timeout / 2] "
