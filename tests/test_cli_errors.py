@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import socket
 import subprocess
@@ -16,9 +17,13 @@ import pytest
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
+from tracker import AvailabilityTracker, TrackerConfig
 from tracker.cli import app
 from tracker.cli._common import run as cli_run
 from tracker.cli.serve import _service_overrides
+from tracker.errors import TrackerClosed
+from tracker.service.server import serve
+from tracker.service.settings import ServiceSettings
 
 COUNT_TO_TWO_MILLION = (
     "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 2000000) SELECT count(*) FROM n"
@@ -207,3 +212,60 @@ def test_serve_on_a_taken_port_is_one_line_and_creates_nothing(tmp_path: Path) -
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
     ]
     assert not database.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class _Opened(Exception):
+    """Raised in place of serving once the check inside the tracker's opening has run."""
+
+
+async def test_serve_holds_its_port_while_the_tracker_opens_and_frees_it_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Migrations can take minutes; a port checked and then left free could be taken meanwhile."""
+    port = _free_port()
+    seen: list[int] = []
+
+    async def open_then_look(config: TrackerConfig) -> AvailabilityTracker:
+        with socket.socket() as rival, pytest.raises(OSError) as refused:
+            rival.bind(("127.0.0.1", port))
+        seen.append(refused.value.errno or 0)
+        raise _Opened
+
+    monkeypatch.setattr(AvailabilityTracker, "open", open_then_look)
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 't.db'}")
+    with pytest.raises(_Opened):
+        await serve(config, ServiceSettings(host="127.0.0.1", port=port))
+    assert seen == [errno.EADDRINUSE]
+    with socket.socket() as after:
+        after.bind(("127.0.0.1", port))  # released when serving failed
+
+
+async def test_serve_losing_its_port_to_a_rival_listener_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two processes binding with SO_REUSEADDR can both bind; the first to listen wins."""
+    port = _free_port()
+    real_open = AvailabilityTracker.open
+    rival = socket.socket()
+    opened: list[AvailabilityTracker] = []
+
+    async def open_while_a_rival_listens(config: TrackerConfig) -> AvailabilityTracker:
+        rival.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        rival.bind(("127.0.0.1", port))
+        rival.listen()
+        opened.append(await real_open(config))
+        return opened[0]
+
+    monkeypatch.setattr(AvailabilityTracker, "open", open_while_a_rival_listens)
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 't.db'}", run_sweeper=False)
+    with rival, pytest.raises(OSError, match=f"^cannot listen on 127.0.0.1:{port}: Address already in use$"):
+        await serve(config, ServiceSettings(host="127.0.0.1", port=port))
+    assert len(opened) == 1
+    with pytest.raises(TrackerClosed):
+        opened[0].engine  # noqa: B018  (closed by serve on the way out)

@@ -62,21 +62,26 @@ async def _announce(server: uvicorn.Server) -> None:
             log.info("listening on http://%s:%d", shown, port, extra={"action": "listening", "port": port})
 
 
-def _check_address(host: str, port: int) -> None:
-    """Raise ``OSError`` naming the address if a listening socket cannot bind it (as uvicorn binds:
-    ``SO_REUSEADDR``, so a port in TIME_WAIT is free). A port taken between this and uvicorn's bind
-    still fails there, as before."""
-    if port == 0:
-        return
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the service's socket before the tracker opens, so the port is ours from the start.
+
+    Bound as uvicorn binds (``SO_REUSEADDR``, so a port in TIME_WAIT is free; IPv6 when the host has a
+    colon) but not listening yet: until the tracker is open, connections are refused rather than
+    queued. Raises ``OSError`` naming the address.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        with socket.socket(family, kind, proto) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(address)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
     except OSError as error:
-        reason = error.strerror or str(error)
-        raise OSError(f"cannot listen on {host}:{port}: {reason}") from error
+        sock.close()
+        raise _address_error(host, port, error) from error
+    return sock
+
+
+def _address_error(host: str, port: int, error: OSError) -> OSError:
+    return OSError(f"cannot listen on {host}:{port}: {error.strerror or error}")
 
 
 async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: GossipConfig | None = None) -> None:
@@ -84,10 +89,19 @@ async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: Gossip
 
     The tracker opens (and migrates, unless ``config.auto_migrate`` is off) before the socket is bound,
     so a database problem is one clear error instead of a server that answers 503 forever. Before
-    either, the address is tried: uvicorn reports a taken port by logging it and exiting with its
-    own code, after the database was created for nothing.
+    either, the socket is bound and then handed to uvicorn: a taken port fails here, before the
+    database is created for nothing, and no other process can take it while the tracker opens.
     """
-    _check_address(settings.host, settings.port)
+    sock = _bind(settings.host, settings.port)
+    try:
+        await _serve_on(sock, config, settings, gossip)
+    finally:
+        sock.close()
+
+
+async def _serve_on(
+    sock: socket.socket, config: TrackerConfig, settings: ServiceSettings, gossip: GossipConfig | None
+) -> None:
     tracker = await AvailabilityTracker.open(config)
     agent = GossipAgent(tracker, gossip) if gossip is not None and gossip.enabled else None
     gossiping: asyncio.Task[None] | None = None
@@ -117,7 +131,12 @@ async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: Gossip
                 extra={"action": "gossip_on"},
             )
         try:
-            await server.serve()
+            await server.serve(sockets=[sock])
+        except OSError as error:
+            if server.started:
+                raise
+            # Another process listening first on a port bound with SO_REUSEADDR by both.
+            raise _address_error(settings.host, settings.port, error) from error
         finally:
             for task in (announcer, gossiping):
                 if task is not None:
