@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -303,13 +304,24 @@ async def test_peers_are_listed_a_page_at_a_time(api: httpx.AsyncClient, clock: 
     assert [peer["peer_id"] for peer in online["peers"]] == ["peer-03"] and online["next_after"] is None
 
 
-async def test_stats_count_what_the_database_holds(api: httpx.AsyncClient, clock: ManualClock) -> None:
+async def test_stats_count_what_the_database_holds(
+    api: httpx.AsyncClient, tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
     await _swarm(api, clock)
     await api.get("/v1/content/cid-1/best", params={"n": 2})
     stats = (await api.get("/v1/stats")).json()
     assert (stats["peers_total"], stats["peers_online"], stats["contents_total"]) == (3, 3, 1)
     assert (stats["mappings_available"], stats["open_leases"]) == (3, 2)
-    assert stats["ingest_events"] > 0 and stats["node_id"]
+    assert stats["ingest_events"] > 0 and stats["last_sweep_at"] is None
+    assert stats["node_key"] == (await tracker.stats()).node_key
+
+
+async def test_stats_give_the_last_sweep_as_a_time_like_every_other_time(
+    api: httpx.AsyncClient, tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    tracker.sweeper_state.last_report = await tracker.sweep()  # as the background sweeper keeps it
+    stats = (await api.get("/v1/stats")).json()
+    assert datetime.fromisoformat(stats["last_sweep_at"]) == datetime.fromtimestamp(clock.now, tz=UTC)
 
 
 async def test_probes_report_alive_and_ready(api: httpx.AsyncClient) -> None:
@@ -365,6 +377,17 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
     paths = set(schema["paths"])
     assert {"/v1/events", "/v1/peers/online", "/v1/content/{cid}/best", "/metrics", "/readyz"} <= paths
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
+    documented_404 = {
+        path for path, ops in schema["paths"].items() if "404" in ops.get("get", {}).get("responses", {})
+    }
+    assert documented_404 == {"/v1/peers/{peer_id}", "/v1/content/{cid}"}  # the only reads that answer it
+
+
+@pytest.mark.parametrize("probe", ["/healthz", "/readyz"])
+async def test_probes_answer_head_like_get_without_a_body(api: httpx.AsyncClient, probe: str) -> None:
+    got, head = await api.get(probe), await api.head(probe)
+    assert (head.status_code, got.status_code) == (200, 200)
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
 
 
 @pytest.mark.parametrize("url", ["/v1/content/c/best?nn=3", "/v1/peers?limt=5", "/v1/content/c/best?=0"])

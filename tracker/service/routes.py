@@ -119,7 +119,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         dependencies=[Depends(_require_token)],
         responses=_errors(400, 401, 413, 415, 422, 503),
     )
-    reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(404, 422, 503))
+    reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(422, 503))
 
     async def commit(
         tracker: AvailabilityTracker, metrics: ServiceMetrics, events: list[ev.Event]
@@ -175,7 +175,11 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         items = [PeerOut.of(peer) for peer in peers]
         return PeerPage(peers=items, next_after=items[-1].peer_id if len(items) == limit else None)
 
-    @reads.get("/peers/{peer_id:path}", summary="One peer's metrics and the parts of its score")
+    @reads.get(
+        "/peers/{peer_id:path}",
+        summary="One peer's metrics and the parts of its score",
+        responses=_errors(404),
+    )
     async def peer(peer_id: str, tracker: Tracker) -> PeerOut:
         metrics = await tracker.get_peer_metrics(peer_id)
         if metrics is None:
@@ -211,7 +215,9 @@ def build_router(settings: ServiceSettings) -> APIRouter:
             peers=[PeerScore.of(peer) for peer in peers],
         )
 
-    @reads.get("/content/{cid:path}", summary="Every online holder of a content, ranked")
+    @reads.get(
+        "/content/{cid:path}", summary="Every online holder of a content, ranked", responses=_errors(404)
+    )
     async def content(cid: str, tracker: Tracker) -> Availability:
         availability = await tracker.get_content_availability(cid)
         if availability is None:
@@ -244,6 +250,10 @@ def build_router(settings: ServiceSettings) -> APIRouter:
             detail = f"schema at {current or 'none'}, this tracker needs {head}"
             return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
         return JSONResponse(Health(status="ready").model_dump())
+
+    # HEAD as well (load balancers and uptime checkers often probe with it); one OpenAPI entry each.
+    for path, probe in (("/healthz", healthz), ("/readyz", readyz)):
+        router.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
 
     @router.get(
         "/metrics",

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .. import events as ev
 from .. import reputation as rep
 from ..core import AvailabilityTracker
-from ..models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats
+from ..models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
 
 Id = Annotated[str, Field(min_length=1, max_length=ev.MAX_ID_LENGTH, examples=["peer-42"])]
 Cid = Annotated[str, Field(min_length=1, max_length=ev.MAX_ID_LENGTH, examples=["bafy-cid-1"])]
@@ -256,7 +256,8 @@ class PeerPage(BaseModel):
 class StatsOut(BaseModel):
     """Counts from the database plus this process's ingest and sweeper counters."""
 
-    node_id: str
+    #: This tracker's origin key (``tracker_nodes.node_key``; ``node_id`` columns hold its row id).
+    node_key: str
     peers_total: int
     peers_online: int
     contents_total: int
@@ -267,13 +268,13 @@ class StatsOut(BaseModel):
     ingest_transactions: int
     sweeps: int
     sweep_failures: int
-    last_sweep_at: float | None
+    last_sweep_at: datetime | None
 
     @classmethod
     def of(cls, stats: TrackerStats, tracker: AvailabilityTracker) -> StatsOut:
         ingest, sweeps = tracker.ingest_stats, tracker.sweeper_state
         return cls(
-            node_id=stats.node_key,
+            node_key=stats.node_key,
             peers_total=stats.peers_total,
             peers_online=stats.peers_online,
             contents_total=stats.contents_total,
@@ -284,5 +285,5 @@ class StatsOut(BaseModel):
             ingest_transactions=ingest.transactions,
             sweeps=sweeps.passes,
             sweep_failures=sweeps.failures,
-            last_sweep_at=None if sweeps.last_report is None else sweeps.last_report.now,
+            last_sweep_at=None if sweeps.last_report is None else from_unix(sweeps.last_report.now),
         )
