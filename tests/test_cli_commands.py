@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -157,3 +158,40 @@ def test_best_runs_as_a_real_process(seeded: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert [p["peer_id"] for p in json.loads(result.stdout)["peers"]] == ["peer-3"]
+
+
+def test_tables_keep_whole_peer_ids_when_stdout_is_a_pipe(db_url: str) -> None:
+    long_id = "peer-" + "x" * 200  # Rich cut this to "peer-xx…" at its default 80 columns
+
+    async def seed() -> None:
+        async with AvailabilityTracker(TrackerConfig(database_url=db_url)) as tracker:
+            await tracker.record_peer_online(long_id)
+            await tracker.record_content_available("cid-long", long_id)
+
+    asyncio.run(seed())
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    for command in (["peers", "list"], ["content", "show", "cid-long"]):
+        result = subprocess.run(
+            [sys.executable, "-m", "tracker", *command, "--database-url", db_url],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+        assert result.returncode == 0, result.stderr
+        assert long_id in result.stdout, result.stdout
+
+
+def test_the_demo_table_keeps_every_column_when_stdout_is_a_pipe(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    swarm = ["--peers", "50", "--contents", "10", "--show", "1", "--database", str(tmp_path / "demo.db")]
+    result = subprocess.run(
+        [sys.executable, "-m", "tracker", "demo", *swarm],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "Rank" in line)
+    assert header.rstrip().endswith("┃") and "Load" in header, result.stdout  # not cut at 80 columns

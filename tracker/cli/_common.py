@@ -62,7 +62,18 @@ DatabaseUrlOption = Annotated[
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) instead of tables.")]
 
-stdout = Console()
+
+def _stdout_console() -> Console:
+    """Rich lays out for 80 columns when stdout is a pipe or a file, cutting peer ids to "…" in what
+    scripts and operators save; there, tables take their natural width (``COLUMNS`` still wins)."""
+    if os.isatty(1) or os.environ.get("COLUMNS", "").isdigit():
+        return Console()
+    return Console(width=_PIPED_WIDTH)
+
+
+# Wide enough for every column at its longest (ids are at most 256 characters); tables never stretch.
+_PIPED_WIDTH = 4096
+stdout = _stdout_console()
 
 
 # Python names a thread "Thread-N (target)"; aiosqlite runs each connection on one with this target.

@@ -17,7 +17,7 @@ from ..core import AvailabilityTracker
 from ..demo import ProgressCallback, SwarmSpec, load_swarm, plan_swarm
 from ..errors import InvalidInput
 from ..models import PeerInfo
-from ._common import DebugOption, app, errors_as_messages, run
+from ._common import DebugOption, app, errors_as_messages, run, stdout
 from .render import peer_info_json, peer_table
 
 
@@ -75,7 +75,7 @@ def demo(
     """
     with errors_as_messages(debug):
         spec = SwarmSpec(peers=peers, contents=contents, holders=holders, seed=seed)
-        stdout, stderr = Console(), Console(stderr=True)
+        stderr = Console(stderr=True)
         with Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
