@@ -111,3 +111,33 @@ async def test_writing_after_close_is_refused(config: TrackerConfig) -> None:
     await tracker.close()
     with pytest.raises(TrackerClosed):
         await tracker.record_batch([UploadOutcome("p", True)])
+
+
+async def test_close_returns_while_others_keep_writing_and_refuses_what_comes_after(
+    config: TrackerConfig,
+) -> None:
+    """A drain that accepted new writes never ended while 16 tasks kept writing (found by QA)."""
+    from tracker import TrackerClosed
+
+    tracker = await AvailabilityTracker.open(config)
+    acknowledged = [0]
+
+    async def keep_writing(k: int) -> None:
+        while True:
+            try:
+                await tracker.record_upload_success(f"p{k % 4}")
+            except TrackerClosed:
+                return
+            acknowledged[0] += 1
+
+    writers = [asyncio.create_task(keep_writing(k)) for k in range(16)]
+    while acknowledged[0] < 50:  # everyone is writing
+        await asyncio.sleep(0.001)
+    await asyncio.wait_for(tracker.close(), timeout=30)
+    await asyncio.wait_for(asyncio.gather(*writers), timeout=30)  # each got TrackerClosed
+    async with AvailabilityTracker(config) as reopened:
+        served = 0
+        for k in range(4):
+            metrics = await reopened.get_peer_metrics(f"p{k}")
+            served += metrics.chunks_served if metrics is not None else 0
+    assert served == acknowledged[0]  # everything acknowledged is there, nothing else

@@ -48,6 +48,8 @@ class AvailabilityTracker:
     def __init__(self, config: TrackerConfig | None = None) -> None:
         self.config = config or TrackerConfig()
         self._engine: AsyncEngine | None = None
+        #: Set while ``close()`` runs: writers that kept submitting would otherwise keep its drain going.
+        self._closing = False
         self._lanes: SqliteLanes | None = None
         self._node_id: int | None = None
         self._node_key: str | None = None
@@ -101,15 +103,23 @@ class AvailabilityTracker:
             self.start_sweeper()
 
     async def close(self) -> None:
-        """Stop the sweeper, let queued writes commit, then release every connection. Safe to call twice."""
-        await self.stop_sweeper()
-        await self._committer.drain()
-        engine, self._engine = self._engine, None
-        lanes, self._lanes = self._lanes, None
-        if lanes is not None:
-            await lanes.close()
-        if engine is not None:
-            await engine.dispose()
+        """Stop the sweeper, let queued writes commit, then release every connection. Safe to call twice.
+
+        Writes submitted once closing has begun raise ``TrackerClosed``: only what was queued before
+        is committed, so ``close()`` returns even while other tasks keep writing.
+        """
+        self._closing = True
+        try:
+            await self.stop_sweeper()
+            await self._committer.drain()
+            engine, self._engine = self._engine, None
+            lanes, self._lanes = self._lanes, None
+            if lanes is not None:
+                await lanes.close()
+            if engine is not None:
+                await engine.dispose()
+        finally:
+            self._closing = False
 
     async def __aenter__(self) -> Self:
         if self._engine is None:
@@ -194,6 +204,8 @@ class AvailabilityTracker:
             return 0
         timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
         self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
+        if self._closing:
+            raise TrackerClosed("the tracker is closing: writes are no longer accepted")
         await self._committer.submit(timed)
         return len(timed)
 
