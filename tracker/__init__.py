@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .config import TrackerConfig
 from .core import AvailabilityTracker
 from .errors import (
+    CommitOutcomeUnknown,
     ConfigError,
     InvalidInput,
     SchemaOutOfDate,
@@ -32,6 +33,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "AvailabilityTracker",
+    "CommitOutcomeUnknown",
     "ConfigError",
     "ContentAvailability",
     "ContentAvailable",

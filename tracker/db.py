@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from .config import TrackerConfig
-from .errors import StorageError, is_transient, translate
+from .errors import CommitOutcomeUnknown, StorageError, is_transient, sqlstate_of, translate
 from .sqlite_lane import SqliteLane
 
 log = logging.getLogger(__name__)
@@ -174,10 +174,28 @@ async def run_write(engine: AsyncEngine, work: Callable[[AsyncConnection], Await
     """
 
     async def once() -> T:
-        async with write_connection(engine) as conn, conn.begin():
-            return await work(conn)
+        committing = False
+        try:
+            async with write_connection(engine) as conn, conn.begin():
+                result = await work(conn)
+                committing = True
+            return result
+        except Exception as error:
+            if committing and engine.dialect.name == "postgresql" and _commit_unanswered(error):
+                # No answer from the server to COMMIT: it may have committed. Neither the retry here
+                # nor group commit's re-run alone may apply the work a second time.
+                raise CommitOutcomeUnknown(f"the connection failed while committing: {error}") from error
+            raise
 
     return await _with_retries(engine, once, retries)
+
+
+def _commit_unanswered(error: BaseException) -> bool:
+    """Whether a failed COMMIT may still have been applied: no SQLSTATE (the server did not answer),
+    a connection exception (class 08, which asyncpg also raises for a connection lost on its side)
+    or the server going down (57P)."""
+    state = sqlstate_of(error)
+    return state is None or state.startswith(("08", "57P"))
 
 
 async def run_write_unit(

@@ -31,6 +31,16 @@ class TransientStorageError(StorageError):
     """A conflict that is safe to retry: a deadlock, a serialization failure, a busy SQLite file."""
 
 
+class CommitOutcomeUnknown(StorageError):
+    """The connection failed while committing, so the transaction may or may not have been applied.
+
+    Postgres over a network: the server can commit and the connection drop before it says so. The
+    tracker neither retries such a write nor re-runs it in another transaction (that could apply it
+    twice: counters would count an outcome twice); the caller decides, knowing a resend of an outcome
+    or a speed sample may count it twice and a resend of presence or mappings does not.
+    """
+
+
 class SchemaOutOfDate(TrackerError):
     """The database is not at the migration this version of the tracker needs (and auto_migrate is off)."""
 
@@ -54,11 +64,18 @@ def is_transient(error: BaseException) -> bool:
         orig = error
     else:
         return False
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-    if sqlstate in _TRANSIENT_SQLSTATES:
+    if sqlstate_of(error) in _TRANSIENT_SQLSTATES:
         return True
     message = str(orig).lower()
     return any(fragment in message for fragment in _TRANSIENT_SQLITE)
+
+
+def sqlstate_of(error: BaseException) -> str | None:
+    """The SQLSTATE the Postgres server answered with, if the error is its answer (a lost connection,
+    a timeout or a client-side failure has none)."""
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    state = getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+    return state if isinstance(state, str) else None
 
 
 def translate(error: BaseException) -> TrackerError:

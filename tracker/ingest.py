@@ -8,7 +8,8 @@ pays no extra latency (nothing waits for a timer); a crowd shares fsyncs and sta
 A request is acknowledged only when the transaction that contains it has committed, so an acknowledged
 event is durable. If a shared transaction fails for a reason other than a transient conflict (those are
 retried by ``db.run_write``), each of its requests is retried alone, so one request's failure is never
-another's.
+another's; except when the connection failed during COMMIT (``CommitOutcomeUnknown``): the group may
+have been applied, so every request in it fails with that error rather than be applied twice.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
+from .errors import CommitOutcomeUnknown
 from .queries import Timed
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,10 @@ class GroupCommitter:
         try:
             await self._apply([t for events, _ in requests for t in events])
         except Exception as error:
-            if len(requests) == 1:
-                _settle(requests[0][1], error)
+            if len(requests) == 1 or isinstance(error, CommitOutcomeUnknown):
+                # Unknown: the group may be committed already, and a re-run alone would apply it twice.
+                for _, future in requests:
+                    _settle(future, error)
             else:
                 await self._isolate(requests)
         else:

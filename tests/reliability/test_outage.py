@@ -9,13 +9,14 @@ import random
 from pathlib import Path
 
 import asyncpg
+import asyncpg.transaction
 import pytest
 from gossip_helpers import KEY, LocalNet
 from sqlalchemy.engine import make_url
 from stored import stored_outcomes
 
 from tracker import AvailabilityTracker, TrackerConfig
-from tracker.errors import StorageError
+from tracker.errors import CommitOutcomeUnknown, StorageError
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 
@@ -110,3 +111,35 @@ async def test_killed_connections_cost_only_the_calls_in_flight(db_url: str, tmp
         await asyncio.gather(gossiping, return_exceptions=True)
         await tracker.close()
         await other.close()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_commit_whose_answer_is_lost_fails_its_group_and_is_never_applied_twice(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server commits and the connection drops before it says so: re-running the group's requests
+    one by one (as for any other failure of a shared transaction) stored every outcome twice."""
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url))
+    real_commit = asyncpg.transaction.Transaction.commit
+    lose_next = [True]
+
+    async def commit_then_lose_the_answer(self: asyncpg.transaction.Transaction) -> None:
+        await real_commit(self)
+        if lose_next[0]:
+            lose_next[0] = False
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection lost after COMMIT was sent")
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", commit_then_lose_the_answer)
+    try:
+        results = await asyncio.gather(
+            *(tracker.record_upload_success("ambiguous") for _ in range(10)), return_exceptions=True
+        )
+        assert all(isinstance(r, CommitOutcomeUnknown) for r in results), results
+        assert tracker.ingest_stats.isolated_retries == 0
+        metrics = await tracker.get_peer_metrics("ambiguous")
+        assert metrics is not None and metrics.chunks_served == 10  # committed once, as the server did
+        await tracker.record_upload_success("ambiguous")  # the next connection works
+        metrics = await tracker.get_peer_metrics("ambiguous")
+        assert metrics is not None and metrics.chunks_served == 11
+    finally:
+        await tracker.close()

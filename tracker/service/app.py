@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..core import AvailabilityTracker
-from ..errors import InvalidInput, StorageError, TrackerClosed, TransientStorageError
+from ..errors import CommitOutcomeUnknown, InvalidInput, StorageError, TrackerClosed, TransientStorageError
 from ..events import FORBIDDEN_CHARACTERS
 from ..gossip.agent import GossipAgent
 from ..ratelimit import TokenBuckets
@@ -187,6 +187,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("storage error: %s", error, extra={"request_id": request.scope.get("request_id")})
         return error_response(request, 503, "storage_unavailable", "the database is unavailable; retry later")
 
+    async def unknown(request: Request, error: Exception) -> JSONResponse:
+        log.error("commit outcome unknown: %s", error, extra={"request_id": request.scope.get("request_id")})
+        message = (
+            "the database connection failed while committing: the events may have been applied; "
+            "resending upload outcomes or speed samples may count them twice"
+        )
+        return error_response(request, 503, "commit_unknown", message)
+
     async def closed(request: Request, error: Exception) -> JSONResponse:
         return error_response(request, 503, "shutting_down", "the tracker is shutting down")
 
@@ -195,6 +203,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(TransientStorageError, busy)
     app.add_exception_handler(StorageError, storage)
+    app.add_exception_handler(CommitOutcomeUnknown, unknown)
     app.add_exception_handler(TrackerClosed, closed)
 
 
