@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
-from tracker import AvailabilityTracker
+from tracker import AvailabilityTracker, compiled
 from tracker.events import (
     ContentAvailable,
     ContentUnavailable,
@@ -121,12 +122,17 @@ async def _state(tracker: AvailabilityTracker, prefix: str) -> dict[str, Any]:
     }
 
 
+# On Postgres a keyed upsert runs its rounds as statements over arrays, and rounds smaller than
+# ``_SMALL_ROUND`` as one executemany of single rows: 1 takes the first way for every round, 1000 the
+# second (this stream's rounds hold at most three peers).
+@pytest.mark.parametrize("small_round", [1, 1000], ids=["arrays", "executemany"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=events)
 async def test_a_batch_leaves_the_rows_its_events_leave_one_call_each(
-    tracker: AvailabilityTracker, stream: list[Event]
+    tracker: AvailabilityTracker, stream: list[Event], small_round: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = f"{id(stream):x}-"  # examples share the database: each uses its own keys
+    monkeypatch.setattr(compiled, "_SMALL_ROUND", small_round)
+    run = f"{id(stream):x}-{small_round}-"  # examples share the database: each uses its own keys
     await tracker.record_batch([_renamed(e, run + "batch-") for e in stream])
     for event in stream:
         await tracker.record_batch([_renamed(event, run + "single-")])
