@@ -269,3 +269,22 @@ async def test_serve_losing_its_port_to_a_rival_listener_is_one_clear_error(
     assert len(opened) == 1
     with pytest.raises(TrackerClosed):
         opened[0].engine  # noqa: B018  (closed by serve on the way out)
+
+
+def test_serve_with_neighbours_but_no_gossip_key_refuses_to_start(tmp_path: Path) -> None:
+    """It started and silently never gossiped (found by a QA pass): the key is what turns gossip on."""
+    database = tmp_path / "t.db"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_GOSSIP_")}
+    url = f"sqlite+aiosqlite:///{database}"
+    neighbour = ["--gossip-neighbor", "http://127.0.0.1:8751"]
+    result = subprocess.run(
+        [sys.executable, "-m", "tracker", "serve", "--port", "0", "--database-url", url, *neighbour],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr
+    line = result.stderr.strip().splitlines()
+    assert len(line) == 1 and "no gossip key" in line[0] and "TRACKER_GOSSIP_KEYS" in line[0], result.stderr
+    assert not database.exists()

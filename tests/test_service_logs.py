@@ -72,3 +72,21 @@ def test_alembic_context_lines_are_dropped_and_its_migration_lines_kept(
     err = capsys.readouterr().err
     assert "Running upgrade 0007 -> 0008" in err
     assert "Context impl" not in err and "Will assume" not in err
+
+
+def test_httpxs_line_per_gossip_request_is_left_out(capsys: pytest.CaptureFixture[str]) -> None:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    httpx_level = logging.getLogger("httpx").level
+    try:
+        configure_logging(json_lines=False, level="info")
+        logging.getLogger("httpx").info(
+            'HTTP Request: POST http://127.0.0.1:8751/v1/gossip "HTTP/1.1 200 OK"'
+        )
+        logging.getLogger("httpx").warning("a warning still shows")
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        logging.getLogger("httpx").setLevel(httpx_level)
+    err = capsys.readouterr().err
+    assert "HTTP Request" not in err and "a warning still shows" in err

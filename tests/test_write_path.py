@@ -122,9 +122,9 @@ async def _state(tracker: AvailabilityTracker, prefix: str) -> dict[str, Any]:
     }
 
 
-# On Postgres a keyed upsert runs its rounds as statements over arrays, and rounds smaller than
+# On Postgres a keyed upsert runs its rounds as statements over arrays, and later rounds smaller than
 # ``_SMALL_ROUND`` as one executemany of single rows: 1 takes the first way for every round, 1000 the
-# second (this stream's rounds hold at most three peers).
+# second for every round but the first (this stream's rounds hold at most three peers).
 @pytest.mark.parametrize("small_round", [1, 1000], ids=["arrays", "executemany"])
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=events)

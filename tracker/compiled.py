@@ -140,14 +140,16 @@ class RowsStatement:
     async def run(self, conn: DriverSQL, rows: list[dict[str, Any]]) -> int:
         """Apply every row, in order for any one key; how many rows the statement wrote (an upsert
         whose ``WHERE`` turns a row down does not count it; on Postgres, rows of a keyed statement's
-        small rounds are not counted: the keyed statements' callers do not read the count)."""
+        small later rounds are not counted: the keyed statements' callers do not read the count)."""
         if not rows:
             return 0
         if self._arrays is None:
             return await self._statement.executemany(conn, rows)
         written = 0
         rounds = _rounds(rows, self._key) if self._key is not None else [rows]
-        small = next((i for i, part in enumerate(rounds) if len(part) < _SMALL_ROUND), len(rounds))
+        # The first round always as arrays: a statement without a key has only that one, and its
+        # callers read the count.
+        small = next((i for i, part in enumerate(rounds) if i and len(part) < _SMALL_ROUND), len(rounds))
         for part in rounds[:small]:
             written += await self._statement.execute(conn, self._as_arrays(part))
         if small < len(rounds):
@@ -166,8 +168,8 @@ class RowsStatement:
         return params
 
 
-#: Rounds of fewer rows than this run one row per execution in a single executemany: a statement of
-#: its own costs a round trip (~0.5 ms on loopback), an executemany row ~35 us (``Rows``).
+#: Rounds after the first with fewer rows than this run one row per execution in a single executemany:
+#: a statement of its own costs a round trip (~0.5 ms on loopback), an executemany row ~35 us (``Rows``).
 _SMALL_ROUND = 16
 
 

@@ -54,6 +54,12 @@ class GossipConfig:
             raise ConfigError("gossip keys must be a tuple of strings of at least 16 characters")
         if not isinstance(self.neighbors, tuple):
             raise ConfigError("gossip neighbors must be a tuple of URLs")
+        if self.neighbors and not self.keys:
+            # Without a key gossip is off: neighbours set alone meant a tracker that silently never gossiped.
+            raise ConfigError(
+                "gossip neighbors are set but no gossip key: set TRACKER_GOSSIP_KEYS "
+                "(a shared secret of at least 16 characters, the same on every tracker)"
+            )
         for url in self.neighbors + ((self.advertise_url,) if self.advertise_url else ()):
             check_url(url)
         for name, low in (

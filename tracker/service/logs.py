@@ -72,6 +72,9 @@ def configure_logging(*, json_lines: bool, level: str) -> None:
     root.setLevel(level.upper())
     # One line per loaded Alembic plugin at every start is noise; its migration lines stay.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
+    # httpx logs every gossip request at INFO, in its own format and without a request id; the gossip
+    # agent logs what matters (failures, rejections) itself.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     migration = logging.getLogger("alembic.runtime.migration")
     if not any(isinstance(f, _AlembicContextLines) for f in migration.filters):
         migration.addFilter(_AlembicContextLines())
