@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -501,3 +502,33 @@ async def test_key_lookups_are_planned_for_the_tables_as_they_grow(tracker: Avai
         return len((await conn.execute(select(cp.content_id).distinct())).all())
 
     assert await run_read(tracker.engine, contents_held) == 50 + 4000 + 8 * 50
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_stamping_passes_over_rows_a_writer_holds_instead_of_waiting(
+    tracker: AvailabilityTracker,
+) -> None:
+    """The stamper waited for rows while holding the stamp lock and rows of its own; merges (which
+    stamp after merging) and ingest then deadlocked with it under load (found by a QA pass)."""
+    dialect, node = tracker.config.dialect, tracker.node_id
+    await tracker.record_batch([PeerOnline(f"peer-{i}") for i in range(3)])
+
+    async def stamp(conn: Any) -> int:
+        return await q.stamp(conn, dialect, node, 100)
+
+    async def versions(conn: Any) -> dict[str, Any]:
+        rows = await conn.execute(
+            select(peers.c.peer_key, peer_stats.c.version).join(peers, peers.c.id == peer_stats.c.peer_id)
+        )
+        return dict(rows.all())
+
+    async with tracker.engine.connect() as holder:
+        await holder.begin()
+        held = select(peers.c.id).where(peers.c.peer_key == "peer-1").scalar_subquery()
+        await holder.execute(peer_stats.update().where(peer_stats.c.peer_id == held).values(version=None))
+        await asyncio.wait_for(run_write(tracker.engine, stamp, 3), timeout=10)  # waited forever before
+        stamped = await run_read(tracker.engine, versions)
+        assert stamped["peer-1"] is None and stamped["peer-0"] is not None and stamped["peer-2"] is not None
+        await holder.rollback()
+    clock = await run_write(tracker.engine, stamp, 3)
+    assert (await run_read(tracker.engine, versions))["peer-1"] == clock  # the next stamp takes it

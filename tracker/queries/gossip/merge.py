@@ -64,7 +64,8 @@ async def merge(
 ) -> MergeCounts:
     """Apply deltas in the caller's transaction; returns how many rows changed."""
     counts = MergeCounts()
-    for delta in deltas:
+    # Origins in key order, so concurrent merges lock their tracker_nodes rows in one order.
+    for delta in sorted(deltas, key=lambda d: d.origin):
         if delta.origin == local_key:
             continue  # this node is the authority on its own observations
         node_id = await _origin_id(conn, dialect, delta.origin)
