@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 from datetime import timedelta
 
@@ -299,3 +300,19 @@ async def test_a_lone_origin_is_ranked_as_the_grouped_view_ranks_it(
     assert alone is not None and grouped is not None
     assert 10 < len(alone.peers) < 40  # the offline, timed-out and withdrawn holders are left out
     assert alone.peers == grouped.peers
+
+
+async def test_converting_many_rows_lets_other_tasks_run_between_slices() -> None:
+    """A content with 100,000 holders took ~0.35 s of conversion in one piece, stalling the loop (QA)."""
+    from tracker.core import _CONVERT_SLICE, _converted
+
+    other_ran = False
+
+    async def other() -> None:
+        nonlocal other_ran
+        other_ran = True
+
+    task = asyncio.create_task(other())
+    seen = await _converted(range(3 * _CONVERT_SLICE), lambda _: other_ran)
+    await task
+    assert not any(seen[:_CONVERT_SLICE]) and all(seen[_CONVERT_SLICE:])

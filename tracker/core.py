@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
-from typing import Self
+from typing import Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -30,6 +30,9 @@ from .ingest import GroupCommitter, GroupStats
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
 from .sqlite_lane import SqliteLane, SqliteLanes, lane_path
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
+
+R = TypeVar("R")
+T = TypeVar("T")
 
 
 class AvailabilityTracker:
@@ -398,7 +401,7 @@ class AvailabilityTracker:
             return None
         return ContentAvailability(
             cid=cid,
-            peers=tuple(_peer_info(row) for row in rows),
+            peers=tuple(await _converted(rows, _peer_info)),
             replication_factor=len(rows),
             last_updated=from_unix(last_updated),
         )
@@ -427,7 +430,7 @@ class AvailabilityTracker:
             )
 
         rows = await db.run_read_unit(self.engine, self._read_lane(), work)
-        return [self._metrics(row) for row in rows]
+        return await _converted(rows, self._metrics)
 
     async def stats(self) -> TrackerStats:
         """Counts of peers (total, online), contents, available mappings and open leases, as of now."""
@@ -453,6 +456,21 @@ class AvailabilityTracker:
             return await queries.under_replicated_count(conn)
 
         return await db.run_read(self.engine, work)
+
+
+#: Rows converted between two yields to the event loop (~3.4 us a row: a few milliseconds a slice).
+_CONVERT_SLICE = 1_000
+
+
+async def _converted(rows: Sequence[R], convert: Callable[[R], T]) -> list[T]:
+    """``convert`` every row, yielding to the event loop between slices: a content with 100,000
+    holders took ~0.35 s of conversion in one piece, and every other task of the process waited."""
+    out: list[T] = []
+    for start in range(0, len(rows), _CONVERT_SLICE):
+        if start:
+            await asyncio.sleep(0)
+        out += map(convert, rows[start : start + _CONVERT_SLICE])
+    return out
 
 
 def _peer_info(row: queries.RankedRow) -> PeerInfo:
