@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -532,3 +533,43 @@ async def test_stamping_passes_over_rows_a_writer_holds_instead_of_waiting(
         await holder.rollback()
     clock = await run_write(tracker.engine, stamp, 3)
     assert (await run_read(tracker.engine, versions))["peer-1"] == clock  # the next stamp takes it
+
+
+@pytest.mark.parametrize("initiator", ["restored", "neighbour"])
+async def test_a_node_restored_from_an_old_copy_raises_its_clock_and_its_new_rows_travel(
+    db_url: str, tmp_path: Path, net: LocalNet, manual_clock: ManualClock, initiator: str
+) -> None:
+    """Restored from a file copy, b stamped new changes with versions a already held, and a ignored
+    them for good (found by a QA pass of live trackers)."""
+    path = tmp_path / "b.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    a = await _node(net, "a", db_url, manual_clock)
+    b = await _node(net, "b", url, manual_clock)
+
+    async def restart_b(restore: Path | None = None) -> GossipAgent:
+        await b.aclose()
+        await b.tracker.close()
+        if restore is not None:
+            for leftover in tmp_path.glob("b.db-*"):
+                leftover.unlink()
+            shutil.copy(restore, path)
+        return await _node(net, "b", url, manual_clock)
+
+    try:
+        await b.tracker.record_peer_online("before-the-copy")
+        await _sync(b, "a")
+        b = await restart_b()
+        shutil.copy(path, tmp_path / "copy.db")
+        for i in range(12):  # versions a will hold and the copy lacks
+            await b.tracker.record_peer_online(f"lost-{i}")
+            await _sync(b, "a", times=1)
+        b = await restart_b(restore=tmp_path / "copy.db")
+        await b.tracker.record_peer_online("after-the-restore")
+        for _ in range(3):
+            await (_sync(b, "a", times=1) if initiator == "restored" else _sync(a, "b", times=1))
+        assert await a.tracker.get_peer_metrics("after-the-restore") is not None
+        assert await b.tracker.get_peer_metrics("lost-3") is None  # the copy's own past is not brought back
+    finally:
+        for agent in (a, b):
+            await agent.aclose()
+            await agent.tracker.close()

@@ -210,6 +210,7 @@ class GossipAgent:
             ):
                 raise GossipRejected("replay", "this message (its nonce) was already received", 409)
             counts = await q.merge(conn, dialect, self.node_key, message.deltas, window)
+            await self._catch_up(conn, message)
             await q.stamp(conn, dialect, self.tracker.node_id, cfg.stamp_chunk)
             return counts, await q.vectors(conn)
 
@@ -218,8 +219,7 @@ class GossipAgent:
         except GossipRejected as error:
             self._reject(error, message.node)
             return _error(error)
-        self.stats.rows_applied += counts.peers + counts.mappings
-        self.stats.resends_asked += counts.waiting
+        self._count(counts)
         self._learn(message)
 
         async def build(rows: int) -> Message:
@@ -243,8 +243,8 @@ class GossipAgent:
         applied = 0
         for _ in range(_MAX_FOLLOW_UPS):
             first_contact = neighbor.vector is None
-            sent_more, reply = await self._sync_once(neighbor)
-            applied += await self._apply_reply(reply)
+            sent_more, reply, own_clock = await self._sync_once(neighbor)
+            applied += await self._apply_reply(reply, own_clock)
             # Continue while either side left rows out; after a first contact (a digest only), push
             # at once what the neighbour turned out to lack.
             if not (reply.more or sent_more or first_contact):
@@ -252,7 +252,9 @@ class GossipAgent:
         self.stats.exchanges += 1
         return applied
 
-    async def _sync_once(self, neighbor: _Neighbor) -> tuple[bool, Message]:
+    async def _sync_once(self, neighbor: _Neighbor) -> tuple[bool, Message, int]:
+        """One sync and its reply: whether this side left rows out, the reply, and this node's own
+        clock as the sync told it."""
         cfg = self.config
         known = neighbor.vector
 
@@ -298,20 +300,36 @@ class GossipAgent:
         neighbor.vector = dict(reply.vector)
         neighbor.samples = dict(reply.samples_vector)
         self._learn(reply)
-        return sync.more, reply
+        return sync.more, reply, vectors[0].get(self.node_key, 0)
 
-    async def _apply_reply(self, reply: Message) -> int:
-        if not reply.deltas:
+    async def _apply_reply(self, reply: Message, own_clock: int) -> int:
+        if not reply.deltas and reply.vector.get(self.node_key, 0) <= own_clock:
             return 0
         window = self.tracker.config.bandwidth_window
 
         async def work(conn: Any) -> q.MergeCounts:
-            return await q.merge(conn, self.tracker.config.dialect, self.node_key, reply.deltas, window)
+            counts = await q.merge(conn, self.tracker.config.dialect, self.node_key, reply.deltas, window)
+            await self._catch_up(conn, reply)
+            return counts
 
         counts = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
+        self._count(counts)
+        return counts.peers + counts.mappings
+
+    async def _catch_up(self, conn: Any, message: Message) -> None:
+        """A sender that holds this node's own versions beyond its clock: see ``catch_up_own_clock``."""
+        held = message.vector.get(self.node_key, 0)
+        if held and await q.catch_up_own_clock(conn, self.node_key, held):
+            log.warning(
+                "a neighbour holds this node's own versions up to %d, beyond its clock: was its database "
+                "restored from a copy? Clock raised; all its rows go out again (docs/gossip.md)",
+                held,
+                extra={"action": "gossip_own_clock_raised", "sender": message.node},
+            )
+
+    def _count(self, counts: q.MergeCounts) -> None:
         self.stats.rows_applied += counts.peers + counts.mappings
         self.stats.resends_asked += counts.waiting
-        return counts.peers + counts.mappings
 
     async def _send(
         self, url: str, body: bytes, headers: dict[str, str]

@@ -2,7 +2,16 @@
 merge what neighbours send (``merge``)."""
 
 from .deltas import Delta, read_deltas, vectors
-from .merge import MergeCounts, claim_nonce, merge
+from .merge import MergeCounts, catch_up_own_clock, claim_nonce, merge
 from .stamp import stamp
 
-__all__ = ["Delta", "MergeCounts", "claim_nonce", "merge", "read_deltas", "stamp", "vectors"]
+__all__ = [
+    "Delta",
+    "MergeCounts",
+    "catch_up_own_clock",
+    "claim_nonce",
+    "merge",
+    "read_deltas",
+    "stamp",
+    "vectors",
+]

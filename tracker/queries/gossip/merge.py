@@ -12,7 +12,9 @@ times, in any order, through any relay path:
   within the receiver's samples clock) applies only over a stored row at least as new as its
   samples; otherwise the receiver keeps its row and lowers its clocks of that origin, so the next
   delta brings it with its samples.
-Nothing a message says about the receiving node's own origin is applied.
+Nothing a message says about the receiving node's own origin is applied; but a sender's vector
+holding versions of it beyond the node's own clock (its database was restored from a copy) raises
+that clock, and its rows are sent again (``catch_up_own_clock``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,27 @@ class MergeCounts:
     mappings: int = 0
     #: Origins whose clock was lowered because rows came without samples this node lacks.
     waiting: int = 0
+
+
+async def catch_up_own_clock(conn: AsyncConnection, local_key: str, upto: int) -> bool:
+    """Raise this node's clock to ``upto``, a neighbour's vector entry for it, if that is ahead, and
+    mark every row of its own origin changed; whether it was behind (its database went back in time:
+    a file restored from a copy).
+
+    The neighbour holds every version up to ``upto``; left as it was, the node would stamp new
+    changes with versions they already have, and they would ignore them. Re-stamped above ``upto``,
+    its whole state travels again (counters still take the maximum of old and new on the far side).
+    """
+    local = (await conn.execute(select(nodes.c.id, nodes.c.clock).where(nodes.c.node_key == local_key))).one()
+    if upto <= local.clock:
+        return False
+    for table in (peer_stats, content_peers):
+        values: dict[str, Any] = {"version": None}
+        if table is peer_stats:
+            values["samples_version"] = None
+        await conn.execute(update(table).where(table.c.node_id == local.id).values(**values))
+    await conn.execute(update(nodes).where(nodes.c.id == local.id).values(clock=upto))
+    return True
 
 
 async def claim_nonce(
