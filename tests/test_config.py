@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from tracker import ConfigError, ReputationParams, TrackerConfig
+from tracker.gossip.config import GossipConfig
 
 
 def test_defaults_match_the_design() -> None:
@@ -100,3 +101,26 @@ def test_snapshots_default_to_one_per_five_minutes() -> None:
     assert TrackerConfig(snapshot_interval_s=0).snapshot_interval_s == 0.0  # every pass
     assert TrackerConfig(snapshot_interval_s=timedelta(hours=1)).snapshot_interval_s == 3600.0
     assert TrackerConfig.from_env({"TRACKER_SNAPSHOT_INTERVAL_S": "60"}).snapshot_interval_s == 60.0
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("127.0.0.1:8751", "looks like http://"),
+        ("http://127.0.0.1:8751/v1/gossip", "without /v1/gossip"),  # answered 404 at every round
+        ("http://127.0.0.1:8751/v1/gossip/", "without /v1/gossip"),
+        ("http://127.0.0.1:8751?x=1", "looks like http://"),
+    ],
+)
+def test_a_gossip_neighbour_is_a_base_url(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        GossipConfig(keys=("k" * 16,), neighbors=(url,))
+    assert GossipConfig(keys=("k" * 16,), neighbors=("http://127.0.0.1:8751/",)).neighbors == (
+        "http://127.0.0.1:8751/",
+    )
+
+
+def test_gossip_neighbours_without_a_key_are_refused() -> None:
+    with pytest.raises(ConfigError, match="TRACKER_GOSSIP_KEYS"):
+        GossipConfig(neighbors=("http://127.0.0.1:8751",))
+    assert not GossipConfig().enabled  # no key and no neighbours: gossip simply off

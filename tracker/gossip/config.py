@@ -133,4 +133,7 @@ def check_url(url: object) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
         raise ConfigError(f"a gossip URL looks like http://127.0.0.1:8081, got {url!r}")
+    if parts.path.rstrip("/").endswith("/v1/gossip"):
+        # The endpoint is appended to the base URL: this one would post to .../v1/gossip/v1/gossip (404).
+        raise ConfigError(f"a gossip URL is the tracker's base URL, without /v1/gossip: got {url!r}")
     return url.rstrip("/")
