@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from tracker import AvailabilityTracker
-from tracker.errors import ConfigError
+from tracker.errors import CommitOutcomeUnknown, ConfigError, StorageError, TransientStorageError
 from tracker.service import ServiceSettings, create_app
 from tracker.testing import ManualClock
 
@@ -395,3 +395,27 @@ async def test_an_unknown_query_parameter_is_422_not_ignored(api: httpx.AsyncCli
     response = await api.get(url)  # a typo must not answer with the defaults
     assert response.status_code == 422, response.text
     assert "unknown query parameter" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (TransientStorageError("deadlock, retries exhausted"), "storage_busy"),
+        (StorageError("database error: connection refused"), "storage_unavailable"),
+        (CommitOutcomeUnknown("the connection failed while committing"), "commit_unknown"),
+    ],
+)
+async def test_storage_failures_are_503_with_a_code_that_says_whether_to_resend(
+    api: httpx.AsyncClient,
+    tracker: AvailabilityTracker,
+    monkeypatch: pytest.MonkeyPatch,
+    error: Exception,
+    code: str,
+) -> None:
+    async def failing(events: object) -> int:
+        raise error
+
+    monkeypatch.setattr(tracker, "record_batch", failing)  # the database's failure, as the tracker raises it
+    response = await api.post("/v1/peers/outcomes", json={"peer_id": "p", "success": True})
+    assert response.status_code == 503 and response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == code
