@@ -13,9 +13,10 @@ import pytest
 from gossip_helpers import KEY, LocalNet, merged_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from tracker import AvailabilityTracker, TrackerConfig
-from tracker.gossip.agent import GossipAgent
+from tracker.gossip.agent import GossipAgent, NeighborState
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.protocol import (
     GossipRejected,
@@ -29,6 +30,7 @@ from tracker.gossip.protocol import (
     signed,
 )
 from tracker.service.app import create_app
+from tracker.service.metrics import ServiceMetrics
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0
@@ -234,9 +236,16 @@ async def test_a_neighbour_that_fails_is_backed_off_and_retried(tmp_path: Path) 
         assert await a.round() == 0 and a.stats.failures == 1  # backing off: not even tried
         clock.advance(31)
         assert await a.round() == 0 and a.stats.failures == 2
+        assert a.neighbor_states() == [NeighborState("http://b", 2, None)]  # which neighbour is down
         clock.advance(61)
         net.down.clear()
         assert await a.round() == 1 and a.stats.exchanges == 1
+        assert a.neighbor_states() == [NeighborState("http://b", 0, clock.now)]
+        metrics = ServiceMetrics(trackers[0], a)
+        text = generate_latest(metrics.registry).decode()
+        assert 'tracker_gossip_neighbor_failures{neighbor="http://b"} 0.0' in text
+        last = 'tracker_gossip_neighbor_last_success_timestamp_seconds{neighbor="http://b"} '
+        assert float(text.split(last)[1].split()[0]) == clock.now
     finally:
         for tracker in trackers:
             await tracker.close()

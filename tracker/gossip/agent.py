@@ -52,6 +52,17 @@ class GossipStats:
     rejected: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class NeighborState:
+    """One neighbour as this process sees it, for ``/metrics``: a neighbour that is down shows here."""
+
+    url: str
+    #: Failed exchanges since the last one that worked (0: the last one worked).
+    consecutive_failures: int
+    #: When an exchange with it last completed (unix seconds; ``None``: never, in this process).
+    last_success_at: float | None
+
+
 @dataclass
 class _Neighbor:
     url: str
@@ -59,6 +70,7 @@ class _Neighbor:
     samples: dict[str, int] = field(default_factory=dict)
     failures: int = 0
     retry_at: float = 0.0
+    last_success_at: float | None = None
 
 
 class GossipAgent:
@@ -101,6 +113,13 @@ class GossipAgent:
     @property
     def neighbors(self) -> list[str]:
         return sorted(self._neighbors)
+
+    def neighbor_states(self) -> list[NeighborState]:
+        """Every neighbour's failures in a row and last success, in URL order."""
+        return [
+            NeighborState(n.url, n.failures, n.last_success_at)
+            for n in sorted(self._neighbors.values(), key=lambda n: n.url)
+        ]
 
     def _now(self) -> float:
         return self.tracker.config.clock()
@@ -371,6 +390,7 @@ class GossipAgent:
             )
             return False
         neighbor.failures, neighbor.retry_at = 0, 0.0
+        neighbor.last_success_at = self._now()
         return True
 
     @property

@@ -92,6 +92,23 @@ def _gossip_metrics(agent: GossipAgent) -> Iterator[Metric]:
     for reason, count in sorted(stats.rejected.items()):
         rejected.add_metric([reason], count)
     yield rejected
+    # Per neighbour: the totals above cannot say which neighbour is down.
+    failing = GaugeMetricFamily(
+        "tracker_gossip_neighbor_failures",
+        "Failed exchanges with a neighbour since its last one that worked.",
+        labels=["neighbor"],
+    )
+    last = GaugeMetricFamily(
+        "tracker_gossip_neighbor_last_success_timestamp_seconds",
+        "When an exchange started here with a neighbour last completed (absent: never).",
+        labels=["neighbor"],
+    )
+    for state in agent.neighbor_states():
+        failing.add_metric([state.url], state.consecutive_failures)
+        if state.last_success_at is not None:
+            last.add_metric([state.url], state.last_success_at)
+    yield failing
+    yield last
 
 
 class ServiceMetrics:
