@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -186,7 +187,9 @@ async def test_keys_rotate_an_old_key_still_verifies_while_it_is_in_the_ring(tar
     assert status == 200
 
 
-async def test_the_http_endpoint_answers_errors_in_the_api_shape(db_url: str, tmp_path: Path) -> None:
+async def test_the_http_endpoint_answers_errors_in_the_api_shape(
+    db_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     clock = ManualClock(T0)
     tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, clock=clock))
     try:
@@ -194,9 +197,14 @@ async def test_the_http_endpoint_answers_errors_in_the_api_shape(db_url: str, tm
         app = create_app(tracker, gossip=agent)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
             body, auth = _signed(_sync())
-            refused = await client.post("/v1/gossip", content=body)
+            with caplog.at_level(logging.INFO):
+                refused = await client.post("/v1/gossip", content=body)
             assert refused.status_code == 401
             assert refused.json()["error"]["code"] == "gossip_unsigned"
+            # The log names the connection: an unsigned message names no sender worth trusting.
+            rejection = next(r for r in caplog.records if getattr(r, "action", None) == "gossip_reject")
+            access = next(r for r in caplog.records if r.name == "tracker.access")
+            assert rejection.address == access.client == "127.0.0.1:123"  # httpx's ASGI client
             ok = await client.post("/v1/gossip", content=body, headers={"Authorization": auth})
             assert ok.status_code == 200
             reply = decode(

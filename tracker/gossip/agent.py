@@ -124,12 +124,12 @@ class GossipAgent:
     def _now(self) -> float:
         return self.tracker.config.clock()
 
-    def _reject(self, error: GossipRejected, sender: str = "?") -> None:
+    def _reject(self, error: GossipRejected, sender: str = "?", address: str | None = None) -> None:
         self.stats.rejected[error.reason] = self.stats.rejected.get(error.reason, 0) + 1
         log.warning(
             "gossip message rejected: %s",
             error,
-            extra={"action": "gossip_reject", "reason": error.reason, "sender": sender},
+            extra={"action": "gossip_reject", "reason": error.reason, "sender": sender, "address": address},
         )
 
     def _message(
@@ -200,8 +200,14 @@ class GossipAgent:
 
     # -- serving ------------------------------------------------------------------------------
 
-    async def handle(self, body: bytes, authorization: str | None) -> tuple[int, bytes, dict[str, str]]:
-        """Answer one ``sync``: (status, body, headers). Errors are JSON ``{"error", "reason"}``."""
+    async def handle(
+        self, body: bytes, authorization: str | None, *, address: str | None = None
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Answer one ``sync``: (status, body, headers). Errors are JSON ``{"error", "reason"}``.
+
+        ``address`` (the connection's, from the service) only goes into the logs: a message that
+        fails its signature names no sender that could be trusted.
+        """
         now = self._now()
         cfg = self.config
         try:
@@ -217,7 +223,7 @@ class GossipAgent:
                     "rate_limited", f"too many messages from {message.node}; retry in {wait:.1f} s", 429
                 )
         except GossipRejected as error:
-            self._reject(error)
+            self._reject(error, address=address)
             return _error(error)
         self.stats.bytes_received += len(body)
         window = self.tracker.config.bandwidth_window
@@ -236,7 +242,7 @@ class GossipAgent:
         try:
             counts, vectors = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
         except GossipRejected as error:
-            self._reject(error, message.node)
+            self._reject(error, message.node, address)
             return _error(error)
         self._count(counts)
         self._learn(message)

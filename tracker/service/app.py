@@ -106,12 +106,18 @@ def _add_gossip_route(app: FastAPI, gossip: GossipAgent | None) -> None:
         if gossip is None:
             return error_response(request, 404, "gossip_disabled", "gossip is not enabled on this tracker")
         status, body, headers = await gossip.handle(
-            await request.body(), request.headers.get("authorization")
+            await request.body(), request.headers.get("authorization"), address=_client(request.scope)
         )
         if status != 200:
             detail = json.loads(body)
             return error_response(request, status, f"gossip_{detail['reason']}", detail["error"])
         return Response(body, status_code=200, headers=headers)
+
+
+def _client(scope: Scope) -> str | None:
+    """The connecting address, ``host:port``, for logs (``None`` where the server gives none)."""
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else None
 
 
 def _error_model() -> Any:
@@ -309,6 +315,7 @@ class _RequestGate:
                     "path": scope["path"],
                     "status": status,
                     "duration_ms": round(elapsed * 1000, 2),
+                    "client": _client(scope),
                 },
             )
 
