@@ -10,7 +10,13 @@ import httpx
 import pytest
 
 from tracker import AvailabilityTracker
-from tracker.errors import CommitOutcomeUnknown, ConfigError, StorageError, TransientStorageError
+from tracker.errors import (
+    CommitOutcomeUnknown,
+    ConfigError,
+    InvalidInput,
+    StorageError,
+    TransientStorageError,
+)
 from tracker.service import ServiceSettings, create_app
 from tracker.testing import ManualClock
 
@@ -419,3 +425,18 @@ async def test_storage_failures_are_503_with_a_code_that_says_whether_to_resend(
     response = await api.post("/v1/peers/outcomes", json={"peer_id": "p", "success": True})
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == code
+
+
+async def test_content_lists_the_best_limit_holders_and_counts_them_all(
+    api: httpx.AsyncClient, tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await _swarm(api, clock)  # three holders of cid-1
+    everyone = (await api.get("/v1/content/cid-1")).json()
+    top = (await api.get("/v1/content/cid-1", params={"limit": 2})).json()
+    assert top["peers"] == everyone["peers"][:2] and top["replication_factor"] == 3
+    assert (await api.get("/v1/content/cid-1", params={"limit": 1001})).status_code == 422  # max_page_size
+    assert (await api.get("/v1/content/cid-1", params={"limit": 0})).status_code == 422
+    library = await tracker.get_content_availability("cid-1", limit=1)
+    assert library is not None and len(library.peers) == 1 and library.replication_factor == 3
+    with pytest.raises(InvalidInput, match="limit"):
+        await tracker.get_content_availability("cid-1", limit=0)

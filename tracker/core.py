@@ -384,9 +384,14 @@ class AvailabilityTracker:
             rows = await db.run_write_unit(engine, self._write_lane(), rank_and_grant, config.write_retries)
         return [_peer_info(row) for row in rows]
 
-    async def get_content_availability(self, cid: str) -> ContentAvailability | None:
-        """Online holders of ``cid`` ranked (all of them, reliable or not); ``None`` for an unknown cid."""
+    async def get_content_availability(
+        self, cid: str, *, limit: int | None = None
+    ) -> ContentAvailability | None:
+        """Online holders of ``cid`` ranked (reliable or not; the best ``limit`` of them, all when
+        ``None``); ``replication_factor`` counts them all. ``None`` for an unknown cid."""
         validate_id(cid, "cid")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise InvalidInput(f"limit must be an integer >= 1 or None, got {limit!r}")
         now, config = self.config.clock(), self.config
 
         async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow]]:
@@ -401,7 +406,7 @@ class AvailabilityTracker:
             return None
         return ContentAvailability(
             cid=cid,
-            peers=tuple(await _converted(rows, _peer_info)),
+            peers=tuple(await _converted(rows[:limit], _peer_info)),
             replication_factor=len(rows),
             last_updated=from_unix(last_updated),
         )

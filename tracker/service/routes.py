@@ -218,8 +218,17 @@ def build_router(settings: ServiceSettings) -> APIRouter:
     @reads.get(
         "/content/{cid:path}", summary="Every online holder of a content, ranked", responses=_errors(404)
     )
-    async def content(cid: str, tracker: Tracker) -> Availability:
-        availability = await tracker.get_content_availability(cid)
+    async def content(
+        cid: str,
+        tracker: Tracker,
+        limit: Annotated[
+            int,
+            Query(
+                ge=1, le=settings.max_page_size, description="The best this many holders; all are counted."
+            ),
+        ] = settings.max_page_size,
+    ) -> Availability:
+        availability = await tracker.get_content_availability(cid, limit=limit)
         if availability is None:
             raise HTTPException(status_code=404, detail=f"no content {cid!r} is known")
         return Availability.of(availability)
