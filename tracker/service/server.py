@@ -87,10 +87,11 @@ def _address_error(host: str, port: int, error: OSError) -> OSError:
 async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: GossipConfig | None = None) -> None:
     """Run the service until a signal asks it to stop; raises if the tracker cannot open.
 
-    The tracker opens (and migrates, unless ``config.auto_migrate`` is off) before the socket is bound,
+    The tracker opens (and migrates, unless ``config.auto_migrate`` is off) before the socket listens,
     so a database problem is one clear error instead of a server that answers 503 forever. Before
-    either, the socket is bound and then handed to uvicorn: a taken port fails here, before the
-    database is created for nothing, and no other process can take it while the tracker opens.
+    either, the socket is bound and later handed to uvicorn: a taken port fails here, before the
+    database is created for nothing, and while the tracker opens only a process that also sets
+    ``SO_REUSEADDR`` could bind the port (listening first, it makes this fail with the same error).
     """
     sock = _bind(settings.host, settings.port)
     try:
