@@ -375,13 +375,21 @@ class AvailabilityTracker:
             async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
                 return await grant(conn, ranked, ranked_here=False)
 
-            rows = await db.run_write_unit(engine, self._write_lane(), grant_ranked, config.write_retries)
+            rows = await db.run_write_unit(
+                engine, self._write_lane(), grant_ranked, config.write_retries, repeatable=True
+            )
         else:
 
             async def rank_and_grant(conn: db.DriverSQL) -> list[queries.RankedRow]:
                 return await grant(conn, await rank(conn), ranked_here=True)
 
-            rows = await db.run_write_unit(engine, self._write_lane(), rank_and_grant, config.write_retries)
+            rows = await db.run_write_unit(
+                engine, self._write_lane(), rank_and_grant, config.write_retries, repeatable=True
+            )
+        # repeatable=True above: a grant whose COMMIT went unanswered runs again rather than failing the
+        # selection. If the first did commit, its leases were handed to nobody and lapse after
+        # lease_ttl_s, like a cancelled selection's; the cap still holds, since the second grant
+        # counts the loads again, the first's leases included.
         return [_peer_info(row) for row in rows]
 
     async def get_content_availability(

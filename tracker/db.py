@@ -19,13 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from .config import TrackerConfig
-from .errors import CommitOutcomeUnknown, StorageError, is_transient, sqlstate_of, translate
+from .errors import CommitOutcomeUnknown, StorageError, is_disconnect, is_transient, sqlstate_of, translate
 from .sqlite_lane import SqliteLane
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SQLITE_BEGIN = "tracker_sqlite_begin"
+_READ_RETRIES = 4  # fresh connections for a read whose connection was lost: 0.15 s of back-off in all
 
 
 def create_engine(config: TrackerConfig) -> AsyncEngine:
@@ -166,28 +167,79 @@ class DriverSQL(Protocol):
     async def exec_driver_sql(self, statement: str, parameters: Any = None) -> Any: ...
 
 
-async def run_write(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], retries: int) -> T:
-    """Run ``work`` in one write transaction, retrying deadlocks and busy errors with back-off.
+async def run_write(
+    engine: AsyncEngine,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    retries: int,
+    *,
+    repeatable: bool = False,
+) -> T:
+    """Run ``work`` in one write transaction, retrying deadlocks, busy errors and lost connections
+    with back-off.
 
     ``work`` must be safe to run again from scratch: a retried transaction was rolled back entirely.
+    On Postgres a connection lost while committing leaves the outcome open: the server may have
+    committed. The transaction's id, read before COMMIT, settles it (``txid_status`` on a new
+    connection): committed is success, aborted runs again, and anything else raises
+    ``CommitOutcomeUnknown``. ``repeatable`` work, which may be applied twice without harm, skips the
+    check and runs again like any other lost connection.
     It must not call ``run_write`` itself (on SQLite that would wait for its own lock).
     """
+    check_commit = engine.dialect.name == "postgresql" and not repeatable
 
     async def once() -> T:
-        committing = False
+        committing, xid = False, None
         try:
             async with write_connection(engine) as conn, conn.begin():
                 result = await work(conn)
+                if check_commit:
+                    # NULL when the work wrote nothing: then there is nothing to apply twice.
+                    xid = (await conn.exec_driver_sql("SELECT txid_current_if_assigned()")).scalar()
                 committing = True
             return result
         except Exception as error:
-            if committing and engine.dialect.name == "postgresql" and _commit_unanswered(error):
-                # No answer from the server to COMMIT: it may have committed. Neither the retry here
-                # nor group commit's re-run alone may apply the work a second time.
-                raise CommitOutcomeUnknown(f"the connection failed while committing: {error}") from error
-            raise
+            if not (committing and check_commit and _commit_unanswered(error)):
+                raise
+            status = "aborted" if xid is None else await _commit_status(engine, xid)
+            if status == "committed":
+                log.warning(
+                    "COMMIT went unanswered but was applied",
+                    extra={"action": "commit_checked", "status": status, "error": str(error)},
+                )
+                return result
+            if status == "aborted":
+                raise _RolledBack(error) from error
+            raise CommitOutcomeUnknown(f"the connection failed while committing: {error}") from error
 
     return await _with_retries(engine, once, retries)
+
+
+class _RolledBack(Exception):
+    """A COMMIT went unanswered and the server says the transaction was rolled back: safe to run
+    again. Carries the driver error it stands for."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+_STATUS_POLLS = 20  # ~1 s for the server to finish a transaction whose connection is going away
+
+
+async def _commit_status(engine: AsyncEngine, xid: int) -> str | None:
+    """What Postgres says became of transaction ``xid`` ("committed", "aborted"), asked on a new
+    connection; None when it cannot say (unreachable, or still in progress after ~1 s)."""
+    for _ in range(_STATUS_POLLS):
+        try:
+            async with engine.connect() as conn:
+                status = (await conn.exec_driver_sql("SELECT txid_status($1)", (xid,))).scalar()
+        except Exception as error:  # the question failed: the answer stays unknown
+            log.warning("cannot check a commit's outcome: %s", error, extra={"action": "commit_check_failed"})
+            return None
+        if status != "in progress":
+            return str(status) if status is not None else None
+        await asyncio.sleep(0.05)
+    return None
 
 
 def _commit_unanswered(error: BaseException) -> bool:
@@ -199,12 +251,17 @@ def _commit_unanswered(error: BaseException) -> bool:
 
 
 async def run_write_unit(
-    engine: AsyncEngine, lane: SqliteLane | None, work: Callable[[DriverSQL], Awaitable[T]], retries: int
+    engine: AsyncEngine,
+    lane: SqliteLane | None,
+    work: Callable[[DriverSQL], Awaitable[T]],
+    retries: int,
+    *,
+    repeatable: bool = False,
 ) -> T:
     """``run_write`` for a unit that only sends driver SQL: on SQLite's write lane when there is one
     (the whole transaction in one thread crossing, see ``tracker.sqlite_lane``), else on the engine."""
     if lane is None:
-        return await run_write(engine, work, retries)
+        return await run_write(engine, work, retries, repeatable=repeatable)
 
     async def once() -> T:
         return await lane.transaction(work)
@@ -236,29 +293,46 @@ async def _with_retries(engine: AsyncEngine, once: Callable[[], Awaitable[T]], r
             finally:
                 writer.wanted -= 1
         except Exception as error:
-            if not is_transient(error):
+            # A lost connection is retried too: ``once`` raised CommitOutcomeUnknown instead if it was
+            # lost while committing and may have committed, so what reaches here was rolled back.
+            if isinstance(error, _RolledBack):
+                error = error.error
+            elif not (is_transient(error) or is_disconnect(error)):
                 if _is_driver_error(error):
                     raise translate(error) from error
                 raise
-            if attempt >= retries:
-                raise translate(error) from error
-            attempt += 1
-            delay = min(0.5, 0.005 * 2**attempt)
-            log.warning(
-                "transient database conflict, retrying",
-                extra={"action": "write_retry", "attempt": attempt, "error": str(error)},
-            )
-            await asyncio.sleep(delay)
+            attempt = await _back_off(error, attempt, retries, "write_retry")
 
 
-async def run_read(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """Run ``work`` on a plain connection, translating driver errors."""
+async def _back_off(error: Exception, attempt: int, retries: int, action: str) -> int:
+    """Wait before the next attempt (exponential, at most 0.5 s), or raise ``error`` translated once
+    ``retries`` are spent; return the attempt's number."""
+    if attempt >= retries:
+        raise translate(error) from error
+    attempt += 1
+    what = "database connection lost" if is_disconnect(error) else "transient database conflict"
+    log.warning(f"{what}, retrying", extra={"action": action, "attempt": attempt, "error": str(error)})
+    await asyncio.sleep(min(0.5, 0.005 * 2**attempt))
+    return attempt
 
-    async def once() -> T:
-        async with engine.connect() as conn:
-            return await work(conn)
 
-    return await _translating(once())
+async def run_read(
+    engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]], retries: int = _READ_RETRIES
+) -> T:
+    """Run ``work`` on a plain connection, translating driver errors. A read whose connection was lost
+    (a restarted or failed-over server, a killed backend) runs again on a fresh one: reads are safe
+    to repeat, and the pool's pre-ping cannot see a connection die while it is in use."""
+    attempt = 0
+    while True:
+        try:
+            async with engine.connect() as conn:
+                return await work(conn)
+        except Exception as error:
+            if not is_disconnect(error):
+                if _is_driver_error(error):
+                    raise translate(error) from error
+                raise
+            attempt = await _back_off(error, attempt, retries, "read_retry")
 
 
 async def _translating(call: Awaitable[T]) -> T:

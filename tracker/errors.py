@@ -35,9 +35,11 @@ class CommitOutcomeUnknown(StorageError):
     """The connection failed while committing, so the transaction may or may not have been applied.
 
     Postgres over a network: the server can commit and the connection drop before it says so. The
-    tracker neither retries such a write nor re-runs it in another transaction (that could apply it
-    twice: counters would count an outcome twice); the caller decides, knowing a resend of an outcome
-    or a speed sample may count it twice and a resend of presence or mappings does not.
+    tracker then asks the server on a new connection (the transaction's status by its id) and raises
+    this only when it gets no answer. It neither retries such a write nor re-runs it in another
+    transaction (that could apply it twice: counters would count an outcome twice); the caller
+    decides, knowing a resend of an outcome or a speed sample may count it twice and a resend of
+    presence or mappings does not.
     """
 
 
@@ -68,6 +70,17 @@ def is_transient(error: BaseException) -> bool:
         return True
     message = str(orig).lower()
     return any(fragment in message for fragment in _TRANSIENT_SQLITE)
+
+
+def is_disconnect(error: BaseException) -> bool:
+    """Tell whether the connection was lost under a driver error: SQLAlchemy saw it (and invalidated
+    the connection), or the server said so (class 08, connection exception; 57P, shutting down).
+    Before COMMIT was sent that is safe to run again on a fresh connection: the server rolls back a
+    transaction whose connection is gone."""
+    if not isinstance(error, sa_exc.DBAPIError):
+        return False
+    state = sqlstate_of(error)
+    return error.connection_invalidated or (state is not None and state.startswith(("08", "57P")))
 
 
 def sqlstate_of(error: BaseException) -> str | None:

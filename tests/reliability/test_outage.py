@@ -1,5 +1,6 @@
-"""Postgres connections are killed under load: calls in flight fail with a StorageError, the tracker
-reconnects by itself, nothing acknowledged is lost, and the sweeper and gossip tasks live on."""
+"""Postgres connections are killed under load: calls in flight run again on fresh connections (only a
+write whose COMMIT went unanswered fails), nothing acknowledged is lost, and the sweeper and gossip
+tasks live on."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import asyncpg
 import asyncpg.transaction
 import pytest
 from gossip_helpers import KEY, LocalNet
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
 from stored import stored_outcomes
 
-from tracker import AvailabilityTracker, TrackerConfig
+from tracker import AvailabilityTracker, TrackerConfig, db
 from tracker.errors import CommitOutcomeUnknown, StorageError
+from tracker.events import ContentAvailable, PeerOnline
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 
@@ -36,7 +40,7 @@ async def _kill_connections(url: str) -> int:
 
 
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
-async def test_killed_connections_cost_only_the_calls_in_flight(db_url: str, tmp_path: Path) -> None:
+async def test_killed_connections_cost_only_the_writes_caught_committing(db_url: str, tmp_path: Path) -> None:
     config = TrackerConfig(database_url=db_url, run_sweeper=True, update_interval=0.2, sweep_jitter=0.0)
     tracker = await AvailabilityTracker.open(config)
     other = await AvailabilityTracker.open(
@@ -103,7 +107,9 @@ async def test_killed_connections_cost_only_the_calls_in_flight(db_url: str, tmp
         async with tracker.engine.connect() as conn:
             stored, served = await stored_outcomes(conn, "outage-peer", tracker.node_id)
         assert acked <= stored and served == len(stored)
-        assert all(isinstance(e, StorageError) for e in errors)
+        # Reads and selections ran again on fresh connections; only an outcome whose COMMIT was cut
+        # off may fail (the kill can land while it commits).
+        assert all(isinstance(e, CommitOutcomeUnknown) for e in errors), errors
         print(f"outage: {killed} connections killed, {len(errors)} calls failed, {len(acked)} acknowledged")
     finally:
         stop.set()
@@ -113,23 +119,63 @@ async def test_killed_connections_cost_only_the_calls_in_flight(db_url: str, tmp
         await other.close()
 
 
+def _lose_commit_answers(monkeypatch: pytest.MonkeyPatch, *, applied: bool, times: int = 1) -> list[int]:
+    """Make the next ``times`` COMMITs fail as a dropped connection would: after the server applied
+    them (the answer is lost) or before it saw them. Returns the count still to lose."""
+    real_commit = asyncpg.transaction.Transaction.commit
+    left = [times]
+
+    async def commit_losing_the_answer(self: asyncpg.transaction.Transaction) -> None:
+        if left[0] > 0:
+            left[0] -= 1
+            if applied:
+                await real_commit(self)
+            else:
+                self._connection.terminate()  # the server sees the socket close and rolls back
+            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection lost while committing")
+        await real_commit(self)
+
+    monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", commit_losing_the_answer)
+    return left
+
+
 @pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
-async def test_a_commit_whose_answer_is_lost_fails_its_group_and_is_never_applied_twice(
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+async def test_a_commit_whose_answer_is_lost_is_settled_by_the_server_and_applied_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, applied: bool
+) -> None:
+    """The connection drops while committing a group's shared transaction. Re-running the group's
+    requests one by one (as for any other failure) stored every outcome twice when the server had
+    committed; now the transaction's id tells: committed is success, aborted runs again."""
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url))
+    left = _lose_commit_answers(monkeypatch, applied=applied)
+    try:
+        await asyncio.gather(*(tracker.record_upload_success("ambiguous") for _ in range(10)))
+        assert left == [0] and tracker.ingest_stats.isolated_retries == 0
+        metrics = await tracker.get_peer_metrics("ambiguous")
+        assert metrics is not None and metrics.chunks_served == 10  # applied exactly once
+        async with tracker.engine.connect() as conn:
+            _, served = await stored_outcomes(conn, "ambiguous", tracker.node_id)
+        assert served == 10
+        actions = [getattr(r, "action", None) for r in caplog.records]
+        assert ("commit_checked" in actions) == applied and ("write_retry" in actions) != applied
+    finally:
+        await tracker.close()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_commit_the_server_cannot_settle_fails_its_group_and_is_never_applied_twice(
     db_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The server commits and the connection drops before it says so: re-running the group's requests
-    one by one (as for any other failure of a shared transaction) stored every outcome twice."""
+    """No answer to COMMIT and none to the question after it (the server unreachable): every caller
+    is told CommitOutcomeUnknown, and nothing runs again."""
     tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url))
-    real_commit = asyncpg.transaction.Transaction.commit
-    lose_next = [True]
+    _lose_commit_answers(monkeypatch, applied=True)
 
-    async def commit_then_lose_the_answer(self: asyncpg.transaction.Transaction) -> None:
-        await real_commit(self)
-        if lose_next[0]:
-            lose_next[0] = False
-            raise asyncpg.exceptions.ConnectionDoesNotExistError("connection lost after COMMIT was sent")
+    async def unreachable(engine: object, xid: int) -> None:
+        return None
 
-    monkeypatch.setattr(asyncpg.transaction.Transaction, "commit", commit_then_lose_the_answer)
+    monkeypatch.setattr(db, "_commit_status", unreachable)
     try:
         results = await asyncio.gather(
             *(tracker.record_upload_success("ambiguous") for _ in range(10)), return_exceptions=True
@@ -141,5 +187,83 @@ async def test_a_commit_whose_answer_is_lost_fails_its_group_and_is_never_applie
         await tracker.record_upload_success("ambiguous")  # the next connection works
         metrics = await tracker.get_peer_metrics("ambiguous")
         assert metrics is not None and metrics.chunks_served == 11
+    finally:
+        await tracker.close()
+
+
+async def _kill_own_backend(conn: AsyncConnection) -> None:
+    await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_read_or_write_whose_connection_dies_before_commit_runs_again_on_a_new_one(
+    db_url: str,
+) -> None:
+    """The server rolls back a transaction whose connection is gone, so running it again is safe; the
+    pool's pre-ping cannot catch a connection that dies while in use. Both raised StorageError."""
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url))
+    attempts: list[str] = []
+
+    async def read_once_killed(conn: AsyncConnection) -> int:
+        attempts.append("read")
+        if len(attempts) == 1:
+            await _kill_own_backend(conn)
+        return int((await conn.execute(text("SELECT 41 + 1"))).scalar_one())
+
+    async def write_once_killed(conn: AsyncConnection) -> None:
+        attempts.append("write")
+        await conn.execute(
+            text("UPDATE tracker_nodes SET created_at = created_at + 1 WHERE id = :id"),
+            {"id": tracker.node_id},
+        )
+        if attempts.count("write") == 1:
+            await _kill_own_backend(conn)
+
+    try:
+        assert await db.run_read(tracker.engine, read_once_killed) == 42
+        assert attempts == ["read", "read"]
+        async with tracker.engine.connect() as conn:
+            before = (
+                await conn.execute(
+                    text("SELECT created_at FROM tracker_nodes WHERE id = :id"), {"id": tracker.node_id}
+                )
+            ).scalar_one()
+        await db.run_write(tracker.engine, write_once_killed, retries=3)
+        assert attempts.count("write") == 2
+        async with tracker.engine.connect() as conn:
+            after = (
+                await conn.execute(
+                    text("SELECT created_at FROM tracker_nodes WHERE id = :id"), {"id": tracker.node_id}
+                )
+            ).scalar_one()
+        assert after == before + 1  # the first, killed attempt left nothing
+
+        async def always_killed(conn: AsyncConnection) -> None:
+            await _kill_own_backend(conn)
+
+        with pytest.raises(StorageError, match="terminat"):
+            await db.run_read(tracker.engine, always_killed, retries=2)
+    finally:
+        await tracker.close()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_selection_whose_commit_is_unanswered_runs_again_and_the_cap_still_holds(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Granting leases twice only parks the first grant's leases until they lapse, so a selection is
+    not failed for it (an upload outcome is: it would count twice)."""
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, max_load_per_peer=1))
+    await tracker.record_batch(
+        [event for p in ("a", "b", "c") for event in (PeerOnline(p), ContentAvailable("hot", p))]
+    )
+    left = _lose_commit_answers(monkeypatch, applied=True)
+    try:
+        first = await tracker.select_best_peers("hot", 2)
+        assert left == [0] and len(first) == 1  # the lost grant's 2 leases hold 2 of the 3 peers
+        assert await tracker.select_best_peers("hot", 2) == []  # every peer at its cap of 1
+        async with tracker.engine.connect() as conn:
+            leases = (await conn.execute(text("SELECT count(*) FROM peer_leases"))).scalar_one()
+        assert leases == 3
     finally:
         await tracker.close()

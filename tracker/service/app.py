@@ -196,7 +196,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def unknown(request: Request, error: Exception) -> JSONResponse:
         log.error("commit outcome unknown: %s", error, extra={"request_id": request.scope.get("request_id")})
         message = (
-            "the database connection failed while committing: the events may have been applied; "
+            "the database connection failed while committing and the outcome could not be checked: "
+            "the events may have been applied; "
             "resending upload outcomes or speed samples may count them twice"
         )
         return error_response(request, 503, "commit_unknown", message)
