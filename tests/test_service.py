@@ -17,6 +17,7 @@ from tracker.errors import (
     StorageError,
     TransientStorageError,
 )
+from tracker.events import ContentAvailable, PeerOffline
 from tracker.service import ServiceSettings, create_app
 from tracker.testing import ManualClock
 
@@ -438,5 +439,12 @@ async def test_content_lists_the_best_limit_holders_and_counts_them_all(
     assert (await api.get("/v1/content/cid-1", params={"limit": 0})).status_code == 422
     library = await tracker.get_content_availability("cid-1", limit=1)
     assert library is not None and len(library.peers) == 1 and library.replication_factor == 3
+    roomy = await tracker.get_content_availability("cid-1", limit=10)
+    unlimited = await tracker.get_content_availability("cid-1")
+    assert roomy is not None and unlimited is not None
+    assert roomy.peers == unlimited.peers and roomy.replication_factor == unlimited.replication_factor == 3
     with pytest.raises(InvalidInput, match="limit"):
         await tracker.get_content_availability("cid-1", limit=0)
+    await tracker.record_batch([ContentAvailable("cid-gone", "lone"), PeerOffline("lone")])
+    gone = await tracker.get_content_availability("cid-gone", limit=5)
+    assert gone is not None and gone.peers == () and gone.replication_factor == 0

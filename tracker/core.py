@@ -402,20 +402,23 @@ class AvailabilityTracker:
             raise InvalidInput(f"limit must be an integer >= 1 or None, got {limit!r}")
         now, config = self.config.clock(), self.config
 
-        async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow]]:
+        async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow], int]:
             known, last_updated = await queries.content_last_updated(conn, config.dialect, cid)
             if not known:
-                return False, None, []
-            rows = await queries.ranked_holders(conn, cid, now, config, limit=None, mode="all")
-            return True, last_updated, rows
+                return False, None, [], 0
+            if limit is None:
+                rows = await queries.ranked_holders(conn, cid, now, config, limit=None, mode="all")
+                return True, last_updated, rows, len(rows)
+            rows, holders = await queries.best_holders(conn, cid, now, config, limit=limit)
+            return True, last_updated, rows, holders
 
-        known, last_updated, rows = await db.run_read_unit(self.engine, self._read_lane(), work)
+        known, last_updated, rows, holders = await db.run_read_unit(self.engine, self._read_lane(), work)
         if not known:
             return None
         return ContentAvailability(
             cid=cid,
-            peers=tuple(await _converted(rows[:limit], _peer_info)),
-            replication_factor=len(rows),
+            peers=tuple(await _converted(rows, _peer_info)),
+            replication_factor=holders,
             last_updated=from_unix(last_updated),
         )
 

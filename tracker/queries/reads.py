@@ -289,22 +289,38 @@ async def ranked_holders(
         # and one plan cannot suit both a 2,000-holder content and a 3-holder one.
         await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
     rows = await statement.fetch(conn, params)
-    return [
-        RankedRow(
-            peer_key=r[0],
-            rank=rank,
-            reputation=float(r[1]),
-            success_rate=float(r[2]),
-            uptime_factor=float(r[3]),
-            evidence=float(r[4]),
-            proven=bool(r[5]),
-            speed_bps=float(r[6]),
-            last_seen=float(r[7]),
-            load=int(r[8]),
-            capacity=int(r[9]),
-        )
-        for rank, r in enumerate(rows, start=1)
-    ]
+    return [_ranked_row(rank, r) for rank, r in enumerate(rows, start=1)]
+
+
+async def best_holders(
+    conn: DriverSQL, cid: str, now: float, config: TrackerConfig, *, limit: int
+) -> tuple[list[RankedRow], int]:
+    """The best ``limit`` online holders of ``cid`` in the order of availability listings, and how many
+    online holders it has in all (a window count in the same statement, so the rest never leave
+    the database)."""
+    statement = _ranked_select(
+        config.dialect, config.reputation, _Selection.of(config), "all", True, counted=True
+    )
+    if config.dialect == "postgresql":
+        await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
+    rows = await statement.fetch(conn, {"cid": cid, "limit": limit, "seed": 0.0, **_times(now, config)})
+    return [_ranked_row(rank, r) for rank, r in enumerate(rows, start=1)], int(rows[0][10]) if rows else 0
+
+
+def _ranked_row(rank: int, r: Any) -> RankedRow:
+    return RankedRow(
+        peer_key=r[0],
+        rank=rank,
+        reputation=float(r[1]),
+        success_rate=float(r[2]),
+        uptime_factor=float(r[3]),
+        evidence=float(r[4]),
+        proven=bool(r[5]),
+        speed_bps=float(r[6]),
+        last_seen=float(r[7]),
+        load=int(r[8]),
+        capacity=int(r[9]),
+    )
 
 
 #: "best" treats effective scores this close as a tie (then least recently leased, speed, id).
@@ -357,10 +373,17 @@ def _loads(dialect: str, m: Any) -> Any:
 
 @cache
 def _ranked_select(
-    dialect: str, params: rep.ReputationParams, sel: _Selection, mode: str, limited: bool
+    dialect: str,
+    params: rep.ReputationParams,
+    sel: _Selection,
+    mode: str,
+    limited: bool,
+    *,
+    counted: bool = False,
 ) -> Precompiled:
     """The ranking statement: rows come back in rank order (``ORDER BY ... LIMIT``, so the engines keep
-    a bounded top-n instead of sorting every holder; the caller numbers them).
+    a bounded top-n instead of sorting every holder; the caller numbers them). ``counted`` adds the
+    number of rows before the limit as an eleventh column.
     """
     t_now: ColumnElement[float] = bindparam("now", type_=Double())
     m = _online_holders(dialect, params)
@@ -428,6 +451,7 @@ def _ranked_select(
         c.c.last_seen,
         c.c.load,
         c.c.capacity,
+        *([func.count().over().label("holders")] if counted else []),
     ).order_by(*order)
     if limited:
         stmt = stmt.limit(bindparam("limit", type_=Integer()))
