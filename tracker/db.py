@@ -223,23 +223,32 @@ class _RolledBack(Exception):
         self.error = error
 
 
-_STATUS_POLLS = 20  # ~1 s for the server to finish a transaction whose connection is going away
+_STATUS_WAIT_S = 2.0  # for the server to finish a transaction whose connection is going away, or to come back
 
 
 async def _commit_status(engine: AsyncEngine, xid: int) -> str | None:
     """What Postgres says became of transaction ``xid`` ("committed", "aborted"), asked on a new
-    connection; None when it cannot say (unreachable, or still in progress after ~1 s)."""
-    for _ in range(_STATUS_POLLS):
-        try:
-            async with engine.connect() as conn:
-                status = (await conn.exec_driver_sql("SELECT txid_status($1)", (xid,))).scalar()
-        except Exception as error:  # the question failed: the answer stays unknown
-            log.warning("cannot check a commit's outcome: %s", error, extra={"action": "commit_check_failed"})
-            return None
-        if status != "in progress":
-            return str(status) if status is not None else None
-        await asyncio.sleep(0.05)
-    return None
+    connection; None when it cannot say within ``_STATUS_WAIT_S`` (unreachable, or the transaction
+    still in progress). A server that restarted answers too: its recovery knows what committed."""
+    failure: Exception | None = None
+    try:
+        async with asyncio.timeout(_STATUS_WAIT_S):
+            while True:
+                try:
+                    async with engine.connect() as conn:
+                        status = (await conn.exec_driver_sql("SELECT txid_status($1)", (xid,))).scalar()
+                    if status != "in progress":
+                        return str(status) if status is not None else None
+                except Exception as error:  # asked again until the deadline
+                    failure = error
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        log.warning(
+            "cannot settle an unanswered COMMIT: %s",
+            failure or "the transaction is still in progress",
+            extra={"action": "commit_check_failed"},
+        )
+        return None
 
 
 def _commit_unanswered(error: BaseException) -> bool:

@@ -267,3 +267,29 @@ async def test_a_selection_whose_commit_is_unanswered_runs_again_and_the_cap_sti
         assert leases == 3
     finally:
         await tracker.close()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_the_commit_check_reads_committed_aborted_and_gives_up_on_one_still_in_progress(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url))
+    engine = tracker.engine
+    try:
+        xids = {}
+        for ending in ("commit", "rollback"):
+            async with engine.connect() as conn:
+                await conn.execute(text("UPDATE tracker_nodes SET created_at = created_at WHERE is_local"))
+                xids[ending] = (await conn.execute(text("SELECT txid_current_if_assigned()"))).scalar_one()
+                await (conn.commit() if ending == "commit" else conn.rollback())
+        assert await db._commit_status(engine, xids["commit"]) == "committed"
+        assert await db._commit_status(engine, xids["rollback"]) == "aborted"
+        monkeypatch.setattr(db, "_STATUS_WAIT_S", 0.3)
+        async with engine.connect() as holder:
+            await holder.execute(text("UPDATE tracker_nodes SET created_at = created_at WHERE is_local"))
+            open_xid = (await holder.execute(text("SELECT txid_current_if_assigned()"))).scalar_one()
+            assert await db._commit_status(engine, open_xid) is None  # still in progress: unknown
+            await holder.rollback()
+        assert await db._commit_status(engine, open_xid) == "aborted"
+    finally:
+        await tracker.close()
