@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.engine import make_url
 
-from tracker import AvailabilityTracker, TrackerConfig
+from tracker import AvailabilityTracker, TrackerConfig, db
 from tracker.db import configure_sqlite, create_engine, run_read_unit
 from tracker.errors import StorageError, TrackerClosed, TransientStorageError
 from tracker.events import ContentAvailable, PeerOnline, SpeedSample
@@ -293,3 +293,31 @@ async def test_selections_rank_beside_a_busy_writer_and_the_grant_recounts_under
     with sqlite3.connect(path) as raw:
         leased = [row[0] for row in raw.execute("SELECT peer_id FROM peer_leases")]
     assert len(leased) == len(set(leased)) == 3
+
+
+async def test_the_wal_a_long_reader_grew_shrinks_back_once_it_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An operator's long read keeps checkpoints from recycling the WAL; it grew by every commit and
+    kept that size (hundreds of MB in a QA pass) until the tracker closed."""
+    monkeypatch.setattr(db, "WAL_SIZE_LIMIT", 512 * 1024)
+    path = tmp_path / "t.db"
+    wal = Path(f"{path}-wal")
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}"))
+
+    async def write(batches: int) -> None:
+        for b in range(batches):
+            await tracker.record_batch([PeerOnline(f"p{b}-{i}") for i in range(1000)])
+
+    try:
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM peers").fetchone()  # holds its snapshot
+        await write(40)
+        grown = wal.stat().st_size
+        reader.execute("COMMIT")
+        reader.close()
+        await write(3)  # the first commit checkpoints the whole log; the next starts it over
+        assert grown > 4 * 1024 * 1024 and wal.stat().st_size <= 512 * 1024, (grown, wal.stat().st_size)
+    finally:
+        await tracker.close()

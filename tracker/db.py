@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _SQLITE_BEGIN = "tracker_sqlite_begin"
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the SQLite WAL is truncated back to after it grew
 _READ_RETRIES = 4  # fresh connections for a read whose connection was lost: 0.15 s of back-off in all
 
 
@@ -80,6 +81,9 @@ def configure_sqlite(dbapi_connection: Any, config: TrackerConfig) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute(f"PRAGMA mmap_size={config.sqlite_mmap_mib * 1024 * 1024}")
+    # A long reader (an operator's query) stops checkpoints from recycling the WAL, which then grows
+    # with every commit; SQLite never gives the space back unless told to, after the next checkpoint.
+    cursor.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
     try:
         cursor.execute("SELECT power(2.0, 0.5)")
     except Exception:  # SQLite built without math functions: provide the one we use.
