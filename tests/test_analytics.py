@@ -7,6 +7,7 @@ by at most ~2e-4 per second (time half-life 1 h, uptime half-life 30 min), hence
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -142,3 +143,36 @@ CASES = [
 async def test_every_cookbook_query_runs_and_finds_rows(swarm: AvailabilityTracker, sql: str) -> None:
     rows = await _rows(swarm, sql)
     assert rows, f"the cookbook query found nothing on a swarm that should match it:\n{sql}"
+
+
+async def test_views_take_now_per_statement_even_inside_an_open_transaction(
+    swarm: AvailabilityTracker,
+) -> None:
+    """Postgres's now() is the transaction's start: a client holding a transaction open (psycopg's
+    default) saw an online peer's uptime stand still, and timeouts and lease expiry never come."""
+    sql = text("SELECT uptime_s FROM peer_scores WHERE peer_id = 'peer-2-0'")
+    async with swarm.engine.connect() as conn, conn.begin():
+        first = (await conn.execute(sql)).scalar_one()
+        await asyncio.sleep(0.2)  # the database's clock, which no test can move
+        second = (await conn.execute(sql)).scalar_one()
+    assert second - first == pytest.approx(0.2, abs=0.15)
+
+
+async def test_uptime_is_never_negative_for_a_session_dated_ahead_of_the_clock(
+    swarm: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await swarm.record_peer_online("early-bird", at=clock.now + 55)  # within the accepted skew
+    metrics = await swarm.get_peer_metrics("early-bird")
+    assert metrics is not None and metrics.uptime.total_seconds() == 0
+    rows = await _rows(swarm, "SELECT uptime_s FROM peer_scores WHERE peer_id = 'early-bird'")
+    assert rows == [{"uptime_s": 0}]
+
+
+async def test_the_selection_floor_is_a_setting_the_cookbook_reads(db_url: str, clock: ManualClock) -> None:
+    config = TrackerConfig(database_url=db_url, clock=clock, min_reputation=0.25)
+    async with AvailabilityTracker(config, publish_settings=False) as tracker:
+        seeded = await _rows(tracker, "SELECT value FROM tracker_settings WHERE name = 'min_reputation'")
+        assert seeded == [{"value": 0.3}]  # migration 0009's default, until a tracker publishes its own
+    async with AvailabilityTracker(config) as tracker:
+        published = await _rows(tracker, "SELECT value FROM tracker_settings WHERE name = 'min_reputation'")
+        assert published == [{"value": 0.25}]

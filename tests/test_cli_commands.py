@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from sqlalchemy import text
 from typer.testing import CliRunner, Result
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -195,3 +196,37 @@ def test_the_demo_table_keeps_every_column_when_stdout_is_a_pipe(tmp_path: Path)
     assert result.returncode == 0, result.stderr
     header = next(line for line in result.stdout.splitlines() if "Rank" in line)
     assert header.rstrip().endswith("┃") and "Load" in header, result.stdout  # not cut at 80 columns
+
+
+def test_commands_leave_the_settings_the_serving_tracker_published(db_url: str) -> None:
+    """The analytics views compute with tracker_settings; a CLI call with another configuration (here
+    the defaults) rewrote them, so the views disagreed with the running server until it restarted."""
+
+    async def serve_and_read() -> dict[str, float]:
+        config = TrackerConfig(
+            database_url=db_url, peer_timeout=900, replication_target=5, min_reputation=0.4
+        )
+        async with AvailabilityTracker(config) as tracker:
+            await tracker.record_peer_online("p")
+            await tracker.record_content_available("c", "p")
+        return await read()
+
+    async def read() -> dict[str, float]:
+        async with AvailabilityTracker(TrackerConfig(database_url=db_url), publish_settings=False) as tracker:
+            async with tracker.engine.connect() as conn:
+                rows = await conn.execute(text("SELECT name, value FROM tracker_settings"))
+                return {name: value for name, value in rows}
+
+    published = asyncio.run(serve_and_read())
+    assert (published["peer_timeout_s"], published["replication_target"]) == (900, 5)
+    assert published["min_reputation"] == 0.4
+    for command in (
+        ["stats"],
+        ["peers", "list"],
+        ["content", "show", "c"],
+        ["best", "c"],
+        ["sweep"],
+    ):
+        result = _cli(db_url, *command)
+        assert result.exit_code == 0, (command, result.output)
+    assert asyncio.run(read()) == published

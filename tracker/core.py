@@ -48,8 +48,11 @@ class AvailabilityTracker:
     writes share transactions (group commit), so many coroutines can ingest at once cheaply.
     """
 
-    def __init__(self, config: TrackerConfig | None = None) -> None:
+    def __init__(self, config: TrackerConfig | None = None, *, publish_settings: bool = True) -> None:
+        """``publish_settings=False`` leaves ``tracker_settings`` (what the analytics views compute with)
+        as the trackers serving the database wrote it: for tools that only look, like the CLI."""
         self.config = config or TrackerConfig()
+        self._publish_settings = publish_settings
         self._engine: AsyncEngine | None = None
         #: Set while ``close()`` runs: writers that kept submitting would otherwise keep its drain going.
         self._closing = False
@@ -65,9 +68,9 @@ class AvailabilityTracker:
     # -- lifecycle ------------------------------------------------------------------------------
 
     @classmethod
-    async def open(cls, config: TrackerConfig | None = None) -> Self:
+    async def open(cls, config: TrackerConfig | None = None, *, publish_settings: bool = True) -> Self:
         """Connect, migrate when ``auto_migrate`` is set, and register this node; the caller closes it."""
-        tracker = cls(config)
+        tracker = cls(config, publish_settings=publish_settings)
         await tracker._start()
         return tracker
 
@@ -88,7 +91,8 @@ class AvailabilityTracker:
             now = self.config.clock()
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:
-                await queries.write_settings(conn, self.config)
+                if self._publish_settings:
+                    await queries.write_settings(conn, self.config)
                 return await queries.ensure_local_node(conn, self.config.dialect, now)
 
             self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
@@ -281,7 +285,7 @@ class AvailabilityTracker:
         config = self.config
         return PeerMetrics(
             peer_id=row.peer_key,
-            uptime=timedelta(seconds=row.uptime_s),
+            uptime=timedelta(seconds=max(0.0, row.uptime_s)),  # an event dated ahead of our clock
             last_seen=from_unix(row.last_seen),
             first_seen=from_unix(row.first_seen),
             online_since=from_unix(row.online_since),

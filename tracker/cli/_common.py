@@ -187,11 +187,12 @@ def require_existing_sqlite(config: TrackerConfig) -> None:
 async def opened(database_url: str | None, *, create: bool = False) -> AsyncIterator[AvailabilityTracker]:
     """An existing tracker database, opened without migrating it (a read must not change the schema);
     with ``create``, for commands that write state in (gossip import and push), created and migrated
-    like ``tracker serve`` does. ``TRACKER_AUTO_MIGRATE``, when set, decides either way."""
+    like ``tracker serve`` does. ``TRACKER_AUTO_MIGRATE``, when set, decides either way. Never publishes
+    its settings: the views keep computing with those of the trackers that serve the database."""
     config = config_for(database_url, **unless_in_env(auto_migrate=create))
     if not create:
         require_existing_sqlite(config)
-    async with AvailabilityTracker(config) as tracker:
+    async with AvailabilityTracker(config, publish_settings=False) as tracker:
         yield tracker
 
 

@@ -22,6 +22,7 @@ def settings_of(config: TrackerConfig) -> dict[str, float]:
         "peer_timeout_s": config.peer_timeout,
         "reliable_threshold": config.reliable_threshold,
         "replication_target": float(config.replication_target),
+        "min_reputation": config.min_reputation,
         "reputation.prior_successes": params.prior_successes,
         "reputation.prior_failures": params.prior_failures,
         "reputation.evidence_half_life_s": params.evidence_half_life_s,
