@@ -75,6 +75,7 @@ async def test_peer_scores_agree_with_the_library_for_every_peer(swarm: Availabi
         assert bool(row["reliable"]) == metrics.is_reliable()
         assert bool(row["proven"]) == metrics.is_proven
         assert (row["chunks_served"], row["chunks_failed"]) == (metrics.chunks_served, metrics.chunks_failed)
+        assert type(row["chunks_served"]) is int and type(row["chunks_failed"]) is int  # not Decimal
         assert round(row["download_bytes_per_sec"]) == metrics.download_speed
         assert row["uptime_s"] == pytest.approx(metrics.uptime.total_seconds(), abs=2.0)
 

@@ -8,6 +8,8 @@
 - ``uptime_s`` is at least 0: an event dated ahead of the database's clock (within the tracker's
   accepted skew) put ``online_since`` in the future. The tracker's ``uptime`` is clamped the same way;
   ``uptime_factor`` was never affected (its decay is clamped).
+- ``chunks_served`` and ``chunks_failed`` are bigints on Postgres too (a ``SUM`` of bigints is
+  ``numeric`` there, which drivers hand back as decimals).
 - ``tracker_settings`` gains ``min_reputation`` (the selection's floor for proven peers), so
   queries for "peers selection leaves out" need not hard-code 0.3. Trackers write it on open.
 
@@ -38,6 +40,10 @@ NOW_0004 = "CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)"
 NOW = "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
 UPTIME_0004 = "    sc.uptime_s,\n"
 UPTIME = "    CASE WHEN sc.uptime_s < 0.0 THEN 0.0 ELSE sc.uptime_s END AS uptime_s,\n"
+COUNTERS = {
+    "SUM(ps.served_count) AS chunks_served": "CAST(SUM(ps.served_count) AS BIGINT) AS chunks_served",
+    "SUM(ps.failed_count) AS chunks_failed": "CAST(SUM(ps.failed_count) AS BIGINT) AS chunks_failed",
+}
 
 
 def _migration_0004() -> ModuleType:
@@ -55,6 +61,9 @@ def view_sql(dialect: str) -> list[str]:
     peer_scores = statements[0]
     assert peer_scores.count(UPTIME_0004) == 1, "0004's peer_scores changed"
     peer_scores = peer_scores.replace(UPTIME_0004, UPTIME)
+    for old, new in COUNTERS.items():
+        assert peer_scores.count(old) == 1, "0004's counters changed"
+        peer_scores = peer_scores.replace(old, new)
     if dialect == "postgresql":
         assert NOW_0004 in peer_scores, "0004's clock changed"
         peer_scores = peer_scores.replace(NOW_0004, NOW)
