@@ -359,9 +359,10 @@ async def _translating(call: Awaitable[T]) -> T:
 
 
 def _is_driver_error(error: BaseException) -> bool:
+    """Errors of the database or of reaching it (a refused connection surfaces as an ``OSError``)."""
     from sqlalchemy import exc as sa_exc
 
-    return isinstance(error, sa_exc.DBAPIError | sqlite3.Error)
+    return isinstance(error, sa_exc.DBAPIError | sqlite3.Error | OSError)
 
 
 def insert_for(dialect: str, table: Table) -> Any:

@@ -76,7 +76,11 @@ def is_disconnect(error: BaseException) -> bool:
     """Tell whether the connection was lost under a driver error: SQLAlchemy saw it (and invalidated
     the connection), or the server said so (class 08, connection exception; 57P, shutting down).
     Before COMMIT was sent that is safe to run again on a fresh connection: the server rolls back a
-    transaction whose connection is gone."""
+    transaction whose connection is gone. A connection that could not be made at all (refused,
+    reset, timed out: an ``OSError``, which SQLAlchemy passes through unwrapped from asyncpg's
+    connect) is one too: nothing was sent."""
+    if isinstance(error, OSError):
+        return True
     if not isinstance(error, sa_exc.DBAPIError):
         return False
     state = sqlstate_of(error)

@@ -293,3 +293,41 @@ async def test_the_commit_check_reads_committed_aborted_and_gives_up_on_one_stil
         assert await db._commit_status(engine, open_xid) == "aborted"
     finally:
         await tracker.close()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_refused_connection_is_retried_and_then_a_storage_error_never_a_bare_oserror(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A restarting server refuses connections; asyncpg's ConnectionRefusedError came through
+    SQLAlchemy unwrapped and out of record/get calls as a bare OSError (HTTP: 500)."""
+    tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, write_retries=3))
+    real_connect = asyncpg.connect
+    refusals = [0]
+
+    async def refusing_connect(*args: object, **kwargs: object) -> asyncpg.Connection:
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+        return await real_connect(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(asyncpg, "connect", refusing_connect)
+    try:
+        await tracker.engine.dispose()  # the next calls must connect anew
+        refusals[0] = 2
+        await tracker.record_upload_success("restart-peer")  # refused twice, then made it
+        await tracker.engine.dispose()
+        refusals[0] = 2
+        assert (await tracker.get_peer_metrics("restart-peer")) is not None
+        await tracker.engine.dispose()
+        refusals[0] = 10**6  # down for good
+        with pytest.raises(StorageError, match="Connect call failed"):
+            await tracker.record_upload_success("restart-peer")
+        with pytest.raises(StorageError, match="Connect call failed"):
+            await tracker.get_peer_metrics("restart-peer")
+        refusals[0] = 0
+        metrics = await tracker.get_peer_metrics("restart-peer")
+        assert metrics is not None and metrics.chunks_served == 1
+    finally:
+        refusals[0] = 0
+        await tracker.close()
