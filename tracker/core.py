@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db, queries
 from .config import STRATEGIES, TrackerConfig
-from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed
+from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed, translate
 from .events import (
     ContentAvailable,
     ContentUnavailable,
@@ -102,8 +102,10 @@ class AvailabilityTracker:
                 self._lanes = SqliteLanes(
                     path, lambda raw: db.configure_sqlite(raw, config), echo=config.echo_sql
                 )
-        except BaseException:
+        except BaseException as error:
             await engine.dispose()
+            if db.is_driver_error(error):  # e.g. a refused connection: asyncpg's bare OSError
+                raise translate(error) from error
             raise
         self._engine = engine
         if self.config.run_sweeper:

@@ -311,7 +311,7 @@ async def _with_retries(engine: AsyncEngine, once: Callable[[], Awaitable[T]], r
             if isinstance(error, _RolledBack):
                 error = error.error
             elif not (is_transient(error) or is_disconnect(error)):
-                if _is_driver_error(error):
+                if is_driver_error(error):
                     raise translate(error) from error
                 raise
             attempt = await _back_off(error, attempt, retries, "write_retry")
@@ -342,7 +342,7 @@ async def run_read(
                 return await work(conn)
         except Exception as error:
             if not is_disconnect(error):
-                if _is_driver_error(error):
+                if is_driver_error(error):
                     raise translate(error) from error
                 raise
             attempt = await _back_off(error, attempt, retries, "read_retry")
@@ -353,12 +353,12 @@ async def _translating(call: Awaitable[T]) -> T:
     try:
         return await call
     except Exception as error:
-        if _is_driver_error(error):
+        if is_driver_error(error):
             raise translate(error) from error
         raise
 
 
-def _is_driver_error(error: BaseException) -> bool:
+def is_driver_error(error: BaseException) -> bool:
     """Errors of the database or of reaching it (a refused connection surfaces as an ``OSError``)."""
     from sqlalchemy import exc as sa_exc
 

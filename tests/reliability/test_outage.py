@@ -331,3 +331,11 @@ async def test_a_refused_connection_is_retried_and_then_a_storage_error_never_a_
     finally:
         refusals[0] = 0
         await tracker.close()
+
+
+async def test_opening_a_tracker_on_a_server_that_refuses_raises_storage_error() -> None:
+    """open() let asyncpg's ConnectionRefusedError out bare, unlike every other call."""
+    with pytest.raises(StorageError, match="Connect call failed"):
+        await AvailabilityTracker.open(
+            TrackerConfig(database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none")
+        )

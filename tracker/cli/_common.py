@@ -25,6 +25,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..config import TrackerConfig
 from ..core import AvailabilityTracker
+from ..db import is_driver_error
 from ..errors import InvalidInput, TrackerError
 
 T = TypeVar("T")
@@ -133,6 +134,12 @@ _SPEAKING_MODULES = frozenset({"alembic", "asyncpg", "sqlite3"})
 def _one_line(error: Exception) -> Text:
     """``error: `` and the first line of what went wrong; a class name only where the sentence needs
     it, and a pointer to ``--debug`` when the rest was cut."""
+    if (
+        isinstance(error, TrackerError)
+        and isinstance(error.__cause__, Exception)
+        and is_driver_error(error.__cause__)
+    ):
+        error = error.__cause__  # the tracker's StorageError around a driver error: the driver speaks
     # A driver error wrapped by SQLAlchemy: the driver's sentence, not the SQL and the link.
     cause = error.orig if isinstance(error, DBAPIError) and error.orig is not None else error
     lines = str(cause).strip().splitlines() or [type(cause).__name__]
