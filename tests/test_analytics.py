@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import text
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.events import PeerOnline
 from tracker.queries import under_replicated_count
 from tracker.service import create_app
 from tracker.testing import ManualClock
@@ -177,3 +178,20 @@ async def test_the_selection_floor_is_a_setting_the_cookbook_reads(db_url: str, 
     async with AvailabilityTracker(config) as tracker:
         published = await _rows(tracker, "SELECT value FROM tracker_settings WHERE name = 'min_reputation'")
         assert published == [{"value": 0.25}]
+
+
+async def test_a_session_dated_ahead_counts_zero_and_keeps_the_closed_sessions_uptime(
+    swarm: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """The clamp was on the total: an open session starting 60 s ahead subtracted 60 s of the peer's
+    closed uptime (and its uptime factor with it)."""
+    t = clock.now
+    await swarm.record_batch([PeerOnline("steady", at=t - 7200 + i * 200) for i in range(19)])
+    await swarm.record_peer_offline("steady", at=t - 3600)
+    closed = await swarm.get_peer_metrics("steady")
+    await swarm.record_peer_online("steady", at=t + 55)
+    metrics = await swarm.get_peer_metrics("steady")
+    assert closed is not None and metrics is not None
+    assert metrics.uptime == closed.uptime and metrics.uptime.total_seconds() == pytest.approx(3600)
+    rows = await _rows(swarm, "SELECT uptime_s FROM peer_scores WHERE peer_id = 'steady'")
+    assert rows[0]["uptime_s"] == pytest.approx(3600)

@@ -115,3 +115,28 @@ async def test_hostile_but_valid_ids_round_trip_exactly(tracker: AvailabilityTra
     for w in weird:
         metrics = await tracker.get_peer_metrics(w)
         assert metrics is not None and metrics.peer_id == w
+
+
+async def test_the_future_limit_says_by_how_much_and_huge_times_stay_short(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """60.0001 s ahead read "dated 60 s in the future; the allowed clock skew is 60 s"."""
+    with pytest.raises(InvalidInput, match=r"dated 60\.0001 s in the future; the allowed clock skew is 60 s"):
+        await tracker.record_peer_online("a", at=clock.now + 60.0001)
+    with pytest.raises(InvalidInput, match=r"dated 1e\+300 s in the future") as raised:
+        await tracker.record_peer_online("a", at=1e300)
+    assert len(str(raised.value)) < 120
+
+
+@pytest.mark.parametrize("now", [float("nan"), float("inf"), -1.0, "soon"])
+async def test_a_sweep_as_of_an_unusable_time_is_refused_and_changes_nothing(
+    tracker: AvailabilityTracker, now: object
+) -> None:
+    """NaN marked peers offline and stored NaN on Postgres and did nothing on SQLite; infinity the
+    other way round."""
+    await tracker.record_batch([PeerOnline("a"), ContentAvailable("c", "a")])
+    before = await _row_counts(tracker)
+    with pytest.raises(InvalidInput, match="now"):
+        await tracker.sweep(now=now)  # type: ignore[arg-type]
+    assert await _row_counts(tracker) == before
+    assert await tracker.get_available_peers("c") == ["a"]

@@ -25,6 +25,7 @@ from .events import (
     UploadOutcome,
     check_batch,
     validate_id,
+    validate_time,
 )
 from .ingest import GroupCommitter, GroupStats
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
@@ -176,8 +177,10 @@ class AvailabilityTracker:
     # -- sweeper --------------------------------------------------------------------------------
 
     async def sweep(self, now: float | None = None) -> SweepReport:
-        """Run one sweeper pass now (see ``tracker.sweeper``); returns what it did."""
-        return await sweep_once(self, now)
+        """Run one sweeper pass now, or as of ``now`` (Unix seconds; see ``tracker.sweeper``); returns
+        what it did. ``now`` is checked like an event's time: NaN or infinity swept differently on
+        the two engines (and stored NaN on Postgres)."""
+        return await sweep_once(self, validate_time(now, "now"))
 
     def start_sweeper(self) -> None:
         """Sweep every ``update_interval`` in a background task until ``stop_sweeper()`` or ``close()``."""

@@ -166,8 +166,8 @@ def check_batch(events: Iterable[object], *, limit: int, now: float, max_skew_s:
         event: Event = item  # type: ignore[assignment]
         if event.at is not None and event.at > now + max_skew_s:
             raise InvalidInput(
-                f"event #{index} ({type(event).__name__}) is dated {event.at - now:.0f} s in the future; "
-                f"the allowed clock skew is {max_skew_s:.0f} s"
+                f"event #{index} ({type(event).__name__}) is dated {event.at - now:.6g} s in the future; "
+                f"the allowed clock skew is {max_skew_s:g} s"
             )
         checked.append(event)
     return checked

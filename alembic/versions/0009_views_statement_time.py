@@ -5,9 +5,10 @@
   out and leases never expired in its answers, and a peer that came online after the transaction
   began had a negative ``uptime_s``. They now use ``statement_timestamp()``, one instant for the
   whole statement, as before, but a new one for each. SQLite's ``julianday('now')`` already is.
-- ``uptime_s`` is at least 0: an event dated ahead of the database's clock (within the tracker's
-  accepted skew) put ``online_since`` in the future. The tracker's ``uptime`` is clamped the same way;
-  ``uptime_factor`` was never affected (its decay is clamped).
+- An open session dated ahead of the database's clock (an event within the tracker's accepted skew
+  put ``online_since`` in the future) counts 0 instead of a negative time: ``uptime_s`` went
+  negative, or lost that much of the closed sessions' uptime, and ``uptime_factor`` with it. The
+  tracker's ranking and ``uptime`` count it the same way.
 - ``chunks_served`` and ``chunks_failed`` are bigints on Postgres too (a ``SUM`` of bigints is
   ``numeric`` there, which drivers hand back as decimals).
 - ``tracker_settings`` gains ``min_reputation`` (the selection's floor for proven peers), so
@@ -38,8 +39,17 @@ VIEWS = ("under_replicated_content", "content_replication", "peer_scores")  # de
 MIN_REPUTATION = 0.3  # TrackerConfig's default; the tracker overwrites it with its own on open
 NOW_0004 = "CAST(EXTRACT(EPOCH FROM now()) AS DOUBLE PRECISION)"
 NOW = "CAST(EXTRACT(EPOCH FROM statement_timestamp()) AS DOUBLE PRECISION)"
-UPTIME_0004 = "    sc.uptime_s,\n"
-UPTIME = "    CASE WHEN sc.uptime_s < 0.0 THEN 0.0 ELSE sc.uptime_s END AS uptime_s,\n"
+UPTIME_0004 = """        MAX(ps.uptime_s + CASE WHEN ps.online THEN
+            (CASE WHEN ps.last_seen >= k.now - s.peer_timeout_s THEN k.now ELSE ps.last_seen END)
+            - ps.online_since ELSE 0.0 END) AS uptime_s,
+"""
+UPTIME = """        MAX(ps.uptime_s + CASE
+            WHEN NOT ps.online THEN 0.0
+            WHEN ps.last_seen < k.now - s.peer_timeout_s THEN
+                CASE WHEN ps.last_seen > ps.online_since THEN ps.last_seen - ps.online_since ELSE 0.0 END
+            WHEN k.now > ps.online_since THEN k.now - ps.online_since
+            ELSE 0.0 END) AS uptime_s,
+"""
 COUNTERS = {
     "SUM(ps.served_count) AS chunks_served": "CAST(SUM(ps.served_count) AS BIGINT) AS chunks_served",
     "SUM(ps.failed_count) AS chunks_failed": "CAST(SUM(ps.failed_count) AS BIGINT) AS chunks_failed",
@@ -59,7 +69,7 @@ def view_sql(dialect: str) -> list[str]:
     """0009's CREATE VIEW statements for ``dialect``, in dependency order."""
     statements: list[str] = _migration_0004().view_sql(dialect)
     peer_scores = statements[0]
-    assert peer_scores.count(UPTIME_0004) == 1, "0004's peer_scores changed"
+    assert peer_scores.count(UPTIME_0004) == 1, "0004's uptime changed"
     peer_scores = peer_scores.replace(UPTIME_0004, UPTIME)
     for old, new in COUNTERS.items():
         assert peer_scores.count(old) == 1, "0004's counters changed"

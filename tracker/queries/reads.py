@@ -87,7 +87,9 @@ def _merged_columns(
     ps = peer_stats.c
     t_now: ColumnElement[float] = bindparam("now", type_=Double())
     session_end = case((ps.last_seen >= _cutoff(), t_now), else_=ps.last_seen)
-    uptime = ps.uptime_s + case((ps.online, session_end - ps.online_since), else_=num(0.0))
+    session = session_end - ps.online_since
+    # A session dated ahead of the clock (within the accepted skew) counts 0, not minus the closed ones.
+    uptime = ps.uptime_s + case((and_(ps.online, session > 0.0), session), else_=num(0.0))
     counters = (
         [fold(func.sum, ps.served_count + ps.failed_count).label("outcomes")]
         if ranking
