@@ -90,3 +90,23 @@ def test_push_exchanges_both_ways_with_a_running_server(db_url: str, tmp_path: P
         assert wrong.exit_code == 1 and "401" in wrong.output
     finally:
         assert server.stop() == 0
+
+
+def test_import_refuses_a_snapshot_with_rows_from_the_future_and_imports_nothing(
+    db_url: str, tmp_path: Path
+) -> None:
+    source = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    _seed(source, "src", 2)
+    exported = _cli(source, "gossip", "export", "--dir", str(tmp_path), "--json")
+    path = Path(json.loads(exported.stdout)["snapshot"])
+    records = [json.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
+    for record in records:
+        if record.get("t") == "peer" and record["peer"] == "src-1":
+            record["last_seen"] = 1e12  # what a glitched exporter (or a hand edit) writes
+    future = tmp_path / "future.jsonl.gz"
+    future.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in records)))
+
+    refused = _cli(db_url, "gossip", "import", str(future))
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "peer src-1" in refused.output and "ahead of this tracker's clock" in refused.output
+    assert _served(db_url, "src-0") is None  # nothing of the file, not even the valid rows

@@ -7,10 +7,23 @@ from datetime import UTC, datetime, timedelta
 
 from . import reputation as rep
 
+_LATEST = datetime.max.replace(tzinfo=UTC)
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+
 
 def from_unix(seconds: float | None) -> datetime | None:
-    """Unix seconds (the storage format) as an aware UTC datetime."""
-    return None if seconds is None else datetime.fromtimestamp(seconds, tz=UTC)
+    """Unix seconds (the storage format) as an aware UTC datetime.
+
+    Every write path refuses times out of range, but the tables are open to operators' SQL: a value
+    beyond what ``datetime`` holds (year 1..9999) reads as its limit, and NaN as unknown, rather
+    than failing every read that touches the row.
+    """
+    if seconds is None or seconds != seconds:
+        return None
+    try:
+        return datetime.fromtimestamp(seconds, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        return _LATEST if seconds > 0 else _EARLIEST
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -143,7 +143,7 @@ def import_(
 
     Rows enter through the gossip merge at version 0: they fill in what is missing and never override
     what gossip brought; this node's own observations are left alone. The file is checked whole first;
-    a truncated or corrupt file changes nothing.
+    a truncated or corrupt file, or one with rows dated ahead of this clock, changes nothing.
     """
     from rich.progress import Progress
 

@@ -25,7 +25,7 @@ from ..errors import TrackerError
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
 from .config import GossipConfig, check_url
-from .protocol import VERSION, GossipRejected, Keyring, Message, decode, new_nonce, signed
+from .protocol import VERSION, GossipRejected, Keyring, Message, decode, hold_future, new_nonce, signed
 
 log = logging.getLogger("tracker.gossip")
 
@@ -49,6 +49,8 @@ class GossipStats:
     rows_applied: int = 0
     #: Merges that left rows out for want of their samples and asked for a resend (lowered a clock).
     resends_asked: int = 0
+    #: Rows held back because they state a time beyond this node's clock + max_skew_s.
+    rows_held_future: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
 
 
@@ -225,6 +227,7 @@ class GossipAgent:
         except GossipRejected as error:
             self._reject(error, address=address)
             return _error(error)
+        message = self._hold_future(message, now)
         self.stats.bytes_received += len(body)
         window = self.tracker.config.bandwidth_window
 
@@ -322,6 +325,7 @@ class GossipAgent:
         if reply.kind != "reply" or reply.in_reply_to != sync.nonce:
             self._reject(GossipRejected("replay", "a reply that does not answer this request"), neighbor.url)
             raise GossipFailed(f"{neighbor.url} sent a reply to another request")
+        reply = self._hold_future(reply, self._now())
         neighbor.vector = dict(reply.vector)
         neighbor.samples = dict(reply.samples_vector)
         self._learn(reply)
@@ -351,6 +355,20 @@ class GossipAgent:
                 held,
                 extra={"action": "gossip_own_clock_raised", "sender": message.node},
             )
+
+    def _hold_future(self, message: Message, now: float) -> Message:
+        """Leave out rows dated ahead of this clock by more than the skew (``protocol.hold_future``)."""
+        message, held = hold_future(message, now + self.config.max_skew_s)
+        if held:
+            self.stats.rows_held_future += held
+            log.warning(
+                "held back %d gossip rows dated more than %g s ahead of this clock: the origin's clock "
+                "(or this one) is wrong; they apply once they are no longer ahead",
+                held,
+                self.config.max_skew_s,
+                extra={"action": "gossip_rows_held_future", "sender": message.node},
+            )
+        return message
 
     def _count(self, counts: q.MergeCounts) -> None:
         self.stats.rows_applied += counts.peers + counts.mappings

@@ -4,7 +4,9 @@ A snapshot carries no versions, so its rows enter at version 0: they fill in wha
 and lose to anything gossip brings, and content mappings still go by last-writer-wins on time. This
 node's own origin is skipped, like in gossip: the database is the authority on its own observations.
 The whole file is applied in one transaction, after its trailer has been checked, so a truncated or
-corrupt file changes nothing.
+corrupt file changes nothing; so does one with a row dated beyond this tracker's clock plus
+``max_clock_skew_s`` (the exporter's clock was wrong: such rows would pin peers online and win every
+last-writer-wins for as long as the error).
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from .. import db
 from ..core import AvailabilityTracker
 from ..queries import gossip as q
 from .files import read_snapshot
-from .protocol import MappingState, OriginDelta, PeerState
+from .protocol import MappingState, OriginDelta, PeerState, newest_time
+from .snapshot import SnapshotError
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +76,7 @@ async def import_snapshot(
                 version=0,
             )
         )
+    _refuse_future(tracker, deltas)
     origins = [
         OriginDelta(origin=o, base=0, upto=0, peers=p, mappings=m) for o, (p, m) in sorted(deltas.items())
     ]
@@ -98,3 +102,22 @@ async def import_snapshot(
         peers_applied=counts.peers,
         mappings_applied=counts.mappings,
     )
+
+
+def _refuse_future(
+    tracker: AvailabilityTracker, deltas: dict[str, tuple[list[PeerState], list[MappingState]]]
+) -> None:
+    now = tracker.config.clock()
+    skew = tracker.config.max_clock_skew_s
+    for origin, (peers, mappings) in sorted(deltas.items()):
+        rows: list[PeerState | MappingState] = [*peers, *mappings]
+        for row in rows:
+            if (at := newest_time(row)) > now + skew:
+                what = (
+                    f"peer {row.peer}" if isinstance(row, PeerState) else f"mapping {row.cid} -> {row.peer}"
+                )
+                raise SnapshotError(
+                    f"the snapshot's row of origin {origin} for {what} is dated {at - now:.6g} s ahead of "
+                    f"this tracker's clock (allowed {skew:g} s); the exporting tracker's clock was wrong, "
+                    "or this one's is: nothing was imported"
+                )

@@ -180,6 +180,53 @@ class Message(_Strict):
         return sum(len(d.peers) + len(d.mappings) for d in self.deltas)
 
 
+def newest_time(row: PeerState | MappingState) -> float:
+    """The latest time a row states (the origin's clock wrote them all)."""
+    if isinstance(row, MappingState):
+        return max(row.since, row.last_confirmed, row.changed_at)
+    times = [row.first_seen, row.last_seen, row.updated_at]
+    times += [t for t in (row.online_since, row.evidence_at) if t is not None]
+    times += [at for at, _ in row.samples or ()]
+    return max(times)
+
+
+def _hold_future(delta: OriginDelta, latest: float) -> tuple[OriginDelta, int]:
+    """The part of ``delta`` that states no time after ``latest``, and how many rows were held back.
+
+    An origin whose clock ran ahead (or a bug, or a forged row) dates rows in the future; applied,
+    they would pin a peer online or win every last-writer-wins for as long as the jump, and spread
+    through every relay. They are held like rows missing their samples: every row from the first
+    such version on is left out and ``upto`` lowered below it, so the receiver's clock of that
+    origin stays there and the sender brings the rows again once they are no longer ahead.
+    Clamping the times instead would make receivers with different clocks disagree for good.
+    """
+    rows: list[PeerState | MappingState] = [*delta.peers, *delta.mappings]
+    future = [r.version for r in rows if newest_time(r) > latest]
+    if not future:
+        return delta, 0
+    cut = min(future)
+    peers = [p for p in delta.peers if p.version < cut]
+    mappings = [m for m in delta.mappings if m.version < cut]
+    # Samples claimed complete through samples_upto must include the held rows' samples: lower it.
+    held_samples = [p.samples_at for p in delta.peers if p.version >= cut]
+    part = delta.model_copy(
+        update={
+            "peers": peers,
+            "mappings": mappings,
+            "upto": max(0, min(delta.upto, cut - 1)),
+            "samples_upto": max(0, min([delta.samples_upto, *(s - 1 for s in held_samples)])),
+        }
+    )
+    return part, len(delta.peers) + len(delta.mappings) - len(peers) - len(mappings)
+
+
+def hold_future(message: Message, latest: float) -> tuple[Message, int]:
+    """``message`` without its rows dated after ``latest`` (see ``_hold_future``), and their count."""
+    parts = [_hold_future(delta, latest) for delta in message.deltas]
+    held = sum(n for _, n in parts)
+    return (message.model_copy(update={"deltas": [d for d, _ in parts]}) if held else message), held
+
+
 def new_nonce() -> str:
     return secrets.token_hex(16)
 
@@ -270,12 +317,12 @@ def decode(
     if message.sent_at < now - max_skew_s:
         raise GossipRejected(
             "too_old",
-            f"the message was sent {now - message.sent_at:.0f} s ago; the limit is {max_skew_s:g} s",
+            f"the message was sent {now - message.sent_at:.6g} s ago; the limit is {max_skew_s:g} s",
         )
     if message.sent_at > now + max_skew_s:
         raise GossipRejected(
             "from_future",
-            f"the message is dated {message.sent_at - now:.0f} s ahead; the limit is {max_skew_s:g} s",
+            f"the message is dated {message.sent_at - now:.6g} s ahead; the limit is {max_skew_s:g} s",
         )
     return message
 

@@ -84,6 +84,11 @@ def _gossip_metrics(agent: GossipAgent) -> Iterator[Metric]:
             "Merges that left peer rows out for want of their samples and asked the origin's rows again.",
             stats.resends_asked,
         ),
+        (
+            "tracker_gossip_rows_held_future",
+            "Rows held back because they are dated beyond this clock plus the allowed skew.",
+            stats.rows_held_future,
+        ),
     ):
         yield CounterMetricFamily(name, help_text, value=value)
     rejected = CounterMetricFamily(
