@@ -138,6 +138,10 @@ class TrackerConfig:
     echo_sql: bool = False
     #: Zero-argument callable returning Unix time in seconds; tests inject a controllable one.
     clock: Clock = field(default=time.time, compare=False, repr=False)
+    #: Elapsed seconds from a clock no one can set, paired with ``clock``: the sweeper compares the
+    #: two to notice ``clock`` leaping forward (tracker/clockleap.py). ``None``: the system's
+    #: (CLOCK_BOOTTIME) when ``clock`` is the system clock; with another clock, no leap detection.
+    monotonic: Clock | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in (*_DURATIONS, *_OPTIONAL_DURATIONS):
@@ -201,6 +205,8 @@ class TrackerConfig:
             raise ConfigError(f"reputation must be a ReputationParams, got {self.reputation!r}")
         if not callable(self.clock):
             raise ConfigError(f"clock must be a zero-argument callable, got {self.clock!r}")
+        if self.monotonic is not None and not callable(self.monotonic):
+            raise ConfigError(f"monotonic must be a zero-argument callable or None, got {self.monotonic!r}")
 
     @property
     def selection_slots(self) -> int:
@@ -224,7 +230,7 @@ class TrackerConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("reputation", "clock"):
+            if f.name in ("reputation", "clock", "monotonic"):
                 continue
             raw = env.get(f"TRACKER_{f.name.upper()}")
             if raw is not None:

@@ -179,8 +179,15 @@ class AvailabilityTracker:
     async def sweep(self, now: float | None = None) -> SweepReport:
         """Run one sweeper pass now, or as of ``now`` (Unix seconds; see ``tracker.sweeper``); returns
         what it did. ``now`` is checked like an event's time: NaN or infinity swept differently on
-        the two engines (and stored NaN on Postgres)."""
-        return await sweep_once(self, validate_time(now, "now"))
+        the two engines (and stored NaN on Postgres), and a ``now`` further ahead of the clock than
+        ``max_clock_skew_s`` would time out every peer and delete their mappings."""
+        at = validate_time(now, "now")
+        if at is not None and at > (clock := self.config.clock()) + self.config.max_clock_skew_s:
+            raise InvalidInput(
+                f"now is {at - clock:.6g} s ahead of the tracker's clock; the limit is "
+                f"{self.config.max_clock_skew_s:g} s (max_clock_skew_s)"
+            )
+        return await sweep_once(self, at)
 
     def start_sweeper(self) -> None:
         """Sweep every ``update_interval`` in a background task until ``stop_sweeper()`` or ``close()``."""

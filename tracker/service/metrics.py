@@ -47,6 +47,11 @@ class _TrackerStateCollector(Collector):
             "Passes skipped because another process held the sweep lock.",
             value=sweeps.skipped,
         )
+        yield CounterMetricFamily(
+            "tracker_sweeps_held",
+            "Passes held (nothing changed) because this host's clock had leapt ahead of elapsed time.",
+            value=sweeps.held,
+        )
         report = sweeps.last_report
         yield GaugeMetricFamily(
             "tracker_sweep_last_duration_seconds",
