@@ -1,17 +1,18 @@
-"""The sweeper and its own clock leaping ahead: held passes, the correction, a leap that stays.
+"""The tracker's own clock leaping ahead: it keeps time by elapsed time until the leap ends or persists.
 
-Before the guard, one pass with the clock a day ahead timed out every peer and deleted all their
-mappings, and correcting the clock brought none of them back.
+Before, one sweep with the clock a day ahead timed out every peer and deleted all their mappings,
+and correcting the clock brought none of them back; events the tracker stamped during the leap kept
+their peers online for the day after, and a peer's removal was ignored as older than them.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
+from prometheus_client import generate_latest
 from sqlalchemy import func, select
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -19,6 +20,7 @@ from tracker.clockleap import system_elapsed
 from tracker.errors import InvalidInput
 from tracker.events import ContentAvailable, PeerOnline
 from tracker.schema import content_peers, peer_stats
+from tracker.service.metrics import ServiceMetrics
 from tracker.testing import ManualClock
 
 DAY = 86_400.0
@@ -35,31 +37,51 @@ async def guarded(config: TrackerConfig, clock: ManualClock) -> AsyncIterator[Av
 
 
 async def _stored(tracker: AvailabilityTracker) -> tuple[int, int]:
-    """(peers stored online, mappings stored): what a pass would change for good."""
+    """(peers stored online, mappings stored): what a sweep changes for good."""
     async with tracker.engine.connect() as conn:
         online = await conn.scalar(select(func.count()).select_from(peer_stats).where(peer_stats.c.online))
         mapped = await conn.scalar(select(func.count()).select_from(content_peers))
     return int(online or 0), int(mapped or 0)
 
 
-async def test_a_leap_ahead_that_is_corrected_changes_nothing(
+async def test_a_leap_ahead_that_is_corrected_changes_nothing_and_stamps_nothing_ahead(
     guarded: AvailabilityTracker, clock: ManualClock
 ) -> None:
-    assert (await guarded.sweep()).ran  # the reference pass
+    start = clock.now
+    assert (await guarded.sweep()).ran
     clock.advance(30)
     clock.leap(DAY)  # a bad NTP source; offline_mapping_retention_s is a day too
-    held = await guarded.sweep()
-    assert not held.ran and held.clock_leap_s == pytest.approx(DAY)
-    clock.advance(30)
-    assert (await guarded.sweep()).clock_leap_s == pytest.approx(DAY)  # still out of step: still held
-    assert await _stored(guarded) == (3, 3)
+    report = await guarded.sweep()
+    assert report.ran and report.clock_leap_s == pytest.approx(DAY)
+    assert report.now == pytest.approx(start + 30) and report.peers_marked_offline == 0
+    assert guarded.now() == pytest.approx(start + 30)
+    await guarded.record_peer_online("a")  # stamped by the tracker, on elapsed time
+    metrics = await guarded.get_peer_metrics("a")
+    assert metrics is not None and metrics.last_seen is not None
+    assert metrics.last_seen.timestamp() == pytest.approx(start + 30)
+    assert sorted(await guarded.get_available_peers("movie")) == ["a", "b", "c"]
 
     clock.leap(-DAY)  # corrected
     clock.advance(30)
     back = await guarded.sweep()
     assert back.ran and back.clock_leap_s is None and back.peers_marked_offline == 0
     assert await _stored(guarded) == (3, 3)
-    assert sorted(await guarded.get_available_peers("movie")) == ["a", "b", "c"]
+    await guarded.record_peer_offline("a")  # not older than anything stamped during the leap
+    assert sorted(await guarded.get_available_peers("movie")) == ["b", "c"]
+
+
+async def test_during_a_leap_peers_still_time_out_by_elapsed_time(
+    guarded: AvailabilityTracker, clock: ManualClock
+) -> None:
+    await guarded.sweep()
+    clock.leap(DAY)
+    clock.advance(guarded.config.peer_timeout / 2)
+    await guarded.record_peer_online("a")
+    clock.advance(guarded.config.peer_timeout / 2 + 1)
+    report = await guarded.sweep()
+    assert report.clock_leap_s == pytest.approx(DAY)
+    assert report.peers_marked_offline == 2  # b and c went silent; a spoke half a timeout ago
+    assert await _stored(guarded) == (1, 3)  # their mappings stay: they left a timeout ago, not a day
 
 
 async def test_a_leap_that_persists_for_peer_timeout_is_taken_as_a_correction(
@@ -69,35 +91,45 @@ async def test_a_leap_that_persists_for_peer_timeout_is_taken_as_a_correction(
     clock.leap(3600)  # the clock was an hour behind, and NTP set it right
     assert (await guarded.sweep()).clock_leap_s == pytest.approx(3600)
     clock.advance(guarded.config.peer_timeout - 1)
-    assert not (await guarded.sweep()).ran
+    assert guarded.now.leap_s == pytest.approx(3600)
     clock.advance(1)
     accepted = await guarded.sweep()
-    assert accepted.ran and accepted.peers_marked_offline == 3  # silent for over an hour by the clock
+    assert accepted.clock_leap_s is None and accepted.now == clock.now
+    assert accepted.peers_marked_offline == 3  # silent for over an hour by the corrected clock
     clock.advance(30)
-    assert (await guarded.sweep()).ran  # the new time is the reference now
+    assert guarded.now() == clock.now  # the new time is the reference now
 
 
-async def test_small_steps_and_steps_back_are_not_leaps(
+async def test_small_steps_and_steps_back_are_followed_at_once(
     guarded: AvailabilityTracker, clock: ManualClock
 ) -> None:
-    await guarded.sweep()
     clock.advance(30)
     clock.leap(guarded.config.max_clock_skew_s)  # within the allowed skew
-    assert (await guarded.sweep()).ran
+    assert guarded.now() == clock.now
     clock.leap(-3600)
-    assert (await guarded.sweep()).ran
+    assert guarded.now() == clock.now and guarded.now.leap_s == 0.0
+    assert (await guarded.sweep()).clock_leap_s is None
     assert await _stored(guarded) == (3, 3)
 
 
-async def test_an_injected_clock_without_elapsed_time_is_not_guarded_and_the_system_clock_is(
+async def test_the_leap_is_a_metric(guarded: AvailabilityTracker, clock: ManualClock) -> None:
+    metrics = ServiceMetrics(guarded)
+    guarded.now()
+    clock.leap(DAY)
+    guarded.now()
+    assert b"tracker_clock_leap_seconds 86400.0" in generate_latest(metrics.registry)
+
+
+async def test_an_injected_clock_without_elapsed_time_is_followed_and_the_system_clock_is_guarded(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:
     await tracker.record_peer_online("p")
     await tracker.sweep()
     clock.leap(DAY)  # without monotonic=, a leap is indistinguishable from time passing
     assert (await tracker.sweep()).peers_marked_offline == 1
-    system = tracker.sweeper_state.__class__().leap_guard(TrackerConfig())
-    assert system is not None and system.elapsed is system_elapsed
+    async with AvailabilityTracker(replace(tracker.config, clock=time.time)) as system:
+        assert system.now.elapsed is system_elapsed
+        assert abs(system.now() - time.time()) < 5
 
 
 async def test_sweep_refuses_a_now_ahead_of_the_clock_by_more_than_the_skew(
@@ -107,20 +139,3 @@ async def test_sweep_refuses_a_now_ahead_of_the_clock_by_more_than_the_skew(
         await guarded.sweep(now=clock.now + DAY)
     assert await _stored(guarded) == (3, 3)
     assert (await guarded.sweep(now=clock.now + guarded.config.max_clock_skew_s)).ran
-
-
-async def test_the_background_sweeper_counts_held_passes(config: TrackerConfig, clock: ManualClock) -> None:
-    fast = replace(config, monotonic=clock.monotonic, update_interval=0.02, run_sweeper=True)
-    async with AvailabilityTracker(fast) as tracker:
-        await tracker.record_peer_online("p")
-        state = tracker.sweeper_state
-        deadline = time.monotonic() + 10
-        while state.passes < 1:
-            assert time.monotonic() < deadline, "no pass"
-            await asyncio.sleep(0.005)
-        clock.leap(DAY)
-        while state.held < 2:
-            assert time.monotonic() < deadline, "no held pass"
-            await asyncio.sleep(0.005)
-        assert state.last_report is not None and state.last_report.clock_leap_s == pytest.approx(DAY)
-        assert await _stored(tracker) == (1, 0)

@@ -1,20 +1,22 @@
-"""Noticing the tracker's own clock leaping forward, so the sweeper does not act on it.
+"""The tracker's "now": the configured clock, except while it has leapt forward.
 
-Every time the sweeper acts on is "now minus a duration": a peer unseen for ``peer_timeout`` goes
-offline, a mapping whose peer has been gone for ``offline_mapping_retention_s`` is deleted. If the
-host's clock is stepped a day ahead (a bad NTP source, a mistyped ``date``), one pass marks every
-peer offline and deletes the mappings of all of them, and when the clock is corrected nothing
-brings those mappings back until each peer announces its contents again.
+Every time the tracker acts on is measured from "now". If the host's clock is stepped a day ahead (a
+bad NTP source, a mistyped ``date``), one sweep would time out every peer and delete the mappings of
+all of them, every event the tracker stamps itself would be dated a day ahead, and when the clock
+is corrected those rows would keep peers online (and their removals, stamped "earlier", would be
+ignored as stale) for the day. Nothing brings the deleted mappings back until each peer announces
+its contents again.
 
 A clock that leaps is told apart from time that passed by an elapsed-time clock that no one can
 set: ``CLOCK_BOOTTIME`` on Linux (it keeps counting while the host is suspended, when wall time
-really passes), else ``time.monotonic``. Between two passes the wall clock should advance as much
-as it does; a surplus beyond the allowed skew is a leap, and the sweeper holds its pass (changes
-nothing) while the surplus lasts. A leap that is the clock being corrected (it was behind) is
-accepted after ``accept_after_s`` of elapsed time: until then peers are timed out at most that much
-late, the price of never acting on a clock that will be stepped back.
+really passes), else ``time.monotonic``. Each reading compares the wall clock's advance since the
+last trusted reading with elapsed time; a surplus beyond the allowed skew is a leap, and while it
+lasts "now" is the last trusted reading plus elapsed time: peers time out, leases lapse and events
+are stamped as if the clock had not moved. The leap ends when the clock is set back in step, or
+after ``accept_after_s`` of elapsed time, when it is taken as the correction of a clock that was
+behind (until then peers time out up to that much late). A clock stepped back is followed at once.
 
-A leap while the process was not running cannot be seen: the first pass has nothing to compare.
+A leap while the process was not running cannot be seen: the first reading has nothing to compare.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
@@ -35,54 +36,64 @@ def system_elapsed() -> float:
     return time.monotonic()
 
 
-@dataclass
-class ClockLeapGuard:
-    """Compares the wall clock's advance with the elapsed clock's between passes."""
+class SteadyClock:
+    """A zero-argument clock: ``wall()``, or while ``wall`` has leapt ahead, elapsed time since the
+    last reading that was in step. Without ``elapsed`` it is ``wall`` itself."""
 
-    elapsed: Callable[[], float]
-    #: A surplus above this is a leap (the tracker's ``max_clock_skew_s``).
-    tolerance_s: float
-    #: How long a leap is held before it is taken as the clock's correction (``peer_timeout``).
-    accept_after_s: float
-    _wall: float | None = None
-    _mono: float = 0.0
-    _held_since: float | None = None
+    def __init__(
+        self,
+        wall: Callable[[], float],
+        elapsed: Callable[[], float] | None,
+        *,
+        tolerance_s: float,
+        accept_after_s: float,
+    ) -> None:
+        self.wall = wall
+        self.elapsed = elapsed
+        self.tolerance_s = tolerance_s
+        self.accept_after_s = accept_after_s
+        self._wall: float | None = None  # the last reading in step, and elapsed time then
+        self._mono = 0.0
+        self._held_since: float | None = None
+        #: How far the wall clock runs ahead of "now" (0.0 when in step): for metrics and reports.
+        self.leap_s = 0.0
 
-    def leap(self, wall: float) -> float | None:
-        """How far ``wall`` runs ahead of what the previous trusted pass and elapsed time give, if
-        that is a leap the pass should hold for; ``None``: act on ``wall``."""
+    def __call__(self) -> float:
+        wall = self.wall()
+        if self.elapsed is None:
+            return wall
         mono = self.elapsed()
         if self._wall is None:
-            self._trust(wall, mono)
-            return None
-        surplus = wall - (self._wall + (mono - self._mono))
+            return self._trust(wall, mono)
+        steady = self._wall + (mono - self._mono)
+        surplus = wall - steady
         if surplus <= self.tolerance_s:
             if self._held_since is not None:
                 log.warning(
-                    "the clock is back in step with elapsed time; sweeping again",
+                    "the clock is back in step with elapsed time",
                     extra={"action": "clock_leap_over", "surplus_s": surplus},
                 )
-            self._trust(wall, mono)
-            return None
+            return self._trust(wall, mono)
         if self._held_since is None:
             self._held_since = mono
             log.warning(
-                "the clock leapt %.6g s ahead of elapsed time since the last sweep: holding timeouts "
-                "and pruning (accepted as a correction after %g s if it persists)",
+                "the clock leapt %.6g s ahead of elapsed time: the tracker keeps time by elapsed time "
+                "(taken as a correction if it persists for %g s)",
                 surplus,
                 self.accept_after_s,
                 extra={"action": "clock_leap", "surplus_s": surplus},
             )
         if mono - self._held_since >= self.accept_after_s:
             log.warning(
-                "the clock's leap of %.6g s persisted for %g s: taken as a correction, sweeping on it",
+                "the clock's leap of %.6g s persisted for %g s: taken as a correction",
                 surplus,
                 self.accept_after_s,
                 extra={"action": "clock_leap_accepted", "surplus_s": surplus},
             )
-            self._trust(wall, mono)
-            return None
-        return surplus
+            return self._trust(wall, mono)
+        self.leap_s = surplus
+        return steady
 
-    def _trust(self, wall: float, mono: float) -> None:
-        self._wall, self._mono, self._held_since = wall, mono, None
+    def _trust(self, wall: float, mono: float) -> float:
+        self._wall, self._mono, self._held_since, self.leap_s = wall, mono, None, 0.0
+        return wall

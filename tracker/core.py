@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
@@ -13,6 +14,7 @@ from typing import Self, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db, queries
+from .clockleap import SteadyClock, system_elapsed
 from .config import STRATEGIES, TrackerConfig
 from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed, translate
 from .events import (
@@ -61,6 +63,17 @@ class AvailabilityTracker:
         self._node_id: int | None = None
         self._node_key: str | None = None
         self._sweep_state = SweepState()
+        elapsed = self.config.monotonic
+        if elapsed is None and self.config.clock is time.time:
+            elapsed = system_elapsed
+        #: The tracker's "now", which every time it stores or compares comes from: ``config.clock``,
+        #: except while that has leapt ahead of elapsed time (tracker/clockleap.py).
+        self.now = SteadyClock(
+            self.config.clock,
+            elapsed,
+            tolerance_s=self.config.max_clock_skew_s,
+            accept_after_s=self.config.peer_timeout,
+        )
         self._sweeper: SweeperTask | None = None
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events)
         self._random = random.Random(self.config.random_seed)
@@ -89,7 +102,7 @@ class AvailabilityTracker:
                         f"tracker needs {head}: run `tracker db upgrade` (or `alembic upgrade head`), "
                         "or open with auto_migrate=True (TRACKER_AUTO_MIGRATE=true)"
                     )
-            now = self.config.clock()
+            now = self.now()
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:
                 if self._publish_settings:
@@ -182,7 +195,7 @@ class AvailabilityTracker:
         the two engines (and stored NaN on Postgres), and a ``now`` further ahead of the clock than
         ``max_clock_skew_s`` would time out every peer and delete their mappings."""
         at = validate_time(now, "now")
-        if at is not None and at > (clock := self.config.clock()) + self.config.max_clock_skew_s:
+        if at is not None and at > (clock := self.now()) + self.config.max_clock_skew_s:
             raise InvalidInput(
                 f"now is {at - clock:.6g} s ahead of the tracker's clock; the limit is "
                 f"{self.config.max_clock_skew_s:g} s (max_clock_skew_s)"
@@ -215,7 +228,7 @@ class AvailabilityTracker:
         Concurrent calls share transactions (group commit, see ``tracker.ingest``); each returns once
         the transaction holding its events has committed.
         """
-        now = self.config.clock()
+        now = self.now()
         checked = check_batch(
             events, limit=self.config.max_batch_events, now=now, max_skew_s=self.config.max_clock_skew_s
         )
@@ -230,7 +243,7 @@ class AvailabilityTracker:
 
     async def _apply(self, timed: Sequence[queries.Timed]) -> None:
         """Apply events in one write transaction (the group committer's unit of work)."""
-        engine, node_id, config, now = self.engine, self.node_id, self.config, self.config.clock()
+        engine, node_id, config, now = self.engine, self.node_id, self.config, self.now()
 
         async def work(conn: db.DriverSQL) -> None:
             await queries.apply_events(conn, config.dialect, node_id, timed, config, now)
@@ -285,7 +298,7 @@ class AvailabilityTracker:
     async def get_peer_metrics(self, peer_id: str) -> PeerMetrics | None:
         """Everything known about one peer, merged over origins; ``None`` for a peer never seen."""
         validate_id(peer_id)
-        now, config = self.config.clock(), self.config
+        now, config = self.now(), self.config
 
         async def work(conn: db.DriverSQL) -> queries.PeerRow | None:
             return await queries.peer_row(conn, peer_id, now, config)
@@ -315,7 +328,7 @@ class AvailabilityTracker:
     async def get_available_peers(self, cid: str) -> list[str]:
         """Ids of the online holders of ``cid`` (peers past ``peer_timeout`` are never included)."""
         validate_id(cid, "cid")
-        now, config = self.config.clock(), self.config
+        now, config = self.now(), self.config
 
         async def work(conn: db.DriverSQL) -> list[str]:
             return await queries.available_peer_keys(conn, cid, now, config)
@@ -353,13 +366,13 @@ class AvailabilityTracker:
         async def rank(conn: db.DriverSQL) -> list[queries.RankedRow]:
             # A few spares: a concurrent selector may fill a peer's last slot before we grant.
             return await queries.ranked_holders(
-                conn, cid, config.clock(), config, limit=2 * n, mode=strategy, seed=draw
+                conn, cid, self.now(), config, limit=2 * n, mode=strategy, seed=draw
             )
 
         async def grant(
             conn: db.DriverSQL, ranked: list[queries.RankedRow], *, ranked_here: bool
         ) -> list[queries.RankedRow]:
-            now = config.clock()
+            now = self.now()
             if ranked_here and config.dialect == "sqlite":
                 # Ranked inside this exclusive transaction: the loads it read are still current.
                 loads = {row.peer_key: row.load for row in ranked}
@@ -416,7 +429,7 @@ class AvailabilityTracker:
         validate_id(cid, "cid")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"limit must be an integer >= 1 or None, got {limit!r}")
-        now, config = self.config.clock(), self.config
+        now, config = self.now(), self.config
 
         async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow], int]:
             known, last_updated = await queries.content_last_updated(conn, config.dialect, cid)
@@ -454,7 +467,7 @@ class AvailabilityTracker:
             raise InvalidInput(f"limit must be an integer within 1..10000, got {limit!r}")
         if after is not None:
             validate_id(after, "after")
-        now, config = self.config.clock(), self.config
+        now, config = self.now(), self.config
 
         async def work(conn: db.DriverSQL) -> list[queries.PeerRow]:
             return await queries.peer_page(
@@ -466,7 +479,7 @@ class AvailabilityTracker:
 
     async def stats(self) -> TrackerStats:
         """Counts of peers (total, online), contents, available mappings and open leases, as of now."""
-        now, config = self.config.clock(), self.config
+        now, config = self.now(), self.config
 
         async def work(conn: db.DriverSQL) -> queries.Counts:
             return await queries.counts(conn, now, config)

@@ -20,13 +20,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
-from .clockleap import ClockLeapGuard, system_elapsed
 from .gossip import files, snapshot
 from .queries import prune_expired_leases
 from .queries import sweep as q
 
 if TYPE_CHECKING:
-    from .config import TrackerConfig
     from .core import AvailabilityTracker
 
 log = logging.getLogger(__name__)
@@ -50,29 +48,25 @@ class SweepReport:
     snapshot_path: Path | None = None
     #: Wall-clock seconds the pass took.
     duration_s: float = 0.0
-    #: Set when the pass was held (``ran`` False, nothing changed) because the tracker's clock leapt
-    #: this many seconds ahead of elapsed time since the previous pass (tracker/clockleap.py).
+    #: Set when the host's clock had leapt this many seconds ahead and the pass ran on elapsed time
+    #: instead (tracker/clockleap.py).
     clock_leap_s: float | None = None
 
 
 async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> SweepReport:
-    """Run one pass for ``now`` (default: the tracker's clock). Safe to run again at any time.
-
-    A pass on the tracker's own clock is held, changing nothing, while that clock has leapt ahead of
-    elapsed time since the previous pass (``ClockLeapGuard``); a given ``now`` is the caller's word.
-    """
+    """Run one pass for ``now`` (default: the tracker's, ``tracker.now()``). Safe to run again at any
+    time."""
     config, engine = tracker.config, tracker.engine
     started = time.perf_counter()
+    leap = None
     if now is None:
-        now = config.clock()
-        guard = tracker._sweep_state.leap_guard(config)
-        if guard is not None and (leap := guard.leap(now)) is not None:
-            return SweepReport(
-                now=now, ran=False, clock_leap_s=leap, duration_s=time.perf_counter() - started
-            )
+        now = tracker.now()
+        leap = tracker.now.leap_s or None
     async with _sweep_lock(engine) as acquired:
         if not acquired:
-            return SweepReport(now=now, ran=False, duration_s=time.perf_counter() - started)
+            return SweepReport(
+                now=now, ran=False, duration_s=time.perf_counter() - started, clock_leap_s=leap
+            )
         node_id = tracker.node_id
 
         async def expire(conn: AsyncConnection) -> int:
@@ -114,6 +108,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         pruned=pruned,
         snapshot_path=path,
         duration_s=time.perf_counter() - started,
+        clock_leap_s=leap,
     )
     log.info(
         "sweep done",
@@ -286,23 +281,9 @@ class SweepState:
     samples_pruned_at: float | None = None
     passes: int = 0
     skipped: int = 0
-    #: Passes held because the tracker's clock had leapt ahead (see ``SweepReport.clock_leap_s``).
-    held: int = 0
     failures: int = 0
     last_report: SweepReport | None = None
     last_error: str | None = None
-    _guard: ClockLeapGuard | None = field(default=None, repr=False)
-
-    def leap_guard(self, config: TrackerConfig) -> ClockLeapGuard | None:
-        """The guard for passes on ``config.clock``; ``None`` when no elapsed clock pairs with it."""
-        if self._guard is None:
-            elapsed = config.monotonic
-            if elapsed is None and config.clock is time.time:
-                elapsed = system_elapsed
-            if elapsed is None:
-                return None
-            self._guard = ClockLeapGuard(elapsed, config.max_clock_skew_s, config.peer_timeout)
-        return self._guard
 
 
 class SweeperTask:
@@ -376,7 +357,5 @@ class SweeperTask:
                 state.last_report = report
                 if report.ran:
                     state.passes += 1
-                elif report.clock_leap_s is not None:
-                    state.held += 1
                 else:
                     state.skipped += 1

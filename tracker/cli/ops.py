@@ -117,7 +117,7 @@ def export(
         async def work() -> Path:
             async with opened(database_url) as tracker:
                 with stderr.status("exporting state ...", spinner="dots") if stderr.is_terminal else _quiet():
-                    return await write_state_snapshot(tracker, directory, tracker.config.clock())
+                    return await write_state_snapshot(tracker, directory, tracker.now())
 
         path = run(work())
         if as_json:

@@ -124,7 +124,7 @@ class GossipAgent:
         ]
 
     def _now(self) -> float:
-        return self.tracker.config.clock()
+        return self.tracker.now()
 
     def _reject(self, error: GossipRejected, sender: str = "?", address: str | None = None) -> None:
         self.stats.rejected[error.reason] = self.stats.rejected.get(error.reason, 0) + 1

@@ -107,7 +107,7 @@ async def import_snapshot(
 def _refuse_future(
     tracker: AvailabilityTracker, deltas: dict[str, tuple[list[PeerState], list[MappingState]]]
 ) -> None:
-    now = tracker.config.clock()
+    now = tracker.now()
     skew = tracker.config.max_clock_skew_s
     for origin, (peers, mappings) in sorted(deltas.items()):
         rows: list[PeerState | MappingState] = [*peers, *mappings]

@@ -47,10 +47,10 @@ class _TrackerStateCollector(Collector):
             "Passes skipped because another process held the sweep lock.",
             value=sweeps.skipped,
         )
-        yield CounterMetricFamily(
-            "tracker_sweeps_held",
-            "Passes held (nothing changed) because this host's clock had leapt ahead of elapsed time.",
-            value=sweeps.held,
+        yield GaugeMetricFamily(
+            "tracker_clock_leap_seconds",
+            "How far this host's clock has leapt ahead of elapsed time (0: in step; docs/operations.md).",
+            value=self._tracker.now.leap_s,
         )
         report = sweeps.last_report
         yield GaugeMetricFamily(
