@@ -60,6 +60,24 @@ async def test_each_selected_peer_gets_a_lease_and_an_outcome_closes_it(
     assert await open_leases(tracker) == {chosen[1].peer_id: 1}
 
 
+async def test_an_outcome_closes_a_lease_by_the_trackers_clock_and_only_one_it_can_answer(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """The outcome's ``at`` is the client's clock: from a client 59 s fast it still closes the lease
+    (before, ``expires_at > at`` left it counting as load until it lapsed); reported an hour after
+    its transfer, it leaves alone the lease granted since (before, it closed it: load undercounted)."""
+    await tracker.record_batch(proven_peers(["a"], clock.now))
+    skew = tracker.config.max_clock_skew_s
+    await tracker.select_best_peers("movie", 1)
+    await tracker.record_upload_success("a", cid="movie", at=clock.now + skew - 1)
+    assert await open_leases(tracker) == {}
+    await tracker.select_best_peers("movie", 1)
+    await tracker.record_upload_success("a", cid="movie", at=clock.now - 3600)
+    assert await open_leases(tracker) == {"a": 1}
+    await tracker.record_upload_failure("a", cid="movie", at=clock.now - skew)  # within the skew
+    assert await open_leases(tracker) == {}
+
+
 async def test_leases_lapse_by_themselves_and_the_sweeper_deletes_them(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:

@@ -120,9 +120,15 @@ def _grant(dialect: str) -> Precompiled:
 
 
 async def close_oldest_leases(conn: DriverSQL, dialect: str, outcomes: list[dict[str, Any]]) -> None:
-    """For each outcome (``peer_key``, ``cid`` or None, ``p_at``), close the peer's oldest open lease,
-    preferring one for the same content. Closed leases stay until they expire: selection reads them to
-    know when each peer was last handed out."""
+    """For each outcome (``peer_key``, ``cid`` or None, ``p_now``, ``p_granted_by``), close the peer's
+    oldest open lease granted by ``p_granted_by``, preferring one for the same content. Closed leases
+    stay until they expire: selection reads them to know when each peer was last handed out.
+
+    Open means open at the tracker's ``p_now``, and it is closed then: the outcome's own time is the
+    client's clock, which only bounds which leases it can answer (``p_granted_by``: its time plus
+    the allowed skew). Judged by the outcome's time, an outcome from a clock 59 s fast closed no 60 s
+    lease, and one reported long after its transfer closed a lease granted since, for another one.
+    """
     if outcomes:
         await _close(dialect).executemany(conn, outcomes)
 
@@ -130,17 +136,23 @@ async def close_oldest_leases(conn: DriverSQL, dialect: str, outcomes: list[dict
 @cache
 def _close(dialect: str) -> Precompiled:
     lease = peer_leases.c
-    at: ColumnElement[float] = bindparam("p_at", type_=Double())
+    now: ColumnElement[float] = bindparam("p_now", type_=Double())
+    granted_by: ColumnElement[float] = bindparam("p_granted_by", type_=Double())
     oldest = (
         select(lease.id)
-        .where(lease.peer_id == peer_id_of("peer_key"), lease.expires_at > at, lease.closed_at.is_(None))
+        .where(
+            lease.peer_id == peer_id_of("peer_key"),
+            lease.expires_at > now,
+            lease.closed_at.is_(None),
+            lease.leased_at <= granted_by,
+        )
         .order_by(case((lease.content_id == content_id_of("cid"), 0), else_=1), lease.leased_at, lease.id)
         .limit(1)
     )
     if dialect == "postgresql":
         # Two outcomes for one peer in concurrent transactions must close two different leases.
         oldest = oldest.with_for_update(skip_locked=True)
-    stmt = update(peer_leases).where(lease.id == oldest.scalar_subquery()).values(closed_at=at)
+    stmt = update(peer_leases).where(lease.id == oldest.scalar_subquery()).values(closed_at=now)
     return Precompiled(stmt, dialect)
 
 

@@ -107,7 +107,12 @@ async def apply_events(
             conn,
             dialect,
             [
-                {"peer_key": t.event.peer_id, "cid": t.event.cid, "p_at": t.at}
+                {
+                    "peer_key": t.event.peer_id,
+                    "cid": t.event.cid,
+                    "p_now": now,
+                    "p_granted_by": t.at + config.max_clock_skew_s,
+                }
                 for t in outcomes
                 if isinstance(t.event, UploadOutcome)
             ],
