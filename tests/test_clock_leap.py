@@ -19,7 +19,7 @@ from tracker import AvailabilityTracker, TrackerConfig
 from tracker.clockleap import system_elapsed
 from tracker.errors import InvalidInput
 from tracker.events import ContentAvailable, PeerOnline
-from tracker.schema import content_peers, peer_stats
+from tracker.schema import content_peers, peer_leases, peer_stats
 from tracker.service.metrics import ServiceMetrics
 from tracker.testing import ManualClock
 
@@ -84,20 +84,34 @@ async def test_during_a_leap_peers_still_time_out_by_elapsed_time(
     assert await _stored(guarded) == (1, 3)  # their mappings stay: they left a timeout ago, not a day
 
 
-async def test_a_leap_that_persists_for_peer_timeout_is_taken_as_a_correction(
+async def test_a_leap_that_persists_for_peer_timeout_is_taken_as_a_correction_without_mass_timeouts(
     guarded: AvailabilityTracker, clock: ManualClock
 ) -> None:
+    """The clock was a day behind and NTP set it right: every stored time is a day old by the new
+    clock. The sweeper stays behind the accepted leap for another peer_timeout, so the peers that
+    keep speaking stay online with their mappings, and only the silent one times out (QA: the
+    first version timed out everyone and deleted their mappings at the acceptance)."""
+    start = clock.now
     await guarded.sweep()
-    clock.leap(3600)  # the clock was an hour behind, and NTP set it right
-    assert (await guarded.sweep()).clock_leap_s == pytest.approx(3600)
-    clock.advance(guarded.config.peer_timeout - 1)
-    assert guarded.now.leap_s == pytest.approx(3600)
+    clock.leap(DAY)
+    assert guarded.now() == start
+    for _ in range(5):  # a and b heartbeat every minute; c has gone quiet
+        clock.advance(60)
+        await guarded.record_batch([PeerOnline("a"), PeerOnline("b")])
+    assert guarded.now() == clock.now  # 300 s of elapsed time: the leap is taken as a correction
     clock.advance(1)
-    accepted = await guarded.sweep()
-    assert accepted.clock_leap_s is None and accepted.now == clock.now
-    assert accepted.peers_marked_offline == 3  # silent for over an hour by the corrected clock
-    clock.advance(30)
-    assert guarded.now() == clock.now  # the new time is the reference now
+    swept = await guarded.sweep()
+    assert swept.now == pytest.approx(start + 301) and swept.peers_marked_offline == 1
+    assert await _stored(guarded) == (2, 3)
+
+    clock.advance(guarded.config.peer_timeout / 2)
+    await guarded.record_batch([PeerOnline("a"), PeerOnline("b")])
+    clock.advance(guarded.config.peer_timeout / 2)
+    final = await guarded.sweep()
+    assert final.now == clock.now and final.peers_marked_offline == 0  # the sweeper caught up
+    # c's mapping goes: its last sighting is dated by the old clock, a day before the new one.
+    assert await _stored(guarded) == (2, 2)
+    assert sorted(await guarded.get_available_peers("movie")) == ["a", "b"]
 
 
 async def test_small_steps_and_steps_back_are_followed_at_once(
@@ -139,3 +153,61 @@ async def test_sweep_refuses_a_now_ahead_of_the_clock_by_more_than_the_skew(
         await guarded.sweep(now=clock.now + DAY)
     assert await _stored(guarded) == (3, 3)
     assert (await guarded.sweep(now=clock.now + guarded.config.max_clock_skew_s)).ran
+
+
+async def test_a_leap_made_of_small_steps_adds_up(guarded: AvailabilityTracker, clock: ManualClock) -> None:
+    guarded.now()
+    for _ in range(1465):  # 59 s at a time, each within the 60 s tolerance, no time passing
+        clock.leap(59)
+        guarded.now()
+    assert guarded.now.leap_s > DAY - 120
+    report = await guarded.sweep()
+    assert report.peers_marked_offline == 0 and await _stored(guarded) == (3, 3)
+
+
+async def test_rows_stamped_ahead_are_brought_back_when_the_clock_steps_back(
+    db_url: str, clock: ManualClock
+) -> None:
+    """The tracker started while its clock was a day ahead, so it could not see the leap; its rows
+    and leases are dated a day ahead. When the clock is set right, its removals (stamped "earlier")
+    were ignored and its leases counted for the day (QA: step_back.py)."""
+    config = TrackerConfig(database_url=db_url, clock=clock, monotonic=clock.monotonic)
+    clock.leap(DAY)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.record_batch(
+            [e for p in ("a", "b", "c") for e in (PeerOnline(p), ContentAvailable("movie", p))]
+        )
+        assert (await tracker.sweep()).future_rows_clamped == 0  # nothing is ahead yet
+        await tracker.select_best_peers("movie", 3)
+        clock.leap(-DAY)
+        assert tracker.now() == clock.now and tracker.now.steps_back == 1
+        report = await tracker.sweep()
+        assert report.future_rows_clamped >= 3 + 3 + 3 + 1 + 3  # stats, mappings, peers, content, leases
+        await tracker.record_content_unavailable("movie", "a")
+        await tracker.record_peer_offline("b")
+        assert await tracker.get_available_peers("movie") == ["c"]
+        metrics = await tracker.get_peer_metrics("c")
+        assert metrics is not None and metrics.last_seen is not None
+        assert metrics.last_seen.timestamp() == clock.now
+        clock.advance(tracker.config.lease_ttl_s + 1)
+        async with tracker.engine.connect() as conn:
+            open_leases = await conn.scalar(
+                select(func.count()).select_from(peer_leases).where(peer_leases.c.expires_at > clock.now)
+            )
+        assert open_leases == 0
+        assert (await tracker.sweep()).future_rows_clamped == 0  # only once per step back
+
+
+async def test_a_new_process_brings_back_rows_an_earlier_one_stamped_ahead(
+    db_url: str, clock: ManualClock
+) -> None:
+    clock.leap(DAY)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as ahead:
+        await ahead.record_peer_online("p")
+    clock.leap(-DAY)  # fixed while the tracker was down
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as tracker:
+        first = await tracker.sweep()
+        assert first.future_rows_clamped == 2  # p's stats and the peer's first_seen
+        await tracker.record_peer_offline("p")
+        metrics = await tracker.get_peer_metrics("p")
+        assert metrics is not None and not metrics.online

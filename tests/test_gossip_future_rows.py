@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from gossip_helpers import KEY
+from gossip_helpers import KEY, LocalNet
 from sqlalchemy import update
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -151,3 +151,39 @@ async def test_times_beyond_what_datetime_holds_read_as_its_limit_not_a_500(agen
         assert one.json()["last_seen"].startswith("9999-12-31T23:59:59")
         listing = await api.get("/v1/peers")
         assert listing.status_code == 200, listing.text
+
+
+async def test_an_origin_whose_clock_is_set_back_releases_its_held_rows(
+    db_url: str, other_db_url: str
+) -> None:
+    """A ran a day ahead from its start (nothing to compare with) and stamped rows; set right, its
+    rows are a day ahead and B holds them, with every later row of A. A's next sweep brings its
+    rows back to now and re-versions them, so B takes them at the next exchange instead of a day
+    later (QA: gossip_origin_frozen.py)."""
+    a_clock, b_clock = ManualClock(T0 + 86_400), ManualClock(T0)
+    net = LocalNet()
+    trackers = []
+    for url, clock, name in ((db_url, a_clock, "http://a"), (other_db_url, b_clock, "http://b")):
+        tracker = await AvailabilityTracker.open(
+            TrackerConfig(database_url=url, clock=clock, monotonic=clock.monotonic)
+        )
+        trackers.append(tracker)
+        net.agents[name] = GossipAgent(tracker, GossipConfig(keys=(KEY,)), transport=net.transport_for(name))
+    a, b = net.agents["http://a"], net.agents["http://b"]
+    try:
+        await a.tracker.sweep()
+        await a.tracker.record_peer_online("p")
+        await a.tracker.record_content_available("movie", "p")
+        a_clock.leap(-86_400)  # set right (its messages are in step again, its rows are not)
+        await a.exchange("http://b")
+        assert b.stats.rows_held_future == 2 and await b.tracker.get_available_peers("movie") == []
+
+        report = await a.tracker.sweep()
+        assert report.future_rows_clamped >= 2
+        await a.exchange("http://b")
+        assert await b.tracker.get_available_peers("movie") == ["p"]
+        metrics = await b.tracker.get_peer_metrics("p")
+        assert metrics is not None and metrics.last_seen == datetime.fromtimestamp(T0, tz=UTC)
+    finally:
+        for tracker in trackers:
+            await tracker.close()

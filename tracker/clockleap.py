@@ -9,12 +9,15 @@ its contents again.
 
 A clock that leaps is told apart from time that passed by an elapsed-time clock that no one can
 set: ``CLOCK_BOOTTIME`` on Linux (it keeps counting while the host is suspended, when wall time
-really passes), else ``time.monotonic``. Each reading compares the wall clock's advance since the
-last trusted reading with elapsed time; a surplus beyond the allowed skew is a leap, and while it
-lasts "now" is the last trusted reading plus elapsed time: peers time out, leases lapse and events
-are stamped as if the clock had not moved. The leap ends when the clock is set back in step, or
-after ``accept_after_s`` of elapsed time, when it is taken as the correction of a clock that was
-behind (until then peers time out up to that much late). A clock stepped back is followed at once.
+really passes), else ``time.monotonic``. Each reading compares the wall clock's advance with
+elapsed time, since the last trusted reading and since an older one (so that a leap made of steps
+each within the tolerance adds up); a surplus beyond the allowed skew is a leap, and while it lasts
+"now" is the last trusted reading plus elapsed time: peers time out, leases lapse and events are
+stamped as if the clock had not moved. The leap ends when the clock is set back in step, or after
+``accept_after_s`` of elapsed time, when it is taken as the correction of a clock that was behind
+(until then peers time out up to that much late; the sweeper stays behind it for as long again, see
+``for_sweep``). A clock stepped back is followed at once, and counted: rows stamped before it may
+now lie ahead, and the sweeper brings this node's back to "now" (``queries.sweep.clamp_future``).
 
 A leap while the process was not running cannot be seen: the first reading has nothing to compare.
 """
@@ -54,9 +57,16 @@ class SteadyClock:
         self.accept_after_s = accept_after_s
         self._wall: float | None = None  # the last reading in step, and elapsed time then
         self._mono = 0.0
+        # An older reading in step, renewed every accept_after_s: a leap made of steps each within
+        # the tolerance (or a clock running fast) adds up against it.
+        self._anchor = (0.0, 0.0)
         self._held_since: float | None = None
+        # After a leap is accepted: (its size, elapsed time until which sweeps still run behind it).
+        self._lag = (0.0, 0.0)
         #: How far the wall clock runs ahead of "now" (0.0 when in step): for metrics and reports.
         self.leap_s = 0.0
+        #: Steps back by more than the tolerance seen so far (rows stamped before one may be ahead).
+        self.steps_back = 0
 
     def __call__(self) -> float:
         wall = self.wall()
@@ -64,16 +74,27 @@ class SteadyClock:
             return wall
         mono = self.elapsed()
         if self._wall is None:
-            return self._trust(wall, mono)
+            return self._trust(wall, mono, anchor=True)
         steady = self._wall + (mono - self._mono)
         surplus = wall - steady
-        if surplus <= self.tolerance_s:
+        anchor_wall, anchor_mono = self._anchor
+        drift = wall - (anchor_wall + (mono - anchor_mono))
+        if surplus < -self.tolerance_s:
+            self.steps_back += 1
+            self._lag = (0.0, 0.0)
+            log.warning(
+                "the clock stepped %.6g s back: followed at once",
+                -surplus,
+                extra={"action": "clock_step_back", "surplus_s": surplus},
+            )
+            return self._trust(wall, mono, anchor=True)
+        if surplus <= self.tolerance_s and drift <= self.tolerance_s:
             if self._held_since is not None:
                 log.warning(
                     "the clock is back in step with elapsed time",
                     extra={"action": "clock_leap_over", "surplus_s": surplus},
                 )
-            return self._trust(wall, mono)
+            return self._trust(wall, mono, anchor=mono - anchor_mono >= self.accept_after_s)
         if self._held_since is None:
             self._held_since = mono
             log.warning(
@@ -90,10 +111,28 @@ class SteadyClock:
                 self.accept_after_s,
                 extra={"action": "clock_leap_accepted", "surplus_s": surplus},
             )
-            return self._trust(wall, mono)
+            self._lag = (surplus, mono + self.accept_after_s)
+            return self._trust(wall, mono, anchor=True)
         self.leap_s = surplus
         return steady
 
-    def _trust(self, wall: float, mono: float) -> float:
+    def for_sweep(self) -> float:
+        """ "Now" for the sweeper's timeouts and retention: ``self()``, except for ``accept_after_s``
+        after a leap was accepted, when it stays behind by the leap.
+
+        The rows stored before the leap are dated by the old clock: the moment it is accepted they all
+        look a leap old, and a sweep would time out peers that spoke a second ago and delete their
+        mappings. Behind by the leap, it times out only peers silent for ``peer_timeout`` by elapsed
+        time, while the live ones speak again under the new clock.
+        """
+        now = self()
+        lag, until = self._lag
+        if lag and self.elapsed is not None and self.elapsed() < until:
+            return now - lag
+        return now
+
+    def _trust(self, wall: float, mono: float, *, anchor: bool) -> float:
         self._wall, self._mono, self._held_since, self.leap_s = wall, mono, None, 0.0
+        if anchor:
+            self._anchor = (wall, mono)
         return wall

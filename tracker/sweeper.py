@@ -51,6 +51,9 @@ class SweepReport:
     #: Set when the host's clock had leapt this many seconds ahead and the pass ran on elapsed time
     #: instead (tracker/clockleap.py).
     clock_leap_s: float | None = None
+    #: Rows of this node dated beyond now + max_clock_skew_s brought back to now (first pass of a
+    #: process and after the clock stepped back; ``queries.sweep.clamp_future``).
+    future_rows_clamped: int = 0
 
 
 async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> SweepReport:
@@ -58,9 +61,9 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
     time."""
     config, engine = tracker.config, tracker.engine
     started = time.perf_counter()
-    leap = None
+    leap, steps_back, own_time = None, tracker.now.steps_back, now is None
     if now is None:
-        now = tracker.now()
+        now = tracker.now.for_sweep()
         leap = tracker.now.leap_s or None
     async with _sweep_lock(engine) as acquired:
         if not acquired:
@@ -68,6 +71,18 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 now=now, ran=False, duration_s=time.perf_counter() - started, clock_leap_s=leap
             )
         node_id = tracker.node_id
+        state = tracker._sweep_state
+        clamped = 0
+        if own_time and state.steps_back_seen != steps_back:  # a first pass, or the clock stepped back
+
+            async def clamp(conn: AsyncConnection) -> int:
+                # By the tracker's time, not the sweep's, which may lag behind an accepted leap.
+                current = tracker.now()
+                limit = current + config.max_clock_skew_s
+                return await q.clamp_future(conn, node_id, current, limit, config.lease_ttl_s)
+
+            clamped = await db.run_write(engine, clamp, config.write_retries)
+            state.steps_back_seen = steps_back
 
         async def expire(conn: AsyncConnection) -> int:
             return await q.mark_stale_offline(conn, node_id, now, config.peer_timeout)
@@ -109,6 +124,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         snapshot_path=path,
         duration_s=time.perf_counter() - started,
         clock_leap_s=leap,
+        future_rows_clamped=clamped,
     )
     log.info(
         "sweep done",
@@ -284,6 +300,9 @@ class SweepState:
     failures: int = 0
     last_report: SweepReport | None = None
     last_error: str | None = None
+    #: ``tracker.now.steps_back`` when this node's future-dated rows were last brought back (-1:
+    #: never in this process, so the first pass does it).
+    steps_back_seen: int = -1
 
 
 class SweeperTask:

@@ -10,10 +10,19 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, delete, func, select, text, tuple_, update
+from sqlalchemy import Integer, bindparam, case, delete, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
+from ..schema import (
+    bandwidth_samples,
+    content_peers,
+    contents,
+    nodes,
+    peer_leases,
+    peer_stats,
+    peers,
+    upload_outcomes,
+)
 from ._sql import PEER_STATE_COLUMNS
 
 
@@ -108,6 +117,64 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
     victims = select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed)).limit(limit)
     result = await conn.execute(delete(content_peers).where(_pair_in(victims)))
     return int(result.rowcount or 0)
+
+
+async def clamp_future(
+    conn: AsyncConnection, node_id: int, now: float, limit: float, lease_ttl: float
+) -> int:
+    """Bring this node's times that lie beyond ``limit`` back to ``now``; returns the rows changed.
+
+    They were stamped while the tracker's clock was ahead (a leap it could not see, or accepted, and
+    then undone). Left alone they keep peers online and leases counted for the size of the step,
+    make this node's own removals look older than what they remove, keep a first-seen peer in slow
+    start, and hold gossip of the whole origin at every neighbour (docs/gossip.md): this node is the
+    authority on its rows, and re-versioned they travel again with their new times.
+    ``first_seen`` takes the minimum over every sighting, so lowering it is always safe. Full scans:
+    run only after a step back and once per process (tracker/sweeper.py).
+    """
+    changed = 0
+
+    def clamped(column: Any) -> Any:
+        return case((column > now, now), else_=column)
+
+    ps = peer_stats.c
+    future_stats = or_(
+        ps.last_seen > limit, ps.online_since > limit, ps.evidence_at > limit, ps.updated_at > limit
+    )
+    result = await conn.execute(
+        update(peer_stats)
+        .where(ps.node_id == node_id, future_stats)
+        .values(
+            last_seen=clamped(ps.last_seen),
+            online_since=clamped(ps.online_since),
+            evidence_at=clamped(ps.evidence_at),
+            updated_at=now,
+            version=None,
+        )
+    )
+    changed += int(result.rowcount or 0)
+    cp = content_peers.c
+    result = await conn.execute(
+        update(content_peers)
+        .where(cp.node_id == node_id, or_(cp.since > limit, cp.last_confirmed > limit, cp.changed_at > limit))
+        .values(
+            since=clamped(cp.since),
+            last_confirmed=clamped(cp.last_confirmed),
+            changed_at=clamped(cp.changed_at),
+            version=None,
+        )
+    )
+    changed += int(result.rowcount or 0)
+    for table in (peers, contents):
+        result = await conn.execute(update(table).where(table.c.first_seen > limit).values(first_seen=now))
+        changed += int(result.rowcount or 0)
+    lease = peer_leases.c
+    result = await conn.execute(
+        update(peer_leases)
+        .where(lease.node_id == node_id, lease.expires_at > limit + lease_ttl)
+        .values(leased_at=clamped(lease.leased_at), expires_at=now + lease_ttl)
+    )
+    return changed + int(result.rowcount or 0)
 
 
 # ---------------------------------------------------------------------------------------------

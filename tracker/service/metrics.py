@@ -47,6 +47,7 @@ class _TrackerStateCollector(Collector):
             "Passes skipped because another process held the sweep lock.",
             value=sweeps.skipped,
         )
+        self._tracker.now()  # a reading is what notices a leap, or its end
         yield GaugeMetricFamily(
             "tracker_clock_leap_seconds",
             "How far this host's clock has leapt ahead of elapsed time (0: in step; docs/operations.md).",
