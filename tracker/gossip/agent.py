@@ -97,7 +97,7 @@ class GossipAgent:
         self._transport = transport
         self._own_urls: set[str] = set()  # learned URLs that turned out to be this tracker
         self._senders = TokenBuckets(
-            config.max_messages_per_s, config.message_burst, clock=tracker.config.clock, max_keys=4096
+            config.max_messages_per_s, config.message_burst, clock=tracker.now, max_keys=4096
         )
         self._client: httpx.AsyncClient | None = None
 
