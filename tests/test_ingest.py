@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.errors import CommitOutcomeUnknown, TrackerClosed
 from tracker.events import PeerOnline, UploadOutcome
 from tracker.ingest import GroupCommitter
 from tracker.queries import Timed
@@ -141,3 +142,26 @@ async def test_close_returns_while_others_keep_writing_and_refuses_what_comes_af
             metrics = await reopened.get_peer_metrics(f"p{k}")
             served += metrics.chunks_served if metrics is not None else 0
     assert served == acknowledged[0]  # everything acknowledged is there, nothing else
+
+
+async def test_abandon_fails_the_transaction_in_flight_and_the_queue_and_drain_returns() -> None:
+    """A forced shutdown: the group waiting on the database may have committed, the queued ones not."""
+    started = asyncio.Event()
+
+    async def blocked(_: Sequence[Timed]) -> None:
+        started.set()
+        await asyncio.Event().wait()  # a lock that is never released
+
+    committer = GroupCommitter(blocked, max_events=1)
+    in_flight = asyncio.create_task(committer.submit(_timed("p")))
+    await started.wait()
+    queued = asyncio.create_task(committer.submit(_timed("p")))
+    await asyncio.sleep(0)
+    draining = asyncio.create_task(committer.drain())
+    await asyncio.sleep(0)
+    committer.abandon()
+    await asyncio.wait_for(draining, 1)
+    with pytest.raises(CommitOutcomeUnknown):
+        await in_flight
+    with pytest.raises(TrackerClosed):
+        await queued

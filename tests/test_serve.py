@@ -10,12 +10,15 @@ import asyncio
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 import schemathesis
@@ -27,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
 
@@ -201,3 +205,102 @@ def test_fuzzed_requests_never_get_a_500_or_an_undocumented_answer(
 
     fuzz()
     assert server.process.poll() is None, "the server died under fuzzing"
+
+
+class _WriteBlocker:
+    """Holds the database's write lock from outside the tracker (Postgres: an exclusive lock on
+    ``peers``; SQLite: ``BEGIN IMMEDIATE``), so the tracker's writes wait in the database."""
+
+    def __init__(self, db_url: str) -> None:
+        self._db_url = db_url
+        self._release = threading.Event()
+        self._locked = threading.Event()
+        self._thread = threading.Thread(target=self._hold, daemon=True)
+
+    def __enter__(self) -> _WriteBlocker:
+        self._thread.start()
+        assert self._locked.wait(10), "could not take the write lock"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release.set()
+        self._thread.join(10)
+
+    def _hold(self) -> None:
+        url = make_url(self._db_url)
+        if url.get_backend_name() == "sqlite":
+            conn = sqlite3.connect(str(url.database), isolation_level=None)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                self._locked.set()
+                self._release.wait(60)
+                conn.execute("ROLLBACK")
+            finally:
+                conn.close()
+            return
+
+        async def hold() -> None:
+            dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
+            conn = await asyncpg.connect(dsn)
+            try:
+                async with conn.transaction():
+                    await conn.execute("LOCK TABLE peers IN ACCESS EXCLUSIVE MODE")
+                    self._locked.set()
+                    await asyncio.to_thread(self._release.wait, 60)
+            finally:
+                await conn.close()
+
+        asyncio.run(hold())
+
+
+def test_a_second_sigint_exits_promptly_while_a_write_waits_in_the_database(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Ctrl-C twice: the first starts the graceful shutdown (which waits for the blocked write), the
+    second abandons it. The process exits within seconds, with 130 and a line saying so, no traceback.
+
+    Postgres waits for a lock without end. SQLite's wait (its busy handler, in a lane thread) cannot be
+    interrupted, so the process outlives it: a short ``sqlite_busy_timeout_s`` keeps that brief here.
+    """
+    env = {"TRACKER_SHUTDOWN_GRACE_S": "60", "TRACKER_SQLITE_BUSY_TIMEOUT_S": "1"}
+    server = Server(db_url, tmp_path / "serve.log", env=env)
+    outcome: list[object] = []
+    try:
+        server.wait_ready()
+        with _WriteBlocker(db_url):
+
+            def post() -> None:
+                try:
+                    event = {"type": "peer_online", "peer_id": "peer-1"}
+                    response = httpx.post(
+                        f"{server.base_url}/v1/events", json={"events": [event]}, timeout=60
+                    )
+                    outcome.append(response.status_code)
+                except httpx.TransportError as error:
+                    outcome.append(error)
+
+            writer = threading.Thread(target=post, daemon=True)
+            writer.start()
+            time.sleep(0.5)  # the write is in the database, waiting for the lock
+            assert not outcome, outcome
+            server.process.send_signal(signal.SIGINT)
+            time.sleep(0.5)
+            assert server.process.poll() is None, "the first SIGINT did not wait for the blocked write"
+            started = time.monotonic()
+            server.process.send_signal(signal.SIGINT)
+            try:
+                code = server.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"tracker serve still running 10 s after a second SIGINT:\n{server.output()}")
+            elapsed = time.monotonic() - started
+            writer.join(10)
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait()
+    output = server.output()
+    assert code == 130, output
+    assert elapsed < 5, output
+    assert "forced shutdown" in output and "Traceback" not in output, output
+    # The abandoned write was never acknowledged.
+    assert outcome and outcome[0] != 200, outcome

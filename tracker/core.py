@@ -129,7 +129,8 @@ class AvailabilityTracker:
         """Stop the sweeper, let queued writes commit, then release every connection. Safe to call twice.
 
         Writes submitted once closing has begun raise ``TrackerClosed``: only what was queued before
-        is committed, so ``close()`` returns even while other tasks keep writing.
+        is committed, so ``close()`` returns even while other tasks keep writing, and ``abort()`` makes
+        it stop waiting for them.
         """
         self._closing = True
         try:
@@ -143,6 +144,14 @@ class AvailabilityTracker:
                 await engine.dispose()
         finally:
             self._closing = False
+
+    def abort(self) -> None:
+        """Abandon the writes not yet committed, so that a running (or the next) ``close()`` need not
+        wait for them: a transaction waiting on the database (a lock, say) is cancelled and its callers
+        get ``CommitOutcomeUnknown`` (it may have committed), queued ones ``TrackerClosed``. For a
+        forced shutdown; ``close()`` still releases the connections."""
+        self._closing = True
+        self._committer.abandon()
 
     async def __aenter__(self) -> Self:
         if self._engine is None:

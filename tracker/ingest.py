@@ -19,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
-from .errors import CommitOutcomeUnknown
+from .errors import CommitOutcomeUnknown, TrackerClosed
 from .queries import Timed
 
 log = logging.getLogger(__name__)
@@ -59,16 +59,37 @@ class GroupCommitter:
     async def drain(self) -> None:
         """Wait until everything submitted so far is committed or failed (used by ``close()``)."""
         while self._flusher is not None and not self._flusher.done():
-            await asyncio.shield(self._flusher)
+            try:
+                await asyncio.shield(self._flusher)
+            except asyncio.CancelledError:
+                if not self._flusher.cancelled():  # we were cancelled, not the flusher (``abandon``)
+                    raise
+
+    def abandon(self) -> None:
+        """Stop committing (a forced shutdown): the transaction in flight is cancelled, and its requests
+        fail with ``CommitOutcomeUnknown`` (it may have committed); queued ones with ``TrackerClosed``."""
+        if self._flusher is not None:
+            self._flusher.cancel()
 
     async def _flush(self) -> None:
+        group: list[tuple[Sequence[Timed], asyncio.Future[None]]] = []
         try:
             while self._pending:
-                await self._commit(self._take())
+                group = self._take()
+                await self._commit(group)
         except BaseException as error:  # a bug or cancellation: nobody may wait forever
             pending, self._pending = self._pending, []
+            if isinstance(error, Exception):
+                failures: tuple[BaseException, BaseException] = (error, error)
+            else:
+                failures = (
+                    CommitOutcomeUnknown("ingest stopped while this transaction ran; it may have committed"),
+                    TrackerClosed("the tracker closed before these events were written"),
+                )
+            for _, future in group:  # settled already unless the error struck while committing it
+                _settle(future, failures[0])
             for _, future in pending:
-                _settle(future, error if isinstance(error, Exception) else RuntimeError("ingest stopped"))
+                _settle(future, failures[1])
             raise
 
     async def _commit(self, group: list[tuple[Sequence[Timed], asyncio.Future[None]]]) -> None:

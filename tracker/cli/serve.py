@@ -58,7 +58,8 @@ def serve(
     ] = None,
     debug: DebugOption = False,
 ) -> None:
-    """Run the tracker as an HTTP service until SIGINT or SIGTERM, then exit 0.
+    """Run the tracker as an HTTP service until SIGINT or SIGTERM, then exit 0 (130 when a second
+    signal forced the shutdown, abandoning requests and writes still waiting on the database).
 
     Binds 127.0.0.1 by default; any other address needs `TRACKER_API_TOKEN` (writes then require
     `Authorization: Bearer TOKEN`). Every other setting comes from `TRACKER_*` variables (see
@@ -71,7 +72,7 @@ def serve(
     """
     # Imported here: the service stack (FastAPI, uvicorn) is not needed by any other command.
     from ..gossip.config import GossipConfig
-    from ..service import ServiceSettings
+    from ..service import ForcedShutdown, ServiceSettings
     from ..service import serve as run_service
     from ..service.logs import configure_logging
 
@@ -82,7 +83,16 @@ def serve(
         if gossip_neighbor:
             gossip = replace(gossip, neighbors=tuple(gossip_neighbor))
         configure_logging(json_lines=settings.log_json, level=settings.log_level)
-        run(run_service(config, settings, gossip))
+        try:
+            run(run_service(config, settings, gossip))
+        except ForcedShutdown as forced:
+            forced_shutdown: ForcedShutdown | None = forced
+        else:
+            forced_shutdown = None
+    if forced_shutdown is not None:
+        # A second Ctrl-C: the conventional code of a process interrupted by SIGINT.
+        typer.echo(str(forced_shutdown), err=True)
+        raise typer.Exit(130)
 
 
 def _service_overrides(*, migrate: bool | None, sweeper: bool | None) -> dict[str, Any]:

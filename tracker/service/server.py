@@ -3,6 +3,10 @@
 Order of shutdown, each step finishing before the next: stop accepting connections, let in-flight
 requests finish (up to ``shutdown_grace_s``), stop gossip and the sweeper, let queued writes commit, close the
 database. A signal-initiated shutdown is a normal exit (code 0), not a death by signal.
+
+A second signal while shutting down forces it: uvicorn stops waiting for requests, and whatever still
+waits on the database (a write blocked on a lock, say: Postgres has no timeout for that) is
+cancelled; ``serve`` then raises ``ForcedShutdown``. The signals stay ours until the tracker is closed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import signal
 import socket
 import threading
 from collections.abc import Iterator
+from types import FrameType
 
 import uvicorn
 
@@ -29,24 +34,75 @@ log = logging.getLogger("tracker.service")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, minus its habit of re-raising the shutdown signal once it has stopped.
+class ForcedShutdown(Exception):
+    """A second signal cut the shutdown short: in-flight requests and unwritten events were abandoned."""
 
-    uvicorn re-raises so that the default handler kills the process; we still have a database to close
-    after the server stops, and want exit code 0 for a requested shutdown.
+
+#: How long a forced shutdown waits for cancelled work, and then for the database to close.
+_FORCE_GRACE_S = 2.0
+#: How long requests whose writes were abandoned get to answer 503 before they are cancelled.
+_ANSWER_S = 0.2
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, minus its signal handling: ``_Signals`` handles them for the whole shutdown.
+
+    uvicorn restores the previous handlers when it stops and re-raises the signal, so that the default
+    handler kills the process; we still have a database to close after the server stops (a second
+    Ctrl-C must still reach us then), and want exit code 0 for a requested shutdown.
     """
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class _Signals:
+    """SIGINT and SIGTERM from the tracker's opening until it is closed: the first asks the server for
+    a graceful shutdown, any later one forces it (``forced``)."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server: uvicorn.Server | None = None
+        self._requested = False
+        self.forced = asyncio.Event()
+
+    def attach(self, server: uvicorn.Server) -> None:
+        self._server = server
+        server.should_exit = self._requested
+
+    @contextlib.contextmanager
+    def captured(self) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        originals = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        originals = {sig: signal.signal(sig, self._handle) for sig in _SIGNALS}
         try:
             yield
         finally:
             for sig, handler in originals.items():
                 signal.signal(sig, handler)
+
+    def _handle(self, sig: int, frame: FrameType | None) -> None:
+        # Runs between two bytecodes of the loop's thread: only flags, and a thread-safe wake-up.
+        server = self._server
+        if not self._requested:
+            self._requested = True
+            if server is not None:
+                server.should_exit = True
+            return
+        if server is not None:
+            server.force_exit = True  # uvicorn stops waiting for connections and requests
+        self._loop.call_soon_threadsafe(self.forced.set)
+
+
+class _CancelledRequests(logging.Filter):
+    """Drops uvicorn's "Exception in ASGI application" traceback for a request a forced shutdown
+    cancelled (one line says so instead)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not isinstance(error, asyncio.CancelledError)
 
 
 async def _announce(server: uvicorn.Server) -> None:
@@ -106,47 +162,107 @@ async def _serve_on(
     tracker = await AvailabilityTracker.open(config)
     agent = GossipAgent(tracker, gossip) if gossip is not None and gossip.enabled else None
     gossiping: asyncio.Task[None] | None = None
-    try:
-        app = create_app(tracker, settings, agent)
-        server = _Server(
-            uvicorn.Config(
-                app,
-                host=settings.host,
-                port=settings.port,
-                lifespan="off",
-                log_config=None,
-                access_log=False,  # our middleware logs one line per request, with its request id
-                server_header=False,
-                timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-            )
-        )
-        if not config.run_sweeper:
-            log.info("sweeper disabled: stale peers expire only on reads", extra={"action": "sweeper_off"})
-        announcer = asyncio.create_task(_announce(server), name="tracker-announce")
-        if agent is not None:
-            gossiping = asyncio.create_task(agent.run(), name="tracker-gossip")
-            log.info(
-                "gossip on: %d neighbour(s), every %.0f s",
-                len(agent.neighbors),
-                agent.interval,
-                extra={"action": "gossip_on"},
-            )
+    server: uvicorn.Server | None = None
+    signals = _Signals()
+    with signals.captured():
         try:
-            await server.serve(sockets=[sock])
-        except OSError as error:
-            if server.started:
-                raise
-            # Another process listening first on a port bound with SO_REUSEADDR by both.
-            raise _address_error(settings.host, settings.port, error) from error
+            app = create_app(tracker, settings, agent)
+            server = _Server(
+                uvicorn.Config(
+                    app,
+                    host=settings.host,
+                    port=settings.port,
+                    lifespan="off",
+                    log_config=None,
+                    access_log=False,  # our middleware logs one line per request, with its request id
+                    server_header=False,
+                    timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+                )
+            )
+            signals.attach(server)
+            if not config.run_sweeper:
+                log.info(
+                    "sweeper disabled: stale peers expire only on reads", extra={"action": "sweeper_off"}
+                )
+            announcer = asyncio.create_task(_announce(server), name="tracker-announce")
+            if agent is not None:
+                gossiping = asyncio.create_task(agent.run(), name="tracker-gossip")
+                log.info(
+                    "gossip on: %d neighbour(s), every %.0f s",
+                    len(agent.neighbors),
+                    agent.interval,
+                    extra={"action": "gossip_on"},
+                )
+            try:
+                await server.serve(sockets=[sock])
+            except OSError as error:
+                if server.started:
+                    raise
+                # Another process listening first on a port bound with SO_REUSEADDR by both.
+                raise _address_error(settings.host, settings.port, error) from error
+            finally:
+                for task in (announcer, gossiping):
+                    if task is not None:
+                        task.cancel()
+                        with contextlib.suppress(asyncio.CancelledError):
+                            await task
+            log.info("server stopped; closing the tracker", extra={"action": "stopping"})
         finally:
-            for task in (announcer, gossiping):
-                if task is not None:
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-        log.info("server stopped; closing the tracker", extra={"action": "stopping"})
-    finally:
+            await _close(tracker, agent, server, signals)
+    log.info("stopped", extra={"action": "stopped"})
+
+
+async def _close(
+    tracker: AvailabilityTracker, agent: GossipAgent | None, server: uvicorn.Server | None, signals: _Signals
+) -> None:
+    """Close gossip and the tracker (letting queued writes commit), unless a second signal forces it."""
+
+    async def close() -> None:
         if agent is not None:
             await agent.aclose()
         await tracker.close()
-    log.info("stopped", extra={"action": "stopped"})
+
+    closing = asyncio.create_task(close(), name="tracker-close")
+    forcing = asyncio.create_task(signals.forced.wait(), name="tracker-force")
+    try:
+        await asyncio.wait({closing, forcing}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # serve() itself cancelled: so is closing, as when it was awaited directly
+        closing.cancel()
+        raise
+    finally:
+        forcing.cancel()
+    if closing.done():
+        closing.result()
+        return
+    # Forced: uvicorn has stopped waiting for requests; what still waits (on the database, likely)
+    # is abandoned. The writes not yet committed first: requests waiting for them answer 503, and
+    # close() goes on to release the connections; requests still running then are cancelled.
+    tasks = server.server_state.tasks if server is not None else set()
+    requests = [task for task in tasks if not task.done()]
+    log.warning(
+        "forced shutdown: abandoning %d request(s) and the writes still waiting to commit",
+        len(requests),
+        extra={"action": "forced_shutdown", "requests": len(requests)},
+    )
+    quiet = _CancelledRequests()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(quiet)
+    try:
+        tracker.abort()  # close() stops waiting for writes; their requests answer 503
+        if requests:
+            _, running = await asyncio.wait(requests, timeout=_ANSWER_S)
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running, timeout=_FORCE_GRACE_S)
+        _, unfinished = await asyncio.wait({closing}, timeout=_FORCE_GRACE_S)
+        if unfinished:
+            log.warning(
+                "forced shutdown: the database did not close in time", extra={"action": "forced_shutdown"}
+            )
+            closing.cancel()
+        else:
+            closing.result()
+    finally:
+        uvicorn_log.removeFilter(quiet)
+    raise ForcedShutdown("forced shutdown: a second signal abandoned in-flight requests and unwritten events")
