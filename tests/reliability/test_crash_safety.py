@@ -22,6 +22,23 @@ from tracker import AvailabilityTracker, TrackerConfig
 
 CHILD = Path(__file__).with_name("crash_child.py")
 KILLS = 20
+#: Acknowledgements each round waits for before its random delay and kill: a fixed delay alone let
+#: a loaded host (other jobs at load 5 on 2 cores) kill before enough events were acknowledged.
+ACKS_PER_ROUND = 11
+
+
+def _await_acks(acked: set[int], lock: threading.Lock | None, count: int) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        if lock is None:
+            have = len(acked)
+        else:
+            with lock:
+                have = len(acked)
+        if have >= count:
+            return
+        assert time.monotonic() < deadline, f"only {have} of {count} events acknowledged in 60 s"
+        time.sleep(0.01)
 
 
 class _Child:
@@ -80,7 +97,8 @@ def test_library_ingest_survives_sigkill_twenty_times(db_url: str) -> None:
     for _ in range(KILLS):
         child = _Child(db_url, first)
         assert child.ready.wait(60), "the child did not start"
-        time.sleep(rng.uniform(0.05, 0.6))
+        _await_acks(child.acked, None, ACKS_PER_ROUND)
+        time.sleep(rng.uniform(0.0, 0.5))
         child.kill()
         acked |= child.acked
         sent |= child.sent
@@ -126,7 +144,8 @@ def test_http_ingest_survives_sigkill_of_the_server(db_url: str, tmp_path: Path)
         threads = [threading.Thread(target=load.run, args=(server.base_url,)) for _ in range(4)]
         for thread in threads:
             thread.start()
-        time.sleep(rng.uniform(0.1, 0.6))
+        _await_acks(load.acked, load.lock, len(load.acked) + ACKS_PER_ROUND)
+        time.sleep(rng.uniform(0.0, 0.5))
         server.process.send_signal(signal.SIGKILL)
         server.process.wait(timeout=30)
         load.stop.set()
