@@ -23,7 +23,12 @@ from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import create_engine, migrate
 from tracker.testing import ManualClock
 
-PG_URL = os.environ.get("TRACKER_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+# Any PostgreSQL URL form (postgresql://, postgresql+asyncpg://): the tracker's driver is asyncpg.
+PG_URL = (
+    make_url(os.environ.get("TRACKER_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"))
+    .set(drivername="postgresql+asyncpg")
+    .render_as_string(hide_password=False)
+)
 REQUIRE_PG = os.environ.get("TRACKER_REQUIRE_POSTGRES") == "1"
 ENGINES = ("sqlite", "postgresql")
 T = TypeVar("T")
@@ -77,6 +82,13 @@ def pg_template() -> Iterator[str]:
         pytest.skip(f"Postgres unreachable ({problem}); set TRACKER_REQUIRE_POSTGRES=1 to make this fail")
     name = f"tracker_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
+    async def drop() -> None:
+        admin = await asyncpg.connect(_dsn(PG_URL))
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
     async def create() -> None:
         admin = await asyncpg.connect(_dsn(PG_URL))
         try:
@@ -86,15 +98,11 @@ def pg_template() -> Iterator[str]:
         engine = create_engine(TrackerConfig(database_url=_with_database(PG_URL, name)))
         try:
             await migrate(engine)
-        finally:
+        except BaseException:
             await engine.dispose()
-
-    async def drop() -> None:
-        admin = await asyncpg.connect(_dsn(PG_URL))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+            await drop()  # not left behind by a session that never started
+            raise
+        await engine.dispose()
 
     _run_in_thread(create)
     yield name

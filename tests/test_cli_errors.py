@@ -14,6 +14,7 @@ from pathlib import Path
 
 import aiosqlite
 import pytest
+from conftest import PG_URL
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
@@ -28,7 +29,7 @@ from tracker.service.settings import ServiceSettings
 COUNT_TO_TWO_MILLION = (
     "WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 2000000) SELECT count(*) FROM n"
 )
-PG = os.environ.get("TRACKER_TEST_POSTGRES_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
+PG = PG_URL
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> Result:
