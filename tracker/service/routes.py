@@ -89,9 +89,13 @@ UNAUTHORIZED = "a valid bearer token is required for writes and selections"
 
 def _only_known_query(request: Request) -> None:
     """Refuse query parameters the route does not declare: FastAPI ignores them, so a typo
-    (``?nn=3``) would silently answer with the defaults."""
+    (``?nn=3``) would silently answer with the defaults. Probes take none and ignore any: a load
+    balancer or scraper that adds a cache-buster must not see a live process as failing."""
+    route = request.scope.get("route")
+    if "probes" in getattr(route, "tags", ()):
+        return
     known: set[str] = set()
-    pending = [getattr(request.scope.get("route"), "dependant", None)]
+    pending = [getattr(route, "dependant", None)]
     while pending:  # the route's own parameters and those of its dependencies
         dependant = pending.pop()
         if dependant is not None:
