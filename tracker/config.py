@@ -189,7 +189,7 @@ class TrackerConfig:
             raise ConfigError(f"snapshot_dir must be a directory path or None, got {self.snapshot_dir!r}")
         if self.selection_strategy not in STRATEGIES:
             raise ConfigError(
-                f"selection_strategy must be one of {STRATEGIES}, got {self.selection_strategy!r}"
+                f"selection_strategy must be one of {', '.join(STRATEGIES)}, got {self.selection_strategy!r}"
             )
         if (
             isinstance(self.exploration_share, bool)

@@ -360,7 +360,7 @@ class AvailabilityTracker:
             raise InvalidInput(f"n must be an integer, got {n!r}")
         strategy = self.config.selection_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
-            raise InvalidInput(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+            raise InvalidInput(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if n <= 0:
             return []
         if self.config.dialect != "postgresql":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated
 
 import typer
@@ -57,12 +58,16 @@ def show(
         stdout.print(peer_table(title, availability.peers, empty="no holder is online"))
 
 
+#: The choices as Typer wants them, so that a mistyped one is a usage error (exit 2) like any other.
+Strategy = Enum("Strategy", {name: name for name in STRATEGIES}, type=str)  # type: ignore[misc]
+
+
 @app.command()
 def best(
     cid: Annotated[str, typer.Argument(help="The content id.")],
     n: Annotated[int, typer.Option("-n", min=1, max=100, help="How many peers.")] = 3,
     strategy: Annotated[
-        str | None, typer.Option(help=f"One of {', '.join(STRATEGIES)} (default: the configured one).")
+        Strategy | None, typer.Option(help="How to pick (default: the configured one).")
     ] = None,
     database_url: DatabaseUrlOption = None,
     as_json: JsonOption = False,
@@ -77,7 +82,8 @@ def best(
 
         async def work() -> list[PeerInfo]:
             async with opened(database_url) as tracker:
-                return await tracker.select_best_peers(cid, n, strategy=strategy)
+                chosen = None if strategy is None else strategy.value
+                return await tracker.select_best_peers(cid, n, strategy=chosen)
 
         chosen = run(work())
         if as_json:
