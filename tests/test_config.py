@@ -84,6 +84,8 @@ def test_concurrent_selections_default_to_half_the_pool() -> None:
 def test_from_env_names_the_bad_variable() -> None:
     with pytest.raises(ConfigError, match="TRACKER_PEER_TIMEOUT"):
         TrackerConfig.from_env({"TRACKER_PEER_TIMEOUT": "soon"})
+    # An override (a command-line option) wins without the variable being read.
+    assert TrackerConfig.from_env({"TRACKER_PEER_TIMEOUT": "soon"}, peer_timeout=10).peer_timeout == 10
 
 
 def test_heartbeat_resolution_is_seconds_bounded_by_the_timeout() -> None:

@@ -279,6 +279,7 @@ def test_service_settings_come_from_the_environment() -> None:
     assert (settings.port, settings.log_json, settings.host) == (9000, True, "::1")
     with pytest.raises(ConfigError, match="TRACKER_PORT"):
         ServiceSettings.from_env({"TRACKER_PORT": "eighty"})
+    assert ServiceSettings.from_env({"TRACKER_PORT": "eighty"}, port=8080).port == 8080  # --port wins
 
 
 async def test_best_rejects_an_out_of_range_n_and_an_unknown_strategy(api: httpx.AsyncClient) -> None:

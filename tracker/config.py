@@ -233,7 +233,7 @@ class TrackerConfig:
             if f.name in ("reputation", "clock", "monotonic"):
                 continue
             raw = env.get(f"TRACKER_{f.name.upper()}")
-            if raw is not None:
+            if raw is not None and f.name not in overrides:  # an override wins, even over a bad value
                 values[f.name] = _parse(f.name, raw, _field_type(cls, f.name))
         reputation: dict[str, Any] = {}
         for f in dataclasses.fields(ReputationParams):

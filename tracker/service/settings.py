@@ -113,8 +113,8 @@ class ServiceSettings:
         }
         for name, parse in parsers.items():
             raw = env.get(f"TRACKER_{name.upper()}")
-            if raw is None or raw == "":
-                continue
+            if raw is None or raw == "" or overrides.get(name) is not None:
+                continue  # unset, or a command-line option wins (even over a variable that is invalid)
             try:
                 values[name] = parse(raw)
             except ValueError:
