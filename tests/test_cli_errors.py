@@ -78,6 +78,12 @@ def test_a_missing_postgres_database_or_role_is_the_drivers_sentence(pg_template
     assert line == f'error: {missing} "{name}" does not exist'
 
 
+def test_a_database_that_refuses_the_connection_says_it_is_the_database() -> None:
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{_free_port()}/x"  # nothing listens there
+    line = one_line_error(run("stats", "--database-url", url))
+    assert line.startswith("error: cannot connect to the database: ") and "Connect call failed" in line
+
+
 def test_a_malformed_url_says_that_the_url_is_what_is_wrong() -> None:
     line = one_line_error(run("stats", "--database-url", "postgresql+asyncpg://u@127.0.0.1:notaport/x"))
     assert line.startswith("error: the database URL is not valid: ") and "notaport" in line

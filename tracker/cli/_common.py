@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -146,9 +147,10 @@ def _one_line(error: Exception) -> Text:
     speaks = isinstance(error, TrackerError | OSError | DBAPIError) or (
         type(cause).__module__.partition(".")[0] in _SPEAKING_MODULES
     )
-    message = Text.assemble(
-        ("error: ", "bold red"), lines[0] if speaks else f"{type(cause).__name__}: {lines[0]}"
-    )
+    first = lines[0] if speaks else f"{type(cause).__name__}: {lines[0]}"
+    if isinstance(cause, ConnectionError | socket.gaierror):  # the driver's "Connect call failed"
+        first = f"cannot connect to the database: {first}"
+    message = Text.assemble(("error: ", "bold red"), first)
     if len(lines) > 1 or not speaks:
         message.append(" (--debug for details)", style="dim")
     return message
