@@ -61,8 +61,8 @@ def serve(
     """Run the tracker as an HTTP service until SIGINT or SIGTERM, then exit 0 (130 when a second
     signal forced the shutdown, abandoning requests and writes still waiting on the database).
 
-    Binds 127.0.0.1 by default; any other address needs `TRACKER_API_TOKEN` (writes then require
-    `Authorization: Bearer TOKEN`). Every other setting comes from `TRACKER_*` variables (see
+    Binds 127.0.0.1 by default; any other address needs `TRACKER_API_TOKEN` (writes and selections
+    then require `Authorization: Bearer TOKEN`). Every other setting comes from `TRACKER_*` variables (see
     docs/operations.md). The API's schema is served at `/docs` and `/openapi.json`.
 
     Example, then a query from another shell:

@@ -51,7 +51,9 @@ class GossipConfig:
         if not isinstance(self.keys, tuple) or not all(
             isinstance(k, str) and len(k) >= 16 for k in self.keys
         ):
-            raise ConfigError("gossip keys must be a tuple of strings of at least 16 characters")
+            raise ConfigError(
+                "every gossip key must be at least 16 characters (TRACKER_GOSSIP_KEYS: comma-separated keys)"
+            )
         if not isinstance(self.neighbors, tuple):
             raise ConfigError("gossip neighbors must be a tuple of URLs")
         if self.neighbors and not self.keys:
@@ -107,7 +109,7 @@ class GossipConfig:
         floats = ("interval_s", "jitter", "max_skew_s", "timeout_s", "backoff_max_s", "max_messages_per_s")
         for name in (*lists, *ints, *floats, "learn_neighbors", "advertise_url"):
             raw = env.get(f"TRACKER_GOSSIP_{name.upper()}")
-            if raw is None:
+            if raw is None or name in overrides:  # an override wins, even over a bad value
                 continue
             try:
                 if name in lists:
