@@ -392,6 +392,10 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
         path for path, ops in schema["paths"].items() if "404" in ops.get("get", {}).get("responses", {})
     }
     assert documented_404 == {"/v1/peers/{peer_id}", "/v1/content/{cid}"}  # the only reads that answer it
+    # Every /v1 operation can be rate limited (probes and metrics are exempt): the schema says so.
+    for path, ops in schema["paths"].items():
+        for op in ops.values():
+            assert ("429" in op["responses"]) == path.startswith("/v1/"), (path, op["responses"].keys())
 
 
 @pytest.mark.parametrize("probe", ["/healthz", "/readyz"])

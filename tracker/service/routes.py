@@ -121,9 +121,9 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         prefix="/v1",
         tags=["events"],
         dependencies=[Depends(_require_token)],
-        responses=_errors(400, 401, 413, 415, 422, 503),
+        responses=_errors(400, 401, 413, 415, 422, 429, 503),
     )
-    reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(422, 503))
+    reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(422, 429, 503))
 
     async def commit(
         tracker: AvailabilityTracker, metrics: ServiceMetrics, events: list[ev.Event]
@@ -301,6 +301,7 @@ _ERROR_MEANINGS = {
     404: "Unknown peer or content",
     413: "Request body over max_body_bytes",
     422: "Invalid request or input",
+    429: "Too many requests on this connection (rate_limit_per_s); retry after Retry-After seconds",
     503: "Database busy or unavailable; retry",
 }
 
