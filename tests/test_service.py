@@ -219,6 +219,9 @@ async def test_a_body_over_the_limit_is_refused_before_it_is_read(tracker: Avail
         )
         assert streamed.status_code == 413
         assert (await api.get("/v1/stats")).json()["peers_total"] == 0
+        # Refused before routing, still counted under the route it was for (it was "unmatched").
+        metrics = (await api.get("/metrics")).text
+        assert 'tracker_http_requests_total{method="POST",route="/v1/events",status="413"} 2.0' in metrics
 
 
 async def test_writes_need_the_token_when_one_is_configured_and_reads_do_not(

@@ -13,13 +13,14 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -84,7 +85,11 @@ def create_app(
         else None
     )
     app.add_middleware(
-        _RequestGate, max_body_bytes=settings.max_body_bytes, metrics=app.state.metrics, limiter=limiter
+        _RequestGate,
+        max_body_bytes=settings.max_body_bytes,
+        metrics=app.state.metrics,
+        limiter=limiter,
+        routes=app.router.routes,
     )
     return app
 
@@ -222,6 +227,17 @@ class _BodyTooLarge(StarletteHTTPException):
         super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
+def _leaves(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    """The routes themselves: FastAPI (0.16x) keeps an included router as one entry that matches
+    every path under it, with the router's own routes in ``original_router``."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _leaves(inner.routes)
+        else:
+            yield route
+
+
 class _RequestGate:
     """Pure ASGI middleware: request id, body-size limit, one access-log line and request metrics.
 
@@ -231,12 +247,30 @@ class _RequestGate:
     """
 
     def __init__(
-        self, app: ASGIApp, *, max_body_bytes: int, metrics: ServiceMetrics, limiter: TokenBuckets | None
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        metrics: ServiceMetrics,
+        limiter: TokenBuckets | None,
+        routes: Sequence[BaseRoute],
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.limiter = limiter
+        self.routes = routes
+
+    def _template(self, scope: Scope) -> str:
+        """The route template for the metrics: the matched route's, or for a request refused before
+        routing (429, 413, a bad path) the route it was meant for, so a throttled route shows."""
+        route = scope.get("route")
+        if route is None:
+            for candidate in _leaves(self.routes):
+                if candidate.matches(scope)[0] is not Match.NONE:
+                    route = candidate
+                    break
+        return str(getattr(route, "path", "unmatched"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -297,8 +331,7 @@ class _RequestGate:
             close = {"Connection": "close"}
             await self._reject(scope, send_with_id, 413, "body_too_large", message, close)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            template = self._template(scope)
             elapsed = time.perf_counter() - started
             self.metrics.http_requests.labels(
                 method=scope["method"], route=template, status=str(status)
