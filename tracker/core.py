@@ -100,7 +100,8 @@ class AvailabilityTracker:
                     raise SchemaOutOfDate(
                         f"the database schema is at revision {current or 'none (empty database)'} but this "
                         f"tracker needs {head}: run `tracker db upgrade` (or `alembic upgrade head`), "
-                        "or open with auto_migrate=True (TRACKER_AUTO_MIGRATE=true)"
+                        "or let it migrate when it opens (auto_migrate=True; for `tracker serve`, "
+                        "TRACKER_AUTO_MIGRATE=true and no --no-migrate)"
                     )
             now = self.now()
 
