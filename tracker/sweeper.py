@@ -134,6 +134,8 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             "pruned": pruned,
             "snapshot": str(path) if path else None,
             "duration_s": report.duration_s,
+            "clock_leap_s": leap,
+            "future_rows_clamped": clamped,
         },
     )
     return report
