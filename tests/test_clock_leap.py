@@ -211,3 +211,48 @@ async def test_a_new_process_brings_back_rows_an_earlier_one_stamped_ahead(
         await tracker.record_peer_offline("p")
         metrics = await tracker.get_peer_metrics("p")
         assert metrics is not None and not metrics.online
+
+
+async def test_reads_and_selections_agree_with_the_sweeper_right_after_a_leap_is_accepted(
+    guarded: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """Heartbeats during the hold are stamped on elapsed time; at the acceptance they look a leap
+    old. Reads showed every live peer offline and selections found none until each spoke again
+    (QA round 2); their presence cutoff stays behind the leap like the sweeper's."""
+    await guarded.sweep()
+    clock.advance(1)
+    clock.leap(1000)
+    guarded.now()
+    for _ in range(10):
+        clock.advance(29)
+        await guarded.record_batch([PeerOnline("a"), PeerOnline("b")])
+    clock.advance(10)
+    assert guarded.now() == clock.now and guarded.now.lag() == pytest.approx(1000)
+    assert sorted(await guarded.get_available_peers("movie")) == ["a", "b"]  # c: silent 301 s
+    assert {p.peer_id for p in await guarded.select_best_peers("movie", 3)} == {"a", "b"}
+    metrics = await guarded.get_peer_metrics("a")
+    assert metrics is not None and metrics.online
+    assert (await guarded.stats()).peers_online == 2
+    assert (await guarded.sweep()).peers_marked_offline == 1
+
+
+async def test_two_steps_within_the_tolerance_across_an_anchor_renewal_add_up(
+    db_url: str, clock: ManualClock
+) -> None:
+    config = TrackerConfig(
+        database_url=db_url, clock=clock, monotonic=clock.monotonic, peer_timeout=120, max_clock_skew_s=60
+    )
+    async with AvailabilityTracker(config) as tracker:
+        tracker.now()
+        clock.advance(100)
+        await tracker.record_batch([PeerOnline(p) for p in ("a", "b", "c")])
+        clock.advance(19)
+        tracker.now()
+        clock.advance(1)
+        clock.leap(59)  # at the reading that renews the anchor
+        tracker.now()
+        clock.advance(1)
+        clock.leap(59)  # 118 s in 1 s
+        assert tracker.now() < clock.now and tracker.now.leap_s > 0
+        report = await tracker.sweep()
+        assert report.clock_leap_s is not None and report.peers_marked_offline == 0

@@ -16,6 +16,7 @@ from gossip_helpers import KEY, LocalNet
 from sqlalchemy import update
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.events import ContentAvailable, ContentUnavailable, PeerOnline
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.protocol import Keyring, MappingState, Message, OriginDelta, PeerState, new_nonce, signed
@@ -187,3 +188,51 @@ async def test_an_origin_whose_clock_is_set_back_releases_its_held_rows(
     finally:
         for tracker in trackers:
             await tracker.close()
+
+
+async def test_a_removal_made_elsewhere_after_the_correction_survives_the_origins_repair(
+    db_url: str, other_db_url: str
+) -> None:
+    """A started a day ahead and announced p; once A's clock is set right, B removes the mapping,
+    correctly dated. A's repair brings its row back to when its clock was set right, not to the
+    time of its sweep, so B's removal still wins everywhere (QA round 2: it was overturned)."""
+    a_clock, b_clock = ManualClock(T0 + 86_400), ManualClock(T0)
+    net = LocalNet()
+    trackers = []
+    for url, clock, name in ((db_url, a_clock, "http://a"), (other_db_url, b_clock, "http://b")):
+        tracker = await AvailabilityTracker.open(
+            TrackerConfig(database_url=url, clock=clock, monotonic=clock.monotonic)
+        )
+        trackers.append(tracker)
+        net.agents[name] = GossipAgent(tracker, GossipConfig(keys=(KEY,)), transport=net.transport_for(name))
+    a, b = net.agents["http://a"], net.agents["http://b"]
+    try:
+        await a.tracker.sweep()
+        await a.tracker.record_batch([PeerOnline("p"), ContentAvailable("movie", "p")])
+        a_clock.leap(-86_400)
+        a.tracker.now()  # A notices the step back at T0
+        for clock in (a_clock, b_clock):
+            clock.advance(5)
+        await b.tracker.record_batch(
+            [PeerOnline("p", at=T0 + 5), ContentUnavailable("movie", "p", at=T0 + 5)]
+        )
+        for clock in (a_clock, b_clock):
+            clock.advance(20)
+        assert (await a.tracker.sweep()).future_rows_clamped >= 2
+        await a.exchange("http://b")
+        await b.exchange("http://a")
+        for node in (a, b):
+            assert await node.tracker.get_available_peers("movie") == [], node.node_key
+    finally:
+        for tracker in trackers:
+            await tracker.close()
+
+
+async def test_the_pass_that_first_reads_a_step_back_repairs_at_once(db_url: str) -> None:
+    clock = ManualClock(T0 + 86_400)
+    config = TrackerConfig(database_url=db_url, clock=clock, monotonic=clock.monotonic)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.sweep()
+        await tracker.record_batch([PeerOnline("p"), ContentAvailable("movie", "p")])
+        clock.leap(-86_400)  # nothing reads the clock until the sweep
+        assert (await tracker.sweep()).future_rows_clamped >= 3

@@ -57,16 +57,19 @@ class SteadyClock:
         self.accept_after_s = accept_after_s
         self._wall: float | None = None  # the last reading in step, and elapsed time then
         self._mono = 0.0
-        # An older reading in step, renewed every accept_after_s: a leap made of steps each within
-        # the tolerance (or a clock running fast) adds up against it.
-        self._anchor = (0.0, 0.0)
+        # Older readings in step, a new one every accept_after_s, the one before kept until the new
+        # one is that old: a leap made of steps each within the tolerance (or a clock running fast)
+        # adds up against them, also across a renewal.
+        self._anchors: list[tuple[float, float]] = []
         self._held_since: float | None = None
         # After a leap is accepted: (its size, elapsed time until which sweeps still run behind it).
         self._lag = (0.0, 0.0)
         #: How far the wall clock runs ahead of "now" (0.0 when in step): for metrics and reports.
         self.leap_s = 0.0
-        #: Steps back by more than the tolerance seen so far (rows stamped before one may be ahead).
+        #: Steps back by more than the tolerance seen so far (rows stamped before one may be ahead),
+        #: and the time the latest one stepped to (``None`` before any).
         self.steps_back = 0
+        self.stepped_back_to: float | None = None
 
     def __call__(self) -> float:
         wall = self.wall()
@@ -77,11 +80,12 @@ class SteadyClock:
             return self._trust(wall, mono, anchor=True)
         steady = self._wall + (mono - self._mono)
         surplus = wall - steady
-        anchor_wall, anchor_mono = self._anchor
-        drift = wall - (anchor_wall + (mono - anchor_mono))
+        drift = max(wall - (aw + (mono - am)) for aw, am in self._anchors)
         if surplus < -self.tolerance_s:
             self.steps_back += 1
+            self.stepped_back_to = wall
             self._lag = (0.0, 0.0)
+            self._anchors.clear()
             log.warning(
                 "the clock stepped %.6g s back: followed at once",
                 -surplus,
@@ -94,45 +98,53 @@ class SteadyClock:
                     "the clock is back in step with elapsed time",
                     extra={"action": "clock_leap_over", "surplus_s": surplus},
                 )
-            return self._trust(wall, mono, anchor=mono - anchor_mono >= self.accept_after_s)
+            return self._trust(wall, mono, anchor=mono - self._anchors[-1][1] >= self.accept_after_s)
         if self._held_since is None:
             self._held_since = mono
             log.warning(
                 "the clock leapt %.6g s ahead of elapsed time: the tracker keeps time by elapsed time "
                 "(taken as a correction if it persists for %g s)",
-                surplus,
+                max(surplus, drift),
                 self.accept_after_s,
-                extra={"action": "clock_leap", "surplus_s": surplus},
+                extra={"action": "clock_leap", "surplus_s": max(surplus, drift)},
             )
         if mono - self._held_since >= self.accept_after_s:
             log.warning(
                 "the clock's leap of %.6g s persisted for %g s: taken as a correction",
-                surplus,
+                max(surplus, drift),
                 self.accept_after_s,
-                extra={"action": "clock_leap_accepted", "surplus_s": surplus},
+                extra={"action": "clock_leap_accepted", "surplus_s": max(surplus, drift)},
             )
-            self._lag = (surplus, mono + self.accept_after_s)
+            # Steps within the tolerance before it were followed, so stamps older than them are
+            # behind the new clock by the whole drift: the sweeper stays behind by that much.
+            self._lag = (max(surplus, drift), mono + self.accept_after_s)
+            self._anchors.clear()
             return self._trust(wall, mono, anchor=True)
         self.leap_s = surplus
         return steady
 
-    def for_sweep(self) -> float:
-        """ "Now" for the sweeper's timeouts and retention: ``self()``, except for ``accept_after_s``
-        after a leap was accepted, when it stays behind by the leap.
+    def lag(self) -> float:
+        """How far the sweeper, and the presence cutoff of reads, stay behind ``self()``: the size of
+        a leap accepted less than ``accept_after_s`` ago, else 0.
 
-        The rows stored before the leap are dated by the old clock: the moment it is accepted they all
-        look a leap old, and a sweep would time out peers that spoke a second ago and delete their
-        mappings. Behind by the leap, it times out only peers silent for ``peer_timeout`` by elapsed
-        time, while the live ones speak again under the new clock.
+        The rows stored before the leap are dated by the old clock: the moment it is accepted they
+        all look a leap old, and a sweep would time out peers that spoke a second ago and delete
+        their mappings, and reads would show them offline until they speak again. Behind by the
+        leap, only peers silent for ``peer_timeout`` by elapsed time count as gone, while the live
+        ones speak again under the new clock.
         """
+        size, until = self._lag
+        if size and self.elapsed is not None and self.elapsed() < until:
+            return size
+        return 0.0
+
+    def for_sweep(self) -> float:
+        """ "Now" for the sweeper's timeouts and retention: ``self()`` less ``lag()``."""
         now = self()
-        lag, until = self._lag
-        if lag and self.elapsed is not None and self.elapsed() < until:
-            return now - lag
-        return now
+        return now - self.lag()
 
     def _trust(self, wall: float, mono: float, *, anchor: bool) -> float:
         self._wall, self._mono, self._held_since, self.leap_s = wall, mono, None, 0.0
         if anchor:
-            self._anchor = (wall, mono)
+            self._anchors = [*self._anchors[-1:], (wall, mono)]
         return wall

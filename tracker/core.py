@@ -63,6 +63,7 @@ class AvailabilityTracker:
         self._node_id: int | None = None
         self._node_key: str | None = None
         self._sweep_state = SweepState()
+        self._opened_at = 0.0  # the tracker's time when it opened (the sweeper's first repair uses it)
         elapsed = self.config.monotonic
         if elapsed is None and self.config.clock is time.time:
             elapsed = system_elapsed
@@ -103,7 +104,7 @@ class AvailabilityTracker:
                         "or let it migrate when it opens (auto_migrate=True; for `tracker serve`, "
                         "TRACKER_AUTO_MIGRATE=true and no --no-migrate)"
                     )
-            now = self.now()
+            now = self._opened_at = self.now()
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:
                 if self._publish_settings:
@@ -308,10 +309,10 @@ class AvailabilityTracker:
     async def get_peer_metrics(self, peer_id: str) -> PeerMetrics | None:
         """Everything known about one peer, merged over origins; ``None`` for a peer never seen."""
         validate_id(peer_id)
-        now, config = self.now(), self.config
+        now, config, lag = self.now(), self.config, self.now.lag()
 
         async def work(conn: db.DriverSQL) -> queries.PeerRow | None:
-            return await queries.peer_row(conn, peer_id, now, config)
+            return await queries.peer_row(conn, peer_id, now, config, lag=lag)
 
         row = await db.run_read_unit(self.engine, self._read_lane(), work)
         return None if row is None else self._metrics(row)
@@ -338,10 +339,10 @@ class AvailabilityTracker:
     async def get_available_peers(self, cid: str) -> list[str]:
         """Ids of the online holders of ``cid`` (peers past ``peer_timeout`` are never included)."""
         validate_id(cid, "cid")
-        now, config = self.now(), self.config
+        now, config, lag = self.now(), self.config, self.now.lag()
 
         async def work(conn: db.DriverSQL) -> list[str]:
-            return await queries.available_peer_keys(conn, cid, now, config)
+            return await queries.available_peer_keys(conn, cid, now, config, lag=lag)
 
         return await db.run_read_unit(self.engine, self._read_lane(), work)
 
@@ -376,7 +377,7 @@ class AvailabilityTracker:
         async def rank(conn: db.DriverSQL) -> list[queries.RankedRow]:
             # A few spares: a concurrent selector may fill a peer's last slot before we grant.
             return await queries.ranked_holders(
-                conn, cid, self.now(), config, limit=2 * n, mode=strategy, seed=draw
+                conn, cid, self.now(), config, limit=2 * n, mode=strategy, seed=draw, lag=self.now.lag()
             )
 
         async def grant(
@@ -439,16 +440,16 @@ class AvailabilityTracker:
         validate_id(cid, "cid")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"limit must be an integer >= 1 or None, got {limit!r}")
-        now, config = self.now(), self.config
+        now, config, lag = self.now(), self.config, self.now.lag()
 
         async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow], int]:
             known, last_updated = await queries.content_last_updated(conn, config.dialect, cid)
             if not known:
                 return False, None, [], 0
             if limit is None:
-                rows = await queries.ranked_holders(conn, cid, now, config, limit=None, mode="all")
+                rows = await queries.ranked_holders(conn, cid, now, config, limit=None, mode="all", lag=lag)
                 return True, last_updated, rows, len(rows)
-            rows, holders = await queries.best_holders(conn, cid, now, config, limit=limit)
+            rows, holders = await queries.best_holders(conn, cid, now, config, limit=limit, lag=lag)
             return True, last_updated, rows, holders
 
         known, last_updated, rows, holders = await db.run_read_unit(self.engine, self._read_lane(), work)
@@ -477,11 +478,11 @@ class AvailabilityTracker:
             raise InvalidInput(f"limit must be an integer within 1..10000, got {limit!r}")
         if after is not None:
             validate_id(after, "after")
-        now, config = self.now(), self.config
+        now, config, lag = self.now(), self.config, self.now.lag()
 
         async def work(conn: db.DriverSQL) -> list[queries.PeerRow]:
             return await queries.peer_page(
-                conn, now, config, online_only=online_only, limit=limit, after=after
+                conn, now, config, online_only=online_only, limit=limit, after=after, lag=lag
             )
 
         rows = await db.run_read_unit(self.engine, self._read_lane(), work)
@@ -489,10 +490,10 @@ class AvailabilityTracker:
 
     async def stats(self) -> TrackerStats:
         """Counts of peers (total, online), contents, available mappings and open leases, as of now."""
-        now, config = self.now(), self.config
+        now, config, lag = self.now(), self.config, self.now.lag()
 
         async def work(conn: db.DriverSQL) -> queries.Counts:
-            return await queries.counts(conn, now, config)
+            return await queries.counts(conn, now, config, lag=lag)
 
         counts = await db.run_read_unit(self.engine, self._read_lane(), work)
         return TrackerStats(

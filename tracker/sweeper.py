@@ -61,10 +61,11 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
     time."""
     config, engine = tracker.config, tracker.engine
     started = time.perf_counter()
-    leap, steps_back, own_time = None, tracker.now.steps_back, now is None
+    leap, own_time = None, now is None
     if now is None:
         now = tracker.now.for_sweep()
         leap = tracker.now.leap_s or None
+    steps_back = tracker.now.steps_back  # after the reading above, which may be what saw the step
     async with _sweep_lock(engine) as acquired:
         if not acquired:
             return SweepReport(
@@ -76,10 +77,14 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         if own_time and state.steps_back_seen != steps_back:  # a first pass, or the clock stepped back
 
             async def clamp(conn: AsyncConnection) -> int:
-                # By the tracker's time, not the sweep's, which may lag behind an accepted leap.
+                # Beyond the tracker's time (not the sweep's, which may lag behind an accepted leap),
+                # brought back to when the clock was set right, or else when this process opened:
+                # a removal made elsewhere since then, correctly dated, still wins.
                 current = tracker.now()
+                to = tracker.now.stepped_back_to if steps_back else tracker._opened_at
+                to = min(current, to if to is not None else current)
                 limit = current + config.max_clock_skew_s
-                return await q.clamp_future(conn, node_id, current, limit, config.lease_ttl_s)
+                return await q.clamp_future(conn, node_id, to, limit, config.lease_ttl_s)
 
             clamped = await db.run_write(engine, clamp, config.write_retries)
             state.steps_back_seen = steps_back

@@ -13,7 +13,7 @@ from ..compiled import Precompiled
 from ..config import TrackerConfig
 from ..db import DriverSQL
 from ..schema import content_peers, contents, peer_leases, peer_stats, peers
-from .reads import PeerRow, _merged, _times, peer_row_of
+from .reads import PeerRow, _merged, peer_row_of, times
 
 
 async def peer_page(
@@ -24,9 +24,10 @@ async def peer_page(
     online_only: bool,
     limit: int,
     after: str | None,
+    lag: float = 0.0,
 ) -> list[PeerRow]:
     """Up to ``limit`` peers with ids after ``after``, in id order, merged over origins."""
-    params = {"after": "" if after is None else after, "limit": limit, **_times(now, config)}
+    params = {"after": "" if after is None else after, "limit": limit, **times(now, config, lag)}
     rows = await _page_select(config.dialect, config.reputation, online_only).fetch(conn, params)
     return [peer_row_of(row) for row in rows]
 
@@ -86,9 +87,9 @@ class Counts:
     open_leases: int
 
 
-async def counts(conn: DriverSQL, now: float, config: TrackerConfig) -> Counts:
+async def counts(conn: DriverSQL, now: float, config: TrackerConfig, *, lag: float = 0.0) -> Counts:
     """How many peers (and how many online), contents, live mappings and open leases there are."""
-    row = (await _counts_select(config.dialect).fetch(conn, _times(now, config)))[0]
+    row = (await _counts_select(config.dialect).fetch(conn, times(now, config, lag)))[0]
     return Counts(*(int(value or 0) for value in row))
 
 

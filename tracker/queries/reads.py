@@ -194,14 +194,18 @@ def _holders() -> Select[Any]:
     )
 
 
-def _times(now: float, config: TrackerConfig) -> dict[str, float]:
-    return {"now": now, "cutoff": now - config.peer_timeout}
+def times(now: float, config: TrackerConfig, lag: float = 0.0) -> dict[str, float]:
+    """The reads' time parameters: ``now``, and the presence cutoff ``peer_timeout`` before it, moved
+    back by ``lag`` just after a clock leap was accepted (``SteadyClock.lag``)."""
+    return {"now": now, "cutoff": now - config.peer_timeout - lag}
 
 
-async def peer_row(conn: DriverSQL, peer_key: str, now: float, config: TrackerConfig) -> PeerRow | None:
+async def peer_row(
+    conn: DriverSQL, peer_key: str, now: float, config: TrackerConfig, *, lag: float = 0.0
+) -> PeerRow | None:
     """One peer's merged metrics, or ``None`` if it was never seen."""
     rows = await _peer_row_select(config.dialect, config.reputation).fetch(
-        conn, {"peer_key": peer_key, **_times(now, config)}
+        conn, {"peer_key": peer_key, **times(now, config, lag)}
     )
     return peer_row_of(rows[0]) if rows else None
 
@@ -248,9 +252,11 @@ def _peer_row_select(dialect: str, params: rep.ReputationParams) -> Precompiled:
     return Precompiled(stmt, dialect)
 
 
-async def available_peer_keys(conn: DriverSQL, cid: str, now: float, config: TrackerConfig) -> list[str]:
+async def available_peer_keys(
+    conn: DriverSQL, cid: str, now: float, config: TrackerConfig, *, lag: float = 0.0
+) -> list[str]:
     """Online holders of ``cid`` (any reputation), by peer id."""
-    rows = await _available_select(config.dialect).fetch(conn, {"cid": cid, **_times(now, config)})
+    rows = await _available_select(config.dialect).fetch(conn, {"cid": cid, **times(now, config, lag)})
     return [row[0] for row in rows]
 
 
@@ -273,6 +279,7 @@ async def ranked_holders(
     limit: int | None,
     mode: str,
     seed: float = 0.0,
+    lag: float = 0.0,
 ) -> list[RankedRow]:
     """Online holders of ``cid`` ranked in SQL, best first; the one place selection order is defined.
 
@@ -283,7 +290,7 @@ async def ranked_holders(
     statement = _ranked_select(
         config.dialect, config.reputation, _Selection.of(config), mode, limit is not None
     )
-    params = {"cid": cid, "limit": limit, "seed": seed, **_times(now, config)}
+    params = {"cid": cid, "limit": limit, "seed": seed, **times(now, config, lag)}
     if config.dialect == "postgresql":
         # Planned for each call with its own content and the tables' current sizes. A generic plan
         # of this prepared statement is built once per connection: one made while peer_leases was
@@ -295,7 +302,7 @@ async def ranked_holders(
 
 
 async def best_holders(
-    conn: DriverSQL, cid: str, now: float, config: TrackerConfig, *, limit: int
+    conn: DriverSQL, cid: str, now: float, config: TrackerConfig, *, limit: int, lag: float = 0.0
 ) -> tuple[list[RankedRow], int]:
     """The best ``limit`` online holders of ``cid`` in the order of availability listings, and how many
     online holders it has in all (a window count in the same statement, so the rest never leave
@@ -305,7 +312,8 @@ async def best_holders(
     )
     if config.dialect == "postgresql":
         await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
-    rows = await statement.fetch(conn, {"cid": cid, "limit": limit, "seed": 0.0, **_times(now, config)})
+    params = {"cid": cid, "limit": limit, "seed": 0.0, **times(now, config, lag)}
+    rows = await statement.fetch(conn, params)
     return [_ranked_row(rank, r) for rank, r in enumerate(rows, start=1)], int(rows[0][10]) if rows else 0
 
 

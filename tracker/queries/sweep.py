@@ -122,7 +122,8 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
 async def clamp_future(
     conn: AsyncConnection, node_id: int, now: float, limit: float, lease_ttl: float
 ) -> int:
-    """Bring this node's times that lie beyond ``limit`` back to ``now``; returns the rows changed.
+    """Bring this node's times that lie beyond ``limit`` back to ``now`` (the caller's choice: when
+    the clock was set right); returns the rows changed.
 
     They were stamped while the tracker's clock was ahead (a leap it could not see, or accepted, and
     then undone). Left alone they keep peers online and leases counted for the size of the step,
