@@ -7,6 +7,7 @@ every last-writer-wins and, at ``last_seen=1e12``, broke ``GET /v1/peers`` with 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -154,6 +155,26 @@ async def test_times_beyond_what_datetime_holds_read_as_its_limit_not_a_500(agen
         assert listing.status_code == 200, listing.text
 
 
+@asynccontextmanager
+async def _pair(
+    a_url: str, b_url: str, a_clock: ManualClock, b_clock: ManualClock
+) -> AsyncIterator[tuple[GossipAgent, GossipAgent]]:
+    """Two gossiping trackers, a and b, each on its own clock (with elapsed time), on one LocalNet."""
+    net = LocalNet()
+    trackers = []
+    try:
+        for url, clock, name in ((a_url, a_clock, "http://a"), (b_url, b_clock, "http://b")):
+            config = TrackerConfig(database_url=url, clock=clock, monotonic=clock.monotonic)
+            trackers.append(tracker := await AvailabilityTracker.open(config))
+            net.agents[name] = GossipAgent(
+                tracker, GossipConfig(keys=(KEY,)), transport=net.transport_for(name)
+            )
+        yield net.agents["http://a"], net.agents["http://b"]
+    finally:
+        for tracker in trackers:
+            await tracker.close()
+
+
 async def test_an_origin_whose_clock_is_set_back_releases_its_held_rows(
     db_url: str, other_db_url: str
 ) -> None:
@@ -162,16 +183,7 @@ async def test_an_origin_whose_clock_is_set_back_releases_its_held_rows(
     rows back to now and re-versions them, so B takes them at the next exchange instead of a day
     later (QA: gossip_origin_frozen.py)."""
     a_clock, b_clock = ManualClock(T0 + 86_400), ManualClock(T0)
-    net = LocalNet()
-    trackers = []
-    for url, clock, name in ((db_url, a_clock, "http://a"), (other_db_url, b_clock, "http://b")):
-        tracker = await AvailabilityTracker.open(
-            TrackerConfig(database_url=url, clock=clock, monotonic=clock.monotonic)
-        )
-        trackers.append(tracker)
-        net.agents[name] = GossipAgent(tracker, GossipConfig(keys=(KEY,)), transport=net.transport_for(name))
-    a, b = net.agents["http://a"], net.agents["http://b"]
-    try:
+    async with _pair(db_url, other_db_url, a_clock, b_clock) as (a, b):
         await a.tracker.sweep()
         await a.tracker.record_peer_online("p")
         await a.tracker.record_content_available("movie", "p")
@@ -185,9 +197,6 @@ async def test_an_origin_whose_clock_is_set_back_releases_its_held_rows(
         assert await b.tracker.get_available_peers("movie") == ["p"]
         metrics = await b.tracker.get_peer_metrics("p")
         assert metrics is not None and metrics.last_seen == datetime.fromtimestamp(T0, tz=UTC)
-    finally:
-        for tracker in trackers:
-            await tracker.close()
 
 
 async def test_a_removal_made_elsewhere_after_the_correction_survives_the_origins_repair(
@@ -197,16 +206,7 @@ async def test_a_removal_made_elsewhere_after_the_correction_survives_the_origin
     correctly dated. A's repair brings its row back to when its clock was set right, not to the
     time of its sweep, so B's removal still wins everywhere (QA round 2: it was overturned)."""
     a_clock, b_clock = ManualClock(T0 + 86_400), ManualClock(T0)
-    net = LocalNet()
-    trackers = []
-    for url, clock, name in ((db_url, a_clock, "http://a"), (other_db_url, b_clock, "http://b")):
-        tracker = await AvailabilityTracker.open(
-            TrackerConfig(database_url=url, clock=clock, monotonic=clock.monotonic)
-        )
-        trackers.append(tracker)
-        net.agents[name] = GossipAgent(tracker, GossipConfig(keys=(KEY,)), transport=net.transport_for(name))
-    a, b = net.agents["http://a"], net.agents["http://b"]
-    try:
+    async with _pair(db_url, other_db_url, a_clock, b_clock) as (a, b):
         await a.tracker.sweep()
         await a.tracker.record_batch([PeerOnline("p"), ContentAvailable("movie", "p")])
         a_clock.leap(-86_400)
@@ -223,9 +223,6 @@ async def test_a_removal_made_elsewhere_after_the_correction_survives_the_origin
         await b.exchange("http://a")
         for node in (a, b):
             assert await node.tracker.get_available_peers("movie") == [], node.node_key
-    finally:
-        for tracker in trackers:
-            await tracker.close()
 
 
 async def test_the_pass_that_first_reads_a_step_back_repairs_at_once(db_url: str) -> None:
