@@ -256,3 +256,30 @@ async def test_two_steps_within_the_tolerance_across_an_anchor_renewal_add_up(
         assert tracker.now() < clock.now and tracker.now.leap_s > 0
         report = await tracker.sweep()
         assert report.clock_leap_s is not None and report.peers_marked_offline == 0
+
+
+async def test_small_steps_back_add_up_and_several_steps_repair_to_the_earliest(
+    db_url: str, clock: ManualClock
+) -> None:
+    """QA round 3: 1000 s back in steps of 50 s was never counted, so rows stamped 1000 s ahead
+    were never repaired; after two steps back between sweeps the repair used the later one."""
+    clock.leap(1000)  # the process starts ahead: nothing to compare with
+    config = TrackerConfig(database_url=db_url, clock=clock, monotonic=clock.monotonic)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.sweep()
+        await tracker.record_peer_online("p")
+        for _ in range(20):
+            clock.leap(-50)
+            tracker.now()
+        assert tracker.now.steps_back >= 1
+        first = clock.now
+        clock.advance(20)
+        clock.leap(59)
+        tracker.now()
+        clock.leap(-61)  # counted, to first + 18
+        tracker.now()
+        assert tracker.now.stepped_back_to == first  # the earliest since the last repair
+        assert (await tracker.sweep()).future_rows_clamped >= 2
+        clock.advance(tracker.config.peer_timeout + 1)
+        assert (await tracker.sweep()).peers_marked_offline == 1  # silent since, by elapsed time
+        assert tracker.now.repaired

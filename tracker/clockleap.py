@@ -70,6 +70,8 @@ class SteadyClock:
         #: and the time the latest one stepped to (``None`` before any).
         self.steps_back = 0
         self.stepped_back_to: float | None = None
+        #: Set by the sweeper once it has repaired the rows stamped before ``stepped_back_to``.
+        self.repaired = True
 
     def __call__(self) -> float:
         wall = self.wall()
@@ -80,10 +82,15 @@ class SteadyClock:
             return self._trust(wall, mono, anchor=True)
         steady = self._wall + (mono - self._mono)
         surplus = wall - steady
-        drift = max(wall - (aw + (mono - am)) for aw, am in self._anchors)
-        if surplus < -self.tolerance_s:
+        drifts = [wall - (aw + (mono - am)) for aw, am in self._anchors]
+        drift = max(drifts)
+        if surplus < -self.tolerance_s or min(drifts) < -self.tolerance_s:  # small steps add up too
             self.steps_back += 1
-            self.stepped_back_to = wall
+            # The earliest time stepped to since the sweeper last repaired: rows stamped before the
+            # first of several steps back are brought back to it.
+            earliest = self.stepped_back_to
+            self.stepped_back_to = wall if earliest is None or self.repaired else min(earliest, wall)
+            self.repaired = False
             self._lag = (0.0, 0.0)
             self._anchors.clear()
             log.warning(

@@ -81,13 +81,16 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 # brought back to when the clock was set right, or else when this process opened:
                 # a removal made elsewhere since then, correctly dated, still wins.
                 current = tracker.now()
-                to = tracker.now.stepped_back_to if steps_back else tracker._opened_at
-                to = min(current, to if to is not None else current)
+                to = tracker.now.stepped_back_to if steps_back else None
+                if state.steps_back_seen < 0:  # the first pass: rows of earlier processes too
+                    to = tracker._opened_at if to is None else min(to, tracker._opened_at)
+                to = min(current, current if to is None else to)
                 limit = current + config.max_clock_skew_s
                 return await q.clamp_future(conn, node_id, to, limit, config.lease_ttl_s)
 
             clamped = await db.run_write(engine, clamp, config.write_retries)
             state.steps_back_seen = steps_back
+            tracker.now.repaired = True
 
         async def expire(conn: AsyncConnection) -> int:
             return await q.mark_stale_offline(conn, node_id, now, config.peer_timeout)
