@@ -14,6 +14,7 @@ from dataclasses import replace
 import pytest
 from prometheus_client import generate_latest
 from sqlalchemy import func, select
+from test_load_balancing import proven_peers
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.clockleap import system_elapsed
@@ -283,3 +284,28 @@ async def test_small_steps_back_add_up_and_several_steps_repair_to_the_earliest(
         clock.advance(tracker.config.peer_timeout + 1)
         assert (await tracker.sweep()).peers_marked_offline == 1  # silent since, by elapsed time
         assert tracker.now.repaired
+
+
+async def test_leases_granted_during_the_hold_still_count_once_the_leap_is_accepted(
+    db_url: str, clock: ManualClock
+) -> None:
+    """QA round 3: dated by the held clock, they all looked lapsed at the acceptance, and a peer at
+    its cap of 2 was handed out twice more; outcomes for them closed nothing."""
+    config = TrackerConfig(
+        database_url=db_url, clock=clock, monotonic=clock.monotonic, max_load_per_peer=2, lease_ttl_s=60
+    )
+    async with AvailabilityTracker(config) as tracker:
+        tracker.now()
+        clock.leap(1000)
+        tracker.now()
+        clock.advance(tracker.config.peer_timeout - 5)
+        await tracker.record_batch(proven_peers(["p"], tracker.now()))  # by the tracker's held time
+        assert len(await tracker.select_best_peers("movie", 1)) == 1
+        assert len(await tracker.select_best_peers("movie", 1)) == 1
+        clock.advance(5)  # accepted at the next reading
+        assert await tracker.select_best_peers("movie", 1) == []  # still at its cap
+        assert tracker.now.accepted == 1
+        await tracker.record_upload_success("p", cid="movie")  # closes one of them
+        assert [p.peer_id for p in await tracker.select_best_peers("movie", 1)] == ["p"]
+        clock.advance(config.lease_ttl_s)
+        assert len(await tracker.select_best_peers("movie", 2)) == 1  # the rest lapsed on time

@@ -72,6 +72,14 @@ class SteadyClock:
         self.stepped_back_to: float | None = None
         #: Set by the sweeper once it has repaired the rows stamped before ``stepped_back_to``.
         self.repaired = True
+        #: Leaps accepted so far, and the wall time of the latest acceptance.
+        self.accepted = 0
+        self.accepted_at = 0.0
+
+    @property
+    def accepted_lag(self) -> float:
+        """The size of the latest accepted leap (0 before any)."""
+        return self._lag[0]
 
     def __call__(self) -> float:
         wall = self.wall()
@@ -125,6 +133,7 @@ class SteadyClock:
             # Steps within the tolerance before it were followed, so stamps older than them are
             # behind the new clock by the whole drift: the sweeper stays behind by that much.
             self._lag = (max(surplus, drift), mono + self.accept_after_s)
+            self.accepted, self.accepted_at = self.accepted + 1, wall
             self._anchors.clear()
             return self._trust(wall, mono, anchor=True)
         self.leap_s = surplus

@@ -64,6 +64,7 @@ class AvailabilityTracker:
         self._node_key: str | None = None
         self._sweep_state = SweepState()
         self._opened_at = 0.0  # the tracker's time when it opened (the sweeper's first repair uses it)
+        self._leases_shifted_for = 0  # the accepted clock leap whose leases were moved (SteadyClock)
         elapsed = self.config.monotonic
         if elapsed is None and self.config.clock is time.time:
             elapsed = system_elapsed
@@ -246,6 +247,8 @@ class AvailabilityTracker:
         if not checked:
             return 0
         timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
+        if self.now.accepted != self._leases_shifted_for:  # before outcomes close leases
+            await self._shift_held_leases()
         self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
         if self._closing:
             raise TrackerClosed("the tracker is closing: writes are no longer accepted")
@@ -346,6 +349,19 @@ class AvailabilityTracker:
 
         return await db.run_read_unit(self.engine, self._read_lane(), work)
 
+    async def _shift_held_leases(self) -> None:
+        """Move the leases granted while the clock was held (``tracker/clockleap.py``) onto the
+        accepted clock: dated by the old one, they would all look lapsed at once, and their peers
+        could be handed out past ``max_load_per_peer`` until they would have lapsed."""
+        accepted, at, lag = self.now.accepted, self.now.accepted_at, self.now.accepted_lag
+        node_id = self.node_id
+
+        async def work(conn: AsyncConnection) -> int:
+            return await queries.shift_held_leases(conn, node_id, at, lag)
+
+        await db.run_write(self.engine, work, self.config.write_retries)
+        self._leases_shifted_for = accepted
+
     async def select_best_peers(
         self, cid: str, n: int, *, strategy: str | None = None, seed: int | None = None
     ) -> list[PeerInfo]:
@@ -365,6 +381,9 @@ class AvailabilityTracker:
             raise InvalidInput(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if n <= 0:
             return []
+        self.now()  # a reading, which may be the one that accepts a leap
+        if self.now.accepted != self._leases_shifted_for:
+            await self._shift_held_leases()
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
         async with self._selection_slots:  # see TrackerConfig.max_concurrent_selections

@@ -4,7 +4,14 @@
 """
 
 from .analytics import under_replicated_count, write_settings
-from .leases import current_loads, grant_leases, lock_peers, open_loads, prune_expired_leases
+from .leases import (
+    current_loads,
+    grant_leases,
+    lock_peers,
+    open_loads,
+    prune_expired_leases,
+    shift_held_leases,
+)
 from .listing import Counts, counts, peer_page
 from .reads import (
     PeerRow,
@@ -36,6 +43,7 @@ __all__ = [
     "peer_row",
     "prune_expired_leases",
     "ranked_holders",
+    "shift_held_leases",
     "under_replicated_count",
     "write_settings",
 ]

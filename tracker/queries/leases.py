@@ -166,3 +166,22 @@ async def prune_expired_leases(conn: AsyncConnection, now: float, limit: int) ->
     )
     result = await conn.execute(delete(peer_leases).where(peer_leases.c.id.in_(lapsed)))
     return int(result.rowcount or 0)
+
+
+async def shift_held_leases(conn: AsyncConnection, node_id: int, accepted_at: float, leap: float) -> int:
+    """Move this node's leases that were open by the clock before a leap of ``leap`` seconds,
+    accepted at ``accepted_at``, and lapsed by the clock after it, forward by the leap.
+
+    Only those: a lease another process granted on its own, correct clock is open by both.
+    """
+    lease = peer_leases.c
+    stmt = (
+        update(peer_leases)
+        .where(
+            lease.node_id == node_id,
+            lease.expires_at > accepted_at - leap,
+            lease.expires_at <= accepted_at,
+        )
+        .values(leased_at=lease.leased_at + leap, expires_at=lease.expires_at + leap)
+    )
+    return int((await conn.execute(stmt)).rowcount or 0)
