@@ -83,18 +83,10 @@ def pg_template() -> Iterator[str]:
     name = f"tracker_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
 
     async def drop() -> None:
-        admin = await asyncpg.connect(_dsn(PG_URL))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
     async def create() -> None:
-        admin = await asyncpg.connect(_dsn(PG_URL))
-        try:
-            await admin.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await admin.close()
+        await _admin(f'CREATE DATABASE "{name}"')
         engine = create_engine(TrackerConfig(database_url=_with_database(PG_URL, name)))
         try:
             await migrate(engine)
@@ -117,22 +109,23 @@ async def empty_pg_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
         yield url
 
 
-async def _pg_database(template: str | None) -> AsyncIterator[str]:
-    name = f"tracker_t_{uuid.uuid4().hex[:12]}"
+async def _admin(statement: str) -> None:
+    """One statement on the server's maintenance connection (CREATE/DROP DATABASE)."""
     admin = await asyncpg.connect(_dsn(PG_URL))
     try:
-        clause = f' TEMPLATE "{template}"' if template else ""
-        await admin.execute(f'CREATE DATABASE "{name}"{clause}')
+        await admin.execute(statement)
     finally:
         await admin.close()
+
+
+async def _pg_database(template: str | None) -> AsyncIterator[str]:
+    name = f"tracker_t_{uuid.uuid4().hex[:12]}"
+    clause = f' TEMPLATE "{template}"' if template else ""
+    await _admin(f'CREATE DATABASE "{name}"{clause}')
     try:
         yield _with_database(PG_URL, name)
     finally:
-        admin = await asyncpg.connect(_dsn(PG_URL))
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=ENGINES)
