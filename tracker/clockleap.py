@@ -66,12 +66,11 @@ class SteadyClock:
         self._lag = (0.0, 0.0)
         #: How far the wall clock runs ahead of "now" (0.0 when in step): for metrics and reports.
         self.leap_s = 0.0
-        #: Steps back by more than the tolerance seen so far (rows stamped before one may be ahead),
-        #: and the time the latest one stepped to (``None`` before any).
+        #: Steps back by more than the tolerance seen so far (rows stamped before one may be ahead).
         self.steps_back = 0
+        #: The earliest time stepped back to since the sweeper last brought this node's rows back to
+        #: it (``None``: nothing to repair); the sweeper clears it.
         self.stepped_back_to: float | None = None
-        #: Set by the sweeper once it has repaired the rows stamped before ``stepped_back_to``.
-        self.repaired = True
         #: Leaps accepted so far, and the wall time of the latest acceptance.
         self.accepted = 0
         self.accepted_at = 0.0
@@ -94,11 +93,8 @@ class SteadyClock:
         drift = max(drifts)
         if surplus < -self.tolerance_s or min(drifts) < -self.tolerance_s:  # small steps add up too
             self.steps_back += 1
-            # The earliest time stepped to since the sweeper last repaired: rows stamped before the
-            # first of several steps back are brought back to it.
             earliest = self.stepped_back_to
-            self.stepped_back_to = wall if earliest is None or self.repaired else min(earliest, wall)
-            self.repaired = False
+            self.stepped_back_to = wall if earliest is None else min(earliest, wall)
             self._lag = (0.0, 0.0)
             self._anchors.clear()
             log.warning(

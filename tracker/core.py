@@ -247,8 +247,7 @@ class AvailabilityTracker:
         if not checked:
             return 0
         timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
-        if self.now.accepted != self._leases_shifted_for:  # before outcomes close leases
-            await self._shift_held_leases()
+        await self._shift_held_leases()  # before outcomes close leases
         self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
         if self._closing:
             raise TrackerClosed("the tracker is closing: writes are no longer accepted")
@@ -352,8 +351,11 @@ class AvailabilityTracker:
     async def _shift_held_leases(self) -> None:
         """Move the leases granted while the clock was held (``tracker/clockleap.py``) onto the
         accepted clock: dated by the old one, they would all look lapsed at once, and their peers
-        could be handed out past ``max_load_per_peer`` until they would have lapsed."""
+        could be handed out past ``max_load_per_peer`` until they would have lapsed. Once per
+        accepted leap: otherwise nothing but a comparison, on the write and selection paths."""
         accepted, at, lag = self.now.accepted, self.now.accepted_at, self.now.accepted_lag
+        if accepted == self._leases_shifted_for:
+            return
         node_id = self.node_id
 
         async def work(conn: AsyncConnection) -> int:
@@ -382,8 +384,7 @@ class AvailabilityTracker:
         if n <= 0:
             return []
         self.now()  # a reading, which may be the one that accepts a leap
-        if self.now.accepted != self._leases_shifted_for:
-            await self._shift_held_leases()
+        await self._shift_held_leases()
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
         async with self._selection_slots:  # see TrackerConfig.max_concurrent_selections

@@ -65,7 +65,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
     if now is None:
         now = tracker.now.for_sweep()
         leap = tracker.now.leap_s or None
-    steps_back = tracker.now.steps_back  # after the reading above, which may be what saw the step
+    pending = tracker.now.stepped_back_to  # after the reading above, which may be what saw the step
     async with _sweep_lock(engine) as acquired:
         if not acquired:
             return SweepReport(
@@ -74,23 +74,24 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         node_id = tracker.node_id
         state = tracker._sweep_state
         clamped = 0
-        if own_time and state.steps_back_seen != steps_back:  # a first pass, or the clock stepped back
+        if own_time and (pending is not None or not state.repaired_once):  # stepped back, or a first pass
 
             async def clamp(conn: AsyncConnection) -> int:
                 # Beyond the tracker's time (not the sweep's, which may lag behind an accepted leap),
                 # brought back to when the clock was set right, or else when this process opened:
                 # a removal made elsewhere since then, correctly dated, still wins.
                 current = tracker.now()
-                to = tracker.now.stepped_back_to if steps_back else None
-                if state.steps_back_seen < 0:  # the first pass: rows of earlier processes too
+                to = pending
+                if not state.repaired_once:  # rows of earlier processes too
                     to = tracker._opened_at if to is None else min(to, tracker._opened_at)
                 to = min(current, current if to is None else to)
                 limit = current + config.max_clock_skew_s
                 return await q.clamp_future(conn, node_id, to, limit, config.lease_ttl_s)
 
             clamped = await db.run_write(engine, clamp, config.write_retries)
-            state.steps_back_seen = steps_back
-            tracker.now.repaired = True
+            state.repaired_once = True
+            if tracker.now.stepped_back_to == pending:  # unless the clock stepped further back meanwhile
+                tracker.now.stepped_back_to = None
 
         async def expire(conn: AsyncConnection) -> int:
             return await q.mark_stale_offline(conn, node_id, now, config.peer_timeout)
@@ -310,9 +311,8 @@ class SweepState:
     failures: int = 0
     last_report: SweepReport | None = None
     last_error: str | None = None
-    #: ``tracker.now.steps_back`` when this node's future-dated rows were last brought back (-1:
-    #: never in this process, so the first pass does it).
-    steps_back_seen: int = -1
+    #: Whether this process has brought this node's future-dated rows back yet (its first pass does).
+    repaired_once: bool = False
 
 
 class SweeperTask:
