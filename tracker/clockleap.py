@@ -19,7 +19,11 @@ stamped as if the clock had not moved. The leap ends when the clock is set back 
 ``for_sweep``). A clock stepped back is followed at once, and counted: rows stamped before it may
 now lie ahead, and the sweeper brings this node's back to "now" (``queries.sweep.clamp_future``).
 
-A leap while the process was not running cannot be seen: the first reading has nothing to compare.
+A process's first reading has nothing of its own to compare with, so a leap while no tracker ran
+would go unseen. Elapsed time counts on across processes within one boot of the host, though: each
+tracker stores its clock's state (``ClockState``) in the database keyed by the kernel's boot id, on
+opening and on each sweep, and a process opened later in the same boot resumes from it. After a
+reboot (another boot id), or on another host of a shared Postgres, there is nothing to resume from.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,30 @@ def system_elapsed() -> float:
     if boottime is not None:
         return time.clock_gettime(boottime)
     return time.monotonic()
+
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+def system_boot_id() -> str | None:
+    """The kernel's id of this boot (Linux), which names the span ``system_elapsed`` counts within;
+    ``None`` where there is none (then no clock state is stored)."""
+    try:
+        return BOOT_ID_PATH.read_text().strip() or None  # procfs: served from memory, never blocks
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class ClockState:
+    """What a ``SteadyClock`` has learnt that a later process of the same boot needs: the latest
+    reading in step (and elapsed time then), a leap under way, a lag after an accepted one."""
+
+    wall: float
+    elapsed: float
+    held_since: float | None = None
+    lag_s: float = 0.0
+    lag_until: float = 0.0
 
 
 class SteadyClock:
@@ -154,6 +184,34 @@ class SteadyClock:
         """ "Now" for the sweeper's timeouts and retention: ``self()`` less ``lag()``."""
         now = self()
         return now - self.lag()
+
+    def state(self) -> ClockState | None:
+        """The state to store for the next process of this boot (``None`` before the first reading,
+        or without an elapsed clock)."""
+        if self.elapsed is None or self._wall is None:
+            return None
+        return ClockState(self._wall, self._mono, self._held_since, *self._lag)
+
+    def resume(self, state: ClockState) -> bool:
+        """Continue from a state an earlier process of the same boot stored, before the first
+        reading: a leap made since it was stored shows at that reading, one under way keeps its
+        start (a process restarting within ``accept_after_s`` never accepts it), an accepted one
+        keeps the sweeper behind it. Ignored (``False``) after a reading, and when elapsed time is
+        behind the state's (not the clock it was measured on: a time namespace, an injected clock)."""
+        if self.elapsed is None or self._wall is not None or self.elapsed() < state.elapsed:
+            return False
+        self._wall, self._mono = state.wall, state.elapsed
+        self._anchors = [(state.wall, state.elapsed)]
+        self._held_since = state.held_since
+        self._lag = (state.lag_s, state.lag_until)
+        if state.held_since is not None:
+            log.warning(
+                "an earlier tracker process of this boot saw the clock leap ahead: time is kept by "
+                "elapsed time until the leap ends or persists for %g s",
+                self.accept_after_s,
+                extra={"action": "clock_leap_resumed"},
+            )
+        return True
 
     def _trust(self, wall: float, mono: float, *, anchor: bool) -> float:
         self._wall, self._mono, self._held_since, self.leap_s = wall, mono, None, 0.0

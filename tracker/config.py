@@ -142,6 +142,11 @@ class TrackerConfig:
     #: two to notice ``clock`` leaping forward (tracker/clockleap.py). ``None``: the system's
     #: (CLOCK_BOOTTIME) when ``clock`` is the system clock; with another clock, no leap detection.
     monotonic: Clock | None = field(default=None, compare=False, repr=False)
+    #: Names the span ``monotonic`` counts within (one boot of the host): trackers store their
+    #: clock's state in ``tracker_clocks`` under it, so a process opened later in the same boot
+    #: notices a leap made while none ran. ``None``: the kernel's boot id with the system's elapsed
+    #: clock; with an injected ``monotonic``, nothing is stored unless a boot id is given too.
+    boot_id: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in (*_DURATIONS, *_OPTIONAL_DURATIONS):
@@ -207,6 +212,10 @@ class TrackerConfig:
             raise ConfigError(f"clock must be a zero-argument callable, got {self.clock!r}")
         if self.monotonic is not None and not callable(self.monotonic):
             raise ConfigError(f"monotonic must be a zero-argument callable or None, got {self.monotonic!r}")
+        if self.boot_id is not None and (
+            not isinstance(self.boot_id, str) or not 0 < len(self.boot_id) <= 64
+        ):
+            raise ConfigError(f"boot_id must be a string of 1 to 64 characters or None, got {self.boot_id!r}")
 
     @property
     def selection_slots(self) -> int:
@@ -230,7 +239,7 @@ class TrackerConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("reputation", "clock", "monotonic"):
+            if f.name in ("reputation", "clock", "monotonic", "boot_id"):
                 continue
             raw = env.get(f"TRACKER_{f.name.upper()}")
             if raw is not None and f.name not in overrides:  # an override wins, even over a bad value

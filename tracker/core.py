@@ -14,7 +14,7 @@ from typing import Self, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db, queries
-from .clockleap import SteadyClock, system_elapsed
+from .clockleap import SteadyClock, system_boot_id, system_elapsed
 from .config import STRATEGIES, TrackerConfig
 from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed, translate
 from .events import (
@@ -65,9 +65,11 @@ class AvailabilityTracker:
         self._sweep_state = SweepState()
         self._opened_at = 0.0  # the tracker's time when it opened (the sweeper's first repair uses it)
         self._leases_shifted_for = 0  # the accepted clock leap whose leases were moved (SteadyClock)
-        elapsed = self.config.monotonic
+        elapsed, boot_id = self.config.monotonic, self.config.boot_id
         if elapsed is None and self.config.clock is time.time:
-            elapsed = system_elapsed
+            elapsed, boot_id = system_elapsed, boot_id or system_boot_id()
+        #: Under which boot the clock's state is stored (``tracker_clocks``); ``None``: not stored.
+        self._boot_id = boot_id if elapsed is not None else None
         #: The tracker's "now", which every time it stores or compares comes from: ``config.clock``,
         #: except while that has leapt ahead of elapsed time (tracker/clockleap.py).
         self.now = SteadyClock(
@@ -105,11 +107,17 @@ class AvailabilityTracker:
                         "or let it migrate when it opens (auto_migrate=True; for `tracker serve`, "
                         "TRACKER_AUTO_MIGRATE=true and no --no-migrate)"
                     )
+            if self._boot_id is not None:
+                async with engine.connect() as conn:
+                    state = await queries.load_clock_state(conn, self._boot_id)
+                if state is not None:
+                    self.now.resume(state)
             now = self._opened_at = self.now()
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:
                 if self._publish_settings:
                     await queries.write_settings(conn, self.config)
+                await self._save_clock(conn)
                 return await queries.ensure_local_node(conn, self.config.dialect, now)
 
             self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
@@ -127,6 +135,13 @@ class AvailabilityTracker:
         self._engine = engine
         if self.config.run_sweeper:
             self.start_sweeper()
+
+    async def _save_clock(self, conn: AsyncConnection) -> None:
+        """Store the clock's state for later processes of this boot (on open and by each sweep)."""
+        now = self.now()  # first: the reading may be what sees a leap, or its end
+        state = self.now.state()
+        if self._boot_id is not None and state is not None:
+            await queries.save_clock_state(conn, self.config.dialect, self._boot_id, state, now)
 
     async def close(self) -> None:
         """Stop the sweeper, let queued writes commit, then release every connection. Safe to call twice.

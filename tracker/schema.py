@@ -200,6 +200,26 @@ gossip_nonces = Table(
 )
 Index("ix_gossip_nonces_expires", gossip_nonces.c.expires_at)
 
+clocks = Table(
+    "tracker_clocks",
+    metadata,
+    # The kernel's boot id (/proc/sys/kernel/random/boot_id): elapsed times compare only within one boot.
+    Column("boot_id", String(64), primary_key=True),
+    # The latest reading of the wall clock found in step with elapsed time, and elapsed time then.
+    Column("wall", Double, nullable=False),
+    Column("elapsed", Double, nullable=False),
+    # Elapsed time when the wall clock was seen leaping ahead, while that leap is neither over nor
+    # accepted as a correction; else null.
+    Column("held_since", Double, nullable=True),
+    # After an accepted leap: its size, and the elapsed time until which sweeps stay behind it.
+    Column("lag_s", Double, nullable=False),
+    Column("lag_until", Double, nullable=False),
+    # The tracker's time of the write (old rows of past boots are pruned by it).
+    Column("saved_at", Double, nullable=False),
+    comment="Per host boot: the tracker's clock against elapsed time, so a process started later "
+    "notices a clock that leapt while none ran (tracker/clockleap.py).",
+)
+
 settings = Table(
     "tracker_settings",
     metadata,

@@ -66,6 +66,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         now = tracker.now.for_sweep()
         leap = tracker.now.leap_s or None
     pending = tracker.now.stepped_back_to  # after the reading above, which may be what saw the step
+    await db.run_write(engine, tracker._save_clock, config.write_retries)  # for the next process
     async with _sweep_lock(engine) as acquired:
         if not acquired:
             return SweepReport(

@@ -4,6 +4,7 @@
 """
 
 from .analytics import under_replicated_count, write_settings
+from .clocks import load_clock_state, save_clock_state
 from .leases import (
     current_loads,
     grant_leases,
@@ -37,12 +38,14 @@ __all__ = [
     "current_loads",
     "ensure_local_node",
     "grant_leases",
+    "load_clock_state",
     "lock_peers",
     "open_loads",
     "peer_page",
     "peer_row",
     "prune_expired_leases",
     "ranked_holders",
+    "save_clock_state",
     "shift_held_leases",
     "under_replicated_count",
     "write_settings",
