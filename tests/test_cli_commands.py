@@ -12,15 +12,18 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import text, update
 from typer.testing import CliRunner, Result
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.cli import app
+from tracker.clockleap import system_boot_id, system_elapsed
 from tracker.db import head_revision
+from tracker.schema import clocks
 
 runner = CliRunner()
 
@@ -109,6 +112,33 @@ def test_sweep_reports_what_it_did(seeded: str) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ran"] is True and report["peers_marked_offline"] == 0
+
+
+def test_sweep_after_the_clock_leapt_while_no_tracker_ran_sweeps_on_elapsed_time(db_url: str) -> None:
+    """The real clocks end to end: the state a tracker stored under this boot says the wall clock
+    read a day less at this elapsed time, i.e. it has been set a day ahead since. Before, `tracker
+    sweep` took the new clock at its word and timed out every peer (docs/operations.md, Clocks)."""
+    boot = system_boot_id()
+    if boot is None:
+        pytest.skip("this platform names no boot (no /proc/sys/kernel/random/boot_id)")
+    day = 86_400.0
+
+    async def seed() -> None:
+        async with AvailabilityTracker(TrackerConfig(database_url=db_url)) as tracker:
+            at = time.time() - day  # the peers spoke just now by the clock the host had before
+            for peer in ("a", "b"):
+                await tracker.record_peer_online(peer, at=at)
+                await tracker.record_content_available("cid-1", peer, at=at)
+            async with tracker.engine.begin() as conn:
+                elapsed = system_elapsed()
+                await conn.execute(update(clocks).values(wall=time.time() - day, elapsed=elapsed))
+
+    asyncio.run(seed())
+    result = _cli(db_url, "sweep")
+    assert result.exit_code == 0, result.output
+    assert "0 peers marked offline" in result.stdout and "ahead of elapsed time" in result.stdout
+    report = json.loads(_cli(db_url, "sweep", "--json").stdout)
+    assert report["peers_marked_offline"] == 0 and report["clock_leap_s"] == pytest.approx(day, abs=30)
 
 
 def test_gossip_export_writes_a_snapshot_file(seeded: str, tmp_path: Path) -> None:

@@ -47,6 +47,7 @@ def sweep(
             "pruned": report.pruned,
             "snapshot": None if report.snapshot_path is None else str(report.snapshot_path),
             "seconds": round(report.duration_s, 3),
+            "clock_leap_s": report.clock_leap_s,
         }
         if as_json:
             print_json(shown)
@@ -59,6 +60,12 @@ def sweep(
             stdout.print(
                 f"{report.peers_marked_offline} peers marked offline; pruned: {pruned}; "
                 f"{report.duration_s:.2f} s",
+                highlight=False,
+            )
+        if report.clock_leap_s and not as_json:
+            stdout.print(
+                f"this host's clock is {report.clock_leap_s:.6g} s ahead of elapsed time since a tracker "
+                "last ran: the pass ran on elapsed time (docs/operations.md, Clocks)",
                 highlight=False,
             )
 
