@@ -139,6 +139,7 @@ async def test_a_batch_with_one_bad_event_is_rejected_whole(api: httpx.AsyncClie
         ("/v1/peers/online", {"peer_id": 7}, "invalid_request", "peer_id"),
         ("/v1/peers/online", {"peer_id": "p", "at": -1}, "invalid_request", "at"),
         ("/v1/peers/online", {"peer_id": "p", "at": 9e15}, "invalid_input", "future"),
+        ("/v1/peers/online", {"peer_id": "p", "at": 0}, "invalid_input", "older than 604800 s"),
         ("/v1/peers/online", {"peer_id": "p", "extra": 1}, "invalid_request", "extra"),
         ("/v1/peers/online", {}, "invalid_request", "peer_id"),
         ("/v1/peers/speed", {"peer_id": "p", "bytes_per_sec": -1}, "invalid_request", "bytes_per_sec"),

@@ -67,9 +67,15 @@ def test_upload_outcome_needs_a_real_boolean() -> None:
 
 def test_batch_check_names_the_offending_event() -> None:
     with pytest.raises(InvalidInput, match=r"event #2 is a dict"):
-        check_batch([PeerOnline("a"), PeerOnline("b"), {"peer_id": "c"}], limit=10, now=0.0, max_skew_s=60)
+        check_batch(
+            [PeerOnline("a"), PeerOnline("b"), {"peer_id": "c"}],
+            limit=10,
+            now=0.0,
+            max_skew_s=60,
+            max_age_s=60,
+        )
     with pytest.raises(InvalidInput, match="limit is 2"):
-        check_batch([PeerOnline("a")] * 3, limit=2, now=0.0, max_skew_s=60)
+        check_batch([PeerOnline("a")] * 3, limit=2, now=0.0, max_skew_s=60, max_age_s=60)
 
 
 async def test_a_bad_call_writes_nothing(tracker: AvailabilityTracker) -> None:
@@ -126,6 +132,25 @@ async def test_the_future_limit_says_by_how_much_and_huge_times_stay_short(
     with pytest.raises(InvalidInput, match=r"dated 1e\+300 s in the future") as raised:
         await tracker.record_peer_online("a", at=1e300)
     assert len(str(raised.value)) < 120
+
+
+async def test_events_older_than_max_event_age_are_refused_and_change_nothing(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """An ``at`` of 0 was applied: a new peer's ``first_seen`` read 1970, past its slow start, and
+    the outcomes it carried were pruned by the next sweep."""
+    await tracker.record_peer_online("a")
+    before = await _row_counts(tracker)
+    limit = tracker.config.max_event_age_s
+    with pytest.raises(
+        InvalidInput, match=r"event #1 \(UploadOutcome\) is dated 1\.8e\+09 s ago; events older"
+    ):
+        await tracker.record_batch([PeerOnline("b"), UploadOutcome("b", True, at=0)])
+    with pytest.raises(InvalidInput, match=f"older than {limit:g} s are refused \\(max_event_age_s\\)"):
+        await tracker.record_content_available("c", "a", at=clock.now - limit - 1)
+    assert await _row_counts(tracker) == before
+    await tracker.record_content_available("c", "a", at=clock.now - limit)  # the limit itself is fine
+    assert await tracker.get_available_peers("c") == ["a"]
 
 
 @pytest.mark.parametrize("now", [float("nan"), float("inf"), -1.0, "soon"])

@@ -25,6 +25,7 @@ _DURATIONS = (
     "peer_timeout",
     "sqlite_busy_timeout_s",
     "max_clock_skew_s",
+    "max_event_age_s",
     "sample_retention_s",
     "outcome_retention_s",
     "offline_mapping_retention_s",
@@ -73,6 +74,11 @@ class TrackerConfig:
     auto_migrate: bool = True
     #: Events dated further than this into the future are rejected (they would pin a peer online).
     max_clock_skew_s: float = 60.0
+    #: Events dated further than this into the past are rejected. Older than anything retention
+    #: keeps (``outcome_retention_s``), they would change nothing selection uses but ``first_seen``:
+    #: an ``at`` of 0 made a new peer look fifty years old, past its slow start. A client replaying a
+    #: log older than this gets a clear error instead of a silent no-op.
+    max_event_age_s: float = 7 * 86_400.0
     #: Largest number of events ``record_batch`` accepts in one call.
     max_batch_events: int = 50_000
     #: How often a transaction that hit a deadlock or a busy database is retried before failing.

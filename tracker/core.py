@@ -256,8 +256,13 @@ class AvailabilityTracker:
         the transaction holding its events has committed.
         """
         now = self.now()
+        config = self.config
         checked = check_batch(
-            events, limit=self.config.max_batch_events, now=now, max_skew_s=self.config.max_clock_skew_s
+            events,
+            limit=config.max_batch_events,
+            now=now,
+            max_skew_s=config.max_clock_skew_s,
+            max_age_s=config.max_event_age_s,
         )
         if not checked:
             return 0

@@ -149,12 +149,15 @@ EVENT_TYPES: tuple[type, ...] = (
 )
 
 
-def check_batch(events: Iterable[object], *, limit: int, now: float, max_skew_s: float) -> list[Event]:
+def check_batch(
+    events: Iterable[object], *, limit: int, now: float, max_skew_s: float, max_age_s: float
+) -> list[Event]:
     """Materialize and check a batch; the error names the offending event's index and why.
 
     Events validate themselves, so this checks what they cannot: that each item is an event, that the
-    batch is not too large, and that no time lies further in the future than the allowed clock skew
-    (such an event would keep a peer "online" long after it left).
+    batch is not too large, that no time lies further in the future than the allowed clock skew
+    (such an event would keep a peer "online" long after it left), nor further in the past than
+    ``max_age_s`` (``TrackerConfig.max_event_age_s``).
     """
     batch: Sequence[object] = events if isinstance(events, Sequence) else list(events)
     if len(batch) > limit:
@@ -168,6 +171,11 @@ def check_batch(events: Iterable[object], *, limit: int, now: float, max_skew_s:
             raise InvalidInput(
                 f"event #{index} ({type(event).__name__}) is dated {event.at - now:.6g} s in the future; "
                 f"the allowed clock skew is {max_skew_s:g} s"
+            )
+        if event.at is not None and event.at < now - max_age_s:
+            raise InvalidInput(
+                f"event #{index} ({type(event).__name__}) is dated {now - event.at:.6g} s ago; events "
+                f"older than {max_age_s:g} s are refused (max_event_age_s)"
             )
         checked.append(event)
     return checked
