@@ -11,6 +11,7 @@ import time
 from dataclasses import replace
 
 import pytest
+from prometheus_client import generate_latest
 from sqlalchemy import select
 from test_clock_leap import DAY, _stored
 
@@ -19,6 +20,7 @@ from tracker.clockleap import system_boot_id, system_elapsed
 from tracker.errors import ConfigError
 from tracker.events import ContentAvailable, PeerOnline
 from tracker.schema import clocks
+from tracker.service.metrics import ServiceMetrics
 from tracker.testing import ManualClock
 
 
@@ -156,3 +158,29 @@ async def test_old_boots_are_pruned_and_injected_clocks_store_nothing_without_a_
 def test_a_bad_boot_id_is_refused(boot_id: object) -> None:
     with pytest.raises(ConfigError, match="boot_id"):
         TrackerConfig(boot_id=boot_id)  # type: ignore[arg-type]
+
+
+async def test_on_postgres_each_sweep_measures_the_database_servers_clock(
+    db_url: str, engine_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Hosts sharing one Postgres stamp by their own clocks; the server's is the one they share, so
+    the offset from it tells a host that is off (SQLite has no clock of its own)."""
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url)) as tracker:
+        report = await tracker.sweep()
+    if engine_name == "sqlite":
+        assert report.database_clock_offset_s is None
+        return
+    assert report.database_clock_offset_s is not None and abs(report.database_clock_offset_s) < 5
+    assert "database_clock_offset" not in [getattr(r, "action", None) for r in caplog.records]
+
+    clock = ManualClock(time.time() + 3600)  # this host an hour ahead
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as tracker:
+        metrics = ServiceMetrics(tracker)
+        assert b"tracker_database_clock_offset_seconds" not in generate_latest(metrics.registry)
+        first, second = await tracker.sweep(), await tracker.sweep()
+        assert first.database_clock_offset_s == pytest.approx(-3600, abs=5)
+        assert tracker.sweeper_state.database_clock_offset_s == second.database_clock_offset_s
+        assert b"tracker_database_clock_offset_seconds -3" in generate_latest(metrics.registry)
+    warned = [r for r in caplog.records if getattr(r, "action", None) == "database_clock_offset"]
+    assert len(warned) == 1 and "s behind this tracker's time" in warned[0].getMessage()
+    assert getattr(warned[0], "offset_s", None) == pytest.approx(-3600, abs=5)

@@ -23,6 +23,7 @@ from . import db
 from .gossip import files, snapshot
 from .queries import prune_expired_leases
 from .queries import sweep as q
+from .queries.clocks import database_time
 
 if TYPE_CHECKING:
     from .core import AvailabilityTracker
@@ -54,6 +55,9 @@ class SweepReport:
     #: Rows of this node dated beyond now + max_clock_skew_s brought back to now (first pass of a
     #: process and after the clock stepped back; ``queries.sweep.clamp_future``).
     future_rows_clamped: int = 0
+    #: Postgres: how far the database server's clock is ahead of the tracker's time (negative:
+    #: behind); ``None`` on SQLite, which has no clock of its own.
+    database_clock_offset_s: float | None = None
 
 
 async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> SweepReport:
@@ -67,10 +71,15 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         leap = tracker.now.leap_s or None
     pending = tracker.now.stepped_back_to  # after the reading above, which may be what saw the step
     await db.run_write(engine, tracker._save_clock, config.write_retries)  # for the next process
+    offset = await _database_clock_offset(tracker)
     async with _sweep_lock(engine) as acquired:
         if not acquired:
             return SweepReport(
-                now=now, ran=False, duration_s=time.perf_counter() - started, clock_leap_s=leap
+                now=now,
+                ran=False,
+                duration_s=time.perf_counter() - started,
+                clock_leap_s=leap,
+                database_clock_offset_s=offset,
             )
         node_id = tracker.node_id
         state = tracker._sweep_state
@@ -135,6 +144,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         duration_s=time.perf_counter() - started,
         clock_leap_s=leap,
         future_rows_clamped=clamped,
+        database_clock_offset_s=offset,
     )
     log.info(
         "sweep done",
@@ -149,6 +159,38 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         },
     )
     return report
+
+
+async def _database_clock_offset(tracker: AvailabilityTracker) -> float | None:
+    """Postgres: the server's clock less the tracker's time, read between two readings of ours.
+
+    Trackers on several hosts share one database, and each stamps events by its own host's clock:
+    one host far off (a leap across a reboot, which the stored clock state cannot see, or a host
+    without NTP) pins peers online or times them out early for all of them. The server's clock is
+    the one clock they share, so the offset from it is what tells that host apart (gauge
+    ``tracker_database_clock_offset_seconds``); beyond ``max_clock_skew_s`` it is logged, once.
+    """
+    if tracker.config.dialect != "postgresql":
+        return None
+    async with tracker.engine.connect() as conn:
+        before = tracker.now()
+        server = await database_time(conn)
+        after = tracker.now()
+    offset = server - (before + after) / 2
+    state, limit = tracker._sweep_state, tracker.config.max_clock_skew_s
+    if abs(offset) > limit and (
+        state.database_clock_offset_s is None or abs(state.database_clock_offset_s) <= limit
+    ):
+        log.warning(
+            "the database server's clock is %.1f s %s this tracker's time (more than max_clock_skew_s, "
+            "%g s): check NTP on this host and on the server",
+            abs(offset),
+            "ahead of" if offset > 0 else "behind",
+            limit,
+            extra={"action": "database_clock_offset", "offset_s": offset},
+        )
+    state.database_clock_offset_s = offset
+    return offset
 
 
 class _LockHolder:
@@ -314,6 +356,8 @@ class SweepState:
     last_error: str | None = None
     #: Whether this process has brought this node's future-dated rows back yet (its first pass does).
     repaired_once: bool = False
+    #: Postgres: the database server's clock less the tracker's time at the latest pass.
+    database_clock_offset_s: float | None = None
 
 
 class SweeperTask:

@@ -48,6 +48,7 @@ def sweep(
             "snapshot": None if report.snapshot_path is None else str(report.snapshot_path),
             "seconds": round(report.duration_s, 3),
             "clock_leap_s": report.clock_leap_s,
+            "database_clock_offset_s": report.database_clock_offset_s,
         }
         if as_json:
             print_json(shown)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, text
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..clockleap import ClockState
@@ -39,3 +39,9 @@ async def save_clock_state(
     await conn.execute(
         delete(clocks).where(clocks.c.boot_id != boot_id, clocks.c.saved_at < now - STALE_BOOT_S)
     )
+
+
+async def database_time(conn: AsyncConnection) -> float:
+    """The Postgres server's clock now (not the transaction's start), Unix seconds."""
+    value = await conn.scalar(text("SELECT CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)"))
+    return float(value)

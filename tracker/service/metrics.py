@@ -53,6 +53,12 @@ class _TrackerStateCollector(Collector):
             "How far this host's clock has leapt ahead of elapsed time (0: in step; docs/operations.md).",
             value=self._tracker.now.leap_s,
         )
+        if sweeps.database_clock_offset_s is not None:  # Postgres, after a pass
+            yield GaugeMetricFamily(
+                "tracker_database_clock_offset_seconds",
+                "The database server's clock less this tracker's time at the latest sweep (Postgres).",
+                value=sweeps.database_clock_offset_s,
+            )
         report = sweeps.last_report
         yield GaugeMetricFamily(
             "tracker_sweep_last_duration_seconds",
