@@ -52,6 +52,8 @@ def test_import_merges_a_snapshot_once_and_refuses_a_truncated_one(db_url: str, 
     assert _served(db_url, "src-2") == 4
     again = json.loads(_cli(db_url, "gossip", "import", str(path), "--json").stdout)
     assert (again["peers_applied"], again["mappings_applied"]) == (0, 0)
+    plain = _cli(db_url, "gossip", "import", str(path))  # no bar, nor a blank line, outside a terminal
+    assert plain.exit_code == 0 and plain.stderr == "" and plain.stdout.startswith("read 3 peer rows")
 
     lines = gzip.decompress(path.read_bytes()).splitlines(keepends=True)
     truncated = tmp_path / "truncated.jsonl.gz"

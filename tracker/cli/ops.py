@@ -162,8 +162,11 @@ def import_(
             raise FileNotFoundError(f"{path} is not a file")
 
         async def work() -> ImportReport:
+            stderr = Console(stderr=True)
             async with opened(database_url, create=True) as tracker:
-                with Progress(console=Console(stderr=True), transient=True, disable=as_json) as bar:
+                # Outside a terminal a bar is noise (and Rich left a blank line on stderr).
+                disable = as_json or not stderr.is_terminal
+                with Progress(console=stderr, transient=True, disable=disable) as bar:
                     task = bar.add_task("importing", total=None)
                     return await import_snapshot(
                         tracker, path, lambda done, total: bar.update(task, completed=done, total=total)
