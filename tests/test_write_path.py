@@ -30,7 +30,9 @@ from tracker.queries._sql import PEER_STATE_COLUMNS
 from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers, upload_outcomes
 from tracker.testing import ManualClock
 
-T0 = 1.7e9  # well before the clock: these runs compare rows, not what is online now
+T0 = (
+    1.8e9 - 86_400.0
+)  # a day before the clock (within max_event_age_s): these runs compare rows, not what is online now
 PEERS = ("p1", "p2", "p3")
 CIDS = ("c1", "c2")
 
