@@ -45,6 +45,8 @@ def test_durations_accept_timedelta() -> None:
         ("heartbeat_resolution_s", True),
         ("snapshot_interval_s", -1),
         ("snapshot_interval_s", "hourly"),
+        ("max_event_age_s", 0),
+        ("max_event_age_s", float("nan")),
     ],
 )
 def test_invalid_values_raise_a_clear_error(field: str, value: object) -> None:
@@ -79,6 +81,14 @@ def test_concurrent_selections_default_to_half_the_pool() -> None:
     assert TrackerConfig(pool_size=8, max_concurrent_selections=6).selection_slots == 6
     env = {"TRACKER_MAX_CONCURRENT_SELECTIONS": "3"}
     assert TrackerConfig.from_env(env).max_concurrent_selections == 3
+
+
+def test_the_event_age_limit_follows_outcome_retention_unless_set() -> None:
+    """QA: a fixed 7 days refused outcomes that a 30-day outcome retention would have kept."""
+    assert TrackerConfig().event_age_limit == 7 * 86_400
+    assert TrackerConfig(outcome_retention_s=30 * 86_400).event_age_limit == 30 * 86_400
+    assert TrackerConfig(max_event_age_s=timedelta(hours=1)).event_age_limit == 3600
+    assert TrackerConfig.from_env({"TRACKER_MAX_EVENT_AGE_S": "600"}).event_age_limit == 600
 
 
 def test_from_env_names_the_bad_variable() -> None:

@@ -141,7 +141,7 @@ async def test_events_older_than_max_event_age_are_refused_and_change_nothing(
     the outcomes it carried were pruned by the next sweep."""
     await tracker.record_peer_online("a")
     before = await _row_counts(tracker)
-    limit = tracker.config.max_event_age_s
+    limit = tracker.config.event_age_limit
     with pytest.raises(
         InvalidInput, match=r"event #1 \(UploadOutcome\) is dated 1\.8e\+09 s ago; events older"
     ):

@@ -25,7 +25,6 @@ _DURATIONS = (
     "peer_timeout",
     "sqlite_busy_timeout_s",
     "max_clock_skew_s",
-    "max_event_age_s",
     "sample_retention_s",
     "outcome_retention_s",
     "offline_mapping_retention_s",
@@ -74,11 +73,11 @@ class TrackerConfig:
     auto_migrate: bool = True
     #: Events dated further than this into the future are rejected (they would pin a peer online).
     max_clock_skew_s: float = 60.0
-    #: Events dated further than this into the past are rejected. Older than anything retention
-    #: keeps (``outcome_retention_s``), they would change nothing selection uses but ``first_seen``:
-    #: an ``at`` of 0 made a new peer look fifty years old, past its slow start. A client replaying a
-    #: log older than this gets a clear error instead of a silent no-op.
-    max_event_age_s: float = 7 * 86_400.0
+    #: Events dated further than this into the past are rejected (``None``: ``outcome_retention_s``).
+    #: Older than anything retention keeps, they would change nothing selection uses but
+    #: ``first_seen``: an ``at`` of 0 made a new peer look fifty years old, past its slow start. A
+    #: client replaying a log older than this gets a clear error instead of a silent no-op.
+    max_event_age_s: float | None = None
     #: Largest number of events ``record_batch`` accepts in one call.
     max_batch_events: int = 50_000
     #: How often a transaction that hit a deadlock or a busy database is retried before failing.
@@ -157,6 +156,10 @@ class TrackerConfig:
     def __post_init__(self) -> None:
         for name in (*_DURATIONS, *_OPTIONAL_DURATIONS):
             object.__setattr__(self, name, _seconds(name, getattr(self, name), name in _OPTIONAL_DURATIONS))
+        if self.max_event_age_s is not None:
+            object.__setattr__(
+                self, "max_event_age_s", _seconds("max_event_age_s", self.max_event_age_s, False)
+            )
         if not isinstance(self.database_url, str) or "://" not in self.database_url:
             raise ConfigError(f"database_url must be an SQLAlchemy URL, got {self.database_url!r}")
         if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
@@ -229,6 +232,11 @@ class TrackerConfig:
         if self.max_concurrent_selections is not None:
             return self.max_concurrent_selections
         return max(1, self.pool_size // 2)
+
+    @property
+    def event_age_limit(self) -> float:
+        """How old an event may be (``max_event_age_s`` resolved)."""
+        return self.outcome_retention_s if self.max_event_age_s is None else self.max_event_age_s
 
     @property
     def dialect(self) -> str:

@@ -262,7 +262,7 @@ class AvailabilityTracker:
             limit=config.max_batch_events,
             now=now,
             max_skew_s=config.max_clock_skew_s,
-            max_age_s=config.max_event_age_s,
+            max_age_s=config.event_age_limit,
         )
         if not checked:
             return 0
