@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
@@ -17,7 +18,7 @@ from test_clock_leap import DAY, _stored
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.clockleap import system_boot_id, system_elapsed
-from tracker.errors import ConfigError
+from tracker.errors import ConfigError, StorageError
 from tracker.events import ContentAvailable, PeerOnline
 from tracker.schema import clocks
 from tracker.service.metrics import ServiceMetrics
@@ -141,17 +142,108 @@ async def test_the_system_clock_stores_its_state_under_the_kernels_boot_id(db_ur
     assert rows[0].held_since is None
 
 
-async def test_old_boots_are_pruned_and_injected_clocks_store_nothing_without_a_boot_id(
+async def _boots(config: TrackerConfig) -> list[str]:
+    async with AvailabilityTracker(replace(config, boot_id=None)) as tracker:  # stores nothing
+        async with tracker.engine.connect() as conn:
+            return sorted((await conn.execute(select(clocks.c.boot_id))).scalars().all())
+
+
+async def test_rows_of_other_boots_are_kept_by_count_not_by_one_hosts_clock(
+    booted: TrackerConfig, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA: pruned by age on this host's clock, a host 31 days ahead deleted every other host's row,
+    and the next leap on those hosts went unseen. Injected clocks without a boot id store nothing."""
+    await _swarm(replace(booted, boot_id="host-x"))
+    ahead = ManualClock(clock.now + 31 * DAY, elapsed=clock.elapsed)
+    await _swarm(replace(booted, clock=ahead, monotonic=ahead.monotonic, boot_id="host-y"))
+    assert await _boots(booted) == ["host-x", "host-y"]
+    monkeypatch.setattr("tracker.queries.clocks.KEEP_BOOTS", 2)
+    clock.advance(60)
+    await _swarm(booted)  # the most recently saved other boot stays, with this one's own row
+    assert await _boots(booted) == ["boot-1", "host-y"]
+
+
+async def test_a_restart_right_after_an_acceptance_neither_accepts_again_nor_moves_leases_again(
     booted: TrackerConfig, clock: ManualClock
 ) -> None:
-    await _swarm(replace(booted, boot_id="old-boot"))
-    clock.advance(31 * DAY)
-    async with AvailabilityTracker(replace(booted, boot_id=None)) as tracker:  # stores nothing
-        async with tracker.engine.connect() as conn:
-            assert (await conn.execute(select(clocks.c.boot_id))).scalars().all() == ["old-boot"]
+    """QA: the acceptance was stored only by the next sweep, so a process opened before it resumed
+    the hold, accepted the same leap again and moved a lease already lapsed on the correct clock a
+    day ahead: a peer at its cap of 1 could not be selected for a day."""
+    config = replace(booted, max_load_per_peer=1, slow_start_s=0.001)
+    await _swarm(config)
+    clock.advance(10)
+    clock.leap(DAY)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.sweep()  # sees the leap; the hold is stored
+        clock.advance(301)
+        await tracker.record_peer_online("a")  # accepted, and stored with it
+        assert [p.peer_id for p in await tracker.select_best_peers("movie", 1)] == ["a"]
+    clock.advance(80)  # its lease (60 s) has lapsed
+    async with AvailabilityTracker(config) as tracker:
+        assert tracker.now() == clock.now and tracker.now.accepted == 0
+        assert [p.peer_id for p in await tracker.select_best_peers("movie", 1)] == ["a"]
+
+
+async def test_a_sibling_still_holding_does_not_overwrite_an_acceptance(
+    booted: TrackerConfig, clock: ManualClock
+) -> None:
+    """QA: with the latest writer winning, a process opened next resumed a sibling's hold, ran a day
+    behind, and its first sweep took correctly dated rows for future ones and moved them a day back."""
+    async with AvailabilityTracker(booted) as first, AvailabilityTracker(booted) as second:
+        await first.record_batch([PeerOnline("a"), ContentAvailable("movie", "a")])
+        clock.advance(5)
+        clock.leap(DAY)
+        await first.sweep()
+        clock.advance(20)
+        await second.sweep()  # holding too, since 20 s later
+        clock.advance(285)
+        await first.record_peer_online("a")  # first accepts; second has not read the clock since
+        await second.sweep()  # still holding (since 25 s): its state must not overwrite the acceptance
+        async with AvailabilityTracker(booted) as third:
+            assert third.now() == clock.now
+            assert (await third.sweep()).future_rows_clamped == 0
+        metrics = await first.get_peer_metrics("a")
+        assert metrics is not None and metrics.last_seen is not None
+        assert metrics.last_seen.timestamp() == clock.now  # not moved a day back
+
+
+async def test_a_failure_to_store_the_state_is_logged_and_the_pass_still_runs(
+    booted: TrackerConfig,
+    clock: ManualClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """QA: the state was stored before the pass, and a failure there cost the pass its timeouts."""
+    await _swarm(booted)
+
+    async def refuse(*args: object) -> None:
+        raise StorageError("the row is locked")
+
     async with AvailabilityTracker(booted) as tracker:
-        async with tracker.engine.connect() as conn:
-            assert (await conn.execute(select(clocks.c.boot_id))).scalars().all() == ["boot-1"]
+        monkeypatch.setattr("tracker.queries.save_clock_state", refuse)
+        clock.advance(booted.peer_timeout + 1)
+        report = await tracker.sweep()
+    assert report.ran and report.peers_marked_offline == 3
+    assert [
+        r.getMessage() for r in caplog.records if getattr(r, "action", None) == "clock_state_not_saved"
+    ] == ["could not store the clock's state: the row is locked"]
+
+
+def test_a_time_namespace_shifting_boottime_names_its_own_clock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA: elapsed times of a process whose CLOCK_BOOTTIME is shifted do not compare with the host's."""
+    boot, offsets = tmp_path / "boot_id", tmp_path / "timens_offsets"
+    boot.write_text("6c1b2a90-0000-4000-8000-000000000001\n")
+    monkeypatch.setattr("tracker.clockleap.BOOT_ID_PATH", boot)
+    monkeypatch.setattr("tracker.clockleap.TIMENS_OFFSETS_PATH", offsets)
+    assert system_boot_id() == "6c1b2a90-0000-4000-8000-000000000001"  # no namespaces here
+    offsets.write_text("monotonic           0         0\nboottime            0         0\n")
+    assert system_boot_id() == "6c1b2a90-0000-4000-8000-000000000001"
+    offsets.write_text("monotonic        -600         0\nboottime        -3600    500000\n")
+    assert system_boot_id() == "6c1b2a90-0000-4000-8000-000000000001@-3600.000500000"
+    boot.write_text("")
+    assert system_boot_id() is None
 
 
 @pytest.mark.parametrize("boot_id", ["", "x" * 65, 7])

@@ -379,7 +379,10 @@ class AvailabilityTracker:
         node_id = self.node_id
 
         async def work(conn: AsyncConnection) -> int:
-            return await queries.shift_held_leases(conn, node_id, at, lag)
+            # With the acceptance stored: a process opened next would otherwise resume the hold,
+            # accept the same leap again and move leases once more.
+            await self._save_clock(conn)
+            return await queries.shift_held_leases(conn, node_id, at, lag, self.config.max_clock_skew_s)
 
         await db.run_write(self.engine, work, self.config.write_retries)
         self._leases_shifted_for = accepted

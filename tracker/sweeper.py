@@ -20,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
+from .errors import StorageError
 from .gossip import files, snapshot
 from .queries import prune_expired_leases
 from .queries import sweep as q
@@ -70,10 +71,10 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         now = tracker.now.for_sweep()
         leap = tracker.now.leap_s or None
     pending = tracker.now.stepped_back_to  # after the reading above, which may be what saw the step
-    await db.run_write(engine, tracker._save_clock, config.write_retries)  # for the next process
     offset = await _database_clock_offset(tracker)
     async with _sweep_lock(engine) as acquired:
         if not acquired:
+            await _save_clock(tracker)
             return SweepReport(
                 now=now,
                 ran=False,
@@ -135,6 +136,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         path = None
         if config.snapshot_dir is not None and await _snapshot_due(tracker, Path(config.snapshot_dir), now):
             path = await write_state_snapshot(tracker, Path(config.snapshot_dir), now)
+    await _save_clock(tracker)
     report = SweepReport(
         now=now,
         ran=True,
@@ -159,6 +161,15 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         },
     )
     return report
+
+
+async def _save_clock(tracker: AvailabilityTracker) -> None:
+    """Store the clock's state for the next process of this boot, after the pass's own work: a
+    failure here is logged, and must not cost the pass (QA: it did, before the pass began)."""
+    try:
+        await db.run_write(tracker.engine, tracker._save_clock, tracker.config.write_retries)
+    except StorageError as error:
+        log.warning("could not store the clock's state: %s", error, extra={"action": "clock_state_not_saved"})
 
 
 async def _database_clock_offset(tracker: AvailabilityTracker) -> float | None:

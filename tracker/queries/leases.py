@@ -168,18 +168,28 @@ async def prune_expired_leases(conn: AsyncConnection, now: float, limit: int) ->
     return int(result.rowcount or 0)
 
 
-async def shift_held_leases(conn: AsyncConnection, node_id: int, accepted_at: float, leap: float) -> int:
-    """Move this node's leases that were open by the clock before a leap of ``leap`` seconds,
-    accepted at ``accepted_at``, and lapsed by the clock after it, forward by the leap.
+async def shift_held_leases(
+    conn: AsyncConnection, node_id: int, accepted_at: float, leap: float, tolerance: float
+) -> int:
+    """Move this node's leases granted by the clock held before a leap of ``leap`` seconds, accepted
+    at ``accepted_at``, that were open by that clock and lapsed by the new one, forward by the leap.
 
-    Only those: a lease another process granted on its own, correct clock is open by both.
+    Only those. Granted by the held clock means no later than its time at the acceptance,
+    ``accepted_at - leap`` (``tolerance``: the drift that the acceptance may have counted beyond the
+    last step): leases granted on a correct clock (after the acceptance, or by another process or
+    host of this database) and lapsed since, and leases already moved (by a process that accepted
+    the same leap before), are dated later whenever the leap exceeds ``lease_ttl_s`` plus the
+    tolerance by more than the time between the two acceptances; a smaller leap can move such a
+    lease by no more than itself (QA: a restart after an acceptance moved them a day).
     """
     lease = peer_leases.c
+    held_now = accepted_at - leap
     stmt = (
         update(peer_leases)
         .where(
             lease.node_id == node_id,
-            lease.expires_at > accepted_at - leap,
+            lease.leased_at <= held_now + tolerance,
+            lease.expires_at > held_now,
             lease.expires_at <= accepted_at,
         )
         .values(leased_at=lease.leased_at + leap, expires_at=lease.expires_at + leap)
