@@ -257,6 +257,28 @@ async def test_failure_reports_do_not_keep_a_departed_peer_online(
     assert metrics is not None and not metrics.online and metrics.chunks_failed == 5
 
 
+@pytest.mark.parametrize("together", [True, False], ids=["one batch", "two calls"])
+async def test_a_sighting_that_arrives_after_a_failure_report_dated_later_still_counts(
+    tracker: AvailabilityTracker, clock: ManualClock, together: bool
+) -> None:
+    """A new peer's first event was a failed-upload report, which created its row dated by the report;
+    p's own heartbeat, sent 10 s before it but delivered after, was then "older than last_seen" and
+    ignored: p stayed offline (and unselectable) until its next heartbeat."""
+    report = UploadOutcome("p", False, at=clock.now)
+    beat = [PeerOnline("p", at=clock.now - 10), ContentAvailable("c", "p", at=clock.now - 10)]
+    if together:
+        await tracker.record_batch([report, *beat])
+    else:
+        await tracker.record(report)
+        unseen = await tracker.get_peer_metrics("p")
+        assert unseen is not None and not unseen.online and unseen.last_seen is None  # not sighted yet
+        await tracker.record_batch(beat)
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.online and metrics.chunks_failed == 1
+    assert metrics.last_seen is not None and metrics.last_seen.timestamp() == clock.now - 10
+    assert await tracker.get_available_peers("c") == ["p"]
+
+
 async def test_a_late_event_lowers_first_seen(tracker: AvailabilityTracker, clock: ManualClock) -> None:
     await tracker.record_peer_online("p")
     await tracker.record_peer_online("p", at=clock.now - 50)  # delivered late

@@ -344,7 +344,7 @@ class AvailabilityTracker:
         return PeerMetrics(
             peer_id=row.peer_key,
             uptime=timedelta(seconds=max(0.0, row.uptime_s)),  # an event dated ahead of our clock
-            last_seen=from_unix(row.last_seen),
+            last_seen=from_unix(row.last_seen or None),  # 0: never sighted
             first_seen=from_unix(row.first_seen),
             online_since=from_unix(row.online_since),
             download_speed=0 if row.speed_bps is None else round(row.speed_bps),
@@ -582,7 +582,7 @@ def _peer_info(row: queries.RankedRow) -> PeerInfo:
         uptime_factor=row.uptime_factor,
         evidence=row.evidence,
         proven=row.proven,
-        last_seen=from_unix(row.last_seen),
+        last_seen=from_unix(row.last_seen or None),  # 0: never sighted
         load=row.load,
         capacity=row.capacity,
     )

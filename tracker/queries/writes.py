@@ -69,6 +69,10 @@ async def ensure_local_node(conn: AsyncConnection, dialect: str, now: float) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+#: ``peer_stats.last_seen`` of a row that no sighting has reached yet (one a failed report created).
+NEVER_SEEN = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class Timed:
     """An event with its time resolved (``at`` or the clock's now)."""
@@ -320,7 +324,9 @@ async def _upsert_peer_stats(
                 "node_id": node_id,
                 "p_online": heartbeat,
                 "p_online_since": t.at if heartbeat else None,
-                "p_at": t.at,
+                # A failed report is no sighting: a row it creates has none yet (0), so that any
+                # sighting, even one dated before the report and arriving after it, counts.
+                "p_at": NEVER_SEEN if failure else t.at,
                 "p_served": int(success),
                 "p_failed": int(failure),
                 "p_sw": 1.0 if success else 0.0,
