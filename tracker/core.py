@@ -137,7 +137,8 @@ class AvailabilityTracker:
             self.start_sweeper()
 
     async def _save_clock(self, conn: AsyncConnection) -> None:
-        """Store the clock's state for later processes of this boot (on open and by each sweep)."""
+        """Store the clock's state for later processes of this boot (on open, with the leases moved
+        at an acceptance, and by each sweep)."""
         now = self.now()  # first: the reading may be what sees a leap, or its end
         state = self.now.state()
         if self._boot_id is not None and state is not None:
