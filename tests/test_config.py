@@ -7,6 +7,7 @@ from datetime import timedelta
 import pytest
 
 from tracker import ConfigError, ReputationParams, TrackerConfig
+from tracker.db import pg_server_settings
 from tracker.gossip.config import GossipConfig
 
 
@@ -47,6 +48,10 @@ def test_durations_accept_timedelta() -> None:
         ("snapshot_interval_s", "hourly"),
         ("max_event_age_s", 0),
         ("max_event_age_s", float("nan")),
+        ("pg_lock_timeout_s", -1),
+        ("pg_lock_timeout_s", float("inf")),
+        ("pg_lock_timeout_s", True),
+        ("pg_lock_timeout_s", "30s"),
     ],
 )
 def test_invalid_values_raise_a_clear_error(field: str, value: object) -> None:
@@ -113,6 +118,24 @@ def test_snapshots_default_to_one_per_five_minutes() -> None:
     assert TrackerConfig(snapshot_interval_s=0).snapshot_interval_s == 0.0  # every pass
     assert TrackerConfig(snapshot_interval_s=timedelta(hours=1)).snapshot_interval_s == 3600.0
     assert TrackerConfig.from_env({"TRACKER_SNAPSHOT_INTERVAL_S": "60"}).snapshot_interval_s == 60.0
+
+
+def test_postgres_lock_waits_are_bounded_unless_set_to_zero() -> None:
+    assert TrackerConfig().pg_lock_timeout_s == 30.0
+    assert TrackerConfig(pg_lock_timeout_s=timedelta(seconds=5)).pg_lock_timeout_s == 5.0
+    assert TrackerConfig.from_env({"TRACKER_PG_LOCK_TIMEOUT_S": "0.3"}).pg_lock_timeout_s == 0.3
+    assert TrackerConfig.from_env({"TRACKER_PG_LOCK_TIMEOUT_S": "0"}).pg_lock_timeout_s == 0.0
+    with pytest.raises(ConfigError, match="TRACKER_PG_LOCK_TIMEOUT_S"):
+        TrackerConfig.from_env({"TRACKER_PG_LOCK_TIMEOUT_S": "30s"})
+
+
+@pytest.mark.parametrize(
+    ("seconds", "sent"),
+    [(30.0, "30000ms"), (0.3, "300ms"), (0.0001, "1ms"), (0, None)],  # 0 ms would mean no limit
+)
+def test_the_lock_timeout_goes_to_postgres_in_whole_milliseconds(seconds: float, sent: str | None) -> None:
+    settings = pg_server_settings(TrackerConfig(pg_lock_timeout_s=seconds))
+    assert settings.get("lock_timeout") == sent and settings["jit"] == "off"
 
 
 @pytest.mark.parametrize(

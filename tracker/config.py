@@ -32,8 +32,8 @@ _DURATIONS = (
     "lease_ttl_s",
     "slow_start_s",
 )
-#: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass).
-_OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s")
+#: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass; no lock timeout).
+_OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s", "pg_lock_timeout_s")
 STRATEGIES = ("best", "weighted")
 
 
@@ -84,6 +84,12 @@ class TrackerConfig:
     write_retries: int = 8
     #: How long an SQLite writer waits for the file lock held by another connection or process.
     sqlite_busy_timeout_s: float = 30.0
+    #: How long a statement of the tracker's own Postgres sessions waits for a lock (Postgres'
+    #: ``lock_timeout``) before it fails as a transient error, retried like a deadlock; 0 sets none,
+    #: leaving the server's (none unless configured). Postgres otherwise waits for a lock without end:
+    #: one ``LOCK TABLE peers`` left open in psql would stall every write, and a graceful shutdown with
+    #: them. Migrations are exempt (``db.migrate``).
+    pg_lock_timeout_s: float = 30.0
     #: SQLite reads the file through a shared memory map of up to this many MiB (0: plain reads). The
     #: map is the OS page cache, shared by every connection and process, where SQLite's own page cache
     #: (2 MiB) is private to each connection; ranking a hot content probes thousands of random rows.

@@ -46,10 +46,25 @@ def create_engine(config: TrackerConfig) -> AsyncEngine:
         pool_size=config.pool_size,
         max_overflow=config.pool_size,
         pool_pre_ping=True,
-        # JIT compilation pays off for long analytic scans, not for our millisecond statements: a
-        # selection over a hot content was costed high enough to spend ~0.8 s compiling itself.
-        connect_args={"server_settings": {"jit": "off"}},
+        # Sent with every new connection (the pool's, and those replacing lost ones), so each session
+        # of the tracker starts with them; a migration's transaction lifts the lock timeout (migrate).
+        connect_args={"server_settings": pg_server_settings(config)},
     )
+
+
+def pg_server_settings(config: TrackerConfig) -> dict[str, str]:
+    """The Postgres settings every tracker session starts with.
+
+    JIT compilation pays off for long analytic scans, not for our millisecond statements: a selection
+    over a hot content was costed high enough to spend ~0.8 s compiling itself. The lock timeout
+    bounds how long a statement waits behind someone else's lock (``pg_lock_timeout_s``), so such a
+    write fails as retryable, like a busy SQLite file, instead of waiting without end.
+    """
+    settings = {"jit": "off"}
+    if config.pg_lock_timeout_s > 0:
+        # Whole milliseconds, at least one: lock_timeout = 0 would mean no limit at all.
+        settings["lock_timeout"] = f"{max(1, round(config.pg_lock_timeout_s * 1000))}ms"
+    return settings
 
 
 def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
@@ -406,6 +421,11 @@ async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: boo
 
     Several processes may open the same empty Postgres database at once; an advisory lock makes
     them migrate one after the other. On SQLite the IMMEDIATE transaction does the same.
+
+    On Postgres the migration waits for its locks without end, whatever ``pg_lock_timeout_s`` says:
+    the processes queued on the advisory lock wait for as long as the first one's migration takes,
+    and a migration's ALTERs wait for the traffic on their tables to let go. Either failing after a
+    few seconds would stop a tracker from starting, or a deployment step, for a wait that ends.
     """
     from alembic import command
 
@@ -419,6 +439,7 @@ async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: boo
 
     async with write_connection(engine) as conn, conn.begin():
         if engine.dialect.name == "postgresql":
+            await conn.exec_driver_sql("SET LOCAL lock_timeout = 0")  # this transaction only
             await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
         await conn.run_sync(_run)
 
