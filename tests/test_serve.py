@@ -82,6 +82,19 @@ class Server:
                 time.sleep(0.05)
         pytest.fail(f"tracker serve was not ready within {timeout_s} s:\n{self.output()}")
 
+    def exit_code_within(self, timeout_s: float, after: str) -> int:
+        """Wait for the process to exit; fail, naming what it should have exited ``after``, if it does not."""
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"tracker serve still running {timeout_s:g} s after {after}:\n{self.output()}")
+
+    def kill(self) -> None:
+        """End the process if it is still running (the clean-up of a test that failed)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -259,28 +272,16 @@ def test_a_second_sigint_exits_promptly_while_a_write_waits_in_the_database(
     """Ctrl-C twice: the first starts the graceful shutdown (which waits for the blocked write), the
     second abandons it. The process exits within seconds, with 130 and a line saying so, no traceback.
 
-    Postgres waits for a lock without end. SQLite's wait (its busy handler, in a lane thread) cannot be
-    interrupted, so the process outlives it: a short ``sqlite_busy_timeout_s`` keeps that brief here.
+    Postgres waits for a lock up to ``pg_lock_timeout_s`` (30 s) a try, and retries: far longer than
+    this test. SQLite's wait (its busy handler, in a lane thread) cannot be interrupted, so the process
+    outlives it: a short ``sqlite_busy_timeout_s`` keeps that brief here.
     """
     env = {"TRACKER_SHUTDOWN_GRACE_S": "60", "TRACKER_SQLITE_BUSY_TIMEOUT_S": "1"}
     server = Server(db_url, tmp_path / "serve.log", env=env)
-    outcome: list[object] = []
     try:
         server.wait_ready()
         with _WriteBlocker(db_url):
-
-            def post() -> None:
-                try:
-                    event = {"type": "peer_online", "peer_id": "peer-1"}
-                    response = httpx.post(
-                        f"{server.base_url}/v1/events", json={"events": [event]}, timeout=60
-                    )
-                    outcome.append(response.status_code)
-                except httpx.TransportError as error:
-                    outcome.append(error)
-
-            writer = threading.Thread(target=post, daemon=True)
-            writer.start()
+            writer, outcome = _post_in_background(server)
             time.sleep(0.5)  # the write is in the database, waiting for the lock
             assert not outcome, outcome
             server.process.send_signal(signal.SIGINT)
@@ -288,19 +289,69 @@ def test_a_second_sigint_exits_promptly_while_a_write_waits_in_the_database(
             assert server.process.poll() is None, "the first SIGINT did not wait for the blocked write"
             started = time.monotonic()
             server.process.send_signal(signal.SIGINT)
-            try:
-                code = server.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"tracker serve still running 10 s after a second SIGINT:\n{server.output()}")
+            code = server.exit_code_within(10, "a second SIGINT")
             elapsed = time.monotonic() - started
             writer.join(10)
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
-            server.process.wait()
+        server.kill()
     output = server.output()
     assert code == 130, output
     assert elapsed < 5, output
     assert "forced shutdown" in output and "Traceback" not in output, output
     # The abandoned write was never acknowledged.
-    assert outcome and outcome[0] != 200, outcome
+    assert outcome and getattr(outcome[0], "status_code", None) != 200, outcome
+
+
+def _post_in_background(
+    server: Server,
+) -> tuple[threading.Thread, list[httpx.Response | httpx.TransportError]]:
+    """One event POSTed from a thread, so that the test can signal the server while it waits; the
+    answer (or the failure to get one) lands in the list."""
+    outcome: list[httpx.Response | httpx.TransportError] = []
+
+    def post() -> None:
+        try:
+            event = {"type": "peer_online", "peer_id": "peer-1"}
+            outcome.append(httpx.post(f"{server.base_url}/v1/events", json={"events": [event]}, timeout=60))
+        except httpx.TransportError as error:
+            outcome.append(error)
+
+    writer = threading.Thread(target=post, daemon=True)
+    writer.start()
+    return writer, outcome
+
+
+def _wait_until_a_session_waits_for_a_lock(db_url: str, timeout_s: float = 10.0) -> None:
+    async def poll() -> None:
+        conn = await asyncpg.connect(make_url(db_url).set(drivername="postgresql").render_as_string(False))
+        try:
+            waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            while not await conn.fetchval(f"{waiting} AND wait_event_type = 'Lock'"):
+                await asyncio.sleep(0.02)
+        finally:
+            await conn.close()
+
+    asyncio.run(asyncio.wait_for(poll(), timeout_s))
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_one_sigint_is_enough_while_a_postgres_lock_blocks_a_write(db_url: str, tmp_path: Path) -> None:
+    """Postgres waited for a lock without end, and so did the graceful shutdown of the first Ctrl-C.
+    Now the write gives up after its lock timeouts (503 storage_busy) while the lock is still held, and
+    the shutdown ends cleanly."""
+    env = {"TRACKER_PG_LOCK_TIMEOUT_S": "2", "TRACKER_WRITE_RETRIES": "1", "TRACKER_SHUTDOWN_GRACE_S": "60"}
+    server = Server(db_url, tmp_path / "serve.log", env=env)
+    try:
+        server.wait_ready()
+        with _WriteBlocker(db_url):
+            writer, outcome = _post_in_background(server)
+            _wait_until_a_session_waits_for_a_lock(db_url)
+            server.process.send_signal(signal.SIGINT)
+            code = server.exit_code_within(30, "SIGINT, behind a lock")  # two lock timeouts: ~5 s
+            writer.join(10)
+    finally:
+        server.kill()
+    output = server.output()
+    assert code == 0 and "Traceback" not in output, output
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx.Response), outcome
+    assert outcome[0].status_code == 503 and outcome[0].json()["error"]["code"] == "storage_busy"
