@@ -93,13 +93,19 @@ async def test_a_write_behind_a_table_lock_fails_as_transient_and_stores_nothing
     assert availability is not None and [p.peer_id for p in availability.peers] == ["peer-new"]
 
 
-async def test_a_write_behind_a_row_lock_on_its_peer_fails_as_transient(
+async def test_a_row_lock_fails_the_writes_of_its_peer_alone_even_when_they_share_a_transaction(
     tracker: AvailabilityTracker, db_url: str
 ) -> None:
+    """Group commit runs the requests of a failed shared transaction again one by one, so a lock on one
+    peer's row costs the other peers' writes time, not their success."""
     await tracker.record_peer_online("peer-held")
     async with _held(db_url, "SELECT 1 FROM peers WHERE peer_key = 'peer-held' FOR UPDATE"):
-        await _fails_behind_the_lock(tracker.record_peer_online("peer-held"))
-        await asyncio.wait_for(tracker.record_peer_online("peer-free"), BOUND_S)  # other rows are free
+        writes = [tracker.record_peer_online(f"peer-free-{i}") for i in range(5)]
+        writes.insert(1, tracker.record_peer_online("peer-held"))  # queued with others, not first
+        outcomes = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), BOUND_S)
+    held = outcomes.pop(1)
+    assert isinstance(held, BaseException) and _lock_timed_out(held), held
+    assert outcomes == [None] * 5
     await asyncio.wait_for(tracker.record_peer_online("peer-held"), BOUND_S)
 
 
