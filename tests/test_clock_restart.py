@@ -207,6 +207,91 @@ async def test_a_sibling_still_holding_does_not_overwrite_an_acceptance(
         assert metrics.last_seen.timestamp() == clock.now  # not moved a day back
 
 
+async def test_a_resumed_hold_does_not_move_another_hosts_correct_rows_back(
+    booted: TrackerConfig, clock: ManualClock
+) -> None:
+    """QA round 2: host A's clock ran an hour behind (stored), NTP set it right while no tracker ran
+    there; the next process on A resumed the hold, and its first pass took host B's heartbeats,
+    correctly dated, for future rows and moved them an hour back: B's peers went offline."""
+    hour = 3600.0
+    behind = ManualClock(clock.now - hour, elapsed=clock.elapsed)
+    host_a = replace(booted, clock=behind, monotonic=behind.monotonic, boot_id="host-a")
+    host_b = replace(booted, boot_id="host-b")
+    async with AvailabilityTracker(host_a) as tracker:
+        await tracker.sweep()
+    for each in (clock, behind):
+        each.advance(60)
+    behind.leap(hour)
+    async with AvailabilityTracker(host_b) as b:
+        await b.record_batch([e for p in ("p", "q") for e in (PeerOnline(p), ContentAvailable("movie", p))])
+        for each in (clock, behind):
+            each.advance(10)
+        async with AvailabilityTracker(host_a) as a:
+            report = await a.sweep()
+            assert report.clock_leap_s == pytest.approx(hour) and report.future_rows_clamped == 0
+        assert (await b.sweep()).peers_marked_offline == 0
+        assert await b.get_available_peers("movie") == ["p", "q"]
+
+
+async def _hand_out(tracker: AvailabilityTracker) -> list[str]:
+    """Who a selection of one holder of "movie" hands out now (after a heartbeat of "a")."""
+    await tracker.record_peer_online("a")
+    return [p.peer_id for p in await tracker.select_best_peers("movie", 1)]
+
+
+@pytest.mark.parametrize("accepted_by", ["sweep", "open"])
+async def test_a_leap_accepted_by_a_sweep_or_an_opening_moves_the_held_leases_with_it(
+    booted: TrackerConfig, clock: ManualClock, accepted_by: str
+) -> None:
+    """QA round 2: only writes and selections moved the leases; a sweep (or a process opening, like
+    `tracker stats`) that saw the acceptance stored it without them, so no process ever moved them
+    and a peer at its cap of 1 was handed out again while its lease was open."""
+    config = replace(booted, max_load_per_peer=1, slow_start_s=0.001)
+    await _swarm(config)
+    clock.advance(10)
+    clock.leap(DAY)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.sweep()  # holds
+        clock.advance(260)
+        assert await _hand_out(tracker) == ["a"]  # a lease dated by the held clock
+        clock.advance(45)  # the hold has lasted peer_timeout
+        if accepted_by == "sweep":
+            await tracker.sweep()
+    if accepted_by == "open":
+        async with AvailabilityTracker(config, publish_settings=False) as looker:  # like `tracker stats`
+            assert looker.now.accepted == 1
+    clock.advance(2)
+    async with AvailabilityTracker(config) as tracker:
+        assert tracker.now() == clock.now
+        assert await _hand_out(tracker) == []  # a's lease has 13 s left by elapsed time
+        clock.advance(15)
+        assert await _hand_out(tracker) == ["a"]
+
+
+async def test_held_leases_still_open_by_the_new_clock_are_moved_too(
+    booted: TrackerConfig, clock: ManualClock
+) -> None:
+    """QA round 2: with lease_ttl_s beyond the leap, a lease granted by the held clock was still
+    open at the acceptance and was left where it was: it lapsed the leap early, and its peer (cap 1)
+    was handed out again with 95 s of it left."""
+    config = replace(booted, max_load_per_peer=1, lease_ttl_s=300, slow_start_s=0.001)
+    await _swarm(config)
+    async with AvailabilityTracker(config) as tracker:
+        clock.advance(100)
+        await tracker.sweep()
+        clock.leap(100)
+        await tracker.sweep()  # holds
+        clock.advance(290)
+        assert await _hand_out(tracker) == ["a"]
+        clock.advance(11)
+        await tracker.record_peer_online("a")  # accepted: the lease has 289 s left by elapsed time
+        assert tracker.now.accepted == 1
+        clock.advance(205 - 11)
+        assert await _hand_out(tracker) == []  # 95 s left
+        clock.advance(100)
+        assert await _hand_out(tracker) == ["a"]
+
+
 async def test_a_failure_to_store_the_state_is_logged_and_the_pass_still_runs(
     booted: TrackerConfig,
     clock: ManualClock,

@@ -74,9 +74,10 @@ class TrackerConfig:
     #: Events dated further than this into the future are rejected (they would pin a peer online).
     max_clock_skew_s: float = 60.0
     #: Events dated further than this into the past are rejected (``None``: ``outcome_retention_s``).
-    #: Older than anything retention keeps, they would change nothing selection uses but
-    #: ``first_seen``: an ``at`` of 0 made a new peer look fifty years old, past its slow start. A
-    #: client replaying a log older than this gets a clear error instead of a silent no-op.
+    #: Older than what retention keeps, an event is a wrong clock or a replayed log far more often
+    #: than news: an ``at`` of 0 made a new peer look fifty years old, past its slow start, and its
+    #: outcome was counted, then pruned by the next sweep. A client gets a clear error instead;
+    #: raise it to backfill history.
     max_event_age_s: float | None = None
     #: Largest number of events ``record_batch`` accepts in one call.
     max_batch_events: int = 50_000

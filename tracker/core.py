@@ -65,6 +65,7 @@ class AvailabilityTracker:
         self._sweep_state = SweepState()
         self._opened_at = 0.0  # the tracker's time when it opened (the sweeper's first repair uses it)
         self._leases_shifted_for = 0  # the accepted clock leap whose leases were moved (SteadyClock)
+        self._clock_lock = asyncio.Lock()  # one _persist_clock at a time
         elapsed, boot_id = self.config.monotonic, self.config.boot_id
         if elapsed is None and self.config.clock is time.time:
             elapsed, boot_id = system_elapsed, boot_id or system_boot_id()
@@ -114,13 +115,14 @@ class AvailabilityTracker:
                     self.now.resume(state)
             now = self._opened_at = self.now()
 
-            async def register(conn: AsyncConnection) -> tuple[int, str]:
+            async def register(conn: AsyncConnection) -> tuple[int, str, int]:
                 if self._publish_settings:
                     await queries.write_settings(conn, self.config)
-                await self._save_clock(conn)
-                return await queries.ensure_local_node(conn, self.config.dialect, now)
+                node_id, node_key = await queries.ensure_local_node(conn, self.config.dialect, now)
+                return node_id, node_key, await self._store_clock(conn, node_id)
 
-            self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
+            registered = await db.run_write(engine, register, self.config.write_retries)
+            self._node_id, self._node_key, self._leases_shifted_for = registered
             path = lane_path(self.config)
             if path is not None:
                 config = self.config
@@ -136,13 +138,37 @@ class AvailabilityTracker:
         if self.config.run_sweeper:
             self.start_sweeper()
 
-    async def _save_clock(self, conn: AsyncConnection) -> None:
-        """Store the clock's state for later processes of this boot (on open, with the leases moved
-        at an acceptance, and by each sweep)."""
-        now = self.now()  # first: the reading may be what sees a leap, or its end
+    async def _store_clock(self, conn: AsyncConnection, node_id: int) -> int:
+        """Store the clock's state for later processes of this boot, in the caller's transaction;
+        returns the acceptance it stored, for ``_leases_shifted_for`` once committed.
+
+        A leap accepted since the leases were last moved has them moved first (``_shift_held_leases``),
+        wherever the acceptance was seen (a write, a selection, a sweep, the opening): a stored
+        acceptance always comes with its leases moved, so a process resuming it leaves them, and
+        none is stored without (QA: accepted by a sweep or by `tracker stats`, the acceptance was
+        stored and the leases never moved, and a peer went past its cap).
+        """
+        now = self.now()  # first: the reading may be what sees a leap, its end or its acceptance
+        accepted = self.now.accepted
+        if accepted != self._leases_shifted_for:
+            await queries.shift_held_leases(
+                conn, node_id, self.now.accepted_at, self.now.accepted_lag, self.config.max_clock_skew_s
+            )
         state = self.now.state()
         if self._boot_id is not None and state is not None:
             await queries.save_clock_state(conn, self.config.dialect, self._boot_id, state, now)
+        return accepted
+
+    async def _persist_clock(self) -> None:
+        """``_store_clock`` in a write transaction of its own (by each sweep, and after an acceptance),
+        one at a time: two at once would both move the leases."""
+        async with self._clock_lock:
+            node_id = self.node_id
+
+            async def work(conn: AsyncConnection) -> int:
+                return await self._store_clock(conn, node_id)
+
+            self._leases_shifted_for = await db.run_write(self.engine, work, self.config.write_retries)
 
     async def close(self) -> None:
         """Stop the sweeper, let queued writes commit, then release every connection. Safe to call twice.
@@ -373,20 +399,10 @@ class AvailabilityTracker:
         """Move the leases granted while the clock was held (``tracker/clockleap.py``) onto the
         accepted clock: dated by the old one, they would all look lapsed at once, and their peers
         could be handed out past ``max_load_per_peer`` until they would have lapsed. Once per
-        accepted leap: otherwise nothing but a comparison, on the write and selection paths."""
-        accepted, at, lag = self.now.accepted, self.now.accepted_at, self.now.accepted_lag
-        if accepted == self._leases_shifted_for:
-            return
-        node_id = self.node_id
-
-        async def work(conn: AsyncConnection) -> int:
-            # With the acceptance stored: a process opened next would otherwise resume the hold,
-            # accept the same leap again and move leases once more.
-            await self._save_clock(conn)
-            return await queries.shift_held_leases(conn, node_id, at, lag, self.config.max_clock_skew_s)
-
-        await db.run_write(self.engine, work, self.config.write_retries)
-        self._leases_shifted_for = accepted
+        accepted leap, stored with it (``_store_clock``): otherwise nothing but a comparison, on the
+        write and selection paths."""
+        if self.now.accepted != self._leases_shifted_for:
+            await self._persist_clock()
 
     async def select_best_peers(
         self, cid: str, n: int, *, strategy: str | None = None, seed: int | None = None

@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
-from .errors import StorageError
+from .errors import StorageError, translate
 from .gossip import files, snapshot
 from .queries import prune_expired_leases
 from .queries import sweep as q
@@ -85,7 +85,11 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         node_id = tracker.node_id
         state = tracker._sweep_state
         clamped = 0
-        if own_time and (pending is not None or not state.repaired_once):  # stepped back, or a first pass
+        # Stepped back, or a first pass; not while the clock is held: "now" is then behind the wall
+        # clock on purpose, and on a shared Postgres other hosts' rows, correctly dated by a clock
+        # that was right, would look ahead of it (QA: a hold resumed by a restart moved every
+        # host's heartbeats back and their peers went offline). The repair waits for the hold to end.
+        if own_time and leap is None and (pending is not None or not state.repaired_once):
 
             async def clamp(conn: AsyncConnection) -> int:
                 # Beyond the tracker's time (not the sweep's, which may lag behind an accepted leap),
@@ -158,6 +162,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             "duration_s": report.duration_s,
             "clock_leap_s": leap,
             "future_rows_clamped": clamped,
+            "database_clock_offset_s": offset,
         },
     )
     return report
@@ -167,7 +172,7 @@ async def _save_clock(tracker: AvailabilityTracker) -> None:
     """Store the clock's state for the next process of this boot, after the pass's own work: a
     failure here is logged, and must not cost the pass (QA: it did, before the pass began)."""
     try:
-        await db.run_write(tracker.engine, tracker._save_clock, tracker.config.write_retries)
+        await tracker._persist_clock()
     except StorageError as error:
         log.warning("could not store the clock's state: %s", error, extra={"action": "clock_state_not_saved"})
 
@@ -183,10 +188,15 @@ async def _database_clock_offset(tracker: AvailabilityTracker) -> float | None:
     """
     if tracker.config.dialect != "postgresql":
         return None
-    async with tracker.engine.connect() as conn:
-        before = tracker.now()
-        server = await database_time(conn)
-        after = tracker.now()
+    try:
+        async with tracker.engine.connect() as conn:
+            before = tracker.now()
+            server = await database_time(conn)
+            after = tracker.now()
+    except Exception as error:  # as the pass's own statements fail: StorageError, not the driver's
+        if db.is_driver_error(error):
+            raise translate(error) from error
+        raise
     offset = server - (before + after) / 2
     state, limit = tracker._sweep_state, tracker.config.max_clock_skew_s
     if abs(offset) > limit and (

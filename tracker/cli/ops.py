@@ -65,8 +65,8 @@ def sweep(
             )
         if report.clock_leap_s and not as_json:
             stdout.print(
-                f"this host's clock is {report.clock_leap_s:.6g} s ahead of elapsed time since a tracker "
-                "last ran: the pass ran on elapsed time (docs/operations.md, Clocks)",
+                f"this host's clock is {report.clock_leap_s:.6g} s ahead of elapsed time (a leap not "
+                "accepted yet): the pass ran on elapsed time (docs/operations.md, Clocks)",
                 highlight=False,
             )
 

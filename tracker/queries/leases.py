@@ -172,15 +172,17 @@ async def shift_held_leases(
     conn: AsyncConnection, node_id: int, accepted_at: float, leap: float, tolerance: float
 ) -> int:
     """Move this node's leases granted by the clock held before a leap of ``leap`` seconds, accepted
-    at ``accepted_at``, that were open by that clock and lapsed by the new one, forward by the leap.
+    at ``accepted_at``, and open by that clock, forward by the leap: by the new clock they would
+    lapse the leap early (all at once, for a leap beyond ``lease_ttl_s``).
 
     Only those. Granted by the held clock means no later than its time at the acceptance,
     ``accepted_at - leap`` (``tolerance``: the drift that the acceptance may have counted beyond the
     last step): leases granted on a correct clock (after the acceptance, or by another process or
-    host of this database) and lapsed since, and leases already moved (by a process that accepted
-    the same leap before), are dated later whenever the leap exceeds ``lease_ttl_s`` plus the
-    tolerance by more than the time between the two acceptances; a smaller leap can move such a
-    lease by no more than itself (QA: a restart after an acceptance moved them a day).
+    host of this database) and leases already moved (by a process that accepted the same leap
+    before) are dated later whenever the leap exceeds their age plus the tolerance; for a smaller
+    leap such a lease may be moved, and then counts for at most the leap longer (QA: a restart
+    after an acceptance moved lapsed ones a day). A lease is never left to lapse early, which
+    would let its peer be handed out past its cap.
     """
     lease = peer_leases.c
     held_now = accepted_at - leap
@@ -190,7 +192,6 @@ async def shift_held_leases(
             lease.node_id == node_id,
             lease.leased_at <= held_now + tolerance,
             lease.expires_at > held_now,
-            lease.expires_at <= accepted_at,
         )
         .values(leased_at=lease.leased_at + leap, expires_at=lease.expires_at + leap)
     )
