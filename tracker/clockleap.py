@@ -22,9 +22,9 @@ now lie ahead, and the sweeper brings this node's back to "now" (``queries.sweep
 A process's first reading has nothing of its own to compare with, so a leap while no tracker ran
 would go unseen. Elapsed time counts on across processes within one boot of the host, though: each
 tracker stores its clock's state (``ClockState``) in the database keyed by the kernel's boot id, on
-opening, on accepting a leap and on each sweep, and a process opened later in the same boot resumes
-from it. After a
-reboot (another boot id), or on another host of a shared Postgres, there is nothing to resume from.
+opening, with the first selection, write or sweep after accepting a leap, and on each sweep, and a
+process opened later in the same boot resumes from it. After a reboot (another boot id), or on
+another host of a shared Postgres, there is nothing to resume from.
 """
 
 from __future__ import annotations

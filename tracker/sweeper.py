@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
-from .errors import StorageError, translate
+from .errors import StorageError
 from .gossip import files, snapshot
 from .queries import prune_expired_leases
 from .queries import sweep as q
@@ -188,16 +188,13 @@ async def _database_clock_offset(tracker: AvailabilityTracker) -> float | None:
     """
     if tracker.config.dialect != "postgresql":
         return None
-    try:
-        async with tracker.engine.connect() as conn:
-            before = tracker.now()
-            server = await database_time(conn)
-            after = tracker.now()
-    except Exception as error:  # as the pass's own statements fail: StorageError, not the driver's
-        if db.is_driver_error(error):
-            raise translate(error) from error
-        raise
-    offset = server - (before + after) / 2
+
+    async def read(conn: AsyncConnection) -> float:
+        before = tracker.now()
+        server = await database_time(conn)
+        return server - (before + tracker.now()) / 2
+
+    offset = await db.run_read(tracker.engine, read)
     state, limit = tracker._sweep_state, tracker.config.max_clock_skew_s
     if abs(offset) > limit and (
         state.database_clock_offset_s is None or abs(state.database_clock_offset_s) <= limit

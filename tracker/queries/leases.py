@@ -181,8 +181,9 @@ async def shift_held_leases(
     host of this database) and leases already moved (by a process that accepted the same leap
     before) are dated later whenever the leap exceeds their age plus the tolerance; for a smaller
     leap such a lease may be moved, and then counts for at most the leap longer (QA: a restart
-    after an acceptance moved lapsed ones a day). A lease is never left to lapse early, which
-    would let its peer be handed out past its cap.
+    after an acceptance moved lapsed ones a day). A lease open by the held clock is not left to
+    lapse early, which would let its peer be handed out past its cap (but see docs/operations.md,
+    "Clocks", for acceptances seen inside a selection or write).
     """
     lease = peer_leases.c
     held_now = accepted_at - leap
