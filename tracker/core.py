@@ -14,7 +14,7 @@ from typing import Self, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db, queries
-from .clockleap import SteadyClock, system_boot_id, system_elapsed
+from .clockleap import ClockState, SteadyClock, system_boot_id, system_elapsed
 from .config import STRATEGIES, TrackerConfig
 from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed, translate
 from .events import (
@@ -30,6 +30,7 @@ from .events import (
     validate_time,
 )
 from .ingest import GroupCommitter, GroupStats
+from .leaseclock import LeaseClock, Shift
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
 from .sqlite_lane import SqliteLane, SqliteLanes, lane_path
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
@@ -64,8 +65,6 @@ class AvailabilityTracker:
         self._node_key: str | None = None
         self._sweep_state = SweepState()
         self._opened_at = 0.0  # the tracker's time when it opened (the sweeper's first repair uses it)
-        self._leases_shifted_for = 0  # the accepted clock leap whose leases were moved (SteadyClock)
-        self._clock_lock = asyncio.Lock()  # one _persist_clock at a time
         elapsed, boot_id = self.config.monotonic, self.config.boot_id
         if elapsed is None and self.config.clock is time.time:
             elapsed, boot_id = system_elapsed, boot_id or system_boot_id()
@@ -79,6 +78,8 @@ class AvailabilityTracker:
             tolerance_s=self.config.max_clock_skew_s,
             accept_after_s=self.config.peer_timeout,
         )
+        #: Readings for the work on leases, kept on one side of the move of held leases.
+        self._leases = LeaseClock(self.now, self._store_clock)
         self._sweeper: SweeperTask | None = None
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events)
         self._random = random.Random(self.config.random_seed)
@@ -114,15 +115,18 @@ class AvailabilityTracker:
                 if state is not None:
                     self.now.resume(state)
             now = self._opened_at = self.now()
+            clock = self.now
+            state, shift = clock.state(), (clock.accepted_at, clock.accepted_lag) if clock.accepted else None
 
-            async def register(conn: AsyncConnection) -> tuple[int, str, int]:
+            async def register(conn: AsyncConnection) -> tuple[int, str]:
                 if self._publish_settings:
                     await queries.write_settings(conn, self.config)
                 node_id, node_key = await queries.ensure_local_node(conn, self.config.dialect, now)
-                return node_id, node_key, await self._store_clock(conn, node_id)
+                await self._write_clock(conn, node_id, now, state, shift)
+                return node_id, node_key
 
-            registered = await db.run_write(engine, register, self.config.write_retries)
-            self._node_id, self._node_key, self._leases_shifted_for = registered
+            self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
+            self._leases.shifted_for = clock.accepted
             path = lane_path(self.config)
             if path is not None:
                 config = self.config
@@ -138,37 +142,36 @@ class AvailabilityTracker:
         if self.config.run_sweeper:
             self.start_sweeper()
 
-    async def _store_clock(self, conn: AsyncConnection, node_id: int) -> int:
-        """Store the clock's state for later processes of this boot, in the caller's transaction;
-        returns the acceptance it stored, for ``_leases_shifted_for`` once committed.
-
-        A leap accepted since the leases were last moved has them moved first (``_shift_held_leases``),
-        wherever the acceptance was seen (a write, a selection, a sweep, the opening): a stored
-        acceptance always comes with its leases moved, so a process resuming it leaves them, and
-        none is stored without (QA: accepted by a sweep or by `tracker stats`, the acceptance was
-        stored and the leases never moved, and a peer went past its cap).
-        """
-        now = self.now()  # first: the reading may be what sees a leap, its end or its acceptance
-        accepted = self.now.accepted
-        if accepted != self._leases_shifted_for:
-            await queries.shift_held_leases(
-                conn, node_id, self.now.accepted_at, self.now.accepted_lag, self.config.max_clock_skew_s
-            )
-        state = self.now.state()
+    async def _write_clock(
+        self,
+        conn: AsyncConnection,
+        node_id: int,
+        now: float,
+        state: ClockState | None,
+        shift: Shift | None,
+    ) -> None:
+        """Store the clock's state as of the reading ``now`` for later processes of this boot, in
+        the caller's transaction, after moving the leases held before an accepted leap (``shift``):
+        a stored acceptance always comes with its leases moved, so a process resuming it leaves
+        them (QA: accepted by a sweep or by `tracker stats`, the acceptance was stored and the
+        leases never moved, and a peer went past its cap)."""
+        if shift is not None:
+            await queries.shift_held_leases(conn, node_id, *shift, self.config.max_clock_skew_s)
         if self._boot_id is not None and state is not None:
             await queries.save_clock_state(conn, self.config.dialect, self._boot_id, state, now)
-        return accepted
+
+    async def _store_clock(self, now: float, state: ClockState | None, shift: Shift | None) -> None:
+        """``_write_clock`` in a write transaction of its own (``LeaseClock`` calls it)."""
+        node_id = self.node_id
+
+        async def work(conn: AsyncConnection) -> None:
+            await self._write_clock(conn, node_id, now, state, shift)
+
+        await db.run_write(self.engine, work, self.config.write_retries)
 
     async def _persist_clock(self) -> None:
-        """``_store_clock`` in a write transaction of its own (by each sweep, and after an acceptance),
-        one at a time: two at once would both move the leases."""
-        async with self._clock_lock:
-            node_id = self.node_id
-
-            async def work(conn: AsyncConnection) -> int:
-                return await self._store_clock(conn, node_id)
-
-            self._leases_shifted_for = await db.run_write(self.engine, work, self.config.write_retries)
+        """Store the clock's state (each sweep), the held leases moved first after an acceptance."""
+        await self._leases.save()
 
     async def close(self) -> None:
         """Stop the sweeper, let queued writes commit, then release every connection. Safe to call twice.
@@ -282,28 +285,31 @@ class AvailabilityTracker:
         Concurrent calls share transactions (group commit, see ``tracker.ingest``); each returns once
         the transaction holding its events has committed.
         """
-        now = self.now()
         config = self.config
-        checked = check_batch(
-            events,
-            limit=config.max_batch_events,
-            now=now,
-            max_skew_s=config.max_clock_skew_s,
-            max_age_s=config.event_age_limit,
-        )
-        if not checked:
-            return 0
-        timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
-        await self._shift_held_leases()  # before outcomes close leases
-        self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
-        if self._closing:
-            raise TrackerClosed("the tracker is closing: writes are no longer accepted")
-        await self._committer.submit(timed)
+        # The reading stamps the events and is held until they commit: a move of held leases
+        # between it and the transaction would put the outcomes' times and their leases' on two
+        # different clocks, and the outcomes would close nothing.
+        async with self._leases.reading() as now:
+            checked = check_batch(
+                events,
+                limit=config.max_batch_events,
+                now=now,
+                max_skew_s=config.max_clock_skew_s,
+                max_age_s=config.event_age_limit,
+            )
+            if not checked:
+                return 0
+            timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
+            self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
+            if self._closing:
+                raise TrackerClosed("the tracker is closing: writes are no longer accepted")
+            await self._committer.submit(timed)
         return len(timed)
 
     async def _apply(self, timed: Sequence[queries.Timed]) -> None:
         """Apply events in one write transaction (the group committer's unit of work)."""
-        engine, node_id, config, now = self.engine, self.node_id, self.config, self.now()
+        engine, node_id, config = self.engine, self.node_id, self.config
+        now = self._leases.on_behalf()  # of writers holding readings until this commits
 
         async def work(conn: db.DriverSQL) -> None:
             await queries.apply_events(conn, config.dialect, node_id, timed, config, now)
@@ -395,15 +401,6 @@ class AvailabilityTracker:
 
         return await db.run_read_unit(self.engine, self._read_lane(), work)
 
-    async def _shift_held_leases(self) -> None:
-        """Move the leases granted while the clock was held (``tracker/clockleap.py``) onto the
-        accepted clock: dated by the old one, they would all look lapsed at once, and their peers
-        could be handed out past ``max_load_per_peer`` until they would have lapsed. Once per
-        accepted leap, stored with it (``_store_clock``): otherwise nothing but a comparison, on the
-        write and selection paths."""
-        if self.now.accepted != self._leases_shifted_for:
-            await self._persist_clock()
-
     async def select_best_peers(
         self, cid: str, n: int, *, strategy: str | None = None, seed: int | None = None
     ) -> list[PeerInfo]:
@@ -423,8 +420,6 @@ class AvailabilityTracker:
             raise InvalidInput(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if n <= 0:
             return []
-        self.now()  # a reading, which may be the one that accepts a leap
-        await self._shift_held_leases()
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
         async with self._selection_slots:  # see TrackerConfig.max_concurrent_selections
@@ -434,16 +429,15 @@ class AvailabilityTracker:
         config, node_id, engine = self.config, self.node_id, self.engine
         draw = float(self._random.random() * 1e6 if seed is None else random.Random(seed).random() * 1e6)
 
-        async def rank(conn: db.DriverSQL) -> list[queries.RankedRow]:
+        async def rank(conn: db.DriverSQL, now: float, lag: float) -> list[queries.RankedRow]:
             # A few spares: a concurrent selector may fill a peer's last slot before we grant.
             return await queries.ranked_holders(
-                conn, cid, self.now(), config, limit=2 * n, mode=strategy, seed=draw, lag=self.now.lag()
+                conn, cid, now, config, limit=2 * n, mode=strategy, seed=draw, lag=lag
             )
 
         async def grant(
-            conn: db.DriverSQL, ranked: list[queries.RankedRow], *, ranked_here: bool
+            conn: db.DriverSQL, ranked: list[queries.RankedRow], now: float, *, ranked_here: bool
         ) -> list[queries.RankedRow]:
-            now = self.now()
             if ranked_here and config.dialect == "sqlite":
                 # Ranked inside this exclusive transaction: the loads it read are still current.
                 loads = {row.peer_key: row.load for row in ranked}
@@ -468,24 +462,36 @@ class AvailabilityTracker:
             # (docs/load-balancing.md). With the writer idle, rank and grant in one write transaction:
             # the write lane's page cache stays warm across its own commits, while a reader's is
             # dropped whenever the file changed, which costs a hot ranking ~20% (docs/benchmarks.md).
-            ranked = await db.run_read_unit(engine, read_lane, rank)
+            # The loads are counted again with the grant's reading: this one need not be kept
+            # on either side of a move of held leases.
+            at, lag = self.now(), self.now.lag()
+
+            async def rank_only(conn: db.DriverSQL) -> list[queries.RankedRow]:
+                return await rank(conn, at, lag)
+
+            ranked = await db.run_read_unit(engine, read_lane, rank_only)
             if not ranked:
                 return []
+            async with self._leases.reading() as now:
 
-            async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                return await grant(conn, ranked, ranked_here=False)
+                async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
+                    return await grant(conn, ranked, now, ranked_here=False)
 
-            rows = await db.run_write_unit(
-                engine, self._write_lane(), grant_ranked, config.write_retries, repeatable=True
-            )
+                rows = await db.run_write_unit(
+                    engine, self._write_lane(), grant_ranked, config.write_retries, repeatable=True
+                )
         else:
+            # One reading for the ranking and the grant (QA: a second reading that accepted a leap
+            # counted the leases of the hold as lapsed, and a peer at cap 1 was handed out twice).
+            async with self._leases.reading() as now:
+                lag = self.now.lag()
 
-            async def rank_and_grant(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                return await grant(conn, await rank(conn), ranked_here=True)
+                async def rank_and_grant(conn: db.DriverSQL) -> list[queries.RankedRow]:
+                    return await grant(conn, await rank(conn, now, lag), now, ranked_here=True)
 
-            rows = await db.run_write_unit(
-                engine, self._write_lane(), rank_and_grant, config.write_retries, repeatable=True
-            )
+                rows = await db.run_write_unit(
+                    engine, self._write_lane(), rank_and_grant, config.write_retries, repeatable=True
+                )
         # repeatable=True above: a grant whose COMMIT went unanswered runs again rather than failing the
         # selection. If the first did commit, its leases were handed to nobody and lapse after
         # lease_ttl_s, like a cancelled selection's; the cap still holds, since the second grant
@@ -500,19 +506,23 @@ class AvailabilityTracker:
         validate_id(cid, "cid")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"limit must be an integer >= 1 or None, got {limit!r}")
-        now, config, lag = self.now(), self.config, self.now.lag()
+        config = self.config
+        async with self._leases.reading() as now:  # loads count leases
+            lag = self.now.lag()
 
-        async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow], int]:
-            known, last_updated = await queries.content_last_updated(conn, config.dialect, cid)
-            if not known:
-                return False, None, [], 0
-            if limit is None:
-                rows = await queries.ranked_holders(conn, cid, now, config, limit=None, mode="all", lag=lag)
-                return True, last_updated, rows, len(rows)
-            rows, holders = await queries.best_holders(conn, cid, now, config, limit=limit, lag=lag)
-            return True, last_updated, rows, holders
+            async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow], int]:
+                known, last_updated = await queries.content_last_updated(conn, config.dialect, cid)
+                if not known:
+                    return False, None, [], 0
+                if limit is None:
+                    rows = await queries.ranked_holders(
+                        conn, cid, now, config, limit=None, mode="all", lag=lag
+                    )
+                    return True, last_updated, rows, len(rows)
+                rows, holders = await queries.best_holders(conn, cid, now, config, limit=limit, lag=lag)
+                return True, last_updated, rows, holders
 
-        known, last_updated, rows, holders = await db.run_read_unit(self.engine, self._read_lane(), work)
+            known, last_updated, rows, holders = await db.run_read_unit(self.engine, self._read_lane(), work)
         if not known:
             return None
         return ContentAvailability(
@@ -550,12 +560,14 @@ class AvailabilityTracker:
 
     async def stats(self) -> TrackerStats:
         """Counts of peers (total, online), contents, available mappings and open leases, as of now."""
-        now, config, lag = self.now(), self.config, self.now.lag()
+        config = self.config
+        async with self._leases.reading() as now:  # open_leases
+            lag = self.now.lag()
 
-        async def work(conn: db.DriverSQL) -> queries.Counts:
-            return await queries.counts(conn, now, config, lag=lag)
+            async def work(conn: db.DriverSQL) -> queries.Counts:
+                return await queries.counts(conn, now, config, lag=lag)
 
-        counts = await db.run_read_unit(self.engine, self._read_lane(), work)
+            counts = await db.run_read_unit(self.engine, self._read_lane(), work)
         return TrackerStats(
             node_key=self.node_key,
             peers_total=counts.peers_total,

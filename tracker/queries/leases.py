@@ -182,8 +182,8 @@ async def shift_held_leases(
     before) are dated later whenever the leap exceeds their age plus the tolerance; for a smaller
     leap such a lease may be moved, and then counts for at most the leap longer (QA: a restart
     after an acceptance moved lapsed ones a day). A lease open by the held clock is not left to
-    lapse early, which would let its peer be handed out past its cap (but see docs/operations.md,
-    "Clocks", for acceptances seen inside a selection or write).
+    lapse early, which would let its peer be handed out past its cap. ``tracker.leaseclock``
+    decides when this runs: between the work done with held readings and the work done with new ones.
     """
     lease = peer_leases.c
     held_now = accepted_at - leap
