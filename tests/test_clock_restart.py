@@ -11,9 +11,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import asyncpg
 import pytest
+from conftest import _dsn
 from prometheus_client import generate_latest
 from sqlalchemy import select
+from sqlalchemy.engine import make_url
 from test_clock_leap import DAY, _stored
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -362,3 +365,23 @@ async def test_on_postgres_each_sweep_measures_the_database_servers_clock(
     warned = [r for r in caplog.records if getattr(r, "action", None) == "database_clock_offset"]
     assert len(warned) == 1 and "s behind this tracker's time" in warned[0].getMessage()
     assert getattr(warned[0], "offset_s", None) == pytest.approx(-3600, abs=5)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_sweep_whose_offset_read_finds_the_database_gone_raises_storage_error(db_url: str) -> None:
+    """The offset read is a sweep's first statement: with the server refusing, the pass fails as
+    every storage call does, with StorageError, not the driver's bare error (which callers of
+    ``tracker.sweep()`` and `tracker sweep` would not know to catch)."""
+    name = make_url(db_url).database
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, run_sweeper=False)) as tracker:
+        admin = await asyncpg.connect(_dsn(db_url, "postgres"))
+        try:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", name
+            )
+            with pytest.raises(StorageError):
+                await tracker.sweep()
+        finally:
+            await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+            await admin.close()
