@@ -213,3 +213,38 @@ async def test_a_move_given_up_while_waiting_for_readings_leaves_the_gate_open()
     async with leases.reading() as now:
         assert now == clock.now
     assert moved == [(clock.now, LEAP)] and leases.shifted_for == 1
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_an_outcome_whose_writer_gave_up_still_closes_its_lease_across_a_move(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer cancelled while its group commit runs releases its reading, and the transaction
+    goes on: a move let in then put the lease on the new clock before the outcome, dated by the
+    held one, looked for it, and the outcome closed nothing ("p" stayed at its cap). Paused inside
+    the transaction by a hook on the query function, on Postgres (SQLite's lane cannot pause)."""
+    real: Callable[..., Awaitable[Any]] = tracker.queries.apply_events
+    paused, resume = asyncio.Event(), asyncio.Event()
+
+    async def apply_events(*args: Any) -> Any:
+        if not paused.is_set():
+            paused.set()
+            await resume.wait()
+        return await real(*args)
+
+    async with held_at_cap(db_url) as (opened, clock):
+        monkeypatch.setattr(tracker.queries, "apply_events", apply_events)
+        writer = asyncio.create_task(opened.record_upload_success("p", cid="movie"))
+        await asyncio.wait_for(paused.wait(), 10)
+        writer.cancel()
+        clock.advance(5)  # the next reading accepts the leap
+        other = asyncio.create_task(opened.select_best_peers("other", 1))
+        await asyncio.sleep(0.3)  # before: the move ran here
+        resume.set()
+        assert [p.peer_id for p in await asyncio.wait_for(other, 10)] == ["q"]
+        with pytest.raises(asyncio.CancelledError):
+            await writer
+        await opened._committer.drain()
+        assert opened.now.accepted == 1
+        assert await open_leases(opened) == {"q": 1}
+        assert [p.peer_id for p in await opened.select_best_peers("movie", 1)] == ["p"]

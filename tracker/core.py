@@ -309,12 +309,12 @@ class AvailabilityTracker:
     async def _apply(self, timed: Sequence[queries.Timed]) -> None:
         """Apply events in one write transaction (the group committer's unit of work)."""
         engine, node_id, config = self.engine, self.node_id, self.config
-        now = self._leases.on_behalf()  # of writers holding readings until this commits
+        async with self._leases.on_behalf() as now:  # of writers holding readings until this commits
 
-        async def work(conn: db.DriverSQL) -> None:
-            await queries.apply_events(conn, config.dialect, node_id, timed, config, now)
+            async def work(conn: db.DriverSQL) -> None:
+                await queries.apply_events(conn, config.dialect, node_id, timed, config, now)
 
-        await db.run_write_unit(engine, self._write_lane(), work, config.write_retries)
+            await db.run_write_unit(engine, self._write_lane(), work, config.write_retries)
 
     @property
     def ingest_stats(self) -> GroupStats:

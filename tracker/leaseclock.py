@@ -60,9 +60,15 @@ class _Gate:
         self._idle = asyncio.Event()  # no shared holder
         self._idle.set()
         self._exclusive = asyncio.Lock()
+        self._held = False  # the exclusive side is held (not merely awaited)
 
-    async def acquire_shared(self) -> None:
-        if not self._open.is_set():  # else at once: no trip round the event loop on the hot path
+    async def acquire_shared(self, *, join: bool = False) -> None:
+        """``join``: past an exclusive holder that is only waiting, for work that shared holders
+        are waiting on (it would wait for them, and they for the work)."""
+        if join:
+            while self._held:
+                await self._open.wait()
+        elif not self._open.is_set():  # else at once: no trip round the event loop on the hot path
             while not self._open.is_set():
                 await self._open.wait()
         self._shared += 1
@@ -78,9 +84,12 @@ class _Gate:
         async with self._exclusive:
             self._open.clear()
             try:
-                await self._idle.wait()
+                while self._shared:  # a joining holder may come in while this one waits
+                    await self._idle.wait()
+                self._held = True
                 yield
             finally:
+                self._held = False
                 self._open.set()
 
 
@@ -92,6 +101,7 @@ class LeaseClock:
         self._store = store
         self._gate = _Gate()
         self._reading = _Reading(self, self._gate)
+        self._on_behalf = _OnBehalf(self, self._gate)
         #: The acceptance (``SteadyClock.accepted``) whose held leases were moved, once committed.
         self.shifted_for = 0
 
@@ -100,14 +110,14 @@ class LeaseClock:
         no move of held leases runs until the block ends, and none is owed for the reading."""
         return self._reading
 
-    def on_behalf(self) -> float:
-        """A reading for work done for operations that hold readings (group commit's transaction),
-        in their clock's frame: if this reading accepts a leap, the move it owes cannot run before
-        they end, so the reading is taken back by the leap, to the held clock they read."""
-        now = self.clock()
-        if self.clock.accepted != self.shifted_for:
-            now -= self.clock.accepted_lag
-        return now
+    def on_behalf(self) -> _OnBehalf:
+        """``async with leases.on_behalf() as now``: a reading for work that operations holding
+        readings wait on (group commit's transaction), in their clock's frame: if this reading
+        accepts a leap, the move it owes waits for them, and so for this work, so the reading is
+        taken back by the leap, to the held clock they read. The block keeps the move out too:
+        writers that gave up waiting (cancelled) release their readings while their transaction
+        may still run."""
+        return self._on_behalf
 
     async def shift(self) -> None:
         """Move the held leases of an accepted leap and store the clock's state with them, after
@@ -150,6 +160,30 @@ class _Reading:
                 raise
             gate.release_shared()
             await leases.shift()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._gate.release_shared()
+
+
+class _OnBehalf:
+    """``LeaseClock.on_behalf()``."""
+
+    __slots__ = ("_gate", "_leases")
+
+    def __init__(self, leases: LeaseClock, gate: _Gate) -> None:
+        self._leases, self._gate = leases, gate
+
+    async def __aenter__(self) -> float:
+        leases = self._leases
+        await self._gate.acquire_shared(join=True)
+        try:
+            now = leases.clock()
+        except BaseException:
+            self._gate.release_shared()
+            raise
+        if leases.clock.accepted != leases.shifted_for:
+            now -= leases.clock.accepted_lag
+        return now
 
     async def __aexit__(self, *exc_info: object) -> None:
         self._gate.release_shared()
