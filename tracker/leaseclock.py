@@ -165,13 +165,10 @@ class _Reading:
         self._gate.release_shared()
 
 
-class _OnBehalf:
-    """``LeaseClock.on_behalf()``."""
+class _OnBehalf(_Reading):
+    """``LeaseClock.on_behalf()``: joins the gate and never makes the move itself."""
 
-    __slots__ = ("_gate", "_leases")
-
-    def __init__(self, leases: LeaseClock, gate: _Gate) -> None:
-        self._leases, self._gate = leases, gate
+    __slots__ = ()
 
     async def __aenter__(self) -> float:
         leases = self._leases
@@ -184,6 +181,3 @@ class _OnBehalf:
         if leases.clock.accepted != leases.shifted_for:
             now -= leases.clock.accepted_lag
         return now
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._gate.release_shared()
