@@ -91,6 +91,13 @@ class TrackerConfig:
     #: one ``LOCK TABLE peers`` left open in psql would stall every write, and a graceful shutdown with
     #: them. Migrations are exempt (``db.migrate``).
     pg_lock_timeout_s: float = 30.0
+    #: The tracker reaches Postgres through a pooler in transaction mode (PgBouncer's
+    #: ``pool_mode = transaction``), which may hand each transaction another server connection: no
+    #: prepared statement is kept for a later transaction, and the session's settings are set in
+    #: every transaction instead of once per connection. Each statement is then parsed each time it
+    #: runs (docs/operations.md, "Behind a pooler"). Not needed for a direct connection or a pooler
+    #: in session mode.
+    pg_transaction_pooling: bool = False
     #: SQLite reads the file through a shared memory map of up to this many MiB (0: plain reads). The
     #: map is the OS page cache, shared by every connection and process, where SQLite's own page cache
     #: (2 MiB) is private to each connection; ranking a hot content probes thousands of random rows.
@@ -197,6 +204,12 @@ class TrackerConfig:
                 "heartbeat_resolution_s must be seconds within [0, peer_timeout / 2] "
                 f"(0 to {self.peer_timeout / 2:g}), got {self.heartbeat_resolution_s!r}"
             )
+        if not isinstance(self.pg_transaction_pooling, bool):
+            raise ConfigError(
+                f"pg_transaction_pooling must be True or False, got {self.pg_transaction_pooling!r}"
+            )
+        if self.pg_transaction_pooling and self.dialect != "postgresql":
+            raise ConfigError("pg_transaction_pooling is for a postgresql+asyncpg:// database_url")
         slots = self.max_concurrent_selections
         if slots is not None and (isinstance(slots, bool) or not isinstance(slots, int) or slots < 1):
             raise ConfigError(f"max_concurrent_selections must be an integer >= 1 or None, got {slots!r}")

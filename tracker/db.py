@@ -40,16 +40,28 @@ def create_engine(config: TrackerConfig) -> AsyncEngine:
         )
         _configure_sqlite(engine, config)
         return engine
-    return create_async_engine(
+    engine = create_async_engine(
         config.database_url,
         echo=config.echo_sql,
         pool_size=config.pool_size,
         max_overflow=config.pool_size,
         pool_pre_ping=True,
-        # Sent with every new connection (the pool's, and those replacing lost ones), so each session
-        # of the tracker starts with them; a migration's transaction lifts the lock timeout (migrate).
-        connect_args={"server_settings": pg_server_settings(config)},
+        connect_args=_TRANSACTION_POOLING_ARGS if config.pg_transaction_pooling else {},
     )
+    _configure_postgres(engine, config)
+    return engine
+
+
+#: No prepared statement outlives its transaction: neither the dialect's cache nor asyncpg's keeps
+#: one, and each is unnamed (asyncpg names them ``__asyncpg_stmt_<n>__`` otherwise, per process, so
+#: two processes would clash on one server connection). An unnamed statement lasts until the next
+#: one is parsed on the connection, and the dialect prepares and runs each inside a transaction, on
+#: the server connection that the pooler keeps for it.
+_TRANSACTION_POOLING_ARGS: dict[str, Any] = {
+    "statement_cache_size": 0,
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": lambda: "",
+}
 
 
 def pg_server_settings(config: TrackerConfig) -> dict[str, str]:
@@ -65,6 +77,34 @@ def pg_server_settings(config: TrackerConfig) -> dict[str, str]:
         # Whole milliseconds, at least one: lock_timeout = 0 would mean no limit at all.
         settings["lock_timeout"] = f"{max(1, round(config.pg_lock_timeout_s * 1000))}ms"
     return settings
+
+
+def _configure_postgres(engine: AsyncEngine, config: TrackerConfig) -> None:
+    """Start every new connection (the pool's, and those replacing lost ones) with the tracker's
+    settings; a migration's transaction lifts the lock timeout (``migrate``).
+
+    Set by a statement once connected, not sent as startup parameters: a pooler between the tracker
+    and the server (PgBouncer, as managed Postgres services offer) refuses to connect a client that
+    sends a startup parameter it does not know (``unsupported startup parameter: jit``).
+    """
+    settings = pg_server_settings(config)
+    if config.pg_transaction_pooling:
+        # A transaction may run on another server connection than the last: each sets them for
+        # itself (a round trip each), and a migration's SET LOCAL, which comes after, still wins.
+        local = "SELECT " + ", ".join(
+            f"set_config('{name}', '{value}', true)" for name, value in settings.items()
+        )
+
+        @event.listens_for(engine.sync_engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql(local)
+
+        return
+    statement = ";".join(f"SET {name} = '{value}'" for name, value in settings.items())
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        dbapi_connection.run_async(lambda conn: conn.execute(statement))
 
 
 def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:

@@ -212,7 +212,13 @@ async def _database_clock_offset(tracker: AvailabilityTracker) -> float | None:
 
 
 class _LockHolder:
-    """Holds Postgres's session-level sweep lock on one connection for the length of a pass."""
+    """Holds Postgres's sweep lock for the length of a pass, in a transaction left open on a
+    connection of its own, so that it ends with the transaction however the pass ends.
+
+    A transaction's lock, not a session's: a pooler in transaction mode (PgBouncer) hands a client a
+    server connection per transaction, and a session lock taken in one would stay with that server
+    connection when it served the next client, and its unlock would run on another.
+    """
 
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
@@ -222,23 +228,29 @@ class _LockHolder:
         if self._engine.dialect.name != "postgresql":
             return True  # one SQLite file: the write lock serializes passes; overlapping ones are idempotent
         self._conn = await self._engine.connect()
-        acquired = bool(await self._conn.scalar(text(f"SELECT pg_try_advisory_lock({SWEEP_LOCK_KEY})")))
-        await self._conn.commit()
+        try:
+            acquired = bool(
+                await self._conn.scalar(text(f"SELECT pg_try_advisory_xact_lock({SWEEP_LOCK_KEY})"))
+            )
+        except BaseException:
+            await self._release()
+            raise
         if not acquired:
-            await self._conn.close()
-            self._conn = None
+            await self._release()
         return acquired
 
     async def __aexit__(self, *exc: object) -> None:
+        await self._release()
+
+    async def _release(self) -> None:
         conn, self._conn = self._conn, None
         if conn is None:
             return
         try:
-            await conn.scalar(text(f"SELECT pg_advisory_unlock({SWEEP_LOCK_KEY})"))
-            await conn.commit()
+            await conn.rollback()  # ends the transaction, and the lock with it
         except BaseException:
-            # Unlock failed (or we were cancelled): drop the server connection itself, which releases
-            # the lock, rather than return a lock-holding connection to the pool.
+            # Rollback failed (or we were cancelled): drop the server connection itself, which ends
+            # the transaction, rather than return a lock-holding connection to the pool.
             await conn.invalidate()
             raise
         finally:

@@ -1,0 +1,144 @@
+"""The tracker behind a real PgBouncer, as managed Postgres services put one in front of the server.
+
+In session mode a client keeps one server connection, but PgBouncer refuses startup parameters it
+does not know. In transaction mode each transaction may run on another server connection, shared
+with other clients: prepared statements, session settings and session locks do not carry over
+(``pg_transaction_pooling``). The pooler here has fewer server connections than the trackers have
+clients, so they do share them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+from conftest import REQUIRE_PG, _dsn
+from sqlalchemy import text
+from test_load_balancing import proven_peers
+
+from benchmarks.pooler import PGBOUNCER, pgbouncer
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.sweeper import SWEEP_LOCK_KEY
+from tracker.testing import ManualClock
+
+Pooler = Callable[[str, str, int], AbstractAsyncContextManager[str]]
+
+
+@pytest.fixture
+def engine_name() -> str:
+    return "postgresql"  # a pooler of Postgres: nothing to run on SQLite
+
+
+@pytest.fixture
+def pooler(pg_template: str) -> Pooler:
+    """``async with pooler(db_url, mode, server_connections) as url``: a PgBouncer on loopback in
+    front of the test database, and the tracker's URL through it."""
+    if PGBOUNCER is None:
+        if REQUIRE_PG:
+            pytest.fail("TRACKER_REQUIRE_POSTGRES=1 but pgbouncer is not installed (.ci/run installs it)")
+        # Justified skip: a newcomer without PgBouncer can run the rest; CI installs it and sets
+        # TRACKER_REQUIRE_POSTGRES=1, which turns this into the failure above.
+        pytest.skip("pgbouncer is not installed; set TRACKER_REQUIRE_POSTGRES=1 to make this fail")
+    return pgbouncer
+
+
+async def _settings_of_each_transaction(tracker: AvailabilityTracker, transactions: int) -> set[str]:
+    async def one() -> str:
+        async with tracker.engine.connect() as conn:
+            seen = await conn.scalar(
+                text("SELECT current_setting('jit') || ' ' || current_setting('lock_timeout')")
+            )
+            await asyncio.sleep(0.001)  # overlap the others, so they spread over server connections
+            return str(seen)
+
+    return set(await asyncio.gather(*(one() for _ in range(transactions))))
+
+
+async def test_through_pgbouncer_in_session_mode_the_tracker_needs_no_setting(
+    pooler: Pooler, config: TrackerConfig, clock: ManualClock
+) -> None:
+    """Failed before at connect: ``unsupported startup parameter: jit``."""
+    async with pooler(config.database_url, "session", 20) as url:
+        async with AvailabilityTracker(replace(config, database_url=url)) as tracker:
+            await tracker.record_batch(proven_peers(["a", "b"], clock.now))
+            picked = await tracker.select_best_peers("movie", 2)
+            assert sorted(p.peer_id for p in picked) == ["a", "b"]
+            clock.advance(config.peer_timeout + 1)
+            report = await tracker.sweep()
+            assert report.ran and report.peers_marked_offline == 2
+            assert await _settings_of_each_transaction(tracker, 12) == {"off 30s"}
+
+
+async def test_through_pgbouncer_in_transaction_mode_two_trackers_stay_exact(
+    pooler: Pooler, config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    """Two trackers whose 2 x 6 pooled clients share three server connections: prepared statements
+    (asyncpg's ``__asyncpg_stmt_<n>__`` names) failed with "does not exist" before the option."""
+    settings = replace(
+        config,
+        pg_transaction_pooling=True,
+        pool_size=3,
+        max_load_per_peer=1,
+        lease_ttl_s=3600,
+        snapshot_dir=str(tmp_path),
+        snapshot_interval_s=0,
+    )
+    async with pooler(config.database_url, "transaction", 3) as url:
+        pooled = replace(settings, database_url=url)
+        async with AvailabilityTracker(pooled) as a, AvailabilityTracker(pooled) as b:
+            names = [f"p{i}" for i in range(12)]
+            await a.record_batch(proven_peers(names, clock.now))
+
+            async def writer(tracker: AvailabilityTracker) -> None:
+                for i in range(40):
+                    await tracker.record_upload_success(f"w{i % 4}")
+
+            async def selector(tracker: AvailabilityTracker) -> list[str]:
+                return [p.peer_id for p in await tracker.select_best_peers("movie", 1)]
+
+            picks = [selector(t) for _ in range(15) for t in (a, b)]
+            sweeps = [t.sweep() for _ in range(3) for t in (a, b)]
+            *_, picked, reports = await asyncio.gather(
+                *(writer(t) for _ in range(4) for t in (a, b)),
+                asyncio.gather(*picks),
+                asyncio.gather(*sweeps),
+            )
+            while more := await selector(a):  # the peers the concurrent ones left free
+                picked.append(more)
+            handed = Counter(peer for peers in picked for peer in peers)
+            assert handed == Counter(names)  # cap 1: each peer handed out exactly once
+            assert any(report.ran and report.snapshot_path for report in reports)  # streamed out
+            for w in range(4):
+                metrics = await b.get_peer_metrics(f"w{w}")
+                assert metrics is not None and metrics.chunks_served == 8 * 10
+            assert await _settings_of_each_transaction(a, 12) == {"off 30s"}
+
+        # The sweep lock ended with its pass: none is left on a server connection the pooler keeps
+        # (a session lock taken through it would be, unlocked on another connection or not at all).
+        direct = await asyncpg.connect(_dsn(config.database_url))
+        try:
+            assert await direct.fetchval(f"SELECT pg_try_advisory_lock({SWEEP_LOCK_KEY})")
+        finally:
+            await direct.close()
+
+
+@pytest.mark.timeout(300)
+def test_the_pooler_benchmark_runs(pooler: Pooler) -> None:
+    """Its smallest run, so it never rots unseen; nothing about speed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pooler", "--quick"],
+        cwd=Path(__file__).parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| selections x8 | per_s |" in result.stdout, result.stdout[-3000:]
