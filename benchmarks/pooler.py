@@ -39,6 +39,7 @@ from sqlalchemy.engine import make_url
 
 from benchmarks.scratch import create_database, driver_dsn, drop_database, execute
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.db import pg_server_settings
 from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
 
 #: The pgbouncer binary (Debian installs it outside a normal user's PATH), or None.
@@ -166,8 +167,12 @@ def _workloads(peers: int, contents: int, scale: int) -> dict[str, Workload]:
     return {"single outcomes x100": singles, "batches of 1,000": batches, "selections x8": selections}
 
 
-async def measure(peers: int, contents: int, scale: int, rounds: int) -> dict[str, Any]:
-    """Each workload on each route, ``rounds`` times in alternating order; the median of each."""
+async def measure(
+    peers: int, contents: int, scale: int, rounds: int, *, server_defaults: bool = False
+) -> dict[str, Any]:
+    """Each workload on each route, ``rounds`` times in alternating order; the median of each.
+    ``server_defaults``: the database's defaults carry the tracker's session settings, which the
+    transaction route then need not set in each transaction."""
     url = await create_database("bench_pooler")
     base = TrackerConfig(database_url=url, pool_size=5, max_load_per_peer=10_000, lease_ttl_s=1.0)
     figures: dict[str, dict[str, list[dict[str, float]]]] = {}
@@ -177,6 +182,10 @@ async def measure(peers: int, contents: int, scale: int, rounds: int) -> dict[st
             for start in range(0, len(swarm), 20_000):
                 await tracker.record_batch(swarm[start : start + 20_000])
         await execute(url, "VACUUM ANALYZE")
+        if server_defaults:
+            database = make_url(url).database
+            for name, value in pg_server_settings(base).items():
+                await execute(url, f"ALTER DATABASE \"{database}\" SET {name} = '{value}'")
         async with (
             pgbouncer(url, "session", 2 * base.pool_size) as session_url,
             pgbouncer(url, "transaction", base.pool_size) as transaction_url,
@@ -220,15 +229,20 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small swarm, one round: seconds")
     parser.add_argument("--peers", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--server-defaults",
+        action="store_true",
+        help="ALTER DATABASE ... SET the tracker's session settings (none set per transaction then)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     peers, contents, scale, rounds = (
         (500, 20, 1, 1) if args.quick else (args.peers, max(20, args.peers // 100), 4, args.rounds)
     )
-    results = asyncio.run(measure(peers, contents, scale, rounds))
-    print(
-        f"PgBouncer against a direct connection: {peers:,} peers, {contents:,} contents, medians of {rounds}"
-    )
+    results = asyncio.run(measure(peers, contents, scale, rounds, server_defaults=args.server_defaults))
+    defaults = "; the settings are the database's defaults" if args.server_defaults else ""
+    print(f"PgBouncer against a direct connection: {peers:,} peers, {contents:,} contents{defaults}")
+    print(f"(median of {rounds} rounds)")
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

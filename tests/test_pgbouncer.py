@@ -17,15 +17,17 @@ from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 from conftest import REQUIRE_PG, _dsn
-from sqlalchemy import text
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
 from test_load_balancing import proven_peers
 
 from benchmarks.pooler import PGBOUNCER, pgbouncer
-from tracker import AvailabilityTracker, TrackerConfig
+from tracker import AvailabilityTracker, StorageError, TrackerConfig
 from tracker.sweeper import SWEEP_LOCK_KEY
 from tracker.testing import ManualClock
 
@@ -142,3 +144,46 @@ def test_the_pooler_benchmark_runs(pooler: Pooler) -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| selections x8 | per_s |" in result.stdout, result.stdout[-3000:]
+
+
+async def test_without_the_option_a_transaction_pooler_fails_with_an_error_that_names_it(
+    pooler: Pooler, config: TrackerConfig, clock: ManualClock
+) -> None:
+    """Two trackers name their prepared statements alike and share two server connections: one
+    finds its statement missing, or another's under its name."""
+    async with pooler(config.database_url, "transaction", 2) as url:
+        with pytest.raises(StorageError, match="set pg_transaction_pooling"):
+            pooled = replace(config, database_url=url, pool_size=3)
+            async with AvailabilityTracker(pooled) as a, AvailabilityTracker(pooled) as b:
+                await a.record_batch(proven_peers(["p"], clock.now))
+                for _ in range(20):
+                    await asyncio.gather(
+                        *(t.record_upload_success("p") for t in (a, b) for _ in range(3)),
+                        *(t.select_best_peers("movie", 1) for t in (a, b)),
+                    )
+
+
+async def test_settings_the_server_gives_by_default_are_not_set_again_in_each_transaction(
+    pooler: Pooler, config: TrackerConfig, clock: ManualClock
+) -> None:
+    direct = await asyncpg.connect(_dsn(config.database_url))
+    try:
+        database = make_url(config.database_url).database
+        await direct.execute(f'ALTER DATABASE "{database}" SET jit = off')
+        await direct.execute(f"ALTER DATABASE \"{database}\" SET lock_timeout = '30s'")
+    finally:
+        await direct.close()
+    async with pooler(config.database_url, "transaction", 2) as url:
+        pooled = replace(config, database_url=url, pg_transaction_pooling=True)
+        async with AvailabilityTracker(pooled) as tracker:
+            setting: list[str] = []
+
+            @event.listens_for(tracker.engine.sync_engine, "before_cursor_execute")
+            def _seen(*args: Any) -> None:
+                if args[2].startswith("SELECT set_config("):
+                    setting.append(args[2])
+
+            await tracker.record_batch(proven_peers(["a", "b"], clock.now))
+            assert len(await tracker.select_best_peers("movie", 2)) == 2
+            assert await _settings_of_each_transaction(tracker, 12) == {"off 30s"}
+            assert setting == []

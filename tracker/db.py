@@ -89,22 +89,53 @@ def _configure_postgres(engine: AsyncEngine, config: TrackerConfig) -> None:
     """
     settings = pg_server_settings(config)
     if config.pg_transaction_pooling:
-        # A transaction may run on another server connection than the last: each sets them for
-        # itself (a round trip each), and a migration's SET LOCAL, which comes after, still wins.
-        local = "SELECT " + ", ".join(
-            f"set_config('{name}', '{value}', true)" for name, value in settings.items()
-        )
-
-        @event.listens_for(engine.sync_engine, "begin")
-        def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql(local)
-
+        _set_in_each_transaction(engine, settings)
         return
     statement = ";".join(f"SET {name} = '{value}'" for name, value in settings.items())
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         dbapi_connection.run_async(lambda conn: conn.execute(statement))
+
+
+def _set_in_each_transaction(engine: AsyncEngine, settings: dict[str, str]) -> None:
+    """Behind a pooler in transaction mode a transaction may run on another server connection than
+    the last: each sets the settings for itself, a round trip each (20-30% of single-event ingest
+    through PgBouncer, docs/benchmarks.md), unless the server's defaults for the tracker's role and
+    database already carry them (``ALTER ROLE ... SET``), which the first transaction finds out.
+    A migration's ``SET LOCAL``, which comes after, still wins."""
+    local = "SELECT " + ", ".join(
+        f"set_config('{name}', '{value}', true)" for name, value in settings.items()
+    )
+    # Sets each to the session's default (pg_settings.reset_val), then to the tracker's, and compares
+    # the two as the server shows them (30000 and 30000ms both read 30s).
+    wanted = ", ".join(f"('{name}', '{value}')" for name, value in settings.items())
+    check = (
+        "SELECT bool_and(set_config(s.name, s.reset_val, true) = set_config(s.name, w.value, true)) "
+        f"FROM pg_settings AS s JOIN (VALUES {wanted}) AS w (name, value) USING (name)"
+    )
+    by_default: list[bool | None] = [None]  # None: not known yet
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if by_default[0] is None:
+            by_default[0] = False  # transactions that begin meanwhile set them
+            try:
+                found = bool(conn.exec_driver_sql(check).scalar())
+            except BaseException:
+                by_default[0] = None
+                raise
+            by_default[0] = found
+            if not found:
+                log.info(
+                    "behind a pooler in transaction mode, each transaction sets %s: the server's "
+                    "defaults for this role and database do not (ALTER ROLE ... SET would save a "
+                    "round trip per transaction)",
+                    ", ".join(f"{name} = {value}" for name, value in settings.items()),
+                    extra={"action": "pg_settings_per_transaction"},
+                )
+        elif not by_default[0]:
+            conn.exec_driver_sql(local)
 
 
 def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:

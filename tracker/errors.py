@@ -52,6 +52,9 @@ class TrackerClosed(TrackerError):
 
 
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
+#: A prepared statement missing, or there already, on a connection that prepared it, or did not:
+#: the server connection changed under the client (a pooler in transaction mode).
+_PREPARED_STATEMENT_SQLSTATES = ("26000", "42P05")
 _TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database is busy")
 
 
@@ -99,6 +102,11 @@ def translate(error: BaseException) -> TrackerError:
     """Wrap a driver error in the tracker's hierarchy, keeping the original as ``__cause__``."""
     if is_transient(error):
         wrapped: TrackerError = TransientStorageError(f"database conflict, retries exhausted: {error}")
+    elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
+        wrapped = StorageError(
+            f"database error: {error} (behind a connection pooler in transaction mode, such as "
+            "PgBouncer's pool_mode = transaction, set pg_transaction_pooling)"
+        )
     else:
         wrapped = StorageError(f"database error: {error}")
     wrapped.__cause__ = error
