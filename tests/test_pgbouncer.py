@@ -10,6 +10,7 @@ clients, so they do share them.
 from __future__ import annotations
 
 import asyncio
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -22,12 +23,15 @@ from typing import Any
 import asyncpg
 import pytest
 from conftest import REQUIRE_PG, _dsn
+from gossip_helpers import KEY, LocalNet, merged_view
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
 from test_load_balancing import proven_peers
 
 from benchmarks.pooler import PGBOUNCER, pgbouncer
 from tracker import AvailabilityTracker, StorageError, TrackerConfig
+from tracker.gossip.agent import GossipAgent
+from tracker.gossip.config import GossipConfig
 from tracker.sweeper import SWEEP_LOCK_KEY
 from tracker.testing import ManualClock
 
@@ -187,3 +191,38 @@ async def test_settings_the_server_gives_by_default_are_not_set_again_in_each_tr
             assert len(await tracker.select_best_peers("movie", 2)) == 2
             assert await _settings_of_each_transaction(tracker, 12) == {"off 30s"}
             assert setting == []
+
+
+async def test_two_trackers_gossip_through_a_transaction_pooler_and_converge(
+    pooler: Pooler, config: TrackerConfig, other_db_url: str, clock: ManualClock
+) -> None:
+    """The gossip stamper's cursor and advisory lock, the merge's statements: all within transactions."""
+    names = ["http://a", "http://b"]
+    net, agents = LocalNet(), []
+    async with pooler(config.database_url, "transaction", 2) as url_a:
+        url_b = make_url(url_a).set(database=make_url(other_db_url).database).render_as_string(False)
+        try:
+            for i, (name, url) in enumerate(zip(names, (url_a, url_b), strict=True)):
+                tracker = await AvailabilityTracker.open(
+                    replace(config, database_url=url, pg_transaction_pooling=True)
+                )
+                agent = GossipAgent(
+                    tracker,
+                    GossipConfig(keys=(KEY,), neighbors=tuple(n for n in names if n != name)),
+                    transport=net.transport_for(name),
+                    rng=random.Random(i),
+                )
+                net.agents[name] = agent
+                agents.append(agent)
+            for i, agent in enumerate(agents):
+                await agent.tracker.record_batch(proven_peers([f"p{i}-{k}" for k in range(20)], clock.now))
+                await agent.tracker.record_content_unavailable("movie", f"p{i}-0")
+            for _ in range(3):
+                await asyncio.gather(*(agent.round() for agent in agents))
+            views = [await merged_view(agent.tracker, ["movie"]) for agent in agents]
+            assert views[0] == views[1]
+            available = await agents[0].tracker.get_available_peers("movie")
+            assert len(available) == 38 and "p1-0" not in available and "p1-19" in available
+        finally:
+            for agent in agents:
+                await agent.tracker.close()
