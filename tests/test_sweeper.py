@@ -7,10 +7,12 @@ import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import func, select, text
 
-from tracker import AvailabilityTracker, TrackerConfig
+from tracker import AvailabilityTracker, TrackerConfig, sweeper
 from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
 from tracker.schema import bandwidth_samples, content_peers, peer_stats, upload_outcomes
 from tracker.sweeper import SWEEP_LOCK_KEY
@@ -148,6 +150,43 @@ async def test_a_sweep_skips_while_another_tracker_holds_the_postgres_lock(
         assert not skipped.ran and skipped.peers_marked_offline == 0
         await holder.scalar(text(f"SELECT pg_advisory_unlock({SWEEP_LOCK_KEY})"))
     assert (await tracker.sweep()).peers_marked_offline == 1
+
+
+async def test_a_pass_whose_lock_session_ends_under_it_stands(
+    tracker: AvailabilityTracker,
+    clock: ManualClock,
+    engine_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The lock is a transaction's, kept open for the pass: a server that ends that session (an
+    idle_in_transaction_session_timeout, say) ends the lock, not the pass, whose steps committed on
+    connections of their own. Failed before: the lost rollback raised from a pass that had done its work."""
+    await tracker.record_peer_online("p")
+    clock.advance(tracker.config.peer_timeout + 1)
+    drain, ended = sweeper._drain, []
+
+    async def ending_the_lock_session(*args: Any) -> int:
+        if engine_name == "postgresql" and not ended:
+            async with tracker.engine.connect() as conn:
+                ended.append(
+                    await conn.scalar(
+                        text(
+                            "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                            f"AND objid = {SWEEP_LOCK_KEY} AND granted"
+                        )
+                    )
+                )
+        return await drain(*args)
+
+    monkeypatch.setattr(sweeper, "_drain", ending_the_lock_session)
+    report = await tracker.sweep()
+    assert report.ran and report.peers_marked_offline == 1
+    assert await _count(tracker, peer_stats, peer_stats.c.online) == 0
+    if engine_name == "postgresql":  # SQLite has no lock to lose
+        assert ended == [True]
+        assert any(r.__dict__.get("action") == "sweep_lock_lost" for r in caplog.records)
+        assert (await tracker.sweep()).ran  # nothing left behind
 
 
 async def test_sweeping_while_writers_write_makes_no_writer_fail(

@@ -248,9 +248,19 @@ class _LockHolder:
             return
         try:
             await conn.rollback()  # ends the transaction, and the lock with it
+        except Exception as error:
+            # The lock's session ended under the pass (idle_in_transaction_session_timeout, a server
+            # restart), and the lock with it; the pass's own steps committed on connections of their
+            # own, so it stands. Its connection is dropped, not pooled.
+            log.warning(
+                "the sweep lock's connection was lost during the pass: %s",
+                error,
+                extra={"action": "sweep_lock_lost"},
+            )
+            await conn.invalidate()
         except BaseException:
-            # Rollback failed (or we were cancelled): drop the server connection itself, which ends
-            # the transaction, rather than return a lock-holding connection to the pool.
+            # Cancelled: drop the server connection itself, which ends the transaction, rather than
+            # return a lock-holding connection to the pool.
             await conn.invalidate()
             raise
         finally:
