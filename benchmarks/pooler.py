@@ -131,7 +131,7 @@ def _workloads(peers: int, contents: int, scale: int) -> dict[str, Workload]:
     names = [f"peer-{i:06d}" for i in range(peers)]
 
     async def singles(tracker: AvailabilityTracker) -> dict[str, float]:
-        per_caller = 20 * scale
+        per_caller = 50 * scale
 
         async def caller(k: int) -> None:
             for i in range(per_caller):
@@ -142,7 +142,7 @@ def _workloads(peers: int, contents: int, scale: int) -> dict[str, Workload]:
         return {"events_per_s": 100 * per_caller / (time.perf_counter() - started)}
 
     async def batches(tracker: AvailabilityTracker) -> dict[str, float]:
-        count = 5 * scale
+        count = 20 * scale
         started = time.perf_counter()
         for b in range(count):
             await tracker.record_batch([PeerOnline(names[(b * 1000 + i) % peers]) for i in range(1000)])

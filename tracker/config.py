@@ -95,8 +95,8 @@ class TrackerConfig:
     #: ``pool_mode = transaction``), which may hand each transaction another server connection: no
     #: prepared statement is kept for a later transaction, and the session's settings are set in
     #: every transaction instead of once per connection. Each statement is then parsed each time it
-    #: runs (docs/operations.md, "Behind a pooler"). Not needed for a direct connection or a pooler
-    #: in session mode.
+    #: runs (docs/operations.md, "Behind a connection pooler"). Not needed for a direct connection
+    #: or a pooler in session mode.
     pg_transaction_pooling: bool = False
     #: SQLite reads the file through a shared memory map of up to this many MiB (0: plain reads). The
     #: map is the OS page cache, shared by every connection and process, where SQLite's own page cache
