@@ -166,7 +166,13 @@ class _Reading:
 
 
 class _OnBehalf(_Reading):
-    """``LeaseClock.on_behalf()``: joins the gate and never makes the move itself."""
+    """``LeaseClock.on_behalf()``: joins the gate and never makes the move itself.
+
+    The leap taken back is the accepted one, ``max(surplus, drift)``: when steps within the
+    tolerance were followed before the leap (drift > surplus), that is more than the held clock's
+    own gap, by their sum, which is at most ``max_clock_skew_s`` (a larger sum would have been a
+    leap itself): such work is dated up to that much earlier than the held clock would date it,
+    within the skew the tracker accepts from any clock, and the move shifts leases by the same."""
 
     __slots__ = ()
 
