@@ -15,6 +15,7 @@ from gossip_helpers import KEY, LocalNet, merged_view
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import generate_latest
+from sqlalchemy import insert
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.gossip.agent import GossipAgent, NeighborState
@@ -30,6 +31,7 @@ from tracker.gossip.protocol import (
     new_nonce,
     signed,
 )
+from tracker.schema import nodes
 from tracker.service.app import create_app
 from tracker.service.metrics import ServiceMetrics
 from tracker.testing import ManualClock
@@ -318,9 +320,29 @@ async def test_rows_whose_samples_cannot_be_placed_are_refused(target: GossipAge
     for raw in (
         _raw(_sync(), samples=None),  # neither the samples nor the version they are at
         _raw(_sync(), samples_version=2),  # samples from after the row's own version (1)
+        # Samples said to date from version 0 (none travels) yet not carried: QA, the merge asked
+        # for them again from "version -1", stored a samples clock of -1, and every message this
+        # node built from then on failed its own validation; gossip stopped both ways for good.
+        _raw(_sync(), samples=None, samples_version=0),
         gzip.compress(json.dumps({**v1, "version": 1}).encode()),  # version 1 always carries them
     ):
         await _refused(target, raw, Keyring([KEY]).sign(raw), 400, "malformed")
 
 
 _V1_FIELDS: Any = {"deltas": {"__all__": {"peers": {"__all__": {"samples_version"}}}}}
+
+
+async def test_an_origin_clock_stored_below_zero_does_not_stop_gossip(target: GossipAgent) -> None:
+    """A database that such a message reached before the fix holds a clock of -1: messages read it
+    as 0 (nothing held) and the exchange goes on."""
+    async with target.tracker.engine.begin() as conn:
+        await conn.execute(
+            insert(nodes).values(
+                node_key="broken", is_local=False, created_at=0.0, clock=-1, samples_clock=-1
+            )
+        )
+    body, auth = _signed(_sync())
+    status, answer, headers = await target.handle(body, auth)
+    assert status == 200, answer
+    reply = decode(answer, headers["Authorization"], Keyring([KEY]), max_bytes=10**6, now=T0, max_skew_s=120)
+    assert reply.vector["broken"] == 0 and reply.samples_vector["broken"] == 0

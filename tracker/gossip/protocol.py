@@ -107,6 +107,9 @@ class PeerState(_Strict):
             raise ValueError("a peer row without its samples must give samples_version")
         if self.samples_version is not None and self.samples_version > self.version:
             raise ValueError("samples_version cannot be above the row's version")
+        if self.samples is None and self.samples_version == 0:
+            # Version 0 is a snapshot's, and no row of it travels: such samples could never come.
+            raise ValueError("a peer row without its samples must give samples_version >= 1")
         return self
 
     @property

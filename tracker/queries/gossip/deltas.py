@@ -24,9 +24,11 @@ async def vectors(conn: AsyncConnection) -> tuple[dict[str, int], dict[str, int]
     then is held with them; not the local node)."""
     n = nodes.c
     rows = (await conn.execute(select(n.node_key, n.clock, n.samples_clock, n.is_local))).all()
+    # A clock below 0 (stored by a merge before 2026-12-05 from a row that asked for samples of
+    # "version 0") holds what 0 does, nothing; sent as it is, it failed the message's validation.
     return (
-        {str(key): int(clock) for key, clock, _, _ in rows},
-        {str(key): int(samples) for key, _, samples, local in rows if not local},
+        {str(key): max(int(clock), 0) for key, clock, _, _ in rows},
+        {str(key): max(int(samples), 0) for key, _, samples, local in rows if not local},
     )
 
 

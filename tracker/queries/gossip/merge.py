@@ -127,14 +127,14 @@ async def merge(
             .values(clock=greatest(dialect, n.clock, _const(delta.upto)))
         )
         if missing is not None:  # rows left out for want of their samples: ask for them again
-            version, samples_version = missing
+            version, samples_version = missing  # never below 0: nothing held (QA, a clock of -1)
             await conn.execute(
-                update(nodes).where(n.id == node_id, n.clock >= version).values(clock=version - 1)
+                update(nodes).where(n.id == node_id, n.clock >= version).values(clock=max(version - 1, 0))
             )
             await conn.execute(
                 update(nodes)
                 .where(n.id == node_id, n.samples_clock >= samples_version)
-                .values(samples_clock=samples_version - 1)
+                .values(samples_clock=max(samples_version - 1, 0))
             )
             counts.waiting += 1
     return counts
