@@ -25,7 +25,17 @@ from ..errors import TrackerError
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
 from .config import GossipConfig, check_url
-from .protocol import VERSION, GossipRejected, Keyring, Message, decode, hold_future, new_nonce, signed
+from .protocol import (
+    MAX_VERSION,
+    VERSION,
+    GossipRejected,
+    Keyring,
+    Message,
+    decode,
+    hold_future,
+    new_nonce,
+    signed,
+)
 
 log = logging.getLogger("tracker.gossip")
 
@@ -348,6 +358,17 @@ class GossipAgent:
     async def _catch_up(self, conn: Any, message: Message) -> None:
         """A sender that holds this node's own versions beyond its clock: see ``catch_up_own_clock``."""
         held = message.vector.get(self.node_key, 0)
+        if held > MAX_VERSION // 2:
+            # Raised there, the clock would soon stamp past what messages may carry, and every one
+            # this node built would fail (fuzzing). No database restored from a copy is that far
+            # behind; the claim is a neighbour's fault, and only it ignores this node's rows.
+            log.warning(
+                "a neighbour claims this node's own versions up to %d, beyond any it could have "
+                "stamped: ignored",
+                held,
+                extra={"action": "gossip_own_clock_refused", "sender": message.node},
+            )
+            return
         if held and await q.catch_up_own_clock(conn, self.node_key, held):
             log.warning(
                 "a neighbour holds this node's own versions up to %d, beyond its clock: was its database "

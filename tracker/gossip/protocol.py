@@ -29,7 +29,13 @@ VERSION = 2
 #: Versions this tracker reads; it answers each request in the request's own version.
 VERSIONS = (1, 2)
 SIGNATURE_SCHEME = "HMAC-SHA256"
-MAX_VERSION = 2**63 - 1
+#: Versions and clocks: JSON-safe integers, far below bigint's limit, so that no clock a neighbour
+#: sets (an origin's, or this node's own, caught up to a neighbour's vector) overflows when stamped
+#: on (fuzzing sent 2**63 - 1).
+MAX_VERSION = 2**53 - 1
+#: One origin's served or failed count of one peer: a million years of a chunk a second. Summed over
+#: origins by selections and views (bigint); at 2**63 - 1 one row overflowed them (fuzzing).
+MAX_COUNTER = 10**12
 
 
 class GossipRejected(InvalidInput):
@@ -64,6 +70,7 @@ PeerKey = Annotated[str, _id("peer id")]
 ContentKey = Annotated[str, _id("cid")]
 Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 Count = Annotated[int, Field(ge=0, le=MAX_VERSION)]
+Counter = Annotated[int, Field(ge=0, le=MAX_COUNTER)]
 #: 0 only for rows imported from a snapshot (which carries none): they fill gaps and lose to any gossip.
 Version = Annotated[int, Field(ge=0, le=MAX_VERSION)]
 Speed = Annotated[int, Field(ge=0, le=MAX_BYTES_PER_SEC)]
@@ -89,8 +96,8 @@ class PeerState(_Strict):
     online_since: Seconds | None
     last_seen: Seconds
     uptime_s: Seconds
-    served: Count
-    failed: Count
+    served: Counter
+    failed: Counter
     success_weight: Seconds
     failure_weight: Seconds
     evidence_at: Seconds | None

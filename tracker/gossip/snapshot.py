@@ -49,12 +49,12 @@ from typing import Any, ClassVar
 
 from ..errors import InvalidInput
 from ..events import MAX_BYTES_PER_SEC, validate_id
+from .protocol import MAX_COUNTER
 
 FORMAT = "peer-tracker-state"
 VERSION = 1
 MAX_LINE_BYTES = 64 * 1024
 MAX_NODE_KEY_LENGTH = 64  # tracker_nodes.node_key is varchar(64)
-MAX_COUNTER = 2**63 - 1  # served and failed are bigint
 
 
 class SnapshotError(InvalidInput):

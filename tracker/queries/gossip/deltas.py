@@ -113,9 +113,11 @@ def _carries(row: Any, samples_base: int) -> bool:
     """Whether the receiver may lack the row's samples: they changed after its samples clock.
 
     A stamped row always has a samples version; a null one would be sent with its samples, which is
-    never wrong.
+    never wrong. So is one of version 0 (a snapshot's, relayed): sent bare it would ask the receiver
+    for samples from before any version, which no message can carry (fuzzing).
     """
-    return row.samples_version is None or row.samples_version > samples_base
+    version = row.samples_version
+    return version is None or version == 0 or version > samples_base
 
 
 async def _samples_upto(conn: AsyncConnection, node_id: int, samples_base: int, upto: int) -> int:
