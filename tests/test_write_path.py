@@ -126,15 +126,25 @@ async def _state(tracker: AvailabilityTracker, prefix: str) -> dict[str, Any]:
 
 # On Postgres a keyed upsert runs its rounds as statements over arrays, and later rounds smaller than
 # ``_SMALL_ROUND`` as one executemany of single rows: 1 takes the first way for every round, 1000 the
-# second for every round but the first (this stream's rounds hold at most three peers).
-@pytest.mark.parametrize("small_round", [1, 1000], ids=["arrays", "executemany"])
+# second for every round but the first (this stream's rounds hold at most three peers). Arrays go in
+# statements of at most ``ARRAY_ROWS`` rows: 2 splits nearly every round.
+@pytest.mark.parametrize(
+    ("small_round", "array_rows"),
+    [(1, compiled.ARRAY_ROWS), (1000, compiled.ARRAY_ROWS), (1, 2)],
+    ids=["arrays", "executemany", "arrays-in-chunks"],
+)
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stream=events)
 async def test_a_batch_leaves_the_rows_its_events_leave_one_call_each(
-    tracker: AvailabilityTracker, stream: list[Event], small_round: int, monkeypatch: pytest.MonkeyPatch
+    tracker: AvailabilityTracker,
+    stream: list[Event],
+    small_round: int,
+    array_rows: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(compiled, "_SMALL_ROUND", small_round)
-    run = f"{id(stream):x}-{small_round}-"  # examples share the database: each uses its own keys
+    monkeypatch.setattr(compiled, "ARRAY_ROWS", array_rows)
+    run = f"{id(stream):x}-{small_round}-{array_rows}-"  # examples share the database: own keys each
     await tracker.record_batch([_renamed(e, run + "batch-") for e in stream])
     for event in stream:
         await tracker.record_batch([_renamed(event, run + "single-")])

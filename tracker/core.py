@@ -32,6 +32,7 @@ from .events import (
 from .ingest import GroupCommitter, GroupStats
 from .leaseclock import LeaseClock, Shift
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
+from .offload import off_loop
 from .sqlite_lane import SqliteLane, SqliteLanes, lane_path
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
@@ -286,20 +287,25 @@ class AvailabilityTracker:
         the transaction holding its events has committed.
         """
         config = self.config
-        # The reading stamps the events and is held until they commit: a move of held leases
-        # between it and the transaction would put the outcomes' times and their leases' on two
-        # different clocks, and the outcomes would close nothing.
-        async with self._leases.reading() as now:
+        batch: Sequence[Event] = events if isinstance(events, Sequence) else list(events)
+
+        def stamped(now: float) -> list[queries.Timed]:
             checked = check_batch(
-                events,
+                batch,
                 limit=config.max_batch_events,
                 now=now,
                 max_skew_s=config.max_clock_skew_s,
                 max_age_s=config.event_age_limit,
             )
-            if not checked:
+            return [queries.Timed(e, now if e.at is None else e.at) for e in checked]
+
+        # The reading stamps the events and is held until they commit: a move of held leases
+        # between it and the transaction would put the outcomes' times and their leases' on two
+        # different clocks, and the outcomes would close nothing.
+        async with self._leases.reading() as now:
+            timed = await off_loop(len(batch), stamped, now)
+            if not timed:
                 return 0
-            timed = [queries.Timed(e, now if e.at is None else e.at) for e in checked]
             self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
             if self._closing:
                 raise TrackerClosed("the tracker is closing: writes are no longer accepted")

@@ -9,6 +9,7 @@ configured; reads and probes never do.
 # their Query limits refer to `settings`, a local of build_router.
 import hmac
 import time
+from collections import Counter
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -24,6 +25,7 @@ from .. import events as ev
 from ..config import STRATEGIES
 from ..core import AvailabilityTracker
 from ..errors import TrackerError
+from ..offload import off_loop
 from .metrics import ServiceMetrics
 from .schemas import (
     Applied,
@@ -40,7 +42,7 @@ from .schemas import (
     PeerScore,
     SpeedIn,
     StatsOut,
-    to_event,
+    to_events,
 )
 from .settings import ServiceSettings
 
@@ -129,8 +131,9 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         tracker: AvailabilityTracker, metrics: ServiceMetrics, events: list[ev.Event]
     ) -> Applied:
         applied = await tracker.record_batch(events)
-        for event in events:
-            metrics.events_ingested.labels(kind=_KINDS[type(event)]).inc()
+        # Once per kind: once per event, a batch of 50,000 spent ~0.3 s in the client's locks.
+        for kind, count in Counter(_KINDS[type(event)] for event in events).items():
+            metrics.events_ingested.labels(kind=kind).inc(count)
         return Applied(applied=applied)
 
     @writes.post("/peers/online", summary="A peer announced itself")
@@ -164,7 +167,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
 
     @writes.post("/events", summary="Many events in one transaction, all or nothing")
     async def batch(body: BatchIn, tracker: Tracker, metrics: Metrics) -> Applied:
-        return await commit(tracker, metrics, [to_event(item) for item in body.events])
+        return await commit(tracker, metrics, await off_loop(len(body.events), to_events, body.events))
 
     @reads.get("/peers", summary="Peers in id order, a page at a time")
     async def list_peers(

@@ -7,6 +7,7 @@ what the database may receive (the same rules as the library and gossip).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -119,6 +120,10 @@ def to_event(item: BatchItem) -> ev.Event:
         case UnavailableItem():
             return ev.ContentUnavailable(item.cid, item.peer_id, at=item.at)
     raise AssertionError(f"unhandled batch item {item!r}")
+
+
+def to_events(items: Sequence[BatchItem]) -> list[ev.Event]:
+    return [to_event(item) for item in items]
 
 
 # -- responses ------------------------------------------------------------------------------------

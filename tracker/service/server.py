@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import math
 import signal
@@ -167,6 +168,12 @@ async def _serve_on(
     with signals.captured():
         try:
             app = create_app(tracker, settings, agent)
+            # What start-up built (modules, the schema, compiled statements) lives as long as the
+            # process: frozen, the collector's full passes no longer walk it. Those ran ~20 times in
+            # one gossip exchange of 20,000 peers, each holding the event loop for up to 86 ms;
+            # with the start-up heap frozen, 38 ms at most (measured).
+            gc.collect()
+            gc.freeze()
             server = _Server(
                 uvicorn.Config(
                     app,
@@ -208,6 +215,7 @@ async def _serve_on(
                             await task
             log.info("server stopped; closing the tracker", extra={"action": "stopping"})
         finally:
+            gc.unfreeze()  # for a caller that goes on in this process
             await _close(tracker, agent, server, signals)
     log.info("stopped", extra={"action": "stopped"})
 
