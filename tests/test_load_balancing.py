@@ -135,6 +135,28 @@ async def test_weighted_is_repeatable_for_a_seed(tracker: AvailabilityTracker, c
     assert draws[0] == draws[1]
 
 
+async def test_weighted_ranks_a_holder_of_weight_zero_last(config: TrackerConfig, clock: ManualClock) -> None:
+    """With an uptime floor of 0 a peer without uptime has reputation 0, so weight 0: divided by, it
+    failed every weighted selection of the content on Postgres (QA round 6); it comes last instead."""
+    floor0 = replace(config, reputation=replace(config.reputation, uptime_floor=0.0))
+    async with AvailabilityTracker(floor0) as tracker:
+        await tracker.record_batch(
+            [
+                PeerOnline("steady", at=clock.now - 60),
+                ContentAvailable("movie", "steady"),
+                PeerOnline("ahead", at=clock.now + 30),  # its clock runs ahead: no uptime yet
+                ContentAvailable("movie", "ahead"),
+            ]
+        )
+        metrics = await tracker.get_peer_metrics("ahead")
+        assert metrics is not None and metrics.reputation_score == 0.0
+        picked = await tracker.select_best_peers("movie", 2, strategy="weighted", seed=0)
+        assert [p.peer_id for p in picked] == ["steady", "ahead"]
+        for seed in range(1, 5):  # "ahead" is at its cap of 1 now; "steady" takes up to 8
+            picked = await tracker.select_best_peers("movie", 2, strategy="weighted", seed=seed)
+            assert [p.peer_id for p in picked] == ["steady"]
+
+
 @pytest.mark.timeout(600)
 async def test_the_cap_holds_for_10000_selections_from_20_concurrent_selectors(
     config: TrackerConfig, clock: ManualClock

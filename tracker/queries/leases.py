@@ -21,18 +21,22 @@ from ..schema import peer_leases, peers
 from ._sql import content_id_of, peer_id_of
 
 
-async def lock_peers(conn: AsyncConnection, dialect: str, peer_keys: Sequence[str]) -> None:
+async def lock_peers(conn: AsyncConnection, dialect: str, peer_keys: Sequence[str]) -> list[str]:
     """Hold the chosen peers' rows until commit (Postgres), in peer_key order like the write path,
-    so a selection and an ingest batch can never deadlock."""
+    so a selection and an ingest batch can never deadlock; returns the keys in the order locked.
+
+    The write path sorts keys in Python, by code point; so does ``COLLATE "C"`` on UTF-8, whatever
+    the database's own collation. Ordered by that instead (QA round 6: on an ICU "en-US" database,
+    mixed-case ids deadlocked selections against batches 15 times in 20 s)."""
     if dialect != "postgresql" or not peer_keys:
-        return
+        return []
     stmt = (
-        select(peers.c.id)
+        select(peers.c.peer_key)
         .where(peers.c.peer_key.in_(list(peer_keys)))
-        .order_by(peers.c.peer_key)
+        .order_by(peers.c.peer_key.collate("C"))
         .with_for_update()
     )
-    await conn.execute(stmt)
+    return list((await conn.execute(stmt)).scalars())
 
 
 # Built once, with an expanding IN parameter, so SQLAlchemy's compiled cache serves every call.

@@ -382,6 +382,12 @@ def _loads(dialect: str, m: Any) -> Any:
 
 
 @cache
+def _code_points(key: ColumnElement[str], dialect: str) -> ColumnElement[str]:
+    """``key`` ordered by code point, as SQLite's binary collation and Python order it, whatever the
+    Postgres database's collation: ties rank the same on both engines (``leases.lock_peers``)."""
+    return key.collate("C") if dialect == "postgresql" else key
+
+
 def _ranked_select(
     dialect: str,
     params: rep.ReputationParams,
@@ -442,14 +448,17 @@ def _ranked_select(
         u = num(1e-12) + (x - func.floor(x)) * num(1.0 - 2e-12)
         relative_speed = func.coalesce(c.c.speed / func.nullif(c.c.fastest, num(0.0)), num(1.0))
         weight = c.c.effective * (num(0.5) + num(0.5) * relative_speed)
-        order: tuple[Any, ...] = ((func.ln(u) / weight).desc(), c.c.peer_key)
+        # A weight of 0 (reputation 0: an uptime floor of 0 and no uptime yet) ranks last; divided
+        # by, it failed every weighted selection of the content on Postgres (QA round 6).
+        key = func.ln(u) / func.nullif(weight, num(0.0))
+        order: tuple[Any, ...] = (key.desc().nulls_last(), _code_points(c.c.peer_key, dialect))
     elif mode == "best":
         # Scores within SCORE_RESOLUTION count as equal; among equals the least recently handed out
         # goes first, so equal peers take turns instead of the first by id taking every idle moment.
         bucket = func.floor(c.c.effective / num(SCORE_RESOLUTION))
-        order = (bucket.desc(), c.c.last_leased, c.c.speed.desc(), c.c.peer_key)
+        order = (bucket.desc(), c.c.last_leased, c.c.speed.desc(), _code_points(c.c.peer_key, dialect))
     else:
-        order = (c.c.reputation.desc(), c.c.speed.desc(), c.c.peer_key)
+        order = (c.c.reputation.desc(), c.c.speed.desc(), _code_points(c.c.peer_key, dialect))
     stmt = select(
         c.c.peer_key,
         c.c.reputation,
