@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner, Result
 
+from tracker import AvailabilityTracker, TrackerConfig
 from tracker.cli import app, format_speed
 from tracker.demo import SwarmSpec, plan_swarm
 from tracker.errors import InvalidInput
@@ -140,6 +142,22 @@ def test_demo_refuses_to_replace_a_file_that_is_not_sqlite(tmp_path: Path) -> No
     assert result.exit_code == 1
     assert "not an SQLite database" in result.stderr
     assert notes.read_text() == "precious\n"
+
+
+def test_demo_refuses_to_replace_a_database_it_did_not_create(tmp_path: Path) -> None:
+    """A tracker's own database is SQLite too: the demo deleted it, WAL included (QA round 6)."""
+    database = tmp_path / "tracker.db"
+
+    async def write() -> None:
+        config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{database}")
+        async with AvailabilityTracker(config) as tracker:
+            await tracker.record_peer_online("keep-me")
+
+    asyncio.run(write())
+    result = run("demo", "--database", str(database), *SMALL)
+    assert result.exit_code == 1
+    assert "the demo did not create" in result.stderr
+    assert count_rows(database, "peers") == 1
 
 
 def test_demo_names_a_missing_directory(tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +52,10 @@ class DemoReport:
 @app.command()
 def demo(
     database: Annotated[
-        Path, typer.Option("--database", help="SQLite file to (re)create; its -wal/-shm go too.")
+        Path,
+        typer.Option(
+            "--database", help="SQLite file to (re)create, -wal/-shm too; only one the demo made is replaced."
+        ),
     ] = Path("tracker-demo.db"),
     peers: Annotated[int, typer.Option(min=1, help="Peers in the swarm.")] = 1_000,
     contents: Annotated[int, typer.Option(min=1, help="Contents in the swarm.")] = 10_000,
@@ -103,6 +108,7 @@ async def _build_demo(
 ) -> DemoReport:
     """Recreate ``database``, load the planned swarm, then ask for the best peers of a few contents."""
     _reset_sqlite_file(database)
+    _mark_demo_file(database)
     # The swarm is a snapshot of one instant: its history ends at `now` and the tracker is asked at that
     # same instant, so the ranking depends on the seed alone, not on how long loading took.
     now = time.time()
@@ -131,12 +137,25 @@ async def _build_demo(
 
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+#: The SQLite header's application id (bytes 68-71) of a database the demo created: "ptDM".
+_DEMO_APPLICATION_ID = 0x7074444D
+
+
+def _mark_demo_file(path: Path) -> None:
+    """Create ``path`` as an SQLite file carrying the demo's application id, written to the file
+    itself (before the tracker turns on WAL, where it could sit in the log until a checkpoint)."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute(f"PRAGMA application_id = {_DEMO_APPLICATION_ID}")
+        conn.commit()
 
 
 def _reset_sqlite_file(path: Path) -> None:
-    """Delete an earlier demo database and its side files, refusing anything that is not SQLite.
+    """Delete an earlier demo database and its side files, refusing anything else.
 
-    The header check is what makes ``--database`` safe to mistype: a README is never deleted.
+    These checks are what make ``--database`` safe to mistype: a README is never deleted, and
+    neither is a tracker's database (QA round 6: ``tracker.db`` was, under a running ``serve``
+    that went on acknowledging writes into the deleted file). Only a file the demo marked as its
+    own (its application id) or an empty one is replaced.
     """
     if path.is_dir():
         raise InvalidInput(f"--database {path} is a directory, not a file")
@@ -144,9 +163,14 @@ def _reset_sqlite_file(path: Path) -> None:
         raise InvalidInput(f"--database {path}: directory {path.parent} does not exist")
     if path.exists():
         with path.open("rb") as file:
-            header = file.read(len(_SQLITE_HEADER))
-        if header and header != _SQLITE_HEADER:
+            header = file.read(72)
+        if header and not header.startswith(_SQLITE_HEADER):
             raise InvalidInput(f"refusing to replace {path}: it is not an SQLite database")
+        if header and int.from_bytes(header[68:72], "big") != _DEMO_APPLICATION_ID:
+            raise InvalidInput(
+                f"refusing to replace {path}: it is an SQLite database the demo did not create "
+                "(a tracker's?); remove it yourself or give another --database"
+            )
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
