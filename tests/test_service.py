@@ -276,6 +276,17 @@ def test_a_non_loopback_address_needs_a_token() -> None:
     assert ServiceSettings(host="::1").api_token is None
     with pytest.raises(ConfigError, match="16 characters"):
         ServiceSettings(api_token="short")
+    # Never matchable: headers arrive as latin-1, and an offered token is stripped (QA round 6).
+    for token in ("s3cret-tökén-0123456789", " s3cret-token-0123456789", "s3cret-token-012345678\n"):
+        with pytest.raises(ConfigError, match="printable ASCII"):
+            ServiceSettings(api_token=token)
+
+
+@pytest.mark.parametrize("grace", [0.0, -1.0, float("nan"), float("inf")])
+def test_the_shutdown_grace_is_positive_and_finite(grace: float) -> None:
+    """NaN passed (``nan <= 0`` is false) and failed only at shutdown, after creating the database."""
+    with pytest.raises(ConfigError, match="shutdown_grace_s"):
+        ServiceSettings(shutdown_grace_s=grace)
 
 
 def test_service_settings_come_from_the_environment() -> None:

@@ -90,3 +90,19 @@ def test_httpxs_line_per_gossip_request_is_left_out(capsys: pytest.CaptureFixtur
         logging.getLogger("httpx").setLevel(httpx_level)
     err = capsys.readouterr().err
     assert "HTTP Request" not in err and "a warning still shows" in err
+
+
+async def test_a_control_character_in_a_path_cannot_forge_a_text_log_line(
+    tracker: AvailabilityTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refused path with a percent-encoded newline wrote a line of the attacker's choosing (QA
+    round 6); escaped, the request is one line whatever its path."""
+    app = create_app(tracker)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        with caplog.at_level(logging.INFO, logger="tracker.access"):
+            response = await api.get("/v1/peers/a%0aINFO tracker.access GET /admin 200%1b[2J")
+    assert response.status_code == 422
+    (record,) = [r for r in caplog.records if r.name == "tracker.access"]
+    line = TextFormatter().format(record)
+    assert "\n" not in line and "\x1b" not in line
+    assert "/v1/peers/a\\nINFO tracker.access GET /admin 200\\x1b[2J" in line

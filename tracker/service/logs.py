@@ -12,6 +12,8 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from ..events import FORBIDDEN_CHARACTERS
+
 # Attributes every LogRecord has; anything else on a record came from ``extra``.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
 
@@ -49,9 +51,18 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        base = super().format(record)
-        extras = " ".join(f"{key}={value}" for key, value in _extras(record).items())
+        # Control characters in the message and fields escaped (a traceback keeps its lines): a
+        # refused path's percent-encoded newline forged a log line of its choosing (QA round 6).
+        one_line = logging.makeLogRecord(
+            {**record.__dict__, "msg": _escaped(record.getMessage()), "args": None}
+        )
+        base = super().format(one_line)
+        extras = " ".join(f"{key}={_escaped(str(value))}" for key, value in _extras(record).items())
         return f"{base} {extras}" if extras else base
+
+
+def _escaped(text: str) -> str:
+    return FORBIDDEN_CHARACTERS.sub(lambda bad: repr(bad.group())[1:-1], text)
 
 
 class _AlembicContextLines(logging.Filter):

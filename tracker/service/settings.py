@@ -69,6 +69,14 @@ class ServiceSettings:
             raise ConfigError(f"port must be within 0..65535 (0 picks a free port), got {self.port!r}")
         if self.api_token is not None and (not isinstance(self.api_token, str) or len(self.api_token) < 16):
             raise ConfigError("api_token must be a string of at least 16 characters")
+        if self.api_token is not None and not (
+            self.api_token.isascii()
+            and self.api_token.isprintable()
+            and self.api_token.strip() == self.api_token
+        ):
+            # HTTP headers arrive as latin-1 and offered tokens are stripped: any other token never
+            # matched the header clients send (QA round 6).
+            raise ConfigError("api_token must be printable ASCII, without spaces at either end")
         if self.api_token is None and not is_loopback(self.host):
             raise ConfigError(
                 f"binding {self.host} exposes the API beyond this machine: set an api_token "
@@ -84,8 +92,8 @@ class ServiceSettings:
             )
         if isinstance(self.shutdown_grace_s, bool) or not isinstance(self.shutdown_grace_s, int | float):
             raise ConfigError(f"shutdown_grace_s must be seconds, got {self.shutdown_grace_s!r}")
-        if self.shutdown_grace_s <= 0:
-            raise ConfigError(f"shutdown_grace_s must be positive, got {self.shutdown_grace_s!r}")
+        if not 0 < self.shutdown_grace_s < float("inf"):  # NaN too: it failed only at shutdown
+            raise ConfigError(f"shutdown_grace_s must be positive and finite, got {self.shutdown_grace_s!r}")
         rate = self.rate_limit_per_s
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not (0 <= rate < float("inf")):
             raise ConfigError(f"rate_limit_per_s must be a number >= 0 (0: off), got {rate!r}")
