@@ -81,6 +81,18 @@ async def test_non_positive_n_gives_nothing(tracker: AvailabilityTracker, n: int
     assert await tracker.select_best_peers("c", n) == []
 
 
+@pytest.mark.parametrize("many", [2**31, 2**62, 10**30])
+async def test_a_count_beyond_any_table_means_all(tracker: AvailabilityTracker, many: int) -> None:
+    """Postgres refused such a LIMIT (a StorageError, "the database failed") and SQLite overflowed
+    (QA round 6): it asks for every holder, on both engines."""
+    await tracker.record_batch(
+        [PeerOnline("a"), PeerOnline("b"), ContentAvailable("c", "a"), ContentAvailable("c", "b")]
+    )
+    assert sorted(p.peer_id for p in await tracker.select_best_peers("c", many)) == ["a", "b"]
+    content = await tracker.get_content_availability("c", limit=many)
+    assert content is not None and sorted(p.peer_id for p in content.peers) == ["a", "b"]
+
+
 async def test_unknown_content_gives_nothing(tracker: AvailabilityTracker) -> None:
     assert await tracker.select_best_peers("nope", 3) == []
     assert await tracker.get_available_peers("nope") == []

@@ -37,6 +37,10 @@ from .sqlite_lane import SqliteLane, SqliteLanes, lane_path
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
 R = TypeVar("R")
+
+#: Larger counts of rows asked for mean "all of them": past int32 (a selection ranks 2n), Postgres
+#: refused the LIMIT (a StorageError, which callers may retry) and SQLite overflowed (QA round 6).
+_MOST_ROWS = 2**30 - 1
 T = TypeVar("T")
 
 
@@ -426,6 +430,7 @@ class AvailabilityTracker:
             raise InvalidInput(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if n <= 0:
             return []
+        n = min(n, _MOST_ROWS)
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
         async with self._selection_slots:  # see TrackerConfig.max_concurrent_selections
@@ -512,6 +517,8 @@ class AvailabilityTracker:
         validate_id(cid, "cid")
         if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
             raise InvalidInput(f"limit must be an integer >= 1 or None, got {limit!r}")
+        if limit is not None:
+            limit = min(limit, _MOST_ROWS)
         config = self.config
         async with self._leases.reading() as now:  # loads count leases
             lag = self.now.lag()
