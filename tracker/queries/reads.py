@@ -381,13 +381,13 @@ def _loads(dialect: str, m: Any) -> Any:
     )
 
 
-@cache
 def _code_points(key: ColumnElement[str], dialect: str) -> ColumnElement[str]:
     """``key`` ordered by code point, as SQLite's binary collation and Python order it, whatever the
     Postgres database's collation: ties rank the same on both engines (``leases.lock_peers``)."""
     return key.collate("C") if dialect == "postgresql" else key
 
 
+@cache
 def _ranked_select(
     dialect: str,
     params: rep.ReputationParams,
