@@ -45,7 +45,7 @@ async def target(db_url: str) -> AsyncIterator[GossipAgent]:
     tracker = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, clock=clock))
     await tracker.record_peer_online("p")
     await tracker.record_content_available("cid", "p")
-    agent = GossipAgent(tracker, GossipConfig(keys=(KEY,), max_bytes=64 * 1024))
+    agent = GossipAgent(tracker, GossipConfig(keys=(KEY,), max_bytes=64 * 1024, stamp_chunk=100))
     yield agent
     await tracker.close()
 

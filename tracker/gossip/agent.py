@@ -21,7 +21,7 @@ import httpx
 
 from .. import db
 from ..core import AvailabilityTracker
-from ..errors import TrackerError
+from ..errors import ConfigError, TrackerError
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
 from .config import GossipConfig, check_url
@@ -36,6 +36,7 @@ from .protocol import (
     new_nonce,
     signed,
 )
+from .sizing import version_bytes
 
 log = logging.getLogger("tracker.gossip")
 
@@ -98,6 +99,14 @@ class GossipAgent:
     ) -> None:
         if not config.enabled:
             raise GossipRejected("disabled", "gossip needs a shared key (GossipConfig.keys)", 503)
+        needed = version_bytes(config.stamp_chunk, tracker.config.bandwidth_window)
+        if needed > config.max_bytes:
+            raise ConfigError(
+                f"gossip max_bytes ({config.max_bytes}) cannot hold one version of stamp_chunk "
+                f"({config.stamp_chunk}) rows, about {needed} bytes with bandwidth_window "
+                f"{tracker.config.bandwidth_window}, and no message would ever be accepted: raise "
+                "max_bytes or lower stamp_chunk"
+            )
         self.tracker = tracker
         self.config = config
         self.keyring = Keyring(config.keys)
@@ -171,14 +180,32 @@ class GossipAgent:
     async def _encode(
         self, build: Callable[[int], Awaitable[Message]]
     ) -> tuple[Message, bytes, dict[str, str]]:
-        """Sign a message, halving its rows until it fits ``max_bytes`` (rarely: rows are small)."""
+        """Sign a message, halving its rows until it fits ``max_bytes`` (rarely: rows are small).
+
+        A message of one row still holds one whole version (``read_deltas``): if even that does not
+        fit, it goes as it is, and the error says which setting to change (the receiver refuses it if
+        its ``max_bytes`` is as small; gossip from that origin stalls until one is raised).
+        """
         rows = self.config.max_rows
         while True:
             message = await build(rows)
             body, headers = await asyncio.to_thread(signed, message, self.keyring)  # see _decode
-            if len(body) <= self.config.max_bytes or rows <= self.config.stamp_chunk + 1:
+            if len(body) <= self.config.max_bytes:
                 return message, body, headers
-            rows = max(self.config.stamp_chunk + 1, rows // 2)
+            if rows == 1:
+                log.error(
+                    "a gossip message of one version is %d bytes, above max_bytes (%d): raise "
+                    "max_bytes on every tracker, or lower stamp_chunk on the trackers it comes from",
+                    len(body),
+                    self.config.max_bytes,
+                    extra={
+                        "action": "gossip_message_oversized",
+                        "bytes": len(body),
+                        "origins": [d.origin for d in message.deltas],
+                    },
+                )
+                return message, body, headers
+            rows = max(1, rows // 2)
 
     async def _decode(self, body: bytes, authorization: str | None, now: float) -> Message:
         """``protocol.decode`` in a thread: validating a full message (5,000 peer rows) is 70-160 ms

@@ -56,9 +56,13 @@ async def read_deltas(
 
     Rows are read in version order; when a table fills the budget, the delta ends before the last
     version read (which may be incomplete) and says so with ``upto``, so the receiver's clock never
-    claims a version it does not fully hold. A peer row carries its samples only if they changed
-    after that origin's entry in ``samples``, the other side's samples clocks (all of them without,
-    or with ``every_sample``, for a version 1 neighbour).
+    claims a version it does not fully hold. A version is never split: one bigger than the budget
+    (another tracker's ``stamp_chunk`` above this one's ``max_rows``) goes whole, alone if it comes
+    first, in the next message if not, so every message completes at least one version.
+
+    A peer row carries its samples only if they changed after that origin's entry in ``samples``,
+    the other side's samples clocks (all of them without, or with ``every_sample``, for a version 1
+    neighbour).
     """
     samples_clocks = {} if samples is None or every_sample else samples
     skipped = set(skip)
@@ -80,16 +84,29 @@ async def read_deltas(
         for rows in (peer_rows, mapping_rows):
             if len(rows) > budget:  # this table alone fills the budget: stop before its last version
                 upto = min(upto, int(rows[budget - 1].version) - 1)
+        # The first version held above base (none: the rows up to the clock changed again since, and
+        # the delta only raises the receiver's clock).
+        first = min((int(rows[0].version) for rows in (peer_rows, mapping_rows) if rows), default=upto)
         peer_rows = [r for r in peer_rows if r.version <= upto]
         mapping_rows = [r for r in mapping_rows if r.version <= upto]
         while len(peer_rows) + len(mapping_rows) > budget:  # together too many: cut the newest version
             upto = max([r.version for r in peer_rows] + [r.version for r in mapping_rows]) - 1
             peer_rows = [r for r in peer_rows if r.version <= upto]
             mapping_rows = [r for r in mapping_rows if r.version <= upto]
+        if upto < first:
+            # Not even the first version fits what is left of the budget: it was stamped by a tracker
+            # whose stamp_chunk is above this one's max_rows, or other origins used the budget. The
+            # first part of a message takes it whole, over budget; a later part leaves it to the next
+            # message and lets the origins after it use the rest. Stopping here starved this origin
+            # and every later one for good (QA round 6).
+            truncated = True
+            if out:
+                continue
+            upto = first
+            peer_rows = await _peer_rows(conn, node_id, base, None, upto)
+            mapping_rows = await _mapping_rows(conn, node_id, base, None, upto)
         if upto < clock:
             truncated = True
-        if upto <= base:
-            break
         samples_base = min(samples_clocks.get(key, 0), base)
         carried = {r.peer_id for r in peer_rows if _carries(r, samples_base)}
         found = await _samples(conn, node_id, sorted(carried), window)
@@ -109,9 +126,8 @@ async def read_deltas(
                 samples_upto=samples_upto,
             )
         )
+        # A cut origin does not end the message: a later one may fit in what the cut left.
         budget -= len(peer_rows) + len(mapping_rows)
-        if truncated:
-            break
     return Delta(out, truncated)
 
 
@@ -165,7 +181,9 @@ async def _samples_upto(conn: AsyncConnection, node_id: int, samples_base: int, 
 # first contact of the 100k benchmark swarm read each 5,000-row message in ~1.5 s, 218 s in all.
 
 
-async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
+async def _peer_rows(
+    conn: AsyncConnection, node_id: int, base: int, limit: int | None, upto: int | None = None
+) -> Sequence[Any]:
     ps = peer_stats.c
     stmt = (
         select(ps.peer_id, *PEER_STATE_COLUMNS, ps.updated_at, ps.version, ps.samples_version)
@@ -174,10 +192,14 @@ async def _peer_rows(conn: AsyncConnection, node_id: int, base: int, limit: int)
         .order_by(ps.version)
         .limit(limit)
     )
+    if upto is not None:
+        stmt = stmt.where(ps.version <= upto)
     return (await conn.execute(stmt)).all()
 
 
-async def _mapping_rows(conn: AsyncConnection, node_id: int, base: int, limit: int) -> Sequence[Any]:
+async def _mapping_rows(
+    conn: AsyncConnection, node_id: int, base: int, limit: int | None, upto: int | None = None
+) -> Sequence[Any]:
     cp = content_peers.c
     stmt = (
         select(
@@ -195,6 +217,8 @@ async def _mapping_rows(conn: AsyncConnection, node_id: int, base: int, limit: i
         .order_by(cp.version)
         .limit(limit)
     )
+    if upto is not None:
+        stmt = stmt.where(cp.version <= upto)
     return (await conn.execute(stmt)).all()
 
 

@@ -1,0 +1,110 @@
+"""Gossip between trackers whose message limits differ: versions bigger than a relay's budget, and
+settings under which no message could ever be accepted."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from gossip_helpers import KEY, LocalNet
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.errors import ConfigError
+from tracker.gossip.agent import GossipAgent, GossipFailed
+from tracker.gossip.config import GossipConfig
+from tracker.testing import ManualClock
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+async def trackers(db_url: str, tmp_path: Path) -> AsyncIterator[list[AvailabilityTracker]]:
+    """The relay on the engine under test, three more trackers on SQLite files."""
+    clock = ManualClock(T0)
+    urls = [db_url] + [f"sqlite+aiosqlite:///{tmp_path / f'{n}.db'}" for n in "bcd"]
+    opened = [await AvailabilityTracker.open(TrackerConfig(database_url=u, clock=clock)) for u in urls]
+    yield opened
+    for tracker in opened:
+        await tracker.close()
+
+
+async def test_a_relay_with_a_smaller_budget_passes_on_bigger_versions_and_every_other_origin(
+    trackers: list[AvailabilityTracker],
+) -> None:
+    """``big`` stamps 40 rows per version; the relay and ``leaf`` send at most 20 rows a message.
+
+    The relay used to stop at the first version over its budget: neither big's rows nor those of
+    the origins sorted after it ever reached the leaf (QA round 6). Whatever the origins' key order,
+    every row arrives now, in messages that take a bigger version whole and alone.
+    """
+    relay_tracker, big_tracker, small_tracker, leaf_tracker = trackers
+    net = LocalNet()
+    small_limits = GossipConfig(keys=(KEY,), max_rows=20, stamp_chunk=5)
+    relay = GossipAgent(relay_tracker, small_limits, transport=net)
+    big = GossipAgent(big_tracker, GossipConfig(keys=(KEY,), max_rows=100, stamp_chunk=40), transport=net)
+    small = GossipAgent(small_tracker, small_limits, transport=net)
+    leaf = GossipAgent(leaf_tracker, small_limits, transport=net)
+    net.agents.update({"http://relay": relay, "http://big": big, "http://small": small})
+    for i in range(100):
+        await big_tracker.record_peer_online(f"big-{i:03}")
+    for i in range(12):
+        await small_tracker.record_peer_online(f"small-{i:02}")
+    for origin in (big, small):
+        for _ in range(2):  # a first contact, then the rows (each exchange follows up while "more")
+            await origin.exchange("http://relay")
+    assert len(await relay_tracker.list_peers(limit=1000)) == 112
+    replies: list[list[tuple[str, int]]] = []  # per reply: (origin, rows) of each part
+
+    async def watch(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        status, answer, answer_headers = await net(url, body, headers)
+        assert status == 200, answer
+        parts = json.loads(gzip.decompress(answer))["deltas"]
+        replies.append([(d["origin"], len(d["peers"]) + len(d["mappings"])) for d in parts])
+        return status, answer, answer_headers
+
+    leaf._transport = watch
+    for _ in range(4):
+        await leaf.exchange("http://relay")
+    assert sorted(p.peer_id for p in await leaf_tracker.list_peers(limit=1000)) == sorted(
+        p.peer_id for p in await relay_tracker.list_peers(limit=1000)
+    )
+    assert leaf.stats.rows_applied == 112
+    for parts in replies:  # within the budget, or one of big's versions whole and alone
+        rows = sum(n for _, n in parts)
+        assert rows <= 20 or (rows == 40 and [o for o, n in parts if n] == [big_tracker.node_key]), parts
+
+
+async def test_settings_under_which_no_version_fits_a_message_are_refused(
+    trackers: list[AvailabilityTracker],
+) -> None:
+    tracker = trackers[1]
+    with pytest.raises(ConfigError, match=r"max_bytes \(1024\) cannot hold one version of stamp_chunk"):
+        GossipAgent(tracker, GossipConfig(keys=(KEY,), max_bytes=1024))
+    agent = GossipAgent(tracker, GossipConfig(keys=(KEY,), max_bytes=1024, stamp_chunk=1))
+    await agent.aclose()
+
+
+async def test_a_version_that_fits_no_message_is_sent_with_an_error_saying_which_setting_to_raise(
+    trackers: list[AvailabilityTracker], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ids of 256 characters make one row bigger than the estimate behind the check above: a
+    message of one such row is over 1 KiB, and the receiver with the same limit refuses it."""
+    net = LocalNet()
+    limits = GossipConfig(keys=(KEY,), max_bytes=1024, stamp_chunk=1)
+    sender = GossipAgent(trackers[2], limits, transport=net)
+    receiver = GossipAgent(trackers[3], limits, transport=net)
+    net.agents["http://receiver"] = receiver
+    peer = "".join(chr(0x4E00 + (i * 7919) % 20000) for i in range(256))
+    await trackers[2].record_peer_online(peer)
+    for speed in range(10):
+        await trackers[2].record_download_speed(peer, 1_000_000 + speed * 7717)
+    with caplog.at_level(logging.ERROR, logger="tracker.gossip"), pytest.raises(GossipFailed, match="413"):
+        await sender.exchange("http://receiver")  # a first contact, then the row at once
+    oversized = [r for r in caplog.records if getattr(r, "action", None) == "gossip_message_oversized"]
+    assert oversized and "raise max_bytes" in oversized[0].getMessage()
+    assert receiver.stats.rejected.get("oversized", 0) >= 1
+    assert await trackers[3].list_peers() == []
