@@ -4,7 +4,7 @@ Three ways in:
 * the tracker (and tests) pass an open connection in ``config.attributes["connection"]`` and the
   migration runs on it, inside the caller's transaction;
 * ``alembic upgrade head`` from the shell uses ``-x url=...``, ``sqlalchemy.url`` or
-  ``TRACKER_DATABASE_URL``;
+  ``TRACKER_DATABASE_URL``, and on Postgres takes the trackers' migration lock;
 * offline mode (``--sql``) renders the SQL for a DBA.
 SQLite gets batch mode, so later ALTERs work through table copies.
 """
@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
 from tracker.config import DEFAULT_DATABASE_URL
+from tracker.db import MIGRATION_LOCK_KEY
 from tracker.schema import metadata
 
 config = context.config
@@ -44,9 +45,15 @@ def _configure(connection: Connection) -> None:
     )
 
 
-def do_run_migrations(connection: Connection) -> None:
+def do_run_migrations(connection: Connection, *, lock: bool = False) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if lock and connection.dialect.name == "postgresql":
+            # From the shell, take the lock trackers that migrate as they open take (db.migrate), so
+            # a deployment's `alembic upgrade head` and a starting tracker do not both create the
+            # tables; and wait for locks without end, as they do (their ALTERs wait for traffic).
+            connection.exec_driver_sql("SET LOCAL lock_timeout = 0")
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
         context.run_migrations()
 
 
@@ -63,7 +70,7 @@ async def run_async_migrations() -> None:
     section["sqlalchemy.url"] = _url()
     engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     async with engine.connect() as connection:
-        await connection.run_sync(do_run_migrations)
+        await connection.run_sync(do_run_migrations, lock=True)
     await engine.dispose()
 
 

@@ -19,10 +19,10 @@ import pytest
 from sqlalchemy import text, update
 from typer.testing import CliRunner, Result
 
-from tracker import AvailabilityTracker, TrackerConfig
+from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig
 from tracker.cli import app
 from tracker.clockleap import system_boot_id, system_elapsed
-from tracker.db import head_revision
+from tracker.db import create_engine, head_revision
 from tracker.schema import clocks
 
 runner = CliRunner()
@@ -167,6 +167,38 @@ def test_db_commands_report_move_and_check_the_schema(empty_pg_url: str, tmp_pat
         assert _cli(url, "db", "downgrade", "base").exit_code == 0
         assert json.loads(_cli(url, "db", "current", "--json").stdout)["current"] is None
         assert _cli(url, "db", "upgrade").exit_code == 0
+
+
+def test_a_schema_a_newer_tracker_migrated_is_named_so_by_every_way_in(
+    empty_pg_url: str, tmp_path: Path
+) -> None:
+    """The advice used to be `tracker db upgrade`, which failed ("Can't locate revision"): this
+    version has nothing newer. Opening, migrating and checking now all say what happened."""
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}", empty_pg_url):
+        assert _cli(url, "db", "upgrade").exit_code == 0
+        asyncio.run(_set_revision(url, "f00dfacecafe"))
+        for args in (("db", "check"), ("db", "upgrade"), ("db", "downgrade", "0003"), ("stats",)):
+            result = _cli(url, *args)
+            assert result.exit_code == 1, (args, result.output)
+            assert "revision f00dfacecafe, which this version of the tracker does not know" in result.stderr
+            assert "a newer version migrated it" in result.stderr and "Can't locate" not in result.stderr
+        current = _cli(url, "db", "current")
+        assert current.exit_code == 0 and "unknown to this tracker" in current.stdout
+        for auto_migrate in (True, False):
+            config = TrackerConfig(database_url=url, auto_migrate=auto_migrate)
+            with pytest.raises(SchemaOutOfDate, match="a newer version migrated it"):
+                asyncio.run(AvailabilityTracker.open(config))
+        asyncio.run(_set_revision(url, head_revision()))
+        assert _cli(url, "db", "check").exit_code == 0  # nothing else was touched
+
+
+async def _set_revision(url: str, revision: str | None) -> None:
+    engine = create_engine(TrackerConfig(database_url=url))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    finally:
+        await engine.dispose()
 
 
 def test_downgrade_needs_an_explicit_revision(tmp_path: Path) -> None:

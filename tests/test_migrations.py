@@ -12,16 +12,25 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.command import upgrade
 from alembic.runtime.migration import MigrationContext
+from conftest import _dsn
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig
-from tracker.db import alembic_config, create_engine, current_revision, head_revision, migrate
+from tracker.db import (
+    MIGRATION_LOCK_KEY,
+    alembic_config,
+    create_engine,
+    current_revision,
+    head_revision,
+    migrate,
+)
 from tracker.schema import metadata
 
 # What `downgrade base` may leave behind: Alembic's own bookkeeping (and, on Postgres, its primary key).
@@ -265,3 +274,33 @@ async def test_migrations_0007_and_0008_keep_rows_indexes_and_views_of_the_clust
         assert all("WITHOUT ROWID" not in ddl for ddl in tables.values()), tables
     finally:
         await engine.dispose()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_alembic_from_the_shell_waits_for_the_lock_trackers_take_to_migrate(
+    engine: AsyncEngine, empty_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment's `alembic upgrade head` beside trackers that migrate as they open: without the
+    lock both created the tables, and the second failed (QA round 6)."""
+    monkeypatch.setenv("TRACKER_DATABASE_URL", empty_url)
+    holder = await asyncpg.connect(_dsn(empty_url))
+    try:
+        await holder.execute(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")  # a tracker migrating
+        upgrading = asyncio.create_task(asyncio.to_thread(upgrade, alembic_config(), "head"))
+        waiting = (
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            f" AND objid = {MIGRATION_LOCK_KEY} AND database = (SELECT oid FROM pg_database"
+            " WHERE datname = current_database())"
+        )
+        for _ in range(600):
+            if await holder.fetchval(waiting) or upgrading.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not upgrading.done(), upgrading.exception()
+        assert await holder.fetchval(waiting) == 1
+        assert await table_names(engine) == set()
+    finally:
+        await holder.close()  # the lock goes with the session
+    await asyncio.wait_for(upgrading, 120)
+    assert await current_revision(engine) == head_revision()
+    assert await schema_diff(engine) == []

@@ -15,7 +15,7 @@ from conftest import FakeClock, _dsn
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig, TransientStorageError
-from tracker.db import _MIGRATION_LOCK_KEY, create_engine, migrate
+from tracker.db import MIGRATION_LOCK_KEY, create_engine, migrate
 from tracker.errors import sqlstate_of
 from tracker.events import ContentAvailable, Event, PeerOnline
 from tracker.service import ServiceSettings, create_app
@@ -184,7 +184,7 @@ async def test_a_migration_waits_for_its_locks_past_the_lock_timeout(
     one's migration takes; a lock timeout there would stop them from starting."""
     engine = create_engine(config)
     try:
-        async with _held(db_url, f"SELECT pg_advisory_lock({_MIGRATION_LOCK_KEY})"):
+        async with _held(db_url, f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"):
             migrating = asyncio.create_task(migrate(engine))
             # Three lock timeouts: with one the migration would have failed by now.
             done, _ = await asyncio.wait({migrating}, timeout=3 * LOCK_TIMEOUT_S)

@@ -107,6 +107,8 @@ class AvailabilityTracker:
                 await db.migrate(engine)
             else:
                 current, head = await db.current_revision(engine), db.head_revision()
+                if problem := db.unknown_revision_problem(current):
+                    raise SchemaOutOfDate(problem)
                 if current != head:
                     raise SchemaOutOfDate(
                         f"the database schema is at revision {current or 'none (empty database)'} but this "

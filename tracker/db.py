@@ -19,7 +19,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from .config import TrackerConfig
-from .errors import CommitOutcomeUnknown, StorageError, is_disconnect, is_transient, sqlstate_of, translate
+from .errors import (
+    CommitOutcomeUnknown,
+    SchemaOutOfDate,
+    StorageError,
+    is_disconnect,
+    is_transient,
+    sqlstate_of,
+    translate,
+)
 from .sqlite_lane import SqliteLane
 
 log = logging.getLogger(__name__)
@@ -462,8 +470,9 @@ def insert_for(dialect: str, table: Table) -> Any:
 # Migrations
 # ---------------------------------------------------------------------------------------------
 
-# Any fixed number serves, as long as every tracker process uses the same one.
-_MIGRATION_LOCK_KEY = 0x7EE7_7AC3
+#: The advisory lock migrations take on Postgres: in process (``migrate``) and from the shell
+#: (alembic/env.py). Any fixed number serves, as long as every tracker uses the same one.
+MIGRATION_LOCK_KEY = 0x7EE7_7AC3
 
 
 def alembic_dir() -> Path:
@@ -511,19 +520,48 @@ async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: boo
     async with write_connection(engine) as conn, conn.begin():
         if engine.dialect.name == "postgresql":
             await conn.exec_driver_sql("SET LOCAL lock_timeout = 0")  # this transaction only
-            await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_MIGRATION_LOCK_KEY})")
+            await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+        problem = unknown_revision_problem(await conn.run_sync(_revision_of))
+        if problem:
+            raise SchemaOutOfDate(problem)
         await conn.run_sync(_run)
+
+
+def _revision_of(sync_conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    return MigrationContext.configure(sync_conn).get_current_revision()
+
+
+def unknown_revision_problem(current: str | None) -> str | None:
+    """What to say when the database is at a revision this tracker does not ship (``None`` if it does).
+
+    A newer tracker migrated it. Alembic's own error ("Can't locate revision") gave no hint, and the
+    advice to run `tracker db upgrade` could not work: this version has nothing newer to upgrade to.
+    """
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    if current is None:
+        return None
+    try:
+        if ScriptDirectory.from_config(alembic_config()).get_revision(current) is not None:
+            return None
+    except CommandError:
+        pass
+    head = head_revision()
+    return (
+        f"the database schema is at revision {current}, which this version of the tracker does not "
+        f"know (its newest is {head}): a newer version migrated it. Run that version (upgrade this "
+        f"installation: pip install -U peer-tracker), or take the schema back down with the newer "
+        f"version's `tracker db downgrade {head}` (that drops what it added)"
+    )
 
 
 async def current_revision(engine: AsyncEngine) -> str | None:
     """The revision the database is at, or ``None`` for an empty database."""
-    from alembic.runtime.migration import MigrationContext
-
-    def _current(sync_conn: Connection) -> str | None:
-        return MigrationContext.configure(sync_conn).get_current_revision()
-
     async with engine.connect() as conn:
-        return await conn.run_sync(_current)
+        return await conn.run_sync(_revision_of)
 
 
 def head_revision() -> str | None:

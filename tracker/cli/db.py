@@ -103,7 +103,9 @@ def current(
         if as_json:
             print_json({"current": at, "head": head, "up_to_date": at == head})
         else:
+            ahead = db.unknown_revision_problem(at)
             note = "up to date" if at == head else f"behind: the newest is {head}"
+            note = f"unknown to this tracker: {ahead}" if ahead else note
             stdout.print(f"{at or 'empty (no schema)'} ({note})", highlight=False)
 
 
@@ -117,6 +119,8 @@ def check(database_url: DatabaseUrlOption = None, debug: DebugOption = False) ->
         config = config_for(database_url)
         require_existing_sqlite(config)
         at, head = run(_with_engine(config, _state))
+        if problem := db.unknown_revision_problem(at):
+            raise InvalidInput(problem)
         if at != head:
             raise InvalidInput(
                 f"schema at {at or 'empty'}, this tracker needs {head}: run `tracker db upgrade`"
