@@ -46,6 +46,24 @@ async def test_seed_timeout_sweep_marks_the_peer_offline_with_uptime_up_to_last_
     assert (await tracker.get_peer_metrics("p")) == metrics
 
 
+async def test_seen_exactly_peer_timeout_ago_is_online_everywhere_and_a_moment_later_offline(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """The boundary, as documented: offline once unseen for more than ``peer_timeout``. The reads and
+    the sweeper agree on it, with or without a sweep."""
+    await tracker.record_batch([PeerOnline("p"), ContentAvailable("c", "p")])
+    clock.advance(tracker.config.peer_timeout)
+    assert (await tracker.sweep()).peers_marked_offline == 0
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.online
+    assert [p.peer_id for p in await tracker.select_best_peers("c", 1)] == ["p"]
+    clock.advance(0.001)
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and not metrics.online  # before any sweep
+    assert await tracker.select_best_peers("c", 1) == []
+    assert (await tracker.sweep()).peers_marked_offline == 1
+
+
 async def test_a_heartbeating_peer_stays_online_through_many_sweeps(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:

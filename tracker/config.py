@@ -60,7 +60,7 @@ class TrackerConfig:
     database_url: str = DEFAULT_DATABASE_URL
     #: Seconds between sweeps and gossip rounds.
     update_interval: float = 30.0
-    #: A peer unseen for this many seconds is offline, whether or not a sweep has run.
+    #: A peer unseen for more than this many seconds is offline, whether or not a sweep has run.
     peer_timeout: float = 300.0
     #: Proven peers scoring below this are never selected.
     min_reputation: float = 0.3
