@@ -148,8 +148,17 @@ def test_serve_answers_then_exits_cleanly_on_a_signal_and_keeps_what_it_acknowle
     assert asyncio.run(reopened()) == (3_000_000, True)
 
 
-def test_serve_refuses_a_database_behind_its_schema_with_no_migrate(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("exists", "says"),
+    [(True, "the database schema is at revision none"), (False, "no database at ")],
+)
+def test_serve_refuses_a_database_behind_its_schema_with_no_migrate(
+    tmp_path: Path, exists: bool, says: str
+) -> None:
+    """An empty file is a database with no schema; a path with no file (a typo) is left without one."""
     database = tmp_path / "empty.db"
+    if exists:
+        database.touch()
     result = subprocess.run(
         [
             sys.executable,
@@ -168,8 +177,9 @@ def test_serve_refuses_a_database_behind_its_schema_with_no_migrate(tmp_path: Pa
     )
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: the database schema is at revision none"), result.stderr
+    assert last.startswith(f"error: {says}"), result.stderr
     assert "Traceback" not in result.stderr
+    assert database.exists() == exists
 
 
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:

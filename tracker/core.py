@@ -100,6 +100,13 @@ class AvailabilityTracker:
         return tracker
 
     async def _start(self) -> None:
+        if not self.config.auto_migrate and (path := db.missing_sqlite_file(self.config)):
+            # Connecting would create the file, and leave it empty behind the error below.
+            raise SchemaOutOfDate(
+                f"no database at {path}, and this tracker may not create one (auto_migrate is off): "
+                "check the path, or create it with `tracker db upgrade` (`tracker serve` without "
+                "--no-migrate)"
+            )
         engine = db.create_engine(self.config)
         try:
             await db.ensure_wal(engine)

@@ -459,6 +459,22 @@ def is_driver_error(error: BaseException) -> bool:
     return isinstance(error, sa_exc.DBAPIError | sqlite3.Error | OSError)
 
 
+def missing_sqlite_file(config: TrackerConfig) -> str | None:
+    """The path of an SQLite database that does not exist yet (``None``: it exists, or not SQLite).
+
+    Connecting creates the file: a caller that must not create one (a read, a tracker that may not
+    migrate) checks first, so a typo in a path is an error and not an empty file or an empty swarm.
+    """
+    if config.dialect != "sqlite":
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(config.database_url).database
+    if database and database != ":memory:" and not Path(database).exists():
+        return database
+    return None
+
+
 def insert_for(dialect: str, table: Table) -> Any:
     """The dialect's INSERT, which has ``on_conflict_do_update``/``do_nothing`` on both engines."""
     if dialect == "sqlite":

@@ -14,7 +14,6 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import click
@@ -26,7 +25,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..config import TrackerConfig
 from ..core import AvailabilityTracker
-from ..db import is_driver_error
+from ..db import is_driver_error, missing_sqlite_file
 from ..errors import InvalidInput, TrackerError
 
 T = TypeVar("T")
@@ -183,10 +182,7 @@ def _check_url(database_url: str) -> None:
 def require_existing_sqlite(config: TrackerConfig) -> None:
     """Refuse to create an SQLite file by reading from it: a typo in a path should not look like an
     empty swarm."""
-    if config.dialect != "sqlite":
-        return
-    database = make_url(config.database_url).database
-    if database and database != ":memory:" and not Path(database).exists():
+    if database := missing_sqlite_file(config):
         raise InvalidInput(
             f"no database at {database}; create it with `tracker db upgrade` or `tracker serve`"
         )
