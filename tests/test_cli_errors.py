@@ -84,6 +84,23 @@ def test_a_database_that_refuses_the_connection_says_it_is_the_database() -> Non
     assert line.startswith("error: cannot connect to the database: ") and "Connect call failed" in line
 
 
+def test_a_database_port_that_never_answers_is_one_line_naming_the_server_after_the_timeout() -> None:
+    """A listener that accepts and says nothing (a firewall, a wrong service): asyncpg waited 60 s
+    and the line was "error: TimeoutError"."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:{port}/x"
+        line = one_line_error(
+            run("stats", "--database-url", url, env={"TRACKER_PG_CONNECT_TIMEOUT_S": "0.5"})
+        )
+    assert line == (
+        f"error: cannot connect to the database: the server at 127.0.0.1:{port} did not answer within "
+        "0.5 s (pg_connect_timeout_s); is that its address, and is it up?"
+    )
+
+
 def test_a_malformed_url_says_that_the_url_is_what_is_wrong() -> None:
     line = one_line_error(run("stats", "--database-url", "postgresql+asyncpg://u@127.0.0.1:notaport/x"))
     assert line.startswith("error: the database URL is not valid: ") and "notaport" in line

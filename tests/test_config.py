@@ -52,6 +52,8 @@ def test_durations_accept_timedelta() -> None:
         ("pg_lock_timeout_s", float("inf")),
         ("pg_lock_timeout_s", True),
         ("pg_lock_timeout_s", "30s"),
+        ("pg_connect_timeout_s", 0),
+        ("pg_connect_timeout_s", float("nan")),
     ],
 )
 def test_invalid_values_raise_a_clear_error(field: str, value: object) -> None:

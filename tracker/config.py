@@ -31,6 +31,7 @@ _DURATIONS = (
     "tombstone_ttl_s",
     "lease_ttl_s",
     "slow_start_s",
+    "pg_connect_timeout_s",
 )
 #: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass; no lock timeout).
 _OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s", "pg_lock_timeout_s")
@@ -91,6 +92,11 @@ class TrackerConfig:
     #: one ``LOCK TABLE peers`` left open in psql would stall every write, and a graceful shutdown with
     #: them. Migrations are exempt (``db.migrate``).
     pg_lock_timeout_s: float = 30.0
+    #: How long connecting to Postgres may take before it fails, naming the server. asyncpg's own
+    #: limit is 60 s, and its error an empty ``TimeoutError``: a port that accepts and never answers
+    #: (a firewall, a stopped VM, a wrong service) held ``tracker serve`` for a minute and then
+    #: printed "error: TimeoutError".
+    pg_connect_timeout_s: float = 10.0
     #: The tracker reaches Postgres through a pooler in transaction mode (PgBouncer's
     #: ``pool_mode = transaction``), which may hand each transaction another server connection: no
     #: prepared statement is kept for a later transaction, and the session's settings are set in

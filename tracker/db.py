@@ -54,10 +54,32 @@ def create_engine(config: TrackerConfig) -> AsyncEngine:
         pool_size=config.pool_size,
         max_overflow=config.pool_size,
         pool_pre_ping=True,
-        connect_args=_TRANSACTION_POOLING_ARGS if config.pg_transaction_pooling else {},
+        connect_args={
+            "timeout": config.pg_connect_timeout_s,
+            **(_TRANSACTION_POOLING_ARGS if config.pg_transaction_pooling else {}),
+        },
     )
     _configure_postgres(engine, config)
+    _name_connect_timeouts(engine, config.pg_connect_timeout_s)
     return engine
+
+
+def _name_connect_timeouts(engine: AsyncEngine, seconds: float) -> None:
+    """A connection attempt that runs out of time says which server and which setting: asyncpg's
+    ``TimeoutError`` has no message, and the one line a command prints was "error: TimeoutError"."""
+
+    @event.listens_for(engine.sync_engine, "do_connect")
+    def _connect(dialect: Any, _record: Any, cargs: Any, cparams: dict[str, Any]) -> Any:
+        try:
+            return dialect.connect(*cargs, **cparams)
+        except TimeoutError as error:
+            if str(error):
+                raise
+            where = f"{cparams.get('host') or 'localhost'}:{cparams.get('port') or 5432}"
+            raise TimeoutError(
+                f"cannot connect to the database: the server at {where} did not answer within "
+                f"{seconds:g} s (pg_connect_timeout_s); is that its address, and is it up?"
+            ) from error
 
 
 #: No prepared statement outlives its transaction: neither the dialect's cache nor asyncpg's keeps
