@@ -8,14 +8,19 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gossip_helpers import KEY, LocalNet
+from sqlalchemy import update
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.db import run_read, run_write
 from tracker.errors import ConfigError
 from tracker.gossip.agent import GossipAgent, GossipFailed
 from tracker.gossip.config import GossipConfig
+from tracker.queries import gossip as q
+from tracker.schema import nodes
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0
@@ -108,3 +113,34 @@ async def test_a_version_that_fits_no_message_is_sent_with_an_error_saying_which
     assert oversized and "raise max_bytes" in oversized[0].getMessage()
     assert receiver.stats.rejected.get("oversized", 0) >= 1
     assert await trackers[3].list_peers() == []
+
+
+async def test_origins_a_neighbour_lags_least_behind_go_first(trackers: list[AvailabilityTracker]) -> None:
+    """A big backlog (here 10 versions of ``big``) no longer holds back the origins sorted after it
+    by key until it is drained: the few fresh versions of ``small`` lead the message."""
+    relay_tracker, big_tracker, small_tracker, _ = trackers
+    net = LocalNet()
+    relay = GossipAgent(relay_tracker, GossipConfig(keys=(KEY,), max_rows=200, stamp_chunk=10), transport=net)
+    big = GossipAgent(big_tracker, GossipConfig(keys=(KEY,), max_rows=200, stamp_chunk=10), transport=net)
+    small = GossipAgent(small_tracker, GossipConfig(keys=(KEY,), max_rows=200, stamp_chunk=10), transport=net)
+    net.agents["http://relay"] = relay
+    for i in range(100):
+        await big_tracker.record_peer_online(f"big-{i:03}")
+    for i in range(3):
+        await small_tracker.record_peer_online(f"small-{i}")
+    for origin in (big, small):
+        for _ in range(2):
+            await origin.exchange("http://relay")
+
+    async def rename(conn: Any) -> None:  # key order would put big first
+        for old, new in ((big_tracker.node_key, "a-big"), (small_tracker.node_key, "z-small")):
+            await conn.execute(update(nodes).where(nodes.c.node_key == old).values(node_key=new))
+
+    await run_write(relay_tracker.engine, rename, 0)
+
+    async def read(conn: Any) -> q.Delta:
+        return await q.read_deltas(conn, {}, (), 20, relay_tracker.config.bandwidth_window)
+
+    delta = await run_read(relay_tracker.engine, read)
+    parts = [(d.origin, len(d.peers)) for d in delta.deltas]
+    assert parts == [("z-small", 3), ("a-big", 10)] and delta.truncated, parts

@@ -68,10 +68,16 @@ async def read_deltas(
     skipped = set(skip)
     out: list[OriginDelta] = []
     budget, truncated = max_rows, False
-    origins = (
-        await conn.execute(select(nodes.c.id, nodes.c.node_key, nodes.c.clock).order_by(nodes.c.node_key))
-    ).all()
-    for node_id, key, clock in origins:
+    origins = (await conn.execute(select(nodes.c.id, nodes.c.node_key, nodes.c.clock))).all()
+    # The origins the other side lags least behind go first: a few fresh versions of every tracker
+    # reach it in the next message while a big backlog (a new tracker's first contact, a relay's
+    # catch-up) takes the rest of the budget, where key order held everyone sorted after such an
+    # origin back until it was drained, for as many rounds as that took.
+    pending = sorted(
+        ((clock - vector.get(key, 0), key, node_id, clock) for node_id, key, clock in origins),
+        key=lambda origin: (origin[0], origin[1]),
+    )
+    for _, key, node_id, clock in pending:
         base = vector.get(key, 0)
         if key in skipped or clock <= base:
             continue
