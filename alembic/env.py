@@ -20,7 +20,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
 from tracker.config import DEFAULT_DATABASE_URL
-from tracker.db import MIGRATION_LOCK_KEY
+from tracker.migrations import MIGRATION_LOCK_KEY
 from tracker.schema import metadata
 
 config = context.config
@@ -49,7 +49,7 @@ def do_run_migrations(connection: Connection, *, lock: bool = False) -> None:
     _configure(connection)
     with context.begin_transaction():
         if lock and connection.dialect.name == "postgresql":
-            # From the shell, take the lock trackers that migrate as they open take (db.migrate), so
+            # From the shell, take the lock trackers that migrate as they open take (migrations.migrate), so
             # a deployment's `alembic upgrade head` and a starting tracker do not both create the
             # tables; and wait for locks without end, as they do (their ALTERs wait for traffic).
             connection.exec_driver_sql("SET LOCAL lock_timeout = 0")

@@ -20,7 +20,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
-from tracker.db import create_engine, migrate
+from tracker.db import create_engine
+from tracker.migrations import migrate
 from tracker.testing import ManualClock
 
 # Any PostgreSQL URL form (postgresql://, postgresql+asyncpg://): the tracker's driver is asyncpg.

@@ -22,7 +22,8 @@ from typer.testing import CliRunner, Result
 from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig
 from tracker.cli import app
 from tracker.clockleap import system_boot_id, system_elapsed
-from tracker.db import create_engine, head_revision
+from tracker.db import create_engine
+from tracker.migrations import head_revision
 from tracker.schema import clocks
 
 runner = CliRunner()

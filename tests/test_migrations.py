@@ -23,10 +23,10 @@ from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig
-from tracker.db import (
+from tracker.db import create_engine
+from tracker.migrations import (
     MIGRATION_LOCK_KEY,
     alembic_config,
-    create_engine,
     current_revision,
     head_revision,
     migrate,

@@ -15,9 +15,10 @@ from conftest import FakeClock, _dsn
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig, TransientStorageError
-from tracker.db import MIGRATION_LOCK_KEY, create_engine, migrate
+from tracker.db import create_engine
 from tracker.errors import sqlstate_of
 from tracker.events import ContentAvailable, Event, PeerOnline
+from tracker.migrations import MIGRATION_LOCK_KEY, migrate
 from tracker.service import ServiceSettings, create_app
 
 pytestmark = pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)

@@ -90,7 +90,7 @@ class TrackerConfig:
     #: ``lock_timeout``) before it fails as a transient error, retried like a deadlock; 0 sets none,
     #: leaving the server's (none unless configured). Postgres otherwise waits for a lock without end:
     #: one ``LOCK TABLE peers`` left open in psql would stall every write, and a graceful shutdown with
-    #: them. Migrations are exempt (``db.migrate``).
+    #: them. Migrations are exempt (``migrations.migrate``).
     pg_lock_timeout_s: float = 30.0
     #: How long connecting to Postgres may take before it fails, naming the server. asyncpg's own
     #: limit is 60 s, and its error an empty ``TimeoutError``: a port that accepts and never answers

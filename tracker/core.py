@@ -13,7 +13,7 @@ from typing import Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import db, queries
+from . import db, migrations, queries
 from .clockleap import ClockState, SteadyClock, system_boot_id, system_elapsed
 from .config import STRATEGIES, TrackerConfig
 from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed, translate
@@ -111,10 +111,10 @@ class AvailabilityTracker:
         try:
             await db.ensure_wal(engine)
             if self.config.auto_migrate:
-                await db.migrate(engine)
+                await migrations.migrate(engine)
             else:
-                current, head = await db.current_revision(engine), db.head_revision()
-                if problem := db.unknown_revision_problem(current):
+                current, head = await migrations.current_revision(engine), migrations.head_revision()
+                if problem := migrations.unknown_revision_problem(current):
                     raise SchemaOutOfDate(problem)
                 if current != head:
                     raise SchemaOutOfDate(

@@ -12,7 +12,7 @@ from typing import Annotated, TypeVar
 import typer
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from .. import db
+from .. import db, migrations
 from ..config import TrackerConfig
 from ..errors import InvalidInput
 from ._common import (
@@ -43,7 +43,7 @@ async def _with_engine(config: TrackerConfig, work: Callable[[AsyncEngine], Awai
 
 
 async def _state(engine: AsyncEngine) -> tuple[str | None, str | None]:
-    return await db.current_revision(engine), db.head_revision()
+    return await migrations.current_revision(engine), migrations.head_revision()
 
 
 @db_app.command()
@@ -60,10 +60,10 @@ def upgrade(
         config = config_for(database_url)
 
         async def work(engine: AsyncEngine) -> tuple[str | None, str | None]:
-            before = await db.current_revision(engine)
+            before = await migrations.current_revision(engine)
             await db.ensure_wal(engine)
-            await db.migrate(engine, revision)
-            return before, await db.current_revision(engine)
+            await migrations.migrate(engine, revision)
+            return before, await migrations.current_revision(engine)
 
         before, after = run(_with_engine(config, work))
         stdout.print(f"schema at {after} (was {before or 'empty'})", highlight=False)
@@ -84,8 +84,8 @@ def downgrade(
         require_existing_sqlite(config)
 
         async def work(engine: AsyncEngine) -> str | None:
-            await db.migrate(engine, revision, downgrade=True)
-            return await db.current_revision(engine)
+            await migrations.migrate(engine, revision, downgrade=True)
+            return await migrations.current_revision(engine)
 
         after = run(_with_engine(config, work))
         stdout.print(f"schema at {after or 'base (empty)'}", highlight=False)
@@ -103,7 +103,7 @@ def current(
         if as_json:
             print_json({"current": at, "head": head, "up_to_date": at == head})
         else:
-            ahead = db.unknown_revision_problem(at)
+            ahead = migrations.unknown_revision_problem(at)
             note = "up to date" if at == head else f"behind: the newest is {head}"
             note = f"unknown to this tracker: {ahead}" if ahead else note
             stdout.print(f"{at or 'empty (no schema)'} ({note})", highlight=False)
@@ -119,7 +119,7 @@ def check(database_url: DatabaseUrlOption = None, debug: DebugOption = False) ->
         config = config_for(database_url)
         require_existing_sqlite(config)
         at, head = run(_with_engine(config, _state))
-        if problem := db.unknown_revision_problem(at):
+        if problem := migrations.unknown_revision_problem(at):
             raise InvalidInput(problem)
         if at != head:
             raise InvalidInput(

@@ -96,9 +96,9 @@ def stats(
 
 
 async def _revision(tracker: AvailabilityTracker) -> str | None:
-    from .. import db
+    from .. import migrations
 
-    return await db.current_revision(tracker.engine)
+    return await migrations.current_revision(tracker.engine)
 
 
 gossip_app = typer.Typer(no_args_is_help=True, help="Gossip: state snapshots, and exchanges with neighbours.")

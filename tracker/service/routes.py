@@ -20,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from .. import db
 from .. import events as ev
+from .. import migrations
 from ..config import STRATEGIES
 from ..core import AvailabilityTracker
 from ..errors import TrackerError
@@ -258,12 +258,13 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         try:
             async with tracker.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
-            current, head = await db.current_revision(tracker.engine), db.head_revision()
+            current, head = await migrations.current_revision(tracker.engine), migrations.head_revision()
         except (SQLAlchemyError, OSError, TrackerError) as error:
             detail = f"database unreachable: {type(error).__name__}"
             return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
         if current != head:
-            detail = f"schema at {current or 'none'}, this tracker needs {head}"
+            ahead = migrations.unknown_revision_problem(current)  # a newer tracker migrated it
+            detail = ahead or f"schema at {current or 'none'}, this tracker needs {head}"
             return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
         return JSONResponse(Health(status="ready").model_dump())
 
