@@ -9,21 +9,24 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from gossip_helpers import KEY, LocalNet
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.events import ContentAvailable, ContentUnavailable, PeerOnline
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
+from tracker.gossip.importer import import_snapshot
 from tracker.gossip.protocol import Keyring, MappingState, Message, OriginDelta, PeerState, new_nonce, signed
 from tracker.queries import gossip as q
-from tracker.schema import peer_stats
+from tracker.schema import bandwidth_samples, peer_stats
 from tracker.service import ServiceSettings, create_app
+from tracker.sweeper import write_state_snapshot
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0
@@ -197,6 +200,43 @@ async def test_an_origin_whose_clock_is_set_back_releases_its_held_rows(
         assert await b.tracker.get_available_peers("movie") == ["p"]
         metrics = await b.tracker.get_peer_metrics("p")
         assert metrics is not None and metrics.last_seen == datetime.fromtimestamp(T0, tz=UTC)
+
+
+async def test_samples_dated_ahead_are_repaired_too_so_speeds_move_and_gossip_and_snapshots_flow(
+    db_url: str, other_db_url: str, tmp_path: Path
+) -> None:
+    """The same with speed samples (QA round 7): the repair left them a day ahead, so the peer's
+    speed ignored every new sample for a day, B held A's row and every later version of A for as
+    long, and B refused a snapshot A wrote after its repair."""
+    a_clock, b_clock = ManualClock(T0 + 86_400), ManualClock(T0)
+    async with _pair(db_url, other_db_url, a_clock, b_clock) as (a, b):
+        await a.tracker.sweep()
+        await a.tracker.record_peer_online("p")
+        for _ in range(10):
+            a_clock.advance(1)
+            await a.tracker.record_download_speed("p", 1_000_000)
+        a_clock.leap(-86_400)
+        a_clock.advance(60)
+        assert (await a.tracker.sweep()).future_rows_clamped >= 11
+        for _ in range(10):
+            a_clock.advance(1)
+            await a.tracker.record_download_speed("p", 5_000_000)
+        metrics = await a.tracker.get_peer_metrics("p")
+        assert metrics is not None and metrics.download_speed == 5_000_000
+        await a.tracker.record_batch([PeerOnline("q"), ContentAvailable("movie", "q")])
+        b_clock.advance(80)
+        await a.exchange("http://b")
+        await a.exchange("http://b")
+        assert b.stats.rows_held_future == 0
+        assert await b.tracker.get_available_peers("movie") == ["q"]
+        metrics = await b.tracker.get_peer_metrics("p")
+        assert metrics is not None and metrics.download_speed == 5_000_000
+        async with a.tracker.engine.connect() as conn:
+            ahead = select(func.count()).where(bandwidth_samples.c.at > a_clock.now + 120)
+            assert (await conn.execute(ahead)).scalar_one() == 0
+        path = await write_state_snapshot(a.tracker, tmp_path, a_clock.now)
+        report = await import_snapshot(b.tracker, path)
+        assert report.peers_read == 2
 
 
 async def test_a_removal_made_elsewhere_after_the_correction_survives_the_origins_repair(

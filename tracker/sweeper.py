@@ -101,7 +101,9 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                     to = tracker._opened_at if to is None else min(to, tracker._opened_at)
                 to = min(current, current if to is None else to)
                 limit = current + config.max_clock_skew_s
-                return await q.clamp_future(conn, node_id, to, limit, config.lease_ttl_s)
+                return await q.clamp_future(
+                    conn, config.dialect, node_id, to, limit, config.lease_ttl_s, config.bandwidth_window
+                )
 
             clamped = await db.run_write(engine, clamp, config.write_retries)
             state.repaired_once = True

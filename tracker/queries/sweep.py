@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import Integer, bindparam, case, delete, func, or_, select, text, tuple_, update
+from sqlalchemy import Integer, and_, bindparam, case, delete, func, or_, select, text, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import (
@@ -24,6 +24,7 @@ from ..schema import (
     upload_outcomes,
 )
 from ._sql import PEER_STATE_COLUMNS
+from .writes import refresh_speeds
 
 
 async def mark_stale_offline(conn: AsyncConnection, node_id: int, now: float, peer_timeout: float) -> int:
@@ -120,7 +121,13 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
 
 
 async def clamp_future(
-    conn: AsyncConnection, node_id: int, now: float, limit: float, lease_ttl: float
+    conn: AsyncConnection,
+    dialect: str,
+    node_id: int,
+    now: float,
+    limit: float,
+    lease_ttl: float,
+    window: int,
 ) -> int:
     """Bring this node's times that lie beyond ``limit`` back to ``now`` (the caller's choice: when
     the clock was set right); returns the rows changed.
@@ -132,8 +139,31 @@ async def clamp_future(
     authority on its rows, and re-versioned they travel again with their new times.
     ``first_seen`` takes the minimum over every sighting, so lowering it is always safe. Full scans:
     run only after a step back and once per process (tracker/sweeper.py).
+
+    Samples and outcomes too (QA round 7): a sample dated ahead stayed among a peer's latest
+    ``window`` for the size of the step, so its speed ignored every new one, and it was the newest
+    time of its row, which neighbours held back with every later version of this origin, and for
+    which other trackers refused this node's snapshots whole. Their peers' speeds are computed
+    again, and their rows re-versioned with their samples, which travel again.
     """
     changed = 0
+    s = bandwidth_samples.c
+    ahead = and_(s.node_id == node_id, s.at > limit)
+    keys = (
+        (await conn.execute(select(peers.c.peer_key).where(peers.c.id.in_(select(s.peer_id).where(ahead)))))
+        .scalars()
+        .all()
+    )
+    if keys:
+        changed += int(
+            (await conn.execute(update(bandwidth_samples).where(ahead).values(at=now))).rowcount or 0
+        )
+        await refresh_speeds(conn, dialect, node_id, sorted(keys), window, versioned=True)
+    o = upload_outcomes.c
+    result = await conn.execute(
+        update(upload_outcomes).where(o.node_id == node_id, o.at > limit).values(at=now)
+    )
+    changed += int(result.rowcount or 0)
 
     def clamped(column: Any) -> Any:
         return case((column > now, now), else_=column)
