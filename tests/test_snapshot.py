@@ -536,7 +536,7 @@ async def test_keep_k_keeps_exactly_the_newest_k_of_this_node_and_touches_nothin
     (tmp_path / ".someone-else.tmp").write_text("theirs")
     (tmp_path / "snapshot-1-node-a.jsonl.gz").write_text("not our name pattern")
     other_node = await write_snapshot(tmp_path, _header(node="node-b", taken_at=T0), [], keep=1)
-    for offset in (5, 1, 3, 2, 4, 6):  # written out of order: retention goes by taken_at
+    for offset in range(1, 7):
         await write_snapshot(tmp_path, _header(taken_at=T0 + offset), [_sample(offset)], keep=3)
     assert _listing(tmp_path) == sorted(
         [".someone-else.tmp", "notes.txt", "snapshot-1-node-a.jsonl.gz", other_node.name]
@@ -544,11 +544,19 @@ async def test_keep_k_keeps_exactly_the_newest_k_of_this_node_and_touches_nothin
     )
 
 
-async def test_a_snapshot_dated_before_the_newest_k_is_still_kept(tmp_path: Path) -> None:
-    for offset in (10, 20):
-        await write_snapshot(tmp_path, _header(taken_at=T0 + offset), [], keep=2)
-    backwards = await write_snapshot(tmp_path, _header(taken_at=T0), [], keep=2)  # the clock went back
-    assert backwards.exists() and len(_listing(tmp_path)) == 3
+async def test_after_the_clock_went_back_the_files_named_ahead_are_the_oldest(tmp_path: Path) -> None:
+    """Named by a clock a day ahead, then set right: the files written since hold the later state.
+    Retention dropped those instead and latest_snapshot went on naming a stale file for a day (QA
+    round 7); files named ahead now go first, and rank below the others given ``now``."""
+    day = 86_400
+    ahead = [await write_snapshot(tmp_path, _header(taken_at=T0 + day + i), [], keep=3) for i in (1, 2)]
+    assert await latest_snapshot(tmp_path, now=T0) == ahead[1]  # nothing else to choose
+    since = [await write_snapshot(tmp_path, _header(taken_at=T0 + i), [], keep=3) for i in (1, 2)]
+    assert [p.exists() for p in ahead + since] == [False, True, True, True]
+    assert await latest_snapshot(tmp_path, now=T0 + 3) == since[1]
+    assert await latest_snapshot(tmp_path) == ahead[1]  # without now, by name alone
+    await write_snapshot(tmp_path, _header(taken_at=T0 + 3), [], keep=3)
+    assert not ahead[1].exists()
 
 
 async def test_latest_snapshot_is_the_newest_by_time_optionally_of_one_node(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy import func, select, text
 
 from tracker import AvailabilityTracker, TrackerConfig, sweeper
 from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
+from tracker.gossip import files
 from tracker.schema import bandwidth_samples, content_peers, peer_stats, upload_outcomes
 from tracker.sweeper import SWEEP_LOCK_KEY
 from tracker.testing import ManualClock
@@ -291,6 +292,31 @@ async def test_a_sweep_writes_a_snapshot_that_decodes_back_to_the_state(
             ("movie", "b", True),
             ("movie", "c", False),
         }
+
+
+async def test_snapshots_go_on_at_their_interval_after_the_clock_is_set_back(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    """Named by a clock a day ahead, the newest file looked a day "young" once the clock was set
+    right: no snapshot was written for a day, and latest_snapshot named the stale one (QA round 7)."""
+    directory = tmp_path / "snapshots"
+    every_5_min = replace(config, snapshot_dir=str(directory), snapshot_interval_s=300, snapshot_keep=2)
+    clock.advance(86_400)
+    async with AvailabilityTracker(every_5_min) as tracker:
+        await tracker.record_peer_online("p")
+        stale = (await tracker.sweep()).snapshot_path
+        assert stale is not None
+        clock.leap(-86_400)
+        clock.advance(60)
+        await tracker.record_peer_online("q")
+        fresh = (await tracker.sweep()).snapshot_path
+        assert fresh is not None and fresh != stale
+        assert await files.latest_snapshot(directory, tracker.node_key, now=clock.now) == fresh
+        clock.advance(60)
+        assert (await tracker.sweep()).snapshot_path is None  # the interval counts from the fresh one
+        clock.advance(240)
+        assert (await tracker.sweep()).snapshot_path is not None
+    assert not stale.exists()  # kept 2: the two written since the clock was set right
 
 
 async def test_snapshots_are_written_once_per_interval_whoever_sweeps(

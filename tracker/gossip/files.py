@@ -91,9 +91,12 @@ class _TempFile:
         """Delete all but ``node``'s newest ``keep`` snapshots, but never the one just written, and
         ``node``'s temp files that a killed writer left behind (unmodified for ``STALE_TEMP_S``)."""
         mine = [path for _, owner, path in _snapshots(self.directory) if owner == node]
+        # Files named after the one just written were named by a clock that was ahead and has been
+        # set back since: they hold an older state, so they are the first to go.
+        ahead = [path for path in mine if path.name > self.final.name]
+        mine = ahead + [path for path in mine if path.name <= self.final.name]
         for path in mine[:-keep]:
-            if path != self.final:  # it is older than another: the clock went back; keep it anyway
-                path.unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
         written = self.final.stat().st_mtime
         with os.scandir(self.directory) as entries:
             for entry in entries:
@@ -186,17 +189,33 @@ async def read_snapshot(path: Path) -> Snapshot:
     return await asyncio.to_thread(_read, Path(path))
 
 
-def _latest(directory: Path, node: str | None) -> Path | None:
+#: How far ahead of "now" a snapshot's name may lie and still count as the newest: further, it was
+#: named by a clock that was ahead and has since been set back (the tracker's ``max_clock_skew_s``).
+AHEAD_S = 120.0
+
+
+def _latest(directory: Path, node: str | None, now: float | None) -> Path | None:
     try:
-        found = _snapshots(directory)
+        found = [(millis, path) for millis, owner, path in _snapshots(directory) if node in (None, owner)]
     except FileNotFoundError:
         return None
-    return next((path for _, owner, path in reversed(found) if node in (None, owner)), None)
+    if now is not None:  # files named ahead of now rank below every other, newest first among them
+        limit = (now + AHEAD_S) * 1000
+        found = [f for f in found if f[0] > limit] + [f for f in found if f[0] <= limit]
+    return found[-1][1] if found else None
 
 
-async def latest_snapshot(directory: Path, node: str | None = None) -> Path | None:
-    """The newest snapshot file in ``directory`` (of ``node`` if given), or ``None`` if there is none."""
-    return await asyncio.to_thread(_latest, Path(directory), node)
+async def latest_snapshot(
+    directory: Path, node: str | None = None, *, now: float | None = None
+) -> Path | None:
+    """The newest snapshot file in ``directory`` (of ``node`` if given), or ``None`` if there is none.
+
+    Newest by the time in its name. Given ``now``, a name more than ``AHEAD_S`` after it ranks below
+    every other: a clock that ran ahead named it, and the files written since the clock was set
+    right, named earlier, hold the later state (QA round 7: the stale file stayed "the newest" for
+    the size of the step).
+    """
+    return await asyncio.to_thread(_latest, Path(directory), node, now)
 
 
 def taken_at(path: Path) -> float:
