@@ -147,6 +147,16 @@ async def test_every_cookbook_query_runs_and_finds_rows(swarm: AvailabilityTrack
     assert rows, f"the cookbook query found nothing on a swarm that should match it:\n{sql}"
 
 
+CHURN = {marker.strip(): sql for marker, sql in BLOCKS if "went_offline" in sql}
+
+
+async def test_churn_leaves_out_peers_never_seen_online(swarm: AvailabilityTracker, engine_name: str) -> None:
+    """A peer known only from a failed upload has last_seen 0: it went offline in 1970 (QA round 7)."""
+    await swarm.record_upload_failure("reported-only")
+    rows = await _rows(swarm, CHURN[engine_name])
+    assert rows and not any(str(row["hour"]).startswith("1970") for row in rows), rows
+
+
 async def test_views_take_now_per_statement_even_inside_an_open_transaction(
     swarm: AvailabilityTracker,
 ) -> None:
