@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 
 from tracker import AvailabilityTracker, InvalidInput, TrackerConfig
 from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
+from tracker.queries.writes import draw_of
 from tracker.schema import peer_leases, peers
 from tracker.testing import ManualClock
 
@@ -133,6 +134,37 @@ async def test_weighted_is_repeatable_for_a_seed(tracker: AvailabilityTracker, c
         for p in picked:
             await tracker.record_upload_success(p.peer_id, cid="movie")
     assert draws[0] == draws[1]
+
+
+async def test_weighted_draws_alike_wherever_the_peers_got_their_ids(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    """The draw hashed the surrogate id, which Postgres spends on every key upsert and every tracker
+    numbers in the order it hears of peers: one seed drew other peers on each engine (QA round 7).
+    Here a second database hears of the same peers in reverse order, some of them many times."""
+    names = [f"p{i}" for i in range(12)]
+    other = replace(config, database_url=f"sqlite+aiosqlite:///{tmp_path / 'other.db'}")
+    async with AvailabilityTracker(config) as a, AvailabilityTracker(other) as b:
+        await a.record_batch(proven_peers(names, clock.now))
+        for name in reversed(names):
+            for _ in range(3 if name[-1] in "13" else 1):
+                await b.record_peer_online(name)
+        await b.record_batch(proven_peers(list(reversed(names)), clock.now))
+        for tracker in (a, b):
+            async with tracker.engine.connect() as conn:
+                rows = (await conn.execute(select(peers.c.peer_key, peers.c.draw, peers.c.id))).all()
+            assert {key: draw for key, draw, _ in rows} == {key: draw_of(key) for key in names}
+        ids = []
+        for tracker in (a, b):
+            async with tracker.engine.connect() as conn:
+                ids.append(dict((await conn.execute(select(peers.c.peer_key, peers.c.id))).all()))
+        assert ids[0] != ids[1]  # the surrogate ids differ
+        for seed in (1, 42, 1234):
+            picks = [
+                [p.peer_id for p in await t.select_best_peers("movie", 4, strategy="weighted", seed=seed)]
+                for t in (a, b)
+            ]
+            assert picks[0] == picks[1], seed
 
 
 async def test_weighted_ranks_a_holder_of_weight_zero_last(config: TrackerConfig, clock: ManualClock) -> None:

@@ -18,7 +18,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.command import upgrade
 from alembic.runtime.migration import MigrationContext
 from conftest import _dsn
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,6 +31,7 @@ from tracker.migrations import (
     head_revision,
     migrate,
 )
+from tracker.queries.writes import draw_of
 from tracker.schema import metadata
 
 # What `downgrade base` may leave behind: Alembic's own bookkeeping (and, on Postgres, its primary key).
@@ -309,3 +310,21 @@ async def test_alembic_from_the_shell_waits_for_the_lock_trackers_take_to_migrat
     await asyncio.wait_for(upgrading, 120)
     assert await current_revision(engine) == head_revision()
     assert await schema_diff(engine) == []
+
+
+async def test_migration_0011_gives_existing_peers_the_draw_their_keys_give(engine: AsyncEngine) -> None:
+    """Postgres fills ``draw`` in SQL and SQLite from Python: both must equal what the write path
+    stores for a new peer (``draw_of``), or draws would differ by where a peer was first written."""
+    keys = ["peer-1", "Peer-2", "ünïcode-🙂", "x" * 256, "bafy/🙂:with spaces"]
+    await migrate(engine, "0010")
+    async with engine.begin() as conn:
+        for key in keys:
+            await conn.execute(text("INSERT INTO peers (peer_key, first_seen) VALUES (:k, 0)"), {"k": key})
+    await migrate(engine)
+    async with engine.connect() as conn:
+        stored = dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all())
+    assert stored == {key: draw_of(key) for key in keys}
+    assert await schema_diff(engine) == []
+    await migrate(engine, "0010", downgrade=True)  # in place: the peers stay
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM peers"))).scalar_one() == len(keys)

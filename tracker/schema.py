@@ -65,6 +65,9 @@ peers = Table(
     Column("id", Id, primary_key=True),
     Column("peer_key", Key, nullable=False, unique=True),
     Column("first_seen", Double, nullable=False),
+    # From the key alone (events.draw_of), so weighted selections draw alike on every engine and
+    # tracker for one seed; the surrogate id differs (Postgres skips sequence values on conflicts).
+    Column("draw", Integer, nullable=False, server_default=text("0")),
     comment="Every peer ever seen, by its external id.",
 )
 

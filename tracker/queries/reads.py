@@ -419,6 +419,7 @@ def _ranked_select(
         select(
             peers.c.peer_key,
             peers.c.id.label("peer_id"),
+            peers.c.draw,
             score.label("reputation"),
             rep.sql_success_rate(m.c.sw, m.c.fw, params).label("success_rate"),
             rep.sql_uptime_factor(m.c.uptime_s, params).label("uptime_factor"),
@@ -440,11 +441,12 @@ def _ranked_select(
     c = candidates.subquery("candidates")
     if mode == "weighted":
         # Efraimidis-Spirakis: the top n of ln(u)/w are a weighted sample without replacement. u is a
-        # hash of (peer, seed): portable SQL, and repeatable for a given seed. The speed factor is
-        # relative to the fastest candidate: a window value, so one layer further down.
+        # hash of (peer, seed): portable SQL, and repeatable for a given seed, from the number the
+        # peer's key gives (peers.draw) so that it is the same on every engine and tracker. The
+        # speed factor is relative to the fastest candidate: a window value, so one layer down.
         c = select(c, func.max(c.c.speed).over().label("fastest")).subquery("scored")
         seed: ColumnElement[float] = bindparam("seed", type_=Double())
-        x = func.sin(c.c.peer_id * num(12.9898) + seed * num(78.233)) * num(43758.5453)
+        x = func.sin(c.c.draw * num(12.9898) + seed * num(78.233)) * num(43758.5453)
         u = num(1e-12) + (x - func.floor(x)) * num(1.0 - 2e-12)
         relative_speed = func.coalesce(c.c.speed / func.nullif(c.c.fastest, num(0.0)), num(1.0))
         weight = c.c.effective * (num(0.5) + num(0.5) * relative_speed)

@@ -6,6 +6,7 @@ rows as arrays (``compiled.Rows``), and a peer or mapping named several times ta
 
 from __future__ import annotations
 
+import hashlib
 import operator
 import uuid
 from collections.abc import Iterable, Sequence
@@ -146,6 +147,12 @@ def _cid_of(event: Event) -> str | None:
     return None
 
 
+def draw_of(peer_key: str) -> int:
+    """``peers.draw``: the first 24 bits of the key's MD5, which Postgres computes alike
+    (``('x' || substr(md5(peer_key), 1, 6))::bit(24)::int``, migration 0011). A hash, not a secret."""
+    return int(hashlib.md5(peer_key.encode(), usedforsecurity=False).hexdigest()[:6], 16)
+
+
 async def upsert_keys(
     conn: DriverSQL, dialect: str, table_name: str, keys: Iterable[tuple[str, float]]
 ) -> None:
@@ -155,20 +162,25 @@ async def upsert_keys(
     for key, at in keys:
         if key not in earliest or at < earliest[key]:
             earliest[key] = at
-    rows = [{"k": key, "t": earliest[key]} for key in sorted(earliest)]
+    if table_name == "peers":
+        rows = [{"k": key, "t": earliest[key], "d": draw_of(key)} for key in sorted(earliest)]
+    else:
+        rows = [{"k": key, "t": earliest[key]} for key in sorted(earliest)]
     await _keys_upsert(dialect, table_name).run(conn, rows)
 
 
 @cache
 def _keys_upsert(dialect: str, table_name: str) -> RowsStatement:
-    table, key_column = (
-        (peers, peers.c.peer_key) if table_name == "peers" else (contents, contents.c.content_key)
-    )
-    row = Rows(dialect, k=key_column.type, t=Double())
-    stmt = row.insert(table, {key_column.name: row["k"], "first_seen": row["t"]})
+    if table_name == "peers":
+        row = Rows(dialect, k=peers.c.peer_key.type, t=Double(), d=Integer())
+        table, values = peers, {"peer_key": row["k"], "first_seen": row["t"], "draw": row["d"]}
+    else:
+        row = Rows(dialect, k=contents.c.content_key.type, t=Double())
+        table, values = contents, {"content_key": row["k"], "first_seen": row["t"]}
+    stmt = row.insert(table, values)
     # Only an older first sighting (a late event) touches an existing row.
     stmt = stmt.on_conflict_do_update(
-        index_elements=[key_column.name],
+        index_elements=[next(iter(values))],
         set_={"first_seen": stmt.excluded.first_seen},
         where=stmt.excluded.first_seen < table.c.first_seen,
     )
