@@ -42,6 +42,7 @@ from .schemas import (
     PeerScore,
     SpeedIn,
     StatsOut,
+    batch_items,
     to_events,
 )
 from .settings import ServiceSettings
@@ -167,7 +168,8 @@ def build_router(settings: ServiceSettings) -> APIRouter:
 
     @writes.post("/events", summary="Many events in one transaction, all or nothing")
     async def batch(body: BatchIn, tracker: Tracker, metrics: Metrics) -> Applied:
-        return await commit(tracker, metrics, await off_loop(len(body.events), to_events, body.events))
+        items = await batch_items(body.events)
+        return await commit(tracker, metrics, await off_loop(len(items), to_events, items))
 
     @reads.get("/peers", summary="Peers in id order, a page at a time")
     async def list_peers(

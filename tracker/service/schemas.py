@@ -7,11 +7,13 @@ what the database may receive (the same rules as the library and gossip).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, SkipValidation, TypeAdapter, ValidationError
 
 from .. import events as ev
 from .. import reputation as rep
@@ -101,7 +103,42 @@ BatchItem = Annotated[
 class BatchIn(_Body):
     """Events applied in one transaction, all or nothing."""
 
-    events: list[BatchItem]
+    # Described as a list of items, checked by ``batch_items`` a slice at a time: validated whole,
+    # 50,000 items held the event loop for 0.2-0.4 s (pydantic holds the interpreter lock, so a
+    # thread would not free the loop either).
+    events: Annotated[list[BatchItem], SkipValidation]
+
+
+_ITEMS: TypeAdapter[list[BatchItem]] = TypeAdapter(list[BatchItem])
+#: Items validated between two turns of the event loop: ~5-10 ms of pydantic's time.
+ITEMS_PER_TURN = 1_000
+
+
+async def batch_items(raw: object) -> list[BatchItem]:
+    """``BatchIn.events`` validated as FastAPI would have, with the same error locations, in slices
+    of ``ITEMS_PER_TURN`` between which the event loop serves other requests."""
+    if not isinstance(raw, list):  # JSON gives no other sequence: this raises the list error
+        try:
+            _ITEMS.validate_python(raw)
+        except ValidationError as error:
+            raise RequestValidationError(
+                [{**found, "loc": ("body", "events", *found["loc"])} for found in error.errors()]
+            ) from None
+        raise AssertionError(f"events of type {type(raw).__name__} passed as a list")
+    items: list[BatchItem] = []
+    errors: list[dict[str, Any]] = []
+    for start in range(0, len(raw), ITEMS_PER_TURN):
+        if start:
+            await asyncio.sleep(0)
+        try:
+            items += _ITEMS.validate_python(raw[start : start + ITEMS_PER_TURN])
+        except ValidationError as error:
+            for found in error.errors():
+                index, *rest = found["loc"]
+                errors.append({**found, "loc": ("body", "events", start + int(index), *rest)})
+    if errors:
+        raise RequestValidationError(errors)
+    return items
 
 
 def to_event(item: BatchItem) -> ev.Event:
