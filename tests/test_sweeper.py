@@ -65,6 +65,36 @@ async def test_seen_exactly_peer_timeout_ago_is_online_everywhere_and_a_moment_l
     assert (await tracker.sweep()).peers_marked_offline == 1
 
 
+@pytest.mark.parametrize("swept", [False, True])
+async def test_a_late_event_finds_a_timed_out_session_alike_whether_or_not_a_sweep_closed_it(
+    tracker: AvailabilityTracker, clock: ManualClock, swept: bool
+) -> None:
+    """p timed out (last seen at +100, now +500); then a heartbeat sent at +200 arrives late, and a
+    fresh one. Unswept, the late one continues the session (it was within peer_timeout of +100);
+    a sweep run first made it start a new one at +200, for good: uptime 400 s instead of 500 and a
+    lower score (QA round 8). A late goodbye likewise ended the session at the sweep's +100."""
+    start = clock.now
+    for peer in ("p", "q"):
+        await tracker.record_peer_online(peer, at=start)
+    clock.advance(100)
+    for peer in ("p", "q"):
+        await tracker.record_peer_online(peer)
+    clock.advance(400)
+    if swept:
+        assert (await tracker.sweep()).peers_marked_offline == 2
+    await tracker.record_peer_online("p", at=start + 200)
+    await tracker.record_peer_online("p")
+    await tracker.record_peer_offline("q", at=start + 250)
+    p, q = await tracker.get_peer_metrics("p"), await tracker.get_peer_metrics("q")
+    assert p is not None and p.online and p.online_since is not None
+    assert (p.online_since.timestamp(), p.uptime) == (start, timedelta(seconds=500))
+    assert q is not None and not q.online and q.uptime == timedelta(seconds=250)
+    clock.advance(400)
+    await tracker.sweep()
+    p = await tracker.get_peer_metrics("p")
+    assert p is not None and not p.online and p.uptime == timedelta(seconds=500)
+
+
 async def test_a_heartbeating_peer_stays_online_through_many_sweeps(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:

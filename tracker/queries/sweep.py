@@ -31,7 +31,10 @@ async def mark_stale_offline(conn: AsyncConnection, node_id: int, now: float, pe
     """Close every session of this node unseen for ``peer_timeout``, at its ``last_seen``; returns how many.
 
     One set-based UPDATE. Queries already treat such peers as offline by time; this makes the stored
-    flag and the accumulated uptime true for analysts and for gossip.
+    flag and the accumulated uptime true for analysts and for gossip. ``online_since`` stays: an
+    offline row with a session start is one the sweeper closed, which a late event from within
+    that session resumes (or ends at its goodbye) just as it would have found it unswept
+    (``writes._peer_stats_upsert``).
     """
     ps = peer_stats.c
     stmt = (
@@ -39,7 +42,6 @@ async def mark_stale_offline(conn: AsyncConnection, node_id: int, now: float, pe
         .where(ps.node_id == node_id, ps.online, ps.last_seen < now - peer_timeout)
         .values(
             online=False,
-            online_since=None,
             uptime_s=ps.uptime_s + (ps.last_seen - ps.online_since),
             updated_at=now,
             version=None,  # gossip carries the closed session too

@@ -195,7 +195,8 @@ def _peer_stats_upsert(
 
     The inserted row is the event as a delta; ON CONFLICT merges it into the stored row.
     Presence is last-writer-wins by time: an event older than ``last_seen`` never flips the state.
-    A session that timed out before this event ends at the stored ``last_seen``. A failed upload
+    A session that timed out before this event ends at the stored ``last_seen``, whether or not the
+    sweeper closed it meanwhile (it keeps ``online_since`` of a session it closes, for this). A failed upload
     (the reporter could not get the chunk, which is no sign the peer is there; the one event whose
     row counts a failure) leaves presence and ``last_seen`` alone. Everything the merge reads of the
     event is in the inserted row (``excluded``): on Postgres one statement carries many (``Rows``).
@@ -235,8 +236,13 @@ def _peer_stats_upsert(
     timeout = num(peer_timeout)
     presence = new.failed_count == 0
     fresh = and_(presence, new.last_seen >= old.last_seen)
-    alive = and_(old.online, old.last_seen >= new.last_seen - timeout)
+    # Closed by the sweeper (it timed out: offline, its start kept), not by a goodbye. A late event
+    # from within that session finds it as it would have without the sweep: a sweep that happened
+    # to run first changed the peer's uptime and session for good (QA round 8).
+    swept = and_(~old.online, old.online_since.is_not(None))
+    alive = and_(or_(old.online, swept), old.last_seen >= new.last_seen - timeout)
     continues = and_(new.online, alive)
+    resumed = and_(fresh, swept, alive)
     session_end = case((alive, new.last_seen), else_=old.last_seen)
     has_outcome = new.evidence_at.is_not(None)
     stmt = ins.on_conflict_do_update(
@@ -250,7 +256,16 @@ def _peer_stats_upsert(
                 else_=None,
             ),
             "uptime_s": old.uptime_s
-            + case((and_(fresh, old.online, ~continues), session_end - old.online_since), else_=num(0.0)),
+            + case(
+                (and_(fresh, old.online, ~continues), session_end - old.online_since),
+                # The sweeper added the session up to old.last_seen: it goes on (take that back),
+                # or ends now at this goodbye (add the rest).
+                (
+                    resumed,
+                    case((new.online, old.online_since - old.last_seen), else_=new.last_seen - old.last_seen),
+                ),
+                else_=num(0.0),
+            ),
             "last_seen": case(
                 (presence, greatest(dialect, old.last_seen, new.last_seen)), else_=old.last_seen
             ),
@@ -311,7 +326,7 @@ def _version_after(
         return null()
     window = num(resolution)
     same_window = func.floor(new.last_seen / window) == func.floor(old.last_seen / window)
-    quiet = and_(~has_outcome, new.failed_count == 0, or_(~fresh, and_(continues, same_window)))
+    quiet = and_(~has_outcome, new.failed_count == 0, or_(~fresh, and_(continues, old.online, same_window)))
     return case((quiet, old.version), else_=null())
 
 
