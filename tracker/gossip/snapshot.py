@@ -18,10 +18,11 @@ round-trip repr, so they read back bit for bit. Node keys are 1-64 characters, p
    ``"t": "peer"``: one origin's view of one peer (a ``peer_stats`` row plus ``peers.first_seen``):
    ``peer`` the peer id; ``first_seen`` when the exporting database first saw it; ``online`` (bool)
    the state of the latest presence event; ``online_since`` start of the open session, or of the
-   one the sweeper closed, or null; ``last_seen`` latest event time; ``uptime_s`` seconds of closed sessions; ``served``, ``failed``
-   exact lifetime upload counts (integers); ``success_weight``, ``failure_weight`` decayed evidence
-   (dimensionless) as of ``evidence_at``, the newest outcome's time (null before any); ``speed_bps``
-   mean of the latest samples in bytes/s, or null; ``updated_at`` when the origin last wrote the row.
+   one the sweeper closed, or null; ``last_seen`` latest event time; ``uptime_s`` seconds of closed
+   sessions; ``served``, ``failed`` exact lifetime upload counts (integers); ``success_weight``,
+   ``failure_weight`` decayed evidence (dimensionless) as of ``evidence_at``, the newest outcome's
+   time (null before any); ``speed_bps`` mean of the latest samples in bytes/s, or null;
+   ``updated_at`` when the origin last wrote the row.
 
    ``"t": "sample"``: a bandwidth sample (the exporter sends each peer and origin's latest window):
    ``peer``; ``at`` when it was measured; ``bytes_per_sec`` (integer, at most 10^12).
