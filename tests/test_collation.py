@@ -69,3 +69,28 @@ async def test_ties_rank_in_code_point_order(tracker: AvailabilityTracker) -> No
     content = await tracker.get_content_availability("cid")
     assert content is not None
     assert [p.peer_id for p in content.peers] == sorted(KEYS)
+
+
+async def test_listings_page_in_code_point_order_under_an_icu_collation(
+    icu_url: str, clock: ManualClock
+) -> None:
+    """They paged in the collation's order, "a" before "B" on such a database and after it on
+    SQLite (QA round 8); peers.peer_key is in C now (migration 0012), and still uses its index."""
+    async with AvailabilityTracker(TrackerConfig(database_url=icu_url, clock=clock)) as tracker:
+        await _holders(tracker)
+        pages, after = [], None
+        while page := await tracker.list_peers(limit=3, after=after):
+            pages.append([p.peer_id for p in page])
+            after = page[-1].peer_id
+        assert [key for page in pages for key in page] == sorted(KEYS)
+        assert await tracker.get_available_peers("cid") == sorted(KEYS)
+        async with tracker.engine.begin() as conn:  # a handful of rows: make the index the only way
+            await conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            await conn.exec_driver_sql("SET LOCAL enable_sort = off")
+            plan = "\n".join(
+                row[0]
+                for row in await conn.exec_driver_sql(
+                    "EXPLAIN SELECT id FROM peers WHERE peer_key > 'a' ORDER BY peer_key LIMIT 3"
+                )
+            )
+        assert "uq_peers_peer_key" in plan and "Sort" not in plan, plan

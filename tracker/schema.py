@@ -36,6 +36,9 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 # SQLite only auto-assigns INTEGER PRIMARY KEY (the rowid); Postgres wants 64 bits for event tables.
 Id = BigInteger().with_variant(Integer(), "sqlite")
 Key = String(256)
+#: A key compared by code point, as SQLite compares every string: Postgres's default collation
+#: may not (``en_US.UTF-8`` puts ``a`` before ``B``).
+CodePointKey = String(256).with_variant(String(256, collation="C"), "postgresql")
 
 nodes = Table(
     "tracker_nodes",
@@ -63,7 +66,8 @@ peers = Table(
     "peers",
     metadata,
     Column("id", Id, primary_key=True),
-    Column("peer_key", Key, nullable=False, unique=True),
+    # Compared by code point on both engines (migration 0012): listings page in the same order.
+    Column("peer_key", CodePointKey, nullable=False, unique=True),
     Column("first_seen", Double, nullable=False),
     # From the key alone (events.draw_of), so weighted selections draw alike on every engine and
     # tracker for one seed; the surrogate id differs (Postgres skips sequence values on conflicts).
