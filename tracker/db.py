@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import Table, event
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -488,8 +488,6 @@ def missing_sqlite_file(config: TrackerConfig) -> str | None:
     """
     if config.dialect != "sqlite":
         return None
-    from sqlalchemy.engine import make_url
-
     database = make_url(config.database_url).database
     if database and database != ":memory:" and not Path(database).exists():
         return database

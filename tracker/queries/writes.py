@@ -172,15 +172,15 @@ async def upsert_keys(
 @cache
 def _keys_upsert(dialect: str, table_name: str) -> RowsStatement:
     if table_name == "peers":
-        row = Rows(dialect, k=peers.c.peer_key.type, t=Double(), d=Integer())
-        table, values = peers, {"peer_key": row["k"], "first_seen": row["t"], "draw": row["d"]}
+        table, key, row = peers, "peer_key", Rows(dialect, k=peers.c.peer_key.type, t=Double(), d=Integer())
+        values = {key: row["k"], "first_seen": row["t"], "draw": row["d"]}
     else:
-        row = Rows(dialect, k=contents.c.content_key.type, t=Double())
-        table, values = contents, {"content_key": row["k"], "first_seen": row["t"]}
+        table, key, row = contents, "content_key", Rows(dialect, k=contents.c.content_key.type, t=Double())
+        values = {key: row["k"], "first_seen": row["t"]}
     stmt = row.insert(table, values)
     # Only an older first sighting (a late event) touches an existing row.
     stmt = stmt.on_conflict_do_update(
-        index_elements=[next(iter(values))],
+        index_elements=[key],
         set_={"first_seen": stmt.excluded.first_seen},
         where=stmt.excluded.first_seen < table.c.first_seen,
     )
