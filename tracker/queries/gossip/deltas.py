@@ -56,9 +56,9 @@ async def read_deltas(
 
     Rows are read in version order; when a table fills the budget, the delta ends before the last
     version read (which may be incomplete) and says so with ``upto``, so the receiver's clock never
-    claims a version it does not fully hold. A version is never split: one bigger than the budget
-    (another tracker's ``stamp_chunk`` above this one's ``max_rows``) goes whole, alone if it comes
-    first, in the next message if not, so every message completes at least one version.
+    claims a version it does not fully hold. A version is never split: one bigger than what is left
+    of the budget (another tracker's ``stamp_chunk`` above this one's ``max_rows``) goes whole and
+    ends the message, so every origin reached completes at least one version.
 
     A peer row carries its samples only if they changed after that origin's entry in ``samples``,
     the other side's samples clocks (all of them without, or with ``every_sample``, for a version 1
@@ -100,14 +100,13 @@ async def read_deltas(
             peer_rows = [r for r in peer_rows if r.version <= upto]
             mapping_rows = [r for r in mapping_rows if r.version <= upto]
         if upto < first:
-            # Not even the first version fits what is left of the budget: it was stamped by a tracker
-            # whose stamp_chunk is above this one's max_rows, or other origins used the budget. The
-            # first part of a message takes it whole, over budget; a later part leaves it to the next
-            # message and lets the origins after it use the rest. Stopping here starved this origin
-            # and every later one for good (QA round 6).
+            # Not even the first version fits what is left of the budget (stamped by a tracker whose
+            # stamp_chunk is above this one's max_rows, or the origins before it used the budget):
+            # it goes whole, over the budget, and ends the message. Stopping here starved this
+            # origin and every later one for good (QA round 6); leaving it to a message where it
+            # came first starved it while fresh versions of other origins always came first (QA
+            # round 9). A message is so at most max_rows - 1 rows plus one version.
             truncated = True
-            if out:
-                continue
             upto = first
             peer_rows = await _peer_rows(conn, node_id, base, None, upto)
             mapping_rows = await _mapping_rows(conn, node_id, base, None, upto)
