@@ -178,34 +178,36 @@ class GossipAgent:
         )
 
     async def _encode(
-        self, build: Callable[[int], Awaitable[Message]]
+        self, build: Callable[[int, frozenset[str]], Awaitable[Message]]
     ) -> tuple[Message, bytes, dict[str, str]]:
         """Sign a message, halving its rows until it fits ``max_bytes`` (rarely: rows are small).
 
-        A message of one row still holds one whole version (``read_deltas``): if even that does not
-        fit, it goes as it is, and the error says which setting to change (the receiver refuses it if
-        its ``max_bytes`` is as small; gossip from that origin stalls until one is raised).
+        A message of one row still holds one whole version (``read_deltas``). If even that does not
+        fit, its origin is left out of this message, with an error saying which setting to change,
+        so that the other origins still travel: sent, the message was refused whole by a receiver
+        with as small a limit, and every origin stalled behind that one (QA round 9).
         """
-        rows = self.config.max_rows
+        rows, skip = self.config.max_rows, frozenset[str]()
         while True:
-            message = await build(rows)
+            message = await build(rows, skip)
             body, headers = await asyncio.to_thread(signed, message, self.keyring)  # see _decode
             if len(body) <= self.config.max_bytes:
                 return message, body, headers
-            if rows == 1:
-                log.error(
-                    "a gossip message of one version is %d bytes, above max_bytes (%d): raise "
-                    "max_bytes on every tracker, or lower stamp_chunk on the trackers it comes from",
-                    len(body),
-                    self.config.max_bytes,
-                    extra={
-                        "action": "gossip_message_oversized",
-                        "bytes": len(body),
-                        "origins": [d.origin for d in message.deltas],
-                    },
-                )
+            if rows > 1:
+                rows = max(1, rows // 2)
+                continue
+            oversized = [d.origin for d in message.deltas if d.peers or d.mappings]
+            log.error(
+                "a gossip message of one version of %s is %d bytes, above max_bytes (%d): it is left "
+                "out; raise max_bytes on every tracker, or lower stamp_chunk on the trackers it comes from",
+                ", ".join(oversized),
+                len(body),
+                self.config.max_bytes,
+                extra={"action": "gossip_message_oversized", "bytes": len(body), "origins": oversized},
+            )
+            if not oversized or skip.issuperset(oversized):  # nothing left to leave out
                 return message, body, headers
-            rows = max(1, rows // 2)
+            rows, skip = self.config.max_rows, skip | set(oversized)
 
     async def _decode(self, body: bytes, authorization: str | None, now: float) -> Message:
         """``protocol.decode`` in a thread: validating a full message (5,000 peer rows) is 70-160 ms
@@ -299,11 +301,11 @@ class GossipAgent:
         self._count(counts)
         self._learn(message)
 
-        async def build(rows: int) -> Message:
+        async def build(rows: int, skip: frozenset[str]) -> Message:
             # A version 1 neighbour is answered in its own version: every row with its samples.
             v1 = message.version == 1
             delta = await self._read_deltas(
-                message.vector, message.samples_vector, (message.node,), rows, every_sample=v1
+                message.vector, message.samples_vector, (message.node, *skip), rows, every_sample=v1
             )
             return self._message("reply", vectors, delta, message.nonce, message.version)
 
@@ -341,12 +343,12 @@ class GossipAgent:
 
         vectors = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
 
-        async def build(rows: int) -> Message:
+        async def build(rows: int, skip: frozenset[str]) -> Message:
             # First contact sends only the digest: the reply's vector tells what the neighbour holds.
             if known is None:
                 delta = q.Delta([], False)
             else:
-                delta = await self._read_deltas(known, neighbor.samples, (), rows)
+                delta = await self._read_deltas(known, neighbor.samples, tuple(skip), rows)
             return self._message("sync", vectors, delta, None)
 
         sync, body, headers = await self._encode(build)
