@@ -349,6 +349,23 @@ async def test_snapshots_go_on_at_their_interval_after_the_clock_is_set_back(
     assert not stale.exists()  # kept 2: the two written since the clock was set right
 
 
+async def test_after_a_small_step_back_one_snapshot_catches_up_and_the_interval_holds(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    """A step back of 100 s (within the 120 s a name may lie ahead and still count as newest):
+    every pass wrote a snapshot until the clock reached the newest file's name (QA round 9)."""
+    directory = tmp_path / "snapshots"
+    hourly = replace(config, snapshot_dir=str(directory), snapshot_interval_s=3600)
+    async with AvailabilityTracker(hourly) as tracker:
+        assert (await tracker.sweep()).snapshot_path is not None
+        clock.leap(-100)
+        written = []
+        for _ in range(4):
+            clock.advance(20)
+            written.append((await tracker.sweep()).snapshot_path is not None)
+        assert written == [True, False, False, False]
+
+
 async def test_snapshots_are_written_once_per_interval_whoever_sweeps(
     config: TrackerConfig, clock: ManualClock, tmp_path: Path
 ) -> None:

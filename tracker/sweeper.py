@@ -327,9 +327,10 @@ async def _snapshot_due(tracker: AvailabilityTracker, directory: Path, now: floa
     interval = tracker.config.snapshot_interval_s
     if not interval:
         return True
-    newest = await files.latest_snapshot(directory, tracker.node_key, now=now)
-    # One named ahead of now is due too: it was named by a clock since set back, and waiting for
-    # now to reach its name wrote none for the size of the step (QA round 7).
+    # The newest named at or before now; one named ahead (by a clock since set back) only if there
+    # is no other, and then a snapshot is due at once: waiting for now to reach its name wrote none
+    # for the size of the step (QA round 7), and counting from it wrote one every pass (QA round 9).
+    newest = await files.latest_snapshot(directory, tracker.node_key, now=now, ahead_s=0.0)
     return newest is None or not 0 <= now - files.taken_at(newest) < interval
 
 

@@ -194,28 +194,28 @@ async def read_snapshot(path: Path) -> Snapshot:
 AHEAD_S = 120.0
 
 
-def _latest(directory: Path, node: str | None, now: float | None) -> Path | None:
+def _latest(directory: Path, node: str | None, now: float | None, ahead_s: float) -> Path | None:
     try:
         found = [(millis, path) for millis, owner, path in _snapshots(directory) if node in (None, owner)]
     except FileNotFoundError:
         return None
     if now is not None:  # files named ahead of now rank below every other, newest first among them
-        limit = (now + AHEAD_S) * 1000
+        limit = (now + ahead_s) * 1000
         found = [f for f in found if f[0] > limit] + [f for f in found if f[0] <= limit]
     return found[-1][1] if found else None
 
 
 async def latest_snapshot(
-    directory: Path, node: str | None = None, *, now: float | None = None
+    directory: Path, node: str | None = None, *, now: float | None = None, ahead_s: float = AHEAD_S
 ) -> Path | None:
     """The newest snapshot file in ``directory`` (of ``node`` if given), or ``None`` if there is none.
 
-    Newest by the time in its name. Given ``now``, a name more than ``AHEAD_S`` after it ranks below
+    Newest by the time in its name. Given ``now``, a name more than ``ahead_s`` after it ranks below
     every other: a clock that ran ahead named it, and the files written since the clock was set
     right, named earlier, hold the later state (QA round 7: the stale file stayed "the newest" for
     the size of the step).
     """
-    return await asyncio.to_thread(_latest, Path(directory), node, now)
+    return await asyncio.to_thread(_latest, Path(directory), node, now, ahead_s)
 
 
 def taken_at(path: Path) -> float:
