@@ -130,6 +130,19 @@ async def test_a_batch_with_one_bad_event_is_rejected_whole(api: httpx.AsyncClie
     assert (await api.get("/v1/content/c1")).status_code == 404
 
 
+async def test_a_batch_with_an_unknown_field_lists_its_bad_events_too(api: httpx.AsyncClient) -> None:
+    """Events are validated in slices after the body (docs/operations.md): when the body itself
+    failed, the bad events went unlisted (QA round 9)."""
+    good = [{"type": "peer_online", "peer_id": "p"}] * 1200
+    body = {"events": [*good, {"type": "speed_sample", "peer_id": "p", "bytes_per_sec": -5}], "x": 1}
+    response = await api.post("/v1/events", json=body)
+    assert response.status_code == 422
+    assert [d["loc"] for d in response.json()["error"]["details"]] == [
+        ["body", "events", 1200, "speed_sample", "bytes_per_sec"],
+        ["body", "x"],
+    ]
+
+
 @pytest.mark.parametrize(
     ("path", "body", "code", "says"),
     [

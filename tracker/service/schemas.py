@@ -13,7 +13,16 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, SkipValidation, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SkipValidation,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 from .. import events as ev
 from .. import reputation as rep
@@ -108,8 +117,37 @@ class BatchIn(_Body):
     # thread would not free the loop either).
     events: Annotated[list[BatchItem], SkipValidation]
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _items_beside_other_errors(cls, data: Any, handler: Any) -> Any:
+        """When the body fails for another reason (an unknown field), its events' errors are listed
+        too, as before they were skipped here: ``batch_items`` never runs then (QA round 9)."""
+        try:
+            return handler(data)
+        except ValidationError as error:
+            events = data.get("events") if isinstance(data, dict) else None
+            try:
+                if events is not None:
+                    _ITEMS.validate_python(events)
+            except ValidationError as items:
+                details = _details(items, ("events",)) + _details(error, ())
+                raise ValidationError.from_exception_data(error.title, details) from None
+            raise
+
 
 _ITEMS: TypeAdapter[list[BatchItem]] = TypeAdapter(list[BatchItem])
+
+
+def _details(error: ValidationError, prefix: tuple[str, ...]) -> list[InitErrorDetails]:
+    details = []
+    for found in error.errors():
+        detail = InitErrorDetails(type=found["type"], loc=(*prefix, *found["loc"]), input=found["input"])
+        if "ctx" in found:
+            detail["ctx"] = found["ctx"]
+        details.append(detail)
+    return details
+
+
 #: Items validated between two turns of the event loop: ~5-10 ms of pydantic's time.
 ITEMS_PER_TURN = 1_000
 
