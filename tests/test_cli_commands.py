@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -92,6 +93,8 @@ def test_an_unknown_peer_or_content_is_one_line_and_exit_1(seeded: str) -> None:
 def test_content_show_ranks_the_online_holders_without_taking_leases(seeded: str) -> None:
     shown = json.loads(_cli(seeded, "content", "show", "cid-1", "--json").stdout)
     assert shown["replication_factor"] == 4
+    # ISO 8601 with a T, as peers show and the HTTP API write times ("2026-12-05 21:25:21+00:00" before)
+    assert datetime.fromisoformat(shown["last_updated"]).isoformat() == shown["last_updated"]
     assert shown["peers"][0]["peer_id"] == "peer-3"
     assert json.loads(_cli(seeded, "stats", "--json").stdout)["open_leases"] == 0
 

@@ -312,3 +312,25 @@ def test_serve_with_neighbours_but_no_gossip_key_refuses_to_start(tmp_path: Path
     line = result.stderr.strip().splitlines()
     assert len(line) == 1 and "no gossip key" in line[0] and "TRACKER_GOSSIP_KEYS" in line[0], result.stderr
     assert not database.exists()
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["gossip", "push", "http://127.0.0.1:8751"]])
+def test_a_max_bytes_too_small_for_one_version_is_refused_before_any_database_is_created(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Refused only once the agent was built, after the database had been created and migrated
+    (QA round 10)."""
+    database = tmp_path / "t.db"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_GOSSIP_")}
+    env.update(TRACKER_GOSSIP_KEYS="a-shared-key-of-enough-length", TRACKER_GOSSIP_MAX_BYTES="2000")
+    result = subprocess.run(
+        [sys.executable, "-m", "tracker", *command, "--database-url", f"sqlite+aiosqlite:///{database}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot hold one version of stamp_chunk" in lines[0], result.stderr
+    assert not database.exists()

@@ -14,6 +14,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from datetime import datetime
 from typing import Annotated, Any, TypeVar
 
 import click
@@ -203,4 +204,10 @@ async def opened(database_url: str | None, *, create: bool = False) -> AsyncIter
 
 def print_json(value: Any) -> None:
     """JSON on stdout: plain ``print`` (Rich would wrap long lines and break the document)."""
-    typer.echo(json.dumps(value, indent=2, default=str))
+    typer.echo(json.dumps(value, indent=2, default=_jsonable))
+
+
+def _jsonable(value: object) -> str:
+    """Times as ISO 8601 (``T``-separated, as ``peers show`` and the HTTP API write them): ``str``
+    of a datetime separates with a space (QA round 10)."""
+    return value.isoformat() if isinstance(value, datetime) else str(value)

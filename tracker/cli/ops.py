@@ -18,6 +18,7 @@ from ._common import (
     DebugOption,
     JsonOption,
     app,
+    config_for,
     errors_as_messages,
     opened,
     print_json,
@@ -198,12 +199,14 @@ def push(
     from ..errors import ConfigError
     from ..gossip.agent import GossipAgent
     from ..gossip.config import GossipConfig, check_url
+    from ..gossip.sizing import check_fits
 
     with errors_as_messages(debug):
         config = GossipConfig.from_env()
         if not config.enabled:
             raise ConfigError("set TRACKER_GOSSIP_KEYS to the shared gossip key first")
         target = check_url(url)
+        check_fits(config, config_for(database_url).bandwidth_window)  # before creating a database
 
         async def work() -> dict[str, int]:
             async with opened(database_url, create=True) as tracker:

@@ -72,6 +72,7 @@ def serve(
     """
     # Imported here: the service stack (FastAPI, uvicorn) is not needed by any other command.
     from ..gossip.config import GossipConfig
+    from ..gossip.sizing import check_fits
     from ..service import ForcedShutdown, ServiceSettings
     from ..service import serve as run_service
     from ..service.logs import configure_logging
@@ -82,6 +83,8 @@ def serve(
         gossip = GossipConfig.from_env()
         if gossip_neighbor:
             gossip = replace(gossip, neighbors=tuple(gossip_neighbor))
+        if gossip.enabled:  # before the database is opened, or created
+            check_fits(gossip, config.bandwidth_window)
         configure_logging(json_lines=settings.log_json, level=settings.log_level)
         try:
             run(run_service(config, settings, gossip))

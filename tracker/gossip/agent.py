@@ -21,7 +21,7 @@ import httpx
 
 from .. import db
 from ..core import AvailabilityTracker
-from ..errors import ConfigError, TrackerError
+from ..errors import TrackerError
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
 from .config import GossipConfig, check_url
@@ -36,7 +36,7 @@ from .protocol import (
     new_nonce,
     signed,
 )
-from .sizing import version_bytes
+from .sizing import check_fits
 
 log = logging.getLogger("tracker.gossip")
 
@@ -99,14 +99,7 @@ class GossipAgent:
     ) -> None:
         if not config.enabled:
             raise GossipRejected("disabled", "gossip needs a shared key (GossipConfig.keys)", 503)
-        needed = version_bytes(config.stamp_chunk, tracker.config.bandwidth_window)
-        if needed > config.max_bytes:
-            raise ConfigError(
-                f"gossip max_bytes ({config.max_bytes}) cannot hold one version of stamp_chunk "
-                f"({config.stamp_chunk}) rows, about {needed} bytes with bandwidth_window "
-                f"{tracker.config.bandwidth_window}, and no message would ever be accepted: raise "
-                "max_bytes or lower stamp_chunk"
-            )
+        check_fits(config, tracker.config.bandwidth_window)
         self.tracker = tracker
         self.config = config
         self.keyring = Keyring(config.keys)

@@ -317,7 +317,12 @@ def decode(
 ) -> Message:
     """Authenticate and validate one message; ``GossipRejected`` says which check failed."""
     if len(body) > max_bytes:
-        raise GossipRejected("oversized", f"the message is {len(body)} bytes; the limit is {max_bytes}", 413)
+        raise GossipRejected(
+            "oversized",
+            f"the message is {len(body)} bytes; the limit is {max_bytes} (gossip max_bytes: set it "
+            "alike on every tracker)",
+            413,
+        )
     keyring.verify(body, authorization)
     text = _inflate(body, max_bytes * 20)
     try:

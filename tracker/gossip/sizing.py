@@ -10,6 +10,8 @@ from __future__ import annotations
 import random
 from functools import cache
 
+from ..errors import ConfigError
+from .config import GossipConfig
 from .protocol import MappingState, Message, OriginDelta, PeerState, encode
 
 _ID_CHARS = "0123456789abcdef"
@@ -80,3 +82,15 @@ def version_bytes(rows: int, window: int) -> int:
         )
         sizes.append(len(encode(message)))
     return max(sizes)
+
+
+def check_fits(config: GossipConfig, window: int) -> None:
+    """Refuse settings under which no message of this tracker's could be accepted: checked by the
+    agent, and by the commands before they open (or create) a database (QA round 10)."""
+    needed = version_bytes(config.stamp_chunk, window)
+    if needed > config.max_bytes:
+        raise ConfigError(
+            f"gossip max_bytes ({config.max_bytes}) cannot hold one version of stamp_chunk "
+            f"({config.stamp_chunk}) rows, about {needed} bytes with bandwidth_window {window}, and no "
+            "message would ever be accepted: raise max_bytes or lower stamp_chunk"
+        )
