@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from tracker import AvailabilityTracker
+from tracker.gossip import limits
 from tracker.gossip.agent import GOSSIP_PATH, GossipAgent
 
 KEY = "test-gossip-key-0123456789"
@@ -35,7 +36,9 @@ class LocalNet:
         base = url.removesuffix(GOSSIP_PATH)
         if base in self.down or base not in self.agents:
             raise ConnectionError(f"{base} is unreachable")
-        status, answer, answer_headers = await self.agents[base].handle(body, headers.get("Authorization"))
+        status, answer, answer_headers = await self.agents[base].handle(
+            body, headers.get("Authorization"), max_bytes=headers.get(limits.HEADER)
+        )
         return status, answer, {k.lower(): v for k, v in answer_headers.items()}
 
 

@@ -24,6 +24,7 @@ from ..core import AvailabilityTracker
 from ..errors import TrackerError
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
+from . import limits
 from .config import GossipConfig, check_url
 from .protocol import (
     MAX_VERSION,
@@ -45,6 +46,7 @@ Transport = Callable[[str, bytes, dict[str, str]], Awaitable[tuple[int, bytes, d
 
 GOSSIP_PATH = "/v1/gossip"
 _MAX_FOLLOW_UPS = 8  # extra syncs in one exchange while the neighbour says it has more
+_MAX_OVERSIZED_TRIES = 4  # sends of one sync refused as oversized, each within a smaller limit
 
 
 @dataclass
@@ -84,6 +86,8 @@ class _Neighbor:
     failures: int = 0
     retry_at: float = 0.0
     last_success_at: float | None = None
+    #: The limit it stated (``limits``), or learned from a refusal; ``None``: this tracker's own.
+    max_bytes: int | None = None
 
 
 class GossipAgent:
@@ -171,9 +175,10 @@ class GossipAgent:
         )
 
     async def _encode(
-        self, build: Callable[[int, frozenset[str]], Awaitable[Message]]
+        self, build: Callable[[int, frozenset[str]], Awaitable[Message]], max_bytes: int
     ) -> tuple[Message, bytes, dict[str, str]]:
-        """Sign a message, halving its rows until it fits ``max_bytes`` (rarely: rows are small).
+        """Sign a message, halving its rows until it fits ``max_bytes`` (this tracker's, or a
+        neighbour's smaller one: ``limits``), which is rare: rows are small.
 
         A message of one row still holds one whole version (``read_deltas``). If even that does not
         fit, its origin is left out of this message, with an error saying which setting to change,
@@ -184,18 +189,20 @@ class GossipAgent:
         while True:
             message = await build(rows, skip)
             body, headers = await asyncio.to_thread(signed, message, self.keyring)  # see _decode
-            if len(body) <= self.config.max_bytes:
+            headers |= limits.headers(self.config.max_bytes)
+            if len(body) <= max_bytes:
                 return message, body, headers
             if rows > 1:
                 rows = max(1, rows // 2)
                 continue
             oversized = [d.origin for d in message.deltas if d.peers or d.mappings]
             log.error(
-                "a gossip message of one version of %s is %d bytes, above max_bytes (%d): it is left "
-                "out; raise max_bytes on every tracker, or lower stamp_chunk on the trackers it comes from",
+                "a gossip message of one version of %s is %d bytes, above max_bytes (%d, the smaller "
+                "of this tracker's and the neighbour's): it is left out; raise max_bytes on every "
+                "tracker, or lower stamp_chunk on the trackers it comes from",
                 ", ".join(oversized),
                 len(body),
-                self.config.max_bytes,
+                max_bytes,
                 extra={"action": "gossip_message_oversized", "bytes": len(body), "origins": oversized},
             )
             if not oversized or skip.issuperset(oversized):  # nothing left to leave out
@@ -249,12 +256,18 @@ class GossipAgent:
     # -- serving ------------------------------------------------------------------------------
 
     async def handle(
-        self, body: bytes, authorization: str | None, *, address: str | None = None
+        self,
+        body: bytes,
+        authorization: str | None,
+        *,
+        address: str | None = None,
+        max_bytes: str | None = None,
     ) -> tuple[int, bytes, dict[str, str]]:
         """Answer one ``sync``: (status, body, headers). Errors are JSON ``{"error", "reason"}``.
 
         ``address`` (the connection's, from the service) only goes into the logs: a message that
-        fails its signature names no sender that could be trusted.
+        fails its signature names no sender that could be trusted. ``max_bytes`` is the sender's
+        ``limits.HEADER``: the reply fits it. Every answer, a refusal too, states this tracker's.
         """
         now = self._now()
         cfg = self.config
@@ -270,7 +283,7 @@ class GossipAgent:
                 )
         except GossipRejected as error:
             self._reject(error, address=address)
-            return _error(error)
+            return self._error(error)
         message = self._hold_future(message, now)
         self.stats.bytes_received += len(body)
         window = self.tracker.config.bandwidth_window
@@ -290,7 +303,7 @@ class GossipAgent:
             counts, vectors = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
         except GossipRejected as error:
             self._reject(error, message.node, address)
-            return _error(error)
+            return self._error(error)
         self._count(counts)
         self._learn(message)
 
@@ -302,9 +315,18 @@ class GossipAgent:
             )
             return self._message("reply", vectors, delta, message.nonce, message.version)
 
-        _, out, headers = await self._encode(build)
+        reply_limit = limits.stated(max_bytes, cfg.max_bytes) or cfg.max_bytes
+        _, out, headers = await self._encode(build, reply_limit)
         self.stats.bytes_sent += len(out)
         return 200, out, headers
+
+    def _error(self, error: GossipRejected) -> tuple[int, bytes, dict[str, str]]:
+        body = json.dumps({"error": str(error), "reason": error.reason}).encode()
+        return (
+            error.status,
+            body,
+            {"Content-Type": "application/json"} | limits.headers(self.config.max_bytes),
+        )
 
     # -- initiating ---------------------------------------------------------------------------
 
@@ -344,10 +366,20 @@ class GossipAgent:
                 delta = await self._read_deltas(known, neighbor.samples, tuple(skip), rows)
             return self._message("sync", vectors, delta, None)
 
-        sync, body, headers = await self._encode(build)
-        status, answer, answer_headers = await self._send(neighbor.url + GOSSIP_PATH, body, headers)
-        self.stats.bytes_sent += len(body)
-        self.stats.rows_sent += sync.rows
+        own = cfg.max_bytes
+        for _ in range(_MAX_OVERSIZED_TRIES):
+            sync, body, headers = await self._encode(build, min(own, neighbor.max_bytes or own))
+            status, answer, answer_headers = await self._send(neighbor.url + GOSSIP_PATH, body, headers)
+            self.stats.bytes_sent += len(body)
+            self.stats.rows_sent += sync.rows
+            stated = limits.stated(answer_headers.get(limits.HEADER.lower()), own)
+            if status != 413 or _reason(answer) != "oversized":
+                if stated is not None:  # it may have raised its limit, too
+                    neighbor.max_bytes = stated
+                break
+            # Its limit is below this one's (a tracker of an earlier release states none): try again
+            # at once within it, rather than back off and send as much again.
+            neighbor.max_bytes = limits.after_refusal(stated, len(body), own)
         if status != 200:
             if _reason(answer) == "self":  # that URL is this tracker itself (learned): forget it
                 self._neighbors.pop(neighbor.url, None)
@@ -502,8 +534,3 @@ def _reason(body: bytes) -> str | None:
         return code.removeprefix("gossip_")
     reason = detail.get("reason")
     return reason if isinstance(reason, str) else None
-
-
-def _error(error: GossipRejected) -> tuple[int, bytes, dict[str, str]]:
-    body = json.dumps({"error": str(error), "reason": error.reason}).encode()
-    return error.status, body, {"Content-Type": "application/json"}

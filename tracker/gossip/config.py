@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
+from .limits import MIN_BYTES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,7 +68,7 @@ class GossipConfig:
         for name, low in (
             ("fanout", 1),
             ("max_rows", 2),
-            ("max_bytes", 1024),
+            ("max_bytes", MIN_BYTES),
             ("stamp_chunk", 1),
             ("message_burst", 1),
         ):

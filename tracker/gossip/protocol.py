@@ -319,8 +319,8 @@ def decode(
     if len(body) > max_bytes:
         raise GossipRejected(
             "oversized",
-            f"the message is {len(body)} bytes; the limit is {max_bytes} (gossip max_bytes: set it "
-            "alike on every tracker)",
+            f"the message is {len(body)} bytes; the limit is {max_bytes} (gossip max_bytes, stated in "
+            "the X-Gossip-Max-Bytes header of every answer: senders of earlier releases ignore it)",
             413,
         )
     keyring.verify(body, authorization)

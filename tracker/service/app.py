@@ -27,6 +27,7 @@ from .. import __version__
 from ..core import AvailabilityTracker
 from ..errors import CommitOutcomeUnknown, InvalidInput, StorageError, TrackerClosed, TransientStorageError
 from ..events import FORBIDDEN_CHARACTERS
+from ..gossip import limits as gossip_limits
 from ..gossip.agent import GossipAgent
 from ..ratelimit import TokenBuckets
 from .metrics import ServiceMetrics
@@ -111,11 +112,16 @@ def _add_gossip_route(app: FastAPI, gossip: GossipAgent | None) -> None:
         if gossip is None:
             return error_response(request, 404, "gossip_disabled", "gossip is not enabled on this tracker")
         status, body, headers = await gossip.handle(
-            await request.body(), request.headers.get("authorization"), address=_client(request.scope)
+            await request.body(),
+            request.headers.get("authorization"),
+            address=_client(request.scope),
+            max_bytes=request.headers.get(gossip_limits.HEADER),
         )
         if status != 200:
             detail = json.loads(body)
-            return error_response(request, status, f"gossip_{detail['reason']}", detail["error"])
+            refusal = error_response(request, status, f"gossip_{detail['reason']}", detail["error"])
+            refusal.headers[gossip_limits.HEADER] = headers[gossip_limits.HEADER]
+            return refusal
         return Response(body, status_code=200, headers=headers)
 
 
