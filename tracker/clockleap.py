@@ -123,6 +123,11 @@ class SteadyClock:
         #: Leaps accepted so far, and the wall time of the latest acceptance.
         self.accepted = 0
         self.accepted_at = 0.0
+        #: How far the latest accepted leap put the clock ahead of the held one: what the leases
+        #: granted by the held clock move by, and the held clock's readings are the new ones less.
+        #: Not ``accepted_lag``, which also counts steps within the tolerance followed before the
+        #: leap (the sweeper stays behind those too): the held clock had followed them (QA round 11).
+        self.accepted_gap = 0.0
 
     @property
     def accepted_lag(self) -> float:
@@ -178,7 +183,7 @@ class SteadyClock:
             # Steps within the tolerance before it were followed, so stamps older than them are
             # behind the new clock by the whole drift: the sweeper stays behind by that much.
             self._lag = (max(surplus, drift), mono + self.accept_after_s)
-            self.accepted, self.accepted_at = self.accepted + 1, wall
+            self.accepted, self.accepted_at, self.accepted_gap = self.accepted + 1, wall, surplus
             self._anchors.clear()
             return self._trust(wall, mono, anchor=True)
         self.leap_s = surplus
@@ -198,6 +203,13 @@ class SteadyClock:
         if size and self.elapsed is not None and self.elapsed() < until:
             return size
         return 0.0
+
+    def extend_lag(self) -> None:
+        """Keep ``lag()`` on for ``accept_after_s`` from now: rows are still being dated by the held
+        clock (its leases' move has not been stored yet: ``tracker.leaseclock``)."""
+        size, until = self._lag
+        if size and self.elapsed is not None:
+            self._lag = (size, max(until, self.elapsed() + self.accept_after_s))
 
     def for_sweep(self) -> float:
         """ "Now" for the sweeper's timeouts and retention: ``self()`` less ``lag()``."""

@@ -130,7 +130,7 @@ class AvailabilityTracker:
                     self.now.resume(state)
             now = self._opened_at = self.now()
             clock = self.now
-            state, shift = clock.state(), (clock.accepted_at, clock.accepted_lag) if clock.accepted else None
+            state, shift = clock.state(), (now, clock.accepted_gap) if clock.accepted else None
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:
                 if self._publish_settings:
@@ -181,7 +181,9 @@ class AvailabilityTracker:
         async def work(conn: AsyncConnection) -> None:
             await self._write_clock(conn, node_id, now, state, shift)
 
-        await db.run_write(self.engine, work, self.config.write_retries)
+        # A move is not retried here: every operation waits while it runs, and a failed one is tried
+        # again after a back-off while they go on by the held clock (``LeaseClock.shift``).
+        await db.run_write(self.engine, work, 0 if shift else self.config.write_retries)
 
     async def _persist_clock(self) -> None:
         """Store the clock's state (each sweep), the held leases moved first after an acceptance."""

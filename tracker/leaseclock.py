@@ -24,6 +24,14 @@ commit has committed: the events it stamped with it are applied on the same side
 the transaction's own reading (``on_behalf``) is brought onto that side too. In the common case
 this costs a comparison and an uncontended shared lock, 1.7 us a write.
 
+The move is stored with the clock's state, in a write transaction. When that fails (the database
+briefly locked or unreachable), operations go on by the held clock, their readings the new clock's
+less the leap, as before the acceptance, and the sweeper and the reads stay behind the leap for as
+long; the move is tried again by the first reading after a back-off of 1, 2, 4 ... 30 s of elapsed
+time. The store's error used to be every operation's: each one tried the move again, in turn, and
+failed with it, heartbeats included, so that peers timed out, which is what holding the clock is
+for (QA round 11).
+
 Within one process. Several processes of one boot each accept the leap at their own reading (up to
 a sweep apart) and each moves the leases dated by its own held clock (docs/operations.md, Clocks).
 """
@@ -31,13 +39,19 @@ a sweep apart) and each moves the leases dated by its own held clock (docs/opera
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from .clockleap import ClockState, SteadyClock
 
-#: An accepted leap whose held leases are to be moved: (wall time of the acceptance, size).
+log = logging.getLogger(__name__)
+
+#: An accepted leap whose held leases are to be moved: (the new clock's reading at the move, the
+#: leap's size, ``SteadyClock.accepted_gap``); the held clock then read the first less the second.
 Shift = tuple[float, float]
+#: Elapsed seconds before a failed move is tried again: doubling from 1 up to this.
+MAX_RETRY_S = 30.0
 #: Stores the clock's state as of a reading, moving the held leases first when given a ``Shift``,
 #: in one transaction.
 Store = Callable[[float, ClockState | None, Shift | None], Awaitable[None]]
@@ -104,6 +118,23 @@ class LeaseClock:
         self._on_behalf = _OnBehalf(self, self._gate)
         #: The acceptance (``SteadyClock.accepted``) whose held leases were moved, once committed.
         self.shifted_for = 0
+        self._failures = 0  # moves failed in a row
+        self._retry_at = 0.0  # elapsed time before which a failed move is not tried again
+
+    @property
+    def pending(self) -> bool:
+        """An accepted leap whose held leases have not been moved yet: readings are the held clock's."""
+        return self.clock.accepted != self.shifted_for
+
+    def _due(self) -> bool:
+        elapsed = self.clock.elapsed
+        return elapsed is None or elapsed() >= self._retry_at
+
+    def _held(self, now: float) -> float:
+        """The held clock's reading for the new clock's ``now``, while the move is pending; the
+        sweeper and reads stay behind the leap while rows are dated so."""
+        self.clock.extend_lag()
+        return now - self.clock.accepted_gap
 
     def reading(self) -> _Reading:
         """``async with leases.reading() as now``: one reading of "now" for an operation on leases;
@@ -121,20 +152,37 @@ class LeaseClock:
 
     async def shift(self) -> None:
         """Move the held leases of an accepted leap and store the clock's state with them, after
-        every operation holding a reading has ended; nothing when already done."""
+        every operation holding a reading has ended; nothing when already done. A failure is
+        logged, and the move tried again after a back-off (see the module)."""
         async with self._gate.exclusive():
             clock = self.clock
             now = clock()
             accepted = clock.accepted
             if accepted == self.shifted_for:
                 return
-            await self._store(now, clock.state(), (clock.accepted_at, clock.accepted_lag))
-            self.shifted_for = accepted
+            try:
+                await self._store(now, clock.state(), (now, clock.accepted_gap))
+            except Exception as error:
+                self._failures += 1
+                delay = min(MAX_RETRY_S, 2.0 ** (self._failures - 1))
+                self._retry_at = (clock.elapsed() if clock.elapsed is not None else 0.0) + delay
+                log.warning(
+                    "could not store the accepted clock leap and move the leases granted before it "
+                    "(%s: %s): the tracker keeps the held clock and tries again in %g s",
+                    type(error).__name__,
+                    error,
+                    delay,
+                    extra={"action": "clock_leases_move_failed", "failures": self._failures},
+                )
+                return
+            self.shifted_for, self._failures = accepted, 0
 
     async def save(self) -> None:
         """Store the clock's state (each sweep): a stored acceptance always comes with its leases
         moved, so a process that resumes it leaves them alone."""
         async with self.reading() as now:
+            if self.pending:  # the move stores the state with it, when it succeeds
+                return
             await self._store(now, self.clock.state(), None)
 
 
@@ -153,8 +201,10 @@ class _Reading:
             await gate.acquire_shared()
             try:
                 now = leases.clock()
-                if leases.clock.accepted == leases.shifted_for:
+                if not leases.pending:
                     return now
+                if not leases._due():  # a move failed: work goes on by the held clock meanwhile
+                    return leases._held(now)
             except BaseException:
                 gate.release_shared()
                 raise
@@ -168,11 +218,10 @@ class _Reading:
 class _OnBehalf(_Reading):
     """``LeaseClock.on_behalf()``: joins the gate and never makes the move itself.
 
-    The leap taken back is the accepted one, ``max(surplus, drift)``: when steps within the
-    tolerance were followed before the leap (drift > surplus), that is more than the held clock's
-    own gap, by their sum, which is at most ``max_clock_skew_s`` (a larger sum would have been a
-    leap itself): such work is dated up to that much earlier than the held clock would date it,
-    within the skew the tracker accepts from any clock, and the move shifts leases by the same."""
+    The leap taken back is the held clock's own gap (``SteadyClock.accepted_gap``), by which the
+    move shifts leases too: not the sweeper's lag, which also counts steps within the tolerance
+    followed before the leap (taken back, they dated work earlier than the held clock did, and the
+    move brought lapsed leases back: QA round 11)."""
 
     __slots__ = ()
 
@@ -184,6 +233,6 @@ class _OnBehalf(_Reading):
         except BaseException:
             self._gate.release_shared()
             raise
-        if leases.clock.accepted != leases.shifted_for:
-            now -= leases.clock.accepted_lag
+        if leases.pending:
+            now = leases._held(now)
         return now

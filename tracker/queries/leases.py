@@ -173,24 +173,25 @@ async def prune_expired_leases(conn: AsyncConnection, now: float, limit: int) ->
 
 
 async def shift_held_leases(
-    conn: AsyncConnection, node_id: int, accepted_at: float, leap: float, tolerance: float
+    conn: AsyncConnection, node_id: int, moved_at: float, leap: float, tolerance: float
 ) -> int:
-    """Move this node's leases granted by the clock held before a leap of ``leap`` seconds, accepted
-    at ``accepted_at``, and open by that clock, forward by the leap: by the new clock they would
-    lapse the leap early (all at once, for a leap beyond ``lease_ttl_s``).
+    """Move this node's leases granted by the clock held before a leap of ``leap`` seconds, and open
+    by that clock when the new one reads ``moved_at``, forward by the leap: by the new clock they
+    would lapse the leap early (all at once, for a leap beyond ``lease_ttl_s``).
 
-    Only those. Granted by the held clock means no later than its time at the acceptance,
-    ``accepted_at - leap`` (``tolerance``: the drift that the acceptance may have counted beyond the
-    last step): leases granted on a correct clock (after the acceptance, or by another process or
-    host of this database) and leases already moved (by a process that accepted the same leap
-    before) are dated later whenever the leap exceeds their age plus the tolerance; for a smaller
-    leap such a lease may be moved, and then counts for at most the leap longer (QA: a restart
-    after an acceptance moved lapsed ones a day). A lease open by the held clock is not left to
-    lapse early, which would let its peer be handed out past its cap. ``tracker.leaseclock``
-    decides when this runs: between the work done with held readings and the work done with new ones.
+    Only those. Granted by the held clock means no later than its time at the move,
+    ``moved_at - leap`` (plus ``tolerance``, the skew a clock may have): leases granted on a correct
+    clock (after the move, or by another process or host of this database) and leases already
+    moved (by a process that accepted the same leap before) are dated later whenever the leap
+    exceeds their age plus the tolerance; for a smaller leap such a lease may be moved, and then
+    counts for at most the leap longer (QA: a restart after an acceptance moved lapsed ones a day).
+    A lease open by the held clock is not left to lapse early, which would let its peer be handed
+    out past its cap. ``tracker.leaseclock`` decides when this runs: between the work done with
+    held readings and the work done with new ones (until it runs, readings are the held clock's,
+    so the move is dated by when it runs, not by the acceptance).
     """
     lease = peer_leases.c
-    held_now = accepted_at - leap
+    held_now = moved_at - leap
     stmt = (
         update(peer_leases)
         .where(

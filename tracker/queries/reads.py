@@ -86,7 +86,10 @@ def _merged_columns(
 
     ps = peer_stats.c
     t_now: ColumnElement[float] = bindparam("now", type_=Double())
-    session_end = case((ps.last_seen >= _cutoff(), t_now), else_=ps.last_seen)
+    # An open session runs until now if the peer was seen within peer_timeout, else until it was
+    # last seen: just after a leap was accepted, the lagging cutoff keeps peers last seen by the held
+    # clock alive, and "now" would have counted the whole leap as their uptime (QA round 11).
+    session_end = case((ps.last_seen >= bindparam("fresh", type_=Double()), t_now), else_=ps.last_seen)
     session = session_end - ps.online_since
     # A session dated ahead of the clock (within the accepted skew) counts 0, not minus the closed ones.
     uptime = ps.uptime_s + case((and_(ps.online, session > 0.0), session), else_=num(0.0))
@@ -195,9 +198,11 @@ def _holders() -> Select[Any]:
 
 
 def times(now: float, config: TrackerConfig, lag: float = 0.0) -> dict[str, float]:
-    """The reads' time parameters: ``now``, and the presence cutoff ``peer_timeout`` before it, moved
-    back by ``lag`` just after a clock leap was accepted (``SteadyClock.lag``)."""
-    return {"now": now, "cutoff": now - config.peer_timeout - lag}
+    """The reads' time parameters: ``now``, the presence cutoff ``peer_timeout`` before it, moved
+    back by ``lag`` just after a clock leap was accepted (``SteadyClock.lag``), and ``peer_timeout``
+    before it unmoved (``fresh``: until when an open session counts as uptime)."""
+    fresh = now - config.peer_timeout
+    return {"now": now, "cutoff": fresh - lag, "fresh": fresh}
 
 
 async def peer_row(
