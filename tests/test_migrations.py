@@ -328,3 +328,25 @@ async def test_migration_0011_gives_existing_peers_the_draw_their_keys_give(engi
     await migrate(engine, "0010", downgrade=True)  # in place: the peers stay
     async with engine.connect() as conn:
         assert (await conn.execute(text("SELECT count(*) FROM peers"))).scalar_one() == len(keys)
+
+
+async def test_migration_0013_widens_draws_to_31_bits_and_back(engine: AsyncEngine) -> None:
+    """Two keys whose MD5s share their first 24 bits had one draw, and one weighted ``u`` for
+    every seed (QA round 12); 0013 takes 31 bits, and its downgrade gives back what 0011 stored."""
+    keys = ["peer-2600", "peer-4285", "ünïcode-🙂", "x" * 256]
+    await migrate(engine, "0012")
+    async with engine.begin() as conn:
+        for key in keys:
+            await conn.execute(text("INSERT INTO peers (peer_key, first_seen) VALUES (:k, 0)"), {"k": key})
+    await migrate(engine, "0010", downgrade=True)
+    await migrate(engine, "0012")  # 0011 fills the 24-bit draws
+    async with engine.connect() as conn:
+        narrow = dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all())
+    assert narrow["peer-2600"] == narrow["peer-4285"]
+    await migrate(engine)
+    async with engine.connect() as conn:
+        wide = dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all())
+    assert wide == {key: draw_of(key) for key in keys} and wide["peer-2600"] != wide["peer-4285"]
+    await migrate(engine, "0012", downgrade=True)
+    async with engine.connect() as conn:
+        assert dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all()) == narrow

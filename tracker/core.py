@@ -449,7 +449,7 @@ class AvailabilityTracker:
 
     async def _select(self, cid: str, n: int, strategy: str, seed: int | None) -> list[PeerInfo]:
         config, node_id, engine = self.config, self.node_id, self.engine
-        draw = float(self._random.random() * 1e6 if seed is None else random.Random(seed).random() * 1e6)
+        draw = (self._random if seed is None else random.Random(seed)).getrandbits(31)
 
         async def rank(conn: db.DriverSQL, now: float, lag: float) -> list[queries.RankedRow]:
             # A few spares: a concurrent selector may fill a peer's last slot before we grant.

@@ -69,8 +69,9 @@ peers = Table(
     # Compared by code point on both engines (migration 0012): listings page in the same order.
     Column("peer_key", CodePointKey, nullable=False, unique=True),
     Column("first_seen", Double, nullable=False),
-    # From the key alone (events.draw_of), so weighted selections draw alike on every engine and
-    # tracker for one seed; the surrogate id differs (Postgres skips sequence values on conflicts).
+    # From the key alone (queries.writes.draw_of: 31 bits of its MD5), so weighted selections draw
+    # alike on every engine and tracker for one seed; the surrogate id differs (Postgres skips
+    # sequence values on conflicts).
     Column("draw", Integer, nullable=False, server_default=text("0")),
     comment="Every peer ever seen, by its external id.",
 )

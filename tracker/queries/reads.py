@@ -7,6 +7,7 @@ from functools import cache
 from typing import Any
 
 from sqlalchemy import (
+    BigInteger,
     Double,
     Integer,
     Select,
@@ -197,6 +198,29 @@ def _holders() -> Select[Any]:
     )
 
 
+#: The Mersenne prime 2**31 - 1: the hash below works modulo it, so that every product fits 64 bits.
+_P = 2_147_483_647
+
+
+def _mix31(draw: ColumnElement[int], seed: ColumnElement[int]) -> ColumnElement[int]:
+    """A hash of (``draw``, ``seed``), both below 2**31, into ``[0, 2**31 - 1)``, in integer SQL
+    that both engines run alike: a linear step, then two squarings modulo ``_P``, the rounds that
+    make peers' numbers independent of each other from seed to seed (a linear map alone keeps
+    their differences). It was ``fract(sin(draw * 12.9898 + seed * 78.233) * 43758.5453)``: peers
+    whose phases agreed modulo 2 pi drew almost the same ``u`` for most seeds (QA round 12).
+    Mirrored by ``mix31`` below, which the tests compare with it."""
+    x = (cast(draw, BigInteger()) * 48271 + seed) % _P
+    x = (x * x + 1_013_904_223) % _P
+    return (x * x + 12_345) % _P
+
+
+def mix31(draw: int, seed: int) -> int:
+    """``_mix31`` in Python."""
+    x = (draw * 48271 + seed) % _P
+    x = (x * x + 1_013_904_223) % _P
+    return (x * x + 12_345) % _P
+
+
 def times(now: float, config: TrackerConfig, lag: float = 0.0) -> dict[str, float]:
     """The reads' time parameters: ``now``, the presence cutoff ``peer_timeout`` before it, moved
     back by ``lag`` just after a clock leap was accepted (``SteadyClock.lag``), and ``peer_timeout``
@@ -283,7 +307,7 @@ async def ranked_holders(
     *,
     limit: int | None,
     mode: str,
-    seed: float = 0.0,
+    seed: int = 0,
     lag: float = 0.0,
 ) -> list[RankedRow]:
     """Online holders of ``cid`` ranked in SQL, best first; the one place selection order is defined.
@@ -317,7 +341,7 @@ async def best_holders(
     )
     if config.dialect == "postgresql":
         await conn.exec_driver_sql("SET LOCAL plan_cache_mode = force_custom_plan")
-    params = {"cid": cid, "limit": limit, "seed": 0.0, **times(now, config, lag)}
+    params = {"cid": cid, "limit": limit, "seed": 0, **times(now, config, lag)}
     rows = await statement.fetch(conn, params)
     return [_ranked_row(rank, r) for rank, r in enumerate(rows, start=1)], int(rows[0][10]) if rows else 0
 
@@ -446,13 +470,11 @@ def _ranked_select(
     c = candidates.subquery("candidates")
     if mode == "weighted":
         # Efraimidis-Spirakis: the top n of ln(u)/w are a weighted sample without replacement. u is a
-        # hash of (peer, seed): portable SQL, and repeatable for a given seed, from the number the
-        # peer's key gives (peers.draw) so that it is the same on every engine and tracker. The
-        # speed factor is relative to the fastest candidate: a window value, so one layer down.
+        # hash of (peer, seed), repeatable for a given seed, from the number the peer's key gives
+        # (peers.draw) so that it is the same on every engine and tracker. The speed factor is
+        # relative to the fastest candidate: a window value, so one layer down.
         c = select(c, func.max(c.c.speed).over().label("fastest")).subquery("scored")
-        seed: ColumnElement[float] = bindparam("seed", type_=Double())
-        x = func.sin(c.c.draw * num(12.9898) + seed * num(78.233)) * num(43758.5453)
-        u = num(1e-12) + (x - func.floor(x)) * num(1.0 - 2e-12)
+        u = (_mix31(c.c.draw, bindparam("seed", type_=BigInteger())) + num(0.5)) / num(float(_P))
         relative_speed = func.coalesce(c.c.speed / func.nullif(c.c.fastest, num(0.0)), num(1.0))
         weight = c.c.effective * (num(0.5) + num(0.5) * relative_speed)
         # A weight of 0 (reputation 0: an uptime floor of 0 and no uptime yet) ranks last; divided

@@ -148,9 +148,10 @@ def _cid_of(event: Event) -> str | None:
 
 
 def draw_of(peer_key: str) -> int:
-    """``peers.draw``: the first 24 bits of the key's MD5, which Postgres computes alike
-    (``('x' || substr(md5(peer_key), 1, 6))::bit(24)::int``, migration 0011). A hash, not a secret."""
-    return int(hashlib.md5(peer_key.encode(), usedforsecurity=False).hexdigest()[:6], 16)
+    """``peers.draw``: the first 31 bits of the key's MD5, which Postgres computes alike
+    (``('x' || substr(md5(peer_key), 1, 8))::bit(32)::bit(31)::int``, migration 0013; 24 bits
+    before it, which gave peers of a swarm the same draw: see there). A hash, not a secret."""
+    return int(hashlib.md5(peer_key.encode(), usedforsecurity=False).hexdigest()[:8], 16) >> 1
 
 
 async def upsert_keys(
