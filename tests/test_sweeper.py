@@ -161,8 +161,8 @@ async def test_tombstones_and_departed_peers_mappings_expire(
     await tracker.record_content_unavailable("d", "stays", at=t0 + 1)
     assert await _count(tracker, content_peers) == 3
 
-    horizon = max(config.tombstone_ttl_s, config.offline_mapping_retention_s) + 10
-    for step in range(0, int(horizon), 200):  # "stays" keeps sending heartbeats, "gone" does not
+    horizon = max(config.tombstone_keep_s, config.offline_mapping_retention_s) + 10
+    for step in range(0, int(horizon), 280):  # "stays" keeps sending heartbeats, "gone" does not
         clock.now = t0 + step
         await tracker.record_peer_online("stays")
     clock.now = t0 + horizon
@@ -171,6 +171,27 @@ async def test_tombstones_and_departed_peers_mappings_expire(
     assert report.pruned["content_peers"] == 2  # the tombstone (d, stays) and (c, gone)
     assert await tracker.get_available_peers("c") == ["stays"]
     assert await _count(tracker, content_peers) == 1
+
+
+async def test_a_removal_outlives_every_announcement_old_enough_to_predate_it(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """Tombstones expired after ``tombstone_ttl_s`` (1 day) while events up to ``max_event_age_s``
+    old (7 days) were accepted: an announcement sent before a removal and delivered two days
+    later brought the mapping back (QA round 12)."""
+    config = tracker.config
+    t0 = clock.now
+    await tracker.record_batch([PeerOnline("a", at=t0), ContentAvailable("movie", "a", at=t0)])
+    await tracker.record_content_unavailable("movie", "a", at=t0 + 10)
+    clock.now = t0 + 2 * 86_400
+    assert config.tombstone_ttl_s < clock.now - t0 < config.event_age_limit
+    await tracker.sweep()
+    await tracker.record_peer_online("a")
+    await tracker.record_content_available("movie", "a", at=t0 + 5)  # sent before the removal
+    assert await tracker.get_available_peers("movie") == []
+    clock.now = t0 + 10 + config.tombstone_keep_s + 1
+    await tracker.record_peer_online("a")
+    assert (await tracker.sweep()).pruned["content_peers"] == 1  # then it goes
 
 
 async def test_two_trackers_sweeping_one_database_mark_each_stale_peer_exactly_once(

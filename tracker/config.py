@@ -265,6 +265,14 @@ class TrackerConfig:
         return self.outcome_retention_s if self.max_event_age_s is None else self.max_event_age_s
 
     @property
+    def tombstone_keep_s(self) -> float:
+        """How long the sweeper keeps a removed mapping: ``tombstone_ttl_s``, but no less than
+        ``event_age_limit``, so that no announcement old enough to predate a removal is still
+        accepted once the removal is forgotten (it would bring the mapping back; QA round 12: with
+        the defaults, 1 day against 7, announcements 1 to 7 days late did)."""
+        return max(self.tombstone_ttl_s, self.event_age_limit)
+
+    @property
     def dialect(self) -> str:
         """``"sqlite"`` or ``"postgresql"``."""
         return self.database_url.split("+", 1)[0]

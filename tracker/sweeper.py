@@ -127,7 +127,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine,
                 retries,
                 batch,
-                lambda conn: q.prune_tombstones(conn, now - config.tombstone_ttl_s, batch),
+                lambda conn: q.prune_tombstones(conn, now - config.tombstone_keep_s, batch),
             )
             + await _drain(
                 engine,

@@ -113,11 +113,13 @@ def _pair_in(pairs: Any) -> Any:
 
 
 async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: int) -> int:
-    """Delete up to ``limit`` mappings of peers that no origin has seen since ``cutoff``."""
+    """Delete up to ``limit`` mappings of peers that no origin has seen since ``cutoff``. Not their
+    removals (tombstones), which ``prune_tombstones`` ages out: deleted here, a late announcement
+    older than the removal brought the mapping back when the peer returned (QA round 12)."""
     ps = peer_stats.c
     departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
     cp = content_peers.c
-    victims = select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed)).limit(limit)
+    victims = select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available).limit(limit)
     result = await conn.execute(delete(content_peers).where(_pair_in(victims)))
     return int(result.rowcount or 0)
 
