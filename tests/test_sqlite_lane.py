@@ -321,3 +321,20 @@ async def test_the_wal_a_long_reader_grew_shrinks_back_once_it_ends(
         assert grown > 4 * 1024 * 1024 and wal.stat().st_size <= 512 * 1024, (grown, wal.stat().st_size)
     finally:
         await tracker.close()
+
+
+async def test_echo_sql_logs_the_lanes_statements_whatever_sqlalchemys_logger_level(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SQLAlchemy sets its loggers to WARNING on import; the lanes logged at INFO through them, so
+    with ``echo_sql`` on, ingest, selections and reads on SQLite never showed (QA round 11)."""
+    config = TrackerConfig(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'echo.db'}", clock=ManualClock(), echo_sql=True
+    )
+    async with AvailabilityTracker(config) as tracker:
+        caplog.clear()
+        await tracker.record_batch([PeerOnline("a"), ContentAvailable("movie", "a")])
+        await tracker.select_best_peers("movie", 1)
+    lanes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[sqlite lane]")]
+    assert any("INSERT INTO peer_stats" in m for m in lanes), lanes[:5]
+    assert any("peer_leases" in m for m in lanes)

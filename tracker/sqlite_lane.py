@@ -222,6 +222,14 @@ def _drive(awaitable: Awaitable[T]) -> T:
 
 
 def _echo(statement: str, parameters: Any, many: bool) -> None:
-    """``echo_sql`` for the lanes, on SQLAlchemy's engine logger (its own echo never sees these)."""
+    """``echo_sql`` for the lanes, on SQLAlchemy's engine logger (its own echo never sees these).
+
+    Handed to the logger's handlers whatever its level, as SQLAlchemy's echo does: importing
+    SQLAlchemy sets its loggers to WARNING, and ``info()`` dropped every lane statement (QA round
+    11: ingest, selections and reads never showed).
+    """
     shown = f"[{len(parameters)} rows]" if many else repr(parameters)
-    _echo_log.info("[sqlite lane] %s %s", statement, shown)
+    record = _echo_log.makeRecord(
+        _echo_log.name, logging.INFO, __file__, 0, "[sqlite lane] %s %s", (statement, shown), None
+    )
+    _echo_log.handle(record)
