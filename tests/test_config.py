@@ -161,3 +161,12 @@ def test_gossip_neighbours_without_a_key_are_refused() -> None:
     with pytest.raises(ConfigError, match="TRACKER_GOSSIP_KEYS"):
         GossipConfig(neighbors=("http://127.0.0.1:8751",))
     assert not GossipConfig().enabled  # no key and no neighbours: gossip simply off
+
+
+def test_a_page_size_the_listing_would_refuse_is_refused_at_start() -> None:
+    """``/openapi.json`` advertised 20,000 and ``/v1/peers?limit=15000`` answered 422 (QA round 11)."""
+    from tracker.service.settings import ServiceSettings
+
+    assert ServiceSettings(max_page_size=10_000).max_page_size == 10_000
+    with pytest.raises(ConfigError, match=r"max_page_size must be at most 10000"):
+        ServiceSettings(max_page_size=10_001)

@@ -197,11 +197,27 @@ async def test_malformed_bodies_are_rejected_with_their_documented_status(
     assert (await api.get("/v1/stats")).json()["peers_total"] == 0
 
 
-async def test_a_body_without_a_json_content_type_is_415(api: httpx.AsyncClient) -> None:
-    response = await api.post("/v1/peers/online", content=b'{"peer_id": "p"}')
+@pytest.mark.parametrize(
+    "content_type", [None, "text/plain", "text/json", "application/jsonx", "application/x-ndjson"]
+)
+async def test_a_body_without_a_json_content_type_is_415(
+    api: httpx.AsyncClient, content_type: str | None
+) -> None:
+    headers = {} if content_type is None else {"content-type": content_type}
+    response = await api.post("/v1/peers/online", content=b'{"peer_id": "p"}', headers=headers)
     assert response.status_code == 415, response.text
     assert "Content-Type: application/json" in response.json()["error"]["message"]
     assert (await api.get("/v1/stats")).json()["peers_total"] == 0
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "Application/JSON", "application/vnd.x+json"]
+)
+async def test_a_body_in_any_json_media_type_is_read(api: httpx.AsyncClient, content_type: str) -> None:
+    response = await api.post(
+        "/v1/peers/online", content=b'{"peer_id": "p"}', headers={"content-type": content_type}
+    )
+    assert response.status_code == 200, response.text
 
 
 @pytest.mark.parametrize("path", ["/v1/peers/p%0A", "/v1/peers/a%0Ab", "/v1/content/c%0A", "/v1/peers/%7F"])

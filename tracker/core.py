@@ -41,6 +41,8 @@ R = TypeVar("R")
 #: Larger counts of rows asked for mean "all of them": past int32 (a selection ranks 2n), Postgres
 #: refused the LIMIT (a StorageError, which callers may retry) and SQLite overflowed (QA round 6).
 _MOST_ROWS = 2**30 - 1
+#: The most peers one ``list_peers`` page holds.
+MAX_PAGE = 10_000
 T = TypeVar("T")
 
 
@@ -568,8 +570,8 @@ class AvailabilityTracker:
         ...         page = await tracker.list_peers(limit=500, after=ids[-1])
         ...     return ids
         """
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
-            raise InvalidInput(f"limit must be an integer within 1..10000, got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidInput(f"limit must be an integer within 1..{MAX_PAGE}, got {limit!r}")
         if after is not None:
             validate_id(after, "after")
         now, config, lag = self.now(), self.config, self.now.lag()

@@ -125,6 +125,19 @@ def _add_gossip_route(app: FastAPI, gossip: GossipAgent | None) -> None:
         return Response(body, status_code=200, headers=headers)
 
 
+def _read_as_json(content_type: str | None) -> bool:
+    """Whether FastAPI parsed the body as JSON: ``application/json`` or
+    ``application/<anything>+json``, parameters aside, in any case (with no Content-Type at all it
+    does not: ``strict_content_type``, its default). Anything else reaches the models as bytes;
+    "json" anywhere in the header was taken for JSON, and ``text/json`` got a 422 about a
+    dictionary instead of the 415 (QA round 11)."""
+    if not content_type:
+        return False
+    media = content_type.split(";", 1)[0].strip().lower()
+    main, _, sub = media.partition("/")
+    return main == "application" and (sub == "json" or sub.endswith("+json"))
+
+
 def _client(scope: Scope) -> str | None:
     """The connecting address, ``host:port``, for logs (``None`` where the server gives none)."""
     client = scope.get("client")
@@ -172,7 +185,7 @@ def _install_error_handlers(app: FastAPI) -> None:
             return error_response(
                 request, 400, "bad_request", f"the body is not valid JSON ({unparsed['msg']} at byte {at})"
             )
-        if "json" not in request.headers.get("content-type", "") and any(
+        if not _read_as_json(request.headers.get("content-type")) and any(
             d["loc"][:1] == ["body"] for d in details
         ):
             return error_response(

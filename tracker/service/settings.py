@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..core import MAX_PAGE
 from ..errors import ConfigError
 
 DEFAULT_PORT = 8750
@@ -86,6 +87,12 @@ class ServiceSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.max_page_size > MAX_PAGE:
+            # The listing would advertise it and then refuse it (QA round 11).
+            raise ConfigError(
+                f"max_page_size must be at most {MAX_PAGE} (the most list_peers returns), "
+                f"got {self.max_page_size}"
+            )
         if self.log_level.lower() not in ("critical", "error", "warning", "info", "debug"):
             raise ConfigError(
                 f"log_level must be critical, error, warning, info or debug, got {self.log_level!r}"
