@@ -102,13 +102,15 @@ def test_content_show_ranks_the_online_holders_without_taking_leases(seeded: str
 def test_best_picks_and_leases_and_rejects_an_unknown_strategy(seeded: str) -> None:
     best = json.loads(_cli(seeded, "best", "cid-1", "-n", "2", "--json").stdout)
     assert [p["peer_id"] for p in best["peers"]] == ["peer-3", "peer-2"]
+    assert (best["strategy"], best["lease_ttl_s"]) == ("best", 60.0)  # as GET .../best answers
+    assert all("T" in p["last_seen"] for p in best["peers"])
     assert json.loads(_cli(seeded, "stats", "--json").stdout)["open_leases"] == 2
     bad = _cli(seeded, "best", "cid-1", "--strategy", "cheapest")  # a usage error, like -n 0
     assert bad.exit_code == 2 and "'cheapest' is not one of" in " ".join(bad.stderr.split())
     assert "Traceback" not in bad.output
     assert json.loads(_cli(seeded, "stats", "--json").stdout)["open_leases"] == 2  # nothing selected
     weighted = json.loads(_cli(seeded, "best", "cid-1", "--strategy", "weighted", "--json").stdout)
-    assert len(weighted["peers"]) == 3
+    assert len(weighted["peers"]) == 3 and weighted["strategy"] == "weighted"
 
 
 def test_sweep_reports_what_it_did(seeded: str) -> None:

@@ -80,14 +80,16 @@ def best(
     """
     with errors_as_messages(debug):
 
-        async def work() -> list[PeerInfo]:
+        async def work() -> tuple[list[PeerInfo], str, float]:
             async with opened(database_url) as tracker:
-                chosen = None if strategy is None else strategy.value
-                return await tracker.select_best_peers(cid, n, strategy=chosen)
+                config = tracker.config
+                used = config.selection_strategy if strategy is None else strategy.value
+                return await tracker.select_best_peers(cid, n, strategy=used), used, config.lease_ttl_s
 
-        chosen = run(work())
-        if as_json:
-            print_json({"cid": cid, "peers": [peer_info_json(p) for p in chosen]})
+        chosen, used, lease_ttl_s = run(work())
+        if as_json:  # the fields of GET /v1/content/{cid}/best
+            peers = [peer_info_json(p) for p in chosen]
+            print_json({"cid": cid, "strategy": used, "lease_ttl_s": lease_ttl_s, "peers": peers})
             return
         stdout.print(
             peer_table(f"{cid}: best {len(chosen)}", chosen, empty="no online holder can take a download")

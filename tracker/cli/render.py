@@ -63,6 +63,7 @@ def peer_info_json(peer: PeerInfo) -> dict[str, Any]:
         "proven": peer.proven,
         "load": peer.load,
         "capacity": peer.capacity,
+        "last_seen": None if peer.last_seen is None else peer.last_seen.isoformat(),
     }
 
 
