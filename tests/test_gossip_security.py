@@ -227,6 +227,43 @@ async def test_the_http_endpoint_answers_errors_in_the_api_shape(
         await tracker.close()
 
 
+@pytest.mark.parametrize("known_by", ["node", "url"])
+async def test_a_backed_off_neighbour_that_syncs_with_this_tracker_is_tried_again_at_once(
+    tmp_path: Path, known_by: str
+) -> None:
+    """Back-off grew to ``backoff_max_s`` while a neighbour was down, and this tracker kept waiting
+    after it came back and synced here (QA round 13). Known by the node key of its replies, or by
+    the URL it advertises when it never answered this tracker."""
+    clock = ManualClock(T0)
+    net = LocalNet()
+    trackers = [
+        await AvailabilityTracker.open(
+            TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / n}.db", clock=clock)
+        )
+        for n in ("a", "b")
+    ]
+    try:
+        a = GossipAgent(trackers[0], GossipConfig(keys=(KEY,), neighbors=("http://b",)), transport=net)
+        b = GossipAgent(trackers[1], GossipConfig(keys=(KEY,), advertise_url="http://b"), transport=net)
+        net.agents.update({"http://a": a, "http://b": b})
+        if known_by == "node":
+            assert await a.round() == 1  # a learns b's node key from the reply
+        net.down.add("http://b")
+        for _ in range(4):
+            await a.round()
+            clock.advance(a.config.backoff_max_s)
+        await a.round()  # the 5th failure: backed off for backoff_max_s
+        assert await a.round() == 0 and a.neighbor_states()[0].consecutive_failures == 5
+        net.down.clear()
+        await trackers[1].record_peer_online("news")
+        await b.exchange("http://a")  # b is back, and says so by syncing
+        assert a.neighbor_states()[0].consecutive_failures == 0
+        assert await a.round() == 1  # at once, not after the rest of the back-off
+    finally:
+        for tracker in trackers:
+            await tracker.close()
+
+
 async def test_a_neighbour_that_fails_is_backed_off_and_retried(tmp_path: Path) -> None:
     clock = ManualClock(T0)
     net = LocalNet()
