@@ -115,6 +115,16 @@ def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
         running.stop()
 
 
+def test_the_listening_address_is_logged_whatever_the_log_level(db_url: str, tmp_path: Path) -> None:
+    """With ``--port 0`` it is the only way to learn the port; a warning level hid it (QA round 11)."""
+    server = Server(db_url, tmp_path / "serve.log", env={"TRACKER_LOG_LEVEL": "warning"})
+    try:
+        server.wait_ready()
+    finally:
+        assert server.stop() == 0
+    assert f"listening on http://127.0.0.1:{server.port}" in server.output()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_answers_then_exits_cleanly_on_a_signal_and_keeps_what_it_acknowledged(
     db_url: str, tmp_path: Path, sig: signal.Signals

@@ -116,7 +116,12 @@ async def _announce(server: uvicorn.Server) -> None:
         for sock in listener.sockets:
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            log.info("listening on http://%s:%d", shown, port, extra={"action": "listening", "port": port})
+            # At the configured level if that is above INFO: with --port 0 this line is the only way
+            # to learn the port, and TRACKER_LOG_LEVEL=warning hid it (QA round 11).
+            level = max(logging.INFO, log.getEffectiveLevel())
+            log.log(
+                level, "listening on http://%s:%d", shown, port, extra={"action": "listening", "port": port}
+            )
 
 
 def _bind(host: str, port: int) -> socket.socket:
