@@ -283,7 +283,7 @@ class _RawRanking:
 
     def params(self, cid: str) -> tuple[Any, ...]:
         now = self.config.clock()
-        return self.statement._row({"cid": cid, "limit": 5, "seed": 0.0, "now": now, "cutoff": now - 300})
+        return self.statement._row({"cid": cid, "limit": 5, "seed": 0, **reads.times(now, self.config)})
 
     async def explain(self, cid: str) -> list[str]:
         """The plan for ``cid``: EXPLAIN (ANALYZE, BUFFERS) on Postgres, EXPLAIN QUERY PLAN on SQLite."""
