@@ -334,3 +334,31 @@ def test_a_max_bytes_too_small_for_one_version_is_refused_before_any_database_is
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "cannot hold one version of stamp_chunk" in lines[0], result.stderr
     assert not database.exists()
+
+
+def test_a_gossip_max_bytes_above_the_services_max_body_bytes_is_refused_at_start(tmp_path: Path) -> None:
+    """The service refused bigger bodies before gossip read them, and the tracker took no gossip at
+    all from neighbours that sent within the gossip limit it stated (QA round 14)."""
+    database = tmp_path / "t.db"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_")}
+    env.update(TRACKER_GOSSIP_KEYS="a-shared-key-of-enough-length", TRACKER_MAX_BODY_BYTES="16384")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tracker",
+            "serve",
+            "--port",
+            "0",
+            "--database-url",
+            f"sqlite+aiosqlite:///{database}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "above the service's max_body_bytes (16384)" in lines[0], result.stderr
+    assert not database.exists()

@@ -148,6 +148,8 @@ async def test_the_endpoint_states_the_limit_on_every_answer(db_url: str) -> Non
         ("5000", 5000),
         (" 5000 ", 5000),
         ("99999999", 8000),  # never above this tracker's own
+        ("\u00b2", None),  # a digit to str.isdigit, not to int(): it was a 500 (QA round 14)
+        ("\u0663\u0663\u0663\u0663", None),  # Arabic-Indic digits: int() takes them, HTTP should not
     ],
 )
 def test_a_stated_limit_is_read_strictly_and_clamped(value: str | None, expected: int | None) -> None:

@@ -17,7 +17,7 @@ from tracker.errors import (
     StorageError,
     TransientStorageError,
 )
-from tracker.events import ContentAvailable, PeerOffline
+from tracker.events import ContentAvailable, PeerOffline, PeerOnline
 from tracker.service import ServiceSettings, create_app
 from tracker.testing import ManualClock
 
@@ -500,3 +500,12 @@ async def test_content_lists_the_best_limit_holders_and_counts_them_all(
     await tracker.record_batch([ContentAvailable("cid-gone", "lone"), PeerOffline("lone")])
     gone = await tracker.get_content_availability("cid-gone", limit=5)
     assert gone is not None and gone.peers == () and gone.replication_factor == 0
+
+
+async def test_a_peer_listing_without_a_limit_stays_within_max_page_size(
+    tracker: AvailabilityTracker,
+) -> None:
+    """The default page was 100 whatever ``max_page_size`` said (QA round 14: 20 rows at 5)."""
+    await tracker.record_batch([PeerOnline(f"p{i:02}") for i in range(20)])
+    async with _client(tracker, max_page_size=5) as client:
+        assert len((await client.get("/v1/peers")).json()["peers"]) == 5

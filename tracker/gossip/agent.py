@@ -88,8 +88,6 @@ class _Neighbor:
     last_success_at: float | None = None
     #: The limit it stated (``limits``), or learned from a refusal; ``None``: this tracker's own.
     max_bytes: int | None = None
-    #: Its node key, from its replies: a sync it sends shows it is up (``_heard_from``).
-    node: str | None = None
 
 
 class GossipAgent:
@@ -243,13 +241,17 @@ class GossipAgent:
         return await db.run_read(self.tracker.engine, work)
 
     def _heard_from(self, message: Message) -> None:
-        """A neighbour in back-off that has just synced with this tracker is up: try it again from the
-        next round, not after the rest of a back-off that may have grown to ``backoff_max_s``. (QA
-        round 13: with a hub that lists no neighbours, edges caught up 26-28 s after a 40 s
-        outage at a 2 s interval; at the defaults that could be minutes.)"""
-        for neighbor in self._neighbors.values():
-            if neighbor.failures and (neighbor.node == message.node or neighbor.url == message.url):
-                neighbor.failures, neighbor.retry_at = 0, 0.0
+        """A neighbour in back-off that has just synced with this tracker from the URL it advertises is
+        up: try it again from the next round, not after the rest of a back-off that may have grown to
+        ``backoff_max_s``. (QA round 13: with a hub that lists no neighbours, edges caught up
+        26-28 s after a 40 s outage at a 2 s interval; at the defaults that could be minutes.) By
+        URL, not node key: processes sharing a database share the key, and one that is up reset the
+        back-off of one that was down (QA round 14)."""
+        if message.url is None:
+            return
+        neighbor = self._neighbors.get(message.url)
+        if neighbor is not None and neighbor.failures:
+            neighbor.failures, neighbor.retry_at = 0, 0.0
 
     def _learn(self, message: Message) -> None:
         if not self.config.learn_neighbors:
@@ -382,8 +384,7 @@ class GossipAgent:
         for _ in range(_MAX_OVERSIZED_TRIES):
             sync, body, headers = await self._encode(build, min(own, neighbor.max_bytes or own))
             status, answer, answer_headers = await self._send(neighbor.url + GOSSIP_PATH, body, headers)
-            self.stats.bytes_sent += len(body)
-            self.stats.rows_sent += sync.rows
+            self.stats.bytes_sent += len(body)  # every try's bytes crossed the wire
             stated = limits.stated(answer_headers.get(limits.HEADER.lower()), own)
             if status != 413 or _reason(answer) != "oversized":
                 if stated is not None:  # it may have raised its limit, too
@@ -392,6 +393,7 @@ class GossipAgent:
             # Its limit is below this one's (a tracker of an earlier release states none): try again
             # at once within it, rather than back off and send as much again.
             neighbor.max_bytes = limits.after_refusal(stated, len(body), own)
+        self.stats.rows_sent += sync.rows  # the last try's: the rows of refused ones were sent again
         if status != 200:
             if _reason(answer) == "self":  # that URL is this tracker itself (learned): forget it
                 self._neighbors.pop(neighbor.url, None)
@@ -407,7 +409,6 @@ class GossipAgent:
             self._reject(GossipRejected("replay", "a reply that does not answer this request"), neighbor.url)
             raise GossipFailed(f"{neighbor.url} sent a reply to another request")
         reply = self._hold_future(reply, self._now())
-        neighbor.node = reply.node
         neighbor.vector = dict(reply.vector)
         neighbor.samples = dict(reply.samples_vector)
         self._learn(reply)

@@ -28,7 +28,8 @@ def stated(value: str | None, own: int) -> int | None:
     if value is None:
         return None
     value = value.strip()
-    if not value.isdigit() or len(value) > 18:
+    # ASCII digits only: "²" is a digit to str.isdigit and not to int() (QA round 14: a 500).
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return max(MIN_BYTES, min(own, int(value)))
 

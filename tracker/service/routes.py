@@ -175,7 +175,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
     async def list_peers(
         tracker: Tracker,
         online: Annotated[bool, Query(description="Only peers online now.")] = False,
-        limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = 100,
+        limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = min(100, settings.max_page_size),
         after: Annotated[
             str | None, Query(max_length=ev.MAX_ID_LENGTH, description="Last peer_id of the previous page.")
         ] = None,

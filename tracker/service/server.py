@@ -26,6 +26,7 @@ import uvicorn
 
 from ..config import TrackerConfig
 from ..core import AvailabilityTracker
+from ..errors import ConfigError
 from ..gossip.agent import GossipAgent
 from ..gossip.config import GossipConfig
 from .app import create_app
@@ -116,9 +117,10 @@ async def _announce(server: uvicorn.Server) -> None:
         for sock in listener.sockets:
             host, port = sock.getsockname()[:2]
             shown = f"[{host}]" if ":" in host else host
-            # At the configured level if that is above INFO: with --port 0 this line is the only way
-            # to learn the port, and TRACKER_LOG_LEVEL=warning hid it (QA round 11).
-            level = max(logging.INFO, log.getEffectiveLevel())
+            # At WARNING when that is the configured level: with --port 0 this line is the only way
+            # to learn the port, and TRACKER_LOG_LEVEL=warning hid it (QA round 11). Not as an error:
+            # alerts on errors would fire at every start (QA round 14).
+            level = min(max(logging.INFO, log.getEffectiveLevel()), logging.WARNING)
             log.log(
                 level, "listening on http://%s:%d", shown, port, extra={"action": "listening", "port": port}
             )
@@ -155,6 +157,15 @@ async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: Gossip
     database is created for nothing, and while the tracker opens only a process that also sets
     ``SO_REUSEADDR`` could bind the port (listening first, it makes this fail with the same error).
     """
+    if gossip is not None and gossip.enabled and gossip.max_bytes > settings.max_body_bytes:
+        # The service refuses a body over max_body_bytes before gossip reads it, without the
+        # X-Gossip-Max-Bytes header that makes senders send smaller: such a tracker took no gossip at
+        # all from trackers that sent within its stated gossip limit (QA round 14).
+        raise ConfigError(
+            f"gossip max_bytes ({gossip.max_bytes}) is above the service's max_body_bytes "
+            f"({settings.max_body_bytes}), which refuses bigger requests first: lower "
+            "TRACKER_GOSSIP_MAX_BYTES or raise TRACKER_MAX_BODY_BYTES"
+        )
     sock = _bind(settings.host, settings.port)
     try:
         await _serve_on(sock, config, settings, gossip)
