@@ -10,6 +10,7 @@ import pytest
 from test_lease_clock import TickingClock
 from test_load_balancing import open_leases, proven_peers
 
+import tracker.core
 import tracker.queries
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.errors import TransientStorageError
@@ -132,3 +133,89 @@ async def test_a_peer_last_seen_by_the_held_clock_does_not_count_the_leap_as_upt
         assert listed["a"].uptime.total_seconds() == pytest.approx(config.peer_timeout - 5)
         ranked = {p.peer_id: p for p in await opened.select_best_peers("movie", 2)}
         assert ranked["a"].reputation <= ranked["b"].reputation + 1e-9
+
+
+def _failing_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    async def locked(*args: Any, **kwargs: Any) -> int:
+        raise TransientStorageError("the clock row is locked (injected)")
+
+    monkeypatch.setattr(tracker.queries, "shift_held_leases", locked)
+
+
+async def test_a_second_leap_accepted_while_the_first_move_is_pending_moves_leases_by_both(
+    db_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second leap's gap took the first's place: readings jumped a leap ahead and the move
+    shifted leases by the second gap alone, so a peer at its cap was handed out again (QA round 14)."""
+    config = TrackerConfig(
+        database_url=db_url, clock=clock, monotonic=clock.monotonic, max_load_per_peer=1, lease_ttl_s=3600
+    )
+    async with AvailabilityTracker(config) as opened:
+        await opened.record_batch(proven_peers(["a"], opened.now()))
+        clock.leap(DAY)
+        opened.now()
+        clock.advance(60)
+        assert len(await opened.select_best_peers("movie", 1)) == 1  # a lease by the held clock
+        real_move = tracker.queries.shift_held_leases
+        _failing_move(monkeypatch)
+        for leap in (0.0, DAY):  # accepted with its move failing, then a second leap, accepted too
+            clock.leap(leap)
+            for _ in range(6):
+                clock.advance(60)
+                await opened.record_batch([PeerOnline("a")])
+        assert opened.now.accepted == 2 and opened._leases.pending
+        monkeypatch.setattr(tracker.queries, "shift_held_leases", real_move)
+        clock.advance(31)
+        await opened.record_batch([PeerOnline("a")])  # the move runs, by both leaps
+        assert not opened._leases.pending
+        assert await opened.select_best_peers("movie", 1) == []  # still at its cap
+        assert await open_leases(opened) == {"a": 1}
+
+
+async def test_a_clock_set_back_while_a_move_is_pending_owes_nothing_more(
+    db_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NTP undid the leap while its move was failing: readings stayed a leap behind the corrected
+    clock, heartbeats were stamped a day early and the peers timed out (QA round 14)."""
+    config = TrackerConfig(database_url=db_url, clock=clock, monotonic=clock.monotonic)
+    async with AvailabilityTracker(config) as opened:
+        await opened.record_batch([PeerOnline("a"), PeerOnline("b")])
+        clock.leap(DAY)
+        opened.now()
+        _failing_move(monkeypatch)
+        for _ in range(6):
+            clock.advance(60)
+            await opened.record_batch([PeerOnline("a"), PeerOnline("b")])
+        assert opened.now.accepted == 1 and opened._leases.pending
+        clock.leap(-DAY)  # set right again
+        for _ in range(8):
+            clock.advance(60)
+            await opened.record_batch([PeerOnline("a"), PeerOnline("b")])
+            assert (await opened.sweep()).peers_marked_offline == 0
+        assert not opened._leases.pending
+        await opened.record_peer_online("a", at=clock.now)  # dated by the corrected clock: accepted
+        assert len(await opened.list_peers(online_only=True)) == 2
+
+
+async def test_a_ranking_beside_a_busy_writer_uses_the_clock_the_pending_leases_are_dated_by(
+    db_url: str, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On SQLite with the writer busy a selection ranks on the read lane with a time of its own: the
+    new clock's, by which the held leases looked lapsed, so the peers at their cap filled the
+    spares and the grant refused them all, though a free peer held the content (QA round 14)."""
+    config = TrackerConfig(
+        database_url=db_url, clock=clock, monotonic=clock.monotonic, max_load_per_peer=1, lease_ttl_s=600
+    )
+    async with AvailabilityTracker(config) as opened:
+        now = opened.now()
+        await opened.record_batch(proven_peers(["a", "b"], now) + proven_peers(["c"], now, failures=6))
+        clock.leap(DAY)
+        opened.now()
+        clock.advance(60)
+        assert {p.peer_id for p in await opened.select_best_peers("movie", 2)} == {"a", "b"}
+        _failing_move(monkeypatch)
+        clock.advance(300)
+        await opened.record_peer_online("a")
+        assert opened._leases.pending
+        monkeypatch.setattr(tracker.core.db, "sqlite_writer_busy", lambda engine: True)  # as under ingest
+        assert [p.peer_id for p in await opened.select_best_peers("movie", 1)] == ["c"]

@@ -128,6 +128,10 @@ class SteadyClock:
         #: Not ``accepted_lag``, which also counts steps within the tolerance followed before the
         #: leap (the sweeper stays behind those too): the held clock had followed them (QA round 11).
         self.accepted_gap = 0.0
+        #: Every accepted leap's gap added up, and every step back's size: what the lease clock
+        #: counts a move it owes from (``tracker.leaseclock``).
+        self.gap_total = 0.0
+        self.back_total = 0.0
 
     @property
     def accepted_lag(self) -> float:
@@ -147,6 +151,7 @@ class SteadyClock:
         drift = max(drifts)
         if surplus < -self.tolerance_s or min(drifts) < -self.tolerance_s:  # small steps add up too
             self.steps_back += 1
+            self.back_total += max(0.0, -surplus)
             earliest = self.stepped_back_to
             self.stepped_back_to = wall if earliest is None else min(earliest, wall)
             self._lag = (0.0, 0.0)
@@ -184,6 +189,7 @@ class SteadyClock:
             # behind the new clock by the whole drift: the sweeper stays behind by that much.
             self._lag = (max(surplus, drift), mono + self.accept_after_s)
             self.accepted, self.accepted_at, self.accepted_gap = self.accepted + 1, wall, surplus
+            self.gap_total += surplus
             self._anchors.clear()
             return self._trust(wall, mono, anchor=True)
         self.leap_s = surplus

@@ -142,7 +142,7 @@ class AvailabilityTracker:
                 return node_id, node_key
 
             self._node_id, self._node_key = await db.run_write(engine, register, self.config.write_retries)
-            self._leases.shifted_for = clock.accepted
+            self._leases.moved()
             path = lane_path(self.config)
             if path is not None:
                 config = self.config
@@ -488,7 +488,10 @@ class AvailabilityTracker:
             # dropped whenever the file changed, which costs a hot ranking ~20% (docs/benchmarks.md).
             # The loads are counted again with the grant's reading: this one need not be kept
             # on either side of a move of held leases.
-            at, lag = self.now(), self.now.lag()
+            # By the clock leases are dated by: while a move of held leases is pending, the new
+            # clock's time counted them as lapsed, and every peer at its cap took a place among the
+            # candidates that the grant then refused (QA round 14).
+            at, lag = self._leases.peek(), self.now.lag()
 
             async def rank_only(conn: db.DriverSQL) -> list[queries.RankedRow]:
                 return await rank(conn, at, lag)

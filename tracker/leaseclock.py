@@ -120,21 +120,54 @@ class LeaseClock:
         self.shifted_for = 0
         self._failures = 0  # moves failed in a row
         self._retry_at = 0.0  # elapsed time before which a failed move is not tried again
+        # The clock's gap_total and back_total when nothing was owed: a move owes what they added.
+        self._base = (0.0, 0.0)
+
+    def gap(self) -> float:
+        """How far the clock reads ahead of the one the unmoved held leases are dated by: the gaps
+        of the leaps accepted since the last move, less the steps back since (0: nothing owed).
+
+        Added up, not the latest: a second leap accepted while the first one's move was failing
+        took the first's place, and the leases moved by the second alone (QA round 14). Less the
+        steps back: NTP undoing the leap while its move was pending left readings a leap behind
+        the corrected clock, and heartbeating peers timed out (QA round 14). Set back by at least
+        the gap, the leases' clock is the clock again and nothing is owed.
+        """
+        clock = self.clock
+        if clock.accepted != self.shifted_for:
+            owed = (clock.gap_total - self._base[0]) - (clock.back_total - self._base[1])
+            if owed > 0.0:
+                return owed
+            self.shifted_for = clock.accepted
+        self._base = (clock.gap_total, clock.back_total)
+        return 0.0
 
     @property
     def pending(self) -> bool:
         """An accepted leap whose held leases have not been moved yet: readings are the held clock's."""
-        return self.clock.accepted != self.shifted_for
+        return self.gap() > 0.0
+
+    def moved(self) -> None:
+        """The owed move was stored (here, or by the tracker as it opened)."""
+        self.shifted_for, self._failures = self.clock.accepted, 0
+        self._base = (self.clock.gap_total, self.clock.back_total)
+
+    def peek(self) -> float:
+        """ "Now" by the clock leases are dated by, without a reading's hold: for a ranking whose
+        loads are counted again with a reading before anything is granted."""
+        now = self.clock()
+        gap = self.gap()
+        return now - gap if gap else now
 
     def _due(self) -> bool:
         elapsed = self.clock.elapsed
         return elapsed is None or elapsed() >= self._retry_at
 
-    def _held(self, now: float) -> float:
-        """The held clock's reading for the new clock's ``now``, while the move is pending; the
-        sweeper and reads stay behind the leap while rows are dated so."""
+    def _held(self, now: float, gap: float) -> float:
+        """The held clock's reading for the new clock's ``now``, while the move of ``gap`` is
+        pending; the sweeper and reads stay behind the leap while rows are dated so."""
         self.clock.extend_lag()
-        return now - self.clock.accepted_gap
+        return now - gap
 
     def reading(self) -> _Reading:
         """``async with leases.reading() as now``: one reading of "now" for an operation on leases;
@@ -157,11 +190,11 @@ class LeaseClock:
         async with self._gate.exclusive():
             clock = self.clock
             now = clock()
-            accepted = clock.accepted
-            if accepted == self.shifted_for:
+            gap = self.gap()
+            if not gap:
                 return
             try:
-                await self._store(now, clock.state(), (now, clock.accepted_gap))
+                await self._store(now, clock.state(), (now, gap))
             except Exception as error:
                 self._failures += 1
                 delay = min(MAX_RETRY_S, 2.0 ** (self._failures - 1))
@@ -175,7 +208,7 @@ class LeaseClock:
                     extra={"action": "clock_leases_move_failed", "failures": self._failures},
                 )
                 return
-            self.shifted_for, self._failures = accepted, 0
+            self.moved()
 
     async def save(self) -> None:
         """Store the clock's state (each sweep): a stored acceptance always comes with its leases
@@ -201,10 +234,11 @@ class _Reading:
             await gate.acquire_shared()
             try:
                 now = leases.clock()
-                if not leases.pending:
+                gap = leases.gap()
+                if not gap:
                     return now
                 if not leases._due():  # a move failed: work goes on by the held clock meanwhile
-                    return leases._held(now)
+                    return leases._held(now, gap)
             except BaseException:
                 gate.release_shared()
                 raise
@@ -233,6 +267,6 @@ class _OnBehalf(_Reading):
         except BaseException:
             self._gate.release_shared()
             raise
-        if leases.pending:
-            now = leases._held(now)
+        if gap := leases.gap():
+            now = leases._held(now, gap)
         return now
