@@ -314,15 +314,12 @@ def test_serve_with_neighbours_but_no_gossip_key_refuses_to_start(tmp_path: Path
     assert not database.exists()
 
 
-@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["gossip", "push", "http://127.0.0.1:8751"]])
-def test_a_max_bytes_too_small_for_one_version_is_refused_before_any_database_is_created(
-    tmp_path: Path, command: list[str]
-) -> None:
-    """Refused only once the agent was built, after the database had been created and migrated
-    (QA round 10)."""
+def _refused_at_start(tmp_path: Path, command: list[str], message: str, **settings: str) -> None:
+    """``tracker COMMAND`` with gossip on and ``settings`` exits 1 with one line saying ``message``,
+    and has created no database."""
     database = tmp_path / "t.db"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_GOSSIP_")}
-    env.update(TRACKER_GOSSIP_KEYS="a-shared-key-of-enough-length", TRACKER_GOSSIP_MAX_BYTES="2000")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_")}
+    env.update(TRACKER_GOSSIP_KEYS="a-shared-key-of-enough-length", **settings)
     result = subprocess.run(
         [sys.executable, "-m", "tracker", *command, "--database-url", f"sqlite+aiosqlite:///{database}"],
         capture_output=True,
@@ -332,33 +329,22 @@ def test_a_max_bytes_too_small_for_one_version_is_refused_before_any_database_is
     )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot hold one version of stamp_chunk" in lines[0], result.stderr
+    assert len(lines) == 1 and message in lines[0], result.stderr
     assert not database.exists()
+
+
+@pytest.mark.parametrize("command", [["serve", "--port", "0"], ["gossip", "push", "http://127.0.0.1:8751"]])
+def test_a_max_bytes_too_small_for_one_version_is_refused_before_any_database_is_created(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Refused only once the agent was built, after the database had been created and migrated
+    (QA round 10)."""
+    message = "cannot hold one version of stamp_chunk"
+    _refused_at_start(tmp_path, command, message, TRACKER_GOSSIP_MAX_BYTES="2000")
 
 
 def test_a_gossip_max_bytes_above_the_services_max_body_bytes_is_refused_at_start(tmp_path: Path) -> None:
     """The service refused bigger bodies before gossip read them, and the tracker took no gossip at
     all from neighbours that sent within the gossip limit it stated (QA round 14)."""
-    database = tmp_path / "t.db"
-    env = {key: value for key, value in os.environ.items() if not key.startswith("TRACKER_")}
-    env.update(TRACKER_GOSSIP_KEYS="a-shared-key-of-enough-length", TRACKER_MAX_BODY_BYTES="16384")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tracker",
-            "serve",
-            "--port",
-            "0",
-            "--database-url",
-            f"sqlite+aiosqlite:///{database}",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "above the service's max_body_bytes (16384)" in lines[0], result.stderr
-    assert not database.exists()
+    message = "above the service's max_body_bytes (16384)"
+    _refused_at_start(tmp_path, ["serve", "--port", "0"], message, TRACKER_MAX_BODY_BYTES="16384")
