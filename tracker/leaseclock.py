@@ -47,8 +47,8 @@ from .clockleap import ClockState, SteadyClock
 
 log = logging.getLogger(__name__)
 
-#: An accepted leap whose held leases are to be moved: (the new clock's reading at the move, the
-#: leap's size, ``SteadyClock.accepted_gap``); the held clock then read the first less the second.
+#: Held leases to be moved: (the new clock's reading at the move, the gap owed, ``LeaseClock.gap``);
+#: the held clock then read the first less the second.
 Shift = tuple[float, float]
 #: Elapsed seconds before a failed move is tried again: doubling from 1 up to this.
 MAX_RETRY_S = 30.0
@@ -121,7 +121,7 @@ class LeaseClock:
         self._failures = 0  # moves failed in a row
         self._retry_at = 0.0  # elapsed time before which a failed move is not tried again
         # The clock's gap_total and back_total when nothing was owed: a move owes what they added.
-        self._base = (0.0, 0.0)
+        self._base_gap = self._base_back = 0.0
 
     def gap(self) -> float:
         """How far the clock reads ahead of the one the unmoved held leases are dated by: the gaps
@@ -135,11 +135,11 @@ class LeaseClock:
         """
         clock = self.clock
         if clock.accepted != self.shifted_for:
-            owed = (clock.gap_total - self._base[0]) - (clock.back_total - self._base[1])
+            owed = (clock.gap_total - self._base_gap) - (clock.back_total - self._base_back)
             if owed > 0.0:
                 return owed
             self.shifted_for = clock.accepted
-        self._base = (clock.gap_total, clock.back_total)
+        self._base_gap, self._base_back = clock.gap_total, clock.back_total  # on every reading: no alloc
         return 0.0
 
     @property
@@ -150,7 +150,7 @@ class LeaseClock:
     def moved(self) -> None:
         """The owed move was stored (here, or by the tracker as it opened)."""
         self.shifted_for, self._failures = self.clock.accepted, 0
-        self._base = (self.clock.gap_total, self.clock.back_total)
+        self._base_gap, self._base_back = self.clock.gap_total, self.clock.back_total
 
     def peek(self) -> float:
         """ "Now" by the clock leases are dated by, without a reading's hold: for a ranking whose
@@ -252,10 +252,10 @@ class _Reading:
 class _OnBehalf(_Reading):
     """``LeaseClock.on_behalf()``: joins the gate and never makes the move itself.
 
-    The leap taken back is the held clock's own gap (``SteadyClock.accepted_gap``), by which the
-    move shifts leases too: not the sweeper's lag, which also counts steps within the tolerance
-    followed before the leap (taken back, they dated work earlier than the held clock did, and the
-    move brought lapsed leases back: QA round 11)."""
+    The leap taken back is the gap the held clock's readings are behind (``LeaseClock.gap``: the
+    accepted leaps' own gaps), by which the move shifts leases too: not the sweeper's lag, which
+    also counts steps within the tolerance followed before the leap (taken back, they dated work
+    earlier than the held clock did, and the move brought lapsed leases back: QA round 11)."""
 
     __slots__ = ()
 
