@@ -111,7 +111,7 @@ async def test_leases_that_lapsed_by_the_held_clock_stay_lapsed_after_earlier_sm
         await opened.record_batch([UploadOutcome("p", True, cid="movie")])  # closes L2
         assert await open_leases(opened) == {}
         assert opened.now.accepted == 1 and opened.now.accepted_lag == pytest.approx(1050.0)
-        assert opened.now.accepted_gap == pytest.approx(1000.0)
+        assert opened.now.gap_total == pytest.approx(1000.0)
 
 
 async def test_a_peer_last_seen_by_the_held_clock_does_not_count_the_leap_as_uptime(

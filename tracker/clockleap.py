@@ -123,13 +123,11 @@ class SteadyClock:
         #: Leaps accepted so far, and the wall time of the latest acceptance.
         self.accepted = 0
         self.accepted_at = 0.0
-        #: How far the latest accepted leap put the clock ahead of the held one: what the leases
-        #: granted by the held clock move by, and the held clock's readings are the new ones less.
-        #: Not ``accepted_lag``, which also counts steps within the tolerance followed before the
-        #: leap (the sweeper stays behind those too): the held clock had followed them (QA round 11).
-        self.accepted_gap = 0.0
-        #: Every accepted leap's gap added up, and every step back's size: what the lease clock
-        #: counts a move it owes from (``tracker.leaseclock``).
+        #: Every accepted leap's gap (how far it put the clock ahead of the held one) added up, and
+        #: every step back's size: what the lease clock counts a move it owes from
+        #: (``tracker.leaseclock``). A gap, not ``accepted_lag``, which also counts steps within the
+        #: tolerance followed before the leap (the sweeper stays behind those too): the held clock
+        #: had followed them (QA round 11).
         self.gap_total = 0.0
         self.back_total = 0.0
 
@@ -188,7 +186,7 @@ class SteadyClock:
             # Steps within the tolerance before it were followed, so stamps older than them are
             # behind the new clock by the whole drift: the sweeper stays behind by that much.
             self._lag = (max(surplus, drift), mono + self.accept_after_s)
-            self.accepted, self.accepted_at, self.accepted_gap = self.accepted + 1, wall, surplus
+            self.accepted, self.accepted_at = self.accepted + 1, wall
             self.gap_total += surplus
             self._anchors.clear()
             return self._trust(wall, mono, anchor=True)

@@ -132,7 +132,8 @@ class AvailabilityTracker:
                     self.now.resume(state)
             now = self._opened_at = self.now()
             clock = self.now
-            state, shift = clock.state(), (now, clock.accepted_gap) if clock.accepted else None
+            gap = self._leases.gap()  # a leap this first reading accepted (resumed from a state)
+            state, shift = clock.state(), (now, gap) if gap else None
 
             async def register(conn: AsyncConnection) -> tuple[int, str]:
                 if self._publish_settings:
