@@ -13,7 +13,7 @@ from ..compiled import Precompiled
 from ..config import TrackerConfig
 from ..db import DriverSQL
 from ..schema import content_peers, contents, peer_leases, peer_stats, peers
-from .reads import PeerRow, _merged, peer_row_of, times
+from .reads import PeerRow, _merged, peer_row_of, peer_rows_of, times
 
 
 async def peer_page(
@@ -55,24 +55,7 @@ def _page_select(dialect: str, params: rep.ReputationParams, online_only: bool) 
             .limit(limit)
         )
     m = _merged(params, ps.peer_id.in_(page.scalar_subquery()))
-    stmt = (
-        select(
-            peers.c.peer_key,
-            peers.c.first_seen,
-            m.c.online,
-            m.c.online_since,
-            m.c.last_seen,
-            m.c.uptime_s,
-            m.c.served,
-            m.c.failed,
-            m.c.sw,
-            m.c.fw,
-            m.c.speed,
-            rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params),
-        )
-        .join(peers, peers.c.id == m.c.peer_id)
-        .order_by(peers.c.peer_key)
-    )
+    stmt = peer_rows_of(m, params).order_by(peers.c.peer_key)
     return Precompiled(stmt, dialect)
 
 

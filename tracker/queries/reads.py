@@ -264,7 +264,13 @@ def _peer_row_select(dialect: str, params: rep.ReputationParams) -> Precompiled:
         peer_stats.c.peer_id
         == select(peers.c.id).where(peers.c.peer_key == bindparam("peer_key")).scalar_subquery(),
     )
-    stmt = select(
+    return Precompiled(peer_rows_of(m, params), dialect)
+
+
+def peer_rows_of(m: Any, params: rep.ReputationParams) -> Select[Any]:
+    """The columns ``peer_row_of`` reads, from merged rows ``m``: one peer's read and the listing's
+    pages answer in one shape."""
+    return select(
         peers.c.peer_key,
         peers.c.first_seen,
         m.c.online,
@@ -278,7 +284,6 @@ def _peer_row_select(dialect: str, params: rep.ReputationParams) -> Precompiled:
         m.c.speed,
         rep.sql_reputation(m.c.sw, m.c.fw, m.c.uptime_s, params),
     ).join(peers, peers.c.id == m.c.peer_id)
-    return Precompiled(stmt, dialect)
 
 
 async def available_peer_keys(
