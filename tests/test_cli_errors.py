@@ -13,8 +13,9 @@ import uuid
 from pathlib import Path
 
 import aiosqlite
+import asyncpg
 import pytest
-from conftest import PG_URL
+from conftest import PG_URL, _dsn
 from sqlalchemy.engine import make_url
 from typer.testing import CliRunner, Result
 
@@ -76,6 +77,30 @@ def test_a_missing_postgres_database_or_role_is_the_drivers_sentence(pg_template
     url = make_url(PG).set(**{"database" if missing == "database" else "username": name})
     line = one_line_error(run("stats", "--database-url", url.render_as_string(hide_password=False)))
     assert line == f'error: {missing} "{name}" does not exist'
+
+
+def test_a_postgres_refusal_carries_the_servers_detail_naming_what_stood_in_the_way(
+    empty_pg_url: str,
+) -> None:
+    """An operator's own view on ``peers.peer_key`` makes 0012's change of the column's type fail;
+    "cannot alter type of a column used by a view or rule" alone did not say which view (QA round 15)."""
+    url = empty_pg_url
+    assert run("db", "upgrade", "--revision", "0011", "--database-url", url).exit_code == 0
+
+    async def create_view() -> None:
+        conn = await asyncpg.connect(_dsn(url))
+        try:
+            await conn.execute("CREATE VIEW my_dash AS SELECT peer_key, first_seen FROM peers")
+        finally:
+            await conn.close()
+
+    asyncio.run(create_view())
+    line = one_line_error(run("db", "upgrade", "--database-url", url))
+    assert line == (
+        "error: cannot alter type of a column used by a view or rule "
+        '(rule _RETURN on view my_dash depends on column "peer_key")'
+    )
+    assert "0011" in run("db", "current", "--database-url", url).stdout  # nothing of 0012 stayed
 
 
 def test_a_database_that_refuses_the_connection_says_it_is_the_database() -> None:

@@ -139,6 +139,33 @@ async def test_weighted_is_repeatable_for_a_seed(tracker: AvailabilityTracker, c
     assert draws[0] == draws[1]
 
 
+async def test_a_peer_inserted_without_its_draw_gets_it_from_its_next_event(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """A tracker of an earlier release, still running while the database was upgraded, inserts
+    peers with the column's default draw 0 (or 24 bits): all of them one random number for every
+    seed (QA round 15). The next event of such a peer stores its draw; first_seen stays earliest."""
+    await tracker.record_peer_online("known", at=clock.now - 50)
+    async with tracker.engine.begin() as conn:
+        await conn.execute(peers.insert().values(peer_key="old-zero", first_seen=clock.now - 100))
+        await conn.execute(
+            peers.insert().values(peer_key="old-24", first_seen=clock.now - 100, draw=draw_of("old-24") >> 7)
+        )
+        await conn.execute(peers.update().where(peers.c.peer_key == "known").values(draw=0))
+    await tracker.record_batch(
+        [PeerOnline("old-zero", at=clock.now - 10), ContentAvailable("c", "old-24", at=clock.now - 200)]
+    )
+    await tracker.record_peer_online("known", at=clock.now - 60)
+    async with tracker.engine.connect() as conn:
+        rows = (await conn.execute(select(peers.c.peer_key, peers.c.draw, peers.c.first_seen))).all()
+    assert {key: draw for key, draw, _ in rows} == {k: draw_of(k) for k in ("known", "old-zero", "old-24")}
+    assert {key: seen for key, _, seen in rows} == {
+        "known": clock.now - 60,
+        "old-zero": clock.now - 100,
+        "old-24": clock.now - 200,
+    }
+
+
 async def test_weighted_draws_alike_wherever_the_peers_got_their_ids(
     config: TrackerConfig, clock: ManualClock, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.command import upgrade
 from alembic.runtime.migration import MigrationContext
-from conftest import _dsn
+from conftest import PG_URL, _dsn
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -350,3 +351,43 @@ async def test_migration_0013_widens_draws_to_31_bits_and_back(engine: AsyncEngi
     await migrate(engine, "0012", downgrade=True)
     async with engine.connect() as conn:
         assert dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all()) == narrow
+
+
+async def test_draws_of_a_latin1_database_are_those_of_the_keys_utf8_bytes(
+    request: pytest.FixtureRequest,
+) -> None:
+    """0011 and 0013 hashed ``md5(peer_key)``, the key in the database's encoding: on a LATIN1
+    database every non-ASCII key drew apart from what the write path (and every other database)
+    gives it (QA round 15)."""
+    request.getfixturevalue("pg_template")  # reachability / TRACKER_REQUIRE_POSTGRES, as every PG test
+    name = f"tracker_t_latin1_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(_dsn(PG_URL))
+    try:
+        await admin.execute(f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' LOCALE 'C' TEMPLATE template0")
+        url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+        engine = create_engine(TrackerConfig(database_url=url))
+        try:
+            keys = ["café-1", "naïve-2", "ascii-3", "Ünïcødé-4"]
+            await migrate(engine, "0010")
+            async with engine.begin() as conn:
+                for key in keys:
+                    await conn.execute(
+                        text("INSERT INTO peers (peer_key, first_seen) VALUES (:k, 0)"), {"k": key}
+                    )
+            await migrate(engine, "0011")
+            async with engine.connect() as conn:
+                narrow = dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all())
+            assert narrow == {key: draw_of(key) >> 7 for key in keys}
+            await engine.dispose()  # 0012 changes peer_key's type under the cached statement
+            await migrate(engine)
+            async with engine.connect() as conn:
+                wide = dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all())
+            assert wide == {key: draw_of(key) for key in keys}
+            await migrate(engine, "0012", downgrade=True)
+            async with engine.connect() as conn:
+                assert dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all()) == narrow
+        finally:
+            await engine.dispose()
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()

@@ -35,7 +35,10 @@ def upgrade() -> None:
     op.add_column("peers", sa.Column("draw", sa.Integer(), nullable=False, server_default=sa.text("0")))
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
-        op.execute("UPDATE peers SET draw = ('x' || substr(md5(peer_key), 1, 6))::bit(24)::int")
+        # Of the key's UTF-8 bytes, as the write path hashes them: md5(text) hashes the database's
+        # encoding (every non-ASCII key of a LATIN1 database drew apart; QA round 15).
+        utf8_md5 = "md5(convert_to(peer_key, 'UTF8'))"
+        op.execute(f"UPDATE peers SET draw = ('x' || substr({utf8_md5}, 1, 6))::bit(24)::int")
         return
     last = 0
     while True:

@@ -33,18 +33,24 @@ _BATCH = 10_000
 
 def upgrade() -> None:
     _fill(
-        "('x' || substr(md5(peer_key), 1, 8))::bit(32)::bit(31)::int",
+        "('x' || substr(md5(convert_to(peer_key, 'UTF8')), 1, 8))::bit(32)::bit(31)::int",
         lambda digest: int(digest[:8], 16) >> 1,
     )
 
 
 def downgrade() -> None:
-    _fill("('x' || substr(md5(peer_key), 1, 6))::bit(24)::int", lambda digest: int(digest[:6], 16))
+    _fill(
+        "('x' || substr(md5(convert_to(peer_key, 'UTF8')), 1, 6))::bit(24)::int",
+        lambda digest: int(digest[:6], 16),
+    )
 
 
 def _fill(postgres: str, python: Callable[[str], int]) -> None:
     """Every peer's ``draw`` from its key's MD5: ``postgres`` in SQL, ``python`` of the hex digest
-    on SQLite (as ``tracker.queries.writes.draw_of`` at each revision; a migration keeps its own)."""
+    on SQLite (as ``tracker.queries.writes.draw_of`` at each revision; a migration keeps its own).
+
+    Of the key's UTF-8 bytes, as the write path hashes them: ``md5(text)`` hashes the database's
+    encoding, which gave every non-ASCII key of a LATIN1 database another draw (QA round 15)."""
     bind = op.get_bind()
     if bind.dialect.name == "postgresql":
         op.execute(f"UPDATE peers SET draw = {postgres}")

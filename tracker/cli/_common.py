@@ -150,10 +150,24 @@ def _one_line(error: Exception) -> Text:
     first = lines[0] if speaks else f"{type(cause).__name__}: {lines[0]}"
     if isinstance(cause, ConnectionError | socket.gaierror):  # the driver's "Connect call failed"
         first = f"cannot connect to the database: {first}"
+    first += _server_detail(cause)
     message = Text.assemble(("error: ", "bold red"), first)
     if len(lines) > 1 or not speaks:
         message.append(" (--debug for details)", style="dim")
     return message
+
+
+def _server_detail(cause: BaseException) -> str:
+    """What Postgres said beside its message: its DETAIL and HINT. "cannot alter type of a column
+    used by a view or rule" alone left an operator whose own view blocked a migration to guess which
+    view; the DETAIL names it (QA round 15). asyncpg keeps them on its error, which SQLAlchemy's
+    adapter wraps."""
+    for error in (cause, cause.__cause__):
+        detail, hint = getattr(error, "detail", None), getattr(error, "hint", None)
+        if isinstance(detail, str) or isinstance(hint, str):
+            said = f" ({detail})" if isinstance(detail, str) and detail else ""
+            return said + (f" hint: {hint}" if isinstance(hint, str) and hint else "")
+    return ""
 
 
 def config_for(database_url: str | None, **overrides: Any) -> TrackerConfig:

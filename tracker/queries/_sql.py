@@ -60,6 +60,11 @@ def greatest(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> Colu
     return func.max(a, b) if dialect == "sqlite" else func.greatest(a, b)
 
 
+def least(dialect: str, a: ColumnElement[Any], b: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The smaller of two non-NULL values (SQLite's scalar min, Postgres's least)."""
+    return func.min(a, b) if dialect == "sqlite" else func.least(a, b)
+
+
 def peer_id_of(key: str | ColumnElement[Any]) -> ColumnElement[Any]:
     """The surrogate id of the peer whose key is bound to the parameter ``key`` (or is that column)."""
     value = bindparam(key) if isinstance(key, str) else key

@@ -45,7 +45,7 @@ from ..events import (
     UploadOutcome,
 )
 from ..schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers, upload_outcomes
-from ._sql import content_id_of, greatest, lww_newer, num, peer_id_of
+from ._sql import content_id_of, greatest, least, lww_newer, num, peer_id_of
 from .leases import close_oldest_leases
 
 # ---------------------------------------------------------------------------------------------
@@ -148,9 +148,10 @@ def _cid_of(event: Event) -> str | None:
 
 
 def draw_of(peer_key: str) -> int:
-    """``peers.draw``: the first 31 bits of the key's MD5, which Postgres computes alike
-    (``('x' || substr(md5(peer_key), 1, 8))::bit(32)::bit(31)::int``, migration 0013; 24 bits
-    before it, which gave peers of a swarm the same draw: see there). A hash, not a secret."""
+    """``peers.draw``: the first 31 bits of the MD5 of the key's UTF-8 bytes, which Postgres
+    computes alike (``('x' || substr(md5(convert_to(peer_key, 'UTF8')), 1, 8))::bit(32)::bit(31)::int``,
+    migration 0013; 24 bits before it, which gave peers of a swarm the same draw: see there). A
+    hash, not a secret."""
     return int(hashlib.md5(peer_key.encode(), usedforsecurity=False).hexdigest()[:8], 16) >> 1
 
 
@@ -179,12 +180,16 @@ def _keys_upsert(dialect: str, table_name: str) -> RowsStatement:
         table, key, row = contents, "content_key", Rows(dialect, k=contents.c.content_key.type, t=Double())
         values = {key: row["k"], "first_seen": row["t"]}
     stmt = row.insert(table, values)
-    # Only an older first sighting (a late event) touches an existing row.
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[key],
-        set_={"first_seen": stmt.excluded.first_seen},
-        where=stmt.excluded.first_seen < table.c.first_seen,
-    )
+    # Only an older first sighting (a late event) touches an existing row; and for a peer, a draw
+    # that is not its key's: a tracker of an earlier release, still running while the database was
+    # upgraded, inserts peers with the column's default 0 or 24 bits (QA round 15), and all of
+    # draw 0 share one random number for every seed. The first event of the peer puts it right.
+    changed = stmt.excluded.first_seen < table.c.first_seen
+    set_: dict[str, Any] = {"first_seen": least(dialect, table.c.first_seen, stmt.excluded.first_seen)}
+    if table_name == "peers":
+        changed = changed | (stmt.excluded.draw != table.c.draw)
+        set_["draw"] = stmt.excluded.draw
+    stmt = stmt.on_conflict_do_update(index_elements=[key], set_=set_, where=changed)
     return RowsStatement(stmt, row)  # one row per key: no key repeats
 
 
