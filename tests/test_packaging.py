@@ -1,0 +1,50 @@
+"""What the package imports, its installation brings: `pip install -e .` (README's first line) is all
+an operator runs before `tracker serve`."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parent.parent
+# The package, and the migrations a wheel carries inside it (pyproject: force-include).
+SHIPPED = [ROOT / "tracker", ROOT / "alembic"]
+
+
+def _imported_top_level_modules() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for folder in SHIPPED:
+        for path in sorted(folder.rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for name in names:
+                    found.setdefault(name.partition(".")[0], path)
+    return found
+
+
+def test_every_third_party_module_the_package_imports_is_a_declared_dependency() -> None:
+    """httpx was only a test extra: `tracker serve` and `tracker gossip push` stopped on
+    ModuleNotFoundError after README's own install line (QA round 16)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    declared = {canonicalize_name(Requirement(spec).name) for spec in project["dependencies"]}
+    distributions = packages_distributions()
+    missing = {}
+    for module, where in _imported_top_level_modules().items():
+        if module in sys.stdlib_module_names or module == "tracker":
+            continue
+        provided_by = {canonicalize_name(name) for name in distributions.get(module, [])}
+        assert provided_by, f"{module} (imported in {where}) is installed by no distribution"
+        if not provided_by & declared:
+            missing[module] = (sorted(provided_by), str(where.relative_to(ROOT)))
+    assert missing == {}
