@@ -292,11 +292,12 @@ def test_a_second_sigint_exits_promptly_while_a_write_waits_in_the_database(
     """Ctrl-C twice: the first starts the graceful shutdown (which waits for the blocked write), the
     second abandons it. The process exits within seconds, with 130 and a line saying so, no traceback.
 
-    Postgres waits for a lock up to ``pg_lock_timeout_s`` (30 s) a try, and retries: far longer than
-    this test. SQLite's wait (its busy handler, in a lane thread) cannot be interrupted, so the process
-    outlives it: a short ``sqlite_busy_timeout_s`` keeps that brief here.
+    Postgres waits for a lock up to ``pg_lock_timeout_s`` (30 s) a try, and retries; SQLite's wait
+    (its busy handler, in a lane thread, which nothing interrupts) up to ``sqlite_busy_timeout_s``
+    (30 s): the process outlived it, and then committed the write it had answered 503 for (QA round
+    16). It exits without waiting for that thread, and the write is never stored.
     """
-    env = {"TRACKER_SHUTDOWN_GRACE_S": "60", "TRACKER_SQLITE_BUSY_TIMEOUT_S": "1"}
+    env = {"TRACKER_SHUTDOWN_GRACE_S": "60"}
     server = Server(db_url, tmp_path / "serve.log", env=env)
     try:
         server.wait_ready()
@@ -318,8 +319,48 @@ def test_a_second_sigint_exits_promptly_while_a_write_waits_in_the_database(
     assert code == 130, output
     assert elapsed < 5, output
     assert "forced shutdown" in output and "Traceback" not in output, output
-    # The abandoned write was never acknowledged.
+    # The abandoned write was never acknowledged, nor stored once the lock was free.
     assert outcome and getattr(outcome[0], "status_code", None) != 200, outcome
+    assert _peer_keys(db_url) == set()
+
+
+def _peer_keys(db_url: str) -> set[str]:
+    url = make_url(db_url)
+    if url.get_backend_name() == "sqlite":
+        conn = sqlite3.connect(str(url.database))
+        try:
+            return {key for (key,) in conn.execute("SELECT peer_key FROM peers")}
+        finally:
+            conn.close()
+
+    async def read() -> set[str]:
+        conn = await asyncpg.connect(url.set(drivername="postgresql").render_as_string(hide_password=False))
+        try:
+            return {row[0] for row in await conn.fetch("SELECT peer_key FROM peers")}
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_a_signal_after_the_service_stopped_does_not_turn_a_clean_exit_into_a_death_by_signal(
+    db_url: str, tmp_path: Path
+) -> None:
+    """The earlier handlers came back once the tracker was closed, ~0.5 s before the process ended:
+    a second SIGTERM then killed it, exit 143 after a clean stop (QA round 16)."""
+    server = Server(db_url, tmp_path / "serve.log")
+    try:
+        server.wait_ready()
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while "action=stopped" not in server.output():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.005)
+        server.process.send_signal(signal.SIGTERM)
+        code = server.exit_code_within(30, "two SIGTERMs")
+    finally:
+        server.kill()
+    assert code == 0, server.output()
 
 
 def _post_in_background(

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
@@ -16,6 +19,9 @@ from ._common import (
     run,
     unless_in_env,
 )
+
+if TYPE_CHECKING:
+    from ..service import ForcedShutdown
 
 
 @app.command()
@@ -86,16 +92,27 @@ def serve(
         if gossip.enabled:  # before the database is opened, or created
             check_fits(gossip, config.bandwidth_window)
         configure_logging(json_lines=settings.log_json, level=settings.log_level)
-        try:
-            run(run_service(config, settings, gossip))
-        except ForcedShutdown as forced:
-            forced_shutdown: ForcedShutdown | None = forced
-        else:
-            forced_shutdown = None
-    if forced_shutdown is not None:
-        # A second Ctrl-C: the conventional code of a process interrupted by SIGINT.
-        typer.echo(str(forced_shutdown), err=True)
-        raise typer.Exit(130)
+
+        async def service() -> None:
+            try:
+                await run_service(config, settings, gossip, owns_process=True)
+            except ForcedShutdown as forced:
+                _exit_abandoning(forced)
+
+        run(service())
+
+
+def _exit_abandoning(forced: ForcedShutdown) -> NoReturn:
+    """Exit 130 (the conventional code of a process interrupted by SIGINT) now, without the
+    interpreter's wait for threads: a write in an SQLite lane thread, stuck in the busy handler
+    behind another process's lock, held the process up to ``sqlite_busy_timeout_s`` and then
+    committed the write it had answered 503 for (QA round 16). Exiting here leaves its
+    transaction uncommitted, which either database rolls back."""
+    typer.echo(str(forced), err=True)
+    logging.shutdown()  # flushes the log handlers, which os._exit would not
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
 
 
 def _service_overrides(*, migrate: bool | None, sweeper: bool | None) -> dict[str, Any]:

@@ -6,7 +6,8 @@ database. A signal-initiated shutdown is a normal exit (code 0), not a death by 
 
 A second signal while shutting down forces it: uvicorn stops waiting for requests, and whatever still
 waits on the database (a write blocked on a lock, say: Postgres has no timeout for that) is
-cancelled; ``serve`` then raises ``ForcedShutdown``. The signals stay ours until the tracker is closed.
+cancelled; ``serve`` then raises ``ForcedShutdown``. The signals stay ours until the tracker is closed
+(and, for the process's owner, ``owns_process``, until it exits).
 """
 
 from __future__ import annotations
@@ -63,10 +64,11 @@ class _Signals:
     """SIGINT and SIGTERM from the tracker's opening until it is closed: the first asks the server for
     a graceful shutdown, any later one forces it (``forced``)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, owns_process: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
         self._server: uvicorn.Server | None = None
         self._requested = False
+        self._owns_process = owns_process
         self.forced = asyncio.Event()
 
     def attach(self, server: uvicorn.Server) -> None:
@@ -83,7 +85,10 @@ class _Signals:
             yield
         finally:
             for sig, handler in originals.items():
-                signal.signal(sig, handler)
+                # Once a signal has stopped the service, the process is on its way out: a later one
+                # (in the ~0.5 s it takes to exit) would kill a clean stop with 143 (QA round 16).
+                late = self._owns_process and self._requested
+                signal.signal(sig, signal.SIG_IGN if late else handler)
 
     def _handle(self, sig: int, frame: FrameType | None) -> None:
         # Runs between two bytecodes of the loop's thread: only flags, and a thread-safe wake-up.
@@ -148,8 +153,17 @@ def _address_error(host: str, port: int, error: OSError) -> OSError:
     return OSError(f"cannot listen on {host}:{port}: {error.strerror or error}")
 
 
-async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: GossipConfig | None = None) -> None:
+async def serve(
+    config: TrackerConfig,
+    settings: ServiceSettings,
+    gossip: GossipConfig | None = None,
+    *,
+    owns_process: bool = False,
+) -> None:
     """Run the service until a signal asks it to stop; raises if the tracker cannot open.
+
+    ``owns_process``: the caller exits once this returns (``tracker serve``), so after a signal has
+    stopped the service, later signals are ignored rather than given back to their earlier handlers.
 
     The tracker opens (and migrates, unless ``config.auto_migrate`` is off) before the socket listens,
     so a database problem is one clear error instead of a server that answers 503 forever. Before
@@ -168,19 +182,23 @@ async def serve(config: TrackerConfig, settings: ServiceSettings, gossip: Gossip
         )
     sock = _bind(settings.host, settings.port)
     try:
-        await _serve_on(sock, config, settings, gossip)
+        await _serve_on(sock, config, settings, gossip, owns_process)
     finally:
         sock.close()
 
 
 async def _serve_on(
-    sock: socket.socket, config: TrackerConfig, settings: ServiceSettings, gossip: GossipConfig | None
+    sock: socket.socket,
+    config: TrackerConfig,
+    settings: ServiceSettings,
+    gossip: GossipConfig | None,
+    owns_process: bool,
 ) -> None:
     tracker = await AvailabilityTracker.open(config)
     agent = GossipAgent(tracker, gossip) if gossip is not None and gossip.enabled else None
     gossiping: asyncio.Task[None] | None = None
     server: uvicorn.Server | None = None
-    signals = _Signals()
+    signals = _Signals(owns_process=owns_process)
     with signals.captured():
         try:
             app = create_app(tracker, settings, agent)
