@@ -6,10 +6,13 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from conftest import PG_URL, _dsn
+from sqlalchemy.engine import make_url
 
-from tracker import AvailabilityTracker
+from tracker import AvailabilityTracker, TrackerConfig
 from tracker.errors import (
     CommitOutcomeUnknown,
     ConfigError,
@@ -385,6 +388,28 @@ async def test_probes_report_alive_and_ready(api: httpx.AsyncClient) -> None:
         assert (await api.get(probe)).status_code == 200, probe
 
 
+async def test_readiness_says_why_the_database_is_unreachable(empty_pg_url: str, clock: ManualClock) -> None:
+    """A database dropped under a running tracker was "database unreachable: DBAPIError" (QA round
+    16); the probe says what kind of failure it is, without the server's words (names, hosts)."""
+    async with AvailabilityTracker(TrackerConfig(database_url=empty_pg_url, clock=clock)) as tracker:
+        transport = httpx.ASGITransport(app=create_app(tracker))
+        async with httpx.AsyncClient(transport=transport, base_url="http://tracker") as api:
+            assert (await api.get("/readyz")).status_code == 200
+            name = make_url(empty_pg_url).database
+            admin = await asyncpg.connect(_dsn(PG_URL))
+            try:
+                await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+            finally:
+                await admin.close()
+            details = []
+            for _ in range(3):  # the pooled connection is found dead first, then a new one is refused
+                ready = await api.get("/readyz")
+                assert ready.status_code == 503
+                details.append(ready.json()["detail"])
+    assert "database unreachable: the database does not exist (" in details[-1], details
+    assert all(str(name) not in detail for detail in details), details
+
+
 async def test_metrics_count_events_selections_and_the_swarm(
     api: httpx.AsyncClient, clock: ManualClock
 ) -> None:
@@ -478,6 +503,32 @@ async def test_storage_failures_are_503_with_a_code_that_says_whether_to_resend(
     response = await api.post("/v1/peers/outcomes", json={"peer_id": "p", "success": True})
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["code"] == code
+
+
+@pytest.mark.parametrize(
+    ("abandoned", "why"),
+    [
+        (False, "the database connection failed while committing and the outcome could not be checked"),
+        (True, "the tracker was shut down (forced) while this write was being committed"),
+    ],
+)
+async def test_an_unknown_commit_outcome_says_whether_a_connection_failed_or_a_shutdown_abandoned_it(
+    api: httpx.AsyncClient,
+    tracker: AvailabilityTracker,
+    monkeypatch: pytest.MonkeyPatch,
+    abandoned: bool,
+    why: str,
+) -> None:
+    """On SQLite only a forced shutdown leaves a commit's outcome unknown; the answer said a
+    connection had failed (QA round 16)."""
+
+    async def failing(events: object) -> int:
+        raise CommitOutcomeUnknown("lost", abandoned=abandoned)
+
+    monkeypatch.setattr(tracker, "record_batch", failing)
+    response = await api.post("/v1/peers/outcomes", json={"peer_id": "p", "success": True})
+    assert response.status_code == 503 and response.json()["error"]["code"] == "commit_unknown"
+    assert response.json()["error"]["message"].startswith(f"{why}: the events may have been applied")
 
 
 async def test_content_lists_the_best_limit_holders_and_counts_them_all(

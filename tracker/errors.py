@@ -40,7 +40,14 @@ class CommitOutcomeUnknown(StorageError):
     transaction (that could apply it twice: counters would count an outcome twice); the caller
     decides, knowing a resend of an outcome or a speed sample may count it twice and a resend of
     presence or mappings does not.
+
+    Also raised, on either engine, for a transaction still running when a forced shutdown
+    abandoned it (``abandoned``: the service's answer says which of the two happened).
     """
+
+    def __init__(self, message: str, *, abandoned: bool = False) -> None:
+        super().__init__(message)
+        self.abandoned = abandoned
 
 
 class SchemaOutOfDate(TrackerError):

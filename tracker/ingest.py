@@ -83,7 +83,9 @@ class GroupCommitter:
                 failures: tuple[BaseException, BaseException] = (error, error)
             else:
                 failures = (
-                    CommitOutcomeUnknown("ingest stopped while this transaction ran; it may have committed"),
+                    CommitOutcomeUnknown(
+                        "ingest stopped while this transaction ran; it may have committed", abandoned=True
+                    ),
                     TrackerClosed("the tracker closed before these events were written"),
                 )
             for _, future in group:  # settled already unless the error struck while committing it

@@ -219,9 +219,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def unknown(request: Request, error: Exception) -> JSONResponse:
         log.error("commit outcome unknown: %s", error, extra={"request_id": request.scope.get("request_id")})
+        assert isinstance(error, CommitOutcomeUnknown)
+        # On SQLite only a forced shutdown gets here, and no connection failed (QA round 16).
+        why = (
+            "the tracker was shut down (forced) while this write was being committed"
+            if error.abandoned
+            else "the database connection failed while committing and the outcome could not be checked"
+        )
         message = (
-            "the database connection failed while committing and the outcome could not be checked: "
-            "the events may have been applied; "
+            f"{why}: the events may have been applied; "
             "resending upload outcomes or speed samples may count them twice"
         )
         return error_response(request, 503, "commit_unknown", message)

@@ -8,6 +8,7 @@ configured; reads and probes never do.
 # No `from __future__ import annotations`: FastAPI reads the route signatures at definition time, and
 # their Query limits refer to `settings`, a local of build_router.
 import hmac
+import sqlite3
 import time
 from collections import Counter
 from typing import Annotated, Any
@@ -18,13 +19,13 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from .. import events as ev
 from .. import migrations
 from ..config import STRATEGIES
 from ..core import AvailabilityTracker
-from ..errors import TrackerError
+from ..errors import TrackerError, is_disconnect, sqlstate_of
 from ..offload import off_loop
 from .metrics import ServiceMetrics
 from .schemas import (
@@ -262,7 +263,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
                 await conn.execute(text("SELECT 1"))
             current, head = await migrations.current_revision(tracker.engine), migrations.head_revision()
         except (SQLAlchemyError, OSError, TrackerError) as error:
-            detail = f"database unreachable: {type(error).__name__}"
+            detail = f"database unreachable: {_why_unreachable(error)}"
             return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)
         if current != head:
             ahead = migrations.unknown_revision_problem(current)  # a newer tracker migrated it
@@ -293,6 +294,31 @@ def build_router(settings: ServiceSettings) -> APIRouter:
     router.include_router(writes)
     router.include_router(reads)
     return router
+
+
+def _why_unreachable(error: BaseException) -> str:
+    """A reason an operator can act on, for an unauthenticated probe: what kind of failure, never
+    the server's own words (they name databases, roles and hosts). "DBAPIError" alone said nothing
+    of a database that no longer existed (QA round 16); the tracker's log has the full error."""
+    state = sqlstate_of(error)
+    orig = error.orig if isinstance(error, DBAPIError) else error
+    if state == "3D000":
+        why = "the database does not exist"
+    elif state is not None and state.startswith("28"):
+        why = "the server refused this tracker's credentials"
+    elif state == "53300":
+        why = "the server has no connection free (too many clients)"
+    elif state is not None and state.startswith("57P"):
+        why = "the server is shutting down or starting"
+    elif isinstance(orig, TimeoutError):
+        why = "the server did not answer in time"
+    elif isinstance(orig, sqlite3.Error):
+        why = str(orig).splitlines()[0] if str(orig) else "the SQLite file cannot be used"
+    elif is_disconnect(error):
+        why = "cannot connect to the server, or the connection was lost"
+    else:
+        why = "the database failed"
+    return f"{why} ({type(orig).__name__})"
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
