@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
 from tracker import ConfigError, ReputationParams, TrackerConfig
+from tracker.cli._common import unknown_variables
 from tracker.db import pg_server_settings
 from tracker.gossip.config import GossipConfig
+from tracker.service.settings import ServiceSettings
 
 
 def test_defaults_match_the_design() -> None:
@@ -170,3 +174,34 @@ def test_a_page_size_the_listing_would_refuse_is_refused_at_start() -> None:
     assert ServiceSettings(max_page_size=10_000).max_page_size == 10_000
     with pytest.raises(ConfigError, match=r"max_page_size must be at most 10000"):
         ServiceSettings(max_page_size=10_001)
+
+
+def _settings_read() -> frozenset[str]:
+    return TrackerConfig.env_names() | ServiceSettings.env_names() | GossipConfig.env_names()
+
+
+def test_a_misspelt_variable_is_named_with_the_setting_it_likely_meant() -> None:
+    """``TRACKER_PEER_TIMOUT=60`` was ignored without a word: peers kept the 300 s default (QA round 16)."""
+    environ = {
+        "TRACKER_PEER_TIMOUT": "60",
+        "TRACKER_PEER_TIMEOUT": "60",
+        "TRACKER_GOSSIP_KEYS": "k" * 16,
+        "TRACKER_REPUTATION_MIN_OUTCOMES": "3",
+        "TRACKER_REQUIRE_POSTGRES": "1",
+        "TRACKER_NONSENSE": "x",
+        "PATH": "/bin",
+    }
+    assert unknown_variables(_settings_read(), environ) == [
+        "TRACKER_NONSENSE is set, but no setting of this tracker has that name: ignored",
+        "TRACKER_PEER_TIMOUT is set, but no setting of this tracker has that name: ignored "
+        "(did you mean TRACKER_PEER_TIMEOUT?)",
+    ]
+
+
+def test_every_variable_the_docs_name_is_one_a_setting_reads() -> None:
+    """The names ``serve`` knows are those the settings read; the docs name no other."""
+    root = Path(__file__).resolve().parent.parent
+    named = set()
+    for doc in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        named |= set(re.findall(r"TRACKER_[A-Z0-9_]*[A-Z0-9]\b", doc.read_text(encoding="utf-8")))
+    assert unknown_variables(_settings_read(), dict.fromkeys(named, "")) == []

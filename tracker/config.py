@@ -287,7 +287,7 @@ class TrackerConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in ("reputation", "clock", "monotonic", "boot_id"):
+            if f.name in _NOT_FROM_ENV:
                 continue
             raw = env.get(f"TRACKER_{f.name.upper()}")
             if raw is not None and f.name not in overrides:  # an override wins, even over a bad value
@@ -301,6 +301,19 @@ class TrackerConfig:
             values["reputation"] = ReputationParams(**reputation)
         values.update(overrides)
         return cls(**values)
+
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        """Every ``TRACKER_*`` variable ``from_env`` reads."""
+        top = {f"TRACKER_{f.name.upper()}" for f in dataclasses.fields(cls) if f.name not in _NOT_FROM_ENV}
+        return frozenset(
+            top | {f"TRACKER_REPUTATION_{f.name.upper()}" for f in dataclasses.fields(ReputationParams)}
+        )
+
+
+#: Fields no variable sets: the reputation parameters have their own (TRACKER_REPUTATION_*), the
+#: clocks and the boot id are code's to inject.
+_NOT_FROM_ENV = frozenset({"reputation", "clock", "monotonic", "boot_id"})
 
 
 def _field_type(cls: type, name: str) -> type:

@@ -8,11 +8,12 @@ exit code 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import json
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Annotated, Any, TypeVar
@@ -168,6 +169,32 @@ def _server_detail(cause: BaseException) -> str:
             said = f" ({detail})" if isinstance(detail, str) and detail else ""
             return said + (f" hint: {hint}" if isinstance(hint, str) and hint else "")
     return ""
+
+
+#: This project's variables that are no setting: the CLI's own, and the test suite's and benchmarks'.
+_NOT_SETTINGS = frozenset(
+    {
+        "TRACKER_DEBUG",
+        "TRACKER_TEST_POSTGRES_URL",
+        "TRACKER_REQUIRE_POSTGRES",
+        "TRACKER_BENCH_POSTGRES_URL",
+        "TRACKER_BENCH_REDIS_URL",
+    }
+)
+
+
+def unknown_variables(settings: frozenset[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """A sentence for each ``TRACKER_*`` variable that is set but read by no setting, with the
+    setting it most likely meant: ``TRACKER_PEER_TIMOUT=60`` left peers timing out after the
+    default 300 s without a word (QA round 16)."""
+    env = os.environ if environ is None else environ
+    known = settings | _NOT_SETTINGS
+    found = []
+    for name in sorted(key for key in env if key.startswith("TRACKER_") and key not in known):
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+        meant = f" (did you mean {close[0]}?)" if close else ""
+        found.append(f"{name} is set, but no setting of this tracker has that name: ignored{meant}")
+    return found
 
 
 def config_for(database_url: str | None, **overrides: Any) -> TrackerConfig:

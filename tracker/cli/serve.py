@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from ..config import TrackerConfig
 from ._common import (
     DatabaseUrlOption,
     DebugOption,
@@ -17,11 +18,14 @@ from ._common import (
     config_for,
     errors_as_messages,
     run,
+    unknown_variables,
     unless_in_env,
 )
 
 if TYPE_CHECKING:
     from ..service import ForcedShutdown
+
+log = logging.getLogger("tracker.service")
 
 
 @app.command()
@@ -92,6 +96,9 @@ def serve(
         if gossip.enabled:  # before the database is opened, or created
             check_fits(gossip, config.bandwidth_window)
         configure_logging(json_lines=settings.log_json, level=settings.log_level)
+        settings_read = TrackerConfig.env_names() | ServiceSettings.env_names() | GossipConfig.env_names()
+        for warning in unknown_variables(settings_read):
+            log.warning(warning, extra={"action": "unknown_setting"})
 
         async def service() -> None:
             try:

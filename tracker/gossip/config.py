@@ -105,10 +105,8 @@ class GossipConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GossipConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        lists = ("keys", "neighbors")
-        ints = ("fanout", "max_rows", "max_bytes", "stamp_chunk", "message_burst")
-        floats = ("interval_s", "jitter", "max_skew_s", "timeout_s", "backoff_max_s", "max_messages_per_s")
-        for name in (*lists, *ints, *floats, "learn_neighbors", "advertise_url"):
+        lists, ints, floats = _LISTS, _INTS, _FLOATS
+        for name in _ENV_FIELDS:
             raw = env.get(f"TRACKER_GOSSIP_{name.upper()}")
             if raw is None or name in overrides:  # an override wins, even over a bad value
                 continue
@@ -127,6 +125,17 @@ class GossipConfig:
                 raise ConfigError(f"TRACKER_GOSSIP_{name.upper()}={raw!r} is not valid") from None
         values.update(overrides)
         return cls(**values)
+
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        """Every ``TRACKER_GOSSIP_*`` variable ``from_env`` reads."""
+        return frozenset(f"TRACKER_GOSSIP_{name.upper()}" for name in _ENV_FIELDS)
+
+
+_LISTS = ("keys", "neighbors")
+_INTS = ("fanout", "max_rows", "max_bytes", "stamp_chunk", "message_burst")
+_FLOATS = ("interval_s", "jitter", "max_skew_s", "timeout_s", "backoff_max_s", "max_messages_per_s")
+_ENV_FIELDS = (*_LISTS, *_INTS, *_FLOATS, "learn_neighbors", "advertise_url")
 
 
 def check_url(url: object) -> str:

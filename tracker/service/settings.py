@@ -113,20 +113,7 @@ class ServiceSettings:
         """Settings from ``TRACKER_HOST``, ``TRACKER_PORT``, ``TRACKER_API_TOKEN``, ...; overrides win."""
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        parsers: dict[str, Any] = {
-            "host": str,
-            "port": int,
-            "api_token": str,
-            "max_body_bytes": int,
-            "max_best_n": int,
-            "max_page_size": int,
-            "log_json": _boolean,
-            "log_level": str,
-            "shutdown_grace_s": float,
-            "rate_limit_per_s": float,
-            "rate_limit_burst": int,
-        }
-        for name, parse in parsers.items():
+        for name, parse in _PARSERS.items():
             raw = env.get(f"TRACKER_{name.upper()}")
             if raw is None or raw == "" or overrides.get(name) is not None:
                 continue  # unset, or a command-line option wins (even over a variable that is invalid)
@@ -137,9 +124,29 @@ class ServiceSettings:
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 
+    @classmethod
+    def env_names(cls) -> frozenset[str]:
+        """Every ``TRACKER_*`` variable ``from_env`` reads."""
+        return frozenset(f"TRACKER_{name.upper()}" for name in _PARSERS)
+
 
 def _boolean(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
         raise ValueError(raw)
     return lowered in ("1", "true", "yes", "on")
+
+
+_PARSERS: dict[str, Any] = {
+    "host": str,
+    "port": int,
+    "api_token": str,
+    "max_body_bytes": int,
+    "max_best_n": int,
+    "max_page_size": int,
+    "log_json": _boolean,
+    "log_level": str,
+    "shutdown_grace_s": float,
+    "rate_limit_per_s": float,
+    "rate_limit_burst": int,
+}
