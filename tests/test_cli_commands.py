@@ -157,6 +157,18 @@ def test_gossip_export_writes_a_snapshot_file(seeded: str, tmp_path: Path) -> No
     assert sum('"peer-3"' in line for line in lines) >= 1
 
 
+def test_gossip_export_creates_its_directory_as_the_sweeper_does_but_not_over_a_file(
+    seeded: str, tmp_path: Path
+) -> None:
+    """A missing --dir was refused, while the sweeper's snapshot_dir is created (QA round 16)."""
+    result = _cli(seeded, "gossip", "export", "--dir", str(tmp_path / "snaps" / "today"), "--json")
+    assert result.exit_code == 0, result.output
+    assert Path(json.loads(result.stdout)["snapshot"]).parent == tmp_path / "snaps" / "today"
+    (tmp_path / "a-file").write_text("")
+    refused = _cli(seeded, "gossip", "export", "--dir", str(tmp_path / "a-file"))
+    assert refused.exit_code == 1 and "is not a directory" in refused.stderr
+
+
 def test_db_commands_report_move_and_check_the_schema(empty_pg_url: str, tmp_path: Path) -> None:
     head = head_revision()
     for url in (f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", empty_pg_url):

@@ -162,6 +162,16 @@ def test_an_sqlite_file_that_cannot_be_opened_prints_no_thread_traceback(
     assert crashes == []
 
 
+def test_serve_on_an_sqlite_path_whose_directory_is_missing_names_the_directory(tmp_path: Path) -> None:
+    """SQLite's "unable to open database file" named neither the file nor why (QA round 16)."""
+    missing = tmp_path / "no-such-directory"
+    line = one_line_error(
+        run("serve", "--port", "0", "--database-url", f"sqlite+aiosqlite:///{missing}/t.db")
+    )
+    assert line == f"error: cannot create the database {missing}/t.db: directory {missing} does not exist"
+    assert not missing.exists()
+
+
 def test_run_closes_its_loop_only_after_the_sqlite_workers_its_body_started_have_finished(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
 
@@ -16,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import db, migrations, queries
 from .clockleap import ClockState, SteadyClock, system_boot_id, system_elapsed
 from .config import STRATEGIES, TrackerConfig
-from .errors import InvalidInput, SchemaOutOfDate, TrackerClosed, translate
+from .errors import ConfigError, InvalidInput, SchemaOutOfDate, TrackerClosed, translate
 from .events import (
     ContentAvailable,
     ContentUnavailable,
@@ -108,6 +109,11 @@ class AvailabilityTracker:
                 f"no database at {path}, and this tracker may not create one (auto_migrate is off): "
                 "check the path, or create it with `tracker db upgrade` (`tracker serve` without "
                 "--no-migrate)"
+            )
+        if (path := db.missing_sqlite_file(self.config)) and not Path(path).parent.is_dir():
+            # SQLite's own "unable to open database file" named neither the file nor why (QA round 16).
+            raise ConfigError(
+                f"cannot create the database {path}: directory {Path(path).parent} does not exist"
             )
         engine = db.create_engine(self.config)
         try:

@@ -108,7 +108,9 @@ app.add_typer(gossip_app, name="gossip")
 
 @gossip_app.command("export")
 def export(
-    directory: Annotated[Path, typer.Option("--dir", help="Where to write the snapshot.")] = Path("."),
+    directory: Annotated[
+        Path, typer.Option("--dir", help="Where to write the snapshot (created if missing).")
+    ] = Path("."),
     database_url: DatabaseUrlOption = None,
     as_json: JsonOption = False,
     debug: DebugOption = False,
@@ -119,8 +121,9 @@ def export(
     `snapshot_keep` are removed.
     """
     with errors_as_messages(debug):
-        if not directory.is_dir():
+        if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"--dir {directory} is not a directory")
+        directory.mkdir(parents=True, exist_ok=True)  # as the sweeper's snapshot_dir is (QA round 16)
         stderr = Console(stderr=True)
 
         async def work() -> Path:
