@@ -105,17 +105,16 @@ class GossipConfig:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> GossipConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
-        lists, ints, floats = _LISTS, _INTS, _FLOATS
         for name in _ENV_FIELDS:
             raw = env.get(f"TRACKER_GOSSIP_{name.upper()}")
             if raw is None or name in overrides:  # an override wins, even over a bad value
                 continue
             try:
-                if name in lists:
+                if name in _LISTS:
                     values[name] = tuple(part.strip() for part in raw.split(",") if part.strip())
-                elif name in ints:
+                elif name in _INTS:
                     values[name] = int(raw)
-                elif name in floats:
+                elif name in _FLOATS:
                     values[name] = float(raw)
                 elif name == "learn_neighbors":
                     values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
