@@ -55,6 +55,27 @@ async def test_each_request_logs_one_access_line_with_its_request_id(
     assert (lines[0].request_id, lines[0].status, lines[0].path) == ("req-7", 422, "/v1/peers/online")
 
 
+async def test_probes_and_scrapes_that_succeed_are_logged_at_debug_and_their_failures_at_info(
+    tracker: AvailabilityTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Orchestrators probe every few seconds and Prometheus scrapes: at INFO they made most of the
+    access log (QA round 16: ~28 lines/s per process)."""
+    app = create_app(tracker)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        with caplog.at_level(logging.DEBUG, logger="tracker.access"):
+            for path in ("/healthz", "/readyz", "/metrics", "/v1/stats"):
+                await api.get(path)
+            await api.post("/healthz")
+    levels = {(r.path, r.status): r.levelno for r in caplog.records if r.name == "tracker.access"}
+    assert levels == {
+        ("/healthz", 200): logging.DEBUG,
+        ("/readyz", 200): logging.DEBUG,
+        ("/metrics", 200): logging.DEBUG,
+        ("/v1/stats", 200): logging.INFO,
+        ("/healthz", 405): logging.INFO,
+    }
+
+
 def test_alembic_context_lines_are_dropped_and_its_migration_lines_kept(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
