@@ -165,10 +165,18 @@ def test_an_sqlite_file_that_cannot_be_opened_prints_no_thread_traceback(
 def test_serve_on_an_sqlite_path_whose_directory_is_missing_names_the_directory(tmp_path: Path) -> None:
     """SQLite's "unable to open database file" named neither the file nor why (QA round 16)."""
     missing = tmp_path / "no-such-directory"
-    line = one_line_error(
-        run("serve", "--port", "0", "--database-url", f"sqlite+aiosqlite:///{missing}/t.db")
+    url = f"sqlite+aiosqlite:///{missing}/t.db"
+    # In a process of its own: serve sets up logging to the stderr of whoever runs it.
+    result = subprocess.run(
+        [sys.executable, "-m", "tracker", "serve", "--port", "0", "--database-url", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
-    assert line == f"error: cannot create the database {missing}/t.db: directory {missing} does not exist"
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: cannot create the database {missing}/t.db: directory {missing} does not exist"
+    ]
     assert not missing.exists()
 
 
