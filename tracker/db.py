@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import sqlite3
@@ -330,7 +331,45 @@ async def run_write(
                 raise _RolledBack(error) from error
             raise CommitOutcomeUnknown(f"the connection failed while committing: {error}") from error
 
-    return await _with_retries(engine, once, retries)
+    return await _with_retries(engine, lambda: to_completion(engine, once()), retries)
+
+
+#: Per engine: transactions whose callers were cancelled, still running to their end.
+_ORPHANS: weakref.WeakKeyDictionary[Any, set[asyncio.Task[Any]]] = weakref.WeakKeyDictionary()
+
+
+async def to_completion(engine: AsyncEngine, transaction: Awaitable[T]) -> T:
+    """Await ``transaction`` (one connection's whole use), which runs to its end even if the caller is
+    cancelled: the caller gets ``CancelledError`` at once, the transaction commits or rolls back
+    and gives its connection back. Cancelled inside, an SQLite transaction's rollback was cancelled
+    too, and its connection, dropped unreturned, held the write lock until the garbage collector
+    found it: every later write failed as locked (QA round 18); a cancelled asyncpg read dropped
+    its connection with an unretrieved error. ``settle`` waits for such leftovers."""
+    task = asyncio.ensure_future(transaction)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not task.done():
+            orphans = _ORPHANS.setdefault(engine.sync_engine, set())
+            orphans.add(task)
+            task.add_done_callback(functools.partial(_orphan_done, orphans))
+        raise
+
+
+def _orphan_done(orphans: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> None:
+    """A transaction nobody awaits any more ended: forgotten, and its outcome marked seen (asyncio
+    would log it as never retrieved; its caller was told it was cancelled)."""
+    orphans.discard(task)
+    if not task.cancelled():
+        task.exception()
+
+
+async def settle(engine: AsyncEngine, timeout_s: float) -> None:
+    """Wait up to ``timeout_s`` for the transactions whose callers were cancelled to end, so that
+    closing the engine finds their connections returned."""
+    orphans = _ORPHANS.get(engine.sync_engine)
+    if orphans:
+        await asyncio.wait(set(orphans), timeout=timeout_s)
 
 
 class _RolledBack(Exception):
@@ -451,10 +490,14 @@ async def run_read(
     (a restarted or failed-over server, a killed backend) runs again on a fresh one: reads are safe
     to repeat, and the pool's pre-ping cannot see a connection die while it is in use."""
     attempt = 0
+
+    async def once() -> T:
+        async with engine.connect() as conn:
+            return await work(conn)
+
     while True:
         try:
-            async with engine.connect() as conn:
-                return await work(conn)
+            return await to_completion(engine, once())
         except Exception as error:
             if not is_disconnect(error):
                 if is_driver_error(error):
