@@ -165,19 +165,23 @@ def test_an_sqlite_file_that_cannot_be_opened_prints_no_thread_traceback(
 def test_serve_on_an_sqlite_path_whose_directory_is_missing_names_the_directory(tmp_path: Path) -> None:
     """SQLite's "unable to open database file" named neither the file nor why (QA round 16)."""
     missing = tmp_path / "no-such-directory"
-    url = f"sqlite+aiosqlite:///{missing}/t.db"
-    # In a process of its own: serve sets up logging to the stderr of whoever runs it.
+    assert _serve_refused(0, f"sqlite+aiosqlite:///{missing}/t.db") == [
+        f"error: cannot create the database {missing}/t.db: directory {missing} does not exist"
+    ]
+    assert not missing.exists()
+
+
+def _serve_refused(port: int, url: str) -> list[str]:
+    """The stderr lines of a ``tracker serve`` that exited 1, run in a process of its own: serve sets
+    up logging to the stderr of whoever runs it."""
     result = subprocess.run(
-        [sys.executable, "-m", "tracker", "serve", "--port", "0", "--database-url", url],
+        [sys.executable, "-m", "tracker", "serve", "--port", str(port), "--database-url", url],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"error: cannot create the database {missing}/t.db: directory {missing} does not exist"
-    ]
-    assert not missing.exists()
+    return result.stderr.strip().splitlines()
 
 
 def test_run_closes_its_loop_only_after_the_sqlite_workers_its_body_started_have_finished(
@@ -267,17 +271,8 @@ def test_serve_on_a_taken_port_is_one_line_and_creates_nothing(tmp_path: Path) -
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        url = f"sqlite+aiosqlite:///{database}"
-        result = subprocess.run(
-            [sys.executable, "-m", "tracker", "serve", "--port", str(port), "--database-url", url],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert result.returncode == 1, result.stderr
-    assert result.stderr.strip().splitlines() == [
-        f"error: cannot listen on 127.0.0.1:{port}: Address already in use"
-    ]
+        refused = _serve_refused(port, f"sqlite+aiosqlite:///{database}")
+    assert refused == [f"error: cannot listen on 127.0.0.1:{port}: Address already in use"]
     assert not database.exists()
 
 

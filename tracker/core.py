@@ -309,7 +309,6 @@ class AvailabilityTracker:
                 f"now is {at - clock:.6g} s ahead of the tracker's clock; the limit is "
                 f"{self.config.max_clock_skew_s:g} s (max_clock_skew_s)"
             )
-        self.engine  # noqa: B018 - raises TrackerClosed when not open
         if self._closing:
             raise TrackerClosed("the tracker is closing")
         self._sweeps += 1
