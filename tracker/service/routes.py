@@ -50,13 +50,16 @@ from .settings import ServiceSettings
 
 _bearer = HTTPBearer(auto_error=False, description="The service's api_token, when one is configured.")
 
+# The dependencies below are coroutines although none awaits: FastAPI runs a plain function
+# dependency in a worker thread, four thread hops a request, and up to 40 threads (QA round 17).
 
-def _tracker(request: Request) -> AvailabilityTracker:
+
+async def _tracker(request: Request) -> AvailabilityTracker:
     tracker: AvailabilityTracker = request.app.state.tracker
     return tracker
 
 
-def _metrics(request: Request) -> ServiceMetrics:
+async def _metrics(request: Request) -> ServiceMetrics:
     metrics: ServiceMetrics = request.app.state.metrics
     return metrics
 
@@ -80,7 +83,7 @@ def token_accepted(request: Request) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(offered.strip().encode(), expected.encode())
 
 
-def _require_token(
+async def _require_token(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
     # ``credentials`` puts the bearer scheme into the OpenAPI schema; the check reads the header.
@@ -91,7 +94,7 @@ def _require_token(
 UNAUTHORIZED = "a valid bearer token is required for writes and selections"
 
 
-def _only_known_query(request: Request) -> None:
+async def _only_known_query(request: Request) -> None:
     """Refuse query parameters the route does not declare: FastAPI ignores them, so a typo
     (``?nn=3``) would silently answer with the defaults. Probes take none and ignore any: a load
     balancer or scraper that adds a cache-buster must not see a live process as failing."""
