@@ -51,6 +51,15 @@ MAX_PAGE = 10_000
 T = TypeVar("T")
 
 
+async def _release(lanes: SqliteLanes | None, engine: AsyncEngine | None) -> None:
+    """Close the lanes, let transactions whose callers were cancelled end, dispose of the engine."""
+    if lanes is not None:
+        await lanes.close()
+    if engine is not None:
+        await db.settle(engine, _SETTLE_S)
+        await engine.dispose()
+
+
 class AvailabilityTracker:
     """Tracks peers, their quality and their content, and picks the best peers for a download.
 
@@ -78,9 +87,8 @@ class AvailabilityTracker:
         self._sweeps = 0
         self._no_sweeps = asyncio.Event()
         self._no_sweeps.set()
-        #: What ``close()`` has taken from use and not released yet (lanes, engine).
-        self._releasing: tuple[SqliteLanes | None, AsyncEngine | None] = (None, None)
-        self._disposal: asyncio.Future[None] | None = None
+        #: The release of the lanes and the engine, once ``close()`` has begun it.
+        self._release: asyncio.Future[None] | None = None
         self._node_id: int | None = None
         self._node_key: str | None = None
         self._sweep_state = SweepState()
@@ -223,25 +231,18 @@ class AvailabilityTracker:
             await self._committer.drain()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._no_sweeps.wait(), _SETTLE_S)
-            # Handed over before the awaits below: new calls find the tracker closed; a close()
-            # cut short there (a caller's deadline) left them unreleased for good (QA round 18),
-            # so the next close() goes on with what is still held.
-            if self._engine is not None or self._lanes is not None:
-                self._releasing = (self._lanes or self._releasing[0], self._engine or self._releasing[1])
+            # Handed over at once, so that new calls find the tracker closed, to a release of its
+            # own that a close() cut short (a caller's deadline) leaves running and the next one
+            # awaits: cut short inside, it left them unreleased for good (QA round 18).
+            if self._release is None and (self._engine is not None or self._lanes is not None):
+                self._release = asyncio.ensure_future(_release(self._lanes, self._engine))
                 self._engine = self._lanes = None
-            lanes, engine = self._releasing
-            if lanes is not None:
-                await lanes.close()
-                self._releasing = (None, engine)
-            if engine is not None:
-                await db.settle(engine, _SETTLE_S)
-                # Shielded: cancelled midway, closing a connection was cancelled too (SQLAlchemy
-                # logged "Exception closing connection"); a close() cut short finds it running.
-                if self._disposal is None:
-                    self._disposal = asyncio.ensure_future(engine.dispose())
-                await asyncio.shield(self._disposal)
-                self._disposal = None
-                self._releasing = (None, None)
+            if self._release is not None:
+                try:
+                    await asyncio.shield(self._release)
+                finally:
+                    if self._release.done():
+                        self._release = None
         finally:
             self._closing = False
 
