@@ -4,8 +4,14 @@ holding the database (QA round 18), on both engines."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
+import logging
 import threading
+import warnings
+from collections.abc import Coroutine, Iterator
 from dataclasses import replace
+from typing import Any
 
 import asyncpg
 import pytest
@@ -14,7 +20,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tracker import AvailabilityTracker, TrackerConfig, db
+from tracker import AvailabilityTracker, TrackerConfig, WrongEventLoop, db
+from tracker.events import PeerOnline, SpeedSample
 from tracker.testing import ManualClock
 
 
@@ -122,3 +129,78 @@ async def test_sweeps_running_when_close_begins_end_before_the_engine_is_release
     await asyncio.gather(*sweeps, return_exceptions=True)
     assert await _only_threads_of_before(before)
     assert await _server_sessions(config.database_url) == 0
+
+
+async def test_a_tracker_used_from_another_event_loop_says_so_and_writes_nothing(
+    tracker: AvailabilityTracker,
+) -> None:
+    """Used from another loop, a Postgres tracker failed with asyncpg's bare RuntimeError and dropped
+    a connection; SQLite's went on with locks and tasks of the loop that opened it (QA round 18)."""
+    await tracker.record_content_available("c", "held")
+
+    async def from_another_loop() -> list[str]:
+        calls: list[Coroutine[Any, Any, object]] = [
+            tracker.record_peer_online("p"),
+            tracker.record_batch([PeerOnline("p"), SpeedSample("p", 5)]),
+            tracker.get_peer_metrics("held"),
+            tracker.select_best_peers("c", 3),
+            tracker.list_peers(),
+            tracker.stats(),
+            tracker.sweep(),
+            tracker.close(),  # the loop that opened it is running: its connections are its to close
+        ]
+        messages = []
+        for call in calls:
+            with pytest.raises(WrongEventLoop) as caught:
+                await call
+            messages.append(str(caught.value))
+        return messages
+
+    messages = await asyncio.to_thread(asyncio.run, from_another_loop())
+    assert all("opened in another event loop" in message for message in messages)
+    assert await tracker.get_peer_metrics("p") is None
+    assert [peer.peer_id for peer in await tracker.select_best_peers("c", 3)] == ["held"]
+
+
+async def test_a_tracker_whose_loop_has_ended_is_closed_from_the_next_one(config: TrackerConfig) -> None:
+    """An application opens the tracker in one ``asyncio.run()`` and closes it in the next: close()
+    releases what is left; on Postgres it logged an error with a traceback for each connection."""
+    before = _sqlite_threads()
+
+    async def opened() -> AvailabilityTracker:
+        tracker = await AvailabilityTracker.open(config)
+        await tracker.record_peer_online("p")
+        return tracker
+
+    tracker = await asyncio.to_thread(asyncio.run, opened())
+
+    async def closed_elsewhere() -> None:
+        with pytest.raises(WrongEventLoop):
+            await tracker.get_peer_metrics("p")
+        await tracker.close()
+
+    with _captured_errors() as logged:
+        await asyncio.to_thread(asyncio.run, closed_elsewhere())
+    assert logged == []
+    assert await _only_threads_of_before(before)
+    # asyncpg's connections of an ended loop cannot be closed from another: the pool forgot them,
+    # and their sessions end when Python collects them (each with asyncio's unclosed-transport warning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    assert await _server_sessions(config.database_url) == 0
+    async with AvailabilityTracker(config) as reopened:  # and nothing was lost
+        assert (metrics := await reopened.get_peer_metrics("p")) is not None and metrics.online
+
+
+@contextlib.contextmanager
+def _captured_errors() -> Iterator[list[logging.LogRecord]]:
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.ERROR)
+    handler.emit = records.append  # type: ignore[method-assign]
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield records
+    finally:
+        root.removeHandler(handler)

@@ -13,6 +13,7 @@ from .errors import (
     TrackerClosed,
     TrackerError,
     TransientStorageError,
+    WrongEventLoop,
 )
 from .events import (
     ContentAvailable,
@@ -53,4 +54,5 @@ __all__ = [
     "TrackerError",
     "TransientStorageError",
     "UploadOutcome",
+    "WrongEventLoop",
 ]

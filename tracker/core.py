@@ -18,7 +18,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import db, migrations, queries
 from .clockleap import ClockState, SteadyClock, system_boot_id, system_elapsed
 from .config import STRATEGIES, TrackerConfig
-from .errors import ConfigError, InvalidInput, SchemaOutOfDate, TrackerClosed, translate
+from .errors import (
+    ConfigError,
+    InvalidInput,
+    SchemaOutOfDate,
+    TrackerClosed,
+    WrongEventLoop,
+    translate,
+)
 from .events import (
     ContentAvailable,
     ContentUnavailable,
@@ -46,18 +53,27 @@ _MOST_ROWS = 2**30 - 1
 #: How long ``close()`` waits for ``sweep()`` calls, then for transactions whose callers were
 #: cancelled (``db.to_completion``), before it releases the engine.
 _SETTLE_S = 5.0
+_WRONG_LOOP = (
+    "this tracker was opened in another event loop, whose connections and locks it uses: open a "
+    "tracker in each loop (each asyncio.run()) that uses one"
+)
 #: The most peers one ``list_peers`` page holds.
 MAX_PAGE = 10_000
 T = TypeVar("T")
 
 
-async def _release(lanes: SqliteLanes | None, engine: AsyncEngine | None) -> None:
-    """Close the lanes, let transactions whose callers were cancelled end, dispose of the engine."""
+async def _release(lanes: SqliteLanes | None, engine: AsyncEngine | None, *, orphaned: bool) -> None:
+    """Close the lanes, let transactions whose callers were cancelled end, dispose of the engine.
+
+    ``orphaned``: the loop that opened the tracker is closed. asyncpg's connections cannot be closed
+    from another loop (each attempt logged a traceback), and that loop's end already dropped them:
+    the pool just forgets them. aiosqlite's run in threads, which any loop can close.
+    """
     if lanes is not None:
         await lanes.close()
     if engine is not None:
         await db.settle(engine, _SETTLE_S)
-        await engine.dispose()
+        await engine.dispose(close=not (orphaned and engine.dialect.name == "postgresql"))
 
 
 class AvailabilityTracker:
@@ -79,6 +95,8 @@ class AvailabilityTracker:
         self.config = config or TrackerConfig()
         self._publish_settings = publish_settings
         self._engine: AsyncEngine | None = None
+        #: The event loop that opened the tracker: its connections, locks and tasks belong to it.
+        self._loop: asyncio.AbstractEventLoop | None = None
         #: Set while ``close()`` runs: writers that kept submitting would otherwise keep its drain going.
         self._closing = False
         self._lanes: SqliteLanes | None = None
@@ -123,6 +141,7 @@ class AvailabilityTracker:
         return tracker
 
     async def _start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if not self.config.auto_migrate and (path := db.missing_sqlite_file(self.config)):
             # Connecting would create the file, and leave it empty behind the error below.
             raise SchemaOutOfDate(
@@ -225,6 +244,11 @@ class AvailabilityTracker:
         is committed, so ``close()`` returns even while other tasks keep writing, and ``abort()`` makes
         it stop waiting for them.
         """
+        if (opener := self._foreign_loop()) is not None and not opener.is_closed():
+            # Its connections are that loop's to close; once it is closed, what is left is released
+            # here as well as it can be (an application that opened in one asyncio.run()).
+            raise WrongEventLoop(f"{_WRONG_LOOP}; close it there")
+        orphaned = opener is not None
         self._closing = True
         try:
             await self.stop_sweeper()
@@ -235,7 +259,7 @@ class AvailabilityTracker:
             # own that a close() cut short (a caller's deadline) leaves running and the next one
             # awaits: cut short inside, it left them unreleased for good (QA round 18).
             if self._release is None and (self._engine is not None or self._lanes is not None):
-                self._release = asyncio.ensure_future(_release(self._lanes, self._engine))
+                self._release = asyncio.ensure_future(_release(self._lanes, self._engine, orphaned=orphaned))
                 self._engine = self._lanes = None
             if self._release is not None:
                 try:
@@ -269,7 +293,17 @@ class AvailabilityTracker:
         """The SQLAlchemy engine, for the sweeper, the service and ad-hoc queries."""
         if self._engine is None:
             raise TrackerClosed("the tracker is not open: use `async with` or AvailabilityTracker.open()")
+        if self._foreign_loop() is not None:
+            raise WrongEventLoop(_WRONG_LOOP)
         return self._engine
+
+    def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:
+        """The loop that opened the tracker, when the caller runs in another one (checked where a call
+        first needs the engine: every public call does, before it touches anything)."""
+        running = asyncio._get_running_loop()
+        if self._loop is None or running is None or running is self._loop:
+            return None
+        return self._loop
 
     @property
     def sqlite_lanes(self) -> SqliteLanes | None:
@@ -347,6 +381,8 @@ class AvailabilityTracker:
         Concurrent calls share transactions (group commit, see ``tracker.ingest``); each returns once
         the transaction holding its events has committed.
         """
+        if self._foreign_loop() is not None:  # before the lease clock's lock, which is the loop's too
+            raise WrongEventLoop(_WRONG_LOOP)
         config = self.config
         batch: Sequence[Event] = events if isinstance(events, Sequence) else list(events)
 

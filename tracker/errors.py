@@ -58,6 +58,14 @@ class TrackerClosed(TrackerError):
     """The tracker was used after ``close()``."""
 
 
+class WrongEventLoop(TrackerError, RuntimeError):
+    """The tracker was used from an event loop other than the one that opened it.
+
+    Its connections, locks and tasks belong to that loop: on Postgres, asyncpg failed the call with a
+    bare RuntimeError and dropped the connection (QA round 18). One tracker per event loop.
+    """
+
+
 _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock not available
 #: A prepared statement missing, or there already, on a connection that prepared it, or did not:
 #: the server connection changed under the client (a pooler in transaction mode).
