@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import inspect
+import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -143,9 +145,43 @@ async def test_a_batch_with_an_unknown_field_lists_its_bad_events_too(api: httpx
     response = await api.post("/v1/events", json=body)
     assert response.status_code == 422
     assert [d["loc"] for d in response.json()["error"]["details"]] == [
-        ["body", "events", 1200, "speed_sample", "bytes_per_sec"],
         ["body", "x"],
+        ["body", "events", 1200, "speed_sample", "bytes_per_sec"],
     ]
+
+
+async def test_a_batch_over_the_limit_is_refused_before_its_events_are_checked(
+    api: httpx.AsyncClient, tracker: AvailabilityTracker
+) -> None:
+    """Each bad item was listed before the count was checked: a 2 MB body of a million zeros took
+    1.5 GB and answered 140 MB (QA round 21)."""
+    limit = tracker.config.max_batch_events
+    response = await api.post("/v1/events", json={"events": [0] * (limit + 1)})
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["message"] == f"batch has {limit + 1} events; the limit is {limit}"
+    assert len(response.content) < 1_000
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "first"),
+    [
+        ("/v1/events", {"events": [0] * 5_000}, ["body", "events", 0]),
+        ("/v1/events", {"events": [0] * 5_000, "x": 1}, ["body", "x"]),
+        ("/v1/peers/online", {"peer_id": "p", **{f"k{i}": 1 for i in range(5_000)}}, ["body", "k0"]),
+    ],
+)
+async def test_an_answer_lists_at_most_a_hundred_errors_and_says_it_stopped(
+    api: httpx.AsyncClient, path: str, body: dict[str, Any], first: list[object]
+) -> None:
+    """Every error was listed: 200,000 unknown keys made an 18 MB answer (QA round 21)."""
+    response = await api.post(path, json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert len(error["details"]) == 100 and error["details_truncated"] is True
+    assert error["details"][0]["loc"] == first
+    assert len(response.content) < 20_000
+    assert (await api.get("/v1/peers/p")).status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -463,10 +499,21 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
         path for path, ops in schema["paths"].items() if "404" in ops.get("get", {}).get("responses", {})
     }
     assert documented_404 == {"/v1/peers/{peer_id}", "/v1/content/{cid}"}  # the only reads that answer it
-    # Every /v1 operation can be rate limited (probes and metrics are exempt): the schema says so.
+    # Every operation but the probes can be rate limited, /metrics too (QA round 21: it did not say).
     for path, ops in schema["paths"].items():
         for op in ops.values():
-            assert ("429" in op["responses"]) == path.startswith("/v1/"), (path, op["responses"].keys())
+            limited = path not in {"/healthz", "/readyz"}
+            assert ("429" in op["responses"]) == limited, (path, op["responses"].keys())
+    # Ids in paths and queries state what the service checks (QA round 21: a fuzzer read none of it).
+    for path, name in [
+        ("/v1/peers/{peer_id}", "peer_id"),
+        ("/v1/content/{cid}", "cid"),
+        ("/v1/peers", "after"),
+    ]:
+        (parameter,) = [p for p in schema["paths"][path]["get"]["parameters"] if p["name"] == name]
+        stated = parameter["schema"] if "pattern" in parameter["schema"] else parameter["schema"]["anyOf"][0]
+        assert (stated.get("minLength"), stated["maxLength"]) == (1, 256), stated
+        assert stated["pattern"] == "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
 
 
 @pytest.mark.parametrize("probe", ["/healthz", "/readyz"])
@@ -583,3 +630,75 @@ def test_no_dependency_of_ours_runs_in_a_worker_thread(tracker: AvailabilityTrac
             ):
                 plain.add(f"{call.__module__}.{call.__qualname__}")
     assert plain == set()
+
+
+async def test_a_made_up_method_is_counted_as_other_in_the_request_metrics(api: httpx.AsyncClient) -> None:
+    """Every method a client sent became a label of its own: /metrics grew without bound (QA round 21)."""
+    for i in range(3):
+        assert (await api.request(f"M{i:06d}", "/v1/stats")).status_code == 405
+    metrics = (await api.get("/metrics")).text
+    assert 'method="other",route="/v1/stats",status="405"} 3.0' in metrics
+    assert "M000001" not in metrics
+
+
+async def test_a_405_says_which_methods_the_route_allows(api: httpx.AsyncClient) -> None:
+    """Starlette's Allow header was dropped by our error handler (RFC 9110 requires it; QA round 21)."""
+    response = await api.put("/v1/peers/online", json={"peer_id": "p"})
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    assert response.json()["error"]["code"] == "method_not_allowed"
+
+
+@pytest.mark.parametrize(
+    ("method", "path"), [("GET", "/v1/stats/"), ("GET", "/healthz/"), ("POST", "/v1/events/")]
+)
+async def test_a_trailing_slash_is_an_unknown_route_not_a_redirect(
+    api: httpx.AsyncClient, method: str, path: str
+) -> None:
+    """It was a 307 to a Location built from the client's Host header (QA round 21)."""
+    response = await api.request(method, path, headers={"host": "evil.example"}, json={"events": []})
+    assert response.status_code == 404 and "location" not in response.headers
+    assert response.json()["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("/v1/peers/%FF", "the path is not UTF-8"),
+        ("/v1/content/%C3/best", "the path is not UTF-8"),
+        ("/v1/peers?after=%ff", "the query string is not UTF-8"),
+    ],
+)
+async def test_a_path_or_query_that_is_not_utf8_is_400_not_read_as_another_id(
+    api: httpx.AsyncClient, url: str, says: str
+) -> None:
+    """Read with U+FFFD in place of the bad bytes: /v1/peers/%FF read the peer named U+FFFD
+    (QA round 21)."""
+    await api.post("/v1/peers/online", json={"peer_id": "\ufffd"})
+    response = await api.get(url)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "bad_request" and says in response.json()["error"]["message"]
+    assert (await api.get("/v1/peers/%EF%BF%BD")).status_code == 200  # U+FFFD itself, in UTF-8
+
+
+async def test_a_compressed_body_is_415_and_writes_nothing(api: httpx.AsyncClient) -> None:
+    """FastAPI parsed the gzip bytes as JSON and answered "There was an error parsing the body"."""
+    body = gzip.compress(json.dumps({"peer_id": "p"}).encode())
+    response = await api.post(
+        "/v1/peers/online",
+        content=body,
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    )
+    assert response.status_code == 415
+    assert "Content-Encoding gzip is not supported" in response.json()["error"]["message"]
+    assert (await api.get("/v1/peers/p")).status_code == 404
+
+
+async def test_an_events_own_refusal_in_a_batch_names_its_index(api: httpx.AsyncClient) -> None:
+    """The id's check raised in the event's constructor, before the batch check that adds the index
+    (QA round 21: "peer_id contains control character" in a batch of 50,000)."""
+    events = [{"type": "peer_online", "peer_id": f"p{i}"} for i in range(3)]
+    events.append({"type": "content_available", "cid": "c", "peer_id": "bad\x01id"})
+    response = await api.post("/v1/events", json={"events": events})
+    assert response.status_code == 422
+    assert response.json()["error"]["message"].startswith("event #3 (content_available): peer_id contains")
+    assert (await api.get("/v1/peers/p0")).status_code == 404

@@ -15,6 +15,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
+from urllib.parse import unquote_to_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -32,6 +33,7 @@ from ..gossip.agent import GossipAgent
 from ..ratelimit import TokenBuckets
 from .metrics import ServiceMetrics
 from .routes import UNAUTHORIZED, build_router, needs_token, token_accepted
+from .schemas import MOST_ERRORS, ErrorOut
 from .settings import ServiceSettings
 
 log = logging.getLogger("tracker.service")
@@ -42,6 +44,9 @@ _UNLIMITED = frozenset({"/healthz", "/readyz"})
 #: Asked every few seconds by orchestrators and scrapers: their successes are logged at DEBUG, or
 #: they made most of the INFO access lines (QA round 16: ~28 lines/s per process).
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Methods counted under their own name in the request metrics; any other is "other": a label
+#: per method a client made up grew /metrics without bound (QA round 21: 6,000 series from 3,000 requests).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -73,7 +78,10 @@ def create_app(
         version=__version__,
         summary="Which peers of a P2P CDN are online, how good they are, and whom to download from.",
         # Error bodies are ours (ErrorOut), not FastAPI's default {"detail": ...}.
-        responses={422: {"description": "Invalid input", "model": _error_model()}},
+        responses={422: {"description": "Invalid input", "model": ErrorOut}},
+        # A path with a trailing slash is not one of ours: redirected, it got a 307 to a Location
+        # built from the client's Host header (QA round 21); docs/api.md promises a 404.
+        redirect_slashes=False,
     )
     app.state.tracker = tracker
     app.state.settings = settings
@@ -108,7 +116,10 @@ def _add_gossip_route(app: FastAPI, gossip: GossipAgent | None) -> None:
         "/v1/gossip",
         tags=["gossip"],
         summary="Exchange gossip with a neighbour tracker (signed, gzip-compressed JSON)",
-        responses={200: {"content": {"application/gzip": {}}}, 401: {}, 409: {}, 413: {}},
+        responses={
+            200: {"content": {"application/gzip": {}}},
+            **{status: {"model": ErrorOut, "description": why} for status, why in _GOSSIP_REFUSALS.items()},
+        },
         include_in_schema=gossip is not None,
     )
     async def gossip_exchange(request: Request) -> Response:
@@ -126,6 +137,16 @@ def _add_gossip_route(app: FastAPI, gossip: GossipAgent | None) -> None:
             refusal.headers[gossip_limits.HEADER] = headers[gossip_limits.HEADER]
             return refusal
         return Response(body, status_code=200, headers=headers)
+
+
+#: What a neighbour's message can be refused with (docs/gossip.md has each reason).
+_GOSSIP_REFUSALS = {
+    400: "Malformed, sent by this tracker itself, another format version, or sent_at out of range",
+    401: "Unsigned, or a signature that does not verify",
+    409: "A replay: this nonce was already received",
+    413: "Over max_bytes, or inflating beyond 20x that",
+    429: "Too many messages from this node (or on this connection)",
+}
 
 
 def _read_as_json(content_type: str | None) -> bool:
@@ -147,22 +168,24 @@ def _client(scope: Scope) -> str | None:
     return f"{client[0]}:{client[1]}" if client else None
 
 
-def _error_model() -> Any:
-    from .schemas import ErrorOut
-
-    return ErrorOut
-
-
 def error_response(
-    request: Request | None, status: int, code: str, message: str, **extra: Any
+    request: Request | None,
+    status: int,
+    code: str,
+    message: str,
+    *,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
 ) -> JSONResponse:
     """The one shape of every error body: ``{"error": {"code", "message", "request_id", ...}}``."""
     request_id = None if request is None else request.scope.get("request_id")
     body: dict[str, Any] = {"code": code, "message": message, "request_id": request_id}
     body.update(extra)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    headers = dict(headers or {})
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
     if status == 503:
-        headers = {"Retry-After": "1"}
+        headers["Retry-After"] = "1"
     if request is not None:
         request.app.state.metrics.requests_rejected.labels(code=code).inc()
     return JSONResponse({"error": body}, status_code=status, headers=headers)
@@ -178,6 +201,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         if needs_token(request) and not token_accepted(request):
             return error_response(request, 401, "unauthorized", UNAUTHORIZED)
         # Echoing "input" back could return a megabyte string; location and reason are what helps.
+        # Listed up to MOST_ERRORS: 200,000 unknown keys made an 18 MB answer (QA round 21).
         details = [
             {"loc": list(item.get("loc", ())), "msg": item.get("msg", ""), "type": item.get("type", "")}
             for item in error.errors()
@@ -199,18 +223,23 @@ def _install_error_handlers(app: FastAPI) -> None:
             )
         first = details[0] if details else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(part) for part in first["loc"])
+        listed: dict[str, Any] = {"details": details[:MOST_ERRORS]}
+        if len(details) > MOST_ERRORS:
+            listed["details_truncated"] = True
         return error_response(
             request,
             422,
             "invalid_request",
             f"{where}: {first['msg']}" if where else str(first["msg"]),
-            details=details,
+            **listed,
         )
 
     async def http_error(request: Request, error: Exception) -> JSONResponse:
         assert isinstance(error, StarletteHTTPException)
         code = _STATUS_CODES.get(error.status_code, f"http_{error.status_code}")
-        return error_response(request, error.status_code, code, str(error.detail))
+        # Starlette's own headers, a 405's Allow above all (RFC 9110; QA round 21 found it dropped).
+        headers = dict(error.headers or {})
+        return error_response(request, error.status_code, code, str(error.detail), headers=headers)
 
     async def busy(request: Request, error: Exception) -> JSONResponse:
         log.warning("storage busy: %s", error, extra={"request_id": request.scope.get("request_id")})
@@ -340,6 +369,14 @@ class _RequestGate:
                     retry = {"Retry-After": str(max(1, math.ceil(wait)))}
                     await self._reject(scope, send_with_id, 429, "rate_limited", message, retry)
                     return
+            if (refusal := _undecodable(scope)) is not None:
+                await self._reject(scope, send_with_id, 400, "bad_request", refusal)
+                return
+            encoding = headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                message = f"Content-Encoding {encoding} is not supported: send the body uncompressed"
+                await self._reject(scope, send_with_id, 415, "unsupported_media_type", message)
+                return
             # A control character in the path (a percent-encoded newline, say) is refused here:
             # route patterns end in `$`, which matches before a final newline and would drop it.
             bad = FORBIDDEN_CHARACTERS.search(scope["path"])
@@ -361,9 +398,8 @@ class _RequestGate:
         finally:
             template = self._template(scope)
             elapsed = time.perf_counter() - started
-            self.metrics.http_requests.labels(
-                method=scope["method"], route=template, status=str(status)
-            ).inc()
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.http_requests.labels(method=method, route=template, status=str(status)).inc()
             self.metrics.http_seconds.labels(route=template).observe(elapsed)
             quiet = scope["path"] in _PROBES and status < 400
             access_log.log(
@@ -396,6 +432,27 @@ class _RequestGate:
         self.metrics.requests_rejected.labels(code=code).inc()
         body = {"error": {"code": code, "message": message, "request_id": scope.get("request_id")}}
         await JSONResponse(body, status_code=status, headers=headers)(scope, _no_body, send)
+
+
+def _undecodable(scope: Scope) -> str | None:
+    """Why the path or the query string is not text, if it is not: percent-decoded bytes that are not
+    UTF-8 were read with U+FFFD in their place (``/v1/peers/%FF`` read the peer named U+FFFD;
+    QA round 21)."""
+    raw_path = scope.get("raw_path")
+    if raw_path is not None and not _is_utf8(unquote_to_bytes(raw_path.split(b"?", 1)[0])):
+        return "the path is not UTF-8 once percent-decoded"
+    query = scope.get("query_string", b"")
+    if query and not _is_utf8(unquote_to_bytes(query.replace(b"+", b" "))):
+        return "the query string is not UTF-8 once percent-decoded"
+    return None
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 async def _no_body() -> Message:

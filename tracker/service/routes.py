@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -29,6 +29,7 @@ from ..errors import TrackerError, is_disconnect, sqlstate_of
 from ..offload import off_loop
 from .metrics import ServiceMetrics
 from .schemas import (
+    ID_SCHEMA,
     Applied,
     Availability,
     BatchIn,
@@ -66,6 +67,7 @@ async def _metrics(request: Request) -> ServiceMetrics:
 
 Tracker = Annotated[AvailabilityTracker, Depends(_tracker)]
 Metrics = Annotated[ServiceMetrics, Depends(_metrics)]
+CidPath = Annotated[str, Path(json_schema_extra=ID_SCHEMA)]
 
 
 def token_accepted(request: Request) -> bool:
@@ -172,7 +174,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
 
     @writes.post("/events", summary="Many events in one transaction, all or nothing")
     async def batch(body: BatchIn, tracker: Tracker, metrics: Metrics) -> Applied:
-        items = await batch_items(body.events)
+        items = await batch_items(body.events, tracker.config.max_batch_events)
         return await commit(tracker, metrics, await off_loop(len(items), to_events, items))
 
     @reads.get("/peers", summary="Peers in id order, a page at a time")
@@ -181,7 +183,12 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         online: Annotated[bool, Query(description="Only peers online now.")] = False,
         limit: Annotated[int, Query(ge=1, le=settings.max_page_size)] = min(100, settings.max_page_size),
         after: Annotated[
-            str | None, Query(max_length=ev.MAX_ID_LENGTH, description="Last peer_id of the previous page.")
+            str | None,
+            Query(
+                max_length=ev.MAX_ID_LENGTH,
+                description="Last peer_id of the previous page.",
+                json_schema_extra=ID_SCHEMA,
+            ),
         ] = None,
     ) -> PeerPage:
         peers = await tracker.list_peers(online_only=online, limit=limit, after=after)
@@ -193,7 +200,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         summary="One peer's metrics and the parts of its score",
         responses=_errors(404),
     )
-    async def peer(peer_id: str, tracker: Tracker) -> PeerOut:
+    async def peer(peer_id: Annotated[str, Path(json_schema_extra=ID_SCHEMA)], tracker: Tracker) -> PeerOut:
         metrics = await tracker.get_peer_metrics(peer_id)
         if metrics is None:
             raise HTTPException(status_code=404, detail=f"no peer {peer_id!r} is known")
@@ -207,7 +214,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         responses=_errors(401),
     )
     async def best(
-        cid: str,
+        cid: CidPath,
         tracker: Tracker,
         metrics: Metrics,
         n: Annotated[int, Query(ge=1, le=settings.max_best_n)] = 3,
@@ -232,7 +239,7 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         "/content/{cid:path}", summary="Every online holder of a content, ranked", responses=_errors(404)
     )
     async def content(
-        cid: str,
+        cid: CidPath,
         tracker: Tracker,
         limit: Annotated[
             int,
@@ -283,7 +290,10 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         tags=["probes"],
         summary="Prometheus metrics",
         response_class=Response,
-        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Text format"}},
+        responses={
+            200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {}}, "description": "Text format"},
+            **_errors(429),
+        },
     )
     async def metrics_endpoint(tracker: Tracker, metrics: Metrics) -> Response:
         # Database-derived gauges are refreshed per scrape; a failing database must not hide the rest.
