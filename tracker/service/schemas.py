@@ -35,24 +35,15 @@ from ..models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, f
 ID_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
 #: The schema of an id in a path or a query, where FastAPI's own checks would answer in other words.
 ID_SCHEMA: dict[str, Any] = {"minLength": 1, "maxLength": ev.MAX_ID_LENGTH, "pattern": ID_PATTERN}
-Id = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=ev.MAX_ID_LENGTH,
-        examples=["peer-42"],
-        json_schema_extra={"pattern": ID_PATTERN},
-    ),
-]
-Cid = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=ev.MAX_ID_LENGTH,
-        examples=["bafy-cid-1"],
-        json_schema_extra={"pattern": ID_PATTERN},
-    ),
-]
+
+
+_ID_LIMITS: dict[str, Any] = {
+    "min_length": 1,
+    "max_length": ev.MAX_ID_LENGTH,
+    "json_schema_extra": {"pattern": ID_PATTERN},
+}
+Id = Annotated[str, Field(examples=["peer-42"], **_ID_LIMITS)]
+Cid = Annotated[str, Field(examples=["bafy-cid-1"], **_ID_LIMITS)]
 UnixTime = Annotated[
     float | None,
     Field(
