@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -112,3 +113,29 @@ def test_import_refuses_a_snapshot_with_rows_from_the_future_and_imports_nothing
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     assert "peer src-1" in refused.output and "ahead of this tracker's clock" in refused.output
     assert _served(db_url, "src-0") is None  # nothing of the file, not even the valid rows
+
+
+def test_import_refuses_a_snapshot_older_than_removals_are_remembered_unless_accepted(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A mapping removed after the snapshot was taken, its removal forgotten since, came back as held
+    (QA round 14); such a snapshot is now refused unless the operator accepts it."""
+    source = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    _seed(source, "src", 1)
+    exported = _cli(source, "gossip", "export", "--dir", str(tmp_path), "--json")
+    path = Path(json.loads(exported.stdout)["snapshot"])
+    records = [json.loads(line) for line in gzip.decompress(path.read_bytes()).splitlines()]
+    keep_s = TrackerConfig(database_url=db_url).tombstone_keep_s
+    records[0]["taken_at"] = time.time() - keep_s - 3600  # the header: a backup kept too long
+    old = tmp_path / "old.jsonl.gz"
+    old.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in records)))
+
+    refused = _cli(db_url, "gossip", "import", str(old))
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "longer ago than removals are remembered" in refused.output and "--accept-old" in refused.output
+    assert _served(db_url, "src-0") is None
+
+    accepted = _cli(db_url, "gossip", "import", str(old), "--accept-old", "--json")
+    assert accepted.exit_code == 0, accepted.output
+    assert json.loads(accepted.stdout)["mappings_applied"] == 3
+    assert _served(db_url, "src-0") == 1

@@ -147,6 +147,14 @@ def _quiet() -> Any:
 @gossip_app.command("import")
 def import_(
     path: Annotated[Path, typer.Argument(help="A snapshot file (snapshot-*.jsonl.gz).")],
+    accept_old: Annotated[
+        bool,
+        typer.Option(
+            "--accept-old",
+            help="Import a snapshot older than removals are remembered (tombstone_ttl_s) too: mappings "
+            "removed since it was taken may come back.",
+        ),
+    ] = False,
     database_url: DatabaseUrlOption = None,
     as_json: JsonOption = False,
     debug: DebugOption = False,
@@ -155,7 +163,8 @@ def import_(
 
     Rows enter through the gossip merge at version 0: they fill in what is missing and never override
     what gossip brought; this node's own observations are left alone. The file is checked whole first;
-    a truncated or corrupt file, or one with rows dated ahead of this clock, changes nothing.
+    a truncated or corrupt file, or one with rows dated ahead of this clock, changes nothing; nor does
+    one taken longer ago than removals are remembered, without --accept-old.
     """
     from rich.progress import Progress
 
@@ -173,7 +182,10 @@ def import_(
                 with Progress(console=stderr, transient=True, disable=disable) as bar:
                     task = bar.add_task("importing", total=None)
                     return await import_snapshot(
-                        tracker, path, lambda done, total: bar.update(task, completed=done, total=total)
+                        tracker,
+                        path,
+                        lambda done, total: bar.update(task, completed=done, total=total),
+                        accept_old=accept_old,
                     )
 
         report = run(work())

@@ -6,7 +6,9 @@ node's own origin is skipped, like in gossip: the database is the authority on i
 The whole file is applied in one transaction, after its trailer has been checked, so a truncated or
 corrupt file changes nothing; so does one with a row dated beyond this tracker's clock plus
 ``max_clock_skew_s`` (the exporter's clock was wrong: such rows would pin peers online and win every
-last-writer-wins for as long as the error).
+last-writer-wins for as long as the error). A snapshot taken longer ago than removals are remembered
+(``TrackerConfig.tombstone_keep_s``) is refused unless the caller accepts it: a mapping removed after
+it was taken, and forgotten since, would come back as held (QA round 14).
 """
 
 from __future__ import annotations
@@ -36,10 +38,19 @@ class ImportReport:
 
 
 async def import_snapshot(
-    tracker: AvailabilityTracker, path: Path, progress: Callable[[int, int], None] | None = None
+    tracker: AvailabilityTracker,
+    path: Path,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    accept_old: bool = False,
 ) -> ImportReport:
-    """Merge the snapshot at ``path``; ``progress(done, total)`` is called per origin applied."""
+    """Merge the snapshot at ``path``; ``progress(done, total)`` is called per origin applied.
+
+    ``accept_old``: import a snapshot older than ``tombstone_keep_s`` too (restoring an old backup,
+    knowing that mappings removed since it was taken may come back)."""
     snap = await read_snapshot(path)
+    if not accept_old:
+        _refuse_forgotten_removals(tracker, snap.header.taken_at)
     samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
     for s in snap.samples:
         samples.setdefault((s.origin, s.peer), []).append((s.at, s.bytes_per_sec))
@@ -102,6 +113,17 @@ async def import_snapshot(
         peers_applied=counts.peers,
         mappings_applied=counts.mappings,
     )
+
+
+def _refuse_forgotten_removals(tracker: AvailabilityTracker, taken_at: float) -> None:
+    keep = tracker.config.tombstone_keep_s
+    if (age := tracker.now() - taken_at) > keep:
+        raise SnapshotError(
+            f"the snapshot was taken {age / 3600:.4g} h ago, longer ago than removals are remembered "
+            f"({keep / 3600:g} h: tombstone_ttl_s, or max_event_age_s if longer), so a mapping removed "
+            "since it was taken would come back as held: nothing was imported. Take a newer snapshot, "
+            "or import this one anyway with --accept-old (accept_old=True), e.g. to restore a backup"
+        )
 
 
 def _refuse_future(
