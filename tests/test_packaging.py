@@ -4,6 +4,7 @@ an operator runs before `tracker serve`."""
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
@@ -48,3 +49,29 @@ def test_every_third_party_module_the_package_imports_is_a_declared_dependency()
         if not provided_by & declared:
             missing[module] = (sorted(provided_by), str(where.relative_to(ROOT)))
     assert missing == {}
+
+
+def test_an_application_type_checks_against_the_package(tmp_path: Path) -> None:
+    """Without a py.typed marker mypy skipped the package: every call of an embedding application
+    was Any, however carefully the library is annotated."""
+    app = tmp_path / "app.py"
+    app.write_text(
+        "from tracker import AvailabilityTracker, PeerInfo, TrackerConfig\n\n\n"
+        "async def best(config: TrackerConfig) -> list[PeerInfo]:\n"
+        "    async with AvailabilityTracker(config) as tracker:\n"
+        "        return await tracker.select_best_peers('cid-1', 3)\n\n\n"
+        "async def wrong(tracker: AvailabilityTracker) -> str:\n"
+        "    return await tracker.select_best_peers('cid-1', 3)\n",
+        encoding="utf-8",
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(app)],
+        cwd=tmp_path,  # not this repository's mypy settings
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert "py.typed" not in checked.stdout, checked.stdout
+    # The one error is the application's own: the package's types reached it.
+    assert 'Incompatible return value type (got "list[PeerInfo]", expected "str")' in checked.stdout
+    assert "Found 1 error in 1 file" in checked.stdout, checked.stdout
