@@ -702,3 +702,21 @@ async def test_an_events_own_refusal_in_a_batch_names_its_index(api: httpx.Async
     assert response.status_code == 422
     assert response.json()["error"]["message"].startswith("event #3 (content_available): peer_id contains")
     assert (await api.get("/v1/peers/p0")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("body", "says"),
+    [
+        (b'{"peer_id": "p\xff"}', "the body is not valid UTF-8 (nor UTF-16/32) text: byte 14"),
+        (b'{"peer_id": "p", "at": 1' + b"0" * 5000 + b"}", "a number of more than 4,300 digits"),
+    ],
+)
+async def test_a_body_that_cannot_be_parsed_is_400_saying_why(
+    api: httpx.AsyncClient, body: bytes, says: str
+) -> None:
+    """Both got FastAPI's "There was an error parsing the body" (QA round 21)."""
+    response = await api.post("/v1/peers/online", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "bad_request"
+    assert says in response.json()["error"]["message"]
+    assert (await api.get("/v1/peers/p")).status_code == 404

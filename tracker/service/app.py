@@ -239,7 +239,8 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(error.status_code, f"http_{error.status_code}")
         # Starlette's own headers, a 405's Allow above all (RFC 9110; QA round 21 found it dropped).
         headers = dict(error.headers or {})
-        return error_response(request, error.status_code, code, str(error.detail), headers=headers)
+        message = _unparsed_body(error) or str(error.detail)
+        return error_response(request, error.status_code, code, message, headers=headers)
 
     async def busy(request: Request, error: Exception) -> JSONResponse:
         log.warning("storage busy: %s", error, extra={"request_id": request.scope.get("request_id")})
@@ -274,6 +275,19 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StorageError, storage)
     app.add_exception_handler(CommitOutcomeUnknown, unknown)
     app.add_exception_handler(TrackerClosed, closed)
+
+
+def _unparsed_body(error: StarletteHTTPException) -> str | None:
+    """What FastAPI's "There was an error parsing the body" stood for: it says the same for bytes that
+    are not text and for a number too long to convert (QA round 21); the cause tells them apart."""
+    cause = error.__cause__
+    if error.status_code != 400 or cause is None:
+        return None
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the body is not valid UTF-8 (nor UTF-16/32) text: byte {cause.start} cannot be decoded"
+    if isinstance(cause, ValueError) and "integer string conversion" in str(cause):
+        return "the body holds a number of more than 4,300 digits"
+    return f"the body could not be parsed as JSON ({type(cause).__name__})"
 
 
 class _BodyTooLarge(StarletteHTTPException):
