@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
+from conftest import _dsn
 from sqlalchemy import text
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -205,3 +208,29 @@ async def test_a_session_dated_ahead_counts_zero_and_keeps_the_closed_sessions_u
     assert metrics.uptime == closed.uptime and metrics.uptime.total_seconds() == pytest.approx(3600)
     rows = await _rows(swarm, "SELECT uptime_s FROM peer_scores WHERE peer_id = 'steady'")
     assert rows[0]["uptime_s"] == pytest.approx(3600)
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_the_analytics_role_the_docs_suggest_is_valid_postgres(db_url: str) -> None:
+    """Run in a transaction that is rolled back: roles are the cluster's, not the test database's."""
+    (admin,) = re.findall(r"```sql postgresql-admin\n(.*?)```", DOC, flags=re.S)
+    role = f"analytics_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(_dsn(db_url))
+    try:
+        async with conn.transaction():
+            await conn.execute(admin.replace("analytics", role))
+            settings = await conn.fetchval(
+                "SELECT setconfig FROM pg_db_role_setting"
+                " WHERE setrole = (SELECT oid FROM pg_roles WHERE rolname = $1)",
+                role,
+            )
+            assert {"default_transaction_read_only=on", "jit=off"} <= set(settings)
+            raise _RollBack
+    except _RollBack:
+        pass
+    finally:
+        await conn.close()
+
+
+class _RollBack(Exception):
+    pass

@@ -23,7 +23,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig
+from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig, migrations
 from tracker.db import create_engine
 from tracker.migrations import (
     MIGRATION_LOCK_KEY,
@@ -391,3 +391,36 @@ async def test_draws_of_a_latin1_database_are_those_of_the_keys_utf8_bytes(
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
+
+
+async def test_a_migration_waiting_for_a_tables_lock_lets_the_trackers_traffic_through(
+    empty_pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A report left idle in its transaction kept a migration's ALTER waiting, and every statement on
+    that table queued behind the ALTER: ingest stopped for as long as the report stayed open
+    (QA round 19). The migration now waits a short while at a time and names who holds the table."""
+    monkeypatch.setattr(migrations, "LOCK_ATTEMPT_S", 0.2, raising=False)
+    async with AvailabilityTracker(TrackerConfig(database_url=empty_pg_url)) as tracker:
+        await tracker.record_peer_online("p0")
+        report = await asyncpg.connect(_dsn(empty_pg_url), server_settings={"application_name": "report"})
+        await report.execute("BEGIN; SELECT count(*) FROM peers")  # then left open
+        migrating = asyncio.create_task(migrate(tracker.engine, "0011", downgrade=True))
+        try:
+            for _ in range(200):
+                if "migration_lock_wait" in [getattr(r, "action", None) for r in caplog.records]:
+                    break
+                await asyncio.sleep(0.05)
+            waits = [
+                r.getMessage() for r in caplog.records if getattr(r, "action", None) == "migration_lock_wait"
+            ]
+            assert waits and "report, in a transaction for" in waits[0], waits
+            for i in range(1, 6):  # each waits at most one attempt behind the migration's request
+                await asyncio.wait_for(tracker.record_peer_online(f"p{i}"), 5)
+            assert not migrating.done()
+        finally:
+            await report.execute("COMMIT")
+            await report.close()
+        await asyncio.wait_for(migrating, 60)
+        assert await current_revision(tracker.engine) == "0011"
+        await migrate(tracker.engine)
+        assert (metrics := await tracker.get_peer_metrics("p5")) is not None and metrics.online

@@ -7,14 +7,22 @@ shell never migrate one database at once.
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import write_connection
-from .errors import SchemaOutOfDate
+from .errors import SchemaOutOfDate, sqlstate_of
+from .schema import metadata
+
+log = logging.getLogger("tracker.migrations")
 
 #: The advisory lock migrations take on Postgres: in process (``migrate``) and from the shell
 #: (alembic/env.py). Any fixed number serves, as long as every tracker uses the same one.
@@ -42,17 +50,51 @@ def alembic_config(url: str | None = None) -> Any:
     return cfg
 
 
+#: How long one attempt of a Postgres migration waits for a table's lock before it lets go, lets the
+#: statements queued behind its request run, and tries again (``migrate``).
+LOCK_ATTEMPT_S = 2.0
+#: The pause between attempts grows to this.
+_MOST_PAUSE_S = 10.0
+
+
 async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: bool = False) -> None:
     """Upgrade (or downgrade) the database in-process, on a connection of ``engine``.
 
     Several processes may open the same empty Postgres database at once; an advisory lock makes
     them migrate one after the other. On SQLite the IMMEDIATE transaction does the same.
 
-    On Postgres the migration waits for its locks without end, whatever ``pg_lock_timeout_s`` says:
-    the processes queued on the advisory lock wait for as long as the first one's migration takes,
-    and a migration's ALTERs wait for the traffic on their tables to let go. Either failing after a
-    few seconds would stop a tracker from starting, or a deployment step, for a wait that ends.
+    On Postgres the migration waits until it can have its locks, whatever ``pg_lock_timeout_s``
+    says (failing would stop a tracker from starting, or a deployment step, for a wait that ends),
+    but never more than ``LOCK_ATTEMPT_S`` at a time: a migration's ALTER waiting for a table's lock
+    holds up every statement on that table queued behind it, so a report left idle in a transaction
+    stopped every tracker for as long as it stayed open (QA round 19). Each attempt is rolled back
+    whole, and the sessions holding the tables are logged, while it waits.
     """
+    attempt = 0
+    while True:
+        try:
+            await _migrate_once(engine, revision, downgrade=downgrade)
+            return
+        except DBAPIError as error:
+            if engine.dialect.name != "postgresql" or sqlstate_of(error) != _LOCK_NOT_AVAILABLE:
+                raise
+        attempt += 1
+        pause = min(_MOST_PAUSE_S, 0.5 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
+        log.warning(
+            "migration: a table it changes stayed locked for %g s; trying again in %.1f s (attempt %d)%s",
+            LOCK_ATTEMPT_S,
+            pause,
+            attempt,
+            await _lock_holders(engine),
+            extra={"action": "migration_lock_wait", "attempt": attempt},
+        )
+        await asyncio.sleep(pause)
+
+
+_LOCK_NOT_AVAILABLE = "55P03"
+
+
+async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool) -> None:
     from alembic import command
 
     def _run(sync_conn: Connection) -> None:
@@ -65,12 +107,43 @@ async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: boo
 
     async with write_connection(engine) as conn, conn.begin():
         if engine.dialect.name == "postgresql":
+            # Queued on the advisory lock, a process waits for another's migration: that holds up no
+            # one else, so without limit. Its own statements then wait LOCK_ATTEMPT_S at a time.
             await conn.exec_driver_sql("SET LOCAL lock_timeout = 0")  # this transaction only
             await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_ATTEMPT_S * 1000)}ms'")
         problem = unknown_revision_problem(await conn.run_sync(_revision_of))
         if problem:
             raise SchemaOutOfDate(problem)
         await conn.run_sync(_run)
+
+
+async def _lock_holders(engine: AsyncEngine) -> str:
+    """``": sessions holding the tracker's tables: ..."``, the longest in their transactions first,
+    for the warning; empty when none is found (or asking fails: the warning matters more)."""
+    query = text(
+        "SELECT a.pid, a.state, coalesce(a.application_name, ''), "
+        "       extract(epoch FROM now() - a.xact_start) AS in_xact_s "
+        "FROM pg_stat_activity a "
+        "WHERE a.pid <> pg_backend_pid() AND a.xact_start IS NOT NULL AND a.pid IN ("
+        "  SELECT l.pid FROM pg_locks l JOIN pg_class c ON c.oid = l.relation "
+        "  JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "  WHERE l.granted AND n.nspname = current_schema() AND c.relname = ANY(:tables)) "
+        "ORDER BY a.xact_start LIMIT 5"
+    )
+    try:
+        async with engine.connect() as conn:
+            tables = [*metadata.tables, "alembic_version"]
+            rows = (await conn.execute(query, {"tables": tables})).all()
+    except Exception:  # a diagnosis only: the warning matters more
+        return ""
+    if not rows:
+        return ""
+    sessions = ", ".join(
+        f"pid {pid} ({state}{f', {app}' if app else ''}, in a transaction for {float(age):.0f} s)"
+        for pid, state, app, age in rows
+    )
+    return f": sessions holding the tracker's tables: {sessions}"
 
 
 def _revision_of(sync_conn: Connection) -> str | None:
