@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import replace
 
+import asyncpg
+import httpx
 import pytest
+from conftest import _dsn
+from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.errors import CommitOutcomeUnknown, TrackerClosed
 from tracker.events import PeerOnline, UploadOutcome
 from tracker.ingest import GroupCommitter
 from tracker.queries import Timed
+from tracker.service import create_app
+from tracker.testing import ManualClock
 
 
 async def test_concurrent_callers_share_transactions_and_every_event_lands(
@@ -165,3 +174,49 @@ async def test_abandon_fails_the_transaction_in_flight_and_the_queue_and_drain_r
         await in_flight
     with pytest.raises(TrackerClosed):
         await queued
+
+
+async def test_the_oldest_waiting_write_is_measured_while_a_lock_holds_the_queue(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """Held behind an operator's row lock, ingest stopped for 130 s and /metrics showed nothing: the
+    latencies of finished requests say nothing until one finishes (QA round 19)."""
+    async with AvailabilityTracker(replace(config, monotonic=clock.monotonic)) as tracker:
+        app = httpx.AsyncClient(transport=httpx.ASGITransport(create_app(tracker)), base_url="http://t")
+        await tracker.record_peer_online("p")
+        assert tracker.ingest_oldest_wait_s() == 0.0
+        async with _operator_holding_peer(tracker, "p"):
+            first = asyncio.create_task(tracker.record_peer_online("p"))
+            await asyncio.sleep(0.2)  # in flight, waiting for the lock
+            clock.advance(40)
+            second = asyncio.create_task(tracker.record_peer_online("other"))  # queued behind it
+            await asyncio.sleep(0.05)
+            clock.advance(5)
+            assert tracker.ingest_oldest_wait_s() == pytest.approx(45)
+            assert "tracker_ingest_oldest_wait_seconds 45.0" in (await app.get("/metrics")).text
+            assert not first.done() and not second.done()
+        await asyncio.wait_for(asyncio.gather(first, second), 30)
+        assert tracker.ingest_oldest_wait_s() == 0.0
+        await app.aclose()
+
+
+@contextlib.asynccontextmanager
+async def _operator_holding_peer(tracker: AvailabilityTracker, peer: str) -> AsyncIterator[None]:
+    """An operator's session that locks one peer's row (Postgres) or takes the write lock (SQLite)."""
+    url = make_url(tracker.config.database_url)
+    if url.get_backend_name() == "sqlite":
+        held = sqlite3.connect(str(url.database), isolation_level=None)
+        held.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            held.execute("ROLLBACK")
+            held.close()
+        return
+    conn = await asyncpg.connect(_dsn(tracker.config.database_url))
+    try:
+        await conn.execute(f"BEGIN; SELECT 1 FROM peers WHERE peer_key = '{peer}' FOR UPDATE")
+        yield
+        await conn.execute("ROLLBACK")
+    finally:
+        await conn.close()

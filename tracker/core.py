@@ -127,7 +127,9 @@ class AvailabilityTracker:
         #: Readings for the work on leases, kept on one side of the move of held leases.
         self._leases = LeaseClock(self.now, self._store_clock)
         self._sweeper: SweeperTask | None = None
-        self._committer = GroupCommitter(self._apply, self.config.max_batch_events)
+        self._committer = GroupCommitter(
+            self._apply, self.config.max_batch_events, clock=elapsed or time.monotonic
+        )
         self._random = random.Random(self.config.random_seed)
         self._selection_slots = asyncio.Semaphore(self.config.selection_slots)
 
@@ -423,6 +425,11 @@ class AvailabilityTracker:
     def ingest_stats(self) -> GroupStats:
         """How many requests and events were committed in how many transactions (group commit)."""
         return self._committer.stats
+
+    def ingest_oldest_wait_s(self) -> float:
+        """Seconds the oldest write not yet committed has waited (0: none waiting): a write stuck
+        behind a lock holds up every write queued after it (``tracker_ingest_oldest_wait_seconds``)."""
+        return self._committer.oldest_wait_s()
 
     async def record(self, event: Event) -> None:
         """Apply one event (the single-event methods below are this with the event built for you)."""

@@ -74,6 +74,12 @@ class _TrackerStateCollector(Collector):
         yield CounterMetricFamily(
             "tracker_ingest_requests", "Write requests (calls, batches) committed.", value=ingest.requests
         )
+        yield GaugeMetricFamily(
+            "tracker_ingest_oldest_wait_seconds",
+            "How long the oldest write not yet committed has waited (0: none waiting); a write stuck "
+            "behind a lock holds up the writes queued after it.",
+            value=self._tracker.ingest_oldest_wait_s(),
+        )
         if self._gossip is not None:
             yield from _gossip_metrics(self._gossip)
 
