@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import inspect
 import json
+import os
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
@@ -720,3 +721,17 @@ async def test_a_body_that_cannot_be_parsed_is_400_saying_why(
     assert response.json()["error"]["code"] == "bad_request"
     assert says in response.json()["error"]["message"]
     assert (await api.get("/v1/peers/p")).status_code == 404
+
+
+async def test_metrics_give_the_sqlite_write_ahead_logs_size(
+    api: httpx.AsyncClient, tracker: AvailabilityTracker
+) -> None:
+    """A read left open grew the log to 2.56 GB with nothing in /metrics (QA round 19)."""
+    await api.post("/v1/peers/online", json={"peer_id": "p"})
+    metrics = (await api.get("/metrics")).text
+    database = make_url(tracker.config.database_url).database
+    if database is None or tracker.config.dialect != "sqlite":
+        assert "tracker_sqlite_wal_bytes" not in metrics
+        return
+    size = os.path.getsize(f"{database}-wal")
+    assert size > 0 and f"tracker_sqlite_wal_bytes {float(size)}" in metrics

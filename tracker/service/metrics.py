@@ -13,6 +13,7 @@ or an embedder mounting the API twice) never collide on metric names. Three kind
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -22,6 +23,7 @@ from prometheus_client.registry import Collector
 from ..core import AvailabilityTracker
 from ..gossip.agent import GossipAgent
 from ..models import TrackerStats
+from ..sqlite_lane import lane_path
 
 # Selections are one or two statements: sub-millisecond to tens of milliseconds on these machines.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -80,8 +82,23 @@ class _TrackerStateCollector(Collector):
             "behind a lock holds up the writes queued after it.",
             value=self._tracker.ingest_oldest_wait_s(),
         )
+        if (path := lane_path(self._tracker.config)) is not None:
+            yield GaugeMetricFamily(
+                "tracker_sqlite_wal_bytes",
+                "Size of the SQLite write-ahead log: it grows for as long as a read stays open (an "
+                "analytics session, a half-read cursor) and is cut back once the read ends.",
+                value=_size(f"{path}-wal"),
+            )
         if self._gossip is not None:
             yield from _gossip_metrics(self._gossip)
+
+
+def _size(path: str) -> int:
+    """A file's size, 0 when there is none (a stat: no I/O the event loop would wait for)."""
+    try:
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return 0
 
 
 def _gossip_metrics(agent: GossipAgent) -> Iterator[Metric]:
