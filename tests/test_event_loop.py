@@ -163,12 +163,14 @@ async def test_a_big_batch_is_validated_in_slices_between_which_the_loop_serves_
     running = asyncio.create_task(other())
     await asyncio.sleep(0)
     raw = [{"type": "peer_online", "peer_id": f"p{i}"} for i in range(6)]
-    items = await schemas.batch_items(raw)
+    items = await schemas.batch_items(raw, 100)
     assert [item.peer_id for item in items] == [f"p{i}" for i in range(6)]
     slices = [i for i, what in enumerate(seen) if what == "slice"]
     assert len(slices) == 3 and all("other" in seen[a:b] for a, b in itertools.pairwise(slices))
     with pytest.raises(RequestValidationError) as refused:
-        await schemas.batch_items([*raw[:5], {"type": "speed_sample", "peer_id": "p", "bytes_per_sec": -1}])
+        await schemas.batch_items(
+            [*raw[:5], {"type": "speed_sample", "peer_id": "p", "bytes_per_sec": -1}], 100
+        )
     running.cancel()
     assert [e["loc"] for e in refused.value.errors()] == [
         ("body", "events", 5, "speed_sample", "bytes_per_sec")

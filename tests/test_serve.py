@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.service.server import _bind
 
 pytestmark = pytest.mark.slow
 TOKEN = "fuzz-token-0123456789abcdef"
@@ -416,3 +417,24 @@ def test_one_sigint_is_enough_while_a_postgres_lock_blocks_a_write(db_url: str, 
     assert code == 0 and "Traceback" not in output, output
     assert len(outcome) == 1 and isinstance(outcome[0], httpx.Response), outcome
     assert outcome[0].status_code == 503 and outcome[0].json()["error"]["code"] == "storage_busy"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+async def test_the_service_socket_answers_without_waiting_for_the_clients_ack(host: str) -> None:
+    """Bound with proto 0, asyncio left Nagle on for every accepted connection: each answer on a
+    kept-alive connection waited ~40 ms for the client's delayed ACK (QA round 20)."""
+    sock = _bind(host, 0)
+    nodelay: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    async def accepted(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nodelay.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(accepted, sock=sock)  # as uvicorn serves it
+    try:
+        _, writer = await asyncio.open_connection(host, sock.getsockname()[1])
+        assert await asyncio.wait_for(nodelay, 5) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
