@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import inspect
 import json
@@ -26,6 +27,7 @@ from tracker.errors import (
 )
 from tracker.events import ContentAvailable, PeerOffline, PeerOnline
 from tracker.service import ServiceSettings, create_app
+from tracker.service import metrics as metrics_module
 from tracker.service.app import _leaves
 from tracker.testing import ManualClock
 
@@ -735,3 +737,33 @@ async def test_metrics_give_the_sqlite_write_ahead_logs_size(
         return
     size = os.path.getsize(f"{database}-wal")
     assert size > 0 and f"tracker_sqlite_wal_bytes {float(size)}" in metrics
+
+
+async def test_a_scrape_waits_boundedly_for_the_database_figures_and_scrapes_share_one_read(
+    tracker: AvailabilityTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At 1,000,000 peers the under-replicated count took 28-48 s a scrape, past Prometheus's
+    timeout, and each scrape started one more (QA round 20)."""
+    app = create_app(tracker)
+    api = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://tracker.test")
+    await api.post("/v1/content/available", json={"cid": "c", "peer_id": "p"})
+    assert "tracker_under_replicated_contents 1.0" in (await api.get("/metrics")).text
+    real, reads, gate = tracker.under_replicated_count, [], asyncio.Event()
+
+    async def slow() -> int:  # a count that takes its time, as at scale
+        reads.append(1)
+        await gate.wait()
+        return await real()
+
+    monkeypatch.setattr(tracker, "under_replicated_count", slow)
+    monkeypatch.setattr(metrics_module, "REFRESH_WAIT_S", 0.05)
+    for holder in ("q", "r"):
+        await api.post("/v1/content/available", json={"cid": "c", "peer_id": holder})
+    scrapes = [(await api.get("/metrics")).text for _ in range(3)]
+    assert all("tracker_under_replicated_contents 1.0" in text for text in scrapes)  # the last figure
+    assert len(reads) == 1  # one read, shared
+    gate.set()
+    await asyncio.sleep(0.05)
+    fresh = (await api.get("/metrics")).text
+    assert "tracker_under_replicated_contents 0.0" in fresh and "tracker_peers 3.0" in fresh
+    await api.aclose()

@@ -295,13 +295,8 @@ def build_router(settings: ServiceSettings) -> APIRouter:
             **_errors(429),
         },
     )
-    async def metrics_endpoint(tracker: Tracker, metrics: Metrics) -> Response:
-        # Database-derived gauges are refreshed per scrape; a failing database must not hide the rest.
-        try:
-            metrics.observe_stats(await tracker.stats())
-            metrics.under_replicated.set(await tracker.under_replicated_count())
-        except (SQLAlchemyError, OSError, TrackerError):
-            metrics.requests_rejected.labels(code="metrics_refresh_failed").inc()
+    async def metrics_endpoint(metrics: Metrics) -> Response:
+        await metrics.refresh_database_gauges()
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     router.include_router(writes)
