@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tracker import AvailabilityTracker, TrackerConfig, WrongEventLoop, db
 from tracker.events import PeerOnline, SpeedSample
+from tracker.sweeper import SweeperTask
 from tracker.testing import ManualClock
 
 
@@ -204,3 +205,50 @@ def _captured_errors() -> Iterator[list[logging.LogRecord]]:
         yield records
     finally:
         root.removeHandler(handler)
+
+
+async def test_a_tracker_closed_and_opened_again_in_another_loop_works_there_sweeper_included(
+    config: TrackerConfig,
+) -> None:
+    """A tracker object opened by a lifespan per test (or per ``asyncio.run()``): in its second loop
+    the sweeper died without a word, and Postgres selections and close() raised RuntimeError about
+    the first loop's locks (QA round 22)."""
+    tracker = AvailabilityTracker(replace(config, run_sweeper=True, update_interval=0.01))
+
+    async def session(peer: str) -> None:
+        async with tracker:
+            passes = tracker.sweeper_state.passes
+            await tracker.record_content_available("c", peer)
+            # More callers than selection slots, so that they wait on (and bind) its semaphore.
+            callers = 4 * tracker.config.selection_slots
+            await asyncio.gather(*(tracker.select_best_peers("c", 1) for _ in range(callers)))
+            await asyncio.gather(*(tracker.sweep() for _ in range(3)))
+            for _ in range(500):
+                if tracker.sweeper_state.passes > passes:
+                    break
+                await asyncio.sleep(0.01)
+            assert tracker.sweeper_state.passes > passes
+
+    for peer in ("p1", "p2", "p3"):
+        await asyncio.to_thread(asyncio.run, session(peer))
+    assert tracker.sweeper_state.failures == 0, tracker.sweeper_state.last_error
+    async with AvailabilityTracker(config) as reopened:
+        assert sorted(await reopened.get_available_peers("c")) == ["p1", "p2", "p3"]
+
+
+async def test_a_sweeper_that_dies_outside_a_pass_is_logged_and_counted(
+    config: TrackerConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(self: SweeperTask, failures: int) -> float:
+        raise RuntimeError("no delay")
+
+    monkeypatch.setattr(SweeperTask, "_delay", broken)
+    async with AvailabilityTracker(replace(config, run_sweeper=True)) as tracker:
+        for _ in range(100):
+            if tracker.sweeper_state.failures:
+                break
+            await asyncio.sleep(0.01)
+        assert tracker.sweeper_state.last_error == "RuntimeError: no delay"
+    assert [r.getMessage() for r in caplog.records if getattr(r, "action", None) == "sweeper_died"] == [
+        "the sweeper stopped: RuntimeError: no delay"
+    ]

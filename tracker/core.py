@@ -100,11 +100,6 @@ class AvailabilityTracker:
         #: Set while ``close()`` runs: writers that kept submitting would otherwise keep its drain going.
         self._closing = False
         self._lanes: SqliteLanes | None = None
-        #: ``sweep()`` calls running, which ``close()`` lets end before it releases the engine: their
-        #: next step opened connections on the engine close() had just disposed (QA round 18).
-        self._sweeps = 0
-        self._no_sweeps = asyncio.Event()
-        self._no_sweeps.set()
         #: The release of the lanes and the engine, once ``close()`` has begun it.
         self._release: asyncio.Future[None] | None = None
         self._node_id: int | None = None
@@ -124,13 +119,27 @@ class AvailabilityTracker:
             tolerance_s=self.config.max_clock_skew_s,
             accept_after_s=self.config.peer_timeout,
         )
+        self._elapsed = elapsed or time.monotonic
+        self._random = random.Random(self.config.random_seed)
+        self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
+        self._new_loop_state()
+
+    def _new_loop_state(self) -> None:
+        """The tracker's locks, events and tasks, which belong to the loop that first uses them: made
+        again when the tracker is opened again in another loop (a FastAPI lifespan per test, or an
+        ``asyncio.run()`` per job), where those of the first loop made the sweeper die without a word
+        and Postgres selections and ``close()`` raise RuntimeError (QA round 22)."""
+        #: ``sweep()`` calls running, which ``close()`` lets end before it releases the engine: their
+        #: next step opened connections on the engine close() had just disposed (QA round 18).
+        self._sweeps = 0
+        self._no_sweeps = asyncio.Event()
+        self._no_sweeps.set()
         #: Readings for the work on leases, kept on one side of the move of held leases.
         self._leases = LeaseClock(self.now, self._store_clock)
         self._sweeper: SweeperTask | None = None
-        self._committer = GroupCommitter(
-            self._apply, self.config.max_batch_events, clock=elapsed or time.monotonic
-        )
-        self._random = random.Random(self.config.random_seed)
+        stats = self._committer.stats  # counted over the tracker's life
+        self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
+        self._committer.stats = stats
         self._selection_slots = asyncio.Semaphore(self.config.selection_slots)
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -143,7 +152,12 @@ class AvailabilityTracker:
         return tracker
 
     async def _start(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and loop is not self._loop:
+            self._new_loop_state()
+            if self._release is not None and self._release.get_loop() is not loop:
+                self._release = None  # a release cut short in a loop that has ended: nothing to finish
+        self._loop = loop
         if not self.config.auto_migrate and (path := db.missing_sqlite_file(self.config)):
             # Connecting would create the file, and leave it empty behind the error below.
             raise SchemaOutOfDate(

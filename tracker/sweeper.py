@@ -431,6 +431,22 @@ class SweeperTask:
             return
         self._stop.clear()
         self._task = asyncio.create_task(self._run(), name="peer-tracker-sweeper")
+        self._task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        """A sweeper that ended other than by ``stop()`` or a cancellation is logged and counted: one
+        that died of an error outside a pass went unnoticed, and peers stopped expiring (QA round 22)."""
+        if task.cancelled() or (error := task.exception()) is None:
+            return
+        state = self._tracker._sweep_state
+        state.failures += 1
+        state.last_error = f"{type(error).__name__}: {error}"
+        log.error(
+            "the sweeper stopped: %s",
+            state.last_error,
+            exc_info=error,
+            extra={"action": "sweeper_died"},
+        )
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -456,8 +472,9 @@ class SweeperTask:
         state = self._tracker._sweep_state
         failures = 0
         while True:
+            delay = self._delay(failures)
             try:
-                await asyncio.wait_for(self._stop.wait(), self._delay(failures))
+                await asyncio.wait_for(self._stop.wait(), delay)
                 return
             except TimeoutError:
                 pass
