@@ -206,3 +206,48 @@ def test_every_variable_the_docs_name_is_one_a_setting_reads() -> None:
         named |= set(re.findall(r"TRACKER_[A-Z0-9_]*[A-Z0-9]\b", doc.read_text(encoding="utf-8")))
     named.discard("TRACKER_PEER_TIMOUT")  # operations.md's example of a misspelling
     assert unknown_variables(_settings_read(), dict.fromkeys(named, "")) == []
+
+
+def test_the_database_password_is_never_shown() -> None:
+    """repr() and the URL errors printed it (QA round 22; `tracker stats` showed it in the terminal)."""
+    config = TrackerConfig(database_url="postgresql+asyncpg://tracker:s3cr3t-pw@127.0.0.1/tracker")
+    assert "s3cr3t-pw" not in repr(config) and "tracker:***@127.0.0.1" in repr(config)
+    assert repr(config).startswith("TrackerConfig(database_url=") and "peer_timeout=300.0" in repr(config)
+    for url in ("postgresql://tracker:s3cr3t-pw@127.0.0.1/tracker", "tracker:s3cr3t-pw@127.0.0.1/db"):
+        with pytest.raises(ConfigError) as refused:
+            TrackerConfig(database_url=url)
+        assert "s3cr3t-pw" not in str(refused.value), refused.value
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("sqlite+aiosqlite://", "in-memory SQLite"),
+        ("sqlite+aiosqlite:///:memory:", "in-memory SQLite"),
+        ("sqlite+aiosqlite:///file:shared?mode=memory&cache=shared&uri=true", "in-memory SQLite"),
+        ("postgresql+asyncpg://u@127.0.0.1/db?sslmode=require", "asyncpg spells it ssl"),
+        ("postgresql+asyncpg://u@127.0.0.1/db?connect_timeout=5", "pg_connect_timeout_s"),
+        ("postgresql+asyncpg://u@127.0.0.1/db?application_name=x", "ALTER ROLE"),
+        ("postgresql+asyncpg://u@127.0.0.1/db?frobnicate=1", "the URL may carry"),
+    ],
+)
+def test_a_database_the_tracker_cannot_open_is_refused_when_configured(url: str, says: str) -> None:
+    """In-memory SQLite failed only at open, as a StorageError that callers retry; a Postgres option
+    asyncpg does not take escaped open() as a bare TypeError (QA round 22)."""
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        TrackerConfig(database_url=url)
+
+
+def test_postgres_url_options_asyncpg_takes_are_accepted() -> None:
+    config = TrackerConfig(
+        database_url="postgresql+asyncpg://u@127.0.0.1/db?ssl=require&target_session_attrs=primary"
+    )
+    assert config.dialect == "postgresql"
+
+
+@pytest.mark.parametrize("name", ["auto_migrate", "pg_transaction_pooling", "run_sweeper", "echo_sql"])
+@pytest.mark.parametrize("value", ["no", "false", 1, 0, None])
+def test_on_off_settings_take_only_true_or_false(name: str, value: object) -> None:
+    """run_sweeper="no" started the sweeper and auto_migrate="false" migrated (QA round 22)."""
+    with pytest.raises(ConfigError, match=f"{name} must be True or False"):
+        TrackerConfig(**{name: value})  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import text
 
-from tracker import AvailabilityTracker
+from tracker import AvailabilityTracker, InvalidInput
 from tracker.events import (
     ContentAvailable,
     Event,
@@ -350,3 +350,9 @@ async def test_converting_many_rows_lets_other_tasks_run_between_slices() -> Non
     seen = await _converted(range(3 * _CONVERT_SLICE), lambda _: other_ran)
     await task
     assert not any(seen[:_CONVERT_SLICE]) and all(seen[_CONVERT_SLICE:])
+
+
+async def test_list_peers_takes_online_only_as_true_or_false(tracker: AvailabilityTracker) -> None:
+    """online_only="no" was taken as true (QA round 22)."""
+    with pytest.raises(InvalidInput, match="online_only must be True or False"):
+        await tracker.list_peers(online_only="no")  # type: ignore[arg-type]

@@ -8,11 +8,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
+
+from sqlalchemy.engine import make_url
 
 from .errors import ConfigError
 from .reputation import ReputationParams
@@ -36,6 +39,49 @@ _DURATIONS = (
 #: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass; no lock timeout).
 _OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s", "pg_lock_timeout_s")
 STRATEGIES = ("best", "weighted")
+
+
+def masked_url(url: str) -> str:
+    """``url`` with its password replaced by ``***``, for messages and reprs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL SQLAlchemy can read: mask what sits between the user's ":" and "@"
+        return re.sub(r"^((?:[A-Za-z0-9+.-]+://)?[^/@:]*:)[^/@]*@", r"\1***@", url)
+
+
+#: What a postgresql+asyncpg:// URL may carry after "?": asyncpg's connection options that a URL can
+#: spell (the rest are the tracker's settings). Others reached asyncpg and failed as a bare TypeError.
+_PG_URL_OPTIONS = frozenset(
+    {"ssl", "direct_tls", "passfile", "target_session_attrs", "host", "port", "krbsrvname", "gsslib"}
+)
+_PG_URL_HINTS = {
+    "sslmode": "asyncpg spells it ssl (?ssl=require, verify-full, ...)",
+    "connect_timeout": "set pg_connect_timeout_s (TRACKER_PG_CONNECT_TIMEOUT_S) instead",
+    "application_name": "set it on the role (ALTER ROLE ... SET application_name = ...)",
+    "options": "set server settings on the role (ALTER ROLE ... SET ...)",
+}
+
+
+def _check_url_options(url: str) -> None:
+    """Refuse what the tracker cannot open: an in-memory SQLite database (it needs WAL, which needs a
+    file: it failed only at open, as a StorageError callers may retry), or a Postgres option asyncpg
+    does not take."""
+    try:
+        parsed = make_url(url)
+    except Exception as error:  # e.g. a port that is not a number: the URL is what is wrong
+        reason = str(error).replace(url, masked_url(url))
+        raise ConfigError(f"the database URL is not valid: {reason}") from error
+    if parsed.get_backend_name() == "sqlite":
+        database = parsed.database or ""
+        if database in ("", ":memory:") or parsed.query.get("mode") == "memory":
+            raise ConfigError(
+                "database_url names an in-memory SQLite database, which the tracker cannot use (it "
+                "needs WAL, and WAL needs a file): give a file path, a temporary one for tests"
+            )
+        return
+    for option in sorted(set(parsed.query) - _PG_URL_OPTIONS):
+        hint = _PG_URL_HINTS.get(option, f"the URL may carry {', '.join(sorted(_PG_URL_OPTIONS))}")
+        raise ConfigError(f"database_url option {option!r} is not one asyncpg takes: {hint}")
 
 
 def _seconds(name: str, value: Any, zero_allowed: bool) -> float:
@@ -181,12 +227,18 @@ class TrackerConfig:
                 self, "max_event_age_s", _seconds("max_event_age_s", self.max_event_age_s, False)
             )
         if not isinstance(self.database_url, str) or "://" not in self.database_url:
-            raise ConfigError(f"database_url must be an SQLAlchemy URL, got {self.database_url!r}")
+            shown = masked_url(self.database_url) if isinstance(self.database_url, str) else self.database_url
+            raise ConfigError(f"database_url must be an SQLAlchemy URL, got {shown!r}")
         if not self.database_url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
             raise ConfigError(
                 "database_url must use sqlite+aiosqlite:// or postgresql+asyncpg://, "
-                f"got {self.database_url!r}"
+                f"got {masked_url(self.database_url)!r}"
             )
+        _check_url_options(self.database_url)
+        for name in ("auto_migrate", "pg_transaction_pooling", "run_sweeper", "echo_sql"):
+            if not isinstance(getattr(self, name), bool):
+                # "no" and "false" are true to Python: run_sweeper="no" started the sweeper (QA round 22).
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("min_reputation", "reliable_threshold"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
@@ -209,10 +261,6 @@ class TrackerConfig:
             raise ConfigError(
                 "heartbeat_resolution_s must be seconds within [0, peer_timeout / 2] "
                 f"(0 to {self.peer_timeout / 2:g}), got {self.heartbeat_resolution_s!r}"
-            )
-        if not isinstance(self.pg_transaction_pooling, bool):
-            raise ConfigError(
-                f"pg_transaction_pooling must be True or False, got {self.pg_transaction_pooling!r}"
             )
         if self.pg_transaction_pooling and self.dialect != "postgresql":
             raise ConfigError("pg_transaction_pooling is for a postgresql+asyncpg:// database_url")
@@ -251,6 +299,13 @@ class TrackerConfig:
             not isinstance(self.boot_id, str) or not 0 < len(self.boot_id) <= 64
         ):
             raise ConfigError(f"boot_id must be a string of 1 to 64 characters or None, got {self.boot_id!r}")
+
+    def __repr__(self) -> str:
+        """The generated one, but with the database password masked: it printed it (QA round 22)."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+        values["database_url"] = masked_url(self.database_url)
+        shown = (f"{name}={value!r}" for name, value in values.items())
+        return f"{type(self).__name__}({', '.join(shown)})"
 
     @property
     def selection_slots(self) -> int:

@@ -676,6 +676,8 @@ class AvailabilityTracker:
         """
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"limit must be an integer within 1..{MAX_PAGE}, got {limit!r}")
+        if not isinstance(online_only, bool):
+            raise InvalidInput(f"online_only must be True or False, got {online_only!r}")
         if after is not None:
             validate_id(after, "after")
         now, config, lag = self.now(), self.config, self.now.lag()

@@ -25,7 +25,7 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from ..config import TrackerConfig
+from ..config import TrackerConfig, masked_url
 from ..core import AvailabilityTracker
 from ..db import is_driver_error, missing_sqlite_file
 from ..errors import InvalidInput, TrackerError
@@ -218,7 +218,8 @@ def _check_url(database_url: str) -> None:
     try:
         make_url(database_url)
     except (ArgumentError, ValueError) as error:
-        raise InvalidInput(f"the database URL is not valid: {error}") from error
+        reason = str(error).replace(database_url, masked_url(database_url))
+        raise InvalidInput(f"the database URL is not valid: {reason}") from error
 
 
 def require_existing_sqlite(config: TrackerConfig) -> None:
