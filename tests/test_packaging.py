@@ -75,3 +75,38 @@ def test_an_application_type_checks_against_the_package(tmp_path: Path) -> None:
     # The one error is the application's own: the package's types reached it.
     assert 'Incompatible return value type (got "list[PeerInfo]", expected "str")' in checked.stdout
     assert "Found 1 error in 1 file" in checked.stdout, checked.stdout
+
+
+def test_every_type_a_public_method_returns_is_importable_from_the_package() -> None:
+    """stats() returned a TrackerStats that an application could name only through tracker.models
+    (QA round 22)."""
+    import typing
+
+    import tracker
+
+    public = tracker.AvailabilityTracker
+    returned: set[str] = set()
+    for name in dir(public):
+        if name.startswith("_"):
+            continue
+        member = getattr(public, name)
+        target = member.fget if isinstance(member, property) else member
+        if not callable(target):
+            continue
+        hints = typing.get_type_hints(target)
+        if "return" in hints:
+            returned |= {
+                t.__name__ for t in _classes_in(hints["return"]) if t.__module__.startswith("tracker")
+            }
+    # The SQLite lanes are plumbing, for observing SQL: named where they live (tracker.sqlite_lane).
+    returned.discard("SqliteLanes")
+    assert returned and returned <= set(tracker.__all__), returned - set(tracker.__all__)
+
+
+def _classes_in(hint: object) -> set[type]:
+    import typing
+
+    found = {hint} if isinstance(hint, type) else set()
+    for argument in typing.get_args(hint):
+        found |= _classes_in(argument)
+    return found

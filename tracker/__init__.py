@@ -24,8 +24,10 @@ from .events import (
     SpeedSample,
     UploadOutcome,
 )
-from .models import ContentAvailability, PeerInfo, PeerMetrics
+from .ingest import GroupStats
+from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats
 from .reputation import ReputationParams
+from .sweeper import SweepReport, SweepState
 
 try:
     __version__ = version("peer-tracker")
@@ -40,6 +42,7 @@ __all__ = [
     "ContentAvailable",
     "ContentUnavailable",
     "Event",
+    "GroupStats",
     "InvalidInput",
     "PeerInfo",
     "PeerMetrics",
@@ -49,9 +52,12 @@ __all__ = [
     "SchemaOutOfDate",
     "SpeedSample",
     "StorageError",
+    "SweepReport",
+    "SweepState",
     "TrackerClosed",
     "TrackerConfig",
     "TrackerError",
+    "TrackerStats",
     "TransientStorageError",
     "UploadOutcome",
     "WrongEventLoop",

@@ -8,6 +8,7 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fastapi import FastAPI
 from gossip_helpers import KEY
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -121,3 +122,19 @@ async def test_a_flooding_gossip_neighbour_is_limited_by_node(tmp_path: Path) ->
         assert (await agent.handle(*message("flooder")))[0] == 200
     finally:
         await tracker.close()
+
+
+async def test_probes_of_an_app_mounted_under_a_prefix_are_not_rate_limited(
+    tracker: AvailabilityTracker,
+) -> None:
+    """Mounted by an embedding application under /tracker, its probes met the limit: the exemption
+    compared the full path (QA round 22)."""
+    settings = ServiceSettings(rate_limit_per_s=1.0, rate_limit_burst=1)
+    parent = FastAPI()
+    parent.mount("/tracker", create_app(tracker, settings, rate_clock=lambda: 0.0))
+    transport = httpx.ASGITransport(app=parent)
+    async with httpx.AsyncClient(transport=transport, base_url="http://embedder.test") as client:
+        probes = [(await client.get("/tracker/healthz")).status_code for _ in range(5)]
+        stats = [(await client.get("/tracker/v1/stats")).status_code for _ in range(3)]
+    assert probes == [200] * 5
+    assert stats == [200, 429, 429]  # the rest of the API is limited as before
