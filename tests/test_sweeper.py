@@ -407,3 +407,31 @@ async def test_snapshots_are_written_once_per_interval_whoever_sweeps(
         clock.advance(1)
         assert (await tracker.sweep()).snapshot_path is not None
     assert len(list(directory.glob("snapshot-*.jsonl.gz"))) == 3
+
+
+async def test_the_records_an_export_builds_unchecked_are_those_the_checks_would_build(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """Exported records skip the checks (snapshot.trusted: a third of an export's CPU, QA round 20):
+    each must equal the record its own constructor, which checks and normalizes, builds."""
+    import dataclasses
+
+    from tracker.sweeper import _state_records
+
+    async with AvailabilityTracker(config) as tracker:
+        t = clock.now - 100
+        await tracker.record_batch(
+            [PeerOnline("a", at=t), SpeedSample("a", 5, at=t + 1), UploadOutcome("a", False, at=t + 2)]
+        )
+        await tracker.record_batch([ContentAvailable("m", "b", at=t), ContentAvailable("m", "a", at=t)])
+        await tracker.record_content_unavailable("m", "b", at=t + 3)
+        await tracker.record_peer_offline("b", at=t + 4)
+        async with tracker.engine.connect() as conn:
+            records = [r async for r in _state_records(conn, tracker.config.bandwidth_window)]
+    assert {type(r).__name__ for r in records} == {"PeerRecord", "SampleRecord", "MappingRecord"}
+    for record in records:
+        checked = type(record)(**{f.name: getattr(record, f.name) for f in dataclasses.fields(record)})
+        assert checked == record
+        assert [type(getattr(checked, f.name)) for f in dataclasses.fields(record)] == [
+            type(getattr(record, f.name)) for f in dataclasses.fields(record)
+        ]

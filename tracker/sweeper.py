@@ -353,34 +353,38 @@ async def write_state_snapshot(tracker: AvailabilityTracker, directory: Path, no
 
 
 async def _state_records(conn: AsyncConnection, window: int) -> AsyncIterator[snapshot.Record]:
+    # Built as trusted: the rows were checked when they were written (snapshot.trusted).
+    trusted = snapshot.trusted
     async for r in q.stream_peer_state(conn):
-        yield snapshot.PeerRecord(
+        yield trusted(
+            snapshot.PeerRecord,
             origin=r[0],
             peer=r[1],
-            first_seen=r[2],
+            first_seen=float(r[2]),
             online=bool(r[3]),
-            online_since=r[4],
-            last_seen=r[5],
-            uptime_s=r[6],
+            online_since=None if r[4] is None else float(r[4]),
+            last_seen=float(r[5]),
+            uptime_s=float(r[6]),
             served=int(r[7]),
             failed=int(r[8]),
-            success_weight=r[9],
-            failure_weight=r[10],
-            evidence_at=r[11],
-            speed_bps=r[12],
-            updated_at=r[13],
+            success_weight=float(r[9]),
+            failure_weight=float(r[10]),
+            evidence_at=None if r[11] is None else float(r[11]),
+            speed_bps=None if r[12] is None else float(r[12]),
+            updated_at=float(r[13]),
         )
     async for r in q.stream_latest_samples(conn, window):
-        yield snapshot.SampleRecord(origin=r[0], peer=r[1], at=r[2], bytes_per_sec=int(r[3]))
+        yield trusted(snapshot.SampleRecord, origin=r[0], peer=r[1], at=float(r[2]), bytes_per_sec=int(r[3]))
     async for r in q.stream_mappings(conn):
-        yield snapshot.MappingRecord(
+        yield trusted(
+            snapshot.MappingRecord,
             origin=r[0],
             cid=r[1],
             peer=r[2],
             available=bool(r[3]),
-            since=r[4],
-            last_confirmed=r[5],
-            changed_at=r[6],
+            since=float(r[4]),
+            last_confirmed=float(r[5]),
+            changed_at=float(r[6]),
         )
 
 
