@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from gossip_helpers import KEY
 from test_cli_commands import _cli, runner
 from test_serve import Server
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.cli import app
+from tracker.gossip import importer
+from tracker.sweeper import write_state_snapshot
 
 
 def _seed(url: str, prefix: str, successes: int) -> None:
@@ -139,3 +142,43 @@ def test_import_refuses_a_snapshot_older_than_removals_are_remembered_unless_acc
     assert accepted.exit_code == 0, accepted.output
     assert json.loads(accepted.stdout)["mappings_applied"] == 3
     assert _served(db_url, "src-0") == 1
+
+
+async def test_an_import_merged_in_parts_gives_what_merged_whole_gives(
+    db_url: str, other_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An origin's rows are merged MERGE_ROWS at a time, in one transaction (whole, they held the
+    event loop for seconds: QA round 20); the result must not depend on the size of the parts."""
+    source = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    async with AvailabilityTracker(TrackerConfig(database_url=source)) as tracker:
+        for i in range(7):
+            await tracker.record_peer_online(f"p{i}")
+            await tracker.record_download_speed(f"p{i}", 1_000 * (i + 1))
+            for cid in ("c1", "c2"):
+                await tracker.record_content_available(cid, f"p{i}")
+            await tracker.record_upload_success(f"p{i}") if i % 2 else await tracker.record_upload_failure(
+                f"p{i}"
+            )
+        await tracker.record_content_unavailable("c2", "p3")
+        path = await write_state_snapshot(tracker, tmp_path / "snaps", tracker.now())
+
+    async def imported(url: str, part: int) -> tuple[list[list[object]], list[str], list[str], int]:
+        monkeypatch.setattr(importer, "MERGE_ROWS", part)
+        parts: list[int] = []
+        async with AvailabilityTracker(TrackerConfig(database_url=url)) as tracker:
+            await importer.import_snapshot(tracker, path, lambda done, total: parts.append(total))
+            fields = ("peer_id", "first_seen", "last_seen", "online_since", "download_speed", "online")
+            peers = [  # what does not move with the time of reading
+                [getattr(p, name) for name in (*fields, "chunks_served", "chunks_failed")]
+                for p in await tracker.list_peers(limit=100)
+            ]
+            return (
+                peers,
+                await tracker.get_available_peers("c1"),
+                await tracker.get_available_peers("c2"),
+                parts[-1],
+            )
+
+    in_parts, whole = await imported(db_url, 2), await imported(other_db_url, 5_000)
+    assert in_parts[:3] == whole[:3] and len(in_parts[0]) == 7
+    assert (in_parts[3], whole[3]) == (7, 1)  # 7 peers and 14 mappings of one origin, 2 of each a part
