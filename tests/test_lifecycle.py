@@ -11,6 +11,7 @@ import threading
 import warnings
 from collections.abc import Coroutine, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -20,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tracker import AvailabilityTracker, TrackerConfig, WrongEventLoop, db
+from tracker import AvailabilityTracker, ConfigError, TrackerConfig, WrongEventLoop, db
 from tracker.events import PeerOnline, SpeedSample
 from tracker.sweeper import SweeperTask
 from tracker.testing import ManualClock
@@ -252,3 +253,22 @@ async def test_a_sweeper_that_dies_outside_a_pass_is_logged_and_counted(
     assert [r.getMessage() for r in caplog.records if getattr(r, "action", None) == "sweeper_died"] == [
         "the sweeper stopped: RuntimeError: no delay"
     ]
+
+
+@pytest.mark.parametrize("target", ["file", "file/snaps"])
+async def test_a_snapshot_dir_that_cannot_be_written_is_refused_when_the_tracker_opens(
+    config: TrackerConfig, tmp_path: Path, target: str
+) -> None:
+    """Found out by the sweeper, every pass failed with a bare OSError and backed off, expiry with
+    it (QA round 22). (Tests run as root, which may write into any directory: a file stands in.)"""
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"snapshot_dir .* cannot be created"):
+        await AvailabilityTracker.open(replace(config, snapshot_dir=str(tmp_path / target)))
+
+
+async def test_a_missing_snapshot_dir_is_created_when_the_tracker_opens(
+    config: TrackerConfig, tmp_path: Path
+) -> None:
+    target = tmp_path / "a" / "b"
+    async with AvailabilityTracker(replace(config, snapshot_dir=str(target))):
+        assert target.is_dir()

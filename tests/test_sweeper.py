@@ -288,9 +288,10 @@ async def test_the_background_sweeper_survives_a_failing_pass_and_stops_promptly
     config: TrackerConfig, clock: ManualClock, tmp_path: Path
 ) -> None:
     blocker = tmp_path / "not-a-directory"
-    blocker.write_text("a file where the snapshot directory should be")
     fast = replace(config, update_interval=0.02, snapshot_dir=str(blocker), run_sweeper=True)
-    async with AvailabilityTracker(fast) as tracker:
+    async with AvailabilityTracker(fast) as tracker:  # which creates the directory
+        blocker.rmdir()
+        blocker.write_text("a file where the snapshot directory should be")
         state = tracker.sweeper_state
         await _wait_for(lambda: state.failures >= 1)
         assert state.last_error is not None

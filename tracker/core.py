@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -60,6 +61,18 @@ _WRONG_LOOP = (
 #: The most peers one ``list_peers`` page holds.
 MAX_PAGE = 10_000
 T = TypeVar("T")
+
+
+def _usable_snapshot_dir(directory: Path) -> None:
+    """Create ``snapshot_dir`` if missing and refuse one that cannot be written: found out by the
+    sweeper, every pass failed with a bare OSError, and the passes backed off, expiry with them
+    (QA round 22)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"snapshot_dir {directory} cannot be created: {error.strerror or error}") from error
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"snapshot_dir {directory} is not writable by this process")
 
 
 async def _release(lanes: SqliteLanes | None, engine: AsyncEngine | None, *, orphaned: bool) -> None:
@@ -165,6 +178,8 @@ class AvailabilityTracker:
                 "check the path, or create it with `tracker db upgrade` (`tracker serve` without "
                 "--no-migrate)"
             )
+        if self.config.snapshot_dir is not None:
+            _usable_snapshot_dir(Path(self.config.snapshot_dir))
         if (path := db.missing_sqlite_file(self.config)) and not Path(path).parent.is_dir():
             # SQLite's own "unable to open database file" named neither the file nor why (QA round 16).
             raise ConfigError(
