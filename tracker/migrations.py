@@ -70,6 +70,7 @@ async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: boo
     stopped every tracker for as long as it stayed open (QA round 19). Each attempt is rolled back
     whole, and the sessions holding the tables are logged, while it waits.
     """
+    await asyncio.to_thread(_load_alembic)
     attempt = 0
     while True:
         try:
@@ -92,6 +93,15 @@ async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: boo
 
 
 _LOCK_NOT_AVAILABLE = "55P03"
+
+
+def _load_alembic() -> None:
+    """Import Alembic's machinery, in a worker thread: imported where the migration runs, on the
+    event loop (and, on SQLite, with the write lock held), it held the loop 50-250 ms at every
+    tracker's open (QA round 20). Once imported, this returns at once."""
+    import alembic.command
+    import alembic.runtime.migration
+    import alembic.script  # noqa: F401
 
 
 async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool) -> None:
