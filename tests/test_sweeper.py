@@ -436,3 +436,24 @@ async def test_the_records_an_export_builds_unchecked_are_those_the_checks_would
         assert [type(getattr(checked, f.name)) for f in dataclasses.fields(record)] == [
             type(getattr(record, f.name)) for f in dataclasses.fields(record)
         ]
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5_000])
+async def test_stale_sessions_are_closed_a_slice_at_a_time_with_the_same_result(
+    config: TrackerConfig, clock: ManualClock, batch: int
+) -> None:
+    """One UPDATE over a million peers held SQLite's write lock for seconds (QA round 20): the pass
+    goes through peer_stats ``sweep_batch_size`` rows at a time; any slicing closes the same sessions."""
+    async with AvailabilityTracker(replace(config, sweep_batch_size=batch)) as tracker:
+        stale = clock.now - tracker.config.peer_timeout - 10
+        await tracker.record_batch(
+            [PeerOnline(f"p{i}", at=stale if i % 3 else clock.now - 1) for i in range(7)]
+        )
+        report = await tracker.sweep()
+        assert report.peers_marked_offline == 4
+        online = {p.peer_id for p in await tracker.list_peers(limit=100) if p.online}
+        assert online == {"p0", "p3", "p6"}
+        for i in (1, 2, 4, 5):
+            metrics = await tracker.get_peer_metrics(f"p{i}")
+            assert metrics is not None and metrics.uptime == timedelta(0)
+        assert (await tracker.sweep()).peers_marked_offline == 0

@@ -110,11 +110,8 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             if tracker.now.stepped_back_to == pending:  # unless the clock stepped further back meanwhile
                 tracker.now.stepped_back_to = None
 
-        async def expire(conn: AsyncConnection) -> int:
-            return await q.mark_stale_offline(conn, node_id, now, config.peer_timeout)
-
-        offline = await db.run_write(engine, expire, config.write_retries)
         batch, retries = config.sweep_batch_size, config.write_retries
+        offline = await _expire(engine, retries, batch, node_id, now, config.peer_timeout)
         pruned = {
             "bandwidth_samples": await _prune_samples(tracker, now),
             "upload_outcomes": await _drain(
@@ -271,6 +268,28 @@ class _LockHolder:
 
 def _sweep_lock(engine: AsyncEngine) -> _LockHolder:
     return _LockHolder(engine)
+
+
+async def _expire(
+    engine: AsyncEngine, retries: int, batch: int, node_id: int, now: float, peer_timeout: float
+) -> int:
+    """Mark stale sessions offline ``batch`` peers' rows at a time, one short transaction each."""
+    total, after = 0, 0
+    while True:
+
+        async def step(conn: AsyncConnection, after: int = after) -> tuple[int, int | None]:
+            upto = await q.slice_end(conn, after, batch)
+            marked = await q.mark_stale_offline(
+                conn, node_id, now, peer_timeout, after_peer_id=after, upto_peer_id=upto
+            )
+            return marked, upto
+
+        marked, upto = await db.run_write(engine, step, retries)
+        total += marked
+        if upto is None:
+            return total
+        after = upto
+        await asyncio.sleep(0)  # let request handlers in between slices
 
 
 async def _drain(

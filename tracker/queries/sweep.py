@@ -27,19 +27,42 @@ from ._sql import PEER_STATE_COLUMNS
 from .writes import refresh_speeds
 
 
-async def mark_stale_offline(conn: AsyncConnection, node_id: int, now: float, peer_timeout: float) -> int:
-    """Close every session of this node unseen for ``peer_timeout``, at its ``last_seen``; returns how many.
+async def slice_end(conn: AsyncConnection, after_peer_id: int, size: int) -> int | None:
+    """The last peer id of the next ``size`` ``peer_stats`` rows after ``after_peer_id`` (the primary
+    key's order), or ``None`` when fewer are left: the bound of the sweeper's next slice."""
+    ps = peer_stats.c
+    stmt = select(ps.peer_id).where(ps.peer_id > after_peer_id).order_by(ps.peer_id).limit(1).offset(size - 1)
+    found = await conn.scalar(stmt)
+    return None if found is None else int(found)
 
-    One set-based UPDATE. Queries already treat such peers as offline by time; this makes the stored
+
+async def mark_stale_offline(
+    conn: AsyncConnection,
+    node_id: int,
+    now: float,
+    peer_timeout: float,
+    *,
+    after_peer_id: int = 0,
+    upto_peer_id: int | None = None,
+) -> int:
+    """Close every session of this node unseen for ``peer_timeout`` among peers ``after_peer_id`` <
+    id <= ``upto_peer_id`` (``None``: no upper bound), at its ``last_seen``; returns how many.
+
+    The sweeper goes through the table a slice at a time, one short transaction each: one UPDATE
+    over a million peers held SQLite's write lock for seconds and every heartbeat waited (QA round
+    20). Queries already treat such peers as offline by time; this makes the stored
     flag and the accumulated uptime true for analysts and for gossip. ``online_since`` stays: an
     offline row with a session start is one the sweeper closed, which a late event from within
     that session resumes (or ends at its goodbye) just as it would have found it unswept
     (``writes._peer_stats_upsert``).
     """
     ps = peer_stats.c
+    bounds = [ps.peer_id > after_peer_id]
+    if upto_peer_id is not None:
+        bounds.append(ps.peer_id <= upto_peer_id)
     stmt = (
         update(peer_stats)
-        .where(ps.node_id == node_id, ps.online, ps.last_seen < now - peer_timeout)
+        .where(ps.node_id == node_id, *bounds, ps.online, ps.last_seen < now - peer_timeout)
         .values(
             online=False,
             uptime_s=ps.uptime_s + (ps.last_seen - ps.online_since),
