@@ -263,12 +263,51 @@ async def test_a_snapshot_dir_that_cannot_be_written_is_refused_when_the_tracker
     it (QA round 22). (Tests run as root, which may write into any directory: a file stands in.)"""
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(ConfigError, match=r"snapshot_dir .* cannot be created"):
-        await AvailabilityTracker.open(replace(config, snapshot_dir=str(tmp_path / target)))
+        await AvailabilityTracker.open(replace(config, snapshot_dir=str(tmp_path / target), run_sweeper=True))
 
 
 async def test_a_missing_snapshot_dir_is_created_when_the_tracker_opens(
     config: TrackerConfig, tmp_path: Path
 ) -> None:
     target = tmp_path / "a" / "b"
-    async with AvailabilityTracker(replace(config, snapshot_dir=str(target))):
+    async with AvailabilityTracker(replace(config, snapshot_dir=str(target), run_sweeper=True)):
         assert target.is_dir()
+
+
+async def test_a_tracker_that_writes_no_snapshots_neither_needs_nor_creates_snapshot_dir(
+    config: TrackerConfig, tmp_path: Path
+) -> None:
+    """`tracker stats` run with the service's environment was refused, or created the directory as
+    its own user (QA round 23): only a tracker whose sweeper runs checks it when it opens."""
+    (tmp_path / "file").write_text("")
+    for target in (tmp_path / "file" / "snaps", tmp_path / "new"):
+        async with AvailabilityTracker(replace(config, snapshot_dir=str(target))) as tracker:
+            await tracker.stats()
+        assert not target.exists()
+
+
+async def test_a_close_cut_short_in_a_loop_that_ended_is_finished_by_a_close_in_the_next(
+    config: TrackerConfig,
+) -> None:
+    """The release begun in the first loop, cancelled when that loop ended, was awaited from the
+    next one: close() raised CancelledError and the engine stayed (QA round 23)."""
+    before = _sqlite_threads()
+
+    async def cut_short() -> AvailabilityTracker:
+        tracker = await AvailabilityTracker.open(config)
+        await tracker.record_peer_online("p")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(tracker.close(), 0.0005)
+        return tracker
+
+    tracker = await asyncio.to_thread(asyncio.run, cut_short())
+
+    async def close_again() -> None:
+        await tracker.close()
+
+    await asyncio.to_thread(asyncio.run, close_again())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        gc.collect()
+    assert await _only_threads_of_before(before)
+    assert await _server_sessions(config.database_url) == 0

@@ -683,6 +683,11 @@ async def test_a_path_or_query_that_is_not_utf8_is_400_not_read_as_another_id(
     assert (await api.get("/v1/peers/%EF%BF%BD")).status_code == 200  # U+FFFD itself, in UTF-8
 
 
+async def test_a_content_encoding_on_a_request_without_a_body_changes_nothing(api: httpx.AsyncClient) -> None:
+    for value in ("gzip", "", "identity"):
+        assert (await api.get("/healthz", headers={"content-encoding": value})).status_code == 200
+
+
 async def test_a_compressed_body_is_415_and_writes_nothing(api: httpx.AsyncClient) -> None:
     """FastAPI parsed the gzip bytes as JSON and answered "There was an error parsing the body"."""
     body = gzip.compress(json.dumps({"peer_id": "p"}).encode())

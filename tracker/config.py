@@ -42,17 +42,37 @@ STRATEGIES = ("best", "weighted")
 
 
 def masked_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and reprs."""
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy can read: mask what sits between the user's ":" and "@"
-        return re.sub(r"^((?:[A-Za-z0-9+.-]+://)?[^/@:]*:)[^/@]*@", r"\1***@", url)
+    """``url`` with its password replaced by ``***``, for messages and reprs: everything between the
+    user's ":" and the last "@" before the path, so a password holding an unencoded "@" is masked
+    whole (SQLAlchemy's own masking stopped at the first one; QA round 23)."""
+    return re.sub(r"^((?:[A-Za-z0-9+.-]+://)?[^/:@]*:)[^/]*@", r"\1***@", url)
+
+
+def _without_password(text: str, url: str) -> str:
+    """``text`` (an error about ``url``) with the URL, and any piece of its password, masked."""
+    text = text.replace(url, masked_url(url))
+    secret = re.match(r"^(?:[A-Za-z0-9+.-]+://)?[^/:@]*:([^/]*)@", url)
+    if secret:
+        for piece in sorted({secret[1], *re.split("[@:]", secret[1])}, key=len, reverse=True):
+            if len(piece) >= 3:
+                text = text.replace(piece, "***")
+    return text
 
 
 #: What a postgresql+asyncpg:// URL may carry after "?": asyncpg's connection options that a URL can
 #: spell (the rest are the tracker's settings). Others reached asyncpg and failed as a bare TypeError.
 _PG_URL_OPTIONS = frozenset(
-    {"ssl", "direct_tls", "passfile", "target_session_attrs", "host", "port", "krbsrvname", "gsslib"}
+    {
+        "ssl",
+        "direct_tls",
+        "passfile",
+        "target_session_attrs",
+        "host",
+        "port",
+        "krbsrvname",
+        "gsslib",
+        "prepared_statement_cache_size",  # SQLAlchemy's asyncpg dialect reads it from the URL
+    }
 )
 _PG_URL_HINTS = {
     "sslmode": "asyncpg spells it ssl (?ssl=require, verify-full, ...)",
@@ -69,7 +89,7 @@ def _check_url_options(url: str) -> None:
     try:
         parsed = make_url(url)
     except Exception as error:  # e.g. a port that is not a number: the URL is what is wrong
-        reason = str(error).replace(url, masked_url(url))
+        reason = _without_password(str(error), url)
         raise ConfigError(f"the database URL is not valid: {reason}") from error
     if parsed.get_backend_name() == "sqlite":
         database = parsed.database or ""

@@ -113,8 +113,9 @@ class AvailabilityTracker:
         #: Set while ``close()`` runs: writers that kept submitting would otherwise keep its drain going.
         self._closing = False
         self._lanes: SqliteLanes | None = None
-        #: The release of the lanes and the engine, once ``close()`` has begun it.
+        #: The release of the lanes and the engine, once ``close()`` has begun it, and what it releases.
         self._release: asyncio.Future[None] | None = None
+        self._released: tuple[SqliteLanes | None, AsyncEngine | None] = (None, None)
         self._node_id: int | None = None
         self._node_key: str | None = None
         self._sweep_state = SweepState()
@@ -147,8 +148,12 @@ class AvailabilityTracker:
         self._sweeps = 0
         self._no_sweeps = asyncio.Event()
         self._no_sweeps.set()
-        #: Readings for the work on leases, kept on one side of the move of held leases.
-        self._leases = LeaseClock(self.now, self._store_clock)
+        leases: LeaseClock | None = getattr(self, "_leases", None)
+        if leases is not None:  # reopened in another loop: what was moved stays moved
+            leases.rebind()
+        else:
+            #: Readings for the work on leases, kept on one side of the move of held leases.
+            self._leases = LeaseClock(self.now, self._store_clock)
         self._sweeper: SweeperTask | None = None
         stats = self._committer.stats  # counted over the tracker's life
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
@@ -169,7 +174,9 @@ class AvailabilityTracker:
         if self._loop is not None and loop is not self._loop:
             self._new_loop_state()
             if self._release is not None and self._release.get_loop() is not loop:
-                self._release = None  # a release cut short in a loop that has ended: nothing to finish
+                # A release cut short in a loop that has ended: finished here, as well as it can be.
+                await _release(*self._released, orphaned=True)
+                self._release = None
         self._loop = loop
         if not self.config.auto_migrate and (path := db.missing_sqlite_file(self.config)):
             # Connecting would create the file, and leave it empty behind the error below.
@@ -178,7 +185,9 @@ class AvailabilityTracker:
                 "check the path, or create it with `tracker db upgrade` (`tracker serve` without "
                 "--no-migrate)"
             )
-        if self.config.snapshot_dir is not None:
+        if self.config.snapshot_dir is not None and self.config.run_sweeper:
+            # Only where snapshots will be written: `tracker stats` run with the service's
+            # environment must not need (or create) its directory.
             _usable_snapshot_dir(Path(self.config.snapshot_dir))
         if (path := db.missing_sqlite_file(self.config)) and not Path(path).parent.is_dir():
             # SQLite's own "unable to open database file" named neither the file nor why (QA round 16).
@@ -289,7 +298,11 @@ class AvailabilityTracker:
             # Handed over at once, so that new calls find the tracker closed, to a release of its
             # own that a close() cut short (a caller's deadline) leaves running and the next one
             # awaits: cut short inside, it left them unreleased for good (QA round 18).
+            if self._release is not None and self._release.get_loop() is not asyncio.get_running_loop():
+                # Begun in a loop that has ended (a close() cut short there): released again here.
+                self._release = asyncio.ensure_future(_release(*self._released, orphaned=True))
             if self._release is None and (self._engine is not None or self._lanes is not None):
+                self._released = (self._lanes, self._engine)
                 self._release = asyncio.ensure_future(_release(self._lanes, self._engine, orphaned=orphaned))
                 self._engine = self._lanes = None
             if self._release is not None:
@@ -327,6 +340,12 @@ class AvailabilityTracker:
         if self._foreign_loop() is not None:
             raise WrongEventLoop(_WRONG_LOOP)
         return self._engine
+
+    def _own_loop(self) -> None:
+        """Raise ``WrongEventLoop`` for a call from another loop, before anything of this one is
+        touched (the lease clock's move, the sweep counters)."""
+        if self._foreign_loop() is not None:
+            raise WrongEventLoop(_WRONG_LOOP)
 
     def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop that opened the tracker, when the caller runs in another one (checked where a call
@@ -369,6 +388,7 @@ class AvailabilityTracker:
         what it did. ``now`` is checked like an event's time: NaN or infinity swept differently on
         the two engines (and stored NaN on Postgres), and a ``now`` further ahead of the clock than
         ``max_clock_skew_s`` would time out every peer and delete their mappings."""
+        self._own_loop()
         at = validate_time(now, "now")
         if at is not None and at > (clock := self.now()) + self.config.max_clock_skew_s:
             raise InvalidInput(
@@ -412,8 +432,7 @@ class AvailabilityTracker:
         Concurrent calls share transactions (group commit, see ``tracker.ingest``); each returns once
         the transaction holding its events has committed.
         """
-        if self._foreign_loop() is not None:  # before the lease clock's lock, which is the loop's too
-            raise WrongEventLoop(_WRONG_LOOP)
+        self._own_loop()  # before the lease clock's lock, which is the loop's too
         config = self.config
         batch: Sequence[Event] = events if isinstance(events, Sequence) else list(events)
 
@@ -559,6 +578,7 @@ class AvailabilityTracker:
             raise InvalidInput(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         if n <= 0:
             return []
+        self._own_loop()
         n = min(n, _MOST_ROWS)
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
@@ -652,6 +672,7 @@ class AvailabilityTracker:
         if limit is not None:
             limit = min(limit, _MOST_ROWS)
         config = self.config
+        self._own_loop()
         async with self._leases.reading() as now:  # loads count leases
             lag = self.now.lag()
 
@@ -707,6 +728,7 @@ class AvailabilityTracker:
 
     async def stats(self) -> TrackerStats:
         """Counts of peers (total, online), contents, available mappings and open leases, as of now."""
+        self._own_loop()
         config = self.config
         async with self._leases.reading() as now:  # open_leases
             lag = self.now.lag()

@@ -65,15 +65,17 @@ class GroupCommitter:
         """Return once ``events`` are committed, all together (raise if they were not)."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitted[future] = self._clock()
-        future.add_done_callback(self._forget)
         self._pending.append((events, future))
         if self._flusher is None or self._flusher.done():
             # Owned here, not by the caller: cancelling a caller must not strand the others' requests.
             self._flusher = asyncio.create_task(self._flush(), name="peer-tracker-group-commit")
         await future
 
-    def _forget(self, future: asyncio.Future[None]) -> None:
-        self._submitted.pop(future, None)
+    def _forget(self, group: list[tuple[Sequence[Timed], asyncio.Future[None]]]) -> None:
+        """Requests the flusher is done with. Not when their callers give up: a caller's deadline
+        cancels its future while the transaction holding its events still waits (QA round 23)."""
+        for _, future in group:
+            self._submitted.pop(future, None)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is committed or failed (used by ``close()``)."""
@@ -95,9 +97,13 @@ class GroupCommitter:
         try:
             while self._pending:
                 group = self._take()
-                await self._commit(group)
+                try:
+                    await self._commit(group)
+                finally:
+                    self._forget(group)
         except BaseException as error:  # a bug or cancellation: nobody may wait forever
             pending, self._pending = self._pending, []
+            self._forget(pending)
             if isinstance(error, Exception):
                 failures: tuple[BaseException, BaseException] = (error, error)
             else:

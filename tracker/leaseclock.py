@@ -123,6 +123,13 @@ class LeaseClock:
         # The clock's gap_total and back_total when nothing was owed: a move owes what they added.
         self._base_gap = self._base_back = 0.0
 
+    def rebind(self) -> None:
+        """New locks for another event loop (a tracker reopened there), keeping what was moved: made
+        anew, the clock owed the whole accepted leap again and moved held leases a second time."""
+        self._gate = _Gate()
+        self._reading = _Reading(self, self._gate)
+        self._on_behalf = _OnBehalf(self, self._gate)
+
     def gap(self) -> float:
         """How far the clock reads ahead of the one the unmoved held leases are dated by: the gaps
         of the leaps accepted since the last move, less the steps back since (0: nothing owed).

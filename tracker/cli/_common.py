@@ -25,7 +25,7 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from ..config import TrackerConfig, masked_url
+from ..config import TrackerConfig, _without_password
 from ..core import AvailabilityTracker
 from ..db import is_driver_error, missing_sqlite_file
 from ..errors import InvalidInput, TrackerError
@@ -218,7 +218,7 @@ def _check_url(database_url: str) -> None:
     try:
         make_url(database_url)
     except (ArgumentError, ValueError) as error:
-        reason = str(error).replace(database_url, masked_url(database_url))
+        reason = _without_password(str(error), database_url)
         raise InvalidInput(f"the database URL is not valid: {reason}") from error
 
 

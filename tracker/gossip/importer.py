@@ -60,7 +60,9 @@ async def import_snapshot(
     deltas = await off_loop(
         len(snap.peers) + len(snap.mappings), _deltas, snap, tracker.config.bandwidth_window
     )
-    await off_loop(len(snap.peers) + len(snap.mappings), _refuse_future, tracker, deltas)
+    # The clock is read here, on the loop: readings change its state, which is not the threads' to touch.
+    now, skew = tracker.now(), tracker.config.max_clock_skew_s
+    await off_loop(len(snap.peers) + len(snap.mappings), _refuse_future, now, skew, deltas)
     # Merged a part at a time, in the one transaction: an origin's rows merged whole held the event
     # loop for seconds (QA round 20). Rows are independent of each other (a peer's samples travel
     # with it), and snapshot rows all have version 0, so parts merge as the whole would.
@@ -152,10 +154,8 @@ def _refuse_forgotten_removals(tracker: AvailabilityTracker, taken_at: float) ->
 
 
 def _refuse_future(
-    tracker: AvailabilityTracker, deltas: dict[str, tuple[list[PeerState], list[MappingState]]]
+    now: float, skew: float, deltas: dict[str, tuple[list[PeerState], list[MappingState]]]
 ) -> None:
-    now = tracker.now()
-    skew = tracker.config.max_clock_skew_s
     for origin, (peers, mappings) in sorted(deltas.items()):
         rows: list[PeerState | MappingState] = [*peers, *mappings]
         for row in rows:

@@ -386,8 +386,11 @@ class _RequestGate:
             if (refusal := _undecodable(scope)) is not None:
                 await self._reject(scope, send_with_id, 400, "bad_request", refusal)
                 return
-            encoding = headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
+            # A coded body is refused (read as JSON, it was "There was an error parsing the body");
+            # a header on a request without a body changes nothing.
+            encoding = headers.get("content-encoding", "").strip().lower() or "identity"
+            has_body = "transfer-encoding" in headers or headers.get("content-length", "0") != "0"
+            if encoding != "identity" and has_body:
                 message = f"Content-Encoding {encoding} is not supported: send the body uncompressed"
                 await self._reject(scope, send_with_id, 415, "unsupported_media_type", message)
                 return
