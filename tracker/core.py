@@ -136,6 +136,8 @@ class AvailabilityTracker:
         self._elapsed = elapsed or time.monotonic
         self._random = random.Random(self.config.random_seed)
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
+        #: Readings for the work on leases, kept on one side of the move of held leases.
+        self._leases = LeaseClock(self.now, self._store_clock)
         self._new_loop_state()
 
     def _new_loop_state(self) -> None:
@@ -148,12 +150,7 @@ class AvailabilityTracker:
         self._sweeps = 0
         self._no_sweeps = asyncio.Event()
         self._no_sweeps.set()
-        leases: LeaseClock | None = getattr(self, "_leases", None)
-        if leases is not None:  # reopened in another loop: what was moved stays moved
-            leases.rebind()
-        else:
-            #: Readings for the work on leases, kept on one side of the move of held leases.
-            self._leases = LeaseClock(self.now, self._store_clock)
+        self._leases.rebind()  # its locks; what it moved stays moved
         self._sweeper: SweeperTask | None = None
         stats = self._committer.stats  # counted over the tracker's life
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
@@ -337,8 +334,7 @@ class AvailabilityTracker:
         """The SQLAlchemy engine, for the sweeper, the service and ad-hoc queries."""
         if self._engine is None:
             raise TrackerClosed("the tracker is not open: use `async with` or AvailabilityTracker.open()")
-        if self._foreign_loop() is not None:
-            raise WrongEventLoop(_WRONG_LOOP)
+        self._own_loop()
         return self._engine
 
     def _own_loop(self) -> None:
