@@ -41,19 +41,23 @@ _OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s", "pg_lock
 STRATEGIES = ("best", "weighted")
 
 
+#: A URL's scheme and user (group 1) and password (group 2): everything between the user's ":" and
+#: the last "@" before the path, so a password holding an unencoded "@" is taken whole (SQLAlchemy's
+#: own masking stopped at the first one; QA round 23).
+_PASSWORD = re.compile(r"^((?:[A-Za-z0-9+.-]+://)?[^/:@]*:)([^/]*)@")
+
+
 def masked_url(url: str) -> str:
-    """``url`` with its password replaced by ``***``, for messages and reprs: everything between the
-    user's ":" and the last "@" before the path, so a password holding an unencoded "@" is masked
-    whole (SQLAlchemy's own masking stopped at the first one; QA round 23)."""
-    return re.sub(r"^((?:[A-Za-z0-9+.-]+://)?[^/:@]*:)[^/]*@", r"\1***@", url)
+    """``url`` with its password replaced by ``***``, for messages and reprs."""
+    return _PASSWORD.sub(r"\1***@", url)
 
 
 def _without_password(text: str, url: str) -> str:
     """``text`` (an error about ``url``) with the URL, and any piece of its password, masked."""
     text = text.replace(url, masked_url(url))
-    secret = re.match(r"^(?:[A-Za-z0-9+.-]+://)?[^/:@]*:([^/]*)@", url)
+    secret = _PASSWORD.match(url)
     if secret:
-        for piece in sorted({secret[1], *re.split("[@:]", secret[1])}, key=len, reverse=True):
+        for piece in sorted({secret[2], *re.split("[@:]", secret[2])}, key=len, reverse=True):
             if len(piece) >= 3:
                 text = text.replace(piece, "***")
     return text

@@ -56,13 +56,17 @@ async def import_snapshot(
     snap = await read_snapshot(path)
     if not accept_old:
         _refuse_forgotten_removals(tracker, snap.header.taken_at)
-    # Per-row Python work (about a third of an import's CPU, QA round 20: seconds on the loop).
+    # Per-row Python work (about a third of an import's CPU, QA round 20: seconds on the loop). The
+    # clock is read here, on the loop: readings change its state, which is not the thread's to touch.
+    config, now = tracker.config, tracker.now()
     deltas = await off_loop(
-        len(snap.peers) + len(snap.mappings), _deltas, snap, tracker.config.bandwidth_window
+        len(snap.peers) + len(snap.mappings),
+        _deltas,
+        snap,
+        config.bandwidth_window,
+        now,
+        config.max_clock_skew_s,
     )
-    # The clock is read here, on the loop: readings change its state, which is not the threads' to touch.
-    now, skew = tracker.now(), tracker.config.max_clock_skew_s
-    await off_loop(len(snap.peers) + len(snap.mappings), _refuse_future, now, skew, deltas)
     # Merged a part at a time, in the one transaction: an origin's rows merged whole held the event
     # loop for seconds (QA round 20). Rows are independent of each other (a peer's samples travel
     # with it), and snapshot rows all have version 0, so parts merge as the whole would.
@@ -101,8 +105,11 @@ async def import_snapshot(
     )
 
 
-def _deltas(snap: Snapshot, window_size: int) -> dict[str, tuple[list[PeerState], list[MappingState]]]:
-    """The snapshot's rows as gossip states, by origin (checked as they are built)."""
+def _deltas(
+    snap: Snapshot, window_size: int, now: float, skew: float
+) -> dict[str, tuple[list[PeerState], list[MappingState]]]:
+    """The snapshot's rows as gossip states, by origin (checked as they are built); a row dated more
+    than ``skew`` after ``now`` refuses the whole snapshot."""
     samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
     for s in snap.samples:
         samples.setdefault((s.origin, s.peer), []).append((s.at, s.bytes_per_sec))
@@ -139,6 +146,7 @@ def _deltas(snap: Snapshot, window_size: int) -> dict[str, tuple[list[PeerState]
                 version=0,
             )
         )
+    _refuse_future(now, skew, deltas)
     return deltas
 
 
