@@ -431,7 +431,7 @@ async def test_stamping_gives_each_changed_row_one_version_of_at_most_a_chunk(
     await tracker.record_batch([PeerOnline(f"peer-{i:04d}") for i in range(1_050)])
 
     async def stamp(conn: Any) -> int:
-        return await q.stamp(conn, dialect, node, 100)
+        return (await q.stamp(conn, dialect, node, 100)).clock
 
     async def versions(conn: Any) -> list[Any]:
         return list((await conn.execute(select(peer_stats.c.version))).scalars())
@@ -515,7 +515,7 @@ async def test_stamping_passes_over_rows_a_writer_holds_instead_of_waiting(
     await tracker.record_batch([PeerOnline(f"peer-{i}") for i in range(3)])
 
     async def stamp(conn: Any) -> int:
-        return await q.stamp(conn, dialect, node, 100)
+        return (await q.stamp(conn, dialect, node, 100)).clock
 
     async def versions(conn: Any) -> dict[str, Any]:
         rows = await conn.execute(
