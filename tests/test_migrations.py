@@ -424,3 +424,18 @@ async def test_a_migration_waiting_for_a_tables_lock_lets_the_trackers_traffic_t
         assert await current_revision(tracker.engine) == "0011"
         await migrate(tracker.engine)
         assert (metrics := await tracker.get_peer_metrics("p5")) is not None and metrics.online
+
+
+async def test_opening_a_database_at_head_logs_nothing_of_alembic(
+    empty_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Alembic's "Context impl" and "Will assume ... DDL" lines came at every open and /readyz probe
+    of a database with nothing to migrate (QA round 22); a migration that runs still logs its steps."""
+    with caplog.at_level("INFO", logger="alembic"):
+        async with AvailabilityTracker(TrackerConfig(database_url=empty_url, run_sweeper=False)):
+            pass
+        assert any("Running upgrade" in r.getMessage() for r in caplog.records)
+        caplog.clear()
+        async with AvailabilityTracker(TrackerConfig(database_url=empty_url, run_sweeper=False)) as tracker:
+            assert await current_revision(tracker.engine) == head_revision()
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
