@@ -21,7 +21,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tracker import AvailabilityTracker, ConfigError, TrackerConfig, WrongEventLoop, db
+from tracker import AvailabilityTracker, ConfigError, TrackerClosed, TrackerConfig, WrongEventLoop, db
 from tracker.events import PeerOnline, SpeedSample
 from tracker.sweeper import SweeperTask
 from tracker.testing import ManualClock
@@ -311,3 +311,38 @@ async def test_a_close_cut_short_in_a_loop_that_ended_is_finished_by_a_close_in_
         gc.collect()
     assert await _only_threads_of_before(before)
     assert await _server_sessions(config.database_url) == 0
+
+
+async def test_nested_async_with_blocks_share_the_tracker_and_the_last_to_exit_closes_it(
+    config: TrackerConfig,
+) -> None:
+    """A library that wraps its work in ``async with tracker`` inside the application's own block
+    closed the tracker under the application (QA round 22)."""
+    tracker = AvailabilityTracker(config)
+    async with tracker as outer:
+        async with tracker as inner:
+            assert inner is outer
+            await inner.record_peer_online("p")
+        await outer.record_peer_online("q")  # still open
+        assert {p.peer_id for p in await outer.list_peers()} == {"p", "q"}
+    with pytest.raises(TrackerClosed):
+        await tracker.record_peer_online("r")
+    # Opened by open(), one block closes it, as before.
+    opened = await AvailabilityTracker.open(config)
+    async with opened:
+        await opened.record_peer_online("r")
+    with pytest.raises(TrackerClosed):
+        await opened.record_peer_online("s")
+    assert await _server_sessions(config.database_url) == 0
+
+
+async def test_abort_before_open_or_after_close_leaves_the_next_open_working(config: TrackerConfig) -> None:
+    """abort() on a tracker not yet open made it refuse every write once opened (QA round 22)."""
+    tracker = AvailabilityTracker(config)
+    tracker.abort()
+    async with tracker:
+        await tracker.record_peer_online("p")
+    tracker.abort()
+    async with tracker:
+        await tracker.record_peer_online("q")
+        assert {p.peer_id for p in await tracker.list_peers()} == {"p", "q"}

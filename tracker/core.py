@@ -112,6 +112,8 @@ class AvailabilityTracker:
         self._loop: asyncio.AbstractEventLoop | None = None
         #: Set while ``close()`` runs: writers that kept submitting would otherwise keep its drain going.
         self._closing = False
+        #: ``async with`` blocks open on the tracker: the last to exit closes it.
+        self._entered = 0
         self._lanes: SqliteLanes | None = None
         #: The release of the lanes and the engine, once ``close()`` has begun it, and what it releases.
         self._release: asyncio.Future[None] | None = None
@@ -315,19 +317,28 @@ class AvailabilityTracker:
         """Abandon the writes not yet committed, so that a running (or the next) ``close()`` need not
         wait for them: a transaction waiting on the database (a lock, say) is cancelled and its callers
         get ``CommitOutcomeUnknown`` (it may have committed), queued ones ``TrackerClosed``. For a
-        forced shutdown; ``close()`` still releases the connections."""
+        forced shutdown; ``close()`` still releases the connections. A tracker that is not open has no
+        writes to abandon: there this does nothing (it left the tracker refusing every write once
+        opened, QA round 22)."""
+        if self._engine is None:
+            return
         self._closing = True
         self._committer.abandon()
 
     async def __aenter__(self) -> Self:
+        """Open the tracker unless it is open; nested (or concurrent) ``async with`` blocks share it,
+        and the last to exit closes it: the first to exit closed it under the others (QA round 22)."""
         if self._engine is None:
             await self._start()
+        self._entered += 1
         return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        await self.close()
+        self._entered = max(0, self._entered - 1)
+        if not self._entered:
+            await self.close()
 
     @property
     def engine(self) -> AsyncEngine:
