@@ -120,6 +120,21 @@ def test_sweep_reports_what_it_did(seeded: str) -> None:
     assert report["ran"] is True and report["peers_marked_offline"] == 0
 
 
+def test_sweep_whose_snapshot_cannot_be_written_still_expires_and_exits_1(
+    seeded: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cron job sees the snapshot fail (exit 1, the reason on stderr), and the pass's other work
+    stands."""
+    blocker = tmp_path / "snapshots"
+    blocker.write_text("a file where the snapshot directory should be")
+    monkeypatch.setenv("TRACKER_SNAPSHOT_DIR", str(blocker))
+    result = _cli(seeded, "sweep", "--json")
+    assert result.exit_code == 1
+    report = json.loads(result.stdout)
+    assert report["ran"] is True and str(blocker) in report["snapshot_error"]
+    assert f"the snapshot was not written: {report['snapshot_error']}" in result.stderr.replace("\n", "")
+
+
 def test_sweep_after_the_clock_leapt_while_no_tracker_ran_sweeps_on_elapsed_time(db_url: str) -> None:
     """The real clocks end to end: the state a tracker stored under this boot says the wall clock
     read a day less at this elapsed time, i.e. it has been set a day ahead since. Before, `tracker

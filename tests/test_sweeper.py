@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select, text
 
-from tracker import AvailabilityTracker, TrackerConfig, sweeper
+from tracker import AvailabilityTracker, StorageError, TrackerConfig, sweeper
 from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
 from tracker.gossip import files
 from tracker.schema import bandwidth_samples, content_peers, peer_stats, upload_outcomes
@@ -285,17 +285,23 @@ async def _wait_for(condition: object, timeout_s: float = 10.0) -> None:
 
 
 async def test_the_background_sweeper_survives_a_failing_pass_and_stops_promptly(
-    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+    config: TrackerConfig, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blocker = tmp_path / "not-a-directory"
-    fast = replace(config, update_interval=0.02, snapshot_dir=str(blocker), run_sweeper=True)
-    async with AvailabilityTracker(fast) as tracker:  # which creates the directory
-        blocker.rmdir()
-        blocker.write_text("a file where the snapshot directory should be")
+    faults = [StorageError("the database went away")] * 2
+    expire = sweeper._expire
+
+    async def failing_expire(*args: Any) -> int:
+        if faults:
+            raise faults.pop()
+        return await expire(*args)
+
+    monkeypatch.setattr(sweeper, "_expire", failing_expire)
+    fast = replace(config, update_interval=0.02, run_sweeper=True)
+    async with AvailabilityTracker(fast) as tracker:
         state = tracker.sweeper_state
         await _wait_for(lambda: state.failures >= 1)
-        assert state.last_error is not None
-        blocker.unlink()  # the fault goes away; the task must still be there to notice
+        assert state.last_error == "StorageError: the database went away"
+        # The fault goes away; the task must still be there to notice (after its back-off).
         await _wait_for(lambda: state.passes >= 1, timeout_s=15)
         assert state.last_report is not None and state.last_report.ran
         started = time.monotonic()
@@ -457,3 +463,27 @@ async def test_stale_sessions_are_closed_a_slice_at_a_time_with_the_same_result(
             metrics = await tracker.get_peer_metrics(f"p{i}")
             assert metrics is not None and metrics.uptime == timedelta(0)
         assert (await tracker.sweep()).peers_marked_offline == 0
+
+
+async def test_a_snapshot_that_cannot_be_written_leaves_the_rest_of_the_pass_and_no_back_off(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    """A snapshot directory that became unwritable after open failed every pass, and the back-off
+    (up to ten intervals) held back the expiry of stale peers as long (QA round 23)."""
+    blocker = tmp_path / "snapshots"
+    async with AvailabilityTracker(
+        replace(config, snapshot_dir=str(blocker), snapshot_interval_s=0)
+    ) as tracker:
+        blocker.write_text("a file where the snapshot directory should be")  # passes are called here
+        await tracker.record_peer_online("stale")
+        clock.advance(config.peer_timeout + 1)
+        report = await tracker.sweep()
+        assert report.ran and report.peers_marked_offline == 1 and report.snapshot_path is None
+        assert report.snapshot_error is not None and str(blocker) in report.snapshot_error
+        state = tracker.sweeper_state
+        assert (state.snapshot_failures, state.failures) == (1, 0)
+        blocker.unlink()
+        report = await tracker.sweep()  # the fault gone, the next pass writes it
+        assert report.snapshot_error is None and report.snapshot_path is not None
+        assert report.snapshot_path.parent == blocker
+        assert state.snapshot_failures == 1

@@ -59,6 +59,9 @@ class SweepReport:
     #: Postgres: how far the database server's clock is ahead of the tracker's time (negative:
     #: behind); ``None`` on SQLite, which has no clock of its own.
     database_clock_offset_s: float | None = None
+    #: Why a snapshot that was due could not be written (a full disk, a directory made unwritable);
+    #: the rest of the pass stands, and the next pass tries again.
+    snapshot_error: str | None = None
 
 
 async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> SweepReport:
@@ -136,9 +139,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
-        path = None
-        if config.snapshot_dir is not None and await _snapshot_due(tracker, Path(config.snapshot_dir), now):
-            path = await write_state_snapshot(tracker, Path(config.snapshot_dir), now)
+        path, snapshot_error = await _snapshot(tracker, now)
     await _save_clock(tracker)
     report = SweepReport(
         now=now,
@@ -150,6 +151,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         clock_leap_s=leap,
         future_rows_clamped=clamped,
         database_clock_offset_s=offset,
+        snapshot_error=snapshot_error,
     )
     log.info(
         "sweep done",
@@ -337,6 +339,32 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+async def _snapshot(tracker: AvailabilityTracker, now: float) -> tuple[Path | None, str | None]:
+    """Write a snapshot if one is due: its path, or why it could not be written.
+
+    A file system error is the snapshot's alone: it failed the whole pass, and the sweeper's back-off
+    (up to ten intervals) then held back the expiry of stale peers for as long as the disk stayed
+    full or the directory unwritable (QA round 23). It is logged and counted instead
+    (``tracker_snapshot_failures``), and the next pass tries again.
+    """
+    if (directory := tracker.config.snapshot_dir) is None:
+        return None, None
+    try:
+        if not await _snapshot_due(tracker, Path(directory), now):
+            return None, None
+        return await write_state_snapshot(tracker, Path(directory), now), None
+    except OSError as error:
+        tracker._sweep_state.snapshot_failures += 1
+        log.error(
+            "the state snapshot could not be written to %s: %s; the pass's other work stands, and "
+            "the next pass tries again",
+            directory,
+            error,
+            extra={"action": "snapshot_failed", "directory": str(directory)},
+        )
+        return None, f"{type(error).__name__}: {error}"
+
+
 async def _snapshot_due(tracker: AvailabilityTracker, directory: Path, now: float) -> bool:
     """Whether this node's newest snapshot in ``directory`` is ``snapshot_interval_s`` old (or absent).
 
@@ -420,6 +448,8 @@ class SweepState:
     passes: int = 0
     skipped: int = 0
     failures: int = 0
+    #: Passes whose due snapshot could not be written (the passes themselves count as done).
+    snapshot_failures: int = 0
     last_report: SweepReport | None = None
     last_error: str | None = None
     #: Whether this process has brought this node's future-dated rows back yet (its first pass does).

@@ -50,6 +50,7 @@ def sweep(
             "seconds": round(report.duration_s, 3),
             "clock_leap_s": report.clock_leap_s,
             "database_clock_offset_s": report.database_clock_offset_s,
+            "snapshot_error": report.snapshot_error,
         }
         if as_json:
             print_json(shown)
@@ -70,6 +71,11 @@ def sweep(
                 "accepted yet): the pass ran on elapsed time (docs/operations.md, Clocks)",
                 highlight=False,
             )
+        if report.snapshot_error:  # the pass's other work stands; a cron job must still see this
+            Console(stderr=True).print(
+                f"the snapshot was not written: {report.snapshot_error}", soft_wrap=True, highlight=False
+            )
+            raise typer.Exit(1)
 
 
 @app.command()

@@ -54,6 +54,11 @@ class _TrackerStateCollector(Collector):
             value=sweeps.failures,
         )
         yield CounterMetricFamily(
+            "tracker_snapshot_failures",
+            "Sweeper passes whose due state snapshot could not be written (the rest of the pass stands).",
+            value=sweeps.snapshot_failures,
+        )
+        yield CounterMetricFamily(
             "tracker_sweeps_skipped",
             "Passes skipped because another process held the sweep lock.",
             value=sweeps.skipped,
