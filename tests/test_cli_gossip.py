@@ -162,11 +162,13 @@ async def test_an_import_merged_in_parts_gives_what_merged_whole_gives(
         await tracker.record_content_unavailable("c2", "p3")
         path = await write_state_snapshot(tracker, tmp_path / "snaps", tracker.now())
 
-    async def imported(url: str, part: int) -> tuple[list[list[object]], list[str], list[str], int]:
+    async def imported(
+        url: str, part: int
+    ) -> tuple[list[list[object]], list[str], list[str], list[tuple[int, int]]]:
         monkeypatch.setattr(importer, "MERGE_ROWS", part)
-        parts: list[int] = []
+        parts: list[tuple[int, int]] = []
         async with AvailabilityTracker(TrackerConfig(database_url=url)) as tracker:
-            await importer.import_snapshot(tracker, path, lambda done, total: parts.append(total))
+            await importer.import_snapshot(tracker, path, lambda done, total: parts.append((done, total)))
             fields = ("peer_id", "first_seen", "last_seen", "online_since", "download_speed", "online")
             peers = [  # what does not move with the time of reading
                 [getattr(p, name) for name in (*fields, "chunks_served", "chunks_failed")]
@@ -176,9 +178,12 @@ async def test_an_import_merged_in_parts_gives_what_merged_whole_gives(
                 peers,
                 await tracker.get_available_peers("c1"),
                 await tracker.get_available_peers("c2"),
-                parts[-1],
+                parts,
             )
 
     in_parts, whole = await imported(db_url, 2), await imported(other_db_url, 5_000)
     assert in_parts[:3] == whole[:3] and len(in_parts[0]) == 7
-    assert (in_parts[3], whole[3]) == (7, 1)  # 7 peers and 14 mappings of one origin, 2 of each a part
+    # Progress counts the 28 records read (7 peers, 7 samples, 14 mappings), then the 7 peers merged:
+    # 2 at a time, 14 parts read and 4 merged; whole, one of each.
+    assert (len(in_parts[3]), len(whole[3])) == (18, 2)
+    assert in_parts[3][-1] == whole[3][-1] == (35, 35) and whole[3][0] == (28, 35)

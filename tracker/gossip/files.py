@@ -13,13 +13,25 @@ import os
 import re
 import secrets
 import zlib
-from collections.abc import AsyncIterable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterable, Callable, Generator, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from ..errors import InvalidInput
-from .snapshot import Record, Snapshot, SnapshotError, SnapshotHeader, _Lines, _show, decode
+from .snapshot import (
+    MappingRecord,
+    PeerRecord,
+    Record,
+    SampleRecord,
+    Snapshot,
+    SnapshotError,
+    SnapshotHeader,
+    _Lines,
+    _show,
+    iter_decode,
+)
 
 _CHUNK_BYTES = 256 * 1024  # per thread hop, writing and reading
 _FILE_NAME = re.compile(r"snapshot-(\d{15})-([A-Za-z0-9._-]{1,64})\.jsonl\.gz")
@@ -164,7 +176,11 @@ async def write_snapshot(
     return temp.final
 
 
-def _read(path: Path) -> Snapshot:
+def iter_snapshot(path: Path) -> Generator[SnapshotHeader | Record, None, None]:
+    """The file's header, then each record as it is decoded (``iter_decode``: the trailer is checked
+    after the last one, so whatever the records fed stays provisional until this ends). Blocking:
+    iterate it on a worker thread. Holds one 256 KiB chunk and one line at a time; ``SnapshotError``
+    names the file and the line."""
     newlines = 0
 
     def chunks(stream: gzip.GzipFile) -> Iterator[bytes]:
@@ -173,15 +189,47 @@ def _read(path: Path) -> Snapshot:
             newlines += chunk.count(b"\n")
             yield chunk
 
+    path = Path(path)
     try:
         with gzip.open(path, "rb") as stream:
-            return decode(chunks(stream))
+            yield from iter_decode(chunks(stream))
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
         raise SnapshotError(
             f"{path.name}: line {newlines + 1} or later: corrupt gzip data ({error})"
         ) from None
     except SnapshotError as error:
         raise SnapshotError(f"{path.name}: {error}") from None
+
+
+def _read(path: Path) -> Snapshot:
+    items = iter_snapshot(path)
+    header = next(items)
+    assert isinstance(header, SnapshotHeader)  # iter_decode yields the header first, or raises
+    groups: dict[type, list[Any]] = {PeerRecord: [], SampleRecord: [], MappingRecord: []}
+    for record in items:
+        groups[type(record)].append(record)
+    peers, samples, mappings = (tuple(group) for group in groups.values())
+    return Snapshot(header=header, peers=peers, samples=samples, mappings=mappings)
+
+
+#: How a peer record starts in the files this tracker writes (``_Lines``: the tag first, compact).
+_PEER_TAG = b'"t":"peer"'
+
+
+def count_records(path: Path) -> tuple[int, int]:
+    """(records, peer records) of a snapshot file, counted without decoding it: its lines less the
+    header and the trailer, and the peer tags as this tracker writes them. Blocking; an estimate
+    for progress (exact for this tracker's files; a file written otherwise may count fewer peers),
+    never a check: only decoding tells an intact file. About one decompression of the file."""
+    newlines = peers = 0
+    tail = b""
+    with gzip.open(Path(path), "rb") as stream:
+        while chunk := stream.read(_CHUNK_BYTES):
+            newlines += chunk.count(b"\n")
+            # The tail of the previous chunk is shorter than the tag: nothing is counted twice.
+            peers += (tail + chunk).count(_PEER_TAG)
+            tail = chunk[-(len(_PEER_TAG) - 1) :]
+    return max(newlines - 2, 0), peers
 
 
 async def read_snapshot(path: Path) -> Snapshot:

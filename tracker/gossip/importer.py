@@ -3,31 +3,71 @@
 A snapshot carries no versions, so its rows enter at version 0: they fill in what this database lacks
 and lose to anything gossip brings, and content mappings still go by last-writer-wins on time. This
 node's own origin is skipped, like in gossip: the database is the authority on its own observations.
-The whole file is applied in one transaction, after its trailer has been checked, so a truncated or
-corrupt file changes nothing; so does one with a row dated beyond this tracker's clock plus
-``max_clock_skew_s`` (the exporter's clock was wrong: such rows would pin peers online and win every
-last-writer-wins for as long as the error). A snapshot taken longer ago than removals are remembered
-(``TrackerConfig.tombstone_keep_s``) is refused unless the caller accepts it: a mapping removed after
-it was taken, and forgotten since, would come back as held (QA round 14).
+The whole file is applied in one transaction that commits only once its trailer has been checked, so
+a truncated or corrupt file changes nothing; so does one with a row dated beyond this tracker's clock
+plus ``max_clock_skew_s`` (the exporter's clock was wrong: such rows would pin peers online and win
+every last-writer-wins for as long as the error). A snapshot taken longer ago than removals are
+remembered (``TrackerConfig.tombstone_keep_s``) is refused unless the caller accepts it: a mapping
+removed after it was taken, and forgotten since, would come back as held (QA round 14).
+
+The file is streamed, in bounded memory: a whole snapshot in memory took ~50 times its compressed
+size (a million-peer snapshot could not be restored). Records are decoded and checked on a worker
+thread ``MERGE_ROWS`` at a time, and inside the one transaction:
+
+1. mappings are merged as they come (each is independent of every other row);
+2. peer rows and samples go to two temporary tables (``tracker_import_peers``/``_samples``), because
+   a peer's samples must travel with it and the file does not put them together: this tracker's
+   exporter writes every peer row, then every sample (``sweeper._state_records``), and other writers
+   may use any order. Any order is accepted, interleaved or not;
+3. once the trailer is checked, the peer rows are read back in file order ``MERGE_ROWS`` at a time,
+   each with its newest ``bandwidth_window`` samples (ranked in SQL), and merged.
+
+The merge is a join-semilattice (``queries.gossip.merge``), so merging mappings before peers, and in
+other parts than a whole-file import did, ends in the same state; the temporary tables are dropped
+with the transaction, committed or not.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import asyncio
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    and_,
+    bindparam,
+    func,
+    select,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
 from .. import db
+from ..compiled import BulkInsert
 from ..core import AvailabilityTracker
-from ..offload import off_loop
 from ..queries import gossip as q
-from .files import read_snapshot
-from .protocol import MappingState, OriginDelta, PeerState, newest_time
-from .snapshot import Snapshot, SnapshotError
+from .files import count_records, iter_snapshot
+from .protocol import MappingState, OriginDelta, PeerState
+from .snapshot import MappingRecord, PeerRecord, Record, SampleRecord, SnapshotError, SnapshotHeader
 
-#: Rows of one origin merged in one step (peers, and mappings, each).
+#: Records decoded per hop to the reading thread, and rows merged in one step: what the import holds
+#: in memory is a small multiple of this, whatever the size of the file.
 MERGE_ROWS = 5_000
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,113 +81,371 @@ class ImportReport:
     mappings_applied: int
 
 
+#: ``progress(done, total)``: rows handled so far (records read, then peer rows merged) and the
+#: expected number (the file's records plus its peer rows; estimated from a count of its lines
+#: until the trailer is read, exact after).
+Progress = Callable[[int, int], None]
+
+
 async def import_snapshot(
     tracker: AvailabilityTracker,
     path: Path,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
     *,
     accept_old: bool = False,
 ) -> ImportReport:
-    """Merge the snapshot at ``path``; ``progress(done, total)`` is called per part merged (an
-    origin's rows, ``MERGE_ROWS`` at a time).
+    """Merge the snapshot at ``path``; ``progress(done, total)`` is called after every part (see
+    ``Progress``).
 
     ``accept_old``: import a snapshot older than ``tombstone_keep_s`` too (restoring an old backup,
     knowing that mappings removed since it was taken may come back)."""
-    snap = await read_snapshot(path)
+    path = Path(path)
+    header = await asyncio.to_thread(_read_header, path)
     if not accept_old:
-        _refuse_forgotten_removals(tracker, snap.header.taken_at)
-    # Per-row Python work (about a third of an import's CPU, QA round 20: seconds on the loop). The
-    # clock is read here, on the loop: readings change its state, which is not the thread's to touch.
-    config, now = tracker.config, tracker.now()
-    deltas = await off_loop(
-        len(snap.peers) + len(snap.mappings),
-        _deltas,
-        snap,
-        config.bandwidth_window,
-        now,
-        config.max_clock_skew_s,
+        _refuse_forgotten_removals(tracker, header.taken_at)
+    # Only a bar needs the total: one more decompression of the file (no decoding), before the lock.
+    total = sum(await asyncio.to_thread(count_records, path)) if progress is not None else 0
+    # The clock is read here, on the loop: readings change its state, which is not a thread's to touch.
+    run = _Run(tracker, path, tracker.now(), progress, total)
+    counts = await db.run_write(tracker.engine, run.apply, tracker.config.write_retries)
+    return ImportReport(
+        node=header.node,
+        peers_read=counts.peers_read,
+        mappings_read=counts.mappings_read,
+        peers_applied=counts.peers_applied,
+        mappings_applied=counts.mappings_applied,
     )
-    # Merged a part at a time, in the one transaction: an origin's rows merged whole held the event
-    # loop for seconds (QA round 20). Rows are independent of each other (a peer's samples travel
-    # with it), and snapshot rows all have version 0, so parts merge as the whole would.
-    origins = [
-        OriginDelta(
-            origin=o,
-            base=0,
-            upto=0,
-            peers=p[start : start + MERGE_ROWS],
-            mappings=m[start : start + MERGE_ROWS],
-        )
-        for o, (p, m) in sorted(deltas.items())
-        for start in range(0, max(len(p), len(m), 1), MERGE_ROWS)
-    ]
-    total = len(origins)
 
-    async def work(conn: Any) -> q.MergeCounts:
-        counts = q.MergeCounts()
-        for done, delta in enumerate(origins, 1):
-            applied = await q.merge(
-                conn, tracker.config.dialect, tracker.node_key, [delta], tracker.config.bandwidth_window
-            )
-            counts.peers += applied.peers
-            counts.mappings += applied.mappings
-            if progress is not None:
-                progress(done, total)
+
+def _read_header(path: Path) -> SnapshotHeader:
+    items = iter_snapshot(path)
+    try:
+        header = next(items)
+    finally:
+        items.close()
+    assert isinstance(header, SnapshotHeader)  # iter_decode yields the header first, or raises
+    return header
+
+
+# -- the temporary tables -------------------------------------------------------------------------
+
+_temp = MetaData()
+_PEER_COLUMNS = (
+    "origin",
+    "peer",
+    "first_seen",
+    "online",
+    "online_since",
+    "last_seen",
+    "uptime_s",
+    "served",
+    "failed",
+    "success_weight",
+    "failure_weight",
+    "evidence_at",
+    "updated_at",
+)
+import_peers = Table(
+    "tracker_import_peers",
+    _temp,
+    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False),
+    Column("origin", Text, nullable=False),
+    Column("peer", Text, nullable=False),
+    Column("first_seen", Double, nullable=False),
+    Column("online", Boolean, nullable=False),
+    Column("online_since", Double),
+    Column("last_seen", Double, nullable=False),
+    Column("uptime_s", Double, nullable=False),
+    Column("served", BigInteger, nullable=False),
+    Column("failed", BigInteger, nullable=False),
+    Column("success_weight", Double, nullable=False),
+    Column("failure_weight", Double, nullable=False),
+    Column("evidence_at", Double),
+    Column("updated_at", Double, nullable=False),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DROP",
+)
+import_samples = Table(
+    "tracker_import_samples",
+    _temp,
+    Column("origin", Text, nullable=False),
+    Column("peer", Text, nullable=False),
+    Column("at", Double, nullable=False),
+    Column("bytes_per_sec", BigInteger, nullable=False),
+    prefixes=["TEMPORARY"],
+    postgresql_on_commit="DROP",
+)
+_samples_by_peer = Index("tracker_import_samples_peer", import_samples.c.origin, import_samples.c.peer)
+
+
+async def _create_temp_tables(conn: AsyncConnection) -> None:
+    # Dropped first: on SQLite a connection keeps its temporary tables across transactions.
+    for table in (import_samples, import_peers):
+        await conn.execute(DropTable(table, if_exists=True))
+    for table in (import_peers, import_samples):
+        await conn.execute(CreateTable(table))
+    await conn.execute(CreateIndex(_samples_by_peer))
+
+
+async def _drop_temp_tables(conn: AsyncConnection) -> None:
+    for table in (import_samples, import_peers):
+        await conn.execute(DropTable(table, if_exists=True))
+
+
+# -- reading the file: a worker thread, a part at a time --------------------------------------------
+
+
+@dataclass(slots=True)
+class _Part:
+    """Up to ``MERGE_ROWS`` records of the file, checked and sorted for where they go."""
+
+    peers: list[tuple[Any, ...]] = field(default_factory=list)  # rows of tracker_import_peers
+    samples: list[tuple[Any, ...]] = field(default_factory=list)  # rows of tracker_import_samples
+    mappings: list[OriginDelta] = field(default_factory=list)  # one per origin
+    read: int = 0
+    peers_read: int = 0
+    mappings_read: int = 0
+    last: bool = False
+
+
+@dataclass(slots=True)
+class _Sorter:
+    """Turns records into a ``_Part``; runs on the reading thread only."""
+
+    local_key: str
+    latest: float  # now + max_clock_skew_s
+    now: float
+    skew: float
+    next_seq: int = 0
+
+    def part(self, records: Iterator[SnapshotHeader | Record], size: int) -> _Part:
+        part, mappings = _Part(), dict[str, list[MappingState]]()
+        for record in records:
+            self._add(part, mappings, record)
+            if part.read >= size:
+                break
+        else:
+            part.last = True
+        part.mappings = [OriginDelta(origin=o, base=0, upto=0, mappings=m) for o, m in mappings.items()]
+        return part
+
+    def _add(
+        self, part: _Part, mappings: dict[str, list[MappingState]], record: SnapshotHeader | Record
+    ) -> None:
+        if isinstance(record, SnapshotHeader):
+            return
+        part.read += 1
+        self._refuse_future(record)
+        if isinstance(record, PeerRecord):
+            part.peers_read += 1
+        elif isinstance(record, MappingRecord):
+            part.mappings_read += 1
+        if record.origin == self.local_key:
+            return  # the merge would skip it: not stored for nothing
+        if isinstance(record, PeerRecord):
+            self.next_seq += 1
+            part.peers.append((self.next_seq, *(getattr(record, name) for name in _PEER_COLUMNS)))
+        elif isinstance(record, SampleRecord):
+            part.samples.append((record.origin, record.peer, record.at, record.bytes_per_sec))
+        else:
+            mappings.setdefault(record.origin, []).append(_mapping_state(record))
+
+    def _refuse_future(self, record: Record) -> None:
+        if (at := _newest_time(record)) <= self.latest:
+            return
+        what = (
+            f"mapping {record.cid} -> {record.peer}"
+            if isinstance(record, MappingRecord)
+            else f"peer {record.peer}"
+        )
+        raise SnapshotError(
+            f"the snapshot's row of origin {record.origin} for {what} is dated {at - self.now:.6g} s "
+            f"ahead of this tracker's clock (allowed {self.skew:g} s); the exporting tracker's clock "
+            "was wrong, or this one's is: nothing was imported"
+        )
+
+
+def _newest_time(record: Record) -> float:
+    """The latest time a record states (``protocol.newest_time``, a sample checked on its own)."""
+    if isinstance(record, MappingRecord):
+        return max(record.since, record.last_confirmed, record.changed_at)
+    if isinstance(record, SampleRecord):
+        return record.at
+    times = [record.first_seen, record.last_seen, record.updated_at]
+    return max(times + [t for t in (record.online_since, record.evidence_at) if t is not None])
+
+
+def _mapping_state(m: MappingRecord) -> MappingState:
+    return MappingState(
+        cid=m.cid,
+        peer=m.peer,
+        available=m.available,
+        since=m.since,
+        last_confirmed=m.last_confirmed,
+        changed_at=m.changed_at,
+        version=0,
+    )
+
+
+class _Reader:
+    """The file's parts, decoded on one worker thread of its own.
+
+    One thread, so that closing the decoder (which closes the file) waits for a decode still running
+    there after its awaiting task was cancelled.
+    """
+
+    def __init__(self, path: Path, sorter: _Sorter) -> None:
+        self._records = iter_snapshot(path)
+        self._sorter = sorter
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-tracker-import")
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, partial(function, *args))
+
+    async def part(self) -> _Part:
+        return await self.run(self._sorter.part, self._records, MERGE_ROWS)
+
+    def close(self) -> None:
+        self._thread.submit(self._records.close)
+        self._thread.shutdown(wait=False)
+
+
+# -- the transaction --------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Counts:
+    peers_read: int = 0
+    mappings_read: int = 0
+    peers_applied: int = 0
+    mappings_applied: int = 0
+    done: int = 0
+
+
+class _Run:
+    """One attempt at the import's transaction (``run_write`` may start it again from scratch)."""
+
+    def __init__(
+        self, tracker: AvailabilityTracker, path: Path, now: float, progress: Progress | None, total: int
+    ) -> None:
+        self.tracker, self.path, self.now = tracker, path, now
+        self.progress, self.total = progress, total
+        config = tracker.config
+        self.dialect, self.window = config.dialect, config.bandwidth_window
+        self.skew = config.max_clock_skew_s
+
+    async def apply(self, conn: AsyncConnection) -> _Counts:
+        counts = _Counts()
+        sorter = _Sorter(self.tracker.node_key, self.now + self.skew, self.now, self.skew)
+        reader = _Reader(self.path, sorter)
+        try:
+            await _create_temp_tables(conn)
+            await self._read(conn, reader, counts)
+            stashed = sorter.next_seq
+            # Exact now: the trailer checked the records; own-origin peers were not stashed.
+            self.total = counts.done + stashed
+            if self.dialect == "postgresql":
+                await conn.exec_driver_sql("ANALYZE tracker_import_peers, tracker_import_samples")
+            await self._merge_peers(conn, reader, stashed, counts)
+            await _drop_temp_tables(conn)
+        finally:
+            reader.close()
         return counts
 
-    counts = await db.run_write(tracker.engine, work, tracker.config.write_retries)
-    return ImportReport(
-        node=snap.header.node,
-        peers_read=len(snap.peers),
-        mappings_read=len(snap.mappings),
-        peers_applied=counts.peers,
-        mappings_applied=counts.mappings,
+    async def _read(self, conn: AsyncConnection, reader: _Reader, counts: _Counts) -> None:
+        """Every record: mappings merged, peer rows and samples stashed; ends after the trailer."""
+        peers_insert = BulkInsert(import_peers, ("seq", *_PEER_COLUMNS), self.dialect)
+        samples_insert = BulkInsert(import_samples, ("origin", "peer", "at", "bytes_per_sec"), self.dialect)
+        while True:
+            part = await reader.part()
+            await peers_insert.run(conn, part.peers)
+            await samples_insert.run(conn, part.samples)
+            if part.mappings:
+                counts.mappings_applied += (await self._merge(conn, part.mappings)).mappings
+            counts.peers_read += part.peers_read
+            counts.mappings_read += part.mappings_read
+            self._advance(counts, part.read)
+            if part.last:
+                return
+
+    async def _merge_peers(
+        self, conn: AsyncConnection, reader: _Reader, stashed: int, counts: _Counts
+    ) -> None:
+        """The stashed peer rows in file order, ``MERGE_ROWS`` at a time, each with its samples."""
+        for first in range(1, stashed + 1, MERGE_ROWS):
+            last = min(first + MERGE_ROWS - 1, stashed)
+            rows = (await conn.execute(_PAGE, {"first": first, "last": last})).all()
+            samples = (
+                await conn.execute(_PAGE_SAMPLES, {"first": first, "last": last, "window": self.window})
+            ).all()
+            deltas = await reader.run(_peer_deltas, rows, samples)
+            counts.peers_applied += (await self._merge(conn, deltas)).peers
+            self._advance(counts, len(rows))
+
+    async def _merge(self, conn: AsyncConnection, deltas: list[OriginDelta]) -> q.MergeCounts:
+        return await q.merge(conn, self.dialect, self.tracker.node_key, deltas, self.window)
+
+    def _advance(self, counts: _Counts, rows: int) -> None:
+        counts.done += rows
+        if self.progress is not None and rows:
+            self.total = max(self.total, counts.done)  # a file written otherwise may count low
+            self.progress(counts.done, self.total)
+
+
+_p, _s = import_peers.c, import_samples.c
+_PAGE = (
+    select(_p.seq, *(_p[name] for name in _PEER_COLUMNS))
+    .where(_p.seq.between(bindparam("first"), bindparam("last")))
+    .order_by(_p.seq)
+)
+_ranked = (
+    select(
+        _p.seq,
+        _s.at,
+        _s.bytes_per_sec,
+        func.row_number()
+        .over(partition_by=_p.seq, order_by=(_s.at.desc(), _s.bytes_per_sec.desc()))
+        .label("rn"),
     )
+    .join_from(import_peers, import_samples, and_(_s.origin == _p.origin, _s.peer == _p.peer))
+    .where(_p.seq.between(bindparam("first"), bindparam("last")))
+    .subquery("ranked")
+)
+#: Each peer's newest ``window`` samples, newest first (ties: the higher speed first), as
+#: ``sorted(samples, reverse=True)[:window]`` made them when a whole file was read.
+_PAGE_SAMPLES = (
+    select(_ranked.c.seq, _ranked.c.at, _ranked.c.bytes_per_sec)
+    .where(_ranked.c.rn <= bindparam("window"))
+    .order_by(_ranked.c.seq, _ranked.c.rn)
+)
 
 
-def _deltas(
-    snap: Snapshot, window_size: int, now: float, skew: float
-) -> dict[str, tuple[list[PeerState], list[MappingState]]]:
-    """The snapshot's rows as gossip states, by origin (checked as they are built); a row dated more
-    than ``skew`` after ``now`` refuses the whole snapshot."""
-    samples: dict[tuple[str, str], list[tuple[float, int]]] = {}
-    for s in snap.samples:
-        samples.setdefault((s.origin, s.peer), []).append((s.at, s.bytes_per_sec))
-    deltas: dict[str, tuple[list[PeerState], list[MappingState]]] = {}
-    for p in snap.peers:
-        window = sorted(samples.get((p.origin, p.peer), []), reverse=True)[:window_size]
-        deltas.setdefault(p.origin, ([], []))[0].append(
+def _peer_deltas(rows: list[Any], samples: list[Any]) -> list[OriginDelta]:
+    """A page of stashed peer rows as gossip states with their samples, by origin (worker thread)."""
+    windows: dict[int, list[tuple[float, int]]] = {}
+    for seq, at, bytes_per_sec in samples:
+        windows.setdefault(seq, []).append((float(at), int(bytes_per_sec)))
+    by_origin: dict[str, list[PeerState]] = {}
+    for r in rows:
+        by_origin.setdefault(r.origin, []).append(
             PeerState(
-                peer=p.peer,
-                first_seen=p.first_seen,
-                online=p.online,
-                online_since=p.online_since,
-                last_seen=p.last_seen,
-                uptime_s=p.uptime_s,
-                served=p.served,
-                failed=p.failed,
-                success_weight=p.success_weight,
-                failure_weight=p.failure_weight,
-                evidence_at=p.evidence_at,
-                updated_at=p.updated_at,
+                peer=r.peer,
+                first_seen=r.first_seen,
+                online=bool(r.online),
+                online_since=r.online_since,
+                last_seen=r.last_seen,
+                uptime_s=r.uptime_s,
+                served=int(r.served),
+                failed=int(r.failed),
+                success_weight=r.success_weight,
+                failure_weight=r.failure_weight,
+                evidence_at=r.evidence_at,
+                updated_at=r.updated_at,
                 version=0,
-                samples=window,
+                samples=windows.get(r.seq, []),
             )
         )
-    for m in snap.mappings:
-        deltas.setdefault(m.origin, ([], []))[1].append(
-            MappingState(
-                cid=m.cid,
-                peer=m.peer,
-                available=m.available,
-                since=m.since,
-                last_confirmed=m.last_confirmed,
-                changed_at=m.changed_at,
-                version=0,
-            )
-        )
-    _refuse_future(now, skew, deltas)
-    return deltas
+    return [OriginDelta(origin=o, base=0, upto=0, peers=p) for o, p in by_origin.items()]
 
 
 def _refuse_forgotten_removals(tracker: AvailabilityTracker, taken_at: float) -> None:
@@ -159,20 +457,3 @@ def _refuse_forgotten_removals(tracker: AvailabilityTracker, taken_at: float) ->
             "since it was taken would come back as held: nothing was imported. Take a newer snapshot, "
             "or import this one anyway with --accept-old (accept_old=True), e.g. to restore a backup"
         )
-
-
-def _refuse_future(
-    now: float, skew: float, deltas: dict[str, tuple[list[PeerState], list[MappingState]]]
-) -> None:
-    for origin, (peers, mappings) in sorted(deltas.items()):
-        rows: list[PeerState | MappingState] = [*peers, *mappings]
-        for row in rows:
-            if (at := newest_time(row)) > now + skew:
-                what = (
-                    f"peer {row.peer}" if isinstance(row, PeerState) else f"mapping {row.cid} -> {row.peer}"
-                )
-                raise SnapshotError(
-                    f"the snapshot's row of origin {origin} for {what} is dated {at - now:.6g} s ahead of "
-                    f"this tracker's clock (allowed {skew:g} s); the exporting tracker's clock was wrong, "
-                    "or this one's is: nothing was imported"
-                )
