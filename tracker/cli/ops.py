@@ -168,9 +168,10 @@ def import_(
     """Merge a gossip snapshot (another tracker's, or a backup) into this database.
 
     Rows enter through the gossip merge at version 0: they fill in what is missing and never override
-    what gossip brought; this node's own observations are left alone. The file is checked whole first;
-    a truncated or corrupt file, or one with rows dated ahead of this clock, changes nothing; nor does
-    one taken longer ago than removals are remembered, without --accept-old.
+    what gossip brought; this node's own observations are left alone. The file is read as it is
+    merged, in one transaction that commits only once its end has been checked: a truncated or
+    corrupt file, or one with rows dated ahead of this clock, changes nothing; nor does one taken
+    longer ago than removals are remembered, without --accept-old.
     """
     from rich.progress import Progress
 
@@ -187,12 +188,11 @@ def import_(
                 disable = as_json or not stderr.is_terminal
                 with Progress(console=stderr, transient=True, disable=disable) as bar:
                     task = bar.add_task("importing", total=None)
-                    return await import_snapshot(
-                        tracker,
-                        path,
-                        lambda done, total: bar.update(task, completed=done, total=total),
-                        accept_old=accept_old,
+                    # Without a bar, no progress: its total costs the importer a pass over the file.
+                    progress = (
+                        None if disable else lambda done, total: bar.update(task, completed=done, total=total)
                     )
+                    return await import_snapshot(tracker, path, progress, accept_old=accept_old)
 
         report = run(work())
         if as_json:

@@ -213,10 +213,9 @@ class _Sorter:
     """Turns records into a ``_Part``; runs on the reading thread only."""
 
     local_key: str
-    latest: float  # now + max_clock_skew_s
-    now: float
-    skew: float
-    next_seq: int = 0
+    now: float  # the tracker's clock, read on the loop
+    skew: float  # max_clock_skew_s
+    next_seq: int = 0  # the last peer row's place in the file (tracker_import_peers.seq)
 
     def part(self, records: Iterator[SnapshotHeader | Record], size: int) -> _Part:
         part, mappings = _Part(), dict[str, list[MappingState]]()
@@ -251,7 +250,7 @@ class _Sorter:
             mappings.setdefault(record.origin, []).append(_mapping_state(record))
 
     def _refuse_future(self, record: Record) -> None:
-        if (at := _newest_time(record)) <= self.latest:
+        if (at := _newest_time(record)) <= self.now + self.skew:
             return
         what = (
             f"mapping {record.cid} -> {record.peer}"
@@ -336,7 +335,7 @@ class _Run:
 
     async def apply(self, conn: AsyncConnection) -> _Counts:
         counts = _Counts()
-        sorter = _Sorter(self.tracker.node_key, self.now + self.skew, self.now, self.skew)
+        sorter = _Sorter(self.tracker.node_key, self.now, self.skew)
         reader = _Reader(self.path, sorter)
         try:
             await _create_temp_tables(conn)
