@@ -4,9 +4,11 @@ fails at its very end."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import random
+import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -351,3 +353,57 @@ async def test_the_memory_an_import_takes_does_not_grow_with_the_file(
     small = await _peak_bytes(tracker, paths[400])
     big = await _peak_bytes(tracker, paths[2000])
     assert big < 1.5 * small, (small, big)
+
+
+@pytest.mark.parametrize("how", ["error", "cancel"])
+async def test_an_import_stopped_midway_changes_nothing_and_leaves_nothing_in_the_way(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """Stopped while a part is being written and the next one decoded (a failing statement, a
+    cancelled task): the transaction rolls back, the reading thread is let finish and the file
+    closed, and the next import runs as if nothing had happened."""
+    path = await _swarm_snapshot(f"sqlite+aiosqlite:///{tmp_path / 'source.db'}", tmp_path / "snaps")
+    monkeypatch.setattr(importer, "MERGE_ROWS", 2)
+
+    def stop(done: int, total: int) -> None:
+        if done >= 6:
+            if how == "cancel":
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+            else:
+                raise RuntimeError("the database went away")
+
+    async with _importing(db_url) as tracker:
+        before = await _dump(tracker)
+        with pytest.raises(asyncio.CancelledError if how == "cancel" else RuntimeError):
+            await asyncio.ensure_future(importer.import_snapshot(tracker, path, stop))
+        assert await _dump(tracker) == before
+        assert (await importer.import_snapshot(tracker, path)).peers_applied > 0
+
+
+async def test_an_import_decodes_and_builds_off_the_event_loop_and_reads_the_clock_on_it(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding and building states is per-row Python (seconds for a big file); the clock's
+    readings change its state, which is the loop's alone (QA round 23)."""
+    path = await _swarm_snapshot(f"sqlite+aiosqlite:///{tmp_path / 'source.db'}", tmp_path / "snaps")
+    threads: dict[str, set[int]] = {}
+
+    def spy(name: str, function: Any) -> Any:
+        def spied(*args: Any, **kwargs: Any) -> Any:
+            threads.setdefault(name, set()).add(threading.get_ident())
+            return function(*args, **kwargs)
+
+        return spied
+
+    monkeypatch.setattr(importer, "MERGE_ROWS", 5)
+    monkeypatch.setattr(importer._Sorter, "part", spy("part", importer._Sorter.part))
+    monkeypatch.setattr(importer, "_peer_deltas", spy("_peer_deltas", importer._peer_deltas))
+    monkeypatch.setattr(ManualClock, "__call__", spy("clock", ManualClock.__call__))
+    async with _importing(db_url) as tracker:
+        assert (await importer.import_snapshot(tracker, path)).peers_applied > 0
+    loop = threading.get_ident()
+    assert set(threads) == {"part", "_peer_deltas", "clock"}, threads
+    assert threads["clock"] == {loop}
+    assert loop not in threads["part"] | threads["_peer_deltas"]
