@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from tracker import AvailabilityTracker, TrackerConfig, db
 from tracker.events import ContentAvailable, ContentUnavailable, PeerOnline, SpeedSample, UploadOutcome
 from tracker.gossip import importer
-from tracker.gossip.files import read_snapshot, write_snapshot
+from tracker.gossip.files import count_records, read_snapshot, write_snapshot
 from tracker.gossip.protocol import MappingState, OriginDelta, PeerState
 from tracker.gossip.snapshot import (
     MappingRecord,
@@ -285,6 +285,22 @@ async def test_a_file_failing_at_its_end_changes_nothing_though_parts_were_merge
         assert await _dump(tracker) == before
         # Nothing of the failed attempt is left in the way (its temporary tables went with it).
         assert (await importer.import_snapshot(tracker, path)).peers_applied > 0
+
+
+async def test_a_corrupt_gzip_file_is_refused_naming_it_even_when_progress_counts_it_first(
+    tracker: AvailabilityTracker, tmp_path: Path
+) -> None:
+    """The count for progress is an estimate and stays quiet; decoding refuses the file."""
+    path = await _swarm_snapshot(f"sqlite+aiosqlite:///{tmp_path / 'source.db'}", tmp_path / "snaps")
+    records, peers = count_records(path)
+    lines = _lines(path)
+    assert (records, peers) == (len(lines) - 2, sum(json.loads(line).get("t") == "peer" for line in lines))
+    cut = tmp_path / "cut.jsonl.gz"
+    cut.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    assert count_records(cut)[0] < records
+    calls: list[tuple[int, int]] = []
+    with pytest.raises(SnapshotError, match=r"cut\.jsonl\.gz: .*corrupt gzip data"):
+        await importer.import_snapshot(tracker, cut, lambda done, total: calls.append((done, total)))
 
 
 # -- memory ---------------------------------------------------------------------------------------

@@ -220,15 +220,19 @@ def count_records(path: Path) -> tuple[int, int]:
     """(records, peer records) of a snapshot file, counted without decoding it: its lines less the
     header and the trailer, and the peer tags as this tracker writes them. Blocking; an estimate
     for progress (exact for this tracker's files; a file written otherwise may count fewer peers),
-    never a check: only decoding tells an intact file. About one decompression of the file."""
+    never a check: only decoding tells an intact file, so corrupt gzip data ends the count quietly
+    (the decoder names the file and the line). About one decompression of the file."""
     newlines = peers = 0
     tail = b""
-    with gzip.open(Path(path), "rb") as stream:
-        while chunk := stream.read(_CHUNK_BYTES):
-            newlines += chunk.count(b"\n")
-            # The tail of the previous chunk is shorter than the tag: nothing is counted twice.
-            peers += (tail + chunk).count(_PEER_TAG)
-            tail = chunk[-(len(_PEER_TAG) - 1) :]
+    try:
+        with gzip.open(Path(path), "rb") as stream:
+            while chunk := stream.read(_CHUNK_BYTES):
+                newlines += chunk.count(b"\n")
+                # The tail of the previous chunk is shorter than the tag: nothing is counted twice.
+                peers += (tail + chunk).count(_PEER_TAG)
+                tail = chunk[-(len(_PEER_TAG) - 1) :]
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        pass
     return max(newlines - 2, 0), peers
 
 
