@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tracker import AvailabilityTracker, TrackerConfig, db
 from tracker.events import ContentAvailable, ContentUnavailable, PeerOnline, SpeedSample, UploadOutcome
-from tracker.gossip import importer
+from tracker.gossip import import_reader, importer
 from tracker.gossip.files import count_records, read_snapshot, write_snapshot
 from tracker.gossip.protocol import MappingState, OriginDelta, PeerState
 from tracker.gossip.snapshot import (
@@ -33,6 +33,7 @@ from tracker.gossip.snapshot import (
     SnapshotHeader,
 )
 from tracker.queries import gossip as q
+from tracker.queries.gossip import stash
 from tracker.schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers
 from tracker.sweeper import write_state_snapshot
 from tracker.testing import ManualClock
@@ -53,11 +54,11 @@ async def _whole_file_import(tracker: AvailabilityTracker, path: Path) -> import
     deltas: dict[str, tuple[list[PeerState], list[MappingState]]] = {}
     window = tracker.config.bandwidth_window
     for p in snap.peers:
-        fields = {name: getattr(p, name) for name in importer._PEER_COLUMNS[1:]}
+        fields = {name: getattr(p, name) for name in stash.PEER_COLUMNS[1:]}
         states = sorted(samples.get((p.origin, p.peer), []), reverse=True)[:window]
         deltas.setdefault(p.origin, ([], []))[0].append(PeerState(**fields, version=0, samples=states))
     for m in snap.mappings:
-        deltas.setdefault(m.origin, ([], []))[1].append(importer._mapping_state(m))
+        deltas.setdefault(m.origin, ([], []))[1].append(import_reader._mapping_state(m))
 
     async def work(conn: AsyncConnection) -> q.MergeCounts:
         counts = q.MergeCounts()
@@ -414,7 +415,7 @@ async def test_an_import_decodes_and_builds_off_the_event_loop_and_reads_the_clo
         return spied
 
     monkeypatch.setattr(importer, "MERGE_ROWS", 5)
-    monkeypatch.setattr(importer._Sorter, "part", spy("part", importer._Sorter.part))
+    monkeypatch.setattr(import_reader.Sorter, "part", spy("part", import_reader.Sorter.part))
     monkeypatch.setattr(importer, "_peer_deltas", spy("_peer_deltas", importer._peer_deltas))
     monkeypatch.setattr(ManualClock, "__call__", spy("clock", ManualClock.__call__))
     async with _importing(db_url) as tracker:

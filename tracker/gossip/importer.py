@@ -30,44 +30,26 @@ with the transaction, committed or not.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import partial
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from sqlalchemy import (
-    BigInteger,
-    Boolean,
-    Column,
-    Double,
-    Index,
-    Integer,
-    MetaData,
-    Table,
-    Text,
-    and_,
-    bindparam,
-    func,
-    select,
-)
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.schema import CreateIndex, CreateTable, DropTable
 
 from .. import db
 from ..compiled import BulkInsert
 from ..core import AvailabilityTracker
 from ..queries import gossip as q
+from ..queries.gossip import stash
 from .files import count_records, iter_snapshot
-from .protocol import MappingState, OriginDelta, PeerState
-from .snapshot import MappingRecord, PeerRecord, Record, SampleRecord, SnapshotError, SnapshotHeader
+from .import_reader import Reader, Sorter, forget
+from .protocol import OriginDelta, PeerState
+from .snapshot import SnapshotError, SnapshotHeader
 
 #: Records decoded per hop to the reading thread, and rows merged in one step: what the import holds
 #: in memory is a small multiple of this, whatever the size of the file.
 MERGE_ROWS = 5_000
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,207 +109,6 @@ def _read_header(path: Path) -> SnapshotHeader:
     return header
 
 
-# -- the temporary tables -------------------------------------------------------------------------
-
-_temp = MetaData()
-_PEER_COLUMNS = (
-    "origin",
-    "peer",
-    "first_seen",
-    "online",
-    "online_since",
-    "last_seen",
-    "uptime_s",
-    "served",
-    "failed",
-    "success_weight",
-    "failure_weight",
-    "evidence_at",
-    "updated_at",
-)
-import_peers = Table(
-    "tracker_import_peers",
-    _temp,
-    Column("seq", BigInteger().with_variant(Integer(), "sqlite"), primary_key=True, autoincrement=False),
-    Column("origin", Text, nullable=False),
-    Column("peer", Text, nullable=False),
-    Column("first_seen", Double, nullable=False),
-    Column("online", Boolean, nullable=False),
-    Column("online_since", Double),
-    Column("last_seen", Double, nullable=False),
-    Column("uptime_s", Double, nullable=False),
-    Column("served", BigInteger, nullable=False),
-    Column("failed", BigInteger, nullable=False),
-    Column("success_weight", Double, nullable=False),
-    Column("failure_weight", Double, nullable=False),
-    Column("evidence_at", Double),
-    Column("updated_at", Double, nullable=False),
-    prefixes=["TEMPORARY"],
-    postgresql_on_commit="DROP",
-)
-import_samples = Table(
-    "tracker_import_samples",
-    _temp,
-    Column("origin", Text, nullable=False),
-    Column("peer", Text, nullable=False),
-    Column("at", Double, nullable=False),
-    Column("bytes_per_sec", BigInteger, nullable=False),
-    prefixes=["TEMPORARY"],
-    postgresql_on_commit="DROP",
-)
-_samples_by_peer = Index("tracker_import_samples_peer", import_samples.c.origin, import_samples.c.peer)
-
-
-async def _create_temp_tables(conn: AsyncConnection) -> None:
-    # Dropped first: on SQLite a connection keeps its temporary tables across transactions.
-    for table in (import_samples, import_peers):
-        await conn.execute(DropTable(table, if_exists=True))
-    for table in (import_peers, import_samples):
-        await conn.execute(CreateTable(table))
-
-
-async def _index_temp_tables(conn: AsyncConnection) -> None:
-    """Once the tables are full: built at once, the index costs less than kept up row by row (on
-    Postgres, with ``ANALYZE``, so that the pages' joins probe it rather than hash the table)."""
-    await conn.execute(CreateIndex(_samples_by_peer))
-    if conn.dialect.name == "postgresql":
-        await conn.exec_driver_sql("ANALYZE tracker_import_peers, tracker_import_samples")
-
-
-async def _drop_temp_tables(conn: AsyncConnection) -> None:
-    for table in (import_samples, import_peers):
-        await conn.execute(DropTable(table, if_exists=True))
-
-
-# -- reading the file: a worker thread, a part at a time --------------------------------------------
-
-
-@dataclass(slots=True)
-class _Part:
-    """Up to ``MERGE_ROWS`` records of the file, checked and sorted for where they go."""
-
-    peers: list[tuple[Any, ...]] = field(default_factory=list)  # rows of tracker_import_peers
-    samples: list[tuple[Any, ...]] = field(default_factory=list)  # rows of tracker_import_samples
-    mappings: list[OriginDelta] = field(default_factory=list)  # one per origin
-    read: int = 0
-    peers_read: int = 0
-    mappings_read: int = 0
-    last: bool = False
-
-
-@dataclass(slots=True)
-class _Sorter:
-    """Turns records into a ``_Part``; runs on the reading thread only."""
-
-    local_key: str
-    now: float  # the tracker's clock, read on the loop
-    skew: float  # max_clock_skew_s
-    next_seq: int = 0  # the last peer row's place in the file (tracker_import_peers.seq)
-
-    def part(self, records: Iterator[SnapshotHeader | Record], size: int) -> _Part:
-        part, mappings = _Part(), dict[str, list[MappingState]]()
-        for record in records:
-            self._add(part, mappings, record)
-            if part.read >= size:
-                break
-        else:
-            part.last = True
-        part.mappings = [OriginDelta(origin=o, base=0, upto=0, mappings=m) for o, m in mappings.items()]
-        return part
-
-    def _add(
-        self, part: _Part, mappings: dict[str, list[MappingState]], record: SnapshotHeader | Record
-    ) -> None:
-        if isinstance(record, SnapshotHeader):
-            return
-        part.read += 1
-        self._refuse_future(record)
-        if isinstance(record, PeerRecord):
-            part.peers_read += 1
-        elif isinstance(record, MappingRecord):
-            part.mappings_read += 1
-        if record.origin == self.local_key:
-            return  # the merge would skip it: not stored for nothing
-        if isinstance(record, PeerRecord):
-            self.next_seq += 1
-            part.peers.append((self.next_seq, *(getattr(record, name) for name in _PEER_COLUMNS)))
-        elif isinstance(record, SampleRecord):
-            part.samples.append((record.origin, record.peer, record.at, record.bytes_per_sec))
-        else:
-            mappings.setdefault(record.origin, []).append(_mapping_state(record))
-
-    def _refuse_future(self, record: Record) -> None:
-        if (at := _newest_time(record)) <= self.now + self.skew:
-            return
-        what = (
-            f"mapping {record.cid} -> {record.peer}"
-            if isinstance(record, MappingRecord)
-            else f"peer {record.peer}"
-        )
-        raise SnapshotError(
-            f"the snapshot's row of origin {record.origin} for {what} is dated {at - self.now:.6g} s "
-            f"ahead of this tracker's clock (allowed {self.skew:g} s); the exporting tracker's clock "
-            "was wrong, or this one's is: nothing was imported"
-        )
-
-
-def _newest_time(record: Record) -> float:
-    """The latest time a record states (``protocol.newest_time``, a sample checked on its own)."""
-    if isinstance(record, MappingRecord):
-        return max(record.since, record.last_confirmed, record.changed_at)
-    if isinstance(record, SampleRecord):
-        return record.at
-    times = [record.first_seen, record.last_seen, record.updated_at]
-    return max(times + [t for t in (record.online_since, record.evidence_at) if t is not None])
-
-
-def _mapping_state(m: MappingRecord) -> MappingState:
-    return MappingState(
-        cid=m.cid,
-        peer=m.peer,
-        available=m.available,
-        since=m.since,
-        last_confirmed=m.last_confirmed,
-        changed_at=m.changed_at,
-        version=0,
-    )
-
-
-class _Reader:
-    """The file's parts, decoded on one worker thread of its own.
-
-    One thread, so that closing the decoder (which closes the file) waits for a decode still running
-    there after its awaiting task was cancelled.
-    """
-
-    def __init__(self, path: Path, sorter: _Sorter) -> None:
-        self._records = iter_snapshot(path)
-        self._sorter = sorter
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peer-tracker-import")
-
-    async def run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, partial(function, *args))
-
-    async def part(self) -> _Part:
-        return await self.run(self._sorter.part, self._records, MERGE_ROWS)
-
-    def close(self) -> None:
-        self._thread.submit(self._records.close)
-        self._thread.shutdown(wait=False)
-
-
-def _forget(future: asyncio.Future[Any] | None) -> None:
-    """Give up on a part read ahead that is no longer wanted (the transaction failed); its error,
-    if it has one, is the failure's consequence, not news."""
-    if future is None:
-        return
-    if future.done():
-        if not future.cancelled():
-            future.exception()  # retrieved: not logged as "never retrieved"
-    else:
-        future.cancel()
-
-
 # -- the transaction --------------------------------------------------------------------------------
 
 
@@ -354,34 +135,36 @@ class _Run:
 
     async def apply(self, conn: AsyncConnection) -> _Counts:
         counts = _Counts()
-        sorter = _Sorter(self.tracker.node_key, self.now, self.skew)
-        reader = _Reader(self.path, sorter)
+        sorter = Sorter(self.tracker.node_key, self.now, self.skew)
+        reader = Reader(self.path, sorter)
         try:
-            await _create_temp_tables(conn)
+            await stash.create_tables(conn)
             await self._read(conn, reader, counts)
             stashed = sorter.next_seq
             # Exact now: the trailer checked the records; own-origin peers were not stashed.
             self.total = counts.done + stashed
-            await _index_temp_tables(conn)
+            await stash.index_tables(conn)
             await self._merge_peers(conn, reader, stashed, counts)
-            await _drop_temp_tables(conn)
+            await stash.drop_tables(conn)
         finally:
             reader.close()
         return counts
 
-    async def _read(self, conn: AsyncConnection, reader: _Reader, counts: _Counts) -> None:
+    async def _read(self, conn: AsyncConnection, reader: Reader, counts: _Counts) -> None:
         """Every record: mappings merged, peer rows and samples stashed; ends after the trailer.
 
         The next part is decoded while this one is written: decoding was a third of an import's time,
         and the database's share of the rest leaves the interpreter to the reading thread."""
-        peers_insert = BulkInsert(import_peers, ("seq", *_PEER_COLUMNS), self.dialect)
-        samples_insert = BulkInsert(import_samples, ("origin", "peer", "at", "bytes_per_sec"), self.dialect)
-        upcoming = asyncio.ensure_future(reader.part())
+        peers_insert = BulkInsert(stash.import_peers, ("seq", *stash.PEER_COLUMNS), self.dialect)
+        samples_insert = BulkInsert(
+            stash.import_samples, ("origin", "peer", "at", "bytes_per_sec"), self.dialect
+        )
+        upcoming = asyncio.ensure_future(reader.part(MERGE_ROWS))
         try:
             while True:
                 part = await upcoming
                 if not part.last:
-                    upcoming = asyncio.ensure_future(reader.part())
+                    upcoming = asyncio.ensure_future(reader.part(MERGE_ROWS))
                 await peers_insert.run(conn, part.peers)
                 await samples_insert.run(conn, part.samples)
                 if part.mappings:
@@ -392,31 +175,24 @@ class _Run:
                 if part.last:
                     return
         finally:
-            _forget(upcoming)
+            forget(upcoming)
 
     async def _merge_peers(
-        self, conn: AsyncConnection, reader: _Reader, stashed: int, counts: _Counts
+        self, conn: AsyncConnection, reader: Reader, stashed: int, counts: _Counts
     ) -> None:
         """The stashed peer rows in file order, ``MERGE_ROWS`` at a time, each with its samples; a
         page's states are built on the reading thread while the previous page is merged."""
         building: asyncio.Future[list[OriginDelta]] | None = None
         try:
             for first in range(1, stashed + 1, MERGE_ROWS):
-                page = await self._page(conn, first, min(first + MERGE_ROWS - 1, stashed))
+                page = await stash.page(conn, first, min(first + MERGE_ROWS - 1, stashed), self.window)
                 built, building = building, asyncio.ensure_future(reader.run(_peer_deltas, *page))
                 if built is not None:
                     await self._merge_page(conn, await built, counts)
             if building is not None:
                 await self._merge_page(conn, await building, counts)
         finally:
-            _forget(building)
-
-    async def _page(self, conn: AsyncConnection, first: int, last: int) -> tuple[list[Any], list[Any]]:
-        """Stashed peer rows ``first`` to ``last``, and their newest ``window`` samples."""
-        bounds = {"first": first, "last": last}
-        rows = (await conn.execute(_PAGE, bounds)).all()
-        samples = (await conn.execute(_PAGE_SAMPLES, {**bounds, "window": self.window})).all()
-        return list(rows), list(samples)
+            forget(building)
 
     async def _merge_page(self, conn: AsyncConnection, deltas: list[OriginDelta], counts: _Counts) -> None:
         counts.peers_applied += (await self._merge(conn, deltas)).peers
@@ -430,34 +206,6 @@ class _Run:
         if self.progress is not None and rows:
             self.total = max(self.total, counts.done)  # a file written otherwise may count low
             self.progress(counts.done, self.total)
-
-
-_p, _s = import_peers.c, import_samples.c
-_PAGE = (
-    select(_p.seq, *(_p[name] for name in _PEER_COLUMNS))
-    .where(_p.seq.between(bindparam("first"), bindparam("last")))
-    .order_by(_p.seq)
-)
-_ranked = (
-    select(
-        _p.seq,
-        _s.at,
-        _s.bytes_per_sec,
-        func.row_number()
-        .over(partition_by=_p.seq, order_by=(_s.at.desc(), _s.bytes_per_sec.desc()))
-        .label("rn"),
-    )
-    .join_from(import_peers, import_samples, and_(_s.origin == _p.origin, _s.peer == _p.peer))
-    .where(_p.seq.between(bindparam("first"), bindparam("last")))
-    .subquery("ranked")
-)
-#: Each peer's newest ``window`` samples, newest first (ties: the higher speed first), as
-#: ``sorted(samples, reverse=True)[:window]`` made them when a whole file was read.
-_PAGE_SAMPLES = (
-    select(_ranked.c.seq, _ranked.c.at, _ranked.c.bytes_per_sec)
-    .where(_ranked.c.rn <= bindparam("window"))
-    .order_by(_ranked.c.seq, _ranked.c.rn)
-)
 
 
 def _peer_deltas(rows: list[Any], samples: list[Any]) -> list[OriginDelta]:
