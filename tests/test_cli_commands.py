@@ -118,6 +118,7 @@ def test_sweep_reports_what_it_did(seeded: str) -> None:
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["ran"] is True and report["peers_marked_offline"] == 0
+    assert report["departed_mappings_removed"] == 0
 
 
 def test_sweep_whose_snapshot_cannot_be_written_still_expires_and_exits_1(

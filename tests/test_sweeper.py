@@ -168,8 +168,15 @@ async def test_tombstones_and_departed_peers_mappings_expire(
     clock.now = t0 + horizon
     await tracker.record_peer_online("stays")
     report = await tracker.sweep()
-    assert report.pruned["content_peers"] == 2  # the tombstone (d, stays) and (c, gone)
+    assert report.pruned["content_peers"] == 1  # the tombstone (d, stays)
+    assert report.departed_mappings_removed == 1  # (c, gone): now this node's removal
     assert await tracker.get_available_peers("c") == ["stays"]
+    assert await _count(tracker, content_peers) == 2
+    # The departed peer's removal ages out like any other.
+    clock.now += config.tombstone_keep_s + 1
+    await tracker.record_peer_online("stays")
+    report = await tracker.sweep()
+    assert report.pruned["content_peers"] == 1 and report.departed_mappings_removed == 0
     assert await _count(tracker, content_peers) == 1
 
 

@@ -45,6 +45,9 @@ class SweepReport:
     #: False when another tracker on the same Postgres held the sweep lock, so this one skipped.
     ran: bool
     peers_marked_offline: int = 0
+    #: Mappings of peers no origin has seen within ``offline_mapping_retention_s``, turned into this
+    #: node's removals (gossiped; deleted with the other tombstones after ``tombstone_keep_s``).
+    departed_mappings_removed: int = 0
     #: Rows deleted per table.
     pruned: dict[str, int] = field(default_factory=dict)
     snapshot_path: Path | None = None
@@ -128,23 +131,25 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 retries,
                 batch,
                 lambda conn: q.prune_tombstones(conn, now - config.tombstone_keep_s, batch),
-            )
-            + await _drain(
-                engine,
-                retries,
-                batch,
-                lambda conn: q.prune_departed_mappings(conn, now - config.offline_mapping_retention_s, batch),
             ),
             "peer_leases": await _drain(
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
+        departed = now - config.offline_mapping_retention_s
+        removed = await _drain(
+            engine,
+            retries,
+            batch,
+            lambda conn: q.remove_departed_mappings(conn, node_id, now, departed, batch),
+        )
         path, snapshot_error = await _snapshot(tracker, now)
     await _save_clock(tracker)
     report = SweepReport(
         now=now,
         ran=True,
         peers_marked_offline=offline,
+        departed_mappings_removed=removed,
         pruned=pruned,
         snapshot_path=path,
         duration_s=time.perf_counter() - started,
@@ -158,6 +163,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         extra={
             "action": "sweep",
             "offline": offline,
+            "departed_mappings_removed": removed,
             "pruned": pruned,
             "snapshot": str(path) if path else None,
             "duration_s": report.duration_s,

@@ -45,6 +45,7 @@ def sweep(
         shown: dict[str, Any] = {
             "ran": report.ran,
             "peers_marked_offline": report.peers_marked_offline,
+            "departed_mappings_removed": report.departed_mappings_removed,
             "pruned": report.pruned,
             "snapshot": None if report.snapshot_path is None else str(report.snapshot_path),
             "seconds": round(report.duration_s, 3),
@@ -61,7 +62,8 @@ def sweep(
                 ", ".join(f"{table} {rows}" for table, rows in report.pruned.items() if rows) or "nothing"
             )
             stdout.print(
-                f"{report.peers_marked_offline} peers marked offline; pruned: {pruned}; "
+                f"{report.peers_marked_offline} peers marked offline; "
+                f"{report.departed_mappings_removed} mappings of departed peers removed; pruned: {pruned}; "
                 f"{report.duration_s:.2f} s",
                 highlight=False,
             )
