@@ -29,7 +29,7 @@ from ..core import AvailabilityTracker
 from ..errors import CommitOutcomeUnknown, InvalidInput, StorageError, TrackerClosed, TransientStorageError
 from ..events import FORBIDDEN_CHARACTERS
 from ..gossip import limits as gossip_limits
-from ..gossip.agent import GossipAgent
+from ..gossip.agent import GOSSIP_PATH, GossipAgent
 from ..ratelimit import TokenBuckets
 from .metrics import ServiceMetrics
 from .routes import UNAUTHORIZED, build_router, needs_token, token_accepted
@@ -44,6 +44,9 @@ _UNLIMITED = frozenset({"/healthz", "/readyz"})
 #: Asked every few seconds by orchestrators and scrapers: their successes are logged at DEBUG, or
 #: they made most of the INFO access lines (QA round 16: ~28 lines/s per process).
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Their successes at DEBUG: the probes, and neighbours' gossip, a third of the access log of a mesh
+#: gossiping every few seconds (QA round 24); /metrics counts exchanges, the agent logs refusals.
+_QUIET = _PROBES | {GOSSIP_PATH}
 #: Methods counted under their own name in the request metrics; any other is "other": a label
 #: per method a client made up grew /metrics without bound (QA round 21: 6,000 series from 3,000 requests).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -418,7 +421,7 @@ class _RequestGate:
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.http_requests.labels(method=method, route=template, status=str(status)).inc()
             self.metrics.http_seconds.labels(route=template).observe(elapsed)
-            quiet = _app_path(scope) in _PROBES and status < 400
+            quiet = _app_path(scope) in _QUIET and status < 400
             access_log.log(
                 logging.DEBUG if quiet else logging.INFO,
                 "%s %s %d %.1f ms",
