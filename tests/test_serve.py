@@ -33,6 +33,7 @@ from schemathesis.specs.openapi.checks import (
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.service import ServiceSettings
 from tracker.service.server import _bind
 
 pytestmark = pytest.mark.slow
@@ -438,3 +439,22 @@ async def test_the_service_socket_answers_without_waiting_for_the_clients_ack(ho
     finally:
         server.close()
         await server.wait_closed()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_an_idle_connection_is_kept_for_keep_alive_s(db_url: str, tmp_path: Path) -> None:
+    """uvicorn's own 5 s was shorter than clients keep theirs (httpx: 5 s), so a client could send on
+    a connection the server was closing and get no answer (QA round 24). The setting reaches uvicorn:
+    at 1 s an idle connection is closed about then; by default the server outlasts common clients."""
+    assert ServiceSettings().keep_alive_s > 15  # aiohttp keeps 15 s, httpx 5 s
+    running = Server(db_url, tmp_path / "serve.log", env={"TRACKER_KEEP_ALIVE_S": "1"})
+    try:
+        running.wait_ready()
+        with socket.create_connection(("127.0.0.1", running.port), timeout=15) as conn:
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+            idle = time.monotonic()
+            assert conn.recv(4096) == b""  # closed by the server
+            assert time.monotonic() - idle < 4  # uvicorn's default would be 5 s
+    finally:
+        running.stop()

@@ -48,6 +48,7 @@ GOSSIP_PATH = "/v1/gossip"
 _MAX_FOLLOW_UPS = 8  # extra syncs in one exchange while the neighbour says it has more
 _MAX_OVERSIZED_TRIES = 4  # sends of one sync refused as oversized, each within a smaller limit
 _MAX_STAMP_SLICES = 400  # stamp transactions per exchange (2m rows at the default slice)
+_KEEP_ALIVE_S = 2.0  # how long the gossip client keeps an idle connection
 
 
 @dataclass
@@ -497,7 +498,10 @@ class GossipAgent:
         if self._transport is not None:
             return await self._transport(url, body, headers)
         if self._client is None:
-            self._client = httpx.AsyncClient(timeout=self.config.timeout_s)
+            # Connections kept for less than any tracker keeps its side (keep_alive_s, 75 s; uvicorn's
+            # default 5 s): a connection reused as the server closed it lost the exchange (QA round 24).
+            limits = httpx.Limits(keepalive_expiry=_KEEP_ALIVE_S)
+            self._client = httpx.AsyncClient(timeout=self.config.timeout_s, limits=limits)
         try:
             response = await self._client.post(url, content=body, headers=headers)
         except httpx.HTTPError as error:

@@ -221,6 +221,7 @@ async def _serve_on(
                     access_log=False,  # our middleware logs one line per request, with its request id
                     server_header=False,
                     timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+                    timeout_keep_alive=math.ceil(settings.keep_alive_s),
                 )
             )
             signals.attach(server)

@@ -58,6 +58,10 @@ class ServiceSettings:
     log_level: str = "info"
     #: Seconds in-flight requests get to finish after SIGTERM before they are cut.
     shutdown_grace_s: float = 10.0
+    #: Seconds an idle kept-alive connection stays open. Longer than clients keep theirs (httpx 5 s,
+    #: aiohttp 15 s, a load balancer's 60 s), so that the client closes first: closed by the server
+    #: as a client sent on it, a request got no answer (QA round 24, uvicorn's 5 s against httpx's).
+    keep_alive_s: float = 75.0
     #: Requests per second one connection may make (token bucket); 0 turns the limit off.
     rate_limit_per_s: float = 1000.0
     #: Requests one connection may make in a burst above that rate.
@@ -101,6 +105,9 @@ class ServiceSettings:
             raise ConfigError(f"shutdown_grace_s must be seconds, got {self.shutdown_grace_s!r}")
         if not 0 < self.shutdown_grace_s < float("inf"):  # NaN too: it failed only at shutdown
             raise ConfigError(f"shutdown_grace_s must be positive and finite, got {self.shutdown_grace_s!r}")
+        keep = self.keep_alive_s
+        if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep < float("inf"):
+            raise ConfigError(f"keep_alive_s must be positive and finite seconds, got {keep!r}")
         rate = self.rate_limit_per_s
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not (0 <= rate < float("inf")):
             raise ConfigError(f"rate_limit_per_s must be a number >= 0 (0: off), got {rate!r}")
@@ -147,6 +154,7 @@ _PARSERS: dict[str, Any] = {
     "log_json": _boolean,
     "log_level": str,
     "shutdown_grace_s": float,
+    "keep_alive_s": float,
     "rate_limit_per_s": float,
     "rate_limit_burst": int,
 }
