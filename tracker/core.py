@@ -16,7 +16,7 @@ from typing import Self, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import db, migrations, queries
+from . import db, migrations, pg_checks, queries
 from .clockleap import ClockState, SteadyClock, system_boot_id, system_elapsed
 from .config import STRATEGIES, TrackerConfig
 from .errors import (
@@ -209,6 +209,8 @@ class AvailabilityTracker:
                         "or let it migrate when it opens (auto_migrate=True; for `tracker serve`, "
                         "TRACKER_AUTO_MIGRATE=true and no --no-migrate)"
                     )
+            if self.config.dialect == "postgresql" and self._publish_settings:  # not the CLI's looks
+                await pg_checks.warn_without_vacuum(engine)
             if self._boot_id is not None:
                 async with engine.connect() as conn:
                     state = await queries.load_clock_state(conn, self._boot_id)
