@@ -257,6 +257,15 @@ def _future_last(lines: list[bytes]) -> list[bytes]:
     return [*lines[:-2], json.dumps(last).encode() + b"\n", lines[-1]]
 
 
+def _future_orphan_sample(lines: list[bytes]) -> list[bytes]:
+    """A sample dated ahead, of a peer the file has no row for (the whole-file import ignored it)."""
+    sample = next(json.loads(line) for line in lines if json.loads(line).get("t") == "sample")
+    sample.update(peer="no-such-peer", at=T0 + 3600)
+    trailer = json.loads(lines[-1])
+    trailer["samples"] += 1
+    return [*lines[:-1], json.dumps(sample).encode() + b"\n", json.dumps(trailer).encode() + b"\n"]
+
+
 def _bad_trailer(lines: list[bytes]) -> list[bytes]:
     trailer = json.loads(lines[-1])
     trailer["mappings"] += 1
@@ -270,8 +279,9 @@ def _bad_trailer(lines: list[bytes]) -> list[bytes]:
         (_bad_trailer, "the trailer counts"),
         (_future_last, "ahead of this tracker's clock"),
         (lambda lines: [*lines, b"{}\n"], "data after the end trailer"),
+        (_future_orphan_sample, "a speed sample of peer no-such-peer is dated"),
     ],
-    ids=["no-trailer", "bad-trailer", "future-row-last", "data-after-trailer"],
+    ids=["no-trailer", "bad-trailer", "future-row-last", "data-after-trailer", "future-orphan-sample"],
 )
 async def test_a_file_failing_at_its_end_changes_nothing_though_parts_were_merged(
     db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: Any, message: str
@@ -395,6 +405,33 @@ async def test_an_import_stopped_midway_changes_nothing_and_leaves_nothing_in_th
         before = await _dump(tracker)
         with pytest.raises(asyncio.CancelledError if how == "cancel" else RuntimeError):
             await asyncio.ensure_future(importer.import_snapshot(tracker, path, stop))
+        assert await _dump(tracker) == before
+        assert (await importer.import_snapshot(tracker, path)).peers_applied > 0
+
+
+async def test_an_import_whose_caller_gives_up_imports_nothing(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction runs on without its cancelled caller (db.to_completion): it went on reading
+    the file and committed the whole import seconds after the caller was told it was cancelled (QA
+    round 25: a `wait_for` deadline, and Ctrl-C of `tracker gossip import`)."""
+    path = await _swarm_snapshot(f"sqlite+aiosqlite:///{tmp_path / 'source.db'}", tmp_path / "snaps")
+    monkeypatch.setattr(importer, "MERGE_ROWS", 2)
+    parts = 0
+
+    def count(done: int, total: int) -> None:
+        nonlocal parts
+        parts += 1
+
+    async with _importing(db_url) as tracker:
+        before = await _dump(tracker)
+        importing = asyncio.ensure_future(importer.import_snapshot(tracker, path, count))
+        while parts < 3:  # well inside the transaction
+            await asyncio.sleep(0)
+        importing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await importing
+        await db.settle(tracker.engine, 30)  # the transaction, left to end on its own
         assert await _dump(tracker) == before
         assert (await importer.import_snapshot(tracker, path)).peers_applied > 0
 

@@ -346,3 +346,23 @@ async def test_abort_before_open_or_after_close_leaves_the_next_open_working(con
     async with tracker:
         await tracker.record_peer_online("q")
         assert {p.peer_id for p in await tracker.list_peers()} == {"p", "q"}
+
+
+async def test_async_with_blocks_entered_at_once_open_the_tracker_once(config: TrackerConfig) -> None:
+    """Two tasks entering ``async with tracker`` together each opened an engine, and the first one's
+    connections were never released (QA round 25)."""
+    tracker = AvailabilityTracker(config)
+    engines: list[Any] = []
+    both_inside = asyncio.Barrier(2)
+
+    async def use(peer: str) -> None:
+        async with tracker:
+            engines.append(tracker.engine)
+            await both_inside.wait()
+            await tracker.record_peer_online(peer)
+
+    await asyncio.gather(use("a"), use("b"))
+    assert engines[0] is engines[1]
+    with pytest.raises(TrackerClosed):
+        await tracker.record_peer_online("c")
+    assert await _server_sessions(config.database_url) == 0

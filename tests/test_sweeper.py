@@ -490,7 +490,11 @@ async def test_a_snapshot_that_cannot_be_written_leaves_the_rest_of_the_pass_and
         state = tracker.sweeper_state
         assert (state.snapshot_failures, state.failures) == (1, 0)
         blocker.unlink()
-        report = await tracker.sweep()  # the fault gone, the next pass writes it
+        clock.advance(1)  # not at once: each attempt reads the whole state first (QA round 25)
+        report = await tracker.sweep()
+        assert (report.snapshot_error, report.snapshot_path, state.snapshot_failures) == (None, None, 1)
+        clock.advance(config.update_interval)  # the fault gone, the next attempt writes it
+        report = await tracker.sweep()
         assert report.snapshot_error is None and report.snapshot_path is not None
         assert report.snapshot_path.parent == blocker
         assert state.snapshot_failures == 1
@@ -550,3 +554,20 @@ async def test_a_peer_heard_from_after_its_slice_was_found_stays_online(
         assert report.peers_marked_offline == 1
         online = {p.peer_id for p in await tracker.list_peers() if p.online}
         assert online == {"late"}
+
+
+async def test_a_database_outage_while_the_snapshot_is_read_fails_the_pass_not_the_directory(
+    config: TrackerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncpg's refused connection is a bare OSError: it was counted as a snapshot-directory
+    failure, the pass as done and the log named the directory (QA round 25)."""
+
+    async def refused(*args: Any) -> Path:
+        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+
+    monkeypatch.setattr(sweeper, "write_state_snapshot", refused)
+    snapshots = replace(config, snapshot_dir=str(tmp_path / "snapshots"), snapshot_interval_s=0)
+    async with AvailabilityTracker(snapshots) as tracker:
+        with pytest.raises(ConnectionRefusedError):
+            await tracker.sweep()
+        assert tracker.sweeper_state.snapshot_failures == 0

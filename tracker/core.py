@@ -158,6 +158,9 @@ class AvailabilityTracker:
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
         self._committer.stats = stats
         self._selection_slots = asyncio.Semaphore(self.config.selection_slots)
+        #: Held while ``async with`` opens the tracker: two blocks entered at once each opened an
+        #: engine of their own, and one was never released (QA round 25).
+        self._opening = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -330,9 +333,10 @@ class AvailabilityTracker:
     async def __aenter__(self) -> Self:
         """Open the tracker unless it is open; nested (or concurrent) ``async with`` blocks share it,
         and the last to exit closes it: the first to exit closed it under the others (QA round 22)."""
-        if self._engine is None:
-            await self._start()
-        self._entered += 1
+        async with self._opening:
+            if self._engine is None:
+                await self._start()
+            self._entered += 1
         return self
 
     async def __aexit__(

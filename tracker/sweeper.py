@@ -369,19 +369,30 @@ async def _snapshot(tracker: AvailabilityTracker, now: float) -> tuple[Path | No
     A file system error is the snapshot's alone: it failed the whole pass, and the sweeper's back-off
     (up to ten intervals) then held back the expiry of stale peers for as long as the disk stayed
     full or the directory unwritable (QA round 23). It is logged and counted instead
-    (``tracker_snapshot_failures``), and the next pass tries again.
+    (``tracker_snapshot_failures``), and a pass tries again once ``snapshot_interval_s`` (or
+    ``update_interval``, if longer) has passed. An error of reaching the database fails the pass,
+    as anywhere else in it.
     """
-    if (directory := tracker.config.snapshot_dir) is None:
+    config, state = tracker.config, tracker._sweep_state
+    if (directory := config.snapshot_dir) is None:
+        return None, None
+    if state.snapshot_retry_at is not None and 0 <= state.snapshot_retry_at - now:
+        # Not at every pass: each attempt read the whole state before it failed (QA round 25).
         return None, None
     try:
         if not await _snapshot_due(tracker, Path(directory), now):
             return None, None
-        return await write_state_snapshot(tracker, Path(directory), now), None
+        path = await write_state_snapshot(tracker, Path(directory), now)
+        state.snapshot_retry_at = None
+        return path, None
     except OSError as error:
-        tracker._sweep_state.snapshot_failures += 1
+        if isinstance(error, ConnectionError | TimeoutError):
+            raise  # the database's (asyncpg's refused connection is a bare OSError): the pass fails
+        state.snapshot_failures += 1
+        state.snapshot_retry_at = now + max(config.snapshot_interval_s, config.update_interval)
         log.error(
             "the state snapshot could not be written to %s: %s; the pass's other work stands, and "
-            "the next pass tries again",
+            "a pass tries again after snapshot_interval_s (or update_interval, if longer)",
             directory,
             error,
             extra={"action": "snapshot_failed", "directory": str(directory)},
@@ -474,6 +485,8 @@ class SweepState:
     failures: int = 0
     #: Passes whose due snapshot could not be written (the passes themselves count as done).
     snapshot_failures: int = 0
+    #: After a failed snapshot, no pass tries again before this time of the tracker's clock.
+    snapshot_retry_at: float | None = None
     last_report: SweepReport | None = None
     last_error: str | None = None
     #: Whether this process has brought this node's future-dated rows back yet (its first pass does).

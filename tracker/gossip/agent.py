@@ -303,7 +303,7 @@ class GossipAgent:
         self.stats.bytes_received += len(body)
         window = self.tracker.config.bandwidth_window
 
-        async def work(conn: Any) -> tuple[q.MergeCounts, tuple[dict[str, int], dict[str, int]]]:
+        async def work(conn: Any) -> tuple[q.MergeCounts, tuple[dict[str, int], dict[str, int]], bool]:
             dialect = self.tracker.config.dialect
             if not await q.claim_nonce(
                 conn, dialect, message.nonce, message.node, now + 2 * cfg.max_skew_s, now
@@ -311,12 +311,16 @@ class GossipAgent:
                 raise GossipRejected("replay", "this message (its nonce) was already received", 409)
             counts = await q.merge(conn, dialect, self.node_key, message.deltas, window)
             await self._catch_up(conn, message)
-            # One slice: the rest of a backlog goes out after this node's own next stamps.
-            await q.stamp(conn, dialect, self.tracker.node_id, cfg.stamp_chunk, self._stamp_slice)
-            return counts, await q.vectors(conn)
+            # One slice, in the merge's transaction; a reply that leaves a backlog says it has more,
+            # so the sender's follow-ups take the next slices (a tracker without neighbours of its own
+            # otherwise sent one slice per exchange: QA round 25).
+            stamped = await q.stamp(conn, dialect, self.tracker.node_id, cfg.stamp_chunk, self._stamp_slice)
+            return counts, await q.vectors(conn), not stamped.complete
 
         try:
-            counts, vectors = await db.run_write(self.tracker.engine, work, self.tracker.config.write_retries)
+            counts, vectors, backlog = await db.run_write(
+                self.tracker.engine, work, self.tracker.config.write_retries
+            )
         except GossipRejected as error:
             self._reject(error, message.node, address)
             return self._error(error)
@@ -330,6 +334,8 @@ class GossipAgent:
             delta = await self._read_deltas(
                 message.vector, message.samples_vector, (message.node, *skip), rows, every_sample=v1
             )
+            if backlog:
+                delta = q.Delta(delta.deltas, truncated=True)
             return self._message("reply", vectors, delta, message.nonce, message.version)
 
         reply_limit = limits.stated(max_bytes, cfg.max_bytes) or cfg.max_bytes

@@ -80,11 +80,12 @@ class Sorter:
     def _refuse_future(self, record: Record) -> None:
         if (at := _newest_time(record)) <= self.now + self.skew:
             return
-        what = (
-            f"mapping {record.cid} -> {record.peer}"
-            if isinstance(record, MappingRecord)
-            else f"peer {record.peer}"
-        )
+        if isinstance(record, MappingRecord):
+            what = f"mapping {record.cid} -> {record.peer}"
+        elif isinstance(record, SampleRecord):  # refused even without its peer's row: a row is a row
+            what = f"a speed sample of peer {record.peer}"
+        else:
+            what = f"peer {record.peer}"
         raise SnapshotError(
             f"the snapshot's row of origin {record.origin} for {what} is dated {at - self.now:.6g} s "
             f"ahead of this tracker's clock (allowed {self.skew:g} s); the exporting tracker's clock "

@@ -89,7 +89,14 @@ async def import_snapshot(
     total = sum(await asyncio.to_thread(count_records, path)) if progress is not None else 0
     # The clock is read here, on the loop: readings change its state, which is not a thread's to touch.
     run = _Run(tracker, path, tracker.now(), progress, total)
-    counts = await db.run_write(tracker.engine, run.apply, tracker.config.write_retries)
+    try:
+        counts = await db.run_write(tracker.engine, run.apply, tracker.config.write_retries)
+    except asyncio.CancelledError:
+        # The transaction runs on to its end without its caller (db.to_completion), and, reading
+        # the file as it goes, it committed the whole import seconds after a cancelled (or Ctrl-C'd)
+        # caller was told otherwise (QA round 25): it stops, and rolls back, at its next part.
+        run.stopped = True
+        raise
     return ImportReport(
         node=header.node,
         peers_read=counts.peers_read,
@@ -132,6 +139,8 @@ class _Run:
         config = tracker.config
         self.dialect, self.window = config.dialect, config.bandwidth_window
         self.skew = config.max_clock_skew_s
+        #: Set when the caller was cancelled: the transaction raises at its next part.
+        self.stopped = False
 
     async def apply(self, conn: AsyncConnection) -> _Counts:
         counts = _Counts()
@@ -141,10 +150,11 @@ class _Run:
             await stash.create_tables(conn)
             await self._read(conn, reader, counts)
             stashed = sorter.next_seq
-            # Exact now: the trailer checked the records; own-origin peers were not stashed.
-            self.total = counts.done + stashed
+            # Exact now that the trailer checked the records (the estimate counted the same lines).
+            self.total = counts.done + counts.peers_read
             await stash.index_tables(conn)
             await self._merge_peers(conn, reader, stashed, counts)
+            self._advance(counts, counts.peers_read - stashed)  # this node's own: skipped
             await stash.drop_tables(conn)
         finally:
             reader.close()
@@ -202,10 +212,16 @@ class _Run:
         return await q.merge(conn, self.dialect, self.tracker.node_key, deltas, self.window)
 
     def _advance(self, counts: _Counts, rows: int) -> None:
+        if self.stopped:
+            raise _Stopped("the import's caller was cancelled: nothing was imported")
         counts.done += rows
         if self.progress is not None and rows:
             self.total = max(self.total, counts.done)  # a file written otherwise may count low
             self.progress(counts.done, self.total)
+
+
+class _Stopped(Exception):
+    """Ends (and rolls back) the transaction of an import whose caller was cancelled."""
 
 
 def _peer_deltas(rows: list[Any], samples: list[Any]) -> list[OriginDelta]:
