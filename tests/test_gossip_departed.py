@@ -8,8 +8,10 @@ on two trackers of a quiet mesh, for as long as it ran).
 from __future__ import annotations
 
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 from gossip_helpers import KEY, LocalNet
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -18,51 +20,98 @@ from tracker.gossip.config import GossipConfig
 from tracker.testing import ManualClock
 
 
-async def test_a_peer_back_between_two_trackers_sweeps_has_the_same_mappings_on_both(
-    db_url: str, tmp_path: Path
-) -> None:
+class _Pair:
+    """Trackers x (SQLite) and y (each engine) on one clock, gossiping through a ``LocalNet``."""
+
+    def __init__(self, x: AvailabilityTracker, y: AvailabilityTracker, clock: ManualClock) -> None:
+        self.x, self.y, self.clock = x, y, clock
+        self.net = LocalNet()
+        self.net.agents = {
+            name: GossipAgent(
+                t, GossipConfig(keys=(KEY,)), transport=self.net.transport_for(name), rng=random.Random(i)
+            )
+            for i, (name, t) in enumerate((("http://x", x), ("http://y", y)))
+        }
+
+    async def gossip(self) -> None:
+        for _ in range(3):
+            await self.net.agents["http://x"].exchange("http://y")
+            await self.net.agents["http://y"].exchange("http://x")
+
+
+@pytest.fixture
+async def pair(db_url: str, tmp_path: Path) -> AsyncIterator[_Pair]:
     clock = ManualClock(1_800_000_000.0)
     x = await AvailabilityTracker.open(
         TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", clock=clock)
     )
     y = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, clock=clock))
-    net = LocalNet()
-    agents = {
-        name: GossipAgent(
-            t, GossipConfig(keys=(KEY,)), transport=net.transport_for(name), rng=random.Random(i)
-        )
-        for i, (name, t) in enumerate((("http://x", x), ("http://y", y)))
-    }
-    net.agents = agents
-
-    async def gossip() -> None:
-        for _ in range(3):
-            await agents["http://x"].exchange("http://y")
-            await agents["http://y"].exchange("http://x")
-
     try:
-        await x.record_peer_online("p")
-        await x.record_content_available("movie", "p")
-        await x.record_content_available("song", "p")
-        await gossip()
-        assert await y.get_available_peers("movie") == ["p"]
-        clock.advance(x.config.offline_mapping_retention_s + 10)
-        await y.record_peer_online("p")  # back, heard by y only; it announces nothing again
-        swept_x = await x.sweep()  # before it heard: for x, p has departed
-        swept_y = await y.sweep()
-        assert (swept_x.departed_mappings_removed, swept_y.departed_mappings_removed) == (2, 0)
-        await gossip()
-        for tracker in (x, y):
-            assert await tracker.get_available_peers("movie") == []
-            assert await tracker.get_available_peers("song") == []
-            metrics = await tracker.get_peer_metrics("p")
-            assert metrics is not None and metrics.online
-        # Announced again, the mapping is back everywhere: the removal is older.
-        clock.advance(1)
-        await y.record_content_available("movie", "p")
-        await gossip()
-        for tracker in (x, y):
-            assert await tracker.get_available_peers("movie") == ["p"]
+        yield _Pair(x, y, clock)
     finally:
         await x.close()
         await y.close()
+
+
+async def test_a_peer_back_between_two_trackers_sweeps_has_the_same_mappings_on_both(pair: _Pair) -> None:
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await x.record_content_available("song", "p")
+    await pair.gossip()
+    assert await y.get_available_peers("movie") == ["p"]
+    clock.advance(x.config.offline_mapping_retention_s + 10)
+    await y.record_peer_online("p")  # back, heard by y only; it announces nothing again
+    swept_x = await x.sweep()  # before it heard: for x, p has departed, and the mappings are x's
+    swept_y = await y.sweep()
+    assert (swept_x.departed_mappings_removed, swept_y.departed_mappings_removed) == (2, 0)
+    await pair.gossip()
+    for tracker in (x, y):
+        assert await tracker.get_available_peers("movie") == []
+        assert await tracker.get_available_peers("song") == []
+        metrics = await tracker.get_peer_metrics("p")
+        assert metrics is not None and metrics.online
+    # Announced again, the mapping is back everywhere: the removal is older.
+    clock.advance(1)
+    await y.record_content_available("movie", "p")
+    await pair.gossip()
+    for tracker in (x, y):
+        assert await tracker.get_available_peers("movie") == ["p"]
+
+
+async def test_a_tracker_cut_off_longer_than_the_retention_removes_none_of_the_others_mappings(
+    pair: _Pair,
+) -> None:
+    """Only the tracker a mapping came from removes it: x, cut off for more than the retention, saw
+    no sighting of y's peer, and would have removed y's mapping everywhere once back."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await y.record_peer_online("p")
+    await y.record_content_available("movie", "p")
+    await pair.gossip()
+    pair.net.isolated.add("http://x")
+    for _ in range(int(x.config.offline_mapping_retention_s // 200) + 2):  # p keeps talking to y
+        clock.advance(200)
+        await y.record_peer_online("p")
+    assert (await x.sweep()).departed_mappings_removed == 0  # for x, p has departed: not x's mapping
+    pair.net.isolated.clear()
+    clock.advance(300)  # beyond the back-off of the exchanges that failed
+    await y.record_peer_online("p")
+    await pair.gossip()
+    for tracker in (x, y):
+        assert await tracker.get_available_peers("movie") == ["p"]
+
+
+async def test_a_mapping_its_tracker_never_removed_goes_after_the_removals_would_have(pair: _Pair) -> None:
+    """The tracker a mapping came from may be gone for good: past the removal's retention and its
+    tombstone's, the mapping is deleted wherever it is, or it would stay forever."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await y.record_peer_online("p")
+    await y.record_content_available("movie", "p")
+    await pair.gossip()
+    pair.net.isolated.add("http://y")  # y is never heard from again
+    clock.advance(x.config.offline_mapping_retention_s + 10)
+    report = await x.sweep()
+    assert (report.departed_mappings_removed, report.pruned["content_peers"]) == (0, 0)
+    clock.advance(x.config.tombstone_keep_s)
+    report = await x.sweep()
+    assert (report.departed_mappings_removed, report.pruned["content_peers"]) == (0, 1)

@@ -45,8 +45,8 @@ class SweepReport:
     #: False when another tracker on the same Postgres held the sweep lock, so this one skipped.
     ran: bool
     peers_marked_offline: int = 0
-    #: Mappings of peers no origin has seen within ``offline_mapping_retention_s``, turned into this
-    #: node's removals (gossiped; deleted with the other tombstones after ``tombstone_keep_s``).
+    #: This node's mappings of peers no origin has seen within ``offline_mapping_retention_s``,
+    #: turned into its removals (gossiped; deleted with the other tombstones after ``tombstone_keep_s``).
     departed_mappings_removed: int = 0
     #: Rows deleted per table.
     pruned: dict[str, int] = field(default_factory=dict)
@@ -131,6 +131,14 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 retries,
                 batch,
                 lambda conn: q.prune_tombstones(conn, now - config.tombstone_keep_s, batch),
+            )
+            + await _drain(
+                engine,
+                retries,
+                batch,
+                lambda conn: q.prune_departed_mappings(
+                    conn, now - config.offline_mapping_retention_s - config.tombstone_keep_s, batch
+                ),
             ),
             "peer_leases": await _drain(
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)

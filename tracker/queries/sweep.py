@@ -151,22 +151,25 @@ def _pair_in(pairs: Any) -> Any:
 async def remove_departed_mappings(
     conn: AsyncConnection, node_id: int, now: float, cutoff: float, limit: int
 ) -> int:
-    """Remove up to ``limit`` mappings of peers that no origin has seen since ``cutoff``, as this
-    node's removals at ``now`` (tombstones, versioned for gossip); ``prune_tombstones`` ages them out.
+    """Remove up to ``limit`` of this node's mappings (the row's last change was this node's) of peers
+    that no origin has seen since ``cutoff``, as this node's removals at ``now`` (tombstones,
+    versioned for gossip); ``prune_tombstones`` ages them out.
 
     Deleted instead, they were a local decision each tracker took at its own moment, which gossip
     never carried: a peer heard from again between two trackers' sweeps kept its mappings on one and
     lost them on the other, for good (QA round 24). As removals they travel like any other and every
-    tracker ends the same. Not a mapping dated at or after ``now`` (ahead of this clock, within the
-    skew): a removal dated before it would lose to it elsewhere; a later pass takes it. Removals
-    that already exist are left as they are: deleted, a late announcement older than the removal
-    brought the mapping back when the peer returned (QA round 12)."""
+    tracker ends the same. Only this node's own: a tracker cut off from the others for longer than
+    the retention would otherwise remove, everywhere once it is back, the mappings of peers that had
+    moved on to other trackers meanwhile; the tracker a mapping came from decides, as it sees its
+    peer (mappings of a tracker that is gone for good go by ``prune_departed_mappings``). Not a mapping
+    dated at or after ``now`` (ahead of this clock, within the skew): a removal dated before it would
+    lose to it elsewhere; a later pass takes it."""
     ps = peer_stats.c
     departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
     cp = content_peers.c
     victims = (
         select(cp.content_id, cp.peer_id)
-        .where(cp.peer_id.in_(departed), cp.available, cp.changed_at < now)
+        .where(cp.node_id == node_id, cp.peer_id.in_(departed), cp.available, cp.changed_at < now)
         .limit(limit)
     )
     stmt = (
@@ -175,6 +178,22 @@ async def remove_departed_mappings(
         .values(available=False, changed_at=now, node_id=node_id, version=None)
     )
     result = await conn.execute(stmt)
+    return int(result.rowcount or 0)
+
+
+async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: int) -> int:
+    """Delete up to ``limit`` mappings of any origin of peers no origin has seen since ``cutoff``: set
+    ``tombstone_keep_s`` beyond the removals' own retention, so only those whose tracker never removed
+    them are left (one gone for good, or cut off all that time), which would otherwise stay forever.
+    Deleting them here is a local decision again, but at a point where the trackers that could
+    disagree have had the removal's retention and its tombstone's to say so. Not removals, which
+    ``prune_tombstones`` ages out (deleted here, a late announcement older than the removal brought
+    the mapping back when the peer returned: QA round 12)."""
+    ps = peer_stats.c
+    departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
+    cp = content_peers.c
+    victims = select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available).limit(limit)
+    result = await conn.execute(delete(content_peers).where(_pair_in(victims)))
     return int(result.rowcount or 0)
 
 
