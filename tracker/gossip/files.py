@@ -17,19 +17,16 @@ from collections.abc import AsyncIterable, Callable, Generator, Iterable, Iterat
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
-from typing import Any
 
 from ..errors import InvalidInput
 from .snapshot import (
-    MappingRecord,
-    PeerRecord,
     Record,
-    SampleRecord,
     Snapshot,
     SnapshotError,
     SnapshotHeader,
     _Lines,
     _show,
+    gather,
     iter_decode,
 )
 
@@ -205,11 +202,7 @@ def _read(path: Path) -> Snapshot:
     items = iter_snapshot(path)
     header = next(items)
     assert isinstance(header, SnapshotHeader)  # iter_decode yields the header first, or raises
-    groups: dict[type, list[Any]] = {PeerRecord: [], SampleRecord: [], MappingRecord: []}
-    for record in items:
-        groups[type(record)].append(record)
-    peers, samples, mappings = (tuple(group) for group in groups.values())
-    return Snapshot(header=header, peers=peers, samples=samples, mappings=mappings)
+    return gather(header, items)  # type: ignore[arg-type]  # only records follow the header
 
 
 #: How a peer record starts in the files this tracker writes (``_Lines``: the tag first, compact).

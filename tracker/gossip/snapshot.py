@@ -411,7 +411,11 @@ def iter_decode(lines: Iterable[bytes]) -> Iterator[SnapshotHeader | Record]:
 
 def decode(lines: Iterable[bytes]) -> Snapshot:
     """Read a whole snapshot from its lines (or any chunking of its bytes), strictly validated."""
-    header, records = _open(lines)
+    return gather(*_open(lines))
+
+
+def gather(header: SnapshotHeader, records: Iterable[Record]) -> Snapshot:
+    """A whole ``Snapshot`` of ``header`` and its records, grouped by type in file order."""
     groups: dict[type, list[Any]] = {cls: [] for cls in _TYPES.values()}
     for record in records:
         groups[type(record)].append(record)
