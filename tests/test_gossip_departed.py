@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from gossip_helpers import KEY, LocalNet
+from sqlalchemy import text
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.gossip.agent import GossipAgent
@@ -115,3 +116,32 @@ async def test_a_mapping_its_tracker_never_removed_goes_after_the_removals_would
     clock.advance(x.config.tombstone_keep_s)
     report = await x.sweep()
     assert (report.departed_mappings_removed, report.pruned["content_peers"]) == (0, 1)
+
+
+async def test_a_removal_is_dated_at_the_departure_not_at_the_sweep(pair: _Pair) -> None:
+    """Dated by the sweeping tracker's clock, a removal made late (a sweeper held back, a tracker
+    cut off, or a clock running ahead) beat the announcement the peer made when it came back
+    elsewhere meanwhile (QA round 26). Dated when the peer departed, it loses to any announcement
+    made after the peer's return."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    departed_at = clock.now + x.config.offline_mapping_retention_s
+    pair.net.isolated.add("http://x")
+    clock.advance(x.config.offline_mapping_retention_s + 10)
+    await y.record_peer_online("p")  # back, on y: it announces again there
+    await y.record_content_available("movie", "p")
+    clock.advance(500)  # x sweeps late, before it has heard
+    assert (await x.sweep()).departed_mappings_removed == 1
+    async with x.engine.connect() as conn:
+        changed_at = (
+            await conn.execute(text("SELECT changed_at FROM content_peers WHERE NOT available"))
+        ).scalar_one()
+    assert changed_at == departed_at
+    pair.net.isolated.clear()
+    clock.advance(300)
+    await y.record_peer_online("p")
+    await pair.gossip()
+    for tracker in (x, y):
+        assert await tracker.get_available_peers("movie") == ["p"]

@@ -144,12 +144,12 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
-        departed = now - config.offline_mapping_retention_s
+        retention = config.offline_mapping_retention_s
         removed = await _drain(
             engine,
             retries,
             batch,
-            lambda conn: q.remove_departed_mappings(conn, node_id, now, departed, batch),
+            lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, retention, batch),
         )
         path, snapshot_error = await _snapshot(tracker, now)
     await _save_clock(tracker)

@@ -149,11 +149,12 @@ def _pair_in(pairs: Any) -> Any:
 
 
 async def remove_departed_mappings(
-    conn: AsyncConnection, node_id: int, now: float, cutoff: float, limit: int
+    conn: AsyncConnection, node_id: int, cutoff: float, retention: float, limit: int
 ) -> int:
     """Remove up to ``limit`` of this node's mappings (the row's last change was this node's) of peers
-    that no origin has seen since ``cutoff``, as this node's removals at ``now`` (tombstones,
-    versioned for gossip); ``prune_tombstones`` ages them out.
+    that no origin has seen since ``cutoff`` (= now - ``retention``), as this node's removals dated
+    when the peer departed: its last sighting plus ``retention`` (tombstones, versioned for gossip);
+    ``prune_tombstones`` ages them out.
 
     Deleted instead, they were a local decision each tracker took at its own moment, which gossip
     never carried: a peer heard from again between two trackers' sweeps kept its mappings on one and
@@ -161,21 +162,31 @@ async def remove_departed_mappings(
     tracker ends the same. Only this node's own: a tracker cut off from the others for longer than
     the retention would otherwise remove, everywhere once it is back, the mappings of peers that had
     moved on to other trackers meanwhile; the tracker a mapping came from decides, as it sees its
-    peer (mappings of a tracker that is gone for good go by ``prune_departed_mappings``). Not a mapping
-    dated at or after ``now`` (ahead of this clock, within the skew): a removal dated before it would
-    lose to it elsewhere; a later pass takes it."""
+    peer (mappings of a tracker that is gone for good go by ``prune_departed_mappings``). Dated by
+    the departure, not by this tracker's clock: a tracker running ahead dated its removal after a
+    re-announcement made elsewhere meanwhile, and the peer's own announcement lost (QA round 26);
+    any announcement after the peer's return is later than its departure. Not a mapping changed
+    after the departure (an announcement relayed without a sighting): a removal dated before it
+    would lose to it elsewhere; ``prune_departed_mappings`` takes it in the end."""
     ps = peer_stats.c
-    departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
+    departed = (
+        select(ps.peer_id, (func.max(ps.last_seen) + retention).label("gone_at"))
+        .group_by(ps.peer_id)
+        .having(func.max(ps.last_seen) < cutoff)
+        .subquery("departed")
+    )
     cp = content_peers.c
     victims = (
         select(cp.content_id, cp.peer_id)
-        .where(cp.node_id == node_id, cp.peer_id.in_(departed), cp.available, cp.changed_at < now)
+        .join(departed, departed.c.peer_id == cp.peer_id)
+        .where(cp.node_id == node_id, cp.available, cp.changed_at < departed.c.gone_at)
         .limit(limit)
     )
+    gone_at = select(func.max(ps.last_seen) + retention).where(ps.peer_id == cp.peer_id).scalar_subquery()
     stmt = (
         update(content_peers)
         .where(_pair_in(victims))
-        .values(available=False, changed_at=now, node_id=node_id, version=None)
+        .values(available=False, changed_at=gone_at, node_id=node_id, version=None)
     )
     result = await conn.execute(stmt)
     return int(result.rowcount or 0)
