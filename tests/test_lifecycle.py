@@ -366,3 +366,47 @@ async def test_async_with_blocks_entered_at_once_open_the_tracker_once(config: T
     with pytest.raises(TrackerClosed):
         await tracker.record_peer_online("c")
     assert await _server_sessions(config.database_url) == 0
+
+
+async def test_a_block_entered_while_the_last_one_closes_the_tracker_gets_it_open_again(
+    config: TrackerConfig, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entered while the last block's exit was closing the tracker, a block found the engine still
+    there, counted itself in and got a tracker refusing every write (QA round 26)."""
+    tracker = AvailabilityTracker(config)
+    closing, go_on = asyncio.Event(), asyncio.Event()
+    stop_sweeper = tracker.stop_sweeper
+
+    async def slow_stop() -> None:  # stands for a sweep pass that close() lets finish
+        closing.set()
+        await go_on.wait()
+        await stop_sweeper()
+
+    monkeypatch.setattr(tracker, "stop_sweeper", slow_stop)
+
+    async def first() -> None:
+        async with tracker:
+            await tracker.record_peer_online("a")
+
+    async def second() -> None:
+        await closing.wait()
+        async with tracker:
+            await tracker.record_peer_online("b")
+            assert {p.peer_id for p in await tracker.list_peers()} == {"a", "b"}
+
+    entering = asyncio.ensure_future(second())
+    closed = asyncio.ensure_future(first())
+    await closing.wait()
+    await asyncio.sleep(0)  # the second block is waiting to enter
+    go_on.set()
+    await asyncio.gather(closed, entering)
+    assert await _server_sessions(config.database_url) == 0
+
+
+async def test_two_closes_at_once_both_return(config: TrackerConfig) -> None:
+    """close() is safe to call twice, and was not at once: the second raised AttributeError (QA
+    round 26)."""
+    tracker = await AvailabilityTracker.open(config)
+    await tracker.record_peer_online("a")
+    assert await asyncio.gather(tracker.close(), tracker.close()) == [None, None]
+    assert await _server_sessions(config.database_url) == 0

@@ -556,18 +556,42 @@ async def test_a_peer_heard_from_after_its_slice_was_found_stays_online(
         assert online == {"late"}
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)"),
+        OSError(113, "Connect call failed: no route to host"),
+    ],
+    ids=["refused", "unreachable"],
+)
 async def test_a_database_outage_while_the_snapshot_is_read_fails_the_pass_not_the_directory(
-    config: TrackerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    config: TrackerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError
 ) -> None:
-    """asyncpg's refused connection is a bare OSError: it was counted as a snapshot-directory
-    failure, the pass as done and the log named the directory (QA round 25)."""
+    """A driver's connection errors are OSErrors: they were counted as a snapshot-directory failure,
+    the pass as done and the log named the directory (QA rounds 25 and 26)."""
 
-    async def refused(*args: Any) -> Path:
-        raise ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 5432)")
+    async def unreachable(*args: Any) -> Path:
+        raise error
 
-    monkeypatch.setattr(sweeper, "write_state_snapshot", refused)
+    monkeypatch.setattr(sweeper, "write_state_snapshot", unreachable)
     snapshots = replace(config, snapshot_dir=str(tmp_path / "snapshots"), snapshot_interval_s=0)
     async with AvailabilityTracker(snapshots) as tracker:
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises(OSError):
             await tracker.sweep()
         assert tracker.sweeper_state.snapshot_failures == 0
+
+
+async def test_a_snapshot_that_failed_while_the_clock_was_ahead_is_tried_again_once_it_is_set_back(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    """The next attempt was held until the clock came back to the failed one's time plus the wait:
+    a day without snapshots after a clock a day ahead was set right (QA round 26)."""
+    blocker = tmp_path / "snapshots"
+    async with AvailabilityTracker(replace(config, snapshot_dir=str(blocker))) as tracker:
+        blocker.write_text("a file where the snapshot directory should be")
+        clock.advance(86_400)
+        assert (await tracker.sweep()).snapshot_error is not None
+        blocker.unlink()
+        clock.advance(-86_400 + 60)  # set right
+        report = await tracker.sweep()
+        assert report.snapshot_error is None and report.snapshot_path is not None

@@ -309,11 +309,11 @@ class AvailabilityTracker:
                 self._released = (self._lanes, self._engine)
                 self._release = asyncio.ensure_future(_release(self._lanes, self._engine, orphaned=orphaned))
                 self._engine = self._lanes = None
-            if self._release is not None:
+            if (release := self._release) is not None:
                 try:
-                    await asyncio.shield(self._release)
-                finally:
-                    if self._release.done():
+                    await asyncio.shield(release)
+                finally:  # a close() running beside this one may have let go of it already
+                    if release.done() and self._release is release:
                         self._release = None
         finally:
             self._closing = False
@@ -342,9 +342,10 @@ class AvailabilityTracker:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._entered = max(0, self._entered - 1)
-        if not self._entered:
-            await self.close()
+        async with self._opening:  # a block entered meanwhile waits, then opens it again
+            self._entered = max(0, self._entered - 1)
+            if not self._entered:
+                await self.close()
 
     @property
     def engine(self) -> AsyncEngine:

@@ -30,6 +30,17 @@ from .snapshot import (
     iter_decode,
 )
 
+
+class SnapshotFileError(OSError):
+    """The file system refused a snapshot file or its directory (a full disk, no permission, a file
+    where the directory should be): told apart from the database's errors of the same pass, some
+    of which are ``OSError`` too (an unreachable server)."""
+
+    @classmethod
+    def of(cls, error: OSError) -> SnapshotFileError:
+        return cls(error.errno, error.strerror or str(error), error.filename)
+
+
 _CHUNK_BYTES = 256 * 1024  # per thread hop, writing and reading
 _FILE_NAME = re.compile(r"snapshot-(\d{15})-([A-Za-z0-9._-]{1,64})\.jsonl\.gz")
 _MAX_TAKEN_AT_S = 1e12  # keeps the millisecond stamp in its 15 digits (until the year 33658)
@@ -138,7 +149,10 @@ async def write_snapshot(
     pending, pending_bytes = [lines.header], 0
 
     async def run(call: Callable[[], None]) -> None:
-        await loop.run_in_executor(worker, call)
+        try:
+            await loop.run_in_executor(worker, call)
+        except OSError as error:
+            raise SnapshotFileError.of(error) from error
 
     async def add(line: bytes) -> None:
         nonlocal pending_bytes
@@ -244,6 +258,8 @@ def _latest(directory: Path, node: str | None, now: float | None, ahead_s: float
         found = [(millis, path) for millis, owner, path in _snapshots(directory) if node in (None, owner)]
     except FileNotFoundError:
         return None
+    except OSError as error:
+        raise SnapshotFileError.of(error) from error
     if now is not None:  # files named ahead of now rank below every other, newest first among them
         limit = (now + ahead_s) * 1000
         found = [f for f in found if f[0] > limit] + [f for f in found if f[0] <= limit]
