@@ -506,7 +506,9 @@ class GossipAgent:
         if self._client is None:
             # Connections kept for less than any tracker keeps its side (keep_alive_s, 75 s; uvicorn's
             # default 5 s): a connection reused as the server closed it lost the exchange (QA round 24).
-            limits = httpx.Limits(keepalive_expiry=_KEEP_ALIVE_S)
+            limits = httpx.Limits(  # httpx's own caps, which a Limits of one setting drops
+                max_connections=100, max_keepalive_connections=20, keepalive_expiry=_KEEP_ALIVE_S
+            )
             self._client = httpx.AsyncClient(timeout=self.config.timeout_s, limits=limits)
         try:
             response = await self._client.post(url, content=body, headers=headers)
