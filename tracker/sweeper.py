@@ -63,7 +63,7 @@ class SweepReport:
     #: behind); ``None`` on SQLite, which has no clock of its own.
     database_clock_offset_s: float | None = None
     #: Why a snapshot that was due could not be written (a full disk, a directory made unwritable);
-    #: the rest of the pass stands, and the next pass tries again.
+    #: the rest of the pass stands, and a pass tries again after ``snapshot_interval_s``.
     snapshot_error: str | None = None
 
 
