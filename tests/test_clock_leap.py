@@ -38,10 +38,13 @@ async def guarded(config: TrackerConfig, clock: ManualClock) -> AsyncIterator[Av
 
 
 async def _stored(tracker: AvailabilityTracker) -> tuple[int, int]:
-    """(peers stored online, mappings stored): what a sweep changes for good."""
+    """(peers stored online, mappings stored as available): what a sweep changes for good (a departed
+    peer's mapping becomes a removal, which stays for the tombstones' time)."""
     async with tracker.engine.connect() as conn:
         online = await conn.scalar(select(func.count()).select_from(peer_stats).where(peer_stats.c.online))
-        mapped = await conn.scalar(select(func.count()).select_from(content_peers))
+        mapped = await conn.scalar(
+            select(func.count()).select_from(content_peers).where(content_peers.c.available)
+        )
     return int(online or 0), int(mapped or 0)
 
 
