@@ -1,4 +1,4 @@
-"""Sweep benchmark: expire the 10% stale of 100,000 peers; prune 1,000,000 of 2,000,000 samples.
+"""Sweep benchmark: expire the 10% stale of 100,000 peers; prune 1,000,000 of 2,000,000 samples; forget them.
 
 Run: ``python -m benchmarks.sweep [--engine sqlite|postgresql|all] [--peers N] [--samples-per-peer K]``.
 Postgres comes from TRACKER_BENCH_POSTGRES_URL (default: the test server), in a scratch database.
@@ -6,6 +6,10 @@ Postgres comes from TRACKER_BENCH_POSTGRES_URL (default: the test server), in a 
 Baseline, measured in the same run on the same machine: the storage engine's own cost of touching the
 same rows with one raw statement through the bare driver (sqlite3 / asyncpg) and no batching. The ratio
 says what batching, the advisory lock and the async stack cost on top of the engine.
+
+Then forgetting (``sweeper._forget``, hourly): its walk over a swarm where nothing is due (what most
+hours cost), and a pass ``peer_retention_s`` later that forgets every peer, its row, its remaining
+samples and its key, beside the same deletes as raw statements.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from benchmarks.scratch import admin as _admin
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.events import PeerOnline
 from tracker.schema import bandwidth_samples, peers
+from tracker.sweeper import _forget
 from tracker.testing import ManualClock
 
 DAY = 86_400.0
@@ -90,6 +95,55 @@ async def _baseline(url: str, cutoff: float, window: int) -> tuple[float, int]:
         await conn.close()
 
 
+_FORGET = (
+    "DELETE FROM bandwidth_samples WHERE (peer_id, node_id) IN "
+    "(SELECT peer_id, node_id FROM peer_stats WHERE updated_at < {c})",
+    "DELETE FROM peer_stats WHERE updated_at < {c}",
+    "DELETE FROM peers WHERE NOT EXISTS (SELECT 1 FROM peer_stats s WHERE s.peer_id = peers.id) "
+    "AND NOT EXISTS (SELECT 1 FROM content_peers m WHERE m.peer_id = peers.id) "
+    "AND NOT EXISTS (SELECT 1 FROM upload_outcomes o WHERE o.peer_id = peers.id) "
+    "AND NOT EXISTS (SELECT 1 FROM peer_leases l WHERE l.peer_id = peers.id)",
+)
+
+
+async def _forgetting(config: TrackerConfig, clock: ManualClock, baseline_url: str) -> None:
+    """The hourly walk with nothing due, then the pass that forgets the whole swarm, beside raw deletes."""
+    engine = "sqlite" if config.database_url.startswith("sqlite") else "postgresql"
+    async with AvailabilityTracker(config) as tracker:
+        started = time.perf_counter()
+        await _forget(tracker, clock.now)
+        quiet = time.perf_counter() - started
+        print(f"[{engine}] forgetting, nothing due: {quiet:.2f} s (the walk, at most hourly)")
+        clock.advance(config.forget_after_s + 3600)
+        started = time.perf_counter()
+        gone = await _forget(tracker, clock.now)
+        spent = time.perf_counter() - started
+    cutoff = clock.now - config.forget_after_s
+    statements = [sql.format(c=cutoff) for sql in _FORGET]
+    if baseline_url.startswith("sqlite"):
+        started = time.perf_counter()
+        with sqlite3.connect(str(make_url(baseline_url).database)) as raw:
+            for sql in statements:
+                raw.execute(sql)
+        base = time.perf_counter() - started
+    else:
+        dsn = make_url(baseline_url).set(drivername="postgresql").render_as_string(hide_password=False)
+        conn = await asyncpg.connect(dsn)
+        try:
+            started = time.perf_counter()
+            async with conn.transaction():
+                for sql in statements:
+                    await conn.execute(sql)
+            base = time.perf_counter() - started
+        finally:
+            await conn.close()
+    rows, keys = gone.get("peer_stats", 0), gone.get("peers", 0)
+    print(
+        f"[{engine}] forgetting the swarm: {rows:,} rows, {keys:,} peers in {spent:.2f} s; "
+        f"raw statements {base:.2f} s; ratio {spent / base:.2f}x"
+    )
+
+
 async def _copy(url: str) -> str:
     """A second database with the same rows, for the baseline (SQLite: file copy; Postgres: TEMPLATE)."""
     if url.startswith("sqlite"):
@@ -137,6 +191,7 @@ async def run(engine: str, n_peers: int, per_peer: int, scratch: Path) -> None:
         )
         print(f"[{engine}] ratio sweep/baseline time: {report.duration_s / base_s:.2f}x")
         assert base_deleted == samples, "baseline and sweep must prune the same rows"
+        await _forgetting(config, clock, baseline_url)
     finally:
         if engine == "postgresql":
             await _admin(f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
-from tracker import AvailabilityTracker
+from tracker import AvailabilityTracker, TrackerConfig
 from tracker.gossip import limits
 from tracker.gossip.agent import GOSSIP_PATH, GossipAgent
+from tracker.gossip.config import GossipConfig
+from tracker.testing import ManualClock
 
 KEY = "test-gossip-key-0123456789"
 
@@ -69,3 +74,36 @@ async def merged_view(tracker: AvailabilityTracker, cids: list[str]) -> dict[str
         ],
         "availability": availability,
     }
+
+
+class Pair:
+    """Trackers x (SQLite) and y (each engine) on one clock, gossiping through a ``LocalNet``."""
+
+    def __init__(self, x: AvailabilityTracker, y: AvailabilityTracker, clock: ManualClock) -> None:
+        self.x, self.y, self.clock = x, y, clock
+        self.net = LocalNet()
+        self.net.agents = {
+            name: GossipAgent(
+                t, GossipConfig(keys=(KEY,)), transport=self.net.transport_for(name), rng=random.Random(i)
+            )
+            for i, (name, t) in enumerate((("http://x", x), ("http://y", y)))
+        }
+
+    async def gossip(self) -> None:
+        for _ in range(3):
+            await self.net.agents["http://x"].exchange("http://y")
+            await self.net.agents["http://y"].exchange("http://x")
+
+
+async def open_pair(db_url: str, tmp_path: Path, start: float = 1_800_000_000.0) -> AsyncIterator[Pair]:
+    """A ``Pair`` for a fixture to yield, closed after the test."""
+    clock = ManualClock(start)
+    x = await AvailabilityTracker.open(
+        TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", clock=clock)
+    )
+    y = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, clock=clock))
+    try:
+        yield Pair(x, y, clock)
+    finally:
+        await x.close()
+        await y.close()

@@ -7,54 +7,21 @@ on two trackers of a quiet mesh, for as long as it ran).
 
 from __future__ import annotations
 
-import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from gossip_helpers import KEY, LocalNet
+from gossip_helpers import Pair, open_pair
 from sqlalchemy import text
-
-from tracker import AvailabilityTracker, TrackerConfig
-from tracker.gossip.agent import GossipAgent
-from tracker.gossip.config import GossipConfig
-from tracker.testing import ManualClock
-
-
-class _Pair:
-    """Trackers x (SQLite) and y (each engine) on one clock, gossiping through a ``LocalNet``."""
-
-    def __init__(self, x: AvailabilityTracker, y: AvailabilityTracker, clock: ManualClock) -> None:
-        self.x, self.y, self.clock = x, y, clock
-        self.net = LocalNet()
-        self.net.agents = {
-            name: GossipAgent(
-                t, GossipConfig(keys=(KEY,)), transport=self.net.transport_for(name), rng=random.Random(i)
-            )
-            for i, (name, t) in enumerate((("http://x", x), ("http://y", y)))
-        }
-
-    async def gossip(self) -> None:
-        for _ in range(3):
-            await self.net.agents["http://x"].exchange("http://y")
-            await self.net.agents["http://y"].exchange("http://x")
 
 
 @pytest.fixture
-async def pair(db_url: str, tmp_path: Path) -> AsyncIterator[_Pair]:
-    clock = ManualClock(1_800_000_000.0)
-    x = await AvailabilityTracker.open(
-        TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", clock=clock)
-    )
-    y = await AvailabilityTracker.open(TrackerConfig(database_url=db_url, clock=clock))
-    try:
-        yield _Pair(x, y, clock)
-    finally:
-        await x.close()
-        await y.close()
+async def pair(db_url: str, tmp_path: Path) -> AsyncIterator[Pair]:
+    async for opened in open_pair(db_url, tmp_path):
+        yield opened
 
 
-async def test_a_peer_back_between_two_trackers_sweeps_has_the_same_mappings_on_both(pair: _Pair) -> None:
+async def test_a_peer_back_between_two_trackers_sweeps_has_the_same_mappings_on_both(pair: Pair) -> None:
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
@@ -81,7 +48,7 @@ async def test_a_peer_back_between_two_trackers_sweeps_has_the_same_mappings_on_
 
 
 async def test_a_tracker_cut_off_longer_than_the_retention_removes_none_of_the_others_mappings(
-    pair: _Pair,
+    pair: Pair,
 ) -> None:
     """Only the tracker a mapping came from removes it: x, cut off for more than the retention, saw
     no sighting of y's peer, and would have removed y's mapping everywhere once back."""
@@ -102,7 +69,7 @@ async def test_a_tracker_cut_off_longer_than_the_retention_removes_none_of_the_o
         assert await tracker.get_available_peers("movie") == ["p"]
 
 
-async def test_a_mapping_its_tracker_never_removed_goes_after_the_removals_would_have(pair: _Pair) -> None:
+async def test_a_mapping_its_tracker_never_removed_goes_after_the_removals_would_have(pair: Pair) -> None:
     """The tracker a mapping came from may be gone for good: past the removal's retention and its
     tombstone's, the mapping is deleted wherever it is, or it would stay forever."""
     x, y, clock = pair.x, pair.y, pair.clock
@@ -118,7 +85,7 @@ async def test_a_mapping_its_tracker_never_removed_goes_after_the_removals_would
     assert (report.departed_mappings_removed, report.pruned["content_peers"]) == (0, 1)
 
 
-async def test_a_removal_is_dated_at_the_departure_not_at_the_sweep(pair: _Pair) -> None:
+async def test_a_removal_is_dated_at_the_departure_not_at_the_sweep(pair: Pair) -> None:
     """Dated by the sweeping tracker's clock, a removal made late (a sweeper held back, a tracker
     cut off, or a clock running ahead) beat the announcement the peer made when it came back
     elsewhere meanwhile (QA round 26). Dated when the peer departed, it loses to any announcement

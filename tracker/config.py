@@ -31,6 +31,7 @@ _DURATIONS = (
     "sample_retention_s",
     "outcome_retention_s",
     "offline_mapping_retention_s",
+    "peer_retention_s",
     "tombstone_ttl_s",
     "lease_ttl_s",
     "slow_start_s",
@@ -39,6 +40,11 @@ _DURATIONS = (
 #: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass; no lock timeout).
 _OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s", "pg_lock_timeout_s")
 STRATEGIES = ("best", "weighted")
+#: The shortest ``peer_retention_s``. A gossiped row whose origin wrote it more than this after the
+#: version a tracker holds may be one its origin forgot and started again, so it replaces the
+#: stored counters instead of taking their maximum (queries/gossip/merge.py): every tracker must
+#: forget no sooner than this.
+MIN_PEER_RETENTION_S = 3_600.0
 
 
 #: A URL's scheme and user (group 1) and password (group 2): everything between the user's ":" and
@@ -211,6 +217,11 @@ class TrackerConfig:
     outcome_retention_s: float = 7 * 86_400.0
     #: Content mappings of a peer unseen this long are dropped (it re-announces when it returns).
     offline_mapping_retention_s: float = 86_400.0
+    #: An origin's row of a peer (``peer_stats``, with its samples) that its origin has not written for
+    #: this long is forgotten on every tracker, and a peer or content left with nothing is deleted
+    #: (never less than ``offline_mapping_retention_s`` or ``MIN_PEER_RETENTION_S``; docs/sweeper.md).
+    #: Without it, churning peer ids grew the tables for good (QA round 24).
+    peer_retention_s: float = 7 * 86_400.0
     #: Removed mappings (tombstones) are kept this long so gossip can spread the removal first.
     tombstone_ttl_s: float = 86_400.0
     #: Directory for gossip state snapshots written by each sweep; ``None`` writes none.
@@ -246,6 +257,11 @@ class TrackerConfig:
     def __post_init__(self) -> None:
         for name in (*_DURATIONS, *_OPTIONAL_DURATIONS):
             object.__setattr__(self, name, _seconds(name, getattr(self, name), name in _OPTIONAL_DURATIONS))
+        if self.peer_retention_s < MIN_PEER_RETENTION_S:
+            raise ConfigError(
+                f"peer_retention_s must be at least {MIN_PEER_RETENTION_S:.0f} seconds, "
+                f"got {self.peer_retention_s!r}"
+            )
         if self.max_event_age_s is not None:
             object.__setattr__(
                 self, "max_event_age_s", _seconds("max_event_age_s", self.max_event_age_s, False)
@@ -350,6 +366,12 @@ class TrackerConfig:
         accepted once the removal is forgotten (it would bring the mapping back; QA round 12: with
         the defaults, 1 day against 7, announcements 1 to 7 days late did)."""
         return max(self.tombstone_ttl_s, self.event_age_limit)
+
+    @property
+    def forget_after_s(self) -> float:
+        """How long a peer's row outlives its origin's last write: ``peer_retention_s``, but no less than
+        ``offline_mapping_retention_s``, whose removals are dated by those rows' sightings."""
+        return max(self.peer_retention_s, self.offline_mapping_retention_s)
 
     @property
     def dialect(self) -> str:

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import db
 from .errors import StorageError
 from .gossip import files, snapshot
-from .queries import prune_expired_leases
+from .queries import forget, prune_expired_leases
 from .queries import sweep as q
 from .queries.clocks import database_time
 
@@ -151,6 +151,8 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             batch,
             lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, retention, batch),
         )
+        for table, rows in (await _forget(tracker, now)).items():
+            pruned[table] = pruned.get(table, 0) + rows
         path, snapshot_error = await _snapshot(tracker, now)
     await _save_clock(tracker)
     report = SweepReport(
@@ -366,6 +368,58 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
     return total
 
 
+#: Departed peers are forgotten at most this often, and at a process's first pass: each time walks
+#: ``peer_stats``, ``peers`` and ``contents`` whole, and a row forgotten an hour late costs only room.
+FORGET_EVERY_S = 3_600.0
+
+
+async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
+    """Forget, when due, the peer rows their origins stopped writing ``forget_after_s`` ago and then
+    the mappings, peers and contents left with nothing (``queries.forget``); rows deleted per table.
+
+    Mappings, outcomes and leases go first (earlier in the pass), then the rows, and last the ids
+    nothing refers to any more, so one pass takes a departed peer all the way."""
+    config, engine, state = tracker.config, tracker.engine, tracker._sweep_state
+    since = state.forgotten_at
+    if since is not None and 0 <= now - since < FORGET_EVERY_S:
+        return {}
+    batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
+    rows_cutoff = now - config.forget_after_s
+    mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
+    steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (
+        ("peer_stats", lambda conn, after: forget.forget_peer_rows(conn, rows_cutoff, after, batch)),
+        (
+            "content_peers",
+            lambda conn, after: forget.forget_unrowed_mappings(conn, mappings_cutoff, after, batch),
+        ),
+        ("peers", lambda conn, after: forget.forget_unused_peers(conn, dialect, after, batch)),
+        ("contents", lambda conn, after: forget.forget_unused_contents(conn, dialect, after, batch)),
+    )
+    done = {table: await _walk(engine, retries, step) for table, step in steps}
+    state.forgotten_at = now
+    return done
+
+
+async def _walk(
+    engine: AsyncEngine,
+    retries: int,
+    step: Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]],
+) -> int:
+    """Run ``step`` over a table's key range, a slice per short transaction, until it says it is done."""
+    total, after = 0, -1
+    while True:
+
+        async def one(conn: AsyncConnection, after: int = after) -> tuple[int, int | None]:
+            return await step(conn, after)
+
+        deleted, upto = await db.run_write(engine, one, retries)
+        total += deleted
+        if upto is None:
+            return total
+        after = upto
+        await asyncio.sleep(0)  # let request handlers in between slices
+
+
 # ---------------------------------------------------------------------------------------------
 # Snapshot
 # ---------------------------------------------------------------------------------------------
@@ -488,6 +542,8 @@ class SweepState:
     """What the sweeper remembers between passes (per process)."""
 
     samples_pruned_at: float | None = None
+    #: When this process last forgot departed peers (``FORGET_EVERY_S``).
+    forgotten_at: float | None = None
     passes: int = 0
     skipped: int = 0
     failures: int = 0

@@ -4,7 +4,13 @@ The merge rules (docs/gossip.md), each a join-semilattice so that messages can b
 times, in any order, through any relay path:
 
 - ``peer_stats`` rows are registers owned by their origin: a row replaces the stored one only with a
-  higher version; the lifetime counters take the maximum anyway, so no message lowers them.
+  higher version; the lifetime counters take the maximum anyway, so no message lowers them, unless
+  the origin wrote the newer row more than ``MIN_PEER_RETENTION_S`` after the stored one: it may have
+  forgotten the row meanwhile and started it again, and its counters are then the ones that stand
+  (without a reset between, counters only grow at their origin, and the two rules agree).
+- a peer row its origin last wrote before ``forget_before`` (the receiver's ``peer_retention_s``
+  ago) is dropped: every tracker forgets such rows (``queries.forget``), and one that has not swept
+  yet must not bring them back.
 - ``content_peers`` rows are last-writer-wins by ``(changed_at, origin key)``, and for the same
   origin by version (``lww_newer`` plus the version): the same rule as the local write path.
 - ``peers.first_seen`` and ``contents.first_seen`` take the minimum.
@@ -25,10 +31,11 @@ from functools import cache
 from operator import itemgetter
 from typing import Any
 
-from sqlalchemy import BigInteger, Integer, and_, bindparam, delete, func, literal, or_, select, update
+from sqlalchemy import BigInteger, Integer, and_, bindparam, case, delete, func, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...compiled import BulkInsert, Precompiled, Rows, RowsStatement
+from ...config import MIN_PEER_RETENTION_S
 from ...db import insert_for
 from ...gossip.protocol import MappingState, OriginDelta, PeerState
 from ...schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
@@ -83,25 +90,32 @@ async def claim_nonce(
 
 
 async def merge(
-    conn: AsyncConnection, dialect: str, local_key: str, deltas: Sequence[OriginDelta], window: int
+    conn: AsyncConnection,
+    dialect: str,
+    local_key: str,
+    deltas: Sequence[OriginDelta],
+    window: int,
+    forget_before: float | None = None,
 ) -> MergeCounts:
-    """Apply deltas in the caller's transaction; returns how many rows changed."""
+    """Apply deltas in the caller's transaction; returns how many rows changed. Peer rows last written
+    by their origin before ``forget_before`` are left out (module doc)."""
     counts = MergeCounts()
     # Origins in key order, so concurrent merges lock their tracker_nodes rows in one order.
     for delta in sorted(deltas, key=lambda d: d.origin):
         if delta.origin == local_key:
             continue  # this node is the authority on its own observations
         node_id = await _origin_id(conn, dialect, delta.origin)
+        states = delta.peers
+        if forget_before is not None:
+            states = [p for p in states if p.updated_at >= forget_before]
         # The earliest sighting anywhere in the message (min is what keeps first_seen order-free).
         peer_keys = _earliest(
-            [(p.peer, p.first_seen) for p in delta.peers] + [(m.peer, m.since) for m in delta.mappings]
+            [(p.peer, p.first_seen) for p in states] + [(m.peer, m.since) for m in delta.mappings]
         )
         peer_ids, stored = await _ensure_keys(conn, dialect, peers, peers.c.peer_key, peer_keys, node_id)
         missing = None
-        if delta.peers:
-            applied, missing = await _merge_peers(
-                conn, dialect, node_id, delta.peers, peer_ids, stored, window
-            )
+        if states:
+            applied, missing = await _merge_peers(conn, dialect, node_id, states, peer_ids, stored, window)
             counts.peers += applied
         if delta.mappings:
             content_ids, _ = await _ensure_keys(
@@ -312,12 +326,21 @@ async def _merge_peers(
 
 
 def _row_update(dialect: str, old: Any, new: Any) -> dict[str, Any]:
-    """The columns a newer row of the same origin replaces; the counters never go down."""
+    """The columns a newer row of the same origin replaces; the counters never go down but after a
+    restart of the row (``_counter``)."""
     return {
         **{name: getattr(new, name) for name in _ROW_FIELDS},
-        "served_count": greatest(dialect, old.served_count, new.served_count),
-        "failed_count": greatest(dialect, old.failed_count, new.failed_count),
+        "served_count": _counter(dialect, old, old.served_count, new.updated_at, new.served_count),
+        "failed_count": _counter(dialect, old, old.failed_count, new.updated_at, new.failed_count),
     }
+
+
+def _counter(dialect: str, old: Any, stored: Any, updated_at: Any, incoming: Any) -> Any:
+    """The maximum of the two counts, or the incoming one if its origin wrote it more than
+    ``MIN_PEER_RETENTION_S`` after the stored row: the origin may have forgotten that row and
+    started again from nothing (module doc)."""
+    restarted = updated_at - old.updated_at > literal(MIN_PEER_RETENTION_S)
+    return case((restarted, incoming), else_=greatest(dialect, stored, incoming))
 
 
 async def _merge_with_samples(
@@ -379,6 +402,13 @@ def _rolling_speed(samples: Sequence[tuple[float, int]], window: int) -> float |
     return sum(bps for _, bps in latest) / len(latest)
 
 
+def _bind(name: str) -> Any:
+    return bindparam(name, type_=BigInteger())
+
+
+_NEW_UPDATED_AT = bindparam("b_updated_at", type_=peer_stats.c.updated_at.type)
+
+
 @cache
 def _bare_update(dialect: str) -> Precompiled:
     """A newer row over the stored one, if that holds the samples it names (is at least as new).
@@ -402,8 +432,8 @@ def _bare_update(dialect: str) -> Precompiled:
         .values(
             **{name: bindparam(f"b_{name}", type_=peer_stats.c[name].type) for name in _ROW_FIELDS},
             samples_version=bindparam("b_samples_version", type_=BigInteger()),
-            served_count=greatest(dialect, ps.served_count, bindparam("b_served_count", type_=BigInteger())),
-            failed_count=greatest(dialect, ps.failed_count, bindparam("b_failed_count", type_=BigInteger())),
+            served_count=_counter(dialect, ps, ps.served_count, _NEW_UPDATED_AT, _bind("b_served_count")),
+            failed_count=_counter(dialect, ps, ps.failed_count, _NEW_UPDATED_AT, _bind("b_failed_count")),
         ),
         dialect,
     )

@@ -1,0 +1,325 @@
+"""Departed peers are forgotten, the same way on every tracker: ``peer_retention_s`` after their
+origin last wrote them, an origin's rows go with their samples, and then the peers and contents
+nothing refers to any more.
+
+Until 2026-12-06 ``peers``, ``contents``, ``peer_stats`` and each peer's latest samples were never
+deleted, and with churning peer ids they grew with every id ever seen (QA round 24's soak: +17 peers,
++77 contents and +430 samples a minute on a quiet mesh).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from gossip_helpers import Pair, open_pair
+from sqlalchemy import func, select, text
+
+from tracker import AvailabilityTracker, TrackerConfig
+from tracker.config import MIN_PEER_RETENTION_S
+from tracker.db import run_read, run_write
+from tracker.errors import ConfigError
+from tracker.gossip.protocol import OriginDelta, PeerState
+from tracker.queries import gossip as gq
+from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers
+from tracker.sweeper import FORGET_EVERY_S
+from tracker.testing import ManualClock
+
+T0 = 1_800_000_000.0
+TABLES = (peers, contents, peer_stats, bandwidth_samples, content_peers)
+
+
+async def _rows(tracker: AvailabilityTracker) -> dict[str, int]:
+    async def read(conn: Any) -> dict[str, int]:
+        return {
+            t.name: int((await conn.execute(select(func.count()).select_from(t))).scalar_one())
+            for t in TABLES
+        }
+
+    return await run_read(tracker.engine, read)
+
+
+async def _expire(tracker: AvailabilityTracker, clock: ManualClock) -> None:
+    """A pass past the timeout, as a running sweeper makes: closing a session writes the row."""
+    clock.advance(tracker.config.peer_timeout + 1)
+    await tracker.sweep()
+
+
+@pytest.fixture
+async def solo(db_url: str) -> AsyncIterator[tuple[AvailabilityTracker, ManualClock]]:
+    clock = ManualClock(T0)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as tracker:
+        yield tracker, clock
+
+
+async def test_a_departed_peer_goes_with_its_samples_mappings_and_contents(
+    solo: tuple[AvailabilityTracker, ManualClock],
+) -> None:
+    tracker, clock = solo
+    config = tracker.config
+    await tracker.record_peer_online("gone")
+    await tracker.record_download_speed("gone", 1_000)
+    await tracker.record_upload_success("gone")
+    await tracker.record_content_available("movie", "gone")
+    await tracker.record_peer_online("stays")
+    await tracker.record_content_available("movie", "stays")
+    await _expire(tracker, clock)
+    for _ in range(int(config.peer_retention_s // 250) + 1):  # "stays" keeps talking
+        clock.advance(250)
+        await tracker.record_peer_online("stays")
+    report = await tracker.sweep()
+    # Past the retention: the row and its samples are forgotten; the peer's mapping is a removal,
+    # which keeps the peer until the removal itself ages out.
+    assert report.pruned["peer_stats"] == 1
+    assert await tracker.get_peer_metrics("gone") is None
+    assert await _rows(tracker) == {
+        "peers": 2,
+        "contents": 1,
+        "peer_stats": 1,
+        "bandwidth_samples": 0,
+        "content_peers": 2,
+    }
+    assert await tracker.get_available_peers("movie") == ["stays"]
+    clock.advance(config.tombstone_keep_s + FORGET_EVERY_S)
+    await tracker.record_peer_online("stays")
+    report = await tracker.sweep()
+    assert report.pruned["peers"] == 1
+    assert await _rows(tracker) == {
+        "peers": 1,
+        "contents": 1,
+        "peer_stats": 1,
+        "bandwidth_samples": 0,
+        "content_peers": 1,
+    }
+    # Announced under its old id again, the peer starts afresh.
+    await tracker.record_peer_online("gone")
+    metrics = await tracker.get_peer_metrics("gone")
+    assert metrics is not None and metrics.online and metrics.chunks_served == 0
+
+
+async def test_a_content_nothing_refers_to_is_forgotten(
+    solo: tuple[AvailabilityTracker, ManualClock],
+) -> None:
+    tracker, clock = solo
+    await tracker.record_peer_online("p")
+    await tracker.record_content_available("movie", "p")
+    await tracker.record_content_unavailable("movie", "p")
+    clock.advance(tracker.config.tombstone_keep_s + 10)
+    await tracker.record_peer_online("p")
+    report = await tracker.sweep()
+    assert report.pruned["contents"] == 1
+    counts = await _rows(tracker)
+    assert (counts["contents"], counts["content_peers"], counts["peers"]) == (0, 0, 1)
+
+
+async def test_a_row_written_within_the_retention_stays(
+    solo: tuple[AvailabilityTracker, ManualClock],
+) -> None:
+    """What decides is the origin's last write of the row (``updated_at``), not the last sighting:
+    a failed upload report is no sighting, but the row it changed is in use."""
+    tracker, clock = solo
+    await tracker.record_peer_online("p")
+    await _expire(tracker, clock)
+    clock.advance(tracker.config.peer_retention_s - 100)
+    await tracker.record_upload_failure("p")
+    clock.advance(200)
+    report = await tracker.sweep()
+    assert report.pruned["peer_stats"] == 0
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and metrics.chunks_failed == 1
+
+
+async def test_forgetting_runs_at_most_hourly(solo: tuple[AvailabilityTracker, ManualClock]) -> None:
+    tracker, clock = solo
+    await tracker.record_peer_online("p")
+    await _expire(tracker, clock)  # the process's first pass forgets (nothing yet)
+    clock.advance(tracker.config.peer_retention_s + 10)
+    assert (await tracker.sweep()).pruned["peer_stats"] == 1  # due: more than an hour since
+    await tracker.record_peer_online("q")
+    clock.advance(FORGET_EVERY_S - 10)
+    assert "peer_stats" not in (await tracker.sweep()).pruned  # within the hour: not due
+    clock.advance(20)
+    assert (await tracker.sweep()).pruned["peer_stats"] == 0  # due again; q is in use
+    assert await tracker.get_peer_metrics("q") is not None
+
+
+def test_the_retention_has_a_floor() -> None:
+    with pytest.raises(ConfigError, match="peer_retention_s"):
+        TrackerConfig(peer_retention_s=MIN_PEER_RETENTION_S - 1)
+    config = TrackerConfig.from_env({"TRACKER_PEER_RETENTION_S": "86400"})
+    assert config.peer_retention_s == 86_400.0
+    # Never shorter than the departure retention, whose removals are dated by these rows' sightings.
+    assert TrackerConfig(peer_retention_s=3_600, offline_mapping_retention_s=7_200).forget_after_s == 7_200
+
+
+# --- gossip: the same verdict everywhere ----------------------------------------------------------
+
+
+@pytest.fixture
+async def pair(db_url: str, tmp_path: Path) -> AsyncIterator[Pair]:
+    async for opened in open_pair(db_url, tmp_path, T0):
+        yield opened
+
+
+async def test_a_peer_back_after_one_tracker_forgot_it_counts_the_same_on_both(pair: Pair) -> None:
+    """x forgets its row of p, p comes back to x, and y, which had not swept yet, takes x's new row as
+    it stands: with the counters' maximum, y kept the forgotten history and counted 5 served where x
+    counted 1, for good."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    for _ in range(5):
+        await x.record_upload_success("p")
+    await pair.gossip()
+    assert (await y.get_peer_metrics("p")).chunks_served == 5  # type: ignore[union-attr]
+    await _expire(x, clock)
+    await pair.gossip()
+    clock.advance(x.config.peer_retention_s + 10)
+    assert (await x.sweep()).pruned["peer_stats"] == 1
+    await x.record_peer_online("p")
+    await x.record_upload_success("p")
+    await pair.gossip()
+    for tracker in (x, y):
+        metrics = await tracker.get_peer_metrics("p")
+        assert metrics is not None and (metrics.chunks_served, metrics.online) == (1, True)
+    await y.sweep()  # and y's own pass finds nothing of x's to forget: the row is new
+    assert (await y.get_peer_metrics("p")).chunks_served == 1  # type: ignore[union-attr]
+
+
+async def test_a_neighbour_that_has_not_swept_cannot_bring_a_forgotten_row_back(pair: Pair) -> None:
+    """A row its origin last wrote longer ago than the retention, sent by a tracker that has not
+    swept yet (in a first contact, a relay, a snapshot), is left out: the receiver forgot it, or
+    would at its next pass."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await y.record_peer_online("p")
+    await y.record_download_speed("p", 2_000)
+    old = await _origin_row(y, "p")
+    clock.advance(x.config.peer_retention_s + 10)
+    delta = OriginDelta(origin=y.node_key, base=0, upto=old.version, samples_upto=old.version, peers=[old])
+
+    async def merge(conn: Any) -> gq.MergeCounts:
+        forget_before = x.now() - x.config.forget_after_s
+        return await gq.merge(conn, x.config.dialect, x.node_key, [delta], 10, forget_before)
+
+    counts = await run_write(x.engine, merge, 3)
+    assert counts.peers == 0
+    assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
+    # A row written since is taken as usual.
+    fresh = old.model_copy(update={"updated_at": clock() - 10, "version": old.version + 1})
+    delta = OriginDelta(
+        origin=y.node_key, base=0, upto=fresh.version, samples_upto=fresh.version, peers=[fresh]
+    )
+    assert (await run_write(x.engine, merge, 3)).peers == 1
+
+
+async def test_a_tracker_gone_for_good_leaves_nothing_behind(pair: Pair) -> None:
+    """y's rows and mappings are forgotten on x when y never comes back: the rows by their own age,
+    then the mappings of a peer with no row left (no sighting remains to date its departure), then
+    the peer and the content."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await y.record_peer_online("p")
+    await y.record_download_speed("p", 2_000)
+    await y.record_content_available("movie", "p")
+    await _expire(y, clock)
+    await pair.gossip()
+    pair.net.isolated.add("http://y")
+    clock.advance(x.config.peer_retention_s + 10)
+    report = await x.sweep()
+    assert (report.pruned["peer_stats"], report.pruned["content_peers"]) == (1, 0)
+    clock.advance(x.config.tombstone_keep_s + FORGET_EVERY_S)
+    report = await x.sweep()
+    assert (report.pruned["content_peers"], report.pruned["peers"], report.pruned["contents"]) == (1, 1, 1)
+    assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
+
+
+async def _origin_row(tracker: AvailabilityTracker, peer: str) -> PeerState:
+    """``peer``'s row of ``tracker``'s own origin as gossip sends it (stamped first)."""
+
+    async def read(conn: Any) -> PeerState:
+        await gq.stamp(conn, tracker.config.dialect, tracker.node_id, 1000)
+        got = await gq.read_deltas(conn, {tracker.node_key: 0}, (), 1000, 10)
+        return next(p for d in got.deltas for p in d.peers if p.peer == peer)
+
+    return await run_write(tracker.engine, read, 3)
+
+
+# --- Postgres: a key a writer holds is not deleted under it --------------------------------------
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_a_peer_whose_key_a_writer_holds_is_left_for_the_next_pass(db_url: str) -> None:
+    """A writer that has just upserted the key (the lock ON CONFLICT takes) is about to refer to it:
+    the sweeper passes over it (``SKIP LOCKED``) instead of deleting it, and its rows, under it."""
+    clock = ManualClock(T0)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as tracker:
+        await tracker.record_peer_online("p")
+        await _expire(tracker, clock)
+        clock.advance(tracker.config.peer_retention_s + 10)
+        await tracker.record_peer_online("other")
+        dsn = db_url.replace("postgresql+asyncpg://", "postgresql://")
+        holder = await asyncpg.connect(dsn)
+        try:
+            async with holder.transaction():
+                await holder.execute("SELECT id FROM peers WHERE peer_key = 'p' FOR NO KEY UPDATE")
+                report = await tracker.sweep()
+            assert (report.pruned["peer_stats"], report.pruned["peers"]) == (1, 0)
+        finally:
+            await holder.close()
+        clock.advance(FORGET_EVERY_S)
+        await tracker.record_peer_online("other")
+        assert (await tracker.sweep()).pruned["peers"] == 1
+        async with tracker.engine.connect() as conn:
+            keys = (await conn.execute(text("SELECT peer_key FROM peers"))).scalars().all()
+        assert keys == ["other"]
+
+
+def _state(version: int, served: int, updated_at: float, carried: bool) -> PeerState:
+    return PeerState(
+        peer="p",
+        first_seen=T0,
+        online=True,
+        online_since=T0,
+        last_seen=T0,
+        uptime_s=0.0,
+        served=served,
+        failed=0,
+        success_weight=0.0,
+        failure_weight=0.0,
+        evidence_at=None,
+        updated_at=updated_at,
+        version=version,
+        samples=[(T0, 1000)] if carried else None,
+        samples_version=1,
+    )
+
+
+@pytest.mark.parametrize("carried", [True, False], ids=["with samples", "without"])
+async def test_a_row_its_origin_restarted_replaces_the_counters_instead_of_their_maximum(
+    solo: tuple[AvailabilityTracker, ManualClock], carried: bool
+) -> None:
+    """Both merge paths: a newer row written more than ``MIN_PEER_RETENTION_S`` after the stored one
+    may be its origin's new start (its counters stand); one written sooner takes the maximum, so a
+    copy restored from an old backup lowers no counter."""
+    tracker, clock = solo
+    clock.advance(2 * MIN_PEER_RETENTION_S)
+
+    async def merge(state: PeerState) -> None:
+        delta = OriginDelta(origin="f" * 32, base=0, upto=state.version, samples_upto=1, peers=[state])
+
+        async def work(conn: Any) -> gq.MergeCounts:
+            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10, T0 - 1)
+
+        assert (await run_write(tracker.engine, work, 3)).peers == 1
+
+    async def served() -> int:
+        metrics = await tracker.get_peer_metrics("p")
+        assert metrics is not None
+        return metrics.chunks_served
+
+    await merge(_state(1, 10, T0, carried=True))
+    await merge(_state(2, 3, T0 + 100, carried))
+    assert await served() == 10
+    await merge(_state(3, 1, T0 + 100 + MIN_PEER_RETENTION_S + 1, carried))
+    assert await served() == 1
