@@ -23,6 +23,7 @@ from .config import TrackerConfig
 from .errors import (
     CommitOutcomeUnknown,
     StorageError,
+    describe,
     is_disconnect,
     is_transient,
     sqlstate_of,
@@ -324,7 +325,7 @@ async def run_write(
             if status == "committed":
                 log.warning(
                     "COMMIT went unanswered but was applied",
-                    extra={"action": "commit_checked", "status": status, "error": str(error)},
+                    extra={"action": "commit_checked", "status": status, "error": describe(error)},
                 )
                 return result
             if status == "aborted":
@@ -403,7 +404,7 @@ async def _commit_status(engine: AsyncEngine, xid: int) -> str | None:
     except TimeoutError:
         log.warning(
             "cannot settle an unanswered COMMIT: %s",
-            failure or "the transaction is still in progress",
+            describe(failure) if failure else "the transaction is still in progress",
             extra={"action": "commit_check_failed"},
         )
         return None
@@ -478,7 +479,13 @@ async def _back_off(error: Exception, attempt: int, retries: int, action: str) -
         raise translate(error) from error
     attempt += 1
     what = "database connection lost" if is_disconnect(error) else "transient database conflict"
-    log.warning(f"{what}, retrying", extra={"action": action, "attempt": attempt, "error": str(error)})
+    # The error described, never str(error): SQLAlchemy's carries the statement and its parameters
+    # (~1.7 KB a line, peer ids in bulk, for each retried deadlock of a gossip merge in a soak).
+    fields: dict[str, Any] = {"action": action, "attempt": attempt, "error": describe(error)}
+    if (state := sqlstate_of(error)) is not None:
+        fields["sqlstate"] = state
+    log.warning(f"{what} on attempt {attempt} of {retries + 1}, retrying", extra=fields)
+    log.debug("the retried error in full", exc_info=error, extra={"action": action, "attempt": attempt})
     await asyncio.sleep(min(0.5, 0.005 * 2**attempt))
     return attempt
 

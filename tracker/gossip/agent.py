@@ -21,7 +21,7 @@ import httpx
 
 from .. import db
 from ..core import AvailabilityTracker
-from ..errors import TrackerError
+from ..errors import StorageError, TrackerError, describe
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
 from . import limits
@@ -538,11 +538,16 @@ class GossipAgent:
             neighbor.retry_at = self._now() + min(
                 self.config.backoff_max_s, interval * 2 ** (neighbor.failures - 1)
             )
+            # Described, not str(error): a storage error's cause carries the merge's statement and its
+            # parameters, kilobytes of peer ids a line (the traceback only at DEBUG).
             log.warning(
                 "gossip with %s failed: %s",
                 neighbor.url,
-                error,
+                describe(error),
                 extra={"action": "gossip_failure", "neighbor": neighbor.url, "failures": neighbor.failures},
+            )
+            log.debug(
+                "gossip with %s failed", neighbor.url, exc_info=error, extra={"action": "gossip_failure"}
             )
             return False
         neighbor.failures, neighbor.retry_at = 0, 0.0
@@ -560,8 +565,15 @@ class GossipAgent:
             await asyncio.sleep(self.interval + self._rng.uniform(-spread, spread))
             try:
                 await self.round()
-            except Exception:  # the database may be down: log, keep the loop alive
-                log.exception("gossip round failed", extra={"action": "gossip_round_failure"})
+            except Exception as error:  # the database may be down: log, keep the loop alive
+                if not (isinstance(error, StorageError) or db.is_driver_error(error)):
+                    log.exception("gossip round failed", extra={"action": "gossip_round_failure"})
+                    continue
+                # A database's failure in one line (its statement and parameters only at DEBUG).
+                log.error(
+                    "gossip round failed: %s", describe(error), extra={"action": "gossip_round_failure"}
+                )
+                log.debug("gossip round failed", exc_info=error, extra={"action": "gossip_round_failure"})
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -26,7 +26,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
 from ..core import AvailabilityTracker
-from ..errors import CommitOutcomeUnknown, InvalidInput, StorageError, TrackerClosed, TransientStorageError
+from ..errors import (
+    CommitOutcomeUnknown,
+    InvalidInput,
+    StorageError,
+    TrackerClosed,
+    TransientStorageError,
+    describe,
+)
 from ..events import FORBIDDEN_CHARACTERS
 from ..gossip import limits as gossip_limits
 from ..gossip.agent import GOSSIP_PATH, GossipAgent
@@ -246,15 +253,21 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(request, error.status_code, code, message, headers=headers)
 
     async def busy(request: Request, error: Exception) -> JSONResponse:
-        log.warning("storage busy: %s", error, extra={"request_id": request.scope.get("request_id")})
+        log.warning(
+            "storage busy: %s", describe(error), extra={"request_id": request.scope.get("request_id")}
+        )
         return error_response(request, 503, "storage_busy", "the database is busy; retry shortly")
 
     async def storage(request: Request, error: Exception) -> JSONResponse:
-        log.error("storage error: %s", error, extra={"request_id": request.scope.get("request_id")})
+        log.error("storage error: %s", describe(error), extra={"request_id": request.scope.get("request_id")})
         return error_response(request, 503, "storage_unavailable", "the database is unavailable; retry later")
 
     async def unknown(request: Request, error: Exception) -> JSONResponse:
-        log.error("commit outcome unknown: %s", error, extra={"request_id": request.scope.get("request_id")})
+        log.error(
+            "commit outcome unknown: %s",
+            describe(error),
+            extra={"request_id": request.scope.get("request_id")},
+        )
         assert isinstance(error, CommitOutcomeUnknown)
         # On SQLite only a forced shutdown gets here, and no connection failed (QA round 16).
         why = (

@@ -1,0 +1,117 @@
+"""A retried database error is logged as a short line that names it, never as the failed statement:
+asyncpg's and SQLAlchemy's messages carry the whole SQL and its parameters (peer ids in bulk), and
+each retry of a deadlocked gossip merge logged ~1.7 KB (a 48-minute soak)."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+
+import asyncpg
+import pytest
+from conftest import FakeClock, _dsn
+from gossip_helpers import KEY, LocalNet
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tracker import AvailabilityTracker, TrackerConfig, TransientStorageError, db
+from tracker.events import PeerOnline
+from tracker.gossip.agent import GossipAgent
+from tracker.gossip.config import GossipConfig
+from tracker.service.logs import TextFormatter
+
+#: Longest a retry's whole log line may be, time, level, logger and fields included.
+MOST_CHARACTERS = 400
+PEER = "peer-with-a-recognisable-id"
+
+
+@asynccontextmanager
+async def _write_locked(db_url: str, engine_name: str) -> AsyncIterator[None]:
+    """Another session holding what every write needs: the SQLite file's write lock, or the peers table."""
+    if engine_name == "sqlite":
+        other = sqlite3.connect(str(make_url(db_url).database), isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            yield
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        return
+    conn = await asyncpg.connect(_dsn(db_url))
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE peers IN ACCESS EXCLUSIVE MODE")
+            yield
+    finally:
+        await conn.close()
+
+
+@contextmanager
+def _retry_lines(caplog: pytest.LogCaptureFixture) -> Iterator[list[logging.LogRecord]]:
+    found: list[logging.LogRecord] = []
+    with caplog.at_level(logging.DEBUG, logger="tracker"):
+        yield found
+    found.extend(r for r in caplog.records if getattr(r, "action", None) == "write_retry")
+
+
+async def _touch_peer(conn: AsyncConnection) -> None:
+    await conn.execute(text("UPDATE peers SET peer_key = :key WHERE peer_key = :key"), {"key": PEER})
+
+
+@pytest.mark.parametrize("how", ["record_batch", "run_write"])
+async def test_a_retried_lock_conflict_is_logged_short_named_and_without_its_sql(
+    db_url: str, engine_name: str, clock: FakeClock, caplog: pytest.LogCaptureFixture, how: str
+) -> None:
+    """Through the ingest path (SQLite's lane: a bare sqlite3 error) and through ``run_write`` on the
+    engine, as the gossip merge and the sweeper write (SQLAlchemy's error, statement and all)."""
+    config = TrackerConfig(
+        database_url=db_url, clock=clock, write_retries=1, sqlite_busy_timeout_s=0.05, pg_lock_timeout_s=0.05
+    )
+    async with AvailabilityTracker(config) as tracker:
+        with _retry_lines(caplog) as lines:
+            async with _write_locked(db_url, engine_name):
+                with pytest.raises(TransientStorageError):
+                    if how == "record_batch":
+                        await tracker.record_batch([PeerOnline(PEER)])
+                    else:
+                        await db.run_write(tracker.engine, _touch_peer, config.write_retries)
+    warnings = [r for r in lines if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in lines]
+    line = TextFormatter().format(warnings[0])
+    assert len(line) <= MOST_CHARACTERS, line
+    named = "database is locked" if engine_name == "sqlite" else "LockNotAvailableError [SQLSTATE 55P03]"
+    assert named in line and "attempt 1 of 2" in line, line
+    for leaked in ("INSERT", "UPDATE", "SELECT", "BEGIN", "[SQL:", "parameters", PEER):
+        assert leaked not in line, line
+
+
+async def test_a_gossip_exchange_failing_on_its_database_is_logged_short_and_without_its_sql(
+    db_url: str, other_db_url: str, engine_name: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The agent's failure line named the storage error by its ``str()``: the statement and its
+    parameters again, at every round while its database stayed locked."""
+    net = LocalNet()
+    settings = {"clock": clock, "write_retries": 1, "sqlite_busy_timeout_s": 0.05, "pg_lock_timeout_s": 0.05}
+    async with (
+        AvailabilityTracker(TrackerConfig(database_url=db_url, **settings)) as here,
+        AvailabilityTracker(TrackerConfig(database_url=other_db_url, **settings)) as there,
+    ):
+        agent = GossipAgent(here, GossipConfig(keys=(KEY,), neighbors=("http://b",)), transport=net)
+        net.agents["http://b"] = GossipAgent(there, GossipConfig(keys=(KEY,)), transport=net)
+        await there.record_peer_online(PEER)  # a row to merge here
+        with caplog.at_level(logging.DEBUG, logger="tracker"):
+            async with _write_locked(db_url, engine_name):
+                assert await agent.round() == 0
+    failures = [
+        r
+        for r in caplog.records
+        if getattr(r, "action", None) == "gossip_failure" and r.levelno >= logging.WARNING
+    ]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]
+    line = TextFormatter().format(failures[0])
+    assert len(line) <= MOST_CHARACTERS and "TransientStorageError" in line, line
+    for leaked in ("INSERT", "UPDATE", "SELECT", "BEGIN", "[SQL:", "parameters", PEER):
+        assert leaked not in line, line
