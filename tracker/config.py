@@ -37,8 +37,14 @@ _DURATIONS = (
     "slow_start_s",
     "pg_connect_timeout_s",
 )
-#: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass; no lock timeout).
-_OPTIONAL_DURATIONS = ("heartbeat_resolution_s", "snapshot_interval_s", "pg_lock_timeout_s")
+#: Durations where 0 means "off" (every heartbeat travels; a snapshot every pass; no lock timeout;
+#: migrations wait without end).
+_OPTIONAL_DURATIONS = (
+    "heartbeat_resolution_s",
+    "snapshot_interval_s",
+    "pg_lock_timeout_s",
+    "migration_timeout_s",
+)
 STRATEGIES = ("best", "weighted")
 #: The shortest ``peer_retention_s``. A gossiped row whose origin wrote it more than this after the
 #: version a tracker holds may be one its origin forgot and started again, so it replaces the
@@ -168,6 +174,13 @@ class TrackerConfig:
     #: one ``LOCK TABLE peers`` left open in psql would stall every write, and a graceful shutdown with
     #: them. Migrations are exempt (``migrations.migrate``).
     pg_lock_timeout_s: float = 30.0
+    #: How long a migration (``auto_migrate`` on open, ``tracker db upgrade``) may wait for its locks
+    #: in all, on Postgres: the migration lock another process holds, and the tables it changes,
+    #: tried again and again (``migrations.migrate``). Then it fails, naming who holds them; 0 waits
+    #: without end. Not ``pg_lock_timeout_s``: queued behind another process's migration of a large
+    #: table, a tracker must wait minutes, not seconds. Before, a lock never released (a session
+    #: left holding it) kept ``open()`` waiting forever (QA round 23).
+    migration_timeout_s: float = 600.0
     #: How long connecting to Postgres may take before it fails, naming the server. asyncpg's own
     #: limit is 60 s, and its error an empty ``TimeoutError``: a port that accepts and never answers
     #: (a firewall, a stopped VM, a wrong service) held ``tracker serve`` for a minute and then

@@ -200,7 +200,7 @@ class AvailabilityTracker:
         try:
             await db.ensure_wal(engine)
             if self.config.auto_migrate:
-                await migrations.migrate(engine)
+                await migrations.migrate(engine, timeout_s=self.config.migration_timeout_s)
             else:
                 current, head = await migrations.current_revision(engine), migrations.head_revision()
                 if problem := migrations.unknown_revision_problem(current):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from functools import cache
 from pathlib import Path
@@ -20,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import write_connection
-from .errors import SchemaOutOfDate, sqlstate_of
+from .errors import SchemaOutOfDate, TransientStorageError, describe, is_transient, sqlstate_of
 from .schema import metadata
 
 if TYPE_CHECKING:
@@ -61,39 +62,92 @@ LOCK_ATTEMPT_S = 2.0
 _MOST_PAUSE_S = 10.0
 
 
-async def migrate(engine: AsyncEngine, revision: str = "head", *, downgrade: bool = False) -> None:
+#: ``TrackerConfig.migration_timeout_s``'s default, for callers without a config.
+DEFAULT_TIMEOUT_S = 600.0
+
+
+async def migrate(
+    engine: AsyncEngine,
+    revision: str = "head",
+    *,
+    downgrade: bool = False,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> None:
     """Upgrade (or downgrade) the database in-process, on a connection of ``engine``.
 
     Several processes may open the same empty Postgres database at once; an advisory lock makes
     them migrate one after the other. On SQLite the IMMEDIATE transaction does the same.
 
-    On Postgres the migration waits until it can have its locks, whatever ``pg_lock_timeout_s``
-    says (failing would stop a tracker from starting, or a deployment step, for a wait that ends),
-    but never more than ``LOCK_ATTEMPT_S`` at a time: a migration's ALTER waiting for a table's lock
-    holds up every statement on that table queued behind it, so a report left idle in a transaction
+    On Postgres the migration waits for its locks whatever ``pg_lock_timeout_s`` says (failing would
+    stop a tracker from starting, or a deployment step, for a wait that ends), but never more than
+    ``LOCK_ATTEMPT_S`` at a time for a table: a migration's ALTER waiting for a table's lock holds
+    up every statement on that table queued behind it, so a report left idle in a transaction
     stopped every tracker for as long as it stayed open (QA round 19). Each attempt is rolled back
     whole, and the sessions holding the tables are logged, while it waits.
+
+    All those waits together end after ``timeout_s`` (0: never; an attempt under way may overrun it
+    by up to ``LOCK_ATTEMPT_S``): then ``TransientStorageError`` says which lock stayed held, and by
+    whom. A lock never released kept ``open()`` waiting forever
+    (QA round 23). The migration's own work, once it has its locks, is not cut short. On SQLite the
+    busy timeout bounds the one wait for the write lock.
     """
     await asyncio.to_thread(_load_alembic)
+    # The loop's clock, not the tracker's injected one: this bounds real waits (the server's lock
+    # waits, the pauses below), which a test clock that stands still would never end.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s if timeout_s > 0 else math.inf
     attempt = 0
     while True:
         try:
-            await _migrate_once(engine, revision, downgrade=downgrade)
+            await _migrate_once(engine, revision, downgrade=downgrade, wait_s=deadline - loop.time())
             return
         except DBAPIError as error:
-            if engine.dialect.name != "postgresql" or sqlstate_of(error) != _LOCK_NOT_AVAILABLE:
+            if engine.dialect.name != "postgresql":
+                if is_transient(error):
+                    raise TransientStorageError(
+                        "cannot migrate the database: another connection held the SQLite file's write "
+                        f"lock for all of the busy timeout (sqlite_busy_timeout_s): {describe(error)}"
+                    ) from error
                 raise
+            if sqlstate_of(error) != _LOCK_NOT_AVAILABLE:
+                raise
+            locked = error
+        except _MigrationLockHeld as held:
+            raise TransientStorageError(
+                f"cannot migrate the database: the migration lock (advisory lock {MIGRATION_LOCK_KEY}) "
+                f"stayed held by another session for {timeout_s:g} s (migration_timeout_s)"
+                f"{await _advisory_holders(engine)}; end that session, or raise migration_timeout_s "
+                "if a long migration holds it"
+            ) from held.error
         attempt += 1
+        holders = await _lock_holders(engine)
+        if loop.time() >= deadline:
+            raise TransientStorageError(
+                f"cannot migrate the database: a table it changes stayed locked through {attempt} "
+                f"attempts in {timeout_s:g} s (migration_timeout_s){holders or ' by another session'}"
+            ) from locked
+        # The last pause ends at the deadline, for one more attempt (which may overrun it by up to
+        # LOCK_ATTEMPT_S): a lock released meanwhile lets the migration through.
         pause = min(_MOST_PAUSE_S, 0.5 * 2 ** min(attempt, 5)) * random.uniform(0.5, 1.0)
+        pause = min(pause, deadline - loop.time())
         log.warning(
             "migration: a table it changes stayed locked for %g s; trying again in %.1f s (attempt %d)%s",
             LOCK_ATTEMPT_S,
             pause,
             attempt,
-            await _lock_holders(engine),
+            holders,
             extra={"action": "migration_lock_wait", "attempt": attempt},
         )
         await asyncio.sleep(pause)
+
+
+class _MigrationLockHeld(Exception):
+    """The migration lock was not granted within the migration's time left: another session holds
+    it. Carries the driver's error."""
+
+    def __init__(self, error: DBAPIError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 _LOCK_NOT_AVAILABLE = "55P03"
@@ -108,7 +162,7 @@ def _load_alembic() -> None:
     import alembic.script  # noqa: F401
 
 
-async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool) -> None:
+async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool, wait_s: float) -> None:
     from alembic import command
 
     def _run(sync_conn: Connection) -> None:
@@ -122,9 +176,16 @@ async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool) 
     async with write_connection(engine) as conn, conn.begin():
         if engine.dialect.name == "postgresql":
             # Queued on the advisory lock, a process waits for another's migration: that holds up no
-            # one else, so without limit. Its own statements then wait LOCK_ATTEMPT_S at a time.
-            await conn.exec_driver_sql("SET LOCAL lock_timeout = 0")  # this transaction only
-            await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+            # one else, so for all the time the migration has left (0: without limit; at least 1 ms,
+            # which 0 would not be). Its own statements then wait LOCK_ATTEMPT_S at a time.
+            wait_ms = 0 if math.isinf(wait_s) else max(1, round(wait_s * 1000))
+            await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")  # this transaction only
+            try:
+                await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")
+            except DBAPIError as error:
+                if sqlstate_of(error) == _LOCK_NOT_AVAILABLE:
+                    raise _MigrationLockHeld(error) from error
+                raise
             await conn.exec_driver_sql(f"SET LOCAL lock_timeout = '{round(LOCK_ATTEMPT_S * 1000)}ms'")
         current = await conn.run_sync(_revision_of)
         if problem := unknown_revision_problem(current):
@@ -160,6 +221,28 @@ async def _lock_holders(engine: AsyncEngine) -> str:
         for pid, state, app, age in rows
     )
     return f": sessions holding the tracker's tables: {sessions}"
+
+
+async def _advisory_holders(engine: AsyncEngine) -> str:
+    """``": pid N (state, application)"``: the session holding the migration lock, for the error;
+    empty when none is found (or asking fails: the error matters more)."""
+    query = text(
+        "SELECT a.pid, a.state, coalesce(a.application_name, '') "
+        "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.database = "
+        "      (SELECT oid FROM pg_database WHERE datname = current_database()) "
+        "  AND ((l.classid::bigint << 32) | l.objid::bigint) = :key AND a.pid <> pg_backend_pid() "
+        "LIMIT 1"
+    )
+    try:
+        async with engine.connect() as conn:
+            row = (await conn.execute(query, {"key": MIGRATION_LOCK_KEY})).first()
+    except Exception:  # a diagnosis only: the error matters more
+        return ""
+    if row is None:
+        return ""
+    pid, state, app = row
+    return f": pid {pid} ({state}{f', {app}' if app else ''})"
 
 
 def _revision_of(sync_conn: Connection) -> str | None:

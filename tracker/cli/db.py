@@ -62,7 +62,7 @@ def upgrade(
         async def work(engine: AsyncEngine) -> tuple[str | None, str | None]:
             before = await migrations.current_revision(engine)
             await db.ensure_wal(engine)
-            await migrations.migrate(engine, revision)
+            await migrations.migrate(engine, revision, timeout_s=config.migration_timeout_s)
             return before, await migrations.current_revision(engine)
 
         before, after = run(_with_engine(config, work))
@@ -84,7 +84,7 @@ def downgrade(
         require_existing_sqlite(config)
 
         async def work(engine: AsyncEngine) -> str | None:
-            await migrations.migrate(engine, revision, downgrade=True)
+            await migrations.migrate(engine, revision, downgrade=True, timeout_s=config.migration_timeout_s)
             return await migrations.current_revision(engine)
 
         after = run(_with_engine(config, work))
