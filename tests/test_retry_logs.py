@@ -4,6 +4,7 @@ each retry of a deadlocked gossip merge logged ~1.7 KB (a 48-minute soak)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
@@ -115,3 +116,40 @@ async def test_a_gossip_exchange_failing_on_its_database_is_logged_short_and_wit
     assert len(line) <= MOST_CHARACTERS and "TransientStorageError" in line, line
     for leaked in ("INSERT", "UPDATE", "SELECT", "BEGIN", "[SQL:", "parameters", PEER):
         assert leaked not in line, line
+
+
+async def test_a_sweep_failing_on_its_database_is_logged_short_and_without_its_sql(
+    db_url: str, engine_name: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The background sweeper logged a failed pass with its traceback, the statement and parameters of
+    the failing write chained in, and kept that text as ``last_error`` for /readyz and the CLI."""
+    config = TrackerConfig(
+        database_url=db_url,
+        clock=clock,
+        write_retries=1,
+        sqlite_busy_timeout_s=0.05,
+        pg_lock_timeout_s=0.05,
+        update_interval=0.02,
+    )
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.record_peer_online(PEER)
+        clock.advance(config.peer_timeout + 1)  # a stale session for the pass to close
+        with caplog.at_level(logging.DEBUG, logger="tracker"):
+            async with _write_locked(db_url, engine_name):
+                tracker.start_sweeper()
+                deadline = asyncio.get_running_loop().time() + 10
+                while tracker.sweeper_state.failures == 0:
+                    assert asyncio.get_running_loop().time() < deadline, "the pass never failed"
+                    await asyncio.sleep(0.01)
+                await tracker.stop_sweeper()
+        last_error = tracker.sweeper_state.last_error
+    failures = [
+        r
+        for r in caplog.records
+        if getattr(r, "action", None) == "sweep_failed" and r.levelno >= logging.WARNING
+    ]
+    assert failures, [r.getMessage() for r in caplog.records]
+    for text_ in (TextFormatter().format(failures[0]), str(last_error)):
+        assert len(text_) <= MOST_CHARACTERS and "TransientStorageError" in text_, text_
+        for leaked in ("INSERT", "UPDATE", "SELECT", "BEGIN", "[SQL:", "parameters", PEER):
+            assert leaked not in text_, text_

@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
-from .errors import StorageError
+from .errors import StorageError, describe
 from .gossip import files, snapshot
 from .queries import forget, prune_expired_leases
 from .queries import sweep as q
@@ -191,7 +191,11 @@ async def _save_clock(tracker: AvailabilityTracker) -> None:
     try:
         await tracker._persist_clock()
     except StorageError as error:
-        log.warning("could not store the clock's state: %s", error, extra={"action": "clock_state_not_saved"})
+        log.warning(
+            "could not store the clock's state: %s",
+            describe(error),
+            extra={"action": "clock_state_not_saved"},
+        )
 
 
 async def _database_clock_offset(tracker: AvailabilityTracker) -> float | None:
@@ -639,8 +643,15 @@ class SweeperTask:
             except Exception as error:
                 failures += 1
                 state.failures += 1
-                state.last_error = f"{type(error).__name__}: {error}"
-                log.exception("sweep failed", extra={"action": "sweep_failed", "consecutive": failures})
+                # Described: str() of a database error carries its statement and parameters (peer ids
+                # in bulk), in every log line and in /readyz's and the CLI's report of the sweeper.
+                state.last_error = describe(error)
+                extra = {"action": "sweep_failed", "consecutive": failures}
+                if isinstance(error, StorageError) or db.is_driver_error(error):
+                    log.error("sweep failed: %s", state.last_error, extra=extra)
+                    log.debug("sweep failed", exc_info=error, extra=extra)
+                else:  # a defect: its traceback matters
+                    log.exception("sweep failed", extra=extra)
             else:
                 failures = 0
                 state.last_report = report
