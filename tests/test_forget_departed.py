@@ -22,6 +22,7 @@ from tracker import AvailabilityTracker, TrackerConfig
 from tracker.config import MIN_PEER_RETENTION_S
 from tracker.db import run_read, run_write
 from tracker.errors import ConfigError
+from tracker.events import PeerOnline
 from tracker.gossip.protocol import OriginDelta, PeerState
 from tracker.queries import gossip as gq
 from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers
@@ -71,22 +72,9 @@ async def test_a_departed_peer_goes_with_its_samples_mappings_and_contents(
         clock.advance(250)
         await tracker.record_peer_online("stays")
     report = await tracker.sweep()
-    # Past the retention: the row and its samples are forgotten; the peer's mapping is a removal,
-    # which keeps the peer until the removal itself ages out.
-    assert report.pruned["peer_stats"] == 1
+    # Past the retention: its mapping, its outcome, its row with its samples, and then the peer.
+    assert (report.pruned["peer_stats"], report.pruned["peers"], report.pruned["contents"]) == (1, 1, 0)
     assert await tracker.get_peer_metrics("gone") is None
-    assert await _rows(tracker) == {
-        "peers": 2,
-        "contents": 1,
-        "peer_stats": 1,
-        "bandwidth_samples": 0,
-        "content_peers": 2,
-    }
-    assert await tracker.get_available_peers("movie") == ["stays"]
-    clock.advance(config.tombstone_keep_s + FORGET_EVERY_S)
-    await tracker.record_peer_online("stays")
-    report = await tracker.sweep()
-    assert report.pruned["peers"] == 1
     assert await _rows(tracker) == {
         "peers": 1,
         "contents": 1,
@@ -94,6 +82,7 @@ async def test_a_departed_peer_goes_with_its_samples_mappings_and_contents(
         "bandwidth_samples": 0,
         "content_peers": 1,
     }
+    assert await tracker.get_available_peers("movie") == ["stays"]
     # Announced under its old id again, the peer starts afresh.
     await tracker.record_peer_online("gone")
     metrics = await tracker.get_peer_metrics("gone")
@@ -151,8 +140,10 @@ def test_the_retention_has_a_floor() -> None:
         TrackerConfig(peer_retention_s=MIN_PEER_RETENTION_S - 1)
     config = TrackerConfig.from_env({"TRACKER_PEER_RETENTION_S": "86400"})
     assert config.peer_retention_s == 86_400.0
-    # Never shorter than the departure retention, whose removals are dated by these rows' sightings.
-    assert TrackerConfig(peer_retention_s=3_600, offline_mapping_retention_s=7_200).forget_after_s == 7_200
+    # Never sooner than a departed peer's mappings go: they are dated by these rows' sightings.
+    config = TrackerConfig(peer_retention_s=3_600, offline_mapping_retention_s=7_200, tombstone_ttl_s=3_600)
+    assert config.forget_after_s == 7_200 + config.tombstone_keep_s + config.max_clock_skew_s
+    assert TrackerConfig().forget_after_s == 14 * 86_400
 
 
 # --- gossip: the same verdict everywhere ----------------------------------------------------------
@@ -188,36 +179,59 @@ async def test_a_peer_back_after_one_tracker_forgot_it_counts_the_same_on_both(p
     assert (await y.get_peer_metrics("p")).chunks_served == 1  # type: ignore[union-attr]
 
 
-async def test_a_neighbour_that_has_not_swept_cannot_bring_a_forgotten_row_back(pair: Pair) -> None:
-    """A row its origin last wrote longer ago than the retention, sent by a tracker that has not
-    swept yet (in a first contact, a relay, a snapshot), is left out: the receiver forgot it, or
-    would at its next pass."""
+async def test_a_forgotten_row_sent_again_goes_again_with_its_mapping(pair: Pair) -> None:
+    """A neighbour that has not swept yet (a first contact, a snapshot) may send a forgotten row again,
+    with its peer's mapping: both are taken, and the next pass takes them away, the mapping by what
+    the row says. Left out of the merge, the row took with it the only date the mapping's departure
+    could go by, and the mapping stayed for good (QA round 27)."""
     x, y, clock = pair.x, pair.y, pair.clock
     await y.record_peer_online("p")
     await y.record_download_speed("p", 2_000)
-    old = await _origin_row(y, "p")
-    clock.advance(x.config.peer_retention_s + 10)
-    delta = OriginDelta(origin=y.node_key, base=0, upto=old.version, samples_upto=old.version, peers=[old])
+    await y.record_content_available("movie", "p")
+    await _expire(y, clock)
+    sent = await _origin_delta(y)
+    clock.advance(x.config.forget_after_s + 10)
+    await x.sweep()  # x's first pass: forgetting has run, and is due again in an hour
 
     async def merge(conn: Any) -> gq.MergeCounts:
-        forget_before = x.now() - x.config.forget_after_s
-        return await gq.merge(conn, x.config.dialect, x.node_key, [delta], 10, forget_before)
+        return await gq.merge(conn, x.config.dialect, x.node_key, [sent], 10)
 
     counts = await run_write(x.engine, merge, 3)
-    assert counts.peers == 0
+    assert (counts.peers, counts.mappings) == (1, 1)
+    clock.advance(FORGET_EVERY_S)
+    report = await x.sweep()
+    assert (report.pruned["content_peers"], report.pruned["peer_stats"], report.pruned["peers"]) == (1, 1, 1)
     assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
-    # A row written since is taken as usual.
-    fresh = old.model_copy(update={"updated_at": clock() - 10, "version": old.version + 1})
-    delta = OriginDelta(
-        origin=y.node_key, base=0, upto=fresh.version, samples_upto=fresh.version, peers=[fresh]
-    )
-    assert (await run_write(x.engine, merge, 3)).peers == 1
+
+
+async def test_a_mapping_that_came_before_its_peers_row_is_kept(pair: Pair) -> None:
+    """A new tracker's first sync may bring a long-lived peer's mapping (announced days ago) in one
+    message and its row in a later one; a pass in between deleted the mapping for want of a row,
+    and gossip never sent it again (QA round 27)."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await y.record_peer_online("p")
+    await y.record_content_available("movie", "p")
+    (announced,) = (await _origin_delta(y)).mappings  # stamped: the mapping's version
+    for _ in range(int((x.config.offline_mapping_retention_s + x.config.tombstone_keep_s) // 250) + 2):
+        clock.advance(250)
+        await y.record_peer_online("p")  # online all along; the announcement is old
+    # The first message: complete through the mapping's version, which the row has moved beyond.
+    first = OriginDelta(origin=y.node_key, base=0, upto=announced.version, mappings=[announced])
+
+    async def merge(conn: Any) -> gq.MergeCounts:
+        return await gq.merge(conn, x.config.dialect, x.node_key, [first], 10)
+
+    assert (await run_write(x.engine, merge, 3)).mappings == 1
+    await x.sweep()  # the process's first pass: forgetting runs
+    assert (await _rows(x))["content_peers"] == 1
+    await pair.gossip()  # the rest of the sync: the row
+    assert await x.get_available_peers("movie") == ["p"]
 
 
 async def test_a_tracker_gone_for_good_leaves_nothing_behind(pair: Pair) -> None:
-    """y's rows and mappings are forgotten on x when y never comes back: the rows by their own age,
-    then the mappings of a peer with no row left (no sighting remains to date its departure), then
-    the peer and the content."""
+    """y's mappings and rows go from x when y never comes back: the mappings by the departure their
+    peer's rows date (the retention and the tombstones' time), then the rows by their own age, and
+    then the peer and the content."""
     x, y, clock = pair.x, pair.y, pair.clock
     await y.record_peer_online("p")
     await y.record_download_speed("p", 2_000)
@@ -225,22 +239,76 @@ async def test_a_tracker_gone_for_good_leaves_nothing_behind(pair: Pair) -> None
     await _expire(y, clock)
     await pair.gossip()
     pair.net.isolated.add("http://y")
-    clock.advance(x.config.peer_retention_s + 10)
+    clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
     report = await x.sweep()
-    assert (report.pruned["peer_stats"], report.pruned["content_peers"]) == (1, 0)
-    clock.advance(x.config.tombstone_keep_s + FORGET_EVERY_S)
+    # The mapping goes, and the content with it; the peer's row is younger than the retention.
+    assert (report.pruned["content_peers"], report.pruned["contents"], report.pruned["peer_stats"]) == (
+        1,
+        1,
+        0,
+    )
+    clock.advance(x.config.forget_after_s)
     report = await x.sweep()
-    assert (report.pruned["content_peers"], report.pruned["peers"], report.pruned["contents"]) == (1, 1, 1)
+    assert (report.pruned["peer_stats"], report.pruned["peers"]) == (1, 1)
     assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
 
 
-async def _origin_row(tracker: AvailabilityTracker, peer: str) -> PeerState:
-    """``peer``'s row of ``tracker``'s own origin as gossip sends it (stamped first)."""
+async def test_a_late_pass_does_not_make_a_forgotten_row_young(pair: Pair) -> None:
+    """A tracker back after longer than the retention (or one that ran without its sweeper) closes the
+    stale sessions of its first pass. Dated by the pass, the closing write made the row young again
+    and gossip took it, old counters and all, back to every tracker that had forgotten it (QA round
+    27); dated when the session timed out, the same pass forgets it."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    for _ in range(5):
+        await x.record_upload_success("p")
+    await pair.gossip()
+    clock.advance(x.config.forget_after_s + x.config.peer_timeout + 10)
+    assert (await y.sweep()).pruned["peer_stats"] == 1  # y forgot x's row
+    report = await x.sweep()  # x's first pass since: it closes the session, and forgets the row
+    assert (report.peers_marked_offline, report.pruned["peer_stats"]) == (1, 1)
+    await pair.gossip()
+    for tracker in (x, y):
+        assert await tracker.get_peer_metrics("p") is None
 
-    async def read(conn: Any) -> PeerState:
+
+async def test_a_quiet_write_keeps_the_rows_time(db_url: str) -> None:
+    """With ``heartbeat_resolution_s``, a late event keeps the row's gossip version, and its time must
+    stay with it: moved alone, the origin forgot the row up to ``max_event_age_s`` later than its
+    neighbours, which hold the time gossip carried (QA round 27)."""
+    clock = ManualClock(T0)
+    config = TrackerConfig(database_url=db_url, clock=clock, heartbeat_resolution_s=60)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.record_peer_online("p")
+        clock.advance(3 * 86_400)
+        await tracker.record_peer_online("p", at=T0 - 10)  # late: changes nothing gossip carries
+
+        async def read(conn: Any) -> float:
+            return float((await conn.execute(select(peer_stats.c.updated_at))).scalar_one())
+
+        assert await run_read(tracker.engine, read) == T0
+
+
+async def test_forgetting_more_keys_than_a_statement_takes(db_url: str) -> None:
+    """A slice's keys go in bounded lists: with ``sweep_batch_size`` above 32,767, Postgres refused
+    the statement, and every pass failed from then on (QA round 27)."""
+    clock = ManualClock(T0)
+    config = TrackerConfig(database_url=db_url, clock=clock, sweep_batch_size=40_000)
+    async with AvailabilityTracker(config) as tracker:
+        await tracker.record_batch([PeerOnline(f"p{i}") for i in range(33_000)])
+        await _expire(tracker, clock)
+        clock.advance(config.forget_after_s + 10)
+        report = await tracker.sweep()
+        assert (report.pruned["peer_stats"], report.pruned["peers"]) == (33_000, 33_000)
+
+
+async def _origin_delta(tracker: AvailabilityTracker) -> OriginDelta:
+    """Everything of ``tracker``'s own origin as gossip sends it to a new neighbour (stamped first)."""
+
+    async def read(conn: Any) -> OriginDelta:
         await gq.stamp(conn, tracker.config.dialect, tracker.node_id, 1000)
         got = await gq.read_deltas(conn, {tracker.node_key: 0}, (), 1000, 10)
-        return next(p for d in got.deltas for p in d.peers if p.peer == peer)
+        return next(d for d in got.deltas if d.origin == tracker.node_key)
 
     return await run_write(tracker.engine, read, 3)
 
@@ -309,7 +377,7 @@ async def test_a_row_its_origin_restarted_replaces_the_counters_instead_of_their
         delta = OriginDelta(origin="f" * 32, base=0, upto=state.version, samples_upto=1, peers=[state])
 
         async def work(conn: Any) -> gq.MergeCounts:
-            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10, T0 - 1)
+            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10)
 
         assert (await run_write(tracker.engine, work, 3)).peers == 1
 

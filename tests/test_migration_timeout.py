@@ -85,3 +85,11 @@ async def test_a_table_locked_through_every_attempt_fails_the_migration_after_th
         message = str(raised.value)
         assert "a table it changes stayed locked" in message and "report" in message, message
         assert await current_revision(tracker.engine) == migrations.head_revision()  # nothing changed
+
+
+async def test_a_bound_beyond_what_postgres_takes_still_migrates(empty_pg_url: str, clock: FakeClock) -> None:
+    """Postgres's ``lock_timeout`` stops at INT_MAX milliseconds (24.8 days): a longer bound was passed
+    as it was, and every open failed with "invalid value for parameter" (QA round 27)."""
+    config = TrackerConfig(database_url=empty_pg_url, clock=clock, migration_timeout_s=30 * 86_400.0)
+    async with AvailabilityTracker(config) as tracker:
+        assert await current_revision(tracker.engine) == migrations.head_revision()

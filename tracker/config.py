@@ -232,9 +232,9 @@ class TrackerConfig:
     offline_mapping_retention_s: float = 86_400.0
     #: An origin's row of a peer (``peer_stats``, with its samples) that its origin has not written for
     #: this long is forgotten on every tracker, and a peer or content left with nothing is deleted
-    #: (never less than ``offline_mapping_retention_s`` or ``MIN_PEER_RETENTION_S``; docs/sweeper.md).
-    #: Without it, churning peer ids grew the tables for good (QA round 24).
-    peer_retention_s: float = 7 * 86_400.0
+    #: (never sooner than the peer's mappings go: ``forget_after_s``; docs/sweeper.md). Without it,
+    #: churning peer ids grew the tables for good (QA round 24).
+    peer_retention_s: float = 14 * 86_400.0
     #: Removed mappings (tombstones) are kept this long so gossip can spread the removal first.
     tombstone_ttl_s: float = 86_400.0
     #: Directory for gossip state snapshots written by each sweep; ``None`` writes none.
@@ -383,8 +383,14 @@ class TrackerConfig:
     @property
     def forget_after_s(self) -> float:
         """How long a peer's row outlives its origin's last write: ``peer_retention_s``, but no less than
-        ``offline_mapping_retention_s``, whose removals are dated by those rows' sightings."""
-        return max(self.peer_retention_s, self.offline_mapping_retention_s)
+        the departed peer's mappings take to go (``offline_mapping_retention_s`` and then
+        ``tombstone_keep_s``, dated by those rows' sightings, which may run ``max_clock_skew_s``
+        ahead of the writes): a mapping left without its peer's rows has nothing to date its
+        departure by, and would stay for good."""
+        return max(
+            self.peer_retention_s,
+            self.offline_mapping_retention_s + self.tombstone_keep_s + self.max_clock_skew_s,
+        )
 
     @property
     def dialect(self) -> str:

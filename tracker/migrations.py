@@ -151,6 +151,8 @@ class _MigrationLockHeld(Exception):
 
 
 _LOCK_NOT_AVAILABLE = "55P03"
+#: The largest ``lock_timeout`` Postgres accepts (an int of milliseconds).
+_MOST_LOCK_TIMEOUT_MS = 2_147_483_647
 
 
 def _load_alembic() -> None:
@@ -178,7 +180,8 @@ async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool, 
             # Queued on the advisory lock, a process waits for another's migration: that holds up no
             # one else, so for all the time the migration has left (0: without limit; at least 1 ms,
             # which 0 would not be). Its own statements then wait LOCK_ATTEMPT_S at a time.
-            wait_ms = 0 if math.isinf(wait_s) else max(1, round(wait_s * 1000))
+            # Postgres takes at most INT_MAX ms (24.8 days): above it every open failed (QA round 27).
+            wait_ms = 0 if math.isinf(wait_s) else min(_MOST_LOCK_TIMEOUT_MS, max(1, round(wait_s * 1000)))
             await conn.exec_driver_sql(f"SET LOCAL lock_timeout = {wait_ms}")  # this transaction only
             try:
                 await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK_KEY})")

@@ -379,23 +379,19 @@ FORGET_EVERY_S = 3_600.0
 
 async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
     """Forget, when due, the peer rows their origins stopped writing ``forget_after_s`` ago and then
-    the mappings, peers and contents left with nothing (``queries.forget``); rows deleted per table.
+    the peers and contents left with nothing (``queries.forget``); rows deleted per table.
 
-    Mappings, outcomes and leases go first (earlier in the pass), then the rows, and last the ids
-    nothing refers to any more, so one pass takes a departed peer all the way."""
+    Mappings, outcomes and leases go first (earlier in the pass, by their own rules, which the
+    retention waits for), then the rows, and last the ids nothing refers to any more, so one pass
+    takes a departed peer all the way."""
     config, engine, state = tracker.config, tracker.engine, tracker._sweep_state
     since = state.forgotten_at
     if since is not None and 0 <= now - since < FORGET_EVERY_S:
         return {}
     batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
     rows_cutoff = now - config.forget_after_s
-    mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (
         ("peer_stats", lambda conn, after: forget.forget_peer_rows(conn, rows_cutoff, after, batch)),
-        (
-            "content_peers",
-            lambda conn, after: forget.forget_unrowed_mappings(conn, mappings_cutoff, after, batch),
-        ),
         ("peers", lambda conn, after: forget.forget_unused_peers(conn, dialect, after, batch)),
         ("contents", lambda conn, after: forget.forget_unused_contents(conn, dialect, after, batch)),
     )

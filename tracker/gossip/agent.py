@@ -309,8 +309,7 @@ class GossipAgent:
                 conn, dialect, message.nonce, message.node, now + 2 * cfg.max_skew_s, now
             ):
                 raise GossipRejected("replay", "this message (its nonce) was already received", 409)
-            forget_before = now - self.tracker.config.forget_after_s
-            counts = await q.merge(conn, dialect, self.node_key, message.deltas, window, forget_before)
+            counts = await q.merge(conn, dialect, self.node_key, message.deltas, window)
             await self._catch_up(conn, message)
             # One slice, in the merge's transaction; a reply that leaves a backlog says it has more,
             # so the sender's follow-ups take the next slices (a tracker without neighbours of its own
@@ -451,9 +450,7 @@ class GossipAgent:
         window = self.tracker.config.bandwidth_window
 
         async def work(conn: Any) -> q.MergeCounts:
-            config = self.tracker.config
-            forget_before = self.tracker.now() - config.forget_after_s
-            counts = await q.merge(conn, config.dialect, self.node_key, reply.deltas, window, forget_before)
+            counts = await q.merge(conn, self.tracker.config.dialect, self.node_key, reply.deltas, window)
             await self._catch_up(conn, reply)
             return counts
 

@@ -209,8 +209,7 @@ class _Run:
         self._advance(counts, sum(len(delta.peers) for delta in deltas))
 
     async def _merge(self, conn: AsyncConnection, deltas: list[OriginDelta]) -> q.MergeCounts:
-        forget_before = self.tracker.now() - self.tracker.config.forget_after_s
-        return await q.merge(conn, self.dialect, self.tracker.node_key, deltas, self.window, forget_before)
+        return await q.merge(conn, self.dialect, self.tracker.node_key, deltas, self.window)
 
     def _advance(self, counts: _Counts, rows: int) -> None:
         if self.stopped:

@@ -9,9 +9,15 @@ Why a row's own ``updated_at`` decides: it is the origin's clock at the origin's
 by gossip with the row, so every tracker holding the row reaches the same verdict at the same time
 (within their clocks' skew), whatever else it has heard of the peer. A rule on the peer as a whole
 (its latest sighting anywhere) did not converge: a peer back on one tracker between two trackers'
-passes kept its old rows there and lost them elsewhere. The gossip merge applies the same rule to
-what arrives (``queries.gossip.merge``), so a neighbour that has not swept yet cannot bring a
-forgotten row back.
+passes kept its old rows there and lost them elsewhere. A neighbour that has not swept yet may send
+a forgotten row again (a first contact, a snapshot): it is taken, and goes again at the next pass.
+Left out by the merge instead, its peer's mappings, which came in the same exchange, had no row
+left to date the departure by (QA round 27).
+
+Rows go only after their peer's mappings (``TrackerConfig.forget_after_s``): a mapping is deleted
+by what its peer's rows say, never by their absence, which is also how a mapping looks that
+arrived before its peer's row (a rule on absence deleted such a live mapping in a new tracker's
+first sync, and gossip never sent it again: QA round 27).
 """
 
 from __future__ import annotations
@@ -75,27 +81,6 @@ async def forget_peer_rows(
     return len(gone), upto
 
 
-async def forget_unrowed_mappings(
-    conn: AsyncConnection, cutoff: float, after: int, limit: int
-) -> tuple[int, int | None]:
-    """Delete the mappings, of any origin, last confirmed and changed before ``cutoff`` of peers in the
-    next ``limit`` peer ids after ``after`` that have no row left.
-
-    Such a peer has no sighting for ``prune_departed_mappings`` to go by (its rows were forgotten, or
-    never came), so a mapping of a tracker gone for good would keep it forever. The cutoff is that
-    function's, the departure retention plus the tombstones' time: the mapping's own dates stand in
-    for the sighting (a mapping may arrive before its peer's row, and must not go then)."""
-    p, cp = peers.c, content_peers.c
-    upto = await _slice_end(conn, p.id, after, limit)
-    unrowed = select(p.id).where(_in_slice(p.id, after, upto), ~exists().where(peer_stats.c.peer_id == p.id))
-    result = await conn.execute(
-        delete(content_peers).where(
-            cp.peer_id.in_(unrowed), cp.available, cp.changed_at < cutoff, cp.last_confirmed < cutoff
-        )
-    )
-    return int(result.rowcount or 0), upto
-
-
 def _peer_unused() -> list[Any]:
     """A peer nothing refers to but its samples (which mean nothing without its rows)."""
     p = peers.c
@@ -108,13 +93,13 @@ def _peer_unused() -> list[Any]:
 
 
 def _content_unused() -> list[Any]:
-    """A content no mapping or lease names (its outcomes keep their rows, the content set to null).
-
-    Leases as one ``NOT IN`` list: ``peer_leases.content_id`` has no index, and a probe per content
-    would scan the leases once per content."""
+    """A content no mapping or lease names (its outcomes keep their rows, the content set to null;
+    migration 0014 indexes both references, which the delete's foreign keys visit)."""
     c = contents.c
-    leased = select(peer_leases.c.content_id).where(peer_leases.c.content_id.is_not(None))
-    return [~exists().where(content_peers.c.content_id == c.id), c.id.not_in(leased)]
+    return [
+        ~exists().where(content_peers.c.content_id == c.id),
+        ~exists().where(peer_leases.c.content_id == c.id),
+    ]
 
 
 async def forget_unused_peers(
@@ -150,14 +135,21 @@ async def _forget_unused(
     upto = await _slice_end(conn, key, after, limit)
     found = select(key).where(_in_slice(key, after, upto), *unused())
     if dialect == "postgresql":
-        locked = (await conn.scalars(found.with_for_update(skip_locked=True))).all()
-        if not locked:
-            return 0, upto
-        found = select(key).where(key.in_([int(i) for i in locked]), *unused())
-    doomed = [int(i) for i in (await conn.scalars(found)).all()]
-    if not doomed:
-        return 0, upto
-    if samples:
-        await conn.execute(delete(bandwidth_samples).where(bandwidth_samples.c.peer_id.in_(doomed)))
-    result = await conn.execute(delete(table).where(key.in_(doomed)))
-    return int(result.rowcount or 0), upto
+        locked = [int(i) for i in (await conn.scalars(found.with_for_update(skip_locked=True))).all()]
+        doomed = []
+        for chunk in _chunks(locked):  # bounded lists: asyncpg takes at most 32,767 parameters
+            doomed += [
+                int(i) for i in (await conn.scalars(select(key).where(key.in_(chunk), *unused()))).all()
+            ]
+    else:
+        doomed = [int(i) for i in (await conn.scalars(found)).all()]
+    deleted = 0
+    for chunk in _chunks(doomed):
+        if samples:
+            await conn.execute(delete(bandwidth_samples).where(bandwidth_samples.c.peer_id.in_(chunk)))
+        deleted += int((await conn.execute(delete(table).where(key.in_(chunk)))).rowcount or 0)
+    return deleted, upto
+
+
+def _chunks(ids: list[int]) -> list[list[int]]:
+    return [ids[start : start + IN_CHUNK] for start in range(0, len(ids), IN_CHUNK)]

@@ -79,7 +79,14 @@ async def mark_stale_offline(
         .values(
             online=False,
             uptime_s=ps.uptime_s + (ps.last_seen - ps.online_since),
-            updated_at=now,
+            # Dated when the session timed out, not by the sweep: the row's time decides when every
+            # tracker forgets it (queries/forget.py), and the first pass of a tracker back after
+            # longer than the retention made the row it closed young again, and gossiped it back to
+            # every tracker that had forgotten it, old counters and all (QA round 27).
+            updated_at=case(
+                (ps.updated_at > ps.last_seen + peer_timeout, ps.updated_at),
+                else_=ps.last_seen + peer_timeout,
+            ),
             version=None,  # gossip carries the closed session too
         )
     )

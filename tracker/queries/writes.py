@@ -251,6 +251,7 @@ def _peer_stats_upsert(
     resumed = and_(fresh, swept, alive)
     session_end = case((alive, new.last_seen), else_=old.last_seen)
     has_outcome = new.evidence_at.is_not(None)
+    quiet = _quiet(resolution, old, new, fresh, continues, has_outcome)
     stmt = ins.on_conflict_do_update(
         index_elements=[peer_stats.c.peer_id, peer_stats.c.node_id],
         set_={
@@ -302,10 +303,15 @@ def _peer_stats_upsert(
                 ),
                 else_=old.evidence_at,
             ),
-            "updated_at": new.updated_at,
+            # A quiet write keeps the row's time too: it is gossiped with the row, and decides when
+            # every tracker forgets it (queries/forget.py); moved here alone, this node forgot the
+            # row up to max_event_age_s later than its neighbours (QA round 27).
+            "updated_at": new.updated_at
+            if quiet is None
+            else case((quiet, old.updated_at), else_=new.updated_at),
             # Changed here: the stamper gives it this node's next version; with a heartbeat
             # resolution, a heartbeat that changes nothing gossip must carry keeps the one it has.
-            "version": _version_after(resolution, old, new, fresh, continues, has_outcome),
+            "version": null() if quiet is None else case((quiet, old.version), else_=null()),
             # samples_version stays: a sample clears it where the speed is refreshed.
         },
     )
@@ -313,27 +319,27 @@ def _peer_stats_upsert(
     return RowsStatement(stmt, row, key=operator.itemgetter("peer_key"))
 
 
-def _version_after(
+def _quiet(
     resolution: float,
     old: Any,
     new: Any,
     fresh: ColumnElement[bool],
     continues: ColumnElement[bool],
     has_outcome: ColumnElement[bool],
-) -> ColumnElement[Any]:
-    """NULL (the row awaits a stamp) unless ``resolution`` is set and the event is quiet: no outcome
-    and either late (nothing changes but ``updated_at``) or a sighting that continues the session
-    with ``last_seen`` still in the window of ``resolution`` seconds its stored value is in.
+) -> ColumnElement[bool] | None:
+    """Whether the event is quiet, so the row keeps its gossip version and ``updated_at`` (none: no
+    ``resolution``, and no event is). Quiet: no outcome, and either late (nothing changes) or a
+    sighting that continues the session with ``last_seen`` still in the window of ``resolution``
+    seconds its stored value is in.
 
     Windows rather than "within ``resolution`` of the last gossiped value" because the stored row
     does not remember what was gossiped: a neighbour's ``last_seen`` lags by less than one window.
     """
     if not resolution:
-        return null()
+        return None
     window = num(resolution)
     same_window = func.floor(new.last_seen / window) == func.floor(old.last_seen / window)
-    quiet = and_(~has_outcome, new.failed_count == 0, or_(~fresh, and_(continues, old.online, same_window)))
-    return case((quiet, old.version), else_=null())
+    return and_(~has_outcome, new.failed_count == 0, or_(~fresh, and_(continues, old.online, same_window)))
 
 
 async def _upsert_peer_stats(

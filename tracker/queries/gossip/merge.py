@@ -8,9 +8,6 @@ times, in any order, through any relay path:
   the origin wrote the newer row more than ``MIN_PEER_RETENTION_S`` after the stored one: it may have
   forgotten the row meanwhile and started it again, and its counters are then the ones that stand
   (without a reset between, counters only grow at their origin, and the two rules agree).
-- a peer row its origin last wrote before ``forget_before`` (the receiver's ``peer_retention_s``
-  ago) is dropped: every tracker forgets such rows (``queries.forget``), and one that has not swept
-  yet must not bring them back.
 - ``content_peers`` rows are last-writer-wins by ``(changed_at, origin key)``, and for the same
   origin by version (``lww_newer`` plus the version): the same rule as the local write path.
 - ``peers.first_seen`` and ``contents.first_seen`` take the minimum.
@@ -95,10 +92,8 @@ async def merge(
     local_key: str,
     deltas: Sequence[OriginDelta],
     window: int,
-    forget_before: float | None = None,
 ) -> MergeCounts:
-    """Apply deltas in the caller's transaction; returns how many rows changed. Peer rows last written
-    by their origin before ``forget_before`` are left out (module doc)."""
+    """Apply deltas in the caller's transaction; returns how many rows changed."""
     counts = MergeCounts()
     # Origins in key order, so concurrent merges lock their tracker_nodes rows in one order.
     for delta in sorted(deltas, key=lambda d: d.origin):
@@ -106,8 +101,6 @@ async def merge(
             continue  # this node is the authority on its own observations
         node_id = await _origin_id(conn, dialect, delta.origin)
         states = delta.peers
-        if forget_before is not None:
-            states = [p for p in states if p.updated_at >= forget_before]
         # The earliest sighting anywhere in the message (min is what keeps first_seen order-free).
         peer_keys = _earliest(
             [(p.peer, p.first_seen) for p in states] + [(m.peer, m.since) for m in delta.mappings]
