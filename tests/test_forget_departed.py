@@ -9,13 +9,18 @@ deleted, and with churning peer ids they grew with every id ever seen (QA round 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import importlib
+import logging
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from gossip_helpers import Pair, open_pair
+from gossip_helpers import KEY, LocalNet, Pair, open_pair
 from sqlalchemy import func, select, text
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -23,7 +28,10 @@ from tracker.config import MIN_PEER_RETENTION_S
 from tracker.db import run_read, run_write
 from tracker.errors import ConfigError
 from tracker.events import PeerOnline
-from tracker.gossip.protocol import OriginDelta, PeerState
+from tracker.gossip.agent import GossipAgent
+from tracker.gossip.config import GossipConfig
+from tracker.gossip.protocol import MappingState, OriginDelta, PeerState
+from tracker.queries import forget
 from tracker.queries import gossip as gq
 from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers
 from tracker.sweeper import FORGET_EVERY_S
@@ -391,3 +399,103 @@ async def test_a_row_its_origin_restarted_replaces_the_counters_instead_of_their
     assert await served() == 10
     await merge(_state(3, 1, T0 + 100 + MIN_PEER_RETENTION_S + 1, carried))
     assert await served() == 1
+
+
+# --- QA round 28 ---------------------------------------------------------------------------------
+
+
+async def test_a_mapping_announced_since_the_last_sighting_here_is_not_a_departed_peers(
+    solo: tuple[AvailabilityTracker, ManualClock],
+) -> None:
+    """A peer last seen nine days ago by one origin comes back on another and announces; a catch-up in
+    slices brings the new mapping before the new row. Judged by the old row alone the peer had
+    departed, and the pass deleted the live mapping, which gossip never sent again (QA round 28)."""
+    tracker, clock = solo
+    config = tracker.config
+
+    async def merge(delta: OriginDelta) -> None:
+        async def work(conn: Any) -> gq.MergeCounts:
+            return await gq.merge(conn, config.dialect, tracker.node_key, [delta], 10)
+
+        await run_write(tracker.engine, work, 3)
+
+    await merge(
+        OriginDelta(origin="c" * 32, base=0, upto=1, samples_upto=1, peers=[_state(1, 0, T0, carried=True)])
+    )
+    clock.advance(config.offline_mapping_retention_s + config.tombstone_keep_s + 86_400)
+    now = clock()
+    announced = MappingState(
+        cid="movie",
+        peer="p",
+        available=True,
+        since=now - 60,
+        last_confirmed=now - 60,
+        changed_at=now - 60,
+        version=1,
+    )
+    await merge(OriginDelta(origin="a" * 32, base=0, upto=1, mappings=[announced]))
+    report = await tracker.sweep()
+    assert report.pruned["content_peers"] == 0
+    assert (await _rows(tracker))["content_peers"] == 1
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_a_merge_whose_peer_was_forgotten_under_it_is_retried(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merge reads known keys without locking them; the forget pass deleted one between that read
+    and the row that refers to it, and the merge failed on the foreign key, unretried, so the whole
+    exchange failed (QA round 28). A fresh transaction finds the key gone and inserts it again."""
+    merge_module = importlib.import_module("tracker.queries.gossip.merge")  # the package exports merge()
+
+    clock = ManualClock(T0)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as tracker:
+        async with tracker.engine.begin() as conn:
+            await conn.execute(text("INSERT INTO peers (peer_key, first_seen, draw) VALUES ('p', 0, 0)"))
+        read, go = asyncio.Event(), asyncio.Event()
+        real = merge_module._merge_peers
+
+        async def paused(*args: Any, **kwargs: Any) -> Any:
+            if not go.is_set():
+                read.set()
+                await go.wait()
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(merge_module, "_merge_peers", paused)
+        delta = OriginDelta(
+            origin="c" * 32, base=0, upto=1, samples_upto=1, peers=[_state(1, 0, T0, carried=True)]
+        )
+
+        async def work(conn: Any) -> gq.MergeCounts:
+            return await gq.merge(conn, "postgresql", tracker.node_key, [delta], 10)
+
+        merging = asyncio.create_task(run_write(tracker.engine, work, 3))
+        await read.wait()
+
+        async def forget_keys(conn: Any) -> tuple[int, int | None]:
+            return await forget.forget_unused_peers(conn, "postgresql", -1, 100)
+
+        assert (await run_write(tracker.engine, forget_keys, 3))[0] == 1
+        go.set()
+        assert (await merging).peers == 1
+        assert (await _rows(tracker))["peer_stats"] == 1
+
+
+async def test_gossiping_without_a_sweeper_is_warned_about(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A tracker that gossips but never sweeps keeps its departed peers' mappings and old rows and
+    sends them to every new neighbour (QA round 28): its agent says so, once."""
+    config = TrackerConfig(database_url=db_url, update_interval=0.01)
+    for run_sweeper, warned in ((False, 1), (True, 0)):
+        caplog.clear()
+        async with AvailabilityTracker(replace(config, run_sweeper=run_sweeper)) as tracker:
+            agent = GossipAgent(tracker, GossipConfig(keys=(KEY,)), transport=LocalNet())
+            with caplog.at_level(logging.WARNING, logger="tracker"):
+                running = asyncio.create_task(agent.run())
+                await asyncio.sleep(0.2)
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        lines = [r for r in caplog.records if getattr(r, "action", None) == "gossip_without_sweeper"]
+        assert len(lines) == warned, [r.getMessage() for r in lines]

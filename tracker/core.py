@@ -433,6 +433,11 @@ class AvailabilityTracker:
             await self._sweeper.stop()
 
     @property
+    def sweeper_running(self) -> bool:
+        """Whether this process's background sweeper runs (``run_sweeper``, ``start_sweeper()``)."""
+        return self._sweeper is not None and self._sweeper.running
+
+    @property
     def sweeper_state(self) -> SweepState:
         """Counters of the background sweeper: passes, skipped passes, failures, the last report."""
         return self._sweep_state

@@ -557,9 +557,19 @@ class GossipAgent:
 
     async def run(self) -> None:
         """Gossip forever, every ``interval`` +- ``jitter``; cancel to stop."""
+        warned = False
         while True:
             spread = self.interval * self.config.jitter
             await asyncio.sleep(self.interval + self._rng.uniform(-spread, spread))
+            if not warned and not self.tracker.sweeper_running:
+                warned = True
+                log.warning(
+                    "gossiping without a sweeper (run_sweeper is off; start_sweeper() was not called): "
+                    "this tracker neither removes its departed peers' mappings nor forgets old rows, and "
+                    "sends them to every new neighbour, where a mapping that comes after its peer's rows "
+                    "were forgotten, or whose peer came back elsewhere, stays for good (docs/gossip.md)",
+                    extra={"action": "gossip_without_sweeper"},
+                )
             try:
                 await self.round()
             except Exception as error:  # the database may be down: log, keep the loop alive

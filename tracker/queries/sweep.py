@@ -210,7 +210,13 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
     ps = peer_stats.c
     departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
     cp = content_peers.c
-    victims = select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available).limit(limit)
+    # Not a mapping announced since: its origin saw the peer then, and the row that says so may be
+    # on its way (a catch-up in slices brought a returning peer's new mapping before its new row, and
+    # an old row of another origin had it deleted, for good: QA round 28).
+    recent = or_(cp.changed_at >= cutoff, cp.last_confirmed >= cutoff)
+    victims = (
+        select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available, ~recent).limit(limit)
+    )
     result = await conn.execute(delete(content_peers).where(_pair_in(victims)))
     return int(result.rowcount or 0)
 
