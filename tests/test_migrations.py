@@ -106,6 +106,17 @@ async def test_the_one_local_node_index_is_partial_after_upgrade(engine: AsyncEn
     assert (bool(local["unique"]), str(where).strip("() ")) == (True, "is_local"), local
 
 
+async def test_the_outcomes_content_index_is_partial_after_upgrade(engine: AsyncEngine) -> None:
+    """Migration 0014: most outcomes name no content, and the index leaves them out, as the model says."""
+    await migrate(engine)
+
+    async with engine.connect() as conn:
+        indexes = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_indexes("upload_outcomes"))
+    index = next(ix for ix in indexes if ix["name"] == "ix_upload_outcomes_content")
+    where = index.get("dialect_options", {}).get(f"{engine.dialect.name}_where")
+    assert str(where).strip("() ").lower() == "content_id is not null", index
+
+
 @pytest.mark.parametrize("url_via", ["x_argument", "environment"])
 async def test_alembic_command_upgrade_through_env_py_builds_exactly_the_schema_metadata(
     engine: AsyncEngine, empty_url: str, url_via: str, monkeypatch: pytest.MonkeyPatch
