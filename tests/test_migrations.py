@@ -95,26 +95,26 @@ async def test_upgrade_head_in_process_builds_exactly_the_schema_metadata(engine
     assert await schema_diff(engine) == []
 
 
-async def test_the_one_local_node_index_is_partial_after_upgrade(engine: AsyncEngine) -> None:
-    # compare_metadata does not look at an index's WHERE clause; without it only one node could exist.
+@pytest.mark.parametrize(
+    ("table", "name", "unique", "where"),
+    [
+        # Without it only one node could exist.
+        ("tracker_nodes", "uq_tracker_nodes_local", True, "is_local"),
+        # Migration 0014: most outcomes name no content, and the index leaves them out.
+        ("upload_outcomes", "ix_upload_outcomes_content", False, "content_id is not null"),
+    ],
+)
+async def test_partial_indexes_keep_their_condition_after_upgrade(
+    engine: AsyncEngine, table: str, name: str, unique: bool, where: str
+) -> None:
+    # compare_metadata does not look at an index's WHERE clause.
     await migrate(engine)
 
     async with engine.connect() as conn:
-        indexes = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_indexes("tracker_nodes"))
-    local = next(ix for ix in indexes if ix["name"] == "uq_tracker_nodes_local")
-    where = local.get("dialect_options", {}).get(f"{engine.dialect.name}_where")
-    assert (bool(local["unique"]), str(where).strip("() ")) == (True, "is_local"), local
-
-
-async def test_the_outcomes_content_index_is_partial_after_upgrade(engine: AsyncEngine) -> None:
-    """Migration 0014: most outcomes name no content, and the index leaves them out, as the model says."""
-    await migrate(engine)
-
-    async with engine.connect() as conn:
-        indexes = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_indexes("upload_outcomes"))
-    index = next(ix for ix in indexes if ix["name"] == "ix_upload_outcomes_content")
-    where = index.get("dialect_options", {}).get(f"{engine.dialect.name}_where")
-    assert str(where).strip("() ").lower() == "content_id is not null", index
+        indexes = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_indexes(table))
+    index = next(ix for ix in indexes if ix["name"] == name)
+    found = index.get("dialect_options", {}).get(f"{engine.dialect.name}_where")
+    assert (bool(index["unique"]), str(found).strip("() ").lower()) == (unique, where), index
 
 
 @pytest.mark.parametrize("url_via", ["x_argument", "environment"])
