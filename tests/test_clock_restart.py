@@ -315,7 +315,7 @@ async def test_a_failure_to_store_the_state_is_logged_and_the_pass_still_runs(
     assert report.ran and report.peers_marked_offline == 3
     assert [
         r.getMessage() for r in caplog.records if getattr(r, "action", None) == "clock_state_not_saved"
-    ] == ["could not store the clock's state: the row is locked"]
+    ] == ["could not store the clock's state: StorageError: the row is locked"]
 
 
 def test_a_time_namespace_shifting_boottime_names_its_own_clock(

@@ -152,6 +152,9 @@ def test_the_retention_has_a_floor() -> None:
     config = TrackerConfig(peer_retention_s=3_600, offline_mapping_retention_s=7_200, tombstone_ttl_s=3_600)
     assert config.forget_after_s == 7_200 + config.tombstone_keep_s + config.max_clock_skew_s
     assert TrackerConfig().forget_after_s == 14 * 86_400
+    # A quiet write's time may lag its sighting by up to the resolution (QA round 29).
+    quiet = replace(config, heartbeat_resolution_s=150)
+    assert quiet.forget_after_s == config.forget_after_s + 150
 
 
 # --- gossip: the same verdict everywhere ----------------------------------------------------------
@@ -485,17 +488,52 @@ async def test_gossiping_without_a_sweeper_is_warned_about(
     db_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A tracker that gossips but never sweeps keeps its departed peers' mappings and old rows and
-    sends them to every new neighbour (QA round 28): its agent says so, once."""
-    config = TrackerConfig(database_url=db_url, update_interval=0.01)
-    for run_sweeper, warned in ((False, 1), (True, 0)):
+    sends them to every new neighbour (QA round 28): its agent says so, once; not when a sweeper
+    runs, nor when the application sweeps on its own schedule (QA round 29)."""
+    config = TrackerConfig(database_url=db_url, update_interval=0.1)  # warned after 0.3 s unswept
+    for how, warned in (("none", 1), ("sweeper", 0), ("own schedule", 0)):
         caplog.clear()
-        async with AvailabilityTracker(replace(config, run_sweeper=run_sweeper)) as tracker:
+        async with AvailabilityTracker(replace(config, run_sweeper=how == "sweeper")) as tracker:
             agent = GossipAgent(tracker, GossipConfig(keys=(KEY,)), transport=LocalNet())
             with caplog.at_level(logging.WARNING, logger="tracker"):
                 running = asyncio.create_task(agent.run())
-                await asyncio.sleep(0.2)
+                for _ in range(16):
+                    if how == "own schedule":
+                        await tracker.sweep()
+                    await asyncio.sleep(0.05)
                 running.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await running
         lines = [r for r in caplog.records if getattr(r, "action", None) == "gossip_without_sweeper"]
-        assert len(lines) == warned, [r.getMessage() for r in lines]
+        assert len(lines) == warned, (how, [r.getMessage() for r in lines])
+
+
+async def test_a_mapping_whose_row_never_comes_goes_with_its_peer_in_the_end(
+    solo: tuple[AvailabilityTracker, ManualClock],
+) -> None:
+    """The mapping announced since its peer's last sighting here stays while its own row may be on its
+    way; if that row never comes (its tracker is gone), the peer's other rows wait for the mapping
+    instead of going first: forgotten first, they left the mapping, its peer and its content with
+    nothing to date them by, for good (QA round 29)."""
+    tracker, clock = solo
+    config = tracker.config
+
+    async def merge(delta: OriginDelta) -> None:
+        async def work(conn: Any) -> gq.MergeCounts:
+            return await gq.merge(conn, config.dialect, tracker.node_key, [delta], 10)
+
+        await run_write(tracker.engine, work, 3)
+
+    await merge(
+        OriginDelta(origin="c" * 32, base=0, upto=1, samples_upto=1, peers=[_state(1, 0, T0, carried=True)])
+    )
+    clock.advance(9 * 86_400)
+    at = clock() - 60
+    announced = MappingState(
+        cid="movie", peer="p", available=True, since=at, last_confirmed=at, changed_at=at, version=1
+    )
+    await merge(OriginDelta(origin="a" * 32, base=0, upto=1, mappings=[announced]))
+    for _ in range(30):
+        clock.advance(86_400)
+        await tracker.sweep()
+    assert await _rows(tracker) == dict.fromkeys((t.name for t in TABLES), 0)

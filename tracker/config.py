@@ -385,11 +385,14 @@ class TrackerConfig:
         """How long a peer's row outlives its origin's last write: ``peer_retention_s``, but no less than
         the departed peer's mappings take to go (``offline_mapping_retention_s`` and then
         ``tombstone_keep_s``, dated by those rows' sightings, which may run ``max_clock_skew_s``
-        ahead of the writes): a mapping left without its peer's rows has nothing to date its
-        departure by, and would stay for good."""
+        ahead of the writes, and ``heartbeat_resolution_s`` ahead of a quiet write's time): a mapping
+        left without its peer's rows has nothing to date its departure by, and would stay for good."""
         return max(
             self.peer_retention_s,
-            self.offline_mapping_retention_s + self.tombstone_keep_s + self.max_clock_skew_s,
+            self.offline_mapping_retention_s
+            + self.tombstone_keep_s
+            + self.max_clock_skew_s
+            + self.heartbeat_resolution_s,
         )
 
     @property

@@ -154,6 +154,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         for table, rows in (await _forget(tracker, now)).items():
             pruned[table] = pruned.get(table, 0) + rows
         path, snapshot_error = await _snapshot(tracker, now)
+        state.last_pass_at = tracker.now()
     await _save_clock(tracker)
     report = SweepReport(
         now=now,
@@ -390,8 +391,12 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
         return {}
     batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
     rows_cutoff = now - config.forget_after_s
+    mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (
-        ("peer_stats", lambda conn, after: forget.forget_peer_rows(conn, rows_cutoff, after, batch)),
+        (
+            "peer_stats",
+            lambda conn, after: forget.forget_peer_rows(conn, rows_cutoff, mappings_cutoff, after, batch),
+        ),
         ("peers", lambda conn, after: forget.forget_unused_peers(conn, dialect, after, batch)),
         ("contents", lambda conn, after: forget.forget_unused_contents(conn, dialect, after, batch)),
     )
@@ -544,6 +549,8 @@ class SweepState:
     samples_pruned_at: float | None = None
     #: When this process last forgot departed peers (``FORGET_EVERY_S``).
     forgotten_at: float | None = None
+    #: The tracker's time at the end of this process's latest pass, however it was run.
+    last_pass_at: float | None = None
     passes: int = 0
     skipped: int = 0
     failures: int = 0

@@ -557,17 +557,18 @@ class GossipAgent:
 
     async def run(self) -> None:
         """Gossip forever, every ``interval`` +- ``jitter``; cancel to stop."""
-        warned = False
+        warned, started = False, self._now()
         while True:
             spread = self.interval * self.config.jitter
             await asyncio.sleep(self.interval + self._rng.uniform(-spread, spread))
-            if not warned and not self.tracker.sweeper_running:
+            if not warned and self._unswept_since(started):
                 warned = True
                 log.warning(
-                    "gossiping without a sweeper (run_sweeper is off; start_sweeper() was not called): "
-                    "this tracker neither removes its departed peers' mappings nor forgets old rows, and "
-                    "sends them to every new neighbour, where a mapping that comes after its peer's rows "
-                    "were forgotten, or whose peer came back elsewhere, stays for good (docs/gossip.md)",
+                    "gossiping without a sweeper: this process runs none (run_sweeper is off) and has "
+                    "not swept for %g s; unless another process sweeps this database, its departed "
+                    "peers' mappings and old rows stay and go to every new neighbour, where some stay "
+                    "for good (docs/gossip.md)",
+                    self._now() - started,
                     extra={"action": "gossip_without_sweeper"},
                 )
             try:
@@ -581,6 +582,16 @@ class GossipAgent:
                     "gossip round failed: %s", describe(error), extra={"action": "gossip_round_failure"}
                 )
                 log.debug("gossip round failed", exc_info=error, extra={"action": "gossip_round_failure"})
+
+    def _unswept_since(self, started: float) -> bool:
+        """Whether no sweeper runs here and no pass ran (``tracker.sweep()`` from the application's own
+        schedule counts) for three intervals, this loop having run that long."""
+        if self.tracker.sweeper_running:
+            return False
+        quiet = 3 * self.interval
+        last = self.tracker.sweeper_state.last_pass_at
+        now = self._now()
+        return now - started >= quiet and (last is None or now - last >= quiet)
 
     async def aclose(self) -> None:
         if self._client is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, select
+from sqlalchemy import and_, delete, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import (
@@ -51,20 +51,31 @@ def _in_slice(key: Any, after: int, upto: int | None) -> Any:
 
 
 async def forget_peer_rows(
-    conn: AsyncConnection, cutoff: float, after: int, limit: int
+    conn: AsyncConnection, cutoff: float, mappings_cutoff: float, after: int, limit: int
 ) -> tuple[int, int | None]:
     """Delete the ``peer_stats`` rows, of any origin, whose origin last wrote them before ``cutoff``,
-    with their samples, for peers in the next ``limit`` peer ids of ``peer_stats`` after ``after``.
+    with their samples, for peers in the next ``limit`` peer ids of ``peer_stats`` after ``after``;
+    not while the peer has an available mapping announced since ``mappings_cutoff``.
+
+    Such a mapping says its origin saw the peer then, so ``prune_departed_mappings`` keeps it while
+    its own row may be on its way; and once the rows were gone, nothing would ever date it again:
+    a mapping of a tracker gone for good, whose row never came, kept its peer and content for good
+    (QA round 29). The rows wait for it (days at most), and go at the pass after it.
 
     The rows go first, and then the samples of exactly the rows that went: on Postgres a write that
     revives a row between the two statements keeps it (the ``DELETE`` checks ``updated_at`` again on
     the newer row) and with it its samples."""
-    ps = peer_stats.c
+    ps, cp = peer_stats.c, content_peers.c
     upto = await _slice_end(conn, ps.peer_id, after, limit)
+    announced = exists().where(
+        cp.peer_id == ps.peer_id,
+        cp.available,
+        or_(cp.changed_at >= mappings_cutoff, cp.last_confirmed >= mappings_cutoff),
+    )
     gone = (
         await conn.execute(
             delete(peer_stats)
-            .where(_in_slice(ps.peer_id, after, upto), ps.updated_at < cutoff)
+            .where(_in_slice(ps.peer_id, after, upto), ps.updated_at < cutoff, ~announced)
             .returning(ps.peer_id, ps.node_id)
         )
     ).all()
