@@ -414,29 +414,7 @@ async def test_a_mapping_announced_since_the_last_sighting_here_is_not_a_departe
     slices brings the new mapping before the new row. Judged by the old row alone the peer had
     departed, and the pass deleted the live mapping, which gossip never sent again (QA round 28)."""
     tracker, clock = solo
-    config = tracker.config
-
-    async def merge(delta: OriginDelta) -> None:
-        async def work(conn: Any) -> gq.MergeCounts:
-            return await gq.merge(conn, config.dialect, tracker.node_key, [delta], 10)
-
-        await run_write(tracker.engine, work, 3)
-
-    await merge(
-        OriginDelta(origin="c" * 32, base=0, upto=1, samples_upto=1, peers=[_state(1, 0, T0, carried=True)])
-    )
-    clock.advance(config.offline_mapping_retention_s + config.tombstone_keep_s + 86_400)
-    now = clock()
-    announced = MappingState(
-        cid="movie",
-        peer="p",
-        available=True,
-        since=now - 60,
-        last_confirmed=now - 60,
-        changed_at=now - 60,
-        version=1,
-    )
-    await merge(OriginDelta(origin="a" * 32, base=0, upto=1, mappings=[announced]))
+    await _old_row_then_new_mapping(tracker, clock, days=9)
     report = await tracker.sweep()
     assert report.pruned["content_peers"] == 0
     assert (await _rows(tracker))["content_peers"] == 1
@@ -516,24 +494,30 @@ async def test_a_mapping_whose_row_never_comes_goes_with_its_peer_in_the_end(
     instead of going first: forgotten first, they left the mapping, its peer and its content with
     nothing to date them by, for good (QA round 29)."""
     tracker, clock = solo
-    config = tracker.config
+    await _old_row_then_new_mapping(tracker, clock, days=9)
+    for _ in range(30):
+        clock.advance(86_400)
+        await tracker.sweep()
+    assert await _rows(tracker) == dict.fromkeys((t.name for t in TABLES), 0)
+
+
+async def _old_row_then_new_mapping(tracker: AvailabilityTracker, clock: ManualClock, days: int) -> None:
+    """Origin c's row of p, last seen now; ``days`` later, origin a's mapping of p, announced a minute
+    ago, without a's row."""
 
     async def merge(delta: OriginDelta) -> None:
         async def work(conn: Any) -> gq.MergeCounts:
-            return await gq.merge(conn, config.dialect, tracker.node_key, [delta], 10)
+            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10)
 
         await run_write(tracker.engine, work, 3)
 
+    now = clock()
     await merge(
-        OriginDelta(origin="c" * 32, base=0, upto=1, samples_upto=1, peers=[_state(1, 0, T0, carried=True)])
+        OriginDelta(origin="c" * 32, base=0, upto=1, samples_upto=1, peers=[_state(1, 0, now, carried=True)])
     )
-    clock.advance(9 * 86_400)
+    clock.advance(days * 86_400)
     at = clock() - 60
     announced = MappingState(
         cid="movie", peer="p", available=True, since=at, last_confirmed=at, changed_at=at, version=1
     )
     await merge(OriginDelta(origin="a" * 32, base=0, upto=1, mappings=[announced]))
-    for _ in range(30):
-        clock.advance(86_400)
-        await tracker.sweep()
-    assert await _rows(tracker) == dict.fromkeys((t.name for t in TABLES), 0)
