@@ -151,8 +151,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             batch,
             lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, retention, batch),
         )
-        for table, rows in (await _forget(tracker, now)).items():
-            pruned[table] = pruned.get(table, 0) + rows
+        pruned.update(await _forget(tracker, now))  # tables of their own
         path, snapshot_error = await _snapshot(tracker, now)
         state.last_pass_at = tracker.now()
     await _save_clock(tracker)
@@ -354,21 +353,14 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
         return 0  # (a clock set back since: pruned now, and counted from now)
     touched_since = -1.0 if since is None else since - config.sample_retention_s
     slice_size = max(1, config.sweep_batch_size // max(1, config.bandwidth_window))
-    total, after = 0, 0
-    while True:
 
-        async def step(conn: AsyncConnection, after: int = after) -> tuple[int, int | None]:
-            ids = await q.sample_prune_candidates(conn, touched_since, after, slice_size)
-            if not ids:
-                return 0, None
-            return await q.prune_samples(conn, ids, config.bandwidth_window, cutoff), ids[-1]
+    async def step(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
+        ids = await q.sample_prune_candidates(conn, touched_since, after, slice_size)
+        if not ids:
+            return 0, None
+        return await q.prune_samples(conn, ids, config.bandwidth_window, cutoff), ids[-1]
 
-        deleted, last = await db.run_write(engine, step, config.write_retries)
-        total += deleted
-        if last is None:
-            break
-        after = last
-        await asyncio.sleep(0)
+    total = await _walk(engine, config.write_retries, step)
     tracker._sweep_state.samples_pruned_at = now
     return total
 
