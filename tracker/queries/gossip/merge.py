@@ -100,15 +100,16 @@ async def merge(
         if delta.origin == local_key:
             continue  # this node is the authority on its own observations
         node_id = await _origin_id(conn, dialect, delta.origin)
-        states = delta.peers
         # The earliest sighting anywhere in the message (min is what keeps first_seen order-free).
         peer_keys = _earliest(
-            [(p.peer, p.first_seen) for p in states] + [(m.peer, m.since) for m in delta.mappings]
+            [(p.peer, p.first_seen) for p in delta.peers] + [(m.peer, m.since) for m in delta.mappings]
         )
         peer_ids, stored = await _ensure_keys(conn, dialect, peers, peers.c.peer_key, peer_keys, node_id)
         missing = None
-        if states:
-            applied, missing = await _merge_peers(conn, dialect, node_id, states, peer_ids, stored, window)
+        if delta.peers:
+            applied, missing = await _merge_peers(
+                conn, dialect, node_id, delta.peers, peer_ids, stored, window
+            )
             counts.peers += applied
         if delta.mappings:
             content_ids, _ = await _ensure_keys(
