@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -175,3 +176,36 @@ async def test_a_big_batch_is_validated_in_slices_between_which_the_loop_serves_
     assert [e["loc"] for e in refused.value.errors()] == [
         ("body", "events", 5, "speed_sample", "bytes_per_sec")
     ]
+
+
+def _closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released), so a send fails at once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_the_gossip_http_client_is_built_once_off_the_event_loop(
+    tracker: AvailabilityTracker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Building httpx's client loads the CA bundle (20-40 ms of CPU): in a thread, and only once even
+    when the first round's exchanges start together."""
+    threads: dict[str, set[int]] = {}
+    built: list[httpx.AsyncClient] = []
+    build = agent_module.new_client
+
+    def counted(timeout_s: float) -> httpx.AsyncClient:
+        built.append(build(timeout_s))
+        return built[-1]
+
+    monkeypatch.setattr(agent_module, "new_client", _spy(threads, "new_client", counted))
+    urls = [f"http://127.0.0.1:{_closed_port()}" for _ in range(3)]
+    agent = GossipAgent(tracker, GossipConfig(keys=(KEY,), neighbors=tuple(urls), fanout=3, timeout_s=2))
+    try:
+        assert await agent.round() == 0  # nothing listens: every exchange fails, each one counted
+        assert agent.stats.failures == 3
+        assert len(built) == 1, built
+        assert threading.get_ident() not in threads["new_client"], threads
+    finally:
+        await agent.aclose()
+    assert built[0].is_closed

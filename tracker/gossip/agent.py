@@ -118,6 +118,7 @@ class GossipAgent:
             config.max_messages_per_s, config.message_burst, clock=tracker.now, max_keys=4096
         )
         self._client: httpx.AsyncClient | None = None
+        self._client_lock = asyncio.Lock()
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -503,18 +504,24 @@ class GossipAgent:
     ) -> tuple[int, bytes, dict[str, str]]:
         if self._transport is not None:
             return await self._transport(url, body, headers)
-        if self._client is None:
-            # Connections kept for less than any tracker keeps its side (keep_alive_s, 75 s; uvicorn's
-            # default 5 s): a connection reused as the server closed it lost the exchange (QA round 24).
-            limits = httpx.Limits(  # httpx's own caps, which a Limits of one setting drops
-                max_connections=100, max_keepalive_connections=20, keepalive_expiry=_KEEP_ALIVE_S
-            )
-            self._client = httpx.AsyncClient(timeout=self.config.timeout_s, limits=limits)
+        client = await self._http()
         try:
-            response = await self._client.post(url, content=body, headers=headers)
+            response = await client.post(url, content=body, headers=headers)
         except httpx.HTTPError as error:
             raise GossipFailed(f"{url}: {type(error).__name__}: {error}") from None
         return response.status_code, response.content, {k.lower(): v for k, v in response.headers.items()}
+
+    async def _http(self) -> httpx.AsyncClient:
+        """The agent's one HTTP client, built on first use in a thread.
+
+        Building it loads the CA bundle into an SSL context: 20-40 ms of CPU measured here, which
+        on the event loop held up every selection the tracker served meanwhile. The lock keeps the
+        first round's concurrent exchanges from building one each.
+        """
+        async with self._client_lock:
+            if self._client is None:
+                self._client = await asyncio.to_thread(new_client, self.config.timeout_s)
+            return self._client
 
     async def round(self) -> int:
         """Gossip with up to ``fanout`` random neighbours not in back-off; returns exchanges that worked."""
@@ -597,6 +604,18 @@ class GossipAgent:
         if self._client is not None:
             await self._client.aclose()
             self._client = None
+
+
+def new_client(timeout_s: float) -> httpx.AsyncClient:
+    """The gossip client: connections kept for less than any tracker keeps its side.
+
+    ``keep_alive_s`` is 75 s, uvicorn's default 5 s: a connection reused just as the server closed it
+    lost the exchange (QA round 24). Called in a thread (``GossipAgent._http``).
+    """
+    limits = httpx.Limits(  # httpx's own caps, which a Limits of one setting drops
+        max_connections=100, max_keepalive_connections=20, keepalive_expiry=_KEEP_ALIVE_S
+    )
+    return httpx.AsyncClient(timeout=timeout_s, limits=limits)
 
 
 class GossipFailed(TrackerError):
