@@ -18,7 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tracker import AvailabilityTracker, TrackerConfig, TransientStorageError, db
+from tracker import AvailabilityTracker, StorageError, TrackerConfig, TransientStorageError, db
 from tracker.events import PeerOnline
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
@@ -74,7 +74,7 @@ async def test_a_retried_lock_conflict_is_logged_short_named_and_without_its_sql
     async with AvailabilityTracker(config) as tracker:
         with _retry_lines(caplog) as lines:
             async with _write_locked(db_url, engine_name):
-                with pytest.raises(TransientStorageError):
+                with pytest.raises(TransientStorageError) as raised:
                     if how == "record_batch":
                         await tracker.record_batch([PeerOnline(PEER)])
                     else:
@@ -85,8 +85,35 @@ async def test_a_retried_lock_conflict_is_logged_short_named_and_without_its_sql
     assert len(line) <= MOST_CHARACTERS, line
     named = "database is locked" if engine_name == "sqlite" else "LockNotAvailableError [SQLSTATE 55P03]"
     assert named in line and "attempt 1 of 2" in line, line
-    for leaked in ("INSERT", "UPDATE", "SELECT", "BEGIN", "[SQL:", "parameters", PEER):
-        assert leaked not in line, line
+    # The error the caller gets says the same in as few words (an application's "failed: %s" line);
+    # the driver's error, statement and all, stays its cause for a traceback.
+    said = str(raised.value)
+    assert said.startswith("database conflict, retries exhausted: ") and named in said, said
+    assert raised.value.__cause__ is not None
+    for text_ in (line, said):
+        assert len(text_) <= MOST_CHARACTERS, text_
+        for leaked in ("INSERT", "UPDATE", "SELECT", "BEGIN", "[SQL:", "parameters", PEER):
+            assert leaked not in text_, text_
+
+
+async def test_a_failed_statement_reaches_the_caller_as_a_short_storage_error(
+    db_url: str, engine_name: str, clock: FakeClock
+) -> None:
+    """A failure that is not a conflict: its message names the driver's error, never the statement."""
+
+    async def _into_nowhere(conn: AsyncConnection) -> None:
+        await conn.execute(text("UPDATE no_such_table SET x = :key"), {"key": PEER})
+
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as tracker:
+        with pytest.raises(StorageError) as raised:
+            await db.run_write(tracker.engine, _into_nowhere, 1)
+    said = str(raised.value)
+    named = "no such table" if engine_name == "sqlite" else "UndefinedTableError [SQLSTATE 42P01]"
+    assert not isinstance(raised.value, TransientStorageError)
+    assert said.startswith("database error: ") and named in said and len(said) <= MOST_CHARACTERS, said
+    for leaked in ("UPDATE no_such_table", "[SQL:", "parameters", PEER):
+        assert leaked not in said, said
+    assert PEER in str(raised.value.__cause__)
 
 
 async def test_a_gossip_exchange_failing_on_its_database_is_logged_short_and_without_its_sql(

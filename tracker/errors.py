@@ -149,15 +149,20 @@ def _bounded(text: str) -> str:
 
 
 def translate(error: BaseException) -> TrackerError:
-    """Wrap a driver error in the tracker's hierarchy, keeping the original as ``__cause__``."""
+    """Wrap a driver error in the tracker's hierarchy, keeping the original as ``__cause__``.
+
+    The message is ``describe(error)``: an application logging ``"failed: %s" % error`` printed the
+    driver's whole text, the statement and a batch's parameters included (kilobytes of peer ids),
+    and the full text is still there in the cause for a traceback."""
+    said = describe(error)
     if is_transient(error):
-        wrapped: TrackerError = TransientStorageError(f"database conflict, retries exhausted: {error}")
+        wrapped: TrackerError = TransientStorageError(f"database conflict, retries exhausted: {said}")
     elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
         wrapped = StorageError(
-            f"database error: {error} (behind a connection pooler in transaction mode, such as "
+            f"database error: {said} (behind a connection pooler in transaction mode, such as "
             "PgBouncer's pool_mode = transaction, set pg_transaction_pooling)"
         )
     else:
-        wrapped = StorageError(f"database error: {error}")
+        wrapped = StorageError(f"database error: {said}")
     wrapped.__cause__ = error
     return wrapped
