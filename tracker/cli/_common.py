@@ -118,8 +118,8 @@ def errors_as_messages(debug: bool) -> Iterator[None]:
     """
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-        raise
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
+        raise  # Typer's own Exit and Abort are not Click's since Typer 0.22 (a command's `Exit(1)`)
     except Exception as error:
         if debug:
             raise
