@@ -503,10 +503,18 @@ async def test_openapi_describes_every_endpoint(api: httpx.AsyncClient) -> None:
     }
     assert documented_404 == {"/v1/peers/{peer_id}", "/v1/content/{cid}"}  # the only reads that answer it
     # Every operation but the probes can be rate limited, /metrics too (QA round 21: it did not say).
+    # The probes and /metrics ignore every query parameter, so they never answer 422 (QA round 31:
+    # the schema said they did); whatever does answers with our error body.
     for path, ops in schema["paths"].items():
         for op in ops.values():
             limited = path not in {"/healthz", "/readyz"}
             assert ("429" in op["responses"]) == limited, (path, op["responses"].keys())
+            invalid = op["responses"].get("422")
+            assert (invalid is None) == (path in {"/healthz", "/readyz", "/metrics"}), (path, invalid)
+            if invalid is not None:
+                assert invalid["content"]["application/json"]["schema"] == {
+                    "$ref": "#/components/schemas/ErrorOut"
+                }, (path, invalid)
     # Ids in paths and queries state what the service checks (QA round 21: a fuzzer read none of it).
     for path, name in [
         ("/v1/peers/{peer_id}", "peer_id"),

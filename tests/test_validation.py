@@ -165,3 +165,19 @@ async def test_a_sweep_as_of_an_unusable_time_is_refused_and_changes_nothing(
         await tracker.sweep(now=now)  # type: ignore[arg-type]
     assert await _row_counts(tracker) == before
     assert await tracker.get_available_peers("c") == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("bad", "said"),
+    [
+        ("peer\x00", "contains control character '\\x00' at position 4"),
+        ("p\x9fq", "contains control character '\\x9f' at position 1"),
+        ("p\ud800", "contains a lone surrogate '\\ud800' at position 1"),
+        ("\udfff", "contains a lone surrogate '\\udfff' at position 0"),
+    ],
+)
+def test_a_forbidden_character_is_named_for_what_it_is(bad: str, said: str) -> None:
+    """A lone surrogate was called a control character (QA round 31)."""
+    with pytest.raises(InvalidInput) as raised:
+        PeerOnline(bad)
+    assert str(raised.value) == f"peer_id {said}"

@@ -33,7 +33,8 @@ def validate_id(value: object, what: str = "peer_id") -> str:
         raise InvalidInput(f"{what} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}")
     bad = FORBIDDEN_CHARACTERS.search(value)
     if bad:
-        raise InvalidInput(f"{what} contains control character {bad.group()!r} at position {bad.start()}")
+        kind = "a lone surrogate" if bad.group() >= "\ud800" else "control character"
+        raise InvalidInput(f"{what} contains {kind} {bad.group()!r} at position {bad.start()}")
     return value
 
 

@@ -87,8 +87,6 @@ def create_app(
         title="peer-tracker",
         version=__version__,
         summary="Which peers of a P2P CDN are online, how good they are, and whom to download from.",
-        # Error bodies are ours (ErrorOut), not FastAPI's default {"detail": ...}.
-        responses={422: {"description": "Invalid input", "model": ErrorOut}},
         # A path with a trailing slash is not one of ours: redirected, it got a 307 to a Location
         # built from the client's Host header (QA round 21); docs/api.md promises a 404.
         redirect_slashes=False,
