@@ -14,6 +14,9 @@ import pytest
 from gossip_helpers import Pair, open_pair
 from sqlalchemy import text
 
+from tracker import AvailabilityTracker
+from tracker.sweeper import ASK_AGAIN_EVERY_S
+
 
 @pytest.fixture
 async def pair(db_url: str, tmp_path: Path) -> AsyncIterator[Pair]:
@@ -83,6 +86,56 @@ async def test_a_mapping_its_tracker_never_removed_goes_after_the_removals_would
     clock.advance(x.config.tombstone_keep_s)
     report = await x.sweep()
     assert (report.departed_mappings_removed, report.pruned["content_peers"]) == (0, 1)
+
+
+async def test_a_live_mapping_deleted_while_cut_off_comes_back_when_the_link_heals(pair: Pair) -> None:
+    """y, cut off from x for longer than the removals' retention and their tombstones' time (a
+    partition, a long downtime), held only p's old row and deleted x's mapping of p, which never
+    left x. y's clock of x still covered the mapping, so gossip never sent it again, and y listed
+    no holder for good (QA round 30): the deletion asks x's rows again from the mapping's version."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    pair.net.isolated.add("http://y")
+    clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
+    await x.record_peer_online("p")  # p is on x, as it was all along
+    report = await y.sweep()
+    assert report.pruned["content_peers"] == 1  # y goes by what it holds: p unseen for 8 days
+    assert await y.get_available_peers("movie") == []
+    pair.net.isolated.clear()
+    await pair.gossip()
+    for tracker in (x, y):
+        assert await tracker.get_available_peers("movie") == ["p"]
+    assert (await y.sweep()).pruned["content_peers"] == 0  # p's new row came too: not departed
+
+
+async def _mapping_rows(tracker: AvailabilityTracker) -> int:
+    async with tracker.engine.connect() as conn:
+        return int((await conn.execute(text("SELECT COUNT(*) FROM content_peers"))).scalar_one())
+
+
+async def test_a_stale_mapping_a_neighbour_keeps_sending_is_asked_for_at_most_hourly(pair: Pair) -> None:
+    """x never sweeps, so it keeps the mapping of a peer gone for good: asked again, it sends the mapping
+    back, and the next pass deletes it again. Asked at every pass, x would send all its rows since
+    that version every 30 s; the next ask waits for the hour."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
+    assert (await y.sweep()).pruned["content_peers"] == 1  # and x's rows are asked for again
+    await pair.gossip()
+    assert await _mapping_rows(y) == 1  # sent back: x still holds it
+    clock.advance(60)
+    assert (await y.sweep()).pruned["content_peers"] == 1  # deleted again, not asked for again
+    await pair.gossip()
+    assert await _mapping_rows(y) == 0
+    clock.advance(ASK_AGAIN_EVERY_S)
+    assert (await y.sweep()).pruned["content_peers"] == 0  # nothing to delete; the hour has passed
+    await pair.gossip()
+    assert await _mapping_rows(y) == 1  # asked again once the hour had passed
+    assert await y.get_available_peers("movie") == []  # p is offline: no download goes to it
 
 
 async def test_a_removal_is_dated_at_the_departure_not_at_the_sweep(pair: Pair) -> None:

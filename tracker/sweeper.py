@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -132,14 +133,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 batch,
                 lambda conn: q.prune_tombstones(conn, now - config.tombstone_keep_s, batch),
             )
-            + await _drain(
-                engine,
-                retries,
-                batch,
-                lambda conn: q.prune_departed_mappings(
-                    conn, now - config.offline_mapping_retention_s - config.tombstone_keep_s, batch
-                ),
-            ),
+            + await _prune_departed(tracker, now),
             "peer_leases": await _drain(
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
@@ -370,6 +364,47 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
 FORGET_EVERY_S = 3_600.0
 
 
+#: An origin's clock is lowered to ask for its rows again at most this often (``_prune_departed``).
+ASK_AGAIN_EVERY_S = 3_600.0
+
+
+async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
+    """Delete the mappings of departed peers that no tracker removed
+    (``queries.sweep.prune_departed_mappings``), and ask their origins for their rows again from the
+    lowest version deleted, at most once an hour per origin.
+
+    Asked again, an origin that still holds such a mapping sends it back: its peer never left, this
+    node was only cut off from it. One that never sweeps sends back its stale ones as well, which the
+    next pass deletes again: asked at every pass, it would send all its rows since then every 30 s,
+    so the lowest version deleted meanwhile waits in ``SweepState.ask_again`` for the hour to pass."""
+    config, engine, state = tracker.config, tracker.engine, tracker._sweep_state
+    batch, retries = config.sweep_batch_size, config.write_retries
+    cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
+
+    def asked_lately(node: int) -> bool:
+        return 0 <= now - state.asked_at.get(node, -math.inf) < ASK_AGAIN_EVERY_S
+
+    async def step(conn: AsyncConnection) -> tuple[int, dict[int, int], dict[int, int]]:
+        deleted, lowest = await q.prune_departed_mappings(conn, cutoff, batch)
+        wanted = dict(state.ask_again)
+        for node, version in lowest.items():
+            wanted[node] = min(version, wanted.get(node, version))
+        asked = {node: version for node, version in wanted.items() if not asked_lately(node)}
+        await q.ask_again(conn, asked)
+        return deleted, wanted, asked
+
+    total = 0
+    while True:
+        deleted, wanted, asked = await db.run_write(engine, step, retries)
+        # Kept only once committed: a transaction retried starts again from the state as it was.
+        state.ask_again = {node: version for node, version in wanted.items() if node not in asked}
+        state.asked_at.update(dict.fromkeys(asked, now))
+        total += deleted
+        if deleted < batch:
+            return total
+        await asyncio.sleep(0)  # let request handlers in between batches
+
+
 async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
     """Forget, when due, the peer rows their origins stopped writing ``forget_after_s`` ago and then
     the peers and contents left with nothing (``queries.forget``); rows deleted per table.
@@ -556,6 +591,10 @@ class SweepState:
     repaired_once: bool = False
     #: Postgres: the database server's clock less the tracker's time at the latest pass.
     database_clock_offset_s: float | None = None
+    #: Per other origin, the lowest version of its mappings deleted as departed and not asked for
+    #: again yet, and when this process last asked one for its rows again (``_prune_departed``).
+    ask_again: dict[int, int] = field(default_factory=dict)
+    asked_at: dict[int, float] = field(default_factory=dict)
 
 
 class SweeperTask:

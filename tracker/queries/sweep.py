@@ -199,14 +199,23 @@ async def remove_departed_mappings(
     return int(result.rowcount or 0)
 
 
-async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: int) -> int:
+async def prune_departed_mappings(
+    conn: AsyncConnection, cutoff: float, limit: int
+) -> tuple[int, dict[int, int]]:
     """Delete up to ``limit`` mappings of any origin of peers no origin has seen since ``cutoff``: set
     ``tombstone_keep_s`` beyond the removals' own retention, so only those whose tracker never removed
     them are left (one gone for good, or cut off all that time), which would otherwise stay forever.
     Deleting them here is a local decision again, but at a point where the trackers that could
     disagree have had the removal's retention and its tombstone's to say so. Not removals, which
     ``prune_tombstones`` ages out (deleted here, a late announcement older than the removal brought
-    the mapping back when the peer returned: QA round 12)."""
+    the mapping back when the peer returned: QA round 12).
+
+    Returns the rows deleted and, per other origin, the lowest version among them: this node judged
+    the peer departed by what it held, and a tracker cut off from that origin all that time (a
+    partition, a long downtime) held old rows of a peer that never left. Its clock of the origin
+    still covers the deleted rows, so gossip would never send them again, and the origin's live
+    mapping stayed missing here for good (QA round 30): ``ask_again`` lowers that clock, so the next
+    exchange brings back whatever the origin still holds."""
     ps = peer_stats.c
     departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
     cp = content_peers.c
@@ -217,8 +226,26 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
     victims = (
         select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available, ~recent).limit(limit)
     )
-    result = await conn.execute(delete(content_peers).where(_pair_in(victims)))
-    return int(result.rowcount or 0)
+    deleted = (
+        await conn.execute(delete(content_peers).where(_pair_in(victims)).returning(cp.node_id, cp.version))
+    ).all()
+    lowest: dict[int, int] = {}
+    for node_id, version in deleted:
+        if version is not None:  # this node's own rows wait for their stamp; nothing to ask for
+            lowest[node_id] = min(version, lowest.get(node_id, version))
+    return len(deleted), lowest
+
+
+async def ask_again(conn: AsyncConnection, versions: dict[int, int]) -> None:
+    """Lower this node's clock of each other origin below ``versions[origin]``, so that gossip sends
+    its rows from that version on again (``prune_departed_mappings``); this node's own is left be."""
+    n = nodes.c
+    for node_id, version in sorted(versions.items()):  # one lock order for concurrent sweepers
+        await conn.execute(
+            update(nodes)
+            .where(n.id == node_id, ~n.is_local, n.clock >= version)
+            .values(clock=max(version - 1, 0))
+        )
 
 
 async def clamp_future(
