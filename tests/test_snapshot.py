@@ -289,7 +289,7 @@ MALFORMED: list[tuple[str, list[bytes], int, str]] = [
     ("counter beyond bigint", _at(2, _with(PEER, served=2**63)), 2, "served"),
     ("empty peer id", _at(2, _with(PEER, peer="")), 2, "peer must not be empty"),
     ("control character in a cid", _at(4, _with(MAPPING, cid="a\x00b")), 4, "control character"),
-    ("lone surrogate in an id", _at(4, _with(MAPPING, peer="\ud800")), 4, "control character"),
+    ("lone surrogate in an id", _at(4, _with(MAPPING, peer="\ud800")), 4, "lone surrogate"),
     ("id too long", _at(4, _with(MAPPING, cid="c" * 257)), 4, "257 characters"),
     ("node key too long", _at(2, _with(PEER, origin="n" * 65)), 2, "origin is longer"),
     ("NaN", _at(2, _raw(PEER, "2000000.0", "NaN")), 2, "NaN is not a finite number"),
