@@ -143,7 +143,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             engine,
             retries,
             batch,
-            lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, retention, batch),
+            lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, batch),
         )
         pruned.update(await _forget(tracker, now))  # tables of their own
         path, snapshot_error = await _snapshot(tracker, now)
