@@ -215,10 +215,10 @@ async def test_a_forgotten_row_sent_again_goes_again_with_its_mapping(pair: Pair
     assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
 
 
-async def test_a_mapping_that_came_before_its_peers_row_is_kept(pair: Pair) -> None:
+async def test_a_mapping_that_came_before_its_peers_row_comes_back_with_it(pair: Pair) -> None:
     """A new tracker's first sync may bring a long-lived peer's mapping (announced days ago) in one
     message and its row in a later one; a pass in between deleted the mapping for want of a row,
-    and gossip never sent it again (QA round 27)."""
+    and gossip never sent it again (QA round 27): now it is sent again."""
     x, y, clock = pair.x, pair.y, pair.clock
     await y.record_peer_online("p")
     await y.record_content_available("movie", "p")
@@ -233,9 +233,14 @@ async def test_a_mapping_that_came_before_its_peers_row_is_kept(pair: Pair) -> N
         return await gq.merge(conn, x.config.dialect, x.node_key, [first], 10)
 
     assert (await run_write(x.engine, merge, 3)).mappings == 1
-    await x.sweep()  # the process's first pass: forgetting runs
-    assert (await _rows(x))["content_peers"] == 1
-    await pair.gossip()  # the rest of the sync: the row
+    # The process's first pass: forgetting runs. A mapping without rows, as old as a departed peer's
+    # would be, goes (QA round 30: or one that came after its rows were forgotten stayed for good),
+    # and y is asked for its rows again from the mapping's version.
+    await x.sweep()
+    assert (await _rows(x))["content_peers"] == 0
+    await pair.gossip()  # the rest of the sync: the row, and the mapping again
+    assert await x.get_available_peers("movie") == ["p"]
+    await x.sweep()
     assert await x.get_available_peers("movie") == ["p"]
 
 
@@ -521,3 +526,45 @@ async def _old_row_then_new_mapping(tracker: AvailabilityTracker, clock: ManualC
         cid="movie", peer="p", available=True, since=at, last_confirmed=at, changed_at=at, version=1
     )
     await merge(OriginDelta(origin="a" * 32, base=0, upto=1, mappings=[announced]))
+
+
+# --- QA round 30 ---------------------------------------------------------------------------------
+
+
+async def test_a_mapping_that_came_after_its_peers_rows_were_forgotten_goes_and_is_asked_for_again(
+    solo: tuple[AvailabilityTracker, ManualClock],
+) -> None:
+    """A neighbour that never sweeps, or a snapshot imported in parts, brings a departed peer's old
+    mapping after the rows it would be judged by were forgotten here: nothing took it, nor its peer
+    and content, ever (QA round 30). It goes once it is as old as a departed peer's mapping would be,
+    and its origin is asked for its rows again from its version (one that only came before its row
+    comes back with it)."""
+    tracker, clock = solo
+    origin = "a" * 32
+    at = clock() - 60
+    announced = MappingState(
+        cid="movie", peer="p", available=True, since=at, last_confirmed=at, changed_at=at, version=7
+    )
+
+    async def merge(conn: Any) -> gq.MergeCounts:
+        return await gq.merge(
+            conn,
+            tracker.config.dialect,
+            tracker.node_key,
+            [OriginDelta(origin=origin, base=0, upto=9, mappings=[announced])],
+            10,
+        )
+
+    await run_write(tracker.engine, merge, 3)
+    assert (await tracker.sweep()).pruned["content_peers"] == 0  # young: it may be a live peer's
+    clock.advance(tracker.config.offline_mapping_retention_s + tracker.config.tombstone_keep_s)
+    clock.advance(FORGET_EVERY_S)
+    report = await tracker.sweep()
+    assert (report.pruned["content_peers"], report.pruned["peers"], report.pruned["contents"]) == (1, 1, 1)
+    assert await _rows(tracker) == dict.fromkeys((t.name for t in TABLES), 0)
+    await tracker.sweep()  # the next pass asks
+    async with tracker.engine.connect() as conn:
+        clock_of_origin = (
+            await conn.execute(text("SELECT clock FROM tracker_nodes WHERE node_key = :k"), {"k": origin})
+        ).scalar_one()
+    assert clock_of_origin == 6

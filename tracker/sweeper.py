@@ -145,7 +145,8 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             batch,
             lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, batch),
         )
-        pruned.update(await _forget(tracker, now))  # tables of their own
+        for table, forgotten in (await _forget(tracker, now)).items():
+            pruned[table] = pruned.get(table, 0) + forgotten
         path, snapshot_error = await _snapshot(tracker, now)
         state.last_pass_at = tracker.now()
     await _save_clock(tracker)
@@ -377,32 +378,52 @@ async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
     node was only cut off from it. One that never sweeps sends back its stale ones as well, which the
     next pass deletes again: asked at every pass, it would send all its rows since then every 30 s,
     so the lowest version deleted meanwhile waits in ``SweepState.ask_again`` for the hour to pass."""
-    config, engine, state = tracker.config, tracker.engine, tracker._sweep_state
+    config, engine = tracker.config, tracker.engine
     batch, retries = config.sweep_batch_size, config.write_retries
     cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
+    asking = _Asking(tracker._sweep_state, now)
 
-    def asked_lately(node: int) -> bool:
-        return 0 <= now - state.asked_at.get(node, -math.inf) < ASK_AGAIN_EVERY_S
-
-    async def step(conn: AsyncConnection) -> tuple[int, dict[int, int], dict[int, int]]:
+    async def step(conn: AsyncConnection) -> int:
         deleted, lowest = await q.prune_departed_mappings(conn, cutoff, batch)
-        wanted = dict(state.ask_again)
-        for node, version in lowest.items():
-            wanted[node] = min(version, wanted.get(node, version))
-        asked = {node: version for node, version in wanted.items() if not asked_lately(node)}
-        await q.ask_again(conn, asked)
-        return deleted, wanted, asked
+        await asking.ask(conn, lowest)
+        return deleted
 
     total = 0
     while True:
-        deleted, wanted, asked = await db.run_write(engine, step, retries)
-        # Kept only once committed: a transaction retried starts again from the state as it was.
-        state.ask_again = {node: version for node, version in wanted.items() if node not in asked}
-        state.asked_at.update(dict.fromkeys(asked, now))
+        deleted = await db.run_write(engine, step, retries)
+        asking.committed()
         total += deleted
         if deleted < batch:
             return total
         await asyncio.sleep(0)  # let request handlers in between batches
+
+
+class _Asking:
+    """Asks other origins for their rows again, in the transaction that deleted some of them.
+
+    What was asked is kept in ``SweepState`` only once that transaction committed (``committed``):
+    one retried starts again from the state as it was, and its last attempt is the one that counts."""
+
+    def __init__(self, state: SweepState, now: float) -> None:
+        self.state, self.now = state, now
+        self._attempt: tuple[dict[int, int], dict[int, int]] = (dict(state.ask_again), {})
+
+    async def ask(self, conn: AsyncConnection, lowest: dict[int, int]) -> None:
+        """Lower the clocks of the origins in ``lowest`` (and of those waiting) not asked this hour."""
+        wanted = dict(self.state.ask_again)
+        for node, version in lowest.items():
+            wanted[node] = min(version, wanted.get(node, version))
+        asked = {node: version for node, version in wanted.items() if not self._lately(node)}
+        await q.ask_again(conn, asked)
+        self._attempt = (wanted, asked)
+
+    def committed(self) -> None:
+        wanted, asked = self._attempt
+        self.state.ask_again = {node: version for node, version in wanted.items() if node not in asked}
+        self.state.asked_at.update(dict.fromkeys(asked, self.now))
+
+    def _lately(self, node: int) -> bool:
+        return 0 <= self.now - self.state.asked_at.get(node, -math.inf) < ASK_AGAIN_EVERY_S
 
 
 async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
@@ -419,7 +440,15 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
     batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
     rows_cutoff = now - config.forget_after_s
     mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
+    asking = _Asking(state, now)
+
+    async def rowless(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
+        deleted, upto, lowest = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch)
+        await asking.ask(conn, lowest)
+        return deleted, upto
+
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (
+        ("content_peers", rowless),
         (
             "peer_stats",
             lambda conn, after: forget.forget_peer_rows(conn, rows_cutoff, mappings_cutoff, after, batch),
@@ -427,7 +456,10 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
         ("peers", lambda conn, after: forget.forget_unused_peers(conn, dialect, after, batch)),
         ("contents", lambda conn, after: forget.forget_unused_contents(conn, dialect, after, batch)),
     )
-    done = {table: await _walk(engine, retries, step) for table, step in steps}
+    done = {
+        table: await _walk(engine, retries, step, asking.committed if table == "content_peers" else None)
+        for table, step in steps
+    }
     state.forgotten_at = now
     return done
 
@@ -436,8 +468,10 @@ async def _walk(
     engine: AsyncEngine,
     retries: int,
     step: Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]],
+    committed: Callable[[], None] | None = None,
 ) -> int:
-    """Run ``step`` over a table's key range, a slice per short transaction, until it says it is done."""
+    """Run ``step`` over a table's key range, a slice per short transaction, until it says it is done;
+    ``committed`` is called after each slice's transaction has committed."""
     total, after = 0, -1
     while True:
 
@@ -445,6 +479,8 @@ async def _walk(
             return await step(conn, after)
 
         deleted, upto = await db.run_write(engine, one, retries)
+        if committed is not None:
+            committed()
         total += deleted
         if upto is None:
             return total

@@ -15,9 +15,10 @@ Left out by the merge instead, its peer's mappings, which came in the same excha
 left to date the departure by (QA round 27).
 
 Rows go only after their peer's mappings (``TrackerConfig.forget_after_s``): a mapping is deleted
-by what its peer's rows say, never by their absence, which is also how a mapping looks that
-arrived before its peer's row (a rule on absence deleted such a live mapping in a new tracker's
-first sync, and gossip never sent it again: QA round 27).
+by what its peer's rows say. Their absence is also how a mapping looks that arrived before its
+peer's row (a rule on absence deleted such a live mapping in a new tracker's first sync, and gossip
+never sent it again: QA round 27), so a mapping without rows goes only when it is as old as a
+departed peer's would be, and its origin is asked for its rows again (``forget_rowless_mappings``).
 """
 
 from __future__ import annotations
@@ -89,6 +90,36 @@ async def forget_peer_rows(
         for chunk in _chunks(sorted(peer_ids)):
             await conn.execute(delete(bandwidth_samples).where(s.node_id == node_id, s.peer_id.in_(chunk)))
     return len(gone), upto
+
+
+async def forget_rowless_mappings(
+    conn: AsyncConnection, mappings_cutoff: float, after: int, limit: int
+) -> tuple[int, int | None, dict[int, int]]:
+    """Delete the available mappings, of peers among the next ``limit`` peer ids after ``after``, whose
+    peer has no ``peer_stats`` row and which nobody announced since ``mappings_cutoff``; returns them
+    counted, where the next slice starts, and per origin the lowest version deleted.
+
+    Such a mapping came after its peer's rows were forgotten: from a neighbour that never sweeps, or
+    an import that brought a snapshot's rows and mappings apart (QA round 30); no rule on the rows
+    would ever take it, and it kept its peer and content for good. One that only came before its
+    row (a first sync in slices) is a live peer's: the sweeper asks its origin for its rows again
+    from that version, and it comes back with its row (``queries.sweep.ask_again``)."""
+    p, cp = peers.c, content_peers.c
+    upto = await _slice_end(conn, p.id, after, limit)
+    rowless = ~exists().where(peer_stats.c.peer_id == cp.peer_id)
+    announced = or_(cp.changed_at >= mappings_cutoff, cp.last_confirmed >= mappings_cutoff)
+    gone = (
+        await conn.execute(
+            delete(content_peers)
+            .where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless)
+            .returning(cp.node_id, cp.version)
+        )
+    ).all()
+    lowest: dict[int, int] = {}
+    for node_id, version in gone:
+        if version is not None:
+            lowest[int(node_id)] = min(int(version), lowest.get(int(node_id), int(version)))
+    return len(gone), upto, lowest
 
 
 def _peer_unused() -> list[Any]:
