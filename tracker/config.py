@@ -377,15 +377,8 @@ class TrackerConfig:
         """How long the sweeper keeps a removed mapping: ``tombstone_ttl_s``, but no less than
         ``event_age_limit``, so that no announcement old enough to predate a removal is still
         accepted once the removal is forgotten (it would bring the mapping back; QA round 12: with
-        the defaults, 1 day against 7, announcements 1 to 7 days late did); and no less than
-        ``offline_mapping_retention_s + tombstone_ttl_s``: a departed peer's removal is dated at its
-        last sighting and made a retention later, and must still be kept ``tombstone_ttl_s`` then to
-        travel (with the defaults, 7 days against 2)."""
-        return max(
-            self.tombstone_ttl_s,
-            self.event_age_limit,
-            self.offline_mapping_retention_s + self.tombstone_ttl_s,
-        )
+        the defaults, 1 day against 7, announcements 1 to 7 days late did)."""
+        return max(self.tombstone_ttl_s, self.event_age_limit)
 
     @property
     def forget_after_s(self) -> float:

@@ -155,11 +155,13 @@ def _pair_in(pairs: Any) -> Any:
     return tuple_(content_peers.c.content_id, content_peers.c.peer_id).in_(pairs)
 
 
-async def remove_departed_mappings(conn: AsyncConnection, node_id: int, cutoff: float, limit: int) -> int:
+async def remove_departed_mappings(
+    conn: AsyncConnection, node_id: int, cutoff: float, retention: float, limit: int
+) -> int:
     """Remove up to ``limit`` of this node's mappings (the row's last change was this node's) of peers
-    that no origin has seen since ``cutoff`` (= now - ``offline_mapping_retention_s``), as this
-    node's removals dated at the peer's last sighting, the last time anything was known of it
-    (tombstones, versioned for gossip); ``prune_tombstones`` ages them out.
+    that no origin has seen since ``cutoff`` (= now - ``retention``), as this node's removals dated
+    when the peer departed: its last sighting plus ``retention`` (tombstones, versioned for gossip);
+    ``prune_tombstones`` ages them out.
 
     Deleted instead, they were a local decision each tracker took at its own moment, which gossip
     never carried: a peer heard from again between two trackers' sweeps kept its mappings on one and
@@ -169,16 +171,18 @@ async def remove_departed_mappings(conn: AsyncConnection, node_id: int, cutoff: 
     moved on to other trackers meanwhile; the tracker a mapping came from decides, as it sees its
     peer (mappings of a tracker that is gone for good go by ``prune_departed_mappings``). Dated by
     the departure, not by this tracker's clock: a tracker running ahead dated its removal after a
-    re-announcement made elsewhere meanwhile, and the peer's own announcement lost (QA round 26).
-    Not dated by the end of the retention either: a peer back elsewhere before it ended, while this
-    tracker had not heard yet, announced before that date and lost again (QA round 30); any
-    announcement after the peer's return is later than its last sighting here. A removal at the very
-    time of this node's announcement (a peer's last act) wins by its newer version. Not a mapping
-    changed after the last sighting (an announcement relayed without one): a removal dated before it
+    re-announcement made elsewhere meanwhile, and the peer's own announcement lost (QA round 26);
+    any announcement after the peer's return is later than its departure, unless the peer came back
+    elsewhere before the retention ended and this tracker had not heard yet: that announcement loses
+    (QA round 30). Dating at the last sighting instead let a snapshot taken before the removal
+    bring the mapping back for good once the removal, dated a retention before it was made, had
+    been pruned (QA round 32): tombstones are pruned by their date, not by when they were made.
+    Not a mapping changed
+    after the departure (an announcement relayed without a sighting): a removal dated before it
     would lose to it elsewhere; ``prune_departed_mappings`` takes it in the end."""
     ps = peer_stats.c
     departed = (
-        select(ps.peer_id, func.max(ps.last_seen).label("gone_at"))
+        select(ps.peer_id, (func.max(ps.last_seen) + retention).label("gone_at"))
         .group_by(ps.peer_id)
         .having(func.max(ps.last_seen) < cutoff)
         .subquery("departed")
@@ -187,10 +191,10 @@ async def remove_departed_mappings(conn: AsyncConnection, node_id: int, cutoff: 
     victims = (
         select(cp.content_id, cp.peer_id)
         .join(departed, departed.c.peer_id == cp.peer_id)
-        .where(cp.node_id == node_id, cp.available, cp.changed_at <= departed.c.gone_at)
+        .where(cp.node_id == node_id, cp.available, cp.changed_at < departed.c.gone_at)
         .limit(limit)
     )
-    gone_at = select(func.max(ps.last_seen)).where(ps.peer_id == cp.peer_id).scalar_subquery()
+    gone_at = select(func.max(ps.last_seen) + retention).where(ps.peer_id == cp.peer_id).scalar_subquery()
     stmt = (
         update(content_peers)
         .where(_pair_in(victims))
