@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -26,6 +25,7 @@ from .gossip import files, snapshot
 from .queries import forget, prune_expired_leases
 from .queries import sweep as q
 from .queries.clocks import database_time
+from .queries.sweep import Deleted
 
 if TYPE_CHECKING:
     from .core import AvailabilityTracker
@@ -365,28 +365,23 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
 FORGET_EVERY_S = 3_600.0
 
 
-#: An origin's clock is lowered to ask for its rows again at most this often (``_prune_departed``).
-ASK_AGAIN_EVERY_S = 3_600.0
+#: Deleted mappings a process remembers having asked their origins for (``_Asking``); beyond this
+#: the oldest are forgotten, and asked for again if they come back and go again.
+MOST_REMEMBERED_ASKS = 100_000
 
 
 async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
     """Delete the mappings of departed peers that no tracker removed
-    (``queries.sweep.prune_departed_mappings``), and ask their origins for their rows again from the
-    lowest version deleted, at most once an hour per origin.
-
-    Asked again, an origin that still holds such a mapping sends it back: its peer never left, this
-    node was only cut off from it. One that never sweeps sends back its stale ones as well, which the
-    next pass deletes again: asked at every pass, it would send all its rows since then every 30 s,
-    so the lowest version deleted meanwhile waits in ``SweepState.ask_again`` for the hour to pass."""
+    (``queries.sweep.prune_departed_mappings``), asking their origins for their rows again."""
     config, engine = tracker.config, tracker.engine
     batch, retries = config.sweep_batch_size, config.write_retries
     cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
-    asking = _Asking(tracker._sweep_state, now)
+    asking = _Asking(tracker._sweep_state)
 
     async def step(conn: AsyncConnection) -> int:
-        deleted, lowest = await q.prune_departed_mappings(conn, cutoff, batch)
-        await asking.ask(conn, lowest)
-        return deleted
+        deleted = await q.prune_departed_mappings(conn, cutoff, batch)
+        await asking.ask(conn, deleted)
+        return len(deleted)
 
     total = 0
     while True:
@@ -399,31 +394,39 @@ async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
 
 
 class _Asking:
-    """Asks other origins for their rows again, in the transaction that deleted some of them.
+    """Asks other origins for their rows again, in the transaction that deleted some of them: this
+    node's clock of each drops below the lowest version deleted (``queries.sweep.ask_again``).
 
-    What was asked is kept in ``SweepState`` only once that transaction committed (``committed``):
-    one retried starts again from the state as it was, and its last attempt is the one that counts."""
+    At once, and never left for later: the clock claims every row up to it, so a deletion the
+    clock still covered, were the ask put off and then lost with the process, would be for good
+    (QA round 32). A row this process has asked for before is not asked for again: it came back
+    and went again, so its origin still holds it unchanged (a neighbour that never sweeps), and
+    every further ask would have that origin send all its rows since then once more, at every pass
+    (QA round 32 measured 2,001 rows an hour to gain one). Forgetting that (a restart, another
+    process, ``MOST_REMEMBERED_ASKS``) costs one more resend, never a row. What was asked is
+    remembered only once the transaction committed: one retried starts again, and its last
+    attempt counts."""
 
-    def __init__(self, state: SweepState, now: float) -> None:
-        self.state, self.now = state, now
-        self._attempt: tuple[dict[int, int], dict[int, int]] = (dict(state.ask_again), {})
+    def __init__(self, state: SweepState) -> None:
+        self.state = state
+        self._asked: list[Deleted] = []
 
-    async def ask(self, conn: AsyncConnection, lowest: dict[int, int]) -> None:
-        """Lower the clocks of the origins in ``lowest`` (and of those waiting) not asked this hour."""
-        wanted = dict(self.state.ask_again)
-        for node, version in lowest.items():
-            wanted[node] = min(version, wanted.get(node, version))
-        asked = {node: version for node, version in wanted.items() if not self._lately(node)}
-        await q.ask_again(conn, asked)
-        self._attempt = (wanted, asked)
+    async def ask(self, conn: AsyncConnection, deleted: list[Deleted]) -> None:
+        # Unstamped rows (version NULL) are this node's own: nothing to ask anyone for.
+        fresh = [row for row in deleted if row[3] is not None and row not in self.state.asked]
+        lowest: dict[int, int] = {}
+        for node, _, _, version in fresh:
+            if version is not None:
+                lowest[node] = min(version, lowest.get(node, version))
+        await q.ask_again(conn, lowest)
+        self._asked = fresh
 
     def committed(self) -> None:
-        wanted, asked = self._attempt
-        self.state.ask_again = {node: version for node, version in wanted.items() if node not in asked}
-        self.state.asked_at.update(dict.fromkeys(asked, self.now))
-
-    def _lately(self, node: int) -> bool:
-        return 0 <= self.now - self.state.asked_at.get(node, -math.inf) < ASK_AGAIN_EVERY_S
+        asked = self.state.asked
+        asked.update(dict.fromkeys(self._asked))
+        while len(asked) > MOST_REMEMBERED_ASKS:
+            del asked[next(iter(asked))]
+        self._asked = []
 
 
 async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
@@ -440,12 +443,12 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
     batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
     rows_cutoff = now - config.forget_after_s
     mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
-    asking = _Asking(state, now)
+    asking = _Asking(state)
 
     async def rowless(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
-        deleted, upto, lowest = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch)
-        await asking.ask(conn, lowest)
-        return deleted, upto
+        deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch)
+        await asking.ask(conn, deleted)
+        return len(deleted), upto
 
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (
         ("content_peers", rowless),
@@ -627,10 +630,8 @@ class SweepState:
     repaired_once: bool = False
     #: Postgres: the database server's clock less the tracker's time at the latest pass.
     database_clock_offset_s: float | None = None
-    #: Per other origin, the lowest version of its mappings deleted as departed and not asked for
-    #: again yet, and when this process last asked one for its rows again (``_prune_departed``).
-    ask_again: dict[int, int] = field(default_factory=dict)
-    asked_at: dict[int, float] = field(default_factory=dict)
+    #: Deleted mappings this process has asked their origins for (``_Asking``), oldest first.
+    asked: dict[Deleted, None] = field(default_factory=dict)
 
 
 class SweeperTask:

@@ -38,6 +38,7 @@ from ..schema import (
     upload_outcomes,
 )
 from ._sql import IN_CHUNK
+from .sweep import Deleted, deleted_mappings
 
 
 async def _slice_end(conn: AsyncConnection, key: Any, after: int, limit: int) -> int | None:
@@ -94,10 +95,10 @@ async def forget_peer_rows(
 
 async def forget_rowless_mappings(
     conn: AsyncConnection, mappings_cutoff: float, after: int, limit: int
-) -> tuple[int, int | None, dict[int, int]]:
+) -> tuple[list[Deleted], int | None]:
     """Delete the available mappings, of peers among the next ``limit`` peer ids after ``after``, whose
     peer has no ``peer_stats`` row and which nobody announced since ``mappings_cutoff``; returns them
-    counted, where the next slice starts, and per origin the lowest version deleted.
+    and where the next slice starts.
 
     Such a mapping came after its peer's rows were forgotten: from a neighbour that never sweeps, or
     an import that brought a snapshot's rows and mappings apart (QA round 30); no rule on the rows
@@ -108,18 +109,8 @@ async def forget_rowless_mappings(
     upto = await _slice_end(conn, p.id, after, limit)
     rowless = ~exists().where(peer_stats.c.peer_id == cp.peer_id)
     announced = or_(cp.changed_at >= mappings_cutoff, cp.last_confirmed >= mappings_cutoff)
-    gone = (
-        await conn.execute(
-            delete(content_peers)
-            .where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless)
-            .returning(cp.node_id, cp.version)
-        )
-    ).all()
-    lowest: dict[int, int] = {}
-    for node_id, version in gone:
-        if version is not None:
-            lowest[int(node_id)] = min(int(version), lowest.get(int(node_id), int(version)))
-    return len(gone), upto, lowest
+    stmt = delete(content_peers).where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless)
+    return await deleted_mappings(conn, stmt), upto
 
 
 def _peer_unused() -> list[Any]:

@@ -23,7 +23,7 @@ from ..schema import (
     peers,
     upload_outcomes,
 )
-from ._sql import PEER_STATE_COLUMNS
+from ._sql import IN_CHUNK, PEER_STATE_COLUMNS
 from .writes import refresh_speeds
 
 
@@ -204,9 +204,7 @@ async def remove_departed_mappings(
     return int(result.rowcount or 0)
 
 
-async def prune_departed_mappings(
-    conn: AsyncConnection, cutoff: float, limit: int
-) -> tuple[int, dict[int, int]]:
+async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: int) -> list[Deleted]:
     """Delete up to ``limit`` mappings of any origin of peers no origin has seen since ``cutoff``: set
     ``tombstone_keep_s`` beyond the removals' own retention, so only those whose tracker never removed
     them are left (one gone for good, or cut off all that time), which would otherwise stay forever.
@@ -215,12 +213,12 @@ async def prune_departed_mappings(
     ``prune_tombstones`` ages out (deleted here, a late announcement older than the removal brought
     the mapping back when the peer returned: QA round 12).
 
-    Returns the rows deleted and, per other origin, the lowest version among them: this node judged
-    the peer departed by what it held, and a tracker cut off from that origin all that time (a
-    partition, a long downtime) held old rows of a peer that never left. Its clock of the origin
-    still covers the deleted rows, so gossip would never send them again, and the origin's live
-    mapping stayed missing here for good (QA round 30): ``ask_again`` lowers that clock, so the next
-    exchange brings back whatever the origin still holds."""
+    Returns the rows deleted: this node judged the peer departed by what it held, and a tracker cut
+    off from that origin all that time (a partition, a long downtime) held old rows of a peer that
+    never left. Its clock of the origin still covers the deleted rows, so gossip would never send
+    them again, and the origin's live mapping stayed missing here for good (QA round 30): the
+    sweeper lowers that clock (``ask_again``), so the next exchange brings back whatever the origin
+    still holds."""
     ps = peer_stats.c
     departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
     cp = content_peers.c
@@ -231,14 +229,38 @@ async def prune_departed_mappings(
     victims = (
         select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available, ~recent).limit(limit)
     )
-    deleted = (
-        await conn.execute(delete(content_peers).where(_pair_in(victims)).returning(cp.node_id, cp.version))
-    ).all()
-    lowest: dict[int, int] = {}
-    for node_id, version in deleted:
-        if version is not None:  # this node's own rows wait for their stamp; nothing to ask for
-            lowest[node_id] = min(version, lowest.get(node_id, version))
-    return len(deleted), lowest
+    return await deleted_mappings(conn, delete(content_peers).where(_pair_in(victims)))
+
+
+#: A deleted mapping: its origin (``node_id``), content key, peer key and version. By keys, not ids:
+#: forgetting may delete the ids, and a mapping sent again comes with new ones.
+Deleted = tuple[int, str, str, int | None]
+
+
+async def deleted_mappings(conn: AsyncConnection, stmt: Any) -> list[Deleted]:
+    """Run a ``DELETE`` of ``content_peers`` and return what it deleted, for ``ask_again``."""
+    cp = content_peers.c
+    rows = (await conn.execute(stmt.returning(cp.node_id, cp.content_id, cp.peer_id, cp.version))).all()
+    if not rows:
+        return []
+    content_keys = await _keys(conn, contents.c.id, contents.c.content_key, {int(r[1]) for r in rows})
+    peer_keys = await _keys(conn, peers.c.id, peers.c.peer_key, {int(r[2]) for r in rows})
+    return [
+        (int(n), content_keys[int(c)], peer_keys[int(p)], None if v is None else int(v))
+        for n, c, p, v in rows
+    ]
+
+
+async def _keys(conn: AsyncConnection, id_column: Any, key_column: Any, ids: set[int]) -> dict[int, str]:
+    ordered = sorted(ids)
+    found: dict[int, str] = {}
+    for start in range(0, len(ordered), IN_CHUNK):  # bounded lists: asyncpg takes 32,767 parameters
+        chunk = ordered[start : start + IN_CHUNK]
+        found.update(
+            (int(i), str(k))
+            for i, k in await conn.execute(select(id_column, key_column).where(id_column.in_(chunk)))
+        )
+    return found
 
 
 async def ask_again(conn: AsyncConnection, versions: dict[int, int]) -> None:
