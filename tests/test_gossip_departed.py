@@ -15,8 +15,10 @@ from gossip_helpers import KEY, Pair, open_pair
 from sqlalchemy import text
 
 from tracker import AvailabilityTracker
+from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
+from tracker.sweeper import ASKED_HOLD_S
 
 
 @pytest.fixture
@@ -116,31 +118,57 @@ async def _mapping_rows(tracker: AvailabilityTracker) -> int:
         return int((await conn.execute(text("SELECT COUNT(*) FROM content_peers"))).scalar_one())
 
 
-async def test_a_stale_mapping_a_neighbour_keeps_sending_is_asked_for_once(pair: Pair) -> None:
-    """x never sweeps, so it keeps the mapping of a peer gone for good: asked again, it sends the
-    mapping back, and the next pass deletes it again. Asked at every pass (or hourly, QA round 32:
-    2,001 rows an hour to gain one), x would send all its rows since that version every time; a
-    row asked for once is not asked for again."""
+async def test_a_live_mapping_deleted_in_two_partitions_comes_back_after_each(pair: Pair) -> None:
+    """A mapping asked for once and deleted again with the same version was not asked for again, so
+    after a second long partition it never came back, restart or not (QA round 33); every deletion
+    asks. A catch-up in slices (the mapping back before its peer's new row, and a pass between) and
+    a relay that still held the old row deleted it twice in the same way."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    for _ in range(2):
+        pair.net.isolated.add("http://y")
+        clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
+        await x.record_peer_online("p")  # online at x all along: heartbeats, no new announcement
+        assert (await y.sweep()).pruned["content_peers"] == 1
+        pair.net.isolated.clear()
+        clock.advance(300)
+        await x.record_peer_online("p")
+        await pair.gossip()
+        assert await y.get_available_peers("movie") == ["p"]
+
+
+async def test_a_stale_mapping_a_neighbour_that_never_sweeps_keeps_sending_is_asked_for_hourly(
+    pair: Pair,
+) -> None:
+    """x never sweeps, so it keeps the mapping of a peer gone for good: a pass here deletes it and
+    asks x's rows again, and x sends it back with all its rows since. Asked at every pass, that was
+    a full resend every 30 s; the origin's mappings are left alone for ``ASKED_HOLD_S`` after an ask
+    (which is also what lets a catch-up longer than one exchange finish). Its peer stays offline,
+    so no download is sent to it."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
     await pair.gossip()
     clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
-    assert (await y.sweep()).pruned["content_peers"] == 1  # and x's rows are asked for again
-    await pair.gossip()
-    assert await _mapping_rows(y) == 1  # sent back: x still holds it
-    for _ in range(3):  # the next passes delete it again, and ask nothing
-        clock.advance(3_600)
-        await y.sweep()
+    for _ in range(2):
+        assert (await y.sweep()).pruned["content_peers"] == 1  # deleted, and x asked
         await pair.gossip()
-        assert await _mapping_rows(y) == 0
-    assert await y.get_available_peers("movie") == []
+        assert await _mapping_rows(y) == 1  # sent back: x still holds it
+        for _ in range(3):  # within the hour: left alone
+            clock.advance(ASKED_HOLD_S / 4)
+            assert (await y.sweep()).pruned["content_peers"] == 0
+            assert await y.get_available_peers("movie") == []
+            assert await y.select_best_peers("movie", 3) == []
+        clock.advance(ASKED_HOLD_S / 4)
 
 
 async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_back(pair: Pair) -> None:
     """Two passes apart, y deleted two of x's live mappings, the second of a lower version than the
     first; an ask for it put off (an hour per origin) lived only in the process, and a restart lost
-    it: the mapping never came back (QA round 32). Every deletion asks at once."""
+    it: the mapping never came back (QA round 32). Every deletion asks at once, and an origin just
+    asked has its mappings left alone meanwhile."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p1")
     await x.record_content_available("movie1", "p1")  # the lower version
@@ -160,7 +188,7 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
     clock.advance(120)
     for peer in ("p0", "p1"):
         await x.record_peer_online(peer)
-    assert (await y.sweep()).pruned["content_peers"] == 1  # movie1's
+    assert (await y.sweep()).pruned["content_peers"] == 0  # movie1's waits: x was just asked
     await y.close()
     restarted = await AvailabilityTracker.open(y.config)  # a new process: nothing remembered
     try:
@@ -202,3 +230,36 @@ async def test_a_removal_is_dated_at_the_departure_not_at_the_sweep(pair: Pair) 
     await pair.gossip()
     for tracker in (x, y):
         assert await tracker.get_available_peers("movie") == ["p"]
+
+
+async def test_a_live_mapping_comes_back_through_a_catch_up_longer_than_an_exchange(
+    pair: Pair, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After a long partition the origin's rows come again in slices, oldest versions first: the
+    mapping (announced long ago) before its peer's new row (heartbeats make it the newest). A pass
+    between two exchanges deleted the mapping again and started the catch-up over, at every pass,
+    so it never ended (QA round 33)."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    monkeypatch.setattr(agent_module, "_MAX_FOLLOW_UPS", 1)  # an exchange carries one message
+    small = GossipConfig(keys=(KEY,), max_rows=5, stamp_chunk=2, message_burst=10_000)
+    for name, tracker in (("http://x", x), ("http://y", y)):
+        pair.net.agents[name] = GossipAgent(tracker, small, transport=pair.net.transport_for(name))
+    others = [f"o{i}" for i in range(30)]
+    for peer in [*others, "p"]:
+        await x.record_peer_online(peer)
+    await x.record_content_available("movie", "p")
+    for _ in range(20):
+        await pair.gossip()
+    assert await y.get_available_peers("movie") == ["p"]
+    pair.net.isolated.add("http://y")
+    clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
+    for peer in [*others, "p"]:
+        await x.record_peer_online(peer)  # all live on x all along
+    assert (await y.sweep()).pruned["content_peers"] == 1
+    pair.net.isolated.clear()
+    for _ in range(15):  # an exchange, then a pass, as the gossip loop and the sweeper take turns
+        await pair.net.agents["http://y"].exchange("http://x")
+        clock.advance(30)
+        await x.record_peer_online("p")
+        await y.sweep()
+    assert await y.get_available_peers("movie") == ["p"]

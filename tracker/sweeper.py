@@ -25,7 +25,6 @@ from .gossip import files, snapshot
 from .queries import forget, prune_expired_leases
 from .queries import sweep as q
 from .queries.clocks import database_time
-from .queries.sweep import Deleted
 
 if TYPE_CHECKING:
     from .core import AvailabilityTracker
@@ -365,68 +364,39 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
 FORGET_EVERY_S = 3_600.0
 
 
-#: Deleted mappings a process remembers having asked their origins for (``_Asking``); beyond this
-#: the oldest are forgotten, and asked for again if they come back and go again.
-MOST_REMEMBERED_ASKS = 100_000
-
-
 async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
     """Delete the mappings of departed peers that no tracker removed
     (``queries.sweep.prune_departed_mappings``), asking their origins for their rows again."""
-    config, engine = tracker.config, tracker.engine
-    batch, retries = config.sweep_batch_size, config.write_retries
+    config, state = tracker.config, tracker._sweep_state
+    batch = config.sweep_batch_size
     cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
-    asking = _Asking(tracker._sweep_state)
+    held = _held(state, now)
+    asked: set[int] = set()
 
     async def step(conn: AsyncConnection) -> int:
-        deleted = await q.prune_departed_mappings(conn, cutoff, batch)
-        await asking.ask(conn, deleted)
+        deleted = await q.prune_departed_mappings(conn, cutoff, batch, held)
+        asked.update(await q.ask_again(conn, deleted))  # a retried attempt asked the same, or more
         return len(deleted)
 
-    total = 0
-    while True:
-        deleted = await db.run_write(engine, step, retries)
-        asking.committed()
-        total += deleted
-        if deleted < batch:
-            return total
-        await asyncio.sleep(0)  # let request handlers in between batches
+    total = await _drain(tracker.engine, config.write_retries, batch, step)
+    _hold(state, asked, now)
+    return total
 
 
-class _Asking:
-    """Asks other origins for their rows again, in the transaction that deleted some of them: this
-    node's clock of each drops below the lowest version deleted (``queries.sweep.ask_again``).
+#: How long the sweeper leaves an origin's mappings alone after asking for its rows again
+#: (``queries.sweep.ask_again``): long enough for a catch-up of a million rows at the gossip
+#: interval, and the cost of a neighbour that never sweeps, which then resends, once an hour.
+ASKED_HOLD_S = 3_600.0
 
-    At once, and never left for later: the clock claims every row up to it, so a deletion the
-    clock still covered, were the ask put off and then lost with the process, would be for good
-    (QA round 32). A row this process has asked for before is not asked for again: it came back
-    and went again, so its origin still holds it unchanged (a neighbour that never sweeps), and
-    every further ask would have that origin send all its rows since then once more, at every pass
-    (QA round 32 measured 2,001 rows an hour to gain one). Forgetting that (a restart, another
-    process, ``MOST_REMEMBERED_ASKS``) costs one more resend, never a row. What was asked is
-    remembered only once the transaction committed: one retried starts again, and its last
-    attempt counts."""
 
-    def __init__(self, state: SweepState) -> None:
-        self.state = state
-        self._asked: list[Deleted] = []
+def _held(state: SweepState, now: float) -> frozenset[int]:
+    """The origins asked within ``ASKED_HOLD_S`` (by this process: a restart or another process may
+    ask once more, which costs a resend, never a row)."""
+    return frozenset(node for node, at in state.asked_at.items() if 0 <= now - at < ASKED_HOLD_S)
 
-    async def ask(self, conn: AsyncConnection, deleted: list[Deleted]) -> None:
-        # Unstamped rows (version NULL) are this node's own: nothing to ask anyone for.
-        fresh = [row for row in deleted if row[3] is not None and row not in self.state.asked]
-        lowest: dict[int, int] = {}
-        for node, _, _, version in fresh:
-            if version is not None:
-                lowest[node] = min(version, lowest.get(node, version))
-        await q.ask_again(conn, lowest)
-        self._asked = fresh
 
-    def committed(self) -> None:
-        asked = self.state.asked
-        asked.update(dict.fromkeys(self._asked))
-        while len(asked) > MOST_REMEMBERED_ASKS:
-            del asked[next(iter(asked))]
-        self._asked = []
+def _hold(state: SweepState, asked: set[int], now: float) -> None:
+    state.asked_at.update(dict.fromkeys(asked, now))
 
 
 async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
@@ -443,11 +413,11 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
     batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
     rows_cutoff = now - config.forget_after_s
     mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
-    asking = _Asking(state)
+    held, asked = _held(state, now), set[int]()
 
     async def rowless(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
-        deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch)
-        await asking.ask(conn, deleted)
+        deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch, held)
+        asked.update(await q.ask_again(conn, deleted))
         return len(deleted), upto
 
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (
@@ -459,10 +429,8 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
         ("peers", lambda conn, after: forget.forget_unused_peers(conn, dialect, after, batch)),
         ("contents", lambda conn, after: forget.forget_unused_contents(conn, dialect, after, batch)),
     )
-    done = {
-        table: await _walk(engine, retries, step, asking.committed if table == "content_peers" else None)
-        for table, step in steps
-    }
+    done = {table: await _walk(engine, retries, step) for table, step in steps}
+    _hold(state, asked, now)
     state.forgotten_at = now
     return done
 
@@ -471,10 +439,8 @@ async def _walk(
     engine: AsyncEngine,
     retries: int,
     step: Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]],
-    committed: Callable[[], None] | None = None,
 ) -> int:
-    """Run ``step`` over a table's key range, a slice per short transaction, until it says it is done;
-    ``committed`` is called after each slice's transaction has committed."""
+    """Run ``step`` over a table's key range, a slice per short transaction, until it says it is done."""
     total, after = 0, -1
     while True:
 
@@ -482,8 +448,6 @@ async def _walk(
             return await step(conn, after)
 
         deleted, upto = await db.run_write(engine, one, retries)
-        if committed is not None:
-            committed()
         total += deleted
         if upto is None:
             return total
@@ -630,8 +594,8 @@ class SweepState:
     repaired_once: bool = False
     #: Postgres: the database server's clock less the tracker's time at the latest pass.
     database_clock_offset_s: float | None = None
-    #: Deleted mappings this process has asked their origins for (``_Asking``), oldest first.
-    asked: dict[Deleted, None] = field(default_factory=dict)
+    #: When this process last asked each other origin for its rows again (``ASKED_HOLD_S``).
+    asked_at: dict[int, float] = field(default_factory=dict)
 
 
 class SweeperTask:

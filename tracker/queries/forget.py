@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, or_, select
+from sqlalchemy import and_, delete, exists, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import (
@@ -38,7 +38,7 @@ from ..schema import (
     upload_outcomes,
 )
 from ._sql import IN_CHUNK
-from .sweep import Deleted, deleted_mappings
+from .sweep import Deleted, deleted_mappings, not_held
 
 
 async def _slice_end(conn: AsyncConnection, key: Any, after: int, limit: int) -> int | None:
@@ -94,11 +94,11 @@ async def forget_peer_rows(
 
 
 async def forget_rowless_mappings(
-    conn: AsyncConnection, mappings_cutoff: float, after: int, limit: int
+    conn: AsyncConnection, mappings_cutoff: float, after: int, limit: int, held: frozenset[int] = frozenset()
 ) -> tuple[list[Deleted], int | None]:
     """Delete the available mappings, of peers among the next ``limit`` peer ids after ``after``, whose
     peer has no ``peer_stats`` row and which nobody announced since ``mappings_cutoff``; returns them
-    and where the next slice starts.
+    and where the next slice starts. Not those of the origins in ``held`` (asked lately).
 
     Such a mapping came after its peer's rows were forgotten: from a neighbour that never sweeps, or
     an import that brought a snapshot's rows and mappings apart (QA round 30); no rule on the rows
@@ -109,8 +109,16 @@ async def forget_rowless_mappings(
     upto = await _slice_end(conn, p.id, after, limit)
     rowless = ~exists().where(peer_stats.c.peer_id == cp.peer_id)
     announced = or_(cp.changed_at >= mappings_cutoff, cp.last_confirmed >= mappings_cutoff)
-    stmt = delete(content_peers).where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless)
-    return await deleted_mappings(conn, stmt), upto
+    victims = (
+        select(cp.content_id, cp.peer_id)
+        .where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless, not_held(held))
+        .limit(limit)
+    )
+    pair = tuple_(cp.content_id, cp.peer_id)
+    deleted = await deleted_mappings(conn, delete(content_peers).where(pair.in_(victims)))
+    # At most ``limit`` mappings a transaction (one peer may hold 150,000: QA round 33); a full
+    # one takes the same slice again.
+    return deleted, after if len(deleted) == limit else upto
 
 
 def _peer_unused() -> list[Any]:

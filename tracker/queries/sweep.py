@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import Integer, and_, bindparam, case, delete, func, or_, select, text, tuple_, update
+from sqlalchemy import Integer, and_, bindparam, case, delete, func, or_, select, text, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import (
@@ -23,7 +23,7 @@ from ..schema import (
     peers,
     upload_outcomes,
 )
-from ._sql import IN_CHUNK, PEER_STATE_COLUMNS
+from ._sql import PEER_STATE_COLUMNS
 from .writes import refresh_speeds
 
 
@@ -204,7 +204,9 @@ async def remove_departed_mappings(
     return int(result.rowcount or 0)
 
 
-async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: int) -> list[Deleted]:
+async def prune_departed_mappings(
+    conn: AsyncConnection, cutoff: float, limit: int, held: frozenset[int] = frozenset()
+) -> list[Deleted]:
     """Delete up to ``limit`` mappings of any origin of peers no origin has seen since ``cutoff``: set
     ``tombstone_keep_s`` beyond the removals' own retention, so only those whose tracker never removed
     them are left (one gone for good, or cut off all that time), which would otherwise stay forever.
@@ -218,7 +220,7 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
     never left. Its clock of the origin still covers the deleted rows, so gossip would never send
     them again, and the origin's live mapping stayed missing here for good (QA round 30): the
     sweeper lowers that clock (``ask_again``), so the next exchange brings back whatever the origin
-    still holds."""
+    still holds. Not the rows of the origins in ``held``: asked lately, their rows are on the way."""
     ps = peer_stats.c
     departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
     cp = content_peers.c
@@ -227,52 +229,57 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
     # an old row of another origin had it deleted, for good: QA round 28).
     recent = or_(cp.changed_at >= cutoff, cp.last_confirmed >= cutoff)
     victims = (
-        select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available, ~recent).limit(limit)
+        select(cp.content_id, cp.peer_id)
+        .where(cp.peer_id.in_(departed), cp.available, ~recent, not_held(held))
+        .limit(limit)
     )
     return await deleted_mappings(conn, delete(content_peers).where(_pair_in(victims)))
 
 
-#: A deleted mapping: its origin (``node_id``), content key, peer key and version. By keys, not ids:
-#: forgetting may delete the ids, and a mapping sent again comes with new ones.
-Deleted = tuple[int, str, str, int | None]
+#: A deleted mapping: its origin (``node_id``) and version (``None``: this node's, not stamped yet).
+Deleted = tuple[int, int | None]
 
 
 async def deleted_mappings(conn: AsyncConnection, stmt: Any) -> list[Deleted]:
     """Run a ``DELETE`` of ``content_peers`` and return what it deleted, for ``ask_again``."""
     cp = content_peers.c
-    rows = (await conn.execute(stmt.returning(cp.node_id, cp.content_id, cp.peer_id, cp.version))).all()
-    if not rows:
-        return []
-    content_keys = await _keys(conn, contents.c.id, contents.c.content_key, {int(r[1]) for r in rows})
-    peer_keys = await _keys(conn, peers.c.id, peers.c.peer_key, {int(r[2]) for r in rows})
-    return [
-        (int(n), content_keys[int(c)], peer_keys[int(p)], None if v is None else int(v))
-        for n, c, p, v in rows
-    ]
+    rows = (await conn.execute(stmt.returning(cp.node_id, cp.version))).all()
+    return [(int(node), None if version is None else int(version)) for node, version in rows]
 
 
-async def _keys(conn: AsyncConnection, id_column: Any, key_column: Any, ids: set[int]) -> dict[int, str]:
-    ordered = sorted(ids)
-    found: dict[int, str] = {}
-    for start in range(0, len(ordered), IN_CHUNK):  # bounded lists: asyncpg takes 32,767 parameters
-        chunk = ordered[start : start + IN_CHUNK]
-        found.update(
-            (int(i), str(k))
-            for i, k in await conn.execute(select(id_column, key_column).where(id_column.in_(chunk)))
-        )
-    return found
+def not_held(held: frozenset[int]) -> Any:
+    """Mappings of no origin in ``held`` (``ask_again``'s origins, while their rows come again)."""
+    return content_peers.c.node_id.not_in(sorted(held)) if held else true()
 
 
-async def ask_again(conn: AsyncConnection, versions: dict[int, int]) -> None:
-    """Lower this node's clock of each other origin below ``versions[origin]``, so that gossip sends
-    its rows from that version on again (``prune_departed_mappings``); this node's own is left be."""
+async def ask_again(conn: AsyncConnection, deleted: list[Deleted]) -> set[int]:
+    """Ask the other origins of ``deleted`` mappings for their rows again: lower this node's clock of
+    each below the lowest version deleted, so that gossip sends its rows from there on again.
+
+    In the deleting transaction and every time: the clock claims every row up to it, so a deleted
+    row it still covered would never come again. Remembering rows asked for once and not asking for
+    them again lost live mappings for good (QA round 33: a catch-up in slices brought the mapping
+    back before its peer's new row, and the next pass deleted it again; a second partition; a relay
+    that still held the old row); putting asks off lost them with the process (QA round 32). The
+    cost falls on a neighbour that never sweeps: it sends its departed peers' mappings back every
+    time, and with them all its rows since. This node's own clock is left be.
+
+    Returns the origins asked, whose rows the sweeper then leaves alone for a while
+    (``sweeper.ASKED_HOLD_S``): a catch-up longer than one exchange brings a mapping back (its
+    version is old) before its peer's new row (heartbeats make it the newest), and a pass between
+    deleted the mapping again and started the catch-up over, at every pass (QA round 33)."""
+    lowest: dict[int, int] = {}
+    for node_id, version in deleted:
+        if version is not None:
+            lowest[node_id] = min(version, lowest.get(node_id, version))
     n = nodes.c
-    for node_id, version in sorted(versions.items()):  # one lock order for concurrent sweepers
+    for node_id, version in sorted(lowest.items()):  # one lock order for concurrent sweepers
         await conn.execute(
             update(nodes)
             .where(n.id == node_id, ~n.is_local, n.clock >= version)
             .values(clock=max(version - 1, 0))
         )
+    return set(lowest)
 
 
 async def clamp_future(
