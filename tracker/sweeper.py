@@ -413,7 +413,8 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
     batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
     rows_cutoff = now - config.forget_after_s
     mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
-    held, asked = _held(state, now), set[int]()
+    held = _held(state, now)
+    asked: set[int] = set()
 
     async def rowless(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
         deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch, held)

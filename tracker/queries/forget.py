@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, or_, select, tuple_
+from sqlalchemy import and_, delete, exists, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import (
@@ -38,7 +38,7 @@ from ..schema import (
     upload_outcomes,
 )
 from ._sql import IN_CHUNK
-from .sweep import Deleted, deleted_mappings, not_held
+from .sweep import Deleted, deleted_mappings, not_held, pair_in
 
 
 async def _slice_end(conn: AsyncConnection, key: Any, after: int, limit: int) -> int | None:
@@ -114,8 +114,7 @@ async def forget_rowless_mappings(
         .where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless, not_held(held))
         .limit(limit)
     )
-    pair = tuple_(cp.content_id, cp.peer_id)
-    deleted = await deleted_mappings(conn, delete(content_peers).where(pair.in_(victims)))
+    deleted = await deleted_mappings(conn, delete(content_peers).where(pair_in(victims)))
     # At most ``limit`` mappings a transaction (one peer may hold 150,000: QA round 33); a full
     # one takes the same slice again.
     return deleted, after if len(deleted) == limit else upto

@@ -146,11 +146,11 @@ async def prune_tombstones(conn: AsyncConnection, cutoff: float, limit: int) -> 
         .order_by(cp.changed_at)
         .limit(limit)
     )
-    result = await conn.execute(delete(content_peers).where(_pair_in(oldest)))
+    result = await conn.execute(delete(content_peers).where(pair_in(oldest)))
     return int(result.rowcount or 0)
 
 
-def _pair_in(pairs: Any) -> Any:
+def pair_in(pairs: Any) -> Any:
     """``(content_id, peer_id) IN (subquery)``: row values work on SQLite >= 3.15 and Postgres."""
     return tuple_(content_peers.c.content_id, content_peers.c.peer_id).in_(pairs)
 
@@ -177,9 +177,9 @@ async def remove_departed_mappings(
     (QA round 30). Dating at the last sighting instead let a snapshot taken before the removal
     bring the mapping back for good once the removal, dated a retention before it was made, had
     been pruned (QA round 32): tombstones are pruned by their date, not by when they were made.
-    Not a mapping changed
-    after the departure (an announcement relayed without a sighting): a removal dated before it
-    would lose to it elsewhere; ``prune_departed_mappings`` takes it in the end."""
+    Not a mapping changed after the departure (an announcement relayed without a sighting): a
+    removal dated before it would lose to it elsewhere; ``prune_departed_mappings`` takes it in the
+    end."""
     ps = peer_stats.c
     departed = (
         select(ps.peer_id, (func.max(ps.last_seen) + retention).label("gone_at"))
@@ -197,7 +197,7 @@ async def remove_departed_mappings(
     gone_at = select(func.max(ps.last_seen) + retention).where(ps.peer_id == cp.peer_id).scalar_subquery()
     stmt = (
         update(content_peers)
-        .where(_pair_in(victims))
+        .where(pair_in(victims))
         .values(available=False, changed_at=gone_at, node_id=node_id, version=None)
     )
     result = await conn.execute(stmt)
@@ -233,7 +233,7 @@ async def prune_departed_mappings(
         .where(cp.peer_id.in_(departed), cp.available, ~recent, not_held(held))
         .limit(limit)
     )
-    return await deleted_mappings(conn, delete(content_peers).where(_pair_in(victims)))
+    return await deleted_mappings(conn, delete(content_peers).where(pair_in(victims)))
 
 
 #: A deleted mapping: its origin (``node_id``) and version (``None``: this node's, not stamped yet).
