@@ -194,7 +194,7 @@ async def transfer(
         t = time.perf_counter()
 
         async def merge(conn: Any, received: Message = received) -> tuple[q.MergeCounts, Vectors]:
-            counts = await q.merge(conn, engine, target.node_key, received.deltas, 10)
+            counts = await q.merge(conn, engine, target.node_key, received.deltas, 10, clock.now)
             return counts, await q.vectors(conn)
 
         counts, vectors = await run_write(target.engine, merge, 3)

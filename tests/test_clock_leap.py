@@ -202,6 +202,26 @@ async def test_rows_stamped_ahead_are_brought_back_when_the_clock_steps_back(
         assert (await tracker.sweep()).future_rows_clamped == 0  # only once per step back
 
 
+async def test_a_removal_taken_while_the_clock_was_ahead_is_kept_from_the_step_back(
+    db_url: str, clock: ManualClock
+) -> None:
+    """A tombstone is kept ``tombstone_keep_s`` from when this tracker took it: taken a day ahead, it
+    stayed a day longer than that once the clock was set right."""
+    clock.leap(DAY)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as ahead:
+        await ahead.record_batch([PeerOnline("p"), ContentAvailable("movie", "p")])
+        await ahead.record_content_unavailable("movie", "p")
+    clock.leap(-DAY)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url, clock=clock)) as tracker:
+        assert (await tracker.sweep()).future_rows_clamped >= 1
+        async with tracker.engine.connect() as conn:
+            taken = await conn.scalar(select(content_peers.c.removed_at))
+        assert taken == clock.now
+        clock.advance(tracker.config.tombstone_keep_s + 1)
+        await tracker.record_peer_online("p")
+        assert (await tracker.sweep()).pruned["content_peers"] == 1
+
+
 async def test_a_new_process_brings_back_rows_an_earlier_one_stamped_ahead(
     db_url: str, clock: ManualClock
 ) -> None:

@@ -205,7 +205,7 @@ async def test_a_forgotten_row_sent_again_goes_again_with_its_mapping(pair: Pair
     await x.sweep()  # x's first pass: forgetting has run, and is due again in an hour
 
     async def merge(conn: Any) -> gq.MergeCounts:
-        return await gq.merge(conn, x.config.dialect, x.node_key, [sent], 10)
+        return await gq.merge(conn, x.config.dialect, x.node_key, [sent], 10, x.now())
 
     counts = await run_write(x.engine, merge, 3)
     assert (counts.peers, counts.mappings) == (1, 1)
@@ -230,7 +230,7 @@ async def test_a_mapping_that_came_before_its_peers_row_comes_back_with_it(pair:
     first = OriginDelta(origin=y.node_key, base=0, upto=announced.version, mappings=[announced])
 
     async def merge(conn: Any) -> gq.MergeCounts:
-        return await gq.merge(conn, x.config.dialect, x.node_key, [first], 10)
+        return await gq.merge(conn, x.config.dialect, x.node_key, [first], 10, x.now())
 
     assert (await run_write(x.engine, merge, 3)).mappings == 1
     # The process's first pass: forgetting runs. A mapping without rows, as old as a departed peer's
@@ -393,7 +393,7 @@ async def test_a_row_its_origin_restarted_replaces_the_counters_instead_of_their
         delta = OriginDelta(origin="f" * 32, base=0, upto=state.version, samples_upto=1, peers=[state])
 
         async def work(conn: Any) -> gq.MergeCounts:
-            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10)
+            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10, tracker.now())
 
         assert (await run_write(tracker.engine, work, 3)).peers == 1
 
@@ -453,7 +453,7 @@ async def test_a_merge_whose_peer_was_forgotten_under_it_is_retried(
         )
 
         async def work(conn: Any) -> gq.MergeCounts:
-            return await gq.merge(conn, "postgresql", tracker.node_key, [delta], 10)
+            return await gq.merge(conn, "postgresql", tracker.node_key, [delta], 10, tracker.now())
 
         merging = asyncio.create_task(run_write(tracker.engine, work, 3))
         await read.wait()
@@ -512,7 +512,7 @@ async def _old_row_then_new_mapping(tracker: AvailabilityTracker, clock: ManualC
 
     async def merge(delta: OriginDelta) -> None:
         async def work(conn: Any) -> gq.MergeCounts:
-            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10)
+            return await gq.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10, tracker.now())
 
         await run_write(tracker.engine, work, 3)
 
@@ -553,6 +553,7 @@ async def test_a_mapping_that_came_after_its_peers_rows_were_forgotten_goes_and_
             tracker.node_key,
             [OriginDelta(origin=origin, base=0, upto=9, mappings=[announced])],
             10,
+            tracker.now(),
         )
 
     await run_write(tracker.engine, merge, 3)

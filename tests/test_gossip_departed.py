@@ -18,7 +18,8 @@ from tracker import AvailabilityTracker
 from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
-from tracker.sweeper import ASKED_HOLD_S
+from tracker.gossip.importer import import_snapshot
+from tracker.sweeper import ASKED_HOLD_S, write_state_snapshot
 
 
 @pytest.fixture
@@ -203,33 +204,107 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
         await restarted.close()
 
 
-async def test_a_removal_is_dated_at_the_departure_not_at_the_sweep(pair: Pair) -> None:
+@pytest.mark.parametrize("back_after", ["the retention", "just before the retention ends"])
+async def test_a_removal_is_dated_at_the_last_sighting_not_at_the_sweep(pair: Pair, back_after: str) -> None:
     """Dated by the sweeping tracker's clock, a removal made late (a sweeper held back, a tracker
     cut off, or a clock running ahead) beat the announcement the peer made when it came back
-    elsewhere meanwhile (QA round 26). Dated when the peer departed, it loses to any announcement
-    made after the peer's return."""
+    elsewhere meanwhile (QA round 26). Dated at the end of the retention, it still beat one made
+    by a peer back before the retention ended, while x had not heard yet (QA round 30). Dated at the
+    last sighting here, it loses to any announcement made after the peer's return."""
     x, y, clock = pair.x, pair.y, pair.clock
+    retention = x.config.offline_mapping_retention_s
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
     await pair.gossip()
-    departed_at = clock.now + x.config.offline_mapping_retention_s
+    last_seen = clock.now
     pair.net.isolated.add("http://x")
-    clock.advance(x.config.offline_mapping_retention_s + 10)
+    clock.advance(retention + 10 if back_after == "the retention" else retention - 30)
     await y.record_peer_online("p")  # back, on y: it announces again there
     await y.record_content_available("movie", "p")
     clock.advance(500)  # x sweeps late, before it has heard
     assert (await x.sweep()).departed_mappings_removed == 1
-    async with x.engine.connect() as conn:
-        changed_at = (
-            await conn.execute(text("SELECT changed_at FROM content_peers WHERE NOT available"))
-        ).scalar_one()
-    assert changed_at == departed_at
+    assert await _tombstones(x) == [(last_seen, clock.now)]  # dated at the sighting, kept from now
     pair.net.isolated.clear()
     clock.advance(300)
     await y.record_peer_online("p")
     await pair.gossip()
     for tracker in (x, y):
         assert await tracker.get_available_peers("movie") == ["p"]
+
+
+async def _tombstones(tracker: AvailabilityTracker) -> list[tuple[float, float]]:
+    """Each removal's date and when this tracker took it."""
+    async with tracker.engine.connect() as conn:
+        rows = await conn.execute(
+            text("SELECT changed_at, removed_at FROM content_peers WHERE NOT available")
+        )
+        return [(float(changed_at), float(removed_at)) for changed_at, removed_at in rows]
+
+
+async def test_a_snapshot_from_before_a_removal_does_not_bring_the_mapping_back(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """A removal dated a retention before it is made, pruned by its date, was gone within the time a
+    snapshot taken before it may still be imported (``tombstone_keep_s``), and the snapshot's
+    announcement brought the mapping back for good (QA round 32). It is kept from when each tracker
+    took it."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    retention, keep = x.config.offline_mapping_retention_s, x.config.tombstone_keep_s
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    clock.advance(retention - 100)
+    snapshot = await write_state_snapshot(y, tmp_path / "snapshots", clock.now)  # the mapping is there
+    clock.advance(110)
+    assert (await x.sweep()).departed_mappings_removed == 1
+    await pair.gossip()
+    made = clock.now
+    assert await _tombstones(y) == [(made - retention - 10, made)]
+    clock.advance(keep - 160)  # the snapshot is still young enough to import; the removal's date is not
+    for tracker in (x, y):
+        assert (await tracker.sweep()).pruned["content_peers"] == 0
+    await import_snapshot(y, snapshot)
+    assert await _available(y) == [False]
+    clock.advance(200)  # past keep since the removal was made: it goes
+    for tracker in (x, y):
+        assert (await tracker.sweep()).pruned["content_peers"] == 1
+
+
+async def test_a_late_removal_is_kept_from_when_it_came_not_from_its_date(pair: Pair, tmp_path: Path) -> None:
+    """A removal event may be days late (up to ``max_event_age_s``): pruned by its date it went at
+    the next pass on every tracker, and a snapshot taken before it came brought the mapping back."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    keep, day = x.config.tombstone_keep_s, 86_400.0
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    dated = clock.now + 10
+    clock.advance(5 * day)
+    await x.record_peer_online("p")
+    snapshot = await write_state_snapshot(y, tmp_path / "snapshots", clock.now)
+    clock.advance(day)
+    await x.record_content_unavailable("movie", "p", at=dated)  # a day-old event of that first minute
+    await pair.gossip()
+    took = clock.now
+    for tracker in (x, y):
+        assert await _tombstones(tracker) == [(dated, took)]
+    clock.advance(2 * day)  # the removal's date is older than keep; it came only two days ago
+    await x.record_peer_online("p")
+    await pair.gossip()
+    for tracker in (x, y):
+        assert (await tracker.sweep()).pruned["content_peers"] == 0
+    await import_snapshot(y, snapshot)
+    assert await _available(y) == [False]
+    assert await y.get_available_peers("movie") == []
+    clock.advance(took + keep + 1 - clock.now)
+    await x.record_peer_online("p")
+    for tracker in (x, y):
+        assert (await tracker.sweep()).pruned["content_peers"] == 1
+
+
+async def _available(tracker: AvailabilityTracker) -> list[bool]:
+    async with tracker.engine.connect() as conn:
+        return [bool(a) for a in (await conn.execute(text("SELECT available FROM content_peers"))).scalars()]
 
 
 async def test_a_live_mapping_comes_back_through_a_catch_up_longer_than_an_exchange(

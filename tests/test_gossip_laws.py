@@ -120,7 +120,7 @@ async def _apply(tracker: AvailabilityTracker, messages: list[list[Any]]) -> Non
         deltas = _deltas(refs)
 
         async def work(conn: Any, deltas: list[OriginDelta] = deltas) -> None:
-            await q.merge(conn, tracker.config.dialect, tracker.node_key, deltas, 10)
+            await q.merge(conn, tracker.config.dialect, tracker.node_key, deltas, 10, tracker.now())
 
         await run_write(tracker.engine, work, 3)
 

@@ -281,7 +281,7 @@ async def test_a_row_without_the_samples_it_names_waits_and_its_origin_clock_ask
         )
 
         async def work(conn: Any) -> q.MergeCounts:
-            return await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10)
+            return await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], 10, tracker.now())
 
         return await run_write(tracker.engine, work, 3)
 
@@ -334,7 +334,7 @@ async def test_a_row_that_moved_on_before_it_was_read_keeps_the_samples_clock_be
         return await q.read_deltas(conn, await _vector(b), (), 50, 10, samples=await _samples_vector(b))
 
     async def merge(conn: Any) -> None:
-        await q.merge(conn, b.tracker.config.dialect, b.node_key, delta.deltas, 10)
+        await q.merge(conn, b.tracker.config.dialect, b.node_key, delta.deltas, 10, b.tracker.now())
 
     delta = await run_read(a.tracker.engine, read)
     assert not [p for d in delta.deltas for p in d.peers]  # the dirty row is not in it
@@ -391,7 +391,7 @@ async def test_a_merged_speed_is_the_mean_the_write_path_computes_over_the_store
     delta = OriginDelta(origin="x", base=0, upto=1, samples_base=0, samples_upto=1, peers=rows)
 
     async def merge(conn: Any) -> q.MergeCounts:
-        return await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], window)
+        return await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], window, tracker.now())
 
     async def speeds(conn: Any) -> dict[str, float | None]:
         stmt = (
@@ -482,10 +482,12 @@ async def test_key_lookups_are_planned_for_the_tables_as_they_grow(tracker: Avai
     async with tracker.engine.begin() as conn:  # one connection: the prepared statements are its own
         before = (await conn.exec_driver_sql(mode)).scalar() if dialect == "postgresql" else None
         for m, cids in enumerate(messages):
-            counts = await q.merge(conn, dialect, tracker.node_key, [delta(m, cids)], 10)
+            counts = await q.merge(conn, dialect, tracker.node_key, [delta(m, cids)], 10, tracker.now())
             assert counts.mappings == len(cids)
         # An older copy of rows held newer changes nothing and counts nothing.
-        assert (await q.merge(conn, dialect, tracker.node_key, [delta(0, few)], 10)).mappings == 0
+        assert (
+            await q.merge(conn, dialect, tracker.node_key, [delta(0, few)], 10, tracker.now())
+        ).mappings == 0
         if dialect == "postgresql":
             plans = (
                 await conn.exec_driver_sql(

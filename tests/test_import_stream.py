@@ -64,7 +64,9 @@ async def _whole_file_import(tracker: AvailabilityTracker, path: Path) -> import
         counts = q.MergeCounts()
         for origin, (p, m) in sorted(deltas.items()):
             delta = OriginDelta(origin=origin, base=0, upto=0, peers=p, mappings=m)
-            applied = await q.merge(conn, tracker.config.dialect, tracker.node_key, [delta], window)
+            applied = await q.merge(
+                conn, tracker.config.dialect, tracker.node_key, [delta], window, tracker.now()
+            )
             counts.peers += applied.peers
             counts.mappings += applied.mappings
         return counts
@@ -143,7 +145,7 @@ async def _merge(
     config = tracker.config
 
     async def work(conn: AsyncConnection) -> None:
-        await q.merge(conn, config.dialect, tracker.node_key, [delta], config.bandwidth_window)
+        await q.merge(conn, config.dialect, tracker.node_key, [delta], config.bandwidth_window, tracker.now())
 
     await db.run_write(tracker.engine, work, config.write_retries)
 

@@ -364,6 +364,46 @@ async def test_migration_0013_widens_draws_to_31_bits_and_back(engine: AsyncEngi
         assert dict((await conn.execute(text("SELECT peer_key, draw FROM peers"))).all()) == narrow
 
 
+async def test_migration_0015_keeps_existing_tombstones_from_their_date_and_back(engine: AsyncEngine) -> None:
+    """Tombstones already there keep the schedule they had (``removed_at = changed_at``); live
+    mappings have none; a downgrade gives the index on ``changed_at`` back."""
+    await migrate(engine, "0014")
+    async with engine.begin() as conn:
+        await conn.execute(text("INSERT INTO peers (peer_key, first_seen, draw) VALUES ('p', 0, 1)"))
+        await conn.execute(text("INSERT INTO contents (content_key, first_seen) VALUES ('a', 0), ('b', 0)"))
+        await conn.execute(
+            text("INSERT INTO tracker_nodes (node_key, is_local, created_at) VALUES ('n', :t, 0)"),
+            {"t": True},
+        )
+        node = await conn.scalar(text("SELECT id FROM tracker_nodes"))
+        for cid, available in (("a", True), ("b", False)):
+            await conn.execute(
+                text(
+                    "INSERT INTO content_peers (content_id, peer_id, node_id, available, since, "
+                    "last_confirmed, changed_at) SELECT c.id, p.id, :node, :available, 5, 5, 7 "
+                    "FROM contents c, peers p WHERE c.content_key = :cid"
+                ),
+                {"node": node, "available": available, "cid": cid},
+            )
+    await migrate(engine)
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            text(
+                "SELECT c.content_key, cp.removed_at FROM content_peers cp "
+                "JOIN contents c ON c.id = cp.content_id"
+            )
+        )
+        assert sorted(rows.all()) == [("a", None), ("b", 7.0)]
+    assert await schema_diff(engine) == []
+    await migrate(engine, "0014", downgrade=True)
+    async with engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM content_peers"))).scalar_one() == 2
+        indexes = await conn.run_sync(lambda sync_conn: inspect(sync_conn).get_indexes("content_peers"))
+    assert [ix["column_names"] for ix in indexes if ix["name"] == "ix_content_peers_tombstones"] == [
+        ["changed_at"]
+    ]
+
+
 async def test_draws_of_a_latin1_database_are_those_of_the_keys_utf8_bytes(
     request: pytest.FixtureRequest,
 ) -> None:

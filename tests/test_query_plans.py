@@ -19,8 +19,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tracker import AvailabilityTracker
 from tracker.db import run_read, run_write
-from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
+from tracker.events import ContentAvailable, ContentUnavailable, Event, PeerOnline, SpeedSample, UploadOutcome
 from tracker.queries import gossip as q
+from tracker.queries.sweep import prune_tombstones
 
 PEERS, CONTENTS, HOLDERS_PER_CONTENT, SAMPLES_PER_PEER = 2_000, 500, 20, 10
 # peer_leases is not guarded: this swarm has none, and a planner rightly scans an empty table.
@@ -246,3 +247,19 @@ async def test_a_gossip_delta_reads_no_more_rows_than_it_sends(swarm_tracker: Av
                 # The scan stops once the limit (the budget and one more) is met.
                 assert scanned and max(scanned) <= budget + 1, (scanned, plan)
         assert _sorts(engine, plan, document) == [], f"the delta read sorts:\n{sql}\n{plan}"
+
+
+async def test_the_tombstone_delete_walks_its_partial_index(swarm_tracker: AvailabilityTracker) -> None:
+    """Tombstones are few beside live mappings: expiring them must not read ``content_peers`` whole
+    (``ix_content_peers_tombstones``, on ``removed_at`` since migration 0015; SQLite uses a partial
+    index only for a condition spelled as the index's)."""
+    removals = [
+        ContentUnavailable(f"cid-{c:04d}", f"peer-{(c * 7) % PEERS:04d}") for c in range(0, CONTENTS, 5)
+    ]
+    await swarm_tracker.record_batch(removals)
+    now = swarm_tracker.now()
+    with captured_statements(swarm_tracker) as statements:
+        deleted = await run_write(swarm_tracker.engine, lambda conn: prune_tombstones(conn, now + 1, 10), 3)
+    assert deleted == 10
+    statement = the_statement(statements, "DELETE FROM CONTENT_PEERS")
+    await assert_no_full_scan(swarm_tracker.engine, "prune_tombstones", statement)

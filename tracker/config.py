@@ -374,7 +374,8 @@ class TrackerConfig:
 
     @property
     def tombstone_keep_s(self) -> float:
-        """How long the sweeper keeps a removed mapping: ``tombstone_ttl_s``, but no less than
+        """How long the sweeper keeps a removed mapping after this node took the removal
+        (``content_peers.removed_at``): ``tombstone_ttl_s``, but no less than
         ``event_age_limit``, so that no announcement old enough to predate a removal is still
         accepted once the removal is forgotten (it would bring the mapping back; QA round 12: with
         the defaults, 1 day against 7, announcements 1 to 7 days late did)."""

@@ -168,6 +168,9 @@ content_peers = Table(
     Column("last_confirmed", Double, nullable=False),
     Column("changed_at", Double, nullable=False),
     Column("version", BigInteger, nullable=True),
+    # When this tracker took the removal (its own clock; NULL while available): a tombstone is kept
+    # tombstone_keep_s after that, not after its date (migration 0015).
+    Column("removed_at", Double, nullable=True),
     comment="Who holds what. available=false rows are tombstones that stop stale announcements.",
     # A content's holders are one range of the clustered key (migration 0007).
     sqlite_with_rowid=False,
@@ -177,7 +180,7 @@ Index("ix_content_peers_node_version", content_peers.c.node_id, content_peers.c.
 # Tombstones are few; a partial index lets the sweeper expire them without scanning live mappings.
 Index(
     "ix_content_peers_tombstones",
-    content_peers.c.changed_at,
+    content_peers.c.removed_at,
     sqlite_where=text("NOT available"),
     postgresql_where=text("NOT available"),
 )

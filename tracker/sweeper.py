@@ -142,7 +142,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             engine,
             retries,
             batch,
-            lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, retention, batch),
+            lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, now, batch),
         )
         for table, forgotten in (await _forget(tracker, now)).items():
             pruned[table] = pruned.get(table, 0) + forgotten

@@ -137,13 +137,18 @@ async def prune_outcomes(conn: AsyncConnection, cutoff: float, limit: int) -> in
 
 
 async def prune_tombstones(conn: AsyncConnection, cutoff: float, limit: int) -> int:
-    """Delete up to ``limit`` removed mappings whose removal is older than ``cutoff``."""
+    """Delete up to ``limit`` removed mappings this node took before ``cutoff`` (``removed_at``).
+
+    Not by their date: a removal can be made, or arrive, long after the date it carries (a late
+    event, a departed peer's removal dated at its last sighting, a partition healed), and pruned by
+    that date it was gone before a snapshot taken before it was made, which brought the mapping
+    back for good (QA round 32)."""
     cp = content_peers.c
     oldest = (
         select(cp.content_id, cp.peer_id)
         # Spelled exactly like the partial index's predicate, or SQLite will not use that index.
-        .where(text("NOT available"), cp.changed_at < cutoff)
-        .order_by(cp.changed_at)
+        .where(text("NOT available"), cp.removed_at < cutoff)
+        .order_by(cp.removed_at)
         .limit(limit)
     )
     result = await conn.execute(delete(content_peers).where(pair_in(oldest)))
@@ -156,12 +161,12 @@ def pair_in(pairs: Any) -> Any:
 
 
 async def remove_departed_mappings(
-    conn: AsyncConnection, node_id: int, cutoff: float, retention: float, limit: int
+    conn: AsyncConnection, node_id: int, cutoff: float, now: float, limit: int
 ) -> int:
     """Remove up to ``limit`` of this node's mappings (the row's last change was this node's) of peers
-    that no origin has seen since ``cutoff`` (= now - ``retention``), as this node's removals dated
-    when the peer departed: its last sighting plus ``retention`` (tombstones, versioned for gossip);
-    ``prune_tombstones`` ages them out.
+    that no origin has seen since ``cutoff`` (= now - ``offline_mapping_retention_s``), as this
+    node's removals dated at the peer's last sighting (tombstones, versioned for gossip);
+    ``prune_tombstones`` ages them out from ``now``, when they are made.
 
     Deleted instead, they were a local decision each tracker took at its own moment, which gossip
     never carried: a peer heard from again between two trackers' sweeps kept its mappings on one and
@@ -169,20 +174,20 @@ async def remove_departed_mappings(
     tracker ends the same. Only this node's own: a tracker cut off from the others for longer than
     the retention would otherwise remove, everywhere once it is back, the mappings of peers that had
     moved on to other trackers meanwhile; the tracker a mapping came from decides, as it sees its
-    peer (mappings of a tracker that is gone for good go by ``prune_departed_mappings``). Dated by
-    the departure, not by this tracker's clock: a tracker running ahead dated its removal after a
-    re-announcement made elsewhere meanwhile, and the peer's own announcement lost (QA round 26);
-    any announcement after the peer's return is later than its departure, unless the peer came back
-    elsewhere before the retention ended and this tracker had not heard yet: that announcement loses
-    (QA round 30). Dating at the last sighting instead let a snapshot taken before the removal
-    bring the mapping back for good once the removal, dated a retention before it was made, had
-    been pruned (QA round 32): tombstones are pruned by their date, not by when they were made.
-    Not a mapping changed after the departure (an announcement relayed without a sighting): a
+    peer (mappings of a tracker that is gone for good go by ``prune_departed_mappings``).
+
+    Dated at the last sighting, the last time anything was known of the peer, so that whatever the
+    peer announced after it, anywhere, wins: dated by this tracker's clock, a removal made late (a
+    sweeper held back, a clock running ahead) beat the announcement the peer made on its return
+    elsewhere (QA round 26); dated at the end of the retention, it still beat one made by a peer
+    back elsewhere before the retention ended, while this tracker had not heard yet (QA round 30).
+    A removal at the very time of this node's announcement (a peer's last act) wins by its newer
+    version. Not a mapping changed after the last sighting (an announcement relayed without one): a
     removal dated before it would lose to it elsewhere; ``prune_departed_mappings`` takes it in the
     end."""
     ps = peer_stats.c
     departed = (
-        select(ps.peer_id, (func.max(ps.last_seen) + retention).label("gone_at"))
+        select(ps.peer_id, func.max(ps.last_seen).label("gone_at"))
         .group_by(ps.peer_id)
         .having(func.max(ps.last_seen) < cutoff)
         .subquery("departed")
@@ -191,14 +196,14 @@ async def remove_departed_mappings(
     victims = (
         select(cp.content_id, cp.peer_id)
         .join(departed, departed.c.peer_id == cp.peer_id)
-        .where(cp.node_id == node_id, cp.available, cp.changed_at < departed.c.gone_at)
+        .where(cp.node_id == node_id, cp.available, cp.changed_at <= departed.c.gone_at)
         .limit(limit)
     )
-    gone_at = select(func.max(ps.last_seen) + retention).where(ps.peer_id == cp.peer_id).scalar_subquery()
+    gone_at = select(func.max(ps.last_seen)).where(ps.peer_id == cp.peer_id).scalar_subquery()
     stmt = (
         update(content_peers)
         .where(pair_in(victims))
-        .values(available=False, changed_at=gone_at, node_id=node_id, version=None)
+        .values(available=False, changed_at=gone_at, removed_at=now, node_id=node_id, version=None)
     )
     result = await conn.execute(stmt)
     return int(result.rowcount or 0)
@@ -306,7 +311,8 @@ async def clamp_future(
     ``window`` for the size of the step, so its speed ignored every new one, and it was the newest
     time of its row, which neighbours held back with every later version of this origin, and for
     which other trackers refused this node's snapshots whole. Their peers' speeds are computed
-    again, and their rows re-versioned with their samples, which travel again.
+    again, and their rows re-versioned with their samples, which travel again. Tombstones of any
+    origin taken ahead (``removed_at``) are taken now: they would be kept the step longer.
     """
     changed = 0
     s = bandwidth_samples.c
@@ -356,6 +362,11 @@ async def clamp_future(
             changed_at=clamped(cp.changed_at),
             version=None,
         )
+    )
+    changed += int(result.rowcount or 0)
+    # When this node took a removal, of any origin: taken ahead, it would be kept the step longer.
+    result = await conn.execute(
+        update(content_peers).where(text("NOT available"), cp.removed_at > limit).values(removed_at=now)
     )
     changed += int(result.rowcount or 0)
     for table in (peers, contents):

@@ -136,7 +136,7 @@ async def apply_events(
     mappings = [t for t in batch if isinstance(t.event, ContentAvailable | ContentUnavailable)]
     if mappings:
         mappings.sort(key=lambda t: (t.event.cid, t.event.peer_id))  # type: ignore[union-attr]
-        await _upsert_content_peers(conn, dialect, node_id, mappings)
+        await _upsert_content_peers(conn, dialect, node_id, mappings, now)
 
 
 def _cid_of(event: Event) -> str | None:
@@ -498,7 +498,7 @@ def _speeds_update(dialect: str, window: int, versioned: bool = False) -> Precom
 
 
 async def _upsert_content_peers(
-    conn: DriverSQL, dialect: str, node_id: int, mappings: Sequence[Timed]
+    conn: DriverSQL, dialect: str, node_id: int, mappings: Sequence[Timed], now: float
 ) -> None:
     await _content_peers_upsert(dialect).run(
         conn,
@@ -509,6 +509,7 @@ async def _upsert_content_peers(
                 "node_id": node_id,
                 "p_available": isinstance(t.event, ContentAvailable),
                 "p_at": t.at,
+                "p_now": now,
             }
             for t in mappings
             if isinstance(t.event, ContentAvailable | ContentUnavailable)
@@ -520,7 +521,9 @@ async def _upsert_content_peers(
 def _content_peers_upsert(dialect: str) -> RowsStatement:
     """Last-writer-wins by time on (content, peer): an older announcement never undoes a removal.
 
-    Equal times are broken by origin key (``lww_newer``), exactly as the gossip merge breaks them.
+    Equal times are broken by origin key (``lww_newer``), exactly as the gossip merge breaks them. A
+    removal that wins is kept from now (``removed_at``), not from its date: a late one, pruned by
+    its date, could be gone before a snapshot from before it came in.
     """
     row = Rows(
         dialect,
@@ -528,6 +531,7 @@ def _content_peers_upsert(dialect: str) -> RowsStatement:
         peer_key=peers.c.peer_key.type,
         p_available=Boolean(),
         p_at=Double(),
+        p_now=Double(),
     )
     ins = row.insert(
         content_peers,
@@ -539,6 +543,7 @@ def _content_peers_upsert(dialect: str) -> RowsStatement:
             "since": row["p_at"],
             "last_confirmed": row["p_at"],
             "changed_at": row["p_at"],
+            "removed_at": case((row["p_available"], null()), else_=row["p_now"]),
         },
     )
     old, new = content_peers.c, ins.excluded
@@ -555,6 +560,7 @@ def _content_peers_upsert(dialect: str) -> RowsStatement:
             "changed_at": greatest(dialect, old.changed_at, new.changed_at),
             "node_id": case((fresh, new.node_id), else_=old.node_id),
             "version": case((fresh, None), else_=old.version),
+            "removed_at": case((fresh, new.removed_at), else_=old.removed_at),
         },
     )
     # On Postgres a (content, peer) named twice in a batch goes in successive statements.

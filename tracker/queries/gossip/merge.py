@@ -92,8 +92,12 @@ async def merge(
     local_key: str,
     deltas: Sequence[OriginDelta],
     window: int,
+    now: float,
 ) -> MergeCounts:
-    """Apply deltas in the caller's transaction; returns how many rows changed."""
+    """Apply deltas in the caller's transaction; returns how many rows changed.
+
+    ``now`` is when this node takes them: a removal it applies is kept ``tombstone_keep_s`` from
+    then, however old its date (a neighbour back from a partition, a late relay)."""
     counts = MergeCounts()
     # Origins in key order, so concurrent merges lock their tracker_nodes rows in one order.
     for delta in sorted(deltas, key=lambda d: d.origin):
@@ -120,7 +124,7 @@ async def merge(
                 _earliest((m.cid, m.since) for m in delta.mappings),
             )
             counts.mappings += await _merge_mappings(
-                conn, dialect, node_id, delta.mappings, content_ids, peer_ids
+                conn, dialect, node_id, delta.mappings, content_ids, peer_ids, now
             )
         n = nodes.c
         # The samples clock first: it may move only if this node held what the sender assumed for both.
@@ -468,6 +472,7 @@ async def _merge_mappings(
     states: Sequence[MappingState],
     content_ids: dict[str, int],
     peer_ids: dict[str, int],
+    now: float,
 ) -> int:
     latest: dict[tuple[int, int], MappingState] = {}
     for m in states:
@@ -484,6 +489,7 @@ async def _merge_mappings(
             "last_confirmed": m.last_confirmed,
             "changed_at": m.changed_at,
             "version": m.version,
+            "removed_at": None if m.available else now,
         }
         for pair, m in sorted(latest.items())
     ]
@@ -517,6 +523,7 @@ def _mappings_upsert(dialect: str) -> RowsStatement:
         "last_confirmed",
         "changed_at",
         "version",
+        "removed_at",  # not sent: when this node takes a removal, which its tombstone is kept from
     )
     row = Rows(dialect, **{name: cp[name].type for name in names})
     ins = row.insert(content_peers, {name: row[name] for name in names})
