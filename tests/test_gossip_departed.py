@@ -14,11 +14,12 @@ import pytest
 from gossip_helpers import KEY, Pair, open_pair
 from sqlalchemy import text
 
-from tracker import AvailabilityTracker
+from tracker import AvailabilityTracker, ContentAvailable, PeerOnline
 from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.importer import import_snapshot
+from tracker.queries.sweep import AFTER_SIGHTING_S
 from tracker.sweeper import ASKED_HOLD_S, write_state_snapshot
 
 
@@ -223,13 +224,32 @@ async def test_a_removal_is_dated_at_the_last_sighting_not_at_the_sweep(pair: Pa
     await y.record_content_available("movie", "p")
     clock.advance(500)  # x sweeps late, before it has heard
     assert (await x.sweep()).departed_mappings_removed == 1
-    assert await _tombstones(x) == [(last_seen, clock.now)]  # dated at the sighting, kept from now
+    assert await _tombstones(x) == [
+        (last_seen + AFTER_SIGHTING_S, clock.now)
+    ]  # by the sighting; kept from now
     pair.net.isolated.clear()
     clock.advance(300)
     await y.record_peer_online("p")
     await pair.gossip()
     for tracker in (x, y):
         assert await tracker.get_available_peers("movie") == ["p"]
+
+
+async def test_a_departed_peers_removal_beats_its_last_announcement_without_versions(
+    pair: Pair, tmp_path: Path
+) -> None:
+    """The peer's last act was an announcement: dated at that very sighting, the removal beat it only
+    by its newer version, and a snapshot (its rows carry none) left the mapping available on the
+    tracker it caught up (QA round 34). Dated a second after, it wins by time."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_batch([PeerOnline("p"), ContentAvailable("movie", "p")])
+    await pair.gossip()
+    pair.net.isolated.add("http://y")  # y is cut off; it is caught up from a snapshot
+    clock.advance(x.config.offline_mapping_retention_s + 10)
+    assert (await x.sweep()).departed_mappings_removed == 1
+    snapshot = await write_state_snapshot(x, tmp_path / "snapshots", clock.now)
+    assert (await import_snapshot(y, snapshot)).mappings_applied == 1
+    assert await _available(y) == [False]
 
 
 async def _tombstones(tracker: AvailabilityTracker) -> list[tuple[float, float]]:
@@ -259,7 +279,7 @@ async def test_a_snapshot_from_before_a_removal_does_not_bring_the_mapping_back(
     assert (await x.sweep()).departed_mappings_removed == 1
     await pair.gossip()
     made = clock.now
-    assert await _tombstones(y) == [(made - retention - 10, made)]
+    assert await _tombstones(y) == [(made - retention - 10 + AFTER_SIGHTING_S, made)]
     clock.advance(keep - 160)  # the snapshot is still young enough to import; the removal's date is not
     for tracker in (x, y):
         assert (await tracker.sweep()).pruned["content_peers"] == 0

@@ -259,7 +259,13 @@ async def test_the_tombstone_delete_walks_its_partial_index(swarm_tracker: Avail
     await swarm_tracker.record_batch(removals)
     now = swarm_tracker.now()
     with captured_statements(swarm_tracker) as statements:
-        deleted = await run_write(swarm_tracker.engine, lambda conn: prune_tombstones(conn, now + 1, 10), 3)
+        deleted = await run_write(
+            swarm_tracker.engine, lambda conn: prune_tombstones(conn, now, now + 1, 10), 3
+        )
     assert deleted == 10
-    statement = the_statement(statements, "DELETE FROM CONTENT_PEERS")
-    await assert_no_full_scan(swarm_tracker.engine, "prune_tombstones", statement)
+    for label, starts_with in (
+        ("dating", "UPDATE CONTENT_PEERS SET REMOVED_AT"),
+        ("delete", "DELETE FROM CONTENT_PEERS"),
+    ):
+        statement = the_statement(statements, starts_with)
+        await assert_no_full_scan(swarm_tracker.engine, f"prune_tombstones: {label}", statement)

@@ -201,6 +201,35 @@ async def test_a_removal_outlives_every_announcement_old_enough_to_predate_it(
     assert (await tracker.sweep()).pruned["content_peers"] == 1  # then it goes
 
 
+@pytest.mark.parametrize("written", ["without removed_at", "revived and removed again"])
+async def test_tombstones_a_process_of_the_release_before_0015_wrote_are_pruned_in_time(
+    tracker: AvailabilityTracker, clock: ManualClock, written: str
+) -> None:
+    """A process of the earlier release, still running on a database upgraded under it, writes
+    tombstones without ``removed_at`` (never pruned, QA round 34), and flips one back and forth
+    without touching it (pruned by a stale one): pruned ``tombstone_keep_s`` after the pass that
+    first saw them, and never before their own date's keep."""
+    keep, t0 = tracker.config.tombstone_keep_s, clock.now
+    await tracker.record_batch([PeerOnline("a"), ContentAvailable("movie", "a")])
+    await tracker.record_content_unavailable("movie", "a")
+    clock.now += 3 * 86_400
+    # What the earlier release's upsert does: it knows no removed_at and leaves it as it is.
+    stale = "NULL" if written == "without removed_at" else str(t0)
+    async with tracker.engine.begin() as conn:
+        await conn.execute(
+            text(f"UPDATE content_peers SET changed_at = :at, removed_at = {stale}"), {"at": clock.now}
+        )
+    await tracker.record_peer_online("a")
+    first = clock.now
+    assert (await tracker.sweep()).pruned["content_peers"] == 0
+    clock.now = first + keep - 60
+    await tracker.record_peer_online("a")
+    assert (await tracker.sweep()).pruned["content_peers"] == 0
+    clock.now = first + keep + 60
+    await tracker.record_peer_online("a")
+    assert (await tracker.sweep()).pruned["content_peers"] == 1
+
+
 async def test_two_trackers_sweeping_one_database_mark_each_stale_peer_exactly_once(
     config: TrackerConfig, clock: ManualClock
 ) -> None:

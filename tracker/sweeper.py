@@ -130,7 +130,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine,
                 retries,
                 batch,
-                lambda conn: q.prune_tombstones(conn, now - config.tombstone_keep_s, batch),
+                lambda conn: q.prune_tombstones(conn, now, now - config.tombstone_keep_s, batch),
             )
             + await _prune_departed(tracker, now),
             "peer_leases": await _drain(

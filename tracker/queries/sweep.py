@@ -136,22 +136,39 @@ async def prune_outcomes(conn: AsyncConnection, cutoff: float, limit: int) -> in
     return int(result.rowcount or 0)
 
 
-async def prune_tombstones(conn: AsyncConnection, cutoff: float, limit: int) -> int:
-    """Delete up to ``limit`` removed mappings this node took before ``cutoff`` (``removed_at``).
+async def prune_tombstones(conn: AsyncConnection, now: float, cutoff: float, limit: int) -> int:
+    """Delete up to ``limit`` removed mappings this node took before ``cutoff`` (``removed_at``), and
+    dated before it; first date those taken without a ``removed_at`` (``date_untaken_tombstones``).
 
-    Not by their date: a removal can be made, or arrive, long after the date it carries (a late
-    event, a departed peer's removal dated at its last sighting, a partition healed), and pruned by
-    that date it was gone before a snapshot taken before it was made, which brought the mapping
-    back for good (QA round 32)."""
+    Not by their date alone: a removal can be made, or arrive, long after the date it carries (a
+    late event, a departed peer's removal dated at its last sighting, a partition healed), and
+    pruned by that date it was gone before a snapshot taken before it was made, which brought the
+    mapping back for good (QA round 32). By their date too: a process of the release before
+    migration 0015, still running beside this one on a shared database, flips tombstones without
+    knowing ``removed_at``, and one it revived and removed again would go by a stale one
+    (``date_untaken_tombstones`` dates those it wrote new)."""
+    await date_untaken_tombstones(conn, now)
     cp = content_peers.c
     oldest = (
         select(cp.content_id, cp.peer_id)
         # Spelled exactly like the partial index's predicate, or SQLite will not use that index.
-        .where(text("NOT available"), cp.removed_at < cutoff)
+        .where(text("NOT available"), cp.removed_at < cutoff, cp.changed_at < cutoff)
         .order_by(cp.removed_at)
         .limit(limit)
     )
     result = await conn.execute(delete(content_peers).where(pair_in(oldest)))
+    return int(result.rowcount or 0)
+
+
+async def date_untaken_tombstones(conn: AsyncConnection, now: float) -> int:
+    """Give tombstones without ``removed_at`` this pass's time: written by a process of the release
+    before migration 0015 still running on a shared database (docs/operations.md, upgrades), they
+    would otherwise never be pruned, and their peers and contents never forgotten (QA round 34).
+    In the pruning's transaction: found by the partial index, none in the usual case."""
+    cp = content_peers.c
+    result = await conn.execute(
+        update(content_peers).where(text("NOT available"), cp.removed_at.is_(None)).values(removed_at=now)
+    )
     return int(result.rowcount or 0)
 
 
@@ -165,7 +182,8 @@ async def remove_departed_mappings(
 ) -> int:
     """Remove up to ``limit`` of this node's mappings (the row's last change was this node's) of peers
     that no origin has seen since ``cutoff`` (= now - ``offline_mapping_retention_s``), as this
-    node's removals dated at the peer's last sighting (tombstones, versioned for gossip);
+    node's removals dated ``AFTER_SIGHTING_S`` after the peer's last sighting (tombstones, versioned
+    for gossip);
     ``prune_tombstones`` ages them out from ``now``, when they are made.
 
     Deleted instead, they were a local decision each tracker took at its own moment, which gossip
@@ -176,18 +194,20 @@ async def remove_departed_mappings(
     moved on to other trackers meanwhile; the tracker a mapping came from decides, as it sees its
     peer (mappings of a tracker that is gone for good go by ``prune_departed_mappings``).
 
-    Dated at the last sighting, the last time anything was known of the peer, so that whatever the
+    Dated by the last sighting, the last time anything was known of the peer, so that whatever the
     peer announced after it, anywhere, wins: dated by this tracker's clock, a removal made late (a
     sweeper held back, a clock running ahead) beat the announcement the peer made on its return
     elsewhere (QA round 26); dated at the end of the retention, it still beat one made by a peer
     back elsewhere before the retention ended, while this tracker had not heard yet (QA round 30).
-    A removal at the very time of this node's announcement (a peer's last act) wins by its newer
-    version. Not a mapping changed after the last sighting (an announcement relayed without one): a
-    removal dated before it would lose to it elsewhere; ``prune_departed_mappings`` takes it in the
-    end."""
+    A second after it, not at it: the peer's last act may be an announcement at that very time,
+    which a removal at the same time beat only by its newer version, and a snapshot (its rows carry
+    none) or an origin restored from a backup (it stamps the old announcement again, newer) had the
+    announcement win (QA round 34). Not a mapping changed after that (an announcement relayed
+    without a sighting): a removal dated before it would lose to it elsewhere;
+    ``prune_departed_mappings`` takes it in the end."""
     ps = peer_stats.c
     departed = (
-        select(ps.peer_id, func.max(ps.last_seen).label("gone_at"))
+        select(ps.peer_id, (func.max(ps.last_seen) + AFTER_SIGHTING_S).label("gone_at"))
         .group_by(ps.peer_id)
         .having(func.max(ps.last_seen) < cutoff)
         .subquery("departed")
@@ -196,10 +216,12 @@ async def remove_departed_mappings(
     victims = (
         select(cp.content_id, cp.peer_id)
         .join(departed, departed.c.peer_id == cp.peer_id)
-        .where(cp.node_id == node_id, cp.available, cp.changed_at <= departed.c.gone_at)
+        .where(cp.node_id == node_id, cp.available, cp.changed_at < departed.c.gone_at)
         .limit(limit)
     )
-    gone_at = select(func.max(ps.last_seen)).where(ps.peer_id == cp.peer_id).scalar_subquery()
+    gone_at = (
+        select(func.max(ps.last_seen) + AFTER_SIGHTING_S).where(ps.peer_id == cp.peer_id).scalar_subquery()
+    )
     stmt = (
         update(content_peers)
         .where(pair_in(victims))
@@ -240,6 +262,10 @@ async def prune_departed_mappings(
     )
     return await deleted_mappings(conn, delete(content_peers).where(pair_in(victims)))
 
+
+#: How long after a departed peer's last sighting its removals are dated: after anything it did
+#: then, before anything it does on its return (``remove_departed_mappings``).
+AFTER_SIGHTING_S = 1.0
 
 #: A deleted mapping: its origin (``node_id``) and version (``None``: this node's, not stamped yet).
 Deleted = tuple[int, int | None]
