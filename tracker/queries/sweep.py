@@ -184,8 +184,7 @@ async def remove_departed_mappings(
     """Remove up to ``limit`` of this node's mappings (the row's last change was this node's) of peers
     that no origin has seen since ``cutoff`` (= now - ``offline_mapping_retention_s``), as this
     node's removals dated ``AFTER_SIGHTING_S`` after the peer's last sighting (tombstones, versioned
-    for gossip);
-    ``prune_tombstones`` ages them out from ``now``, when they are made.
+    for gossip); ``prune_tombstones`` ages them out from ``now``, when they are made.
 
     Deleted instead, they were a local decision each tracker took at its own moment, which gossip
     never carried: a peer heard from again between two trackers' sweeps kept its mappings on one and
