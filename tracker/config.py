@@ -382,16 +382,6 @@ class TrackerConfig:
         return max(self.tombstone_ttl_s, self.event_age_limit)
 
     @property
-    def removal_horizon_s(self) -> float:
-        """How long after its date a removal is still made: within ``event_age_limit`` for an event,
-        ``offline_mapping_retention_s`` for a departed peer's (with a sweep late by less than
-        ``tombstone_keep_s``; later, the mapping has been deleted as stale everywhere anyway). A
-        merge takes a removal no later than that after its date (``queries.gossip.merge``), so that
-        one sent again long after it was pruned goes ``tombstone_keep_s`` after that at the latest
-        (15 days after its date by default), not that long after each time it comes."""
-        return self.offline_mapping_retention_s + self.tombstone_keep_s
-
-    @property
     def forget_after_s(self) -> float:
         """How long a peer's row outlives its origin's last write: ``peer_retention_s``, but no less than
         the departed peer's mappings take to go (``offline_mapping_retention_s`` and then

@@ -52,10 +52,6 @@ nodes = Table(
     # Every row of this origin whose samples changed at or before this version is held with them
     # (or newer): gossip sends a row's samples only past it. Unused for the local node.
     Column("samples_clock", BigInteger, nullable=False, server_default=text("0")),
-    # The sweeper deleted this origin's rows from this version on and has not asked for them again
-    # yet; and the clock when it last asked (queries/asks.py, migration 0016).
-    Column("owed_from", BigInteger, nullable=True),
-    Column("asked_upto", BigInteger, nullable=True),
     comment="Origin trackers whose observations this database holds; exactly one is local.",
 )
 Index(

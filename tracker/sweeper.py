@@ -24,7 +24,6 @@ from .errors import StorageError, describe
 from .gossip import files, snapshot
 from .queries import forget, prune_expired_leases
 from .queries import sweep as q
-from .queries.asks import ask_again
 from .queries.clocks import database_time
 
 if TYPE_CHECKING:
@@ -376,7 +375,7 @@ async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
 
     async def step(conn: AsyncConnection) -> int:
         deleted = await q.prune_departed_mappings(conn, cutoff, batch, held)
-        asked.update(await ask_again(conn, deleted))  # a retried attempt asked the same, or more
+        asked.update(await q.ask_again(conn, deleted))  # a retried attempt asked the same, or more
         return len(deleted)
 
     total = await _drain(tracker.engine, config.write_retries, batch, step)
@@ -385,7 +384,7 @@ async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
 
 
 #: How long the sweeper leaves an origin's mappings alone after asking for its rows again
-#: (``queries.asks.ask_again``): long enough for a catch-up of a million rows at the gossip
+#: (``queries.sweep.ask_again``): long enough for a catch-up of a million rows at the gossip
 #: interval, and the cost of a neighbour that never sweeps, which then resends, once an hour.
 ASKED_HOLD_S = 3_600.0
 
@@ -419,7 +418,7 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
 
     async def rowless(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
         deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch, held)
-        asked.update(await ask_again(conn, deleted))
+        asked.update(await q.ask_again(conn, deleted))
         return len(deleted), upto
 
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (

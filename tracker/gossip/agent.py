@@ -310,15 +310,7 @@ class GossipAgent:
                 conn, dialect, message.nonce, message.node, now + 2 * cfg.max_skew_s, now
             ):
                 raise GossipRejected("replay", "this message (its nonce) was already received", 409)
-            counts = await q.merge(
-                conn,
-                dialect,
-                self.node_key,
-                message.deltas,
-                window,
-                now,
-                self.tracker.config.removal_horizon_s,
-            )
+            counts = await q.merge(conn, dialect, self.node_key, message.deltas, window, now)
             await self._catch_up(conn, message)
             # One slice, in the merge's transaction; a reply that leaves a backlog says it has more,
             # so the sender's follow-ups take the next slices (a tracker without neighbours of its own
@@ -461,13 +453,7 @@ class GossipAgent:
 
         async def work(conn: Any) -> q.MergeCounts:
             counts = await q.merge(
-                conn,
-                self.tracker.config.dialect,
-                self.node_key,
-                reply.deltas,
-                window,
-                now,
-                self.tracker.config.removal_horizon_s,
+                conn, self.tracker.config.dialect, self.node_key, reply.deltas, window, now
             )
             await self._catch_up(conn, reply)
             return counts

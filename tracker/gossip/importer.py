@@ -209,15 +209,7 @@ class _Run:
         self._advance(counts, sum(len(delta.peers) for delta in deltas))
 
     async def _merge(self, conn: AsyncConnection, deltas: list[OriginDelta]) -> q.MergeCounts:
-        return await q.merge(
-            conn,
-            self.dialect,
-            self.tracker.node_key,
-            deltas,
-            self.window,
-            self.now,
-            self.tracker.config.removal_horizon_s,
-        )
+        return await q.merge(conn, self.dialect, self.tracker.node_key, deltas, self.window, self.now)
 
     def _advance(self, counts: _Counts, rows: int) -> None:
         if self.stopped:

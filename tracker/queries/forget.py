@@ -38,8 +38,7 @@ from ..schema import (
     upload_outcomes,
 )
 from ._sql import IN_CHUNK
-from .asks import Deleted
-from .sweep import deleted_mappings, not_held, pair_in
+from .sweep import Deleted, deleted_mappings, not_held, pair_in
 
 
 async def _slice_end(conn: AsyncConnection, key: Any, after: int, limit: int) -> int | None:
@@ -105,7 +104,7 @@ async def forget_rowless_mappings(
     an import that brought a snapshot's rows and mappings apart (QA round 30); no rule on the rows
     would ever take it, and it kept its peer and content for good. One that only came before its
     row (a first sync in slices) is a live peer's: the sweeper asks its origin for its rows again
-    from that version, and it comes back with its row (``queries.asks.ask_again``)."""
+    from that version, and it comes back with its row (``queries.sweep.ask_again``)."""
     p, cp = peers.c, content_peers.c
     upto = await _slice_end(conn, p.id, after, limit)
     rowless = ~exists().where(peer_stats.c.peer_id == cp.peer_id)

@@ -22,7 +22,6 @@ that clock, and its rows are sent again (``catch_up_own_clock``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -38,7 +37,6 @@ from ...db import insert_for
 from ...gossip.protocol import MappingState, OriginDelta, PeerState
 from ...schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
 from .._sql import IN_CHUNK, custom_plans, greatest, node_key_of, one_of
-from ..asks import pay_owed_ask
 from ..writes import upsert_keys
 
 #: Lookups by key take bigger IN lists than IN_CHUNK: a round of heartbeats resolves every peer
@@ -95,16 +93,11 @@ async def merge(
     deltas: Sequence[OriginDelta],
     window: int,
     now: float,
-    removal_horizon_s: float = math.inf,
 ) -> MergeCounts:
     """Apply deltas in the caller's transaction; returns how many rows changed.
 
     ``now`` is when this node takes them: a removal it applies is kept ``tombstone_keep_s`` from
-    then, however old its date (a neighbour back from a partition, a late relay), but taken no
-    later than ``removal_horizon_s`` after its date (``TrackerConfig.removal_horizon_s``, by which
-    every removal has been made): a tombstone sent again long after this node pruned it (a
-    neighbour that never sweeps, asked again; an old snapshot) was kept a whole ``tombstone_keep_s``
-    more each time (QA round 34)."""
+    then, however old its date (a neighbour back from a partition, a late relay)."""
     counts = MergeCounts()
     # Origins in key order, so concurrent merges lock their tracker_nodes rows in one order.
     for delta in sorted(deltas, key=lambda d: d.origin):
@@ -131,7 +124,7 @@ async def merge(
                 _earliest((m.cid, m.since) for m in delta.mappings),
             )
             counts.mappings += await _merge_mappings(
-                conn, dialect, node_id, delta.mappings, content_ids, peer_ids, now, removal_horizon_s
+                conn, dialect, node_id, delta.mappings, content_ids, peer_ids, now
             )
         n = nodes.c
         # The samples clock first: it may move only if this node held what the sender assumed for both.
@@ -145,8 +138,6 @@ async def merge(
             .where(n.id == node_id, n.clock >= delta.base)
             .values(clock=greatest(dialect, n.clock, _const(delta.upto)))
         )
-        # News of an origin whose rows the sweeper deleted, and did not ask again while none came.
-        await pay_owed_ask(conn, node_id)
         if missing is not None:  # rows left out for want of their samples: ask for them again
             version, samples_version = missing  # never below 0: nothing held (QA, a clock of -1)
             await conn.execute(
@@ -482,7 +473,6 @@ async def _merge_mappings(
     content_ids: dict[str, int],
     peer_ids: dict[str, int],
     now: float,
-    removal_horizon_s: float,
 ) -> int:
     latest: dict[tuple[int, int], MappingState] = {}
     for m in states:
@@ -499,7 +489,7 @@ async def _merge_mappings(
             "last_confirmed": m.last_confirmed,
             "changed_at": m.changed_at,
             "version": m.version,
-            "removed_at": None if m.available else min(now, m.changed_at + removal_horizon_s),
+            "removed_at": None if m.available else now,
         }
         for pair, m in sorted(latest.items())
     ]
