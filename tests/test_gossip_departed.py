@@ -205,13 +205,14 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
         await restarted.close()
 
 
-@pytest.mark.parametrize("back_after", ["the retention", "just before the retention ends"])
+@pytest.mark.parametrize("back_after", ["the retention", "just before the retention ends", "half a second"])
 async def test_a_removal_is_dated_at_the_last_sighting_not_at_the_sweep(pair: Pair, back_after: str) -> None:
     """Dated by the sweeping tracker's clock, a removal made late (a sweeper held back, a tracker
     cut off, or a clock running ahead) beat the announcement the peer made when it came back
     elsewhere meanwhile (QA round 26). Dated at the end of the retention, it still beat one made
-    by a peer back before the retention ended, while x had not heard yet (QA round 30). Dated at the
-    last sighting here, it loses to any announcement made after the peer's return."""
+    by a peer back before the retention ended, while x had not heard yet (QA round 30). Dated just
+    after the last sighting here, it loses to any announcement made after the peer's return; a
+    second after it, it beat a failover's announcement half a second later elsewhere (QA round 36)."""
     x, y, clock = pair.x, pair.y, pair.clock
     retention = x.config.offline_mapping_retention_s
     await x.record_peer_online("p")
@@ -219,10 +220,11 @@ async def test_a_removal_is_dated_at_the_last_sighting_not_at_the_sweep(pair: Pa
     await pair.gossip()
     last_seen = clock.now
     pair.net.isolated.add("http://x")
-    clock.advance(retention + 10 if back_after == "the retention" else retention - 30)
+    advance = {"the retention": retention + 10, "just before the retention ends": retention - 30}
+    clock.advance(advance.get(back_after, 0.5))
     await y.record_peer_online("p")  # back, on y: it announces again there
     await y.record_content_available("movie", "p")
-    clock.advance(500)  # x sweeps late, before it has heard
+    clock.advance(max(500.0, last_seen + retention + 500 - clock.now))  # x sweeps late, not having heard
     assert (await x.sweep()).departed_mappings_removed == 1
     assert await _tombstones(x) == [
         (last_seen + AFTER_SIGHTING_S, clock.now)
@@ -250,6 +252,23 @@ async def test_a_departed_peers_removal_beats_its_last_announcement_without_vers
     snapshot = await write_state_snapshot(x, tmp_path / "snapshots", clock.now)
     assert (await import_snapshot(y, snapshot)).mappings_applied == 1
     assert await _available(y) == [False]
+
+
+async def test_back_from_a_long_downtime_a_tracker_removes_its_departed_mappings_not_deletes_them(
+    pair: Pair,
+) -> None:
+    """Down for longer than the retention and ``tombstone_keep_s``, x swept before its first
+    exchange, and the deletion of stale mappings (any origin's) took x's own before they became
+    removals: y kept them for good, and x never got them back (a tracker ignores rows of its own
+    origin) (QA round 36). They become removals first, which travel."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
+    assert (await x.sweep()).departed_mappings_removed == 1
+    await pair.gossip()
+    assert [await _available(t) for t in (x, y)] == [[False], [False]]
 
 
 async def _tombstones(tracker: AvailabilityTracker) -> list[tuple[float, float]]:

@@ -9,12 +9,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from sqlalchemy import func, select, text
 
 from tracker import AvailabilityTracker, StorageError, TrackerConfig, sweeper
 from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
 from tracker.gossip import files
+from tracker.queries import sweep as sweep_queries
 from tracker.schema import bandwidth_samples, content_peers, peer_stats, upload_outcomes
 from tracker.sweeper import SWEEP_LOCK_KEY
 from tracker.testing import ManualClock
@@ -228,6 +230,43 @@ async def test_tombstones_a_process_of_the_release_before_0015_wrote_are_pruned_
     clock.now = first + keep + 60
     await tracker.record_peer_online("a")
     assert (await tracker.sweep()).pruned["content_peers"] == 1
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)  # the race is Postgres's row locks
+async def test_a_departed_peers_removal_waiting_for_a_row_spares_an_announcement_committed_meanwhile(
+    tracker: AvailabilityTracker, clock: ManualClock, db_url: str
+) -> None:
+    """Under READ COMMITTED, Postgres checks a row it waited for against the statement's own
+    conditions, not a subquery's: the removal, which chose its victims in a subquery, turned the
+    returning peer's announcement committed while it waited into a removal dated at the old
+    sighting (QA round 36)."""
+    config = tracker.config
+    await tracker.record_batch([PeerOnline("p"), ContentAvailable("movie", "p")])
+    clock.now += config.offline_mapping_retention_s + 10
+    async with tracker.engine.connect() as conn:
+        node_id = await conn.scalar(text("SELECT id FROM tracker_nodes WHERE is_local"))
+    locker = await asyncpg.connect(db_url.replace("postgresql+asyncpg", "postgresql"))
+    try:
+        holding = locker.transaction()
+        await holding.start()
+        await locker.execute("SELECT * FROM content_peers FOR UPDATE")
+        now = clock.now
+
+        async def remove() -> int:
+            async with tracker.engine.begin() as conn:
+                cutoff = now - config.offline_mapping_retention_s
+                return await sweep_queries.remove_departed_mappings(conn, node_id, cutoff, now, 100)
+
+        removing = asyncio.create_task(remove())
+        await asyncio.sleep(0.5)  # the removal waits for the row
+        await locker.execute(
+            "UPDATE content_peers SET changed_at = $1, last_confirmed = $1, version = NULL", now
+        )  # p came back and announced again, in the transaction holding the row
+        await holding.commit()
+        assert await removing == 0
+    finally:
+        await locker.close()
+    assert await _count(tracker, content_peers, content_peers.c.available) == 1
 
 
 async def test_two_trackers_sweeping_one_database_mark_each_stale_peer_exactly_once(

@@ -118,6 +118,17 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
 
         batch, retries = config.sweep_batch_size, config.write_retries
         offline = await _expire(engine, retries, batch, node_id, now, config.peer_timeout)
+        # This node's departed peers' mappings become removals before any mapping is deleted as
+        # stale: back from a downtime longer than the retention and tombstone_keep_s, the deletion
+        # took this node's own first, and the removal that gossip carries was never made; the other
+        # trackers kept them for good (QA round 36).
+        retention = config.offline_mapping_retention_s
+        removed = await _drain(
+            engine,
+            retries,
+            batch,
+            lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, now, batch),
+        )
         pruned = {
             "bandwidth_samples": await _prune_samples(tracker, now),
             "upload_outcomes": await _drain(
@@ -137,13 +148,6 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
-        retention = config.offline_mapping_retention_s
-        removed = await _drain(
-            engine,
-            retries,
-            batch,
-            lambda conn: q.remove_departed_mappings(conn, node_id, now - retention, now, batch),
-        )
         for table, forgotten in (await _forget(tracker, now)).items():
             pruned[table] = pruned.get(table, 0) + forgotten
         path, snapshot_error = await _snapshot(tracker, now)

@@ -198,7 +198,7 @@ async def remove_departed_mappings(
     sweeper held back, a clock running ahead) beat the announcement the peer made on its return
     elsewhere (QA round 26); dated at the end of the retention, it still beat one made by a peer
     back elsewhere before the retention ended, while this tracker had not heard yet (QA round 30).
-    A second after it, not at it: the peer's last act may be an announcement at that very time,
+    A millisecond after it, not at it: the peer's last act may be an announcement at that very time,
     which a removal at the same time beat only by its newer version, and a snapshot (its rows carry
     none) or an origin restored from a backup (it stamps the old announcement again, newer) had the
     announcement win (QA round 34). Not a mapping changed after that (an announcement relayed
@@ -223,7 +223,10 @@ async def remove_departed_mappings(
     )
     stmt = (
         update(content_peers)
-        .where(pair_in(victims))
+        # The victims' conditions again on the row itself: Postgres checks these, not the subquery,
+        # again on a row it waited for, and an announcement committed meanwhile became the removal
+        # (QA round 36).
+        .where(pair_in(victims), cp.node_id == node_id, cp.available, cp.changed_at < gone_at)
         .values(available=False, changed_at=gone_at, removed_at=now, node_id=node_id, version=None)
     )
     result = await conn.execute(stmt)
@@ -259,12 +262,15 @@ async def prune_departed_mappings(
         .where(cp.peer_id.in_(departed), cp.available, ~recent, not_held(held))
         .limit(limit)
     )
-    return await deleted_mappings(conn, delete(content_peers).where(pair_in(victims)))
+    # Again on the row itself, which Postgres checks again after a wait (remove_departed_mappings).
+    doomed = delete(content_peers).where(pair_in(victims), cp.available, ~recent)
+    return await deleted_mappings(conn, doomed)
 
 
 #: How long after a departed peer's last sighting its removals are dated: after anything it did
-#: then, before anything it does on its return (``remove_departed_mappings``).
-AFTER_SIGHTING_S = 1.0
+#: then, before anything it does on its return (``remove_departed_mappings``). A millisecond: a
+#: whole second lost a failover's announcement made half a second later elsewhere (QA round 36).
+AFTER_SIGHTING_S = 0.001
 
 #: A deleted mapping: its origin (``node_id``) and version (``None``: this node's, not stamped yet).
 Deleted = tuple[int, int | None]
