@@ -11,16 +11,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from gossip_helpers import KEY, Pair, open_pair
+from gossip_helpers import KEY, LocalNet, Pair, open_pair
 from sqlalchemy import text
 
-from tracker import AvailabilityTracker, ContentAvailable, PeerOnline
+from tracker import AvailabilityTracker, ContentAvailable, PeerOnline, TrackerConfig
 from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.importer import import_snapshot
 from tracker.queries.sweep import AFTER_SIGHTING_S
-from tracker.sweeper import ASKED_HOLD_S, write_state_snapshot
+from tracker.sweeper import write_state_snapshot
+from tracker.testing import ManualClock
 
 
 @pytest.fixture
@@ -97,7 +98,8 @@ async def test_a_live_mapping_deleted_while_cut_off_comes_back_when_the_link_hea
     """y, cut off from x for longer than the removals' retention and their tombstones' time (a
     partition, a long downtime), held only p's old row and deleted x's mapping of p, which never
     left x. y's clock of x still covered the mapping, so gossip never sent it again, and y listed
-    no holder for good (QA round 30): the deletion asks x's rows again from the mapping's version."""
+    no holder for good (QA round 30): once p's new row comes, y asks x's rows again from the
+    mapping's version."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
@@ -107,12 +109,28 @@ async def test_a_live_mapping_deleted_while_cut_off_comes_back_when_the_link_hea
     await x.record_peer_online("p")  # p is on x, as it was all along
     report = await y.sweep()
     assert report.pruned["content_peers"] == 1  # y goes by what it holds: p unseen for 8 days
+    assert report.mappings_asked_again == 0
     assert await y.get_available_peers("movie") == []
     pair.net.isolated.clear()
+    await pair.gossip()  # p's new row: p is back for y
+    report = await y.sweep()
+    assert (report.mappings_asked_again, report.pruned["content_peers"]) == (1, 0)
     await pair.gossip()
     for tracker in (x, y):
         assert await tracker.get_available_peers("movie") == ["p"]
-    assert (await y.sweep()).pruned["content_peers"] == 0  # p's new row came too: not departed
+    assert (await y.sweep()).pruned["content_peers"] == 0  # p is not departed
+
+
+async def _heal(pair: Pair) -> None:
+    """y, cut off from x, which held p online all along, hears from x again: p's new row comes, y's
+    next pass asks x for its rows again, and the exchange after brings x's mapping of p back."""
+    pair.net.isolated.clear()
+    pair.clock.advance(300)
+    await pair.x.record_peer_online("p")
+    await pair.gossip()
+    assert (await pair.y.sweep()).mappings_asked_again == 1
+    await pair.gossip()
+    assert await pair.y.get_available_peers("movie") == ["p"]
 
 
 async def _mapping_rows(tracker: AvailabilityTracker) -> int:
@@ -123,8 +141,9 @@ async def _mapping_rows(tracker: AvailabilityTracker) -> int:
 async def test_a_live_mapping_deleted_in_two_partitions_comes_back_after_each(pair: Pair) -> None:
     """A mapping asked for once and deleted again with the same version was not asked for again, so
     after a second long partition it never came back, restart or not (QA round 33); every deletion
-    asks. A catch-up in slices (the mapping back before its peer's new row, and a pass between) and
-    a relay that still held the old row deleted it twice in the same way."""
+    is remembered and asked for when its peer is back. A catch-up in slices (the mapping back before
+    its peer's new row, and a pass between) and a relay that still held the old row deleted it twice
+    in the same way."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
@@ -134,43 +153,105 @@ async def test_a_live_mapping_deleted_in_two_partitions_comes_back_after_each(pa
         clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
         await x.record_peer_online("p")  # online at x all along: heartbeats, no new announcement
         assert (await y.sweep()).pruned["content_peers"] == 1
-        pair.net.isolated.clear()
-        clock.advance(300)
-        await x.record_peer_online("p")
-        await pair.gossip()
-        assert await y.get_available_peers("movie") == ["p"]
+        await _heal(pair)
 
 
-async def test_a_stale_mapping_a_neighbour_that_never_sweeps_keeps_sending_is_asked_for_hourly(
-    pair: Pair,
-) -> None:
-    """x never sweeps, so it keeps the mapping of a peer gone for good: a pass here deletes it and
-    asks x's rows again, and x sends it back with all its rows since. Asked at every pass, that was
-    a full resend every 30 s; the origin's mappings are left alone for ``ASKED_HOLD_S`` after an ask
-    (which is also what lets a catch-up longer than one exchange finish). Its peer stays offline,
-    so no download is sent to it."""
+async def test_a_stale_mapping_a_neighbour_that_never_sweeps_keeps_is_deleted_once(pair: Pair) -> None:
+    """x never sweeps, so it keeps the mapping of a peer gone for good. Each deletion here asked x's
+    rows again, and x sent it back with all its rows since, once an hour (the hold after an ask)
+    for as long as both ran; asked only once its peer is seen again, it stays deleted."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
     await pair.gossip()
     clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
-    for _ in range(2):
-        assert (await y.sweep()).pruned["content_peers"] == 1  # deleted, and x asked
+    report = await y.sweep()
+    assert (report.pruned["content_peers"], report.mappings_asked_again) == (1, 0)
+    for _ in range(3):
+        clock.advance(3_600)
         await pair.gossip()
-        assert await _mapping_rows(y) == 1  # sent back: x still holds it
-        for _ in range(3):  # within the hour: left alone
-            clock.advance(ASKED_HOLD_S / 4)
-            assert (await y.sweep()).pruned["content_peers"] == 0
-            assert await y.get_available_peers("movie") == []
-            assert await y.select_best_peers("movie", 3) == []
-        clock.advance(ASKED_HOLD_S / 4)
+        assert await _mapping_rows(y) == 0  # nothing sent back
+        report = await y.sweep()
+        assert (report.pruned["content_peers"], report.mappings_asked_again) == (0, 0)
+    # The peer comes back, on y: x's mapping of it may be live, so x is asked for it again.
+    await y.record_peer_online("p")
+    assert (await y.sweep()).mappings_asked_again == 1
+    await pair.gossip()
+    assert await y.get_available_peers("movie") == ["p"]
+
+
+async def test_two_sweeping_trackers_forget_a_gone_origins_mapping_for_good(
+    db_url: str, tmp_path: Path
+) -> None:
+    """z announced a mapping to x and y and was never heard from again, and its peer neither. Each
+    deletion asked z's rows again, the other still held the mapping and sent it back, and so on
+    about hourly for as long as both ran, with z's rows since its version; the peer and the content
+    were never forgotten (QA round 34). Now each deletes it once, and both forget them."""
+    clock = ManualClock(1_800_000_000.0)
+    hour = 3_600.0
+    opened: list[AvailabilityTracker] = []
+    try:
+        for url in (
+            f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+            db_url,
+            f"sqlite+aiosqlite:///{tmp_path / 'z.db'}",
+        ):
+            config = TrackerConfig(
+                database_url=url,
+                clock=clock,
+                offline_mapping_retention_s=hour,
+                tombstone_ttl_s=hour,
+                max_event_age_s=hour,
+                outcome_retention_s=hour,
+                peer_retention_s=2 * hour,
+            )
+            opened.append(await AvailabilityTracker.open(config))
+        x, y, z = opened
+        net = LocalNet()
+        net.agents = {
+            f"http://{name}": GossipAgent(
+                t, GossipConfig(keys=(KEY,)), transport=net.transport_for(f"http://{name}")
+            )
+            for name, t in (("x", x), ("y", y), ("z", z))
+        }
+
+        async def gossip() -> None:
+            for _ in range(3):
+                for a, b in (("x", "y"), ("y", "x"), ("z", "x"), ("z", "y")):
+                    if f"http://{a}" not in net.isolated:
+                        await net.agents[f"http://{a}"].exchange(f"http://{b}")
+
+        await z.record_peer_online("p")
+        await z.record_content_available("movie", "p")
+        await gossip()
+        for tracker in (x, y):
+            assert await tracker.get_available_peers("movie") == ["p"]
+        net.isolated.add("http://z")  # z is gone for good, and p with it
+        clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
+        assert (await x.sweep()).pruned["content_peers"] == 1
+        for _ in range(int(x.config.forget_after_s // hour) + 3):  # both sweep, an hour apart
+            await gossip()
+            assert await _mapping_rows(x) == 0  # y never sent it back
+            assert (await y.sweep()).mappings_asked_again == 0
+            await gossip()
+            assert await _mapping_rows(y) == 0  # nor x
+            clock.advance(hour)
+            assert (await x.sweep()).mappings_asked_again == 0
+        for tracker in (x, y):
+            async with tracker.engine.connect() as conn:
+                for table in ("content_peers", "deleted_mappings", "peer_stats", "peers", "contents"):
+                    count = (await conn.execute(text(f"SELECT COUNT(*) FROM {table}"))).scalar_one()
+                    assert count == 0, (tracker.config.database_url, table, count)
+    finally:
+        for tracker in opened:
+            await tracker.close()
 
 
 async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_back(pair: Pair) -> None:
     """Two passes apart, y deleted two of x's live mappings, the second of a lower version than the
     first; an ask for it put off (an hour per origin) lived only in the process, and a restart lost
-    it: the mapping never came back (QA round 32). Every deletion asks at once, and an origin just
-    asked has its mappings left alone meanwhile."""
+    it: the mapping never came back (QA round 32). Every deletion is remembered in the database, in
+    its transaction, and asked for once its peer is back."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p1")
     await x.record_content_available("movie1", "p1")  # the lower version
@@ -190,7 +271,7 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
     clock.advance(120)
     for peer in ("p0", "p1"):
         await x.record_peer_online(peer)
-    assert (await y.sweep()).pruned["content_peers"] == 0  # movie1's waits: x was just asked
+    assert (await y.sweep()).pruned["content_peers"] == 1  # movie1's
     await y.close()
     restarted = await AvailabilityTracker.open(y.config)  # a new process: nothing remembered
     try:
@@ -198,6 +279,8 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
             restarted, GossipConfig(keys=(KEY,)), transport=pair.net.transport_for("http://y")
         )
         pair.net.isolated.clear()
+        await pair.gossip()  # the peers' new rows
+        assert (await restarted.sweep()).mappings_asked_again == 2
         await pair.gossip()
         for cid, peer in (("movie0", "p0"), ("movie1", "p1")):
             assert await restarted.get_available_peers(cid) == [peer]
@@ -377,3 +460,23 @@ async def test_a_live_mapping_comes_back_through_a_catch_up_longer_than_an_excha
         await x.record_peer_online("p")
         await y.sweep()
     assert await y.get_available_peers("movie") == ["p"]
+
+
+async def test_a_peer_back_after_its_rows_were_forgotten_still_has_its_mappings_asked_for(pair: Pair) -> None:
+    """y, cut off from x, deleted x's live mapping of p (p stayed on x all along) and later forgot
+    x's old row of p. The remembered deletion keeps p's id, so when x's new row of p comes, y
+    notices p is back and asks x for the mapping again; had the id gone with the rows (and the
+    record with it), p's return would be a new peer's and the mapping missing for good."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await x.record_peer_online("p")
+    await x.record_content_available("movie", "p")
+    await pair.gossip()
+    pair.net.isolated.add("http://y")
+    clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
+    assert (await y.sweep()).pruned["content_peers"] == 1
+    clock.advance(y.config.forget_after_s - y.config.offline_mapping_retention_s - y.config.tombstone_keep_s)
+    assert (await y.sweep()).pruned["peer_stats"] == 1  # x's old row of p: x has not written it since
+    async with y.engine.connect() as conn:
+        kept = (await conn.execute(text("SELECT COUNT(*) FROM peers"))).scalar_one()
+    assert kept == 1  # p's id stays while its deletion is remembered
+    await _heal(pair)

@@ -211,6 +211,23 @@ Index("ix_peer_leases_expires", peer_leases.c.expires_at)
 # A content's leases, which its deletion cascades to (migration 0014).
 Index("ix_peer_leases_content", peer_leases.c.content_id)
 
+deleted_mappings = Table(
+    "deleted_mappings",
+    metadata,
+    Column("peer_id", Id, ForeignKey("peers.id", ondelete="CASCADE"), primary_key=True),
+    Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), primary_key=True),
+    # The lowest version among them: the origin is asked for its rows again from there.
+    Column("version", BigInteger, nullable=False),
+    # This tracker's time of its latest such deletion; forgotten forget_after_s later.
+    Column("deleted_at", Double, nullable=False),
+    comment="Another origin's mappings of a peer that the sweeper deleted as departed without a "
+    "removal; that origin is asked for its rows again once the peer is seen again. "
+    "Local, never gossiped.",
+    sqlite_with_rowid=False,
+)
+# The sweeper forgets them oldest first.
+Index("ix_deleted_mappings_deleted_at", deleted_mappings.c.deleted_at)
+
 gossip_nonces = Table(
     "gossip_nonces",
     metadata,
