@@ -112,24 +112,27 @@ async def test_a_live_mapping_deleted_while_cut_off_comes_back_when_the_link_hea
     assert report.mappings_asked_again == 0
     assert await y.get_available_peers("movie") == []
     pair.net.isolated.clear()
-    await pair.gossip()  # p's new row: p is back for y
-    report = await y.sweep()
-    assert (report.mappings_asked_again, report.pruned["content_peers"]) == (1, 0)
-    await pair.gossip()
+    await pair.gossip()  # p's new row: p is back for y, which asks x again in that merge
+    assert _asked(pair) == 1
     for tracker in (x, y):
         assert await tracker.get_available_peers("movie") == ["p"]
     assert (await y.sweep()).pruned["content_peers"] == 0  # p is not departed
 
 
+def _asked(pair: Pair) -> int:
+    """How many deleted mappings y's merges asked for again."""
+    return pair.net.agents["http://y"].stats.mappings_asked_again
+
+
 async def _heal(pair: Pair) -> None:
-    """y, cut off from x, which held p online all along, hears from x again: p's new row comes, y's
-    next pass asks x for its rows again, and the exchange after brings x's mapping of p back."""
+    """y, cut off from x, which held p online all along, hears from x again: p's new row comes, the
+    merge asks x for its rows again, and the exchange after brings x's mapping of p back."""
+    asked = _asked(pair)
     pair.net.isolated.clear()
     pair.clock.advance(300)
     await pair.x.record_peer_online("p")
     await pair.gossip()
-    assert (await pair.y.sweep()).mappings_asked_again == 1
-    await pair.gossip()
+    assert _asked(pair) == asked + 1
     assert await pair.y.get_available_peers("movie") == ["p"]
 
 
@@ -180,15 +183,40 @@ async def test_a_stale_mapping_a_neighbour_that_never_sweeps_keeps_is_deleted_on
     assert await y.get_available_peers("movie") == ["p"]
 
 
-async def test_two_sweeping_trackers_forget_a_gone_origins_mapping_for_good(
-    db_url: str, tmp_path: Path
-) -> None:
-    """z announced a mapping to x and y and was never heard from again, and its peer neither. Each
-    deletion asked z's rows again, the other still held the mapping and sent it back, and so on
-    about hourly for as long as both ran, with z's rows since its version; the peer and the content
-    were never forgotten (QA round 34). Now each deletes it once, and both forget them."""
+HOUR = 3_600.0
+
+
+class Trio:
+    """Trackers x (SQLite), y (each engine) and z (SQLite) on one clock, with short retentions (an
+    hour each) so that forgetting fits in a test; exchanges only along the given links."""
+
+    def __init__(self, trackers: list[AvailabilityTracker], clock: ManualClock) -> None:
+        self.x, self.y, self.z = trackers
+        self.clock = clock
+        self.net = LocalNet()
+        self.net.agents = {
+            f"http://{name}": GossipAgent(
+                t, GossipConfig(keys=(KEY,)), transport=self.net.transport_for(f"http://{name}")
+            )
+            for name, t in zip("xyz", trackers, strict=True)
+        }
+
+    def asked(self, name: str) -> int:
+        return self.net.agents[f"http://{name}"].stats.mappings_asked_again
+
+    async def exchange(self, a: str, b: str) -> None:
+        if f"http://{a}" not in self.net.isolated and f"http://{b}" not in self.net.isolated:
+            await self.net.agents[f"http://{a}"].exchange(f"http://{b}")
+
+    async def gossip(self, links: tuple[str, ...] = ("xy", "yx", "zx", "zy")) -> None:
+        for _ in range(3):
+            for a, b in links:
+                await self.exchange(a, b)
+
+
+@pytest.fixture
+async def trio(db_url: str, tmp_path: Path) -> AsyncIterator[Trio]:
     clock = ManualClock(1_800_000_000.0)
-    hour = 3_600.0
     opened: list[AvailabilityTracker] = []
     try:
         for url in (
@@ -199,52 +227,77 @@ async def test_two_sweeping_trackers_forget_a_gone_origins_mapping_for_good(
             config = TrackerConfig(
                 database_url=url,
                 clock=clock,
-                offline_mapping_retention_s=hour,
-                tombstone_ttl_s=hour,
-                max_event_age_s=hour,
-                outcome_retention_s=hour,
-                peer_retention_s=2 * hour,
+                offline_mapping_retention_s=HOUR,
+                tombstone_ttl_s=HOUR,
+                max_event_age_s=HOUR,
+                outcome_retention_s=HOUR,
+                peer_retention_s=2 * HOUR,
             )
             opened.append(await AvailabilityTracker.open(config))
-        x, y, z = opened
-        net = LocalNet()
-        net.agents = {
-            f"http://{name}": GossipAgent(
-                t, GossipConfig(keys=(KEY,)), transport=net.transport_for(f"http://{name}")
-            )
-            for name, t in (("x", x), ("y", y), ("z", z))
-        }
-
-        async def gossip() -> None:
-            for _ in range(3):
-                for a, b in (("x", "y"), ("y", "x"), ("z", "x"), ("z", "y")):
-                    if f"http://{a}" not in net.isolated:
-                        await net.agents[f"http://{a}"].exchange(f"http://{b}")
-
-        await z.record_peer_online("p")
-        await z.record_content_available("movie", "p")
-        await gossip()
-        for tracker in (x, y):
-            assert await tracker.get_available_peers("movie") == ["p"]
-        net.isolated.add("http://z")  # z is gone for good, and p with it
-        clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
-        assert (await x.sweep()).pruned["content_peers"] == 1
-        for _ in range(int(x.config.forget_after_s // hour) + 3):  # both sweep, an hour apart
-            await gossip()
-            assert await _mapping_rows(x) == 0  # y never sent it back
-            assert (await y.sweep()).mappings_asked_again == 0
-            await gossip()
-            assert await _mapping_rows(y) == 0  # nor x
-            clock.advance(hour)
-            assert (await x.sweep()).mappings_asked_again == 0
-        for tracker in (x, y):
-            async with tracker.engine.connect() as conn:
-                for table in ("content_peers", "deleted_mappings", "peer_stats", "peers", "contents"):
-                    count = (await conn.execute(text(f"SELECT COUNT(*) FROM {table}"))).scalar_one()
-                    assert count == 0, (tracker.config.database_url, table, count)
+        yield Trio(opened, clock)
     finally:
         for tracker in opened:
             await tracker.close()
+
+
+async def test_two_sweeping_trackers_forget_a_gone_origins_mapping_for_good(trio: Trio) -> None:
+    """z announced a mapping to x and y and was never heard from again, and its peer neither. Each
+    deletion asked z's rows again, the other still held the mapping and sent it back, and so on
+    about hourly for as long as both ran, with z's rows since its version; the peer and the content
+    were never forgotten (QA round 34). Now each deletes it once, and both forget them."""
+    x, y, z, clock = trio.x, trio.y, trio.z, trio.clock
+    await z.record_peer_online("p")
+    await z.record_content_available("movie", "p")
+    await trio.gossip()
+    for tracker in (x, y):
+        assert await tracker.get_available_peers("movie") == ["p"]
+    trio.net.isolated.add("http://z")  # z is gone for good, and p with it
+    clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
+    assert (await x.sweep()).pruned["content_peers"] == 1
+    for _ in range(int(x.config.forget_after_s // HOUR) + 3):  # both sweep, an hour apart
+        await trio.gossip()
+        assert await _mapping_rows(x) == 0  # y never sent it back
+        assert (await y.sweep()).mappings_asked_again == 0
+        await trio.gossip()
+        assert await _mapping_rows(y) == 0  # nor x
+        clock.advance(HOUR)
+        assert (await x.sweep()).mappings_asked_again == 0
+    assert trio.asked("x") == trio.asked("y") == 0
+    for tracker in (x, y):
+        async with tracker.engine.connect() as conn:
+            for table in ("content_peers", "deleted_mappings", "peer_stats", "peers", "contents"):
+                count = (await conn.execute(text(f"SELECT COUNT(*) FROM {table}"))).scalar_one()
+                assert count == 0, (tracker.config.database_url, table, count)
+
+
+async def test_a_relay_that_deleted_the_mapping_too_claims_no_more_than_it_holds(trio: Trio) -> None:
+    """z - y - x in a line: z's live mapping of p (p stays on z, announcing nothing again) reaches x
+    only through y. Cut off from z past the retention, y and x both deleted it. Back, y took p's new
+    row and, with it, z's rows as complete past the mapping; asked by its sweeper's next pass, y
+    asked z again only after x, which had asked already, had been sent z's rows from y without the
+    mapping, and x's clock of z passed it, for good. The merge that brings p's row asks."""
+    x, y, z, clock = trio.x, trio.y, trio.z, trio.clock
+    line = ("zy", "yx")
+    await z.record_peer_online("p")
+    await z.record_content_available("movie", "p")
+    await trio.gossip(line)
+    assert await x.get_available_peers("movie") == ["p"]
+    trio.net.isolated.add("http://z")
+    clock.advance(HOUR + x.config.tombstone_keep_s + 10)
+    await z.record_peer_online("p")  # on z all along
+    for tracker in (y, x):
+        assert (await tracker.sweep()).pruned["content_peers"] == 1
+    trio.net.isolated.clear()
+    clock.advance(300)  # beyond the back-off of the exchanges that failed
+    await z.record_peer_online("p")
+    await trio.exchange("z", "y")  # p's new row reaches y, and y asks z again at once
+    await trio.exchange("y", "x")
+    await x.sweep()
+    await trio.exchange("x", "y")  # y claims z's rows to x only as far as it holds them
+    await y.sweep()
+    await trio.gossip(line)
+    for tracker in (y, x):
+        assert await tracker.get_available_peers("movie") == ["p"]
 
 
 async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_back(pair: Pair) -> None:
@@ -279,9 +332,8 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
             restarted, GossipConfig(keys=(KEY,)), transport=pair.net.transport_for("http://y")
         )
         pair.net.isolated.clear()
-        await pair.gossip()  # the peers' new rows
-        assert (await restarted.sweep()).mappings_asked_again == 2
-        await pair.gossip()
+        await pair.gossip()  # the peers' new rows, and in that merge x is asked again
+        assert pair.net.agents["http://y"].stats.mappings_asked_again == 2
         for cid, peer in (("movie0", "p0"), ("movie1", "p1")):
             assert await restarted.get_available_peers(cid) == [peer]
     finally:

@@ -218,6 +218,9 @@ deleted_mappings = Table(
     Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), primary_key=True),
     # The lowest version among them: the origin is asked for its rows again from there.
     Column("version", BigInteger, nullable=False),
+    # No origin had seen the peer since then (the latest deletion's cutoff): a sighting at or after
+    # it is the peer's return.
+    Column("unseen_since", Double, nullable=False),
     # This tracker's time of its latest such deletion; forgotten forget_after_s later.
     Column("deleted_at", Double, nullable=False),
     comment="Another origin's mappings of a peer that the sweeper deleted as departed without a "

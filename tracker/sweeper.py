@@ -152,7 +152,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
-        asked = await _ask_for_returned(tracker, now)
+        asked = await _ask_for_returned(tracker)
         for table, forgotten in (await _forget(tracker, now)).items():
             pruned[table] = pruned.get(table, 0) + forgotten
         path, snapshot_error = await _snapshot(tracker, now)
@@ -385,22 +385,20 @@ async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
 
     async def step(conn: AsyncConnection) -> int:
         deleted = await q.prune_departed_mappings(conn, cutoff, batch)
-        await asks.remember_deleted(conn, local_id, deleted, now)
+        await asks.remember_deleted(conn, local_id, deleted, cutoff, now)
         return len(deleted)
 
     return await _drain(tracker.engine, config.write_retries, batch, step)
 
 
-async def _ask_for_returned(tracker: AvailabilityTracker, now: float) -> int:
+async def _ask_for_returned(tracker: AvailabilityTracker) -> int:
     """Ask the origins of mappings deleted as departed for their rows again once their peer is seen
-    again (``queries.asks``); how many (peer, origin) records that was."""
+    again (``queries.asks``: a merge asks for the peers it brings; this catches the sightings made
+    here); how many (peer, origin) records that was."""
     config = tracker.config
-    cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
     batch = config.sweep_batch_size
     return await _walk(
-        tracker.engine,
-        config.write_retries,
-        lambda conn, after: asks.ask_for_returned(conn, cutoff, after, batch),
+        tracker.engine, config.write_retries, lambda conn, after: asks.ask_for_returned(conn, after, batch)
     )
 
 
@@ -422,7 +420,7 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
 
     async def rowless(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
         deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch)
-        await asks.remember_deleted(conn, local_id, deleted, now)
+        await asks.remember_deleted(conn, local_id, deleted, mappings_cutoff, now)
         return len(deleted), upto
 
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (

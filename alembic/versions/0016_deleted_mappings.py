@@ -34,6 +34,7 @@ def upgrade() -> None:
         sa.Column("peer_id", Id, nullable=False),
         sa.Column("node_id", sa.Integer(), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
+        sa.Column("unseen_since", sa.Double(), nullable=False),
         sa.Column("deleted_at", sa.Double(), nullable=False),
         sa.ForeignKeyConstraint(
             ["peer_id"], ["peers.id"], name=op.f("fk_deleted_mappings_peer_id_peers"), ondelete="CASCADE"
