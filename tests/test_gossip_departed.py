@@ -19,6 +19,7 @@ from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.importer import import_snapshot
+from tracker.queries import asks
 from tracker.queries.sweep import AFTER_SIGHTING_S
 from tracker.sweeper import write_state_snapshot
 from tracker.testing import ManualClock
@@ -532,3 +533,39 @@ async def test_a_peer_back_after_its_rows_were_forgotten_still_has_its_mappings_
         kept = (await conn.execute(text("SELECT COUNT(*) FROM peers"))).scalar_one()
     assert kept == 1  # p's id stays while its deletion is remembered
     await _heal(pair)
+
+
+async def test_an_ask_answered_without_the_mapping_is_made_again(trio: Trio) -> None:
+    """x asked z's rows again for p's mapping, and y, which had deleted it too but keeps no record
+    (a process of the release before migration 0016), answered first: z's rows as complete as y's
+    clock, without the mapping, and x's clock of z passed it. An ask was spent by any answer, and
+    the mapping was lost for good (QA round 37); the record stays until a row of the mapping is
+    back, and the ask is made again ``ASK_AGAIN_S`` later (then twice that, and so on)."""
+    x, y, z, clock = trio.x, trio.y, trio.z, trio.clock
+    await z.record_peer_online("p")
+    await z.record_content_available("movie", "p")
+    await trio.gossip(("zx", "zy", "xy"))
+    trio.net.isolated.add("http://z")
+    clock.advance(HOUR + x.config.tombstone_keep_s + 10)
+    await z.record_peer_online("p")  # on z all along
+    for tracker in (x, y):
+        assert (await tracker.sweep()).pruned["content_peers"] == 1
+    async with y.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM deleted_mappings"))
+    trio.net.isolated.clear()
+    clock.advance(300)
+    await z.record_peer_online("p")
+    await trio.exchange("z", "x")  # p's new row: x asks z's rows again from the mapping's version
+    assert trio.asked("x") == 1
+    await trio.exchange("x", "y")  # y answers as far as its clock of z, without the mapping
+    await trio.gossip(("xz",))  # x pulls from z: rows past that clock only (a push from z would
+    assert await x.get_available_peers("movie") == []  # go by x's vector as z last saw it)
+    assert (await x.sweep()).mappings_asked_again == 0  # not yet
+    clock.advance(asks.ASK_AGAIN_S)
+    await z.record_peer_online("p")
+    assert (await x.sweep()).mappings_asked_again == 1
+    await trio.gossip(("xz",))
+    assert await x.get_available_peers("movie") == ["p"]
+    await x.sweep()  # the mapping is back: its record goes
+    async with x.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT COUNT(*) FROM deleted_mappings"))).scalar_one() == 0

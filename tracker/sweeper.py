@@ -48,9 +48,9 @@ class SweepReport:
     #: This node's mappings of peers no origin has seen within ``offline_mapping_retention_s``,
     #: turned into its removals (gossiped; deleted with the other tombstones after ``tombstone_keep_s``).
     departed_mappings_removed: int = 0
-    #: Peers seen again after other origins' mappings of them were deleted as departed (without a
-    #: removal): those origins were asked for their rows again (``queries.asks``), one per peer and
-    #: origin.
+    #: Other origins' mappings deleted as departed (without a removal) whose peer was seen again:
+    #: those origins were asked for their rows again (``queries.asks``), one per mapping, and again
+    #: while a mapping does not come.
     mappings_asked_again: int = 0
     #: Rows deleted per table.
     pruned: dict[str, int] = field(default_factory=dict)
@@ -152,7 +152,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
-        asked = await _ask_for_returned(tracker)
+        asked = await _ask_for_returned(tracker, now)
         for table, forgotten in (await _forget(tracker, now)).items():
             pruned[table] = pruned.get(table, 0) + forgotten
         path, snapshot_error = await _snapshot(tracker, now)
@@ -391,14 +391,16 @@ async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
     return await _drain(tracker.engine, config.write_retries, batch, step)
 
 
-async def _ask_for_returned(tracker: AvailabilityTracker) -> int:
+async def _ask_for_returned(tracker: AvailabilityTracker, now: float) -> int:
     """Ask the origins of mappings deleted as departed for their rows again once their peer is seen
-    again (``queries.asks``: a merge asks for the peers it brings; this catches the sightings made
-    here); how many (peer, origin) records that was."""
+    again, and again while they do not come (``queries.asks``: a merge asks for the peers it brings;
+    this catches the sightings made here, and asks that went unanswered); how many mappings."""
     config = tracker.config
     batch = config.sweep_batch_size
     return await _walk(
-        tracker.engine, config.write_retries, lambda conn, after: asks.ask_for_returned(conn, after, batch)
+        tracker.engine,
+        config.write_retries,
+        lambda conn, after: asks.ask_for_returned(conn, now, after, batch),
     )
 
 

@@ -31,11 +31,21 @@ Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 def upgrade() -> None:
     op.create_table(
         "deleted_mappings",
+        sa.Column("content_id", Id, nullable=False),
         sa.Column("peer_id", Id, nullable=False),
         sa.Column("node_id", sa.Integer(), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
         sa.Column("unseen_since", sa.Double(), nullable=False),
         sa.Column("deleted_at", sa.Double(), nullable=False),
+        sa.Column("asked_at", sa.Double(), nullable=True),
+        sa.Column("asks", sa.Integer(), nullable=False),
+        sa.Column("ask_after", sa.Double(), nullable=True),
+        sa.ForeignKeyConstraint(
+            ["content_id"],
+            ["contents.id"],
+            name=op.f("fk_deleted_mappings_content_id_contents"),
+            ondelete="CASCADE",
+        ),
         sa.ForeignKeyConstraint(
             ["peer_id"], ["peers.id"], name=op.f("fk_deleted_mappings_peer_id_peers"), ondelete="CASCADE"
         ),
@@ -45,15 +55,17 @@ def upgrade() -> None:
             name=op.f("fk_deleted_mappings_node_id_tracker_nodes"),
             ondelete="CASCADE",
         ),
-        sa.PrimaryKeyConstraint("peer_id", "node_id", name=op.f("pk_deleted_mappings")),
-        comment="Another origin's mappings of a peer that the sweeper deleted as departed without a "
-        "removal; that origin is asked for its rows again once the peer is seen again. "
+        sa.PrimaryKeyConstraint("content_id", "peer_id", name=op.f("pk_deleted_mappings")),
+        comment="Other origins' mappings the sweeper deleted as departed without a removal; their "
+        "origin is asked for its rows again once the peer is seen again, until the row is back. "
         "Local, never gossiped.",
         sqlite_with_rowid=False,
     )
+    op.create_index("ix_deleted_mappings_peer", "deleted_mappings", ["peer_id"])
     op.create_index("ix_deleted_mappings_deleted_at", "deleted_mappings", ["deleted_at"])
 
 
 def downgrade() -> None:
     op.drop_index("ix_deleted_mappings_deleted_at", table_name="deleted_mappings")
+    op.drop_index("ix_deleted_mappings_peer", table_name="deleted_mappings")
     op.drop_table("deleted_mappings")

@@ -64,8 +64,8 @@ class GossipStats:
     rows_applied: int = 0
     #: Merges that left rows out for want of their samples and asked for a resend (lowered a clock).
     resends_asked: int = 0
-    #: Peers whose mappings the sweeper had deleted as departed, back in a merge: their mappings'
-    #: origins were asked for their rows again (``queries.asks``), one per peer and origin.
+    #: Mappings the sweeper had deleted as departed whose peer a merge brought back: their origins
+    #: were asked for their rows again (``queries.asks``), one per mapping.
     mappings_asked_again: int = 0
     #: Rows held back because they state a time beyond this node's clock + max_skew_s.
     rows_held_future: int = 0

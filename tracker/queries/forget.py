@@ -138,12 +138,14 @@ def _peer_unused() -> list[Any]:
 
 
 def _content_unused() -> list[Any]:
-    """A content no mapping or lease names (its outcomes keep their rows, the content set to null;
-    migration 0014 indexes both references, which the delete's foreign keys visit)."""
+    """A content no mapping, lease or remembered deletion (``asks``) names (its outcomes keep their
+    rows, the content set to null; migration 0014 indexes both references, which the delete's
+    foreign keys visit)."""
     c = contents.c
     return [
         ~exists().where(content_peers.c.content_id == c.id),
         ~exists().where(peer_leases.c.content_id == c.id),
+        ~exists().where(deleted_mappings.c.content_id == c.id),
     ]
 
 

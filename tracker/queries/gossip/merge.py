@@ -155,7 +155,7 @@ async def merge(
             )
             counts.waiting += 1
     # After every clock this message raises: a peer it brings back has its deleted mappings asked for.
-    counts.asked = await asks.ask_for_merged(conn, dialect, seen)
+    counts.asked = await asks.ask_for_merged(conn, dialect, seen, now)
     return counts
 
 
