@@ -31,14 +31,14 @@ from tracker.events import PeerOnline
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.protocol import MappingState, OriginDelta, PeerState
-from tracker.queries import asks, forget
+from tracker.queries import forget
 from tracker.queries import gossip as gq
-from tracker.schema import bandwidth_samples, content_peers, contents, deleted_mappings, peer_stats, peers
+from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers
 from tracker.sweeper import FORGET_EVERY_S
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0
-TABLES = (peers, contents, peer_stats, bandwidth_samples, content_peers, deleted_mappings)
+TABLES = (peers, contents, peer_stats, bandwidth_samples, content_peers)
 
 
 async def _rows(tracker: AvailabilityTracker) -> dict[str, int]:
@@ -92,7 +92,6 @@ async def test_a_departed_peer_goes_with_its_samples_mappings_and_contents(
         "peer_stats": 1,
         "bandwidth_samples": 0,
         "content_peers": 1,
-        "deleted_mappings": 0,  # the mapping was this node's: removed, never deleted as departed
     }
     assert await tracker.get_available_peers("movie") == ["stays"]
     # Announced under its old id again, the peer starts afresh.
@@ -198,8 +197,7 @@ async def test_a_forgotten_row_sent_again_goes_again_with_its_mapping(pair: Pair
     """A neighbour that has not swept yet (a first contact, a snapshot) may send a forgotten row again,
     with its peer's mapping: both are taken, and the next pass takes them away, the mapping by what
     the row says. Left out of the merge, the row took with it the only date the mapping's departure
-    could go by, and the mapping stayed for good (QA round 27). The deletion is remembered (its
-    peer's id with it) ``forget_after_s``, in case the peer comes back (``queries.asks``)."""
+    could go by, and the mapping stayed for good (QA round 27)."""
     x, y, clock = pair.x, pair.y, pair.clock
     await y.record_peer_online("p")
     await y.record_download_speed("p", 2_000)
@@ -216,18 +214,14 @@ async def test_a_forgotten_row_sent_again_goes_again_with_its_mapping(pair: Pair
     assert (counts.peers, counts.mappings) == (1, 1)
     clock.advance(FORGET_EVERY_S)
     report = await x.sweep()
-    assert (report.pruned["content_peers"], report.pruned["peer_stats"], report.pruned["peers"]) == (1, 1, 0)
-    assert (await _rows(x))["deleted_mappings"] == 1
-    clock.advance(x.config.forget_after_s + 10)
-    report = await x.sweep()
-    assert (report.pruned["deleted_mappings"], report.pruned["peers"]) == (1, 1)
+    assert (report.pruned["content_peers"], report.pruned["peer_stats"], report.pruned["peers"]) == (1, 1, 1)
     assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
 
 
 async def test_a_mapping_that_came_before_its_peers_row_comes_back_with_it(pair: Pair) -> None:
     """A new tracker's first sync may bring a long-lived peer's mapping (announced days ago) in one
     message and its row in a later one; a pass in between deleted the mapping for want of a row,
-    and gossip never sent it again (QA round 27): now it is asked for again once its row has come."""
+    and gossip never sent it again (QA round 27): now it is sent again."""
     x, y, clock = pair.x, pair.y, pair.clock
     await y.record_peer_online("p")
     await y.record_content_available("movie", "p")
@@ -244,11 +238,10 @@ async def test_a_mapping_that_came_before_its_peers_row_comes_back_with_it(pair:
     assert (await run_write(x.engine, merge, 3)).mappings == 1
     # The process's first pass: forgetting runs. A mapping without rows, as old as a departed peer's
     # would be, goes (QA round 30: or one that came after its rows were forgotten stayed for good),
-    # and is remembered.
+    # and y is asked for its rows again from the mapping's version.
     await x.sweep()
     assert (await _rows(x))["content_peers"] == 0
-    await pair.gossip()  # the rest of the sync: the row, p is live, y is asked from the mapping's version
-    assert pair.net.agents["http://x"].stats.mappings_asked_again == 1
+    await pair.gossip()  # the rest of the sync: the row, and the mapping again
     assert await x.get_available_peers("movie") == ["p"]
     await x.sweep()
     assert await x.get_available_peers("movie") == ["p"]
@@ -257,7 +250,7 @@ async def test_a_mapping_that_came_before_its_peers_row_comes_back_with_it(pair:
 async def test_a_tracker_gone_for_good_leaves_nothing_behind(pair: Pair) -> None:
     """y's mappings and rows go from x when y never comes back: the mappings by the departure their
     peer's rows date (the retention and the tombstones' time), then the rows by their own age, and
-    then the peer and the content (the peer once its mapping's deletion is no longer remembered)."""
+    then the peer and the content."""
     x, y, clock = pair.x, pair.y, pair.clock
     await y.record_peer_online("p")
     await y.record_download_speed("p", 2_000)
@@ -267,21 +260,15 @@ async def test_a_tracker_gone_for_good_leaves_nothing_behind(pair: Pair) -> None
     pair.net.isolated.add("http://y")
     clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
     report = await x.sweep()
-    # The mapping goes, remembered with its content in case its peer comes back; the peer's row is
-    # younger than the retention.
+    # The mapping goes, and the content with it; the peer's row is younger than the retention.
     assert (report.pruned["content_peers"], report.pruned["contents"], report.pruned["peer_stats"]) == (
         1,
-        0,
+        1,
         0,
     )
-    clock.advance(x.config.forget_after_s + 10)
-    pruned = (await x.sweep()).pruned
-    assert (pruned["peer_stats"], pruned["deleted_mappings"], pruned["peers"], pruned["contents"]) == (
-        1,
-        1,
-        1,
-        1,
-    )
+    clock.advance(x.config.forget_after_s)
+    report = await x.sweep()
+    assert (report.pruned["peer_stats"], report.pruned["peers"]) == (1, 1)
     assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
 
 
@@ -555,8 +542,8 @@ async def test_a_mapping_that_came_after_its_peers_rows_were_forgotten_goes_and_
     """A neighbour that never sweeps, or a snapshot imported in parts, brings a departed peer's old
     mapping after the rows it would be judged by were forgotten here: nothing took it, nor its peer
     and content, ever (QA round 30). It goes once it is as old as a departed peer's mapping would be,
-    and its origin is asked for its rows again from its version once the peer is seen (one that only
-    came before its row comes back with it); the peer goes once that is no longer remembered."""
+    and its origin is asked for its rows again from its version (one that only came before its row
+    comes back with it)."""
     tracker, clock = solo
     origin = "a" * 32
     at = clock() - 60
@@ -579,31 +566,11 @@ async def test_a_mapping_that_came_after_its_peers_rows_were_forgotten_goes_and_
     clock.advance(tracker.config.offline_mapping_retention_s + tracker.config.tombstone_keep_s)
     clock.advance(FORGET_EVERY_S)
     report = await tracker.sweep()
-    assert (report.pruned["content_peers"], report.pruned["peers"], report.pruned["contents"]) == (1, 0, 0)
-    assert (await _rows(tracker))["deleted_mappings"] == 1  # with its peer and content
-
-    async def clock_of_origin() -> int:
-        async with tracker.engine.connect() as conn:
-            query = text("SELECT clock FROM tracker_nodes WHERE node_key = :k")
-            return int((await conn.execute(query, {"k": origin})).scalar_one())
-
-    assert ((await tracker.sweep()).mappings_asked_again, await clock_of_origin()) == (0, 9)  # p not seen
-    await tracker.record_peer_online("p")  # back, here
-    assert ((await tracker.sweep()).mappings_asked_again, await clock_of_origin()) == (1, 6)
-    # Remembered until the row is back; not asked again while the ask is pending (the clock below it).
-    clock.advance(asks.ASK_AGAIN_S * 10)
-    assert ((await tracker.sweep()).mappings_asked_again, (await _rows(tracker))["deleted_mappings"]) == (
-        0,
-        1,
-    )
-    # Answered without the row (a neighbour that had deleted it too raised the clock again): asked
-    # again ASK_AGAIN_S after the first ask, then after twice that, and so on.
-    asked_at = []
-    start = clock()
-    for _ in range(int(8 * asks.ASK_AGAIN_S // 100)):
-        clock.advance(100)
-        async with tracker.engine.begin() as conn:
-            await conn.execute(text("UPDATE tracker_nodes SET clock = 9 WHERE node_key = :k"), {"k": origin})
-        if (await tracker.sweep()).mappings_asked_again:
-            asked_at.append(clock() - start)
-    assert asked_at == [100.0, 100.0 + 2 * asks.ASK_AGAIN_S, 100.0 + 6 * asks.ASK_AGAIN_S]
+    assert (report.pruned["content_peers"], report.pruned["peers"], report.pruned["contents"]) == (1, 1, 1)
+    assert await _rows(tracker) == dict.fromkeys((t.name for t in TABLES), 0)
+    await tracker.sweep()  # the next pass asks
+    async with tracker.engine.connect() as conn:
+        clock_of_origin = (
+            await conn.execute(text("SELECT clock FROM tracker_nodes WHERE node_key = :k"), {"k": origin})
+        ).scalar_one()
+    assert clock_of_origin == 6

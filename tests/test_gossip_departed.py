@@ -11,18 +11,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from gossip_helpers import KEY, LocalNet, Pair, open_pair
+from gossip_helpers import KEY, Pair, open_pair
 from sqlalchemy import text
 
-from tracker import AvailabilityTracker, ContentAvailable, PeerOnline, TrackerConfig
+from tracker import AvailabilityTracker, ContentAvailable, PeerOnline
 from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.importer import import_snapshot
-from tracker.queries import asks
 from tracker.queries.sweep import AFTER_SIGHTING_S
-from tracker.sweeper import write_state_snapshot
-from tracker.testing import ManualClock
+from tracker.sweeper import ASKED_HOLD_S, write_state_snapshot
 
 
 @pytest.fixture
@@ -99,8 +97,7 @@ async def test_a_live_mapping_deleted_while_cut_off_comes_back_when_the_link_hea
     """y, cut off from x for longer than the removals' retention and their tombstones' time (a
     partition, a long downtime), held only p's old row and deleted x's mapping of p, which never
     left x. y's clock of x still covered the mapping, so gossip never sent it again, and y listed
-    no holder for good (QA round 30): once p's new row comes, y asks x's rows again from the
-    mapping's version."""
+    no holder for good (QA round 30): the deletion asks x's rows again from the mapping's version."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
@@ -110,31 +107,12 @@ async def test_a_live_mapping_deleted_while_cut_off_comes_back_when_the_link_hea
     await x.record_peer_online("p")  # p is on x, as it was all along
     report = await y.sweep()
     assert report.pruned["content_peers"] == 1  # y goes by what it holds: p unseen for 8 days
-    assert report.mappings_asked_again == 0
     assert await y.get_available_peers("movie") == []
     pair.net.isolated.clear()
-    await pair.gossip()  # p's new row: p is back for y, which asks x again in that merge
-    assert _asked(pair) == 1
+    await pair.gossip()
     for tracker in (x, y):
         assert await tracker.get_available_peers("movie") == ["p"]
-    assert (await y.sweep()).pruned["content_peers"] == 0  # p is not departed
-
-
-def _asked(pair: Pair) -> int:
-    """How many deleted mappings y's merges asked for again."""
-    return pair.net.agents["http://y"].stats.mappings_asked_again
-
-
-async def _heal(pair: Pair) -> None:
-    """y, cut off from x, which held p online all along, hears from x again: p's new row comes, the
-    merge asks x for its rows again, and the exchange after brings x's mapping of p back."""
-    asked = _asked(pair)
-    pair.net.isolated.clear()
-    pair.clock.advance(300)
-    await pair.x.record_peer_online("p")
-    await pair.gossip()
-    assert _asked(pair) == asked + 1
-    assert await pair.y.get_available_peers("movie") == ["p"]
+    assert (await y.sweep()).pruned["content_peers"] == 0  # p's new row came too: not departed
 
 
 async def _mapping_rows(tracker: AvailabilityTracker) -> int:
@@ -145,9 +123,8 @@ async def _mapping_rows(tracker: AvailabilityTracker) -> int:
 async def test_a_live_mapping_deleted_in_two_partitions_comes_back_after_each(pair: Pair) -> None:
     """A mapping asked for once and deleted again with the same version was not asked for again, so
     after a second long partition it never came back, restart or not (QA round 33); every deletion
-    is remembered and asked for when its peer is back. A catch-up in slices (the mapping back before
-    its peer's new row, and a pass between) and a relay that still held the old row deleted it twice
-    in the same way."""
+    asks. A catch-up in slices (the mapping back before its peer's new row, and a pass between) and
+    a relay that still held the old row deleted it twice in the same way."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
@@ -157,155 +134,43 @@ async def test_a_live_mapping_deleted_in_two_partitions_comes_back_after_each(pa
         clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
         await x.record_peer_online("p")  # online at x all along: heartbeats, no new announcement
         assert (await y.sweep()).pruned["content_peers"] == 1
-        await _heal(pair)
+        pair.net.isolated.clear()
+        clock.advance(300)
+        await x.record_peer_online("p")
+        await pair.gossip()
+        assert await y.get_available_peers("movie") == ["p"]
 
 
-async def test_a_stale_mapping_a_neighbour_that_never_sweeps_keeps_is_deleted_once(pair: Pair) -> None:
-    """x never sweeps, so it keeps the mapping of a peer gone for good. Each deletion here asked x's
-    rows again, and x sent it back with all its rows since, once an hour (the hold after an ask)
-    for as long as both ran; asked only once its peer is seen again, it stays deleted."""
+async def test_a_stale_mapping_a_neighbour_that_never_sweeps_keeps_sending_is_asked_for_hourly(
+    pair: Pair,
+) -> None:
+    """x never sweeps, so it keeps the mapping of a peer gone for good: a pass here deletes it and
+    asks x's rows again, and x sends it back with all its rows since. Asked at every pass, that was
+    a full resend every 30 s; the origin's mappings are left alone for ``ASKED_HOLD_S`` after an ask
+    (which is also what lets a catch-up longer than one exchange finish). Its peer stays offline,
+    so no download is sent to it."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p")
     await x.record_content_available("movie", "p")
     await pair.gossip()
     clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
-    report = await y.sweep()
-    assert (report.pruned["content_peers"], report.mappings_asked_again) == (1, 0)
-    for _ in range(3):
-        clock.advance(3_600)
+    for _ in range(2):
+        assert (await y.sweep()).pruned["content_peers"] == 1  # deleted, and x asked
         await pair.gossip()
-        assert await _mapping_rows(y) == 0  # nothing sent back
-        report = await y.sweep()
-        assert (report.pruned["content_peers"], report.mappings_asked_again) == (0, 0)
-    # The peer comes back, on y: x's mapping of it may be live, so x is asked for it again.
-    await y.record_peer_online("p")
-    assert (await y.sweep()).mappings_asked_again == 1
-    await pair.gossip()
-    assert await y.get_available_peers("movie") == ["p"]
-
-
-HOUR = 3_600.0
-
-
-class Trio:
-    """Trackers x (SQLite), y (each engine) and z (SQLite) on one clock, with short retentions (an
-    hour each) so that forgetting fits in a test; exchanges only along the given links."""
-
-    def __init__(self, trackers: list[AvailabilityTracker], clock: ManualClock) -> None:
-        self.x, self.y, self.z = trackers
-        self.clock = clock
-        self.net = LocalNet()
-        self.net.agents = {
-            f"http://{name}": GossipAgent(
-                t, GossipConfig(keys=(KEY,)), transport=self.net.transport_for(f"http://{name}")
-            )
-            for name, t in zip("xyz", trackers, strict=True)
-        }
-
-    def asked(self, name: str) -> int:
-        return self.net.agents[f"http://{name}"].stats.mappings_asked_again
-
-    async def exchange(self, a: str, b: str) -> None:
-        if f"http://{a}" not in self.net.isolated and f"http://{b}" not in self.net.isolated:
-            await self.net.agents[f"http://{a}"].exchange(f"http://{b}")
-
-    async def gossip(self, links: tuple[str, ...] = ("xy", "yx", "zx", "zy")) -> None:
-        for _ in range(3):
-            for a, b in links:
-                await self.exchange(a, b)
-
-
-@pytest.fixture
-async def trio(db_url: str, tmp_path: Path) -> AsyncIterator[Trio]:
-    clock = ManualClock(1_800_000_000.0)
-    opened: list[AvailabilityTracker] = []
-    try:
-        for url in (
-            f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
-            db_url,
-            f"sqlite+aiosqlite:///{tmp_path / 'z.db'}",
-        ):
-            config = TrackerConfig(
-                database_url=url,
-                clock=clock,
-                offline_mapping_retention_s=HOUR,
-                tombstone_ttl_s=HOUR,
-                max_event_age_s=HOUR,
-                outcome_retention_s=HOUR,
-                peer_retention_s=2 * HOUR,
-            )
-            opened.append(await AvailabilityTracker.open(config))
-        yield Trio(opened, clock)
-    finally:
-        for tracker in opened:
-            await tracker.close()
-
-
-async def test_two_sweeping_trackers_forget_a_gone_origins_mapping_for_good(trio: Trio) -> None:
-    """z announced a mapping to x and y and was never heard from again, and its peer neither. Each
-    deletion asked z's rows again, the other still held the mapping and sent it back, and so on
-    about hourly for as long as both ran, with z's rows since its version; the peer and the content
-    were never forgotten (QA round 34). Now each deletes it once, and both forget them."""
-    x, y, z, clock = trio.x, trio.y, trio.z, trio.clock
-    await z.record_peer_online("p")
-    await z.record_content_available("movie", "p")
-    await trio.gossip()
-    for tracker in (x, y):
-        assert await tracker.get_available_peers("movie") == ["p"]
-    trio.net.isolated.add("http://z")  # z is gone for good, and p with it
-    clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
-    assert (await x.sweep()).pruned["content_peers"] == 1
-    for _ in range(int(x.config.forget_after_s // HOUR) + 3):  # both sweep, an hour apart
-        await trio.gossip()
-        assert await _mapping_rows(x) == 0  # y never sent it back
-        assert (await y.sweep()).mappings_asked_again == 0
-        await trio.gossip()
-        assert await _mapping_rows(y) == 0  # nor x
-        clock.advance(HOUR)
-        assert (await x.sweep()).mappings_asked_again == 0
-    assert trio.asked("x") == trio.asked("y") == 0
-    for tracker in (x, y):
-        async with tracker.engine.connect() as conn:
-            for table in ("content_peers", "deleted_mappings", "peer_stats", "peers", "contents"):
-                count = (await conn.execute(text(f"SELECT COUNT(*) FROM {table}"))).scalar_one()
-                assert count == 0, (tracker.config.database_url, table, count)
-
-
-async def test_a_relay_that_deleted_the_mapping_too_claims_no_more_than_it_holds(trio: Trio) -> None:
-    """z - y - x in a line: z's live mapping of p (p stays on z, announcing nothing again) reaches x
-    only through y. Cut off from z past the retention, y and x both deleted it. Back, y took p's new
-    row and, with it, z's rows as complete past the mapping; asked by its sweeper's next pass, y
-    asked z again only after x, which had asked already, had been sent z's rows from y without the
-    mapping, and x's clock of z passed it, for good. The merge that brings p's row asks."""
-    x, y, z, clock = trio.x, trio.y, trio.z, trio.clock
-    line = ("zy", "yx")
-    await z.record_peer_online("p")
-    await z.record_content_available("movie", "p")
-    await trio.gossip(line)
-    assert await x.get_available_peers("movie") == ["p"]
-    trio.net.isolated.add("http://z")
-    clock.advance(HOUR + x.config.tombstone_keep_s + 10)
-    await z.record_peer_online("p")  # on z all along
-    for tracker in (y, x):
-        assert (await tracker.sweep()).pruned["content_peers"] == 1
-    trio.net.isolated.clear()
-    clock.advance(300)  # beyond the back-off of the exchanges that failed
-    await z.record_peer_online("p")
-    await trio.exchange("z", "y")  # p's new row reaches y, and y asks z again at once
-    await trio.exchange("y", "x")
-    await x.sweep()
-    await trio.exchange("x", "y")  # y claims z's rows to x only as far as it holds them
-    await y.sweep()
-    await trio.gossip(line)
-    for tracker in (y, x):
-        assert await tracker.get_available_peers("movie") == ["p"]
+        assert await _mapping_rows(y) == 1  # sent back: x still holds it
+        for _ in range(3):  # within the hour: left alone
+            clock.advance(ASKED_HOLD_S / 4)
+            assert (await y.sweep()).pruned["content_peers"] == 0
+            assert await y.get_available_peers("movie") == []
+            assert await y.select_best_peers("movie", 3) == []
+        clock.advance(ASKED_HOLD_S / 4)
 
 
 async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_back(pair: Pair) -> None:
     """Two passes apart, y deleted two of x's live mappings, the second of a lower version than the
     first; an ask for it put off (an hour per origin) lived only in the process, and a restart lost
-    it: the mapping never came back (QA round 32). Every deletion is remembered in the database, in
-    its transaction, and asked for once its peer is back."""
+    it: the mapping never came back (QA round 32). Every deletion asks at once, and an origin just
+    asked has its mappings left alone meanwhile."""
     x, y, clock = pair.x, pair.y, pair.clock
     await x.record_peer_online("p1")
     await x.record_content_available("movie1", "p1")  # the lower version
@@ -325,7 +190,7 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
     clock.advance(120)
     for peer in ("p0", "p1"):
         await x.record_peer_online(peer)
-    assert (await y.sweep()).pruned["content_peers"] == 1  # movie1's
+    assert (await y.sweep()).pruned["content_peers"] == 0  # movie1's waits: x was just asked
     await y.close()
     restarted = await AvailabilityTracker.open(y.config)  # a new process: nothing remembered
     try:
@@ -333,8 +198,7 @@ async def test_a_live_mapping_deleted_after_another_of_its_origin_still_comes_ba
             restarted, GossipConfig(keys=(KEY,)), transport=pair.net.transport_for("http://y")
         )
         pair.net.isolated.clear()
-        await pair.gossip()  # the peers' new rows, and in that merge x is asked again
-        assert pair.net.agents["http://y"].stats.mappings_asked_again == 2
+        await pair.gossip()
         for cid, peer in (("movie0", "p0"), ("movie1", "p1")):
             assert await restarted.get_available_peers(cid) == [peer]
     finally:
@@ -513,59 +377,3 @@ async def test_a_live_mapping_comes_back_through_a_catch_up_longer_than_an_excha
         await x.record_peer_online("p")
         await y.sweep()
     assert await y.get_available_peers("movie") == ["p"]
-
-
-async def test_a_peer_back_after_its_rows_were_forgotten_still_has_its_mappings_asked_for(pair: Pair) -> None:
-    """y, cut off from x, deleted x's live mapping of p (p stayed on x all along) and later forgot
-    x's old row of p. The remembered deletion keeps p's id, so when x's new row of p comes, y
-    notices p is back and asks x for the mapping again; had the id gone with the rows (and the
-    record with it), p's return would be a new peer's and the mapping missing for good."""
-    x, y, clock = pair.x, pair.y, pair.clock
-    await x.record_peer_online("p")
-    await x.record_content_available("movie", "p")
-    await pair.gossip()
-    pair.net.isolated.add("http://y")
-    clock.advance(y.config.offline_mapping_retention_s + y.config.tombstone_keep_s + 10)
-    assert (await y.sweep()).pruned["content_peers"] == 1
-    clock.advance(y.config.forget_after_s - y.config.offline_mapping_retention_s - y.config.tombstone_keep_s)
-    assert (await y.sweep()).pruned["peer_stats"] == 1  # x's old row of p: x has not written it since
-    async with y.engine.connect() as conn:
-        kept = (await conn.execute(text("SELECT COUNT(*) FROM peers"))).scalar_one()
-    assert kept == 1  # p's id stays while its deletion is remembered
-    await _heal(pair)
-
-
-async def test_an_ask_answered_without_the_mapping_is_made_again(trio: Trio) -> None:
-    """x asked z's rows again for p's mapping, and y, which had deleted it too but keeps no record
-    (a process of the release before migration 0016), answered first: z's rows as complete as y's
-    clock, without the mapping, and x's clock of z passed it. An ask was spent by any answer, and
-    the mapping was lost for good (QA round 37); the record stays until a row of the mapping is
-    back, and the ask is made again ``ASK_AGAIN_S`` later (then twice that, and so on)."""
-    x, y, z, clock = trio.x, trio.y, trio.z, trio.clock
-    await z.record_peer_online("p")
-    await z.record_content_available("movie", "p")
-    await trio.gossip(("zx", "zy", "xy"))
-    trio.net.isolated.add("http://z")
-    clock.advance(HOUR + x.config.tombstone_keep_s + 10)
-    await z.record_peer_online("p")  # on z all along
-    for tracker in (x, y):
-        assert (await tracker.sweep()).pruned["content_peers"] == 1
-    async with y.engine.begin() as conn:
-        await conn.execute(text("DELETE FROM deleted_mappings"))
-    trio.net.isolated.clear()
-    clock.advance(300)
-    await z.record_peer_online("p")
-    await trio.exchange("z", "x")  # p's new row: x asks z's rows again from the mapping's version
-    assert trio.asked("x") == 1
-    await trio.exchange("x", "y")  # y answers as far as its clock of z, without the mapping
-    await trio.gossip(("xz",))  # x pulls from z: rows past that clock only (a push from z would
-    assert await x.get_available_peers("movie") == []  # go by x's vector as z last saw it)
-    assert (await x.sweep()).mappings_asked_again == 0  # not yet
-    clock.advance(asks.ASK_AGAIN_S)
-    await z.record_peer_online("p")
-    assert (await x.sweep()).mappings_asked_again == 1
-    await trio.gossip(("xz",))
-    assert await x.get_available_peers("movie") == ["p"]
-    await x.sweep()  # the mapping is back: its record goes
-    async with x.engine.connect() as conn:
-        assert (await conn.execute(text("SELECT COUNT(*) FROM deleted_mappings"))).scalar_one() == 0

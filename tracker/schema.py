@@ -211,33 +211,6 @@ Index("ix_peer_leases_expires", peer_leases.c.expires_at)
 # A content's leases, which its deletion cascades to (migration 0014).
 Index("ix_peer_leases_content", peer_leases.c.content_id)
 
-deleted_mappings = Table(
-    "deleted_mappings",
-    metadata,
-    Column("content_id", Id, ForeignKey("contents.id", ondelete="CASCADE"), primary_key=True),
-    Column("peer_id", Id, ForeignKey("peers.id", ondelete="CASCADE"), primary_key=True),
-    # The deleted row's origin and version: that origin is asked for its rows from there.
-    Column("node_id", Integer, ForeignKey("tracker_nodes.id", ondelete="CASCADE"), nullable=False),
-    Column("version", BigInteger, nullable=False),
-    # No origin had seen the peer since then (the deletion's cutoff): a sighting at or after it is
-    # the peer's return.
-    Column("unseen_since", Double, nullable=False),
-    # This tracker's time of the deletion; forgotten forget_after_s later.
-    Column("deleted_at", Double, nullable=False),
-    # The latest ask, how many there were, and when one may be made again if nothing came.
-    Column("asked_at", Double, nullable=True),
-    Column("asks", Integer, nullable=False),
-    Column("ask_after", Double, nullable=True),
-    comment="Other origins' mappings the sweeper deleted as departed without a removal; their "
-    "origin is asked for its rows again once the peer is seen again, until the row is back. "
-    "Local, never gossiped.",
-    sqlite_with_rowid=False,
-)
-# A peer's records (a merge that brings its row asks for them; they keep its id).
-Index("ix_deleted_mappings_peer", deleted_mappings.c.peer_id)
-# The sweeper forgets them oldest first.
-Index("ix_deleted_mappings_deleted_at", deleted_mappings.c.deleted_at)
-
 gossip_nonces = Table(
     "gossip_nonces",
     metadata,

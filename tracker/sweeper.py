@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import db
 from .errors import StorageError, describe
 from .gossip import files, snapshot
-from .queries import asks, forget, prune_expired_leases
+from .queries import forget, prune_expired_leases
 from .queries import sweep as q
 from .queries.clocks import database_time
 
@@ -48,10 +48,6 @@ class SweepReport:
     #: This node's mappings of peers no origin has seen within ``offline_mapping_retention_s``,
     #: turned into its removals (gossiped; deleted with the other tombstones after ``tombstone_keep_s``).
     departed_mappings_removed: int = 0
-    #: Other origins' mappings deleted as departed (without a removal) whose peer was seen again:
-    #: those origins were asked for their rows again (``queries.asks``), one per mapping, and again
-    #: while a mapping does not come.
-    mappings_asked_again: int = 0
     #: Rows deleted per table.
     pruned: dict[str, int] = field(default_factory=dict)
     snapshot_path: Path | None = None
@@ -152,7 +148,6 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                 engine, retries, batch, lambda conn: prune_expired_leases(conn, now, batch)
             ),
         }
-        asked = await _ask_for_returned(tracker, now)
         for table, forgotten in (await _forget(tracker, now)).items():
             pruned[table] = pruned.get(table, 0) + forgotten
         path, snapshot_error = await _snapshot(tracker, now)
@@ -163,7 +158,6 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         ran=True,
         peers_marked_offline=offline,
         departed_mappings_removed=removed,
-        mappings_asked_again=asked,
         pruned=pruned,
         snapshot_path=path,
         duration_s=time.perf_counter() - started,
@@ -178,7 +172,6 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
             "action": "sweep",
             "offline": offline,
             "departed_mappings_removed": removed,
-            "mappings_asked_again": asked,
             "pruned": pruned,
             "snapshot": str(path) if path else None,
             "duration_s": report.duration_s,
@@ -377,31 +370,37 @@ FORGET_EVERY_S = 3_600.0
 
 async def _prune_departed(tracker: AvailabilityTracker, now: float) -> int:
     """Delete the mappings of departed peers that no tracker removed
-    (``queries.sweep.prune_departed_mappings``), remembering them for their peers' return
-    (``queries.asks``)."""
-    config = tracker.config
-    batch, local_id = config.sweep_batch_size, tracker.node_id
+    (``queries.sweep.prune_departed_mappings``), asking their origins for their rows again."""
+    config, state = tracker.config, tracker._sweep_state
+    batch = config.sweep_batch_size
     cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
+    held = _held(state, now)
+    asked: set[int] = set()
 
     async def step(conn: AsyncConnection) -> int:
-        deleted = await q.prune_departed_mappings(conn, cutoff, batch)
-        await asks.remember_deleted(conn, local_id, deleted, cutoff, now)
+        deleted = await q.prune_departed_mappings(conn, cutoff, batch, held)
+        asked.update(await q.ask_again(conn, deleted))  # a retried attempt asked the same, or more
         return len(deleted)
 
-    return await _drain(tracker.engine, config.write_retries, batch, step)
+    total = await _drain(tracker.engine, config.write_retries, batch, step)
+    _hold(state, asked, now)
+    return total
 
 
-async def _ask_for_returned(tracker: AvailabilityTracker, now: float) -> int:
-    """Ask the origins of mappings deleted as departed for their rows again once their peer is seen
-    again, and again while they do not come (``queries.asks``: a merge asks for the peers it brings;
-    this catches the sightings made here, and asks that went unanswered); how many mappings."""
-    config = tracker.config
-    batch = config.sweep_batch_size
-    return await _walk(
-        tracker.engine,
-        config.write_retries,
-        lambda conn, after: asks.ask_for_returned(conn, now, after, batch),
-    )
+#: How long the sweeper leaves an origin's mappings alone after asking for its rows again
+#: (``queries.sweep.ask_again``): long enough for a catch-up of a million rows at the gossip
+#: interval, and the cost of a neighbour that never sweeps, which then resends, once an hour.
+ASKED_HOLD_S = 3_600.0
+
+
+def _held(state: SweepState, now: float) -> frozenset[int]:
+    """The origins asked within ``ASKED_HOLD_S`` (by this process: a restart or another process may
+    ask once more, which costs a resend, never a row)."""
+    return frozenset(node for node, at in state.asked_at.items() if 0 <= now - at < ASKED_HOLD_S)
+
+
+def _hold(state: SweepState, asked: set[int], now: float) -> None:
+    state.asked_at.update(dict.fromkeys(asked, now))
 
 
 async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
@@ -418,11 +417,12 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
     batch, retries, dialect = config.sweep_batch_size, config.write_retries, config.dialect
     rows_cutoff = now - config.forget_after_s
     mappings_cutoff = now - config.offline_mapping_retention_s - config.tombstone_keep_s
-    local_id = tracker.node_id
+    held = _held(state, now)
+    asked: set[int] = set()
 
     async def rowless(conn: AsyncConnection, after: int) -> tuple[int, int | None]:
-        deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch)
-        await asks.remember_deleted(conn, local_id, deleted, mappings_cutoff, now)
+        deleted, upto = await forget.forget_rowless_mappings(conn, mappings_cutoff, after, batch, held)
+        asked.update(await q.ask_again(conn, deleted))
         return len(deleted), upto
 
     steps: tuple[tuple[str, Callable[[AsyncConnection, int], Awaitable[tuple[int, int | None]]]], ...] = (
@@ -434,12 +434,8 @@ async def _forget(tracker: AvailabilityTracker, now: float) -> dict[str, int]:
         ("peers", lambda conn, after: forget.forget_unused_peers(conn, dialect, after, batch)),
         ("contents", lambda conn, after: forget.forget_unused_contents(conn, dialect, after, batch)),
     )
-    done = {table: await _walk(engine, retries, step) for table, step in steps[:2]}
-    # Before the peers: a record whose time is up no longer keeps its peer's id.
-    done["deleted_mappings"] = await _drain(
-        engine, retries, batch, lambda conn: asks.forget_deleted(conn, rows_cutoff, batch)
-    )
-    done.update({table: await _walk(engine, retries, step) for table, step in steps[2:]})
+    done = {table: await _walk(engine, retries, step) for table, step in steps}
+    _hold(state, asked, now)
     state.forgotten_at = now
     return done
 
@@ -603,6 +599,8 @@ class SweepState:
     repaired_once: bool = False
     #: Postgres: the database server's clock less the tracker's time at the latest pass.
     database_clock_offset_s: float | None = None
+    #: When this process last asked each other origin for its rows again (``ASKED_HOLD_S``).
+    asked_at: dict[int, float] = field(default_factory=dict)
 
 
 class SweeperTask:

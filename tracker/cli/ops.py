@@ -46,7 +46,6 @@ def sweep(
             "ran": report.ran,
             "peers_marked_offline": report.peers_marked_offline,
             "departed_mappings_removed": report.departed_mappings_removed,
-            "mappings_asked_again": report.mappings_asked_again,
             "pruned": report.pruned,
             "snapshot": None if report.snapshot_path is None else str(report.snapshot_path),
             "seconds": round(report.duration_s, 3),
@@ -64,8 +63,7 @@ def sweep(
             )
             stdout.print(
                 f"{report.peers_marked_offline} peers marked offline; "
-                f"{report.departed_mappings_removed} mappings of departed peers removed; "
-                f"{report.mappings_asked_again} asked for again (their peer is back); pruned: {pruned}; "
+                f"{report.departed_mappings_removed} mappings of departed peers removed; pruned: {pruned}; "
                 f"{report.duration_s:.2f} s",
                 highlight=False,
             )

@@ -64,9 +64,6 @@ class GossipStats:
     rows_applied: int = 0
     #: Merges that left rows out for want of their samples and asked for a resend (lowered a clock).
     resends_asked: int = 0
-    #: Mappings the sweeper had deleted as departed whose peer a merge brought back: their origins
-    #: were asked for their rows again (``queries.asks``), one per mapping.
-    mappings_asked_again: int = 0
     #: Rows held back because they state a time beyond this node's clock + max_skew_s.
     rows_held_future: int = 0
     rejected: dict[str, int] = field(default_factory=dict)
@@ -504,7 +501,6 @@ class GossipAgent:
     def _count(self, counts: q.MergeCounts) -> None:
         self.stats.rows_applied += counts.peers + counts.mappings
         self.stats.resends_asked += counts.waiting
-        self.stats.mappings_asked_again += counts.asked
 
     async def _send(
         self, url: str, body: bytes, headers: dict[str, str]

@@ -32,15 +32,13 @@ from ..schema import (
     bandwidth_samples,
     content_peers,
     contents,
-    deleted_mappings,
     peer_leases,
     peer_stats,
     peers,
     upload_outcomes,
 )
 from ._sql import IN_CHUNK
-from .asks import Deleted, delete_returning
-from .sweep import pair_in
+from .sweep import Deleted, deleted_mappings, not_held, pair_in
 
 
 async def _slice_end(conn: AsyncConnection, key: Any, after: int, limit: int) -> int | None:
@@ -96,56 +94,50 @@ async def forget_peer_rows(
 
 
 async def forget_rowless_mappings(
-    conn: AsyncConnection, mappings_cutoff: float, after: int, limit: int
+    conn: AsyncConnection, mappings_cutoff: float, after: int, limit: int, held: frozenset[int] = frozenset()
 ) -> tuple[list[Deleted], int | None]:
     """Delete the available mappings, of peers among the next ``limit`` peer ids after ``after``, whose
     peer has no ``peer_stats`` row and which nobody announced since ``mappings_cutoff``; returns them
-    and where the next slice starts.
+    and where the next slice starts. Not those of the origins in ``held`` (asked lately).
 
     Such a mapping came after its peer's rows were forgotten: from a neighbour that never sweeps, or
     an import that brought a snapshot's rows and mappings apart (QA round 30); no rule on the rows
     would ever take it, and it kept its peer and content for good. One that only came before its
-    row (a first sync in slices) is a live peer's: once that row comes, the sweeper asks the
-    mapping's origin for its rows again from its version, and it comes back (``asks``)."""
+    row (a first sync in slices) is a live peer's: the sweeper asks its origin for its rows again
+    from that version, and it comes back with its row (``queries.sweep.ask_again``)."""
     p, cp = peers.c, content_peers.c
     upto = await _slice_end(conn, p.id, after, limit)
     rowless = ~exists().where(peer_stats.c.peer_id == cp.peer_id)
     announced = or_(cp.changed_at >= mappings_cutoff, cp.last_confirmed >= mappings_cutoff)
     victims = (
         select(cp.content_id, cp.peer_id)
-        .where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless)
+        .where(_in_slice(cp.peer_id, after, upto), cp.available, ~announced, rowless, not_held(held))
         .limit(limit)
     )
-    deleted = await delete_returning(conn, delete(content_peers).where(pair_in(victims)))
+    deleted = await deleted_mappings(conn, delete(content_peers).where(pair_in(victims)))
     # At most ``limit`` mappings a transaction (one peer may hold 150,000: QA round 33); a full
     # one takes the same slice again.
     return deleted, after if len(deleted) == limit else upto
 
 
 def _peer_unused() -> list[Any]:
-    """A peer nothing refers to but its samples (which mean nothing without its rows): not while a
-    deletion of its mappings is remembered (``asks``), or its return under a new id would not be
-    noticed."""
+    """A peer nothing refers to but its samples (which mean nothing without its rows)."""
     p = peers.c
     return [
         ~exists().where(peer_stats.c.peer_id == p.id),
         ~exists().where(content_peers.c.peer_id == p.id),
         ~exists().where(upload_outcomes.c.peer_id == p.id),
         ~exists().where(peer_leases.c.peer_id == p.id),
-        # Its mappings' origins are asked for their rows again if it comes back under this id.
-        ~exists().where(deleted_mappings.c.peer_id == p.id),
     ]
 
 
 def _content_unused() -> list[Any]:
-    """A content no mapping, lease or remembered deletion (``asks``) names (its outcomes keep their
-    rows, the content set to null; migration 0014 indexes both references, which the delete's
-    foreign keys visit)."""
+    """A content no mapping or lease names (its outcomes keep their rows, the content set to null;
+    migration 0014 indexes both references, which the delete's foreign keys visit)."""
     c = contents.c
     return [
         ~exists().where(content_peers.c.content_id == c.id),
         ~exists().where(peer_leases.c.content_id == c.id),
-        ~exists().where(deleted_mappings.c.content_id == c.id),
     ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from sqlalchemy import Integer, and_, bindparam, case, delete, func, or_, select, text, tuple_, update
+from sqlalchemy import Integer, and_, bindparam, case, delete, func, or_, select, text, true, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..schema import (
@@ -24,7 +24,6 @@ from ..schema import (
     upload_outcomes,
 )
 from ._sql import PEER_STATE_COLUMNS
-from .asks import Deleted, delete_returning
 from .writes import refresh_speeds
 
 
@@ -234,7 +233,9 @@ async def remove_departed_mappings(
     return int(result.rowcount or 0)
 
 
-async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: int) -> list[Deleted]:
+async def prune_departed_mappings(
+    conn: AsyncConnection, cutoff: float, limit: int, held: frozenset[int] = frozenset()
+) -> list[Deleted]:
     """Delete up to ``limit`` mappings of any origin of peers no origin has seen since ``cutoff``: set
     ``tombstone_keep_s`` beyond the removals' own retention, so only those whose tracker never removed
     them are left (one gone for good, or cut off all that time), which would otherwise stay forever.
@@ -245,9 +246,10 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
 
     Returns the rows deleted: this node judged the peer departed by what it held, and a tracker cut
     off from that origin all that time (a partition, a long downtime) held old rows of a peer that
-    never left, whose origin's live mapping gossip would never send again (QA round 30). The sweeper
-    remembers them, and asks their origin for its rows again once the peer is seen again
-    (``asks``)."""
+    never left. Its clock of the origin still covers the deleted rows, so gossip would never send
+    them again, and the origin's live mapping stayed missing here for good (QA round 30): the
+    sweeper lowers that clock (``ask_again``), so the next exchange brings back whatever the origin
+    still holds. Not the rows of the origins in ``held``: asked lately, their rows are on the way."""
     ps = peer_stats.c
     departed = select(ps.peer_id).group_by(ps.peer_id).having(func.max(ps.last_seen) < cutoff)
     cp = content_peers.c
@@ -256,17 +258,64 @@ async def prune_departed_mappings(conn: AsyncConnection, cutoff: float, limit: i
     # an old row of another origin had it deleted, for good: QA round 28).
     recent = or_(cp.changed_at >= cutoff, cp.last_confirmed >= cutoff)
     victims = (
-        select(cp.content_id, cp.peer_id).where(cp.peer_id.in_(departed), cp.available, ~recent).limit(limit)
+        select(cp.content_id, cp.peer_id)
+        .where(cp.peer_id.in_(departed), cp.available, ~recent, not_held(held))
+        .limit(limit)
     )
     # Again on the row itself, which Postgres checks again after a wait (remove_departed_mappings).
     doomed = delete(content_peers).where(pair_in(victims), cp.available, ~recent)
-    return await delete_returning(conn, doomed)
+    return await deleted_mappings(conn, doomed)
 
 
 #: How long after a departed peer's last sighting its removals are dated: after anything it did
 #: then, before anything it does on its return (``remove_departed_mappings``). A millisecond: a
 #: whole second lost a failover's announcement made half a second later elsewhere (QA round 36).
 AFTER_SIGHTING_S = 0.001
+
+#: A deleted mapping: its origin (``node_id``) and version (``None``: this node's, not stamped yet).
+Deleted = tuple[int, int | None]
+
+
+async def deleted_mappings(conn: AsyncConnection, stmt: Any) -> list[Deleted]:
+    """Run a ``DELETE`` of ``content_peers`` and return what it deleted, for ``ask_again``."""
+    cp = content_peers.c
+    rows = (await conn.execute(stmt.returning(cp.node_id, cp.version))).all()
+    return [(int(node), None if version is None else int(version)) for node, version in rows]
+
+
+def not_held(held: frozenset[int]) -> Any:
+    """Mappings of no origin in ``held`` (``ask_again``'s origins, while their rows come again)."""
+    return content_peers.c.node_id.not_in(sorted(held)) if held else true()
+
+
+async def ask_again(conn: AsyncConnection, deleted: list[Deleted]) -> set[int]:
+    """Ask the other origins of ``deleted`` mappings for their rows again: lower this node's clock of
+    each below the lowest version deleted, so that gossip sends its rows from there on again.
+
+    In the deleting transaction and every time: the clock claims every row up to it, so a deleted
+    row it still covered would never come again. Remembering rows asked for once and not asking for
+    them again lost live mappings for good (QA round 33: a catch-up in slices brought the mapping
+    back before its peer's new row, and the next pass deleted it again; a second partition; a relay
+    that still held the old row); putting asks off lost them with the process (QA round 32). The
+    cost falls on a neighbour that never sweeps: it sends its departed peers' mappings back every
+    time, and with them all its rows since. This node's own clock is left be.
+
+    Returns the origins asked, whose rows the sweeper then leaves alone for a while
+    (``sweeper.ASKED_HOLD_S``): a catch-up longer than one exchange brings a mapping back (its
+    version is old) before its peer's new row (heartbeats make it the newest), and a pass between
+    deleted the mapping again and started the catch-up over, at every pass (QA round 33)."""
+    lowest: dict[int, int] = {}
+    for node_id, version in deleted:
+        if version is not None:
+            lowest[node_id] = min(version, lowest.get(node_id, version))
+    n = nodes.c
+    for node_id, version in sorted(lowest.items()):  # one lock order for concurrent sweepers
+        await conn.execute(
+            update(nodes)
+            .where(n.id == node_id, ~n.is_local, n.clock >= version)
+            .values(clock=max(version - 1, 0))
+        )
+    return set(lowest)
 
 
 async def clamp_future(

@@ -134,11 +134,6 @@ def _gossip_metrics(agent: GossipAgent) -> Iterator[Metric]:
             stats.resends_asked,
         ),
         (
-            "tracker_gossip_mappings_asked_again",
-            "Mappings deleted as departed whose peer a merge brought back: their origin was asked again.",
-            stats.mappings_asked_again,
-        ),
-        (
             "tracker_gossip_rows_held_future",
             "Rows held back because they are dated beyond this clock plus the allowed skew.",
             stats.rows_held_future,

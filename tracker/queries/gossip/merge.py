@@ -36,7 +36,6 @@ from ...config import MIN_PEER_RETENTION_S
 from ...db import insert_for
 from ...gossip.protocol import MappingState, OriginDelta, PeerState
 from ...schema import bandwidth_samples, content_peers, contents, gossip_nonces, nodes, peer_stats, peers
-from .. import asks
 from .._sql import IN_CHUNK, custom_plans, greatest, node_key_of, one_of
 from ..writes import upsert_keys
 
@@ -51,8 +50,6 @@ class MergeCounts:
     mappings: int = 0
     #: Origins whose clock was lowered because rows came without samples this node lacks.
     waiting: int = 0
-    #: Deleted mappings asked for again because their peer came back (``queries.asks``).
-    asked: int = 0
 
 
 async def catch_up_own_clock(conn: AsyncConnection, local_key: str, upto: int) -> bool:
@@ -102,7 +99,6 @@ async def merge(
     ``now`` is when this node takes them: a removal it applies is kept ``tombstone_keep_s`` from
     then, however old its date (a neighbour back from a partition, a late relay)."""
     counts = MergeCounts()
-    seen: list[int] = []
     # Origins in key order, so concurrent merges lock their tracker_nodes rows in one order.
     for delta in sorted(deltas, key=lambda d: d.origin):
         if delta.origin == local_key:
@@ -114,7 +110,6 @@ async def merge(
         )
         peer_ids, stored = await _ensure_keys(conn, dialect, peers, peers.c.peer_key, peer_keys, node_id)
         missing = None
-        seen += (peer_ids[p.peer] for p in delta.peers)
         if delta.peers:
             applied, missing = await _merge_peers(
                 conn, dialect, node_id, delta.peers, peer_ids, stored, window
@@ -154,8 +149,6 @@ async def merge(
                 .values(samples_clock=max(samples_version - 1, 0))
             )
             counts.waiting += 1
-    # After every clock this message raises: a peer it brings back has its deleted mappings asked for.
-    counts.asked = await asks.ask_for_merged(conn, dialect, seen, now)
     return counts
 
 
