@@ -11,16 +11,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from gossip_helpers import KEY, Pair, open_pair
+from gossip_helpers import KEY, LocalNet, Pair, open_pair
 from sqlalchemy import text
 
-from tracker import AvailabilityTracker, ContentAvailable, PeerOnline
+from tracker import AvailabilityTracker, ContentAvailable, PeerOnline, TrackerConfig
 from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.importer import import_snapshot
 from tracker.queries.sweep import AFTER_SIGHTING_S
 from tracker.sweeper import ASKED_HOLD_S, write_state_snapshot
+from tracker.testing import ManualClock
 
 
 @pytest.fixture
@@ -377,3 +378,69 @@ async def test_a_live_mapping_comes_back_through_a_catch_up_longer_than_an_excha
         await x.record_peer_online("p")
         await y.sweep()
     assert await y.get_available_peers("movie") == ["p"]
+
+
+async def test_a_tracker_that_first_syncs_from_one_that_deleted_a_live_mapping_still_gets_it(
+    db_url: str, tmp_path: Path
+) -> None:
+    """a, cut off from o past the retention and the tombstones' time while p stayed on o, deleted
+    o's live mapping of p. A new tracker n then took o's rows from a first. Had a deleted the row
+    without asking, its clock of o still claimed the row, n was sent o's rows as complete without
+    it and never asked (QA round 38: so lost a design that asked only once the peer was seen
+    again): a's ask at the deletion keeps its claim below the row, and n gets it from o once o is
+    back."""
+    clock = ManualClock(1_800_000_000.0)
+    hour = 3_600.0
+    urls = {"a": f"sqlite+aiosqlite:///{tmp_path / 'a.db'}", "o": f"sqlite+aiosqlite:///{tmp_path / 'o.db'}"}
+    urls["n"] = db_url
+    net = LocalNet()
+    opened: dict[str, AvailabilityTracker] = {}
+
+    async def join(name: str) -> AvailabilityTracker:
+        config = TrackerConfig(
+            database_url=urls[name],
+            clock=clock,
+            offline_mapping_retention_s=hour,
+            tombstone_ttl_s=hour,
+            max_event_age_s=hour,
+            outcome_retention_s=hour,
+            peer_retention_s=2 * hour,
+        )
+        opened[name] = tracker = await AvailabilityTracker.open(config)
+        url = f"http://{name}"
+        net.agents[url] = GossipAgent(tracker, GossipConfig(keys=(KEY,)), transport=net.transport_for(url))
+        return tracker
+
+    async def exchange(a: str, b: str) -> None:
+        await net.agents[f"http://{a}"].exchange(f"http://{b}")
+
+    try:
+        a, o = await join("a"), await join("o")
+        await o.record_peer_online("p")
+        await o.record_content_available("movie", "p")
+        await exchange("a", "o")
+        assert await a.get_available_peers("movie") == ["p"]
+        net.isolated.add("http://o")
+        end = clock() + 2 * hour + 1_200
+        while clock() < end:  # p on o all along; both sweep
+            clock.advance(600)
+            await o.record_peer_online("p")
+            for tracker in (a, o):
+                await tracker.sweep()
+        assert await a.get_available_peers("movie") == []  # deleted: p unseen here for that long
+        n = await join("n")
+        for _ in range(2):
+            await exchange("n", "a")  # n's first contact is a
+        net.isolated.clear()
+        for _ in range(5):
+            clock.advance(60)
+            await o.record_peer_online("p")
+            for x, y in (("n", "o"), ("a", "o"), ("n", "a"), ("a", "n"), ("o", "n")):
+                await exchange(x, y)
+            for tracker in (a, n, o):
+                await tracker.sweep()
+        for tracker in (o, a, n):
+            assert await tracker.get_available_peers("movie") == ["p"]
+    finally:
+        for tracker in opened.values():
+            await tracker.close()
