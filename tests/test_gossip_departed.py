@@ -9,16 +9,19 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from gossip_helpers import KEY, LocalNet, Pair, open_pair
 from sqlalchemy import text
 
 from tracker import AvailabilityTracker, ContentAvailable, PeerOnline, TrackerConfig
+from tracker.db import run_read, run_write
 from tracker.gossip import agent as agent_module
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.importer import import_snapshot
+from tracker.queries import gossip as gq
 from tracker.queries.sweep import AFTER_SIGHTING_S
 from tracker.sweeper import ASKED_HOLD_S, write_state_snapshot
 from tracker.testing import ManualClock
@@ -444,3 +447,35 @@ async def test_a_tracker_that_first_syncs_from_one_that_deleted_a_live_mapping_s
     finally:
         for tracker in opened.values():
             await tracker.close()
+
+
+async def test_a_tracker_claims_an_origins_rows_no_further_than_its_clock(pair: Pair) -> None:
+    """x asked y's rows again (its clock of y lowered below a mapping it deleted) while it still held
+    y's newer rows. Its delta for y then claimed completeness up to the first of those, past its own
+    clock (a branch meant for a version too big for the budget took them for one): a tracker that
+    synced y from x was told it held the deleted mapping's version, and never got the mapping (QA
+    round 38's stale-tombstone case lost it on two trackers). Rows above the clock are not sent."""
+    x, y, clock = pair.x, pair.y, pair.clock
+    await y.record_peer_online("p")
+    await y.record_content_available("movie", "p")
+    await pair.gossip()
+    clock.advance(60)
+    await y.record_download_speed("p", 1_000)  # p's row moves on; the mapping keeps its version
+    await pair.gossip()
+
+    async def lower(conn: Any) -> int:  # what the sweeper's deletion of a departed peer's mapping does
+        version = (await conn.execute(text("DELETE FROM content_peers RETURNING version"))).scalar_one()
+        await conn.execute(
+            text("UPDATE tracker_nodes SET clock = :c WHERE node_key = :k"),
+            {"c": version - 1, "k": y.node_key},
+        )
+        return int(version) - 1
+
+    lowered = await run_write(x.engine, lower, 3)
+
+    async def read(conn: Any) -> Any:
+        return await gq.read_deltas(conn, {}, (), 100, 10)
+
+    (delta,) = [d for d in (await run_read(x.engine, read)).deltas if d.origin == y.node_key]
+    assert delta.upto <= lowered
+    assert all(row.version <= lowered for row in (*delta.peers, *delta.mappings))

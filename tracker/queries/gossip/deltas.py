@@ -84,8 +84,12 @@ async def read_deltas(
         if budget <= 0:
             truncated = True
             break
-        peer_rows = await _peer_rows(conn, node_id, base, budget + 1)
-        mapping_rows = await _mapping_rows(conn, node_id, base, budget + 1)
+        # Not above the clock: rows held beyond it (after an ask lowered it below a deleted mapping,
+        # or a merge whose base was above it) are not all there is up to them, and the first of them
+        # passed for a version too big for the budget below, claimed complete with the deleted
+        # mapping missing (QA round 38: a tracker that synced that origin from here never got it).
+        peer_rows = await _peer_rows(conn, node_id, base, budget + 1, clock)
+        mapping_rows = await _mapping_rows(conn, node_id, base, budget + 1, clock)
         upto = int(clock)
         for rows in (peer_rows, mapping_rows):
             if len(rows) > budget:  # this table alone fills the budget: stop before its last version
