@@ -17,7 +17,7 @@ from test_serve import Server
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.cli import app
 from tracker.gossip import importer
-from tracker.sweeper import write_state_snapshot
+from tracker.state_export import write_state_snapshot
 
 
 def _seed(url: str, prefix: str, successes: int) -> None:

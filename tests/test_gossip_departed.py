@@ -23,7 +23,8 @@ from tracker.gossip.config import GossipConfig
 from tracker.gossip.importer import import_snapshot
 from tracker.queries import gossip as gq
 from tracker.queries.sweep import AFTER_SIGHTING_S
-from tracker.sweeper import ASKED_HOLD_S, write_state_snapshot
+from tracker.state_export import write_state_snapshot
+from tracker.sweeper import ASKED_HOLD_S
 from tracker.testing import ManualClock
 
 

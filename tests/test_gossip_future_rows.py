@@ -26,7 +26,7 @@ from tracker.gossip.protocol import Keyring, MappingState, Message, OriginDelta,
 from tracker.queries import gossip as q
 from tracker.schema import bandwidth_samples, peer_stats
 from tracker.service import ServiceSettings, create_app
-from tracker.sweeper import write_state_snapshot
+from tracker.state_export import write_state_snapshot
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0

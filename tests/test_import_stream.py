@@ -35,7 +35,7 @@ from tracker.gossip.snapshot import (
 from tracker.queries import gossip as q
 from tracker.queries.gossip import stash
 from tracker.schema import bandwidth_samples, content_peers, contents, nodes, peer_stats, peers
-from tracker.sweeper import write_state_snapshot
+from tracker.state_export import write_state_snapshot
 from tracker.testing import ManualClock
 
 T0 = 1_800_000_000.0

@@ -13,7 +13,7 @@ import asyncpg
 import pytest
 from sqlalchemy import func, select, text
 
-from tracker import AvailabilityTracker, StorageError, TrackerConfig, sweeper
+from tracker import AvailabilityTracker, StorageError, TrackerConfig, state_export, sweeper
 from tracker.events import ContentAvailable, Event, PeerOnline, SpeedSample, UploadOutcome
 from tracker.gossip import files
 from tracker.queries import sweep as sweep_queries
@@ -498,7 +498,7 @@ async def test_the_records_an_export_builds_unchecked_are_those_the_checks_would
     each must equal the record its own constructor, which checks and normalizes, builds."""
     import dataclasses
 
-    from tracker.sweeper import _state_records
+    from tracker.state_export import state_records
 
     async with AvailabilityTracker(config) as tracker:
         t = clock.now - 100
@@ -509,7 +509,7 @@ async def test_the_records_an_export_builds_unchecked_are_those_the_checks_would
         await tracker.record_content_unavailable("m", "b", at=t + 3)
         await tracker.record_peer_offline("b", at=t + 4)
         async with tracker.engine.connect() as conn:
-            records = [r async for r in _state_records(conn, tracker.config.bandwidth_window)]
+            records = [r async for r in state_records(conn, tracker.config.bandwidth_window)]
     assert {type(r).__name__ for r in records} == {"PeerRecord", "SampleRecord", "MappingRecord"}
     for record in records:
         checked = type(record)(**{f.name: getattr(record, f.name) for f in dataclasses.fields(record)})
@@ -641,7 +641,7 @@ async def test_a_database_outage_while_the_snapshot_is_read_fails_the_pass_not_t
     async def unreachable(*args: Any) -> Path:
         raise error
 
-    monkeypatch.setattr(sweeper, "write_state_snapshot", unreachable)
+    monkeypatch.setattr(state_export, "write_state_snapshot", unreachable)
     snapshots = replace(config, snapshot_dir=str(tmp_path / "snapshots"), snapshot_interval_s=0)
     async with AvailabilityTracker(snapshots) as tracker:
         with pytest.raises(OSError):

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from ..core import AvailabilityTracker
 from ..models import TrackerStats
-from ..sweeper import SweepReport, write_state_snapshot
+from ..state_export import write_state_snapshot
+from ..sweeper import SweepReport
 from ._common import (
     DatabaseUrlOption,
     DebugOption,

@@ -17,7 +17,7 @@ thread ``MERGE_ROWS`` at a time, and inside the one transaction:
 1. mappings are merged as they come (each is independent of every other row);
 2. peer rows and samples go to two temporary tables (``tracker_import_peers``/``_samples``), because
    a peer's samples must travel with it and the file does not put them together: this tracker's
-   exporter writes every peer row, then every sample (``sweeper._state_records``), and other writers
+   exporter writes every peer row, then every sample (``state_export.state_records``), and other writers
    may use any order. Any order is accepted, interleaved or not;
 3. once the trailer is checked, the peer rows are read back in file order ``MERGE_ROWS`` at a time,
    each with its newest ``bandwidth_window`` samples (ranked in SQL), and merged.
