@@ -111,6 +111,50 @@ async def test_recent_failures_exclude_a_peer_with_long_good_history(
     assert await tracker.select_best_peers("cid", 5) == []
 
 
+async def test_a_backlog_of_old_successes_reported_late_does_not_bring_back_a_failing_peer(
+    tracker: AvailabilityTracker, clock: FakeClock
+) -> None:
+    """Each late outcome pushed the stored evidence back by a whole outcome however little it
+    weighed: 60 successes of six days before, worth 7e-43 together, took a peer whose latest 20
+    outcomes were failures from 0.06 to 0.37, back into selection (QA round 41)."""
+    await _peer_with_history(tracker, clock, "failing", [False] * 20)
+    before = await tracker.get_peer_metrics("failing")
+    assert before is not None and before.reputation_score is not None and before.reputation_score < 0.1
+    six_days_ago = clock.now - 6 * 86_400
+    await tracker.record_batch([UploadOutcome("failing", True, at=six_days_ago + i) for i in range(60)])
+    after = await tracker.get_peer_metrics("failing")
+    assert after is not None and after.reputation_score is not None and after.chunks_served == 60
+    assert after.reputation_score == pytest.approx(before.reputation_score, abs=1e-9)
+    assert await tracker.select_best_peers("cid", 1) == []
+
+
+async def test_a_backlog_of_old_failures_reported_late_does_not_erase_a_good_record(
+    tracker: AvailabilityTracker, clock: FakeClock
+) -> None:
+    """The other way round: 60 failures of six days before took a good peer from 0.75 to 0.44
+    while adding no failure evidence worth counting (QA round 41)."""
+    await _peer_with_history(tracker, clock, "good", [True] * 40, online_for_s=7200)
+    before = await tracker.get_peer_metrics("good")
+    assert before is not None and before.reputation_score is not None
+    six_days_ago = clock.now - 6 * 86_400
+    await tracker.record_batch([UploadOutcome("good", False, at=six_days_ago + i) for i in range(60)])
+    after = await tracker.get_peer_metrics("good")
+    assert after is not None and after.reputation_score is not None and after.chunks_failed == 60
+    assert after.reputation_score == pytest.approx(before.reputation_score, abs=1e-9)
+
+
+def test_a_late_outcome_pushes_older_evidence_back_as_much_as_it_counts() -> None:
+    """docs/reputation.md's example: a success at t=100, then a failure dated t=50."""
+    sw, fw, at = rep.apply_outcome(0.0, 0.0, None, 100.0, True, PARAMS)
+    sw, fw, at = rep.apply_outcome(sw, fw, at, 50.0, False, PARAMS)
+    assert (round(sw, 4), round(fw, 4), at) == (0.9337, 0.9904, 100.0)
+    # Seconds late it counts as nearly a whole outcome; days late, as none.
+    assert rep.apply_outcome(1.0, 0.0, 1e6, 1e6 - 1, False, PARAMS)[0] == pytest.approx(
+        PARAMS.outcome_decay, rel=1e-3
+    )
+    assert rep.apply_outcome(1.0, 0.0, 1e6, 1e6 - 6 * 86_400, False, PARAMS)[0] == pytest.approx(1.0)
+
+
 async def test_an_idle_failed_peer_drifts_back_and_is_tried_again(
     tracker: AvailabilityTracker, clock: FakeClock
 ) -> None:

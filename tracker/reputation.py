@@ -143,13 +143,17 @@ def apply_outcome(
 ) -> tuple[float, float, float]:
     """Fold one outcome into stored evidence; the twin of the UPDATE in tracker/queries/writes.py.
 
-    Every outcome, late or not, counts as one more outcome (older evidence keeps
-    ``2**(-1/outcome_half_life)`` of its weight). A late one (``at`` before the stored evidence time)
-    does not decay the newer evidence backwards in time; it enters with its own age discount.
+    An outcome on time counts as one more outcome (older evidence keeps ``2**(-1/outcome_half_life)``
+    of its weight). A late one (``at`` before the stored evidence time) does not decay the newer
+    evidence backwards in time; it enters with its own age discount ``new``, and pushes the stored
+    evidence back only as much as it counts itself (``d ** new``): counted as a whole outcome, a
+    backlog of outcomes days old, weighing nothing, wiped out a peer's latest ones, and 60 successes
+    of six days before brought a peer whose latest 20 outcomes were failures back above 0.3 (QA
+    round 41).
     """
     last = at if evidence_at is None else evidence_at
-    keep = params.outcome_decay * time_decay(at - last, params)
     new = time_decay(last - at, params)
+    keep = params.outcome_decay**new * time_decay(at - last, params)
     return (
         negligible_to_zero(success_weight) * keep + (new if success else 0.0),
         negligible_to_zero(failure_weight) * keep + (0.0 if success else new),
@@ -246,5 +250,8 @@ def sql_apply_outcome(
 ) -> ColumnElement[float]:
     """SQL twin of one weight of :func:`apply_outcome` (``new_weight`` is 1 or 0)."""
     last = func.coalesce(stored_at, at)
-    keep = sql_num(params.outcome_decay) * sql_time_decay(at - last, params)
-    return sql_negligible_to_zero(stored_weight) * keep + new_weight * sql_time_decay(last - at, params)
+    new = sql_time_decay(last - at, params)
+    keep: ColumnElement[float] = func.power(
+        sql_num(params.outcome_decay), new, type_=Double()
+    ) * sql_time_decay(at - last, params)
+    return sql_negligible_to_zero(stored_weight) * keep + new_weight * new
