@@ -252,9 +252,11 @@ async def test_selections_rank_beside_a_busy_writer_and_the_grant_recounts_under
 ) -> None:
     """A selection that finds the writer busy ranks on the read lane instead of waiting behind it; its
     grant, on the write lane, re-counts the leases. Two selections ranked from the same snapshot (every
-    newcomer at load 0, cap 1) must not both lease the same peer."""
+    newcomer at load 0, cap 1) must not both lease the same peer. Of two contents the same peers hold:
+    one process's selections of one content rank one after the other (QA round 41)."""
     path = tmp_path / "busy-writer.db"
     async with _newcomers_holding_cid_1(path, 3) as (tracker, lanes):
+        await tracker.record_batch([ContentAvailable("cid-2", f"peer-{i}") for i in range(3)])
         held, release = threading.Event(), threading.Event()
         rankings_while_held = 0
         counted = threading.Lock()
@@ -271,7 +273,7 @@ async def test_selections_rank_beside_a_busy_writer_and_the_grant_recounts_under
         lanes.observers.append(observe)
         ingest = asyncio.create_task(tracker.record_batch([PeerOnline("peer-x")]))
         assert await asyncio.to_thread(held.wait, 10)
-        selections = [asyncio.create_task(tracker.select_best_peers("cid-1", 2)) for _ in range(2)]
+        selections = [asyncio.create_task(tracker.select_best_peers(cid, 2)) for cid in ("cid-1", "cid-2")]
         for _ in range(500):
             if rankings_while_held == 2:
                 break

@@ -40,6 +40,7 @@ from .events import (
     validate_time,
 )
 from .ingest import GroupCommitter, GroupStats
+from .keylocks import KeyedLocks
 from .leaseclock import LeaseClock, Shift
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
 from .offload import off_loop
@@ -60,6 +61,8 @@ _WRONG_LOOP = (
 )
 #: The most peers one ``list_peers`` page holds.
 MAX_PAGE = 10_000
+#: How many times a selection that came back short ranks again (docs/load-balancing.md, "The cap").
+_TOP_UPS = 3
 T = TypeVar("T")
 
 
@@ -158,6 +161,8 @@ class AvailabilityTracker:
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
         self._committer.stats = stats
         self._selection_slots = asyncio.Semaphore(self.config.selection_slots)
+        #: Held by a selection from its ranking to its commit, per content (``_select``).
+        self._selecting = KeyedLocks()
         #: Held while ``async with`` opens the tracker: two blocks entered at once each opened an
         #: engine of their own, and one was never released (QA round 25).
         self._opening = asyncio.Lock()
@@ -608,77 +613,115 @@ class AvailabilityTracker:
         config, node_id, engine = self.config, self.node_id, self.engine
         draw = (self._random if seed is None else random.Random(seed)).getrandbits(31)
 
-        async def rank(conn: db.DriverSQL, now: float, lag: float) -> list[queries.RankedRow]:
-            # A few spares: a concurrent selector may fill a peer's last slot before we grant.
+        async def rank(conn: db.DriverSQL, now: float, lag: float, limit: int) -> list[queries.RankedRow]:
             return await queries.ranked_holders(
-                conn, cid, now, config, limit=2 * n, mode=strategy, seed=draw, lag=lag
+                conn, cid, now, config, limit=limit, mode=strategy, seed=draw, lag=lag
             )
 
         async def grant(
-            conn: db.DriverSQL, ranked: list[queries.RankedRow], now: float, *, ranked_here: bool
+            conn: db.DriverSQL,
+            ranked: list[queries.RankedRow],
+            now: float,
+            want: int,
+            *,
+            ranked_here: bool,
+            top_up: bool = False,
         ) -> list[queries.RankedRow]:
             if ranked_here and config.dialect == "sqlite":
                 # Ranked inside this exclusive transaction: the loads it read are still current.
                 loads = {row.peer_key: row.load for row in ranked}
             else:
                 # Counted again in the granting transaction: the cap holds whatever ran since the ranking.
+                # A top-up on Postgres passes over the peers other transactions hold rather than wait
+                # for them: those are being granted (or written) now, and it came for the others.
                 keys = [row.peer_key for row in ranked]
-                loads = await queries.current_loads(conn, config.dialect, keys, now)
-            chosen = [row for row in ranked if loads.get(row.peer_key, 0) < row.capacity][:n]
+                loads = await queries.current_loads(conn, config.dialect, keys, now, skip_locked=top_up)
+            chosen = [row for row in ranked if loads.get(row.peer_key, row.capacity) < row.capacity][:want]
             await queries.grant_leases(
                 conn, config.dialect, node_id, cid, [row.peer_key for row in chosen], now, config.lease_ttl_s
             )
-            return [
-                replace(row, load=loads.get(row.peer_key, 0), rank=rank)
-                for rank, row in enumerate(chosen, start=1)
-            ]
+            return [replace(row, load=loads[row.peer_key]) for row in chosen]
 
-        read_lane = self._read_lane()
-        if read_lane is not None and db.sqlite_writer_busy(engine):
-            # SQLite with the writer busy (ingest, other selections): rank on the read lane, beside the
-            # writer (WAL), and queue for the write lock only to re-count and grant. Ranking a hot
-            # content takes milliseconds that would otherwise hold up every write queued behind it
-            # (docs/load-balancing.md). With the writer idle, rank and grant in one write transaction:
-            # the write lane's page cache stays warm across its own commits, while a reader's is
-            # dropped whenever the file changed, which costs a hot ranking ~20% (docs/benchmarks.md).
-            # The loads are counted again with the grant's reading: this one need not be kept
-            # on either side of a move of held leases.
-            # By the clock leases are dated by: while a move of held leases is pending, the new
-            # clock's time counted them as lapsed, and every peer at its cap took a place among the
-            # candidates that the grant then refused (QA round 14).
-            at, lag = self._leases.peek(), self.now.lag()
-
-            async def rank_only(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                return await rank(conn, at, lag)
-
-            ranked = await db.run_read_unit(engine, read_lane, rank_only)
-            if not ranked:
-                return []
-            async with self._leases.reading() as now:
-
-                async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                    return await grant(conn, ranked, now, ranked_here=False)
-
-                rows = await db.run_write_unit(
-                    engine, self._write_lane(), grant_ranked, config.write_retries, repeatable=True
-                )
-        else:
+        async def rank_and_grant(
+            skip: set[str], want: int, *, top_up: bool = False
+        ) -> tuple[list[queries.RankedRow], bool, set[str]]:
+            """Rank the holders but ``skip`` and grant ``want`` of them in one write transaction; and
+            whether the ranking was cut off by its limit (holders may be left beyond it), and the
+            peers it looked at."""
+            limit = 2 * want + len(skip)  # a few spares: a concurrent selector may fill a peer's last slot
             # One reading for the ranking and the grant (QA: a second reading that accepted a leap
             # counted the leases of the hold as lapsed, and a peer at cap 1 was handed out twice).
             async with self._leases.reading() as now:
                 lag = self.now.lag()
 
-                async def rank_and_grant(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                    return await grant(conn, await rank(conn, now, lag), now, ranked_here=True)
+                async def work(conn: db.DriverSQL) -> tuple[list[queries.RankedRow], bool, set[str]]:
+                    ranked = await rank(conn, now, lag, limit)
+                    fresh = [row for row in ranked if row.peer_key not in skip]
+                    granted = await grant(conn, fresh, now, want, ranked_here=True, top_up=top_up)
+                    return granted, len(ranked) >= limit, {row.peer_key for row in fresh}
 
-                rows = await db.run_write_unit(
-                    engine, self._write_lane(), rank_and_grant, config.write_retries, repeatable=True
+                return await db.run_write_unit(
+                    engine, self._write_lane(), work, config.write_retries, repeatable=True
                 )
+
+        # SQLite: one selection of a content at a time in this process, from its ranking to its commit.
+        # Ranked beside each other (the read lane), concurrent selections all saw the same loads, took
+        # the same top peers to their cap while the others idled, and once the spares of that one
+        # ranking were full, answered with no peer at all (QA round 41: 52 of 128 selections from 32
+        # callers empty, with two thirds of the slots free). Selections of other contents run beside
+        # it. On Postgres each ranks in its granting transaction, at most max_concurrent_selections at
+        # once: the spares absorb what the others grant meanwhile, and the top-up below the rest.
+        one_at_a_time = self._selecting.hold(cid) if config.dialect == "sqlite" else contextlib.nullcontext()
+        async with one_at_a_time:
+            read_lane = self._read_lane()
+            if read_lane is not None and db.sqlite_writer_busy(engine):
+                # SQLite with the writer busy (ingest, other selections): rank on the read lane, beside
+                # the writer (WAL), and queue for the write lock only to re-count and grant. Ranking a
+                # hot content takes milliseconds that would otherwise hold up every write queued behind
+                # it (docs/load-balancing.md). With the writer idle, rank and grant in one write
+                # transaction: the write lane's page cache stays warm across its own commits, while a
+                # reader's is dropped whenever the file changed, which costs a hot ranking ~20%
+                # (docs/benchmarks.md). The loads are counted again with the grant's reading: this one
+                # need not be kept on either side of a move of held leases.
+                # By the clock leases are dated by: while a move of held leases is pending, the new
+                # clock's time counted them as lapsed, and every peer at its cap took a place among the
+                # candidates that the grant then refused (QA round 14).
+                at, lag, limit = self._leases.peek(), self.now.lag(), 2 * n
+
+                async def rank_only(conn: db.DriverSQL) -> list[queries.RankedRow]:
+                    return await rank(conn, at, lag, limit)
+
+                ranked = await db.run_read_unit(engine, read_lane, rank_only)
+                if not ranked:
+                    return []
+                async with self._leases.reading() as now:
+
+                    async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
+                        return await grant(conn, ranked, now, n, ranked_here=False)
+
+                    rows = await db.run_write_unit(
+                        engine, self._write_lane(), grant_ranked, config.write_retries, repeatable=True
+                    )
+                more, seen = len(ranked) >= limit, {row.peer_key for row in ranked}
+            else:
+                rows, more, seen = await rank_and_grant(set(), n)
+            # Short, with holders left beyond the ranking's spares: selections of other processes (or,
+            # on Postgres, of this one) took the spares' slots since it ranked. Rank the holders not
+            # looked at yet in a granting transaction, which sees those leases: exact on SQLite (its
+            # write transaction is exclusive), on Postgres as of their commits, passing over the peers
+            # that transactions still granting hold. Until 2026-12-07 such a call returned what was
+            # left of the spares, often nothing, while most holders had free slots (QA round 41).
+            for _ in range(_TOP_UPS):
+                if len(rows) >= n or not more:
+                    break
+                extra, more, looked_at = await rank_and_grant(seen, n - len(rows), top_up=True)
+                rows += extra
+                seen |= looked_at
         # repeatable=True above: a grant whose COMMIT went unanswered runs again rather than failing the
         # selection. If the first did commit, its leases were handed to nobody and lapse after
         # lease_ttl_s, like a cancelled selection's; the cap still holds, since the second grant
         # counts the loads again, the first's leases included.
-        return [_peer_info(row) for row in rows]
+        return [_peer_info(replace(row, rank=rank)) for rank, row in enumerate(rows, start=1)]
 
     async def get_content_availability(
         self, cid: str, *, limit: int | None = None

@@ -21,9 +21,13 @@ from ..schema import peer_leases, peers
 from ._sql import content_id_of, peer_id_of
 
 
-async def lock_peers(conn: AsyncConnection, dialect: str, peer_keys: Sequence[str]) -> list[str]:
+async def lock_peers(
+    conn: AsyncConnection, dialect: str, peer_keys: Sequence[str], *, skip_locked: bool = False
+) -> list[str]:
     """Hold the chosen peers' rows until commit (Postgres), in peer_key order like the write path,
     so a selection and an ingest batch can never deadlock; returns the keys in the order locked.
+    ``skip_locked``: leave out, without waiting, the rows other transactions hold (a selection
+    granting them, a batch writing them).
 
     The write path sorts keys in Python, by code point; so does ``COLLATE "C"`` on UTF-8, whatever
     the database's own collation. Ordered by that instead (QA round 6: on an ICU "en-US" database,
@@ -34,7 +38,7 @@ async def lock_peers(conn: AsyncConnection, dialect: str, peer_keys: Sequence[st
         select(peers.c.peer_key)
         .where(peers.c.peer_key.in_(list(peer_keys)))
         .order_by(peers.c.peer_key.collate("C"))
-        .with_for_update()
+        .with_for_update(skip_locked=skip_locked)
     )
     return list((await conn.execute(stmt)).scalars())
 
@@ -53,17 +57,19 @@ _OPEN_LOADS = (
 
 
 async def current_loads(
-    conn: DriverSQL, dialect: str, peer_keys: Sequence[str], now: float
+    conn: DriverSQL, dialect: str, peer_keys: Sequence[str], now: float, *, skip_locked: bool = False
 ) -> dict[str, int]:
     """Open leases per peer as of ``now``, counted so that no other selector can change them before
     this write transaction commits: Postgres locks the peers' rows first (``lock_peers``); SQLite's
     transaction is exclusive already, and there each peer is one index probe in the lane thread
     (a few tens of microseconds for the ``2n`` candidates, in the same crossing as the grant).
+    Every key counted is in the result; with ``skip_locked`` (Postgres) only those it could lock.
     """
     if dialect == "postgresql":
         assert isinstance(conn, AsyncConnection)  # the lanes are SQLite's; Postgres runs on the engine
-        await lock_peers(conn, dialect, peer_keys)
-        return await open_loads(conn, peer_keys, now)
+        locked = await lock_peers(conn, dialect, peer_keys, skip_locked=skip_locked)
+        counted = await open_loads(conn, locked, now)
+        return {key: counted.get(key, 0) for key in locked}
     probe = _load_of(dialect)
     loads: dict[str, int] = {}
     for key in peer_keys:
