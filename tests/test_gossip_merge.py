@@ -184,7 +184,11 @@ async def test_neighbours_are_learned_only_when_enabled(tmp_path: Path, net: Loc
         for name, agent in (("http://x", x), ("http://y", y), ("http://z", z)):
             net.agents[name] = agent
         await x.exchange("http://y")
-        assert y.neighbors == ["http://x", "http://y"]  # x's advertised URL, and x's list (with y)
+        assert y.neighbors == [
+            "http://x"
+        ]  # x's advertised URL; x's list names only the neighbours it reached
+        await x.exchange("http://y")
+        assert y.neighbors == ["http://x", "http://y"]  # now x's list has y
         await y.round()
         assert y.neighbors == ["http://x"]  # it met itself there once, and forgot that URL
         await z.exchange("http://y")

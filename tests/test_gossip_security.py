@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from prometheus_client import generate_latest
 from sqlalchemy import insert
 
 from tracker import AvailabilityTracker, TrackerConfig
-from tracker.gossip.agent import GossipAgent, NeighborState
+from tracker.gossip.agent import FORGET_LEARNED_AFTER_FAILURES, GossipAgent, GossipFailed, NeighborState
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.protocol import (
     GossipRejected,
@@ -385,3 +387,160 @@ async def test_an_origin_clock_stored_below_zero_does_not_stop_gossip(target: Go
     assert status == 200, answer
     reply = decode(answer, headers["Authorization"], Keyring([KEY]), max_bytes=10**6, now=T0, max_skew_s=120)
     assert reply.vector["broken"] == 0 and reply.samples_vector["broken"] == 0
+
+
+@asynccontextmanager
+async def _answering(answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> AsyncIterator[str]:
+    """A loopback HTTP server that reads a request and answers it with ``answer``; yields its URL."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                (
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length")
+                ),
+                0,
+            )
+            await reader.readexactly(length)
+            await answer(writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def _trickle(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: 100000\r\n\r\n")
+    for _ in range(400):  # a byte every 50 ms: each read is quick, the answer never ends
+        writer.write(b"x")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+
+
+async def test_a_neighbour_that_answers_a_byte_at_a_time_fails_within_timeout_s(target: GossipAgent) -> None:
+    """httpx's timeout bounds each read: a neighbour sending a byte every few seconds held the round,
+    and with it every other neighbour's exchange, for good, counted nowhere (QA round 42)."""
+    async with _answering(_trickle) as url:
+        agent = GossipAgent(
+            target.tracker, GossipConfig(keys=(KEY,), neighbors=(url,), timeout_s=0.5, backoff_max_s=60)
+        )
+        try:
+            assert await asyncio.wait_for(agent.round(), 10) == 0
+        finally:
+            await agent.aclose()
+    assert agent.stats.failures == 1
+    assert agent.neighbor_states() == [NeighborState(url, 1, None)]
+
+
+def _reply(
+    headers: bytes, body: bytes, *, chunked: bool = False
+) -> Callable[[asyncio.StreamWriter], Awaitable[None]]:
+    async def answer(writer: asyncio.StreamWriter) -> None:
+        if not chunked:
+            writer.write(b"HTTP/1.1 200 OK\r\n" + headers + b"\r\n" + body)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n" + headers + b"\r\n")
+            for start in range(0, len(body), 16_384):
+                part = body[start : start + 16_384]
+                writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            writer.write(b"0\r\n\r\n")
+        await writer.drain()
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "said"),
+    [
+        (_reply(b"Content-Length: 400000000\r\n", b"x" * 1000), "answered 400000000 bytes, above max_bytes"),
+        (_reply(b"", b"x" * 1_000_000, chunked=True), "answered more than max_bytes"),
+        (
+            _reply(b"Content-Encoding: gzip\r\nContent-Length: 20\r\n", gzip.compress(b" " * 5_000_000)[:20]),
+            "Content-Encoding gzip",
+        ),
+    ],
+    ids=["declared", "streamed", "content-encoding"],
+)
+async def test_a_neighbours_reply_is_read_no_further_than_max_bytes(
+    target: GossipAgent, answer: Callable[[asyncio.StreamWriter], Awaitable[None]], said: str
+) -> None:
+    """Read whole before its size was checked, a 400 MB reply took the process to 1 GB, and 815 KB sent
+    as Content-Encoding gzip, which httpx inflates by itself, to 1.8 GB (QA round 42)."""
+    async with _answering(answer) as url:
+        agent = GossipAgent(
+            target.tracker, GossipConfig(keys=(KEY,), max_bytes=64 * 1024, stamp_chunk=100, timeout_s=5)
+        )
+        try:
+            with pytest.raises(GossipFailed) as failed:
+                await agent.exchange(url)
+        finally:
+            await agent.aclose()
+    assert said in str(failed.value)
+    assert agent.stats.bytes_received == 0
+
+
+async def test_learned_neighbours_that_fail_are_not_advertised_and_are_forgotten(tmp_path: Path) -> None:
+    """Every known URL was advertised, dead ones too, and a learned one was kept for good: one bad URL
+    reached every tracker that learns, and came back from them after it was removed anywhere (QA
+    round 42). Configured neighbours stay, the operator's list."""
+    clock = ManualClock(T0)
+    net = LocalNet()
+    trackers = [
+        await AvailabilityTracker.open(
+            TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / n}.db", clock=clock)
+        )
+        for n in ("x", "y", "z")
+    ]
+    try:
+        learn = {"keys": (KEY,), "learn_neighbors": True}
+        x = GossipAgent(trackers[0], GossipConfig(**learn, neighbors=("http://y",)), transport=net)
+        y = GossipAgent(trackers[1], GossipConfig(**learn, neighbors=("http://z",)), transport=net)
+        z = GossipAgent(trackers[2], GossipConfig(keys=(KEY,)), transport=net)
+        net.agents.update({"http://x": x, "http://y": y, "http://z": z})
+        net.down.add("http://z")
+        await y.round()  # y cannot reach z: it does not name it
+        await x.exchange("http://y")
+        assert x.neighbors == ["http://y"]
+        net.down.clear()
+        clock.advance(y.interval)  # past its back-off
+        assert await y.round() == 1  # now it has
+        await x.exchange("http://y")
+        assert x.neighbors == ["http://y", "http://z"]
+        net.down.add("http://z")  # z is gone for good
+        for _ in range(FORGET_LEARNED_AFTER_FAILURES):
+            clock.advance(x.config.backoff_max_s)
+            await y.round()
+            await x.round()
+        assert x.neighbors == ["http://y"]  # learned, failed 8 times in a row: forgotten
+        assert y.neighbors == ["http://z"]  # configured: kept, and tried
+        await x.exchange("http://y")
+        assert x.neighbors == ["http://y"]  # y does not advertise it while it fails
+    finally:
+        for tracker in trackers:
+            await tracker.close()
+
+
+async def test_a_signed_message_refused_names_its_sender_in_the_log(
+    target: GossipAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Refusals after the signature was checked logged ``sender=?`` (QA round 42)."""
+    with caplog.at_level(logging.WARNING, logger="tracker.gossip"):
+        await _refused(target, *_signed(_sync(sent_at=T0 + 121)), 400, "from_future")
+        await _refused(target, *_signed(_sync(node=target.node_key)), 400, "self")
+        body, _ = _signed(_sync())
+        await _refused(target, body, None, 401, "unsigned")
+    senders = [
+        getattr(r, "sender", None) for r in caplog.records if getattr(r, "action", None) == "gossip_reject"
+    ]
+    assert senders == ["attacker", target.node_key, "?"]

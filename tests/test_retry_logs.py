@@ -120,7 +120,9 @@ async def test_a_gossip_exchange_failing_on_its_database_is_logged_short_and_wit
     db_url: str, other_db_url: str, engine_name: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The agent's failure line named the storage error by its ``str()``: the statement and its
-    parameters again, at every round while its database stayed locked."""
+    parameters again, at every round while its database stayed locked. And it is this tracker's
+    failure, not the neighbour's: counted against it, a database outage backed off every healthy
+    neighbour for up to ``backoff_max_s`` after the database was back (QA round 42)."""
     net = LocalNet()
     settings = {"clock": clock, "write_retries": 1, "sqlite_busy_timeout_s": 0.05, "pg_lock_timeout_s": 0.05}
     async with (
@@ -133,10 +135,13 @@ async def test_a_gossip_exchange_failing_on_its_database_is_logged_short_and_wit
         with caplog.at_level(logging.DEBUG, logger="tracker"):
             async with _write_locked(db_url, engine_name):
                 assert await agent.round() == 0
+            assert agent.stats.failures == 1
+            assert [(n.url, n.consecutive_failures) for n in agent.neighbor_states()] == [("http://b", 0)]
+            assert await agent.round() == 1  # at the next round, with no back-off
     failures = [
         r
         for r in caplog.records
-        if getattr(r, "action", None) == "gossip_failure" and r.levelno >= logging.WARNING
+        if getattr(r, "action", None) == "gossip_local_failure" and r.levelno >= logging.WARNING
     ]
     assert len(failures) == 1, [r.getMessage() for r in caplog.records]
     line = TextFormatter().format(failures[0])

@@ -49,6 +49,9 @@ _MAX_FOLLOW_UPS = 8  # extra syncs in one exchange while the neighbour says it h
 _MAX_OVERSIZED_TRIES = 4  # sends of one sync refused as oversized, each within a smaller limit
 _MAX_STAMP_SLICES = 400  # stamp transactions per exchange (2m rows at the default slice)
 _KEEP_ALIVE_S = 2.0  # how long the gossip client keeps an idle connection
+#: Failed exchanges in a row after which a learned neighbour is forgotten (about 20 minutes of
+#: back-off at the defaults); configured ones are kept, the operator's list.
+FORGET_LEARNED_AFTER_FAILURES = 8
 
 
 @dataclass
@@ -90,6 +93,13 @@ class _Neighbor:
     last_success_at: float | None = None
     #: The limit it stated (``limits``), or learned from a refusal; ``None``: this tracker's own.
     max_bytes: int | None = None
+    #: Known from another tracker's message (``learn_neighbors``), not from this tracker's settings.
+    learned: bool = False
+
+    @property
+    def works(self) -> bool:
+        """Whether its latest exchange (in this process) worked."""
+        return self.failures == 0 and self.last_success_at is not None
 
 
 class GossipAgent:
@@ -161,6 +171,10 @@ class GossipAgent:
         in_reply_to: str | None,
         version: int = VERSION,
     ) -> Message:
+        # Only the neighbours whose latest exchange worked: every known URL went out, dead or stalling
+        # ones too, so that one bad URL reached every tracker that learns, and came back from them
+        # after it was removed or forgotten anywhere (QA round 42).
+        working = [n.url for n in sorted(self._neighbors.values(), key=lambda n: n.url) if n.works]
         learn = self.config.learn_neighbors
         return Message(
             version=version,  # type: ignore[arg-type]
@@ -170,7 +184,7 @@ class GossipAgent:
             nonce=new_nonce(),
             in_reply_to=in_reply_to,
             url=self.config.advertise_url,
-            neighbors=self.neighbors[:64] if learn else [],
+            neighbors=working[:64] if learn else [],
             vector=vectors[0],
             samples_vector=vectors[1],
             deltas=delta.deltas,
@@ -267,7 +281,7 @@ class GossipAgent:
             if url in self._own_urls or url == self.config.advertise_url:
                 continue
             if url not in self._neighbors and len(self._neighbors) < 1024:
-                self._neighbors[url] = _Neighbor(url)
+                self._neighbors[url] = _Neighbor(url, learned=True)
 
     # -- serving ------------------------------------------------------------------------------
 
@@ -289,16 +303,24 @@ class GossipAgent:
         cfg = self.config
         try:
             message = await self._decode(body, authorization, now)
+            # Signed: from here on the refusals name the sender in the log (several trackers on one
+            # host were told apart by an ephemeral port only, QA round 42).
+            sender = message.node
             if message.kind != "sync":
-                raise GossipRejected("malformed", "only a sync message may be sent to a tracker")
+                raise GossipRejected(
+                    "malformed", "only a sync message may be sent to a tracker", sender=sender
+                )
             if message.node == self.node_key:  # a learned URL that is our own, or a forgery
-                raise GossipRejected("self", "the message comes from this very node")
+                raise GossipRejected("self", "the message comes from this very node", sender=sender)
             if (wait := self._senders.take(message.node)) > 0:
                 raise GossipRejected(
-                    "rate_limited", f"too many messages from {message.node}; retry in {wait:.1f} s", 429
+                    "rate_limited",
+                    f"too many messages from {message.node}; retry in {wait:.1f} s",
+                    429,
+                    sender=sender,
                 )
         except GossipRejected as error:
-            self._reject(error, address=address)
+            self._reject(error, error.sender or "?", address)
             return self._error(error)
         message = self._hold_future(message, now)
         self.stats.bytes_received += len(body)
@@ -368,6 +390,8 @@ class GossipAgent:
             if not (reply.more or sent_more or first_contact):
                 break
         self.stats.exchanges += 1
+        neighbor.failures, neighbor.retry_at = 0, 0.0
+        neighbor.last_success_at = self._now()
         return applied
 
     async def _sync_once(self, neighbor: _Neighbor) -> tuple[bool, Message, int]:
@@ -508,11 +532,45 @@ class GossipAgent:
         if self._transport is not None:
             return await self._transport(url, body, headers)
         client = await self._http()
+        timeout_s = self.config.timeout_s
         try:
-            response = await client.post(url, content=body, headers=headers)
+            # One deadline for the whole request: httpx's timeout bounds each read, and a neighbour
+            # that sent a byte every few seconds held the exchange, and the round with every other
+            # neighbour's, for good, counted nowhere (QA round 42).
+            async with asyncio.timeout(timeout_s):
+                return await self._post(client, url, body, headers)
+        except TimeoutError:
+            raise GossipFailed(f"{url}: no complete answer within timeout_s ({timeout_s:g} s)") from None
         except httpx.HTTPError as error:
             raise GossipFailed(f"{url}: {type(error).__name__}: {error}") from None
-        return response.status_code, response.content, {k.lower(): v for k, v in response.headers.items()}
+
+    async def _post(
+        self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, dict[str, str]]:
+        """Send, and read the answer as it came (no ``Content-Encoding`` undone) up to ``max_bytes``:
+        read whole first, a 400 MB reply took the process to 1 GB before the size check refused it,
+        and 815 KB sent as ``Content-Encoding: gzip``, which httpx inflates by itself, to 1.8 GB
+        (QA round 42). The sync stated this tracker's ``max_bytes`` (``limits``): a reply above it
+        breaks the protocol."""
+        limit = self.config.max_bytes
+        async with client.stream("POST", url, content=body, headers=headers) as response:
+            answer_headers = {k.lower(): v for k, v in response.headers.items()}
+            encoding = answer_headers.get("content-encoding", "identity").strip().lower()
+            if encoding not in ("", "identity"):
+                raise GossipFailed(
+                    f"{url} answered with Content-Encoding {encoding}: gossip answers are sent as they "
+                    "are (the body is compressed already)"
+                )
+            declared = answer_headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > limit:
+                raise GossipFailed(f"{url} answered {declared} bytes, above max_bytes ({limit}): not read")
+            chunks, size = [], 0
+            async for chunk in response.aiter_raw():
+                size += len(chunk)
+                if size > limit:
+                    raise GossipFailed(f"{url} answered more than max_bytes ({limit}): not read further")
+                chunks.append(chunk)
+            return response.status_code, b"".join(chunks), answer_headers
 
     async def _http(self) -> httpx.AsyncClient:
         """The agent's one HTTP client, built on first use in a thread.
@@ -540,7 +598,37 @@ class GossipAgent:
             await self.exchange(neighbor.url)
         except Exception as error:  # a neighbour's fault must not end the loop
             self.stats.failures += 1
+            if isinstance(error, StorageError):
+                # This tracker's own database failed, not the neighbour: counted against every
+                # healthy neighbour, an outage of a few minutes backed them all off for up to
+                # backoff_max_s after the database was back, and the metric of which neighbour is
+                # down named them (QA round 42). The next round tries them again.
+                log.error(
+                    "gossip with %s failed on this tracker's database: %s",
+                    neighbor.url,
+                    describe(error),
+                    extra={"action": "gossip_local_failure", "neighbor": neighbor.url},
+                )
+                log.debug(
+                    "gossip with %s failed",
+                    neighbor.url,
+                    exc_info=error,
+                    extra={"action": "gossip_local_failure"},
+                )
+                return False
             neighbor.failures += 1
+            if neighbor.learned and neighbor.failures >= FORGET_LEARNED_AFTER_FAILURES:
+                # Kept, a learned URL that never answered again was tried for as long as the process
+                # ran; another tracker that reaches it advertises it again (QA round 42).
+                self._neighbors.pop(neighbor.url, None)
+                log.warning(
+                    "gossip with %s failed %d times in a row: a learned neighbour, forgotten (%s)",
+                    neighbor.url,
+                    neighbor.failures,
+                    describe(error),
+                    extra={"action": "gossip_neighbor_forgotten", "neighbor": neighbor.url},
+                )
+                return False
             interval = self.interval
             neighbor.retry_at = self._now() + min(
                 self.config.backoff_max_s, interval * 2 ** (neighbor.failures - 1)
@@ -557,8 +645,6 @@ class GossipAgent:
                 "gossip with %s failed", neighbor.url, exc_info=error, extra={"action": "gossip_failure"}
             )
             return False
-        neighbor.failures, neighbor.retry_at = 0, 0.0
-        neighbor.last_success_at = self._now()
         return True
 
     @property

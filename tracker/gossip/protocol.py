@@ -42,10 +42,12 @@ class GossipRejected(InvalidInput):
     """A gossip message was refused; ``reason`` names the check (a metrics label), ``status`` the HTTP
     status its sender gets. Nothing of a rejected message is applied."""
 
-    def __init__(self, reason: str, message: str, status: int = 400) -> None:
+    def __init__(self, reason: str, message: str, status: int = 400, *, sender: str | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.status = status
+        #: The sending node, once its signature has been checked (``None`` before: it could be anyone).
+        self.sender = sender
 
 
 def _node_key(value: str) -> str:
@@ -333,11 +335,13 @@ def decode(
         raise GossipRejected(
             "too_old",
             f"the message was sent {now - message.sent_at:.6g} s ago; the limit is {max_skew_s:g} s",
+            sender=message.node,
         )
     if message.sent_at > now + max_skew_s:
         raise GossipRejected(
             "from_future",
             f"the message is dated {message.sent_at - now:.6g} s ahead; the limit is {max_skew_s:g} s",
+            sender=message.node,
         )
     return message
 
