@@ -348,6 +348,23 @@ async def test_abort_before_open_or_after_close_leaves_the_next_open_working(con
         assert {p.peer_id for p in await tracker.list_peers()} == {"p", "q"}
 
 
+async def test_writes_queued_when_abort_comes_are_refused_not_left_waiting(config: TrackerConfig) -> None:
+    """Writes queued behind a flusher that abort() cancelled before its first step waited for good,
+    close() having returned (QA round 40). Each gets its answer; what was refused was not written."""
+    tracker = await AvailabilityTracker.open(config)
+    writes = [asyncio.create_task(tracker.record_peer_online(f"p{i}")) for i in range(20)]
+    await asyncio.sleep(0)
+    tracker.abort()
+    await tracker.close()
+    results = await asyncio.wait_for(asyncio.gather(*writes, return_exceptions=True), 10)
+    assert {type(r).__name__ for r in results} <= {"NoneType", "TrackerClosed", "CommitOutcomeUnknown"}
+    refused = {f"p{i}" for i, r in enumerate(results) if isinstance(r, TrackerClosed)}
+    assert refused
+    async with AvailabilityTracker(config) as again:
+        stored = {p.peer_id for p in await again.list_peers()}
+    assert not stored & refused
+
+
 async def test_async_with_blocks_entered_at_once_open_the_tracker_once(config: TrackerConfig) -> None:
     """Two tasks entering ``async with tracker`` together each opened an engine, and the first one's
     connections were never released (QA round 25)."""

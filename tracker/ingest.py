@@ -89,8 +89,18 @@ class GroupCommitter:
     def abandon(self) -> None:
         """Stop committing (a forced shutdown): the transaction in flight is cancelled, and its requests
         fail with ``CommitOutcomeUnknown`` (it may have committed); queued ones with ``TrackerClosed``."""
-        if self._flusher is not None:
-            self._flusher.cancel()
+        flusher = self._flusher
+        if flusher is not None and not flusher.done():
+            flusher.cancel()
+            # A flusher cancelled before its first step never runs its body, whose handler settles
+            # the requests: their callers waited for good (QA round 40: 20 writes, abort(), close()).
+            flusher.add_done_callback(self._abandoned)
+
+    def _abandoned(self, _flusher: asyncio.Task[None]) -> None:
+        pending, self._pending = self._pending, []
+        self._forget(pending)
+        for _, future in pending:
+            _settle(future, TrackerClosed("the tracker closed before these events were written"))
 
     async def _flush(self) -> None:
         group: list[tuple[Sequence[Timed], asyncio.Future[None]]] = []
