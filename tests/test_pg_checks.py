@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import uuid
+from collections.abc import AsyncIterator
 
+import httpx
 import pytest
+from conftest import PG_URL, _admin, _with_database
 from sqlalchemy import text
 
-from tracker import AvailabilityTracker, TrackerConfig
+from tracker import AvailabilityTracker, InvalidInput, StorageError, TrackerConfig
+from tracker.service.app import create_app
 
 
 async def test_a_postgres_server_without_autovacuum_is_named_at_open(
@@ -31,3 +37,49 @@ async def test_a_postgres_server_without_autovacuum_is_named_at_open(
     assert bool(warned) == expected
     if warned:
         assert "autovacuum = " in warned[0].getMessage()
+
+
+@pytest.fixture
+async def latin1_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """An empty Postgres database encoded LATIN1 (the tracker migrates it as it opens)."""
+    request.getfixturevalue("pg_template")  # applies the reachability / TRACKER_REQUIRE_POSTGRES rule
+    name = f"tracker_t_latin1_{uuid.uuid4().hex[:8]}"
+    await _admin(
+        f"CREATE DATABASE \"{name}\" ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+    )
+    try:
+        yield _with_database(PG_URL, name)
+    finally:
+        await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def test_an_id_a_non_utf8_database_cannot_hold_is_invalid_input_and_named_at_open(
+    latin1_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LATIN1 database refused the id 日本語 and the caller was told "the database is unavailable;
+    retry later" (503), which no retry could change (QA round 40). Now: 422 (``InvalidInput``) and a
+    warning when the tracker opens; the events beside it in the batches of other callers are stored."""
+    with caplog.at_level(logging.WARNING, logger="tracker.postgres"):
+        async with AvailabilityTracker(TrackerConfig(database_url=latin1_url, run_sweeper=False)) as tracker:
+            results = await asyncio.gather(
+                *(tracker.record_peer_online(peer) for peer in ("ok-1", "日本語", "café", "ok-2")),
+                return_exceptions=True,
+            )
+            assert [type(r).__name__ for r in results] == [
+                "NoneType",
+                "UnstorableInput",
+                "NoneType",
+                "NoneType",
+            ]
+            error = results[1]
+            assert isinstance(error, InvalidInput) and isinstance(error, StorageError)
+            assert "ENCODING 'UTF8'" in str(error)
+            assert sorted(p.peer_id for p in await tracker.list_peers()) == ["café", "ok-1", "ok-2"]
+            app = create_app(tracker)
+            async with httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://127.0.0.1"
+            ) as client:
+                answer = await client.post("/v1/peers/online", json={"peer_id": "日本語"})
+            assert answer.status_code == 422, answer.text
+    warned = [r for r in caplog.records if getattr(r, "action", None) == "postgres_not_utf8"]
+    assert len(warned) == 1 and "LATIN1" in warned[0].getMessage()

@@ -13,6 +13,7 @@ from .errors import (
     TrackerClosed,
     TrackerError,
     TransientStorageError,
+    UnstorableInput,
     WrongEventLoop,
 )
 from .events import (
@@ -59,6 +60,7 @@ __all__ = [
     "TrackerError",
     "TrackerStats",
     "TransientStorageError",
+    "UnstorableInput",
     "UploadOutcome",
     "WrongEventLoop",
 ]

@@ -219,6 +219,7 @@ class AvailabilityTracker:
                     )
             if self.config.dialect == "postgresql" and self._publish_settings:  # not the CLI's looks
                 await pg_checks.warn_without_vacuum(engine)
+                await pg_checks.warn_without_utf8(engine)
             if self._boot_id is not None:
                 async with engine.connect() as conn:
                     state = await queries.load_clock_state(conn, self._boot_id)

@@ -31,6 +31,12 @@ class TransientStorageError(StorageError):
     """A conflict that is safe to retry: a deadlock, a serialization failure, a busy SQLite file."""
 
 
+class UnstorableInput(InvalidInput, StorageError):
+    """A value the database refused for its content, not for its state: a character that a PostgreSQL
+    database of another encoding than UTF8 cannot hold. Invalid input to the caller (HTTP 422), never
+    worth a retry; still a ``StorageError`` to the code that handles the database's refusals."""
+
+
 class CommitOutcomeUnknown(StorageError):
     """The connection failed while committing, so the transaction may or may not have been applied.
 
@@ -73,6 +79,8 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "23503"}
 #: A prepared statement missing, or there already, on a connection that prepared it, or did not:
 #: the server connection changed under the client (a pooler in transaction mode).
 _PREPARED_STATEMENT_SQLSTATES = ("26000", "42P05")
+#: untranslatable_character, character_not_in_repertoire: the value, not the database's state.
+_UNSTORABLE_SQLSTATES = ("22P05", "22021")
 _TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database is busy")
 
 
@@ -157,6 +165,13 @@ def translate(error: BaseException) -> TrackerError:
     said = describe(error)
     if is_transient(error):
         wrapped: TrackerError = TransientStorageError(f"database conflict, retries exhausted: {said}")
+    elif sqlstate_of(error) in _UNSTORABLE_SQLSTATES:
+        # Answered "the database is unavailable; retry later" (503) before, for a request that no
+        # retry could ever store (QA round 40: a LATIN1 database and the id 日本語).
+        wrapped = UnstorableInput(
+            f"the database cannot store this value: {said} (its encoding is not UTF8, so it holds only "
+            "the characters of its own encoding; create the tracker's database with ENCODING 'UTF8')"
+        )
     elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
         wrapped = StorageError(
             f"database error: {said} (behind a connection pooler in transaction mode, such as "

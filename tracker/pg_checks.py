@@ -41,3 +41,27 @@ async def warn_without_vacuum(engine: AsyncEngine) -> bool:
         extra={"action": "postgres_autovacuum_off"},
     )
     return False
+
+
+async def warn_without_utf8(engine: AsyncEngine) -> bool:
+    """Log a warning when the database's encoding is not UTF8; whether it is.
+
+    Ids are any Unicode (docs/api.md); a database of another encoding refuses the characters it
+    lacks, and those requests fail with 422 ``invalid_input`` (``errors.UnstorableInput``). Said
+    once at the start rather than found out from the first peer with such an id (QA round 40).
+    """
+    try:
+        async with engine.connect() as conn:
+            encoding = str((await conn.execute(text("SELECT current_setting('server_encoding')"))).scalar())
+    except Exception:  # advice, not a requirement
+        return True
+    if encoding.upper() in ("UTF8", "UTF-8"):
+        return True
+    log.warning(
+        "this PostgreSQL database's encoding is %s, not UTF8: peer and content ids with characters "
+        "outside it are refused (422). Create the tracker's database with ENCODING 'UTF8' "
+        "(docs/operations.md, PostgreSQL)",
+        encoding,
+        extra={"action": "postgres_not_utf8", "encoding": encoding},
+    )
+    return False
