@@ -139,6 +139,20 @@ def test_an_unknown_revision_is_alembics_sentence(tmp_path: Path, command: list[
     assert line == "error: Can't locate revision identified by '9999'"
 
 
+def test_an_upgrade_that_fails_on_a_missing_sqlite_file_leaves_no_file_behind(tmp_path: Path) -> None:
+    """The empty file it created was left: `tracker stats` then said "schema at revision none (empty
+    database)" instead of that there is no database (QA round 40). A file that was there stays."""
+    path = tmp_path / "t.db"
+    url = f"sqlite+aiosqlite:///{path}"
+    line = one_line_error(run("db", "upgrade", "--revision", "9999", "--database-url", url))
+    assert line == "error: Can't locate revision identified by '9999'"
+    assert list(tmp_path.iterdir()) == []
+    assert one_line_error(run("stats", "--database-url", url)).startswith(f"error: no database at {path}")
+    assert run("db", "upgrade", "--revision", "0005", "--database-url", url).exit_code == 0
+    one_line_error(run("db", "upgrade", "--revision", "9999", "--database-url", url))
+    assert path.exists()
+
+
 def test_a_downgrade_to_a_later_revision_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
     assert run("db", "upgrade", "--revision", "0005", "--database-url", url).exit_code == 0

@@ -7,6 +7,7 @@ report the schema as it is.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -65,7 +66,16 @@ def upgrade(
             await migrations.migrate(engine, revision, timeout_s=config.migration_timeout_s)
             return before, await migrations.current_revision(engine)
 
-        before, after = run(_with_engine(config, work))
+        created = db.missing_sqlite_file(config)
+        try:
+            before, after = run(_with_engine(config, work))
+        except BaseException:
+            if created is not None:
+                # The file this command created holds nothing: left behind, later commands took it
+                # for an empty database instead of saying there is none (QA round 40).
+                for suffix in ("", "-wal", "-shm"):
+                    Path(created + suffix).unlink(missing_ok=True)
+            raise
         stdout.print(f"schema at {after} (was {before or 'empty'})", highlight=False)
 
 
