@@ -103,7 +103,7 @@ async def test_one_bad_event_rejects_the_whole_batch(
         SpeedSample("a", 100),
         PeerOnline("b", at=clock.now + 3600),
     ]
-    with pytest.raises(InvalidInput, match=r"event #3 \(PeerOnline\) is dated 3600 s in the future"):
+    with pytest.raises(InvalidInput, match=r"event #3 \(peer_online\) is dated 3600 s in the future"):
         await tracker.record_batch(batch)
     assert await _row_counts(tracker) == before
 
@@ -143,7 +143,7 @@ async def test_events_older_than_max_event_age_are_refused_and_change_nothing(
     before = await _row_counts(tracker)
     limit = tracker.config.event_age_limit
     with pytest.raises(
-        InvalidInput, match=r"event #1 \(UploadOutcome\) is dated 1\.8e\+09 s ago; events older"
+        InvalidInput, match=r"event #1 \(upload_outcome\) is dated 1\.8e\+09 s ago; events older"
     ):
         await tracker.record_batch([PeerOnline("b"), UploadOutcome("b", True, at=0)])
     with pytest.raises(InvalidInput, match=f"older than {limit:g} s are refused \\(max_event_age_s\\)"):

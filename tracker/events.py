@@ -150,6 +150,13 @@ EVENT_TYPES: tuple[type, ...] = (
 )
 
 
+def wire_name(event: Event) -> str:
+    """The event's name as the HTTP API spells its ``type`` (``PeerOnline`` -> ``peer_online``): one
+    name in every error, whichever way the event came (QA round 40: dates named the class, ids the
+    wire name, in one batch's errors)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", type(event).__name__).lower()
+
+
 def check_batch(
     events: Iterable[object], *, limit: int, now: float, max_skew_s: float, max_age_s: float
 ) -> list[Event]:
@@ -170,12 +177,12 @@ def check_batch(
         event: Event = item  # type: ignore[assignment]
         if event.at is not None and event.at > now + max_skew_s:
             raise InvalidInput(
-                f"event #{index} ({type(event).__name__}) is dated {event.at - now:.6g} s in the future; "
+                f"event #{index} ({wire_name(event)}) is dated {event.at - now:.6g} s in the future; "
                 f"the allowed clock skew is {max_skew_s:g} s"
             )
         if event.at is not None and event.at < now - max_age_s:
             raise InvalidInput(
-                f"event #{index} ({type(event).__name__}) is dated {now - event.at:.6g} s ago; events "
+                f"event #{index} ({wire_name(event)}) is dated {now - event.at:.6g} s ago; events "
                 f"older than {max_age_s:g} s are refused (max_event_age_s)"
             )
         checked.append(event)
