@@ -544,3 +544,25 @@ async def test_a_signed_message_refused_names_its_sender_in_the_log(
         getattr(r, "sender", None) for r in caplog.records if getattr(r, "action", None) == "gossip_reject"
     ]
     assert senders == ["attacker", target.node_key, "?"]
+
+
+async def _slow_but_steady(writer: asyncio.StreamWriter) -> None:
+    writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/gzip\r\nContent-Length: 40000\r\n\r\n")
+    for _ in range(10):  # 40 KB/s: the answer takes a second, three times timeout_s
+        writer.write(b"x" * 4000)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+
+
+async def test_a_slow_but_steady_answer_is_read_to_its_end(target: GossipAgent) -> None:
+    """The whole-request deadline grows with the bytes that crossed: a flat timeout_s cut every
+    exchange of a 5 KB/s link for good (QA round 43). This answer is junk, refused as such once read."""
+    async with _answering(_slow_but_steady) as url:
+        agent = GossipAgent(target.tracker, GossipConfig(keys=(KEY,), timeout_s=0.3))
+        try:
+            with pytest.raises(GossipFailed) as failed:
+                await agent.exchange(url)
+        finally:
+            await agent.aclose()
+    assert "unacceptable reply" in str(failed.value) and "within timeout_s" not in str(failed.value)
+    assert agent.stats.bytes_received == 40_000

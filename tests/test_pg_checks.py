@@ -6,13 +6,17 @@ import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
 from conftest import PG_URL, _admin, _with_database
+from gossip_helpers import KEY, LocalNet
 from sqlalchemy import text
 
 from tracker import AvailabilityTracker, InvalidInput, StorageError, TrackerConfig
+from tracker.gossip.agent import GossipAgent
+from tracker.gossip.config import GossipConfig
 from tracker.service.app import create_app
 
 
@@ -83,3 +87,23 @@ async def test_an_id_a_non_utf8_database_cannot_hold_is_invalid_input_and_named_
             assert answer.status_code == 422, answer.text
     warned = [r for r in caplog.records if getattr(r, "action", None) == "postgres_not_utf8"]
     assert len(warned) == 1 and "LATIN1" in warned[0].getMessage()
+
+
+async def test_a_neighbours_id_a_non_utf8_database_cannot_hold_is_the_neighbours_failure(
+    latin1_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Taken for this tracker's own database failing, it was retried every round without back-off,
+    logged as a database failure, and the neighbour looked healthy (QA round 43)."""
+    net = LocalNet()
+    async with (
+        AvailabilityTracker(TrackerConfig(database_url=latin1_url, run_sweeper=False)) as here,
+        AvailabilityTracker(TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'y.db'}")) as there,
+    ):
+        await there.record_peer_online("日本語")
+        agent = GossipAgent(here, GossipConfig(keys=(KEY,), neighbors=("http://y",)), transport=net)
+        net.agents["http://y"] = GossipAgent(there, GossipConfig(keys=(KEY,)), transport=net)
+        with caplog.at_level(logging.WARNING, logger="tracker.gossip"):
+            assert await agent.round() == 0
+    assert [(n.url, n.consecutive_failures) for n in agent.neighbor_states()] == [("http://y", 1)]
+    actions = {getattr(r, "action", None) for r in caplog.records}
+    assert "gossip_failure" in actions and "gossip_local_failure" not in actions

@@ -631,6 +631,20 @@ class AvailabilityTracker:
             if ranked_here and config.dialect == "sqlite":
                 # Ranked inside this exclusive transaction: the loads it read are still current.
                 loads = {row.peer_key: row.load for row in ranked}
+            elif top_up:
+                # Postgres, a top-up: one peer at a time in rank order, passing over those other
+                # transactions hold, until enough are found. Concurrent top-ups rank alike; locking
+                # all their candidates at once, the first took every one and the others found
+                # nothing left unlocked, and answered empty (QA round 43: 11 of 120 with 73 slots free).
+                loads, free = {}, 0
+                for row in ranked:
+                    got = await queries.current_loads(
+                        conn, config.dialect, [row.peer_key], now, skip_locked=True
+                    )
+                    loads |= got
+                    free += got.get(row.peer_key, row.capacity) < row.capacity
+                    if free == want:
+                        break
             else:
                 # Counted again in the granting transaction: the cap holds whatever ran since the ranking.
                 # A top-up on Postgres passes over the peers other transactions hold rather than wait

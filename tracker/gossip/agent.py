@@ -21,7 +21,7 @@ import httpx
 
 from .. import db
 from ..core import AvailabilityTracker
-from ..errors import StorageError, TrackerError, describe
+from ..errors import InvalidInput, StorageError, TrackerError, describe
 from ..queries import gossip as q
 from ..ratelimit import TokenBuckets
 from . import limits
@@ -49,6 +49,10 @@ _MAX_FOLLOW_UPS = 8  # extra syncs in one exchange while the neighbour says it h
 _MAX_OVERSIZED_TRIES = 4  # sends of one sync refused as oversized, each within a smaller limit
 _MAX_STAMP_SLICES = 400  # stamp transactions per exchange (2m rows at the default slice)
 _KEEP_ALIVE_S = 2.0  # how long the gossip client keeps an idle connection
+#: A request to a neighbour may take timeout_s plus a second per KiB sent and received, at most this
+#: many timeout_s (``GossipAgent._send``).
+_SLOW_LINK_BYTES_PER_S = 1024
+_SLOW_LINK_TIMEOUTS = 10
 #: Failed exchanges in a row after which a learned neighbour is forgotten (about 20 minutes of
 #: back-off at the defaults); configured ones are kept, the operator's list.
 FORGET_LEARNED_AFTER_FAILURES = 8
@@ -533,19 +537,35 @@ class GossipAgent:
             return await self._transport(url, body, headers)
         client = await self._http()
         timeout_s = self.config.timeout_s
+        started = asyncio.get_running_loop().time()
+
+        def deadline(received: int) -> float:
+            moved = (len(body) + received) / _SLOW_LINK_BYTES_PER_S
+            return started + min(timeout_s + moved, _SLOW_LINK_TIMEOUTS * timeout_s)
+
         try:
-            # One deadline for the whole request: httpx's timeout bounds each read, and a neighbour
-            # that sent a byte every few seconds held the exchange, and the round with every other
-            # neighbour's, for good, counted nowhere (QA round 42).
-            async with asyncio.timeout(timeout_s):
-                return await self._post(client, url, body, headers)
+            # A deadline for the whole request: httpx's timeout bounds each read, and a neighbour that
+            # sent a byte every few seconds held the exchange, and the round with every other
+            # neighbour's, for good, counted nowhere (QA round 42). It grows with the bytes that
+            # crossed (1 s per KiB, at most 10 x timeout_s): a flat timeout_s cut every exchange of a
+            # 5 KB/s link for good, whose 150 KB messages took 30 s (QA round 43).
+            async with asyncio.timeout_at(deadline(0)) as scope:
+                return await self._post(client, url, body, headers, lambda n: scope.reschedule(deadline(n)))
         except TimeoutError:
-            raise GossipFailed(f"{url}: no complete answer within timeout_s ({timeout_s:g} s)") from None
+            raise GossipFailed(
+                f"{url}: no complete answer within timeout_s ({timeout_s:g} s) plus 1 s per KiB sent and "
+                f"received (at most {_SLOW_LINK_TIMEOUTS} x timeout_s)"
+            ) from None
         except httpx.HTTPError as error:
             raise GossipFailed(f"{url}: {type(error).__name__}: {error}") from None
 
     async def _post(
-        self, client: httpx.AsyncClient, url: str, body: bytes, headers: dict[str, str]
+        self,
+        client: httpx.AsyncClient,
+        url: str,
+        body: bytes,
+        headers: dict[str, str],
+        progress: Callable[[int], None],
     ) -> tuple[int, bytes, dict[str, str]]:
         """Send, and read the answer as it came (no ``Content-Encoding`` undone) up to ``max_bytes``:
         read whole first, a 400 MB reply took the process to 1 GB before the size check refused it,
@@ -570,6 +590,7 @@ class GossipAgent:
                 if size > limit:
                     raise GossipFailed(f"{url} answered more than max_bytes ({limit}): not read further")
                 chunks.append(chunk)
+                progress(size)
             return response.status_code, b"".join(chunks), answer_headers
 
     async def _http(self) -> httpx.AsyncClient:
@@ -598,7 +619,7 @@ class GossipAgent:
             await self.exchange(neighbor.url)
         except Exception as error:  # a neighbour's fault must not end the loop
             self.stats.failures += 1
-            if isinstance(error, StorageError):
+            if isinstance(error, StorageError) and not isinstance(error, InvalidInput):
                 # This tracker's own database failed, not the neighbour: counted against every
                 # healthy neighbour, an outage of a few minutes backed them all off for up to
                 # backoff_max_s after the database was back, and the metric of which neighbour is
