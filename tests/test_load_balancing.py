@@ -271,6 +271,23 @@ async def test_concurrent_selections_of_one_content_each_get_n_peers_while_holde
         assert max(loads.values()) == 1
 
 
+async def test_many_concurrent_top_ups_do_not_lock_each_other_out(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """120 callers, 16 at a time on Postgres, ask for 3 of 200 equal holders with 2 slots each (360 of
+    400 slots). Top-ups rank alike; each locking all its candidates at once, the first took them all
+    and the others, passing over held rows, answered empty (QA round 43: 11 of 120)."""
+    wide = replace(config, max_load_per_peer=2, lease_ttl_s=3600, max_concurrent_selections=16, pool_size=20)
+    async with AvailabilityTracker(wide) as tracker:
+        await tracker.record_batch(proven_peers([f"p{i:03d}" for i in range(200)], clock.now))
+        answers = await asyncio.gather(
+            *(tracker.select_best_peers("movie", 3, strategy="best") for _ in range(120))
+        )
+        assert [len(answer) for answer in answers] == [3] * 120
+        loads = await open_leases(tracker)
+    assert sum(loads.values()) == 360 and max(loads.values()) <= 2
+
+
 @pytest.mark.timeout(600)
 async def test_the_cap_holds_across_four_processes(config: TrackerConfig) -> None:
     cap = 3
