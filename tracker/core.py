@@ -647,10 +647,8 @@ class AvailabilityTracker:
                         break
             else:
                 # Counted again in the granting transaction: the cap holds whatever ran since the ranking.
-                # A top-up on Postgres passes over the peers other transactions hold rather than wait
-                # for them: those are being granted (or written) now, and it came for the others.
                 keys = [row.peer_key for row in ranked]
-                loads = await queries.current_loads(conn, config.dialect, keys, now, skip_locked=top_up)
+                loads = await queries.current_loads(conn, config.dialect, keys, now)
             chosen = [row for row in ranked if loads.get(row.peer_key, row.capacity) < row.capacity][:want]
             await queries.grant_leases(
                 conn, config.dialect, node_id, cid, [row.peer_key for row in chosen], now, config.lease_ttl_s
