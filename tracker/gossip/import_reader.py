@@ -88,8 +88,9 @@ class Sorter:
             what = f"peer {record.peer}"
         raise SnapshotError(
             f"the snapshot's row of origin {record.origin} for {what} is dated {at - self.now:.6g} s "
-            f"ahead of this tracker's clock (allowed {self.skew:g} s); the exporting tracker's clock "
-            "was wrong, or this one's is: nothing was imported"
+            f"ahead of this tracker's clock (allowed {self.skew:g} s, max_clock_skew_s); the clock of "
+            "the tracker that recorded it (that origin) was ahead, or this one's is behind: nothing was "
+            "imported. Import it once this clock has passed that time"
         )
 
 
