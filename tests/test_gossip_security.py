@@ -566,3 +566,28 @@ async def test_a_slow_but_steady_answer_is_read_to_its_end(target: GossipAgent) 
             await agent.aclose()
     assert "unacceptable reply" in str(failed.value) and "within timeout_s" not in str(failed.value)
     assert agent.stats.bytes_received == 40_000
+
+
+async def _slow_refusal(writer: asyncio.StreamWriter) -> None:
+    body = json.dumps({"reason": "oversized", "error": "x" * 2000}).encode()
+    writer.write(
+        b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\nConnection: close\r\n"
+        b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    for start in range(0, len(body), 256):  # 1.25 KiB/s: each byte that crosses earns the answer time
+        writer.write(body[start : start + 256])
+        await writer.drain()
+        await asyncio.sleep(0.2)
+
+
+async def test_an_exchange_holds_the_round_no_longer_than_ten_timeouts(target: GossipAgent) -> None:
+    """Each try of a sync refused as oversized is sent again, up to four; answered slowly, every try
+    earned its own deadline of up to 10 x timeout_s, and one exchange held the round for 32 x
+    timeout_s (QA round 44). The exchange as a whole is bounded."""
+    async with _answering(_slow_refusal) as url:
+        agent = GossipAgent(target.tracker, GossipConfig(keys=(KEY,), neighbors=(url,), timeout_s=0.3))
+        try:
+            assert await asyncio.wait_for(agent.round(), 5) == 0  # 4 tries of ~1.6 s each before
+        finally:
+            await agent.aclose()
+    assert agent.neighbor_states() == [NeighborState(url, 1, None)]

@@ -63,6 +63,8 @@ _WRONG_LOOP = (
 MAX_PAGE = 10_000
 #: How many times a selection that came back short ranks again (docs/load-balancing.md, "The cap").
 _TOP_UPS = 3
+#: How many more candidates a top-up ranks than a first pass.
+_TOP_UP_WIDTH = 32
 T = TypeVar("T")
 
 
@@ -627,6 +629,7 @@ class AvailabilityTracker:
             *,
             ranked_here: bool,
             top_up: bool = False,
+            passed: set[str] | None = None,
         ) -> list[queries.RankedRow]:
             if ranked_here and config.dialect == "sqlite":
                 # Ranked inside this exclusive transaction: the loads it read are still current.
@@ -636,12 +639,17 @@ class AvailabilityTracker:
                 # transactions hold, until enough are found. Concurrent top-ups rank alike; locking
                 # all their candidates at once, the first took every one and the others found
                 # nothing left unlocked, and answered empty (QA round 43: 11 of 120 with 73 slots free).
+                # From a random place among the candidates: concurrent top-ups of other processes rank
+                # alike too, and probing from the top they queued on the same few (QA round 44).
+                start = self._random.randrange(len(ranked)) if ranked else 0
                 loads, free = {}, 0
-                for row in ranked:
+                for row in ranked[start:] + ranked[:start]:
                     got = await queries.current_loads(
                         conn, config.dialect, [row.peer_key], now, skip_locked=True
                     )
                     loads |= got
+                    if row.peer_key not in got and passed is not None:
+                        passed.add(row.peer_key)  # held by another transaction: worth a look again
                     free += got.get(row.peer_key, row.capacity) < row.capacity
                     if free == want:
                         break
@@ -661,7 +669,9 @@ class AvailabilityTracker:
             """Rank the holders but ``skip`` and grant ``want`` of them in one write transaction; and
             whether the ranking was cut off by its limit (holders may be left beyond it), and the
             peers it looked at."""
-            limit = 2 * want + len(skip)  # a few spares: a concurrent selector may fill a peer's last slot
+            # A few spares: a concurrent selector may fill a peer's last slot. A top-up looks wider: it
+            # comes when others took the spares, and probes from a random place among these.
+            limit = 2 * want + len(skip) + (_TOP_UP_WIDTH if top_up else 0)
             # One reading for the ranking and the grant (QA: a second reading that accepted a leap
             # counted the leases of the hold as lapsed, and a peer at cap 1 was handed out twice).
             async with self._leases.reading() as now:
@@ -670,8 +680,15 @@ class AvailabilityTracker:
                 async def work(conn: db.DriverSQL) -> tuple[list[queries.RankedRow], bool, set[str]]:
                     ranked = await rank(conn, now, lag, limit)
                     fresh = [row for row in ranked if row.peer_key not in skip]
-                    granted = await grant(conn, fresh, now, want, ranked_here=True, top_up=top_up)
-                    return granted, len(ranked) >= limit, {row.peer_key for row in fresh}
+                    # Peers another transaction held are looked at again by the next top-up: put
+                    # aside, a selection gave up on free peers that a first pass had only locked
+                    # for a moment (QA round 44).
+                    passed: set[str] = set()
+                    granted = await grant(
+                        conn, fresh, now, want, ranked_here=True, top_up=top_up, passed=passed
+                    )
+                    more = len(ranked) >= limit or bool(passed)
+                    return granted, more, {row.peer_key for row in fresh} - passed
 
                 return await db.run_write_unit(
                     engine, self._write_lane(), work, config.write_retries, repeatable=True

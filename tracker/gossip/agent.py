@@ -537,20 +537,32 @@ class GossipAgent:
             return await self._transport(url, body, headers)
         client = await self._http()
         timeout_s = self.config.timeout_s
-        started = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        cap = started + _SLOW_LINK_TIMEOUTS * timeout_s
+        answered_at: list[float] = []
 
         def deadline(received: int) -> float:
-            moved = (len(body) + received) / _SLOW_LINK_BYTES_PER_S
-            return started + min(timeout_s + moved, _SLOW_LINK_TIMEOUTS * timeout_s)
+            # Until the answer's headers come, the request's own bytes earn time (they are being
+            # sent); after, only the answer's bytes that arrived: counted from the start, a neighbour
+            # that trickled its answer to a large request was given all of it (QA round 44).
+            if not answered_at:
+                return min(started + timeout_s + len(body) / _SLOW_LINK_BYTES_PER_S, cap)
+            return min(answered_at[0] + timeout_s + received / _SLOW_LINK_BYTES_PER_S, cap)
+
+        def progress(received: int) -> None:
+            if not answered_at:
+                answered_at.append(loop.time())
+            scope.reschedule(deadline(received))
 
         try:
             # A deadline for the whole request: httpx's timeout bounds each read, and a neighbour that
             # sent a byte every few seconds held the exchange, and the round with every other
             # neighbour's, for good, counted nowhere (QA round 42). It grows with the bytes that
-            # crossed (1 s per KiB, at most 10 x timeout_s): a flat timeout_s cut every exchange of a
-            # 5 KB/s link for good, whose 150 KB messages took 30 s (QA round 43).
+            # cross (1 s per KiB, at most 10 x timeout_s in all): a flat timeout_s cut every exchange
+            # of a 5 KB/s link for good, whose 150 KB messages took 30 s (QA round 43).
             async with asyncio.timeout_at(deadline(0)) as scope:
-                return await self._post(client, url, body, headers, lambda n: scope.reschedule(deadline(n)))
+                return await self._post(client, url, body, headers, progress)
         except TimeoutError:
             raise GossipFailed(
                 f"{url}: no complete answer within timeout_s ({timeout_s:g} s) plus 1 s per KiB sent and "
@@ -584,6 +596,7 @@ class GossipAgent:
             declared = answer_headers.get("content-length", "")
             if declared.isdigit() and int(declared) > limit:
                 raise GossipFailed(f"{url} answered {declared} bytes, above max_bytes ({limit}): not read")
+            progress(0)  # the answer has begun
             chunks, size = [], 0
             async for chunk in response.aiter_raw():
                 size += len(chunk)
@@ -614,9 +627,22 @@ class GossipAgent:
         self.stats.rounds += 1
         return sum(results)
 
+    async def _bounded_exchange(self, url: str) -> None:
+        """An exchange that holds the round (which waits for every chosen neighbour) at most
+        ``10 x timeout_s``: its sends are bounded one by one, and a neighbour answering every try of
+        one sync with a slow refusal held it for 32 x timeout_s (QA round 44). What it applied stays."""
+        limit_s = _SLOW_LINK_TIMEOUTS * self.config.timeout_s
+        try:
+            async with asyncio.timeout(limit_s):
+                await self.exchange(url)
+        except TimeoutError:
+            raise GossipFailed(
+                f"{url}: the exchange took longer than {limit_s:g} s (10 x timeout_s)"
+            ) from None
+
     async def _guarded(self, neighbor: _Neighbor) -> bool:
         try:
-            await self.exchange(neighbor.url)
+            await self._bounded_exchange(neighbor.url)
         except Exception as error:  # a neighbour's fault must not end the loop
             self.stats.failures += 1
             if isinstance(error, StorageError) and not isinstance(error, InvalidInput):
