@@ -20,6 +20,7 @@ from prometheus_client import generate_latest
 from sqlalchemy import insert
 
 from tracker import AvailabilityTracker, TrackerConfig
+from tracker.events import PeerOnline
 from tracker.gossip.agent import FORGET_LEARNED_AFTER_FAILURES, GossipAgent, GossipFailed, NeighborState
 from tracker.gossip.config import GossipConfig
 from tracker.gossip.protocol import (
@@ -591,3 +592,36 @@ async def test_an_exchange_holds_the_round_no_longer_than_ten_timeouts(target: G
         finally:
             await agent.aclose()
     assert agent.neighbor_states() == [NeighborState(url, 1, None)]
+
+
+async def test_a_slow_link_catching_up_is_not_cut_while_each_sync_moves_rows(tmp_path: Path) -> None:
+    """Bounded in all, an exchange of many syncs over a slow link was cut every round, counted as the
+    neighbour failing, and a learned one forgotten while each round moved rows (QA round 45). The
+    bound is per sync."""
+    clock = ManualClock(T0)
+    net = LocalNet()
+
+    async def slow(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        await asyncio.sleep(0.15)  # each request takes 0.15 s; the bound is 10 x 0.05 s per sync
+        return await net(url, body, headers)
+
+    trackers = [
+        await AvailabilityTracker.open(
+            TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / n}.db", clock=clock)
+        )
+        for n in ("a", "b")
+    ]
+    try:
+        a = GossipAgent(
+            trackers[0], GossipConfig(keys=(KEY,), neighbors=("http://b",), timeout_s=0.05), transport=slow
+        )
+        net.agents["http://b"] = GossipAgent(
+            trackers[1], GossipConfig(keys=(KEY,), max_rows=4, stamp_chunk=2), transport=net
+        )
+        await trackers[1].record_batch([PeerOnline(f"p{i:02d}") for i in range(16)])
+        assert await a.round() == 1  # five syncs and more: 0.75 s, above 10 x timeout_s in all
+        assert a.neighbor_states()[0].consecutive_failures == 0
+        assert len(await trackers[0].list_peers()) == 16
+    finally:
+        for tracker in trackers:
+            await tracker.close()
