@@ -629,30 +629,22 @@ class AvailabilityTracker:
             *,
             ranked_here: bool,
             top_up: bool = False,
-            passed: set[str] | None = None,
-        ) -> list[queries.RankedRow]:
+        ) -> tuple[list[queries.RankedRow], set[str]]:
+            """The rows granted, and the peers passed over because other transactions held them."""
+            held: set[str] = set()
             if ranked_here and config.dialect == "sqlite":
                 # Ranked inside this exclusive transaction: the loads it read are still current.
                 loads = {row.peer_key: row.load for row in ranked}
             elif top_up:
-                # Postgres, a top-up: one peer at a time in rank order, passing over those other
-                # transactions hold, until enough are found. Concurrent top-ups rank alike; locking
-                # all their candidates at once, the first took every one and the others found
-                # nothing left unlocked, and answered empty (QA round 43: 11 of 120 with 73 slots free).
-                # From a random place among the candidates: concurrent top-ups of other processes rank
-                # alike too, and probing from the top they queued on the same few (QA round 44).
+                # Postgres, a top-up: one peer at a time (queries.probe_loads), from a random place
+                # among the candidates: concurrent top-ups of other processes rank alike too, and
+                # probing from the top they queued on the same few (QA round 44).
+                assert isinstance(conn, AsyncConnection)  # the lanes are SQLite's
                 start = self._random.randrange(len(ranked)) if ranked else 0
-                loads, free = {}, 0
-                for row in ranked[start:] + ranked[:start]:
-                    got = await queries.current_loads(
-                        conn, config.dialect, [row.peer_key], now, skip_locked=True
-                    )
-                    loads |= got
-                    if row.peer_key not in got and passed is not None:
-                        passed.add(row.peer_key)  # held by another transaction: worth a look again
-                    free += got.get(row.peer_key, row.capacity) < row.capacity
-                    if free == want:
-                        break
+                order = ranked[start:] + ranked[:start]
+                loads, held = await queries.probe_loads(
+                    conn, [(row.peer_key, row.capacity) for row in order], want, now
+                )
             else:
                 # Counted again in the granting transaction: the cap holds whatever ran since the ranking.
                 keys = [row.peer_key for row in ranked]
@@ -661,7 +653,7 @@ class AvailabilityTracker:
             await queries.grant_leases(
                 conn, config.dialect, node_id, cid, [row.peer_key for row in chosen], now, config.lease_ttl_s
             )
-            return [replace(row, load=loads[row.peer_key]) for row in chosen]
+            return [replace(row, load=loads[row.peer_key]) for row in chosen], held
 
         async def rank_and_grant(
             skip: set[str], want: int, *, top_up: bool = False
@@ -680,15 +672,12 @@ class AvailabilityTracker:
                 async def work(conn: db.DriverSQL) -> tuple[list[queries.RankedRow], bool, set[str]]:
                     ranked = await rank(conn, now, lag, limit)
                     fresh = [row for row in ranked if row.peer_key not in skip]
+                    granted, held = await grant(conn, fresh, now, want, ranked_here=True, top_up=top_up)
                     # Peers another transaction held are looked at again by the next top-up: put
                     # aside, a selection gave up on free peers that a first pass had only locked
                     # for a moment (QA round 44).
-                    passed: set[str] = set()
-                    granted = await grant(
-                        conn, fresh, now, want, ranked_here=True, top_up=top_up, passed=passed
-                    )
-                    more = len(ranked) >= limit or bool(passed)
-                    return granted, more, {row.peer_key for row in fresh} - passed
+                    more = len(ranked) >= limit or bool(held)
+                    return granted, more, {row.peer_key for row in fresh} - held
 
                 return await db.run_write_unit(
                     engine, self._write_lane(), work, config.write_retries, repeatable=True
@@ -727,7 +716,7 @@ class AvailabilityTracker:
                 async with self._leases.reading() as now:
 
                     async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                        return await grant(conn, ranked, now, n, ranked_here=False)
+                        return (await grant(conn, ranked, now, n, ranked_here=False))[0]
 
                     rows = await db.run_write_unit(
                         engine, self._write_lane(), grant_ranked, config.write_retries, repeatable=True

@@ -543,19 +543,20 @@ class GossipAgent:
         loop = asyncio.get_running_loop()
         started = loop.time()
         cap = started + _SLOW_LINK_TIMEOUTS * timeout_s
-        answered_at: list[float] = []
+        answered_at: float | None = None
 
         def deadline(received: int) -> float:
             # Until the answer's headers come, the request's own bytes earn time (they are being
             # sent); after, only the answer's bytes that arrived: counted from the start, a neighbour
             # that trickled its answer to a large request was given all of it (QA round 44).
-            if not answered_at:
+            if answered_at is None:
                 return min(started + timeout_s + len(body) / _SLOW_LINK_BYTES_PER_S, cap)
-            return min(answered_at[0] + timeout_s + received / _SLOW_LINK_BYTES_PER_S, cap)
+            return min(answered_at + timeout_s + received / _SLOW_LINK_BYTES_PER_S, cap)
 
         def progress(received: int) -> None:
-            if not answered_at:
-                answered_at.append(loop.time())
+            nonlocal answered_at
+            if answered_at is None:
+                answered_at = loop.time()
             scope.reschedule(deadline(received))
 
         try:

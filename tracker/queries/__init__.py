@@ -10,6 +10,7 @@ from .leases import (
     grant_leases,
     lock_peers,
     open_loads,
+    probe_loads,
     prune_expired_leases,
     shift_held_leases,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "open_loads",
     "peer_page",
     "peer_row",
+    "probe_loads",
     "prune_expired_leases",
     "ranked_holders",
     "save_clock_state",

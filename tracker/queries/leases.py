@@ -43,6 +43,29 @@ async def lock_peers(
     return list((await conn.execute(stmt)).scalars())
 
 
+async def probe_loads(
+    conn: AsyncConnection, candidates: Sequence[tuple[str, int]], want: int, now: float
+) -> tuple[dict[str, int], set[str]]:
+    """Postgres: lock the ``(peer_key, capacity)`` candidates one at a time, in the order given,
+    passing over those other transactions hold, until ``want`` are below their capacity. Returns the
+    open leases of those locked, and the keys passed over (worth a look again once those commit).
+
+    One at a time: concurrent callers that rank alike, each locking all its candidates at once, left
+    each other nothing unlocked (QA round 43)."""
+    loads: dict[str, int] = {}
+    held: set[str] = set()
+    free = 0
+    for key, capacity in candidates:
+        if not await lock_peers(conn, "postgresql", [key], skip_locked=True):
+            held.add(key)
+            continue
+        loads[key] = (await open_loads(conn, [key], now)).get(key, 0)
+        free += loads[key] < capacity
+        if free == want:
+            break
+    return loads, held
+
+
 # Built once, with an expanding IN parameter, so SQLAlchemy's compiled cache serves every call.
 _OPEN_LOADS = (
     select(peers.c.peer_key, func.count(peer_leases.c.id))
@@ -57,17 +80,17 @@ _OPEN_LOADS = (
 
 
 async def current_loads(
-    conn: DriverSQL, dialect: str, peer_keys: Sequence[str], now: float, *, skip_locked: bool = False
+    conn: DriverSQL, dialect: str, peer_keys: Sequence[str], now: float
 ) -> dict[str, int]:
     """Open leases per peer as of ``now``, counted so that no other selector can change them before
     this write transaction commits: Postgres locks the peers' rows first (``lock_peers``); SQLite's
     transaction is exclusive already, and there each peer is one index probe in the lane thread
     (a few tens of microseconds for the ``2n`` candidates, in the same crossing as the grant).
-    Every key counted is in the result; with ``skip_locked`` (Postgres) only those it could lock.
+    Every key counted is in the result (a peer deleted since the ranking is not).
     """
     if dialect == "postgresql":
         assert isinstance(conn, AsyncConnection)  # the lanes are SQLite's; Postgres runs on the engine
-        locked = await lock_peers(conn, dialect, peer_keys, skip_locked=skip_locked)
+        locked = await lock_peers(conn, dialect, peer_keys)
         counted = await open_loads(conn, locked, now)
         return {key: counted.get(key, 0) for key in locked}
     probe = _load_of(dialect)
