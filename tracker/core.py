@@ -142,6 +142,10 @@ class AvailabilityTracker:
         )
         self._elapsed = elapsed or time.monotonic
         self._random = random.Random(self.config.random_seed)
+        #: Where a Postgres top-up starts probing: never seeded, so processes sharing a random_seed
+        #: spread over the candidates, and a seeded tracker's weighted draws do not shift with
+        #: contention (QA round 45). The system's source: an instance would be copied by a fork.
+        self._probe_start = random.SystemRandom()
         self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
         #: Readings for the work on leases, kept on one side of the move of held leases.
         self._leases = LeaseClock(self.now, self._store_clock)
@@ -640,7 +644,7 @@ class AvailabilityTracker:
                 # among the candidates: concurrent top-ups of other processes rank alike too, and
                 # probing from the top they queued on the same few (QA round 44).
                 assert isinstance(conn, AsyncConnection)  # the lanes are SQLite's
-                start = self._random.randrange(len(ranked)) if ranked else 0
+                start = self._probe_start.randrange(len(ranked)) if ranked else 0
                 order = ranked[start:] + ranked[:start]
                 loads, held = await queries.probe_loads(
                     conn, [(row.peer_key, row.capacity) for row in order], want, now
