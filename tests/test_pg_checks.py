@@ -13,8 +13,10 @@ import pytest
 from conftest import PG_URL, _admin, _with_database
 from gossip_helpers import KEY, LocalNet
 from sqlalchemy import text
+from typer.testing import CliRunner
 
 from tracker import AvailabilityTracker, InvalidInput, StorageError, TrackerConfig
+from tracker.cli import app as cli_app
 from tracker.gossip.agent import GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.service.app import create_app
@@ -107,3 +109,19 @@ async def test_a_neighbours_id_a_non_utf8_database_cannot_hold_is_the_neighbours
     assert [(n.url, n.consecutive_failures) for n in agent.neighbor_states()] == [("http://y", 1)]
     actions = {getattr(r, "action", None) for r in caplog.records}
     assert "gossip_failure" in actions and "gossip_local_failure" not in actions
+
+
+async def test_the_cli_names_the_way_out_of_a_non_utf8_database(latin1_url: str) -> None:
+    """The CLI printed the driver's sentence alone ("has no equivalent in encoding LATIN1"): the
+    advice to create the database with ENCODING 'UTF8' that the tracker's error carries was lost
+    (QA round 43)."""
+    async with AvailabilityTracker(TrackerConfig(database_url=latin1_url, run_sweeper=False)):
+        pass  # migrated
+    result = await asyncio.to_thread(
+        CliRunner().invoke, cli_app, ["peers", "show", "日本語"], env={"TRACKER_DATABASE_URL": latin1_url}
+    )
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert 'no equivalent in encoding "LATIN1"' in lines[0]
+    assert "create the tracker's database with ENCODING 'UTF8'" in lines[0]

@@ -14,6 +14,11 @@ from sqlalchemy import exc as sa_exc
 class TrackerError(Exception):
     """Base class of every error the tracker raises deliberately."""
 
+    #: What to do about it, where the tracker knows better than the driver's sentence it wraps; the
+    #: message ends with it too. The CLI prints the driver's sentence and this (QA round 43: it
+    #: printed the driver's alone, and a LATIN1 database's "has no equivalent" lost the way out).
+    advice: str | None = None
+
 
 class InvalidInput(TrackerError, ValueError):
     """An argument or event was rejected before anything touched the database."""
@@ -168,15 +173,19 @@ def translate(error: BaseException) -> TrackerError:
     elif sqlstate_of(error) in _UNSTORABLE_SQLSTATES:
         # Answered "the database is unavailable; retry later" (503) before, for a request that no
         # retry could ever store (QA round 40: a LATIN1 database and the id 日本語).
-        wrapped = UnstorableInput(
-            f"the database cannot store this value: {said} (its encoding is not UTF8, so it holds only "
-            "the characters of its own encoding; create the tracker's database with ENCODING 'UTF8')"
+        advice = (
+            "the database's encoding is not UTF8, so it holds only the characters of that encoding; "
+            "create the tracker's database with ENCODING 'UTF8'"
         )
+        wrapped = UnstorableInput(f"the database cannot store this value: {said} ({advice})")
+        wrapped.advice = advice
     elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
-        wrapped = StorageError(
-            f"database error: {said} (behind a connection pooler in transaction mode, such as "
-            "PgBouncer's pool_mode = transaction, set pg_transaction_pooling)"
+        advice = (
+            "behind a connection pooler in transaction mode, such as PgBouncer's pool_mode = "
+            "transaction, set pg_transaction_pooling"
         )
+        wrapped = StorageError(f"database error: {said} ({advice})")
+        wrapped.advice = advice
     else:
         wrapped = StorageError(f"database error: {said}")
     wrapped.__cause__ = error

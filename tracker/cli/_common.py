@@ -136,6 +136,7 @@ _SPEAKING_MODULES = frozenset({"alembic", "asyncpg", "sqlite3"})
 def _one_line(error: Exception) -> Text:
     """``error: `` and the first line of what went wrong; a class name only where the sentence needs
     it, and a pointer to ``--debug`` when the rest was cut."""
+    advice = error.advice if isinstance(error, TrackerError) else None
     if (
         isinstance(error, TrackerError)
         and isinstance(error.__cause__, Exception)
@@ -151,7 +152,7 @@ def _one_line(error: Exception) -> Text:
     first = lines[0] if speaks else f"{type(cause).__name__}: {lines[0]}"
     if isinstance(cause, ConnectionError | socket.gaierror):  # the driver's "Connect call failed"
         first = f"cannot connect to the database: {first}"
-    first += _server_detail(cause)
+    first += _server_detail(cause) + (f" ({advice})" if advice and advice not in first else "")
     message = Text.assemble(("error: ", "bold red"), first)
     if len(lines) > 1 or not speaks:
         message.append(" (--debug for details)", style="dim")
