@@ -8,7 +8,16 @@ import pytest
 from sqlalchemy import func, select
 
 from tracker import AvailabilityTracker, InvalidInput
-from tracker.events import ContentAvailable, PeerOnline, SpeedSample, UploadOutcome, check_batch
+from tracker.events import (
+    ContentAvailable,
+    ContentUnavailable,
+    PeerOffline,
+    PeerOnline,
+    SpeedSample,
+    UploadOutcome,
+    check_batch,
+)
+from tracker.models import from_unix
 from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers, upload_outcomes
 from tracker.testing import ManualClock
 
@@ -132,6 +141,34 @@ async def test_the_future_limit_says_by_how_much_and_huge_times_stay_short(
     with pytest.raises(InvalidInput, match=r"dated 1e\+300 s in the future") as raised:
         await tracker.record_peer_online("a", at=1e300)
     assert len(str(raised.value)) < 120
+
+
+async def test_a_client_whose_clock_runs_ahead_can_still_remove_what_it_announced(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """A client 30 s fast announced with ``at``, then sent a removal and a goodbye without it: both
+    got through, were dated by the tracker, older than the announcement, and lost; the peer stayed
+    online holding the content (QA round 40). Events dated ahead are stored at receipt now, and in
+    one batch those dated ahead keep the order of their client's times."""
+    ahead = clock.now + 30
+    await tracker.record_batch([PeerOnline("fast", at=ahead), ContentAvailable("movie", "fast", at=ahead)])
+    metrics = await tracker.get_peer_metrics("fast")
+    assert metrics is not None and metrics.last_seen == from_unix(clock.now)
+    await tracker.record_content_unavailable("movie", "fast")
+    assert await tracker.get_available_peers("movie") == []
+    await tracker.record_peer_offline("fast")
+    metrics = await tracker.get_peer_metrics("fast")
+    assert metrics is not None and not metrics.online
+    clock.advance(1)
+    await tracker.record_batch(
+        [
+            ContentAvailable("show", "fast", at=clock.now + 40),
+            ContentUnavailable("show", "fast", at=clock.now + 20),
+            PeerOnline("fast", at=clock.now + 50),
+            PeerOffline("fast", at=clock.now + 10),
+        ]
+    )
+    assert await tracker.get_available_peers("show") == ["fast"]
 
 
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(

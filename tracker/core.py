@@ -36,6 +36,7 @@ from .events import (
     SpeedSample,
     UploadOutcome,
     check_batch,
+    dated,
     validate_id,
     validate_time,
 )
@@ -475,7 +476,7 @@ class AvailabilityTracker:
                 max_skew_s=config.max_clock_skew_s,
                 max_age_s=config.event_age_limit,
             )
-            return [queries.Timed(e, now if e.at is None else e.at) for e in checked]
+            return [queries.Timed(event, at) for event, at in dated(checked, now)]
 
         # The reading stamps the events and is held until they commit: a move of held leases
         # between it and the transaction would put the outcomes' times and their leases' on two
