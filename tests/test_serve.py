@@ -247,8 +247,9 @@ class _WriteBlocker:
     """Holds the database's write lock from outside the tracker (Postgres: an exclusive lock on
     ``peers``; SQLite: ``BEGIN IMMEDIATE``), so the tracker's writes wait in the database."""
 
-    def __init__(self, db_url: str) -> None:
+    def __init__(self, db_url: str, table: str = "peers") -> None:
         self._db_url = db_url
+        self._table = table
         self._release = threading.Event()
         self._locked = threading.Event()
         self._thread = threading.Thread(target=self._hold, daemon=True)
@@ -280,7 +281,7 @@ class _WriteBlocker:
             conn = await asyncpg.connect(dsn)
             try:
                 async with conn.transaction():
-                    await conn.execute("LOCK TABLE peers IN ACCESS EXCLUSIVE MODE")
+                    await conn.execute(f"LOCK TABLE {self._table} IN ACCESS EXCLUSIVE MODE")
                     self._locked.set()
                     await asyncio.to_thread(self._release.wait, 60)
             finally:
@@ -472,3 +473,36 @@ def test_an_idle_connection_is_kept_for_keep_alive_s(db_url: str, tmp_path: Path
             assert time.monotonic() - idle < 4  # uvicorn's default would be 5 s
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("second", [False, True])
+def test_a_signal_while_the_tracker_opens_stops_it_before_it_serves(
+    db_url: str, tmp_path: Path, second: bool
+) -> None:
+    """A signal while the tracker opened (here behind a lock; migrations can take as long) killed the
+    process: 143 for SIGTERM where a clean stop exits 0 (QA round 40). Now one stops it once open,
+    without serving, exit 0; a second abandons the opening, exit 130. Postgres, where a test can see
+    the opening wait for the lock."""
+    server = Server(db_url, tmp_path / "serve.log")
+    try:
+        with _WriteBlocker(db_url, table="tracker_nodes"):
+            _wait_until_a_session_waits_for_a_lock(db_url, timeout_s=30)
+            server.process.send_signal(signal.SIGTERM)
+            if second:
+                time.sleep(0.2)
+                server.process.send_signal(signal.SIGTERM)
+                code = server.exit_code_within(10, "two SIGTERMs while opening")
+            else:
+                time.sleep(0.5)
+                assert server.process.poll() is None, server.output()
+        if not second:
+            code = server.exit_code_within(30, "a SIGTERM while opening")
+    finally:
+        server.kill()
+    output = server.output()
+    assert "Traceback" not in output and "listening on" not in output, output
+    if second:
+        assert code == 130 and "a second signal abandoned the tracker's opening" in output, output
+    else:
+        assert code == 0 and "closing it without serving" in output, output

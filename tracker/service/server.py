@@ -6,8 +6,9 @@ database. A signal-initiated shutdown is a normal exit (code 0), not a death by 
 
 A second signal while shutting down forces it: uvicorn stops waiting for requests, and whatever still
 waits on the database (a write blocked on a lock, say: Postgres has no timeout for that) is
-cancelled; ``serve`` then raises ``ForcedShutdown``. The signals stay ours until the tracker is closed
-(and, for the process's owner, ``owns_process``, until it exits).
+cancelled; ``serve`` then raises ``ForcedShutdown``. The signals are ours from before the tracker
+opens until it is closed (and, for the process's owner, ``owns_process``, until it exits): one that
+comes while it opens stops it once open, before it serves, and a second abandons the opening.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import math
 import signal
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from types import FrameType
+from typing import TypeVar
 
 import uvicorn
 
@@ -34,6 +36,7 @@ from .app import create_app
 from .settings import ServiceSettings
 
 log = logging.getLogger("tracker.service")
+_T = TypeVar("_T")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -70,6 +73,29 @@ class _Signals:
         self._requested = False
         self._owns_process = owns_process
         self.forced = asyncio.Event()
+
+    @property
+    def requested(self) -> bool:
+        """Whether a signal has asked the service to stop."""
+        return self._requested
+
+    async def unless_forced(self, opening: Awaitable[_T]) -> _T:
+        """``opening``'s result, unless a second signal comes first: then it is cancelled (given
+        ``_FORCE_GRACE_S`` to unwind) and ``ForcedShutdown`` raised."""
+        work = asyncio.ensure_future(opening)
+        forcing = asyncio.create_task(self.forced.wait(), name="tracker-force")
+        try:
+            await asyncio.wait({work, forcing}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            work.cancel()
+            raise
+        finally:
+            forcing.cancel()
+        if not work.done():
+            work.cancel()
+            await asyncio.wait({work}, timeout=_FORCE_GRACE_S)
+            raise ForcedShutdown("forced shutdown: a second signal abandoned the tracker's opening")
+        return work.result()
 
     def attach(self, server: uvicorn.Server) -> None:
         self._server = server
@@ -197,65 +223,85 @@ async def _serve_on(
     gossip: GossipConfig | None,
     owns_process: bool,
 ) -> None:
-    tracker = await AvailabilityTracker.open(config)
+    signals = _Signals(owns_process=owns_process)
+    # The signals are ours while the tracker opens too (migrations can take a while): the first one
+    # then stops it once open, before it serves; a second abandons the opening. They killed the
+    # process before, exit 130 or 143 where a clean stop exits 0 (QA round 40).
+    with signals.captured():
+        tracker = await signals.unless_forced(AvailabilityTracker.open(config))
+        if signals.requested:
+            log.info(
+                "a signal came while the tracker opened: closing it without serving",
+                extra={"action": "stopping"},
+            )
+            await _close(tracker, None, None, signals)
+        else:
+            await _serve_open(tracker, sock, config, settings, gossip, signals)
+    log.info("stopped", extra={"action": "stopped"})
+
+
+async def _serve_open(
+    tracker: AvailabilityTracker,
+    sock: socket.socket,
+    config: TrackerConfig,
+    settings: ServiceSettings,
+    gossip: GossipConfig | None,
+    signals: _Signals,
+) -> None:
+    """Serve the open tracker until a signal stops the server, then close it (``_close``)."""
     agent = GossipAgent(tracker, gossip) if gossip is not None and gossip.enabled else None
     gossiping: asyncio.Task[None] | None = None
     server: uvicorn.Server | None = None
-    signals = _Signals(owns_process=owns_process)
-    with signals.captured():
-        try:
-            app = create_app(tracker, settings, agent)
-            # What start-up built (modules, the schema, compiled statements) lives as long as the
-            # process: frozen, the collector's full passes no longer walk it. Those ran ~20 times in
-            # one gossip exchange of 20,000 peers, each holding the event loop for up to 86 ms;
-            # with the start-up heap frozen, 38 ms at most (measured).
-            gc.collect()
-            gc.freeze()
-            server = _Server(
-                uvicorn.Config(
-                    app,
-                    host=settings.host,
-                    port=settings.port,
-                    lifespan="off",
-                    log_config=None,
-                    access_log=False,  # our middleware logs one line per request, with its request id
-                    server_header=False,
-                    timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-                    timeout_keep_alive=math.ceil(settings.keep_alive_s),
-                )
+    try:
+        app = create_app(tracker, settings, agent)
+        # What start-up built (modules, the schema, compiled statements) lives as long as the
+        # process: frozen, the collector's full passes no longer walk it. Those ran ~20 times in
+        # one gossip exchange of 20,000 peers, each holding the event loop for up to 86 ms;
+        # with the start-up heap frozen, 38 ms at most (measured).
+        gc.collect()
+        gc.freeze()
+        server = _Server(
+            uvicorn.Config(
+                app,
+                host=settings.host,
+                port=settings.port,
+                lifespan="off",
+                log_config=None,
+                access_log=False,  # our middleware logs one line per request, with its request id
+                server_header=False,
+                timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+                timeout_keep_alive=math.ceil(settings.keep_alive_s),
             )
-            signals.attach(server)
-            if not config.run_sweeper:
-                log.info(
-                    "sweeper disabled: stale peers expire only on reads", extra={"action": "sweeper_off"}
-                )
-            announcer = asyncio.create_task(_announce(server), name="tracker-announce")
-            if agent is not None:
-                gossiping = asyncio.create_task(agent.run(), name="tracker-gossip")
-                log.info(
-                    "gossip on: %d neighbour(s), every %.0f s",
-                    len(agent.neighbors),
-                    agent.interval,
-                    extra={"action": "gossip_on"},
-                )
-            try:
-                await server.serve(sockets=[sock])
-            except OSError as error:
-                if server.started:
-                    raise
-                # Another process listening first on a port bound with SO_REUSEADDR by both.
-                raise _address_error(settings.host, settings.port, error) from error
-            finally:
-                for task in (announcer, gossiping):
-                    if task is not None:
-                        task.cancel()
-                        with contextlib.suppress(asyncio.CancelledError):
-                            await task
-            log.info("server stopped; closing the tracker", extra={"action": "stopping"})
+        )
+        signals.attach(server)
+        if not config.run_sweeper:
+            log.info("sweeper disabled: stale peers expire only on reads", extra={"action": "sweeper_off"})
+        announcer = asyncio.create_task(_announce(server), name="tracker-announce")
+        if agent is not None:
+            gossiping = asyncio.create_task(agent.run(), name="tracker-gossip")
+            log.info(
+                "gossip on: %d neighbour(s), every %.0f s",
+                len(agent.neighbors),
+                agent.interval,
+                extra={"action": "gossip_on"},
+            )
+        try:
+            await server.serve(sockets=[sock])
+        except OSError as error:
+            if server.started:
+                raise
+            # Another process listening first on a port bound with SO_REUSEADDR by both.
+            raise _address_error(settings.host, settings.port, error) from error
         finally:
-            gc.unfreeze()  # for a caller that goes on in this process
-            await _close(tracker, agent, server, signals)
-    log.info("stopped", extra={"action": "stopped"})
+            for task in (announcer, gossiping):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        log.info("server stopped; closing the tracker", extra={"action": "stopping"})
+    finally:
+        gc.unfreeze()  # for a caller that goes on in this process
+        await _close(tracker, agent, server, signals)
 
 
 async def _close(
