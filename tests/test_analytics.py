@@ -181,25 +181,10 @@ async def test_views_take_now_per_statement_even_inside_an_open_transaction(
     assert second - first >= 0.2 - slack
 
 
-async def _date_session_ahead(tracker: AvailabilityTracker, peer: str, at: float) -> None:
-    """Date the peer's open session at ``at``, as a gossip row of an origin whose clock runs ahead."""
-    async with tracker.engine.begin() as conn:
-        await conn.execute(
-            text(
-                "UPDATE peer_stats SET online_since = :at, last_seen = :at"
-                " WHERE online AND peer_id = (SELECT id FROM peers WHERE peer_key = :peer)"
-            ),
-            {"at": at, "peer": peer},
-        )
-
-
 async def test_uptime_is_never_negative_for_a_session_dated_ahead_of_the_clock(
     swarm: AvailabilityTracker, clock: ManualClock
 ) -> None:
-    """A session of an origin whose clock runs ahead (gossip holds rows back only past its
-    max_skew_s); a client's event dated ahead is stored at receipt instead (QA round 40)."""
-    await swarm.record_peer_online("early-bird")
-    await _date_session_ahead(swarm, "early-bird", clock.now + 55)
+    await swarm.record_peer_online("early-bird", at=clock.now + 55)  # within the accepted skew
     metrics = await swarm.get_peer_metrics("early-bird")
     assert metrics is not None and metrics.uptime.total_seconds() == 0
     rows = await _rows(swarm, "SELECT uptime_s FROM peer_scores WHERE peer_id = 'early-bird'")
@@ -225,8 +210,7 @@ async def test_a_session_dated_ahead_counts_zero_and_keeps_the_closed_sessions_u
     await swarm.record_batch([PeerOnline("steady", at=t - 7200 + i * 200) for i in range(19)])
     await swarm.record_peer_offline("steady", at=t - 3600)
     closed = await swarm.get_peer_metrics("steady")
-    await swarm.record_peer_online("steady")
-    await _date_session_ahead(swarm, "steady", t + 55)
+    await swarm.record_peer_online("steady", at=t + 55)
     metrics = await swarm.get_peer_metrics("steady")
     assert closed is not None and metrics is not None
     assert metrics.uptime == closed.uptime and metrics.uptime.total_seconds() == pytest.approx(3600)

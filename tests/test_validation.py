@@ -11,7 +11,6 @@ from tracker import AvailabilityTracker, InvalidInput
 from tracker.events import (
     ContentAvailable,
     ContentUnavailable,
-    PeerOffline,
     PeerOnline,
     SpeedSample,
     UploadOutcome,
@@ -147,28 +146,37 @@ async def test_a_client_whose_clock_runs_ahead_can_still_remove_what_it_announce
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:
     """A client 30 s fast announced with ``at``, then sent a removal and a goodbye without it: both
-    got through, were dated by the tracker, older than the announcement, and lost; the peer stayed
-    online holding the content (QA round 40). Events dated ahead are stored at receipt now, and in
-    one batch those dated ahead keep the order of their client's times."""
+    got 200, were dated now, older than the announcement, and lost; the peer stayed online holding
+    the content (QA round 40). An event without ``at`` is dated just after what its peer dated
+    ahead; dated events keep their times, so dated ones arriving out of order keep their order."""
     ahead = clock.now + 30
     await tracker.record_batch([PeerOnline("fast", at=ahead), ContentAvailable("movie", "fast", at=ahead)])
-    metrics = await tracker.get_peer_metrics("fast")
-    assert metrics is not None and metrics.last_seen == from_unix(clock.now)
     await tracker.record_content_unavailable("movie", "fast")
     assert await tracker.get_available_peers("movie") == []
     await tracker.record_peer_offline("fast")
     metrics = await tracker.get_peer_metrics("fast")
     assert metrics is not None and not metrics.online
-    clock.advance(1)
+    # In one batch too, and the undated event follows the latest time of its peer.
     await tracker.record_batch(
         [
             ContentAvailable("show", "fast", at=clock.now + 40),
-            ContentUnavailable("show", "fast", at=clock.now + 20),
-            PeerOnline("fast", at=clock.now + 50),
-            PeerOffline("fast", at=clock.now + 10),
+            PeerOnline("fast", at=clock.now + 45),
+            ContentUnavailable("show", "fast"),
         ]
     )
-    assert await tracker.get_available_peers("show") == ["fast"]
+    assert await tracker.get_content_availability("show") is not None
+    assert await tracker.get_available_peers("show") == []
+    # Dated events arriving out of order: the later by their client's clock wins, as before.
+    await tracker.record_content_unavailable("clip", "fast", at=clock.now + 50)
+    await tracker.record_content_available("clip", "fast", at=clock.now + 41)
+    assert await tracker.get_available_peers("clip") == []
+    # Once the clock has passed those times, an undated event is dated now again.
+    clock.advance(61)
+    await tracker.record_content_available("clip", "fast")
+    metrics = await tracker.get_peer_metrics("fast")
+    assert metrics is not None and metrics.last_seen == from_unix(clock.now)
+    assert await tracker.get_available_peers("clip") == ["fast"]
+    assert len(tracker._ahead_times) == 0  # pruned once the clock passed them
 
 
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(

@@ -17,6 +17,7 @@ from typing import Self, TypeVar
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db, migrations, pg_checks, queries
+from .aheadtimes import AheadTimes
 from .clockleap import ClockState, SteadyClock, system_boot_id, system_elapsed
 from .config import STRATEGIES, TrackerConfig
 from .errors import (
@@ -36,7 +37,6 @@ from .events import (
     SpeedSample,
     UploadOutcome,
     check_batch,
-    dated,
     validate_id,
     validate_time,
 )
@@ -143,6 +143,8 @@ class AvailabilityTracker:
         )
         self._elapsed = elapsed or time.monotonic
         self._random = random.Random(self.config.random_seed)
+        #: Dates the events without ``at`` after what their peer dated ahead (tracker/aheadtimes.py).
+        self._ahead_times = AheadTimes(self.config.max_clock_skew_s)
         #: Where a Postgres top-up starts probing: never seeded, so processes sharing a random_seed
         #: spread over the candidates, and a seeded tracker's weighted draws do not shift with
         #: contention (QA round 45). The system's source: an instance would be copied by a fork.
@@ -465,7 +467,7 @@ class AvailabilityTracker:
         the transaction holding its events has committed.
         """
         self._own_loop()  # before the lease clock's lock, which is the loop's too
-        config = self.config
+        config, ahead = self.config, self._ahead_times
         batch: Sequence[Event] = events if isinstance(events, Sequence) else list(events)
 
         def stamped(now: float) -> list[queries.Timed]:
@@ -476,7 +478,7 @@ class AvailabilityTracker:
                 max_skew_s=config.max_clock_skew_s,
                 max_age_s=config.event_age_limit,
             )
-            return [queries.Timed(event, at) for event, at in dated(checked, now)]
+            return [queries.Timed(event, at) for event, at in ahead.dated(checked, now)]
 
         # The reading stamps the events and is held until they commit: a move of held leases
         # between it and the transaction would put the outcomes' times and their leases' on two

@@ -187,23 +187,3 @@ def check_batch(
             )
         checked.append(event)
     return checked
-
-
-def dated(events: Sequence[Event], now: float) -> list[tuple[Event, float]]:
-    """Each event with the time it is stored under: its ``at``, but no later than ``now`` (the
-    tracker's time when it receives the batch), which also dates the events without ``at``.
-
-    The latest event by time wins, and a client whose clock ran ahead (within ``max_clock_skew_s``)
-    dated its announcements ahead of everything it sent afterwards without ``at``: a removal or a
-    goodbye sent next got 200 and lost, and the peer stayed online and its mapping available (QA
-    round 40). Dated at receipt, such events tie with what comes after them, and ties between
-    events of one origin go to the one applied later, so a later request wins. Within a batch those
-    dated ahead keep the order of their own times among the places they hold (a sort, stable), so
-    that the one its client dated last is still applied last.
-    """
-    ahead = [index for index, event in enumerate(events) if event.at is not None and event.at > now]
-    out = [(event, now if event.at is None else event.at) for event in events]
-    by_time = sorted(ahead, key=lambda index: events[index].at or 0.0)
-    for place, index in zip(ahead, by_time, strict=True):
-        out[place] = (events[index], now)
-    return out

@@ -50,10 +50,9 @@ UnixTime = Annotated[
         ge=0,
         allow_inf_nan=False,
         description=(
-            "When it happened, Unix seconds UTC; omitted means when the tracker receives it, and so "
-            "does a time ahead of the tracker's clock. Refused when more than max_clock_skew_s (60 s "
-            "by default) ahead of the tracker's clock or more than max_event_age_s (7 days by "
-            "default) behind it."
+            "When it happened, Unix seconds UTC; omitted means when the tracker receives it. Refused "
+            "when more than max_clock_skew_s (60 s by default) ahead of the tracker's clock or more "
+            "than max_event_age_s (7 days by default) behind it."
         ),
     ),
 ]
