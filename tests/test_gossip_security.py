@@ -625,3 +625,42 @@ async def test_a_slow_link_catching_up_is_not_cut_while_each_sync_moves_rows(tmp
     finally:
         for tracker in trackers:
             await tracker.close()
+
+
+async def test_a_neighbour_that_never_answers_does_not_hold_the_others_gossip(tmp_path: Path) -> None:
+    """Each round waited for every chosen neighbour: one answering slowly (bounded at 10 x timeout_s a
+    sync, 100 s by default) held the gossip of all the others that long, round after round. The loop
+    now starts each round without waiting; a neighbour still in an exchange is not chosen again, and
+    stopping the loop cancels the exchanges under way."""
+    net = LocalNet()
+    calls = {"http://b": 0, "http://stuck": 0}
+
+    async def send(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        base = url.removesuffix("/v1/gossip")
+        calls[base] += 1
+        if base == "http://stuck":
+            await asyncio.Event().wait()  # never answers: only the exchange bound would end it
+        return await net(url, body, headers)
+
+    trackers = [
+        await AvailabilityTracker.open(TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / n}.db"))
+        for n in ("a", "b")
+    ]
+    try:
+        config = GossipConfig(
+            keys=(KEY,), neighbors=("http://b", "http://stuck"), fanout=2, interval_s=0.02, timeout_s=30
+        )
+        a = GossipAgent(trackers[0], config, transport=send)
+        net.agents["http://b"] = GossipAgent(trackers[1], GossipConfig(keys=(KEY,)), transport=net)
+        running = asyncio.create_task(a.run())
+        async with asyncio.timeout(20):
+            while calls["http://b"] < 5:
+                await asyncio.sleep(0.01)
+        running.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(running, 5)
+        assert calls["http://stuck"] == 1
+        assert not a._in_flight
+    finally:
+        for tracker in trackers:
+            await tracker.close()

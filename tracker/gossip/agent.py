@@ -10,6 +10,7 @@ vector. The initiator applies the reply and remembers the vector. Both direction
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import random
@@ -133,6 +134,8 @@ class GossipAgent:
         )
         self._client: httpx.AsyncClient | None = None
         self._client_lock = asyncio.Lock()
+        #: Exchanges under way, by neighbour URL: ``run`` starts a round without waiting for them.
+        self._in_flight: dict[str, asyncio.Task[bool]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -623,13 +626,53 @@ class GossipAgent:
             return self._client
 
     async def round(self) -> int:
-        """Gossip with up to ``fanout`` random neighbours not in back-off; returns exchanges that worked."""
-        now = self._now()
-        ready = [n for n in self._neighbors.values() if n.retry_at <= now]
-        chosen = self._rng.sample(ready, min(self.config.fanout, len(ready)))
-        results = await asyncio.gather(*(self._guarded(n) for n in chosen))
-        self.stats.rounds += 1
+        """Gossip with up to ``fanout`` random neighbours not in back-off, and wait for those
+        exchanges; returns how many worked. ``run`` does not wait (``_start_round``)."""
+        results = await asyncio.gather(*self._start_round())
         return sum(results)
+
+    def _start_round(self) -> list[asyncio.Task[bool]]:
+        """Start exchanges with up to ``fanout`` random neighbours neither in back-off nor still in an
+        exchange of an earlier round.
+
+        The loop waited for every chosen neighbour before the next round: one answering slowly (each
+        sync bounded at 10 x ``timeout_s``, 100 s by default) held the others' gossip that long, round
+        after round, where the interval is 30 s. Now its exchange goes on beside the next rounds, which
+        choose among the other neighbours.
+        """
+        now = self._now()
+        ready = [n for n in self._neighbors.values() if n.retry_at <= now and n.url not in self._in_flight]
+        chosen = self._rng.sample(ready, min(self.config.fanout, len(ready)))
+        tasks = []
+        for neighbor in chosen:
+            task = asyncio.create_task(
+                self._guarded(neighbor), name=f"tracker-gossip-exchange {neighbor.url}"
+            )
+            self._in_flight[neighbor.url] = task
+            task.add_done_callback(functools.partial(self._done, neighbor.url))
+            tasks.append(task)
+        self.stats.rounds += 1
+        return tasks
+
+    def _done(self, url: str, task: asyncio.Task[bool]) -> None:
+        if self._in_flight.get(url) is task:
+            del self._in_flight[url]
+        if not task.cancelled() and (error := task.exception()) is not None:
+            # _guarded catches every Exception; anything else is logged rather than lost.
+            log.error(
+                "gossip exchange with %s ended: %s",
+                url,
+                describe(error),
+                extra={"action": "gossip_round_failure", "neighbor": url},
+            )
+
+    async def _stop_exchanges(self) -> None:
+        """Cancel the exchanges under way and wait for them (their merges finish: see ``exchange``)."""
+        tasks = list(self._in_flight.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def _bounded_exchange(self, url: str) -> int:
         """An exchange that holds the round (which waits for every chosen neighbour) at most
@@ -707,6 +750,12 @@ class GossipAgent:
 
     async def run(self) -> None:
         """Gossip forever, every ``interval`` +- ``jitter``; cancel to stop."""
+        try:
+            await self._run()
+        finally:
+            await self._stop_exchanges()
+
+    async def _run(self) -> None:
         warned, started = False, self._now()
         while True:
             spread = self.interval * self.config.jitter
@@ -721,17 +770,7 @@ class GossipAgent:
                     self._now() - started,
                     extra={"action": "gossip_without_sweeper"},
                 )
-            try:
-                await self.round()
-            except Exception as error:  # the database may be down: log, keep the loop alive
-                if not (isinstance(error, StorageError) or db.is_driver_error(error)):
-                    log.exception("gossip round failed", extra={"action": "gossip_round_failure"})
-                    continue
-                # A database's failure in one line (its statement and parameters only at DEBUG).
-                log.error(
-                    "gossip round failed: %s", describe(error), extra={"action": "gossip_round_failure"}
-                )
-                log.debug("gossip round failed", exc_info=error, extra={"action": "gossip_round_failure"})
+            self._start_round()  # not waited for: see there
 
     def _unswept_since(self, started: float) -> bool:
         """Whether no sweeper runs here and no pass ran (``tracker.sweep()`` from the application's own
