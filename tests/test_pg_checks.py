@@ -45,6 +45,31 @@ async def test_a_postgres_server_without_autovacuum_is_named_at_open(
         assert "autovacuum = " in warned[0].getMessage()
 
 
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_table_with_autovacuum_turned_off_is_named_at_open(
+    db_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's setting said nothing of a table whose own storage parameters turn autovacuum
+    off: its dead rows piled up unwarned. Such tables are named, whatever the server's setting."""
+    config = TrackerConfig(database_url=db_url, run_sweeper=False)
+    async with AvailabilityTracker(config) as tracker, tracker.engine.begin() as conn:
+        await conn.execute(text("ALTER TABLE peer_stats SET (autovacuum_enabled = off)"))
+        await conn.execute(text("ALTER TABLE content_peers SET (autovacuum_enabled = 'no')"))
+        await conn.execute(text("ALTER TABLE peers SET (autovacuum_enabled = on, fillfactor = 90)"))
+    with caplog.at_level(logging.WARNING, logger="tracker.postgres"):
+        async with AvailabilityTracker(config) as tracker, tracker.engine.begin() as conn:
+            await conn.execute(text("ALTER TABLE peer_stats RESET (autovacuum_enabled)"))
+            await conn.execute(text("ALTER TABLE content_peers RESET (autovacuum_enabled)"))
+    warned = [r for r in caplog.records if getattr(r, "action", None) == "postgres_autovacuum_off_tables"]
+    assert len(warned) == 1 and warned[0].tables == ["content_peers", "peer_stats"]
+    assert "content_peers, peer_stats" in warned[0].getMessage()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tracker.postgres"):
+        async with AvailabilityTracker(config):
+            pass
+    assert not [r for r in caplog.records if getattr(r, "action", None) == "postgres_autovacuum_off_tables"]
+
+
 @pytest.fixture
 async def latin1_url(request: pytest.FixtureRequest) -> AsyncIterator[str]:
     """An empty Postgres database encoded LATIN1 (the tracker migrates it as it opens)."""

@@ -8,6 +8,8 @@ import logging
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from . import schema
+
 log = logging.getLogger("tracker.postgres")
 
 
@@ -29,8 +31,9 @@ async def warn_without_vacuum(engine: AsyncEngine) -> bool:
     except Exception:  # the server answered the migration; this is advice, not a requirement
         return True
     autovacuum, track_counts = (str(value).lower() for value in row)
+    tables_ok = await _warn_tables_without_vacuum(engine)
     if autovacuum == "on" and track_counts == "on":
-        return True
+        return tables_ok
     log.warning(
         "autovacuum cannot run on this PostgreSQL server (autovacuum = %s, track_counts = %s): the "
         "tracker rewrites a peer's row at every heartbeat, and without vacuum the dead rows pile up, "
@@ -39,6 +42,44 @@ async def warn_without_vacuum(engine: AsyncEngine) -> bool:
         autovacuum,
         track_counts,
         extra={"action": "postgres_autovacuum_off"},
+    )
+    return False
+
+
+#: What Postgres reads as false in a boolean storage parameter (``parse_bool``: unique prefixes).
+_FALSE = ("0", "f", "fa", "fal", "fals", "false", "n", "no", "of", "off")
+
+
+async def _warn_tables_without_vacuum(engine: AsyncEngine) -> bool:
+    """Log a warning naming the tracker's tables whose own storage parameters turn autovacuum off
+    (``ALTER TABLE ... SET (autovacuum_enabled = off)``); whether there are none.
+
+    The server's setting said nothing of those: with autovacuum on, a ``peer_stats`` set apart (by
+    an operator's bulk load, say, never set back) piled up dead rows just the same, unwarned."""
+    names = sorted(schema.metadata.tables)
+    try:
+        async with engine.connect() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace"
+                    " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'p')"
+                    " AND c.relname = ANY(:names) AND EXISTS (SELECT 1 FROM unnest(c.reloptions) o"
+                    " WHERE lower(split_part(o, '=', 1)) = 'autovacuum_enabled'"
+                    " AND lower(split_part(o, '=', 2)) = ANY(:false)) ORDER BY c.relname"
+                ),
+                {"names": names, "false": list(_FALSE)},
+            )
+            off = [str(name) for (name,) in rows]
+    except Exception:  # advice, not a requirement
+        return True
+    if not off:
+        return True
+    log.warning(
+        "autovacuum is turned off for the tracker's table(s) %s (ALTER TABLE ... SET "
+        "(autovacuum_enabled = off)): their dead rows pile up and selections slow down. Turn it back "
+        "on with ALTER TABLE ... RESET (autovacuum_enabled), or VACUUM them often",
+        ", ".join(off),
+        extra={"action": "postgres_autovacuum_off_tables", "tables": off},
     )
     return False
 
