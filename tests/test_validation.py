@@ -177,6 +177,12 @@ async def test_a_client_whose_clock_runs_ahead_can_still_remove_what_it_announce
     assert metrics is not None and metrics.last_seen == from_unix(clock.now)
     assert await tracker.get_available_peers("clip") == ["fast"]
     assert len(tracker._ahead_times) == 0  # pruned once the clock passed them
+    # A failed upload report about the peer, from a downloader's fast clock, is no sighting: it
+    # does not date the peer's next heartbeat.
+    await tracker.record_upload_failure("fast", at=clock.now + 50)
+    await tracker.record_peer_online("fast")
+    metrics = await tracker.get_peer_metrics("fast")
+    assert metrics is not None and metrics.last_seen == from_unix(clock.now)
 
 
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(

@@ -22,10 +22,17 @@ import math
 import threading
 from collections.abc import Sequence
 
-from .events import Event
+from .events import Event, UploadOutcome
 
 #: How often, in the tracker's seconds, times the clock has passed are dropped.
 _PRUNE_EVERY_S = 10.0
+
+
+def _dates_the_peer(event: Event) -> bool:
+    """Whether the event dates its peer's presence or a mapping: all but a failed upload report,
+    which a downloader sends about the peer (whose clock it does not share) and which is no
+    sighting: taken as the peer's latest time, it kept a departed peer online that much longer."""
+    return not (isinstance(event, UploadOutcome) and not event.success)
 
 
 class AheadTimes:
@@ -54,7 +61,7 @@ class AheadTimes:
                         at = math.nextafter(ahead, math.inf)
                     else:
                         at = now
-                elif at > now and at > latest.get(event.peer_id, -math.inf):
+                elif at > now and at > latest.get(event.peer_id, -math.inf) and _dates_the_peer(event):
                     latest[event.peer_id] = at
                 out.append((event, at))
         return out
