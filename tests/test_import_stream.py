@@ -300,6 +300,31 @@ async def test_a_file_failing_at_its_end_changes_nothing_though_parts_were_merge
         assert (await importer.import_snapshot(tracker, path)).peers_applied > 0
 
 
+async def test_rows_ahead_within_gossips_skew_are_imported_and_beyond_it_refused(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A snapshot's rows are gossip's, which gossip applies up to its max_skew_s (120 s) ahead; the
+    import allowed max_clock_skew_s (60 s): a row that gossip had brought from an origin 90 s ahead
+    got the relaying tracker's every snapshot refused whole (QA round 42)."""
+    path = await _swarm_snapshot(f"sqlite+aiosqlite:///{tmp_path / 'source.db'}", tmp_path / "snaps")
+
+    def last_mapping_at(lines: list[bytes], at: float) -> list[bytes]:
+        last = json.loads(lines[-2])
+        last["last_confirmed"] = at
+        return [*lines[:-2], json.dumps(last).encode() + b"\n", lines[-1]]
+
+    within = _rewrite(tmp_path / "within.jsonl.gz", last_mapping_at(_lines(path), T0 + 90))
+    beyond = _rewrite(tmp_path / "beyond.jsonl.gz", last_mapping_at(_lines(path), T0 + 121))
+    async with _importing(db_url) as tracker:
+        before = await _dump(tracker)
+        with pytest.raises(SnapshotError, match=r"dated 121 s ahead .*allowed 120 s, max_skew_s"):
+            await importer.import_snapshot(tracker, beyond)
+        assert await _dump(tracker) == before
+        with pytest.raises(SnapshotError, match=r"allowed 80 s"):
+            await importer.import_snapshot(tracker, within, max_skew_s=80)
+        assert (await importer.import_snapshot(tracker, within)).mappings_applied > 0
+
+
 async def test_a_corrupt_gzip_file_is_refused_naming_it_even_when_progress_counts_it_first(
     tracker: AvailabilityTracker, tmp_path: Path
 ) -> None:

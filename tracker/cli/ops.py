@@ -178,11 +178,14 @@ def import_(
     """
     from rich.progress import Progress
 
+    from ..gossip.config import GossipConfig
     from ..gossip.importer import ImportReport, import_snapshot
 
     with errors_as_messages(debug):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is not a file")
+        # Rows as far ahead as this environment's gossip applies them (TRACKER_GOSSIP_MAX_SKEW_S).
+        gossip_skew = GossipConfig.from_env().max_skew_s
 
         async def work() -> ImportReport:
             stderr = Console(stderr=True)
@@ -195,7 +198,13 @@ def import_(
                     progress = (
                         None if disable else lambda done, total: bar.update(task, completed=done, total=total)
                     )
-                    return await import_snapshot(tracker, path, progress, accept_old=accept_old)
+                    return await import_snapshot(
+                        tracker,
+                        path,
+                        progress,
+                        accept_old=accept_old,
+                        max_skew_s=max(gossip_skew, tracker.config.max_clock_skew_s),
+                    )
 
         report = run(work())
         if as_json:

@@ -12,6 +12,9 @@ from urllib.parse import urlsplit
 from ..errors import ConfigError
 from .limits import MIN_BYTES
 
+#: ``GossipConfig.max_skew_s``'s default; a snapshot import allows rows as far ahead (importer.py).
+DEFAULT_MAX_SKEW_S = 120.0
+
 
 @dataclass(frozen=True, kw_only=True)
 class GossipConfig:
@@ -36,7 +39,7 @@ class GossipConfig:
     #: Largest compressed message accepted or sent, bytes.
     max_bytes: int = 4 * 1024 * 1024
     #: Messages older or further in the future than this are refused; nonces are kept this long.
-    max_skew_s: float = 120.0
+    max_skew_s: float = DEFAULT_MAX_SKEW_S
     #: Rows per version when local changes are stamped; must be below ``max_rows``.
     stamp_chunk: int = 500
     #: Per-request timeout, seconds.

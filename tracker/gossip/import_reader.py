@@ -42,7 +42,7 @@ class Sorter:
 
     local_key: str
     now: float  # the tracker's clock, read on the loop
-    skew: float  # max_clock_skew_s
+    skew: float  # import_snapshot's max_skew_s
     next_seq: int = 0  # the last peer row's place in the file (tracker_import_peers.seq)
 
     def part(self, records: Iterator[SnapshotHeader | Record], size: int) -> Part:
@@ -88,7 +88,7 @@ class Sorter:
             what = f"peer {record.peer}"
         raise SnapshotError(
             f"the snapshot's row of origin {record.origin} for {what} is dated {at - self.now:.6g} s "
-            f"ahead of this tracker's clock (allowed {self.skew:g} s, max_clock_skew_s); the clock of "
+            f"ahead of this tracker's clock (allowed {self.skew:g} s, max_skew_s); the clock of "
             "the tracker that recorded it (that origin) was ahead, or this one's is behind: nothing was "
             "imported. Import it once this clock has passed that time"
         )

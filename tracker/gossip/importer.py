@@ -5,10 +5,11 @@ and lose to anything gossip brings, and content mappings still go by last-writer
 node's own origin is skipped, like in gossip: the database is the authority on its own observations.
 The whole file is applied in one transaction that commits only once its trailer has been checked, so
 a truncated or corrupt file changes nothing; so does one with a row dated beyond this tracker's clock
-plus ``max_clock_skew_s`` (the exporter's clock was wrong: such rows would pin peers online and win
-every last-writer-wins for as long as the error). A snapshot taken longer ago than removals are
-remembered (``TrackerConfig.tombstone_keep_s``) is refused unless the caller accepts it: a mapping
-removed after it was taken, and forgotten since, would come back as held (QA round 14).
+plus ``max_skew_s`` (gossip's, 120 s by default: an origin's clock was wrong, and such rows would pin
+peers online and win every last-writer-wins for as long as the error). A snapshot taken longer ago
+than removals are remembered (``TrackerConfig.tombstone_keep_s``) is refused unless the caller
+accepts it: a mapping removed after it was taken, and forgotten since, would come back as held (QA
+round 14).
 
 The file is streamed, in bounded memory: a whole snapshot in memory took ~50 times its compressed
 size (a million-peer snapshot could not be restored). Records are decoded and checked on a worker
@@ -42,6 +43,7 @@ from ..compiled import BulkInsert
 from ..core import AvailabilityTracker
 from ..queries import gossip as q
 from ..queries.gossip import stash
+from .config import DEFAULT_MAX_SKEW_S
 from .files import count_records, iter_snapshot
 from .import_reader import Reader, Sorter, forget
 from .protocol import OriginDelta, PeerState
@@ -75,20 +77,28 @@ async def import_snapshot(
     progress: Progress | None = None,
     *,
     accept_old: bool = False,
+    max_skew_s: float | None = None,
 ) -> ImportReport:
     """Merge the snapshot at ``path``; ``progress(done, total)`` is called after every part (see
     ``Progress``).
 
     ``accept_old``: import a snapshot older than ``tombstone_keep_s`` too (restoring an old backup,
-    knowing that mappings removed since it was taken may come back)."""
+    knowing that mappings removed since it was taken may come back).
+
+    ``max_skew_s``: how far ahead of this tracker's clock a row may be dated (default: gossip's
+    ``max_skew_s`` default, 120 s, or ``max_clock_skew_s`` if larger). A snapshot's rows are gossip's
+    rows, which gossip applies within its ``max_skew_s``: allowed only ``max_clock_skew_s`` (60 s),
+    a row that gossip had brought from an origin 90 s ahead got the exporter's every later
+    snapshot refused whole (QA round 42)."""
     path = Path(path)
+    skew = max(tracker.config.max_clock_skew_s, DEFAULT_MAX_SKEW_S) if max_skew_s is None else max_skew_s
     header = await asyncio.to_thread(_read_header, path)
     if not accept_old:
         _refuse_forgotten_removals(tracker, header.taken_at)
     # Only a bar needs the total: one more decompression of the file (no decoding), before the lock.
     total = sum(await asyncio.to_thread(count_records, path)) if progress is not None else 0
     # The clock is read here, on the loop: readings change its state, which is not a thread's to touch.
-    run = _Run(tracker, path, tracker.now(), progress, total)
+    run = _Run(tracker, path, tracker.now(), progress, total, skew)
     try:
         counts = await db.run_write(tracker.engine, run.apply, tracker.config.write_retries)
     except asyncio.CancelledError:
@@ -132,13 +142,19 @@ class _Run:
     """One attempt at the import's transaction (``run_write`` may start it again from scratch)."""
 
     def __init__(
-        self, tracker: AvailabilityTracker, path: Path, now: float, progress: Progress | None, total: int
+        self,
+        tracker: AvailabilityTracker,
+        path: Path,
+        now: float,
+        progress: Progress | None,
+        total: int,
+        skew: float,
     ) -> None:
         self.tracker, self.path, self.now = tracker, path, now
         self.progress, self.total = progress, total
         config = tracker.config
         self.dialect, self.window = config.dialect, config.bandwidth_window
-        self.skew = config.max_clock_skew_s
+        self.skew = skew
         #: Set when the caller was cancelled: the transaction raises at its next part.
         self.stopped = False
 
