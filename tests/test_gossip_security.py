@@ -565,8 +565,26 @@ async def test_a_slow_but_steady_answer_is_read_to_its_end(target: GossipAgent) 
                 await agent.exchange(url)
         finally:
             await agent.aclose()
-    assert "unacceptable reply" in str(failed.value) and "within timeout_s" not in str(failed.value)
+    assert "without a signed gossip reply" in str(failed.value)
+    assert "within timeout_s" not in str(failed.value)
     assert agent.stats.bytes_received == 40_000
+
+
+async def test_a_url_that_is_no_tracker_is_named_for_what_it_answered(target: GossipAgent) -> None:
+    """A web page at the neighbour's URL read "unacceptable reply: the message is not signed", which
+    sent operators looking at their keys (QA round 42)."""
+    page = b"<html><body>It works!</body></html>"
+    head = b"Content-Type: text/html\r\nContent-Length: %d\r\n" % len(page)
+    async with _answering(_reply(head, page)) as url:
+        agent = GossipAgent(target.tracker, GossipConfig(keys=(KEY,)))
+        try:
+            with pytest.raises(GossipFailed) as failed:
+                await agent.exchange(url)
+        finally:
+            await agent.aclose()
+    said = str(failed.value)
+    assert "answered 200 without a signed gossip reply (text/html, 35 bytes" in said, said
+    assert "It works!" in said and "is it a tracker's base URL?" in said
 
 
 async def _slow_refusal(writer: asyncio.StreamWriter) -> None:

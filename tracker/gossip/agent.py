@@ -444,6 +444,14 @@ class GossipAgent:
             reply = await self._decode(answer, answer_headers.get("authorization"), self._now())
         except GossipRejected as error:
             self._reject(error, neighbor.url)
+            if error.reason == "unsigned":
+                # Not a tracker's answer at all, most likely (a web server, a proxy's page): "not
+                # signed" alone sent operators looking at keys (QA round 42).
+                kind = answer_headers.get("content-type", "no content type")
+                raise GossipFailed(
+                    f"{neighbor.url} answered 200 without a signed gossip reply ({kind}, "
+                    f"{len(answer)} bytes: {answer[:80]!r}): is it a tracker's base URL? ({error})"
+                ) from None
             raise GossipFailed(f"{neighbor.url} sent an unacceptable reply: {error}") from None
         if reply.kind != "reply" or reply.in_reply_to != sync.nonce:
             self._reject(GossipRejected("replay", "a reply that does not answer this request"), neighbor.url)
