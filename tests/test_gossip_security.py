@@ -682,3 +682,41 @@ async def test_a_neighbour_that_never_answers_does_not_hold_the_others_gossip(tm
     finally:
         for tracker in trackers:
             await tracker.close()
+
+
+async def test_a_learned_url_of_a_tracker_already_reached_is_forgotten(tmp_path: Path) -> None:
+    """One tracker under two spellings (its settings' URL and the one it advertises) was exchanged
+    with twice a round, each sync sending it the same rows (QA round 42). Once a reply shows the
+    learned URL reaches a tracker another neighbour reaches, it is forgotten and not learned again."""
+    net = LocalNet()
+    sent: dict[str, int] = {}
+
+    async def send(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        base = url.removesuffix("/v1/gossip")
+        sent[base] = sent.get(base, 0) + 1
+        return await net(url.replace("http://b-alias", "http://b"), body, headers)
+
+    trackers = [
+        await AvailabilityTracker.open(TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / n}.db"))
+        for n in ("a", "b")
+    ]
+    try:
+        a = GossipAgent(
+            trackers[0],
+            GossipConfig(keys=(KEY,), neighbors=("http://b",), learn_neighbors=True),
+            transport=send,
+        )
+        net.agents["http://b"] = GossipAgent(
+            trackers[1], GossipConfig(keys=(KEY,), advertise_url="http://b-alias"), transport=net
+        )
+        assert await a.round() == 1  # learns http://b-alias from b's reply
+        assert sorted(s.url for s in a.neighbor_states()) == ["http://b", "http://b-alias"]
+        assert await a.round() == 2  # both: the alias's reply names b's node
+        alias_syncs = sent["http://b-alias"]
+        for _ in range(3):
+            assert await a.round() == 1
+        assert [s.url for s in a.neighbor_states()] == ["http://b"]
+        assert sent["http://b-alias"] == alias_syncs  # not learned again from b's replies
+    finally:
+        for tracker in trackers:
+            await tracker.close()

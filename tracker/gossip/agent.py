@@ -100,6 +100,8 @@ class _Neighbor:
     max_bytes: int | None = None
     #: Known from another tracker's message (``learn_neighbors``), not from this tracker's settings.
     learned: bool = False
+    #: Its node key, from its latest reply.
+    node: str | None = None
 
     @property
     def works(self) -> bool:
@@ -129,6 +131,7 @@ class GossipAgent:
         self._neighbors = {url: _Neighbor(url) for url in map(check_url, config.neighbors)}
         self._transport = transport
         self._own_urls: set[str] = set()  # learned URLs that turned out to be this tracker
+        self._aliases: set[str] = set()  # learned URLs of a tracker another neighbour reaches
         self._senders = TokenBuckets(
             config.max_messages_per_s, config.message_burst, clock=tracker.now, max_keys=4096
         )
@@ -285,7 +288,7 @@ class GossipAgent:
                 url = check_url(url)
             except ValueError:
                 continue
-            if url in self._own_urls or url == self.config.advertise_url:
+            if url in self._own_urls or url in self._aliases or url == self.config.advertise_url:
                 continue
             if url not in self._neighbors and len(self._neighbors) < 1024:
                 self._neighbors[url] = _Neighbor(url, learned=True)
@@ -402,7 +405,31 @@ class GossipAgent:
         self.stats.exchanges += 1
         neighbor.failures, neighbor.retry_at = 0, 0.0
         neighbor.last_success_at = self._now()
+        neighbor.node = reply.node
+        self._drop_alias(neighbor)
         return applied
+
+    def _drop_alias(self, neighbor: _Neighbor) -> None:
+        """Forget a learned URL that reaches a tracker another neighbour already reaches (by node
+        key): one tracker under two spellings (127.0.0.1 and localhost, a name and its address) was
+        exchanged with twice a round, each sync sending it the same rows (QA round 42). The URL
+        from this tracker's settings is kept; two configured ones are the operator's choice."""
+        twin = next(
+            (n for n in self._neighbors.values() if n is not neighbor and n.node == neighbor.node),
+            None,
+        )
+        if twin is None or not (neighbor.learned or twin.learned):
+            return
+        alias = neighbor if neighbor.learned else twin
+        kept = twin if alias is neighbor else neighbor
+        self._neighbors.pop(alias.url, None)
+        self._aliases.add(alias.url)
+        log.info(
+            "gossip: %s reaches the same tracker as %s; forgotten",
+            alias.url,
+            kept.url,
+            extra={"action": "gossip_neighbor_alias", "neighbor": alias.url},
+        )
 
     async def _sync_once(self, neighbor: _Neighbor) -> tuple[bool, Message, int]:
         """One sync and its reply: whether this side left rows out, the reply, and this node's own
