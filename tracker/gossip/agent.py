@@ -702,7 +702,8 @@ class GossipAgent:
             )
 
     async def _stop_exchanges(self) -> None:
-        """Cancel the exchanges under way and wait for them (their merges finish: see ``exchange``)."""
+        """Cancel the exchanges under way and wait for them (a transaction under way runs to its
+        end: ``db.to_completion``)."""
         tasks = list(self._in_flight.values())
         for task in tasks:
             task.cancel()
@@ -710,8 +711,8 @@ class GossipAgent:
             await asyncio.wait(tasks)
 
     async def _bounded_exchange(self, url: str) -> int:
-        """An exchange that holds the round (which waits for every chosen neighbour) at most
-        ``10 x timeout_s`` per sync it completes: its sends are bounded one by one, and a neighbour
+        """An exchange that lasts at most ``10 x timeout_s`` per sync it completes (``round()``
+        waits for it; the loop does not): its sends are bounded one by one, and a neighbour
         answering every try of one sync with a slow refusal held it for 32 x timeout_s (QA round
         44). Per sync, not in all: a slow link catching up, each of its syncs moving rows, was cut
         every round, counted as failing, and forgotten if learned (QA round 45)."""

@@ -21,9 +21,8 @@ import math
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Iterator
+from collections.abc import Iterator
 from types import FrameType
-from typing import TypeVar
 
 import uvicorn
 
@@ -36,7 +35,6 @@ from .app import create_app
 from .settings import ServiceSettings
 
 log = logging.getLogger("tracker.service")
-_T = TypeVar("_T")
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -79,10 +77,11 @@ class _Signals:
         """Whether a signal has asked the service to stop."""
         return self._requested
 
-    async def unless_forced(self, opening: Awaitable[_T]) -> _T:
-        """``opening``'s result, unless a second signal comes first: then it is cancelled (given
-        ``_FORCE_GRACE_S`` to unwind) and ``ForcedShutdown`` raised."""
-        work = asyncio.ensure_future(opening)
+    async def open_unless_forced(self, config: TrackerConfig) -> AvailabilityTracker:
+        """The tracker, opened, unless a second signal comes first: then the opening is cancelled
+        (given ``_FORCE_GRACE_S`` to unwind; a tracker it opened meanwhile is aborted) and
+        ``ForcedShutdown`` raised."""
+        work = asyncio.ensure_future(AvailabilityTracker.open(config))
         forcing = asyncio.create_task(self.forced.wait(), name="tracker-force")
         try:
             await asyncio.wait({work, forcing}, return_when=asyncio.FIRST_COMPLETED)
@@ -94,6 +93,10 @@ class _Signals:
         if not work.done():
             work.cancel()
             await asyncio.wait({work}, timeout=_FORCE_GRACE_S)
+            if work.done() and not work.cancelled() and work.exception() is None:
+                opened = work.result()
+                opened.abort()
+                await asyncio.wait({asyncio.ensure_future(opened.close())}, timeout=_FORCE_GRACE_S)
             raise ForcedShutdown("forced shutdown: a second signal abandoned the tracker's opening")
         return work.result()
 
@@ -228,7 +231,7 @@ async def _serve_on(
     # then stops it once open, before it serves; a second abandons the opening. They killed the
     # process before, exit 130 or 143 where a clean stop exits 0 (QA round 40).
     with signals.captured():
-        tracker = await signals.unless_forced(AvailabilityTracker.open(config))
+        tracker = await signals.open_unless_forced(config)
         if signals.requested:
             log.info(
                 "a signal came while the tracker opened: closing it without serving",
