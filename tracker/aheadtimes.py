@@ -1,4 +1,5 @@
-"""The time an event without ``at`` is stored under: now, or just after what its peer dated ahead.
+"""The time a peer's own event without ``at`` is stored under: now, or just after what the peer
+dated ahead.
 
 The latest event by time wins (presence, mappings). A client whose clock runs ahead of the
 tracker's, within ``max_clock_skew_s``, dated an announcement ahead, then sent a removal or a
@@ -8,67 +9,116 @@ though it got 200, and the peer stayed online holding the content (QA round 40).
 happened by then: it is dated just after the latest time this process has accepted for its peer
 while that time is still ahead of the clock, as a Lamport clock orders what it receives.
 
+Only the peer's own events count, both ways: presence (``PeerOnline``, ``PeerOffline``) and its
+mappings (``ContentAvailable``, ``ContentUnavailable``). Upload outcomes and speed samples are
+reported about the peer by its downloaders, on their clocks: taken as the peer's times, one
+downloader's fast clock dated the peer's undated heartbeats and announcements ahead, so that its
+goodbye, dated right by its own clock, lost, and its correctly dated samples fell out of the speed
+window (QA round 46); dated by such a time, the downloaders' undated reports would do the same.
+
 Dated events keep their times, so a client that dates every event (as docs/api.md advises) keeps
 its own order, whatever order its requests arrive in and whichever process of a shared database
 takes them; storing times ahead as of their receipt instead, a removal taken by a process whose
 clock lagged lost to the announcement it followed. The times are kept in this process only, and
 only while ahead: an undated removal taken by another process than the announcement it follows
-still loses until that process's clock passes the announcement (docs/api.md, "Times").
+(another process of one Postgres, another tracker by gossip, this one after a restart) still loses
+until that process's clock passes the announcement (docs/api.md, "Times").
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
 import math
 import threading
 from collections.abc import Sequence
 
-from .events import Event, UploadOutcome
+from .events import ContentAvailable, ContentUnavailable, Event, PeerOffline, PeerOnline
 
-#: How often, in the tracker's seconds, times the clock has passed are dropped.
-_PRUNE_EVERY_S = 10.0
+log = logging.getLogger("tracker")
 
+#: The peer's own events: the ones whose times are the peer's clock's.
+_OWN = (PeerOnline, PeerOffline, ContentAvailable, ContentUnavailable)
 
-def _dates_the_peer(event: Event) -> bool:
-    """Whether the event dates its peer's presence or a mapping: all but a failed upload report,
-    which a downloader sends about the peer (whose clock it does not share) and which is no
-    sighting: taken as the peer's latest time, it kept a departed peer online that much longer."""
-    return not (isinstance(event, UploadOutcome) and not event.success)
+#: Peers remembered at most. A tracker whose clock runs behind its clients' has every peer that
+#: dates its events ahead of it, for as long as the lag; past this many, a new peer's undated events
+#: are dated now (as before 2026-12-07), which costs nothing more than that.
+MAX_PEERS = 200_000
 
 
 class AheadTimes:
-    """Per peer, the latest time ahead of the clock that this process accepted in an event."""
+    """Per peer, the latest time ahead of the clock that this process accepted in one of its own
+    events; each forgotten once the clock has passed it (a heap by time, so that no pass walks them
+    all: a rebuild of 190,000 of them every 10 s held a heartbeat for 58 ms, QA round 46)."""
 
-    def __init__(self, max_skew_s: float) -> None:
+    def __init__(self, max_skew_s: float, max_peers: int = MAX_PEERS) -> None:
         self._max_skew_s = max_skew_s
+        self._max_peers = max_peers
         self._latest: dict[str, float] = {}
+        self._expiry: list[tuple[float, str]] = []  # (time, peer), stale entries included
+        self._warned = False
         # Batches are stamped on worker threads too (``offload.off_loop``).
         self._lock = threading.Lock()
-        self._next_prune = -math.inf
 
     def dated(self, events: Sequence[Event], now: float) -> list[tuple[Event, float]]:
         """Each event with the time it is stored under, for a batch received at ``now``."""
         out: list[tuple[Event, float]] = []
         with self._lock:
+            self._forget_passed(now)
             latest = self._latest
-            if latest and now >= self._next_prune:
-                self._prune(now)
             for event in events:
                 at = event.at
-                if at is None:
+                if not isinstance(event, _OWN):
+                    at = now if at is None else at
+                elif at is None:
                     ahead = latest.get(event.peer_id)
-                    # Beyond the skew: the clock stepped back since; such times are not followed.
-                    if ahead is not None and now < ahead <= now + self._max_skew_s:
-                        at = math.nextafter(ahead, math.inf)
-                    else:
+                    if ahead is None:
                         at = now
-                elif at > now and at > latest.get(event.peer_id, -math.inf) and _dates_the_peer(event):
-                    latest[event.peer_id] = at
+                    elif ahead > now + self._max_skew_s:
+                        # The clock stepped back since: the sweeper brings such times back to now,
+                        # and once the clock came near them again they were followed again (QA
+                        # round 46). Forgotten for good.
+                        del latest[event.peer_id]
+                        at = now
+                    else:
+                        at = math.nextafter(ahead, math.inf)
+                elif at > now:
+                    self._remember(event.peer_id, at)
                 out.append((event, at))
         return out
 
-    def _prune(self, now: float) -> None:
-        self._latest = {peer: at for peer, at in self._latest.items() if at > now}
-        self._next_prune = now + _PRUNE_EVERY_S
+    def _remember(self, peer: str, at: float) -> None:
+        latest = self._latest
+        known = latest.get(peer)
+        if known is not None:
+            # Its heap entry stays at the earlier time, and moves on when that time comes: one
+            # entry a peer, however often it dates ahead (every heartbeat, from a clock ahead).
+            latest[peer] = max(known, at)
+            return
+        if len(latest) >= self._max_peers:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "%d peers dated events ahead of this tracker's clock in the last max_clock_skew_s: "
+                    "is its clock behind? Past that many, events sent without at are dated now",
+                    len(latest),
+                    extra={"action": "clock_behind_clients"},
+                )
+            return
+        latest[peer] = at
+        heapq.heappush(self._expiry, (at, peer))
+
+    def _forget_passed(self, now: float) -> None:
+        expiry, latest = self._expiry, self._latest
+        while expiry and expiry[0][0] <= now:
+            _, peer = heapq.heappop(expiry)
+            current = latest.get(peer)
+            if current is None:
+                continue  # forgotten already
+            if current <= now:
+                del latest[peer]
+            else:  # raised since it was pushed
+                heapq.heappush(expiry, (current, peer))
 
     def __len__(self) -> int:
         return len(self._latest)

@@ -1,0 +1,87 @@
+"""How events without ``at`` are dated after what their peer dated ahead (tracker/aheadtimes.py):
+the rules on their own; tests/test_validation.py has them through a tracker on both engines."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+from tracker.aheadtimes import AheadTimes
+from tracker.events import (
+    ContentAvailable,
+    ContentUnavailable,
+    PeerOffline,
+    PeerOnline,
+    SpeedSample,
+    UploadOutcome,
+)
+
+NOW = 1_800_000_000.0
+
+
+def test_a_peers_own_undated_events_follow_what_it_dated_ahead_and_reports_about_it_do_not() -> None:
+    times = AheadTimes(max_skew_s=60)
+    ahead = NOW + 30
+    dated = times.dated(
+        [
+            UploadOutcome("u", False, at=NOW + 50),  # a downloader's clock: not the peer's
+            SpeedSample("u", 1_000, at=NOW + 55),
+            ContentAvailable("movie", "u", at=ahead),
+            UploadOutcome("u", True),  # undated reports about the peer: dated now
+            SpeedSample("u", 1_000),
+            ContentUnavailable("movie", "u"),
+            PeerOffline("u"),
+            PeerOnline("other"),
+        ],
+        NOW,
+    )
+    after = math.nextafter(ahead, math.inf)
+    assert [at for _, at in dated] == [NOW + 50, NOW + 55, ahead, NOW, NOW, after, after, NOW]
+
+
+def test_times_are_forgotten_once_the_clock_passes_them_one_heap_entry_a_peer() -> None:
+    times = AheadTimes(max_skew_s=60)
+    for k in range(100):  # a clock 10-20 s ahead, every heartbeat dated
+        times.dated(
+            [PeerOnline("u", at=NOW + 10 + k / 10), PeerOnline(f"p{k % 3}", at=NOW + 5)], NOW + k / 100
+        )
+    assert len(times) == 4 and len(times._expiry) == 4
+    assert times.dated([PeerOffline("u")], NOW + 15)[0][1] == math.nextafter(NOW + 19.9, math.inf)
+    assert times.dated([PeerOffline("p0")], NOW + 15)[0][1] == NOW + 15  # passed: forgotten
+    assert len(times) == 1
+    assert times.dated([PeerOffline("u")], NOW + 20)[0][1] == NOW + 20
+    assert len(times) == 0 and not times._expiry
+
+
+def test_a_batch_that_triggers_the_forgetting_keeps_its_own_times() -> None:
+    """The prune rebuilt the map while the batch wrote into the old one: every 10 s a batch's times
+    were lost, and its client's undated removal lost again (QA round 46)."""
+    times = AheadTimes(max_skew_s=60)
+    times.dated([PeerOnline("other", at=NOW + 5)], NOW)
+    times.dated([PeerOnline("fast", at=NOW + 40), ContentAvailable("c", "fast", at=NOW + 40)], NOW + 10)
+    assert times.dated([ContentUnavailable("c", "fast")], NOW + 11)[0][1] > NOW + 40
+
+
+def test_after_the_clock_stepped_back_times_beyond_the_skew_are_forgotten_for_good() -> None:
+    """Ignored but kept, they were followed again once the set-back clock came near them, and put
+    back in the future rows the sweeper had just brought back to now (QA round 46)."""
+    times = AheadTimes(max_skew_s=60)
+    times.dated([PeerOnline("u", at=NOW + 30)], NOW)
+    assert times.dated([PeerOnline("u")], NOW - 100)[0][1] == NOW - 100  # stepped back 100 s
+    assert times.dated([PeerOnline("u")], NOW - 30)[0][1] == NOW - 30  # within 60 s of it again
+    assert len(times) == 0
+
+
+def test_past_max_peers_new_peers_are_dated_now_and_it_is_said_once(caplog: pytest.LogCaptureFixture) -> None:
+    times = AheadTimes(max_skew_s=60, max_peers=2)
+    with caplog.at_level(logging.WARNING, logger="tracker"):
+        times.dated([PeerOnline(f"p{i}", at=NOW + 10) for i in range(5)], NOW)
+        times.dated([PeerOnline("p9", at=NOW + 10)], NOW)
+    assert len(times) == 2
+    assert [at for _, at in times.dated([PeerOffline("p0"), PeerOffline("p4")], NOW)] == [
+        math.nextafter(NOW + 10, math.inf),
+        NOW,
+    ]
+    assert [r.action for r in caplog.records] == ["clock_behind_clients"]  # type: ignore[attr-defined]
