@@ -26,7 +26,7 @@ def test_a_peers_own_undated_events_follow_what_it_dated_ahead_and_reports_about
     ahead = NOW + 30
     dated = times.dated(
         [
-            UploadOutcome("u", False, at=NOW + 50),  # a downloader's clock: not the peer's
+            UploadOutcome("u", False, at=NOW + 50),  # a downloader's clock: as of receipt
             SpeedSample("u", 1_000, at=NOW + 55),
             ContentAvailable("movie", "u", at=ahead),
             UploadOutcome("u", True),  # undated reports about the peer: dated now
@@ -38,7 +38,7 @@ def test_a_peers_own_undated_events_follow_what_it_dated_ahead_and_reports_about
         NOW,
     )
     after = math.nextafter(ahead, math.inf)
-    assert [at for _, at in dated] == [NOW + 50, NOW + 55, ahead, NOW, NOW, after, after, NOW]
+    assert [at for _, at in dated] == [NOW, NOW, ahead, NOW, NOW, after, after, NOW]
 
 
 def test_times_are_forgotten_once_the_clock_passes_them_one_heap_entry_a_peer() -> None:
@@ -66,12 +66,26 @@ def test_a_batch_that_triggers_the_forgetting_keeps_its_own_times() -> None:
 
 def test_after_the_clock_stepped_back_times_beyond_the_skew_are_forgotten_for_good() -> None:
     """Ignored but kept, they were followed again once the set-back clock came near them, and put
-    back in the future rows the sweeper had just brought back to now (QA round 46)."""
+    back in the future rows the sweeper had just brought back to now (QA round 46); kept alive by
+    the peer's next dated events, they made its undated removal lose (QA round 48)."""
     times = AheadTimes(max_skew_s=60)
-    times.dated([PeerOnline("u", at=NOW + 30)], NOW)
-    assert times.dated([PeerOnline("u")], NOW - 100)[0][1] == NOW - 100  # stepped back 100 s
+    times.dated([PeerOnline("u", at=NOW + 30), PeerOnline("v", at=NOW + 30)], NOW)
+    times.dated([PeerOnline("w", at=NOW - 100 + 20)], NOW - 100)  # stepped back 100 s; w 20 s fast
+    assert sorted(times._latest) == ["w"] and len(times._expiry) == 1
     assert times.dated([PeerOnline("u")], NOW - 30)[0][1] == NOW - 30  # within 60 s of it again
-    assert len(times) == 0
+    times.dated([PeerOnline("v", at=NOW - 30 + 20)], NOW - 30)  # v dates ahead again, from here
+    assert times.dated([PeerOffline("v")], NOW - 29)[0][1] == math.nextafter(NOW - 10, math.inf)
+    assert sorted(times._latest) == ["v"] and len(times._expiry) == 1  # w passed; one entry a peer
+
+
+def test_many_times_passing_at_once_are_forgotten_a_thousand_a_call_and_not_followed() -> None:
+    """Forgotten all at once, 190,000 dated by one batch held a heartbeat for 344 ms (QA round 48)."""
+    times = AheadTimes(max_skew_s=60)
+    times.dated([PeerOnline(f"p{i}", at=NOW + 10) for i in range(2_500)], NOW)
+    assert times.dated([PeerOffline("p0")], NOW + 11)[0][1] == NOW + 11  # passed: now, not after it
+    assert len(times) == 1_500
+    assert times.dated([PeerOffline("p2499")], NOW + 11)[0][1] == NOW + 11
+    assert len(times) == 500
 
 
 def test_past_max_peers_new_peers_are_dated_now_and_it_is_said_once(caplog: pytest.LogCaptureFixture) -> None:

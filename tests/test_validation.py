@@ -11,6 +11,7 @@ from tracker import AvailabilityTracker, InvalidInput
 from tracker.events import (
     ContentAvailable,
     ContentUnavailable,
+    PeerOffline,
     PeerOnline,
     SpeedSample,
     UploadOutcome,
@@ -183,6 +184,25 @@ async def test_a_client_whose_clock_runs_ahead_can_still_remove_what_it_announce
     await tracker.record_peer_online("fast")
     metrics = await tracker.get_peer_metrics("fast")
     assert metrics is not None and metrics.last_seen == from_unix(clock.now)
+
+
+async def test_a_fast_downloaders_report_does_not_outrank_the_peers_goodbye(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """A success or a speed sample is a sighting; dated 2 s ahead by a downloader's clock, it beat the
+    peer's goodbye sent half a second later, undated or dated by the peer's right clock, and the peer
+    stayed online and selected for minutes (QA round 48). Reports dated ahead count as of receipt."""
+    for sample, dated_goodbye in ((False, False), (True, True)):
+        t = clock.now
+        report = SpeedSample("u", 5_000, at=t + 2) if sample else UploadOutcome("u", True, at=t + 2)
+        await tracker.record_batch([PeerOnline("u"), ContentAvailable("movie", "u")])
+        await tracker.record_batch([report])
+        clock.advance(0.5)
+        await tracker.record_batch([PeerOffline("u", at=t + 0.5 if dated_goodbye else None)])
+        metrics = await tracker.get_peer_metrics("u")
+        assert metrics is not None and not metrics.online, report
+        assert await tracker.select_best_peers("movie", 3) == []
+        clock.advance(10)
 
 
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(

@@ -14,7 +14,10 @@ mappings (``ContentAvailable``, ``ContentUnavailable``). Upload outcomes and spe
 reported about the peer by its downloaders, on their clocks: taken as the peer's times, one
 downloader's fast clock dated the peer's undated heartbeats and announcements ahead, so that its
 goodbye, dated right by its own clock, lost, and its correctly dated samples fell out of the speed
-window (QA round 46); dated by such a time, the downloaders' undated reports would do the same.
+window (QA round 46). Such reports dated ahead are stored as of their receipt instead: a success or
+a sample is a sighting, and dated ahead by a fast downloader it outranked the peer's own goodbye
+just the same, which kept a departed peer online and selected for minutes (QA round 48). Between
+reports of many downloaders' clocks the order of arrival is as good as any.
 
 Dated events keep their times, so a client that dates every event (as docs/api.md advises) keeps
 its own order, whatever order its requests arrive in and whichever process of a shared database
@@ -42,8 +45,12 @@ _OWN = (PeerOnline, PeerOffline, ContentAvailable, ContentUnavailable)
 
 #: Peers remembered at most. A tracker whose clock runs behind its clients' has every peer that
 #: dates its events ahead of it, for as long as the lag; past this many, a new peer's undated events
-#: are dated now (as before 2026-12-07), which costs nothing more than that.
-MAX_PEERS = 200_000
+#: are dated now (as before 2026-12-07), which costs nothing more than that. Ids of 256 characters
+#: outside the BMP take 1 KiB each: 200,000 held 245 MB (QA round 48).
+MAX_PEERS = 100_000
+
+#: Passed times forgotten at most per call (see ``AheadTimes._forget_passed``).
+_FORGET_AT_ONCE = 1_000
 
 
 class AheadTimes:
@@ -55,7 +62,8 @@ class AheadTimes:
         self._max_skew_s = max_skew_s
         self._max_peers = max_peers
         self._latest: dict[str, float] = {}
-        self._expiry: list[tuple[float, str]] = []  # (time, peer), stale entries included
+        self._expiry: list[tuple[float, str]] = []  # (time, peer): one entry a remembered peer
+        self._highest = -math.inf  # no remembered time is later
         self._warned = False
         # Batches are stamped on worker threads too (``offload.off_loop``).
         self._lock = threading.Lock()
@@ -64,24 +72,21 @@ class AheadTimes:
         """Each event with the time it is stored under, for a batch received at ``now``."""
         out: list[tuple[Event, float]] = []
         with self._lock:
+            if self._highest > now + self._max_skew_s:
+                self._forget_beyond(now)
             self._forget_passed(now)
             latest = self._latest
             for event in events:
                 at = event.at
                 if not isinstance(event, _OWN):
-                    at = now if at is None else at
+                    # Reported about the peer by a downloader, on its clock: no later than receipt.
+                    # A fast one's success or sample, a sighting dated ahead, outranked the peer's
+                    # own goodbye, undated or dated right, and kept it online and selected for
+                    # minutes (QA round 48).
+                    at = now if at is None else min(at, now)
                 elif at is None:
                     ahead = latest.get(event.peer_id)
-                    if ahead is None:
-                        at = now
-                    elif ahead > now + self._max_skew_s:
-                        # The clock stepped back since: the sweeper brings such times back to now,
-                        # and once the clock came near them again they were followed again (QA
-                        # round 46). Forgotten for good.
-                        del latest[event.peer_id]
-                        at = now
-                    else:
-                        at = math.nextafter(ahead, math.inf)
+                    at = now if ahead is None or ahead <= now else math.nextafter(ahead, math.inf)
                 elif at > now:
                     self._remember(event.peer_id, at)
                 out.append((event, at))
@@ -94,8 +99,7 @@ class AheadTimes:
             # Its heap entry stays at the earlier time, and moves on when that time comes: one
             # entry a peer, however often it dates ahead (every heartbeat, from a clock ahead).
             latest[peer] = max(known, at)
-            return
-        if len(latest) >= self._max_peers:
+        elif len(latest) >= self._max_peers:
             if not self._warned:
                 self._warned = True
                 log.warning(
@@ -105,20 +109,36 @@ class AheadTimes:
                     extra={"action": "clock_behind_clients"},
                 )
             return
-        latest[peer] = at
-        heapq.heappush(self._expiry, (at, peer))
+        else:
+            latest[peer] = at
+            heapq.heappush(self._expiry, (at, peer))
+        self._highest = max(self._highest, at)
 
     def _forget_passed(self, now: float) -> None:
+        """Forget times the clock has passed, at most ``_FORGET_AT_ONCE`` a call: many dated by one
+        batch pass together, and forgotten all at once they held a heartbeat for 344 ms (190,000;
+        QA round 48). Those left wait for the next calls; a passed time is not followed meanwhile."""
         expiry, latest = self._expiry, self._latest
-        while expiry and expiry[0][0] <= now:
+        for _ in range(_FORGET_AT_ONCE):
+            if not expiry or expiry[0][0] > now:
+                return
             _, peer = heapq.heappop(expiry)
-            current = latest.get(peer)
-            if current is None:
-                continue  # forgotten already
+            current = latest[peer]
             if current <= now:
                 del latest[peer]
             else:  # raised since it was pushed
                 heapq.heappush(expiry, (current, peer))
+
+    def _forget_beyond(self, now: float) -> None:
+        """The clock stepped back: forget every time beyond ``now`` plus the skew. The sweeper brings
+        such rows back to now; followed once the clock came near them again, and kept alive by the
+        peer's next dated events, they put rows back in the future and a removal lost (QA round 48).
+        A walk over all of them, rare: a step back."""
+        limit = now + self._max_skew_s
+        self._latest = {peer: at for peer, at in self._latest.items() if at <= limit}
+        self._expiry = [(at, peer) for peer, at in self._latest.items()]
+        heapq.heapify(self._expiry)
+        self._highest = max(self._latest.values(), default=-math.inf)
 
     def __len__(self) -> int:
         return len(self._latest)
