@@ -400,3 +400,35 @@ def test_a_gossip_max_bytes_above_the_services_max_body_bytes_is_refused_at_star
     all from neighbours that sent within the gossip limit it stated (QA round 14)."""
     message = "above the service's max_body_bytes (16384)"
     _refused_at_start(tmp_path, ["serve", "--port", "0"], message, TRACKER_MAX_BODY_BYTES="16384")
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+def test_a_migration_that_times_out_on_its_lock_says_which_lock_and_who_holds_it(db_url: str) -> None:
+    """The CLI printed the driver's "canceling statement due to lock timeout" alone, which points
+    at pg_lock_timeout_s; the tracker's message names the migration lock, the session holding it and
+    migration_timeout_s (QA round 47)."""
+    from tracker.migrations import MIGRATION_LOCK_KEY
+
+    async def hold(release: threading.Event, held: threading.Event) -> None:
+        conn = await asyncpg.connect(_dsn(db_url), server_settings={"application_name": "qa-report"})
+        try:
+            await conn.execute(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
+            held.set()
+            await asyncio.to_thread(release.wait, 60)
+        finally:
+            await conn.close()
+
+    release, held = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: asyncio.run(hold(release, held)), daemon=True)
+    holder.start()
+    try:
+        assert held.wait(10)
+        result = run(
+            "db", "upgrade", env={"TRACKER_DATABASE_URL": db_url, "TRACKER_MIGRATION_TIMEOUT_S": "1"}
+        )
+    finally:
+        release.set()
+        holder.join(10)
+    line = one_line_error(result)
+    assert "the migration lock (advisory lock" in line and "migration_timeout_s" in line, line
+    assert "qa-report" in line, line

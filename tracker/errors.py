@@ -18,6 +18,11 @@ class TrackerError(Exception):
     #: message ends with it too. The CLI prints the driver's sentence and this (QA round 43: it
     #: printed the driver's alone, and a LATIN1 database's "has no equivalent" lost the way out).
     advice: str | None = None
+    #: Made by ``translate`` around a driver error, saying no more than it: the CLI prints the
+    #: driver's sentence instead. Other errors with a driver cause say more (which lock, held by
+    #: whom, which setting) and print as they are (QA round 47: a migration's timeout printed
+    #: "canceling statement due to lock timeout" alone).
+    translated: bool = False
 
 
 class InvalidInput(TrackerError, ValueError):
@@ -189,4 +194,5 @@ def translate(error: BaseException) -> TrackerError:
     else:
         wrapped = StorageError(f"database error: {said}")
     wrapped.__cause__ = error
+    wrapped.translated = True
     return wrapped

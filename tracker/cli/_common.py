@@ -139,6 +139,7 @@ def _one_line(error: Exception) -> Text:
     advice = error.advice if isinstance(error, TrackerError) else None
     if (
         isinstance(error, TrackerError)
+        and error.translated
         and isinstance(error.__cause__, Exception)
         and is_driver_error(error.__cause__)
     ):
