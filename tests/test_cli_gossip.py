@@ -187,3 +187,20 @@ async def test_an_import_merged_in_parts_gives_what_merged_whole_gives(
     # 2 at a time, 14 parts read and 4 merged; whole, one of each.
     assert (len(in_parts[3]), len(whole[3])) == (18, 2)
     assert in_parts[3][-1] == whole[3][-1] == (35, 35) and whole[3][0] == (28, 35)
+
+
+def test_import_reads_gossips_skew_and_no_other_gossip_setting(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading every gossip setting, an import refused to run for one it does not use (neighbours
+    without a key, a bad fanout), though restoring a backup needs none (QA round 48)."""
+    source = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    _seed(source, "src", 1)
+    exported = _cli(source, "gossip", "export", "--dir", str(tmp_path), "--json")
+    path = Path(json.loads(exported.stdout)["snapshot"])
+    monkeypatch.setenv("TRACKER_GOSSIP_NEIGHBORS", "http://127.0.0.1:9")
+    monkeypatch.setenv("TRACKER_GOSSIP_FANOUT", "0")
+    assert _cli(db_url, "gossip", "import", str(path), "--json").exit_code == 0
+    monkeypatch.setenv("TRACKER_GOSSIP_MAX_SKEW_S", "soon")
+    refused = _cli(db_url, "gossip", "import", str(path))
+    assert refused.exit_code == 1 and "TRACKER_GOSSIP_MAX_SKEW_S='soon' is not valid" in refused.output

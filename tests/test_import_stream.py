@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import math
 import random
 import threading
 import tracemalloc
@@ -19,7 +20,7 @@ import pytest
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from tracker import AvailabilityTracker, TrackerConfig, db
+from tracker import AvailabilityTracker, InvalidInput, TrackerConfig, db
 from tracker.events import ContentAvailable, ContentUnavailable, PeerOnline, SpeedSample, UploadOutcome
 from tracker.gossip import import_reader, importer
 from tracker.gossip.files import count_records, read_snapshot, write_snapshot
@@ -322,6 +323,10 @@ async def test_rows_ahead_within_gossips_skew_are_imported_and_beyond_it_refused
         assert await _dump(tracker) == before
         with pytest.raises(SnapshotError, match=r"allowed 80 s"):
             await importer.import_snapshot(tracker, within, max_skew_s=80)
+        for bad in (math.inf, math.nan, -1.0, True):
+            with pytest.raises(InvalidInput, match="max_skew_s must be a finite number"):
+                await importer.import_snapshot(tracker, within, max_skew_s=bad)
+        assert await _dump(tracker) == before
         assert (await importer.import_snapshot(tracker, within)).mappings_applied > 0
 
 

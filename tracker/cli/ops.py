@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -184,8 +185,11 @@ def import_(
     with errors_as_messages(debug):
         if not path.is_file():
             raise FileNotFoundError(f"{path} is not a file")
-        # Rows as far ahead as this environment's gossip applies them (TRACKER_GOSSIP_MAX_SKEW_S).
-        gossip_skew = GossipConfig.from_env().max_skew_s
+        # Rows as far ahead as this environment's gossip applies them (TRACKER_GOSSIP_MAX_SKEW_S):
+        # that setting alone; restoring a backup needs no other gossip setting to be valid (QA 48).
+        gossip_skew = GossipConfig.from_env(
+            {k: v for k, v in os.environ.items() if k == "TRACKER_GOSSIP_MAX_SKEW_S"}
+        ).max_skew_s
 
         async def work() -> ImportReport:
             stderr = Console(stderr=True)

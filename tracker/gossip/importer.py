@@ -31,6 +31,7 @@ with the transaction, committed or not.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from .. import db
 from ..compiled import BulkInsert
 from ..core import AvailabilityTracker
+from ..errors import InvalidInput
 from ..queries import gossip as q
 from ..queries.gossip import stash
 from .config import DEFAULT_MAX_SKEW_S
@@ -91,6 +93,13 @@ async def import_snapshot(
     a row that gossip had brought from an origin 90 s ahead got the exporter's every later
     snapshot refused whole (QA round 42)."""
     path = Path(path)
+    if max_skew_s is not None and (
+        isinstance(max_skew_s, bool)
+        or not isinstance(max_skew_s, int | float)
+        or not (math.isfinite(max_skew_s) and max_skew_s >= 0)
+    ):
+        # inf imported rows dated days ahead, NaN refused everything as "allowed nan s" (QA 48).
+        raise InvalidInput(f"max_skew_s must be a finite number of seconds >= 0, got {max_skew_s!r}")
     skew = max(tracker.config.max_clock_skew_s, DEFAULT_MAX_SKEW_S) if max_skew_s is None else max_skew_s
     header = await asyncio.to_thread(_read_header, path)
     if not accept_old:
