@@ -131,7 +131,6 @@ class GossipAgent:
         self._neighbors = {url: _Neighbor(url) for url in map(check_url, config.neighbors)}
         self._transport = transport
         self._own_urls: set[str] = set()  # learned URLs that turned out to be this tracker
-        self._aliases: set[str] = set()  # learned URLs of a tracker another neighbour reaches
         self._senders = TokenBuckets(
             config.max_messages_per_s, config.message_burst, clock=tracker.now, max_keys=4096
         )
@@ -288,7 +287,7 @@ class GossipAgent:
                 url = check_url(url)
             except ValueError:
                 continue
-            if url in self._own_urls or url in self._aliases or url == self.config.advertise_url:
+            if url in self._own_urls or url == self.config.advertise_url:
                 continue
             if url not in self._neighbors and len(self._neighbors) < 1024:
                 self._neighbors[url] = _Neighbor(url, learned=True)
@@ -406,29 +405,23 @@ class GossipAgent:
         neighbor.failures, neighbor.retry_at = 0, 0.0
         neighbor.last_success_at = self._now()
         neighbor.node = reply.node
-        self._drop_alias(neighbor)
         return applied
 
-    def _drop_alias(self, neighbor: _Neighbor) -> None:
-        """Forget a learned URL that reaches a tracker another neighbour already reaches (by node
-        key): one tracker under two spellings (127.0.0.1 and localhost, a name and its address) was
-        exchanged with twice a round, each sync sending it the same rows (QA round 42). The URL
-        from this tracker's settings is kept; two configured ones are the operator's choice."""
-        twin = next(
-            (n for n in self._neighbors.values() if n is not neighbor and n.node == neighbor.node),
-            None,
-        )
-        if twin is None or not (neighbor.learned or twin.learned):
-            return
-        alias = neighbor if neighbor.learned else twin
-        kept = twin if alias is neighbor else neighbor
-        self._neighbors.pop(alias.url, None)
-        self._aliases.add(alias.url)
-        log.info(
-            "gossip: %s reaches the same tracker as %s; forgotten",
-            alias.url,
-            kept.url,
-            extra={"action": "gossip_neighbor_alias", "neighbor": alias.url},
+    def _redundant(self, neighbor: _Neighbor) -> bool:
+        """A learned neighbour that reaches a tracker another neighbour reaches too (same node key)
+        while that one works: one tracker under two spellings (127.0.0.1 and localhost, a name and
+        its address) was exchanged with twice a round, each sync sending it the same rows (QA round
+        42). Skipped, not forgotten: processes of one Postgres share a node key, and when the
+        configured one is down the other still reaches the database (QA round 48). The URL from
+        this tracker's settings goes first, then the first by URL."""
+        if not neighbor.learned or neighbor.node is None:
+            return False
+        return any(
+            other is not neighbor
+            and other.node == neighbor.node
+            and other.works
+            and (not other.learned or other.url < neighbor.url)
+            for other in self._neighbors.values()
         )
 
     async def _sync_once(self, neighbor: _Neighbor) -> tuple[bool, Message, int]:
@@ -474,7 +467,7 @@ class GossipAgent:
             if error.reason == "unsigned":
                 # Not a tracker's answer at all, most likely (a web server, a proxy's page): "not
                 # signed" alone sent operators looking at keys (QA round 42).
-                kind = answer_headers.get("content-type", "no content type")
+                kind = answer_headers.get("content-type", "no content type")[:80]
                 raise GossipFailed(
                     f"{neighbor.url} answered 200 without a signed gossip reply ({kind}, "
                     f"{len(answer)} bytes: {answer[:80]!r}): is it a tracker's base URL? ({error})"
@@ -676,7 +669,11 @@ class GossipAgent:
         choose among the other neighbours.
         """
         now = self._now()
-        ready = [n for n in self._neighbors.values() if n.retry_at <= now and n.url not in self._in_flight]
+        ready = [
+            n
+            for n in self._neighbors.values()
+            if n.retry_at <= now and n.url not in self._in_flight and not self._redundant(n)
+        ]
         chosen = self._rng.sample(ready, min(self.config.fanout, len(ready)))
         tasks = []
         for neighbor in chosen:
