@@ -490,3 +490,32 @@ async def test_opening_a_database_at_head_logs_nothing_of_alembic(
         async with AvailabilityTracker(TrackerConfig(database_url=empty_url, run_sweeper=False)) as tracker:
             assert await current_revision(tracker.engine) == head_revision()
     assert [r.getMessage() for r in caplog.records if r.name.startswith("alembic")] == []
+
+
+async def test_an_upgrade_waiting_for_a_tables_lock_keeps_the_revisions_it_completed(
+    empty_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole chain ran in one transaction: each attempt that lost on a table's lock rolled back
+    and redid every revision before it (QA round 47: 0013 rewrote a million peer rows at every
+    attempt). An upgrade now commits each revision: while 0015 waits for content_peers, which a
+    report holds, the database is at 0014 already."""
+    monkeypatch.setattr(migrations, "LOCK_ATTEMPT_S", 0.2, raising=False)
+    async with AvailabilityTracker(TrackerConfig(database_url=empty_pg_url)) as tracker:
+        await tracker.record_content_available("c", "p0")
+        await migrate(tracker.engine, "0012", downgrade=True)
+        report = await asyncpg.connect(_dsn(empty_pg_url), server_settings={"application_name": "report"})
+        await report.execute("BEGIN; SELECT count(*) FROM content_peers")  # then left open
+        migrating = asyncio.create_task(migrate(tracker.engine, timeout_s=60))
+        try:
+            for _ in range(200):
+                if await current_revision(tracker.engine) == "0014":
+                    break
+                await asyncio.sleep(0.05)
+            assert await current_revision(tracker.engine) == "0014"
+            assert not migrating.done()
+        finally:
+            await report.execute("COMMIT")
+            await report.close()
+        await asyncio.wait_for(migrating, 60)
+        assert await current_revision(tracker.engine) == "0015"
+        assert await tracker.get_available_peers("c") == ["p0"]
