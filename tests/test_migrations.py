@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -444,6 +445,18 @@ async def test_draws_of_a_latin1_database_are_those_of_the_keys_utf8_bytes(
         await admin.close()
 
 
+@asynccontextmanager
+async def _report_reading(url: str, table: str) -> AsyncIterator[None]:
+    """A session named "report" that reads ``table`` in a transaction left open until the block ends."""
+    report = await asyncpg.connect(_dsn(url), server_settings={"application_name": "report"})
+    try:
+        await report.execute(f"BEGIN; SELECT count(*) FROM {table}")
+        yield
+    finally:
+        await report.execute("COMMIT")
+        await report.close()
+
+
 async def test_a_migration_waiting_for_a_tables_lock_lets_the_trackers_traffic_through(
     empty_pg_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -453,10 +466,8 @@ async def test_a_migration_waiting_for_a_tables_lock_lets_the_trackers_traffic_t
     monkeypatch.setattr(migrations, "LOCK_ATTEMPT_S", 0.2, raising=False)
     async with AvailabilityTracker(TrackerConfig(database_url=empty_pg_url)) as tracker:
         await tracker.record_peer_online("p0")
-        report = await asyncpg.connect(_dsn(empty_pg_url), server_settings={"application_name": "report"})
-        await report.execute("BEGIN; SELECT count(*) FROM peers")  # then left open
-        migrating = asyncio.create_task(migrate(tracker.engine, "0011", downgrade=True))
-        try:
+        async with _report_reading(empty_pg_url, "peers"):
+            migrating = asyncio.create_task(migrate(tracker.engine, "0011", downgrade=True))
             for _ in range(200):
                 if "migration_lock_wait" in [getattr(r, "action", None) for r in caplog.records]:
                     break
@@ -468,9 +479,6 @@ async def test_a_migration_waiting_for_a_tables_lock_lets_the_trackers_traffic_t
             for i in range(1, 6):  # each waits at most one attempt behind the migration's request
                 await asyncio.wait_for(tracker.record_peer_online(f"p{i}"), 5)
             assert not migrating.done()
-        finally:
-            await report.execute("COMMIT")
-            await report.close()
         await asyncio.wait_for(migrating, 60)
         assert await current_revision(tracker.engine) == "0011"
         await migrate(tracker.engine)
@@ -503,19 +511,14 @@ async def test_an_upgrade_waiting_for_a_tables_lock_keeps_the_revisions_it_compl
     async with AvailabilityTracker(TrackerConfig(database_url=empty_pg_url)) as tracker:
         await tracker.record_content_available("c", "p0")
         await migrate(tracker.engine, "0012", downgrade=True)
-        report = await asyncpg.connect(_dsn(empty_pg_url), server_settings={"application_name": "report"})
-        await report.execute("BEGIN; SELECT count(*) FROM content_peers")  # then left open
-        migrating = asyncio.create_task(migrate(tracker.engine, timeout_s=60))
-        try:
+        async with _report_reading(empty_pg_url, "content_peers"):
+            migrating = asyncio.create_task(migrate(tracker.engine, timeout_s=60))
             for _ in range(200):
                 if await current_revision(tracker.engine) == "0014":
                     break
                 await asyncio.sleep(0.05)
             assert await current_revision(tracker.engine) == "0014"
             assert not migrating.done()
-        finally:
-            await report.execute("COMMIT")
-            await report.close()
         await asyncio.wait_for(migrating, 60)
         assert await current_revision(tracker.engine) == "0015"
         assert await tracker.get_available_peers("c") == ["p0"]
