@@ -91,7 +91,13 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "23503"}
 _PREPARED_STATEMENT_SQLSTATES = ("26000", "42P05")
 #: untranslatable_character, character_not_in_repertoire: the value, not the database's state.
 _UNSTORABLE_SQLSTATES = ("22P05", "22021")
-_TRANSIENT_SQLITE = ("database is locked", "database table is locked", "database is busy")
+_TRANSIENT_MESSAGES = (
+    "database is locked",
+    "database table is locked",
+    "database is busy",
+    # asyncpg's type cache after a migration replaced a type under it (the dialect clears it too).
+    "cache lookup failed for type",
+)
 
 
 def is_transient(error: BaseException) -> bool:
@@ -107,8 +113,13 @@ def is_transient(error: BaseException) -> bool:
         return False
     if sqlstate_of(error) in _TRANSIENT_SQLSTATES:
         return True
+    if type(orig).__name__ == "InvalidCachedStatementError":
+        # A migration changed a table under this connection's prepared statements; SQLAlchemy's
+        # asyncpg dialect has cleared them, so the next transaction prepares them anew. Answered 503
+        # once per pooled connection after every such migration (QA round 47).
+        return True
     message = str(orig).lower()
-    return any(fragment in message for fragment in _TRANSIENT_SQLITE)
+    return any(fragment in message for fragment in _TRANSIENT_MESSAGES)
 
 
 def is_disconnect(error: BaseException) -> bool:
