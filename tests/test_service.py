@@ -780,3 +780,19 @@ async def test_a_scrape_waits_boundedly_for_the_database_figures_and_scrapes_sha
     fresh = (await api.get("/metrics")).text
     assert "tracker_under_replicated_contents 0.0" in fresh and "tracker_peers 3.0" in fresh
     await api.aclose()
+
+
+async def test_a_schema_downgraded_under_the_service_is_said_not_retry_later(
+    tracker: AvailabilityTracker, api: httpx.AsyncClient
+) -> None:
+    """A database downgraded under running processes answered every write that needs what it dropped
+    with 503 "the database is unavailable; retry later", which no retry could change (QA round 47).
+    The answer says what is wrong and what to run."""
+    async with tracker.engine.begin() as conn:  # what `tracker db downgrade 0014` drops
+        await conn.exec_driver_sql("DROP INDEX IF EXISTS ix_content_peers_tombstones")
+        await conn.exec_driver_sql("ALTER TABLE content_peers DROP COLUMN removed_at")
+    answer = await api.post("/v1/content/unavailable", json={"cid": "c", "peer_id": "p"})
+    assert answer.status_code == 503
+    error = answer.json()["error"]
+    assert error["code"] == "storage_unavailable" and "retry later" not in error["message"]
+    assert "tracker db check" in error["message"]

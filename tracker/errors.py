@@ -89,6 +89,8 @@ _TRANSIENT_SQLSTATES = {"40001", "40P01", "55P03", "23503"}
 #: A prepared statement missing, or there already, on a connection that prepared it, or did not:
 #: the server connection changed under the client (a pooler in transaction mode).
 _PREPARED_STATEMENT_SQLSTATES = ("26000", "42P05")
+#: undefined_column, undefined_table, undefined_function: a schema other than this version's.
+_SCHEMA_SQLSTATES = ("42703", "42P01", "42883")
 #: untranslatable_character, character_not_in_repertoire: the value, not the database's state.
 _UNSTORABLE_SQLSTATES = ("22P05", "22021")
 _TRANSIENT_MESSAGES = (
@@ -177,6 +179,16 @@ def _bounded(text: str) -> str:
     return text if len(text) <= _MOST_DESCRIBED else text[: _MOST_DESCRIBED - 3] + "..."
 
 
+def _schema_mismatch(error: BaseException) -> bool:
+    if sqlstate_of(error) in _SCHEMA_SQLSTATES:
+        return True
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    said = str(orig)
+    return isinstance(orig, sqlite3.OperationalError) and (
+        said.startswith(("no such column", "no such table")) or " has no column named " in said
+    )
+
+
 def translate(error: BaseException) -> TrackerError:
     """Wrap a driver error in the tracker's hierarchy, keeping the original as ``__cause__``.
 
@@ -194,6 +206,15 @@ def translate(error: BaseException) -> TrackerError:
             "create the tracker's database with ENCODING 'UTF8'"
         )
         wrapped = UnstorableInput(f"the database cannot store this value: {said} ({advice})")
+        wrapped.advice = advice
+    elif _schema_mismatch(error):
+        # A tracker whose database was downgraded (or migrated) under it: "retry later" could never
+        # come true (QA round 47).
+        advice = (
+            "the database's schema is not the one this tracker's version needs: was it downgraded "
+            "or migrated under it? tracker db check says; run the version the schema is at"
+        )
+        wrapped = StorageError(f"database error: {said} ({advice})")
         wrapped.advice = advice
     elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
         advice = (

@@ -31,6 +31,7 @@ from ..errors import (
     InvalidInput,
     StorageError,
     TrackerClosed,
+    TrackerError,
     TransientStorageError,
     describe,
 )
@@ -258,7 +259,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def storage(request: Request, error: Exception) -> JSONResponse:
         log.error("storage error: %s", describe(error), extra={"request_id": request.scope.get("request_id")})
-        return error_response(request, 503, "storage_unavailable", "the database is unavailable; retry later")
+        advice = error.advice if isinstance(error, TrackerError) else None
+        said = "the database is unavailable; retry later" if advice is None else f"database error: {advice}"
+        return error_response(request, 503, "storage_unavailable", said)
 
     async def unknown(request: Request, error: Exception) -> JSONResponse:
         log.error(
