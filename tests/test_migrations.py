@@ -522,3 +522,43 @@ async def test_an_upgrade_waiting_for_a_tables_lock_keeps_the_revisions_it_compl
         await asyncio.wait_for(migrating, 60)
         assert await current_revision(tracker.engine) == "0015"
         assert await tracker.get_available_peers("c") == ["p0"]
+
+
+async def test_a_long_revision_does_not_eat_the_time_the_next_may_wait_for_the_migration_lock(
+    empty_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One revision a transaction, another process may take the migration lock between two. Counted
+    from the start, a long revision's own work left the next 1 ms to wait, and the upgrade failed
+    with "held for 5 s" while the other process finished it (QA round 49). The waits start again
+    after each revision."""
+    real = migrations._migrate_once
+    calls = 0
+    holder: asyncio.Task[None] | None = None
+
+    async def hold_briefly() -> None:
+        conn = await asyncpg.connect(_dsn(empty_pg_url))
+        try:
+            await conn.execute(f"SELECT pg_advisory_lock({migrations.MIGRATION_LOCK_KEY})")
+            await asyncio.sleep(0.3)
+        finally:
+            await conn.close()
+
+    async def long_first_revision(*args: Any, **kwargs: Any) -> bool:
+        nonlocal calls, holder
+        done = await real(*args, **kwargs)
+        calls += 1
+        if calls == 1:
+            await asyncio.sleep(1.2)  # the revision's own work, longer than the whole timeout
+            holder = asyncio.create_task(hold_briefly())
+            await asyncio.sleep(0.1)  # the other session has the lock
+        return done
+
+    monkeypatch.setattr(migrations, "_migrate_once", long_first_revision)
+    engine = create_engine(TrackerConfig(database_url=empty_pg_url))
+    try:
+        await migrate(engine, timeout_s=1.0)
+        assert await current_revision(engine) == migrations.head_revision()
+    finally:
+        if holder is not None:
+            await holder
+        await engine.dispose()

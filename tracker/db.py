@@ -25,6 +25,7 @@ from .errors import (
     StorageError,
     describe,
     is_disconnect,
+    is_stale_statement,
     is_transient,
     sqlstate_of,
     translate,
@@ -506,7 +507,7 @@ async def run_read(
         try:
             return await to_completion(engine, once())
         except Exception as error:
-            if not is_disconnect(error):
+            if not (is_disconnect(error) or is_stale_statement(error)):
                 if is_driver_error(error):
                     raise translate(error) from error
                 raise

@@ -93,13 +93,7 @@ _PREPARED_STATEMENT_SQLSTATES = ("26000", "42P05")
 _SCHEMA_SQLSTATES = ("42703", "42P01", "42883")
 #: untranslatable_character, character_not_in_repertoire: the value, not the database's state.
 _UNSTORABLE_SQLSTATES = ("22P05", "22021")
-_TRANSIENT_MESSAGES = (
-    "database is locked",
-    "database table is locked",
-    "database is busy",
-    # asyncpg's type cache after a migration replaced a type under it (the dialect clears it too).
-    "cache lookup failed for type",
-)
+_TRANSIENT_MESSAGES = ("database is locked", "database table is locked", "database is busy")
 
 
 def is_transient(error: BaseException) -> bool:
@@ -115,13 +109,21 @@ def is_transient(error: BaseException) -> bool:
         return False
     if sqlstate_of(error) in _TRANSIENT_SQLSTATES:
         return True
-    if type(orig).__name__ == "InvalidCachedStatementError":
-        # A migration changed a table under this connection's prepared statements; SQLAlchemy's
-        # asyncpg dialect has cleared them, so the next transaction prepares them anew. Answered 503
-        # once per pooled connection after every such migration (QA round 47).
+    if is_stale_statement(error):
         return True
     message = str(orig).lower()
     return any(fragment in message for fragment in _TRANSIENT_MESSAGES)
+
+
+def is_stale_statement(error: BaseException) -> bool:
+    """A statement prepared before another process's migration changed its table (asyncpg's
+    ``InvalidCachedStatementError``, or its type cache: "cache lookup failed for type"). SQLAlchemy's
+    asyncpg dialect has cleared its caches, so a new transaction prepares it anew: retried, reads
+    too. Answered 503 once per pooled connection after such a migration (QA rounds 47, 49)."""
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    return type(orig).__name__ == "InvalidCachedStatementError" or (
+        "cache lookup failed for type" in str(orig).lower()
+    )
 
 
 def is_disconnect(error: BaseException) -> bool:

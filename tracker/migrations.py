@@ -85,7 +85,8 @@ async def migrate(
     stopped every tracker for as long as it stayed open (QA round 19). Each attempt is rolled back
     whole, and the sessions holding the tables are logged, while it waits.
 
-    All those waits together end after ``timeout_s`` (0: never; an attempt under way may overrun it
+    All those waits together end after ``timeout_s``, counted again from each revision an upgrade
+    commits (0: never; an attempt under way may overrun it
     by up to ``LOCK_ATTEMPT_S``): then ``TransientStorageError`` says which lock stayed held, and by
     whom. A lock never released kept ``open()`` waiting forever
     (QA round 23). The migration's own work, once it has its locks, is not cut short. On SQLite the
@@ -106,6 +107,11 @@ async def migrate(
             # a tracker of its release runs on.
             if await _migrate_once(engine, revision, downgrade=downgrade, wait_s=deadline - loop.time()):
                 return
+            # A revision committed: the waits start again. Its own work is no wait, and counted,
+            # a long revision left the next one 1 ms to wait for another process that took the
+            # migration lock in between: it failed, "held for 5 s", while the other finished the
+            # upgrade (QA round 49).
+            deadline, attempt = loop.time() + timeout_s if timeout_s > 0 else math.inf, 0
             continue
         except DBAPIError as error:
             if engine.dialect.name != "postgresql":
