@@ -99,3 +99,13 @@ def test_past_max_peers_new_peers_are_dated_now_and_it_is_said_once(caplog: pyte
         NOW,
     ]
     assert [r.action for r in caplog.records] == ["clock_behind_clients"]  # type: ignore[attr-defined]
+
+
+def test_a_batch_stamped_with_a_slightly_older_reading_is_no_step_back() -> None:
+    """Large batches are stamped on worker threads with a reading a little older than one already
+    used: taken for a step back, each rebuilt the whole map and dropped times at the skew's limit,
+    so that their peers' undated goodbyes lost (QA round 49)."""
+    times = AheadTimes(max_skew_s=60)
+    times.dated([PeerOnline("edge", at=NOW + 59.95)], NOW)
+    times.dated([PeerOnline("other")], NOW - 0.1)
+    assert times.dated([PeerOffline("edge")], NOW)[0][1] == math.nextafter(NOW + 59.95, math.inf)
