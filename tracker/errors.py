@@ -181,6 +181,20 @@ def _bounded(text: str) -> str:
     return text if len(text) <= _MOST_DESCRIBED else text[: _MOST_DESCRIBED - 3] + "..."
 
 
+_ENCODING_ADVICE = (
+    "the database's encoding is not UTF8, so it holds only the characters of that encoding; create "
+    "the tracker's database with ENCODING 'UTF8'"
+)
+_SCHEMA_ADVICE = (
+    "the database's schema is not the one this tracker's version needs: was it downgraded or "
+    "migrated under it? tracker db check says; run the version the schema is at"
+)
+_POOLER_ADVICE = (
+    "behind a connection pooler in transaction mode, such as PgBouncer's pool_mode = transaction, "
+    "set pg_transaction_pooling"
+)
+
+
 def _schema_mismatch(error: BaseException) -> bool:
     if sqlstate_of(error) in _SCHEMA_SQLSTATES:
         return True
@@ -198,35 +212,23 @@ def translate(error: BaseException) -> TrackerError:
     driver's whole text, the statement and a batch's parameters included (kilobytes of peer ids),
     and the full text is still there in the cause for a traceback."""
     said = describe(error)
+    advice: str | None = None
     if is_transient(error):
         wrapped: TrackerError = TransientStorageError(f"database conflict, retries exhausted: {said}")
     elif sqlstate_of(error) in _UNSTORABLE_SQLSTATES:
         # Answered "the database is unavailable; retry later" (503) before, for a request that no
         # retry could ever store (QA round 40: a LATIN1 database and the id 日本語).
-        advice = (
-            "the database's encoding is not UTF8, so it holds only the characters of that encoding; "
-            "create the tracker's database with ENCODING 'UTF8'"
-        )
+        advice = _ENCODING_ADVICE
         wrapped = UnstorableInput(f"the database cannot store this value: {said} ({advice})")
-        wrapped.advice = advice
-    elif _schema_mismatch(error):
-        # A tracker whose database was downgraded (or migrated) under it: "retry later" could never
-        # come true (QA round 47).
-        advice = (
-            "the database's schema is not the one this tracker's version needs: was it downgraded "
-            "or migrated under it? tracker db check says; run the version the schema is at"
-        )
-        wrapped = StorageError(f"database error: {said} ({advice})")
-        wrapped.advice = advice
-    elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
-        advice = (
-            "behind a connection pooler in transaction mode, such as PgBouncer's pool_mode = "
-            "transaction, set pg_transaction_pooling"
-        )
-        wrapped = StorageError(f"database error: {said} ({advice})")
-        wrapped.advice = advice
     else:
-        wrapped = StorageError(f"database error: {said}")
+        if _schema_mismatch(error):
+            # A tracker whose database was downgraded (or migrated) under it: "retry later" could
+            # never come true (QA round 47).
+            advice = _SCHEMA_ADVICE
+        elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
+            advice = _POOLER_ADVICE
+        wrapped = StorageError(f"database error: {said}" + (f" ({advice})" if advice else ""))
+    wrapped.advice = advice
     wrapped.__cause__ = error
     wrapped.translated = True
     return wrapped
