@@ -100,11 +100,11 @@ async def migrate(
     attempt = 0
     while True:
         try:
-            # An upgrade goes one revision a transaction, so that an attempt that loses on a table's
-            # lock redoes its own revision only: the whole chain in one transaction redid 0013's
-            # rewrite of every peer row at each attempt (QA round 47: 4 attempts over a million
-            # peers, 4,000,040 row updates, the table 138 -> 425 MB). Every revision leaves a schema
-            # a tracker of its release runs on.
+            # A Postgres upgrade goes one revision a transaction, so that an attempt that loses on a
+            # table's lock redoes its own revision only: the whole chain in one transaction redid
+            # 0013's rewrite of every peer row at each attempt (QA round 47: 4 attempts over a
+            # million peers, 4,000,040 row updates, the table 138 -> 425 MB). Every revision leaves
+            # a schema a tracker of its release runs on.
             if await _migrate_once(engine, revision, downgrade=downgrade, wait_s=deadline - loop.time()):
                 return
             # A revision committed: the waits start again. Its own work is no wait, and counted,
@@ -211,7 +211,11 @@ async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool, 
             raise SchemaOutOfDate(problem)
         if not downgrade and revision == "head" and current == head_revision():
             return True  # Alembic would only log that it has nothing to do, at every open (QA round 22)
-        step, last = (None, True) if downgrade else _next_revision(current, revision)
+        # One revision a transaction on Postgres, where a revision may lose on a table's lock and be
+        # tried again. SQLite's one write lock is taken once for all: its write connection, and
+        # Alembic's set-up, made per revision, took a new file's open from 0.1 to 0.4 s.
+        by_revision = not downgrade and engine.dialect.name == "postgresql"
+        step, last = _next_revision(current, revision) if by_revision else (None, True)
         await conn.run_sync(_run)
         return last
 
