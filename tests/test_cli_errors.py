@@ -6,10 +6,13 @@ import asyncio
 import errno
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import aiosqlite
@@ -409,12 +412,27 @@ def test_a_migration_that_times_out_on_its_lock_says_which_lock_and_who_holds_it
     migration_timeout_s (QA round 47)."""
     from tracker.migrations import MIGRATION_LOCK_KEY
 
+    with _pg_session_holding(db_url, f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})", name="qa-report"):
+        result = run(
+            "db", "upgrade", env={"TRACKER_DATABASE_URL": db_url, "TRACKER_MIGRATION_TIMEOUT_S": "1"}
+        )
+    line = one_line_error(result)
+    assert "the migration lock (advisory lock" in line and "migration_timeout_s" in line, line
+    assert "qa-report" in line, line
+
+
+@contextmanager
+def _pg_session_holding(db_url: str, statement: str, *, name: str = "holder") -> Iterator[None]:
+    """A Postgres session (application_name ``name``) that ran ``statement`` in a transaction it
+    keeps open, on a thread of its own, until the block ends."""
+
     async def hold(release: threading.Event, held: threading.Event) -> None:
-        conn = await asyncpg.connect(_dsn(db_url), server_settings={"application_name": "qa-report"})
+        conn = await asyncpg.connect(_dsn(db_url), server_settings={"application_name": name})
         try:
-            await conn.execute(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
-            held.set()
-            await asyncio.to_thread(release.wait, 60)
+            async with conn.transaction():
+                await conn.execute(statement)
+                held.set()
+                await asyncio.to_thread(release.wait, 60)
         finally:
             await conn.close()
 
@@ -423,12 +441,51 @@ def test_a_migration_that_times_out_on_its_lock_says_which_lock_and_who_holds_it
     holder.start()
     try:
         assert held.wait(10)
-        result = run(
-            "db", "upgrade", env={"TRACKER_DATABASE_URL": db_url, "TRACKER_MIGRATION_TIMEOUT_S": "1"}
-        )
+        yield
     finally:
         release.set()
         holder.join(10)
-    line = one_line_error(result)
-    assert "the migration lock (advisory lock" in line and "migration_timeout_s" in line, line
-    assert "qa-report" in line, line
+
+
+@contextmanager
+def _held_by_another_session(db_url: str, engine_name: str) -> Iterator[None]:
+    """The SQLite file's write lock, or the peers table, held by another session until the block ends."""
+    if engine_name == "postgresql":
+        with _pg_session_holding(db_url, "LOCK TABLE peers IN ACCESS EXCLUSIVE MODE"):
+            yield
+        return
+    other = sqlite3.connect(str(make_url(db_url).database), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+    finally:
+        other.close()
+
+
+def test_a_command_kept_out_by_another_sessions_lock_names_the_settings_and_where_to_look(
+    db_url: str, engine_name: str
+) -> None:
+    """The CLI printed the driver's "database is locked" or "canceling statement due to lock
+    timeout" alone: neither the setting that bounds the wait nor what to look for (QA round 49)."""
+    assert run("db", "upgrade", "--database-url", db_url).exit_code == 0
+    env = {
+        "TRACKER_WRITE_RETRIES": "1",
+        "TRACKER_SQLITE_BUSY_TIMEOUT_S": "0.05",
+        "TRACKER_PG_LOCK_TIMEOUT_S": "0.05",
+    }
+    with _held_by_another_session(db_url, engine_name):
+        result = run("sweep", "--database-url", db_url, env=env)
+    assert result.exit_code == 1, result.output
+    line = result.stderr.strip().splitlines()[-1]
+    driver = "database is locked" if engine_name == "sqlite" else "canceling statement due to lock timeout"
+    setting = "sqlite_busy_timeout_s" if engine_name == "sqlite" else "pg_lock_timeout_s"
+    assert line.startswith(f"error: {driver} (") and setting in line and "write_retries" in line, line
+    if engine_name == "postgresql":
+        assert "pg_stat_activity" in line, line
+
+
+def test_an_upgrade_to_base_says_the_schema_is_empty(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
+    result = run("db", "upgrade", "--revision", "base", "--database-url", url)
+    assert result.exit_code == 0 and "None" not in result.stdout, result.output
+    assert result.stdout.startswith("schema at base (empty) (was empty)"), result.stdout

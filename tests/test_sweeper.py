@@ -384,6 +384,21 @@ async def test_the_background_sweeper_survives_a_failing_pass_and_stops_promptly
     assert not [t for t in asyncio.all_tasks() if t.get_name() == "peer-tracker-sweeper"]
 
 
+async def test_the_sweepers_report_of_a_schema_changed_under_it_says_what_to_run(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """Its log line and /readyz's last_error named the missing column alone, not that the database
+    was downgraded under it and what to run (QA round 47)."""
+    async with AvailabilityTracker(replace(config, update_interval=0.02, run_sweeper=True)) as tracker:
+        async with tracker.engine.begin() as conn:  # what `tracker db downgrade 0014` drops
+            await conn.exec_driver_sql("DROP INDEX IF EXISTS ix_content_peers_tombstones")
+            await conn.exec_driver_sql("ALTER TABLE content_peers DROP COLUMN removed_at")
+        state = tracker.sweeper_state
+        await _wait_for(lambda: state.failures >= 1)
+        assert state.last_error is not None and "removed_at" in state.last_error, state.last_error
+        assert "tracker db check" in state.last_error, state.last_error
+
+
 async def test_a_sweep_writes_a_snapshot_that_decodes_back_to_the_state(
     config: TrackerConfig, clock: ManualClock, tmp_path: Path
 ) -> None:

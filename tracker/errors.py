@@ -156,16 +156,20 @@ _MOST_DESCRIBED = 240
 def describe(error: BaseException) -> str:
     """A short one-line account of an error for a log line: its class, Postgres' SQLSTATE when the
     server answered, and the first line of the driver's message, at most ``_MOST_DESCRIBED``
-    characters. ``str()`` of SQLAlchemy's errors carries the whole statement and its parameters
-    (peer ids by the thousand in a gossip merge): each retry of a deadlocked merge logged ~1.7 KB in
-    a 48-minute soak. The tracker's own errors name the driver error they wrap the same way.
+    characters, then the tracker's advice if it has some. ``str()`` of SQLAlchemy's errors carries
+    the whole statement and its parameters (peer ids by the thousand in a gossip merge): each retry
+    of a deadlocked merge logged ~1.7 KB in a 48-minute soak. The tracker's own errors name the
+    driver error they wrap the same way.
 
     >>> describe(sqlite3.OperationalError("database is locked"))
     'OperationalError: database is locked'
     """
     cause = error.__cause__
     if isinstance(error, TrackerError) and cause is not None and not isinstance(cause, TrackerError):
-        return _bounded(f"{type(error).__name__}: {describe(cause)}")
+        # With its advice after the bounded part: the sweeper's log line for a database downgraded
+        # under it named the missing column and not what to do (QA round 47).
+        said = _bounded(f"{type(error).__name__}: {describe(cause)}")
+        return said + (f" ({error.advice})" if error.advice else "")
     orig: BaseException = error
     if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
         # SQLAlchemy's asyncpg adapter wraps asyncpg's error, whose class names the condition.
@@ -189,6 +193,15 @@ _SCHEMA_ADVICE = (
     "the database's schema is not the one this tracker's version needs: was it downgraded or "
     "migrated under it? tracker db check says; run the version the schema is at"
 )
+_SQLITE_LOCK_ADVICE = (
+    "another connection held the file's lock past the tracker's waits (sqlite_busy_timeout_s, "
+    "write_retries); retry once it is done"
+)
+_PG_LOCK_ADVICE = (
+    "another session held a lock past the tracker's waits (pg_lock_timeout_s, write_retries); "
+    "pg_locks and pg_stat_activity name it"
+)
+_CONFLICT_ADVICE = "concurrent transactions conflicted on every attempt (write_retries); retry"
 _POOLER_ADVICE = (
     "behind a connection pooler in transaction mode, such as PgBouncer's pool_mode = transaction, "
     "set pg_transaction_pooling"
@@ -205,6 +218,15 @@ def _schema_mismatch(error: BaseException) -> bool:
     )
 
 
+def _transient_advice(error: BaseException) -> str:
+    if sqlstate_of(error) == "55P03":
+        return _PG_LOCK_ADVICE
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    if isinstance(orig, sqlite3.Error):
+        return _SQLITE_LOCK_ADVICE
+    return _CONFLICT_ADVICE
+
+
 def translate(error: BaseException) -> TrackerError:
     """Wrap a driver error in the tracker's hierarchy, keeping the original as ``__cause__``.
 
@@ -214,7 +236,12 @@ def translate(error: BaseException) -> TrackerError:
     said = describe(error)
     advice: str | None = None
     if is_transient(error):
-        wrapped: TrackerError = TransientStorageError(f"database conflict, retries exhausted: {said}")
+        # The driver's "database is locked" alone named neither the setting nor what to look for
+        # (QA round 49): the CLI prints this advice after it; the service answers 503 storage_busy.
+        advice = _transient_advice(error)
+        wrapped: TrackerError = TransientStorageError(
+            f"database conflict, retries exhausted: {said} ({advice})"
+        )
     elif sqlstate_of(error) in _UNSTORABLE_SQLSTATES:
         # Answered "the database is unavailable; retry later" (503) before, for a request that no
         # retry could ever store (QA round 40: a LATIN1 database and the id 日本語).

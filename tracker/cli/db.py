@@ -76,7 +76,8 @@ def upgrade(
                 for suffix in ("", "-wal", "-shm"):
                     Path(created + suffix).unlink(missing_ok=True)
             raise
-        stdout.print(f"schema at {after} (was {before or 'empty'})", highlight=False)
+        # `--revision base` leaves no revision: "schema at None" said nothing (QA round 49).
+        stdout.print(f"schema at {after or 'base (empty)'} (was {before or 'empty'})", highlight=False)
 
 
 @db_app.command()
