@@ -72,11 +72,29 @@ class AheadTimes:
         self._warned = False
         # Batches are stamped on worker threads too (``offload.off_loop``).
         self._lock = threading.Lock()
+        # Where the clock stepped back to, told by the clock, until the next batch forgets by it;
+        # a lock of its own, held for an assignment only, so that telling never waits for a batch.
+        self._stepped_to: float | None = None
+        self._step_lock = threading.Lock()
+
+    def clock_stepped_back(self, to: float) -> None:
+        """The clock stepped back to ``to``: at the next batch, times beyond ``to`` plus the skew are
+        forgotten as after a step seen in a batch's reading. A quiet tracker saw the step only at its
+        next batch, whose reading was later: a time the sweeper had brought back to ``to`` meanwhile,
+        within the skew of that later reading, was followed and put the peer's rows back in the
+        future (QA round 49)."""
+        with self._step_lock:
+            pending = self._stepped_to
+            self._stepped_to = to if pending is None else min(pending, to)
 
     def dated(self, events: Sequence[Event], now: float) -> list[tuple[Event, float]]:
         """Each event with the time it is stored under, for a batch received at ``now``."""
         out: list[tuple[Event, float]] = []
+        with self._step_lock:
+            stepped_to, self._stepped_to = self._stepped_to, None
         with self._lock:
+            if stepped_to is not None and self._highest > stepped_to + self._max_skew_s:
+                self._forget_beyond(stepped_to)
             if self._highest > now + self._max_skew_s + _STEP_BACK_S:
                 self._forget_beyond(now)
             self._forget_passed(now)
