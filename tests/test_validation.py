@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 from sqlalchemy import func, select
 
-from tracker import AvailabilityTracker, InvalidInput
+from tracker import AvailabilityTracker, InvalidInput, TrackerConfig
 from tracker.events import (
     ContentAvailable,
     ContentUnavailable,
@@ -186,6 +187,24 @@ async def test_a_client_whose_clock_runs_ahead_can_still_remove_what_it_announce
     assert metrics is not None and metrics.last_seen == from_unix(clock.now)
 
 
+async def test_a_quiet_tracker_whose_clock_stepped_back_does_not_follow_times_taken_before(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """The step was seen only at the next batch, whose reading came later: a time the peer had dated
+    ahead before the step, which the sweeper had brought back to the set-back clock, was within the
+    skew of that later reading and followed, and the peer's heartbeat went back into the future
+    (QA round 49). The clock tells what remembers its times."""
+    async with AvailabilityTracker(replace(config, monotonic=clock.monotonic)) as tracker:
+        t = clock.now
+        await tracker.record_peer_online("fast", at=t + 50)
+        clock.leap(-100)
+        assert (await tracker.sweep()).future_rows_clamped >= 1  # its reading sees the step
+        clock.advance(95)  # quiet; the clock comes within the skew of what "fast" dated
+        await tracker.record_peer_online("fast")
+        metrics = await tracker.get_peer_metrics("fast")
+        assert metrics is not None and metrics.last_seen == from_unix(clock.now)
+
+
 async def test_a_fast_downloaders_report_does_not_outrank_the_peers_goodbye(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:
@@ -203,6 +222,37 @@ async def test_a_fast_downloaders_report_does_not_outrank_the_peers_goodbye(
         assert metrics is not None and not metrics.online, report
         assert await tracker.select_best_peers("movie", 3) == []
         clock.advance(10)
+
+
+async def test_a_downloaders_report_arriving_after_the_peers_goodbye_does_not_bring_it_back(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """A success or a speed sample received after the peer's goodbye, dated at its receipt, was a
+    sighting after the goodbye: the peer was online and selected again until peer_timeout (QA round
+    49). It still counts (reputation, speed); the peer's own heartbeat brings it back, and after a
+    timeout without goodbye a report is a sighting as before."""
+    served = 0
+    for report in (UploadOutcome("g", True), SpeedSample("g", 5_000)):
+        await tracker.record_batch([PeerOnline("g"), ContentAvailable("movie", "g")])
+        clock.advance(1)
+        await tracker.record_peer_offline("g")
+        clock.advance(1)
+        await tracker.record_batch([report])
+        served += isinstance(report, UploadOutcome)
+        metrics = await tracker.get_peer_metrics("g")
+        assert metrics is not None and not metrics.online, report
+        assert metrics.chunks_served == served
+        assert await tracker.select_best_peers("movie", 3) == []
+        await tracker.record_peer_online("g")
+        assert await tracker.get_available_peers("movie") == ["g"]
+        clock.advance(10)
+    metrics = await tracker.get_peer_metrics("g")
+    assert metrics is not None and metrics.download_speed == 5_000
+    clock.advance(tracker.config.peer_timeout + 1)
+    await tracker.sweep()  # timed out: no goodbye
+    await tracker.record_upload_success("g")
+    metrics = await tracker.get_peer_metrics("g")
+    assert metrics is not None and metrics.online
 
 
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(

@@ -218,6 +218,7 @@ def _peer_stats_upsert(
         p_sw=Double(),
         p_fw=Double(),
         p_evidence_at=Double(),
+        p_speed=Double(),
     )
     ins = row.insert(
         peer_stats,
@@ -233,14 +234,22 @@ def _peer_stats_upsert(
             "success_weight": row["p_sw"],
             "failure_weight": row["p_fw"],
             "evidence_at": row["p_evidence_at"],
-            "speed_bps": null(),
+            # A sample's own speed: the first sample's mean, which refresh_speeds stores again
+            # after this; to the merge below, what tells a sample from a heartbeat.
+            "speed_bps": row["p_speed"],
             "updated_at": bindparam("p_now", type_=Double()),
             "samples_version": null(),
         },
     )
     old, new = peer_stats.c, ins.excluded
     timeout = num(peer_timeout)
-    presence = new.failed_count == 0
+    # A success or a sample, reported about the peer by a downloader, is a sighting unless the peer
+    # said goodbye (offline, no session kept as the sweeper keeps one; a row a failed report made has
+    # no sighting yet): a report arriving after the goodbye, dated at its receipt, brought the peer
+    # back online and selected until peer_timeout (QA round 49). The peer's own heartbeat does.
+    report = or_(new.evidence_at.is_not(None), new.speed_bps.is_not(None))
+    departed = and_(~old.online, old.online_since.is_(None), old.last_seen > num(NEVER_SEEN))
+    presence = and_(new.failed_count == 0, ~and_(report, departed))
     fresh = and_(presence, new.last_seen >= old.last_seen)
     # Closed by the sweeper (it timed out: offline, its start kept), not by a goodbye. A late event
     # from within that session finds it as it would have without the sweep: a sweep that happened
@@ -371,6 +380,7 @@ async def _upsert_peer_stats(
                 "p_sw": 1.0 if success else 0.0,
                 "p_fw": 1.0 if failure else 0.0,
                 "p_evidence_at": t.at if outcome else None,
+                "p_speed": float(event.bytes_per_sec) if isinstance(event, SpeedSample) else None,
                 "p_now": now,
             }
         )
