@@ -4,7 +4,8 @@ Three ways in:
 * the tracker (and tests) pass an open connection in ``config.attributes["connection"]`` and the
   migration runs on it, inside the caller's transaction;
 * ``alembic upgrade head`` from the shell uses ``-x url=...``, ``sqlalchemy.url`` or
-  ``TRACKER_DATABASE_URL``, and on Postgres takes the trackers' migration lock;
+  ``TRACKER_DATABASE_URL``, and takes the lock trackers take to migrate: on Postgres their
+  migration lock, on SQLite the file's write lock, for the whole chain;
 * offline mode (``--sql``) renders the SQL for a DBA.
 SQLite gets batch mode, so later ALTERs work through table copies.
 """
@@ -19,7 +20,8 @@ from sqlalchemy import pool
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import async_engine_from_config
 
-from tracker.config import DEFAULT_DATABASE_URL
+from tracker import db
+from tracker.config import DEFAULT_DATABASE_URL, TrackerConfig
 from tracker.migrations import MIGRATION_LOCK_KEY
 from tracker.schema import metadata
 
@@ -66,8 +68,22 @@ def run_migrations_offline() -> None:
 
 
 async def run_async_migrations() -> None:
+    url = _url()
+    if url.startswith("sqlite"):
+        # The tracker's own engine, and its write connection: the whole chain in one transaction that
+        # takes the file's write lock at BEGIN (IMMEDIATE), waiting the busy timeout for another. The
+        # driver's own transactions leave DDL outside any: two shell upgrades of one new file at once
+        # both created the tables, and the second failed (QA round 49).
+        tracker_engine = db.create_engine(TrackerConfig(database_url=url))
+        try:
+            await db.ensure_wal(tracker_engine)  # as the tracker's own upgrade leaves a new file
+            async with db.write_connection(tracker_engine) as connection, connection.begin():
+                await connection.run_sync(do_run_migrations)
+        finally:
+            await tracker_engine.dispose()
+        return
     section = config.get_section(config.config_ini_section, {})
-    section["sqlalchemy.url"] = _url()
+    section["sqlalchemy.url"] = url
     engine = async_engine_from_config(section, prefix="sqlalchemy.", poolclass=pool.NullPool)
     async with engine.connect() as connection:
         await connection.run_sync(do_run_migrations, lock=True)

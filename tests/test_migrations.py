@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,6 +37,9 @@ from tracker.migrations import (
 )
 from tracker.queries.writes import draw_of
 from tracker.schema import metadata
+
+#: Where alembic.ini is: the shell's `alembic` runs there.
+PROJECT = Path(__file__).resolve().parent.parent
 
 # What `downgrade base` may leave behind: Alembic's own bookkeeping (and, on Postgres, its primary key).
 ALEMBIC_OBJECTS = {"alembic_version", "alembic_version_pkc"}
@@ -323,6 +328,35 @@ async def test_alembic_from_the_shell_waits_for_the_lock_trackers_take_to_migrat
     await asyncio.wait_for(upgrading, 120)
     assert await current_revision(engine) == head_revision()
     assert await schema_diff(engine) == []
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+async def test_alembic_from_the_shell_three_times_at_once_on_one_new_sqlite_file(
+    engine: AsyncEngine, empty_url: str
+) -> None:
+    """Without the file's write lock for the chain (env.py serialised only on Postgres) the second
+    failed on a table the first had made, the third on alembic_version (QA round 49)."""
+    env = {**os.environ, "TRACKER_DATABASE_URL": empty_url}
+    shells = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "alembic",
+            "upgrade",
+            "head",
+            cwd=PROJECT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        for _ in range(3)
+    ]
+    said = [(await asyncio.wait_for(shell.communicate(), 120))[0].decode() for shell in shells]
+    assert [shell.returncode for shell in shells] == [0, 0, 0], said
+    assert await current_revision(engine) == head_revision()
+    assert await schema_diff(engine) == []
+    async with engine.connect() as conn:
+        assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one() == "wal"
 
 
 async def test_migration_0011_gives_existing_peers_the_draw_their_keys_give(engine: AsyncEngine) -> None:
