@@ -242,3 +242,67 @@ async def test_the_analytics_role_the_docs_suggest_is_valid_postgres(db_url: str
 
 class _RollBack(Exception):
     pass
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"])
+async def test_the_analytics_role_the_docs_suggest_still_reads_the_views_a_migration_made_again(
+    db_url: str,
+) -> None:
+    """The grant covered only the views there were: after an upgrade that drops and makes them
+    again (0012 does), the role got "permission denied for view peer_scores" (QA round 51)."""
+    from tracker.db import create_engine
+    from tracker.migrations import migrate
+
+    (admin,) = re.findall(r"```sql postgresql-admin\n(.*?)```", DOC, flags=re.S)
+    role = f"analytics_{uuid.uuid4().hex[:12]}"
+    conn = await asyncpg.connect(_dsn(db_url))
+    engine = create_engine(TrackerConfig(database_url=db_url))
+    try:
+        await conn.execute(admin.replace("analytics", role))
+        await migrate(engine, "0011", downgrade=True)
+        await migrate(engine)
+        async with conn.transaction():
+            await conn.execute(f'SET LOCAL ROLE "{role}"')
+            for view in ("peer_scores", "content_replication", "under_replicated_content"):
+                await conn.fetch(f"SELECT * FROM {view}")
+            await conn.fetch("SELECT * FROM peer_stats")
+    finally:
+        await engine.dispose()
+        await conn.execute(f'DROP OWNED BY "{role}"')
+        await conn.execute(f'DROP ROLE "{role}"')
+        await conn.close()
+
+
+SCHEMA_DOC = (Path(__file__).parent.parent / "docs" / "schema.md").read_text()
+
+
+async def test_the_stale_online_flags_query_lists_the_rows_this_trackers_sweep_closes(
+    config: TrackerConfig, clock: ManualClock, tmp_path: Path
+) -> None:
+    """It listed other origins' rows too, which no sweep here closes: left flagged online for as
+    long as their tracker is gone (QA round 51). Run as schema.md prints it."""
+    from dataclasses import replace
+
+    from tracker.gossip.importer import import_snapshot
+    from tracker.state_export import write_state_snapshot
+
+    (query,) = re.findall(
+        r"### Stored `online` flags that are already stale\n.*?```sql\n(.*?)```", SCHEMA_DOC, flags=re.S
+    )
+    other = replace(config, database_url=f"sqlite+aiosqlite:///{tmp_path / 'other.db'}")
+    async with AvailabilityTracker(other) as remote:
+        await remote.record_peer_online("theirs")
+        path = await write_state_snapshot(remote, tmp_path / "snapshots", clock.now)
+    async with AvailabilityTracker(config) as tracker:
+        await import_snapshot(tracker, path)
+        await tracker.record_peer_online("ours")
+        clock.advance(config.peer_timeout + 1)
+        params = {"now": clock.now, "timeout": config.peer_timeout}
+
+        async def listed() -> list[str]:
+            async with tracker.engine.connect() as conn:
+                return [row[0] for row in await conn.execute(text(query), params)]
+
+        assert await listed() == ["ours"]
+        await tracker.sweep()
+        assert await listed() == []

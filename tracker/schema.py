@@ -73,7 +73,7 @@ peers = Table(
     # alike on every engine and tracker for one seed; the surrogate id differs (Postgres skips
     # sequence values on conflicts).
     Column("draw", Integer, nullable=False, server_default=text("0")),
-    comment="Every peer ever seen, by its external id.",
+    comment="Peers seen or reported, by their external id, until the sweeper forgets them.",
 )
 
 contents = Table(
@@ -82,7 +82,7 @@ contents = Table(
     Column("id", Id, primary_key=True),
     Column("content_key", Key, nullable=False, unique=True),
     Column("first_seen", Double, nullable=False),
-    comment="Every content id ever announced.",
+    comment="Content ids announced or named by upload reports, until the sweeper forgets them.",
 )
 
 peer_stats = Table(
@@ -246,7 +246,10 @@ settings = Table(
     metadata,
     Column("name", String(64), primary_key=True),
     Column("value", Double, nullable=False),
-    comment="Settings the analytics views read (peer_timeout_s, reputation.*, replication_target).",
+    comment=(
+        "Settings the analytics views read (peer_timeout_s, reputation.*, reliable_threshold, "
+        "min_reputation, replication_target)."
+    ),
 )
 # Views (created by migration 0004, not modelled here): peer_scores, content_replication,
 # under_replicated_content. See docs/analytics.md.
