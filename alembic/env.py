@@ -67,14 +67,27 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+def _changes_schema() -> bool:
+    """Whether the command moves the schema (upgrade, downgrade, stamp: they name a destination);
+    ``current``, ``history`` and ``check`` only read it."""
+    try:
+        context.get_revision_argument()
+    except KeyError:
+        return False
+    return True
+
+
 async def run_async_migrations() -> None:
     url = _url()
-    if url.startswith("sqlite"):
+    if url.startswith("sqlite") and _changes_schema():
         # The tracker's own engine, and its write connection: the whole chain in one transaction that
         # takes the file's write lock at BEGIN (IMMEDIATE), waiting the busy timeout for another. The
         # driver's own transactions leave DDL outside any: two shell upgrades of one new file at once
         # both created the tables, and the second failed (QA round 49).
-        tracker_engine = db.create_engine(TrackerConfig(database_url=url))
+        # Read-only commands keep the plain engine: they waited for any writer, switched the file
+        # to WAL, and failed on a read-only file (QA round 52). The busy timeout is the
+        # environment's, as the trackers' (TRACKER_SQLITE_BUSY_TIMEOUT_S).
+        tracker_engine = db.create_engine(TrackerConfig.from_env(database_url=url))
         try:
             await db.ensure_wal(tracker_engine)  # as the tracker's own upgrade leaves a new file
             async with db.write_connection(tracker_engine) as connection, connection.begin():

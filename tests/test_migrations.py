@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -357,6 +358,38 @@ async def test_alembic_from_the_shell_three_times_at_once_on_one_new_sqlite_file
     assert await schema_diff(engine) == []
     async with engine.connect() as conn:
         assert (await conn.exec_driver_sql("PRAGMA journal_mode")).scalar_one() == "wal"
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+async def test_alembic_current_from_the_shell_neither_waits_for_a_writer_nor_changes_the_file(
+    engine: AsyncEngine, empty_url: str
+) -> None:
+    """Only the commands that move the schema take the write lock: `alembic current` waited for any
+    writer, switched a rollback-journal file to WAL, and failed on a read-only file (QA round 52)."""
+    await migrate(engine)
+    await engine.dispose()
+    path = str(make_url(empty_url).database)
+    writer = sqlite3.connect(path, isolation_level=None)
+    try:
+        writer.execute("PRAGMA journal_mode=DELETE")
+        writer.execute("BEGIN IMMEDIATE")  # a writer, which readers of a rollback journal pass
+        env = {**os.environ, "TRACKER_DATABASE_URL": empty_url, "TRACKER_SQLITE_BUSY_TIMEOUT_S": "30"}
+        shell = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "alembic",
+            "current",
+            cwd=PROJECT,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        said = (await asyncio.wait_for(shell.communicate(), 20))[0].decode()
+        assert shell.returncode == 0 and f"{head_revision()} (head)" in said, said
+        writer.execute("ROLLBACK")
+        assert writer.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    finally:
+        writer.close()
 
 
 async def test_migration_0011_gives_existing_peers_the_draw_their_keys_give(engine: AsyncEngine) -> None:

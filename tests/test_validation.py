@@ -224,6 +224,24 @@ async def test_a_fast_downloaders_report_does_not_outrank_the_peers_goodbye(
         clock.advance(10)
 
 
+async def test_after_a_clock_step_back_an_undated_removal_follows_an_announcement_left_in_place(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """Forgotten at the step itself (any reading that saw it), a time the sweeper left in place, within
+    the skew of its pass, was no longer followed: the peer's undated removal was dated now, older than
+    its announcement, and lost for good (QA round 52). Forgotten only beyond what the sweeper brought
+    back, it is followed."""
+    async with AvailabilityTracker(replace(config, monotonic=clock.monotonic)) as tracker:
+        t = clock.now
+        await tracker.record_batch([PeerOnline("b", at=t + 5), ContentAvailable("movie", "b", at=t + 5)])
+        clock.leap(-65)
+        await tracker.get_peer_metrics("b")  # a reading sees the step
+        clock.advance(10)
+        assert (await tracker.sweep()).future_rows_clamped == 0  # t + 5 is within the skew of it
+        await tracker.record_content_unavailable("movie", "b")
+        assert await tracker.get_available_peers("movie") == []
+
+
 async def test_a_downloaders_report_arriving_after_the_peers_goodbye_does_not_bring_it_back(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:

@@ -72,31 +72,33 @@ class AheadTimes:
         self._warned = False
         # Batches are stamped on worker threads too (``offload.off_loop``).
         self._lock = threading.Lock()
-        # Where the clock stepped back to, told by the clock, until the next batch forgets by it;
-        # a lock of its own, held for an assignment only, so that telling never waits for a batch.
-        self._stepped_to: float | None = None
-        self._step_lock = threading.Lock()
+        # The limit beyond which the sweeper brought this node's rows back, told once it committed,
+        # until the next batch forgets by it; a lock of its own, held for an assignment only.
+        self._clamped_beyond: float | None = None
+        self._clamp_lock = threading.Lock()
 
-    def clock_stepped_back(self, to: float) -> None:
-        """The clock stepped back to ``to``: at the next batch, times beyond ``to`` plus the skew are
-        forgotten as after a step seen in a batch's reading. A quiet tracker saw the step only at its
-        next batch, whose reading was later: a time the sweeper had brought back to ``to`` meanwhile,
-        within the skew of that later reading, was followed and put the peer's rows back in the
-        future (QA round 49)."""
-        with self._step_lock:
-            pending = self._stepped_to
-            self._stepped_to = to if pending is None else min(pending, to)
+    def rows_clamped_beyond(self, limit: float) -> None:
+        """The sweeper brought this node's rows dated beyond ``limit`` back (``clamp_future``, after
+        a clock step back): the next batch forgets the times beyond it too. A tracker quiet through
+        the step saw it only at a later batch's reading, within the skew of which such a time lay,
+        and followed it: the peer's heartbeat went back into the future (QA round 49). Told by the
+        sweeper, not by the clock: forgotten at the step itself, a time the sweeper did not bring
+        back (within the skew of its pass) was forgotten while its row stayed, and the peer's undated
+        removal lost to its own announcement for good (QA round 52)."""
+        with self._clamp_lock:
+            pending = self._clamped_beyond
+            self._clamped_beyond = limit if pending is None else min(pending, limit)
 
     def dated(self, events: Sequence[Event], now: float) -> list[tuple[Event, float]]:
         """Each event with the time it is stored under, for a batch received at ``now``."""
         out: list[tuple[Event, float]] = []
-        with self._step_lock:
-            stepped_to, self._stepped_to = self._stepped_to, None
+        with self._clamp_lock:
+            clamped, self._clamped_beyond = self._clamped_beyond, None
         with self._lock:
-            if stepped_to is not None and self._highest > stepped_to + self._max_skew_s:
-                self._forget_beyond(stepped_to)
+            if clamped is not None and self._highest > clamped:
+                self._forget_beyond(clamped)
             if self._highest > now + self._max_skew_s + _STEP_BACK_S:
-                self._forget_beyond(now)
+                self._forget_beyond(now + self._max_skew_s)
             self._forget_passed(now)
             latest = self._latest
             for event in events:
@@ -152,12 +154,11 @@ class AheadTimes:
             else:  # raised since it was pushed
                 heapq.heappush(expiry, (current, peer))
 
-    def _forget_beyond(self, now: float) -> None:
-        """The clock stepped back: forget every time beyond ``now`` plus the skew. The sweeper brings
-        such rows back to now; followed once the clock came near them again, and kept alive by the
-        peer's next dated events, they put rows back in the future and a removal lost (QA round 48).
-        A walk over all of them, rare: a step back."""
-        limit = now + self._max_skew_s
+    def _forget_beyond(self, limit: float) -> None:
+        """The clock stepped back: forget every time beyond ``limit`` (now plus the skew). The sweeper
+        brings such rows back to now; followed once the clock came near them again, and kept alive
+        by the peer's next dated events, they put rows back in the future and a removal lost (QA
+        round 48). A walk over all of them, rare: a step back."""
         self._latest = {peer: at for peer, at in self._latest.items() if at <= limit}
         self._expiry = [(at, peer) for peer, at in self._latest.items()]
         heapq.heapify(self._expiry)

@@ -130,9 +130,6 @@ class SteadyClock:
         #: had followed them (QA round 11).
         self.gap_total = 0.0
         self.back_total = 0.0
-        #: Told the time stepped back to, at the reading that saw the step (called on that reading's
-        #: thread, so quick and never blocking): what remembers times read from the clock before it.
-        self.step_back_listeners: list[Callable[[float], None]] = []
 
     @property
     def accepted_lag(self) -> float:
@@ -162,8 +159,6 @@ class SteadyClock:
                 -surplus,
                 extra={"action": "clock_step_back", "surplus_s": surplus},
             )
-            for listener in self.step_back_listeners:
-                listener(wall)
             return self._trust(wall, mono, anchor=True)
         if surplus <= self.tolerance_s and drift <= self.tolerance_s:
             if self._held_since is not None:

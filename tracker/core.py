@@ -145,7 +145,6 @@ class AvailabilityTracker:
         self._random = random.Random(self.config.random_seed)
         #: Dates the events without ``at`` after what their peer dated ahead (tracker/aheadtimes.py).
         self._ahead_times = AheadTimes(self.config.max_clock_skew_s)
-        self.now.step_back_listeners.append(self._ahead_times.clock_stepped_back)
         #: Where a Postgres top-up starts probing: never seeded, so processes sharing a random_seed
         #: spread over the candidates, and a seeded tracker's weighted draws do not shift with
         #: contention (QA round 45). The system's source: an instance would be copied by a fork.

@@ -194,14 +194,15 @@ _SCHEMA_ADVICE = (
     "migrated under it? tracker db check says; run the version the schema is at"
 )
 _SQLITE_LOCK_ADVICE = (
-    "another connection held the file's lock past the tracker's waits (sqlite_busy_timeout_s, "
-    "write_retries); retry once it is done"
+    "another connection held the file's lock longer than sqlite_busy_timeout_s (a write, also "
+    "write_retries times more); retry once it is done"
 )
 _PG_LOCK_ADVICE = (
-    "another session held a lock past the tracker's waits (pg_lock_timeout_s, write_retries); "
-    "pg_locks and pg_stat_activity name it"
+    "another session held a lock longer than pg_lock_timeout_s (a write, also write_retries times "
+    "more); pg_locks and pg_stat_activity name it"
 )
 _CONFLICT_ADVICE = "concurrent transactions conflicted on every attempt (write_retries); retry"
+_STALE_ADVICE = "another process changed the schema under this one's prepared statements; retry"
 _POOLER_ADVICE = (
     "behind a connection pooler in transaction mode, such as PgBouncer's pool_mode = transaction, "
     "set pg_transaction_pooling"
@@ -219,8 +220,11 @@ def _schema_mismatch(error: BaseException) -> bool:
 
 
 def _transient_advice(error: BaseException) -> str:
+    """Reads are not retried on a lock (QA round 52: their advice named write_retries alone)."""
     if sqlstate_of(error) == "55P03":
         return _PG_LOCK_ADVICE
+    if is_stale_statement(error):
+        return _STALE_ADVICE
     orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
     if isinstance(orig, sqlite3.Error):
         return _SQLITE_LOCK_ADVICE

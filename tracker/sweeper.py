@@ -96,6 +96,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         # that was right, would look ahead of it (QA: a hold resumed by a restart moved every
         # host's heartbeats back and their peers went offline). The repair waits for the hold to end.
         if own_time and leap is None and (pending is not None or not state.repaired_once):
+            limits: list[float] = []
 
             async def clamp(conn: AsyncConnection) -> int:
                 # Beyond the tracker's time (not the sweep's, which may lag behind an accepted leap),
@@ -107,11 +108,14 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
                     to = tracker._opened_at if to is None else min(to, tracker._opened_at)
                 to = min(current, current if to is None else to)
                 limit = current + config.max_clock_skew_s
+                limits.append(limit)
                 return await q.clamp_future(
                     conn, config.dialect, node_id, to, limit, config.lease_ttl_s, config.bandwidth_window
                 )
 
             clamped = await db.run_write(engine, clamp, config.write_retries)
+            # Committed: undated events no longer follow what the peers dated beyond it (aheadtimes).
+            tracker._ahead_times.rows_clamped_beyond(limits[-1])
             state.repaired_once = True
             if tracker.now.stepped_back_to == pending:  # unless the clock stepped further back meanwhile
                 tracker.now.stepped_back_to = None
