@@ -127,7 +127,25 @@ def _configure_postgres(engine: AsyncEngine, config: TrackerConfig) -> None:
 
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
-        dbapi_connection.run_async(lambda conn: conn.execute(statement))
+        try:
+            dbapi_connection.run_async(lambda conn: conn.execute(statement))
+        except Exception as error:
+            raise _set_up_failed(error) from error
+
+
+def _set_up_failed(error: Exception) -> Exception:
+    """A new connection that failed while the tracker set it up, as an error the retries and the
+    service know. Raised here the driver's own error passes SQLAlchemy unwrapped: a backend killed
+    during the SET (a failover, an administrator) reached callers as asyncpg's bare
+    ConnectionDoesNotExistError or InternalClientError, neither retried nor a StorageError, and the
+    service answered 500 (QA round 50). Nothing was sent for the caller yet: as a refused
+    connection, a ``ConnectionError``, retried on a new one. What the server refused for its own
+    reasons (not a connection exception, class 08, nor a shutdown, 57P) is a ``StorageError``."""
+    state = getattr(error, "sqlstate", None)
+    said = f"setting up a new database connection failed: {describe(error)}"
+    if isinstance(state, str) and not state.startswith(("08", "57P")):
+        return StorageError(said)
+    return ConnectionError(said)
 
 
 def _set_in_each_transaction(engine: AsyncEngine, settings: dict[str, str]) -> None:

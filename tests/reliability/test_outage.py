@@ -339,3 +339,76 @@ async def test_opening_a_tracker_on_a_server_that_refuses_raises_storage_error()
         await AvailabilityTracker.open(
             TrackerConfig(database_url="postgresql+asyncpg://postgres@127.0.0.1:1/none")
         )
+
+
+class _DropAtSetUp:
+    """A loopback TCP relay to the test's Postgres that cuts the first ``drops`` connections when the
+    client sends the tracker's connection set-up (``SET jit``): a backend killed right then, which
+    pg_terminate_backend can only hit by chance."""
+
+    def __init__(self, host: str, port: int, drops: int) -> None:
+        self.host, self.port, self.drops = host, port, drops
+        self.cut = 0
+        self.armed = False
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        cut = self.armed and self.cut < self.drops
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, watch: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    if watch and cut and b"SET jit" in data:
+                        self.cut += 1
+                        break
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                for w in (writer, up_writer):
+                    w.close()
+
+        await asyncio.gather(pipe(reader, up_writer, True), pipe(up_reader, writer, False))
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+@pytest.mark.parametrize("drops", [2, 100])
+async def test_a_connection_lost_while_it_is_set_up_is_retried_or_a_storage_error(
+    db_url: str, drops: int
+) -> None:
+    """The connect-time SET's failure passed SQLAlchemy as asyncpg's bare error: neither retried nor a
+    StorageError, and the service answered 500 (QA round 50). A few such losses cost a retry; a
+    server that keeps losing them is a StorageError, answered 503."""
+    url = make_url(db_url)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url)):
+        pass  # migrated, straight to the server
+    relay = _DropAtSetUp(url.host or "127.0.0.1", url.port or 5432, drops)
+    async with relay as port:
+        config = TrackerConfig(
+            database_url=url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False),
+            auto_migrate=False,
+            write_retries=3,
+        )
+        async with AvailabilityTracker(config) as tracker:
+            relay.armed = True
+            assert await _kill_connections(db_url) >= 1  # the pool's: new ones replace them
+            if drops == 2:
+                await tracker.record_peer_online("p")
+                assert await tracker.get_available_peers("nothing") == []
+                metrics = await tracker.get_peer_metrics("p")
+                assert metrics is not None and metrics.online
+            else:
+                with pytest.raises(StorageError, match="setting up a new database connection failed"):
+                    await tracker.record_peer_online("p")
+                with pytest.raises(StorageError):
+                    await tracker.get_peer_metrics("p")
