@@ -272,44 +272,6 @@ async def test_a_tracker_gone_for_good_leaves_nothing_behind(pair: Pair) -> None
     assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
 
 
-async def test_an_origin_whose_rows_are_all_forgotten_is_no_longer_sent_nor_spread(
-    pair: Pair, tmp_path: Path
-) -> None:
-    """Its clock stays, and each message visited it (four statements and a thread hop) to send an
-    empty delta that taught every new neighbour the origin too: 10,000 such origins took 70 s to
-    build a new tracker's first message, past its timeout at every round (QA round 50)."""
-    x, y, clock = pair.x, pair.y, pair.clock
-    await y.record_peer_online("p")
-    await y.record_content_available("movie", "p")
-    await _expire(y, clock)
-    await pair.gossip()
-    pair.net.isolated.add("http://y")
-    clock.advance(x.config.offline_mapping_retention_s + x.config.tombstone_keep_s + 10)
-    await x.sweep()
-    clock.advance(x.config.forget_after_s)
-    await x.sweep()
-    assert await _rows(x) == dict.fromkeys((t.name for t in TABLES), 0)
-
-    async def first_message(conn: Any) -> gq.Delta:
-        return await gq.read_deltas(conn, {}, (), 100, 10)
-
-    assert (await run_read(x.engine, first_message)).deltas == []
-    z = await AvailabilityTracker.open(
-        TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'z.db'}", clock=clock)
-    )
-    try:
-        agent = GossipAgent(z, GossipConfig(keys=(KEY,)), transport=pair.net.transport_for("http://z"))
-        pair.net.agents["http://z"] = agent
-        await agent.exchange("http://x")
-
-        async def origins(conn: Any) -> list[str]:
-            return [str(key) for (key,) in await conn.execute(text("SELECT node_key FROM tracker_nodes"))]
-
-        assert await run_read(z.engine, origins) == [z.node_key]
-    finally:
-        await z.close()
-
-
 async def test_a_late_pass_does_not_make_a_forgotten_row_young(pair: Pair) -> None:
     """A tracker back after longer than the retention (or one that ran without its sweeper) closes the
     stale sessions of its first pass. Dated by the pass, the closing write made the row young again

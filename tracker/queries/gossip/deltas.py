@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ...gossip.protocol import MappingState, OriginDelta, PeerState
@@ -77,10 +77,9 @@ async def read_deltas(
         ((clock - vector.get(key, 0), key, node_id, clock) for node_id, key, clock in origins),
         key=lambda origin: (origin[0], origin[1]),
     )
-    holding = await _holding(conn) if pending else set()
     for _, key, node_id, clock in pending:
         base = vector.get(key, 0)
-        if key in skipped or clock <= base or node_id not in holding:
+        if key in skipped or clock <= base:
             continue
         if budget <= 0:
             truncated = True
@@ -139,30 +138,6 @@ async def read_deltas(
         # A cut origin does not end the message: a later one may fit in what the cut left.
         budget -= len(peer_rows) + len(mapping_rows)
     return Delta(out, truncated)
-
-
-async def _holding(conn: AsyncConnection) -> set[int]:
-    """The origins of which this node holds rows that gossip carries (peer rows, mappings), in one
-    statement of two index probes an origin.
-
-    An origin gone for good, whose rows every tracker has forgotten, keeps its clock here; each
-    message visited it, four statements and a thread hop (~2 ms) to send nothing but that clock,
-    which made the receiver learn it too: a tracker holding 10,000 such origins took 70 s to build
-    a new neighbour's first message, past the neighbour's timeout at every round, so it never
-    joined (QA round 50). Skipped, such an origin is no longer spread either: a receiver that
-    never held its rows does not need its clock."""
-    n = nodes.c
-    rows = (
-        await conn.execute(
-            select(n.id).where(
-                or_(
-                    exists().where(peer_stats.c.node_id == n.id),
-                    exists().where(content_peers.c.node_id == n.id),
-                )
-            )
-        )
-    ).all()
-    return {int(node_id) for (node_id,) in rows}
 
 
 def _origin_delta(
