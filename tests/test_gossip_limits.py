@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from gossip_helpers import KEY, LocalNet
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.db import run_read, run_write
@@ -157,3 +157,44 @@ async def test_origins_a_neighbour_lags_least_behind_go_first(trackers: list[Ava
     delta = await run_read(relay_tracker.engine, read)
     parts = [(d.origin, len(d.peers)) for d in delta.deltas]
     assert parts == [("z-small", 3), ("a-big", 10)] and delta.truncated, parts
+
+
+async def test_a_message_visits_at_most_max_origins_and_the_follow_ups_take_the_rest(
+    trackers: list[AvailabilityTracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every origin above the receiver's clock costs a message four statements and a thread hop, rows
+    or not: 10,000 origins gone for good (their rows forgotten everywhere, their clocks kept) took
+    70 s to build a new neighbour's first message, past its timeout at every round (QA round 50).
+    A message visits MAX_ORIGINS; the exchange's follow-ups take the rest, and the newcomer ends
+    with every clock (which answers asks for those origins: QA round 53)."""
+    from tracker.queries.gossip import deltas
+
+    monkeypatch.setattr(deltas, "MAX_ORIGINS", 2)
+    old, new = trackers[0], trackers[1]
+    await old.record_peer_online("p")
+    gone = [f"gone-{i}" for i in range(5)]
+
+    async def remember(conn: Any) -> None:  # what gossip leaves of origins whose rows were forgotten
+        for key in gone:
+            await conn.execute(nodes.insert().values(node_key=key, is_local=False, created_at=0.0, clock=3))
+
+    await run_write(old.engine, remember, 0)
+
+    async def first(conn: Any) -> q.Delta:
+        return await q.read_deltas(conn, {}, (), 100, 10)
+
+    delta = await run_read(old.engine, first)
+    assert len(delta.deltas) == 2 and delta.truncated
+    net = LocalNet()
+    net.agents = {
+        name: GossipAgent(t, GossipConfig(keys=(KEY,)), transport=net.transport_for(name))
+        for name, t in (("http://old", old), ("http://new", new))
+    }
+    await net.agents["http://new"].exchange("http://old")
+
+    async def clocks(conn: Any) -> dict[str, int]:
+        return {str(k): int(c) for k, c in await conn.execute(select(nodes.c.node_key, nodes.c.clock))}
+
+    held = await run_read(new.engine, clocks)
+    assert {key: held.get(key) for key in gone} == dict.fromkeys(gone, 3)
+    assert await new.get_peer_metrics("p") is not None
