@@ -86,8 +86,10 @@ async def run_async_migrations() -> None:
         # both created the tables, and the second failed (QA round 49).
         # Read-only commands keep the plain engine: they waited for any writer, switched the file
         # to WAL, and failed on a read-only file (QA round 52). The busy timeout is the
-        # environment's, as the trackers' (TRACKER_SQLITE_BUSY_TIMEOUT_S).
-        tracker_engine = db.create_engine(TrackerConfig.from_env(database_url=url))
+        # environment's, as the trackers' (TRACKER_SQLITE_BUSY_TIMEOUT_S), and no other setting:
+        # a bad TRACKER_PEER_TIMEOUT failed the migration (QA round 53).
+        busy = {k: v for k, v in os.environ.items() if k == "TRACKER_SQLITE_BUSY_TIMEOUT_S"}
+        tracker_engine = db.create_engine(TrackerConfig.from_env(busy, database_url=url))
         try:
             await db.ensure_wal(tracker_engine)  # as the tracker's own upgrade leaves a new file
             async with db.write_connection(tracker_engine) as connection, connection.begin():

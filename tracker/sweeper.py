@@ -20,7 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from . import db
-from .errors import StorageError, describe
+from .errors import StorageError, describe, translate
 from .queries import forget, prune_expired_leases
 from .queries import sweep as q
 from .queries.clocks import database_time
@@ -250,13 +250,17 @@ class _LockHolder:
     async def __aenter__(self) -> bool:
         if self._engine.dialect.name != "postgresql":
             return True  # one SQLite file: the write lock serializes passes; overlapping ones are idempotent
-        self._conn = await self._engine.connect()
         try:
+            self._conn = await self._engine.connect()
             acquired = bool(
                 await self._conn.scalar(text(f"SELECT pg_try_advisory_xact_lock({SWEEP_LOCK_KEY})"))
             )
-        except BaseException:
+        except BaseException as error:
             await self._release()
+            # As every other statement of the pass: a lost or refused connection passed as the
+            # driver's or SQLAlchemy's own error, or a bare ConnectionError (QA round 53).
+            if isinstance(error, Exception) and db.is_driver_error(error):
+                raise translate(error) from error
             raise
         if not acquired:
             await self._release()

@@ -412,3 +412,37 @@ async def test_a_connection_lost_while_it_is_set_up_is_retried_or_a_storage_erro
                     await tracker.record_peer_online("p")
                 with pytest.raises(StorageError):
                     await tracker.get_peer_metrics("p")
+
+
+@pytest.mark.parametrize("engine_name", ["postgresql"], indirect=True)
+async def test_a_sweep_whose_lock_connection_is_lost_while_set_up_raises_a_storage_error(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sweep lock's own connection passed a bare ConnectionError, or SQLAlchemy's error, out of
+    ``tracker.sweep()`` (QA round 53): the cut lands on it, after the pass's first read."""
+    from tracker import sweeper
+
+    url = make_url(db_url)
+    async with AvailabilityTracker(TrackerConfig(database_url=db_url)):
+        pass
+    relay = _DropAtSetUp(url.host or "127.0.0.1", url.port or 5432, 1)
+    async with relay as port:
+        config = TrackerConfig(
+            database_url=url.set(host="127.0.0.1", port=port).render_as_string(hide_password=False),
+            auto_migrate=False,
+        )
+        async with AvailabilityTracker(config) as tracker:
+            offset = sweeper._database_clock_offset
+
+            async def offset_then_cut(tracker: AvailabilityTracker) -> float | None:
+                found = await offset(tracker)
+                relay.armed = True
+                await _kill_connections(db_url)
+                return found
+
+            monkeypatch.setattr(sweeper, "_database_clock_offset", offset_then_cut)
+            with pytest.raises(StorageError, match="setting up a new database connection failed"):
+                await tracker.sweep()
+            assert relay.cut == 1
+            monkeypatch.setattr(sweeper, "_database_clock_offset", offset)
+            assert (await tracker.sweep()).ran
