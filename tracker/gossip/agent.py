@@ -46,7 +46,7 @@ log = logging.getLogger("tracker.gossip")
 Transport = Callable[[str, bytes, dict[str, str]], Awaitable[tuple[int, bytes, dict[str, str]]]]
 
 GOSSIP_PATH = "/v1/gossip"
-_MAX_FOLLOW_UPS = 8  # extra syncs in one exchange while the neighbour says it has more
+_MAX_FOLLOW_UPS = 8  # syncs in one exchange at most (the first included) while either side has more
 _MAX_OVERSIZED_TRIES = 4  # sends of one sync refused as oversized, each within a smaller limit
 _MAX_STAMP_SLICES = 400  # stamp transactions per exchange (2m rows at the default slice)
 _KEEP_ALIVE_S = 2.0  # how long the gossip client keeps an idle connection
