@@ -198,3 +198,38 @@ async def test_a_message_visits_at_most_max_origins_and_the_follow_ups_take_the_
     held = await run_read(new.engine, clocks)
     assert {key: held.get(key) for key in gone} == dict.fromkeys(gone, 3)
     assert await new.get_peer_metrics("p") is not None
+
+
+async def test_past_max_origins_the_most_behind_get_places_too(
+    trackers: list[AvailabilityTracker], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut at MAX_ORIGINS by least lag alone, origins that each changed between two messages, that
+    many, kept an origin with a backlog out of every message for good (QA round 54)."""
+    from tracker.queries.gossip import deltas
+
+    monkeypatch.setattr(deltas, "MAX_ORIGINS", 2)
+    relay, b, c, d = trackers
+    net = LocalNet()
+    net.agents = {
+        name: GossipAgent(t, GossipConfig(keys=(KEY,)), transport=net.transport_for(name))
+        for name, t in (("http://relay", relay), ("http://b", b), ("http://c", c), ("http://d", d))
+    }
+    for name, tracker in (("http://b", b), ("http://c", c), ("http://d", d)):
+        for i in range(4 if tracker is d else 1):
+            await tracker.record_peer_online(f"{name[-1]}-{i}")
+            await net.agents[name].exchange("http://relay")  # a version each
+
+    async def clocks(conn: Any) -> dict[str, int]:
+        return {str(k): int(c) for k, c in await conn.execute(select(nodes.c.node_key, nodes.c.clock))}
+
+    held = await run_read(relay.engine, clocks)
+    # Busy b and c are one version ahead of this receiver; d is far behind.
+    vector = {b.node_key: held[b.node_key] - 1, c.node_key: held[c.node_key] - 1, d.node_key: 0}
+    vector[relay.node_key] = held[relay.node_key]
+
+    async def message(conn: Any) -> q.Delta:
+        return await q.read_deltas(conn, vector, (), 100, 10)
+
+    delta = await run_read(relay.engine, message)
+    assert delta.truncated and len(delta.deltas) == 2
+    assert d.node_key in {part.origin for part in delta.deltas}
