@@ -84,12 +84,13 @@ async def read_deltas(
     # catch-up) takes the rest of the budget, where key order held everyone sorted after such an
     # origin back until it was drained, for as many rounds as that took.
     pending = sorted(
-        ((clock - vector.get(key, 0), key, node_id, clock) for node_id, key, clock in origins),
+        (
+            (clock - vector.get(key, 0), key, node_id, clock)
+            for node_id, key, clock in origins
+            if key not in skipped and clock > vector.get(key, 0)
+        ),
         key=lambda origin: (origin[0], origin[1]),
     )
-    pending = [
-        origin for origin in pending if origin[1] not in skipped and origin[3] > vector.get(origin[1], 0)
-    ]
     if len(pending) > MAX_ORIGINS:
         # The most behind get a few places too, still after the others: cut at MAX_ORIGINS alone,
         # origins that each changed between two messages, that many, kept a backlog out of every
