@@ -331,6 +331,22 @@ async def test_alembic_from_the_shell_waits_for_the_lock_trackers_take_to_migrat
     assert await schema_diff(engine) == []
 
 
+async def _shell_alembic(env: dict[str, str], timeout_s: float, *args: str) -> tuple[int | None, str]:
+    """``alembic ARGS`` run from the shell in the project directory: its exit code and output."""
+    shell = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "alembic",
+        *args,
+        cwd=PROJECT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    said = (await asyncio.wait_for(shell.communicate(), timeout_s))[0].decode()
+    return shell.returncode, said
+
+
 @pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
 async def test_alembic_from_the_shell_three_times_at_once_on_one_new_sqlite_file(
     engine: AsyncEngine, empty_url: str
@@ -339,22 +355,8 @@ async def test_alembic_from_the_shell_three_times_at_once_on_one_new_sqlite_file
     failed on a table the first had made, the third on alembic_version (QA round 49). A setting
     that is no migration's, even a bad one, is not the shell's business (QA round 53)."""
     env = {**os.environ, "TRACKER_DATABASE_URL": empty_url, "TRACKER_PEER_TIMEOUT": "5m"}
-    shells = [
-        await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "alembic",
-            "upgrade",
-            "head",
-            cwd=PROJECT,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        for _ in range(3)
-    ]
-    said = [(await asyncio.wait_for(shell.communicate(), 120))[0].decode() for shell in shells]
-    assert [shell.returncode for shell in shells] == [0, 0, 0], said
+    ran = await asyncio.gather(*(_shell_alembic(env, 120, "upgrade", "head") for _ in range(3)))
+    assert [code for code, _ in ran] == [0, 0, 0], ran
     assert await current_revision(engine) == head_revision()
     assert await schema_diff(engine) == []
     async with engine.connect() as conn:
@@ -375,18 +377,8 @@ async def test_alembic_current_from_the_shell_neither_waits_for_a_writer_nor_cha
         writer.execute("PRAGMA journal_mode=DELETE")
         writer.execute("BEGIN IMMEDIATE")  # a writer, which readers of a rollback journal pass
         env = {**os.environ, "TRACKER_DATABASE_URL": empty_url, "TRACKER_SQLITE_BUSY_TIMEOUT_S": "30"}
-        shell = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "alembic",
-            "current",
-            cwd=PROJECT,
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-        said = (await asyncio.wait_for(shell.communicate(), 20))[0].decode()
-        assert shell.returncode == 0 and f"{head_revision()} (head)" in said, said
+        code, said = await _shell_alembic(env, 20, "current")
+        assert code == 0 and f"{head_revision()} (head)" in said, said
         writer.execute("ROLLBACK")
         assert writer.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     finally:
