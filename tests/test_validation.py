@@ -273,6 +273,61 @@ async def test_a_downloaders_report_arriving_after_the_peers_goodbye_does_not_br
     assert metrics is not None and metrics.online
 
 
+async def test_a_goodbye_dated_before_a_report_taken_first_still_takes_the_peer_offline(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """A report is dated at its receipt and a goodbye by the peer's clock: taken in that order (a
+    relay's batch, requests crossing), the goodbye was older than the report's sighting and lost, and
+    the peer stayed online and selected until peer_timeout (QA round 52). The peer's own events are
+    ordered among themselves; a report no longer outranks them. Uptime counts the session up to the
+    goodbye, never less than nothing."""
+    t = clock.now
+    await tracker.record_batch([PeerOnline("h", at=t), ContentAvailable("movie", "h", at=t)])
+    clock.advance(10)
+    await tracker.record_upload_success("h")  # dated t + 10, at its receipt
+    await tracker.record_peer_offline("h", at=t + 5)
+    metrics = await tracker.get_peer_metrics("h")
+    assert metrics is not None and not metrics.online
+    assert metrics.uptime.total_seconds() == pytest.approx(5)
+    assert metrics.chunks_served == 1
+    assert await tracker.select_best_peers("movie", 3) == []
+    # A heartbeat the peer sent before its goodbye, arriving after it, changes nothing.
+    await tracker.record_peer_online("h", at=t + 4)
+    metrics = await tracker.get_peer_metrics("h")
+    assert metrics is not None and not metrics.online
+    # A heartbeat after its goodbye brings it back, though older than the report.
+    await tracker.record_peer_online("h", at=t + 7)
+    assert await tracker.get_available_peers("movie") == ["h"]
+    # A goodbye older than the peer's own latest heartbeat still loses.
+    await tracker.record_peer_offline("h", at=t + 6)
+    assert await tracker.get_available_peers("movie") == ["h"]
+
+    # A peer known only from a report (the session began there) and its older goodbye.
+    clock.advance(10)
+    await tracker.record_download_speed("n", 5_000)
+    clock.advance(1)
+    await tracker.record_peer_offline("n", at=clock.now - 5)
+    metrics = await tracker.get_peer_metrics("n")
+    assert metrics is not None and not metrics.online
+    assert metrics.uptime.total_seconds() == 0
+    # Closed by the sweeper before the goodbye came: the session it counted ends at the goodbye.
+    await tracker.record_peer_online("s", at=clock.now)
+    start = clock.now
+    clock.advance(20)
+    await tracker.record_upload_success("s")
+    clock.advance(tracker.config.peer_timeout + 1)
+    await tracker.sweep()
+    await tracker.record_peer_offline("s", at=start + 8)
+    await tracker.record_upload_success("q", at=start + 20)
+    clock.advance(tracker.config.peer_timeout + 1)
+    await tracker.sweep()
+    await tracker.record_peer_offline("q", at=start + 8)
+    for peer, uptime in (("s", 8), ("q", 0)):
+        metrics = await tracker.get_peer_metrics(peer)
+        assert metrics is not None and not metrics.online
+        assert metrics.uptime.total_seconds() == pytest.approx(uptime), peer
+
+
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:

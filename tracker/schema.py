@@ -106,6 +106,10 @@ peer_stats = Table(
     # The row's version when its samples last changed (<= version): gossip sends samples only to
     # neighbours that lack that version. Null on a local row whose samples changed since the last stamp.
     Column("samples_version", BigInteger, nullable=True),
+    # The latest time of the peer's own event (heartbeat, goodbye, announcement) on a local row: its
+    # own events are ordered by it, not by last_seen, which downloaders' reports move too (migration
+    # 0017). 0 on a row only reports made; null on other origins' rows and on rows from before 0017.
+    Column("own_seen", Double, nullable=True),
     comment="One origin's view of one peer: presence, exact lifetime counters, decayed evidence, speed.",
     # Read and written by its key: stored clustered on it, one search per probe (migration 0007).
     sqlite_with_rowid=False,

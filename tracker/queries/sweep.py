@@ -369,7 +369,11 @@ async def clamp_future(
 
     ps = peer_stats.c
     future_stats = or_(
-        ps.last_seen > limit, ps.online_since > limit, ps.evidence_at > limit, ps.updated_at > limit
+        ps.last_seen > limit,
+        ps.online_since > limit,
+        ps.evidence_at > limit,
+        ps.updated_at > limit,
+        ps.own_seen > limit,
     )
     result = await conn.execute(
         update(peer_stats)
@@ -378,6 +382,7 @@ async def clamp_future(
             last_seen=clamped(ps.last_seen),
             online_since=clamped(ps.online_since),
             evidence_at=clamped(ps.evidence_at),
+            own_seen=clamped(ps.own_seen),
             updated_at=now,
             version=None,
         )

@@ -219,6 +219,7 @@ def _peer_stats_upsert(
         p_fw=Double(),
         p_evidence_at=Double(),
         p_speed=Double(),
+        p_own=Double(),
     )
     ins = row.insert(
         peer_stats,
@@ -239,6 +240,7 @@ def _peer_stats_upsert(
             "speed_bps": row["p_speed"],
             "updated_at": bindparam("p_now", type_=Double()),
             "samples_version": null(),
+            "own_seen": row["p_own"],
         },
     )
     old, new = peer_stats.c, ins.excluded
@@ -250,7 +252,18 @@ def _peer_stats_upsert(
     report = or_(new.evidence_at.is_not(None), new.speed_bps.is_not(None))
     departed = and_(~old.online, old.online_since.is_(None), old.last_seen > num(NEVER_SEEN))
     presence = and_(new.failed_count == 0, ~and_(report, departed))
-    fresh = and_(presence, new.last_seen >= old.last_seen)
+    # The peer's own events are ordered among themselves (``own_seen``), reports by any sighting: a
+    # report is dated at its receipt and a goodbye by the peer's clock, so a report taken first
+    # (requests crossing, a relay's batch) was newer than the goodbye, which lost, and the peer stayed
+    # online until peer_timeout (QA round 52). A row from before migration 0017 orders by last_seen.
+    own = and_(new.failed_count == 0, ~report)
+    fresh = and_(
+        presence,
+        case(
+            (own, new.last_seen >= func.coalesce(old.own_seen, old.last_seen)),
+            else_=new.last_seen >= old.last_seen,
+        ),
+    )
     # Closed by the sweeper (it timed out: offline, its start kept), not by a goodbye. A late event
     # from within that session finds it as it would have without the sweep: a sweep that happened
     # to run first changed the peer's uptime and session for good (QA round 8).
@@ -258,7 +271,8 @@ def _peer_stats_upsert(
     alive = and_(or_(old.online, swept), old.last_seen >= new.last_seen - timeout)
     continues = and_(new.online, alive)
     resumed = and_(fresh, swept, alive)
-    session_end = case((alive, new.last_seen), else_=old.last_seen)
+    # A goodbye older than a report can end a session that report began after it: nothing to add.
+    session_end = greatest(dialect, case((alive, new.last_seen), else_=old.last_seen), old.online_since)
     has_outcome = new.evidence_at.is_not(None)
     quiet = _quiet(resolution, old, new, fresh, continues, has_outcome)
     stmt = ins.on_conflict_do_update(
@@ -278,12 +292,19 @@ def _peer_stats_upsert(
                 # or ends now at this goodbye (add the rest).
                 (
                     resumed,
-                    case((new.online, old.online_since - old.last_seen), else_=new.last_seen - old.last_seen),
+                    case(
+                        (new.online, old.online_since - old.last_seen),
+                        else_=greatest(dialect, new.last_seen, old.online_since) - old.last_seen,
+                    ),
                 ),
                 else_=num(0.0),
             ),
             "last_seen": case(
                 (presence, greatest(dialect, old.last_seen, new.last_seen)), else_=old.last_seen
+            ),
+            "own_seen": case(
+                (own, greatest(dialect, func.coalesce(old.own_seen, old.last_seen), new.own_seen)),
+                else_=old.own_seen,
             ),
             "served_count": old.served_count + new.served_count,
             "failed_count": old.failed_count + new.failed_count,
@@ -381,6 +402,8 @@ async def _upsert_peer_stats(
                 "p_fw": 1.0 if failure else 0.0,
                 "p_evidence_at": t.at if outcome else None,
                 "p_speed": float(event.bytes_per_sec) if isinstance(event, SpeedSample) else None,
+                # The peer's own event's time; a report's row has none of the peer's yet.
+                "p_own": NEVER_SEEN if outcome or isinstance(event, SpeedSample) else t.at,
                 "p_now": now,
             }
         )
