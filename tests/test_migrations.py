@@ -385,6 +385,30 @@ async def test_alembic_current_from_the_shell_neither_waits_for_a_writer_nor_cha
         writer.close()
 
 
+async def test_alembic_renders_sql_offline_and_names_the_sqlite_revisions_that_need_the_database(
+    engine: AsyncEngine, empty_url: str
+) -> None:
+    """``alembic upgrade --sql`` renders the chain for a DBA. On SQLite three revisions read the
+    database (0007 its schema, 0011 and 0013 every peer's key): rendered offline they failed with
+    "'NoneType' object has no attribute 'scalar_one'" and a traceback. They say so, and what to do;
+    the ranges between them render."""
+    env = {**os.environ, "TRACKER_DATABASE_URL": empty_url}
+    if engine.dialect.name == "postgresql":
+        code, said = await _shell_alembic(env, 120, "upgrade", "base:head", "--sql")
+        assert code == 0 and "CREATE TABLE peer_stats" in said and "own_seen" in said, said[-2_000:]
+        return
+    for revision, before in (("0007", "0006"), ("0011", "0010"), ("0013", "0012")):
+        code, said = await _shell_alembic(env, 120, "upgrade", f"{before}:{revision}", "--sql")
+        assert code != 0, said
+        assert f"FAILED: revision {revision} " in said and f"({revision}:head)" in said, said[-2_000:]
+        assert "Traceback" not in said
+    code, said = await _shell_alembic(env, 120, "downgrade", "0007:0006", "--sql")
+    assert code != 0 and "FAILED: revision 0007 " in said, said[-2_000:]
+    code, said = await _shell_alembic(env, 120, "upgrade", "0013:head", "--sql")
+    assert code == 0 and "own_seen" in said, said[-2_000:]
+    assert await table_names(engine) == set()  # offline: nothing touched
+
+
 async def test_migration_0011_gives_existing_peers_the_draw_their_keys_give(engine: AsyncEngine) -> None:
     """Postgres fills ``draw`` in SQL and SQLite from Python: both must equal what the write path
     stores for a new peer (``draw_of``), or draws would differ by where a peer was first written."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from alembic import op
+from alembic import context, op, util
 from sqlalchemy import text
 
 revision: str = "0007"
@@ -36,6 +36,14 @@ SUFFIX = " WITHOUT ROWID"
 
 def _rebuild(table: str, clustered: bool) -> None:
     """Recreate ``table`` with its own DDL, WITHOUT ROWID or not, keeping rows and indexes."""
+    if context.is_offline_mode():
+        # Offline (``alembic ... --sql``) there is no database to read: alembic failed with
+        # "'NoneType' object has no attribute ..." and a traceback.
+        raise util.CommandError(
+            "revision 0007 rebuilds its tables from the schema the database holds on SQLite, so it cannot be "
+            "rendered as SQL (--sql): run it on the database (tracker db upgrade), or render only "
+            "the revisions after it (0007:head)"
+        )
     bind = op.get_bind()
     ddl = bind.execute(
         text("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = :t"), {"t": table}

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op, util
 
 revision: str = "0011"
 down_revision: str | None = "0010"
@@ -40,6 +40,14 @@ def upgrade() -> None:
         utf8_md5 = "md5(convert_to(peer_key, 'UTF8'))"
         op.execute(f"UPDATE peers SET draw = ('x' || substr({utf8_md5}, 1, 6))::bit(24)::int")
         return
+    if context.is_offline_mode():
+        # Offline (``alembic ... --sql``) there is no database to read: alembic failed with
+        # "'NoneType' object has no attribute ..." and a traceback.
+        raise util.CommandError(
+            "revision 0011 computes every peer's draw in Python on SQLite, so it cannot be "
+            "rendered as SQL (--sql): run it on the database (tracker db upgrade), or render only "
+            "the revisions after it (0011:head)"
+        )
     last = 0
     while True:
         rows = bind.execute(

@@ -21,7 +21,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 
 import sqlalchemy as sa
-from alembic import op
+from alembic import context, op, util
 
 revision: str = "0013"
 down_revision: str | None = "0012"
@@ -55,6 +55,14 @@ def _fill(postgres: str, python: Callable[[str], int]) -> None:
     if bind.dialect.name == "postgresql":
         op.execute(f"UPDATE peers SET draw = {postgres}")
         return
+    if context.is_offline_mode():
+        # Offline (``alembic ... --sql``) there is no database to read: alembic failed with
+        # "'NoneType' object has no attribute ..." and a traceback.
+        raise util.CommandError(
+            "revision 0013 computes every peer's draw in Python on SQLite, so it cannot be "
+            "rendered as SQL (--sql): run it on the database (tracker db upgrade), or render only "
+            "the revisions after it (0013:head)"
+        )
     last = 0
     while True:
         rows = bind.execute(
