@@ -236,6 +236,14 @@ def test_the_database_password_is_never_shown() -> None:
         ("postgresql+asyncpg://u@127.0.0.1/db?connect_timeout=5", "pg_connect_timeout_s"),
         ("postgresql+asyncpg://u@127.0.0.1/db?application_name=x", "ALTER ROLE"),
         ("postgresql+asyncpg://u@127.0.0.1/db?frobnicate=1", "the URL may carry"),
+        # asyncpg connected to the database named after the user, and the tables went there (QA 56).
+        ("postgresql+asyncpg://u@127.0.0.1:5432", "names no database"),
+        ("postgresql+asyncpg://u@127.0.0.1/", "names no database"),
+        ("postgresql+asyncpg://", "names no database"),
+        # SQLAlchemy warned and ignored `mode=ro` (the file opened read-write), and cut a path at a
+        # `?` without a word (QA round 56).
+        ("sqlite+aiosqlite:///t.db?mode=ro", "takes no options"),
+        ("sqlite+aiosqlite:////tmp/q?x.db", "is written %3F"),
     ],
 )
 def test_a_database_the_tracker_cannot_open_is_refused_when_configured(url: str, says: str) -> None:
@@ -243,6 +251,21 @@ def test_a_database_the_tracker_cannot_open_is_refused_when_configured(url: str,
     asyncpg does not take escaped open() as a bare TypeError (QA round 22)."""
     with pytest.raises(ConfigError, match=re.escape(says)):
         TrackerConfig(database_url=url)
+
+
+def test_a_question_mark_in_a_sqlite_file_name_is_written_escaped(tmp_path: Path) -> None:
+    config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path}/q%3Fx.db")
+    assert config.dialect == "sqlite"
+
+
+@pytest.mark.parametrize("value", ["ture", "y", "enabled", ""])
+def test_a_gossip_on_off_variable_that_is_neither_is_refused(value: str) -> None:
+    """Anything but a yes turned learn_neighbors off without a word; every other on/off variable
+    refused it (QA round 56)."""
+    with pytest.raises(ConfigError, match=f"TRACKER_GOSSIP_LEARN_NEIGHBORS={value!r} is not valid"):
+        GossipConfig.from_env({"TRACKER_GOSSIP_LEARN_NEIGHBORS": value})
+    assert GossipConfig.from_env({"TRACKER_GOSSIP_LEARN_NEIGHBORS": " On "}).learn_neighbors
+    assert not GossipConfig.from_env({"TRACKER_GOSSIP_LEARN_NEIGHBORS": "0"}).learn_neighbors
 
 
 def test_postgres_url_options_asyncpg_takes_are_accepted() -> None:

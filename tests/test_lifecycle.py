@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import re
 import threading
 import warnings
 from collections.abc import Coroutine, Iterator
@@ -346,6 +347,34 @@ async def test_abort_before_open_or_after_close_leaves_the_next_open_working(con
     async with tracker:
         await tracker.record_peer_online("q")
         assert {p.peer_id for p in await tracker.list_peers()} == {"p", "q"}
+
+
+async def test_open_on_a_tracker_opens_that_tracker_with_its_own_config(
+    config: TrackerConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A classmethod alone, ``await tracker.open()`` opened another tracker on ./tracker.db with the
+    default settings and returned it: the writes went there without a word (QA round 56)."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tracker = AvailabilityTracker(config)
+    with pytest.raises(TrackerClosed, match=r"`async with tracker:` or `await tracker\.open\(\)`"):
+        assert tracker.node_key
+    opened = await tracker.open()
+    try:
+        assert opened is tracker and tracker.config is config
+        assert await tracker.open() is tracker  # open already: as a nested `async with`
+        await tracker.record_peer_online("where-am-i")
+    finally:
+        await tracker.close()
+    assert list(cwd.iterdir()) == []
+    async with AvailabilityTracker(config) as again:
+        assert [p.peer_id for p in await again.list_peers()] == ["where-am-i"]
+    with pytest.raises(
+        TypeError,
+        match=re.escape("config must be a TrackerConfig, e.g. TrackerConfig(database_url=...), not str"),
+    ):
+        AvailabilityTracker(config.database_url)  # type: ignore[arg-type]
 
 
 async def test_writes_queued_when_abort_comes_are_refused_not_left_waiting(config: TrackerConfig) -> None:

@@ -656,7 +656,15 @@ async def test_a_405_says_which_methods_the_route_allows(api: httpx.AsyncClient)
     """Starlette's Allow header was dropped by our error handler (RFC 9110 requires it; QA round 21)."""
     response = await api.put("/v1/peers/online", json={"peer_id": "p"})
     assert response.status_code == 405 and response.headers["allow"] == "POST"
-    assert response.json()["error"]["code"] == "method_not_allowed"
+    error = response.json()["error"]
+    assert error["code"] == "method_not_allowed"
+    # "Method Not Allowed" alone, where every other error says what happened (QA round 56).
+    assert error["message"] == "PUT is not allowed on /v1/peers/online; allowed: POST"
+    error = (await api.get("/v1/nowhere")).json()["error"]
+    assert error["code"] == "not_found"
+    assert (
+        error["message"] == "no route GET /v1/nowhere: the API's routes are listed at /docs and /openapi.json"
+    )
 
 
 @pytest.mark.parametrize(

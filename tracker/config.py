@@ -114,7 +114,22 @@ def _check_url_options(url: str) -> None:
                 "database_url names an in-memory SQLite database, which the tracker cannot use (it "
                 "needs WAL, and WAL needs a file): give a file path, a temporary one for tests"
             )
+        if "?" in url.split("://", 1)[1]:
+            # SQLAlchemy warned and ignored an unknown option (`?mode=ro` opened the file read-write),
+            # and cut a path at a `?` without a word (QA round 56).
+            raise ConfigError(
+                "a sqlite+aiosqlite:// database_url takes no options (a `?` and what follows): the "
+                "tracker sets the file's own (sqlite_busy_timeout_s, ...); a `?` in the file's name "
+                "is written %3F"
+            )
         return
+    if not parsed.database:
+        # asyncpg then connects to the database named after the user (often `postgres`), and the
+        # tracker created its tables there (QA round 56).
+        raise ConfigError(
+            f"database_url names no database: {masked_url(url)!r}; name it after the host, "
+            "postgresql+asyncpg://USER@HOST/DATABASE"
+        )
     for option in sorted(set(parsed.query) - _PG_URL_OPTIONS):
         hint = _PG_URL_HINTS.get(option, f"the URL may carry {', '.join(sorted(_PG_URL_OPTIONS))}")
         raise ConfigError(f"database_url option {option!r} is not one asyncpg takes: {hint}")
@@ -449,14 +464,20 @@ def _field_type(cls: type, name: str) -> type:
     return str
 
 
+def parse_bool(raw: str) -> bool:
+    """An environment variable's yes or no; anything else is refused (``ValueError``): read as no,
+    a typo (``TRACKER_GOSSIP_LEARN_NEIGHBORS=ture``) turned a setting off without a word (QA round 56)."""
+    lowered = raw.strip().lower()
+    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+        raise ValueError(raw)
+    return lowered in ("1", "true", "yes", "on")
+
+
 def _parse(name: str, raw: str, kind: type) -> Any:
     """Parse one environment value as the field's type, naming the variable when it is wrong."""
     try:
         if kind is bool:
-            lowered = raw.strip().lower()
-            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(raw)
-            return lowered in ("1", "true", "yes", "on")
+            return parse_bool(raw)
         if kind is int:
             return int(raw)
         if kind is float:

@@ -7,12 +7,12 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Self, TypeVar
+from typing import Any, Protocol, Self, TypeVar, overload
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -95,6 +95,58 @@ async def _release(lanes: SqliteLanes | None, engine: AsyncEngine | None, *, orp
         await engine.dispose(close=not (orphaned and engine.dialect.name == "postgresql"))
 
 
+_NOT_OPEN = "the tracker is not open: use `async with tracker:` or `await tracker.open()`"
+_Tracker = TypeVar("_Tracker", bound="AvailabilityTracker")
+_Opened = TypeVar("_Opened", bound="AvailabilityTracker", covariant=True)
+
+
+class _OpenNew(Protocol[_Opened]):
+    def __call__(
+        self, config: TrackerConfig | None = None, *, publish_settings: bool = True
+    ) -> Coroutine[Any, Any, _Opened]: ...
+
+
+class _Opener:
+    """``open``: ``AvailabilityTracker.open(config)`` opens a new tracker, ``tracker.open()`` opens that
+    one, with its own config. A classmethod alone, ``await tracker.open()`` on an instance built with a
+    Postgres config opened another tracker on ``./tracker.db`` with the defaults and returned it, and
+    the writes went there without a word (QA round 56)."""
+
+    @overload
+    def __get__(self, obj: None, owner: type[_Tracker]) -> _OpenNew[_Tracker]: ...
+
+    @overload
+    def __get__(
+        self, obj: _Tracker, owner: type[_Tracker] | None = None
+    ) -> Callable[[], Coroutine[Any, Any, _Tracker]]: ...
+
+    def __get__(
+        self, obj: _Tracker | None, owner: type[_Tracker] | None = None
+    ) -> _OpenNew[_Tracker] | Callable[[], Coroutine[Any, Any, _Tracker]]:
+        if obj is None:
+            assert owner is not None
+
+            async def open_new(
+                config: TrackerConfig | None = None, *, publish_settings: bool = True
+            ) -> _Tracker:
+                """Connect, migrate when ``auto_migrate`` is set, and register this node; the caller
+                closes it."""
+                tracker = owner(config, publish_settings=publish_settings)
+                await tracker._start()
+                return tracker
+
+            return open_new
+
+        async def open_this() -> _Tracker:
+            """Open this tracker unless it is open (as ``async with`` does); the caller closes it."""
+            async with obj._opening:
+                if obj._engine is None:
+                    await obj._start()
+            return obj
+
+        return open_this
+
+
 class AvailabilityTracker:
     """Tracks peers, their quality and their content, and picks the best peers for a download.
 
@@ -111,6 +163,12 @@ class AvailabilityTracker:
     def __init__(self, config: TrackerConfig | None = None, *, publish_settings: bool = True) -> None:
         """``publish_settings=False`` leaves ``tracker_settings`` (what the analytics views compute with)
         as the trackers serving the database wrote it: for tools that only look, like the CLI."""
+        if config is not None and not isinstance(config, TrackerConfig):
+            # A URL or a dict failed later with "'str' object has no attribute 'monotonic'" (QA round 56).
+            raise TypeError(
+                "config must be a TrackerConfig, e.g. TrackerConfig(database_url=...), "
+                f"not {type(config).__name__}"
+            )
         self.config = config or TrackerConfig()
         self._publish_settings = publish_settings
         self._engine: AsyncEngine | None = None
@@ -178,12 +236,9 @@ class AvailabilityTracker:
 
     # -- lifecycle ------------------------------------------------------------------------------
 
-    @classmethod
-    async def open(cls, config: TrackerConfig | None = None, *, publish_settings: bool = True) -> Self:
-        """Connect, migrate when ``auto_migrate`` is set, and register this node; the caller closes it."""
-        tracker = cls(config, publish_settings=publish_settings)
-        await tracker._start()
-        return tracker
+    #: ``await AvailabilityTracker.open(config)``, or ``await tracker.open()``: connect, migrate when
+    #: ``auto_migrate`` is set, and register this node; the caller closes it.
+    open = _Opener()
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -366,7 +421,7 @@ class AvailabilityTracker:
     def engine(self) -> AsyncEngine:
         """The SQLAlchemy engine, for the sweeper, the service and ad-hoc queries."""
         if self._engine is None:
-            raise TrackerClosed("the tracker is not open: use `async with` or AvailabilityTracker.open()")
+            raise TrackerClosed(_NOT_OPEN)
         self._own_loop()
         return self._engine
 
@@ -400,14 +455,14 @@ class AvailabilityTracker:
     def node_id(self) -> int:
         """This database's surrogate id for the local node (the origin of our own observations)."""
         if self._node_id is None:
-            raise TrackerClosed("the tracker is not open")
+            raise TrackerClosed(_NOT_OPEN)
         return self._node_id
 
     @property
     def node_key(self) -> str:
         """This tracker's stable node id, stored in its database; gossip names origins by it."""
         if self._node_key is None:
-            raise TrackerClosed("the tracker is not open")
+            raise TrackerClosed(_NOT_OPEN)
         return self._node_key
 
     # -- sweeper --------------------------------------------------------------------------------

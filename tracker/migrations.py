@@ -321,7 +321,7 @@ def unknown_revision_problem(current: str | None) -> str | None:
     return (
         f"the database schema is at revision {current}, which this version of the tracker does not "
         f"know (its newest is {head}): a newer version migrated it. Run that version (upgrade this "
-        f"installation: pip install -U peer-tracker), or take the schema back down with the newer "
+        f"installation to it), or take the schema back down with the newer "
         f"version's `tracker db downgrade {head}` (that drops what it added)"
     )
 

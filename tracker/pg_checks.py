@@ -37,8 +37,8 @@ async def warn_without_vacuum(engine: AsyncEngine) -> bool:
     log.warning(
         "autovacuum cannot run on this PostgreSQL server (autovacuum = %s, track_counts = %s): the "
         "tracker rewrites a peer's row at every heartbeat, and without vacuum the dead rows pile up, "
-        "the tables grow and selections slow down. Turn both on (docs/operations.md, PostgreSQL), "
-        "or VACUUM the tracker's tables often",
+        "the tables grow and selections slow down. Turn both on (docs/operations.md, 'Several tracker "
+        "processes on one PostgreSQL'), or VACUUM the tracker's tables often",
         autovacuum,
         track_counts,
         extra={"action": "postgres_autovacuum_off"},
@@ -101,7 +101,7 @@ async def warn_without_utf8(engine: AsyncEngine) -> bool:
     log.warning(
         "this PostgreSQL database's encoding is %s, not UTF8: peer and content ids with characters "
         "outside it are refused (422). Create the tracker's database with ENCODING 'UTF8' "
-        "(docs/operations.md, PostgreSQL)",
+        "(docs/operations.md, 'Several tracker processes on one PostgreSQL')",
         encoding,
         extra={"action": "postgres_not_utf8", "encoding": encoding},
     )

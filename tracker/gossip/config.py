@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from ..config import parse_bool
 from ..errors import ConfigError
 from .limits import MIN_BYTES
 
@@ -120,7 +121,7 @@ class GossipConfig:
                 elif name in _FLOATS:
                     values[name] = float(raw)
                 elif name == "learn_neighbors":
-                    values[name] = raw.strip().lower() in ("1", "true", "yes", "on")
+                    values[name] = parse_bool(raw)
                 else:
                     values[name] = raw.strip() or None
             except ValueError:

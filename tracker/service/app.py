@@ -248,7 +248,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         code = _STATUS_CODES.get(error.status_code, f"http_{error.status_code}")
         # Starlette's own headers, a 405's Allow above all (RFC 9110; QA round 21 found it dropped).
         headers = dict(error.headers or {})
-        message = _unparsed_body(error) or str(error.detail)
+        message = _unparsed_body(error) or _routing_sentence(request, error, headers) or str(error.detail)
         return error_response(request, error.status_code, code, message, headers=headers)
 
     async def busy(request: Request, error: Exception) -> JSONResponse:
@@ -292,6 +292,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StorageError, storage)
     app.add_exception_handler(CommitOutcomeUnknown, unknown)
     app.add_exception_handler(TrackerClosed, closed)
+
+
+def _routing_sentence(request: Request, error: StarletteHTTPException, headers: dict[str, str]) -> str | None:
+    """Starlette's routing answers "Not Found" / "Method Not Allowed" alone; the message says what
+    was asked and where to look, as every other error does (QA round 56)."""
+    asked = f"{request.method} {request.url.path}"
+    if error.status_code == 404 and error.detail == "Not Found":
+        return f"no route {asked}: the API's routes are listed at /docs and /openapi.json"
+    if error.status_code == 405 and error.detail == "Method Not Allowed":
+        allowed = headers.get("Allow") or headers.get("allow")
+        return f"{request.method} is not allowed on {request.url.path}" + (
+            f"; allowed: {allowed}" if allowed else ""
+        )
+    return None
 
 
 def _unparsed_body(error: StarletteHTTPException) -> str | None:

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import parse_bool
 from ..core import MAX_PAGE
 from ..errors import ConfigError
 
@@ -137,13 +138,6 @@ class ServiceSettings:
         return frozenset(f"TRACKER_{name.upper()}" for name in _PARSERS)
 
 
-def _boolean(raw: str) -> bool:
-    lowered = raw.strip().lower()
-    if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-        raise ValueError(raw)
-    return lowered in ("1", "true", "yes", "on")
-
-
 _PARSERS: dict[str, Any] = {
     "host": str,
     "port": int,
@@ -151,7 +145,7 @@ _PARSERS: dict[str, Any] = {
     "max_body_bytes": int,
     "max_best_n": int,
     "max_page_size": int,
-    "log_json": _boolean,
+    "log_json": parse_bool,
     "log_level": str,
     "shutdown_grace_s": float,
     "keep_alive_s": float,
