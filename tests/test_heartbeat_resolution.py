@@ -100,6 +100,20 @@ async def test_heartbeats_within_a_window_keep_the_version_and_other_changes_cle
     assert await _version(t, "p") is None
 
 
+async def test_a_heartbeat_older_than_a_report_in_the_next_window_stays_quiet(
+    minute: AvailabilityTracker,
+) -> None:
+    """Ordered by the peer's own latest time, a heartbeat older than a report is fresh, and compared
+    with the report's window it cleared the version: the row travelled again with nothing changed
+    that gossip carries (QA round 55)."""
+    t = minute
+    await t.record_peer_online("p", at=T0 + 50)
+    await t.record_upload_success("p", at=T0 + 61)  # the next window
+    v = await _stamped(t, "p")
+    await t.record_peer_online("p", at=T0 + 59)  # late: online, its start and last_seen stay
+    assert await _version(t, "p") == v
+
+
 async def test_without_a_resolution_every_heartbeat_awaits_a_stamp(db_url: str) -> None:
     config = TrackerConfig(database_url=db_url, clock=ManualClock(T0))
     async with AvailabilityTracker(config) as t:

@@ -6,7 +6,7 @@ import math
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from tracker import AvailabilityTracker, InvalidInput, TrackerConfig
 from tracker.events import (
@@ -326,6 +326,32 @@ async def test_a_goodbye_dated_before_a_report_taken_first_still_takes_the_peer_
         metrics = await tracker.get_peer_metrics(peer)
         assert metrics is not None and not metrics.online
         assert metrics.uptime.total_seconds() == pytest.approx(uptime), peer
+
+
+async def test_a_write_of_the_release_before_own_seen_is_the_peers_latest_own_event(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """A process of the release before migration 0017, beside this one during an upgrade, moves
+    last_seen and not own_seen (emulated by the UPDATE its write amounts to): ordered by own_seen, a
+    late goodbye older than its heartbeat took the peer offline, and a late heartbeat older than its
+    goodbye brought it back (QA round 55). Such a write is the peer's latest own event."""
+    t = clock.now
+    clock.advance(200)
+    await tracker.record_batch([PeerOnline("a", at=t), PeerOnline("b", at=t)])
+    async with tracker.engine.begin() as conn:
+        ids = select(peers.c.id).where(peers.c.peer_key == "a").scalar_subquery()
+        await conn.execute(update(peer_stats).where(peer_stats.c.peer_id == ids).values(last_seen=t + 100))
+        ids = select(peers.c.id).where(peers.c.peer_key == "b").scalar_subquery()
+        await conn.execute(
+            update(peer_stats)
+            .where(peer_stats.c.peer_id == ids)
+            .values(online=False, online_since=None, last_seen=t + 100, uptime_s=100)
+        )
+    await tracker.record_peer_offline("a", at=t + 50)  # older than the heartbeat the old one took
+    await tracker.record_peer_online("b", at=t + 50)  # older than the goodbye the old one took
+    a, b = await tracker.get_peer_metrics("a"), await tracker.get_peer_metrics("b")
+    assert a is not None and a.online
+    assert b is not None and not b.online and b.uptime.total_seconds() == 100
 
 
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(

@@ -110,6 +110,9 @@ peer_stats = Table(
     # own events are ordered by it, not by last_seen, which downloaders' reports move too (migration
     # 0017). 0 on a row only reports made; null on other origins' rows and on rows from before 0017.
     Column("own_seen", Double, nullable=True),
+    # The latest time of a report (a success, a sample) that counted as a sighting, on a local row:
+    # own_seen orders the peer's own events only while last_seen is that time (migration 0017).
+    Column("report_seen", Double, nullable=True),
     comment="One origin's view of one peer: presence, exact lifetime counters, decayed evidence, speed.",
     # Read and written by its key: stored clustered on it, one search per probe (migration 0007).
     sqlite_with_rowid=False,

@@ -374,6 +374,7 @@ async def clamp_future(
         ps.evidence_at > limit,
         ps.updated_at > limit,
         ps.own_seen > limit,
+        ps.report_seen > limit,
     )
     result = await conn.execute(
         update(peer_stats)
@@ -383,6 +384,7 @@ async def clamp_future(
             online_since=clamped(ps.online_since),
             evidence_at=clamped(ps.evidence_at),
             own_seen=clamped(ps.own_seen),
+            report_seen=clamped(ps.report_seen),
             updated_at=now,
             version=None,
         )

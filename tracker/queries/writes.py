@@ -220,6 +220,7 @@ def _peer_stats_upsert(
         p_evidence_at=Double(),
         p_speed=Double(),
         p_own=Double(),
+        p_report=Double(),
     )
     ins = row.insert(
         peer_stats,
@@ -241,6 +242,7 @@ def _peer_stats_upsert(
             "updated_at": bindparam("p_now", type_=Double()),
             "samples_version": null(),
             "own_seen": row["p_own"],
+            "report_seen": row["p_report"],
         },
     )
     old, new = peer_stats.c, ins.excluded
@@ -257,10 +259,17 @@ def _peer_stats_upsert(
     # (requests crossing, a relay's batch) was newer than the goodbye, which lost, and the peer stayed
     # online until peer_timeout (QA round 52). A row from before migration 0017 orders by last_seen.
     own = and_(new.failed_count == 0, ~report)
+    # By own_seen only while a report set last_seen (``report_seen`` is that time): a process of the
+    # release before 0017, running beside this one during an upgrade, moves last_seen alone, and its
+    # heartbeat or goodbye is then the peer's latest own event; ordered by own_seen, a late goodbye
+    # older than that heartbeat won, and a late heartbeat older than that goodbye revived (QA round 55).
+    own_key = case(
+        (old.last_seen == old.report_seen, func.coalesce(old.own_seen, old.last_seen)), else_=old.last_seen
+    )
     fresh = and_(
         presence,
         case(
-            (own, new.last_seen >= func.coalesce(old.own_seen, old.last_seen)),
+            (own, new.last_seen >= own_key),
             else_=new.last_seen >= old.last_seen,
         ),
     )
@@ -303,8 +312,15 @@ def _peer_stats_upsert(
                 (presence, greatest(dialect, old.last_seen, new.last_seen)), else_=old.last_seen
             ),
             "own_seen": case(
-                (own, greatest(dialect, func.coalesce(old.own_seen, old.last_seen), new.own_seen)),
+                (own, greatest(dialect, own_key, new.own_seen)),
                 else_=old.own_seen,
+            ),
+            "report_seen": case(
+                (
+                    and_(presence, report),
+                    greatest(dialect, func.coalesce(old.report_seen, new.report_seen), new.report_seen),
+                ),
+                else_=old.report_seen,
             ),
             "served_count": old.served_count + new.served_count,
             "failed_count": old.failed_count + new.failed_count,
@@ -369,7 +385,10 @@ def _quiet(
         return None
     window = num(resolution)
     same_window = func.floor(new.last_seen / window) == func.floor(old.last_seen / window)
-    return and_(~has_outcome, new.failed_count == 0, or_(~fresh, and_(continues, old.online, same_window)))
+    # last_seen stays in its window: a later time in it, or none (an own event older than a report,
+    # fresh by own_seen, changes nothing gossip carries: QA round 55).
+    stays = or_(new.last_seen <= old.last_seen, same_window)
+    return and_(~has_outcome, new.failed_count == 0, or_(~fresh, and_(continues, old.online, stays)))
 
 
 async def _upsert_peer_stats(
@@ -404,6 +423,8 @@ async def _upsert_peer_stats(
                 "p_speed": float(event.bytes_per_sec) if isinstance(event, SpeedSample) else None,
                 # The peer's own event's time; a report's row has none of the peer's yet.
                 "p_own": NEVER_SEEN if outcome or isinstance(event, SpeedSample) else t.at,
+                # A report's time (a success or a sample: a sighting unless the peer said goodbye).
+                "p_report": t.at if success or isinstance(event, SpeedSample) else None,
                 "p_now": now,
             }
         )
