@@ -94,6 +94,26 @@ async def test_groups_never_exceed_the_event_limit() -> None:
     assert sum(sizes) == 60 and max(sizes) <= 10
 
 
+async def test_groups_never_exceed_the_rounds_of_one_peer() -> None:
+    """50 requests of 1,000 heartbeats of one peer, each within the per-peer limit, made one
+    transaction of 50,000 rounds for that peer (QA round 57): a group takes requests until the sum
+    of their most events of one peer reaches ``max_rounds``."""
+    groups: list[list[str]] = []
+
+    async def apply(events: Sequence[Timed]) -> None:
+        await asyncio.sleep(0)
+        groups.append([t.event.peer_id for t in events])
+
+    committer = GroupCommitter(apply, max_events=1_000, max_rounds=10)
+    await asyncio.gather(
+        *(committer.submit(_timed("hot") * 4, 4) for _ in range(6)),
+        *(committer.submit(_timed(f"p{i}")) for i in range(12)),
+    )
+    assert sum(len(g) for g in groups) == 36
+    assert max(g.count("hot") + sum(1 for p in g if p != "hot") for g in groups) <= 10
+    assert max(g.count("hot") for g in groups) == 8  # two requests of 4 fit; a third would be 12
+
+
 async def test_a_cancelled_caller_does_not_strand_the_others() -> None:
     release = asyncio.Event()
 

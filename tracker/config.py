@@ -179,6 +179,10 @@ class TrackerConfig:
     max_event_age_s: float | None = None
     #: Largest number of events ``record_batch`` accepts in one call.
     max_batch_events: int = 50_000
+    #: Largest number of events of one peer in one call, and in one shared transaction: a peer's
+    #: events are applied one after another, so they, not the batch, bound how long a transaction
+    #: holds every other write (``events.check_events_per_peer``).
+    max_events_per_peer: int = 1_000
     #: How often a transaction that hit a deadlock or a busy database is retried before failing.
     write_retries: int = 8
     #: How long an SQLite writer waits for the file lock held by another connection or process.
@@ -314,6 +318,7 @@ class TrackerConfig:
         for name, low in (
             ("bandwidth_window", 1),
             ("max_batch_events", 1),
+            ("max_events_per_peer", 1),
             ("write_retries", 0),
             ("sqlite_mmap_mib", 0),
             ("pool_size", 1),

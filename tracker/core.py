@@ -37,6 +37,7 @@ from .events import (
     SpeedSample,
     UploadOutcome,
     check_batch,
+    check_events_per_peer,
     validate_id,
     validate_time,
 )
@@ -207,7 +208,12 @@ class AvailabilityTracker:
         #: spread over the candidates, and a seeded tracker's weighted draws do not shift with
         #: contention (QA round 45). The system's source: an instance would be copied by a fork.
         self._probe_start = random.SystemRandom()
-        self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
+        self._committer = GroupCommitter(
+            self._apply,
+            self.config.max_batch_events,
+            max_rounds=self.config.max_events_per_peer,
+            clock=self._elapsed,
+        )
         #: Readings for the work on leases, kept on one side of the move of held leases.
         self._leases = LeaseClock(self.now, self._store_clock)
         self._new_loop_state()
@@ -225,7 +231,12 @@ class AvailabilityTracker:
         self._leases.rebind()  # its locks; what it moved stays moved
         self._sweeper: SweeperTask | None = None
         stats = self._committer.stats  # counted over the tracker's life
-        self._committer = GroupCommitter(self._apply, self.config.max_batch_events, clock=self._elapsed)
+        self._committer = GroupCommitter(
+            self._apply,
+            self.config.max_batch_events,
+            max_rounds=self.config.max_events_per_peer,
+            clock=self._elapsed,
+        )
         self._committer.stats = stats
         self._selection_slots = asyncio.Semaphore(self.config.selection_slots)
         #: Held by a selection from its ranking to its commit, per content (``_select``).
@@ -525,7 +536,7 @@ class AvailabilityTracker:
         config, ahead = self.config, self._ahead_times
         batch: Sequence[Event] = events if isinstance(events, Sequence) else list(events)
 
-        def stamped(now: float) -> list[queries.Timed]:
+        def stamped(now: float) -> tuple[list[queries.Timed], int]:
             checked = check_batch(
                 batch,
                 limit=config.max_batch_events,
@@ -533,19 +544,20 @@ class AvailabilityTracker:
                 max_skew_s=config.max_clock_skew_s,
                 max_age_s=config.event_age_limit,
             )
-            return [queries.Timed(event, at) for event, at in ahead.dated(checked, now)]
+            rounds = check_events_per_peer(checked, config.max_events_per_peer)
+            return [queries.Timed(event, at) for event, at in ahead.dated(checked, now)], rounds
 
         # The reading stamps the events and is held until they commit: a move of held leases
         # between it and the transaction would put the outcomes' times and their leases' on two
         # different clocks, and the outcomes would close nothing.
         async with self._leases.reading() as now:
-            timed = await off_loop(len(batch), stamped, now)
+            timed, rounds = await off_loop(len(batch), stamped, now)
             if not timed:
                 return 0
             self.engine  # noqa: B018 - raises TrackerClosed before anything is queued
             if self._closing:
                 raise TrackerClosed("the tracker is closing: writes are no longer accepted")
-            await self._committer.submit(timed)
+            await self._committer.submit(timed, rounds)
         return len(timed)
 
     async def _apply(self, timed: Sequence[queries.Timed]) -> None:

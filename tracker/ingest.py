@@ -41,9 +41,21 @@ class GroupStats:
 class GroupCommitter:
     """Coalesces concurrent requests into shared transactions (see the module docstring)."""
 
-    def __init__(self, apply: Apply, max_events: int, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        apply: Apply,
+        max_events: int,
+        *,
+        max_rounds: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._apply = apply
         self._max_events = max_events
+        #: At most this many events of one peer in a shared transaction, counted as the sum of each
+        #: request's most of one peer (a bound that needs no pass over the events): 50 requests of
+        #: 1,000 heartbeats of one peer would otherwise make one transaction of 50,000 rounds.
+        self._max_rounds = max_rounds
+        self._rounds: dict[asyncio.Future[None], int] = {}
         self._pending: list[tuple[Sequence[Timed], asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self.stats = GroupStats()
@@ -61,10 +73,12 @@ class GroupCommitter:
             return 0.0
         return max(0.0, self._clock() - min(self._submitted.values()))
 
-    async def submit(self, events: Sequence[Timed]) -> None:
-        """Return once ``events`` are committed, all together (raise if they were not)."""
+    async def submit(self, events: Sequence[Timed], rounds: int = 1) -> None:
+        """Return once ``events`` are committed, all together (raise if they were not); ``rounds``:
+        the most events of one peer among them."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._submitted[future] = self._clock()
+        self._rounds[future] = rounds
         self._pending.append((events, future))
         if self._flusher is None or self._flusher.done():
             # Owned here, not by the caller: cancelling a caller must not strand the others' requests.
@@ -76,6 +90,7 @@ class GroupCommitter:
         cancels its future while the transaction holding its events still waits (QA round 23)."""
         for _, future in group:
             self._submitted.pop(future, None)
+            self._rounds.pop(future, None)
 
     async def drain(self) -> None:
         """Wait until everything submitted so far is committed or failed (used by ``close()``)."""
@@ -148,12 +163,16 @@ class GroupCommitter:
                 _settle(future, None)
 
     def _take(self) -> list[tuple[Sequence[Timed], asyncio.Future[None]]]:
-        """The oldest requests up to ``max_events`` events (always at least one request)."""
-        size, cut = 0, 0
-        for events, _ in self._pending:
-            if cut and size + len(events) > self._max_events:
+        """The oldest requests up to ``max_events`` events and ``max_rounds`` rounds (always at least
+        one request)."""
+        size, rounds, cut = 0, 0, 0
+        most = self._max_rounds
+        for events, future in self._pending:
+            more = self._rounds.get(future, 1)
+            if cut and (size + len(events) > self._max_events or (most is not None and rounds + more > most)):
                 break
             size += len(events)
+            rounds += more
             cut += 1
         group, self._pending = self._pending[:cut], self._pending[cut:]
         return group
