@@ -39,6 +39,7 @@ from ..events import FORBIDDEN_CHARACTERS
 from ..gossip import limits as gossip_limits
 from ..gossip.agent import GOSSIP_PATH, GossipAgent
 from ..ratelimit import TokenBuckets
+from .bodies import TooManyKeys
 from .metrics import ServiceMetrics
 from .routes import UNAUTHORIZED, build_router, needs_token, token_accepted
 from .schemas import MOST_ERRORS, ErrorOut
@@ -314,6 +315,8 @@ def _unparsed_body(error: StarletteHTTPException) -> str | None:
     cause = error.__cause__
     if error.status_code != 400 or cause is None:
         return None
+    if isinstance(cause, TooManyKeys):
+        return str(cause)
     if isinstance(cause, UnicodeDecodeError):
         return f"the body is not valid UTF-8 (nor UTF-16/32) text: byte {cause.start} cannot be decoded"
     if isinstance(cause, ValueError) and "integer string conversion" in str(cause):

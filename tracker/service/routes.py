@@ -27,6 +27,7 @@ from ..config import STRATEGIES
 from ..core import AvailabilityTracker
 from ..errors import TrackerError, is_disconnect, sqlstate_of
 from ..offload import off_loop
+from .bodies import CappedJsonRoute
 from .metrics import ServiceMetrics
 from .schemas import (
     ID_SCHEMA,
@@ -131,8 +132,11 @@ def build_router(settings: ServiceSettings) -> APIRouter:
         tags=["events"],
         dependencies=[Depends(_require_token)],
         responses=_errors(400, 401, 413, 415, 422, 429, 503),
+        route_class=CappedJsonRoute,
     )
-    reads = APIRouter(prefix="/v1", tags=["queries"], responses=_errors(422, 429, 503))
+    reads = APIRouter(
+        prefix="/v1", tags=["queries"], responses=_errors(422, 429, 503), route_class=CappedJsonRoute
+    )
 
     async def commit(
         tracker: AvailabilityTracker, metrics: ServiceMetrics, events: list[ev.Event]
