@@ -534,6 +534,38 @@ async def test_the_records_an_export_builds_unchecked_are_those_the_checks_would
         ]
 
 
+async def test_a_peers_many_samples_are_pruned_a_batch_at_a_time_with_the_same_result(
+    config: TrackerConfig, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A peer's million samples of a day went in one statement, which held SQLite's write lock for
+    2.4 s (QA round 57): at most ``sweep_batch_size`` a statement, the oldest first, the slice again
+    while a statement deletes that many."""
+    deleted: list[int] = []
+    prune = sweep_queries.prune_samples
+
+    async def counted(*args: Any, **kwargs: Any) -> int:
+        deleted.append(await prune(*args, **kwargs))
+        return deleted[-1]
+
+    monkeypatch.setattr(sweep_queries, "prune_samples", counted)
+    async with AvailabilityTracker(replace(config, sweep_batch_size=4)) as tracker:
+        t0 = clock.now
+        await tracker.record_batch(
+            [SpeedSample(peer, 1000 * (k + 1), at=t0 + k) for peer in ("p", "q") for k in range(25)]
+        )
+        before = {peer: await tracker.get_peer_metrics(peer) for peer in ("p", "q")}
+        clock.now = t0 + tracker.config.sample_retention_s + 100
+        report = await tracker.sweep()
+        window = tracker.config.bandwidth_window
+        assert report.pruned["bandwidth_samples"] == 2 * (25 - window) == sum(deleted)
+        assert max(deleted) == 4 and len(deleted) >= 2 * (25 - window) // 4
+        assert await _count(tracker, bandwidth_samples) == 2 * window
+        for peer in ("p", "q"):
+            after, earlier = await tracker.get_peer_metrics(peer), before[peer]
+            assert after is not None and earlier is not None
+            assert after.download_speed == earlier.download_speed  # the window is kept
+
+
 @pytest.mark.parametrize("batch", [1, 2, 3, 5_000])
 async def test_stale_sessions_are_closed_a_slice_at_a_time_with_the_same_result(
     config: TrackerConfig, clock: ManualClock, batch: int

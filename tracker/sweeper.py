@@ -364,7 +364,9 @@ async def _prune_samples(tracker: AvailabilityTracker, now: float) -> int:
         ids = await q.sample_prune_candidates(conn, touched_since, after, slice_size)
         if not ids:
             return 0, None
-        return await q.prune_samples(conn, ids, config.bandwidth_window, cutoff), ids[-1]
+        batch = config.sweep_batch_size
+        deleted = await q.prune_samples(conn, ids, config.bandwidth_window, cutoff, batch)
+        return deleted, after if deleted >= batch else ids[-1]  # a full batch: the slice again
 
     total = await _walk(engine, config.write_retries, step)
     tracker._sweep_state.samples_pruned_at = now
