@@ -74,6 +74,16 @@ def test_demo_prints_a_table_of_ranked_peers_per_content(tmp_path: Path) -> None
     assert database.exists()
 
 
+def test_demo_loads_a_peer_holding_more_contents_than_a_batch_may_name_of_one_peer(tmp_path: Path) -> None:
+    """One peer's 2,000 announcements in a batch of 5,000 were refused once a batch held at most
+    max_events_per_peer (1,000) events of one peer (QA round 58): the demo cuts its batches there."""
+    result = run(
+        "demo", "--database", str(tmp_path / "d.db"), "--peers", "1", "--contents", "2000", "--holders", "1"
+    )
+    assert result.exit_code == 0, result.output
+    assert "1 peers, 2,000 contents, 2,000 mappings: 2,015 events recorded" in result.stdout
+
+
 def test_demo_json_gives_n_peers_per_content_best_first(tmp_path: Path) -> None:
     payload = run_json(tmp_path / "demo.db", "--holders", "8", "--show", "5", "-n", "3")
     summary = payload["summary"]

@@ -369,7 +369,7 @@ async def test_a_batch_with_more_events_of_one_peer_than_the_limit_is_refused_an
     with pytest.raises(
         InvalidInput,
         match=re.escape(
-            f"event #{limit + 1} (peer_offline) is peer 'hot''s event number {limit + 1} in this batch; "
+            f"event #{limit + 1} (peer_offline) is event number {limit + 1} of peer 'hot' in this batch; "
             f"a batch holds at most {limit} events of one peer (max_events_per_peer)"
         ),
     ):

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -221,8 +222,22 @@ async def load_swarm(
     size = min(batch_size, tracker.config.max_batch_events)
     applied = 0
     total = len(swarm.events)
-    for start in range(0, total, size):
-        applied += await tracker.record_batch(swarm.events[start : start + size])
+    for batch in _batches(swarm.events, size, tracker.config.max_events_per_peer):
+        applied += await tracker.record_batch(batch)
         if on_progress is not None:
             on_progress(applied, total)
     return applied
+
+
+def _batches(events: Sequence[Event], size: int, per_peer: int) -> Iterator[Sequence[Event]]:
+    """``events`` in order, cut every ``size`` and before a peer's ``per_peer``-th event in one batch
+    (``max_events_per_peer``: a peer announcing more contents than that in one batch was refused,
+    QA round 58)."""
+    start, counts = 0, Counter[str]()
+    for index, event in enumerate(events):
+        if index - start >= size or counts[event.peer_id] >= per_peer:
+            yield events[start:index]
+            start, counts = index, Counter()
+        counts[event.peer_id] += 1
+    if start < len(events):
+        yield events[start:]

@@ -170,7 +170,7 @@ def check_events_per_peer(events: Sequence[Event], limit: int) -> int:
         count = counts[event.peer_id] = counts.get(event.peer_id, 0) + 1
         if count > limit:
             raise InvalidInput(
-                f"event #{index} ({wire_name(event)}) is peer {event.peer_id!r}'s event number {count} "
+                f"event #{index} ({wire_name(event)}) is event number {count} of peer {event.peer_id!r} "
                 f"in this batch; a batch holds at most {limit} events of one peer "
                 "(max_events_per_peer): send the rest in later batches"
             )

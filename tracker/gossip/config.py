@@ -121,7 +121,8 @@ class GossipConfig:
                 elif name in _FLOATS:
                     values[name] = float(raw)
                 elif name == "learn_neighbors":
-                    values[name] = parse_bool(raw)
+                    if raw.strip():  # empty (`VAR=${X:-}`): unset, as it was read before (QA round 58)
+                        values[name] = parse_bool(raw)
                 else:
                     values[name] = raw.strip() or None
             except ValueError:
