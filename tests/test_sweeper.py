@@ -538,16 +538,16 @@ async def test_a_peers_many_samples_are_pruned_a_batch_at_a_time_with_the_same_r
     config: TrackerConfig, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A peer's million samples of a day went in one statement, which held SQLite's write lock for
-    2.4 s (QA round 57): at most ``sweep_batch_size`` a statement, the oldest first, the slice again
-    while a statement deletes that many."""
+    2.4 s (QA round 57), and then in chunks that each ranked them again (QA round 58): read once,
+    then deleted by id, at most ``sweep_batch_size`` a statement."""
     deleted: list[int] = []
-    prune = sweep_queries.prune_samples
+    delete = sweep_queries.delete_samples
 
     async def counted(*args: Any, **kwargs: Any) -> int:
-        deleted.append(await prune(*args, **kwargs))
+        deleted.append(await delete(*args, **kwargs))
         return deleted[-1]
 
-    monkeypatch.setattr(sweep_queries, "prune_samples", counted)
+    monkeypatch.setattr(sweep_queries, "delete_samples", counted)
     async with AvailabilityTracker(replace(config, sweep_batch_size=4)) as tracker:
         t0 = clock.now
         await tracker.record_batch(

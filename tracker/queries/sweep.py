@@ -109,13 +109,12 @@ async def sample_prune_candidates(
     return [int(p) for p in (await conn.scalars(stmt)).all()]
 
 
-async def prune_samples(
-    conn: AsyncConnection, peer_ids: list[int], window: int, cutoff: float, limit: int | None = None
-) -> int:
-    """Delete samples of ``peer_ids`` that are outside their latest ``window`` and older than ``cutoff``,
-    at most ``limit``, the oldest first (the caller runs the slice again while it deletes that many:
-    a peer that reported 1,000,000 samples in a day had them deleted in one statement, which held
-    SQLite's write lock for 2.4 s, QA round 57)."""
+async def doomed_samples(conn: AsyncConnection, peer_ids: list[int], window: int, cutoff: float) -> list[int]:
+    """Ids of the samples of ``peer_ids`` outside their latest ``window`` and older than ``cutoff``:
+    read, then deleted a chunk at a time (``delete_samples``). Deleted in one statement, a peer's
+    1,000,000 samples of a day held SQLite's write lock for 2.4 s (QA round 57); in chunks that each
+    ranked again, 2 s each, 200 times (QA round 58). Still doomed when deleted: samples written
+    meanwhile are newer (they push older ones further out of the window) or older than the window."""
     s = bandwidth_samples.c
     ranked = (
         select(
@@ -128,10 +127,13 @@ async def prune_samples(
         .where(s.peer_id.in_(peer_ids))
         .subquery("ranked")
     )
-    doomed = select(ranked.c.id).where(ranked.c.rn > window, ranked.c.at < cutoff)
-    if limit is not None:
-        doomed = doomed.order_by(ranked.c.at).limit(limit)
-    result = await conn.execute(delete(bandwidth_samples).where(s.id.in_(doomed)))
+    doomed = select(ranked.c.id).where(ranked.c.rn > window, ranked.c.at < cutoff).order_by(ranked.c.id)
+    return [int(i) for i in (await conn.scalars(doomed)).all()]
+
+
+async def delete_samples(conn: AsyncConnection, ids: list[int]) -> int:
+    """Delete the samples ``ids`` (a chunk of ``doomed_samples``)."""
+    result = await conn.execute(delete(bandwidth_samples).where(bandwidth_samples.c.id.in_(ids)))
     return int(result.rowcount or 0)
 
 
