@@ -18,6 +18,7 @@ from tracker.events import (
     SpeedSample,
     UploadOutcome,
     check_batch,
+    check_events_per_peer,
 )
 from tracker.models import from_unix
 from tracker.schema import bandwidth_samples, content_peers, contents, peer_stats, peers, upload_outcomes
@@ -380,6 +381,34 @@ async def test_a_batch_with_more_events_of_one_peer_than_the_limit_is_refused_an
     )
     metrics = await tracker.get_peer_metrics("hot")
     assert metrics is not None and metrics.chunks_served == limit
+
+
+async def test_a_peers_catalog_announced_in_one_batch_is_one_row_not_one_per_content(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """A peer announcing 2,000 contents in one request was refused once a batch held at most
+    max_events_per_peer events of one peer (QA round 58). Sightings right after the peer's sighting
+    at the same time change nothing of its row: they count once, and one row is written for them."""
+    limit = tracker.config.max_events_per_peer
+    catalog = [PeerOnline("big"), *[ContentAvailable(f"c{i}", "big") for i in range(2 * limit)]]
+    assert check_events_per_peer(catalog, limit) == 1
+    assert await tracker.record_batch(catalog) == 2 * limit + 1
+    metrics = await tracker.get_peer_metrics("big")
+    assert metrics is not None and metrics.online and metrics.last_seen == from_unix(clock.now)
+    assert await tracker.get_available_peers(f"c{2 * limit - 1}") == ["big"]
+    # Dated apart, or split by another kind of event, they are rounds of their own.
+    t = clock.now
+    apart = [ContentAvailable(f"d{i}", "big", at=t - i / 1_000) for i in range(limit + 1)]
+    with pytest.raises(InvalidInput, match=f"event #{limit} .* is event number {limit + 1} of peer 'big'"):
+        await tracker.record_batch(apart)
+    mixed = [
+        e
+        for i in range(limit // 2 + 1)
+        for e in (ContentAvailable(f"e{i}", "big"), UploadOutcome("big", True))
+    ]
+    assert check_events_per_peer(mixed[:-2], limit) == limit
+    with pytest.raises(InvalidInput, match="of peer 'big'"):
+        check_events_per_peer(mixed, limit)
 
 
 async def test_events_older_than_max_event_age_are_refused_and_change_nothing(

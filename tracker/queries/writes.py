@@ -41,6 +41,7 @@ from ..events import (
     ContentUnavailable,
     Event,
     PeerOffline,
+    PeerOnline,
     SpeedSample,
     UploadOutcome,
 )
@@ -400,8 +401,18 @@ async def _upsert_peer_stats(
     now: float,
 ) -> None:
     rows = []
+    last_sighting: tuple[str, float] | None = None
     for t in ordered:
         event = t.event
+        if isinstance(event, PeerOnline | ContentAvailable | ContentUnavailable):
+            # A sighting right after the peer's sighting at the same time changes nothing of its row
+            # (a catalog announced in one request, all stamped alike): one row for them, not one
+            # round each (``events.check_events_per_peer`` counts them once too).
+            if last_sighting == (event.peer_id, t.at):
+                continue
+            last_sighting = (event.peer_id, t.at)
+        else:
+            last_sighting = None
         outcome = isinstance(event, UploadOutcome)
         success = outcome and event.success  # type: ignore[union-attr]
         failure = outcome and not event.success  # type: ignore[union-attr]
