@@ -98,7 +98,9 @@ async def _peer_with_history(
     ]
     events: list[object] = [*beats, PeerOnline(peer, at=start), ContentAvailable("cid", peer, at=start)]
     events += [UploadOutcome(peer, ok, at=start + i) for i, ok in enumerate(outcomes)]
-    await tracker.record_batch(events)  # type: ignore[arg-type]
+    step = tracker.config.max_events_per_peer  # a batch holds at most that many of one peer
+    for first in range(0, len(events), step):
+        await tracker.record_batch(events[first : first + step])  # type: ignore[arg-type]
 
 
 async def test_recent_failures_exclude_a_peer_with_long_good_history(
