@@ -149,6 +149,11 @@ EVENT_TYPES: tuple[type, ...] = (
     ContentUnavailable,
 )
 
+#: The peer's own sightings: one right after the peer's sighting at the same time changes nothing
+#: of its ``peer_stats`` row, so the write path writes one row for them and ``check_events_per_peer``
+#: counts them once (the two must agree).
+SIGHTINGS = (PeerOnline, ContentAvailable, ContentUnavailable)
+
 
 def wire_name(event: Event) -> str:
     """The event's name as the HTTP API spells its ``type`` (``PeerOnline`` -> ``peer_online``): one
@@ -171,9 +176,8 @@ def check_events_per_peer(events: Sequence[Event], limit: int) -> int:
     most = 0
     for index, event in enumerate(events):
         peer = event.peer_id
-        if isinstance(event, PeerOnline | ContentAvailable | ContentUnavailable):
-            # Right after its sighting at the same time, one row does for both (writes.py): a
-            # catalog of 5,000 contents announced in one request is one round, not 5,000.
+        if isinstance(event, SIGHTINGS):
+            # A catalog of 5,000 contents announced in one request is one round, not 5,000.
             if peer in last and last[peer] == event.at:
                 continue
             last[peer] = event.at

@@ -37,11 +37,11 @@ from ..compiled import Precompiled, Rows, RowsStatement
 from ..config import TrackerConfig
 from ..db import DriverSQL, insert_for
 from ..events import (
+    SIGHTINGS,
     ContentAvailable,
     ContentUnavailable,
     Event,
     PeerOffline,
-    PeerOnline,
     SpeedSample,
     UploadOutcome,
 )
@@ -404,7 +404,7 @@ async def _upsert_peer_stats(
     last_sighting: tuple[str, float] | None = None
     for t in ordered:
         event = t.event
-        if isinstance(event, PeerOnline | ContentAvailable | ContentUnavailable):
+        if isinstance(event, SIGHTINGS):
             # A sighting right after the peer's sighting at the same time changes nothing of its row
             # (a catalog announced in one request, all stamped alike): one row for them, not one
             # round each (``events.check_events_per_peer`` counts them once too).
