@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import BigInteger, Integer, bindparam, func, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from tracker import AvailabilityTracker, InvalidInput, TrackerConfig
 from tracker import queries as tracker_queries
@@ -460,6 +461,106 @@ async def test_readers_of_a_contents_holders_share_the_selection_slots(
     assert all(a is not None and a.replication_factor == 6 for a in answers[:16])  # type: ignore[union-attr]
     if settings.dialect == "postgresql":
         assert peak.most == 2
+
+
+class _PerContent:
+    """The most rankings of each content running at once, and on which SQLite lane each ran."""
+
+    def __init__(self, pause_s: dict[str, float]) -> None:
+        self.most: Counter[str] = Counter()
+        self.lanes: dict[str, set[str]] = {}
+        self._running: Counter[str] = Counter()
+        self._pause_s = pause_s
+        self._lock = threading.Lock()
+
+    def counting(self, query: Any) -> Any:
+        async def counted(conn: Any, cid: str, *args: Any, **kwargs: Any) -> Any:
+            lane = "postgres"
+            if not isinstance(conn, AsyncConnection):
+                [(query_only,)] = await conn.exec_driver_sql("PRAGMA query_only")
+                lane = "read" if query_only else "write"
+            with self._lock:
+                self._running[cid] += 1
+                self.most[cid] = max(self.most[cid], self._running[cid])
+                self.lanes.setdefault(cid, set()).add(lane)
+            try:
+                if lane == "postgres":
+                    await asyncio.sleep(self._pause_s[cid])
+                else:
+                    time.sleep(self._pause_s[cid])  # a lane thread: the others' rankings pile up meanwhile
+                return await query(conn, cid, *args, **kwargs)
+            finally:
+                with self._lock:
+                    self._running[cid] -= 1
+
+        return counted
+
+
+async def test_a_heavy_content_leaves_a_slot_to_light_ones_and_ranks_beside_the_writer(
+    config: TrackerConfig, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QA round 57: four clients selecting a content of 100,000 holders held every selection slot of
+    a Postgres process (another content's selection waited 23 ms -> 2 s p50), and on SQLite its
+    ranking ran inside the write transaction while the writer was idle, so heartbeats waited behind
+    it (p99 9.8 -> 290 ms). While light contents are asked for, a content whose ranking was slow
+    holds at most all slots but one (Postgres: 3 of 4), and on SQLite it always ranks on the read
+    lane (its two threads; the light contents rank in the idle writer's transaction)."""
+    from tracker import queries
+    from tracker.heavy import RankingSlots
+
+    # Rankings of "movie" as slow as a heavy content's (they keep it heavy), of "light" quick.
+    counter = _PerContent(pause_s={"movie": 0.06, "light": 0.002})
+    for name in ("ranked_holders", "best_holders", "available_peer_keys"):
+        monkeypatch.setattr(queries, name, counter.counting(getattr(queries, name)))
+    settings = replace(config, max_concurrent_selections=4, max_load_per_peer=1_000)
+    names = [f"p{i}" for i in range(6)]
+    async with AvailabilityTracker(settings) as tracker:
+        await tracker.record_batch(
+            [
+                *proven_peers(names, clock.now),
+                *(ContentAvailable("light", n, at=clock.now - 60) for n in names),
+            ]
+        )
+        tracker._heavy.note("movie", 1.0)  # as a content of 100,000 holders teaches it
+        # A clock that never moves: the light contents stay "asked for lately" however slow the run.
+        tracker._ranking_slots = RankingSlots(tracker._ranking_slots.places, elapsed=lambda: 0.0)
+        answers = await asyncio.gather(
+            *(tracker.select_best_peers("light", 2) for _ in range(8)),
+            *(tracker.select_best_peers("movie", 2) for _ in range(8)),
+            *(tracker.get_content_availability("movie") for _ in range(8)),
+            *(tracker.get_available_peers("movie") for _ in range(8)),
+        )
+        assert tracker._heavy.is_heavy("movie") and not tracker._heavy.is_heavy("light")
+    assert all(len(a) == 2 for a in answers[:16])
+    assert all(a is not None and a.replication_factor == 6 for a in answers[16:24])  # type: ignore[union-attr]
+    assert all(len(a) == 6 for a in answers[24:])
+    if settings.dialect == "sqlite":
+        assert counter.lanes["movie"] == {"read"}  # the writer was idle: a light content ranks there
+        assert "write" in counter.lanes["light"]
+        assert counter.most["movie"] <= 2
+    else:
+        assert counter.most["movie"] == 3
+
+
+async def test_every_reading_of_a_contents_holders_teaches_whether_it_is_heavy(
+    tracker: AvailabilityTracker, clock: ManualClock
+) -> None:
+    """Selections, holder lists and rankings all time their query: any of them may be the first to
+    meet a content of 100,000 holders."""
+    await tracker.record_batch(proven_peers(["p1", "p2"], clock.now))
+    readings = {
+        "select": lambda: tracker.select_best_peers("movie", 1),
+        "availability": lambda: tracker.get_content_availability("movie"),
+        "best of availability": lambda: tracker.get_content_availability("movie", limit=1),
+        "holders": lambda: tracker.get_available_peers("movie"),
+    }
+    for name, read in readings.items():
+        tracker._heavy.threshold_s = 0.0  # every ranking is slow
+        await read()
+        assert tracker._heavy.is_heavy("movie"), name
+        tracker._heavy.threshold_s = 1e9  # every ranking is fast: the next one clears it
+        await read()
+        assert not tracker._heavy.is_heavy("movie"), name
 
 
 async def test_weighted_draws_equal_peers_equally_even_when_their_keys_hash_alike(

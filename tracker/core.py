@@ -41,12 +41,13 @@ from .events import (
     validate_id,
     validate_time,
 )
+from .heavy import HeavyContents, RankingSlots
 from .ingest import GroupCommitter, GroupStats
 from .keylocks import KeyedLocks
 from .leaseclock import LeaseClock, Shift
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats, from_unix
 from .offload import off_loop
-from .sqlite_lane import SqliteLane, SqliteLanes, lane_path
+from .sqlite_lane import READ_THREADS, SqliteLane, SqliteLanes, lane_path
 from .sweeper import SweeperTask, SweepReport, SweepState, sweep_once
 
 R = TypeVar("R")
@@ -216,6 +217,9 @@ class AvailabilityTracker:
         )
         #: Readings for the work on leases, kept on one side of the move of held leases.
         self._leases = LeaseClock(self.now, self._store_clock)
+        #: Contents whose rankings were slow (tracker/heavy.py): on SQLite they rank on the read lane,
+        #: and a freed ranking slot goes to a light content's ranking first.
+        self._heavy = HeavyContents()
         self._new_loop_state()
 
     def _new_loop_state(self) -> None:
@@ -238,7 +242,10 @@ class AvailabilityTracker:
             clock=self._elapsed,
         )
         self._committer.stats = stats
-        self._selection_slots = asyncio.Semaphore(self.config.selection_slots)
+        #: Where rankings of a content's holders run at once: Postgres, ``selection_slots`` pooled
+        #: connections; SQLite, the read lane's threads (its write transaction ranks one at a time).
+        places = self.config.selection_slots if self.config.dialect == "postgresql" else READ_THREADS
+        self._ranking_slots = RankingSlots(places)
         #: Held by a selection from its ranking to its commit, per content (``_select``).
         self._selecting = KeyedLocks()
         #: Held while ``async with`` opens the tracker: two blocks entered at once each opened an
@@ -654,11 +661,12 @@ class AvailabilityTracker:
         """Ids of the online holders of ``cid`` (peers past ``peer_timeout`` are never included)."""
         validate_id(cid, "cid")
         config = self.config
-        async with self._ranking_slot():  # the time read once it has one
+        async with self._ranking_slot(cid):  # the time read once it has one
             now, lag = self.now(), self.now.lag()
 
             async def work(conn: db.DriverSQL) -> list[str]:
-                return await queries.available_peer_keys(conn, cid, now, config, lag=lag)
+                with self._heavy.timing(cid):
+                    return await queries.available_peer_keys(conn, cid, now, config, lag=lag)
 
             return await db.run_read_unit(self.engine, self._read_lane(), work)
 
@@ -685,7 +693,8 @@ class AvailabilityTracker:
         n = min(n, _MOST_ROWS)
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
-        async with self._selection_slots:  # see TrackerConfig.max_concurrent_selections
+        # See TrackerConfig.max_concurrent_selections.
+        async with self._ranking_slots.hold(self._heavy.is_heavy(cid)):
             return await self._select(cid, n, strategy, seed)
 
     async def _select(self, cid: str, n: int, strategy: str, seed: int | None) -> list[PeerInfo]:
@@ -693,9 +702,10 @@ class AvailabilityTracker:
         draw = (self._random if seed is None else random.Random(seed)).getrandbits(31)
 
         async def rank(conn: db.DriverSQL, now: float, lag: float, limit: int) -> list[queries.RankedRow]:
-            return await queries.ranked_holders(
-                conn, cid, now, config, limit=limit, mode=strategy, seed=draw, lag=lag
-            )
+            with self._heavy.timing(cid):
+                return await queries.ranked_holders(
+                    conn, cid, now, config, limit=limit, mode=strategy, seed=draw, lag=lag
+                )
 
         async def grant(
             conn: db.DriverSQL,
@@ -769,7 +779,8 @@ class AvailabilityTracker:
         one_at_a_time = self._selecting.hold(cid) if config.dialect == "sqlite" else contextlib.nullcontext()
         async with one_at_a_time:
             read_lane = self._read_lane()
-            if read_lane is not None and db.sqlite_writer_busy(engine):
+            heavy = self._heavy.is_heavy(cid)
+            if read_lane is not None and (heavy or db.sqlite_writer_busy(engine)):
                 # SQLite with the writer busy (ingest, other selections): rank on the read lane, beside
                 # the writer (WAL), and queue for the write lock only to re-count and grant. Ranking a
                 # hot content takes milliseconds that would otherwise hold up every write queued behind
@@ -786,7 +797,8 @@ class AvailabilityTracker:
                 async def rank_only(conn: db.DriverSQL) -> list[queries.RankedRow]:
                     return await rank(conn, at, lag, limit)
 
-                ranked = await db.run_read_unit(engine, read_lane, rank_only)
+                async with self._ranking_slots.hold(heavy):
+                    ranked = await db.run_read_unit(engine, read_lane, rank_only)
                 if not ranked:
                     return []
                 async with self._leases.reading() as now:
@@ -818,14 +830,13 @@ class AvailabilityTracker:
         # counts the loads again, the first's leases included.
         return [_peer_info(replace(row, rank=rank)) for rank, row in enumerate(rows, start=1)]
 
-    def _ranking_slot(self) -> contextlib.AbstractAsyncContextManager[Any]:
-        """On Postgres, a ranking of every holder of a content takes a selection slot, as a selection
-        does: 24 clients reading a content of 100,000 holders (0.5 s each, no token needed) held
-        every pooled connection, and heartbeats waited seconds for one (QA round 57). SQLite's read
-        lane bounds them already."""
-        if self.config.dialect == "postgresql":
-            return self._selection_slots
-        return contextlib.nullcontext()
+    def _ranking_slot(self, cid: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """A ranking of every holder of a content takes a ranking slot, as a selection does: on
+        Postgres 24 clients reading a content of 100,000 holders (0.5 s each, no token needed) held
+        every pooled connection, and heartbeats waited seconds for one (QA round 57); on SQLite they
+        held both read threads, and a light content's selection waited seconds behind them. A freed
+        slot goes to a light content first (tracker/heavy.py)."""
+        return self._ranking_slots.hold(self._heavy.is_heavy(cid))
 
     async def get_content_availability(
         self, cid: str, *, limit: int | None = None
@@ -839,20 +850,21 @@ class AvailabilityTracker:
             limit = min(limit, _MOST_ROWS)
         config = self.config
         self._own_loop()
-        async with self._ranking_slot(), self._leases.reading() as now:  # loads count leases
+        async with self._ranking_slot(cid), self._leases.reading() as now:  # loads count leases
             lag = self.now.lag()
 
             async def work(conn: db.DriverSQL) -> tuple[bool, float | None, list[queries.RankedRow], int]:
                 known, last_updated = await queries.content_last_updated(conn, config.dialect, cid)
                 if not known:
                     return False, None, [], 0
-                if limit is None:
-                    rows = await queries.ranked_holders(
-                        conn, cid, now, config, limit=None, mode="all", lag=lag
-                    )
-                    return True, last_updated, rows, len(rows)
-                rows, holders = await queries.best_holders(conn, cid, now, config, limit=limit, lag=lag)
-                return True, last_updated, rows, holders
+                with self._heavy.timing(cid):
+                    if limit is None:
+                        rows = await queries.ranked_holders(
+                            conn, cid, now, config, limit=None, mode="all", lag=lag
+                        )
+                        return True, last_updated, rows, len(rows)
+                    rows, holders = await queries.best_holders(conn, cid, now, config, limit=limit, lag=lag)
+                    return True, last_updated, rows, holders
 
             known, last_updated, rows, holders = await db.run_read_unit(self.engine, self._read_lane(), work)
         if not known:

@@ -1,0 +1,162 @@
+"""Contents whose rankings are slow, and the places where rankings run, handed out light first.
+
+A content of 100,000 holders takes ~0.17 s to rank on SQLite and ~0.5 s on Postgres, against a few
+milliseconds for a typical one. Queued first come, first served, four clients selecting such a content
+held every selection slot of a Postgres process (another content's selection waited 23 ms -> 2 s
+p50), and on SQLite its ranking ran inside the write transaction, so heartbeats waited behind it
+(p99 9.8 -> 290-480 ms; QA round 57). The tracker cannot know a content's weight before it ranks it,
+so it remembers the ones that were slow: on SQLite those rank on the read lane (never inside the
+write transaction), and on both engines a freed place goes to a waiting ranking of a light content
+before a heavy one, and while light contents are being asked for, heavy ones leave one place to
+them. With only heavy contents asking (a swarm of hot contents of thousands of holders each) they
+use every place, as before: a fixed cap of half the places cost 12% of the selections per second
+there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Callable, Iterator
+
+#: A ranking slower than this marks its content heavy: ten times a typical selection's p50
+#: (4.7 ms on SQLite at 100k peers, docs/benchmarks.md), a fraction of a 100,000-holder content's.
+HEAVY_RANKING_S = 0.05
+#: Contents remembered; the least recently slow is forgotten first.
+REMEMBERED = 4_096
+#: Heavy rankings leave one place free for light ones while a light one was asked for this recently.
+LIGHT_RECENT_S = 1.0
+
+
+class HeavyContents:
+    """Which contents ranked slowly lately.
+
+    A content stays heavy until one of its rankings takes less than half the threshold (its holders
+    left, or a loaded machine made a light one look slow for a while). ``note`` is called from
+    SQLite's lane threads too, so the memory has a lock of its own.
+    """
+
+    def __init__(
+        self,
+        *,
+        threshold_s: float = HEAVY_RANKING_S,
+        remembered: int = REMEMBERED,
+        timer: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.threshold_s = threshold_s
+        self.timer = timer
+        self._remembered = remembered
+        self._heavy: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def is_heavy(self, cid: str) -> bool:
+        return cid in self._heavy
+
+    def note(self, cid: str, seconds: float) -> None:
+        """Remember how long one ranking of ``cid`` took."""
+        with self._lock:
+            if seconds >= self.threshold_s:
+                self._heavy[cid] = seconds
+                self._heavy.move_to_end(cid)
+                while len(self._heavy) > self._remembered:
+                    self._heavy.popitem(last=False)
+            elif seconds < self.threshold_s / 2:
+                self._heavy.pop(cid, None)
+
+    @contextlib.contextmanager
+    def timing(self, cid: str) -> Iterator[None]:
+        """Time the ranking inside and ``note`` it (not when it raised: a failure says nothing)."""
+        started = self.timer()
+        yield
+        self.note(cid, self.timer() - started)
+
+    def __len__(self) -> int:
+        return len(self._heavy)
+
+
+class RankingSlots:
+    """``places`` rankings at once; a freed place goes to a waiting light ranking before a heavy one.
+
+    While a light ranking was asked for within ``LIGHT_RECENT_S``, heavy ones hold at most
+    ``places - 1`` (at least one): with every place taken by 0.5-s rankings, a light one would wait
+    for one of them to end (QA round 57, 2 slots: 2 s p50 first come, first served; 0.5 s light
+    first; 29 ms with a place kept). Heavy rankings still progress while light ones keep coming: when none of
+    them runs and the last place went to a light one, the first heavy one waiting takes the next
+    place. Among rankings of one kind, first come, first served. Belongs to the event loop that
+    first uses it, like an ``asyncio.Semaphore``.
+    """
+
+    def __init__(self, places: int, *, elapsed: Callable[[], float] = time.monotonic) -> None:
+        self.places = places
+        self._free = places
+        self._heavy_running = 0
+        self._waiting: dict[bool, deque[asyncio.Future[None]]] = {False: deque(), True: deque()}
+        self._elapsed = elapsed
+        self._light_asked = float("-inf")
+        self._last_heavy = False  # the kind of the ranking the last place went to
+
+    @contextlib.asynccontextmanager
+    async def hold(self, heavy: bool) -> AsyncIterator[None]:
+        await self._acquire(heavy)
+        try:
+            yield
+        finally:
+            self._release(heavy)
+
+    @property
+    def heavy_running(self) -> int:
+        return self._heavy_running
+
+    async def _acquire(self, heavy: bool) -> None:
+        if not heavy:
+            self._light_asked = self._elapsed()
+        if not self._waiting[False] and not self._waiting[True] and self._may_run(heavy):
+            self._take(heavy)
+            return
+        granted = asyncio.get_running_loop().create_future()
+        self._waiting[heavy].append(granted)
+        self._grant()
+        try:
+            await granted
+        except asyncio.CancelledError:
+            if granted.done() and not granted.cancelled():
+                self._release(heavy)  # granted as it was cancelled: the place goes to the next
+            else:
+                if granted in self._waiting[heavy]:
+                    self._waiting[heavy].remove(granted)
+                self._grant()  # a light waiter gone may be what held a heavy one back
+            raise
+
+    def _take(self, heavy: bool) -> None:
+        self._free -= 1
+        self._heavy_running += heavy
+        self._last_heavy = heavy
+
+    def _release(self, heavy: bool) -> None:
+        self._free += 1
+        self._heavy_running -= heavy
+        self._grant()
+
+    def _may_run(self, heavy: bool) -> bool:
+        if self._free == 0:
+            return False
+        if not heavy or self._heavy_running == 0:
+            return True
+        light_lately = self._elapsed() - self._light_asked < LIGHT_RECENT_S
+        return not light_lately or self._heavy_running < self.places - 1
+
+    def _grant(self) -> None:
+        light, heavy = self._waiting[False], self._waiting[True]
+        while self._free > 0 and (light or heavy):
+            turn = self._heavy_running == 0 and not self._last_heavy
+            kind = bool(heavy) and (turn or not light)
+            if kind and not self._may_run(True):
+                break  # a heavy ranking's turn, but the last place is kept for light ones
+            granted = (heavy if kind else light).popleft()
+            if granted.done():
+                continue  # cancelled while it waited; its task is on its way out
+            self._take(kind)
+            granted.set_result(None)
