@@ -144,6 +144,29 @@ def test_import_refuses_a_snapshot_older_than_removals_are_remembered_unless_acc
     assert _served(db_url, "src-0") == 1
 
 
+def test_a_refused_snapshot_leaves_no_new_database_behind(tmp_path: Path) -> None:
+    """``gossip import`` creates and migrates the database it imports into; it did so before it read
+    the file, so a snapshot refused as too old, or a file that is no snapshot, left a new empty
+    database behind (QA round 56). The file is checked first now."""
+    source = f"sqlite+aiosqlite:///{tmp_path / 'source.db'}"
+    _seed(source, "src", 1)
+    exported = _cli(source, "gossip", "export", "--dir", str(tmp_path), "--json")
+    records = [
+        json.loads(line)
+        for line in gzip.decompress(Path(json.loads(exported.stdout)["snapshot"]).read_bytes()).splitlines()
+    ]
+    records[0]["taken_at"] = time.time() - TrackerConfig().tombstone_keep_s - 3600
+    old = tmp_path / "old.jsonl.gz"
+    old.write_bytes(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in records)))
+    not_one = tmp_path / "notes.jsonl.gz"
+    not_one.write_bytes(gzip.compress(b'{"hello": "world"}\n'))
+    for path, said in ((old, "longer ago than removals are remembered"), (not_one, "snapshot")):
+        target = tmp_path / f"new-{path.stem}.db"
+        refused = _cli(f"sqlite+aiosqlite:///{target}", "gossip", "import", str(path))
+        assert refused.exit_code == 1 and said in refused.output and "Traceback" not in refused.output
+        assert not target.exists(), path
+
+
 async def test_an_import_merged_in_parts_gives_what_merged_whole_gives(
     db_url: str, other_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -180,7 +180,7 @@ def import_(
     from rich.progress import Progress
 
     from ..gossip.config import GossipConfig
-    from ..gossip.importer import ImportReport, import_snapshot
+    from ..gossip.importer import ImportReport, check_snapshot, import_snapshot
 
     with errors_as_messages(debug):
         if not path.is_file():
@@ -190,6 +190,9 @@ def import_(
         gossip_skew = GossipConfig.from_env(
             {k: v for k, v in os.environ.items() if k == "TRACKER_GOSSIP_MAX_SKEW_S"}
         ).max_skew_s
+        # Before the database is opened: with create=True a refused file left a new one behind.
+        config = config_for(database_url)
+        check_snapshot(path, config, config.clock(), accept_old=accept_old)
 
         async def work() -> ImportReport:
             stderr = Console(stderr=True)

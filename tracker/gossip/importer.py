@@ -41,6 +41,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from .. import db
 from ..compiled import BulkInsert
+from ..config import TrackerConfig
 from ..core import AvailabilityTracker
 from ..errors import InvalidInput
 from ..queries import gossip as q
@@ -101,9 +102,9 @@ async def import_snapshot(
         # inf imported rows dated days ahead, NaN refused everything as "allowed nan s" (QA 48).
         raise InvalidInput(f"max_skew_s must be a finite number of seconds >= 0, got {max_skew_s!r}")
     skew = max(tracker.config.max_clock_skew_s, DEFAULT_MAX_SKEW_S) if max_skew_s is None else max_skew_s
-    header = await asyncio.to_thread(_read_header, path)
-    if not accept_old:
-        _refuse_forgotten_removals(tracker, header.taken_at)
+    header = await asyncio.to_thread(
+        check_snapshot, path, tracker.config, tracker.now(), accept_old=accept_old
+    )
     # Only a bar needs the total: one more decompression of the file (no decoding), before the lock.
     total = sum(await asyncio.to_thread(count_records, path)) if progress is not None else 0
     # The clock is read here, on the loop: readings change its state, which is not a thread's to touch.
@@ -123,6 +124,20 @@ async def import_snapshot(
         peers_applied=counts.peers_applied,
         mappings_applied=counts.mappings_applied,
     )
+
+
+def check_snapshot(
+    path: Path, config: TrackerConfig, now: float, *, accept_old: bool = False
+) -> SnapshotHeader:
+    """The snapshot's header, once it is known to be one a tracker of ``config`` would take at ``now``
+    (a snapshot, and not older than removals are remembered unless ``accept_old``); the rows are
+    checked as they are merged. ``SnapshotError`` otherwise. ``tracker gossip import`` checks before
+    it opens the database it imports into: a refused snapshot left a new, migrated database file
+    behind (QA round 56)."""
+    header = _read_header(path)
+    if not accept_old:
+        _refuse_forgotten_removals(config.tombstone_keep_s, now - header.taken_at)
+    return header
 
 
 def _read_header(path: Path) -> SnapshotHeader:
@@ -277,9 +292,8 @@ def _peer_deltas(rows: list[Any], samples: list[Any]) -> list[OriginDelta]:
     return [OriginDelta(origin=o, base=0, upto=0, peers=p) for o, p in by_origin.items()]
 
 
-def _refuse_forgotten_removals(tracker: AvailabilityTracker, taken_at: float) -> None:
-    keep = tracker.config.tombstone_keep_s
-    if (age := tracker.now() - taken_at) > keep:
+def _refuse_forgotten_removals(keep: float, age: float) -> None:
+    if age > keep:
         raise SnapshotError(
             f"the snapshot was taken {age / 3600:.4g} h ago, longer ago than removals are remembered "
             f"({keep / 3600:g} h: tombstone_ttl_s, or max_event_age_s if longer), so a mapping removed "
