@@ -736,13 +736,15 @@ async def test_an_events_own_refusal_in_a_batch_names_its_index(api: httpx.Async
         # 620,000 unknown keys held the event loop for 3 s while pydantic named each (QA round 57).
         (
             json.dumps({"peer_id": "p", **{f"k{i}": 0 for i in range(64)}}).encode(),
-            "the body holds an object of 65 keys; objects have at most 64",
+            "an object of 65 members (a key given twice counts twice); objects have at most 64",
         ),
+        # Repeated keys are members too (QA round 58: they read as "65 keys").
+        (b"{" + b", ".join([b'"peer_id": "p"'] * 65) + b"}", "an object of 65 members (a key given twice"),
         (
             json.dumps(
                 {"events": [{"type": "peer_online", "peer_id": "p", **{f"k{i}": 0 for i in range(99)}}]}
             ).encode(),
-            "the body holds an object of 101 keys",
+            "the body holds an object of 101 members",
         ),
     ],
 )

@@ -27,8 +27,8 @@ class TooManyKeys(ValueError):
 def _capped(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     if len(pairs) > MAX_KEYS_PER_OBJECT:
         raise TooManyKeys(
-            f"the body holds an object of {len(pairs)} keys; objects have at most "
-            f"{MAX_KEYS_PER_OBJECT} (the API's bodies have a dozen at most)"
+            f"the body holds an object of {len(pairs)} members (a key given twice counts twice); "
+            f"objects have at most {MAX_KEYS_PER_OBJECT} (the API's bodies have a dozen at most)"
         )
     return dict(pairs)  # the last of repeated keys wins, as json.loads does
 
