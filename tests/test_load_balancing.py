@@ -563,6 +563,37 @@ async def test_every_reading_of_a_contents_holders_teaches_whether_it_is_heavy(
         assert not tracker._heavy.is_heavy("movie"), name
 
 
+async def test_the_ranking_load_shows_heavy_contents_and_waiting_rankings_in_the_metrics(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """An operator sees that contents ranked slowly, and whether rankings queue for a slot."""
+    import contextlib
+
+    import httpx
+
+    from tracker import RankingLoad
+    from tracker.service.app import create_app
+
+    async with AvailabilityTracker(replace(config, max_concurrent_selections=1)) as tracker:
+        api = httpx.AsyncClient(transport=httpx.ASGITransport(create_app(tracker)), base_url="http://t")
+        await tracker.record_batch(proven_peers(["p1", "p2"], clock.now))
+        tracker._heavy.note("movie", 1.0)
+        assert tracker.ranking_load() == RankingLoad(heavy_contents=1, light_waiting=0, heavy_waiting=0)
+        async with contextlib.AsyncExitStack() as every_slot_taken:
+            for _ in range(tracker._ranking_slots.places):
+                await every_slot_taken.enter_async_context(tracker._ranking_slots.hold(False))
+            heavy = asyncio.create_task(tracker.get_available_peers("movie"))
+            light = asyncio.create_task(tracker.get_available_peers("other"))
+            await asyncio.sleep(0.05)
+            assert tracker.ranking_load() == RankingLoad(heavy_contents=1, light_waiting=1, heavy_waiting=1)
+            metrics = (await api.get("/metrics")).text
+            assert "tracker_heavy_contents 1.0" in metrics
+            assert 'tracker_rankings_waiting{content="light"} 1.0' in metrics
+            assert 'tracker_rankings_waiting{content="heavy"} 1.0' in metrics
+        assert sorted(await heavy) == ["p1", "p2"] and await light == []
+        assert tracker.ranking_load().light_waiting == tracker.ranking_load().heavy_waiting == 0
+
+
 async def test_weighted_draws_equal_peers_equally_even_when_their_keys_hash_alike(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:

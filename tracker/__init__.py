@@ -25,6 +25,7 @@ from .events import (
     SpeedSample,
     UploadOutcome,
 )
+from .heavy import RankingLoad
 from .ingest import GroupStats
 from .models import ContentAvailability, PeerInfo, PeerMetrics, TrackerStats
 from .reputation import ReputationParams
@@ -49,6 +50,7 @@ __all__ = [
     "PeerMetrics",
     "PeerOffline",
     "PeerOnline",
+    "RankingLoad",
     "ReputationParams",
     "SchemaOutOfDate",
     "SpeedSample",

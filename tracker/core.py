@@ -41,7 +41,7 @@ from .events import (
     validate_id,
     validate_time,
 )
-from .heavy import HeavyContents, RankingSlots
+from .heavy import HeavyContents, RankingLoad, RankingSlots
 from .ingest import GroupCommitter, GroupStats
 from .keylocks import KeyedLocks
 from .leaseclock import LeaseClock, Shift
@@ -581,6 +581,12 @@ class AvailabilityTracker:
     def ingest_stats(self) -> GroupStats:
         """How many requests and events were committed in how many transactions (group commit)."""
         return self._committer.stats
+
+    def ranking_load(self) -> RankingLoad:
+        """Contents remembered as heavy and the rankings waiting for a slot now, light and heavy
+        (``tracker_heavy_contents``, ``tracker_rankings_waiting``; tracker/heavy.py)."""
+        slots = self._ranking_slots
+        return RankingLoad(len(self._heavy), slots.waiting(False), slots.waiting(True))
 
     def ingest_oldest_wait_s(self) -> float:
         """Seconds the oldest write not yet committed has waited (0: none waiting): a write stuck

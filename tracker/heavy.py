@@ -21,6 +21,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 
 #: A ranking slower than this marks its content heavy: ten times a typical selection's p50
 #: (4.7 ms on SQLite at 100k peers, docs/benchmarks.md), a fraction of a 100,000-holder content's.
@@ -29,6 +30,16 @@ HEAVY_RANKING_S = 0.05
 REMEMBERED = 4_096
 #: Heavy rankings leave one place free for light ones while a light one was asked for this recently.
 LIGHT_RECENT_S = 1.0
+
+
+@dataclass(frozen=True)
+class RankingLoad:
+    """What ``AvailabilityTracker.ranking_load`` reports: contents remembered as heavy, and rankings
+    waiting for a slot now, of light contents and of heavy ones."""
+
+    heavy_contents: int
+    light_waiting: int
+    heavy_waiting: int
 
 
 class HeavyContents:
@@ -109,6 +120,10 @@ class RankingSlots:
     @property
     def heavy_running(self) -> int:
         return self._heavy_running
+
+    def waiting(self, heavy: bool) -> int:
+        """Rankings of that kind waiting for a place now."""
+        return sum(not granted.done() for granted in self._waiting[heavy])
 
     async def _acquire(self, heavy: bool) -> None:
         if not heavy:

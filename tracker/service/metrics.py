@@ -96,6 +96,21 @@ class _TrackerStateCollector(Collector):
             "behind a lock holds up the writes queued after it.",
             value=self._tracker.ingest_oldest_wait_s(),
         )
+        load = self._tracker.ranking_load()
+        yield GaugeMetricFamily(
+            "tracker_heavy_contents",
+            "Contents whose latest ranking took 50 ms or more: they rank on SQLite's read lane and "
+            "leave a ranking slot to the other contents (docs/load-balancing.md).",
+            value=load.heavy_contents,
+        )
+        waiting = GaugeMetricFamily(
+            "tracker_rankings_waiting",
+            "Selections and holder readings waiting for a ranking slot now, by the content's weight.",
+            labels=["content"],
+        )
+        waiting.add_metric(["light"], load.light_waiting)
+        waiting.add_metric(["heavy"], load.heavy_waiting)
+        yield waiting
         if (path := lane_path(self._tracker.config)) is not None:
             yield GaugeMetricFamily(
                 "tracker_sqlite_wal_bytes",
