@@ -489,3 +489,68 @@ def test_an_upgrade_to_base_says_the_schema_is_empty(tmp_path: Path) -> None:
     result = run("db", "upgrade", "--revision", "base", "--database-url", url)
     assert result.exit_code == 0 and "None" not in result.stdout, result.output
     assert result.stdout.startswith("schema at base (empty) (was empty)"), result.stdout
+
+
+def _seeded(path: Path, peers: list[str], cid: str) -> str:
+    url = f"sqlite+aiosqlite:///{path}"
+
+    async def seed() -> None:
+        async with AvailabilityTracker(TrackerConfig(database_url=url)) as tracker:
+            for peer in peers:
+                await tracker.record_peer_online(peer)
+                await tracker.record_content_available(cid, peer)
+
+    asyncio.run(seed())
+    return url
+
+
+def test_ids_are_printed_as_they_are_not_read_as_markup(tmp_path: Path) -> None:
+    """Any client may register a peer ``evil[/]``: Rich read it as markup, and ``peers list`` failed
+    with a MarkupError, ``[red]r`` printed as ``r`` (its paging cursor then skipped peers), and a
+    ``[link=...]`` id became a clickable link (QA round 59)."""
+    ids = ["evil[/]", "[red]r", "zz[link=http://evil.invalid]click[/link]"]
+    url = _seeded(tmp_path / "m.db", ids, "c[b]")
+    for command in (["peers", "list"], ["content", "show", "c[b]"], ["best", "c[b]", "-n", "3"]):
+        result = run(*command, "--database-url", url)
+        assert result.exit_code == 0, result.output
+        assert all(peer in result.stdout for peer in ids), (command, result.stdout)
+    paged = run("peers", "list", "--limit", "1", "--database-url", url)
+    assert "more: --after [red]r" in paged.stdout
+    shown = run("peers", "show", "[red]r", "--database-url", url)
+    assert shown.exit_code == 0 and shown.stdout.lstrip().startswith("[red]r")
+
+
+def test_a_reader_that_closes_stdout_early_is_not_a_database_error(tmp_path: Path) -> None:
+    """A BrokenPipeError is a ConnectionError, and ``tracker ... | head`` said "cannot connect to the
+    database" (QA round 59). Now the command stops without a word (exit 1: its output is cut)."""
+    url = _seeded(tmp_path / "few.db", ["p1", "p2"], "c")
+    for command in ("stats --json", "peers list --json", "peers list"):
+        piped = subprocess.run(  # `true` has gone long before the command opened its database
+            f"{sys.executable} -m tracker {command} --database-url {url} | true",
+            shell=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert "cannot connect" not in piped.stderr and "Traceback" not in piped.stderr, piped.stderr
+        assert piped.stderr == "", (command, piped.stderr)
+
+
+def test_a_failed_push_leaves_no_new_database_behind(tmp_path: Path) -> None:
+    """``gossip push`` creates the database it pushes from; a neighbour that did not answer left a
+    new, migrated file, which later commands took for an empty tracker (QA round 59)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # nothing listens once it is closed
+    target = tmp_path / "new.db"
+    result = run(
+        "gossip",
+        "push",
+        f"http://127.0.0.1:{port}",
+        "--database-url",
+        f"sqlite+aiosqlite:///{target}",
+        env={"TRACKER_GOSSIP_KEYS": "a-shared-gossip-key-of-enough-length", "TRACKER_GOSSIP_TIMEOUT_S": "2"},
+    )
+    assert result.exit_code == 1, result.output
+    assert not target.exists() and not Path(f"{target}-wal").exists()

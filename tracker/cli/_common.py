@@ -16,6 +16,7 @@ import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import click
@@ -66,12 +67,19 @@ DatabaseUrlOption = Annotated[
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (stable keys) instead of tables.")]
 
 
+def console(*, stderr: bool = False) -> Console:
+    """A Rich console that prints text as it is: with markup on, a peer id ``evil[/]`` (any client
+    may register one) made ``peers list`` fail with a MarkupError, ``[red]r`` printed as ``r`` (and a
+    paging cursor that skipped peers), and ``[link=...]`` made a clickable link (QA round 59)."""
+    return Console(stderr=stderr, markup=False)
+
+
 def _stdout_console() -> Console:
     """Rich lays out for 80 columns when stdout is a pipe or a file, cutting peer ids to "…" in what
     scripts and operators save; there, tables take their natural width (``COLUMNS`` still wins)."""
     if os.isatty(1) or os.environ.get("COLUMNS", "").isdigit():
-        return Console()
-    return Console(width=_PIPED_WIDTH)
+        return Console(markup=False)
+    return Console(width=_PIPED_WIDTH, markup=False)
 
 
 # Wide enough for every column at its longest (ids are at most 256 characters); tables never stretch.
@@ -123,8 +131,20 @@ def errors_as_messages(debug: bool) -> Iterator[None]:
     except Exception as error:
         if debug:
             raise
-        Console(stderr=True).print(_one_line(error), soft_wrap=True, highlight=False)
+        if isinstance(error, BrokenPipeError):
+            # The reader of stdout went away (`| head`, `| true`): nothing to say to it, and it was
+            # called "cannot connect to the database" (a BrokenPipeError is a ConnectionError, QA 59).
+            _silence_stdout()
+            raise typer.Exit(1) from None
+        console(stderr=True).print(_one_line(error), soft_wrap=True, highlight=False)
         raise typer.Exit(1) from None
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit does not fail a second time."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
 
 
 # Their exceptions are sentences written for whoever runs the command ("Can't locate revision
@@ -242,8 +262,22 @@ async def opened(database_url: str | None, *, create: bool = False) -> AsyncIter
     config = config_for(database_url, **unless_in_env(auto_migrate=create))
     if not create:
         require_existing_sqlite(config)
-    async with AvailabilityTracker(config, publish_settings=False) as tracker:
-        yield tracker
+    created = missing_sqlite_file(config)
+    try:
+        async with AvailabilityTracker(config, publish_settings=False) as tracker:
+            yield tracker
+    except BaseException:
+        if created is not None:
+            discard_created_sqlite(created)
+        raise
+
+
+def discard_created_sqlite(path: str) -> None:
+    """Remove the SQLite file a failed command created: left behind, later commands took it for an
+    empty database instead of saying there is none (QA round 40: ``db upgrade``; QA round 59: a
+    ``gossip push`` to a neighbour that did not answer)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(path + suffix).unlink(missing_ok=True)
 
 
 def print_json(value: Any) -> None:

@@ -7,7 +7,6 @@ report the schema as it is.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -22,6 +21,7 @@ from ._common import (
     JsonOption,
     app,
     config_for,
+    discard_created_sqlite,
     errors_as_messages,
     print_json,
     require_existing_sqlite,
@@ -71,10 +71,7 @@ def upgrade(
             before, after = run(_with_engine(config, work))
         except BaseException:
             if created is not None:
-                # The file this command created holds nothing: left behind, later commands took it
-                # for an empty database instead of saying there is none (QA round 40).
-                for suffix in ("", "-wal", "-shm"):
-                    Path(created + suffix).unlink(missing_ok=True)
+                discard_created_sqlite(created)
             raise
         # `--revision base` leaves no revision: "schema at None" said nothing (QA round 49).
         stdout.print(f"schema at {after or 'base (empty)'} (was {before or 'empty'})", highlight=False)

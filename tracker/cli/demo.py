@@ -19,7 +19,7 @@ from ..core import AvailabilityTracker
 from ..demo import ProgressCallback, SwarmSpec, load_swarm, plan_swarm
 from ..errors import InvalidInput
 from ..models import PeerInfo
-from ._common import DebugOption, app, errors_as_messages, run, stdout
+from ._common import DebugOption, app, console, errors_as_messages, run, stdout
 from .render import peer_info_json, peer_table
 
 
@@ -80,7 +80,7 @@ def demo(
     """
     with errors_as_messages(debug):
         spec = SwarmSpec(peers=peers, contents=contents, holders=holders, seed=seed)
-        stderr = Console(stderr=True)
+        stderr = console(stderr=True)
         with Progress(
             TextColumn("[progress.description]{task.description}"),
             BarColumn(),
@@ -175,13 +175,13 @@ def _reset_sqlite_file(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def _print_demo(console: Console, report: DemoReport) -> None:
+def _print_demo(out: Console, report: DemoReport) -> None:
     """One table per content, then the summary line."""
     for selection in report.selections:
         title = f"{selection.cid}: best {len(selection.peers)} of {selection.holders_online} online holders"
-        console.print(peer_table(title, selection.peers, empty="no online holder is good enough"))
+        out.print(peer_table(title, selection.peers, empty="no online holder is good enough"))
     spec = report.spec
-    console.print(
+    out.print(
         f"{spec.peers:,} peers, {spec.contents:,} contents, {report.mappings:,} mappings: "
         f"{report.events:,} events recorded in {report.load_s:.1f} s "
         f"({report.events_per_sec:,.0f} events/s) into {report.database}",

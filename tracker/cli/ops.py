@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..core import AvailabilityTracker
@@ -21,6 +20,7 @@ from ._common import (
     JsonOption,
     app,
     config_for,
+    console,
     errors_as_messages,
     opened,
     print_json,
@@ -76,7 +76,7 @@ def sweep(
                 highlight=False,
             )
         if report.snapshot_error:  # the pass's other work stands; a cron job must still see this
-            Console(stderr=True).print(
+            console(stderr=True).print(
                 f"the snapshot was not written: {report.snapshot_error}", soft_wrap=True, highlight=False
             )
             raise typer.Exit(1)
@@ -134,7 +134,7 @@ def export(
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"--dir {directory} is not a directory")
         directory.mkdir(parents=True, exist_ok=True)  # as the sweeper's snapshot_dir is (QA round 16)
-        stderr = Console(stderr=True)
+        stderr = console(stderr=True)
 
         async def work() -> Path:
             async with opened(database_url) as tracker:
@@ -195,7 +195,7 @@ def import_(
         check_snapshot(path, config, config.clock(), accept_old=accept_old)
 
         async def work() -> ImportReport:
-            stderr = Console(stderr=True)
+            stderr = console(stderr=True)
             async with opened(database_url, create=True) as tracker:
                 # Outside a terminal a bar is noise (and Rich left a blank line on stderr).
                 disable = as_json or not stderr.is_terminal
