@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -554,3 +556,34 @@ def test_a_failed_push_leaves_no_new_database_behind(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1, result.output
     assert not target.exists() and not Path(f"{target}-wal").exists()
+
+
+def test_sigterm_stops_a_command_as_ctrl_c_does_with_its_clean_up_and_exit_143(tmp_path: Path) -> None:
+    """``timeout``, cron wrappers and systemd send SIGTERM: it killed a command outright, and
+    ``gossip export`` left its half-written temporary file behind, where Ctrl-C cancels the command's
+    body so its clean-up runs (QA round 59). The body here stands for any command's."""
+    marker = tmp_path / "marker"
+    script = (
+        "import asyncio, pathlib, sys\n"
+        "from tracker.cli._common import run\n"
+        "marker = pathlib.Path(sys.argv[1])\n"
+        "async def body() -> None:\n"
+        "    marker.write_text('started')\n"
+        "    try:\n"
+        "        await asyncio.sleep(60)\n"
+        "    finally:\n"
+        "        marker.write_text('cleaned up')\n"
+        "run(body())\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", script, str(marker)], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            if marker.exists():
+                break
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and marker.read_text() == "cleaned up"
+    assert "Traceback" not in stderr, stderr

@@ -11,6 +11,7 @@ import asyncio
 import difflib
 import json
 import os
+import signal
 import socket
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
@@ -94,17 +95,44 @@ _SQLITE_WORKER_SUFFIX = "(_connection_worker_thread)"
 _SQLITE_WORKER_JOIN_TIMEOUT_S = 5.0
 
 
-def run(work: Coroutine[Any, Any, T]) -> T:
+def run(work: Coroutine[Any, Any, T], *, stop_on_sigterm: bool = True) -> T:
     """Run one command's async body on a fresh event loop, closed afterwards so nothing leaks.
 
     The loop closes only after the aiosqlite workers the body started have finished: when a connect
     fails (a directory that does not exist), aiosqlite stops its worker without waiting for it, and a
     worker that then answers a closed loop dies printing a traceback under the one-line error.
+
+    SIGTERM (``timeout``, cron wrappers, systemd) stops the body as Ctrl-C does, by cancelling it, so
+    its clean-up runs, then exits 143: killed outright, ``gossip export`` left its half-written
+    temporary file behind (QA round 59). ``serve`` handles its signals itself (``stop_on_sigterm=False``).
     """
     before = set(threading.enumerate())
+    terminated = False
+
+    async def body() -> T:
+        if not stop_on_sigterm or threading.current_thread() is not threading.main_thread():
+            return await work
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+
+        def terminate() -> None:
+            nonlocal terminated
+            terminated = True
+            task.cancel()
+
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+        try:
+            return await work
+        finally:
+            loop.remove_signal_handler(signal.SIGTERM)
+
     with asyncio.Runner() as runner:
         try:
-            return runner.run(work)
+            return runner.run(body())
+        except asyncio.CancelledError:
+            if terminated:
+                raise SystemExit(128 + signal.SIGTERM) from None
+            raise
         finally:
             _join_sqlite_workers(set(threading.enumerate()) - before)
 

@@ -106,7 +106,7 @@ def serve(
             except ForcedShutdown as forced:
                 _exit_abandoning(forced)
 
-        run(service())
+        run(service(), stop_on_sigterm=False)
 
 
 def _exit_abandoning(forced: ForcedShutdown) -> NoReturn:
