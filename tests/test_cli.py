@@ -84,6 +84,15 @@ def test_demo_loads_a_peer_holding_more_contents_than_a_batch_may_name_of_one_pe
     assert "1 peers, 2,000 contents, 2,000 mappings: 2,015 events recorded" in result.stdout
 
 
+@pytest.mark.parametrize("option", ["--peers", "--contents"])
+def test_demo_refuses_a_swarm_larger_than_it_can_plan_in_memory(tmp_path: Path, option: str) -> None:
+    """``--peers 2000000000`` planned the swarm in memory until the kernel's OOM killer ended it at
+    23.6 GB, with other processes (QA round 59): a usage error now, before any planning."""
+    result = run("demo", "--database", str(tmp_path / "d.db"), option, "1000001")
+    assert result.exit_code == 2 and f"Invalid value for '{option}'" in result.output
+    assert not (tmp_path / "d.db").exists()
+
+
 def test_demo_json_gives_n_peers_per_content_best_first(tmp_path: Path) -> None:
     payload = run_json(tmp_path / "demo.db", "--holders", "8", "--show", "5", "-n", "3")
     summary = payload["summary"]

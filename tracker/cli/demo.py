@@ -22,6 +22,12 @@ from ..models import PeerInfo
 from ._common import DebugOption, app, console, errors_as_messages, run, stdout
 from .render import peer_info_json, peer_table
 
+#: The largest swarm the demo plans: it holds the plan in memory, and 2,000,000,000 peers took
+#: 23.6 GB before the kernel's OOM killer ended it, and other processes with it (QA round 59). A
+#: million peers is the benchmarks' larger scale (benchmarks/, --scale 1m).
+MOST_PEERS = 1_000_000
+MOST_CONTENTS = 1_000_000
+
 
 @dataclass(frozen=True, slots=True)
 class DemoSelection:
@@ -57,8 +63,8 @@ def demo(
             "--database", help="SQLite file to (re)create, -wal/-shm too; only one the demo made is replaced."
         ),
     ] = Path("tracker-demo.db"),
-    peers: Annotated[int, typer.Option(min=1, help="Peers in the swarm.")] = 1_000,
-    contents: Annotated[int, typer.Option(min=1, help="Contents in the swarm.")] = 10_000,
+    peers: Annotated[int, typer.Option(min=1, max=MOST_PEERS, help="Peers in the swarm.")] = 1_000,
+    contents: Annotated[int, typer.Option(min=1, max=MOST_CONTENTS, help="Contents in the swarm.")] = 10_000,
     holders: Annotated[int, typer.Option(min=1, help="Distinct peers holding each content.")] = 5,
     show: Annotated[int, typer.Option(min=0, help="Contents to pick peers for (the first ones).")] = 5,
     best: Annotated[int, typer.Option("-n", "--best", min=1, help="Peers to pick per content.")] = 3,
