@@ -54,6 +54,21 @@ def test_tracker_lists_demo_as_a_subcommand() -> None:
     assert "demo" in result.stdout
 
 
+def test_version_names_the_installed_package() -> None:
+    from tracker import __version__
+
+    result = run("--version")
+    assert result.exit_code == 0 and result.stdout == f"peer-tracker {__version__}\n"
+    assert __version__ != "0+unknown"  # installed (pip install -e .), not a bare checkout
+
+
+@pytest.mark.parametrize("port", ["70000", "-1"])
+def test_a_port_out_of_range_is_a_usage_error_like_any_mistyped_value(port: str) -> None:
+    """It exited 1 from the service's own check, where README says mistyped values exit 2 (QA 59)."""
+    result = run("serve", "--port", port)
+    assert result.exit_code == 2 and "Invalid value for '--port'" in result.output
+
+
 def test_demo_help_shows_an_example() -> None:
     result = run("demo", "--help")
     assert result.exit_code == 0

@@ -135,6 +135,8 @@ def test_sweep_reports_what_it_did(seeded: str) -> None:
     report = json.loads(result.stdout)
     assert report["ran"] is True and report["peers_marked_offline"] == 0
     assert report["departed_mappings_removed"] == 0
+    # Every field docs/sweeper.md lists (future_rows_clamped and now were left out, QA round 59).
+    assert report["future_rows_clamped"] == 0 and abs(report["now"] - time.time()) < 600
 
 
 def test_sweep_whose_snapshot_cannot_be_written_still_expires_and_exits_1(
@@ -213,6 +215,10 @@ def test_db_commands_report_move_and_check_the_schema(empty_pg_url: str, tmp_pat
             "up_to_date": True,
         }
         assert _cli(url, "db", "check").exit_code == 0
+        # An upgrade never goes down; it said "schema at <head> (was <head>)" as if done (QA round 59).
+        past = _cli(url, "db", "upgrade", "--revision", "0005")
+        assert past.exit_code == 0
+        assert f"schema at {head} (was {head}); already past 0005: `tracker db downgrade 0005`" in past.stdout
         assert _cli(url, "db", "downgrade", "0003").exit_code == 0
         behind = _cli(url, "db", "check")
         assert behind.exit_code == 1 and "run `tracker db upgrade`" in behind.stderr

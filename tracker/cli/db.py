@@ -74,7 +74,11 @@ def upgrade(
                 discard_created_sqlite(created)
             raise
         # `--revision base` leaves no revision: "schema at None" said nothing (QA round 49).
-        stdout.print(f"schema at {after or 'base (empty)'} (was {before or 'empty'})", highlight=False)
+        said = f"schema at {after or 'base (empty)'} (was {before or 'empty'})"
+        if after is not None and after == before and revision not in ("head", "heads", after):
+            # An upgrade never goes down: "schema at 0017 (was 0017)" for --revision 0005 read as done.
+            said += f"; already past {revision}: `tracker db downgrade {revision}` takes it down"
+        stdout.print(said, highlight=False)
 
 
 @db_app.command()

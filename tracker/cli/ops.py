@@ -46,6 +46,7 @@ def sweep(
         report = run(work())
         shown: dict[str, Any] = {
             "ran": report.ran,
+            "now": report.now,
             "peers_marked_offline": report.peers_marked_offline,
             "departed_mappings_removed": report.departed_mappings_removed,
             "pruned": report.pruned,
@@ -53,6 +54,7 @@ def sweep(
             "seconds": round(report.duration_s, 3),
             "clock_leap_s": report.clock_leap_s,
             "database_clock_offset_s": report.database_clock_offset_s,
+            "future_rows_clamped": report.future_rows_clamped,
             "snapshot_error": report.snapshot_error,
         }
         if as_json:
@@ -63,10 +65,13 @@ def sweep(
             pruned = (
                 ", ".join(f"{table} {rows}" for table, rows in report.pruned.items() if rows) or "nothing"
             )
+            clamped = report.future_rows_clamped
             stdout.print(
                 f"{report.peers_marked_offline} peers marked offline; "
                 f"{report.departed_mappings_removed} mappings of departed peers removed; pruned: {pruned}; "
-                f"{report.duration_s:.2f} s",
+                + (f"{clamped} rows dated ahead brought back to now; " if clamped else "")
+                + (f"snapshot {report.snapshot_path}; " if report.snapshot_path else "")
+                + f"{report.duration_s:.2f} s",
                 highlight=False,
             )
         if report.clock_leap_s and not as_json:

@@ -35,7 +35,8 @@ def serve(
         str | None, typer.Option(help="Address to bind (env TRACKER_HOST; default 127.0.0.1).")
     ] = None,
     port: Annotated[
-        int | None, typer.Option(help="Port (env TRACKER_PORT; default 8750; 0 picks a free one).")
+        int | None,
+        typer.Option(min=0, max=65535, help="Port (env TRACKER_PORT; default 8750; 0 picks a free one)."),
     ] = None,
     migrate: Annotated[
         bool | None,
