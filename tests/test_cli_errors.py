@@ -587,3 +587,42 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_its_clean_up_and_exit_143(t
         process.kill()
     assert process.returncode == 143 and marker.read_text() == "cleaned up"
     assert "Traceback" not in stderr, stderr
+
+
+def test_a_role_that_may_only_read_is_told_why_a_command_writes(empty_pg_url: str) -> None:
+    """``tracker stats`` as the read-only role docs/analytics.md suggests said only "permission
+    denied for table tracker_nodes": opening a tracker writes its node and clock rows (QA round 59)."""
+    assert run("db", "upgrade", "--database-url", empty_pg_url).exit_code == 0
+    role = f"tracker_reader_{uuid.uuid4().hex[:8]}"
+    database = make_url(empty_pg_url).database
+
+    async def admin(*statements: str) -> None:
+        conn = await asyncpg.connect(_dsn(empty_pg_url))
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(
+        admin(
+            f"CREATE ROLE {role} LOGIN",
+            f"GRANT CONNECT ON DATABASE {database} TO {role}",
+            f"GRANT USAGE ON SCHEMA public TO {role}",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+        )
+    )
+    try:
+        reader = make_url(empty_pg_url).set(username=role).render_as_string(hide_password=False)
+        line = one_line_error(run("stats", "--database-url", reader))
+        assert "permission denied for table tracker_" in line
+        assert "opening a tracker writes its node and clock rows" in line and "docs/analytics.md" in line
+    finally:
+        asyncio.run(
+            admin(
+                f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}",
+                f"REVOKE ALL ON DATABASE {database} FROM {role}",
+                f"REVOKE ALL ON SCHEMA public FROM {role}",
+                f"DROP ROLE {role}",
+            )
+        )

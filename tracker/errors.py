@@ -209,6 +209,22 @@ _POOLER_ADVICE = (
 )
 
 
+_READ_ONLY_ADVICE = (
+    "opening a tracker writes its node and clock rows (tracker_nodes, tracker_clocks), so every "
+    "tracker process and CLI command needs to write them: on Postgres INSERT and UPDATE on the "
+    "tracker's tables, on SQLite write access to the file and its directory (the -wal and -shm "
+    "files); a role or user that only reads queries the tables and views directly (docs/analytics.md)"
+)
+
+
+def _read_only(error: BaseException) -> bool:
+    """Refused a write for want of rights: Postgres's insufficient_privilege, SQLite's read-only file."""
+    if sqlstate_of(error) == "42501":
+        return True
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    return isinstance(orig, sqlite3.OperationalError) and "readonly database" in str(orig)
+
+
 def _schema_mismatch(error: BaseException) -> bool:
     if sqlstate_of(error) in _SCHEMA_SQLSTATES:
         return True
@@ -258,6 +274,10 @@ def translate(error: BaseException) -> TrackerError:
             advice = _SCHEMA_ADVICE
         elif sqlstate_of(error) in _PREPARED_STATEMENT_SQLSTATES:
             advice = _POOLER_ADVICE
+        elif _read_only(error):
+            # "permission denied for table tracker_nodes" from `tracker stats` under the read-only
+            # role docs/analytics.md suggests said nothing of why a read wrote (QA round 59).
+            advice = _READ_ONLY_ADVICE
         wrapped = StorageError(f"database error: {said}" + (f" ({advice})" if advice else ""))
     wrapped.advice = advice
     wrapped.__cause__ = error
