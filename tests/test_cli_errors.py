@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import signal
 import socket
@@ -173,7 +174,9 @@ def test_an_sqlite_file_that_cannot_be_opened_prints_no_thread_traceback(
     # depending on timing; the test below makes the same race deterministic).
     crashes: list[BaseException | None] = []
     monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(args.exc_value))
-    url = f"sqlite+aiosqlite:///{tmp_path / 'no-such-directory' / 't.db'}"
+    # A directory where the file should be: the connect itself fails (a missing directory is now
+    # refused before any connect, test_db_upgrade_into_a_directory_that_does_not_exist_names_it).
+    url = f"sqlite+aiosqlite:///{tmp_path}"
     for _ in range(20):
         assert one_line_error(run("db", "upgrade", "--database-url", url)) == (
             "error: unable to open database file"
@@ -626,3 +629,29 @@ def test_a_role_that_may_only_read_is_told_why_a_command_writes(empty_pg_url: st
                 f"DROP ROLE {role}",
             )
         )
+
+
+def test_a_mistyped_variable_is_named_by_every_command_not_only_serve(tmp_path: Path) -> None:
+    """``TRACKER_PEER_TIMOUT=60`` for a cron job's ``tracker sweep`` was ignored without a word, and
+    peers timed out after the default 300 s (QA round 59); ``serve`` logged it already."""
+    from tracker.cli import _common
+
+    url = _seeded(tmp_path / "w.db", ["p1"], "c")
+    _common._warned.clear()
+    result = run("stats", "--json", "--database-url", url, env={"TRACKER_PEER_TIMOUT": "60"})
+    assert result.exit_code == 0 and json.loads(result.stdout)["peers_total"] == 1  # stdout stays JSON
+    assert result.stderr.strip() == (
+        "warning: TRACKER_PEER_TIMOUT is set, but no setting of this tracker has that name: ignored "
+        "(did you mean TRACKER_PEER_TIMEOUT?)"
+    )
+    known = run(
+        "stats", "--database-url", url, env={"TRACKER_API_TOKEN": "x" * 16, "TRACKER_GOSSIP_FANOUT": "2"}
+    )
+    assert known.exit_code == 0 and "warning" not in known.stderr  # the service's and gossip's own
+
+
+def test_db_upgrade_into_a_directory_that_does_not_exist_names_it(tmp_path: Path) -> None:
+    """It said only "unable to open database file", where serve and gossip import name the directory."""
+    missing = tmp_path / "no-such-dir" / "t.db"
+    line = one_line_error(run("db", "upgrade", "--database-url", f"sqlite+aiosqlite:///{missing}"))
+    assert f"cannot create the database {missing}: directory {missing.parent} does not exist" in line

@@ -278,11 +278,7 @@ class AvailabilityTracker:
             # Only where snapshots will be written: `tracker stats` run with the service's
             # environment must not need (or create) its directory.
             _usable_snapshot_dir(Path(self.config.snapshot_dir))
-        if (path := db.missing_sqlite_file(self.config)) and not Path(path).parent.is_dir():
-            # SQLite's own "unable to open database file" named neither the file nor why (QA round 16).
-            raise ConfigError(
-                f"cannot create the database {path}: directory {Path(path).parent} does not exist"
-            )
+        db.require_creatable(self.config)
         engine = db.create_engine(self.config)
         try:
             await db.ensure_wal(engine)

@@ -22,6 +22,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 from .config import TrackerConfig
 from .errors import (
     CommitOutcomeUnknown,
+    ConfigError,
     StorageError,
     describe,
     is_disconnect,
@@ -561,6 +562,13 @@ def missing_sqlite_file(config: TrackerConfig) -> str | None:
     if database and database != ":memory:" and not Path(database).exists():
         return database
     return None
+
+
+def require_creatable(config: TrackerConfig) -> None:
+    """Refuse an SQLite file that cannot be created because its directory does not exist: SQLite's
+    own "unable to open database file" named neither the file nor why (QA rounds 16 and 59)."""
+    if (path := missing_sqlite_file(config)) and not Path(path).parent.is_dir():
+        raise ConfigError(f"cannot create the database {path}: directory {Path(path).parent} does not exist")
 
 
 def insert_for(dialect: str, table: Table) -> Any:

@@ -260,13 +260,35 @@ def unknown_variables(settings: frozenset[str], environ: Mapping[str, str] | Non
     return found
 
 
-def config_for(database_url: str | None, **overrides: Any) -> TrackerConfig:
-    """The tracker's configuration from ``TRACKER_*`` variables, with the command's options on top."""
+def config_for(database_url: str | None, *, warn: bool = True, **overrides: Any) -> TrackerConfig:
+    """The tracker's configuration from ``TRACKER_*`` variables, with the command's options on top;
+    ``warn``: say on stderr which ``TRACKER_*`` variables no setting reads (``serve`` logs them)."""
     if database_url is not None:
         overrides["database_url"] = database_url
     config = TrackerConfig.from_env(**overrides)
     _check_url(config.database_url)
+    if warn:
+        _warn_of_unknown_variables()
     return config
+
+
+#: Variables already warned of by this process (a command may build its config more than once).
+_warned: set[str] = set()
+
+
+def _warn_of_unknown_variables() -> None:
+    """``tracker serve`` logs a mistyped ``TRACKER_*`` variable; every other command ignored it
+    without a word, and ``TRACKER_PEER_TIMOUT`` set for a cron job's ``tracker sweep`` timed peers
+    out after the default 300 s (QA round 59). The service's and gossip's variables count as known:
+    the commands run with the service's environment."""
+    from ..gossip.config import GossipConfig
+    from ..service.settings import ServiceSettings
+
+    known = TrackerConfig.env_names() | ServiceSettings.env_names() | GossipConfig.env_names()
+    for warning in unknown_variables(known):
+        if warning not in _warned:
+            _warned.add(warning)
+            console(stderr=True).print(f"warning: {warning}", soft_wrap=True, highlight=False)
 
 
 def unless_in_env(**defaults: Any) -> dict[str, Any]:

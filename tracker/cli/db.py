@@ -66,6 +66,7 @@ def upgrade(
             await migrations.migrate(engine, revision, timeout_s=config.migration_timeout_s)
             return before, await migrations.current_revision(engine)
 
+        db.require_creatable(config)
         created = db.missing_sqlite_file(config)
         try:
             before, after = run(_with_engine(config, work))

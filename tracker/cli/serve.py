@@ -89,7 +89,7 @@ def serve(
     from ..service.logs import configure_logging
 
     with errors_as_messages(debug):
-        config = config_for(database_url, **_service_overrides(migrate=migrate, sweeper=sweeper))
+        config = config_for(database_url, warn=False, **_service_overrides(migrate=migrate, sweeper=sweeper))
         settings = ServiceSettings.from_env(host=host, port=port, log_json=log_json)
         gossip = GossipConfig.from_env()
         if gossip_neighbor:
