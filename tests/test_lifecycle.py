@@ -147,6 +147,9 @@ async def test_a_tracker_used_from_another_event_loop_says_so_and_writes_nothing
             tracker.record_batch([PeerOnline("p"), SpeedSample("p", 5)]),
             tracker.get_peer_metrics("held"),
             tracker.select_best_peers("c", 3),
+            # It took a ranking slot first, waited there for good and kept the slot (QA round 60).
+            tracker.get_available_peers("c"),
+            tracker.get_content_availability("c"),
             tracker.list_peers(),
             tracker.stats(),
             tracker.sweep(),
@@ -163,6 +166,7 @@ async def test_a_tracker_used_from_another_event_loop_says_so_and_writes_nothing
     assert all("opened in another event loop" in message for message in messages)
     assert await tracker.get_peer_metrics("p") is None
     assert [peer.peer_id for peer in await tracker.select_best_peers("c", 3)] == ["held"]
+    assert tracker._ranking_slots._free == tracker._ranking_slots.places  # none kept by the other loop
 
 
 async def test_a_tracker_whose_loop_has_ended_is_closed_from_the_next_one(config: TrackerConfig) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import threading
@@ -484,11 +485,14 @@ class _PerContent:
                 self.most[cid] = max(self.most[cid], self._running[cid])
                 self.lanes.setdefault(cid, set()).add(lane)
             try:
+                rows = await query(conn, cid, *args, **kwargs)
+                # After the query, as a long one's rows come late: what others grant meanwhile is
+                # news to the ranking's caller.
                 if lane == "postgres":
                     await asyncio.sleep(self._pause_s[cid])
                 else:
                     time.sleep(self._pause_s[cid])  # a lane thread: the others' rankings pile up meanwhile
-                return await query(conn, cid, *args, **kwargs)
+                return rows
             finally:
                 with self._lock:
                     self._running[cid] -= 1
@@ -509,7 +513,7 @@ async def test_a_heavy_content_leaves_a_slot_to_light_ones_and_ranks_beside_the_
     from tracker.heavy import RankingSlots
 
     # Rankings of "movie" as slow as a heavy content's (they keep it heavy), of "light" quick.
-    counter = _PerContent(pause_s={"movie": 0.06, "light": 0.002})
+    counter = _PerContent(pause_s={"movie": 0.16, "light": 0.002})
     for name in ("ranked_holders", "best_holders", "available_peer_keys"):
         monkeypatch.setattr(queries, name, counter.counting(getattr(queries, name)))
     settings = replace(config, max_concurrent_selections=4, max_load_per_peer=1_000)
@@ -542,6 +546,68 @@ async def test_a_heavy_content_leaves_a_slot_to_light_ones_and_ranks_beside_the_
         assert counter.most["movie"] == 3
 
 
+async def test_a_heavy_contents_top_up_ranks_beside_the_writer_too(
+    config: TrackerConfig, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another content's selection took the peers a heavy content's selection had ranked, and its
+    top-up ranked inside the write transaction, holding the writer for as long as the first ranking
+    had kept off it (QA round 60). Every peer has one slot; the other selection takes six."""
+    from tracker import queries
+
+    counter = _PerContent(pause_s={"movie": 0.2, "light": 0.0})
+    monkeypatch.setattr(queries, "ranked_holders", counter.counting(queries.ranked_holders))
+    names = [f"p{i:02d}" for i in range(12)]
+    async with AvailabilityTracker(replace(config, max_load_per_peer=1)) as tracker:
+        await tracker.record_batch(
+            [
+                *proven_peers(names, clock.now),
+                *(ContentAvailable("light", n, at=clock.now - 60) for n in names),
+            ]
+        )
+        tracker._heavy.note("movie", 1.0)
+
+        async def light_meanwhile() -> list[Any]:
+            await asyncio.sleep(0.05)  # while "movie" ranks
+            return await tracker.select_best_peers("light", 6)
+
+        movie, light = await asyncio.gather(tracker.select_best_peers("movie", 3), light_meanwhile())
+    movie_ids, light_ids = {p.peer_id for p in movie}, {p.peer_id for p in light}
+    assert len(movie_ids) == 3 and len(light_ids) == 6 and not movie_ids & light_ids
+    assert counter.most["movie"] >= 1 and len(movie) == 3
+    if config.dialect == "sqlite":
+        assert counter.lanes["movie"] == {"read"}
+
+
+async def test_a_heavy_selection_reads_its_time_once_it_has_a_slot(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """Read before it waited for a ranking slot, the time counted leases that lapsed meanwhile, and a
+    selection of free peers answered nothing (QA round 60)."""
+    names = ["a", "b", "c"]
+    async with AvailabilityTracker(replace(config, max_load_per_peer=1)) as tracker:
+        await tracker.record_batch(proven_peers(names, clock.now))
+        assert len(await tracker.select_best_peers("movie", 3)) == 3  # every peer at its cap
+        tracker._heavy.note("movie", 1.0)
+        slots, taken = tracker._ranking_slots, asyncio.Event()
+        release = asyncio.Event()
+
+        async def hold_every_slot() -> None:
+            async with contextlib.AsyncExitStack() as stack:
+                for _ in range(slots.places):
+                    await stack.enter_async_context(slots.hold(False))
+                taken.set()
+                await release.wait()
+
+        holder = asyncio.create_task(hold_every_slot())
+        await taken.wait()
+        selection = asyncio.create_task(tracker.select_best_peers("movie", 3))
+        await asyncio.sleep(0.1)
+        clock.advance(tracker.config.lease_ttl_s + 1)  # the leases lapse while it waits
+        release.set()
+        await holder
+        assert sorted(p.peer_id for p in await selection) == names
+
+
 async def test_every_reading_of_a_contents_holders_teaches_whether_it_is_heavy(
     tracker: AvailabilityTracker, clock: ManualClock
 ) -> None:
@@ -567,8 +633,6 @@ async def test_the_ranking_load_shows_heavy_contents_and_waiting_rankings_in_the
     config: TrackerConfig, clock: ManualClock
 ) -> None:
     """An operator sees that contents ranked slowly, and whether rankings queue for a slot."""
-    import contextlib
-
     import httpx
 
     from tracker import RankingLoad

@@ -663,6 +663,8 @@ class AvailabilityTracker:
         """Ids of the online holders of ``cid`` (peers past ``peer_timeout`` are never included)."""
         validate_id(cid, "cid")
         config = self.config
+        # Before the slot: another loop's call waited there for good, and held a place (QA round 60).
+        self._own_loop()
         async with self._ranking_slot(cid):  # the time read once it has one
             now, lag = self.now(), self.now.lag()
 
@@ -782,36 +784,50 @@ class AvailabilityTracker:
         async with one_at_a_time:
             read_lane = self._read_lane()
             heavy = self._heavy.is_heavy(cid)
-            if read_lane is not None and (heavy or db.sqlite_writer_busy(engine)):
-                # SQLite with the writer busy (ingest, other selections): rank on the read lane, beside
-                # the writer (WAL), and queue for the write lock only to re-count and grant. Ranking a
-                # hot content takes milliseconds that would otherwise hold up every write queued behind
-                # it (docs/load-balancing.md). With the writer idle, rank and grant in one write
-                # transaction: the write lane's page cache stays warm across its own commits, while a
-                # reader's is dropped whenever the file changed, which costs a hot ranking ~20%
-                # (docs/benchmarks.md). The loads are counted again with the grant's reading: this one
-                # need not be kept on either side of a move of held leases.
-                # By the clock leases are dated by: while a move of held leases is pending, the new
-                # clock's time counted them as lapsed, and every peer at its cap took a place among the
-                # candidates that the grant then refused (QA round 14).
-                at, lag, limit = self._leases.peek(), self.now.lag(), 2 * n
 
-                async def rank_only(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                    return await rank(conn, at, lag, limit)
-
+            async def rank_beside(
+                skip: set[str], want: int, limit: int
+            ) -> tuple[list[queries.RankedRow], bool, set[str]]:
+                """SQLite: rank on the read lane, beside the writer (WAL), and queue for the write
+                lock only to re-count and grant, as ``rank_and_grant`` does in one transaction."""
+                assert read_lane is not None
                 async with self._ranking_slots.hold(heavy):
+                    # Read once it has its slot: taken before, leases that lapsed while it waited
+                    # still counted, and the answer could be empty (QA round 60).
+                    # By the clock leases are dated by: while a move of held leases is pending, the
+                    # new clock's time counted them as lapsed, and every peer at its cap took a place
+                    # among the candidates that the grant then refused (QA round 14).
+                    at, lag = self._leases.peek(), self.now.lag()
+
+                    async def rank_only(conn: db.DriverSQL) -> list[queries.RankedRow]:
+                        return await rank(conn, at, lag, limit)
+
                     ranked = await db.run_read_unit(engine, read_lane, rank_only)
-                if not ranked:
-                    return []
+                fresh = [row for row in ranked if row.peer_key not in skip]
+                more = len(ranked) >= limit
+                if not fresh:
+                    return [], more, set()
+                # The loads are counted again with the grant's reading: this one need not be kept on
+                # either side of a move of held leases.
                 async with self._leases.reading() as now:
 
                     async def grant_ranked(conn: db.DriverSQL) -> list[queries.RankedRow]:
-                        return (await grant(conn, ranked, now, n, ranked_here=False))[0]
+                        return (await grant(conn, fresh, now, want, ranked_here=False))[0]
 
                     rows = await db.run_write_unit(
                         engine, self._write_lane(), grant_ranked, config.write_retries, repeatable=True
                     )
-                more, seen = len(ranked) >= limit, {row.peer_key for row in ranked}
+                return rows, more, {row.peer_key for row in fresh}
+
+            if read_lane is not None and (heavy or db.sqlite_writer_busy(engine)):
+                # SQLite with the writer busy (ingest, other selections), or a heavy content
+                # (tracker/heavy.py): rank beside the writer. Ranking a hot content takes
+                # milliseconds that would otherwise hold up every write queued behind it
+                # (docs/load-balancing.md), a heavy one a tenth of a second or more. With the writer
+                # idle, rank and grant in one write transaction: the write lane's page cache stays
+                # warm across its own commits, while a reader's is dropped whenever the file
+                # changed, which costs a hot ranking ~20% (docs/benchmarks.md).
+                rows, more, seen = await rank_beside(set(), n, 2 * n)
             else:
                 rows, more, seen = await rank_and_grant(set(), n)
             # Short, with holders left beyond the ranking's spares: selections of other processes (or,
@@ -820,10 +836,19 @@ class AvailabilityTracker:
             # write transaction is exclusive), on Postgres as of their commits, passing over the peers
             # that transactions still granting hold. Until 2026-12-07 such a call returned what was
             # left of the spares, often nothing, while most holders had free slots (QA round 41).
+            # A heavy content's top-up on SQLite ranks beside the writer too (its ranking held the
+            # writer for a tenth of a second or more, up to _TOP_UPS times; QA round 60): the grant
+            # still counts the loads again, so the cap holds, at the price of the exactness above.
             for _ in range(_TOP_UPS):
                 if len(rows) >= n or not more:
                     break
-                extra, more, looked_at = await rank_and_grant(seen, n - len(rows), top_up=True)
+                want = n - len(rows)
+                if read_lane is not None and heavy:
+                    extra, more, looked_at = await rank_beside(
+                        seen, want, 2 * want + len(seen) + _TOP_UP_WIDTH
+                    )
+                else:
+                    extra, more, looked_at = await rank_and_grant(seen, want, top_up=True)
                 rows += extra
                 seen |= looked_at
         # repeatable=True above: a grant whose COMMIT went unanswered runs again rather than failing the

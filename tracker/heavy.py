@@ -23,13 +23,20 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
-#: A ranking slower than this marks its content heavy: ten times a typical selection's p50
-#: (4.7 ms on SQLite at 100k peers, docs/benchmarks.md), a fraction of a 100,000-holder content's.
-HEAVY_RANKING_S = 0.05
+#: A content whose rankings average this long is heavy, until their average falls below half of it.
+#: The average gives each new ranking half the weight (an unknown content starts at 0), so one slow
+#: reading does not mark a content: the time is the query's as its caller waits for it (server CPU
+#: shared with the other callers, the event loop's turn), and a content of 2,000 holders, 21 ms
+#: alone on Postgres, read 25-60 ms under load there and 51-102 ms on SQLite; marked by one reading
+#: of 50 ms, it queued behind the heavy ones (QA round 60). A content of 100,000 holders reads
+#: 140-1,800 ms: marked at its second ranking at the latest.
+HEAVY_RANKING_S = 0.1
 #: Contents remembered; the least recently slow is forgotten first.
 REMEMBERED = 4_096
-#: Heavy rankings leave one place free for light ones while a light one was asked for this recently.
-LIGHT_RECENT_S = 1.0
+#: Heavy rankings leave one place free for light ones while a light one was asked for this recently:
+#: with a window of a second, a light content asked every 1.5 s found every place taken and waited
+#: 741 ms p50 for a heavy ranking to end (QA round 60).
+LIGHT_RECENT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -43,11 +50,12 @@ class RankingLoad:
 
 
 class HeavyContents:
-    """Which contents ranked slowly lately.
+    """Which contents ranked slowly lately: a running average of each content's ranking times.
 
-    A content stays heavy until one of its rankings takes less than half the threshold (its holders
-    left, or a loaded machine made a light one look slow for a while). ``note`` is called from
-    SQLite's lane threads too, so the memory has a lock of its own.
+    A content stays heavy until its average falls below half the threshold (its holders left, or a
+    loaded machine made a light one look slow for a while). Contents whose average is well below
+    (an eighth of the threshold) are not remembered. ``note`` is called from SQLite's lane threads
+    too, so the memory has a lock of its own.
     """
 
     def __init__(
@@ -60,22 +68,30 @@ class HeavyContents:
         self.threshold_s = threshold_s
         self.timer = timer
         self._remembered = remembered
-        self._heavy: OrderedDict[str, float] = OrderedDict()
+        #: Content -> (average ranking time, heavy), least recently noted first.
+        self._seen: OrderedDict[str, tuple[float, bool]] = OrderedDict()
         self._lock = threading.Lock()
 
     def is_heavy(self, cid: str) -> bool:
-        return cid in self._heavy
+        entry = self._seen.get(cid)
+        return entry is not None and entry[1]
 
     def note(self, cid: str, seconds: float) -> None:
         """Remember how long one ranking of ``cid`` took."""
         with self._lock:
-            if seconds >= self.threshold_s:
-                self._heavy[cid] = seconds
-                self._heavy.move_to_end(cid)
-                while len(self._heavy) > self._remembered:
-                    self._heavy.popitem(last=False)
-            elif seconds < self.threshold_s / 2:
-                self._heavy.pop(cid, None)
+            average, heavy = self._seen.get(cid, (0.0, False))
+            average = (average + seconds) / 2
+            if average >= self.threshold_s:
+                heavy = True
+            elif average < self.threshold_s / 2:
+                heavy = False
+            if not heavy and average < self.threshold_s / 8:
+                self._seen.pop(cid, None)
+                return
+            self._seen[cid] = (average, heavy)
+            self._seen.move_to_end(cid)
+            while len(self._seen) > self._remembered:
+                self._seen.popitem(last=False)
 
     @contextlib.contextmanager
     def timing(self, cid: str) -> Iterator[None]:
@@ -85,19 +101,22 @@ class HeavyContents:
         self.note(cid, self.timer() - started)
 
     def __len__(self) -> int:
-        return len(self._heavy)
+        """How many contents are heavy now."""
+        with self._lock:
+            return sum(heavy for _, heavy in self._seen.values())
 
 
 class RankingSlots:
-    """``places`` rankings at once; a freed place goes to a waiting light ranking before a heavy one.
+    """``places`` rankings at once; a freed place goes to a waiting light ranking before a heavy one,
+    but for one rule: heavy rankings still progress while light ones keep coming, so when none of
+    them runs and the last place went to a light one, the first heavy one waiting takes the next.
 
     While a light ranking was asked for within ``LIGHT_RECENT_S``, heavy ones hold at most
-    ``places - 1`` (at least one): with every place taken by 0.5-s rankings, a light one would wait
-    for one of them to end (QA round 57, 2 slots: 2 s p50 first come, first served; 0.5 s light
-    first; 29 ms with a place kept). Heavy rankings still progress while light ones keep coming: when none of
-    them runs and the last place went to a light one, the first heavy one waiting takes the next
-    place. Among rankings of one kind, first come, first served. Belongs to the event loop that
-    first uses it, like an ``asyncio.Semaphore``.
+    ``places - 1`` (at least one, so with a single place a light ranking may wait for a heavy one):
+    with every place taken by 0.5-s rankings, a light one would wait for one of them to end (QA
+    round 57, 2 slots: 2 s p50 first come, first served; 0.5 s light first; 29 ms with a place
+    kept). Among rankings of one kind, first come, first served. Bound to the event loop that first
+    uses it, like an ``asyncio.Semaphore`` (another loop's call is a RuntimeError).
     """
 
     def __init__(self, places: int, *, elapsed: Callable[[], float] = time.monotonic) -> None:
@@ -108,6 +127,9 @@ class RankingSlots:
         self._elapsed = elapsed
         self._light_asked = float("-inf")
         self._last_heavy = False  # the kind of the ranking the last place went to
+        self._loop: asyncio.AbstractEventLoop | None = None
+        #: A grant due when the light window ends, for a heavy ranking the kept place held back.
+        self._regrant: asyncio.TimerHandle | None = None
 
     @contextlib.asynccontextmanager
     async def hold(self, heavy: bool) -> AsyncIterator[None]:
@@ -126,6 +148,13 @@ class RankingSlots:
         return sum(not granted.done() for granted in self._waiting[heavy])
 
     async def _acquire(self, heavy: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            # Granted from the other loop's thread, a waiter here was never woken, and its place
+            # was lost for good (QA round 60).
+            raise RuntimeError(f"{self!r} is bound to a different event loop")
         if not heavy:
             self._light_asked = self._elapsed()
         if not self._waiting[False] and not self._waiting[True] and self._may_run(heavy):
@@ -155,6 +184,17 @@ class RankingSlots:
         self._heavy_running -= heavy
         self._grant()
 
+    def _grant_when_the_window_ends(self) -> None:
+        if (self._regrant is not None and not self._regrant.cancelled()) or self._loop is None:
+            return
+        left = max(0.0, LIGHT_RECENT_S - (self._elapsed() - self._light_asked))
+
+        def regrant() -> None:
+            self._regrant = None
+            self._grant()
+
+        self._regrant = self._loop.call_later(left + 0.001, regrant)
+
     def _may_run(self, heavy: bool) -> bool:
         if self._free == 0:
             return False
@@ -169,7 +209,10 @@ class RankingSlots:
             turn = self._heavy_running == 0 and not self._last_heavy
             kind = bool(heavy) and (turn or not light)
             if kind and not self._may_run(True):
-                break  # a heavy ranking's turn, but the last place is kept for light ones
+                # A heavy ranking's turn, but the last place is kept for light ones: until the light
+                # window ends (then it runs, though no ranking ended meanwhile; QA round 60).
+                self._grant_when_the_window_ends()
+                break
             granted = (heavy if kind else light).popleft()
             if granted.done():
                 continue  # cancelled while it waited; its task is on its way out
