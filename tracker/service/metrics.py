@@ -99,7 +99,7 @@ class _TrackerStateCollector(Collector):
         load = self._tracker.ranking_load()
         yield GaugeMetricFamily(
             "tracker_heavy_contents",
-            "Contents whose latest ranking took 150 ms or more: they rank on SQLite's read lane and "
+            "Contents whose rankings average 100 ms or more: they rank on SQLite's read lane and "
             "leave a ranking slot to the other contents (docs/load-balancing.md).",
             value=load.heavy_contents,
         )
