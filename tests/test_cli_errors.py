@@ -655,3 +655,19 @@ def test_db_upgrade_into_a_directory_that_does_not_exist_names_it(tmp_path: Path
     missing = tmp_path / "no-such-dir" / "t.db"
     line = one_line_error(run("db", "upgrade", "--database-url", f"sqlite+aiosqlite:///{missing}"))
     assert f"cannot create the database {missing}: directory {missing.parent} does not exist" in line
+
+
+def test_export_for_a_database_that_does_not_exist_makes_no_directory(tmp_path: Path) -> None:
+    """The snapshot directory was made before the missing database was noticed (QA round 59)."""
+    target = tmp_path / "snapshots" / "today"
+    line = one_line_error(
+        run(
+            "gossip",
+            "export",
+            "--dir",
+            str(target),
+            "--database-url",
+            f"sqlite+aiosqlite:///{tmp_path}/none.db",
+        )
+    )
+    assert "no database at" in line and not (tmp_path / "snapshots").exists()

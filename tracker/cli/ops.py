@@ -24,6 +24,7 @@ from ._common import (
     errors_as_messages,
     opened,
     print_json,
+    require_existing_sqlite,
     run,
     stdout,
 )
@@ -138,6 +139,7 @@ def export(
     with errors_as_messages(debug):
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"--dir {directory} is not a directory")
+        require_existing_sqlite(config_for(database_url))  # before making a directory for nothing (QA 59)
         directory.mkdir(parents=True, exist_ok=True)  # as the sweeper's snapshot_dir is (QA round 16)
         stderr = console(stderr=True)
 
