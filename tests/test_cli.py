@@ -108,6 +108,23 @@ def test_demo_refuses_a_swarm_larger_than_it_can_plan_in_memory(tmp_path: Path, 
     assert not (tmp_path / "d.db").exists()
 
 
+def test_demo_refuses_more_mappings_than_it_can_plan_in_memory(tmp_path: Path) -> None:
+    """A million contents of 1,000 holders each passed the per-option bounds: ~143 GB (QA round 61)."""
+    result = run(
+        "demo",
+        "--database",
+        str(tmp_path / "d.db"),
+        "--peers",
+        "1000",
+        "--contents",
+        "1000000",
+        "--holders",
+        "1000",
+    )
+    assert result.exit_code == 2 and "1,000,000,000 mappings" in " ".join(result.output.split())
+    assert not (tmp_path / "d.db").exists()
+
+
 def test_demo_json_gives_n_peers_per_content_best_first(tmp_path: Path) -> None:
     payload = run_json(tmp_path / "demo.db", "--holders", "8", "--show", "5", "-n", "3")
     summary = payload["summary"]

@@ -542,9 +542,21 @@ def test_a_reader_that_closes_stdout_early_is_not_a_database_error(tmp_path: Pat
         assert piped.stderr == "", (command, piped.stderr)
 
 
-def test_a_failed_push_leaves_no_new_database_behind(tmp_path: Path) -> None:
-    """``gossip push`` creates the database it pushes from; a neighbour that did not answer left a
-    new, migrated file, which later commands took for an empty tracker (QA round 59)."""
+def test_a_failed_command_removes_the_file_it_created_only_while_it_holds_no_schema(tmp_path: Path) -> None:
+    """``gossip push`` (and import, and ``db upgrade``) remove the SQLite file they created when they
+    fail. A failed push deleted it whole, with the peers another process had recorded there while
+    the push waited for its neighbour (QA round 61): a file with a schema stays, whoever made it."""
+    from tracker.cli._common import discard_created_sqlite
+
+    bare = tmp_path / "bare.db"
+    sqlite3.connect(bare).close()  # what a connect creates before any migration
+    discard_created_sqlite(str(bare))
+    assert not bare.exists()
+    shared = tmp_path / "shared.db"
+    _seeded(shared, ["recorded-meanwhile"], "c")
+    discard_created_sqlite(str(shared))
+    assert shared.exists()
+
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]  # nothing listens once it is closed
@@ -558,7 +570,8 @@ def test_a_failed_push_leaves_no_new_database_behind(tmp_path: Path) -> None:
         env={"TRACKER_GOSSIP_KEYS": "a-shared-gossip-key-of-enough-length", "TRACKER_GOSSIP_TIMEOUT_S": "2"},
     )
     assert result.exit_code == 1, result.output
-    assert not target.exists() and not Path(f"{target}-wal").exists()
+    # Migrated before the push failed: it stays (another process may be using it by then).
+    assert run("db", "check", "--database-url", f"sqlite+aiosqlite:///{target}").exit_code == 0
 
 
 def test_sigterm_stops_a_command_as_ctrl_c_does_with_its_clean_up_and_exit_143(tmp_path: Path) -> None:
@@ -671,3 +684,58 @@ def test_export_for_a_database_that_does_not_exist_makes_no_directory(tmp_path: 
         )
     )
     assert "no database at" in line and not (tmp_path / "snapshots").exists()
+
+
+def test_a_migration_refused_to_a_role_that_does_not_own_the_tables_gets_no_read_only_advice(
+    empty_pg_url: str,
+) -> None:
+    """ "must be owner of table" is 42501 too: the advice said the role needed INSERT and UPDATE,
+    which it had (QA round 61)."""
+    assert run("db", "upgrade", "--revision", "0016", "--database-url", empty_pg_url).exit_code == 0
+    role = f"tracker_writer_{uuid.uuid4().hex[:8]}"
+    database = make_url(empty_pg_url).database
+
+    async def admin(*statements: str) -> None:
+        conn = await asyncpg.connect(_dsn(empty_pg_url))
+        try:
+            for statement in statements:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+
+    asyncio.run(
+        admin(
+            f"CREATE ROLE {role} LOGIN",
+            f"GRANT CONNECT ON DATABASE {database} TO {role}",
+            f"GRANT USAGE ON SCHEMA public TO {role}",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+        )
+    )
+    try:
+        writer = make_url(empty_pg_url).set(username=role).render_as_string(hide_password=False)
+        line = one_line_error(run("stats", "--database-url", writer, env={"TRACKER_AUTO_MIGRATE": "true"}))
+        assert "must be owner of" in line and "opening a tracker writes" not in line
+    finally:
+        asyncio.run(
+            admin(
+                f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}",
+                f"REVOKE ALL ON DATABASE {database} FROM {role}",
+                f"REVOKE ALL ON SCHEMA public FROM {role}",
+                f"DROP ROLE {role}",
+            )
+        )
+
+
+def test_a_program_running_the_cli_in_process_keeps_its_own_sigterm_handler(tmp_path: Path) -> None:
+    """The loop's signal handler, once removed, left SIG_DFL in place of the program's (QA round 61)."""
+
+    def own(signum: int, frame: object) -> None:
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own)
+    try:
+        url = _seeded(tmp_path / "h.db", ["p1"], "c")
+        assert run("stats", "--database-url", url).exit_code == 0
+        assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, previous)

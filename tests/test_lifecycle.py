@@ -169,6 +169,24 @@ async def test_a_tracker_used_from_another_event_loop_says_so_and_writes_nothing
     assert tracker._ranking_slots._free == tracker._ranking_slots.places  # none kept by the other loop
 
 
+async def test_a_call_before_open_from_another_loop_leaves_the_rankings_usable(config: TrackerConfig) -> None:
+    """A ranking call on a tracker not opened yet, made in a loop that then ended, bound its ranking
+    slots to that loop, and every ranking of the tracker opened in the next loop failed with a
+    RuntimeError (QA round 61)."""
+    tracker = AvailabilityTracker(config)
+
+    async def too_early() -> None:
+        with pytest.raises(TrackerClosed):
+            await tracker.get_available_peers("c")
+
+    await asyncio.to_thread(asyncio.run, too_early())
+    async with tracker:
+        await tracker.record_content_available("c", "p")
+        assert await tracker.get_available_peers("c") == ["p"]
+        assert (await tracker.get_content_availability("c")) is not None
+        assert [p.peer_id for p in await tracker.select_best_peers("c", 1)] == ["p"]
+
+
 async def test_a_tracker_whose_loop_has_ended_is_closed_from_the_next_one(config: TrackerConfig) -> None:
     """An application opens the tracker in one ``asyncio.run()`` and closes it in the next: close()
     releases what is left; on Postgres it logged an error with a traceback for each connection."""

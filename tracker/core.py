@@ -843,6 +843,8 @@ class AvailabilityTracker:
                 if len(rows) >= n or not more:
                     break
                 want = n - len(rows)
+                # Read again: the first pass may have taught that the content is heavy (QA round 61).
+                heavy = self._heavy.is_heavy(cid)
                 if read_lane is not None and heavy:
                     extra, more, looked_at = await rank_beside(
                         seen, want, 2 * want + len(seen) + _TOP_UP_WIDTH

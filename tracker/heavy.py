@@ -24,12 +24,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 
 #: A content whose rankings average this long is heavy, until their average falls below half of it.
-#: The average gives each new ranking half the weight (an unknown content starts at 0), so one slow
-#: reading does not mark a content: the time is the query's as its caller waits for it (server CPU
-#: shared with the other callers, the event loop's turn), and a content of 2,000 holders, 21 ms
-#: alone on Postgres, read 25-60 ms under load there and 51-102 ms on SQLite; marked by one reading
-#: of 50 ms, it queued behind the heavy ones (QA round 60). A content of 100,000 holders reads
-#: 140-1,800 ms: marked at its second ranking at the latest.
+#: The average gives each new ranking half the weight (an unknown content starts at 0), so one
+#: reading under twice the threshold does not mark a content: the time is the query's as its
+#: caller waits for it (server CPU shared with the other callers, the event loop's turn), and a
+#: content of 2,000 holders, 21 ms alone on Postgres, read 25-60 ms under load there and 51-102 ms
+#: on SQLite; marked by one reading of 50 ms, it queued behind the heavy ones (QA round 60). A
+#: content of 100,000 holders reads 140-1,800 ms: marked at its second ranking at the latest.
 HEAVY_RANKING_S = 0.1
 #: Contents remembered; the least recently slow is forgotten first.
 REMEMBERED = 4_096
@@ -68,30 +68,33 @@ class HeavyContents:
         self.threshold_s = threshold_s
         self.timer = timer
         self._remembered = remembered
-        #: Content -> (average ranking time, heavy), least recently noted first.
-        self._seen: OrderedDict[str, tuple[float, bool]] = OrderedDict()
+        #: Content -> average ranking time, least recently noted first: the heavy ones, and the
+        #: others slow enough to be on their way. Apart, so that the many hot contents of a swarm
+        #: never push a heavy one out (QA round 61: 4,096 contents of 30 ms did, and it ranked in
+        #: the write transaction again).
+        self._heavy: OrderedDict[str, float] = OrderedDict()
+        self._rising: OrderedDict[str, float] = OrderedDict()
         self._lock = threading.Lock()
 
     def is_heavy(self, cid: str) -> bool:
-        entry = self._seen.get(cid)
-        return entry is not None and entry[1]
+        return cid in self._heavy
 
     def note(self, cid: str, seconds: float) -> None:
         """Remember how long one ranking of ``cid`` took."""
         with self._lock:
-            average, heavy = self._seen.get(cid, (0.0, False))
-            average = (average + seconds) / 2
-            if average >= self.threshold_s:
-                heavy = True
-            elif average < self.threshold_s / 2:
-                heavy = False
-            if not heavy and average < self.threshold_s / 8:
-                self._seen.pop(cid, None)
-                return
-            self._seen[cid] = (average, heavy)
-            self._seen.move_to_end(cid)
-            while len(self._seen) > self._remembered:
-                self._seen.popitem(last=False)
+            was_heavy = cid in self._heavy
+            previous = self._heavy.pop(cid) if was_heavy else self._rising.pop(cid, 0.0)
+            average = (previous + seconds) / 2
+            heavy = average >= self.threshold_s or (was_heavy and average >= self.threshold_s / 2)
+            if heavy:
+                self._remember(self._heavy, cid, average)
+            elif average >= self.threshold_s / 8:
+                self._remember(self._rising, cid, average)
+
+    def _remember(self, memory: OrderedDict[str, float], cid: str, average: float) -> None:
+        memory[cid] = average
+        while len(memory) > self._remembered:
+            memory.popitem(last=False)
 
     @contextlib.contextmanager
     def timing(self, cid: str) -> Iterator[None]:
@@ -102,8 +105,7 @@ class HeavyContents:
 
     def __len__(self) -> int:
         """How many contents are heavy now."""
-        with self._lock:
-            return sum(heavy for _, heavy in self._seen.values())
+        return len(self._heavy)
 
 
 class RankingSlots:
@@ -115,8 +117,9 @@ class RankingSlots:
     ``places - 1`` (at least one, so with a single place a light ranking may wait for a heavy one):
     with every place taken by 0.5-s rankings, a light one would wait for one of them to end (QA
     round 57, 2 slots: 2 s p50 first come, first served; 0.5 s light first; 29 ms with a place
-    kept). Among rankings of one kind, first come, first served. Bound to the event loop that first
-    uses it, like an ``asyncio.Semaphore`` (another loop's call is a RuntimeError).
+    kept). Among rankings of one kind, first come, first served. Bound to the event loop that uses
+    it while anything is held or awaited (another loop's call is then a RuntimeError); idle, the
+    next loop to call takes it over.
     """
 
     def __init__(self, places: int, *, elapsed: Callable[[], float] = time.monotonic) -> None:
@@ -149,12 +152,18 @@ class RankingSlots:
 
     async def _acquire(self, heavy: bool) -> None:
         loop = asyncio.get_running_loop()
-        if self._loop is None:
+        if loop is not self._loop:
+            if self._free < self.places or self._waiting[False] or self._waiting[True]:
+                # Granted from the other loop's thread, a waiter here was never woken, and its
+                # place was lost for good (QA round 60).
+                raise RuntimeError(f"{self!r} is bound to a different event loop")
+            # Idle: nothing of the other loop's is held or awaited, so this one may take it over.
+            # Bound for good by a first call in a loop that then ended, every ranking of the
+            # tracker opened in the next one failed (QA round 61).
+            if self._regrant is not None:
+                self._regrant.cancel()
+                self._regrant = None
             self._loop = loop
-        elif loop is not self._loop:
-            # Granted from the other loop's thread, a waiter here was never woken, and its place
-            # was lost for good (QA round 60).
-            raise RuntimeError(f"{self!r} is bound to a different event loop")
         if not heavy:
             self._light_asked = self._elapsed()
         if not self._waiting[False] and not self._waiting[True] and self._may_run(heavy):

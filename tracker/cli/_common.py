@@ -8,11 +8,13 @@ exit code 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
 import json
 import os
 import signal
 import socket
+import sqlite3
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -133,11 +135,15 @@ def run(work: Coroutine[Any, Any, T], *, stop_on_sigterm: bool = True) -> T:
             terminated = True
             task.cancel()
 
+        previous = signal.getsignal(signal.SIGTERM)
         loop.add_signal_handler(signal.SIGTERM, terminate)
         try:
             return await work
         finally:
-            loop.remove_signal_handler(signal.SIGTERM)
+            loop.remove_signal_handler(signal.SIGTERM)  # which leaves SIG_DFL, whatever was there
+            # A program running the CLI in-process (CliRunner, a test suite) keeps its own handler
+            # (QA round 61).
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
     with asyncio.Runner() as runner:
         try:
@@ -167,8 +173,17 @@ def errors_as_messages(debug: bool) -> Iterator[None]:
     """
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, typer.Exit, typer.Abort):
-        raise  # Typer's own Exit and Abort are not Click's since Typer 0.22 (a command's `Exit(1)`)
+    except (
+        click.exceptions.Exit,
+        click.exceptions.Abort,
+        click.ClickException,
+        typer.Exit,
+        typer.Abort,
+        typer.BadParameter,
+    ):
+        # Typer's own Exit, Abort and usage errors are not Click's since Typer 0.22 (a command's
+        # `Exit(1)`, `BadParameter` for options that are wrong together: exit 2, with the usage).
+        raise
     except Exception as error:
         if debug:
             raise
@@ -336,9 +351,20 @@ async def opened(database_url: str | None, *, create: bool = False) -> AsyncIter
 
 
 def discard_created_sqlite(path: str) -> None:
-    """Remove the SQLite file a failed command created: left behind, later commands took it for an
-    empty database instead of saying there is none (QA round 40: ``db upgrade``; QA round 59: a
-    ``gossip push`` to a neighbour that did not answer)."""
+    """Remove the SQLite file a failed command created, if it holds no schema yet: left behind, later
+    commands took it for an empty database instead of saying there is none (QA round 40: a failed
+    ``db upgrade``). One with a schema stays, whoever migrated it: another process may have opened
+    it since this command created it, and a failed ``gossip push`` deleted the peers a tracker
+    recorded there meanwhile (QA round 61); a failed push or import leaves a migrated, empty one."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
+            migrated = conn.execute(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
+            ).fetchone()[0]
+            if migrated and conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
+                return
+    except sqlite3.Error:
+        return  # locked, or not a database we can read: not ours to remove
     for suffix in ("", "-wal", "-shm"):
         Path(path + suffix).unlink(missing_ok=True)
 

@@ -22,11 +22,14 @@ from ..models import PeerInfo
 from ._common import DebugOption, app, console, errors_as_messages, run, stdout
 from .render import peer_info_json, peer_table
 
-#: The largest swarm the demo plans: it holds the plan in memory, and 2,000,000,000 peers took
-#: 23.6 GB before the kernel's OOM killer ended it, and other processes with it (QA round 59). A
-#: million peers is the benchmarks' larger scale (benchmarks/, --scale 1m).
-MOST_PEERS = 1_000_000
+#: The largest swarm the demo plans: it holds the plan in memory, ~40 events a peer and one a
+#: mapping at ~143 bytes each, and 2,000,000,000 peers took 23.6 GB before the kernel's OOM killer
+#: ended it, and other processes with it (QA round 59). At most ~1.5 GB: 200,000 peers (~1.1 GB)
+#: and 2,000,000 mappings (contents x holders; a million contents of 1,000 holders each would have
+#: been ~143 GB, QA round 61). The benchmarks build larger swarms (benchmarks/, --scale 1m).
+MOST_PEERS = 200_000
 MOST_CONTENTS = 1_000_000
+MOST_MAPPINGS = 2_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +88,12 @@ def demo(
         tracker demo --peers 200 --contents 1000 --holders 8 --show 2 -n 3 --json
     """
     with errors_as_messages(debug):
+        if contents * holders > MOST_MAPPINGS:
+            raise typer.BadParameter(
+                f"{contents:,} contents x {holders:,} holders is {contents * holders:,} mappings; the demo "
+                f"plans at most {MOST_MAPPINGS:,} in memory",
+                param_hint="'--contents' / '--holders'",
+            )
         spec = SwarmSpec(peers=peers, contents=contents, holders=holders, seed=seed)
         stderr = console(stderr=True)
         with Progress(
