@@ -605,15 +605,15 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_its_clean_up_and_exit_143(t
     assert "Traceback" not in stderr, stderr
 
 
-def test_a_role_that_may_only_read_is_told_why_a_command_writes(empty_pg_url: str) -> None:
-    """``tracker stats`` as the read-only role docs/analytics.md suggests said only "permission
-    denied for table tracker_nodes": opening a tracker writes its node and clock rows (QA round 59)."""
-    assert run("db", "upgrade", "--database-url", empty_pg_url).exit_code == 0
-    role = f"tracker_reader_{uuid.uuid4().hex[:8]}"
-    database = make_url(empty_pg_url).database
+@contextmanager
+def _role_with(url: str, table_rights: str) -> Iterator[str]:
+    """The URL of ``url``'s database for a new login role granted ``table_rights`` on its tables
+    (and nothing it would own), dropped afterwards."""
+    role = f"tracker_role_{uuid.uuid4().hex[:8]}"
+    database = make_url(url).database
 
     async def admin(*statements: str) -> None:
-        conn = await asyncpg.connect(_dsn(empty_pg_url))
+        conn = await asyncpg.connect(_dsn(url))
         try:
             for statement in statements:
                 await conn.execute(statement)
@@ -625,14 +625,11 @@ def test_a_role_that_may_only_read_is_told_why_a_command_writes(empty_pg_url: st
             f"CREATE ROLE {role} LOGIN",
             f"GRANT CONNECT ON DATABASE {database} TO {role}",
             f"GRANT USAGE ON SCHEMA public TO {role}",
-            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+            f"GRANT {table_rights} ON ALL TABLES IN SCHEMA public TO {role}",
         )
     )
     try:
-        reader = make_url(empty_pg_url).set(username=role).render_as_string(hide_password=False)
-        line = one_line_error(run("stats", "--database-url", reader))
-        assert "permission denied for table tracker_" in line
-        assert "opening a tracker writes its node and clock rows" in line and "docs/analytics.md" in line
+        yield make_url(url).set(username=role).render_as_string(hide_password=False)
     finally:
         asyncio.run(
             admin(
@@ -642,6 +639,16 @@ def test_a_role_that_may_only_read_is_told_why_a_command_writes(empty_pg_url: st
                 f"DROP ROLE {role}",
             )
         )
+
+
+def test_a_role_that_may_only_read_is_told_why_a_command_writes(empty_pg_url: str) -> None:
+    """``tracker stats`` as the read-only role docs/analytics.md suggests said only "permission
+    denied for table tracker_nodes": opening a tracker writes its node and clock rows (QA round 59)."""
+    assert run("db", "upgrade", "--database-url", empty_pg_url).exit_code == 0
+    with _role_with(empty_pg_url, "SELECT") as reader:
+        line = one_line_error(run("stats", "--database-url", reader))
+    assert "permission denied for table tracker_" in line
+    assert "opening a tracker writes its node and clock rows" in line and "docs/analytics.md" in line
 
 
 def test_a_mistyped_variable_is_named_by_every_command_not_only_serve(tmp_path: Path) -> None:
@@ -692,38 +699,9 @@ def test_a_migration_refused_to_a_role_that_does_not_own_the_tables_gets_no_read
     """ "must be owner of table" is 42501 too: the advice said the role needed INSERT and UPDATE,
     which it had (QA round 61)."""
     assert run("db", "upgrade", "--revision", "0016", "--database-url", empty_pg_url).exit_code == 0
-    role = f"tracker_writer_{uuid.uuid4().hex[:8]}"
-    database = make_url(empty_pg_url).database
-
-    async def admin(*statements: str) -> None:
-        conn = await asyncpg.connect(_dsn(empty_pg_url))
-        try:
-            for statement in statements:
-                await conn.execute(statement)
-        finally:
-            await conn.close()
-
-    asyncio.run(
-        admin(
-            f"CREATE ROLE {role} LOGIN",
-            f"GRANT CONNECT ON DATABASE {database} TO {role}",
-            f"GRANT USAGE ON SCHEMA public TO {role}",
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
-        )
-    )
-    try:
-        writer = make_url(empty_pg_url).set(username=role).render_as_string(hide_password=False)
+    with _role_with(empty_pg_url, "SELECT, INSERT, UPDATE, DELETE") as writer:
         line = one_line_error(run("stats", "--database-url", writer, env={"TRACKER_AUTO_MIGRATE": "true"}))
-        assert "must be owner of" in line and "opening a tracker writes" not in line
-    finally:
-        asyncio.run(
-            admin(
-                f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}",
-                f"REVOKE ALL ON DATABASE {database} FROM {role}",
-                f"REVOKE ALL ON SCHEMA public FROM {role}",
-                f"DROP ROLE {role}",
-            )
-        )
+    assert "must be owner of" in line and "opening a tracker writes" not in line
 
 
 def test_a_program_running_the_cli_in_process_keeps_its_own_sigterm_handler(tmp_path: Path) -> None:
