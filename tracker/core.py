@@ -697,8 +697,7 @@ class AvailabilityTracker:
         n = min(n, _MOST_ROWS)
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
-        # See TrackerConfig.max_concurrent_selections.
-        async with self._ranking_slots.hold(self._heavy.is_heavy(cid)):
+        async with self._ranking_slot(cid):  # see TrackerConfig.max_concurrent_selections
             return await self._select(cid, n, strategy, seed)
 
     async def _select(self, cid: str, n: int, strategy: str, seed: int | None) -> list[PeerInfo]:
