@@ -169,7 +169,7 @@ class RankingSlots:
         if not self._waiting[False] and not self._waiting[True] and self._may_run(heavy):
             self._take(heavy)
             return
-        granted = asyncio.get_running_loop().create_future()
+        granted = loop.create_future()
         self._waiting[heavy].append(granted)
         self._grant()
         try:

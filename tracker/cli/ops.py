@@ -24,7 +24,6 @@ from ._common import (
     errors_as_messages,
     opened,
     print_json,
-    require_existing_sqlite,
     run,
     stdout,
 )
@@ -139,12 +138,13 @@ def export(
     with errors_as_messages(debug):
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"--dir {directory} is not a directory")
-        require_existing_sqlite(config_for(database_url))  # before making a directory for nothing (QA 59)
-        directory.mkdir(parents=True, exist_ok=True)  # as the sweeper's snapshot_dir is (QA round 16)
         stderr = console(stderr=True)
 
         async def work() -> Path:
             async with opened(database_url) as tracker:
+                # Once the database is known to exist: made before, a missing database left an
+                # empty directory (QA round 59). Made as the sweeper's snapshot_dir is (QA round 16).
+                directory.mkdir(parents=True, exist_ok=True)
                 with stderr.status("exporting state ...", spinner="dots") if stderr.is_terminal else _quiet():
                     return await write_state_snapshot(tracker, directory, tracker.now())
 
