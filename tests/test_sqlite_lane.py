@@ -23,7 +23,13 @@ from tracker.testing import ManualClock
 
 def _lane(path: Path, *, read_only: bool = False) -> SqliteLane:
     config = TrackerConfig(database_url=f"sqlite+aiosqlite:///{path}")
-    return SqliteLane(str(path), lambda raw: configure_sqlite(raw, config), [], read_only=read_only)
+    return SqliteLane(
+        str(path),
+        lambda raw: configure_sqlite(raw, config),
+        [],
+        read_only=read_only,
+        busy_timeout_s=config.sqlite_busy_timeout_s,
+    )
 
 
 @asynccontextmanager

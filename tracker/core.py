@@ -321,7 +321,10 @@ class AvailabilityTracker:
             if path is not None:
                 config = self.config
                 self._lanes = SqliteLanes(
-                    path, lambda raw: db.configure_sqlite(raw, config), echo=config.echo_sql
+                    path,
+                    lambda raw: db.configure_sqlite(raw, config),
+                    busy_timeout_s=config.sqlite_busy_timeout_s,
+                    echo=config.echo_sql,
                 )
         except BaseException as error:
             await engine.dispose()

@@ -7,6 +7,7 @@ import functools
 import logging
 import math
 import sqlite3
+import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +32,7 @@ from .errors import (
     sqlstate_of,
     translate,
 )
+from .sqlite_begin import ABANDONED, begin_immediate
 from .sqlite_lane import SqliteLane
 
 log = logging.getLogger(__name__)
@@ -195,7 +197,8 @@ def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
     The sqlite3 module's own transaction handling begins lazily and cannot take the write lock up
     front. Writers use BEGIN IMMEDIATE so that two writers queue on the busy timeout instead of one
     failing with "database is locked" when it upgrades a read lock mid-transaction (WAL cannot wait
-    out that case).
+    out that case), and wait a slice at a time (``tracker.sqlite_begin``): ``to_completion`` flags
+    an attempt whose caller was cancelled, and one still waiting for the lock then gives up.
     """
 
     @event.listens_for(engine.sync_engine, "connect")
@@ -204,8 +207,10 @@ def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
 
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
-        mode = conn.get_execution_options().get(_SQLITE_BEGIN, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        if conn.get_execution_options().get(_SQLITE_BEGIN) == "IMMEDIATE":
+            begin_immediate(conn.exec_driver_sql, config.sqlite_busy_timeout_s, ABANDONED.get(), is_transient)
+        else:
+            conn.exec_driver_sql("BEGIN DEFERRED")
 
 
 def configure_sqlite(dbapi_connection: Any, config: TrackerConfig) -> None:
@@ -365,11 +370,20 @@ async def to_completion(engine: AsyncEngine, transaction: Awaitable[T]) -> T:
     and gives its connection back. Cancelled inside, an SQLite transaction's rollback was cancelled
     too, and its connection, dropped unreturned, held the write lock until the garbage collector
     found it: every later write failed as locked (QA round 18); a cancelled asyncpg read dropped
-    its connection with an unretrieved error. ``settle`` waits for such leftovers."""
-    task = asyncio.ensure_future(transaction)
+    its connection with an unretrieved error. ``settle`` waits for such leftovers.
+
+    A transaction still waiting for SQLite's write lock when its caller is cancelled gives up instead
+    (``tracker.sqlite_begin``): it has not begun, so nothing is left half done."""
+    abandoned = threading.Event()
+    token = ABANDONED.set(abandoned)
+    try:
+        task = asyncio.ensure_future(transaction)  # which runs in a copy of this context
+    finally:
+        ABANDONED.reset(token)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
+        abandoned.set()
         if not task.done():
             orphans = _ORPHANS.setdefault(engine.sync_engine, set())
             orphans.add(task)

@@ -16,7 +16,8 @@ loudly instead of blocking the thread on an event loop it cannot reach.
 
 SQLite lets one connection write at a time; the write lane's single thread and ``db.run_write``'s
 in-process writer lock keep writers in order, and other processes queue on the file lock (the
-connection's busy timeout) in that thread, never in the event loop.
+connection's busy timeout, a slice at a time: ``tracker.sqlite_begin``) in that thread, never in the
+event loop.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from typing import Any, TypeVar
 from sqlalchemy.engine import make_url
 
 from .config import TrackerConfig
-from .errors import TrackerClosed
+from .errors import TrackerClosed, is_transient
+from .sqlite_begin import begin_immediate
 
 T = TypeVar("T")
 #: ``echo_sql`` shows the lane's statements where SQLAlchemy's echo shows the engine's.
@@ -115,13 +117,14 @@ class SqliteLane:
         configure: Callable[[sqlite3.Connection], None],
         observers: list[StatementObserver],
         *,
+        busy_timeout_s: float,
         threads: int = 1,
         read_only: bool = False,
     ) -> None:
         self._path = path
+        self._busy_timeout_s = busy_timeout_s
         self._configure = configure
         self._read_only = read_only
-        self._begin = "BEGIN DEFERRED" if read_only else "BEGIN IMMEDIATE"
         self._local = threading.local()
         self._opened: list[sqlite3.Connection] = []
         self._opened_lock = threading.Lock()
@@ -134,12 +137,19 @@ class SqliteLane:
         errors come through unwrapped (``db.run_write_unit`` retries and translates them).
 
         A caller cancelled while its transaction runs stops waiting; the transaction still finishes in
-        the thread (commits or rolls back), as a statement already sent to a server would.
+        the thread (commits or rolls back), as a statement already sent to a server would. One that has
+        not begun (queued behind another, or waiting for another process's write lock) never does: it
+        ends with ``sqlite_begin.Abandoned``, which nobody sees.
         """
         if self._closed:
             raise TrackerClosed("the tracker is closed (its SQLite lanes are shut down)")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._run, work)
+        abandoned = threading.Event()
+        try:
+            return await loop.run_in_executor(self._executor, self._run, work, abandoned)
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
 
     def _connection(self) -> sqlite3.Connection:
         raw: sqlite3.Connection | None = getattr(self._local, "raw", None)
@@ -158,9 +168,12 @@ class SqliteLane:
             self._local.raw = raw
         return raw
 
-    def _run(self, work: Callable[[LaneConnection], Awaitable[T]]) -> T:
+    def _run(self, work: Callable[[LaneConnection], Awaitable[T]], abandoned: threading.Event) -> T:
         raw = self._connection()
-        raw.execute(self._begin)
+        if self._read_only:
+            raw.execute("BEGIN DEFERRED")
+        else:
+            begin_immediate(raw.execute, self._busy_timeout_s, abandoned, is_transient)
         try:
             result = _drive(work(LaneConnection(raw, self._observers)))
             raw.execute("COMMIT")
@@ -191,11 +204,23 @@ class SqliteLanes:
     ``read``. ``observers`` (tests, the benchmark's replay) see the SQL both send, in their threads."""
 
     def __init__(
-        self, path: str, configure: Callable[[sqlite3.Connection], None], *, echo: bool = False
+        self,
+        path: str,
+        configure: Callable[[sqlite3.Connection], None],
+        *,
+        busy_timeout_s: float,
+        echo: bool = False,
     ) -> None:
         self.observers: list[StatementObserver] = [_echo] if echo else []
-        self.write = SqliteLane(path, configure, self.observers, threads=1)
-        self.read = SqliteLane(path, configure, self.observers, threads=READ_THREADS, read_only=True)
+        self.write = SqliteLane(path, configure, self.observers, threads=1, busy_timeout_s=busy_timeout_s)
+        self.read = SqliteLane(
+            path,
+            configure,
+            self.observers,
+            threads=READ_THREADS,
+            read_only=True,
+            busy_timeout_s=busy_timeout_s,
+        )
 
     async def close(self) -> None:
         """Close both lanes (the write lane first: queued writes finish before the readers stop)."""
