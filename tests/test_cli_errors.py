@@ -556,6 +556,19 @@ def test_a_failed_command_removes_the_file_it_created_only_while_it_holds_no_sch
     _seeded(shared, ["recorded-meanwhile"], "c")
     discard_created_sqlite(str(shared))
     assert shared.exists()
+    # Another process migrating it, its tables not yet committed (QA round 62: a failed `db upgrade`
+    # deleted the file a starting `tracker serve` was migrating; serve then ran on a deleted inode).
+    migrating = tmp_path / "migrating.db"
+    other = sqlite3.connect(migrating, isolation_level=None)
+    other.execute("PRAGMA journal_mode=WAL")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+    discard_created_sqlite(str(migrating))
+    other.execute("COMMIT")
+    other.close()
+    assert migrating.exists()
+    with sqlite3.connect(migrating) as check:
+        assert check.execute("SELECT name FROM sqlite_master").fetchall() == [("alembic_version",)]
 
     with socket.socket() as closed:
         closed.bind(("127.0.0.1", 0))

@@ -8,7 +8,6 @@ exit code 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import difflib
 import json
 import os
@@ -351,22 +350,27 @@ async def opened(database_url: str | None, *, create: bool = False) -> AsyncIter
 
 
 def discard_created_sqlite(path: str) -> None:
-    """Remove the SQLite file a failed command created, if it holds no schema yet: left behind, later
-    commands took it for an empty database instead of saying there is none (QA round 40: a failed
-    ``db upgrade``). One with a schema stays, whoever migrated it: another process may have opened
-    it since this command created it, and a failed ``gossip push`` deleted the peers a tracker
-    recorded there meanwhile (QA round 61); a failed push or import leaves a migrated, empty one."""
+    """Remove the SQLite file a failed command created, if nobody uses it: left behind, later commands
+    took it for an empty database instead of saying there is none (QA round 40: a failed ``db
+    upgrade``). Another process may have opened it since this command created it, so the file stays
+    if it holds any table (a failed ``gossip push`` deleted the peers a tracker recorded there
+    meanwhile, QA round 61) or if another connection is writing it: a ``tracker serve`` migrating it,
+    its tables not yet committed, lost its database to a failed ``db upgrade`` beside it (QA round 62).
+    The check and the removal happen under the file's write lock, taken without waiting."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
-            migrated = conn.execute(
-                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'alembic_version'"
-            ).fetchone()[0]
-            if migrated and conn.execute("SELECT count(*) FROM alembic_version").fetchone()[0]:
-                return
+        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0, isolation_level=None)
     except sqlite3.Error:
-        return  # locked, or not a database we can read: not ours to remove
-    for suffix in ("", "-wal", "-shm"):
-        Path(path + suffix).unlink(missing_ok=True)
+        return  # gone already, or not a file we can open: not ours to remove
+    try:
+        conn.execute("BEGIN EXCLUSIVE")  # refused at once while another connection writes
+        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+            return
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(path + suffix).unlink(missing_ok=True)
+    except sqlite3.Error:
+        return  # locked, or not a database: in use, or not ours to remove
+    finally:
+        conn.close()
 
 
 def print_json(value: Any) -> None:
