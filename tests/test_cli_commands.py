@@ -234,11 +234,11 @@ def test_a_schema_a_newer_tracker_migrated_is_named_so_by_every_way_in(
     version has nothing newer. Opening, migrating and checking now all say what happened."""
     for url in (f"sqlite+aiosqlite:///{tmp_path / 'newer.db'}", empty_pg_url):
         assert _cli(url, "db", "upgrade").exit_code == 0
-        asyncio.run(_set_revision(url, "f00dfacecafe"))
+        asyncio.run(_set_revision(url, "0099"))
         for args in (("db", "check"), ("db", "upgrade"), ("db", "downgrade", "0003"), ("stats",)):
             result = _cli(url, *args)
             assert result.exit_code == 1, (args, result.output)
-            assert "revision f00dfacecafe, which this version of the tracker does not know" in result.stderr
+            assert "revision 0099, which this version of the tracker does not know" in result.stderr
             assert "a newer version migrated it" in result.stderr and "Can't locate" not in result.stderr
         current = _cli(url, "db", "current")
         assert current.exit_code == 0 and "unknown to this tracker" in current.stdout
@@ -246,8 +246,90 @@ def test_a_schema_a_newer_tracker_migrated_is_named_so_by_every_way_in(
             config = TrackerConfig(database_url=url, auto_migrate=auto_migrate)
             with pytest.raises(SchemaOutOfDate, match="a newer version migrated it"):
                 asyncio.run(AvailabilityTracker.open(config))
+        # Another application's Alembic history: no advice to downgrade with a newer tracker (QA round 62).
+        asyncio.run(_set_revision(url, "3f2a9c1b7d4e"))
+        for args in (("db", "check"), ("db", "upgrade"), ("stats",)):
+            result = _cli(url, *args)
+            assert result.exit_code == 1, (args, result.output)
+            assert "3f2a9c1b7d4e, which is not a revision of the tracker" in result.stderr, result.stderr
+            assert "another application's database" in result.stderr and "downgrade" not in result.stderr
         asyncio.run(_set_revision(url, head_revision()))
         assert _cli(url, "db", "check").exit_code == 0  # nothing else was touched
+
+
+def test_the_trackers_tables_without_a_revision_are_not_taken_for_an_empty_database(
+    empty_pg_url: str, tmp_path: Path
+) -> None:
+    """A partial restore or an `alembic stamp base`: "empty (no schema)", and an upgrade failed on
+    "table tracker_nodes already exists" (QA round 62). Every way in now says what is wrong."""
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'unstamped.db'}", empty_pg_url):
+        assert _cli(url, "db", "upgrade").exit_code == 0
+        asyncio.run(_delete_revision(url))
+        for args in (("db", "current"), ("db", "check"), ("db", "upgrade"), ("stats",)):
+            result = _cli(url, *args)
+            assert result.exit_code == 1, (args, result.output)
+            assert "holds the tracker's tables (" in result.stderr, (args, result.stderr)
+            assert "but no schema revision" in result.stderr and "already exists" not in result.stderr
+        with pytest.raises(SchemaOutOfDate, match="alembic stamp REVISION"):
+            asyncio.run(AvailabilityTracker.open(TrackerConfig(database_url=url)))
+        asyncio.run(_delete_revision(url, restore=head_revision()))  # what `alembic stamp` does
+        assert _cli(url, "db", "check").exit_code == 0
+
+
+async def _delete_revision(url: str, *, restore: str | None = None) -> None:
+    engine = create_engine(TrackerConfig(database_url=url))
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("DELETE FROM alembic_version"))
+            if restore is not None:
+                await conn.execute(text("INSERT INTO alembic_version VALUES (:r)"), {"r": restore})
+    finally:
+        await engine.dispose()
+
+
+def test_db_check_names_a_schema_changed_by_hand_at_the_newest_revision(
+    empty_pg_url: str, tmp_path: Path
+) -> None:
+    """An index dropped, a column added NOT NULL: the revision stayed at head and `db check` said "up
+    to date" while every insert failed, and the storage error's advice pointed to `db check` (QA
+    round 62). An index of the operator's own is no difference."""
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'altered.db'}", empty_pg_url):
+        assert _cli(url, "db", "upgrade").exit_code == 0
+        asyncio.run(
+            _execute(
+                url,
+                "CREATE INDEX ix_operators_own ON peers (first_seen)",
+                "DROP INDEX ix_content_peers_peer",
+                "ALTER TABLE peers ADD COLUMN region INTEGER NOT NULL DEFAULT 0",
+                "DROP VIEW under_replicated_content",
+                *(["ALTER TABLE peers ALTER COLUMN draw SET DEFAULT 1"] if "postgresql" in url else []),
+            )
+        )
+        result = _cli(url, "db", "check")
+        assert result.exit_code == 1, result.output
+        line = result.stderr.strip()
+        assert line.startswith(
+            f"error: schema at {head_revision()}, but not the schema {head_revision()} makes: "
+        )
+        for difference in (
+            "index ix_content_peers_peer on content_peers is missing",
+            "column peers.region is not the tracker's",
+            "view under_replicated_content is missing",
+        ):
+            assert difference in line, line
+        if "postgresql" in url:
+            assert "column peers.draw: default 1, the tracker's 0" in line, line
+        assert "ix_operators_own" not in line and "\n" not in line
+
+
+async def _execute(url: str, *statements: str) -> None:
+    engine = create_engine(TrackerConfig(database_url=url))
+    try:
+        async with engine.begin() as conn:
+            for statement in statements:
+                await conn.execute(text(statement))
+    finally:
+        await engine.dispose()
 
 
 async def _set_revision(url: str, revision: str | None) -> None:

@@ -66,9 +66,12 @@ async def engine(empty_url: str) -> AsyncIterator[AsyncEngine]:
 def _schema_diff(sync_conn: Connection) -> list[Any]:
     """Alembic's autogenerate comparison of the live database against ``tracker.schema.metadata``.
 
-    Tables, columns (with types), nullability, comments, indexes, unique constraints and foreign keys.
+    Tables, columns (with types), nullability, server defaults, comments, indexes, unique constraints
+    and foreign keys. Server defaults since QA round 62: a default dropped or changed in a migration
+    went unnoticed, and processes of the release before rely on `DEFAULT 0` during a rolling upgrade.
     """
-    context = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+    options = {"compare_type": True, "compare_server_default": True}
+    context = MigrationContext.configure(sync_conn, opts=options)
     return compare_metadata(context, metadata)
 
 

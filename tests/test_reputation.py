@@ -24,6 +24,16 @@ def test_seed_case_100_served_10_failed_one_hour_is_reliable() -> None:
     assert metrics.is_reliable()
 
 
+def test_reliable_is_decided_by_the_score_the_metrics_carry() -> None:
+    """The database's score, not one recomputed from the microsecond-rounded uptime: a score a hair
+    above 0.8 was shown as not reliable (QA round 63: reputation 0.8000000000043797, reliable false)."""
+    just_above = math.nextafter(0.8, 1.0)
+    assert PeerMetrics(reputation_score=just_above).is_reliable()  # recomputed: a newcomer's 0.4
+    proven = PeerMetrics(chunks_served=100, chunks_failed=10, uptime=timedelta(hours=1), reputation_score=0.8)
+    assert proven.calculate_reputation() > 0.8 and not proven.is_reliable()
+    assert PeerMetrics(chunks_served=100, chunks_failed=10, uptime=timedelta(hours=1)).is_reliable()
+
+
 def test_seed_case_0_served_10_failed_is_unreliable() -> None:
     assert PeerMetrics(chunks_served=0, chunks_failed=10).calculate_reputation() < 0.3
 

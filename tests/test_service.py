@@ -15,6 +15,7 @@ import asyncpg
 import httpx
 import pytest
 from conftest import PG_URL, _dsn
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
@@ -427,6 +428,17 @@ async def test_probes_report_alive_and_ready(api: httpx.AsyncClient) -> None:
     # A cache-buster a load balancer adds is ignored by the probes (it was a 422: "dead").
     for probe in ("/healthz?t=1", "/readyz?t=1", "/metrics?t=1"):
         assert (await api.get(probe)).status_code == 200, probe
+
+
+async def test_readiness_names_the_trackers_tables_left_without_a_revision(
+    api: httpx.AsyncClient, tracker: AvailabilityTracker
+) -> None:
+    """Reachable, but its revision deleted (a partial restore): not "database unreachable" (QA round 62)."""
+    async with tracker.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM alembic_version"))
+    ready = await api.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["detail"].startswith("the database holds the tracker's tables ("), ready.json()
 
 
 async def test_readiness_says_why_the_database_is_unreachable(empty_pg_url: str, clock: ManualClock) -> None:

@@ -683,7 +683,8 @@ class AvailabilityTracker:
         """The best ``n`` online holders of ``cid`` to download from now, each handed a lease.
 
         ``strategy`` (default ``config.selection_strategy``): ``"best"`` ranks by reputation discounted
-        by current load, then speed, then id; ``"weighted"`` draws without replacement with probability
+        by current load, in fixed steps of 0.02, then the least recently leased, then speed, then id
+        (docs/load-balancing.md); ``"weighted"`` draws without replacement with probability
         proportional to that quality (``seed`` makes the draw repeatable). Proven unreliable peers and
         peers at their lease cap never appear; each returned peer carries one more lease until an
         outcome for it is recorded or ``lease_ttl_s`` passes. ``n <= 0`` or an unknown ``cid`` gives ``[]``.

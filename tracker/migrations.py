@@ -294,12 +294,27 @@ def _revision_of(sync_conn: Connection) -> str | None:
     """Read straight from ``alembic_version``: Alembic's ``MigrationContext`` logs two INFO lines each
     time it is made, so an application embedding the tracker saw them at every open, and the
     service at every /readyz probe (QA round 22)."""
-    if not inspect(sync_conn).has_table("alembic_version"):
-        return None
-    versions = sync_conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    inspector = inspect(sync_conn)
+    versions: list[str] = []
+    if inspector.has_table("alembic_version"):
+        rows = sync_conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+        versions = [str(version) for version in rows]
     if len(versions) > 1:  # the tracker's history has one line of revisions
         raise SchemaOutOfDate(f"alembic_version holds several revisions ({', '.join(sorted(versions))})")
-    return versions[0] if versions else None
+    if versions:
+        return versions[0]
+    # No revision: an empty database, unless the tracker's tables are there all the same (a partial
+    # restore, an `alembic stamp base`). Taken for empty, it was "empty (no schema)" and upgrading
+    # it failed on "table tracker_nodes already exists" (QA round 62).
+    if ours := sorted(set(inspector.get_table_names()) & set(metadata.tables)):
+        raise SchemaOutOfDate(
+            f"the database holds the tracker's tables ({', '.join(ours[:3])}"
+            f"{f' and {len(ours) - 3} more' if len(ours) > 3 else ''}) but no schema revision "
+            "(alembic_version is missing or empty), so the tracker cannot tell which schema they "
+            "have: restore alembic_version with them, or, knowing the revision they are at, record it "
+            "with `alembic stamp REVISION`; the tracker will not migrate over tables it cannot date"
+        )
+    return None
 
 
 def unknown_revision_problem(current: str | None) -> str | None:
@@ -318,6 +333,14 @@ def unknown_revision_problem(current: str | None) -> str | None:
     except CommandError:
         pass
     head = head_revision()
+    if not (current.isdigit() and len(current) == len(head or "") and current > (head or "")):
+        # The tracker numbers its revisions 0001, 0002, ...: anything else is another history's,
+        # where the advice to downgrade with a newer tracker was wrong, and destructive (QA round 62).
+        return (
+            f"the database's alembic_version holds {current}, which is not a revision of the "
+            f"tracker (its revisions are numbered, 0001 to {head}): is this another application's "
+            "database? Point the tracker at a database of its own"
+        )
     return (
         f"the database schema is at revision {current}, which this version of the tracker does not "
         f"know (its newest is {head}): a newer version migrated it. Run that version (upgrade this "

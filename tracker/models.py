@@ -42,7 +42,9 @@ class PeerMetrics:
     last_seen: datetime | None = None
     first_seen: datetime | None = None
     online_since: datetime | None = None
-    #: Rolling mean of the latest ``bandwidth_window`` samples, bytes per second.
+    #: Rolling mean of the latest ``bandwidth_window`` samples, bytes per second, rounded to the
+    #: nearest integer (half to even, Python's ``round``: means of 1.5 and 2.5 both show as 2; the
+    #: ``peer_scores`` view keeps the exact mean).
     download_speed: int = 0
     chunks_served: int = 0
     chunks_failed: int = 0
@@ -71,8 +73,14 @@ class PeerMetrics:
         return rep.reputation(successes, failures, self.uptime.total_seconds(), self.params)
 
     def is_reliable(self) -> bool:
-        """Whether the score is above the reliable threshold (0.8 by default)."""
-        return self.calculate_reputation() > self.reliable_threshold
+        """Whether the score is above the reliable threshold (0.8 by default).
+
+        The score this object carries, as ``reputation_score`` and the ``peer_scores`` view say it:
+        recomputed from ``uptime`` (a ``timedelta``, whole microseconds), a score a hair above the
+        threshold came out below it, and the API answered ``reputation`` 0.8000000000043797 with
+        ``reliable: false`` (QA round 63)."""
+        score = self.reputation_score if self.reputation_score is not None else self.calculate_reputation()
+        return score > self.reliable_threshold
 
     @property
     def is_proven(self) -> bool:
@@ -118,6 +126,7 @@ class TrackerStats:
 
     #: This tracker's stable node id (the origin of its own observations in gossip).
     node_key: str
+    #: Peers with metrics (``list_peers``): forgotten ones (``peer_retention_s``) no longer count.
     peers_total: int
     #: Peers some origin saw within ``peer_timeout``.
     peers_online: int

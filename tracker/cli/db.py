@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .. import db, migrations
 from ..config import TrackerConfig
+from ..drift import schema_drift
 from ..errors import InvalidInput
 from ._common import (
     DatabaseUrlOption,
@@ -30,6 +31,8 @@ from ._common import (
 )
 
 T = TypeVar("T")
+#: Differences named on `db check`'s one line; the rest are counted.
+_SHOWN_DIFFERENCES = 5
 
 db_app = typer.Typer(no_args_is_help=True, help="Show or change the database schema version (migrations).")
 app.add_typer(db_app, name="db")
@@ -124,7 +127,9 @@ def current(
 
 @db_app.command()
 def check(database_url: DatabaseUrlOption = None, debug: DebugOption = False) -> None:
-    """Exit 0 when the schema is at the newest revision, 1 (with one line saying why) otherwise.
+    """Exit 0 when the schema is at the newest revision and is what that revision makes, 1 (with one
+    line saying why) otherwise: a column, index or view missing or changed by hand, or a column or
+    constraint added to the tracker's tables.
 
     For deployment scripts: run `tracker db upgrade` when this fails.
     """
@@ -137,5 +142,14 @@ def check(database_url: DatabaseUrlOption = None, debug: DebugOption = False) ->
         if at != head:
             raise InvalidInput(
                 f"schema at {at or 'empty'}, this tracker needs {head}: run `tracker db upgrade`"
+            )
+        if differences := run(_with_engine(config, schema_drift)):
+            shown = "; ".join(differences[:_SHOWN_DIFFERENCES])
+            more = len(differences) - _SHOWN_DIFFERENCES
+            raise InvalidInput(
+                f"schema at {at}, but not the schema {at} makes: {shown}"
+                f"{f' (and {more} more)' if more > 0 else ''}. Changed by hand? Put it back (a backup, "
+                "or the statements of the migrations in alembic/versions), or migrate into an empty "
+                "database and copy the rows over"
             )
         stdout.print(f"schema at {at}: up to date", highlight=False)

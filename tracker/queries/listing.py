@@ -85,7 +85,9 @@ def _counts_select(dialect: str) -> Precompiled:
         peer_leases.c.closed_at.is_(None), peer_leases.c.expires_at > bindparam("now", type_=Double())
     )
     stmt = select(
-        select(func.count()).select_from(peers).scalar_subquery(),
+        # Peers with a row of statistics, as list_peers and get_peer_metrics know them: a forgotten
+        # peer's ``peers`` row stays while a tombstone of its mappings does (QA round 63).
+        select(func.count(func.distinct(ps.peer_id))).scalar_subquery(),
         online.scalar_subquery(),
         select(func.count()).select_from(contents).scalar_subquery(),
         select(func.count()).where(content_peers.c.available).scalar_subquery(),

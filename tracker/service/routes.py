@@ -25,7 +25,7 @@ from .. import events as ev
 from .. import migrations
 from ..config import STRATEGIES
 from ..core import AvailabilityTracker
-from ..errors import TrackerError, is_disconnect, sqlstate_of
+from ..errors import SchemaOutOfDate, TrackerError, is_disconnect, sqlstate_of
 from ..offload import off_loop
 from .bodies import CappedJsonRoute
 from .metrics import ServiceMetrics
@@ -276,6 +276,8 @@ def build_router(settings: ServiceSettings) -> APIRouter:
             async with tracker.engine.connect() as conn:
                 await conn.execute(text("SELECT 1"))
             current, head = await migrations.current_revision(tracker.engine), migrations.head_revision()
+        except SchemaOutOfDate as error:  # reachable, with tables no revision dates (QA round 62)
+            return JSONResponse(Health(status="unavailable", detail=str(error)).model_dump(), status_code=503)
         except (SQLAlchemyError, OSError, TrackerError) as error:
             detail = f"database unreachable: {_why_unreachable(error)}"
             return JSONResponse(Health(status="unavailable", detail=detail).model_dump(), status_code=503)

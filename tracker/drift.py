@@ -1,0 +1,85 @@
+"""Whether the live schema is the one the migrations make: what `tracker db check` compares beyond
+the revision.
+
+`alembic_version` only says which migrations ran. A column or index dropped by hand, or a column an
+operator added, NOT NULL without a default, left the revision at head: `db check` said "up to date"
+while every write failed, and the storage error's advice sent the operator to `db check` (QA round
+62). Alembic's autogenerate comparison against ``tracker.schema.metadata`` (what
+tests/test_migrations.py proves `upgrade head` builds) names the differences.
+
+Not reported: tables and indexes the tracker does not have (an operator's own, for analytics, harm
+no write). Reported: anything of the tracker's missing or changed, and extra columns and
+constraints on its tables (an extra NOT NULL column or UNIQUE constraint fails its inserts).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from .schema import metadata
+
+#: The analytics views (migration 0004 and later; docs/analytics.md), which the models do not hold.
+VIEWS = ("peer_scores", "content_replication", "under_replicated_content")
+
+
+async def schema_drift(engine: AsyncEngine) -> list[str]:
+    """One line per difference between the database's schema and the tracker's; empty when none."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_drift)
+
+
+def _drift(sync_conn: Connection) -> list[str]:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    options = {"compare_type": True, "compare_server_default": True}
+    context = MigrationContext.configure(sync_conn, opts=options)
+    lines = [line for diff in compare_metadata(context, metadata) for line in _described(diff)]
+    views = set(inspect(sync_conn).get_view_names())
+    lines += [f"view {name} is missing" for name in VIEWS if name not in views]
+    return lines
+
+
+def _described(diff: Any) -> list[str]:
+    """A line for one of Alembic's differences ("add" is what the models have and the database lacks)."""
+    if isinstance(diff, list):  # a column's modifications, each a tuple
+        return [line for change in diff for line in _described(change)]
+    kind = diff[0]
+    if kind == "add_table":
+        return [f"table {diff[1].name} is missing"]
+    if kind == "add_column":
+        return [f"column {diff[2]}.{diff[3].name} is missing"]
+    if kind == "remove_column":
+        return [f"column {diff[2]}.{diff[3].name} is not the tracker's"]
+    if kind in ("add_index", "add_constraint", "add_fk"):
+        return [f"{_what(diff[1])} {diff[1].name} on {diff[1].table.name} is missing"]
+    if kind in ("remove_constraint", "remove_fk"):
+        return [f"{_what(diff[1])} {diff[1].name} on {diff[1].table.name} is not the tracker's"]
+    if kind in ("modify_type", "modify_nullable", "modify_default", "modify_comment"):
+        _, _, table, column, _, found, wanted = diff
+        what = kind.removeprefix("modify_")
+        return [f"column {table}.{column}: {what} {_shown(found)}, the tracker's {_shown(wanted)}"]
+    if kind in ("remove_table", "remove_index"):
+        return []  # an operator's own table or index: no harm to the tracker's writes
+    return [f"{kind}: {diff[1:]!r}"]
+
+
+def _shown(value: Any) -> str:
+    """A type, nullability or default as SQL would write it (a server default is a clause)."""
+    if value is None:
+        return "none"
+    arg = getattr(value, "arg", value)  # a DefaultClause holds its expression
+    return str(getattr(arg, "text", arg))
+
+
+def _what(item: Any) -> str:
+    name = type(item).__name__
+    return {
+        "Index": "index",
+        "UniqueConstraint": "unique constraint",
+        "ForeignKeyConstraint": "foreign key",
+    }.get(name, "constraint")
