@@ -159,6 +159,18 @@ def test_an_upgrade_that_fails_on_a_missing_sqlite_file_leaves_no_file_behind(tm
     assert path.exists()
 
 
+def test_a_downgrade_by_a_relative_step_is_not_taken_for_an_option(tmp_path: Path) -> None:
+    """`tracker db downgrade -1` was "No such option: -1" (QA round 59 #10g); a real unknown option
+    still is one."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
+    assert run("db", "upgrade", "--revision", "0005", "--database-url", url).exit_code == 0
+    stepped = run("db", "downgrade", "-1", "--database-url", url)
+    assert stepped.exit_code == 0 and stepped.stdout.strip() == "schema at 0004", stepped.output
+    unknown = run("db", "downgrade", "--bogus", "--database-url", url)
+    assert unknown.exit_code == 2 and "no such option: --bogus" in unknown.stderr, unknown.output
+    assert run("db", "current", "--json", "--database-url", url).stdout.count('"0004"') == 1
+
+
 def test_a_downgrade_to_a_later_revision_is_one_line(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
     assert run("db", "upgrade", "--revision", "0005", "--database-url", url).exit_code == 0

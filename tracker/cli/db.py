@@ -85,9 +85,14 @@ def upgrade(
         stdout.print(said, highlight=False)
 
 
-@db_app.command()
+# A relative step (`-1`) reads as an option to Click: "No such option: -1" (QA round 59 #10g). Unknown
+# options come through as the revision instead, and one that is not a step is refused as Click would.
+@db_app.command(context_settings={"ignore_unknown_options": True})
 def downgrade(
-    revision: Annotated[str, typer.Argument(help="Revision to go down to; `base` removes every table.")],
+    revision: Annotated[
+        str,
+        typer.Argument(help="Revision to go down to: a number, `-1` (one step), or `base` (every table)."),
+    ],
     database_url: DatabaseUrlOption = None,
     debug: DebugOption = False,
 ) -> None:
@@ -95,6 +100,8 @@ def downgrade(
 
     Downgrades drop what later migrations added, with its data. `base` drops every tracker table.
     """
+    if revision.startswith("-") and not revision[1:].isdigit():
+        raise typer.BadParameter(f"no such option: {revision.split('=', 1)[0]}", param_hint="'REVISION'")
     with errors_as_messages(debug):
         config = config_for(database_url)
         require_existing_sqlite(config)
