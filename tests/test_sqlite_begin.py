@@ -25,7 +25,7 @@ import pytest
 from tracker import AvailabilityTracker, TrackerConfig, db
 from tracker.errors import CommitOutcomeUnknown, is_transient
 from tracker.events import ContentAvailable, PeerOnline
-from tracker.sqlite_begin import SLICE_S, Abandoned, begin_immediate
+from tracker.sqlite_begin import SLICE_S, Abandoned, Caller, begin_immediate, slice_ms, sliced
 from tracker.testing import ManualClock
 
 BUSY_TIMEOUT_S = 60.0
@@ -63,7 +63,7 @@ def _leases(path: Path) -> int:
         return int(raw.execute("SELECT count(*) FROM peer_leases").fetchone()[0])
 
 
-def test_begin_immediate_waits_its_whole_timeout_in_slices_and_restores_the_busy_timeout(
+def test_begin_immediate_waits_its_whole_timeout_in_slices_and_sliced_restores_the_busy_timeout(
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "slices.db"
@@ -77,7 +77,7 @@ def test_begin_immediate_waits_its_whole_timeout_in_slices_and_restores_the_busy
 
     with _write_lock_held(path):
         started = time.monotonic()
-        with pytest.raises(sqlite3.OperationalError, match="locked"):
+        with pytest.raises(sqlite3.OperationalError, match="locked"), sliced(execute, 1.0):
             begin_immediate(execute, 1.0, None, is_transient)
         waited = time.monotonic() - started
     # The whole second, a slice a try (SQLite's busy handler sleeps in steps, so a try may end early).
@@ -88,7 +88,9 @@ def test_begin_immediate_waits_its_whole_timeout_in_slices_and_restores_the_busy
     )
     assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == 1000
     # Free, it begins at the first try.
-    begin_immediate(waiter.execute, 1.0, None, is_transient)
+    with sliced(waiter.execute, 1.0):
+        begin_immediate(waiter.execute, 1.0, None, is_transient)
+    assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == 1000
     assert waiter.in_transaction
     waiter.execute("ROLLBACK")
     waiter.close()
@@ -98,19 +100,19 @@ def test_begin_immediate_gives_up_within_a_slice_of_being_abandoned(tmp_path: Pa
     path = tmp_path / "abandon.db"
     sqlite3.connect(path).close()
     waiter = sqlite3.connect(path, isolation_level=None)
-    abandoned = threading.Event()
+    waiter.execute(f"PRAGMA busy_timeout={slice_ms(BUSY_TIMEOUT_S)}")  # as the write lane keeps it
+    caller = Caller()
     with _write_lock_held(path):
-        threading.Timer(0.5, abandoned.set).start()
+        threading.Timer(0.5, setattr, (caller, "gone", True)).start()
         started = time.monotonic()
         with pytest.raises(Abandoned):
-            begin_immediate(waiter.execute, BUSY_TIMEOUT_S, abandoned, is_transient)
+            begin_immediate(waiter.execute, BUSY_TIMEOUT_S, caller, is_transient)
         assert time.monotonic() - started < GAVE_UP_WITHIN_S
     assert not waiter.in_transaction
     # Abandoned before the first try: never begins at all, even with the lock free.
     with pytest.raises(Abandoned):
-        begin_immediate(waiter.execute, BUSY_TIMEOUT_S, abandoned, is_transient)
+        begin_immediate(waiter.execute, BUSY_TIMEOUT_S, caller, is_transient)
     assert not waiter.in_transaction
-    assert waiter.execute("PRAGMA busy_timeout").fetchone()[0] == int(BUSY_TIMEOUT_S * 1000)
     waiter.close()
 
 

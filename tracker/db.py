@@ -7,7 +7,6 @@ import functools
 import logging
 import math
 import sqlite3
-import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,7 +31,7 @@ from .errors import (
     sqlstate_of,
     translate,
 )
-from .sqlite_begin import ABANDONED, begin_immediate
+from .sqlite_begin import CALLER, Caller, begin_immediate, sliced
 from .sqlite_lane import SqliteLane
 
 log = logging.getLogger(__name__)
@@ -208,7 +207,10 @@ def _configure_sqlite(engine: AsyncEngine, config: TrackerConfig) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         if conn.get_execution_options().get(_SQLITE_BEGIN) == "IMMEDIATE":
-            begin_immediate(conn.exec_driver_sql, config.sqlite_busy_timeout_s, ABANDONED.get(), is_transient)
+            with sliced(conn.exec_driver_sql, config.sqlite_busy_timeout_s):
+                begin_immediate(
+                    conn.exec_driver_sql, config.sqlite_busy_timeout_s, CALLER.get(), is_transient
+                )
         else:
             conn.exec_driver_sql("BEGIN DEFERRED")
 
@@ -374,16 +376,16 @@ async def to_completion(engine: AsyncEngine, transaction: Awaitable[T]) -> T:
 
     A transaction still waiting for SQLite's write lock when its caller is cancelled gives up instead
     (``tracker.sqlite_begin``): it has not begun, so nothing is left half done."""
-    abandoned = threading.Event()
-    token = ABANDONED.set(abandoned)
+    caller = Caller()
+    token = CALLER.set(caller)
     try:
         task = asyncio.ensure_future(transaction)  # which runs in a copy of this context
     finally:
-        ABANDONED.reset(token)
+        CALLER.reset(token)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        abandoned.set()
+        caller.gone = True
         if not task.done():
             orphans = _ORPHANS.setdefault(engine.sync_engine, set())
             orphans.add(task)

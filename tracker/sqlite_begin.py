@@ -14,19 +14,31 @@ same; giving up takes a slice at most; and a transaction abandoned before it beg
 from __future__ import annotations
 
 import contextvars
-import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 #: The longest one try of BEGIN IMMEDIATE waits in SQLite's busy handler: how long a caller's
 #: cancellation can take to reach a writer queued behind another process.
 SLICE_S = 0.25
 
-#: The current write attempt's "the caller gave up" flag, for the engine's BEGIN (``db``), which runs
-#: where no argument reaches it; the lanes pass theirs along.
-ABANDONED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
-    "peer_tracker_sqlite_abandoned", default=None
+
+class Caller:
+    """Whether the caller of one write attempt gave up: set on the event loop when it is cancelled,
+    read by the thread waiting for the lock (a plain attribute: a ``threading.Event`` cost 5 us a
+    transaction to make, on the write path's every call)."""
+
+    __slots__ = ("gone",)
+
+    def __init__(self) -> None:
+        self.gone = False
+
+
+#: The current write attempt's caller, for the engine's BEGIN (``db``), which runs where no argument
+#: reaches it; the lanes pass theirs along.
+CALLER: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
+    "peer_tracker_sqlite_caller", default=None
 )
 
 
@@ -38,28 +50,36 @@ class Abandoned(Exception):
 def begin_immediate(
     execute: Callable[[str], Any],
     busy_timeout_s: float,
-    abandoned: threading.Event | None,
+    caller: Caller | None,
     is_busy: Callable[[BaseException], bool],
 ) -> None:
     """Run ``BEGIN IMMEDIATE`` through ``execute``, waiting up to ``busy_timeout_s`` in all for the
-    lock, in tries of ``SLICE_S``; raise ``Abandoned`` once ``abandoned`` is set, the last busy error
-    once the time is spent. The connection's busy timeout is ``busy_timeout_s`` again afterwards (its
-    other statements keep the whole wait)."""
+    lock, a try at a time; raise ``Abandoned`` once ``caller`` is gone, the last busy error once
+    the time is spent. The connection's own busy timeout is one try's wait: ``SLICE_S`` (see
+    ``sliced``, or a connection that only ever writes, set so once: the write lane's)."""
     deadline = time.monotonic() + busy_timeout_s
-    execute(f"PRAGMA busy_timeout={_ms(min(SLICE_S, busy_timeout_s))}")
+    while True:
+        if caller is not None and caller.gone:
+            raise Abandoned("the caller gave up while the transaction waited for SQLite's write lock")
+        try:
+            execute("BEGIN IMMEDIATE")
+            return
+        except Exception as error:
+            if not is_busy(error) or time.monotonic() >= deadline:
+                raise
+
+
+@contextmanager
+def sliced(execute: Callable[[str], Any], busy_timeout_s: float) -> Iterator[None]:
+    """The connection's busy timeout a slice long inside the block, ``busy_timeout_s`` again after it,
+    for a connection whose other statements keep the whole wait (the engine's pool serves reads)."""
+    execute(f"PRAGMA busy_timeout={slice_ms(busy_timeout_s)}")
     try:
-        while True:
-            if abandoned is not None and abandoned.is_set():
-                raise Abandoned("the caller gave up while the transaction waited for SQLite's write lock")
-            try:
-                execute("BEGIN IMMEDIATE")
-                return
-            except Exception as error:
-                if not is_busy(error) or time.monotonic() >= deadline:
-                    raise
+        yield
     finally:
-        execute(f"PRAGMA busy_timeout={_ms(busy_timeout_s)}")
+        execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
 
 
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
+def slice_ms(busy_timeout_s: float) -> int:
+    """One try's wait in milliseconds: ``SLICE_S``, or the whole timeout when that is shorter."""
+    return int(min(SLICE_S, busy_timeout_s) * 1000)

@@ -34,7 +34,7 @@ from sqlalchemy.engine import make_url
 
 from .config import TrackerConfig
 from .errors import TrackerClosed, is_transient
-from .sqlite_begin import begin_immediate
+from .sqlite_begin import Caller, begin_immediate, slice_ms
 
 T = TypeVar("T")
 #: ``echo_sql`` shows the lane's statements where SQLAlchemy's echo shows the engine's.
@@ -144,11 +144,11 @@ class SqliteLane:
         if self._closed:
             raise TrackerClosed("the tracker is closed (its SQLite lanes are shut down)")
         loop = asyncio.get_running_loop()
-        abandoned = threading.Event()
+        caller = Caller()
         try:
-            return await loop.run_in_executor(self._executor, self._run, work, abandoned)
+            return await loop.run_in_executor(self._executor, self._run, work, caller)
         except asyncio.CancelledError:
-            abandoned.set()
+            caller.gone = True
             raise
 
     def _connection(self) -> sqlite3.Connection:
@@ -160,6 +160,10 @@ class SqliteLane:
                 self._configure(raw)
                 if self._read_only:
                     raw.execute("PRAGMA query_only=ON")
+                else:
+                    # It waits for the lock at BEGIN only (a WAL writer holding it waits for nothing
+                    # else), and there a slice a try (``sqlite_begin``): set once, not per transaction.
+                    raw.execute(f"PRAGMA busy_timeout={slice_ms(self._busy_timeout_s)}")
             except BaseException:
                 raw.close()
                 raise
@@ -168,12 +172,12 @@ class SqliteLane:
             self._local.raw = raw
         return raw
 
-    def _run(self, work: Callable[[LaneConnection], Awaitable[T]], abandoned: threading.Event) -> T:
+    def _run(self, work: Callable[[LaneConnection], Awaitable[T]], caller: Caller) -> T:
         raw = self._connection()
         if self._read_only:
             raw.execute("BEGIN DEFERRED")
         else:
-            begin_immediate(raw.execute, self._busy_timeout_s, abandoned, is_transient)
+            begin_immediate(raw.execute, self._busy_timeout_s, caller, is_transient)
         try:
             result = _drive(work(LaneConnection(raw, self._observers)))
             raw.execute("COMMIT")
