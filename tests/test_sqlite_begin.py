@@ -9,6 +9,7 @@ gave up and still waited would be tens of seconds late, not a fraction of one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import sqlite3
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tracker import AvailabilityTracker, TrackerConfig, db
-from tracker.errors import CommitOutcomeUnknown, is_transient
+from tracker.errors import CommitOutcomeUnknown, TrackerClosed, is_transient
 from tracker.events import ContentAvailable, PeerOnline
 from tracker.sqlite_begin import SLICE_S, Abandoned, Caller, begin_immediate, slice_ms, sliced
 from tracker.testing import ManualClock
@@ -31,6 +32,9 @@ from tracker.testing import ManualClock
 BUSY_TIMEOUT_S = 60.0
 #: Far below the busy timeout, far above a slice: room for a slow, shared machine.
 GAVE_UP_WITHIN_S = 10.0
+#: A CLI command's exit after the signal: a few slices, and the interpreter's own shutdown. Waiting
+#: for a leaked driver thread (5 s, QA round 64) does not fit.
+CLI_EXIT_WITHIN_S = 3.0
 
 
 @contextmanager
@@ -158,6 +162,58 @@ async def test_abort_lets_the_tracker_close_at_once_while_a_write_waits_for_the_
     assert _peers(path) == set()
 
 
+async def test_abort_gives_up_a_selections_grant_waiting_for_the_lock(tmp_path: Path) -> None:
+    """Its caller still waiting (not cancelled): ``abort()`` gave up the group commit only, and
+    ``close()`` waited for the grant's whole busy timeout (QA round 64: 9.1 s of 10)."""
+    path = tmp_path / "abort-select.db"
+    tracker = AvailabilityTracker(_config(path))
+    await tracker.open()
+    try:
+        await tracker.record_batch([PeerOnline("peer-a"), ContentAvailable("cid-1", "peer-a")])
+        with _write_lock_held(path):
+            selecting = asyncio.create_task(tracker.select_best_peers("cid-1", 1))
+            await asyncio.sleep(0.5)  # ranked; the grant waits for the lock
+            tracker.abort()
+            started = time.monotonic()
+            await tracker.close()
+            assert time.monotonic() - started < GAVE_UP_WITHIN_S
+            with pytest.raises(TrackerClosed, match="aborted before this write began"):
+                await selecting
+    finally:
+        await tracker.close()
+    assert _leases(path) == 0
+
+
+async def test_an_open_cancelled_behind_the_lock_leaves_no_connection_behind(tmp_path: Path) -> None:
+    """Its node registration waited for the lock; cancelled, it ran on against an engine already
+    disposed, and its connection (with aiosqlite's thread) was never closed: a CLI command waited
+    5 s for that thread at exit (QA round 64)."""
+    path = tmp_path / "open.db"
+    async with AvailabilityTracker(_config(path)):
+        pass  # migrated
+    before = _driver_threads()
+    with _write_lock_held(path):
+        # Without migrating (as the CLI's reading commands open): the wait is the registration's.
+        config = dataclasses.replace(_config(path), auto_migrate=False)
+        opening = asyncio.create_task(AvailabilityTracker(config).open())
+        await asyncio.sleep(0.5)
+        opening.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await opening
+        # Its registration ended before the engine went: nothing left running on it.
+        assert not [task for orphans in db._ORPHANS.values() for task in orphans if not task.done()]
+        deadline = time.monotonic() + GAVE_UP_WITHIN_S
+        while _driver_threads() - before and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not _driver_threads() - before
+
+
+def _driver_threads() -> set[threading.Thread]:
+    return {
+        t for t in threading.enumerate() if t.name.endswith("(_connection_worker_thread)") and t.is_alive()
+    }
+
+
 async def test_a_cancelled_write_on_the_engine_stops_waiting_for_the_lock_and_writes_nothing(
     tmp_path: Path,
 ) -> None:
@@ -220,7 +276,7 @@ def test_ctrl_c_stops_a_cli_command_waiting_for_the_write_lock_at_once(tmp_path:
         finally:
             process.kill()
     assert process.returncode == 130, stderr
-    assert elapsed < GAVE_UP_WITHIN_S, (elapsed, stderr)
+    assert elapsed < CLI_EXIT_WITHIN_S, (elapsed, stderr)
     assert "Traceback" not in stderr, stderr
 
 

@@ -327,7 +327,13 @@ class AvailabilityTracker:
                     echo=config.echo_sql,
                 )
         except BaseException as error:
-            await engine.dispose()
+            try:
+                # An open cancelled while its first write waited (Ctrl-C behind another process's
+                # lock) left that write running on the disposed engine: its connection was never
+                # closed, and the CLI waited 5 s for the driver thread at exit (QA round 64).
+                await db.settle(engine, _SETTLE_S)
+            finally:
+                await engine.dispose()
             if db.is_driver_error(error):  # e.g. a refused connection: asyncpg's bare OSError
                 raise translate(error) from error
             raise
@@ -416,6 +422,10 @@ class AvailabilityTracker:
             return
         self._closing = True
         self._committer.abandon()
+        if self._lanes is not None:
+            # A selection's grant waiting for another process's lock gives up too: closing the lanes
+            # waited for it, up to the whole busy timeout a try (QA round 64).
+            self._lanes.write.abandon_waiting()
 
     async def __aenter__(self) -> Self:
         """Open the tracker unless it is open; nested (or concurrent) ``async with`` blocks share it,

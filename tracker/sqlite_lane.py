@@ -34,7 +34,7 @@ from sqlalchemy.engine import make_url
 
 from .config import TrackerConfig
 from .errors import TrackerClosed, is_transient
-from .sqlite_begin import Caller, begin_immediate, slice_ms
+from .sqlite_begin import Abandoned, Caller, begin_immediate, slice_ms
 
 T = TypeVar("T")
 #: ``echo_sql`` shows the lane's statements where SQLAlchemy's echo shows the engine's.
@@ -131,6 +131,8 @@ class SqliteLane:
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="peer-tracker-sqlite")
         self._closed = False
         self._observers = observers
+        #: The callers of transactions not yet ended, for abandon_waiting().
+        self._callers: set[Caller] = set()
 
     async def transaction(self, work: Callable[[LaneConnection], Awaitable[T]]) -> T:
         """Run ``work`` in one transaction in a lane thread; commit, or roll back and raise. Driver
@@ -145,11 +147,25 @@ class SqliteLane:
             raise TrackerClosed("the tracker is closed (its SQLite lanes are shut down)")
         loop = asyncio.get_running_loop()
         caller = Caller()
+        self._callers.add(caller)
         try:
             return await loop.run_in_executor(self._executor, self._run, work, caller)
         except asyncio.CancelledError:
             caller.gone = True
             raise
+        except Abandoned as abandoned:  # by abandon_waiting(), its caller still there
+            raise TrackerClosed(
+                "the tracker was aborted before this write began; nothing of it was written"
+            ) from abandoned
+        finally:
+            self._callers.discard(caller)
+
+    def abandon_waiting(self) -> None:
+        """Give up the transactions not yet begun (queued, or waiting for another process's lock):
+        their callers get ``TrackerClosed``. For ``AvailabilityTracker.abort()``; the lane still
+        refuses nothing until it is closed."""
+        for caller in self._callers:
+            caller.gone = True
 
     def _connection(self) -> sqlite3.Connection:
         raw: sqlite3.Connection | None = getattr(self._local, "raw", None)
