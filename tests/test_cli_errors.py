@@ -578,6 +578,15 @@ def test_a_failed_command_removes_the_file_it_created_only_while_it_holds_no_sch
     discard_created_sqlite(str(migrating))
     other.execute("COMMIT")
     other.close()
+    # Opened and put in WAL mode by another process, which has not written yet, or waits to
+    # (QA round 65: its lock free, the file went, and that process migrated a deleted file).
+    opened = tmp_path / "opened.db"
+    other = sqlite3.connect(opened, isolation_level=None)
+    other.execute("PRAGMA journal_mode=WAL")
+    discard_created_sqlite(str(opened))
+    other.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+    other.close()
+    assert opened.exists()
     assert migrating.exists()
     with sqlite3.connect(migrating) as check:
         assert check.execute("SELECT name FROM sqlite_master").fetchall() == [("alembic_version",)]

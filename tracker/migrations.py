@@ -349,6 +349,13 @@ def unknown_revision_problem(current: str | None) -> str | None:
     )
 
 
+def require_known_revision(revision: str) -> None:
+    """Refuse a target this tracker does not ship, with Alembic's own words ("Can't locate revision
+    identified by ..."), before any database is touched. Relative ones (``-1``) need the database."""
+    if not revision.startswith(("+", "-")):
+        _scripts().get_revisions(revision)
+
+
 async def current_revision(engine: AsyncEngine) -> str | None:
     """The revision the database is at, or ``None`` for an empty database."""
     async with engine.connect() as conn:

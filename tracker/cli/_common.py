@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
@@ -350,27 +349,25 @@ async def opened(database_url: str | None, *, create: bool = False) -> AsyncIter
 
 
 def discard_created_sqlite(path: str) -> None:
-    """Remove the SQLite file a failed command created, if nobody uses it: left behind, later commands
-    took it for an empty database instead of saying there is none (QA round 40: a failed ``db
-    upgrade``). Another process may have opened it since this command created it, so the file stays
-    if it holds any table (a failed ``gossip push`` deleted the peers a tracker recorded there
-    meanwhile, QA round 61) or if another connection is writing it: a ``tracker serve`` migrating it,
-    its tables not yet committed, lost its database to a failed ``db upgrade`` beside it (QA round 62).
-    The check and the removal happen under the file's write lock, taken without waiting."""
+    """Remove the SQLite file a failed command created, while nobody can have begun using it: still
+    0 bytes, with no ``-wal``, ``-shm`` or ``-journal`` beside it. Left behind, later commands took it
+    for an empty database instead of saying there is none (QA round 40: a failed ``db upgrade``).
+
+    Any tracker puts a file in WAL mode first thing when it opens it, which writes its header and
+    makes the ``-wal`` and ``-shm`` files, so a file another process opened since this command created
+    it stays. Looking for tables deleted the file a starting ``tracker serve`` was migrating (QA
+    round 62), and taking its lock as well, one that process had opened but not yet written or was
+    waiting to write (QA round 65): it went on in a deleted file. What remains is the moment between
+    another process's connecting and its first statement. A file this command itself put in WAL
+    mode stays too, with no schema: commands then say so ("empty"), and `tracker db upgrade` fills it."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, timeout=0, isolation_level=None)
-    except sqlite3.Error:
-        return  # gone already, or not a file we can open: not ours to remove
-    try:
-        conn.execute("BEGIN EXCLUSIVE")  # refused at once while another connection writes
-        if conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+        if Path(path).stat().st_size > 0:
             return
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(path + suffix).unlink(missing_ok=True)
-    except sqlite3.Error:
-        return  # locked, or not a database: in use, or not ours to remove
-    finally:
-        conn.close()
+        if any(Path(path + suffix).exists() for suffix in ("-wal", "-shm", "-journal")):
+            return
+        Path(path).unlink()
+    except OSError:
+        return  # gone already, or not ours to remove
 
 
 def print_json(value: Any) -> None:

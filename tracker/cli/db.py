@@ -62,6 +62,8 @@ def upgrade(
     """
     with errors_as_messages(debug):
         config = config_for(database_url)
+        # Before the file is created: a failed command leaves a file it put in WAL mode in place.
+        migrations.require_known_revision(revision)
 
         async def work(engine: AsyncEngine) -> tuple[str | None, str | None]:
             before = await migrations.current_revision(engine)
