@@ -268,7 +268,7 @@ def test_the_trackers_tables_without_a_revision_are_not_taken_for_an_empty_datab
         for args in (("db", "current"), ("db", "check"), ("db", "upgrade"), ("stats",)):
             result = _cli(url, *args)
             assert result.exit_code == 1, (args, result.output)
-            assert "holds the tracker's tables (" in result.stderr, (args, result.stderr)
+            assert "holds tables named as the tracker's (" in result.stderr, (args, result.stderr)
             assert "but no schema revision" in result.stderr and "already exists" not in result.stderr
         with pytest.raises(SchemaOutOfDate, match="alembic stamp REVISION"):
             asyncio.run(AvailabilityTracker.open(TrackerConfig(database_url=url)))
@@ -302,7 +302,19 @@ def test_db_check_names_a_schema_changed_by_hand_at_the_newest_revision(
                 "DROP INDEX ix_content_peers_peer",
                 "ALTER TABLE peers ADD COLUMN region INTEGER NOT NULL DEFAULT 0",
                 "DROP VIEW under_replicated_content",
-                *(["ALTER TABLE peers ALTER COLUMN draw SET DEFAULT 1"] if "postgresql" in url else []),
+                # QA round 65: a partial unique index without its condition, an operator's unique
+                # index: each refuses rows the tracker writes, and `db check` said "up to date".
+                "DROP INDEX uq_tracker_nodes_local",
+                "CREATE UNIQUE INDEX uq_tracker_nodes_local ON tracker_nodes (is_local)",
+                "CREATE UNIQUE INDEX ops_one_per_node ON peer_stats (node_id)",
+                *(
+                    [
+                        "ALTER TABLE peers ALTER COLUMN draw SET DEFAULT 1",
+                        "ALTER TABLE peers ADD CONSTRAINT ops_no_rows CHECK (false) NOT VALID",
+                    ]
+                    if "postgresql" in url
+                    else []
+                ),
             )
         )
         result = _cli(url, "db", "check")
@@ -315,10 +327,17 @@ def test_db_check_names_a_schema_changed_by_hand_at_the_newest_revision(
             "index ix_content_peers_peer on content_peers is missing",
             "column peers.region is not the tracker's",
             "view under_replicated_content is missing",
+            "index uq_tracker_nodes_local on tracker_nodes: condition none, the tracker's is_local",
+            "unique index ops_one_per_node on peer_stats is not the tracker's",
         ):
-            assert difference in line, line
+            assert difference in result.stderr, result.stderr
         if "postgresql" in url:
-            assert "column peers.draw: default 1, the tracker's 0" in line, line
+            for difference in (
+                "column peers.draw: default 1, the tracker's 0",
+                "check constraint ops_no_rows on peers is not the tracker's",
+            ):
+                assert difference in result.stderr, result.stderr
+        assert "Warning" not in result.stderr, result.stderr
         assert "ix_operators_own" not in line and "\n" not in line
 
 

@@ -29,6 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig, migrations
 from tracker.db import create_engine
+from tracker.drift import condition_text
 from tracker.migrations import (
     MIGRATION_LOCK_KEY,
     alembic_config,
@@ -127,11 +128,6 @@ async def test_partial_indexes_keep_their_condition_after_upgrade(
     assert (bool(index["unique"]), str(found).strip("() ").lower()) == (unique, where), index
 
 
-def _condition(text_: object, table: str) -> str:
-    """An index's WHERE as a comparable string: lower case, no parentheses, no table prefix."""
-    return " ".join(str(text_).lower().replace(f"{table}.", "").replace("(", " ").replace(")", " ").split())
-
-
 async def test_every_partial_index_and_rowid_choice_is_what_the_models_say(engine: AsyncEngine) -> None:
     """What compare_metadata leaves out, for every index and table the models declare, not the two
     the test above names (QA round 62: a condition dropped from the tombstones' index, or
@@ -144,13 +140,13 @@ async def test_every_partial_index_and_rowid_choice_is_what_the_models_say(engin
             where = index.dialect_options[dialect].get("where")
             if where is not None:
                 compiled = where.compile(dialect=engine.dialect, compile_kwargs={"literal_binds": True})
-                wanted[index.name or ""] = _condition(compiled, table.name)
+                wanted[index.name or ""] = condition_text(compiled, table.name)
     assert len(wanted) >= 3
 
     def reflect(sync_conn: Connection) -> dict[str, str]:
         inspector = inspect(sync_conn)
         return {
-            index["name"]: _condition(index.get("dialect_options", {}).get(f"{dialect}_where"), name)
+            index["name"]: condition_text(index.get("dialect_options", {}).get(f"{dialect}_where"), name)
             for name in inspector.get_table_names()
             for index in inspector.get_indexes(name)
             if index["name"] in wanted

@@ -438,7 +438,9 @@ async def test_readiness_names_the_trackers_tables_left_without_a_revision(
         await conn.execute(text("DELETE FROM alembic_version"))
     ready = await api.get("/readyz")
     assert ready.status_code == 503
-    assert ready.json()["detail"].startswith("the database holds the tracker's tables ("), ready.json()
+    assert ready.json()["detail"].startswith("the database holds tables named as the tracker's ("), (
+        ready.json()
+    )
 
 
 async def test_readiness_says_why_the_database_is_unreachable(empty_pg_url: str, clock: ManualClock) -> None:

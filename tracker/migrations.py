@@ -308,11 +308,12 @@ def _revision_of(sync_conn: Connection) -> str | None:
     # it failed on "table tracker_nodes already exists" (QA round 62).
     if ours := sorted(set(inspector.get_table_names()) & set(metadata.tables)):
         raise SchemaOutOfDate(
-            f"the database holds the tracker's tables ({', '.join(ours[:3])}"
+            f"the database holds tables named as the tracker's ({', '.join(ours[:3])}"
             f"{f' and {len(ours) - 3} more' if len(ours) > 3 else ''}) but no schema revision "
-            "(alembic_version is missing or empty), so the tracker cannot tell which schema they "
-            "have: restore alembic_version with them, or, knowing the revision they are at, record it "
-            "with `alembic stamp REVISION`; the tracker will not migrate over tables it cannot date"
+            "(alembic_version is missing or empty), and the tracker will not migrate over tables it "
+            "cannot date. If they are the tracker's (a partial restore), restore alembic_version "
+            "with them, or record the revision they are at with `alembic stamp REVISION`; if they "
+            "are another application's, point the tracker at a database of its own"
         )
     return None
 

@@ -32,7 +32,7 @@ from ._common import (
 
 T = TypeVar("T")
 #: Differences named on `db check`'s one line; the rest are counted.
-_SHOWN_DIFFERENCES = 5
+_SHOWN_DIFFERENCES = 10
 
 db_app = typer.Typer(no_args_is_help=True, help="Show or change the database schema version (migrations).")
 app.add_typer(db_app, name="db")
@@ -137,8 +137,9 @@ def current(
 @db_app.command()
 def check(database_url: DatabaseUrlOption = None, debug: DebugOption = False) -> None:
     """Exit 0 when the schema is at the newest revision and is what that revision makes, 1 (with one
-    line saying why) otherwise: a column, index or view missing or changed by hand, or a column or
-    constraint added to the tracker's tables.
+    line saying why) otherwise: a column, index, constraint or default missing or changed by hand
+    (a partial index's condition too), a view missing, or a column, constraint or unique index
+    added to the tracker's tables.
 
     For deployment scripts: run `tracker db upgrade` when this fails.
     """
