@@ -126,7 +126,9 @@ class TrackerStats:
 
     #: This tracker's stable node id (the origin of its own observations in gossip).
     node_key: str
-    #: Peers with metrics (``list_peers``): forgotten ones (``peer_retention_s``) no longer count.
+    #: Peers the database holds: online, offline and departed ones until they are forgotten
+    #: (``peer_retention_s``), and a forgotten one until the tombstones of its mappings go (a week
+    #: more), when ``list_peers`` and ``get_peer_metrics`` no longer show it.
     peers_total: int
     #: Peers some origin saw within ``peer_timeout``.
     peers_online: int

@@ -85,9 +85,11 @@ def _counts_select(dialect: str) -> Precompiled:
         peer_leases.c.closed_at.is_(None), peer_leases.c.expires_at > bindparam("now", type_=Double())
     )
     stmt = select(
-        # Peers with a row of statistics, as list_peers and get_peer_metrics know them: a forgotten
-        # peer's ``peers`` row stays while a tombstone of its mappings does (QA round 63).
-        select(func.count(func.distinct(ps.peer_id))).scalar_subquery(),
+        # The peers rows, a covering-index count (1 ms at 100,000 peers on SQLite). Counting peers
+        # with statistics instead (QA round 63: a forgotten peer's row stays while a tombstone of
+        # its mappings does) cost 18 ms on SQLite and 92 ms on Postgres (QA round 65) at every
+        # /metrics scrape, for a count that includes departed peers for two weeks anyway.
+        select(func.count()).select_from(peers).scalar_subquery(),
         online.scalar_subquery(),
         select(func.count()).select_from(contents).scalar_subquery(),
         select(func.count()).where(content_peers.c.available).scalar_subquery(),
