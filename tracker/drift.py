@@ -51,8 +51,8 @@ def _drift(sync_conn: Connection) -> list[str]:
         diffs = compare_metadata(context, metadata)
     lines = [line for diff in diffs for line in _described(diff)]
     inspector = inspect(sync_conn)
-    lines += _conditions(inspector, sync_conn.dialect)
     existing = set(inspector.get_table_names())
+    lines += _conditions(inspector, sync_conn.dialect, existing)
     lines += [
         f"check constraint {check['name'] or '(unnamed)'} on {table} is not the tracker's"
         for table in metadata.tables
@@ -64,10 +64,9 @@ def _drift(sync_conn: Connection) -> list[str]:
     return lines
 
 
-def _conditions(inspector: Inspector, dialect: Dialect) -> list[str]:
-    """The tracker's partial indexes whose WHERE differs from the models'."""
+def _conditions(inspector: Inspector, dialect: Dialect, existing: set[str]) -> list[str]:
+    """The tracker's partial indexes whose WHERE differs from the models' (``existing``: the tables)."""
     lines = []
-    existing = set(inspector.get_table_names())
     for table in metadata.tables.values():
         if table.name not in existing:
             continue

@@ -50,6 +50,12 @@ async def _state(engine: AsyncEngine) -> tuple[str | None, str | None]:
     return await migrations.current_revision(engine), migrations.head_revision()
 
 
+async def _checked(engine: AsyncEngine) -> tuple[str | None, str | None, list[str]]:
+    """``_state``, and at the newest revision how the schema differs from what it makes."""
+    at, head = await _state(engine)
+    return at, head, await schema_drift(engine) if at == head else []
+
+
 @db_app.command()
 def upgrade(
     revision: Annotated[str, typer.Option(help="Target revision.")] = "head",
@@ -146,14 +152,14 @@ def check(database_url: DatabaseUrlOption = None, debug: DebugOption = False) ->
     with errors_as_messages(debug):
         config = config_for(database_url)
         require_existing_sqlite(config)
-        at, head = run(_with_engine(config, _state))
+        at, head, differences = run(_with_engine(config, _checked))
         if problem := migrations.unknown_revision_problem(at):
             raise InvalidInput(problem)
         if at != head:
             raise InvalidInput(
                 f"schema at {at or 'empty'}, this tracker needs {head}: run `tracker db upgrade`"
             )
-        if differences := run(_with_engine(config, schema_drift)):
+        if differences:
             shown = "; ".join(differences[:_SHOWN_DIFFERENCES])
             more = len(differences) - _SHOWN_DIFFERENCES
             raise InvalidInput(
