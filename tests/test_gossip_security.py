@@ -620,7 +620,9 @@ async def test_a_slow_link_catching_up_is_not_cut_while_each_sync_moves_rows(tmp
     net = LocalNet()
 
     async def slow(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
-        await asyncio.sleep(0.15)  # each request takes 0.15 s; the bound is 10 x 0.05 s per sync
+        # Each request takes 0.3 s; the bound is 10 x 0.1 s per sync, which leaves 0.7 s for the sync's
+        # own work (0.35 s with 0.15 of 0.5 was once too little on a loaded CI machine).
+        await asyncio.sleep(0.3)
         return await net(url, body, headers)
 
     trackers = [
@@ -631,13 +633,13 @@ async def test_a_slow_link_catching_up_is_not_cut_while_each_sync_moves_rows(tmp
     ]
     try:
         a = GossipAgent(
-            trackers[0], GossipConfig(keys=(KEY,), neighbors=("http://b",), timeout_s=0.05), transport=slow
+            trackers[0], GossipConfig(keys=(KEY,), neighbors=("http://b",), timeout_s=0.1), transport=slow
         )
         net.agents["http://b"] = GossipAgent(
             trackers[1], GossipConfig(keys=(KEY,), max_rows=4, stamp_chunk=2), transport=net
         )
         await trackers[1].record_batch([PeerOnline(f"p{i:02d}") for i in range(16)])
-        assert await a.round() == 1  # five syncs and more: 0.75 s, above 10 x timeout_s in all
+        assert await a.round() == 1  # five syncs and more: 1.5 s, above 10 x timeout_s in all
         assert a.neighbor_states()[0].consecutive_failures == 0
         assert len(await trackers[0].list_peers()) == 16
     finally:
