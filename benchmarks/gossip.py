@@ -156,7 +156,7 @@ async def transfer(
     stages = dict.fromkeys(("stamp", "read", "encode", "decode", "merge"), 0.0)
 
     async def stamp(conn: Any) -> int:
-        return (await q.stamp(conn, engine, source.node_id, cfg.stamp_chunk)).clock
+        return (await q.stamp(conn, engine, source.node_id, cfg.stamp_chunk, at=clock.now)).clock
 
     t = time.perf_counter()
     await run_write(source.engine, stamp, 3)

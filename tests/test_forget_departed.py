@@ -343,7 +343,7 @@ async def _origin_delta(tracker: AvailabilityTracker) -> OriginDelta:
     """Everything of ``tracker``'s own origin as gossip sends it to a new neighbour (stamped first)."""
 
     async def read(conn: Any) -> OriginDelta:
-        await gq.stamp(conn, tracker.config.dialect, tracker.node_id, 1000)
+        await gq.stamp(conn, tracker.config.dialect, tracker.node_id, 1000, at=0)
         got = await gq.read_deltas(conn, {tracker.node_key: 0}, (), 1000, 10)
         return next(d for d in got.deltas if d.origin == tracker.node_key)
 

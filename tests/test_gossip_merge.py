@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -203,7 +204,7 @@ async def _delta_row(agent: GossipAgent, base: int, peer: str) -> Any:
     samples, through ``base``."""
 
     async def work(conn: Any) -> Any:
-        await q.stamp(conn, agent.tracker.config.dialect, agent.tracker.node_id, 7)
+        await q.stamp(conn, agent.tracker.config.dialect, agent.tracker.node_id, 7, at=0)
         held = {agent.node_key: base}
         delta = await q.read_deltas(conn, held, (), 50, 10, samples=held)
         return next(p for d in delta.deltas for p in d.peers if p.peer == peer)
@@ -435,7 +436,7 @@ async def test_stamping_gives_each_changed_row_one_version_of_at_most_a_chunk(
     await tracker.record_batch([PeerOnline(f"peer-{i:04d}") for i in range(1_050)])
 
     async def stamp(conn: Any) -> int:
-        return (await q.stamp(conn, dialect, node, 100)).clock
+        return (await q.stamp(conn, dialect, node, 100, at=0)).clock
 
     async def versions(conn: Any) -> list[Any]:
         return list((await conn.execute(select(peer_stats.c.version))).scalars())
@@ -454,6 +455,34 @@ async def test_stamping_gives_each_changed_row_one_version_of_at_most_a_chunk(
     assert await run_write(tracker.engine, stamp, 3) == clock + 1
     again = await run_read(tracker.engine, versions)
     assert again.count(clock + 1) == 3 and None not in again
+
+
+async def test_a_stamp_starts_above_the_clock_in_milliseconds_and_never_goes_back(
+    tracker: AvailabilityTracker,
+) -> None:
+    """Versions follow the tracker's clock (a restored node's next changes then start above every
+    version it sent before: QA round 62, F2), never below the stored clock, and a stamp with nothing
+    to stamp moves nothing; a time no version can carry leaves the counter alone."""
+    dialect, node = tracker.config.dialect, tracker.node_id
+
+    async def stamp_at(at: float) -> int:
+        return await run_write(tracker.engine, lambda conn: q.stamp(conn, dialect, node, 100, at=at), 3)
+
+    async def clock() -> int:
+        return (await run_read(tracker.engine, q.vectors))[0][tracker.node_key]
+
+    t = 1_800_000_000.25
+    await tracker.record_batch([PeerOnline(f"peer-{i}") for i in range(150)])
+    assert (await stamp_at(t)).clock == 1_800_000_000_250 + 2  # two versions of at most 100 rows
+    assert (await stamp_at(t + 3600)).clock == await clock() == 1_800_000_000_252  # nothing to stamp
+    await tracker.record_batch([PeerOnline("peer-0")])
+    assert (await stamp_at(t - 3600)).clock == 1_800_000_000_253  # a clock set back: the stored one
+    await tracker.record_batch([PeerOnline("peer-1")])
+    assert (await stamp_at(t + 1)).clock == 1_800_000_001_251
+    for impossible in (-1.0, float("nan"), float("inf"), 1e20):
+        await tracker.record_batch([PeerOnline("peer-2")])
+        before = await clock()
+        assert (await stamp_at(impossible)).clock == before + 1
 
 
 async def test_key_lookups_are_planned_for_the_tables_as_they_grow(tracker: AvailabilityTracker) -> None:
@@ -521,7 +550,7 @@ async def test_stamping_passes_over_rows_a_writer_holds_instead_of_waiting(
     await tracker.record_batch([PeerOnline(f"peer-{i}") for i in range(3)])
 
     async def stamp(conn: Any) -> int:
-        return (await q.stamp(conn, dialect, node, 100)).clock
+        return (await q.stamp(conn, dialect, node, 100, at=0)).clock
 
     async def versions(conn: Any) -> dict[str, Any]:
         rows = await conn.execute(
@@ -541,41 +570,68 @@ async def test_stamping_passes_over_rows_a_writer_holds_instead_of_waiting(
     assert (await run_read(tracker.engine, versions))["peer-1"] == clock  # the next stamp takes it
 
 
+@asynccontextmanager
+async def _restored(
+    db_url: str, path: Path, net: LocalNet, clock: ManualClock, *, tick: float
+) -> AsyncIterator[tuple[GossipAgent, GossipAgent]]:
+    """Nodes a (``db_url``) and b (a SQLite file at ``path``): b gossips twelve changes to a after a
+    copy of its file is taken, ``tick`` seconds apart, and is then restored from the copy."""
+    url = f"sqlite+aiosqlite:///{path}"
+    agents = {"a": await _node(net, "a", db_url, clock), "b": await _node(net, "b", url, clock)}
+
+    async def restart(restore: Path | None = None) -> None:
+        await agents["b"].aclose()
+        await agents["b"].tracker.close()
+        if restore is not None:
+            for leftover in path.parent.glob(f"{path.name}-*"):
+                leftover.unlink()
+            shutil.copy(restore, path)
+        agents["b"] = await _node(net, "b", url, clock)
+
+    try:
+        await agents["b"].tracker.record_peer_online("before-the-copy")
+        await _sync(agents["b"], "a")
+        await restart()
+        shutil.copy(path, path.with_name("copy.db"))
+        for i in range(12):  # versions a will hold and the copy lacks
+            clock.advance(tick)
+            await agents["b"].tracker.record_peer_online(f"lost-{i}")
+            await _sync(agents["b"], "a", times=1)
+        await restart(restore=path.with_name("copy.db"))
+        yield agents["a"], agents["b"]
+    finally:
+        for agent in agents.values():
+            await agent.aclose()
+            await agent.tracker.close()
+
+
 @pytest.mark.parametrize("initiator", ["restored", "neighbour"])
 async def test_a_node_restored_from_an_old_copy_raises_its_clock_and_its_new_rows_travel(
     db_url: str, tmp_path: Path, net: LocalNet, manual_clock: ManualClock, initiator: str
 ) -> None:
     """Restored from a file copy, b stamped new changes with versions a already held, and a ignored
-    them for good (found by a QA pass of live trackers)."""
-    path = tmp_path / "b.db"
-    url = f"sqlite+aiosqlite:///{path}"
-    a = await _node(net, "a", db_url, manual_clock)
-    b = await _node(net, "b", url, manual_clock)
-
-    async def restart_b(restore: Path | None = None) -> GossipAgent:
-        await b.aclose()
-        await b.tracker.close()
-        if restore is not None:
-            for leftover in tmp_path.glob("b.db-*"):
-                leftover.unlink()
-            shutil.copy(restore, path)
-        return await _node(net, "b", url, manual_clock)
-
-    try:
-        await b.tracker.record_peer_online("before-the-copy")
-        await _sync(b, "a")
-        b = await restart_b()
-        shutil.copy(path, tmp_path / "copy.db")
-        for i in range(12):  # versions a will hold and the copy lacks
-            await b.tracker.record_peer_online(f"lost-{i}")
-            await _sync(b, "a", times=1)
-        b = await restart_b(restore=tmp_path / "copy.db")
+    them for good (found by a QA pass of live trackers). Here no time passes: a's clock of b, above
+    b's, makes b raise its clock and send everything again."""
+    async with _restored(db_url, tmp_path / "b.db", net, manual_clock, tick=0) as (a, b):
         await b.tracker.record_peer_online("after-the-restore")
         for _ in range(3):
             await (_sync(b, "a", times=1) if initiator == "restored" else _sync(a, "b", times=1))
         assert await a.tracker.get_peer_metrics("after-the-restore") is not None
         assert await b.tracker.get_peer_metrics("lost-3") is None  # the copy's own past is not brought back
-    finally:
-        for agent in (a, b):
-            await agent.aclose()
-            await agent.tracker.close()
+
+
+async def test_a_restored_node_that_stamps_past_its_neighbours_clock_of_it_before_gossiping_loses_nothing(
+    db_url: str, tmp_path: Path, net: LocalNet, manual_clock: ManualClock
+) -> None:
+    """Restored from a copy, b stamped its new changes up to and past a's clock of it before its
+    first exchange: a's vector then showed no gap, b sent only the versions above it, and the changes
+    under versions a held from before the restore never reached a (QA round 62, F2). Versions follow
+    the wall clock in milliseconds now, so the restored node's first stamp is above every version it
+    sent before."""
+    async with _restored(db_url, tmp_path / "b.db", net, manual_clock, tick=1) as (a, b):
+        manual_clock.advance(60)
+        new = [f"new-{i}" for i in range(100)]  # 15 versions of 7 rows: past what a holds of b
+        await b.tracker.record_batch([PeerOnline(peer) for peer in new])
+        await _sync(b, "a")
+        missing = [peer for peer in new if await a.tracker.get_peer_metrics(peer) is None]
+        assert missing == []

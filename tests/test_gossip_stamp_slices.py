@@ -102,7 +102,9 @@ async def test_a_stamp_with_a_budget_stops_there_and_the_next_goes_on(tracker: A
     rounds = []
     while True:
         before = sum(v is not None for v in await _versions(tracker))
-        done = await run_write(tracker.engine, lambda conn: q.stamp(conn, dialect, node, CHUNK, SLICE), 3)
+        done = await run_write(
+            tracker.engine, lambda conn: q.stamp(conn, dialect, node, CHUNK, SLICE, at=0), 3
+        )
         rounds.append(sum(v is not None for v in await _versions(tracker)) - before)
         if done.complete:
             break
@@ -120,7 +122,7 @@ async def test_a_stamp_with_a_budget_stops_there_and_the_next_goes_on(tracker: A
     )
     assert clock == done.clock
     # Nothing left: a further stamp changes nothing and says so.
-    again = await run_write(tracker.engine, lambda conn: q.stamp(conn, dialect, node, CHUNK, SLICE), 3)
+    again = await run_write(tracker.engine, lambda conn: q.stamp(conn, dialect, node, CHUNK, SLICE, at=0), 3)
     assert again == (done.clock, True)
 
 

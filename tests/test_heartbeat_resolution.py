@@ -29,7 +29,7 @@ T0 = 1_800_000_000.0  # a multiple of 60: windows of a minute start at T0, T0 + 
 
 async def _stamp(tracker: AvailabilityTracker) -> None:
     async def work(conn: Any) -> int:
-        return (await q.stamp(conn, tracker.config.dialect, tracker.node_id, 100)).clock
+        return (await q.stamp(conn, tracker.config.dialect, tracker.node_id, 100, at=0)).clock
 
     await run_write(tracker.engine, work, 3)
 

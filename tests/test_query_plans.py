@@ -218,7 +218,7 @@ async def test_a_gossip_delta_reads_no_more_rows_than_it_sends(swarm_tracker: Av
     dialect, engine = tracker.config.dialect, tracker.engine
 
     async def stamp(conn: Any) -> int:
-        return (await q.stamp(conn, dialect, tracker.node_id, 100)).clock
+        return (await q.stamp(conn, dialect, tracker.node_id, 100, at=0)).clock
 
     await run_write(engine, stamp, 3)
     budget = 500

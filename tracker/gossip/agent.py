@@ -346,7 +346,9 @@ class GossipAgent:
             # One slice, in the merge's transaction; a reply that leaves a backlog says it has more,
             # so the sender's follow-ups take the next slices (a tracker without neighbours of its own
             # otherwise sent one slice per exchange: QA round 25).
-            stamped = await q.stamp(conn, dialect, self.tracker.node_id, cfg.stamp_chunk, self._stamp_slice)
+            stamped = await q.stamp(
+                conn, dialect, self.tracker.node_id, cfg.stamp_chunk, self._stamp_slice, at=now
+            )
             return counts, await q.vectors(conn), not stamped.complete
 
         try:
@@ -498,7 +500,7 @@ class GossipAgent:
         slices = 0
 
         async def work(conn: Any) -> tuple[dict[str, int], dict[str, int]] | None:
-            done = await q.stamp(conn, dialect, node_id, chunk, self._stamp_slice)
+            done = await q.stamp(conn, dialect, node_id, chunk, self._stamp_slice, at=self._now())
             return await q.vectors(conn) if done.complete or slices >= _MAX_STAMP_SLICES else None
 
         while True:

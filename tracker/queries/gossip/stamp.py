@@ -11,6 +11,7 @@ from typing import NamedTuple
 from sqlalchemy import select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from ...gossip.protocol import MAX_VERSION
 from ...schema import nodes
 
 _STAMP_LOCK = 0x7472_6B67  # "trkg": the Postgres advisory lock that serializes stampers
@@ -28,9 +29,23 @@ class Stamp(NamedTuple):
 
 
 async def stamp(
-    conn: AsyncConnection, dialect: str, local_id: int, chunk: int, max_rows: int | None = None
+    conn: AsyncConnection,
+    dialect: str,
+    local_id: int,
+    chunk: int,
+    max_rows: int | None = None,
+    *,
+    at: float,
 ) -> Stamp:
     """Give locally changed rows (version null) the local node's next versions.
+
+    Versions follow the tracker's clock: a stamp's first version is one above the larger of the
+    stored clock and ``at`` in milliseconds (``floor_of``), then one more per chunk. The stored clock
+    alone made a node restored from a copy (or downgraded below migration 0005 and upgraded) stamp
+    its new changes with versions its neighbours already held from before the restore; stamped up to
+    their clock of it before an exchange showed the gap, those changes were ignored for good (QA
+    round 62, F2). Above the wall clock's milliseconds, they start above every version sent before,
+    unless the clock was behind then or versions ran ahead of it (more than a chunk a millisecond).
 
     Each statement gives the next version to at most ``chunk`` dirty rows, so a message of more than
     ``chunk`` rows always completes a version. Rows are addressed by their physical handle on Postgres
@@ -51,18 +66,34 @@ async def stamp(
     """
     if dialect == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _STAMP_LOCK})
-    clock = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
-    start, budget = clock, max_rows
+    start = int((await conn.execute(select(nodes.c.clock).where(nodes.c.id == local_id))).scalar_one())
+    clock, budget, total = max(start, floor_of(at)), max_rows, 0
     for table in ("peer_stats", "content_peers"):
         if dialect == "postgresql":
             clock, stamped = await _stamp_postgres(conn, table, local_id, chunk, clock, budget)
         else:
             clock, stamped = await _stamp_sqlite(conn, table, local_id, chunk, clock, budget)
+        total += stamped
         if budget is not None and (budget := budget - stamped) <= 0:
             break
-    if clock != start:
-        await conn.execute(update(nodes).where(nodes.c.id == local_id).values(clock=clock))
+    if not total:  # nothing to stamp: the clock stays, and no write is made
+        return Stamp(start, True)
+    await conn.execute(update(nodes).where(nodes.c.id == local_id).values(clock=clock))
     return Stamp(clock, budget is None or budget > 0)
+
+
+def floor_of(at: float) -> int:
+    """The lowest clock a stamp at ``at`` (Unix seconds) starts above: its milliseconds, or 0 for a
+    time outside what versions can carry (before 1970, or past 2^52 ms, where a neighbour would
+    refuse it as this node's clock: ``GossipAgent._catch_up``), so the stored clock alone counts then."""
+    if not 0 <= at < _MAX_FLOOR / 1000:  # NaN too
+        return 0
+    return int(at * 1000)
+
+
+#: Where ``floor_of`` stops following the clock (about the year 140,000): below the highest own
+#: clock a node takes from a neighbour (``MAX_VERSION // 2``) by room for 2^40 chunks more.
+_MAX_FLOOR = MAX_VERSION // 2 - 2**40
 
 
 async def _stamp_sqlite(
