@@ -13,14 +13,15 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import text, update
+from sqlalchemy import make_url, text, update
 from typer.testing import CliRunner, Result
 
-from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig
+from tracker import AvailabilityTracker, SchemaOutOfDate, TrackerConfig, drift
 from tracker.cli import app
 from tracker.clockleap import system_boot_id, system_elapsed
 from tracker.db import create_engine
@@ -339,6 +340,62 @@ def test_db_check_names_a_schema_changed_by_hand_at_the_newest_revision(
                 assert difference in result.stderr, result.stderr
         assert "Warning" not in result.stderr, result.stderr
         assert "ix_operators_own" not in line and "\n" not in line
+
+
+def test_db_check_names_an_analytics_view_whose_definition_was_changed(
+    empty_pg_url: str, tmp_path: Path
+) -> None:
+    """A view replaced by hand (`peer_scores` counting differently, say) passed `db check`, while
+    operators' analytics read it (QA round 65). The same definition written out differently (line
+    breaks, case) is no difference."""
+    for url in (f"sqlite+aiosqlite:///{tmp_path / 'views.db'}", empty_pg_url):
+        assert _cli(url, "db", "upgrade").exit_code == 0
+        dialect = "postgresql" if "postgresql" in url else "sqlite"
+        statement = dict(drift._view_statements(dialect))["under_replicated_content"]
+        rewritten = " ".join(statement.split()).replace("SELECT", "select").replace("FROM", "\n  from")
+        asyncio.run(_execute(url, "DROP VIEW under_replicated_content", rewritten))
+        result = _cli(url, "db", "check")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == f"schema at {head_revision()}: up to date"
+        changed = statement.replace("WHERE cr.online_holders < t.value", "WHERE cr.online_holders <= t.value")
+        assert changed != statement
+        asyncio.run(_execute(url, "DROP VIEW under_replicated_content", changed))
+        result = _cli(url, "db", "check")
+        assert result.exit_code == 1, result.output
+        assert "view under_replicated_content: not the definition the migrations make" in result.stderr
+        assert "peer_scores" not in result.stderr and "content_replication:" not in result.stderr
+
+
+def test_db_check_without_the_temporary_privilege_checks_the_rest_and_says_the_views_were_not(
+    empty_pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Postgres compares views through temporary ones: a role that may not make them still gets the
+    rest of the check, and a warning, not an error."""
+    assert _cli(empty_pg_url, "db", "upgrade").exit_code == 0
+    role = f"tracker_notemp_{uuid.uuid4().hex[:8]}"
+    database = make_url(empty_pg_url).database
+    asyncio.run(
+        _execute(
+            empty_pg_url,
+            f'REVOKE TEMPORARY ON DATABASE "{database}" FROM PUBLIC',
+            f"CREATE ROLE {role} LOGIN",
+            f"GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role}",
+        )
+    )
+    try:
+        as_role = make_url(empty_pg_url).set(username=role).render_as_string(hide_password=False)
+        result = _cli(as_role, "db", "check")
+        assert result.exit_code == 0, result.output
+        assert result.stdout.strip() == f"schema at {head_revision()}: up to date"
+        assert "the analytics views' definitions were not compared: permission denied" in caplog.text
+        asyncio.run(_execute(empty_pg_url, "DROP INDEX ix_content_peers_peer"))
+        result = _cli(as_role, "db", "check")
+        assert (
+            result.exit_code == 1
+            and "index ix_content_peers_peer on content_peers is missing" in result.stderr
+        )
+    finally:
+        asyncio.run(_execute(empty_pg_url, f"DROP OWNED BY {role}", f"DROP ROLE {role}"))
 
 
 async def _execute(url: str, *statements: str) -> None:

@@ -11,22 +11,26 @@ Not reported: tables the tracker does not have, and plain indexes an operator ad
 they harm no write). Reported: anything of the tracker's missing or changed, a partial index's
 condition included (Alembic does not compare those: `uq_tracker_nodes_local` without its `WHERE
 is_local` allows one remote node, QA round 65), and what an operator added to its tables that can
-refuse its writes: columns, UNIQUE and CHECK constraints, unique indexes. Not compared: a view's
-definition (only that it exists) and SQLite's WITHOUT ROWID (tests/test_migrations.py checks both
-kinds of drift in the migrations themselves).
+refuse its writes: columns, UNIQUE and CHECK constraints, unique indexes; and an analytics view
+whose definition is not the newest migration's (a replaced `peer_scores` passed, and operators'
+analytics read it: QA round 65). Not compared: SQLite's WITHOUT ROWID (tests/test_migrations.py
+checks it in the migrations themselves).
 """
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Dialect, Inspector
-from sqlalchemy.exc import SAWarning
+from sqlalchemy.exc import DBAPIError, SAWarning
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .schema import metadata
+
+log = logging.getLogger(__name__)
 
 #: The analytics views (migration 0004 and later; docs/analytics.md), which the models do not hold.
 VIEWS = ("peer_scores", "content_replication", "under_replicated_content")
@@ -61,7 +65,75 @@ def _drift(sync_conn: Connection) -> list[str]:
     ]
     views = set(inspector.get_view_names())
     lines += [f"view {name} is missing" for name in VIEWS if name not in views]
+    lines += [
+        f"view {name}: not the definition the migrations make" for name in _changed_views(sync_conn, views)
+    ]
     return lines
+
+
+def _changed_views(conn: Connection, present: set[str]) -> list[str]:
+    """The analytics views in ``present`` whose definition differs from the newest migration's.
+
+    Each engine is asked to compare in its own terms: SQLite keeps a view's statement as it was
+    written, so the texts are compared with whitespace and case folded; Postgres keeps a parsed
+    definition, so the migration's statement is made into a temporary view and the two are printed
+    back by ``pg_get_viewdef`` (inside a savepoint, undone at once: nothing stays)."""
+    wanted = {name: sql for name, sql in _view_statements(conn.dialect.name) if name in present}
+    if conn.dialect.name != "postgresql":
+        rows = conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'view'")).all()
+        found = {name: sql for name, sql in rows}
+        return sorted(name for name, sql in wanted.items() if _folded(found[name]) != _folded(sql))
+    changed = []
+    savepoint = conn.begin_nested()
+    try:
+        for name, sql in wanted.items():
+            conn.execute(text(sql.replace(f"CREATE VIEW {name} AS", f"CREATE TEMP VIEW {_TEMP}{name} AS", 1)))
+            made, live = conn.execute(
+                text(
+                    "SELECT pg_get_viewdef(CAST(:made AS regclass)), pg_get_viewdef(CAST(:live AS regclass))"
+                ),
+                {"made": f"{_TEMP}{name}", "live": name},
+            ).one()
+            if made != live:
+                changed.append(name)
+    except DBAPIError as error:
+        # A role without the TEMPORARY privilege: the rest of the check still says what it can.
+        log.warning("the analytics views' definitions were not compared: %s", str(error.orig).strip())
+        return []
+    finally:
+        savepoint.rollback()
+    return sorted(changed)
+
+
+#: The prefix of the temporary views ``_changed_views`` makes on Postgres.
+_TEMP = "tracker_drift_"
+
+
+def _view_statements(dialect: str) -> list[tuple[str, str]]:
+    """(name, CREATE VIEW statement) of the views as the newest migration that makes them makes them.
+
+    The migrations are the schema's only source (views are not in the models): the newest revision
+    whose module has ``view_sql`` holds the statements head has."""
+    from alembic.script import ScriptDirectory
+
+    from .migrations import alembic_config
+
+    for script in ScriptDirectory.from_config(alembic_config()).walk_revisions():
+        make = getattr(script.module, "view_sql", None)
+        if make is not None:
+            statements: list[str] = make(dialect)
+            return [(_view_name(sql), sql) for sql in statements]
+    return []
+
+
+def _view_name(statement: str) -> str:
+    words = statement.split()
+    assert words[:2] == ["CREATE", "VIEW"] and words[3] == "AS", statement[:60]
+    return words[2]
+
+
+def _folded(sql: str) -> str:
+    return " ".join(sql.lower().split())
 
 
 def _conditions(inspector: Inspector, dialect: Dialect, existing: set[str]) -> list[str]:
