@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tracker import ConfigError, ReputationParams, TrackerConfig
-from tracker.cli._common import unknown_variables
+from tracker.cli._common import unknown_variables, unless_in_env
 from tracker.db import pg_server_settings
 from tracker.gossip.config import GossipConfig
 from tracker.service.settings import ServiceSettings
@@ -267,6 +267,26 @@ def test_a_gossip_on_off_variable_that_is_neither_is_refused(value: str) -> None
     assert GossipConfig.from_env({"TRACKER_GOSSIP_LEARN_NEIGHBORS": " On "}).learn_neighbors
     assert not GossipConfig.from_env({"TRACKER_GOSSIP_LEARN_NEIGHBORS": "0"}).learn_neighbors
     assert not GossipConfig.from_env({"TRACKER_GOSSIP_LEARN_NEIGHBORS": ""}).learn_neighbors  # unset
+
+
+def test_an_empty_variable_is_unset_for_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`TRACKER_AUTO_MIGRATE=''` was "not a valid bool", `TRACKER_LOG_JSON=''` no, and
+    `TRACKER_GOSSIP_LEARN_NEIGHBORS=''` unset (QA round 58 D3): empty (`${X:-}` in a unit file) or
+    blank is unset, whatever the setting's type."""
+    for blank in ("", "  "):
+        tracker_env = dict.fromkeys(TrackerConfig.env_names(), blank)
+        assert TrackerConfig.from_env(tracker_env) == TrackerConfig()
+        gossip_env = dict.fromkeys(GossipConfig.env_names(), blank)
+        assert GossipConfig.from_env(gossip_env) == GossipConfig()
+        service_env = dict.fromkeys(ServiceSettings.env_names(), blank)
+        assert ServiceSettings.from_env(service_env) == ServiceSettings()
+    assert (
+        TrackerConfig.from_env({"TRACKER_AUTO_MIGRATE": "", "TRACKER_RUN_SWEEPER": "no"}).run_sweeper is False
+    )
+    # A command's own default (serve's run_sweeper=True over the library's) yields only to a value.
+    monkeypatch.setenv("TRACKER_RUN_SWEEPER", " ")
+    monkeypatch.setenv("TRACKER_AUTO_MIGRATE", "false")
+    assert unless_in_env(run_sweeper=True, auto_migrate=True) == {"run_sweeper": True}
 
 
 def test_postgres_url_options_asyncpg_takes_are_accepted() -> None:

@@ -433,12 +433,12 @@ class TrackerConfig:
         for f in dataclasses.fields(cls):
             if f.name in _NOT_FROM_ENV:
                 continue
-            raw = env.get(f"TRACKER_{f.name.upper()}")
+            raw = env_value(env, f"TRACKER_{f.name.upper()}")
             if raw is not None and f.name not in overrides:  # an override wins, even over a bad value
                 values[f.name] = _parse(f.name, raw, _field_type(cls, f.name))
         reputation: dict[str, Any] = {}
         for f in dataclasses.fields(ReputationParams):
-            raw = env.get(f"TRACKER_REPUTATION_{f.name.upper()}")
+            raw = env_value(env, f"TRACKER_REPUTATION_{f.name.upper()}")
             if raw is not None:
                 reputation[f.name] = _parse(f"reputation.{f.name}", raw, float)
         if reputation:
@@ -467,6 +467,14 @@ def _field_type(cls: type, name: str) -> type:
         if annotation.split(" | ")[0] == kind.__name__:
             return kind
     return str
+
+
+def env_value(env: Mapping[str, str], name: str) -> str | None:
+    """A variable's value, or ``None`` when it is unset or empty (blanks only): deployments write
+    ``TRACKER_X=${X:-}``, and an empty value was read unevenly, refused as "not a valid bool" by one
+    setting, taken as no by another, as unset by a third (QA round 58 D3). Empty is unset everywhere."""
+    raw = env.get(name)
+    return raw if raw is not None and raw.strip() else None
 
 
 def parse_bool(raw: str) -> bool:

@@ -27,7 +27,7 @@ from rich.text import Text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from ..config import TrackerConfig, _without_password
+from ..config import TrackerConfig, _without_password, env_value
 from ..core import AvailabilityTracker
 from ..db import is_driver_error, missing_sqlite_file
 from ..errors import InvalidInput, TrackerError
@@ -307,7 +307,11 @@ def _warn_of_unknown_variables() -> None:
 def unless_in_env(**defaults: Any) -> dict[str, Any]:
     """A command's own defaults, minus those whose ``TRACKER_*`` variable is set: options win over the
     environment, and the environment over defaults, the command's as much as the library's."""
-    return {name: value for name, value in defaults.items() if f"TRACKER_{name.upper()}" not in os.environ}
+    return {
+        name: value
+        for name, value in defaults.items()
+        if env_value(os.environ, f"TRACKER_{name.upper()}") is None
+    }
 
 
 def _check_url(database_url: str) -> None:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..config import parse_bool
+from ..config import env_value, parse_bool
 from ..errors import ConfigError
 from .limits import MIN_BYTES
 
@@ -110,7 +110,7 @@ class GossipConfig:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name in _ENV_FIELDS:
-            raw = env.get(f"TRACKER_GOSSIP_{name.upper()}")
+            raw = env_value(env, f"TRACKER_GOSSIP_{name.upper()}")
             if raw is None or name in overrides:  # an override wins, even over a bad value
                 continue
             try:
@@ -121,10 +121,9 @@ class GossipConfig:
                 elif name in _FLOATS:
                     values[name] = float(raw)
                 elif name == "learn_neighbors":
-                    if raw.strip():  # empty (`VAR=${X:-}`): unset, as it was read before (QA round 58)
-                        values[name] = parse_bool(raw)
+                    values[name] = parse_bool(raw)
                 else:
-                    values[name] = raw.strip() or None
+                    values[name] = raw.strip()
             except ValueError:
                 raise ConfigError(f"TRACKER_GOSSIP_{name.upper()}={raw!r} is not valid") from None
         values.update(overrides)

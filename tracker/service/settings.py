@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import parse_bool
+from ..config import env_value, parse_bool
 from ..core import MAX_PAGE
 from ..errors import ConfigError
 
@@ -122,8 +122,8 @@ class ServiceSettings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for name, parse in _PARSERS.items():
-            raw = env.get(f"TRACKER_{name.upper()}")
-            if raw is None or raw == "" or overrides.get(name) is not None:
+            raw = env_value(env, f"TRACKER_{name.upper()}")
+            if raw is None or overrides.get(name) is not None:
                 continue  # unset, or a command-line option wins (even over a variable that is invalid)
             try:
                 values[name] = parse(raw)
