@@ -30,6 +30,7 @@ from tracker.cli import app
 from tracker.cli._common import run as cli_run
 from tracker.cli.serve import _service_overrides
 from tracker.errors import TrackerClosed
+from tracker.migrations import head_revision
 from tracker.service.server import serve
 from tracker.service.settings import ServiceSettings
 
@@ -171,11 +172,30 @@ def test_a_downgrade_by_a_relative_step_is_not_taken_for_an_option(tmp_path: Pat
     assert run("db", "current", "--json", "--database-url", url).stdout.count('"0004"') == 1
 
 
-def test_a_downgrade_to_a_later_revision_is_one_line(tmp_path: Path) -> None:
+def test_a_downgrade_that_cannot_go_says_why_in_one_line_and_changes_nothing(tmp_path: Path) -> None:
+    """Alembic's own sentences: "Destination 0007 is not a valid downgrade target from current
+    head(s)", and "Relative revision -1 didn't produce 1 migrations" at base, of +1 and of -0 (QA
+    round 65)."""
     url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
-    assert run("db", "upgrade", "--revision", "0005", "--database-url", url).exit_code == 0
-    line = one_line_error(run("db", "downgrade", "0007", "--database-url", url))
-    assert line.startswith("error: Destination 0007 is not a valid downgrade target")
+    assert run("db", "upgrade", "--revision", "0002", "--database-url", url).exit_code == 0
+    refused = {
+        "0007": "0007 is above the schema's revision, 0002: `tracker db upgrade --revision 0007` goes up",
+        "head": f"head ({head_revision()}) is above the schema's revision, 0002: `tracker db upgrade",
+        "+1": "a downgrade goes down, and +1 is up: `tracker db upgrade` goes up",
+        "-0": "-0 is no step: give -1 or more, a revision, or base",
+        "-3": "the schema is at 0002, 2 steps above base: -3 goes past it (base drops every table)",
+    }
+    for target, said in refused.items():
+        line = one_line_error(run("db", "downgrade", "--database-url", url, "--", target))
+        assert line.startswith(f"error: {said}"), line
+    assert run("db", "current", "--json", "--database-url", url).stdout.count('"0002"') == 1
+    assert (
+        run("db", "downgrade", "--database-url", url, "--", "-2").stdout.strip() == "schema at base (empty)"
+    )
+    line = one_line_error(run("db", "downgrade", "--database-url", url, "--", "-1"))
+    assert line == "error: the schema is empty (base): there is nothing to take down"
+    again = run("db", "downgrade", "base", "--database-url", url)  # already there: done
+    assert again.exit_code == 0 and again.stdout.strip() == "schema at base (empty)", again.output
 
 
 def test_an_sqlite_file_that_cannot_be_opened_prints_no_thread_traceback(

@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from .db import write_connection
-from .errors import SchemaOutOfDate, TransientStorageError, describe, is_transient, sqlstate_of
+from .errors import InvalidInput, SchemaOutOfDate, TransientStorageError, describe, is_transient, sqlstate_of
 from .schema import metadata
 
 if TYPE_CHECKING:
@@ -211,6 +211,8 @@ async def _migrate_once(engine: AsyncEngine, revision: str, *, downgrade: bool, 
             raise SchemaOutOfDate(problem)
         if not downgrade and revision == "head" and current == head_revision():
             return True  # Alembic would only log that it has nothing to do, at every open (QA round 22)
+        if downgrade and (problem := downgrade_problem(current, revision)):
+            raise InvalidInput(problem)
         # One revision a transaction on Postgres, where a revision may lose on a table's lock and be
         # tried again. SQLite's one write lock is taken once for all: its write connection, and
         # Alembic's set-up, made per revision, took a new file's open from 0.1 to 0.4 s.
@@ -348,6 +350,37 @@ def unknown_revision_problem(current: str | None) -> str | None:
         f"installation to it), or take the schema back down with the newer "
         f"version's `tracker db downgrade {head}` (that drops what it added)"
     )
+
+
+def downgrade_problem(current: str | None, target: str) -> str | None:
+    """Why a downgrade from ``current`` to ``target`` cannot go, in the tracker's words; ``None`` when
+    it can (or Alembic's own error is clear). Alembic said "Relative revision -1 didn't produce 1
+    migrations" at base, of ``+1`` and of ``-0``, and "Destination head is not a valid downgrade
+    target from current head(s)" (QA round 65)."""
+    if target.startswith("+"):
+        return f"a downgrade goes down, and {target} is up: `tracker db upgrade` goes up"
+    if target.startswith("-") and target[1:].isdigit() and int(target[1:]) == 0:
+        return f"{target} is no step: give -1 or more, a revision, or base"
+    if current is None:  # `base` again is done already
+        return None if target == "base" else "the schema is empty (base): there is nothing to take down"
+    below = len(list(_scripts().iterate_revisions(current, "base")))
+    if target.startswith("-") and target[1:].isdigit() and int(target[1:]) > below:
+        steps = "step" if below == 1 else "steps"
+        return (
+            f"the schema is at {current}, {below} {steps} above base: {target} goes past it "
+            "(base drops every table)"
+        )
+    wanted = _scripts().get_revision(target) if not target.startswith("-") and target != "base" else None
+    if wanted is not None and wanted.revision != current:
+        if wanted.revision not in {
+            script.revision for script in _scripts().iterate_revisions(current, "base")
+        }:
+            named = target if target == wanted.revision else f"{target} ({wanted.revision})"
+            return (
+                f"{named} is above the schema's revision, {current}: "
+                f"`tracker db upgrade --revision {wanted.revision}` goes up"
+            )
+    return None
 
 
 def require_known_revision(revision: str) -> None:
