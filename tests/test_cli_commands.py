@@ -155,6 +155,18 @@ def test_sweep_whose_snapshot_cannot_be_written_still_expires_and_exits_1(
     said = result.stderr.replace("\n", "")
     assert said.startswith(f"the snapshot was not written: {report['snapshot_error']}"), said
     assert "error:" not in said and "Exit" not in said, said  # the reason alone: no line for the exit
+    # As a process, the sweeper's log line said it first, with a service's retry advice (QA round 59).
+    process = subprocess.run(
+        [sys.executable, "-m", "tracker", "sweep", "--database-url", seeded],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TRACKER_SNAPSHOT_DIR": str(blocker), "COLUMNS": "500"},
+    )
+    assert process.returncode == 1
+    assert process.stderr.splitlines() == [f"the snapshot was not written: {report['snapshot_error']}"], (
+        process.stderr
+    )
 
 
 def test_sweep_after_the_clock_leapt_while_no_tracker_ran_sweeps_on_elapsed_time(db_url: str) -> None:

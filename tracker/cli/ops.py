@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Annotated, Any
@@ -43,7 +44,14 @@ def sweep(
             async with opened(database_url) as tracker:
                 return await tracker.sweep()
 
-        report = run(work())
+        # A snapshot that fails is said once, below, as the command's outcome: the service's log
+        # line said it first, with its retry advice, which a one-off pass has no use for (QA round 59).
+        sweeper_log = logging.getLogger("tracker.sweeper")
+        sweeper_log.addFilter(_snapshot_failure_said_below)
+        try:
+            report = run(work())
+        finally:
+            sweeper_log.removeFilter(_snapshot_failure_said_below)
         shown: dict[str, Any] = {
             "ran": report.ran,
             "now": report.now,
@@ -85,6 +93,10 @@ def sweep(
                 f"the snapshot was not written: {report.snapshot_error}", soft_wrap=True, highlight=False
             )
             raise typer.Exit(1)
+
+
+def _snapshot_failure_said_below(record: logging.LogRecord) -> bool:
+    return getattr(record, "action", None) != "snapshot_failed"
 
 
 @app.command()
