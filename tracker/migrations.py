@@ -363,23 +363,20 @@ def downgrade_problem(current: str | None, target: str) -> str | None:
         return f"{target} is no step: give -1 or more, a revision, or base"
     if current is None:  # `base` again is done already
         return None if target == "base" else "the schema is empty (base): there is nothing to take down"
-    below = len(list(_scripts().iterate_revisions(current, "base")))
-    if target.startswith("-") and target[1:].isdigit() and int(target[1:]) > below:
-        steps = "step" if below == 1 else "steps"
+    at_or_below = {script.revision for script in _scripts().iterate_revisions(current, "base")}
+    if target.startswith("-") and target[1:].isdigit() and int(target[1:]) > len(at_or_below):
+        steps = "step" if len(at_or_below) == 1 else "steps"
         return (
-            f"the schema is at {current}, {below} {steps} above base: {target} goes past it "
+            f"the schema is at {current}, {len(at_or_below)} {steps} above base: {target} goes past it "
             "(base drops every table)"
         )
     wanted = _scripts().get_revision(target) if not target.startswith("-") and target != "base" else None
-    if wanted is not None and wanted.revision != current:
-        if wanted.revision not in {
-            script.revision for script in _scripts().iterate_revisions(current, "base")
-        }:
-            named = target if target == wanted.revision else f"{target} ({wanted.revision})"
-            return (
-                f"{named} is above the schema's revision, {current}: "
-                f"`tracker db upgrade --revision {wanted.revision}` goes up"
-            )
+    if wanted is not None and wanted.revision not in at_or_below:
+        named = target if target == wanted.revision else f"{target} ({wanted.revision})"
+        return (
+            f"{named} is above the schema's revision, {current}: "
+            f"`tracker db upgrade --revision {wanted.revision}` goes up"
+        )
     return None
 
 
