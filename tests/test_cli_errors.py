@@ -160,6 +160,35 @@ def test_an_upgrade_that_fails_on_a_missing_sqlite_file_leaves_no_file_behind(tm
     assert path.exists()
 
 
+def test_ctrl_c_while_the_cli_loads_exits_130_without_a_traceback(tmp_path: Path) -> None:
+    """The CLI's libraries take ~0.6 s to load, seconds on a loaded host: a Ctrl-C meanwhile printed
+    Python's traceback of the imports (QA round 59 #10j). Signals at several moments of the start:
+    each ends the command quietly (130; -2 before Python has its handler), or comes after it ended."""
+    command = [
+        sys.executable,
+        "-m",
+        "tracker",
+        "stats",
+        "--database-url",
+        f"sqlite+aiosqlite:///{tmp_path / 'x.db'}",
+    ]
+    interrupted = 0
+    for delay in (0.05, 0.15, 0.3, 0.45, 0.6):
+        with subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        ) as process:
+            time.sleep(delay)
+            process.send_signal(signal.SIGINT)
+            _, err = process.communicate(timeout=60)
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, (delay, err)
+        if process.returncode == 1:  # it had ended: the command's own error
+            assert err.startswith("error: no database at"), err
+        else:
+            assert process.returncode in (130, -signal.SIGINT), (delay, process.returncode, err)
+            interrupted += 1
+    assert interrupted, "every signal came after the command ended"
+
+
 def test_a_downgrade_by_a_relative_step_is_not_taken_for_an_option(tmp_path: Path) -> None:
     """`tracker db downgrade -1` was "No such option: -1" (QA round 59 #10g); a real unknown option
     still is one."""

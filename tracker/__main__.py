@@ -1,3 +1,3 @@
-from tracker import cli
+from tracker._console import main
 
-cli.main()
+main()
