@@ -78,10 +78,14 @@ def token_accepted(request: Request) -> bool:
     too: a body that fails to parse is answered before any dependency runs, and an unauthenticated
     caller must learn it lacks the token, not how its body was wrong.
     """
-    expected: str | None = request.app.state.settings.api_token
+    return token_matches(request.headers.get("authorization"), request.app.state.settings.api_token)
+
+
+def token_matches(authorization: str | None, expected: str | None) -> bool:
+    """Whether an ``Authorization`` header value carries ``expected`` (always, when it is ``None``)."""
     if expected is None:
         return True
-    scheme, _, offered = request.headers.get("authorization", "").partition(" ")
+    scheme, _, offered = (authorization or "").partition(" ")
     # Constant-time comparison: the token must not leak through response timing.
     return scheme.lower() == "bearer" and hmac.compare_digest(offered.strip().encode(), expected.encode())
 
@@ -120,7 +124,10 @@ async def _only_known_query(request: Request) -> None:
 
 def needs_token(request: Request) -> bool:
     """Whether the matched route is one that changes state (it depends on the token check)."""
-    route = request.scope.get("route")
+    return route_needs_token(request.scope.get("route"))
+
+
+def route_needs_token(route: object) -> bool:
     return any(d.dependency is _require_token for d in getattr(route, "dependencies", ()))
 
 
