@@ -46,13 +46,17 @@ def test_eight_processes_lose_no_increment_and_see_no_lock_error(db_url: str) ->
     ]
     acked: Counter[str] = Counter()
     errors: list[str] = []
+    each: list[int] = []
     for worker in workers:
         out, err = worker.communicate(timeout=SECONDS + 120)  # a deadlock would hang here
         assert worker.returncode == 0, err.decode()[-2000:]
         report = json.loads(out.decode().strip().splitlines()[-1])
         acked.update(report["acked"])
+        each.append(sum(report["acked"].values()))
         errors += report["errors"]
     assert errors == []
-    assert sum(acked.values()) > 1000
+    # Every process wrote, many times over: the race happened. Not a speed check (a CI run beside
+    # other work made 980 increments where a floor asked for 1,000; benchmarks measure speed).
+    assert min(each) >= 20 and sum(each) >= 500, each
     assert asyncio.run(_counters(db_url)) == acked
     print(f"{PROCESSES} processes, {SECONDS:g} s: {sum(acked.values())} increments, all counted")
