@@ -289,6 +289,15 @@ def test_an_empty_variable_is_unset_for_every_setting(monkeypatch: pytest.Monkey
     assert unless_in_env(run_sweeper=True, auto_migrate=True) == {"run_sweeper": True}
 
 
+def test_the_api_token_and_gossip_keys_are_not_in_reprs() -> None:
+    """`TrackerConfig` masked its database password since QA round 22; the token and the gossip keys
+    printed in full wherever a settings object was shown (pytest, a debugger, an embedder's log: QA
+    round 68)."""
+    token, key = "token-0123456789abcdef", "gossip-key-0123456789"
+    shown = repr(ServiceSettings(api_token=token)) + repr(GossipConfig(keys=(key,)))
+    assert token not in shown and key not in shown, shown
+
+
 def test_postgres_url_options_asyncpg_takes_are_accepted() -> None:
     options = "ssl=require&target_session_attrs=primary&prepared_statement_cache_size=500"
     config = TrackerConfig(database_url=f"postgresql+asyncpg://u@127.0.0.1/db?{options}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 
 import httpx
 import pytest
@@ -56,6 +57,27 @@ async def test_each_request_logs_one_access_line_with_its_request_id(
     lines = [r for r in caplog.records if r.name == "tracker.access"]
     assert len(lines) == 1
     assert (lines[0].request_id, lines[0].status, lines[0].path) == ("req-7", 422, "/v1/peers/online")
+
+
+async def test_a_path_cannot_write_fields_of_its_choosing_into_the_access_line(
+    tracker: AvailabilityTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``/v1/peers/x%20status=200%20client=10.9.9.9`` wrote ``status=200 client=10.9.9.9`` into the
+    text line as fields (QA round 68): the message shows the path as sent, a field with blanks is
+    quoted."""
+    app = create_app(tracker)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        with caplog.at_level(logging.INFO, logger="tracker.access"):
+            await api.get("/v1/peers/x%20status=200%20client=10.9.9.9%20request_id=forged")
+    record = next(r for r in caplog.records if r.name == "tracker.access")
+    line = TextFormatter().format(record)
+    assert "GET /v1/peers/x%20status=200%20client=10.9.9.9%20request_id=forged 404" in line, line
+    assert ' path="/v1/peers/x status=200 client=10.9.9.9 request_id=forged" status=404' in line, line
+    fields = dict(word.split("=", 1) for word in shlex.split(line) if "=" in word and "%" not in word)
+    assert (fields["status"], fields["client"]) == ("404", "127.0.0.1:123"), fields
+    assert fields["request_id"] != "forged" and fields["path"].endswith("request_id=forged"), fields
+    quoted = TextFormatter().format(_record(note='say "hi" \\ bye', empty=""))
+    assert quoted.endswith('note="say \\"hi\\" \\\\ bye" empty=""'), quoted
 
 
 async def test_probes_and_scrapes_that_succeed_are_logged_at_debug_and_their_failures_at_info(
@@ -157,4 +179,7 @@ async def test_a_control_character_in_a_path_cannot_forge_a_text_log_line(
     (record,) = [r for r in caplog.records if r.name == "tracker.access"]
     line = TextFormatter().format(record)
     assert "\n" not in line and "\x1b" not in line
-    assert "/v1/peers/a\\nINFO tracker.access GET /admin 200\\x1b[2J" in line
+    # The message shows the path as sent; the path field, escaped, then quoted (QA round 68).
+    assert "GET /v1/peers/a%0aINFO%20tracker.access%20GET%20/admin%20200%1b[2J 422" in line, line
+    fields = dict(word.split("=", 1) for word in shlex.split(line) if word.startswith("path="))
+    assert fields["path"] == "/v1/peers/a\\nINFO tracker.access GET /admin 200\\x1b[2J", fields

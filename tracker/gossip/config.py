@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -22,7 +22,7 @@ class GossipConfig:
     """How a tracker gossips. Every field has a ``TRACKER_GOSSIP_<NAME>`` variable (lists comma-separated)."""
 
     #: Shared secrets (>= 16 characters); the first signs, all verify, so keys rotate one at a time.
-    keys: tuple[str, ...] = ()
+    keys: tuple[str, ...] = field(default=(), repr=False)  # secrets: not in reprs (QA round 68)
     #: Base URLs of neighbour trackers (``http://127.0.0.1:8081``); gossip goes to ``<url>/v1/gossip``.
     neighbors: tuple[str, ...] = ()
     #: Neighbours contacted per round.

@@ -57,8 +57,18 @@ class TextFormatter(logging.Formatter):
             {**record.__dict__, "msg": _escaped(record.getMessage()), "args": None}
         )
         base = super().format(one_line)
-        extras = " ".join(f"{key}={_escaped(str(value))}" for key, value in _extras(record).items())
+        extras = " ".join(f"{key}={_field(value)}" for key, value in _extras(record).items())
         return f"{base} {extras}" if extras else base
+
+
+def _field(value: object) -> str:
+    """A field's value, quoted (logfmt's way) when it holds a blank, ``=`` or ``"``: a path with
+    percent-encoded spaces (``/v1/peers/x%20client=10.9.9.9``) wrote fields of its choosing
+    into the access line (QA round 68)."""
+    text = _escaped(str(value))
+    if not text or any(c in text for c in ' ="'):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return text
 
 
 def _escaped(text: str) -> str:

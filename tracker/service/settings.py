@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import env_value, parse_bool
@@ -47,7 +47,7 @@ class ServiceSettings:
     port: int = DEFAULT_PORT
     #: Bearer token required by every write endpoint and by selections (they grant leases); ``None``
     #: leaves them open. (Gossip is signed with its own key instead.)
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)  # a secret: not in reprs (QA round 68)
     #: Largest request body accepted; larger ones get 413 before they are read.
     max_body_bytes: int = 8 * 1024 * 1024
     #: Largest ``n`` a best-peers request may ask for.
