@@ -195,6 +195,41 @@ def test_serve_refuses_a_database_behind_its_schema_with_no_migrate(
     assert database.exists() == exists
 
 
+def test_serve_without_a_token_answers_only_requests_addressed_to_this_machine(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Without a token the service is open to this machine only; a web page whose name its attacker
+    re-points at 127.0.0.1 (DNS rebinding) reached it as this machine: it read, wrote and took
+    leases (QA round 68). Its ``Host`` names the page: 421. With a token, any name is answered."""
+    open_server = Server(db_url, tmp_path / "open.log")
+    try:
+        open_server.wait_ready()
+        url, body = f"{open_server.base_url}/v1/peers/online", {"peer_id": "p1"}
+        refused = httpx.post(url, json=body, headers={"Host": "rebind.attacker.example"}, timeout=10)
+        assert refused.status_code == 421 and refused.json()["error"]["code"] == "misdirected_request"
+        assert "rebind.attacker.example" in refused.json()["error"]["message"]
+        assert (
+            httpx.get(f"{open_server.base_url}/v1/peers/p1", timeout=10).status_code == 404
+        )  # nothing written
+        for host in (
+            f"localhost:{open_server.port}",
+            "127.0.0.1",
+            f"[::1]:{open_server.port}",
+            "a.localhost",
+        ):
+            answer = httpx.post(url, json=body, headers={"Host": host}, timeout=10)
+            assert answer.status_code == 200, (host, answer.text)
+    finally:
+        assert open_server.stop() == 0
+    guarded = Server(db_url, tmp_path / "guarded.log", env={"TRACKER_API_TOKEN": TOKEN})
+    try:
+        guarded.wait_ready()
+        answer = httpx.get(f"{guarded.base_url}/v1/stats", headers={"Host": "tracker.example"}, timeout=10)
+        assert answer.status_code == 200
+    finally:
+        assert guarded.stop() == 0
+
+
 def test_serve_refuses_a_public_address_without_a_token(tmp_path: Path) -> None:
     result = subprocess.run(
         [

@@ -43,7 +43,7 @@ from .bodies import TooManyKeys
 from .metrics import ServiceMetrics
 from .routes import UNAUTHORIZED, build_router, needs_token, route_needs_token, token_accepted, token_matches
 from .schemas import MOST_ERRORS, ErrorOut
-from .settings import ServiceSettings
+from .settings import ServiceSettings, is_loopback
 
 log = logging.getLogger("tracker.service")
 access_log = logging.getLogger("tracker.access")
@@ -78,11 +78,14 @@ def create_app(
     gossip: GossipAgent | None = None,
     *,
     rate_clock: Callable[[], float] | None = None,
+    loopback_hosts_only: bool = False,
 ) -> FastAPI:
     """The HTTP API over an open ``tracker``; see docs/api.md for the flows and ``/docs`` for the schema.
 
     With a ``gossip`` agent, ``POST /v1/gossip`` takes its neighbours' signed messages (docs/gossip.md).
     Each connection is rate-limited (``rate_limit_per_s``; ``rate_clock`` is injectable for tests).
+    ``loopback_hosts_only``: answer only requests whose ``Host`` names this machine (``tracker
+    serve`` without a token: ``_RequestGate``).
     """
     settings = settings or ServiceSettings()
     app = FastAPI(
@@ -113,6 +116,7 @@ def create_app(
         limiter=limiter,
         routes=app.router.routes,
         api_token=settings.api_token,
+        loopback_hosts_only=loopback_hosts_only,
     )
     return app
 
@@ -361,6 +365,7 @@ class _RequestGate:
         limiter: TokenBuckets | None,
         routes: Sequence[BaseRoute],
         api_token: str | None,
+        loopback_hosts_only: bool,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -368,6 +373,7 @@ class _RequestGate:
         self.limiter = limiter
         self.routes = routes
         self.api_token = api_token
+        self.loopback_hosts_only = loopback_hosts_only
 
     def _route(self, scope: Scope) -> BaseRoute | None:
         """The route the request was matched to, or before routing the one it is meant for."""
@@ -423,6 +429,17 @@ class _RequestGate:
                     retry = {"Retry-After": str(max(1, math.ceil(wait)))}
                     await self._reject(scope, send_with_id, 429, "rate_limited", message, retry)
                     return
+            if self.loopback_hosts_only and not _names_this_machine(headers.get("host")):
+                # Without a token the service is open to this machine only, and a web page whose
+                # name its attacker re-points at 127.0.0.1 (DNS rebinding) is this machine to the
+                # socket: it read, wrote and took leases (QA round 68). Its Host still says its name.
+                message = (
+                    "this tracker has no api_token and answers requests addressed to this machine "
+                    f"only (Host localhost, 127.0.0.1 or [::1]), not {headers.get('host', '')[:100]!r}: "
+                    "set TRACKER_API_TOKEN to answer other names"
+                )
+                await self._reject(scope, send_with_id, 421, "misdirected_request", message)
+                return
             if (refusal := _undecodable(scope)) is not None:
                 await self._reject(scope, send_with_id, 400, "bad_request", refusal)
                 return
@@ -504,6 +521,19 @@ class _RequestGate:
             headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
         body = {"error": {"code": code, "message": message, "request_id": scope.get("request_id")}}
         await JSONResponse(body, status_code=status, headers=headers)(scope, _no_body, send)
+
+
+def _names_this_machine(host: str | None) -> bool:
+    """Whether a ``Host`` header (``name[:port]``, ``[v6]:port``) names a loopback address or
+    localhost; a request without one (HTTP/1.0) came from no browser's page."""
+    if host is None:
+        return True
+    name = host.strip()
+    if name.startswith("["):
+        name = name[: name.find("]") + 1] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.rsplit(":", 1)[0]
+    return is_loopback(name) or name.lower().endswith(".localhost")
 
 
 def _as_sent(scope: Scope) -> str:

@@ -256,7 +256,7 @@ async def _serve_open(
     gossiping: asyncio.Task[None] | None = None
     server: uvicorn.Server | None = None
     try:
-        app = create_app(tracker, settings, agent)
+        app = create_app(tracker, settings, agent, loopback_hosts_only=settings.api_token is None)
         # What start-up built (modules, the schema, compiled statements) lives as long as the
         # process: frozen, the collector's full passes no longer walk it. Those ran ~20 times in
         # one gossip exchange of 20,000 peers, each holding the event loop for up to 86 ms;
