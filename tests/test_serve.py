@@ -500,7 +500,7 @@ def test_an_idle_connection_is_kept_for_keep_alive_s(db_url: str, tmp_path: Path
     try:
         running.wait_ready()
         with socket.create_connection(("127.0.0.1", running.port), timeout=15) as conn:
-            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+            conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             answer = _http_answer(conn)
             assert answer.startswith(b"HTTP/1.1 200")
             idle = time.monotonic()
