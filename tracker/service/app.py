@@ -7,6 +7,7 @@ shutting the server down never races the database.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -65,6 +66,7 @@ _STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "body_timeout",
     413: "body_too_large",
     415: "unsupported_media_type",
     422: "invalid_input",
@@ -117,6 +119,7 @@ def create_app(
         routes=app.router.routes,
         api_token=settings.api_token,
         loopback_hosts_only=loopback_hosts_only,
+        body_timeout_s=settings.body_timeout_s,
     )
     return app
 
@@ -329,6 +332,14 @@ def _unparsed_body(error: StarletteHTTPException) -> str | None:
     return f"the body could not be parsed as JSON ({type(cause).__name__})"
 
 
+class _BodyStalled(StarletteHTTPException):
+    """Raised from ``receive`` when a body goes ``body_timeout_s`` without a byte (as ``_BodyTooLarge``)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        message = f"the request body sent nothing for {timeout_s:g} s (body_timeout_s)"
+        super().__init__(408, message, headers={"Connection": "close"})  # the rest is never read
+
+
 class _BodyTooLarge(StarletteHTTPException):
     """Raised from ``receive``: FastAPI re-raises HTTP exceptions met while reading a body, so the
     app's own handler answers it, in the same error shape as every other error."""
@@ -366,6 +377,7 @@ class _RequestGate:
         routes: Sequence[BaseRoute],
         api_token: str | None,
         loopback_hosts_only: bool,
+        body_timeout_s: float,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -374,6 +386,7 @@ class _RequestGate:
         self.routes = routes
         self.api_token = api_token
         self.loopback_hosts_only = loopback_hosts_only
+        self.body_timeout_s = body_timeout_s
 
     def _route(self, scope: Scope) -> BaseRoute | None:
         """The route the request was matched to, or before routing the one it is meant for."""
@@ -409,15 +422,23 @@ class _RequestGate:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        received = 0
+        received, body_done = 0, False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:  # past the body, receive() waits for a disconnect as long as a response runs
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.body_timeout_s)
+            except TimeoutError:
+                raise _BodyStalled(self.body_timeout_s) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body_bytes:
                     raise _BodyTooLarge(self.max_body_bytes)
+                body_done = not message.get("more_body", False)
+            else:
+                body_done = True
             return message
 
         try:

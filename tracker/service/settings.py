@@ -63,6 +63,10 @@ class ServiceSettings:
     #: aiohttp 15 s, a load balancer's 60 s), so that the client closes first: closed by the server
     #: as a client sent on it, a request got no answer (QA round 24, uvicorn's 5 s against httpx's).
     keep_alive_s: float = 75.0
+    #: Seconds a request's body may go without a byte before it is answered 408 and its connection
+    #: closed: a stalled upload held its buffered body (up to max_body_bytes) for as long as its
+    #: sender kept the connection open (QA round 68).
+    body_timeout_s: float = 30.0
     #: Requests per second one connection may make (token bucket); 0 turns the limit off.
     rate_limit_per_s: float = 1000.0
     #: Requests one connection may make in a burst above that rate.
@@ -109,6 +113,9 @@ class ServiceSettings:
         keep = self.keep_alive_s
         if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep < float("inf"):
             raise ConfigError(f"keep_alive_s must be positive and finite seconds, got {keep!r}")
+        stall = self.body_timeout_s
+        if isinstance(stall, bool) or not isinstance(stall, int | float) or not 0 < stall < float("inf"):
+            raise ConfigError(f"body_timeout_s must be positive and finite seconds, got {stall!r}")
         rate = self.rate_limit_per_s
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not (0 <= rate < float("inf")):
             raise ConfigError(f"rate_limit_per_s must be a number >= 0 (0: off), got {rate!r}")
@@ -149,6 +156,7 @@ _PARSERS: dict[str, Any] = {
     "log_level": str,
     "shutdown_grace_s": float,
     "keep_alive_s": float,
+    "body_timeout_s": float,
     "rate_limit_per_s": float,
     "rate_limit_burst": int,
 }
