@@ -328,17 +328,20 @@ async def test_without_the_token_a_write_is_401_however_wrong_its_body(tracker: 
 
 
 async def _asgi_call(
-    app: Any, path: str, headers: list[tuple[bytes, bytes]], body: bytes
+    app: Any, path: str, headers: list[tuple[bytes, bytes]], body: bytes, *, stall: bool = False
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """One POST straight through the ASGI app: the response's start message, its JSON body, and how
-    often the app asked for the request's body."""
+    often the app asked for the request's body. ``stall``: ``body`` is only its first part, and the
+    rest never comes."""
     sent: list[dict[str, Any]] = []
     asked = 0
 
     async def receive() -> dict[str, Any]:
         nonlocal asked
         asked += 1
-        return {"type": "http.request", "body": body, "more_body": False}
+        if stall and asked > 1:
+            await asyncio.sleep(3600)
+        return {"type": "http.request", "body": body, "more_body": stall}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -380,27 +383,9 @@ async def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(
     """A stalled upload held its buffered body for as long as its sender kept the connection open:
     40 of them held 430 MB (QA round 68). After ``body_timeout_s`` without a byte: 408, closed."""
     app = create_app(tracker, ServiceSettings(body_timeout_s=0.2))
-    sent: list[dict[str, Any]] = []
-    parts = [{"type": "http.request", "body": b'{"peer_id": ', "more_body": True}]
-
-    async def receive() -> dict[str, Any]:
-        if parts:
-            return parts.pop()
-        await asyncio.sleep(3600)  # the rest never comes
-        raise AssertionError("unreachable")
-
-    async def send(message: dict[str, Any]) -> None:
-        sent.append(message)
-
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-        "scheme": "http", "path": "/v1/peers/online", "raw_path": b"/v1/peers/online", "root_path": "",
-        "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("tracker.test", 80),
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
-    }  # fmt: skip
-    await asyncio.wait_for(app(scope, receive, send), timeout=10)
-    start = next(m for m in sent if m["type"] == "http.response.start")
-    answer = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"100")]
+    call = _asgi_call(app, "/v1/peers/online", headers, b'{"peer_id": ', stall=True)
+    start, answer, _ = await asyncio.wait_for(call, timeout=10)
     assert start["status"] == 408 and dict(start["headers"])[b"connection"] == b"close"
     assert answer["error"]["code"] == "body_timeout", answer
     async with _client(tracker) as api:  # a body that keeps coming is no stall: all of it in one go here
