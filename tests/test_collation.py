@@ -19,6 +19,8 @@ from sqlalchemy.engine import make_url
 
 from tracker import AvailabilityTracker, TrackerConfig
 from tracker.events import ContentAvailable, PeerOnline, SpeedSample
+from tracker.gossip.protocol import MappingState, OriginDelta
+from tracker.queries import gossip as gq
 from tracker.queries import lock_peers
 from tracker.testing import ManualClock
 
@@ -94,3 +96,23 @@ async def test_listings_page_in_code_point_order_under_an_icu_collation(
                 )
             )
         assert "uq_peers_peer_key" in plan and "Sort" not in plan, plan
+
+
+async def test_equal_times_go_to_the_larger_origin_key_by_code_point_under_an_icu_collation(
+    icu_url: str, clock: ManualClock
+) -> None:
+    """Two origins' changes of one mapping at the same time: the larger origin key wins, "a1" over
+    "B1" by code point as on SQLite; compared in the database's collation, "B1" won on Postgres, and
+    nodes of the two engines kept different answers for good."""
+    async with AvailabilityTracker(TrackerConfig(database_url=icu_url, clock=clock)) as tracker:
+        now = tracker.now()
+        await tracker.record_batch([PeerOnline("p")])
+        for origin, available in (("a1", True), ("B1", False)):
+            change = MappingState(
+                cid="cid", peer="p", available=available, since=now, last_confirmed=now, changed_at=now,
+                version=1,
+            )  # fmt: skip
+            async with tracker.engine.begin() as conn:
+                delta = OriginDelta(origin=origin, base=0, upto=1, mappings=[change])
+                await gq.merge(conn, "postgresql", tracker.node_key, [delta], 10, now)
+        assert await tracker.get_available_peers("cid") == ["p"]

@@ -78,15 +78,18 @@ def content_id_of(key: str | ColumnElement[Any]) -> ColumnElement[Any]:
     return select(contents.c.id).where(contents.c.content_key == value).scalar_subquery()
 
 
-def node_key_of(node_id: ColumnElement[Any]) -> ColumnElement[Any]:
+def node_key_of(node_id: ColumnElement[Any], dialect: str) -> ColumnElement[Any]:
     """The node key (origin name) behind a ``node_id`` column: the tie-break every node agrees on.
 
     Written as text because it lives inside ON CONFLICT ... WHERE, where SQLAlchemy cannot correlate a
-    subquery to ``excluded`` or the target table and would add them to the subquery's FROM.
+    subquery to ``excluded`` or the target table and would add them to the subquery's FROM. Compared
+    by code point on both engines (``COLLATE "C"`` on Postgres): under a database collation such as
+    ICU "en-US" a Postgres node broke a tie between "a" and "B" the other way from a SQLite node.
     """
     column = node_id.table.name + "." + node_id.name
+    collate = ' COLLATE "C"' if dialect == "postgresql" else ""
     return literal_column(
-        f"(SELECT tracker_nodes.node_key FROM tracker_nodes WHERE tracker_nodes.id = {column})"
+        f"(SELECT tracker_nodes.node_key{collate} FROM tracker_nodes WHERE tracker_nodes.id = {column})"
     )
 
 
@@ -95,6 +98,7 @@ def lww_newer(
     new_node: ColumnElement[Any],
     old_changed: ColumnElement[Any],
     old_node: ColumnElement[Any],
+    dialect: str,
 ) -> ColumnElement[bool]:
     """Whether a content mapping change beats the stored one: later ``changed_at`` wins, equal times go
     to the larger origin key, and the same origin's later write wins (its own order is authoritative).
@@ -106,7 +110,7 @@ def lww_newer(
         new_changed > old_changed,
         and_(
             new_changed == old_changed,
-            or_(new_node == old_node, node_key_of(new_node) > node_key_of(old_node)),
+            or_(new_node == old_node, node_key_of(new_node, dialect) > node_key_of(old_node, dialect)),
         ),
     )
 

@@ -1,7 +1,7 @@
 """Lease statements: how much load each peer carries, granting leases under a cap, closing and expiring them.
 
 The cap holds atomically: selection re-counts the chosen peers' open leases in the transaction that
-grants them, while holding their rows (``FOR UPDATE`` on Postgres; SQLite's write transaction is
+grants them, while holding their rows (``FOR NO KEY UPDATE`` on Postgres; SQLite's write transaction is
 already exclusive), so two selectors can never both take a peer's last slot.
 """
 
@@ -38,7 +38,11 @@ async def lock_peers(
         select(peers.c.peer_key)
         .where(peers.c.peer_key.in_(list(peer_keys)))
         .order_by(peers.c.peer_key.collate("C"))
-        .with_for_update(skip_locked=skip_locked)
+        # FOR NO KEY UPDATE: it still orders selections and ingest batches (which lock the rows alike)
+        # on each peer, but leaves alone the key-share lock every insert referring to the peer takes
+        # (a gossip merge's rows of another origin, a lease): FOR UPDATE blocked those, and a merge
+        # holding one peer's key-share while waiting for another's deadlocked against selections.
+        .with_for_update(skip_locked=skip_locked, key_share=True)
     )
     return list((await conn.execute(stmt)).scalars())
 

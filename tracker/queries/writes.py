@@ -612,7 +612,7 @@ def _content_peers_upsert(dialect: str) -> RowsStatement:
         },
     )
     old, new = content_peers.c, ins.excluded
-    fresh = lww_newer(new.changed_at, new.node_id, old.changed_at, old.node_id)
+    fresh = lww_newer(new.changed_at, new.node_id, old.changed_at, old.node_id, dialect)
     stmt = ins.on_conflict_do_update(
         index_elements=[content_peers.c.content_id, content_peers.c.peer_id],
         set_={

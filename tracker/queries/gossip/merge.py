@@ -99,33 +99,36 @@ async def merge(
     ``now`` is when this node takes them: a removal it applies is kept ``tombstone_keep_s`` from
     then, however old its date (a neighbour back from a partition, a late relay)."""
     counts = MergeCounts()
-    # Origins in key order, so concurrent merges lock their tracker_nodes rows in one order.
-    for delta in sorted(deltas, key=lambda d: d.origin):
-        if delta.origin == local_key:
-            continue  # this node is the authority on its own observations
-        node_id = await _origin_id(conn, dialect, delta.origin)
-        # The earliest sighting anywhere in the message (min is what keeps first_seen order-free).
-        peer_keys = _earliest(
-            [(p.peer, p.first_seen) for p in delta.peers] + [(m.peer, m.since) for m in delta.mappings]
-        )
-        peer_ids, stored = await _ensure_keys(conn, dialect, peers, peers.c.peer_key, peer_keys, node_id)
+    # Each table's rows are locked in one order over the whole message, the write path's (keys by
+    # code point: peers, then contents, then mappings by content and peer key), and the tables in
+    # its order too; per origin only the origin's own rows (and its tracker_nodes row, last, origins
+    # in key order). Origin by origin, each with its keys and mappings in order, a merge locked a
+    # later key of one origin before an earlier one of the next: it deadlocked against ingest
+    # batches (QA round 66: 4 in a 36-minute soak, all retried).
+    origins = sorted((d for d in deltas if d.origin != local_key), key=lambda d: d.origin)
+    node_ids = [await _origin_id(conn, dialect, delta.origin) for delta in origins]
+    # The earliest sighting anywhere in the message (min is what keeps first_seen order-free).
+    sightings = [
+        _earliest([(p.peer, p.first_seen) for p in d.peers] + [(m.peer, m.since) for m in d.mappings])
+        for d in origins
+    ]
+    peer_ids, stored = await _ensure_keys(
+        conn, dialect, peers, peers.c.peer_key, list(zip(sightings, node_ids, strict=True))
+    )
+    waiting: list[tuple[int, int] | None] = []
+    for delta, node_id, held in zip(origins, node_ids, stored, strict=True):
         missing = None
         if delta.peers:
-            applied, missing = await _merge_peers(
-                conn, dialect, node_id, delta.peers, peer_ids, stored, window
-            )
+            applied, missing = await _merge_peers(conn, dialect, node_id, delta.peers, peer_ids, held, window)
             counts.peers += applied
-        if delta.mappings:
-            content_ids, _ = await _ensure_keys(
-                conn,
-                dialect,
-                contents,
-                contents.c.content_key,
-                _earliest((m.cid, m.since) for m in delta.mappings),
-            )
-            counts.mappings += await _merge_mappings(
-                conn, dialect, node_id, delta.mappings, content_ids, peer_ids, now
-            )
+        waiting.append(missing)
+    if any(delta.mappings for delta in origins):
+        cids = _earliest((m.cid, m.since) for delta in origins for m in delta.mappings)
+        content_ids, _ = await _ensure_keys(conn, dialect, contents, contents.c.content_key, [(cids, None)])
+        counts.mappings += await _merge_mappings(
+            conn, dialect, list(zip(origins, node_ids, strict=True)), content_ids, peer_ids, now
+        )
+    for delta, node_id, missing in zip(origins, node_ids, waiting, strict=True):
         n = nodes.c
         # The samples clock first: it may move only if this node held what the sender assumed for both.
         await conn.execute(
@@ -178,34 +181,42 @@ async def _ensure_keys(
     dialect: str,
     table: Any,
     key_column: Any,
-    first_seen: dict[str, float],
-    stats_of: int | None = None,
-) -> tuple[dict[str, int], dict[int, int]]:
-    """Key -> id, inserting unknown keys and lowering ``first_seen`` where the message knows an earlier
-    sighting; with ``stats_of`` (peers), also each known peer's stored version of that origin's row.
+    sightings: Sequence[tuple[dict[str, float], int | None]],
+) -> tuple[dict[str, int], list[dict[int, int]]]:
+    """Key -> id for every key of ``sightings`` (each a key -> earliest sighting map), inserting
+    unknown keys and lowering ``first_seen`` where the message knows an earlier sighting; with a
+    node id beside a map (peers, per origin), also that origin's stored version of each known peer.
 
     Known keys are read first and only the others written: in a round of heartbeats every key is
     known, and an upsert per key locked each row for nothing (ON CONFLICT DO UPDATE locks the row even
     when its WHERE is false): ~10 us a key on Postgres. The stored versions come in the same read.
+    Every map is read before anything is written, and the writes are one sorted upsert for all of
+    them: the write path's lock order (``merge``).
     """
-    keys = sorted(first_seen)
-    if stats_of is None:
-        read = select(key_column, table.c.id, table.c.first_seen, literal(None))
-    else:
-        # A probe of the key per peer: as a join, Postgres (stale statistics) hashed every row of the
-        # origin for each chunk of keys.
-        ps = peer_stats.c
-        version = select(ps.version).where(ps.peer_id == table.c.id, ps.node_id == stats_of)
-        read = select(key_column, table.c.id, table.c.first_seen, version.scalar_subquery())
+    ids: dict[str, int] = {}
+    versions: list[dict[int, int]] = []
+    todo: dict[str, float] = {}
     async with custom_plans(conn, dialect):  # the tables may have grown since a plan was cached
-        found = await _chunked(conn, dialect, read, key_column, keys)
-        ids = {str(key): int(id_) for key, id_, _, _ in found}
-        versions = {int(id_): int(version) for _, id_, _, version in found if version is not None}
-        unknown = [k for k in keys if k not in ids]
-        todo = unknown + [str(key) for key, _, seen, _ in found if first_seen[key] < seen]
+        for first_seen, stats_of in sightings:
+            if stats_of is None:
+                read = select(key_column, table.c.id, table.c.first_seen, literal(None))
+            else:
+                # A probe of the key per peer: as a join, Postgres (stale statistics) hashed every row
+                # of the origin for each chunk of keys.
+                ps = peer_stats.c
+                version = select(ps.version).where(ps.peer_id == table.c.id, ps.node_id == stats_of)
+                read = select(key_column, table.c.id, table.c.first_seen, version.scalar_subquery())
+            found = await _chunked(conn, dialect, read, key_column, sorted(first_seen))
+            ids.update({str(key): int(id_) for key, id_, _, _ in found})
+            versions.append({int(id_): int(version) for _, id_, _, version in found if version is not None})
+            known = {str(key): seen for key, _, seen, _ in found}
+            for key, at in first_seen.items():
+                if (key not in known or at < known[key]) and at < todo.get(key, float("inf")):
+                    todo[key] = at
         if todo:
-            await upsert_keys(conn, dialect, table.name, ((k, first_seen[k]) for k in todo))
+            await upsert_keys(conn, dialect, table.name, todo.items())  # sorted by key
         # A key inserted here (or by a concurrent writer since the read) has no stored row worth reading.
+        unknown = sorted(key for key in todo if key not in ids)
         inserted = await _chunked(conn, dialect, select(key_column, table.c.id), key_column, unknown)
     ids.update({str(k): int(i) for k, i in inserted})
     return ids, versions
@@ -468,21 +479,30 @@ async def _merge_without_samples(
 async def _merge_mappings(
     conn: AsyncConnection,
     dialect: str,
-    node_id: int,
-    states: Sequence[MappingState],
+    origins: Sequence[tuple[OriginDelta, int]],
     content_ids: dict[str, int],
     peer_ids: dict[str, int],
     now: float,
 ) -> int:
-    latest: dict[tuple[int, int], MappingState] = {}
-    for m in states:
-        pair = (content_ids[m.cid], peer_ids[m.peer])
-        if pair not in latest or (m.changed_at, m.version) > (latest[pair].changed_at, latest[pair].version):
-            latest[pair] = m
+    """Apply the message's mappings, every origin's in one pass, rows in (content key, peer key)
+    order as the write path locks them; returns how many changed.
+
+    One row per (content, peer) (Postgres refuses to update a row twice in a statement): the one
+    that wins by the rule the statement applies against the stored row, later ``changed_at``, then
+    the larger origin key (by code point, as ``node_key_of`` compares on either engine), then for
+    one origin the later version; so the stored row ends as it would applying them one by one.
+    """
+    latest: dict[tuple[str, str], tuple[tuple[float, str, int], MappingState, int]] = {}
+    for delta, node_id in origins:
+        for m in delta.mappings:
+            rank = (m.changed_at, delta.origin, m.version)
+            held = latest.get((m.cid, m.peer))
+            if held is None or rank > held[0]:
+                latest[(m.cid, m.peer)] = (rank, m, node_id)
     rows = [
         {
-            "content_id": pair[0],
-            "peer_id": pair[1],
+            "content_id": content_ids[m.cid],
+            "peer_id": peer_ids[m.peer],
             "node_id": node_id,
             "available": m.available,
             "since": m.since,
@@ -491,7 +511,7 @@ async def _merge_mappings(
             "version": m.version,
             "removed_at": None if m.available else now,
         }
-        for pair, m in sorted(latest.items())
+        for _, (_, m, node_id) in sorted(latest.items())
     ]
     statement, applied = _mappings_upsert(dialect), 0
     for start in range(0, len(rows), _MAPPING_CHUNK):
@@ -534,7 +554,10 @@ def _mappings_upsert(dialect: str) -> RowsStatement:
             new.changed_at == old.changed_at,
             or_(
                 and_(new.node_id == old.node_id, or_(old.version.is_(None), new.version > old.version)),
-                and_(new.node_id != old.node_id, node_key_of(new.node_id) > node_key_of(old.node_id)),
+                and_(
+                    new.node_id != old.node_id,
+                    node_key_of(new.node_id, dialect) > node_key_of(old.node_id, dialect),
+                ),
             ),
         ),
     )
