@@ -27,6 +27,8 @@ from tracker.errors import (
     TransientStorageError,
 )
 from tracker.events import ContentAvailable, PeerOffline, PeerOnline
+from tracker.gossip.agent import GossipAgent
+from tracker.gossip.config import GossipConfig
 from tracker.service import ServiceSettings, create_app
 from tracker.service import metrics as metrics_module
 from tracker.service.app import _leaves
@@ -328,11 +330,17 @@ async def test_without_the_token_a_write_is_401_however_wrong_its_body(tracker: 
 
 
 async def _asgi_call(
-    app: Any, path: str, headers: list[tuple[bytes, bytes]], body: bytes, *, stall: bool = False
+    app: Any,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    body: bytes,
+    *,
+    stall: bool = False,
+    endless: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """One POST straight through the ASGI app: the response's start message, its JSON body, and how
     often the app asked for the request's body. ``stall``: ``body`` is only its first part, and the
-    rest never comes."""
+    rest never comes. ``endless``: ``body`` comes again each time the app asks, with more to come."""
     sent: list[dict[str, Any]] = []
     asked = 0
 
@@ -341,7 +349,7 @@ async def _asgi_call(
         asked += 1
         if stall and asked > 1:
             await asyncio.sleep(3600)
-        return {"type": "http.request", "body": body, "more_body": stall}
+        return {"type": "http.request", "body": body, "more_body": stall or endless}
 
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
@@ -355,6 +363,22 @@ async def _asgi_call(
     start = next(m for m in sent if m["type"] == "http.response.start")
     answer = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
     return start, answer, asked
+
+
+async def test_a_gossip_message_is_read_no_further_than_the_gossip_limit(
+    tracker: AvailabilityTracker,
+) -> None:
+    """/v1/gossip read up to the service's max_body_bytes (8 MiB) before its own check of the gossip
+    max_bytes (4 MiB) refused it (QA round 68): now it stops one byte past the gossip limit, refuses the
+    message as oversized and closes the connection (the rest is never read)."""
+    agent = GossipAgent(tracker, GossipConfig(keys=("k" * 32,), max_bytes=200_000))
+    app = create_app(tracker, gossip=agent)
+    headers = [(b"content-type", b"application/gzip")]
+    start, answer, asked = await _asgi_call(app, "/v1/gossip", headers, b"x" * 10_000, endless=True)
+    assert start["status"] == 413 and asked == 21, (start, asked)
+    assert dict(start["headers"])[b"connection"] == b"close"
+    assert answer["error"]["code"] == "gossip_oversized"
+    assert "over 200000 bytes" in answer["error"]["message"]
 
 
 async def test_without_the_token_a_write_is_refused_before_its_body_is_read(

@@ -323,7 +323,7 @@ def decode(
     if len(body) > max_bytes:
         raise GossipRejected(
             "oversized",
-            f"the message is {len(body)} bytes; the limit is {max_bytes} (gossip max_bytes, stated in "
+            f"the message is over {max_bytes} bytes, the limit (gossip max_bytes, stated in "
             "the X-Gossip-Max-Bytes header of every answer: senders of earlier releases ignore it)",
             413,
         )
