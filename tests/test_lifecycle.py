@@ -82,6 +82,37 @@ async def test_a_transaction_whose_caller_is_cancelled_runs_to_its_end_and_retur
     await tracker.record_peer_online("after")  # the database takes writes
 
 
+@pytest.mark.parametrize("kind", ["read", "write"])
+async def test_work_whose_caller_gave_up_while_it_waited_for_a_connection_is_not_begun(
+    tracker: AvailabilityTracker, kind: str
+) -> None:
+    """Run to their end, 2,000 reads whose callers had given up waiting for a pooled connection held
+    every later caller for 6.5 s, and 300 held heartbeats for 31 s (QA round 70): now, once they get
+    a connection, they give it back without beginning."""
+    engine = tracker.engine
+    pool: Any = engine.pool
+    held = [await engine.connect().start() for _ in range(pool.size() + pool._max_overflow)]
+    begun: list[int] = []
+
+    async def work(conn: AsyncConnection) -> None:
+        begun.append(1)
+        await conn.execute(text("SELECT 1"))
+
+    run = db.run_read if kind == "read" else (lambda engine, work: db.run_write(engine, work, 0))
+    callers = [asyncio.create_task(run(engine, work)) for _ in range(20)]
+    await asyncio.sleep(0.1)
+    for caller in callers:
+        caller.cancel()
+    await asyncio.gather(*callers, return_exceptions=True)
+    for conn in held:
+        await conn.close()
+    await db.settle(engine, 10)
+    assert begun == []
+    assert pool.checkedout() == 0
+    await run(engine, work)  # and a caller still waiting is served
+    assert begun == [1]
+
+
 async def test_close_releases_everything_after_the_application_cancelled_the_sweeper_task(
     config: TrackerConfig,
 ) -> None:

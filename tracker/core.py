@@ -214,6 +214,8 @@ class AvailabilityTracker:
             self.config.max_batch_events,
             max_rounds=self.config.max_events_per_peer,
             clock=self._elapsed,
+            row_locks=self.config.dialect == "postgresql",
+            isolate_at_once=self.config.pool_size,
         )
         #: Readings for the work on leases, kept on one side of the move of held leases.
         self._leases = LeaseClock(self.now, self._store_clock)
@@ -240,6 +242,8 @@ class AvailabilityTracker:
             self.config.max_batch_events,
             max_rounds=self.config.max_events_per_peer,
             clock=self._elapsed,
+            row_locks=self.config.dialect == "postgresql",
+            isolate_at_once=self.config.pool_size,
         )
         self._committer.stats = stats
         #: Where rankings of a content's holders run at once: Postgres, ``selection_slots`` pooled

@@ -202,6 +202,10 @@ _PG_LOCK_ADVICE = (
     "more); pg_locks and pg_stat_activity name it"
 )
 _CONFLICT_ADVICE = "concurrent transactions conflicted on every attempt (write_retries); retry"
+_POOL_ADVICE = (
+    "every pooled connection (pool_size, and as many more) stayed in use for the pool's 30 s: calls "
+    "waiting behind a lock held elsewhere (pg_locks names it) or more at once than the pool; retry"
+)
 _STALE_ADVICE = "another process changed the schema under this one's prepared statements; retry"
 _POOLER_ADVICE = (
     "behind a connection pooler in transaction mode, such as PgBouncer's pool_mode = transaction, "
@@ -257,13 +261,18 @@ def translate(error: BaseException) -> TrackerError:
     and the full text is still there in the cause for a traceback."""
     said = describe(error)
     advice: str | None = None
-    if is_transient(error):
+    if isinstance(error, sa_exc.TimeoutError):
+        # SQLAlchemy's own "QueuePool limit ... reached" came out raw: an embedding application's
+        # handler for TrackerError missed it, and the service answered 500 (QA round 70).
+        wrapped: TrackerError = TransientStorageError(
+            f"no database connection came free: {said} ({_POOL_ADVICE})"
+        )
+        advice = _POOL_ADVICE
+    elif is_transient(error):
         # The driver's "database is locked" alone named neither the setting nor what to look for
         # (QA round 49): the CLI prints this advice after it; the service answers 503 storage_busy.
         advice = _transient_advice(error)
-        wrapped: TrackerError = TransientStorageError(
-            f"database conflict, retries exhausted: {said} ({advice})"
-        )
+        wrapped = TransientStorageError(f"database conflict, retries exhausted: {said} ({advice})")
     elif sqlstate_of(error) in _UNSTORABLE_SQLSTATES:
         # Answered "the database is unavailable; retry later" (503) before, for a request that no
         # retry could ever store (QA round 40: a LATIN1 database and the id 日本語).
