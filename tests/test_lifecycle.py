@@ -185,6 +185,8 @@ async def test_a_tracker_used_from_another_event_loop_says_so_and_writes_nothing
             tracker.stats(),
             tracker.sweep(),
             tracker.close(),  # the loop that opened it is running: its connections are its to close
+            tracker.__aenter__(),  # it counted itself in: the owner's exit left the tracker open (QA 70)
+            tracker.open(),
         ]
         messages = []
         for call in calls:
@@ -198,6 +200,7 @@ async def test_a_tracker_used_from_another_event_loop_says_so_and_writes_nothing
     assert await tracker.get_peer_metrics("p") is None
     assert [peer.peer_id for peer in await tracker.select_best_peers("c", 3)] == ["held"]
     assert tracker._ranking_slots._free == tracker._ranking_slots.places  # none kept by the other loop
+    assert tracker._entered == 1  # the fixture's block alone
 
 
 async def test_a_call_before_open_from_another_loop_leaves_the_rankings_usable(config: TrackerConfig) -> None:

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 from sqlalchemy import func, select, update
 
-from tracker import AvailabilityTracker, InvalidInput, TrackerConfig
+from tracker import AvailabilityTracker, InvalidInput, TrackerClosed, TrackerConfig
 from tracker.events import (
     ContentAvailable,
     ContentUnavailable,
@@ -458,3 +458,28 @@ def test_a_forbidden_character_is_named_for_what_it_is(bad: str, said: str) -> N
     with pytest.raises(InvalidInput) as raised:
         PeerOnline(bad)
     assert str(raised.value) == f"peer_id {said}"
+
+
+async def test_a_seed_or_a_batch_of_the_wrong_type_is_invalid_input(tracker: AvailabilityTracker) -> None:
+    """They were bare TypeErrors from random.Random and list() (QA round 70)."""
+    await tracker.record_content_available("c", "p")
+    for seed in ([1], {}, object(), True, "7"):
+        with pytest.raises(InvalidInput, match="seed must be an integer"):
+            await tracker.select_best_peers("c", 1, seed=seed)  # type: ignore[arg-type]
+    for events in (None, 5):
+        with pytest.raises(InvalidInput, match="events must be an iterable"):
+            await tracker.record_batch(events)  # type: ignore[arg-type]
+    assert [p.peer_id for p in await tracker.select_best_peers("c", 1, seed=7)] == ["p"]
+
+
+async def test_a_closed_tracker_refuses_an_empty_batch_and_a_selection_of_none(config: TrackerConfig) -> None:
+    """They answered 0 and [] as if the tracker were open (QA round 70)."""
+    tracker = AvailabilityTracker(config)
+    for state in ("never opened", "closed"):
+        with pytest.raises(TrackerClosed):
+            await tracker.record_batch([])
+        with pytest.raises(TrackerClosed):
+            await tracker.select_best_peers("c", 0)
+        if state == "never opened":
+            await tracker.open()
+            await tracker.close()

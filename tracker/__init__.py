@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # what the names below load on first use
     from .reputation import ReputationParams
     from .sweeper import SweepReport, SweepState
 
+    __version__: str
+
 #: Where each public name lives, imported on first use (PEP 562): ``import tracker`` (and the
 #: ``tracker`` console script, which starts in ``tracker._console``) then costs no SQLAlchemy,
 #: so a Ctrl-C while the CLI's libraries load is the CLI's to answer, not a traceback of imports.
@@ -68,15 +70,17 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name == "__version__":  # importlib.metadata alone costs what the rest of `import tracker` does
-        value: Any = _version()
-    elif name in _LAZY:
-        value = getattr(import_module(_LAZY[name], __name__), name)
-    else:
-        raise AttributeError(f"module 'tracker' has no attribute {name!r}")
-    globals()[name] = value  # once: later reads do not come here
-    return value
+if not TYPE_CHECKING:  # hidden from type checkers: they would take any name as this (QA round 70)
+
+    def __getattr__(name: str) -> Any:
+        if name == "__version__":  # importlib.metadata alone costs what the rest of `import tracker` does
+            value: Any = _version()
+        elif name in _LAZY:
+            value = getattr(import_module(_LAZY[name], __name__), name)
+        else:
+            raise AttributeError(f"module 'tracker' has no attribute {name!r}")
+        globals()[name] = value  # once: later reads do not come here
+        return value
 
 
 def _version() -> str:

@@ -141,6 +141,7 @@ class _Opener:
 
         async def open_this() -> _Tracker:
             """Open this tracker unless it is open (as ``async with`` does); the caller closes it."""
+            obj._not_open_elsewhere()
             async with obj._opening:
                 if obj._engine is None:
                     await obj._start()
@@ -434,6 +435,7 @@ class AvailabilityTracker:
     async def __aenter__(self) -> Self:
         """Open the tracker unless it is open; nested (or concurrent) ``async with`` blocks share it,
         and the last to exit closes it: the first to exit closed it under the others (QA round 22)."""
+        self._not_open_elsewhere()
         async with self._opening:
             if self._engine is None:
                 await self._start()
@@ -461,6 +463,13 @@ class AvailabilityTracker:
         touched (the lease clock's move, the sweep counters)."""
         if self._foreign_loop() is not None:
             raise WrongEventLoop(_WRONG_LOOP)
+
+    def _not_open_elsewhere(self) -> None:
+        """Raise ``WrongEventLoop`` for entering a tracker open in another loop: taken as open, the
+        block counted itself in, the owner's exit left the tracker open, and this block's exit
+        failed to close it (QA round 70)."""
+        if self._engine is not None and self._foreign_loop() is not None:
+            raise WrongEventLoop(f"{_WRONG_LOOP}; close it first (there, or here once that loop has ended)")
 
     def _foreign_loop(self) -> asyncio.AbstractEventLoop | None:
         """The loop that opened the tracker, when the caller runs in another one (checked where a call
@@ -553,8 +562,15 @@ class AvailabilityTracker:
         the transaction holding its events has committed.
         """
         self._own_loop()  # before the lease clock's lock, which is the loop's too
+        self.engine  # noqa: B018 - closed or never opened: TrackerClosed, an empty batch too
         config, ahead = self.config, self._ahead_times
-        batch: Sequence[Event] = events if isinstance(events, Sequence) else list(events)
+        if isinstance(events, Sequence):
+            batch: Sequence[Event] = events
+        else:
+            try:
+                batch = list(events)
+            except TypeError:  # None, a number: a bare TypeError from deep inside (QA round 70)
+                raise InvalidInput(f"events must be an iterable of events, got {events!r:.100}") from None
 
         def stamped(now: float) -> tuple[list[queries.Timed], int]:
             checked = check_batch(
@@ -709,9 +725,13 @@ class AvailabilityTracker:
         strategy = self.config.selection_strategy if strategy is None else strategy
         if strategy not in STRATEGIES:
             raise InvalidInput(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            # random.Random took a list or a dict as a bare TypeError, a str as a seed (QA round 70).
+            raise InvalidInput(f"seed must be an integer or None, got {seed!r:.100}")
+        self._own_loop()
+        self.engine  # noqa: B018 - closed or never opened: TrackerClosed, for n <= 0 too
         if n <= 0:
             return []
-        self._own_loop()
         n = min(n, _MOST_ROWS)
         if self.config.dialect != "postgresql":
             return await self._select(cid, n, strategy, seed)
