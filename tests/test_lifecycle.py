@@ -113,6 +113,29 @@ async def test_work_whose_caller_gave_up_while_it_waited_for_a_connection_is_not
     assert begun == [1]
 
 
+async def test_close_waits_for_calls_in_flight_and_refuses_those_that_come_later(
+    config: TrackerConfig, db_url: str
+) -> None:
+    """close() returned with 100 reads still running, which then finished on connections nothing
+    closed (2 Postgres sessions, 22 SQLite file descriptors until the garbage collector, QA round
+    70); and a call holding the engine from before ran on the pool that disposing made."""
+    tracker = await AvailabilityTracker.open(config)
+    engine = tracker.engine
+
+    async def slow(conn: AsyncConnection) -> int:
+        await asyncio.sleep(0.3)
+        return int((await conn.execute(text("SELECT 1"))).scalar_one())
+
+    reads = [asyncio.create_task(db.run_read(engine, slow)) for _ in range(8)]
+    await asyncio.sleep(0.05)
+    await tracker.close()
+    assert all(read.done() for read in reads)
+    assert [read.result() for read in reads] == [1] * 8
+    assert await _server_sessions(db_url) == 0
+    with pytest.raises(TrackerClosed):
+        await db.run_read(engine, slow)
+
+
 async def test_close_releases_everything_after_the_application_cancelled_the_sweeper_task(
     config: TrackerConfig,
 ) -> None:

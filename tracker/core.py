@@ -84,7 +84,8 @@ def _usable_snapshot_dir(directory: Path) -> None:
 
 
 async def _release(lanes: SqliteLanes | None, engine: AsyncEngine | None, *, orphaned: bool) -> None:
-    """Close the lanes, let transactions whose callers were cancelled end, dispose of the engine.
+    """Close the lanes, let the transactions running end (callers cancelled or not), dispose of the
+    engine.
 
     ``orphaned``: the loop that opened the tracker is closed. asyncpg's connections cannot be closed
     from another loop (each attempt logged a traceback), and that loop's end already dropped them:
@@ -93,7 +94,8 @@ async def _release(lanes: SqliteLanes | None, engine: AsyncEngine | None, *, orp
     if lanes is not None:
         await lanes.close()
     if engine is not None:
-        await db.settle(engine, _SETTLE_S)
+        db.retire(engine)
+        await db.settle(engine, _SETTLE_S)  # calls in flight end first, their connections returned
         await engine.dispose(close=not (orphaned and engine.dialect.name == "postgresql"))
 
 

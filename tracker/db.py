@@ -24,6 +24,7 @@ from .errors import (
     CommitOutcomeUnknown,
     ConfigError,
     StorageError,
+    TrackerClosed,
     describe,
     is_disconnect,
     is_stale_statement,
@@ -365,6 +366,10 @@ async def run_write(
 
 #: Per engine: transactions whose callers were cancelled, still running to their end.
 _ORPHANS: weakref.WeakKeyDictionary[Any, set[asyncio.Task[Any]]] = weakref.WeakKeyDictionary()
+#: Per engine: every transaction running (its caller's or an orphan), which ``settle`` waits for.
+_RUNNING: weakref.WeakKeyDictionary[Any, set[asyncio.Task[Any]]] = weakref.WeakKeyDictionary()
+#: Engines being released (``retire``): no transaction begins on them any more.
+_RETIRED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 async def to_completion(engine: AsyncEngine, transaction: Awaitable[T]) -> T:
@@ -378,12 +383,19 @@ async def to_completion(engine: AsyncEngine, transaction: Awaitable[T]) -> T:
     A transaction still waiting for SQLite's write lock, or for a pooled connection, when its caller
     is cancelled gives up instead (``tracker.sqlite_begin``, ``still_wanted``): it has not begun, so
     nothing is left half done."""
+    if engine.sync_engine in _RETIRED:
+        if asyncio.iscoroutine(transaction):
+            transaction.close()  # never begun
+        raise TrackerClosed("the tracker closed before this call reached the database")
     caller = Caller()
     token = CALLER.set(caller)
     try:
         task = asyncio.ensure_future(transaction)  # which runs in a copy of this context
     finally:
         CALLER.reset(token)
+    running = _RUNNING.setdefault(engine.sync_engine, set())
+    running.add(task)
+    task.add_done_callback(running.discard)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
@@ -413,11 +425,18 @@ def _orphan_done(orphans: set[asyncio.Task[Any]], task: asyncio.Task[Any]) -> No
 
 
 async def settle(engine: AsyncEngine, timeout_s: float) -> None:
-    """Wait up to ``timeout_s`` for the transactions whose callers were cancelled to end, so that
-    closing the engine finds their connections returned."""
-    orphans = _ORPHANS.get(engine.sync_engine)
-    if orphans:
-        await asyncio.wait(set(orphans), timeout=timeout_s)
+    """Wait up to ``timeout_s`` for the transactions running on ``engine`` to end, those whose callers
+    were cancelled included, so that closing the engine finds their connections returned."""
+    running = _RUNNING.get(engine.sync_engine)
+    if running:
+        await asyncio.wait(set(running), timeout=timeout_s)
+
+
+def retire(engine: AsyncEngine) -> None:
+    """Let no new transaction begin on ``engine`` (``TrackerClosed``): it is being released. Calls
+    that took the engine before ``close()`` and reached the database after it ran on the pool that
+    disposing made, on connections nothing closed (QA round 70)."""
+    _RETIRED.add(engine.sync_engine)
 
 
 class _RolledBack(Exception):
