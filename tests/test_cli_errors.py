@@ -689,9 +689,9 @@ def test_sigterm_stops_a_command_as_ctrl_c_does_with_its_clean_up_and_exit_143(t
 
 
 @contextmanager
-def _role_with(url: str, table_rights: str) -> Iterator[str]:
+def _role_with(url: str, table_rights: str, *settings: str) -> Iterator[str]:
     """The URL of ``url``'s database for a new login role granted ``table_rights`` on its tables
-    (and nothing it would own), dropped afterwards."""
+    (and nothing it would own) and given ``settings`` (``name = value``), dropped afterwards."""
     role = f"tracker_role_{uuid.uuid4().hex[:8]}"
     database = make_url(url).database
 
@@ -709,6 +709,7 @@ def _role_with(url: str, table_rights: str) -> Iterator[str]:
             f"GRANT CONNECT ON DATABASE {database} TO {role}",
             f"GRANT USAGE ON SCHEMA public TO {role}",
             f"GRANT {table_rights} ON ALL TABLES IN SCHEMA public TO {role}",
+            *(f"ALTER ROLE {role} SET {setting}" for setting in settings),
         )
     )
     try:
@@ -724,13 +725,25 @@ def _role_with(url: str, table_rights: str) -> Iterator[str]:
         )
 
 
-def test_a_role_that_may_only_read_is_told_why_a_command_writes(empty_pg_url: str) -> None:
+@pytest.mark.parametrize(
+    ("settings", "refusal"),
+    [
+        ((), "permission denied for table tracker_"),
+        # The docs' role exactly: its read-only transactions refuse before the rights are checked,
+        # and the advice was missing (QA round 69).
+        (("default_transaction_read_only = on",), "cannot execute INSERT in a read-only transaction"),
+    ],
+    ids=["select-only", "read-only-transactions"],
+)
+def test_a_role_that_may_only_read_is_told_why_a_command_writes(
+    empty_pg_url: str, settings: tuple[str, ...], refusal: str
+) -> None:
     """``tracker stats`` as the read-only role docs/analytics.md suggests said only "permission
     denied for table tracker_nodes": opening a tracker writes its node and clock rows (QA round 59)."""
     assert run("db", "upgrade", "--database-url", empty_pg_url).exit_code == 0
-    with _role_with(empty_pg_url, "SELECT") as reader:
+    with _role_with(empty_pg_url, "SELECT", *settings) as reader:
         line = one_line_error(run("stats", "--database-url", reader))
-    assert "permission denied for table tracker_" in line
+    assert refusal in line
     assert "opening a tracker writes its node and clock rows" in line and "docs/analytics.md" in line
 
 

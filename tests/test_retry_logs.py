@@ -85,6 +85,8 @@ async def test_a_retried_lock_conflict_is_logged_short_named_and_without_its_sql
     assert len(line) <= MOST_CHARACTERS, line
     named = "database is locked" if engine_name == "sqlite" else "LockNotAvailableError [SQLSTATE 55P03]"
     assert named in line and "attempt 1 of 2" in line, line
+    # In the message itself: the CLI's commands print that alone (QA round 69).
+    assert named in warnings[0].getMessage()
     # The error the caller gets says the same in as few words (an application's "failed: %s" line);
     # the driver's error, statement and all, stays its cause for a traceback.
     said = str(raised.value)

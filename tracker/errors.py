@@ -224,8 +224,11 @@ _READ_ONLY_ADVICE = (
 def _read_only(error: BaseException) -> bool:
     """Refused a write for want of rights on a table (Postgres's insufficient_privilege on a table,
     not a migration's "must be owner of table" nor a schema's permission, also 42501: the advice
-    named rights the role had, QA round 61), or SQLite's read-only file."""
+    named rights the role had, QA round 61), a read-only transaction (the role docs/analytics.md
+    suggests, QA round 69), or SQLite's read-only file."""
     orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    if sqlstate_of(error) == "25006":  # read_only_sql_transaction: default_transaction_read_only
+        return True
     if sqlstate_of(error) == "42501":
         return "permission denied for table" in str(orig)
     return isinstance(orig, sqlite3.OperationalError) and "readonly database" in str(orig)
