@@ -7,6 +7,7 @@ client sends, the answer is never a 500 and always matches the documented schema
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -506,6 +507,58 @@ def test_an_idle_connection_is_kept_for_keep_alive_s(db_url: str, tmp_path: Path
             idle = time.monotonic()
             assert conn.recv(4096) == b""  # closed by the server
             assert time.monotonic() - idle < 4  # uvicorn's default would be 5 s
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize("engine_name", ["sqlite"], indirect=True)
+def test_connections_without_their_headers_are_closed_and_their_number_is_capped(
+    db_url: str, tmp_path: Path
+) -> None:
+    """uvicorn kept a connection that sent nothing, or its headers a byte at a time, for good: 300 of
+    them under a 256-file limit starved /healthz (QA round 68). Headers now have header_timeout_s
+    (from the connection's opening, or a kept-alive connection's next byte), and connections past
+    max_connections are closed as they open."""
+    env = {"TRACKER_HEADER_TIMEOUT_S": "1", "TRACKER_MAX_CONNECTIONS": "4", "TRACKER_KEEP_ALIVE_S": "30"}
+    running = Server(db_url, tmp_path / "serve.log", env=env)
+    try:
+        running.wait_ready()
+        address = ("127.0.0.1", running.port)
+        with (
+            socket.create_connection(address, timeout=10) as silent,
+            socket.create_connection(address, timeout=10) as trickle,
+            socket.create_connection(address, timeout=10) as kept,
+        ):
+            trickle.sendall(b"GET /healthz HTTP/1.1\r\n")  # and never the rest
+            kept.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert _http_answer(kept).startswith(b"HTTP/1.1 200")
+            kept.sendall(b"GET /healthz HTTP/1.1\r\n")  # the next request's headers, cut
+            started = time.monotonic()
+            assert silent.recv(4096) == b"" and trickle.recv(4096) == b"" and kept.recv(4096) == b""
+            assert time.monotonic() - started < 5  # not keep_alive_s (30 s), nor never
+    finally:
+        running.stop()
+    # Four open (three idle and the one that asks): a fifth is closed as it opens.
+    env["TRACKER_HEADER_TIMEOUT_S"] = "60"
+    running = Server(db_url, tmp_path / "serve2.log", env=env)
+    try:
+        running.wait_ready()
+        time.sleep(0.3)  # the readiness probe's connection is gone on the server's side too
+        address = ("127.0.0.1", running.port)
+        idle = [socket.create_connection(address, timeout=10) for _ in range(3)]
+        try:
+            with socket.create_connection(address, timeout=10) as asking:
+                asking.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                assert _http_answer(asking).startswith(b"HTTP/1.1 200")
+                with socket.create_connection(address, timeout=10) as fifth:
+                    fifth.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                    with contextlib.suppress(ConnectionResetError):
+                        assert fifth.recv(4096) == b""
+        finally:
+            for conn in idle:
+                conn.close()
+        assert httpx.get(f"{running.base_url}/healthz", timeout=5).status_code == 200
+        assert "are open, max_connections" in running.output()
     finally:
         running.stop()
 

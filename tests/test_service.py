@@ -418,6 +418,21 @@ async def test_a_body_that_stalls_is_answered_408_and_its_connection_closed(
         ServiceSettings(body_timeout_s=0)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"header_timeout_s": 0},
+        {"header_timeout_s": float("nan")},
+        {"max_connections": 0},
+        {"max_connections": True},
+    ],
+)
+def test_the_connection_guards_refuse_settings_that_would_refuse_everything(bad: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        ServiceSettings(**bad)
+    assert ServiceSettings.from_env({"TRACKER_MAX_CONNECTIONS": "7"}).max_connections == 7
+
+
 async def test_a_content_length_of_unicode_digits_is_no_error_of_the_gate(
     tracker: AvailabilityTracker,
 ) -> None:

@@ -32,6 +32,7 @@ from ..errors import ConfigError
 from ..gossip.agent import GossipAgent
 from ..gossip.config import GossipConfig
 from .app import create_app
+from .guard import default_max_connections, guarded_protocol
 from .settings import ServiceSettings
 
 log = logging.getLogger("tracker.service")
@@ -274,6 +275,10 @@ async def _serve_open(
                 server_header=False,
                 timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
                 timeout_keep_alive=math.ceil(settings.keep_alive_s),
+                http=guarded_protocol(
+                    settings.header_timeout_s,
+                    settings.max_connections or default_max_connections(),
+                ),
             )
         )
         signals.attach(server)

@@ -67,6 +67,14 @@ class ServiceSettings:
     #: closed: a stalled upload held its buffered body (up to max_body_bytes) for as long as its
     #: sender kept the connection open (QA round 68).
     body_timeout_s: float = 30.0
+    #: Seconds a request's headers may take to arrive, from the connection's opening (or a kept-alive
+    #: connection's next byte), before the connection is closed (``tracker serve``; QA round 68:
+    #: connections that sent nothing were kept for good).
+    header_timeout_s: float = 10.0
+    #: Connections ``tracker serve`` keeps open at once; one more is closed as it opens. ``None``:
+    #: three quarters of the process's open-file limit (``ulimit -n``), so that idle connections
+    #: cannot take the files the database needs.
+    max_connections: int | None = None
     #: Requests per second one connection may make (token bucket); 0 turns the limit off.
     rate_limit_per_s: float = 1000.0
     #: Requests one connection may make in a burst above that rate.
@@ -116,6 +124,12 @@ class ServiceSettings:
         stall = self.body_timeout_s
         if isinstance(stall, bool) or not isinstance(stall, int | float) or not 0 < stall < float("inf"):
             raise ConfigError(f"body_timeout_s must be positive and finite seconds, got {stall!r}")
+        late = self.header_timeout_s
+        if isinstance(late, bool) or not isinstance(late, int | float) or not 0 < late < float("inf"):
+            raise ConfigError(f"header_timeout_s must be positive and finite seconds, got {late!r}")
+        most = self.max_connections
+        if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
+            raise ConfigError(f"max_connections must be an integer >= 1, got {most!r}")
         rate = self.rate_limit_per_s
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not (0 <= rate < float("inf")):
             raise ConfigError(f"rate_limit_per_s must be a number >= 0 (0: off), got {rate!r}")
@@ -157,6 +171,8 @@ _PARSERS: dict[str, Any] = {
     "shutdown_grace_s": float,
     "keep_alive_s": float,
     "body_timeout_s": float,
+    "header_timeout_s": float,
+    "max_connections": int,
     "rate_limit_per_s": float,
     "rate_limit_burst": int,
 }
