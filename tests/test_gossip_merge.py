@@ -321,6 +321,30 @@ async def test_a_row_without_the_samples_it_names_waits_and_its_origin_clock_ask
     assert await stored() == ((12, 8000), 8, 7)
 
 
+async def test_an_origin_named_twice_in_a_message_is_applied_copy_after_copy(
+    nodes: list[GossipAgent],
+) -> None:
+    """Version 5 with its samples, then version 6 without them: applied one after the other the row
+    ends at 6. Read together before either was written, the second found no row holding its samples,
+    was left out and its origin's clocks lowered (QA round 71)."""
+    tracker = nodes[0].tracker
+    first = OriginDelta(origin="x", base=0, upto=5, samples_upto=5, peers=[_row(5, 5, carried=True)])
+    second = OriginDelta(
+        origin="x", base=5, upto=6, samples_base=5, samples_upto=6, peers=[_row(6, 5, carried=False)]
+    )
+
+    async def work(conn: Any) -> q.MergeCounts:
+        return await q.merge(
+            conn, tracker.config.dialect, tracker.node_key, [first, second], 10, tracker.now()
+        )
+
+    counts = await run_write(tracker.engine, work, 3)
+    assert (counts.peers, counts.waiting) == (2, 0)
+    metrics = await tracker.get_peer_metrics("p")
+    assert metrics is not None and (metrics.chunks_served, metrics.download_speed) == (6, 5000)
+    assert ((await _vector(nodes[0]))["x"], (await _samples_vector(nodes[0]))["x"]) == (6, 6)
+
+
 async def test_a_row_that_moved_on_before_it_was_read_keeps_the_samples_clock_below_it(
     nodes: list[GossipAgent], manual_clock: ManualClock
 ) -> None:

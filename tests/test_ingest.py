@@ -7,6 +7,7 @@ import contextlib
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from typing import Any
 
 import asyncpg
 import httpx
@@ -250,3 +251,22 @@ async def _operator_holding_peer(tracker: AvailabilityTracker, peer: str) -> Asy
         await conn.execute("ROLLBACK")
     finally:
         await conn.close()
+
+
+def test_requests_retried_alone_are_chained_by_peer_in_the_order_they_came() -> None:
+    """Chains share no peer; within one, the order submitted (QA round 71)."""
+    from tracker.ingest import _chains
+
+    def request(*peers: str) -> tuple[list[Timed], Any]:
+        return [Timed(PeerOnline(p), 0.0) for p in peers], object()
+
+    a1, b, a2, ac, c, d = (
+        request("a"),
+        request("b"),
+        request("a"),
+        request("a", "c"),
+        request("c"),
+        request("d"),
+    )
+    chains = _chains([a1, b, a2, ac, c, d])  # type: ignore[arg-type]
+    assert chains == [[a1, a2, ac, c], [b], [d]]

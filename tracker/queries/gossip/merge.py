@@ -97,7 +97,30 @@ async def merge(
     """Apply deltas in the caller's transaction; returns how many rows changed.
 
     ``now`` is when this node takes them: a removal it applies is kept ``tombstone_keep_s`` from
-    then, however old its date (a neighbour back from a partition, a late relay)."""
+    then, however old its date (a neighbour back from a partition, a late relay).
+
+    An origin named twice in a message (nothing refuses it) is applied copy after copy, in rounds
+    of one copy per origin: a round reads what is stored before it writes, and a second copy read
+    with the first it found its rows missing and waited for them (QA round 71)."""
+    copies: dict[str, list[OriginDelta]] = {}
+    for delta in deltas:
+        if delta.origin != local_key:  # this node is the authority on its own observations
+            copies.setdefault(delta.origin, []).append(delta)
+    counts = MergeCounts()
+    for nth in range(max((len(c) for c in copies.values()), default=0)):
+        done = await _merge_round(
+            conn, dialect, [c[nth] for c in copies.values() if nth < len(c)], window, now
+        )
+        counts.peers += done.peers
+        counts.mappings += done.mappings
+        counts.waiting += done.waiting
+    return counts
+
+
+async def _merge_round(
+    conn: AsyncConnection, dialect: str, deltas: Sequence[OriginDelta], window: int, now: float
+) -> MergeCounts:
+    """``merge`` of deltas of distinct origins."""
     counts = MergeCounts()
     # Each table's rows are locked in one order over the whole message, the write path's (keys by
     # code point: peers, then contents, then mappings by content and peer key), and the tables in
@@ -105,7 +128,7 @@ async def merge(
     # in key order). Origin by origin, each with its keys and mappings in order, a merge locked a
     # later key of one origin before an earlier one of the next: it deadlocked against ingest
     # batches (QA round 66: 4 in a 36-minute soak, all retried).
-    origins = sorted((d for d in deltas if d.origin != local_key), key=lambda d: d.origin)
+    origins = sorted(deltas, key=lambda d: d.origin)
     node_ids = [await _origin_id(conn, dialect, delta.origin) for delta in origins]
     # The earliest sighting anywhere in the message (min is what keeps first_seen order-free).
     sightings = [
