@@ -212,7 +212,17 @@ class AvailabilityTracker:
         #: spread over the candidates, and a seeded tracker's weighted draws do not shift with
         #: contention (QA round 45). The system's source: an instance would be copied by a fork.
         self._probe_start = random.SystemRandom()
-        self._committer = GroupCommitter(
+        self._committer = self._group_committer(GroupStats())
+        #: Readings for the work on leases, kept on one side of the move of held leases.
+        self._leases = LeaseClock(self.now, self._store_clock)
+        #: Contents whose rankings were slow (tracker/heavy.py): on SQLite they rank on the read lane,
+        #: and a freed ranking slot goes to a light content's ranking first.
+        self._heavy = HeavyContents()
+        self._new_loop_state()
+
+    def _group_committer(self, stats: GroupStats) -> GroupCommitter:
+        """A committer of this loop's (made again with it), counting on from ``stats``."""
+        committer = GroupCommitter(
             self._apply,
             self.config.max_batch_events,
             max_rounds=self.config.max_events_per_peer,
@@ -220,12 +230,8 @@ class AvailabilityTracker:
             row_locks=self.config.dialect == "postgresql",
             isolate_at_once=self.config.pool_size,
         )
-        #: Readings for the work on leases, kept on one side of the move of held leases.
-        self._leases = LeaseClock(self.now, self._store_clock)
-        #: Contents whose rankings were slow (tracker/heavy.py): on SQLite they rank on the read lane,
-        #: and a freed ranking slot goes to a light content's ranking first.
-        self._heavy = HeavyContents()
-        self._new_loop_state()
+        committer.stats = stats
+        return committer
 
     def _new_loop_state(self) -> None:
         """The tracker's locks, events and tasks, which belong to the loop that first uses them: made
@@ -239,16 +245,7 @@ class AvailabilityTracker:
         self._no_sweeps.set()
         self._leases.rebind()  # its locks; what it moved stays moved
         self._sweeper: SweeperTask | None = None
-        stats = self._committer.stats  # counted over the tracker's life
-        self._committer = GroupCommitter(
-            self._apply,
-            self.config.max_batch_events,
-            max_rounds=self.config.max_events_per_peer,
-            clock=self._elapsed,
-            row_locks=self.config.dialect == "postgresql",
-            isolate_at_once=self.config.pool_size,
-        )
-        self._committer.stats = stats
+        self._committer = self._group_committer(self._committer.stats)  # counted over the tracker's life
         #: Where rankings of a content's holders run at once: Postgres, ``selection_slots`` pooled
         #: connections; SQLite, the read lane's threads (its write transaction ranks one at a time).
         places = self.config.selection_slots if self.config.dialect == "postgresql" else READ_THREADS

@@ -118,15 +118,14 @@ class ServiceSettings:
             raise ConfigError(f"shutdown_grace_s must be seconds, got {self.shutdown_grace_s!r}")
         if not 0 < self.shutdown_grace_s < float("inf"):  # NaN too: it failed only at shutdown
             raise ConfigError(f"shutdown_grace_s must be positive and finite, got {self.shutdown_grace_s!r}")
-        keep = self.keep_alive_s
-        if isinstance(keep, bool) or not isinstance(keep, int | float) or not 0 < keep < float("inf"):
-            raise ConfigError(f"keep_alive_s must be positive and finite seconds, got {keep!r}")
-        stall = self.body_timeout_s
-        if isinstance(stall, bool) or not isinstance(stall, int | float) or not 0 < stall < float("inf"):
-            raise ConfigError(f"body_timeout_s must be positive and finite seconds, got {stall!r}")
-        late = self.header_timeout_s
-        if isinstance(late, bool) or not isinstance(late, int | float) or not 0 < late < float("inf"):
-            raise ConfigError(f"header_timeout_s must be positive and finite seconds, got {late!r}")
+        for name in ("keep_alive_s", "body_timeout_s", "header_timeout_s"):
+            seconds = getattr(self, name)
+            if (
+                isinstance(seconds, bool)
+                or not isinstance(seconds, int | float)
+                or not 0 < seconds < float("inf")
+            ):
+                raise ConfigError(f"{name} must be positive and finite seconds, got {seconds!r}")
         most = self.max_connections
         if most is not None and (isinstance(most, bool) or not isinstance(most, int) or most < 1):
             raise ConfigError(f"max_connections must be an integer >= 1, got {most!r}")
