@@ -211,6 +211,45 @@ def test_demo_refuses_to_replace_a_database_it_did_not_create(tmp_path: Path) ->
     assert count_rows(database, "peers") == 1
 
 
+_HOLD_OPEN = """
+import asyncio, sys
+from tracker import AvailabilityTracker, TrackerConfig
+
+async def main() -> None:
+    async with AvailabilityTracker(TrackerConfig(database_url=sys.argv[1])) as tracker:
+        await tracker.record_peer_online("written-by-the-service")
+        print("ready", flush=True)
+        await asyncio.to_thread(sys.stdin.readline)
+
+asyncio.run(main())
+"""
+
+
+def test_demo_refuses_to_replace_its_database_while_another_process_has_it_open(tmp_path: Path) -> None:
+    """Deleted under a running ``tracker serve``, the file lived on in that process, which answered
+    reads from it and wrote into the new demo's file (QA round 74); two demos at once did the same."""
+    database = tmp_path / "demo.db"
+    assert run("demo", "--database", str(database), *SMALL).exit_code == 0
+    with subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OPEN, f"sqlite+aiosqlite:///{database}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    ) as holder:
+        assert holder.stdin is not None and holder.stdout is not None
+        try:
+            assert holder.stdout.readline().strip() == "ready"
+            result = run("demo", "--database", str(database), *SMALL)
+            assert result.exit_code == 1
+            assert "another process has it open" in " ".join(result.stderr.split())
+            assert count_rows(database, "peers") == 51  # the demo's 50 and the service's one, in place
+        finally:
+            holder.stdin.close()
+            assert holder.wait(timeout=30) == 0
+    assert run("demo", "--database", str(database), *SMALL).exit_code == 0  # closed: replaced
+    assert count_rows(database, "peers") == 50
+
+
 def test_demo_names_a_missing_directory(tmp_path: Path) -> None:
     result = run("demo", "--database", str(tmp_path / "missing" / "demo.db"), *SMALL)
     assert result.exit_code == 1

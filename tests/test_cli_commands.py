@@ -95,7 +95,13 @@ def test_content_show_ranks_the_online_holders_without_taking_leases(seeded: str
     shown = json.loads(_cli(seeded, "content", "show", "cid-1", "--json").stdout)
     assert shown["replication_factor"] == 4
     # ISO 8601 with a T, as peers show and the HTTP API write times ("2026-12-05 21:25:21+00:00" before)
-    assert datetime.fromisoformat(shown["last_updated"]).isoformat() == shown["last_updated"]
+    assert (
+        datetime.fromisoformat(shown["last_updated"]).isoformat().replace("+00:00", "Z")
+        == shown["last_updated"]
+    )
+    # As the HTTP API writes them: "Z" for UTC (isoformat()'s "+00:00" before, QA round 74).
+    peer = json.loads(_cli(seeded, "peers", "show", "peer-3", "--json").stdout)
+    assert all(peer[key].endswith("Z") for key in ("last_seen", "first_seen", "online_since"))
     assert shown["peers"][0]["peer_id"] == "peer-3"
     assert json.loads(_cli(seeded, "stats", "--json").stdout)["open_leases"] == 0
 
@@ -137,7 +143,12 @@ def test_sweep_reports_what_it_did(seeded: str) -> None:
     assert report["ran"] is True and report["peers_marked_offline"] == 0
     assert report["departed_mappings_removed"] == 0
     # Every field docs/sweeper.md lists (future_rows_clamped and now were left out, QA round 59).
-    assert report["future_rows_clamped"] == 0 and abs(report["now"] - time.time()) < 600
+    assert report["future_rows_clamped"] == 0
+    # A time as every other (Unix seconds before, QA round 74), written as the HTTP API writes times.
+    assert (
+        report["now"].endswith("Z")
+        and abs(datetime.fromisoformat(report["now"]).timestamp() - time.time()) < 600
+    )
 
 
 def test_sweep_whose_snapshot_cannot_be_written_still_expires_and_exits_1(

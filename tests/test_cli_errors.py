@@ -238,6 +238,8 @@ def test_an_sqlite_file_that_cannot_be_opened_prints_no_thread_traceback(
     # A directory where the file should be: the connect itself fails (a missing directory is now
     # refused before any connect, test_db_upgrade_into_a_directory_that_does_not_exist_names_it).
     url = f"sqlite+aiosqlite:///{tmp_path}"
+    # A directory is now refused before any connect too (QA round 74): let this one reach SQLite.
+    monkeypatch.setattr("tracker.db.require_creatable", lambda config: None)
     for _ in range(20):
         assert one_line_error(run("db", "upgrade", "--database-url", url)) == (
             "error: unable to open database file"
@@ -581,7 +583,7 @@ def test_ids_are_printed_as_they_are_not_read_as_markup(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         assert all(peer in result.stdout for peer in ids), (command, result.stdout)
     paged = run("peers", "list", "--limit", "1", "--database-url", url)
-    assert "more: --after [red]r" in paged.stdout
+    assert "more: --after '[red]r'" in paged.stdout  # quoted for the shell it is pasted into (QA 74)
     shown = run("peers", "show", "[red]r", "--database-url", url)
     assert shown.exit_code == 0 and shown.stdout.lstrip().startswith("[red]r")
 
@@ -813,3 +815,77 @@ def test_a_program_running_the_cli_in_process_keeps_its_own_sigterm_handler(tmp_
         assert signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_paging_hint_is_quoted_for_the_shell(tmp_path: Path) -> None:
+    """``more: --after sp ace``, pasted, failed with "Got unexpected extra argument (ace)" (QA 74)."""
+    url = _seeded(tmp_path / "m.db", ["sp ace", "sq"], "c")
+    paged = run("peers", "list", "--limit", "1", "--database-url", url)
+    assert "more: --after 'sp ace'" in paged.stdout
+    rest = run("peers", "list", "--after", "sp ace", "--database-url", url)
+    assert rest.exit_code == 0 and "sq" in rest.stdout and "sp ace" not in rest.stdout
+
+
+@pytest.mark.parametrize("command", [["db", "upgrade", "--revision", " "], ["db", "downgrade", ""]])
+def test_a_blank_revision_is_one_sentence(tmp_path: Path, command: list[str]) -> None:
+    """Alembic answered it with a bare AssertionError (QA round 74)."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 't.db'}"
+    assert run("db", "upgrade", "--database-url", url).exit_code == 0
+    line = one_line_error(run(*command, "--database-url", url))
+    assert line.startswith("error: give a revision: a number such as 0017, head, base")
+    assert run("db", "current", "--database-url", url).stdout.strip().endswith("(up to date)")
+
+
+@pytest.mark.parametrize("command", [["stats"], ["db", "upgrade"], ["db", "current"], ["peers", "list"]])
+def test_a_directory_given_for_the_sqlite_file_is_named(tmp_path: Path, command: list[str]) -> None:
+    """SQLite said only "unable to open database file" (QA round 74)."""
+    line = one_line_error(run(*command, "--database-url", f"sqlite+aiosqlite:///{tmp_path}"))
+    assert (
+        line
+        == f"error: the database {tmp_path} is a directory: name a file (in it, say {tmp_path}/tracker.db)"
+    )
+
+
+def test_a_directory_this_user_may_not_write_in_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run as another user, SQLite said only "unable to open database file" (QA round 74). Tests run
+    as root, whom the permission bits do not stop: the check's question is answered no here."""
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode)
+    )
+    path = tmp_path / "t.db"
+    line = one_line_error(run("db", "upgrade", "--database-url", f"sqlite+aiosqlite:///{path}"))
+    assert (
+        line == f"error: cannot create the database {path}: this user may not write in directory {tmp_path}"
+    )
+    assert not path.exists()
+
+
+def test_a_database_url_variable_of_blanks_is_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Click read ``TRACKER_DATABASE_URL=" "`` as the URL " " where every other variable of blanks is
+    unset (docs/operations.md; QA round 74): the default ./tracker.db is used."""
+    monkeypatch.chdir(tmp_path)
+    line = one_line_error(run("stats", env={"TRACKER_DATABASE_URL": "  "}))
+    assert line.startswith("error: no database at tracker.db;"), line
+    assert run("db", "upgrade", env={"TRACKER_DATABASE_URL": " "}).exit_code == 0
+    assert (tmp_path / "tracker.db").exists()
+    assert run("stats", env={"TRACKER_DATABASE_URL": " "}).exit_code == 0
+    refused = one_line_error(run("stats", "--database-url", " "))  # the option itself is no variable
+    assert "database_url must be an SQLAlchemy URL" in refused
+
+
+def test_commands_run_with_the_services_environment_run_no_sweeper(tmp_path: Path) -> None:
+    """With ``TRACKER_RUN_SWEEPER=true`` they needed (or made) the service's snapshot_dir: a file of
+    that name failed ``peers list`` (QA round 74)."""
+    url = _seeded(tmp_path / "m.db", ["p"], "c")
+    in_the_way = tmp_path / "snapshots"
+    in_the_way.write_text("not a directory")
+    missing = tmp_path / "missing"
+    for directory in (in_the_way, missing):
+        env = {"TRACKER_RUN_SWEEPER": "true", "TRACKER_SNAPSHOT_DIR": str(directory)}
+        for command in (["peers", "list"], ["stats"]):
+            result = run(*command, "--database-url", url, env=env)
+            assert result.exit_code == 0, result.output
+    assert not missing.exists()

@@ -151,6 +151,9 @@ def test_the_lock_timeout_goes_to_postgres_in_whole_milliseconds(seconds: float,
         ("http://127.0.0.1:8751/v1/gossip", "without /v1/gossip"),  # answered 404 at every round
         ("http://127.0.0.1:8751/v1/gossip/", "without /v1/gossip"),
         ("http://127.0.0.1:8751?x=1", "looks like http://"),
+        # Refused at the first round, in its task group, with "unhandled errors in a TaskGroup" (QA 74).
+        ("http://127.0.0.1:99999", "Port out of range"),
+        ("http://[::1", "Invalid IPv6 URL"),
     ],
 )
 def test_a_gossip_neighbour_is_a_base_url(url: str, message: str) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import logging
 import math
+import os
 import sqlite3
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -616,10 +617,27 @@ def missing_sqlite_file(config: TrackerConfig) -> str | None:
 
 
 def require_creatable(config: TrackerConfig) -> None:
-    """Refuse an SQLite file that cannot be created because its directory does not exist: SQLite's
-    own "unable to open database file" named neither the file nor why (QA rounds 16 and 59)."""
-    if (path := missing_sqlite_file(config)) and not Path(path).parent.is_dir():
-        raise ConfigError(f"cannot create the database {path}: directory {Path(path).parent} does not exist")
+    """Refuse an SQLite path that cannot be opened or created, saying why: SQLite's own "unable to
+    open database file" named neither the file nor the reason (QA rounds 16, 59; a directory given
+    as the file, or a directory this user may not write in, QA round 74)."""
+    if config.dialect != "sqlite":
+        return
+    database = make_url(config.database_url).database
+    if not database or database == ":memory:":
+        return
+    path = Path(database)
+    if path.is_dir():
+        raise ConfigError(
+            f"the database {path} is a directory: name a file (in it, say {path / 'tracker.db'})"
+        )
+    if path.exists():
+        return
+    if not path.parent.is_dir():
+        raise ConfigError(f"cannot create the database {path}: directory {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cannot create the database {path}: this user may not write in directory {path.parent}"
+        )
 
 
 def insert_for(dialect: str, table: Table) -> Any:

@@ -383,6 +383,9 @@ def downgrade_problem(current: str | None, target: str) -> str | None:
 def require_known_revision(revision: str) -> None:
     """Refuse a target this tracker does not ship, with Alembic's own words ("Can't locate revision
     identified by ..."), before any database is touched. Relative ones (``-1``) need the database."""
+    if not revision.strip():
+        # Alembic answers a blank one with a bare AssertionError (QA round 74).
+        raise InvalidInput("give a revision: a number such as 0017, head, base, or a step such as -1")
     if not revision.startswith(("+", "-")):
         _scripts().get_revisions(revision)
 

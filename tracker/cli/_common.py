@@ -29,8 +29,9 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..config import TrackerConfig, _without_password, env_value
 from ..core import AvailabilityTracker
-from ..db import is_driver_error, missing_sqlite_file
+from ..db import is_driver_error, missing_sqlite_file, require_creatable
 from ..errors import InvalidInput, TrackerError
+from .render import iso_time
 
 T = TypeVar("T")
 
@@ -73,8 +74,10 @@ DatabaseUrlOption = Annotated[
     str | None,
     typer.Option(
         "--database-url",
-        envvar="TRACKER_DATABASE_URL",
-        help="sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB (default: ./tracker.db).",
+        # Not envvar=: Click took a TRACKER_DATABASE_URL of blanks for a URL, where every other
+        # variable of blanks is unset (QA round 74); TrackerConfig.from_env reads it as they are read.
+        help="sqlite+aiosqlite:///PATH or postgresql+asyncpg://USER@HOST/DB "
+        "(default: TRACKER_DATABASE_URL, else ./tracker.db).",
         show_default=False,
     ),
 ]
@@ -327,6 +330,7 @@ def _check_url(database_url: str) -> None:
 def require_existing_sqlite(config: TrackerConfig) -> None:
     """Refuse to create an SQLite file by reading from it: a typo in a path should not look like an
     empty swarm."""
+    require_creatable(config)  # a directory given for the file: SQLite said only "unable to open"
     if database := missing_sqlite_file(config):
         raise InvalidInput(
             f"no database at {database}; create it with `tracker db upgrade` or `tracker serve`"
@@ -339,7 +343,9 @@ async def opened(database_url: str | None, *, create: bool = False) -> AsyncIter
     with ``create``, for commands that write state in (gossip import and push), created and migrated
     like ``tracker serve`` does. ``TRACKER_AUTO_MIGRATE``, when set, decides either way. Never publishes
     its settings: the views keep computing with those of the trackers that serve the database."""
-    config = config_for(database_url, **unless_in_env(auto_migrate=create))
+    # No sweeper, whatever TRACKER_RUN_SWEEPER says: a command run with the service's environment
+    # swept and needed (or made) the service's snapshot_dir (QA round 74).
+    config = config_for(database_url, run_sweeper=False, **unless_in_env(auto_migrate=create))
     if not create:
         require_existing_sqlite(config)
     created = missing_sqlite_file(config)
@@ -382,4 +388,4 @@ def print_json(value: Any) -> None:
 def _jsonable(value: object) -> str:
     """Times as ISO 8601 (``T``-separated, as ``peers show`` and the HTTP API write them): ``str``
     of a datetime separates with a space (QA round 10)."""
-    return value.isoformat() if isinstance(value, datetime) else str(value)
+    return str(iso_time(value)) if isinstance(value, datetime) else str(value)

@@ -112,6 +112,7 @@ def downgrade(
         raise typer.BadParameter(f"no such option: {revision.split('=', 1)[0]}", param_hint="'REVISION'")
     with errors_as_messages(debug):
         config = config_for(database_url)
+        migrations.require_known_revision(revision)
         require_existing_sqlite(config)
 
         async def work(engine: AsyncEngine) -> str | None:

@@ -186,8 +186,28 @@ def _reset_sqlite_file(path: Path) -> None:
                 f"refusing to replace {path}: it is an SQLite database the demo did not create "
                 "(a tracker's?); remove it yourself or give another --database"
             )
+        if header and not _unused(path):
+            raise InvalidInput(
+                f"refusing to replace {path}: another process has it open (a `tracker serve` or "
+                "another demo?); stop it first or give another --database"
+            )
     for suffix in ("", "-wal", "-shm", "-journal"):
         Path(f"{path}{suffix}").unlink(missing_ok=True)
+
+
+def _unused(path: Path) -> bool:
+    """Whether no other connection has the database open. Deleted under a running ``tracker serve``,
+    the file lived on in that process, which answered reads from it and wrote into the next demo's
+    (QA round 74). Leaving WAL mode needs every other connection gone (each holds a lock on the
+    ``-shm`` file while open), so it fails at once, changing nothing, while any is open."""
+    connection = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        mode = connection.execute("PRAGMA journal_mode=DELETE").fetchone()
+    except sqlite3.OperationalError:  # "database is locked": someone is using it
+        return False
+    finally:
+        connection.close()
+    return mode is not None and str(mode[0]).lower() == "delete"
 
 
 def _print_demo(out: Console, report: DemoReport) -> None:

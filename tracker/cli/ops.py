@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,6 +29,7 @@ from ._common import (
     run,
     stdout,
 )
+from .render import iso_time
 
 
 @app.command()
@@ -54,7 +56,8 @@ def sweep(
             sweeper_log.removeFilter(_snapshot_failure_said_below)
         shown: dict[str, Any] = {
             "ran": report.ran,
-            "now": report.now,
+            # A time, as every other time of the JSON the CLI writes (it was Unix seconds, QA 74).
+            "now": iso_time(datetime.fromtimestamp(report.now, tz=UTC)),
             "peers_marked_offline": report.peers_marked_offline,
             "departed_mappings_removed": report.departed_mappings_removed,
             "pruned": report.pruned,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from typing import Annotated
 
 import typer
@@ -69,7 +70,8 @@ def list_peers(
             )
         stdout.print(table)
         if len(page) == limit:
-            stdout.print(f"more: --after {page[-1].peer_id}", highlight=False)
+            # Quoted for the shell it is pasted into: `--after sp ace` failed, `evil[/]` globbed (QA 74).
+            stdout.print(f"more: --after {shlex.quote(page[-1].peer_id)}", highlight=False)
 
 
 @peers_app.command()

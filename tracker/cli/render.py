@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.table import Table
@@ -50,6 +51,14 @@ def peer_table(title: str, peers: list[PeerInfo] | tuple[PeerInfo, ...], *, empt
     return table
 
 
+def iso_time(moment: datetime | None) -> str | None:
+    """A time as the HTTP API writes it (pydantic: UTC as ``Z``), so a script reading both compares
+    strings: ``isoformat()`` wrote ``+00:00`` (QA round 74)."""
+    if moment is None:
+        return None
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 def peer_info_json(peer: PeerInfo) -> dict[str, Any]:
     """A ranked peer as JSON."""
     return {
@@ -63,7 +72,7 @@ def peer_info_json(peer: PeerInfo) -> dict[str, Any]:
         "proven": peer.proven,
         "load": peer.load,
         "capacity": peer.capacity,
-        "last_seen": None if peer.last_seen is None else peer.last_seen.isoformat(),
+        "last_seen": iso_time(peer.last_seen),
     }
 
 
@@ -82,7 +91,7 @@ def peer_metrics_json(metrics: PeerMetrics) -> dict[str, Any]:
         "download_bytes_per_sec": metrics.download_speed,
         "chunks_served": metrics.chunks_served,
         "chunks_failed": metrics.chunks_failed,
-        "last_seen": None if metrics.last_seen is None else metrics.last_seen.isoformat(),
-        "first_seen": None if metrics.first_seen is None else metrics.first_seen.isoformat(),
-        "online_since": None if metrics.online_since is None else metrics.online_since.isoformat(),
+        "last_seen": iso_time(metrics.last_seen),
+        "first_seen": iso_time(metrics.first_seen),
+        "online_since": iso_time(metrics.online_since),
     }
