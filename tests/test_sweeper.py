@@ -67,6 +67,29 @@ async def test_seen_exactly_peer_timeout_ago_is_online_everywhere_and_a_moment_l
     assert (await tracker.sweep()).peers_marked_offline == 1
 
 
+async def test_a_sweep_given_a_now_ahead_of_the_clock_sweeps_as_of_the_clock(
+    config: TrackerConfig, clock: ManualClock
+) -> None:
+    """``sweep(now=...)`` up to ``max_clock_skew_s`` ahead deleted a lease granted a moment before
+    (TTL 60 s), and the next selection handed the peer out past ``max_load_per_peer``; it took a peer
+    seen 250 s before offline too (QA round 72)."""
+    async with AvailabilityTracker(replace(config, max_load_per_peer=1)) as tracker:
+        await tracker.record_batch([PeerOnline("p"), ContentAvailable("c", "p"), PeerOnline("q")])
+        clock.advance(250)
+        await tracker.record_peer_online("p")
+        assert [peer.peer_id for peer in await tracker.select_best_peers("c", 1)] == ["p"]
+        assert await tracker.select_best_peers("c", 1) == []
+        report = await tracker.sweep(now=clock.now + tracker.config.max_clock_skew_s)
+        assert report.now == clock.now and report.pruned["peer_leases"] == 0
+        assert report.peers_marked_offline == 0
+        assert await tracker.select_best_peers("c", 1) == []  # still leased: the cap holds
+        assert (await tracker.stats()).open_leases == 1
+        q = await tracker.get_peer_metrics("q")
+        assert q is not None and q.online and q.uptime == timedelta(seconds=250)
+        # Behind the clock, a sweep is as of the time given: nothing is stale then.
+        assert (await tracker.sweep(now=clock.now - 100)).now == clock.now - 100
+
+
 @pytest.mark.parametrize("swept", [False, True])
 async def test_a_late_event_finds_a_timed_out_session_alike_whether_or_not_a_sweep_closed_it(
     tracker: AvailabilityTracker, clock: ManualClock, swept: bool

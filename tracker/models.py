@@ -130,7 +130,8 @@ class TrackerStats:
     #: (``peer_retention_s``), and a forgotten one until the tombstones of its mappings go (a week
     #: more), when ``list_peers`` and ``get_peer_metrics`` no longer show it.
     peers_total: int
-    #: Peers some origin saw within ``peer_timeout``.
+    #: Peers online by the documented rule (``get_peer_metrics(...).online``): some origin holds
+    #: them online (no goodbye since) and saw them within ``peer_timeout``.
     peers_online: int
     contents_total: int
     #: (content, peer) mappings currently available (tombstones excluded).
