@@ -493,3 +493,37 @@ async def test_an_import_decodes_and_builds_off_the_event_loop_and_reads_the_clo
     assert set(threads) == {"part", "_peer_deltas", "clock"}, threads
     assert threads["clock"] == {loop}
     assert loop not in threads["part"] | threads["_peer_deltas"]
+
+
+async def test_a_newer_snapshot_of_an_origin_replaces_what_an_older_one_brought(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Snapshot rows all carry version 0, and a row replaced a stored one only at a higher version:
+    the first snapshot of an origin imported stayed for good, and a newer backup of it changed none
+    of its peers (QA round 72). An older one imported after changes nothing."""
+    clock = ManualClock(T0)
+    source = TrackerConfig(database_url=f"sqlite+aiosqlite:///{tmp_path / 'source.db'}", clock=clock)
+    async with AvailabilityTracker(source) as tracker:
+        await tracker.record_batch([PeerOnline("p"), SpeedSample("p", 1_000), UploadOutcome("p", True)])
+        older = await write_state_snapshot(tracker, tmp_path / "a", clock.now)
+        clock.advance(400)  # the peer timed out at the source since; it says so, then comes back
+        await tracker.record_batch([PeerOnline("p"), SpeedSample("p", 3_000), UploadOutcome("p", False)])
+        await tracker.record_upload_success("p")
+        newer = await write_state_snapshot(tracker, tmp_path / "b", clock.now)
+
+    async with AvailabilityTracker(
+        TrackerConfig(database_url=db_url, clock=ManualClock(T0 + 410))
+    ) as tracker:
+
+        async def seen() -> tuple[int, int, float | None, bool]:
+            metrics = await tracker.get_peer_metrics("p")
+            assert metrics is not None
+            return metrics.chunks_served, metrics.chunks_failed, metrics.download_speed, metrics.online
+
+        assert (await importer.import_snapshot(tracker, older, accept_old=True)).peers_applied == 1
+        assert await seen() == (1, 0, 1_000, False)  # its last sighting is 410 s old here
+        assert (await importer.import_snapshot(tracker, newer)).peers_applied == 1
+        assert await seen() == (2, 1, 2_000, True)
+        assert (await importer.import_snapshot(tracker, older, accept_old=True)).peers_applied == 0
+        assert (await importer.import_snapshot(tracker, newer)).peers_applied == 0
+        assert await seen() == (2, 1, 2_000, True)

@@ -1,7 +1,9 @@
 """``import_snapshot``: apply a state snapshot (another tracker's, or a backup) through the gossip merge.
 
 A snapshot carries no versions, so its rows enter at version 0: they fill in what this database lacks
-and lose to anything gossip brings, and content mappings still go by last-writer-wins on time. This
+and lose to anything gossip brings, and content mappings still go by last-writer-wins on time. Over
+rows an earlier snapshot brought, an origin's peer row replaces its stored one when the origin wrote
+it later (``updated_at``): the first snapshot of an origin stayed for good (QA round 72). This
 node's own origin is skipped, like in gossip: the database is the authority on its own observations.
 The whole file is applied in one transaction that commits only once its trailer has been checked, so
 a truncated or corrupt file changes nothing; so does one with a row dated beyond this tracker's clock

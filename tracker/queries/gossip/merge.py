@@ -4,9 +4,10 @@ The merge rules (docs/gossip.md), each a join-semilattice so that messages can b
 times, in any order, through any relay path:
 
 - ``peer_stats`` rows are registers owned by their origin: a row replaces the stored one only with a
-  higher version; the lifetime counters take the maximum anyway, so no message lowers them, unless
-  the origin wrote the newer row more than ``MIN_PEER_RETENTION_S`` after the stored one: it may have
-  forgotten the row meanwhile and started it again, and its counters are then the ones that stand
+  higher version (a snapshot's rows, all version 0, replace a snapshot's by ``updated_at``); the
+  lifetime counters take the maximum anyway, so no message lowers them, unless the origin wrote the
+  newer row more than ``MIN_PEER_RETENTION_S`` after the stored one: it may have forgotten the row
+  meanwhile and started it again, and its counters are then the ones that stand
   (without a reset between, counters only grow at their origin, and the two rules agree).
 - ``content_peers`` rows are last-writer-wins by ``(changed_at, origin key)``, and for the same
   origin by version (``lww_newer`` plus the version): the same rule as the local write path.
@@ -393,7 +394,14 @@ async def _merge_with_samples(
             "samples_version": new.samples_version,
             "speed_bps": new.speed_bps,
         },
-        where=or_(old.version.is_(None), new.version > old.version),
+        where=or_(
+            old.version.is_(None),
+            new.version > old.version,
+            # Snapshot rows (version 0, no versions to compare) over snapshot rows: the origin's
+            # newer row. The first snapshot of an origin imported stayed for good, and restoring a
+            # newer backup of it changed none of its peers (QA round 72).
+            and_(new.version == 0, old.version == 0, new.updated_at > old.updated_at),
+        ),
     ).returning(peer_stats.c.peer_id)
     applied: set[int] = set()
     for start in range(0, len(rows), IN_CHUNK):
