@@ -24,6 +24,7 @@ from .errors import StorageError, describe, translate
 from .queries import forget, prune_expired_leases
 from .queries import sweep as q
 from .queries.clocks import database_time
+from .sqlite_wal import truncate_grown_wal
 from .state_export import snapshot_if_due
 
 if TYPE_CHECKING:
@@ -155,6 +156,7 @@ async def sweep_once(tracker: AvailabilityTracker, now: float | None = None) -> 
         for table, forgotten in (await _forget(tracker, now)).items():
             pruned[table] = pruned.get(table, 0) + forgotten
         path, snapshot_error = await snapshot_if_due(tracker, now)
+        await truncate_grown_wal(config)
         state.last_pass_at = tracker.now()
     await _save_clock(tracker)
     report = SweepReport(
