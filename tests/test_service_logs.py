@@ -15,6 +15,7 @@ from tracker.gossip.agent import GOSSIP_PATH, GossipAgent
 from tracker.gossip.config import GossipConfig
 from tracker.service import create_app
 from tracker.service.logs import JsonFormatter, TextFormatter, configure_logging
+from tracker.service.settings import ServiceSettings
 
 
 def _record(**extra: object) -> logging.LogRecord:
@@ -183,3 +184,19 @@ async def test_a_control_character_in_a_path_cannot_forge_a_text_log_line(
     assert "GET /v1/peers/a%0aINFO%20tracker.access%20GET%20/admin%20200%1b[2J 422" in line, line
     fields = dict(word.split("=", 1) for word in shlex.split(line) if word.startswith("path="))
     assert fields["path"] == "/v1/peers/a\\nINFO tracker.access GET /admin 200\\x1b[2J", fields
+
+
+async def test_with_the_access_log_off_successes_go_to_debug_and_refusals_stay(
+    tracker: AvailabilityTracker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A line of ~220 bytes per heartbeat made ~630 MB a day per 1,000 peers, and the only way down
+    was log_level=warning, which hid the sweeper's lines too (QA round 73)."""
+    app = create_app(tracker, ServiceSettings(access_log=False))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as api:
+        with caplog.at_level(logging.DEBUG, logger="tracker.access"):
+            assert (await api.post("/v1/peers/online", json={"peer_id": "p"})).status_code == 200
+            assert (await api.post("/v1/peers/online", json={"peer_id": ""})).status_code == 422
+    lines = [(r.levelno, r.status) for r in caplog.records if r.name == "tracker.access"]
+    assert lines == [(logging.DEBUG, 200), (logging.INFO, 422)]
+    assert ServiceSettings.from_env({"TRACKER_ACCESS_LOG": "off"}).access_log is False
+    assert ServiceSettings().access_log is True

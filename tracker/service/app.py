@@ -120,6 +120,7 @@ def create_app(
         api_token=settings.api_token,
         loopback_hosts_only=loopback_hosts_only,
         body_timeout_s=settings.body_timeout_s,
+        access_log=settings.access_log,
     )
     return app
 
@@ -396,6 +397,7 @@ class _RequestGate:
         api_token: str | None,
         loopback_hosts_only: bool,
         body_timeout_s: float,
+        access_log: bool = True,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -405,6 +407,7 @@ class _RequestGate:
         self.api_token = api_token
         self.loopback_hosts_only = loopback_hosts_only
         self.body_timeout_s = body_timeout_s
+        self.access_log = access_log
 
     def _route(self, scope: Scope) -> BaseRoute | None:
         """The route the request was matched to, or before routing the one it is meant for."""
@@ -527,7 +530,7 @@ class _RequestGate:
             method = scope["method"] if scope["method"] in _METHODS else "other"
             self.metrics.http_requests.labels(method=method, route=template, status=str(status)).inc()
             self.metrics.http_seconds.labels(route=template).observe(elapsed)
-            quiet = _app_path(scope) in _QUIET and status < 400
+            quiet = status < 400 and (not self.access_log or _app_path(scope) in _QUIET)
             access_log.log(
                 logging.DEBUG if quiet else logging.INFO,
                 "%s %s %d %.1f ms",
