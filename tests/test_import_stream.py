@@ -527,3 +527,32 @@ async def test_a_newer_snapshot_of_an_origin_replaces_what_an_older_one_brought(
         assert (await importer.import_snapshot(tracker, older, accept_old=True)).peers_applied == 0
         assert (await importer.import_snapshot(tracker, newer)).peers_applied == 0
         assert await seen() == (2, 1, 2_000, True)
+
+
+async def test_a_snapshot_dated_ahead_of_the_clock_is_refused_whatever_its_rows(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Its age read negative and passed the age check, even without accept_old: an old backup under
+    an edited header was imported (QA round 74)."""
+    path = await _swarm_snapshot(f"sqlite+aiosqlite:///{tmp_path / 'source.db'}", tmp_path / "snaps")
+    lines = _lines(path)
+    header = json.loads(lines[0])
+
+    def dated(at: float, name: str) -> Path:
+        return _rewrite(
+            tmp_path / name, [json.dumps({**header, "taken_at": at}).encode() + b"\n", *lines[1:]]
+        )
+
+    async with _importing(db_url) as tracker:
+        before = await _dump(tracker)
+        for accept_old in (False, True):
+            with pytest.raises(
+                SnapshotError, match=r"dated 1e\+09 s ahead of this tracker's clock \(allowed 120 s"
+            ):
+                await importer.import_snapshot(
+                    tracker, dated(T0 + 1e9, "ahead.jsonl.gz"), accept_old=accept_old
+                )
+        with pytest.raises(SnapshotError, match=r"dated 121 s ahead .*allowed 120 s"):
+            importer.check_snapshot(dated(T0 + 121, "a121.jsonl.gz"), tracker.config, T0)
+        assert await _dump(tracker) == before
+        assert (await importer.import_snapshot(tracker, dated(T0 + 120, "a120.jsonl.gz"))).peers_applied > 0

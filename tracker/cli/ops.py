@@ -214,7 +214,13 @@ def import_(
         ).max_skew_s
         # Before the database is opened: with create=True a refused file left a new one behind.
         config = config_for(database_url)
-        check_snapshot(path, config, config.clock(), accept_old=accept_old)
+        check_snapshot(
+            path,
+            config,
+            config.clock(),
+            accept_old=accept_old,
+            max_skew_s=max(gossip_skew, config.max_clock_skew_s),
+        )
 
         async def work() -> ImportReport:
             stderr = console(stderr=True)

@@ -105,7 +105,7 @@ async def import_snapshot(
         raise InvalidInput(f"max_skew_s must be a finite number of seconds >= 0, got {max_skew_s!r}")
     skew = max(tracker.config.max_clock_skew_s, DEFAULT_MAX_SKEW_S) if max_skew_s is None else max_skew_s
     header = await asyncio.to_thread(
-        check_snapshot, path, tracker.config, tracker.now(), accept_old=accept_old
+        check_snapshot, path, tracker.config, tracker.now(), accept_old=accept_old, max_skew_s=skew
     )
     # Only a bar needs the total: one more decompression of the file (no decoding), before the lock.
     total = sum(await asyncio.to_thread(count_records, path)) if progress is not None else 0
@@ -129,14 +129,28 @@ async def import_snapshot(
 
 
 def check_snapshot(
-    path: Path, config: TrackerConfig, now: float, *, accept_old: bool = False
+    path: Path,
+    config: TrackerConfig,
+    now: float,
+    *,
+    accept_old: bool = False,
+    max_skew_s: float | None = None,
 ) -> SnapshotHeader:
     """The snapshot's header, once it is known to be one a tracker of ``config`` would take at ``now``
-    (a snapshot, and not older than removals are remembered unless ``accept_old``); the rows are
-    checked as they are merged. ``SnapshotError`` otherwise. ``tracker gossip import`` checks before
-    it opens the database it imports into: a refused snapshot left a new, migrated database file
-    behind (QA round 56)."""
+    (a snapshot, not taken more than ``max_skew_s`` ahead of ``now``, the rows' own limit, and not
+    older than removals are remembered unless ``accept_old``); the rows are checked as they are
+    merged. ``SnapshotError`` otherwise. ``tracker gossip import`` checks before it opens the
+    database it imports into: a refused snapshot left a new, migrated database file behind (QA
+    round 56)."""
     header = _read_header(path)
+    skew = max(config.max_clock_skew_s, DEFAULT_MAX_SKEW_S) if max_skew_s is None else max_skew_s
+    if header.taken_at > now + skew:
+        # Its age would read negative, and the age check pass whatever rows it holds (QA round 74).
+        raise SnapshotError(
+            f"the snapshot is dated {header.taken_at - now:.6g} s ahead of this tracker's clock (allowed "
+            f"{skew:g} s, max_skew_s): its writer's clock was wrong, or the file was edited; nothing "
+            "was imported"
+        )
     if not accept_old:
         _refuse_forgotten_removals(config.tombstone_keep_s, now - header.taken_at)
     return header
