@@ -250,6 +250,19 @@ def test_demo_refuses_to_replace_its_database_while_another_process_has_it_open(
     assert count_rows(database, "peers") == 50
 
 
+def test_demo_replaces_its_own_damaged_database(tmp_path: Path) -> None:
+    """Its check for other processes read SQLite's "malformed" as an error and refused to rebuild the
+    file, which it replaced before that check came (QA round 75)."""
+    database = tmp_path / "demo.db"
+    assert run("demo", "--database", str(database), *SMALL).exit_code == 0
+    damaged = bytearray(database.read_bytes())
+    damaged[100:4096] = b"\xff" * (4096 - 100)  # page 1 past the header (and its application id)
+    database.write_bytes(bytes(damaged))
+    result = run("demo", "--database", str(database), *SMALL)
+    assert result.exit_code == 0, result.output
+    assert count_rows(database, "peers") == 50
+
+
 def test_demo_names_a_missing_directory(tmp_path: Path) -> None:
     result = run("demo", "--database", str(tmp_path / "missing" / "demo.db"), *SMALL)
     assert result.exit_code == 1

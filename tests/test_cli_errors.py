@@ -889,3 +889,34 @@ def test_commands_run_with_the_services_environment_run_no_sweeper(tmp_path: Pat
             result = run(*command, "--database-url", url, env=env)
             assert result.exit_code == 0, result.output
     assert not missing.exists()
+
+
+def test_a_symlink_to_a_database_not_made_yet_is_created_where_it_points(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new check asked the link's own directory (one this user may not write in) instead of the
+    target's, and refused what d2dd506 created (QA round 75)."""
+    linked, target = tmp_path / "ro", tmp_path / "rw"
+    linked.mkdir()
+    target.mkdir()
+    (linked / "tracker.db").symlink_to(target / "tracker.db")
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == linked else real_access(path, mode)
+    )
+    assert (
+        run("db", "upgrade", "--database-url", f"sqlite+aiosqlite:///{linked / 'tracker.db'}").exit_code == 0
+    )
+    assert (target / "tracker.db").stat().st_size > 0
+
+
+def test_a_read_of_a_missing_file_in_a_directory_it_may_not_write_says_there_is_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It talked of creating the file, which a read never does (QA round 75)."""
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if Path(path) == tmp_path else real_access(path, mode)
+    )
+    line = one_line_error(run("stats", "--database-url", f"sqlite+aiosqlite:///{tmp_path / 'typo.db'}"))
+    assert line.startswith(f"error: no database at {tmp_path / 'typo.db'}; create it with")

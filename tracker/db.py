@@ -60,6 +60,12 @@ def create_engine(config: TrackerConfig) -> AsyncEngine:
         pool_size=config.pool_size,
         max_overflow=config.pool_size,
         pool_pre_ping=True,
+        # Each transaction begins READ COMMITTED whatever the database's or role's
+        # default_transaction_isolation: under REPEATABLE READ a selection counted the leases of
+        # the peer it had just locked in its snapshot, missed those the lock's previous holder
+        # committed, and handed 30 callers 2 leases of peers whose capacity was 1 (QA round 76).
+        # Per transaction (asyncpg's BEGIN ISOLATION LEVEL), so a transaction pooler keeps it too.
+        isolation_level="READ COMMITTED",
         connect_args={
             "timeout": config.pg_connect_timeout_s,
             **(_TRANSACTION_POOLING_ARGS if config.pg_transaction_pooling else {}),
@@ -616,27 +622,40 @@ def missing_sqlite_file(config: TrackerConfig) -> str | None:
     return None
 
 
+def _sqlite_file(config: TrackerConfig) -> Path | None:
+    """The SQLite file ``config`` names, symlinks followed (a link to a file not made yet is created
+    where it points: QA round 75), or ``None`` (Postgres, in-memory)."""
+    if config.dialect != "sqlite":
+        return None
+    database = make_url(config.database_url).database
+    if not database or database == ":memory:":
+        return None
+    return Path(database).resolve()
+
+
+def refuse_sqlite_directory(config: TrackerConfig) -> None:
+    """A directory given for the SQLite file: SQLite said only "unable to open database file" (QA 74)."""
+    if (path := _sqlite_file(config)) is not None and path.is_dir():
+        shown = make_url(config.database_url).database
+        raise ConfigError(
+            f"the database {shown} is a directory: name a file (in it, say {path / 'tracker.db'})"
+        )
+
+
 def require_creatable(config: TrackerConfig) -> None:
     """Refuse an SQLite path that cannot be opened or created, saying why: SQLite's own "unable to
     open database file" named neither the file nor the reason (QA rounds 16, 59; a directory given
     as the file, or a directory this user may not write in, QA round 74)."""
-    if config.dialect != "sqlite":
+    refuse_sqlite_directory(config)
+    path = _sqlite_file(config)
+    if path is None or path.exists():
         return
-    database = make_url(config.database_url).database
-    if not database or database == ":memory:":
-        return
-    path = Path(database)
-    if path.is_dir():
-        raise ConfigError(
-            f"the database {path} is a directory: name a file (in it, say {path / 'tracker.db'})"
-        )
-    if path.exists():
-        return
+    shown = make_url(config.database_url).database
     if not path.parent.is_dir():
-        raise ConfigError(f"cannot create the database {path}: directory {path.parent} does not exist")
+        raise ConfigError(f"cannot create the database {shown}: directory {path.parent} does not exist")
     if not os.access(path.parent, os.W_OK | os.X_OK):
         raise ConfigError(
-            f"cannot create the database {path}: this user may not write in directory {path.parent}"
+            f"cannot create the database {shown}: this user may not write in directory {path.parent}"
         )
 
 

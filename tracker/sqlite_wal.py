@@ -10,7 +10,8 @@ A ``TRUNCATE`` checkpoint breaks the chain: it holds new writers back while it c
 that readers starting meanwhile read the database file alone, waits for the older readers to finish,
 and empties the log. The sweeper asks for one when the log is past ``WAL_SIZE_LIMIT``; its wait is
 bounded by ``CHECKPOINT_WAIT_S`` (the tracker's own writers wait that long at most, once a pass), and
-a reader longer than that (an operator's session) leaves the log as it is until a later pass.
+a read or write held longer than that (an operator's session, another process's long import)
+leaves the log as it is until a later pass.
 """
 
 from __future__ import annotations
@@ -83,8 +84,9 @@ def _truncate_if_grown(path: str) -> WalCheckpoint | None:
         )
     else:
         log.warning(
-            "the SQLite write-ahead log is %d MB: a read open for more than %g s (an analytics "
-            "session, a cursor left half-read) keeps it from being emptied; the next pass tries again",
+            "the SQLite write-ahead log is %d MB: a read or write held for more than %g s (an "
+            "analytics session, a cursor left half-read, a long import in another process) keeps it "
+            "from being emptied; the next pass tries again",
             before >> 20,
             CHECKPOINT_WAIT_S,
             extra={"action": "wal_checkpoint", "wal_bytes": before},

@@ -254,8 +254,17 @@ class _LockHolder:
             return True  # one SQLite file: the write lock serializes passes; overlapping ones are idempotent
         try:
             self._conn = await self._engine.connect()
+            # The lock's transaction idles for the whole pass: a database's or role's
+            # idle_in_transaction_session_timeout ended its session mid-pass, and the lock with it,
+            # so that a second process could sweep beside this one (QA round 76). Off for this
+            # transaction alone (SET LOCAL: a transaction pooler's next client does not inherit it).
             acquired = bool(
-                await self._conn.scalar(text(f"SELECT pg_try_advisory_xact_lock({SWEEP_LOCK_KEY})"))
+                await self._conn.scalar(
+                    text(
+                        "SELECT set_config('idle_in_transaction_session_timeout', '0', true) IS NOT NULL"
+                        f" AND pg_try_advisory_xact_lock({SWEEP_LOCK_KEY})"
+                    )
+                )
             )
         except BaseException as error:
             await self._release()

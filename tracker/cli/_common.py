@@ -29,7 +29,7 @@ from sqlalchemy.exc import ArgumentError, DBAPIError
 
 from ..config import TrackerConfig, _without_password, env_value
 from ..core import AvailabilityTracker
-from ..db import is_driver_error, missing_sqlite_file, require_creatable
+from ..db import is_driver_error, missing_sqlite_file, refuse_sqlite_directory
 from ..errors import InvalidInput, TrackerError
 from .render import iso_time
 
@@ -330,7 +330,7 @@ def _check_url(database_url: str) -> None:
 def require_existing_sqlite(config: TrackerConfig) -> None:
     """Refuse to create an SQLite file by reading from it: a typo in a path should not look like an
     empty swarm."""
-    require_creatable(config)  # a directory given for the file: SQLite said only "unable to open"
+    refuse_sqlite_directory(config)  # SQLite said only "unable to open database file"
     if database := missing_sqlite_file(config):
         raise InvalidInput(
             f"no database at {database}; create it with `tracker db upgrade` or `tracker serve`"

@@ -191,8 +191,13 @@ def _reset_sqlite_file(path: Path) -> None:
                 f"refusing to replace {path}: another process has it open (a `tracker serve` or "
                 "another demo?); stop it first or give another --database"
             )
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    try:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    except OSError as error:
+        raise InvalidInput(
+            f"cannot replace {path}: {error.strerror or error}; give another --database"
+        ) from None
 
 
 def _unused(path: Path) -> bool:
@@ -200,13 +205,16 @@ def _unused(path: Path) -> bool:
     the file lived on in that process, which answered reads from it and wrote into the next demo's
     (QA round 74). Leaving WAL mode needs every other connection gone (each holds a lock on the
     ``-shm`` file while open), so it fails at once, changing nothing, while any is open."""
-    connection = sqlite3.connect(path, timeout=0, isolation_level=None)
     try:
-        mode = connection.execute("PRAGMA journal_mode=DELETE").fetchone()
-    except sqlite3.OperationalError:  # "database is locked": someone is using it
-        return False
-    finally:
-        connection.close()
+        connection = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            mode = connection.execute("PRAGMA journal_mode=DELETE").fetchone()
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        # Busy or locked: someone has it open. Anything else (a read-only file, a damaged one the
+        # demo replaced before) says nothing of other processes: deleting is what decides (QA 75).
+        return getattr(error, "sqlite_errorname", "") not in ("SQLITE_BUSY", "SQLITE_LOCKED")
     return mode is not None and str(mode[0]).lower() == "delete"
 
 
