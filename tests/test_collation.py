@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -116,3 +117,18 @@ async def test_equal_times_go_to_the_larger_origin_key_by_code_point_under_an_ic
                 delta = OriginDelta(origin=origin, base=0, upto=1, mappings=[change])
                 await gq.merge(conn, "postgresql", tracker.node_key, [delta], 10, now)
         assert await tracker.get_available_peers("cid") == ["p"]
+
+
+async def test_contents_sort_in_code_point_order_under_an_icu_collation(
+    icu_url: str, tmp_path: Path, clock: ManualClock
+) -> None:
+    """The views and docs/analytics.md's queries sort by cid: Postgres put "a" before "B" where SQLite
+    put it after (QA round 76); contents.content_key is in C now (migration 0018)."""
+    query = "SELECT cid FROM content_replication ORDER BY cid"
+    answers = []
+    for url in (icu_url, f"sqlite+aiosqlite:///{tmp_path / 't.db'}"):
+        async with AvailabilityTracker(TrackerConfig(database_url=url, clock=clock)) as tracker:
+            await tracker.record_batch([ContentAvailable(cid, "p") for cid in KEYS])
+            async with tracker.engine.connect() as conn:
+                answers.append([row[0] for row in await conn.exec_driver_sql(query)])
+    assert answers == [sorted(KEYS), sorted(KEYS)]

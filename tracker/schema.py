@@ -80,7 +80,7 @@ contents = Table(
     "contents",
     metadata,
     Column("id", Id, primary_key=True),
-    Column("content_key", Key, nullable=False, unique=True),
+    Column("content_key", CodePointKey, nullable=False, unique=True),
     Column("first_seen", Double, nullable=False),
     comment="Content ids announced or named by upload reports, until the sweeper forgets them.",
 )
