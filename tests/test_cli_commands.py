@@ -365,6 +365,28 @@ def test_db_check_names_a_schema_changed_by_hand_at_the_newest_revision(
         assert "ix_operators_own" not in line and "\n" not in line
 
 
+def test_db_check_names_a_key_column_put_back_in_the_databases_collation(empty_pg_url: str) -> None:
+    """Alembic compares no collation it reflects as the database's default: content_key put back in
+    it (by hand, a revision stamped rather than run) passed the check while cids sorted as before
+    0018 (QA round 77)."""
+    assert _cli(empty_pg_url, "db", "upgrade").exit_code == 0
+    asyncio.run(
+        _execute(
+            empty_pg_url,
+            "DROP VIEW under_replicated_content",
+            "DROP VIEW content_replication",
+            'ALTER TABLE contents ALTER COLUMN content_key TYPE varchar(256) COLLATE "default"',
+        )
+    )
+    result = _cli(empty_pg_url, "db", "check")
+    assert result.exit_code == 1, result.output
+    assert (
+        'column contents.content_key is in collation the database default, not "C": its ids sort by '
+        "the database's rules, not by code point"
+    ) in result.stderr, result.stderr
+    assert "peer_key" not in result.stderr
+
+
 def test_db_check_names_an_analytics_view_whose_definition_was_changed(
     empty_pg_url: str, tmp_path: Path
 ) -> None:

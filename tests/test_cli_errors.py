@@ -920,3 +920,13 @@ def test_a_read_of_a_missing_file_in_a_directory_it_may_not_write_says_there_is_
     )
     line = one_line_error(run("stats", "--database-url", f"sqlite+aiosqlite:///{tmp_path / 'typo.db'}"))
     assert line.startswith(f"error: no database at {tmp_path / 'typo.db'}; create it with")
+
+
+def test_a_symlink_loop_for_the_sqlite_file_is_one_sentence(tmp_path: Path) -> None:
+    """Resolving it raised Python's RuntimeError, printed as such (QA round 77)."""
+    loop = tmp_path / "loop1"
+    loop.symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(loop)
+    for command in (["db", "upgrade"], ["db", "check"], ["stats"]):
+        line = one_line_error(run(*command, "--database-url", f"sqlite+aiosqlite:///{loop}"))
+        assert line.startswith(f"error: the database path {loop} cannot be resolved: Symlink loop"), line

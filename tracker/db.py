@@ -630,7 +630,10 @@ def _sqlite_file(config: TrackerConfig) -> Path | None:
     database = make_url(config.database_url).database
     if not database or database == ":memory:":
         return None
-    return Path(database).resolve()
+    try:
+        return Path(database).resolve()
+    except (RuntimeError, OSError) as error:  # a symlink loop: Python's own exception (QA round 77)
+        raise ConfigError(f"the database path {database} cannot be resolved: {error}") from None
 
 
 def refuse_sqlite_directory(config: TrackerConfig) -> None:

@@ -63,11 +63,42 @@ def _drift(sync_conn: Connection) -> list[str]:
         if table in existing
         for check in inspector.get_check_constraints(table)
     ]
+    lines += _collations(sync_conn, existing)
     views = set(inspector.get_view_names())
     lines += [f"view {name} is missing" for name in VIEWS if name not in views]
     lines += [
         f"view {name}: not the definition the migrations make" for name in _changed_views(sync_conn, views)
     ]
+    return lines
+
+
+def _collations(conn: Connection, existing: set[str]) -> list[str]:
+    """The key columns whose collation is not the models' ``"C"`` (Postgres): Alembic compares no
+    collation it reflects as the database's default, and a column put back in it (by hand, or a
+    revision stamped rather than run) passed the check while ids sorted as before 0012 and 0018 (QA
+    round 77)."""
+    if conn.dialect.name != "postgresql":
+        return []
+    lines = []
+    for table in metadata.tables.values():
+        if table.name not in existing:
+            continue
+        for column in table.columns:
+            wanted = getattr(column.type.dialect_impl(conn.dialect), "collation", None)
+            if wanted is None:
+                continue
+            found = conn.execute(
+                text(
+                    "SELECT collation_name FROM information_schema.columns WHERE table_schema = "
+                    "current_schema() AND table_name = :table AND column_name = :column"
+                ),
+                {"table": table.name, "column": column.name},
+            ).scalar()
+            if found != wanted:
+                lines.append(
+                    f"column {table.name}.{column.name} is in collation {found or 'the database default'}, "
+                    f'not "{wanted}": its ids sort by the database\'s rules, not by code point'
+                )
     return lines
 
 
