@@ -636,21 +636,22 @@ def _sqlite_file(config: TrackerConfig) -> Path | None:
         raise ConfigError(f"the database path {database} cannot be resolved: {error}") from None
 
 
-def refuse_sqlite_directory(config: TrackerConfig) -> None:
-    """A directory given for the SQLite file: SQLite said only "unable to open database file" (QA 74)."""
+def refuse_sqlite_directory(config: TrackerConfig) -> Path | None:
+    """The SQLite file ``config`` names (``_sqlite_file``), refused if it is a directory: SQLite said
+    only "unable to open database file" (QA 74)."""
     if (path := _sqlite_file(config)) is not None and path.is_dir():
         shown = make_url(config.database_url).database
         raise ConfigError(
             f"the database {shown} is a directory: name a file (in it, say {path / 'tracker.db'})"
         )
+    return path
 
 
 def require_creatable(config: TrackerConfig) -> None:
     """Refuse an SQLite path that cannot be opened or created, saying why: SQLite's own "unable to
     open database file" named neither the file nor the reason (QA rounds 16, 59; a directory given
     as the file, or a directory this user may not write in, QA round 74)."""
-    refuse_sqlite_directory(config)
-    path = _sqlite_file(config)
+    path = refuse_sqlite_directory(config)
     if path is None or path.exists():
         return
     shown = make_url(config.database_url).database
